@@ -156,9 +156,7 @@ pub enum ConfigError {
         origin: String,
         reason: String,
     },
-    #[error(
-        "config key `{key}` is required: set {env} or `{key}` in the file given with --config"
-    )]
+    #[error("config key `{key}` is required: set {env} or `{key}` in the file given with --config")]
     Missing { key: String, env: String },
 }
 
@@ -280,7 +278,10 @@ fn describe_source(meta: &figment::Metadata, key: &str) -> String {
 
 fn from_figment(figment: &Figment, error: figment::Error) -> ConfigError {
     // Report the first error: one clear line beats a list.
-    let error = error.into_iter().next().expect("a figment error has at least one entry");
+    let error = error
+        .into_iter()
+        .next()
+        .expect("a figment error has at least one entry");
     let key = error.path.join(".");
     let source = match &error.metadata {
         Some(meta) => describe_source(meta, &key),
@@ -580,9 +581,17 @@ mod tests {
             ("FANOUT_PAGE_SIZE", "5000", "page_size"),
             ("FANOUT_MAX_IN_FLIGHT", "0", "max_in_flight"),
             ("FANOUT_RATE_BURST", "5000", "rate_burst"),
-            ("FANOUT_GATEWAY_ENDPOINT", "https://abc.execute-api.eu-west-1.amazonaws.com", "no stage"),
+            (
+                "FANOUT_GATEWAY_ENDPOINT",
+                "https://abc.execute-api.eu-west-1.amazonaws.com",
+                "no stage",
+            ),
             ("FANOUT_GATEWAY_ENDPOINT", "abc", "not a URL"),
-            ("FANOUT_DEAD_LETTER_QUEUE_URL", "ftp://x/y", "not an http(s) URL"),
+            (
+                "FANOUT_DEAD_LETTER_QUEUE_URL",
+                "ftp://x/y",
+                "not an http(s) URL",
+            ),
             ("FANOUT_SEND_RETRY_BASE", "1m", "send_retry_base"),
             ("FANOUT_TABLE", " ", "must not be empty"),
         ];
@@ -612,11 +621,17 @@ mod tests {
     #[test]
     fn redaction_hides_credentials_in_urls() {
         Jail::expect_with(|jail| {
-            jail.set_env("FANOUT_QUEUE_URL", "https://user:secret@sqs.example.com/1/q");
+            jail.set_env(
+                "FANOUT_QUEUE_URL",
+                "https://user:secret@sqs.example.com/1/q",
+            );
             let config = Config::load(None).expect("loads");
             let shown = config.to_redacted_toml();
             assert!(!shown.contains("secret"), "{shown}");
-            assert!(shown.contains("queue_url = \"https://REDACTED@sqs.example.com/1/q\""), "{shown}");
+            assert!(
+                shown.contains("queue_url = \"https://REDACTED@sqs.example.com/1/q\""),
+                "{shown}"
+            );
             assert!(shown.contains("max_in_flight = 256"), "{shown}");
             Ok(())
         });

@@ -105,7 +105,9 @@ pub enum JobError {
     TwoAudiences,
     #[error("`{field}` contains an empty string")]
     EmptyValue { field: &'static str },
-    #[error("the job names a channel but this deployment has no channel index (FANOUT_CHANNEL_INDEX)")]
+    #[error(
+        "the job names a channel but this deployment has no channel index (FANOUT_CHANNEL_INDEX)"
+    )]
     ChannelsUnsupported,
 }
 
@@ -230,7 +232,10 @@ mod tests {
     fn base64_data_is_binary() {
         let job = ok(r#"{"data_base64":"AAEC/w=="}"#);
         assert_eq!(job.payload, Bytes::from_static(&[0, 1, 2, 255]));
-        assert!(matches!(err(r#"{"data_base64":"***"}"#), JobError::BadBase64(_)));
+        assert!(matches!(
+            err(r#"{"data_base64":"***"}"#),
+            JobError::BadBase64(_)
+        ));
     }
 
     #[test]
@@ -240,9 +245,15 @@ mod tests {
             Target::Channel("sports".into())
         );
         let job = ok(r#"{"data":"x","connections":["a","b"],"exclude":["b"]}"#);
-        assert_eq!(job.target, Target::Connections(vec!["a".into(), "b".into()]));
+        assert_eq!(
+            job.target,
+            Target::Connections(vec!["a".into(), "b".into()])
+        );
         assert!(job.exclude.contains(&ConnectionId::from("b")));
-        assert_eq!(err(r#"{"data":"x","channel":"c","connections":[]}"#), JobError::TwoAudiences);
+        assert_eq!(
+            err(r#"{"data":"x","channel":"c","connections":[]}"#),
+            JobError::TwoAudiences
+        );
         assert_eq!(
             err(r#"{"data":"x","channel":""}"#),
             JobError::EmptyValue { field: "channel" }
@@ -266,7 +277,10 @@ mod tests {
     #[test]
     fn data_must_be_there_once() {
         assert_eq!(err(r#"{"channel":"c"}"#), JobError::NoData);
-        assert_eq!(err(r#"{"data":"x","data_base64":"AA=="}"#), JobError::BothData);
+        assert_eq!(
+            err(r#"{"data":"x","data_base64":"AA=="}"#),
+            JobError::BothData
+        );
         assert_eq!(err(r#"{"data":null}"#), JobError::NullData);
     }
 
