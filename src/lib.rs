@@ -42,4 +42,6 @@ pub mod queue;
 pub mod remover;
 pub mod store;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod worker;
