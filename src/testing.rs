@@ -148,6 +148,8 @@ pub struct FakeQueue {
     /// Receives that fail before the queue answers again.
     pub failing_receives: AtomicUsize,
     pub receives: AtomicUsize,
+    /// Every call answers that the queue does not exist.
+    pub missing: bool,
 }
 
 impl FakeQueue {
@@ -185,6 +187,11 @@ impl FakeQueue {
 impl JobQueue for FakeQueue {
     async fn receive(&self, max: usize) -> Result<Vec<Message>, QueueError> {
         self.receives.fetch_add(1, Ordering::SeqCst);
+        if self.missing {
+            return Err(QueueError::NoSuchQueue {
+                url: "http://127.0.0.1:1/q".into(),
+            });
+        }
         let failing = self.failing_receives.load(Ordering::SeqCst);
         if failing > 0 {
             self.failing_receives.store(failing - 1, Ordering::SeqCst);

@@ -22,7 +22,7 @@ use crate::backoff::Backoff;
 use crate::fanout::{Engine, FanoutError, Report};
 use crate::gateway::Gateway;
 use crate::job::{self, Capabilities};
-use crate::queue::{DeadLettered, JobQueue, MAX_BATCH, Message, Receipt};
+use crate::queue::{DeadLettered, JobQueue, MAX_BATCH, Message, QueueError, Receipt};
 use crate::store::ConnectionStore;
 use crate::telemetry::Metrics;
 
@@ -61,12 +61,15 @@ const SETTLE_BACKOFF: Backoff = Backoff {
 };
 
 /// Why the worker stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Stopped {
     /// Shutdown was asked (SIGTERM/SIGINT).
     Shutdown,
     /// `exit_when_idle`: the queue was empty and nothing was running.
     Idle,
+    /// The queue does not exist: configuration, not a blip; retrying would
+    /// hide it.
+    Failed(String),
 }
 
 /// Runs the worker until `shutdown` is cancelled (or, with
@@ -118,6 +121,7 @@ where
             received = queue.receive(permits.len()) => received,
         };
         match received {
+            Err(e @ QueueError::NoSuchQueue { .. }) => break Stopped::Failed(e.to_string()),
             Err(e) => {
                 let wait = RECEIVE_BACKOFF.delay(failed_receives);
                 failed_receives = failed_receives.saturating_add(1);
@@ -145,7 +149,7 @@ where
     };
 
     jobs.close();
-    if stopped == Stopped::Shutdown && !jobs.is_empty() {
+    if stopped != Stopped::Idle && !jobs.is_empty() {
         tracing::info!(
             running = jobs.len(),
             grace_ms = settings.shutdown_grace.as_millis() as u64,
@@ -542,7 +546,10 @@ mod tests {
             .iter()
             .filter(|(_, t)| *t == Duration::from_secs(30))
             .count();
-        assert_eq!(heartbeats, 3, "heartbeats at 10, 20, 30 s; shutdown at 31 s, grace over at 36 s: {visibility:?}");
+        assert_eq!(
+            heartbeats, 3,
+            "heartbeats at 10, 20, 30 s; shutdown at 31 s, grace over at 36 s: {visibility:?}"
+        );
         assert_eq!(
             visibility.last().unwrap(),
             &(Receipt("r0".into()), Duration::ZERO),
@@ -559,6 +566,20 @@ mod tests {
         rig.run(settings(), CancellationToken::new()).await;
         assert_eq!(rig.queue.deleted_ids(), ["r0"]);
         assert!(rig.queue.receives.load(Ordering::SeqCst) >= 7);
+    }
+
+    #[tokio::test]
+    async fn a_missing_queue_stops_the_worker_with_the_reason() {
+        let queue = FakeQueue {
+            missing: true,
+            ..FakeQueue::default()
+        };
+        let rig = Rig::new(queue, FakeGateway::default());
+        let stopped = rig.run(settings(), CancellationToken::new()).await;
+        assert!(
+            matches!(&stopped, Stopped::Failed(why) if why.contains("does not exist")),
+            "{stopped:?}"
+        );
     }
 
     #[tokio::test]
