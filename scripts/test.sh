@@ -4,7 +4,8 @@
 # against them, and stops them however the run ends.
 #
 #   ./scripts/test.sh                       all tests
-#   ./scripts/test.sh --test sqs_adapter    extra arguments go to `cargo test`
+#   ./scripts/test.sh --test sqs_adapter    extra arguments go to `cargo test`;
+#                                           a target selector runs only that target
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,4 +20,14 @@ trap 'exit 143' TERM
 ./scripts/emulators.sh start
 eval "$(./scripts/emulators.sh env)"
 
-cargo test --all-targets "$@"
+# With a target selector (`--test NAME`, `--lib`, …) run just that; cargo
+# would otherwise run every target alongside it.
+all_targets=(--all-targets)
+for arg in "$@"; do
+  case "$arg" in
+    --test | --test=* | --lib | --bin | --bin=* | --bins | --tests | --doc | --examples | --benches)
+      all_targets=()
+      ;;
+  esac
+done
+cargo test "${all_targets[@]}" "$@"
