@@ -1,0 +1,1 @@
+//! `fanout clients` (placeholder while the gateway lands).

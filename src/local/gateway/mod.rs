@@ -1,0 +1,207 @@
+//! `fanout gateway`: a local stand-in for an API Gateway WebSocket API.
+//!
+//! One listener serves both sides, as API Gateway does:
+//! - WebSocket clients at `ws://ADDR/{stage}` (optionally `?channel=NAME`);
+//!   `$connect` writes the connection's row to the table, `$disconnect`
+//!   removes it (unless `--keep-stale`);
+//! - the management API at `http://ADDR/{stage}/@connections/{id}`
+//!   (POST, GET, DELETE), the endpoint fanout's worker sends to;
+//! - `GET /{stage}/@stats`: counters (POSTs, most in flight at once) that
+//!   tests use to check a sender from the receiving side.
+//!
+//! Files: [`registry`] (live connections), [`socket`] (the WebSocket side),
+//! [`management`] (`@connections`), [`faults`] (injection and counters),
+//! [`rows`] (the table; the only SDK use).
+
+pub mod faults;
+pub mod management;
+pub mod registry;
+pub mod rows;
+pub mod socket;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::faults::{Faults, Stats};
+use self::registry::Registry;
+use self::rows::Rows;
+
+/// How long open sockets get to close (and remove their rows) at shutdown.
+const SOCKET_CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// Bodies up to this size are read, so an oversize POST gets API Gateway's
+/// 413 `PayloadTooLargeException` rather than a bare one from the framework.
+const BODY_READ_LIMIT: usize = 4 * management::MAX_PAYLOAD_BYTES;
+
+/// Options of `fanout gateway`. The names are a contract: scripts drive them.
+/// The DynamoDB endpoint and credentials come from the standard AWS
+/// variables (e.g. `AWS_ENDPOINT_URL_DYNAMODB`), as for the worker.
+#[derive(clap::Args, Clone, Debug)]
+pub struct GatewayArgs {
+    /// Address for WebSocket clients and the management API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// The stage: clients connect at `/{stage}`, and the worker's endpoint is
+    /// `http://ADDR/{stage}`.
+    #[arg(long, default_value = "local")]
+    pub stage: String,
+    /// The connections table that `$connect` writes to (key `connectionId`).
+    #[arg(long, env = "FANOUT_TABLE")]
+    pub table: String,
+    /// Keep rows of clients that leave, as if `$disconnect` were lost: their
+    /// ids then answer 410 and the worker must remove them.
+    #[arg(long)]
+    pub keep_stale: bool,
+    /// Answer 429 `LimitExceededException` to POSTs past N per second.
+    #[arg(long)]
+    pub throttle_rps: Option<NonZeroU32>,
+    /// Answer 500 to this share of POSTs (0–100), delivering nothing.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub fail_percent: u8,
+    /// Milliseconds added to each POST before it is answered.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+}
+
+/// Why the gateway could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("cannot listen on {addr}: {source} (is another process using the port?)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("invalid --stage {0:?}: use a non-empty name without '/', '?' or '@'")]
+    Stage(String),
+    #[error("the gateway's listener failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// State shared by every handler and socket task.
+#[derive(Debug)]
+pub struct App {
+    registry: Registry,
+    rows: Rows,
+    faults: Faults,
+    stats: Stats,
+    keep_stale: bool,
+    /// Cancelled at shutdown: every socket sends a close frame and ends.
+    shutdown: CancellationToken,
+    /// Socket tasks, so shutdown can wait for their `$disconnect` writes.
+    tasks: TaskTracker,
+}
+
+/// Binds `args.listen`, then serves until `shutdown` completes.
+pub async fn run(
+    args: GatewayArgs,
+    dynamo: aws_sdk_dynamodb::Client,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| GatewayError::Bind {
+            addr: args.listen,
+            source,
+        })?;
+    serve(args, dynamo, listener, shutdown).await
+}
+
+/// Serves on an already bound listener (tests bind port 0 and read the
+/// address) until `shutdown` completes; then closes every socket and waits
+/// briefly for their `$disconnect` row removals. `args.listen` is ignored.
+pub async fn serve(
+    args: GatewayArgs,
+    dynamo: aws_sdk_dynamodb::Client,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    validate_stage(&args.stage)?;
+    let app = Arc::new(App {
+        registry: Registry::default(),
+        rows: Rows::new(dynamo, &args.table),
+        faults: Faults::new(args.throttle_rps, args.fail_percent, args.latency_ms),
+        stats: Stats::default(),
+        keep_stale: args.keep_stale,
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    });
+    let addr = listener.local_addr().map_err(GatewayError::Serve)?;
+    tracing::info!(
+        websocket = %format!("ws://{addr}/{}", args.stage),
+        endpoint = %format!("http://{addr}/{}", args.stage),
+        table = %args.table,
+        keep_stale = args.keep_stale,
+        throttle_rps = args.throttle_rps.map(NonZeroU32::get),
+        fail_percent = args.fail_percent,
+        latency_ms = args.latency_ms,
+        "gateway listening"
+    );
+
+    let stop = app.shutdown.clone();
+    let served = axum::serve(
+        listener,
+        router(&args.stage, app.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        stop.cancel();
+    })
+    .await;
+
+    // Upgraded sockets outlive the HTTP server: close them ourselves.
+    app.shutdown.cancel();
+    app.tasks.close();
+    if tokio::time::timeout(SOCKET_CLOSE_GRACE, app.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some sockets did not close in time; their rows may remain");
+    }
+    served.map_err(GatewayError::Serve)
+}
+
+fn router(stage: &str, app: Arc<App>) -> Router {
+    Router::new()
+        .route(&format!("/{stage}"), get(socket::connect))
+        .route(
+            &format!("/{stage}/@connections/{{id}}"),
+            get(management::get)
+                .post(management::post)
+                .delete(management::delete),
+        )
+        .route(&format!("/{stage}/@stats"), get(management::stats))
+        .layer(DefaultBodyLimit::max(BODY_READ_LIMIT))
+        .with_state(app)
+}
+
+fn validate_stage(stage: &str) -> Result<(), GatewayError> {
+    let bad = stage.is_empty() || stage.contains(['/', '?', '@', '{', '}', '#']);
+    if bad {
+        return Err(GatewayError::Stage(stage.to_owned()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_names_are_one_path_segment() {
+        assert!(validate_stage("local").is_ok());
+        assert!(validate_stage("prod-1").is_ok());
+        for bad in ["", "a/b", "a?b", "@connections", "{x}"] {
+            assert!(validate_stage(bad).is_err(), "{bad}");
+        }
+    }
+}
