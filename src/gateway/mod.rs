@@ -1,10 +1,14 @@
 //! The send path: one message to one connection, and what the answer means.
 //!
 //! [`Gateway`] is the seam the engine sends through; `apigw` implements it
-//! with the SDK's PostToConnection. Classification of HTTP answers happens
-//! beside the call, so the engine only ever sees a [`PostOutcome`].
+//! with the SDK's PostToConnection (the reference), `lean` with a signed POST
+//! over a tuned hyper client. Classification of HTTP answers happens beside
+//! the call, by one table ([`status`]), so the engine only ever sees a
+//! [`PostOutcome`].
 
 pub mod apigw;
+pub mod lean;
+pub mod status;
 
 use std::future::Future;
 
