@@ -231,7 +231,8 @@ impl Gateway for LeanSender {
 
 impl Inner {
     async fn attempt(&self, id: &ConnectionId, payload: Bytes) -> PostOutcome {
-        let request = http::Request::post(self.endpoint.connection_uri(id))
+        let uri = self.endpoint.connection_uri(id);
+        let request = http::Request::post(uri.as_str())
             .header(HOST, self.endpoint.host.clone())
             // A clone of `Bytes` shares the buffer: no copy per connection.
             .body(Full::new(payload.clone()));
@@ -243,7 +244,7 @@ impl Inner {
                 ));
             }
         };
-        if let Err(e) = self.signer.sign(&mut request, &payload).await {
+        if let Err(e) = self.signer.sign(&mut request, &uri, &payload).await {
             return match e {
                 SignError::NoCredentials(_) => status::forbidden(e.to_string()),
                 SignError::Provider(_) => PostOutcome::Transient(e.to_string()),

@@ -66,11 +66,13 @@ impl Signer {
     }
 
     /// Adds `x-amz-date`, `authorization` (and `x-amz-security-token` for
-    /// temporary credentials) to `request`, whose URI must be absolute and
-    /// whose `host` header, if set, must be the URI's authority.
+    /// temporary credentials) to `request`. `uri` is the request's absolute
+    /// URI as text (the caller has it already; rendering it again costs an
+    /// allocation per send); a `host` header, if set, must be its authority.
     pub async fn sign<B>(
         &self,
         request: &mut http::Request<B>,
+        uri: &str,
         payload: &Bytes,
     ) -> Result<(), SignError> {
         let identity = self.credentials.identity().await?;
@@ -84,14 +86,13 @@ impl Signer {
             .build()
             .map_err(|e| SignError::Signing(e.to_string()))?
             .into();
-        let uri = request.uri().to_string();
         let headers = request
             .headers()
             .iter()
             .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)));
         let signable = SignableRequest::new(
             request.method().as_str(),
-            uri.as_str(),
+            uri,
             headers,
             SignableBody::Precomputed(hash),
         )
@@ -273,13 +274,13 @@ mod tests {
         }
     }
 
+    const URI: &str = "https://abc.execute-api.eu-west-1.amazonaws.com/prod/@connections/a%3D";
+
     fn request() -> http::Request<()> {
-        http::Request::post(
-            "https://abc.execute-api.eu-west-1.amazonaws.com/prod/@connections/a%3D",
-        )
-        .header("host", "abc.execute-api.eu-west-1.amazonaws.com")
-        .body(())
-        .unwrap()
+        http::Request::post(URI)
+            .header("host", "abc.execute-api.eu-west-1.amazonaws.com")
+            .body(())
+            .unwrap()
     }
 
     fn header<'a>(request: &'a http::Request<()>, name: &str) -> &'a str {
@@ -296,7 +297,7 @@ mod tests {
         let payload = Bytes::from_static(b"hello");
         for _ in 0..5 {
             let mut request = request();
-            signer.sign(&mut request, &payload).await.unwrap();
+            signer.sign(&mut request, URI, &payload).await.unwrap();
             let auth = header(&request, "authorization");
             assert!(
                 auth.starts_with("AWS4-HMAC-SHA256 Credential=AKID0/")
@@ -317,7 +318,7 @@ mod tests {
         let payload = Bytes::from_static(b"hello");
         for n in 0..3 {
             let mut request = request();
-            signer.sign(&mut request, &payload).await.unwrap();
+            signer.sign(&mut request, URI, &payload).await.unwrap();
             let auth = header(&request, "authorization");
             assert!(auth.contains(&format!("Credential=AKID{n}/")), "{auth}");
         }
@@ -328,11 +329,11 @@ mod tests {
     async fn a_failed_refresh_keeps_valid_credentials_and_backs_off() {
         let (signer, provider) = signer(Some(REFRESH_BEFORE_EXPIRY / 2));
         let payload = Bytes::from_static(b"hello");
-        signer.sign(&mut request(), &payload).await.unwrap();
+        signer.sign(&mut request(), URI, &payload).await.unwrap();
         provider.fail.store(true, Ordering::SeqCst);
         for _ in 0..3 {
             let mut request = request();
-            signer.sign(&mut request, &payload).await.unwrap();
+            signer.sign(&mut request, URI, &payload).await.unwrap();
             assert!(header(&request, "authorization").contains("Credential=AKID0/"));
         }
         // One failed refresh, then the retry waits.
@@ -344,7 +345,7 @@ mod tests {
         let (signer, provider) = signer(None);
         provider.fail.store(true, Ordering::SeqCst);
         let err = signer
-            .sign(&mut request(), &Bytes::from_static(b"x"))
+            .sign(&mut request(), URI, &Bytes::from_static(b"x"))
             .await
             .unwrap_err();
         assert!(matches!(err, SignError::Provider(_)), "{err}");

@@ -1,0 +1,205 @@
+//! The broadcast benchmark of issue 5 (driven by `scripts/bench.sh`).
+//!
+//! - `bench sink --port P`: the local endpoint (see `sink.rs`).
+//! - `bench broadcast --path sdk|lean --connections N --endpoint URL`: one
+//!   broadcast through the real engine, send budget and remover, with the
+//!   chosen real send path, to a generated audience (see `audience.rs`);
+//!   prints one `key=value` line: posts/s, CPU µs per post (getrusage of the
+//!   whole process over the broadcast), peak RSS (VmHWM), the report.
+//!
+//! Timing lives here, never in the tests.
+
+mod audience;
+mod sink;
+
+use std::collections::HashSet;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use aws_credential_types::Credentials;
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use fanout::backoff::Backoff;
+use fanout::fanout::{Engine, EngineSettings};
+use fanout::gateway::Gateway;
+use fanout::gateway::apigw::ApiGatewaySender;
+use fanout::gateway::lean::LeanSender;
+use fanout::job::{Job, Target};
+use fanout::limiter::SendBudget;
+use fanout::telemetry::Metrics;
+use tokio_util::sync::CancellationToken;
+
+use audience::GeneratedTable;
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the local endpoint until killed.
+    Sink {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Run one broadcast and print its figures.
+    Broadcast(BroadcastArgs),
+}
+
+#[derive(Parser)]
+struct BroadcastArgs {
+    #[arg(long, value_enum)]
+    path: SendPath,
+    #[arg(long)]
+    connections: u64,
+    /// The sink's endpoint, stage included: http://127.0.0.1:P/bench
+    #[arg(long)]
+    endpoint: String,
+    #[arg(long, default_value_t = 256)]
+    max_in_flight: usize,
+    /// Sends per second; 0 for no limit.
+    #[arg(long, default_value_t = 0)]
+    rate: u32,
+    /// Burst above the rate; 0 for the config default (1 % of the rate, at
+    /// least 50).
+    #[arg(long, default_value_t = 0)]
+    burst: u32,
+    #[arg(long, default_value_t = 1000)]
+    page_size: u64,
+    #[arg(long, default_value_t = 128)]
+    payload_bytes: usize,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SendPath {
+    Sdk,
+    Lean,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.command {
+        Command::Sink { port } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(sink::serve(port))
+            .context("the sink stopped"),
+        // Worker threads follow the CPU affinity (taskset), as in a task.
+        Command::Broadcast(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(broadcast(args)),
+    }
+}
+
+async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
+    let config = fanout::aws::config_loader()
+        .region("us-east-1")
+        .credentials_provider(Credentials::new("test", "test", None, None, "bench"))
+        .load()
+        .await;
+    let timeout = Duration::from_secs(10);
+    match args.path {
+        SendPath::Sdk => {
+            let client = fanout::aws::apigw_client(&config, &args.endpoint, timeout)?;
+            run(ApiGatewaySender::new(client), &args).await
+        }
+        SendPath::Lean => {
+            let sender = LeanSender::new(&config, &args.endpoint, timeout, args.max_in_flight)?;
+            run(sender, &args).await
+        }
+    }
+}
+
+async fn run<G: Gateway>(gateway: G, args: &BroadcastArgs) -> anyhow::Result<()> {
+    let table = Arc::new(GeneratedTable {
+        rows: args.connections,
+        page_size: args.page_size,
+        removed: Default::default(),
+    });
+    let rate = NonZeroU32::new(args.rate).map(|rate| {
+        let burst = match args.burst {
+            0 => (rate.get() / 100).clamp(50, rate.get()),
+            burst => burst,
+        };
+        (rate, NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN))
+    });
+    let metrics = Arc::new(Metrics::default());
+    let engine = Engine::new(
+        table.clone(),
+        Arc::new(gateway),
+        Arc::new(SendBudget::new(rate, args.max_in_flight)),
+        EngineSettings {
+            send_backoff: Backoff {
+                base: Duration::from_millis(50),
+                max: Duration::from_secs(2),
+                max_attempts: 4,
+            },
+            max_in_flight: args.max_in_flight,
+            scan_segments: 1,
+        },
+        metrics.clone(),
+    );
+    let job = Job {
+        id: "bench".into(),
+        payload: Bytes::from(vec![b'x'; args.payload_bytes]),
+        target: Target::All,
+        exclude: HashSet::new(),
+    };
+
+    let cpu_before = cpu_time()?;
+    let started = Instant::now();
+    let (report, result) = engine.run(&job, &CancellationToken::new()).await;
+    let wall = started.elapsed();
+    let cpu = cpu_time()? - cpu_before;
+    result.context("the broadcast failed")?;
+
+    let posts = Metrics::get(&metrics.posts);
+    println!(
+        "path={:?} connections={} posts={posts} secs={:.3} posts_per_s={:.0} \
+         cpu_us_per_post={:.2} cpu_s={:.3} peak_rss_mb={:.1} delivered={} gone={} \
+         removed={} failed={} retries={} throttled={}",
+        args.path,
+        args.connections,
+        wall.as_secs_f64(),
+        posts as f64 / wall.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / posts.max(1) as f64,
+        cpu.as_secs_f64(),
+        peak_rss_kb()? as f64 / 1024.0,
+        report.delivered,
+        report.gone,
+        table.removed.load(Ordering::Relaxed),
+        report.failed,
+        report.retries,
+        report.throttled,
+    );
+    Ok(())
+}
+
+/// User plus system CPU time of the whole process (every thread) so far.
+fn cpu_time() -> anyhow::Result<Duration> {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrusage");
+    }
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Ok(Duration::from_micros(
+        micros(usage.ru_utime) + micros(usage.ru_stime),
+    ))
+}
+
+/// The process's peak resident set (VmHWM), in KiB.
+fn peak_rss_kb() -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/self/status")
+}
