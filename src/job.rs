@@ -15,6 +15,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::connection::ConnectionId;
+use crate::store::Cursor;
 
 /// API Gateway refuses PostToConnection payloads over 128 KiB.
 pub const MAX_PAYLOAD_BYTES: usize = 131_072;
@@ -47,6 +48,10 @@ pub struct JobSpec {
     /// Connections to skip (e.g. the sender).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude: Vec<String>,
+    /// Set by fanout on a continuation job: where each audience segment
+    /// resumes. Producers leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Vec<Cursor>>,
 }
 
 /// Keeps an explicit `"data": null` apart from a missing `data`.
@@ -74,6 +79,8 @@ pub struct Job {
     pub payload: Bytes,
     pub target: Target,
     pub exclude: HashSet<ConnectionId>,
+    /// Where to resume an interrupted broadcast.
+    pub resume: Option<Vec<Cursor>>,
 }
 
 /// What this deployment can serve, which parsing checks jobs against.
@@ -169,6 +176,7 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: Capabilities) -> Result<J
         payload,
         target,
         exclude,
+        resume: spec.resume,
     })
 }
 
