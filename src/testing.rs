@@ -181,6 +181,7 @@ impl FakeQueue {
                 body: body.to_string(),
                 receipt: Receipt(format!("r{n}")),
                 receive_count: 1,
+                group_id: None,
             })
             .collect();
         Self {

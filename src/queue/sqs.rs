@@ -87,6 +87,7 @@ impl JobQueue for SqsQueue {
             .max_number_of_messages(max)
             .wait_time_seconds(wait)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
             .send()
             .await
             .map_err(|err| map_error(&self.queue_url, err))?;
@@ -102,11 +103,16 @@ impl JobQueue for SqsQueue {
                 .and_then(|attrs| attrs.get(&MessageSystemAttributeName::ApproximateReceiveCount))
                 .and_then(|count| count.parse().ok())
                 .unwrap_or(1);
+            let group_id = message
+                .attributes()
+                .and_then(|attrs| attrs.get(&MessageSystemAttributeName::MessageGroupId))
+                .cloned();
             messages.push(Message {
                 id: id.to_owned(),
                 body: message.body().unwrap_or_default().to_owned(),
                 receipt: Receipt(receipt.to_owned()),
                 receive_count,
+                group_id,
             });
         }
         Ok(messages)
