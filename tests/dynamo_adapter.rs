@@ -409,3 +409,198 @@ async fn an_unreachable_endpoint_is_unavailable_quickly() {
         started.elapsed()
     );
 }
+
+// ------------------------------------------------------------------------
+// Answers no emulator gives (UnprocessedItems, throttling, 5xx), from a
+// small DynamoDB stand-in on 127.0.0.1 speaking the JSON protocol.
+
+mod stand_in {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::Router;
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use serde_json::{Value, json};
+
+    /// How the stand-in answers BatchWriteItem.
+    #[derive(Clone, Copy)]
+    pub enum Batch {
+        /// Hands back every other delete request as unprocessed.
+        HalfUnprocessed,
+        /// Throttles every call.
+        Throttle,
+        /// Fails every call with a 500.
+        ServerError,
+    }
+
+    #[derive(Clone)]
+    struct Peer {
+        batch: Batch,
+        batch_calls: Arc<AtomicUsize>,
+    }
+
+    pub const TABLE: &str = "stand-in";
+
+    async fn answer(State(peer): State<Peer>, headers: HeaderMap, body: String) -> Response {
+        let target = headers
+            .get("x-amz-target")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let json_response = |status: StatusCode, body: Value| {
+            (
+                status,
+                [("content-type", "application/x-amz-json-1.0")],
+                body.to_string(),
+            )
+                .into_response()
+        };
+        match target {
+            "DynamoDB_20120810.DescribeTable" => json_response(
+                StatusCode::OK,
+                json!({"Table": {
+                    "TableName": TABLE,
+                    "TableStatus": "ACTIVE",
+                    "KeySchema": [
+                        {"AttributeName": "channel", "KeyType": "HASH"},
+                        {"AttributeName": "connectionId", "KeyType": "RANGE"}
+                    ],
+                    "AttributeDefinitions": [
+                        {"AttributeName": "channel", "AttributeType": "S"},
+                        {"AttributeName": "connectionId", "AttributeType": "S"}
+                    ]
+                }}),
+            ),
+            "DynamoDB_20120810.BatchWriteItem" => {
+                peer.batch_calls.fetch_add(1, Ordering::Relaxed);
+                match peer.batch {
+                    Batch::HalfUnprocessed => {
+                        let request: Value = serde_json::from_str(&body).expect("JSON request");
+                        let writes = request["RequestItems"][TABLE]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default();
+                        let unprocessed: Vec<Value> = writes.into_iter().step_by(2).collect();
+                        json_response(
+                            StatusCode::OK,
+                            json!({"UnprocessedItems": {TABLE: unprocessed}}),
+                        )
+                    }
+                    Batch::Throttle => json_response(
+                        StatusCode::BAD_REQUEST,
+                        json!({
+                            "__type": "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException",
+                            "message": "The level of configured provisioned throughput for the table was exceeded."
+                        }),
+                    ),
+                    Batch::ServerError => json_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        json!({
+                            "__type": "com.amazonaws.dynamodb.v20120810#InternalServerError",
+                            "message": "Internal server error"
+                        }),
+                    ),
+                }
+            }
+            other => json_response(
+                StatusCode::BAD_REQUEST,
+                json!({"__type": "UnknownOperationException", "message": other}),
+            ),
+        }
+    }
+
+    /// Starts the stand-in; returns its endpoint and its BatchWriteItem count.
+    pub async fn start(batch: Batch) -> (String, Arc<AtomicUsize>) {
+        let batch_calls = Arc::new(AtomicUsize::new(0));
+        let app = Router::new().fallback(answer).with_state(Peer {
+            batch,
+            batch_calls: batch_calls.clone(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a test port");
+        let addr = listener.local_addr().expect("local addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}"), batch_calls)
+    }
+}
+
+async fn stand_in_store(
+    batch: stand_in::Batch,
+) -> (DynamoStore, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let (endpoint, calls) = stand_in::start(batch).await;
+    let config = fanout::aws::config_loader()
+        .endpoint_url(endpoint)
+        .region("us-east-1")
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "test", "test", None, None, "tests",
+        ))
+        .load()
+        .await;
+    let store = DynamoStore::connect(
+        fanout::aws::dynamodb_client(&config),
+        settings(stand_in::TABLE, 10, false),
+    )
+    .await
+    .expect("connect to the stand-in");
+    (store, calls)
+}
+
+fn composite(channel: &str, id: &str) -> Connection {
+    use fanout::connection::{KeyValue, RowKey};
+    Connection {
+        id: ConnectionId::from(id),
+        // Deliberately not in schema order: keys match whatever the order.
+        key: Some(RowKey(vec![
+            (ID.to_owned(), KeyValue::S(id.to_owned())),
+            (CHANNEL.to_owned(), KeyValue::S(channel.to_owned())),
+        ])),
+    }
+}
+
+#[tokio::test]
+async fn unprocessed_items_map_back_to_their_connections() {
+    let (store, calls) = stand_in_store(stand_in::Batch::HalfUnprocessed).await;
+    let gone: Vec<Connection> = (0..6)
+        .map(|i| composite(if i % 2 == 0 { "news" } else { "sport" }, &format!("c{i}")))
+        .collect();
+    let unkeyed = Connection {
+        id: ConnectionId::from("listed"),
+        key: None,
+    };
+    let mut batch = gone.clone();
+    batch.push(unkeyed.clone());
+
+    let removal = store.remove(batch).await.expect("remove");
+    // The stand-in hands back requests 0, 2 and 4, in the order sent.
+    let mut unprocessed: Vec<String> = removal
+        .unprocessed
+        .iter()
+        .map(|c| c.id.to_string())
+        .collect();
+    unprocessed.sort();
+    assert_eq!(unprocessed, ["c0", "c2", "c4"]);
+    assert_eq!(removal.skipped, [unkeyed]);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn throttling_and_server_errors_are_transient() {
+    let (store, calls) = stand_in_store(stand_in::Batch::Throttle).await;
+    let err = store
+        .remove(vec![composite("news", "c1")])
+        .await
+        .expect_err("throttled");
+    assert!(matches!(err, StoreError::Throttled(_)), "{err:?}");
+    // The SDK's standard retries stay on for DynamoDB.
+    assert!(calls.load(std::sync::atomic::Ordering::Relaxed) > 1);
+
+    let (store, _) = stand_in_store(stand_in::Batch::ServerError).await;
+    let err = store
+        .remove(vec![composite("news", "c1")])
+        .await
+        .expect_err("server error");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(err.is_transient());
+}

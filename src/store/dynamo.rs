@@ -540,27 +540,31 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     match &err {
-        SdkError::ServiceError(ctx) => {
-            let code = ctx.err().code().unwrap_or_default();
-            match code {
-                "ResourceNotFoundException" => StoreError::NoSuchTable {
-                    table: table.to_owned(),
-                },
-                "ProvisionedThroughputExceededException"
-                | "RequestLimitExceeded"
-                | "ThrottlingException" => {
-                    StoreError::Throttled(DisplayErrorContext(&err).to_string())
-                }
-                _ if ctx.raw().status().is_server_error() => {
-                    StoreError::Unavailable(DisplayErrorContext(&err).to_string())
-                }
-                _ => StoreError::Rejected(DisplayErrorContext(&err).to_string()),
-            }
-        }
+        SdkError::ServiceError(ctx) => service_error(
+            table,
+            ctx.raw().status().as_u16(),
+            ctx.err().code().unwrap_or_default(),
+            ctx.err().message().unwrap_or_default(),
+        ),
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             StoreError::Unavailable(DisplayErrorContext(&err).to_string())
         }
         _ => StoreError::Rejected(DisplayErrorContext(&err).to_string()),
+    }
+}
+
+/// What an error answer from DynamoDB means, by its code and status.
+fn service_error(table: &str, status: u16, code: &str, message: &str) -> StoreError {
+    let detail = format!("DynamoDB answered HTTP {status} ({code}: {message})");
+    match code {
+        "ResourceNotFoundException" => StoreError::NoSuchTable {
+            table: table.to_owned(),
+        },
+        "ProvisionedThroughputExceededException"
+        | "RequestLimitExceeded"
+        | "ThrottlingException" => StoreError::Throttled(detail),
+        _ if status >= 500 => StoreError::Unavailable(detail),
+        _ => StoreError::Rejected(detail),
     }
 }
 
@@ -575,6 +579,32 @@ mod tests {
                 .map(|(n, v)| ((*n).to_owned(), KeyValue::S((*v).to_owned())))
                 .collect(),
         )
+    }
+
+    #[test]
+    fn error_answers_map_by_code_then_status() {
+        let map = |status, code| service_error("connections", status, code, "message");
+        assert!(matches!(
+            map(400, "ResourceNotFoundException"),
+            StoreError::NoSuchTable { table } if table == "connections"
+        ));
+        for code in [
+            "ProvisionedThroughputExceededException",
+            "RequestLimitExceeded",
+            "ThrottlingException",
+        ] {
+            let err = map(400, code);
+            assert!(matches!(err, StoreError::Throttled(_)), "{code}: {err:?}");
+            assert!(err.is_transient());
+        }
+        assert!(matches!(
+            map(500, "InternalServerError"),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(map(503, ""), StoreError::Unavailable(_)));
+        let err = map(400, "ValidationException");
+        assert!(matches!(err, StoreError::Rejected(_)), "{err:?}");
+        assert!(!err.is_transient());
     }
 
     #[test]
