@@ -493,6 +493,26 @@ pub async fn serve(
         .await
 }
 
+/// `fanout health`'s arguments. Read from flags or the task's environment,
+/// not from the full config: a health check must not fail on an unrelated
+/// config error.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HealthArgs {
+    /// The worker's metrics address (its `metrics_listen`); a wildcard
+    /// address is probed on loopback.
+    #[arg(long, env = "FANOUT_METRICS_LISTEN", default_value_t = MetricsSettings::DEFAULT_LISTEN)]
+    pub addr: SocketAddr,
+    /// How long to wait for the answer; keep it under the health check's own
+    /// timeout (5 s in the image and the template).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Runs `fanout health`: `Ok` → exit 0, `Err` → print it and exit 1.
+pub async fn health(args: &HealthArgs) -> Result<(), MetricsError> {
+    probe_health(args.addr, args.timeout).await
+}
+
 /// `fanout health`: GETs `/healthz` on the worker listening at `listen`
 /// (an unspecified address such as `0.0.0.0` is probed on loopback).
 /// `Ok` means exit 0 for the container health check.
@@ -672,6 +692,22 @@ mod tests {
         assert_eq!(probe("0.0.0.0:9102"), "127.0.0.1:9102");
         assert_eq!(probe("[::]:9102"), "[::1]:9102");
         assert_eq!(probe("10.1.2.3:80"), "10.1.2.3:80");
+    }
+
+    #[test]
+    fn health_args_default_to_the_default_listener() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            health: HealthArgs,
+        }
+        let cli = Cli::try_parse_from(["fanout", "--timeout", "2s"]).expect("parses");
+        // FANOUT_METRICS_LISTEN is not set in tests.
+        assert_eq!(cli.health.addr, MetricsSettings::DEFAULT_LISTEN);
+        assert_eq!(cli.health.timeout, Duration::from_secs(2));
+        let cli = Cli::try_parse_from(["fanout", "--addr", "0.0.0.0:9200"]).expect("parses");
+        assert_eq!(cli.health.addr.port(), 9200);
     }
 
     #[tokio::test]
