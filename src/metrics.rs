@@ -4,11 +4,10 @@
 //!   interval with the deltas since the previous line. CloudWatch Logs turns
 //!   it into metrics in the namespace `fanout`, with no agent in the task.
 //! - Prometheus/OpenMetrics text at `GET /metrics`, for those who scrape.
-//! - `GET /healthz`: 200 while the receive loop polled recently, 503 when it
-//!   stalled; `fanout health` ([`probe_health`]) calls it for the container
+//! - `GET /healthz`: 200 while the receive loop polled recently or jobs are
+//!   running, 503 when it stalled with nothing running; `fanout health` ([`probe_health`]) calls it for the container
 //!   health check (distroless images have no curl).
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -407,20 +406,50 @@ async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
 async fn health_handler(State(state): State<AppState>) -> impl IntoResponse {
     let last = Metrics::get(&state.metrics.last_poll_unix_ms);
     let age = poll_age(unix_ms_now(), last, state.started_ms);
-    let mut body = String::new();
-    let status = if age <= state.health_max_age {
-        let _ = write!(body, "ok: last poll {} ms ago", age.as_millis());
-        StatusCode::OK
-    } else {
-        let _ = write!(
-            body,
-            "stalled: no poll for {} ms (bound {} ms)",
+    let jobs = Metrics::get(&state.metrics.jobs_in_flight);
+    let health = judge(age, state.health_max_age, jobs);
+    let status = match health {
+        Health::Polling | Health::Busy => StatusCode::OK,
+        Health::Stalled => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let body = match health {
+        Health::Polling => format!("ok: last poll {} ms ago", age.as_millis()),
+        Health::Busy => format!(
+            "ok: {jobs} jobs running, last poll {} ms ago",
+            age.as_millis()
+        ),
+        Health::Stalled => format!(
+            "stalled: no poll for {} ms (bound {} ms) and no job running",
             age.as_millis(),
             state.health_max_age.as_millis()
-        );
-        StatusCode::SERVICE_UNAVAILABLE
+        ),
     };
     (status, body)
+}
+
+/// What `/healthz` concludes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// The receive loop polled within the bound.
+    Polling,
+    /// No recent poll, but jobs are running: a worker whose job slots are
+    /// all taken does not poll until one frees, and killing it would cut
+    /// its broadcasts halfway. Once they end, a stuck loop shows as
+    /// `Stalled`.
+    Busy,
+    /// No recent poll and nothing running: the loop is stuck.
+    Stalled,
+}
+
+/// Judges liveness from the poll age and the jobs running.
+pub fn judge(poll_age: Duration, max_age: Duration, jobs_in_flight: u64) -> Health {
+    if poll_age <= max_age {
+        Health::Polling
+    } else if jobs_in_flight > 0 {
+        Health::Busy
+    } else {
+        Health::Stalled
+    }
 }
 
 /// The exporters' listener, bound but not yet serving: binding first lets
@@ -684,6 +713,18 @@ mod tests {
         assert_eq!(poll_age(10_000, 9_000, 4_000), Duration::from_secs(1));
         // A clock step backwards reads as fresh, not as a panic.
         assert_eq!(poll_age(10_000, 12_000, 4_000), Duration::ZERO);
+    }
+
+    #[test]
+    fn liveness_needs_a_recent_poll_or_a_running_job() {
+        let bound = Duration::from_secs(60);
+        let fresh = Duration::from_secs(59);
+        let stale = Duration::from_secs(61);
+        assert_eq!(judge(fresh, bound, 0), Health::Polling);
+        assert_eq!(judge(fresh, bound, 3), Health::Polling);
+        assert_eq!(judge(bound, bound, 0), Health::Polling);
+        assert_eq!(judge(stale, bound, 2), Health::Busy);
+        assert_eq!(judge(stale, bound, 0), Health::Stalled);
     }
 
     #[test]

@@ -153,6 +153,15 @@ async fn stale_poll_is_503_and_the_probe_fails() {
         "{probe:?}"
     );
 
+    // Busy with jobs while all job slots are taken: a saturated worker does
+    // not poll, and must not be killed mid-broadcast.
+    Metrics::incr(&metrics.jobs_in_flight);
+    let (status, _, body) = get(server.addr, "/healthz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("1 jobs running"), "{body}");
+    metrics.jobs_in_flight.store(0, Ordering::Relaxed);
+    assert_eq!(get(server.addr, "/healthz").await.0, 503);
+
     // The loop comes back: healthy again.
     metrics.mark_poll();
     probe_health(server.addr, Duration::from_secs(5))
