@@ -17,17 +17,38 @@ if [[ "${LINT_INFRA_SKIP_CHECKOV:-0}" != 1 ]]; then
     pkgs+=("checkov==$CHECKOV_VERSION")
 fi
 
-# Reinstall only when the pins change: the stamp records what is installed.
+# Install only what is not there yet at its pinned version: the stamp lists
+# the pins installed, one a line.
 stamp="$VENV/.pins"
-want="${pkgs[*]}"
-if [[ ! -x "$VENV/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
-    echo "lint-infra: installing ${want} into $VENV" >&2
+missing=()
+for pkg in "${pkgs[@]}"; do
+    grep -qxF -- "$pkg" "$stamp" 2>/dev/null || missing+=("$pkg")
+done
+if [[ ! -x "$VENV/bin/python" || ${#missing[@]} -gt 0 ]]; then
+    echo "lint-infra: installing ${missing[*]:-${pkgs[*]}} into $VENV" >&2
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "${pkgs[@]}"
-    echo "$want" >"$stamp"
+    touch "$stamp"
+    printf '%s\n' "${pkgs[@]}" | cat - "$stamp" | sort -u >"$stamp.new"
+    mv "$stamp.new" "$stamp"
 fi
 
 status=0
+
+# No Docker engine runs in CI, so the image's build command must be one CI
+# runs: the Dockerfile's release build has to appear verbatim in .ci/run.
+build_cmd="cargo build --release --locked --bin fanout"
+echo "lint-infra: the Dockerfile builds with what CI builds"
+if ! grep -qF -- "$build_cmd" Dockerfile; then
+    echo "Dockerfile no longer runs '$build_cmd': update this check and .ci/run together" >&2
+    status=1
+elif [[ ! -f .ci/run ]]; then
+    echo "lint-infra: no .ci/run here; skipping the CI build-command check" >&2
+elif ! grep -qF -- "$build_cmd" .ci/run; then
+    echo ".ci/run does not run '$build_cmd', the Dockerfile's build: add it so CI compiles what ships" >&2
+    status=1
+fi
+
 echo "lint-infra: hadolint Dockerfile"
 "$VENV/bin/hadolint" --failure-threshold info Dockerfile || status=1
 
