@@ -5,8 +5,9 @@
 //!   it into metrics in the namespace `fanout`, with no agent in the task.
 //! - Prometheus/OpenMetrics text at `GET /metrics`, for those who scrape.
 //! - `GET /healthz`: 200 while the receive loop polled recently or jobs are
-//!   running, 503 when it stalled with nothing running; `fanout health` ([`probe_health`]) calls it for the container
-//!   health check (distroless images have no curl).
+//!   running, 503 when it stalled with nothing running. `fanout health`
+//!   ([`health`]) calls it for the container health check (distroless images
+//!   have no curl).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -47,7 +48,7 @@ pub struct MetricsSettings {
     /// How often an EMF line is printed; `None` turns EMF off (local runs).
     pub emf_interval: Option<Duration>,
     /// `/healthz` fails when the receive loop has not finished a poll for
-    /// this long. Three long-poll waits (3 × 20 s) tolerate a slow receive
+    /// this long and no job is running. Three long-poll waits (3 × 20 s) tolerate a slow receive
     /// or two without flapping.
     pub health_max_age: Duration,
     /// The value of the EMF `Service` dimension.
