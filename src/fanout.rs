@@ -6,12 +6,12 @@
 //! read ahead, plus at most `max_in_flight` sends (each waiting, sending or
 //! backing off) per job.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt, TryStreamExt, future, stream};
+use futures::{FutureExt, StreamExt, TryStreamExt, stream};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -19,8 +19,9 @@ use crate::connection::Connection;
 use crate::gateway::{Gateway, PostOutcome};
 use crate::job::{Job, Target};
 use crate::limiter::SendBudget;
+use crate::progress::Progress;
 use crate::remover::{REMOVE_BACKOFF, Remover};
-use crate::store::{AudienceQuery, ConnectionStore, StoreError};
+use crate::store::{AudienceQuery, ConnectionStore, Cursor, StoreError};
 use crate::telemetry::Metrics;
 
 /// How the engine sends.
@@ -36,7 +37,7 @@ pub struct EngineSettings {
 }
 
 /// What one broadcast came to. Counts are connections, not attempts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Report {
     /// Connections read for the job (excluded ones not counted).
     pub audience: u64,
@@ -55,6 +56,9 @@ pub struct Report {
     /// 429 answers.
     pub throttled: u64,
     pub duration: Duration,
+    /// Where to resume each segment that finished pages (see
+    /// [`crate::progress`]); segments not listed start from the beginning.
+    pub resume: Vec<Cursor>,
 }
 
 impl Report {
@@ -155,20 +159,29 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         // The block owns the send stream: leaving it drops the sends still in
         // flight, whose outcome is then unknown, which is why an interrupted
         // job is handed back, not deleted.
+        let progress = Mutex::new(Progress::starting_from(
+            job.resume.as_deref().unwrap_or_default(),
+        ));
         let result = {
             let deliveries = self
                 .store
-                .pages(&query, None)
-                .map_ok(|page| stream::iter(page.connections).map(Ok))
-                .try_flatten()
-                .try_filter(|c| {
-                    let keep = !job.exclude.contains(&c.id);
-                    if !keep {
-                        excluded.fetch_add(1, Ordering::Relaxed);
-                    }
-                    future::ready(keep)
+                .pages(&query, job.resume.clone())
+                .map_ok(|page| {
+                    let total = page.connections.len();
+                    let kept: Vec<Connection> = page
+                        .connections
+                        .into_iter()
+                        .filter(|c| !job.exclude.contains(&c.id))
+                        .collect();
+                    excluded.fetch_add((total - kept.len()) as u64, Ordering::Relaxed);
+                    let tag = lock(&progress).start_page(kept.len(), page.next);
+                    stream::iter(kept).map(move |c| Ok((tag, c)))
                 })
-                .map_ok(|c| self.deliver(c, job.payload.clone(), counters).map(Ok))
+                .try_flatten()
+                .map_ok(|(tag, c)| {
+                    self.deliver(c, job.payload.clone(), counters)
+                        .map(move |delivery| Ok((tag, delivery)))
+                })
                 .try_buffer_unordered(self.settings.max_in_flight);
             let mut deliveries = std::pin::pin!(deliveries);
             loop {
@@ -177,17 +190,24 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                     () = stop.cancelled() => break Err(FanoutError::Interrupted),
                     next = deliveries.next() => next,
                 };
-                match next {
+                let (tag, delivery) = match next {
                     None => break Ok(()),
                     Some(Err(e)) => break Err(FanoutError::Audience(e)),
-                    Some(Ok(Delivery::Delivered)) => report.delivered += 1,
-                    Some(Ok(Delivery::Failed)) => report.failed += 1,
-                    Some(Ok(Delivery::Gone(connection))) => {
+                    Some(Ok((_, Delivery::Abort(e)))) => break Err(e),
+                    Some(Ok(done)) => done,
+                };
+                match delivery {
+                    Delivery::Delivered => report.delivered += 1,
+                    Delivery::Failed => report.failed += 1,
+                    Delivery::Gone(connection) => {
                         report.gone += 1;
+                        // Queued removals complete below even if the job
+                        // stops, so the page may count as finished.
                         remover.remove(connection).await;
                     }
-                    Some(Ok(Delivery::Abort(e))) => break Err(e),
+                    Delivery::Abort(_) => unreachable!("handled above"),
                 }
+                lock(&progress).finish(tag);
             }
         };
         // Gone connections found so far are gone whatever stopped the job.
@@ -200,6 +220,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         report.throttled = throttled.load(Ordering::Relaxed);
         report.audience = report.delivered + report.gone + report.failed;
         report.duration = started.elapsed();
+        report.resume = lock(&progress).resume_points();
         (report, result)
     }
 
@@ -258,6 +279,14 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
     }
 }
 
+/// The progress lock is held for a counter update only; a poisoned lock
+/// (a panic mid-update) still holds usable counts.
+fn lock(progress: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
+    progress
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Per-job tallies the sends bump as they go.
 #[derive(Clone, Copy)]
 struct Counters<'a> {
@@ -302,6 +331,7 @@ mod tests {
             payload: Bytes::from_static(b"hello"),
             target,
             exclude: HashSet::new(),
+            resume: None,
         }
     }
 
@@ -468,6 +498,63 @@ mod tests {
         assert!(matches!(err, FanoutError::Audience(_)));
         assert!(!err.is_permanent());
         assert!(report.delivered <= 30);
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_broadcast_resumes_after_its_last_finished_page() {
+        // Pages of 10; conn-25 never answers, so page 3 never finishes.
+        let table = Arc::new(FakeTable::with(&ids(100), 10));
+        let gateway = Arc::new(FakeGateway {
+            stall_ids: ["conn-25".to_owned()].into(),
+            ..FakeGateway::default()
+        });
+        let first = engine(table.clone(), gateway.clone(), 4);
+        let stop = CancellationToken::new();
+        let everyone = job(Target::All);
+        let run = first.run(&everyone, &stop);
+        tokio::pin!(run);
+        // Let it work until only the stuck send is left, then stop it.
+        let (report, result) = loop {
+            tokio::select! {
+                out = &mut run => break out,
+                () = tokio::task::yield_now() => {
+                    if gateway.delivered.lock().unwrap().len() >= 23 {
+                        stop.cancel();
+                    }
+                }
+            }
+        };
+        assert!(matches!(result, Err(FanoutError::Interrupted)));
+        let resume = report.resume.clone();
+        assert_eq!(
+            resume,
+            [Cursor {
+                segment: 0,
+                position: Some(crate::store::Position::Offset(20))
+            }],
+            "after pages 1 and 2, the last unbroken run of finished pages"
+        );
+
+        // The continuation starts at connection 20, not at 0.
+        let gateway = Arc::new(FakeGateway::default());
+        let mut again = job(Target::All);
+        again.resume = Some(resume);
+        let (report, result) = engine(table, gateway.clone(), 4)
+            .run(&again, &CancellationToken::new())
+            .await;
+        result.unwrap();
+        assert_eq!(report.delivered, 80);
+        let delivered = gateway.delivered.lock().unwrap();
+        assert!(
+            delivered
+                .iter()
+                .all(|(id, _)| id.as_str() >= "conn-20" || id.len() > 7)
+        );
+        assert!(
+            !delivered
+                .iter()
+                .any(|(id, _)| id == "conn-5" || id == "conn-19")
+        );
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::connection::ConnectionId;
+use crate::store::Cursor;
 
 /// API Gateway refuses PostToConnection payloads over 128 KiB.
 pub const MAX_PAYLOAD_BYTES: usize = 131_072;
@@ -47,6 +48,10 @@ pub struct JobSpec {
     /// Connections to skip (e.g. the sender).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude: Vec<String>,
+    /// Set by fanout on a continuation job: where each audience segment
+    /// resumes. Producers leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Vec<Cursor>>,
 }
 
 /// Keeps an explicit `"data": null` apart from a missing `data`.
@@ -74,6 +79,8 @@ pub struct Job {
     pub payload: Bytes,
     pub target: Target,
     pub exclude: HashSet<ConnectionId>,
+    /// Where to resume an interrupted broadcast.
+    pub resume: Option<Vec<Cursor>>,
 }
 
 /// What this deployment can serve, which parsing checks jobs against.
@@ -118,6 +125,36 @@ struct SnsEnvelope {
     kind: String,
     #[serde(rename = "Message")]
     message: String,
+}
+
+impl Job {
+    /// The job that finishes this one from `resume`: same id, payload,
+    /// audience and exclusions.
+    pub fn continuation(&self, resume: Vec<Cursor>) -> JobSpec {
+        let (data, data_base64) = match std::str::from_utf8(&self.payload) {
+            Ok(text) => (Some(serde_json::Value::String(text.to_owned())), None),
+            Err(_) => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(&self.payload)),
+            ),
+        };
+        let (channel, connections) = match &self.target {
+            Target::All => (None, None),
+            Target::Channel(channel) => (Some(channel.clone()), None),
+            Target::Connections(ids) => (None, Some(ids.iter().map(ToString::to_string).collect())),
+        };
+        let mut exclude: Vec<String> = self.exclude.iter().map(ToString::to_string).collect();
+        exclude.sort();
+        JobSpec {
+            id: Some(self.id.clone()),
+            data,
+            data_base64,
+            channel,
+            connections,
+            exclude,
+            resume: Some(resume),
+        }
+    }
 }
 
 /// Parses a message body (a job, or an SNS notification wrapping one).
@@ -169,6 +206,7 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: Capabilities) -> Result<J
         payload,
         target,
         exclude,
+        resume: spec.resume,
     })
 }
 
@@ -326,6 +364,28 @@ mod tests {
         // A malformed inner job is reported as such.
         let bad = serde_json::json!({"Type": "Notification", "Message": "{}"}).to_string();
         assert_eq!(err(&bad), JobError::NoData);
+    }
+
+    #[test]
+    fn a_continuation_is_the_same_job_from_its_cursors() {
+        use crate::store::Position;
+        let resume = vec![Cursor {
+            segment: 0,
+            position: Some(Position::Offset(1000)),
+        }];
+        for body in [
+            r#"{"id":"j","data":{"k":[1,2]},"channel":"c","exclude":["b","a"]}"#,
+            r#"{"data_base64":"AAEC/w==","connections":["x","y"]}"#,
+        ] {
+            let job = ok(body);
+            let next = serde_json::to_string(&job.continuation(resume.clone())).unwrap();
+            let resumed = parse(&next, "msg-2", CAPS).expect("a continuation parses");
+            assert_eq!(resumed.payload, job.payload);
+            assert_eq!(resumed.target, job.target);
+            assert_eq!(resumed.exclude, job.exclude);
+            assert_eq!(resumed.id, job.id, "the id carries over");
+            assert_eq!(resumed.resume, Some(resume.clone()));
+        }
     }
 
     #[test]

@@ -20,12 +20,16 @@
 //! - [`aws`]: builds the SDK clients (one HTTP stack, retry and timeout policy).
 //! - [`backoff`]: exponential backoff with full jitter, shared by every retry.
 //! - [`limiter`]: the process-wide send budget (rate and requests in flight).
+//! - [`progress`]: which audience pages a broadcast finished, for resuming.
 //! - [`remover`]: batches gone connections into 25-item removals while
 //!   sending goes on.
 //! - [`fanout`]: the engine: audience pages → rate-limited concurrent sends →
 //!   report.
 //! - [`worker`]: receive → fan out → settle the message; heartbeat; shutdown.
 //! - [`telemetry`]: JSON logs and process-wide counters.
+//! - [`metrics`]: the counters as CloudWatch EMF lines and Prometheus text,
+//!   `/metrics` and `/healthz`, and the `fanout health` probe.
+//! - [`ecs`]: ECS task scale-in protection while jobs run.
 //! - [`local`]: development tools: a local API Gateway WebSocket stand-in and
 //!   a WebSocket load client. Never on the worker's path.
 
@@ -33,11 +37,14 @@ pub mod aws;
 pub mod backoff;
 pub mod config;
 pub mod connection;
+pub mod ecs;
 pub mod fanout;
 pub mod gateway;
 pub mod job;
 pub mod limiter;
 pub mod local;
+pub mod metrics;
+pub mod progress;
 pub mod queue;
 pub mod remover;
 pub mod store;

@@ -57,15 +57,32 @@ impl ConnectionStore for Arc<FakeTable> {
     fn pages(
         &self,
         audience: &AudienceQuery,
-        _: Option<Vec<Cursor>>,
+        from: Option<Vec<Cursor>>,
     ) -> BoxStream<'static, Result<Page, StoreError>> {
+        // One segment: resume at its offset; a cursor without a position
+        // means the segment is done.
+        let start = match from
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.segment == 0)
+        {
+            None => 0,
+            Some(Cursor {
+                position: Some(Position::Offset(n)),
+                ..
+            }) => n,
+            Some(_) => usize::MAX,
+        };
         let ids: Vec<String> = match audience {
             AudienceQuery::All { .. } => self.rows.lock().unwrap().clone(),
             AudienceQuery::Channel(c) => self.channels.get(c).cloned().unwrap_or_default(),
             AudienceQuery::Explicit(ids) => ids.iter().map(|i| i.to_string()).collect(),
         };
+        let ids = ids.get(start..).unwrap_or_default().to_vec();
         let table = self.clone();
-        let pages: Vec<_> = ids.chunks(self.page_size).map(|c| c.to_vec()).collect();
+        let page_size = self.page_size;
+        let pages: Vec<_> = ids.chunks(page_size).map(|c| c.to_vec()).collect();
+        let total = ids.len();
         stream::iter(pages.into_iter().enumerate().map(move |(n, chunk)| {
             let read = table.pages_read.fetch_add(1, Ordering::SeqCst);
             if table.fail_after_pages.is_some_and(|limit| read >= limit) {
@@ -75,7 +92,7 @@ impl ConnectionStore for Arc<FakeTable> {
                 connections: chunk.iter().map(|id| keyed(id)).collect(),
                 next: Cursor {
                     segment: 0,
-                    position: Some(Position::Offset((n + 1) * chunk.len())),
+                    position: Some(Position::Offset(start + ((n + 1) * page_size).min(total))),
                 },
             })
         }))
@@ -101,11 +118,13 @@ pub struct FakeGateway {
     pub peak: AtomicUsize,
     /// Every post waits forever (a stuck endpoint).
     pub stall: bool,
+    /// Posts to these ids wait forever.
+    pub stall_ids: HashSet<String>,
 }
 
 impl Gateway for FakeGateway {
     async fn post(&self, id: &ConnectionId, payload: Bytes) -> PostOutcome {
-        if self.stall {
+        if self.stall || self.stall_ids.contains(id.as_str()) {
             return std::future::pending().await;
         }
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
@@ -162,6 +181,7 @@ impl FakeQueue {
                 body: body.to_string(),
                 receipt: Receipt(format!("r{n}")),
                 receive_count: 1,
+                group_id: None,
             })
             .collect();
         Self {

@@ -21,9 +21,10 @@ use tokio_util::task::TaskTracker;
 use crate::backoff::Backoff;
 use crate::fanout::{Engine, FanoutError, Report};
 use crate::gateway::Gateway;
-use crate::job::{self, Capabilities};
-use crate::queue::{DeadLettered, JobQueue, MAX_BATCH, Message, QueueError, Receipt};
+use crate::job::{self, Capabilities, Job};
+use crate::queue::{DeadLettered, JobQueue, MAX_BATCH, Message, QueueError, Receipt, SendOptions};
 use crate::store::ConnectionStore;
+use crate::store::Cursor;
 use crate::telemetry::Metrics;
 
 /// How the worker consumes the queue.
@@ -219,7 +220,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             }
             Err(FanoutError::Interrupted) => {
                 log_report(&job.id, &report, "interrupted");
-                self.hand_back(message, Duration::ZERO).await;
+                self.give_up(message, &job, report.resume).await;
             }
             Err(e) if e.is_permanent() => {
                 log_report(&job.id, &report, "failed");
@@ -229,6 +230,42 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 tracing::error!(job_id = %job.id, error = %e, "the job failed; it will be retried");
                 log_report(&job.id, &report, "failed");
                 self.retry_later(message).await;
+            }
+        }
+    }
+
+    /// Hands an unfinished job to another worker. With pages finished, a
+    /// continuation job carrying the resume cursors replaces the message, so
+    /// the broadcast goes on from there instead of from its start;
+    /// otherwise the message itself becomes visible again at once.
+    async fn give_up(&self, message: &Message, job: &Job, resume: Vec<Cursor>) {
+        if resume.is_empty() || job.resume.as_ref() == Some(&resume) {
+            return self.hand_back(message, Duration::ZERO).await;
+        }
+        let body = match serde_json::to_string(&job.continuation(resume)) {
+            Ok(body) => body,
+            Err(e) => {
+                tracing::warn!(job_id = %job.id, error = %e, "cannot encode the continuation; the job restarts from its start");
+                return self.hand_back(message, Duration::ZERO).await;
+            }
+        };
+        let options = SendOptions {
+            group_id: message.group_id.clone(),
+            deduplication_id: message
+                .group_id
+                .as_ref()
+                .map(|_| format!("{}-{}", message.id, message.receive_count)),
+        };
+        match self.queue.send(&body, &options).await {
+            Ok(continuation) => {
+                tracing::info!(job_id = %job.id, continuation, "job continues in a new message");
+                // If this delete is lost, the original runs again from its
+                // start as well: duplicates, never a loss.
+                let _ = self.deleter.send(message.receipt.clone()).await;
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %job.id, error = %e, "cannot enqueue the continuation; the job restarts from its start");
+                self.hand_back(message, Duration::ZERO).await;
             }
         }
     }
@@ -555,7 +592,47 @@ mod tests {
             &(Receipt("r0".into()), Duration::ZERO),
             "handed back at once"
         );
+        assert!(
+            rig.queue.sent.lock().unwrap().is_empty(),
+            "no page finished: no continuation"
+        );
         assert!(rig.queue.deleted_ids().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_interrupted_job_with_finished_pages_continues_in_a_new_message() {
+        // Pages of 5; conn-12 never answers: pages 1 and 2 finish, page 3 not.
+        let rig = Rig::new(
+            FakeQueue::with_jobs(&[r#"{"id":"big","data":"a"}"#], true),
+            FakeGateway {
+                stall_ids: ["conn-12".to_owned()].into(),
+                ..FakeGateway::default()
+            },
+        );
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        let mut s = settings();
+        s.exit_when_idle = false;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            trigger.cancel();
+        });
+        rig.run(s, shutdown).await;
+        let sent = rig.queue.sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 1, "one continuation");
+        let next = job::parse(&sent[0], "m9", Capabilities { channels: false }).expect("parses");
+        assert_eq!(next.id, "big");
+        let after_two_pages = Cursor {
+            segment: 0,
+            position: Some(crate::store::Position::Offset(10)),
+        };
+        assert_eq!(next.resume, Some(vec![after_two_pages]));
+        assert_eq!(rig.queue.deleted_ids(), ["r0"], "the original is replaced");
+        let visibility = rig.queue.visibility.lock().unwrap().clone();
+        assert!(
+            visibility.iter().all(|(_, t)| !t.is_zero()),
+            "{visibility:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -150,6 +150,7 @@ async fn run<G: Gateway>(gateway: G, args: &BroadcastArgs) -> anyhow::Result<()>
         payload: Bytes::from(vec![b'x'; args.payload_bytes]),
         target: Target::All,
         exclude: HashSet::new(),
+        resume: None,
     };
 
     let cpu_before = cpu_time()?;

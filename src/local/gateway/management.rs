@@ -83,7 +83,8 @@ fn frame(body: Bytes) -> Message {
     }
 }
 
-/// `GET /{stage}/@connections/{id}`.
+/// `GET /{stage}/@connections/{id}`. The wire names are camelCase, as the
+/// service sends them (the SDK's model calls them `ConnectedAt`, …).
 pub async fn get(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -94,11 +95,11 @@ pub async fn get(
     }
     let details = app.registry.inspect(&id, |c| {
         serde_json::json!({
-            "ConnectedAt": iso8601(c.connected_at_ms),
-            "LastActiveAt": iso8601(c.last_active_ms.load(Ordering::Relaxed)),
-            "Identity": {
-                "SourceIp": c.source_ip.to_string(),
-                "UserAgent": c.user_agent,
+            "connectedAt": iso8601(c.connected_at_ms),
+            "lastActiveAt": iso8601(c.last_active_ms.load(Ordering::Relaxed)),
+            "identity": {
+                "sourceIp": c.source_ip.to_string(),
+                "userAgent": c.user_agent,
             },
         })
     });
