@@ -24,6 +24,7 @@ use bytes::Bytes;
 use fanout::connection::ConnectionId;
 use fanout::gateway::apigw::ApiGatewaySender;
 use fanout::gateway::lean::LeanSender;
+use fanout::gateway::select::SelectedSender;
 use fanout::gateway::{Gateway, PostOutcome};
 
 const STAGE: &str = "test-stage";
@@ -138,21 +139,7 @@ enum Path {
 
 const PATHS: [Path; 2] = [Path::Sdk, Path::Lean];
 
-enum Sender {
-    Sdk(ApiGatewaySender),
-    Lean(LeanSender),
-}
-
-impl Sender {
-    async fn post(&self, id: &ConnectionId, payload: Bytes) -> PostOutcome {
-        match self {
-            Self::Sdk(sender) => sender.post(id, payload).await,
-            Self::Lean(sender) => sender.post(id, payload).await,
-        }
-    }
-}
-
-async fn sender(path: Path, endpoint: &str) -> Sender {
+async fn sender(path: Path, endpoint: &str) -> SelectedSender {
     let config = fanout::aws::config_loader()
         .region(REGION)
         .credentials_provider(credentials())
@@ -162,9 +149,9 @@ async fn sender(path: Path, endpoint: &str) -> Sender {
         Path::Sdk => {
             let client = fanout::aws::apigw_client(&config, endpoint, ATTEMPT_TIMEOUT)
                 .expect("a valid test endpoint");
-            Sender::Sdk(ApiGatewaySender::new(client))
+            SelectedSender::Sdk(ApiGatewaySender::new(client))
         }
-        Path::Lean => Sender::Lean(
+        Path::Lean => SelectedSender::Lean(
             LeanSender::new(&config, endpoint, ATTEMPT_TIMEOUT, 8).expect("a valid test endpoint"),
         ),
     }

@@ -24,9 +24,9 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use fanout::backoff::Backoff;
 use fanout::fanout::{Engine, EngineSettings};
-use fanout::gateway::Gateway;
 use fanout::gateway::apigw::ApiGatewaySender;
 use fanout::gateway::lean::LeanSender;
+use fanout::gateway::select::SelectedSender;
 use fanout::job::{Job, Target};
 use fanout::limiter::SendBudget;
 use fanout::telemetry::Metrics;
@@ -104,19 +104,23 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
         .load()
         .await;
     let timeout = Duration::from_secs(10);
-    match args.path {
-        SendPath::Sdk => {
-            let client = fanout::aws::apigw_client(&config, &args.endpoint, timeout)?;
-            run(ApiGatewaySender::new(client), &args).await
-        }
-        SendPath::Lean => {
-            let sender = LeanSender::new(&config, &args.endpoint, timeout, args.max_in_flight)?;
-            run(sender, &args).await
-        }
-    }
+    let gateway = match args.path {
+        SendPath::Sdk => SelectedSender::Sdk(ApiGatewaySender::new(fanout::aws::apigw_client(
+            &config,
+            &args.endpoint,
+            timeout,
+        )?)),
+        SendPath::Lean => SelectedSender::Lean(LeanSender::new(
+            &config,
+            &args.endpoint,
+            timeout,
+            args.max_in_flight,
+        )?),
+    };
+    run(gateway, &args).await
 }
 
-async fn run<G: Gateway>(gateway: G, args: &BroadcastArgs) -> anyhow::Result<()> {
+async fn run(gateway: SelectedSender, args: &BroadcastArgs) -> anyhow::Result<()> {
     let table = Arc::new(GeneratedTable {
         rows: args.connections,
         page_size: args.page_size,

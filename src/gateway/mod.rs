@@ -4,10 +4,12 @@
 //! with the SDK's PostToConnection (the reference), `lean` with a signed POST
 //! over a tuned hyper client. Classification of HTTP answers happens beside
 //! the call, by one table ([`status`]), so the engine only ever sees a
-//! [`PostOutcome`].
+//! [`PostOutcome`]. [`select::SelectedSender`] is whichever of the two the
+//! configuration picks.
 
 pub mod apigw;
 pub mod lean;
+pub mod select;
 pub mod status;
 
 use std::future::Future;
