@@ -4,11 +4,18 @@
 # ids), and a plain HTTP load generator (wrk) on the same sink at the same
 # concurrency, side by side; then the rate limiter at 5,000/s.
 #
-#   scripts/bench.sh                 3 runs of N = 20,000 and 1,000,000
-#   RUNS=1 SIZES=20000 scripts/bench.sh
+#   scripts/bench.sh                      3 runs of every case
+#   RUNS=1 CASES="20000:table" scripts/bench.sh
+#
+# A case is N:store. `table`: the audience is loaded into a DynamoDB table on
+# dynalite first (not measured), then scanned page by page by the real
+# DynamoStore during the broadcast, and gone rows are deleted with
+# BatchWriteItem. `generated`: the pages are generated in process (a
+# 1,000,000-row dynalite scan would measure dynalite), gone rows counted.
 #
 # Builds the release example `bench` (examples/bench/). The worker and wrk
-# are pinned to one core, the sink to the other (taskset). Figures: posts/s,
+# are pinned to one core, the sink and dynalite to the other (taskset).
+# Figures: posts/s,
 # CPU µs per post (getrusage of the worker over the broadcast), peak RSS
 # (VmHWM), wrk's requests/s, and the ratio. Results go to stdout and, raw, to
 # $OUT (default target/bench/results-<time>.txt).
@@ -16,11 +23,12 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUNS="${RUNS:-3}"
-SIZES="${SIZES:-20000 1000000}"
+CASES="${CASES:-20000:table 20000:generated 1000000:generated}"
 PATHS="${PATHS:-sdk lean}"
 IN_FLIGHT="${IN_FLIGHT:-256}"
 PAYLOAD_BYTES="${PAYLOAD_BYTES:-128}"
 PORT="${PORT:-5390}"
+DYNAMODB_PORT="${DYNAMODB_PORT:-5389}"
 WRK_SECONDS="${WRK_SECONDS:-5}"
 LIMIT_RATE="${LIMIT_RATE:-5000}"
 LIMIT_SECONDS="${LIMIT_SECONDS:-10}"
@@ -28,7 +36,9 @@ WORKER_CPU="${WORKER_CPU:-0}"
 SINK_CPU="${SINK_CPU:-1}"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 OUT="${OUT:-$TARGET/bench/results-$(date -u +%Y%m%dT%H%M%SZ).txt}"
-BIN="$TARGET/release/examples/bench"
+# BUILD=debug only checks the script itself: debug figures mean nothing.
+BUILD="${BUILD:-release}"
+BIN="$TARGET/$BUILD/examples/bench"
 
 die() {
   echo "bench: $*" >&2
@@ -43,19 +53,27 @@ if ! command -v wrk >/dev/null; then
   fi
 fi
 
-# Pin where taskset and a second core exist; run unpinned otherwise.
+# Pin where taskset and a second core exist; run unpinned otherwise. A
+# prefix, not a function: a background process's $! must be its own pid.
+ON_WORKER=()
+ON_SINK=()
 PIN=0
 if command -v taskset >/dev/null && (($(nproc) >= 2)); then
   PIN=1
+  ON_WORKER=(taskset -c "$WORKER_CPU")
+  ON_SINK=(taskset -c "$SINK_CPU")
 fi
-pin() {
-  local cpu=$1
-  shift
-  if ((PIN)); then taskset -c "$cpu" "$@"; else "$@"; fi
-}
 
-echo "bench: building the release benchmark" >&2
-(cd "$ROOT" && cargo build --release --quiet --example bench)
+echo "bench: building the $BUILD benchmark" >&2
+if [[ $BUILD == release ]]; then
+  (cd "$ROOT" && cargo build --release --quiet --example bench)
+else
+  (cd "$ROOT" && cargo build --quiet --example bench)
+fi
+
+if [[ "$CASES" == *:table* ]]; then
+  "$ROOT/scripts/emulators.sh" install
+fi
 
 mkdir -p "$(dirname "$OUT")"
 ENDPOINT="http://127.0.0.1:$PORT/bench"
@@ -66,35 +84,50 @@ wrk.method = "POST"
 wrk.body = string.rep("x", $PAYLOAD_BYTES)
 LUA
 
-pin "$SINK_CPU" "$BIN" sink --port "$PORT" 2>/dev/null &
-SINK_PID=$!
-trap 'kill "$SINK_PID" 2>/dev/null || true' EXIT
-for _ in $(seq 50); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-  sleep 0.1
-done
-kill -0 "$SINK_PID" 2>/dev/null || die "the sink did not start (port $PORT taken?)"
+PIDS=()
+trap 'for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done' EXIT
+wait_port() {
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return
+    kill -0 "$2" 2>/dev/null || break
+    sleep 0.1
+  done
+  die "$3 did not start on port $1 (taken?)"
+}
+"${ON_SINK[@]}" "$BIN" sink --port "$PORT" >/dev/null 2>&1 &
+PIDS+=($!)
+wait_port "$PORT" "$!" sink
+if [[ "$CASES" == *:table* ]]; then
+  "${ON_SINK[@]}" node "$ROOT/.local/node/node_modules/dynalite/cli.js" --host 127.0.0.1 \
+    --port "$DYNAMODB_PORT" --createTableMs 0 --deleteTableMs 0 >/dev/null 2>&1 &
+  PIDS+=($!)
+  wait_port "$DYNAMODB_PORT" "$!" dynalite
+fi
+export AWS_ENDPOINT_URL_DYNAMODB="http://127.0.0.1:$DYNAMODB_PORT" AWS_EC2_METADATA_DISABLED=true
 
 {
   echo "# machine: $(nproc) cores, $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1), $(uname -sr)"
   echo "# rustc: $(rustc --version), wrk: $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)"
   echo "# pinned: $([[ $PIN == 1 ]] && echo "worker+wrk cpu $WORKER_CPU, sink cpu $SINK_CPU" || echo no)"
-  echo "# in flight $IN_FLIGHT, payload $PAYLOAD_BYTES B, load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "# build $BUILD, in flight $IN_FLIGHT, payload $PAYLOAD_BYTES B, load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 } >"$OUT"
 
 for run in $(seq "$RUNS"); do
-  for n in $SIZES; do
+  for case in $CASES; do
+    n=${case%%:*}
+    store=${case#*:}
+    [[ $store == table ]] && store=dynamo
     for path in $PATHS; do
-      echo "bench: run $run, N=$n, $path" >&2
-      line=$(pin "$WORKER_CPU" "$BIN" broadcast --path "$path" --connections "$n" \
+      echo "bench: run $run, N=$n from $store, $path" >&2
+      line=$("${ON_WORKER[@]}" "$BIN" broadcast --path "$path" --store "$store" --connections "$n" \
         --endpoint "$ENDPOINT" --max-in-flight "$IN_FLIGHT" --payload-bytes "$PAYLOAD_BYTES")
-      wrk_rps=$(pin "$WORKER_CPU" wrk -t1 -c"$IN_FLIGHT" -d"${WRK_SECONDS}s" -s "$LUA" \
+      wrk_rps=$("${ON_WORKER[@]}" wrk -t1 -c"$IN_FLIGHT" -d"${WRK_SECONDS}s" -s "$LUA" \
         "$ENDPOINT/@connections/conn-1" | awk '/^Requests\/sec:/ {print $2}')
       echo "kind=broadcast run=$run $line wrk_per_s=$wrk_rps" >>"$OUT"
     done
   done
   echo "bench: run $run, rate limiter at $LIMIT_RATE/s" >&2
-  line=$(pin "$WORKER_CPU" "$BIN" broadcast --path lean --connections $((LIMIT_RATE * LIMIT_SECONDS)) \
+  line=$("${ON_WORKER[@]}" "$BIN" broadcast --path lean --connections $((LIMIT_RATE * LIMIT_SECONDS)) \
     --endpoint "$ENDPOINT" --max-in-flight "$IN_FLIGHT" --rate "$LIMIT_RATE")
   echo "kind=limiter run=$run rate=$LIMIT_RATE $line" >>"$OUT"
 done

@@ -31,21 +31,22 @@ def main(path):
     groups = defaultdict(list)
     for r in rows:
         if r["kind"] == "broadcast":
-            groups[(int(r["connections"]), r["path"])].append(r)
+            groups[(int(r["connections"]), r["store"], r["path"])].append(r)
 
     print("\nmin/median/max over runs")
     columns = [
-        ("N", 9), ("path", 5), ("runs", 4), ("posts/s", 20), ("CPU µs/post", 20),
+        ("N", 9), ("audience", 9), ("path", 5), ("runs", 4), ("posts/s", 20), ("CPU µs/post", 20),
         ("posts/CPU-s", 20), ("peak RSS MB", 16), ("wrk posts/s", 20), ("ratio", 16),
     ]
     print("  ".join(name.ljust(width) for name, width in columns))
     peak = {}
-    for (n, p), rs in sorted(groups.items()):
+    for (n, store, p), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "Dynamo", kv[0][2])):
         f = lambda k: [float(r[k]) for r in rs]
         ratio = [float(r["posts_per_s"]) / float(r["wrk_per_s"]) for r in rs if r.get("wrk_per_s")]
-        peak[(n, p)] = statistics.median(f("peak_rss_mb"))
+        if store == "Generated":
+            peak[(n, p)] = statistics.median(f("peak_rss_mb"))
         cells = [
-            str(n), p.lower(), str(len(rs)),
+            str(n), "table" if store == "Dynamo" else "generated", p.lower(), str(len(rs)),
             spread(f("posts_per_s"), "{:.0f}"),
             spread(f("cpu_us_per_post"), "{:.1f}"),
             spread([1e6 / v for v in f("cpu_us_per_post")], "{:.0f}"),
@@ -58,12 +59,12 @@ def main(path):
         if bad:
             print(f"  note: {len(bad)} run(s) with failed or retried sends")
 
-    sizes = sorted({n for n, _ in groups})
+    sizes = sorted({n for n, _ in peak})
     if len(sizes) >= 2:
         small, large = sizes[0], sizes[-1]
-        for p in sorted({p for _, p in groups}):
+        for p in sorted({p for _, p in peak}):
             if (small, p) in peak and (large, p) in peak:
-                print(f"peak RSS {large} vs {small}, {p.lower()}: "
+                print(f"peak RSS {large} vs {small} (generated audience), {p.lower()}: "
                       f"{peak[(large, p)] / peak[(small, p)]:.2f}x (target <= 1.25x)")
 
     limiter = [r for r in rows if r["kind"] == "limiter"]

@@ -18,6 +18,7 @@ pub const GONE_EVERY: u64 = 20;
 pub struct GeneratedTable {
     pub rows: u64,
     pub page_size: u64,
+    /// Rows "deleted"; the engine's report counts the same.
     pub removed: AtomicU64,
 }
 

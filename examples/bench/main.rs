@@ -3,19 +3,21 @@
 //! - `bench sink --port P`: the local endpoint (see `sink.rs`).
 //! - `bench broadcast --path sdk|lean --connections N --endpoint URL`: one
 //!   broadcast through the real engine, send budget and remover, with the
-//!   chosen real send path, to a generated audience (see `audience.rs`);
-//!   prints one `key=value` line: posts/s, CPU µs per post (getrusage of the
-//!   whole process over the broadcast), peak RSS (VmHWM), the report.
+//!   chosen real send path, to an audience generated in process
+//!   (`--store generated`, see `audience.rs`) or scanned from a DynamoDB
+//!   table on dynalite (`--store dynamo`, see `table.rs`); prints one
+//!   `key=value` line: posts/s, CPU µs per post (getrusage of the whole
+//!   process over the broadcast), peak RSS (VmHWM), the report.
 //!
 //! Timing lives here, never in the tests.
 
 mod audience;
 mod sink;
+mod table;
 
 use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -29,6 +31,8 @@ use fanout::gateway::lean::LeanSender;
 use fanout::gateway::select::SelectedSender;
 use fanout::job::{Job, Target};
 use fanout::limiter::SendBudget;
+use fanout::store::ConnectionStore;
+use fanout::store::dynamo::{DynamoStore, TableSettings};
 use fanout::telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
 
@@ -55,6 +59,8 @@ enum Command {
 struct BroadcastArgs {
     #[arg(long, value_enum)]
     path: SendPath,
+    #[arg(long, value_enum, default_value = "generated")]
+    store: Store,
     #[arg(long)]
     connections: u64,
     /// The sink's endpoint, stage included: http://127.0.0.1:P/bench
@@ -73,6 +79,12 @@ struct BroadcastArgs {
     page_size: u64,
     #[arg(long, default_value_t = 128)]
     payload_bytes: usize,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Store {
+    Generated,
+    Dynamo,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -117,15 +129,42 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
             args.max_in_flight,
         )?),
     };
-    run(gateway, &args).await
+    match args.store {
+        Store::Generated => {
+            let table = GeneratedTable {
+                rows: args.connections,
+                page_size: args.page_size,
+                removed: Default::default(),
+            };
+            run(table, gateway, &args).await
+        }
+        Store::Dynamo => {
+            let client = fanout::aws::dynamodb_client(&config);
+            let name = format!("bench-{}-{}", args.connections, std::process::id());
+            table::create_and_load(&client, &name, args.connections).await?;
+            let store = DynamoStore::connect(
+                client.clone(),
+                TableSettings {
+                    table: name.clone(),
+                    key_attribute: table::KEY.into(),
+                    channel_index: None,
+                    channel_attribute: "channel".into(),
+                    page_size: args.page_size.min(1000) as u32,
+                },
+            )
+            .await?;
+            let result = run(store, gateway, &args).await;
+            table::delete(&client, &name).await;
+            result
+        }
+    }
 }
 
-async fn run(gateway: SelectedSender, args: &BroadcastArgs) -> anyhow::Result<()> {
-    let table = Arc::new(GeneratedTable {
-        rows: args.connections,
-        page_size: args.page_size,
-        removed: Default::default(),
-    });
+async fn run<S: ConnectionStore>(
+    store: S,
+    gateway: SelectedSender,
+    args: &BroadcastArgs,
+) -> anyhow::Result<()> {
     let rate = NonZeroU32::new(args.rate).map(|rate| {
         let burst = match args.burst {
             0 => (rate.get() / 100).clamp(50, rate.get()),
@@ -135,7 +174,7 @@ async fn run(gateway: SelectedSender, args: &BroadcastArgs) -> anyhow::Result<()
     });
     let metrics = Arc::new(Metrics::default());
     let engine = Engine::new(
-        table.clone(),
+        Arc::new(store),
         Arc::new(gateway),
         Arc::new(SendBudget::new(rate, args.max_in_flight)),
         EngineSettings {
@@ -166,10 +205,11 @@ async fn run(gateway: SelectedSender, args: &BroadcastArgs) -> anyhow::Result<()
 
     let posts = Metrics::get(&metrics.posts);
     println!(
-        "path={:?} connections={} posts={posts} secs={:.3} posts_per_s={:.0} \
+        "path={:?} store={:?} connections={} posts={posts} secs={:.3} posts_per_s={:.0} \
          cpu_us_per_post={:.2} cpu_s={:.3} peak_rss_mb={:.1} delivered={} gone={} \
          removed={} failed={} retries={} throttled={}",
         args.path,
+        args.store,
         args.connections,
         wall.as_secs_f64(),
         posts as f64 / wall.as_secs_f64(),
@@ -178,7 +218,7 @@ async fn run(gateway: SelectedSender, args: &BroadcastArgs) -> anyhow::Result<()
         peak_rss_kb()? as f64 / 1024.0,
         report.delivered,
         report.gone,
-        table.removed.load(Ordering::Relaxed),
+        report.removed,
         report.failed,
         report.retries,
         report.throttled,
