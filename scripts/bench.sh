@@ -2,7 +2,8 @@
 # Issue 5's benchmark: one broadcast per send path (sdk, lean) through the
 # real engine, against a local sink that answers at once (410 for 5 % of the
 # ids), and a plain HTTP load generator (wrk) on the same sink at the same
-# concurrency, side by side; then the rate limiter at 5,000/s.
+# concurrency, side by side; then the rate limiter at 5,000/s, and SQS (moto)
+# to first delivery through the real worker.
 #
 #   scripts/bench.sh                      3 runs of every case
 #   RUNS=1 CASES="20000:table" scripts/bench.sh
@@ -29,6 +30,9 @@ IN_FLIGHT="${IN_FLIGHT:-256}"
 PAYLOAD_BYTES="${PAYLOAD_BYTES:-128}"
 PORT="${PORT:-5390}"
 DYNAMODB_PORT="${DYNAMODB_PORT:-5389}"
+SQS_PORT="${SQS_PORT:-5388}"
+# Jobs per run and path for SQS → first delivery (0: skip; needs moto).
+LATENCY_JOBS="${LATENCY_JOBS:-20}"
 WRK_SECONDS="${WRK_SECONDS:-5}"
 LIMIT_RATE="${LIMIT_RATE:-5000}"
 LIMIT_SECONDS="${LIMIT_SECONDS:-10}"
@@ -71,7 +75,7 @@ else
   (cd "$ROOT" && cargo build --quiet --example bench)
 fi
 
-if [[ "$CASES" == *:table* ]]; then
+if [[ "$CASES" == *:table* ]] || ((LATENCY_JOBS > 0)); then
   "$ROOT/scripts/emulators.sh" install
 fi
 
@@ -103,7 +107,13 @@ if [[ "$CASES" == *:table* ]]; then
   PIDS+=($!)
   wait_port "$DYNAMODB_PORT" "$!" dynalite
 fi
-export AWS_ENDPOINT_URL_DYNAMODB="http://127.0.0.1:$DYNAMODB_PORT" AWS_EC2_METADATA_DISABLED=true
+if ((LATENCY_JOBS > 0)); then
+  "${ON_SINK[@]}" "$ROOT/.local/venv/bin/moto_server" -H 127.0.0.1 -p "$SQS_PORT" >/dev/null 2>&1 &
+  PIDS+=($!)
+  wait_port "$SQS_PORT" "$!" moto
+fi
+export AWS_ENDPOINT_URL_DYNAMODB="http://127.0.0.1:$DYNAMODB_PORT" \
+  AWS_ENDPOINT_URL_SQS="http://127.0.0.1:$SQS_PORT" AWS_EC2_METADATA_DISABLED=true
 
 {
   echo "# machine: $(nproc) cores, $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1), $(uname -sr)"
@@ -130,6 +140,13 @@ for run in $(seq "$RUNS"); do
   line=$("${ON_WORKER[@]}" "$BIN" broadcast --path lean --connections $((LIMIT_RATE * LIMIT_SECONDS)) \
     --endpoint "$ENDPOINT" --max-in-flight "$IN_FLIGHT" --rate "$LIMIT_RATE")
   echo "kind=limiter run=$run rate=$LIMIT_RATE $line" >>"$OUT"
+  if ((LATENCY_JOBS > 0)); then
+    for path in $PATHS; do
+      echo "bench: run $run, SQS to first delivery, $path" >&2
+      line=$("${ON_WORKER[@]}" "$BIN" latency --path "$path" --endpoint "$ENDPOINT" --jobs "$LATENCY_JOBS")
+      echo "run=$run $line" >>"$OUT"
+    done
+  fi
 done
 
 python3 "$ROOT/scripts/bench_summary.py" "$OUT"

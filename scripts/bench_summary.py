@@ -77,5 +77,17 @@ def main(path):
               f"(target within ±3 %)")
 
 
+    latency = defaultdict(list)
+    for r in rows:
+        if r["kind"] == "latency":
+            latency[r["path"]].append(r)
+    for p, rs in sorted(latency.items()):
+        jobs = sum(int(r["jobs"]) for r in rs)
+        print(f"SQS -> first delivery, {p.lower()} ({jobs} jobs in {len(rs)} runs): "
+              f"min {min(float(r['min_ms']) for r in rs):.1f} ms, "
+              f"run medians {spread([float(r['median_ms']) for r in rs], '{:.1f}')} ms, "
+              f"max {max(float(r['max_ms']) for r in rs):.1f} ms (target < 50 ms)")
+
+
 if __name__ == "__main__":
     main(sys.argv[1])

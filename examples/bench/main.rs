@@ -9,9 +9,14 @@
 //!   `key=value` line: posts/s, CPU µs per post (getrusage of the whole
 //!   process over the broadcast), peak RSS (VmHWM), the report.
 //!
+//! - `bench latency --path sdk|lean --endpoint URL --jobs K`: the real
+//!   worker on an SQS queue (moto, `AWS_ENDPOINT_URL_SQS`); K jobs sent while
+//!   its long poll waits; prints the time from send to the first post.
+//!
 //! Timing lives here, never in the tests.
 
 mod audience;
+mod latency;
 mod sink;
 mod table;
 
@@ -26,6 +31,7 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use fanout::backoff::Backoff;
 use fanout::fanout::{Engine, EngineSettings};
+use fanout::gateway::Gateway;
 use fanout::gateway::apigw::ApiGatewaySender;
 use fanout::gateway::lean::LeanSender;
 use fanout::gateway::select::SelectedSender;
@@ -37,6 +43,7 @@ use fanout::telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
 
 use audience::GeneratedTable;
+use latency::FirstPost;
 
 #[derive(Parser)]
 struct Args {
@@ -53,6 +60,15 @@ enum Command {
     },
     /// Run one broadcast and print its figures.
     Broadcast(BroadcastArgs),
+    /// Measure SQS → first delivery through the worker.
+    Latency {
+        #[arg(long, value_enum)]
+        path: SendPath,
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long, default_value_t = 20)]
+        jobs: usize,
+    },
 }
 
 #[derive(Parser)]
@@ -106,29 +122,97 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(broadcast(args)),
+        Command::Latency {
+            path,
+            endpoint,
+            jobs,
+        } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(latency(path, endpoint, jobs)),
     }
 }
 
-async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
-    let config = fanout::aws::config_loader()
+async fn sdk_config() -> aws_config::SdkConfig {
+    fanout::aws::config_loader()
         .region("us-east-1")
         .credentials_provider(Credentials::new("test", "test", None, None, "bench"))
         .load()
-        .await;
+        .await
+}
+
+fn sender(
+    config: &aws_config::SdkConfig,
+    path: SendPath,
+    endpoint: &str,
+    max_in_flight: usize,
+) -> anyhow::Result<SelectedSender> {
     let timeout = Duration::from_secs(10);
-    let gateway = match args.path {
+    Ok(match path {
         SendPath::Sdk => SelectedSender::Sdk(ApiGatewaySender::new(fanout::aws::apigw_client(
-            &config,
-            &args.endpoint,
-            timeout,
+            config, endpoint, timeout,
         )?)),
-        SendPath::Lean => SelectedSender::Lean(LeanSender::new(
-            &config,
-            &args.endpoint,
-            timeout,
-            args.max_in_flight,
-        )?),
-    };
+        SendPath::Lean => {
+            SelectedSender::Lean(LeanSender::new(config, endpoint, timeout, max_in_flight)?)
+        }
+    })
+}
+
+fn engine<S: ConnectionStore, G: Gateway>(
+    store: Arc<S>,
+    gateway: Arc<G>,
+    budget: SendBudget,
+    max_in_flight: usize,
+    metrics: Arc<Metrics>,
+) -> Engine<S, G> {
+    Engine::new(
+        store,
+        gateway,
+        Arc::new(budget),
+        EngineSettings {
+            send_backoff: Backoff {
+                base: Duration::from_millis(50),
+                max: Duration::from_secs(2),
+                max_attempts: 4,
+            },
+            max_in_flight,
+            scan_segments: 1,
+        },
+        metrics,
+    )
+}
+
+async fn latency(path: SendPath, endpoint: String, jobs: usize) -> anyhow::Result<()> {
+    let config = sdk_config().await;
+    let gateway = Arc::new(FirstPost::new(sender(&config, path, &endpoint, 256)?));
+    let store = Arc::new(GeneratedTable {
+        rows: 100,
+        page_size: 100,
+        removed: Default::default(),
+    });
+    let engine = engine(
+        store,
+        gateway.clone(),
+        SendBudget::new(None, 256),
+        256,
+        Arc::new(Metrics::default()),
+    );
+    let mut latencies = latency::measure(&config, engine, gateway, jobs).await?;
+    latencies.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "kind=latency path={path:?} jobs={} min_ms={:.2} median_ms={:.2} max_ms={:.2}",
+        latencies.len(),
+        ms(latencies[0]),
+        ms(latencies[latencies.len() / 2]),
+        ms(latencies[latencies.len() - 1]),
+    );
+    Ok(())
+}
+
+async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
+    let config = sdk_config().await;
+    let gateway = sender(&config, args.path, &args.endpoint, args.max_in_flight)?;
     match args.store {
         Store::Generated => {
             let table = GeneratedTable {
@@ -173,19 +257,11 @@ async fn run<S: ConnectionStore>(
         (rate, NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN))
     });
     let metrics = Arc::new(Metrics::default());
-    let engine = Engine::new(
+    let engine = engine(
         Arc::new(store),
         Arc::new(gateway),
-        Arc::new(SendBudget::new(rate, args.max_in_flight)),
-        EngineSettings {
-            send_backoff: Backoff {
-                base: Duration::from_millis(50),
-                max: Duration::from_secs(2),
-                max_attempts: 4,
-            },
-            max_in_flight: args.max_in_flight,
-            scan_segments: 1,
-        },
+        SendBudget::new(rate, args.max_in_flight),
+        args.max_in_flight,
         metrics.clone(),
     );
     let job = Job {
