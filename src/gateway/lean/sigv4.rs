@@ -71,6 +71,8 @@ pub struct Signer {
     payload_hash: Mutex<Option<(Bytes, String)>>,
     /// The signing key of the current day and credentials.
     signing_key: Mutex<Option<SigningKey>>,
+    /// The last second signed in, and its `x-amz-date`.
+    amz_date: Mutex<Option<(u64, String)>>,
 }
 
 #[derive(Debug)]
@@ -92,6 +94,7 @@ impl Signer {
             region,
             payload_hash: Mutex::new(None),
             signing_key: Mutex::new(None),
+            amz_date: Mutex::new(None),
         }
     }
 
@@ -152,6 +155,26 @@ impl Signer {
         Ok(())
     }
 
+    /// SigV4's `20261127T221500Z` for `secs` since the epoch, formatted once
+    /// per second.
+    fn amz_date(&self, secs: u64) -> Result<String, SignError> {
+        let mut last = self.amz_date.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, text)) = last.as_ref()
+            && *at == secs
+        {
+            return Ok(text.clone());
+        }
+        // RFC 3339 `2026-11-27T22:15:00Z` → `20261127T221500Z`.
+        let text: String = DateTime::from_secs(secs as i64)
+            .fmt(Format::DateTime)
+            .map_err(|e| SignError::Signing(e.to_string()))?
+            .chars()
+            .filter(|c| *c != '-' && *c != ':')
+            .collect();
+        *last = Some((secs, text.clone()));
+        Ok(text)
+    }
+
     /// The signature `sign_general` would compute for a POST without query
     /// whose only header is `host`, with the day's cached signing key.
     fn sign_post<B>(
@@ -166,13 +189,7 @@ impl Signer {
             .duration_since(UNIX_EPOCH)
             .map_err(|_| bad("the clock is before 1970"))?
             .as_secs();
-        // RFC 3339 `2026-11-27T22:15:00Z` → SigV4's `20261127T221500Z`.
-        let amz_date: String = DateTime::from_secs(secs as i64)
-            .fmt(Format::DateTime)
-            .map_err(|e| SignError::Signing(e.to_string()))?
-            .chars()
-            .filter(|c| *c != '-' && *c != ':')
-            .collect();
+        let amz_date = self.amz_date(secs)?;
         let date = amz_date.get(..8).ok_or_else(|| bad("a malformed date"))?;
         let host = request
             .headers()
