@@ -157,6 +157,16 @@ async fn four_segments_cover_every_row_exactly_once() {
     .await;
     let expected: BTreeSet<String> = set(&rows).difference(&segment_1).cloned().collect();
     assert_eq!(ids_once(&resumed), expected);
+
+    // Every segment done: nothing left to read.
+    let all_done = (0..4)
+        .map(|segment| Cursor {
+            segment,
+            position: None,
+        })
+        .collect();
+    let none = all_pages(&store, &AudienceQuery::All { segments: 4 }, Some(all_done)).await;
+    assert!(none.is_empty());
 }
 
 #[tokio::test]
