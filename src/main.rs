@@ -6,6 +6,7 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use base64::Engine as _;
@@ -15,10 +16,12 @@ use tokio_util::sync::CancellationToken;
 use fanout::aws;
 use fanout::backoff::Backoff;
 use fanout::config::{Config, ConfigError};
+use fanout::ecs::{self, TaskProtection};
 use fanout::fanout::{Engine, EngineSettings};
 use fanout::gateway::apigw::ApiGatewaySender;
 use fanout::job::{self, Capabilities, JobSpec};
 use fanout::limiter::SendBudget;
+use fanout::metrics::{self, MetricsServer, MetricsSettings};
 use fanout::queue::sqs::SqsQueue;
 use fanout::queue::{JobQueue, SendOptions};
 use fanout::store::dynamo::{DynamoStore, TableSettings};
@@ -52,6 +55,9 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Exits 0 if the worker on this host answers healthy (container health
+    /// check).
+    Health(metrics::HealthArgs),
 }
 
 #[derive(Args)]
@@ -129,6 +135,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => run(config, exit_when_idle).await,
         Command::Enqueue(args) => enqueue(args).await,
         Command::CheckConfig { config } => check_config(config),
+        Command::Health(args) => {
+            metrics::health(&args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -207,15 +217,37 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
+    // Bound before the worker starts: a taken port is a configuration error.
+    let server = MetricsServer::bind(MetricsSettings {
+        listen: config.metrics_listen,
+        emf_interval: config.emf_interval,
+        health_max_age: config.health_max_age,
+        service: config.metrics_service.clone(),
+    })
+    .await?;
+    let metrics_task =
+        tokio::spawn(server.run(metrics.clone(), shutdown.clone().cancelled_owned()));
+    if let Some(protection) = TaskProtection::from_env(ecs::DEFAULT_EXPIRES_IN_MINUTES) {
+        tokio::spawn(Arc::new(protection).watch(
+            metrics.clone(),
+            Duration::from_secs(1),
+            shutdown.clone().cancelled_owned(),
+        ));
+    }
     tracing::info!(queue = %config.queue_url, table = %targets.table, endpoint = %targets.gateway_endpoint, "fanout worker started");
     let stopped = worker::run(
         Arc::new(queue),
         Arc::new(engine),
         settings,
         metrics,
-        shutdown,
+        shutdown.clone(),
     )
     .await;
+    // Stops the metrics server, which prints a last EMF line.
+    shutdown.cancel();
+    if let Ok(Err(e)) = metrics_task.await {
+        tracing::warn!(error = %e, "the metrics server failed");
+    }
     match stopped {
         Stopped::Shutdown | Stopped::Idle => {
             tracing::info!(reason = ?stopped, "fanout worker stopped");

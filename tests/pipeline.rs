@@ -79,6 +79,8 @@ impl Pipeline {
                 format!("http://{}/{}", self.gateway.addr, self.gateway.stage),
             )
             .env("FANOUT_RECEIVE_WAIT", "1s")
+            // Tests run workers side by side: any free port.
+            .env("FANOUT_METRICS_LISTEN", "127.0.0.1:0")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .kill_on_drop(true);
@@ -179,6 +181,12 @@ async fn finish(mut child: Child, limit: Duration) -> Run {
         reports,
         stdout: format!("{out}\n--- stderr ---\n{err}"),
     }
+}
+
+/// An address on loopback that nothing listens on now.
+fn free_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    listener.local_addr().expect("local addr")
 }
 
 /// A file holding `len` copies of `fill`, for payloads too big for argv.
@@ -420,6 +428,8 @@ async fn sigterm_mid_broadcast_hands_the_job_back_and_it_completes_later() {
     p.set("FANOUT_MAX_IN_FLIGHT", 4);
     p.set("FANOUT_PAGE_SIZE", 20);
     p.set("FANOUT_SHUTDOWN_GRACE", "1s");
+    let metrics_addr = free_addr();
+    p.set("FANOUT_METRICS_LISTEN", metrics_addr);
     let clients = p.connect(30, None).await;
     let stale = support::ids("gone", 300);
     support::put_connections(&p.dynamo, &p.table, &stale, None).await;
@@ -436,6 +446,12 @@ async fn sigterm_mid_broadcast_hands_the_job_back_and_it_completes_later() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let health = |p: &Pipeline| {
+        p.command(&["health", "--addr", &metrics_addr.to_string()])
+            .output()
+    };
+    let probe = health(&p).await.expect("run fanout health");
+    assert!(probe.status.success(), "healthy while working: {probe:?}");
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
@@ -507,9 +523,7 @@ async fn bad_configuration_exits_2_naming_the_key_and_its_source() {
 async fn unreachable_or_missing_services_stop_the_worker_with_a_clear_error() {
     let p = Pipeline::new(|_| {}).await;
     // DynamoDB on a port where nothing listens.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let closed_url = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
+    let closed_url = format!("http://{}", free_addr());
     let out = p
         .command(&["run", "--exit-when-idle"])
         .env("AWS_ENDPOINT_URL_DYNAMODB", &closed_url)
