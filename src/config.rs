@@ -32,6 +32,7 @@ pub const KEYS: &[&str] = &[
     "gateway_endpoint",
     "rate_per_second",
     "rate_burst",
+    "adaptive_rate",
     "max_in_flight",
     "send_timeout",
     "send_attempts",
@@ -76,6 +77,7 @@ struct Raw {
     gateway_endpoint: Option<String>,
     rate_per_second: u32,
     rate_burst: u32,
+    adaptive_rate: bool,
     max_in_flight: u32,
     #[serde(with = "humantime_serde")]
     send_timeout: Duration,
@@ -123,6 +125,8 @@ pub struct Config {
     pub rate_per_second: Option<u32>,
     /// The effective burst (the default already applied).
     pub rate_burst: u32,
+    /// Whether 429s lower the send rate for a while (AIMD).
+    pub adaptive_rate: bool,
     pub max_in_flight: u32,
     #[serde(with = "humantime_serde")]
     pub send_timeout: Duration,
@@ -468,6 +472,7 @@ impl Validator<'_> {
             gateway_endpoint,
             rate_per_second,
             rate_burst,
+            adaptive_rate: raw.adaptive_rate,
             max_in_flight,
             send_timeout: raw.send_timeout,
             send_attempts,

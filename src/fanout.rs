@@ -239,6 +239,11 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 self.gateway.post(&connection.id, payload.clone()).await
             };
             Metrics::incr(&self.metrics.posts);
+            if outcome == PostOutcome::Throttled {
+                self.budget.throttled();
+            } else {
+                self.budget.succeeded();
+            }
             let reason = match outcome {
                 PostOutcome::Delivered => {
                     Metrics::incr(&self.metrics.delivered);

@@ -20,7 +20,7 @@ use fanout::ecs::{self, TaskProtection};
 use fanout::fanout::{Engine, EngineSettings};
 use fanout::gateway::apigw::ApiGatewaySender;
 use fanout::job::{self, Capabilities, JobSpec};
-use fanout::limiter::SendBudget;
+use fanout::limiter::{RateSettings, SendBudget};
 use fanout::metrics::{self, MetricsServer, MetricsSettings};
 use fanout::queue::sqs::SqsQueue;
 use fanout::queue::{JobQueue, SendOptions};
@@ -180,9 +180,13 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
         config.send_timeout,
     )?);
 
-    let rate = config
-        .rate_per_second
-        .and_then(|rate| Some((NonZeroU32::new(rate)?, NonZeroU32::new(config.rate_burst)?)));
+    let rate = config.rate_per_second.and_then(|rate| {
+        Some(RateSettings {
+            per_second: NonZeroU32::new(rate)?,
+            burst: NonZeroU32::new(config.rate_burst)?,
+            adaptive: config.adaptive_rate,
+        })
+    });
     let budget = Arc::new(SendBudget::new(rate, config.max_in_flight as usize));
     let engine = Engine::new(
         Arc::new(store),
