@@ -1,1 +1,571 @@
-//! (placeholder: being written)
+//! The engine: one job's audience, streamed page by page, sent to
+//! concurrently under the process-wide [`SendBudget`], with gone connections
+//! handed to the [`Remover`] as they are found.
+//!
+//! Memory is bounded by the work, not by the audience: one page per segment
+//! read ahead, plus at most `max_in_flight` sends (each waiting, sending or
+//! backing off) per job.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt, TryStreamExt, stream};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::connection::Connection;
+use crate::gateway::{Gateway, PostOutcome};
+use crate::job::{Job, Target};
+use crate::limiter::SendBudget;
+use crate::progress::Progress;
+use crate::remover::{REMOVE_BACKOFF, Remover};
+use crate::store::{AudienceQuery, ConnectionStore, Cursor, StoreError};
+use crate::telemetry::Metrics;
+
+/// How the engine sends.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineSettings {
+    /// Retries of 429s, 5xx, timeouts and network errors, per connection.
+    pub send_backoff: Backoff,
+    /// Sends one job keeps going at once (the process-wide bound is the
+    /// budget's; this bounds one job's memory).
+    pub max_in_flight: usize,
+    /// Parallel scan segments for whole-table audiences.
+    pub scan_segments: u32,
+}
+
+/// What one broadcast came to. Counts are connections, not attempts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Connections read for the job (excluded ones not counted).
+    pub audience: u64,
+    /// Connections skipped because the job excluded them.
+    pub excluded: u64,
+    pub delivered: u64,
+    pub gone: u64,
+    /// Gone rows deleted from the table.
+    pub removed: u64,
+    /// Gone rows that could not be deleted.
+    pub remove_failed: u64,
+    /// Connections that failed after every retry, or were rejected.
+    pub failed: u64,
+    /// Send attempts that were retries.
+    pub retries: u64,
+    /// 429 answers.
+    pub throttled: u64,
+    pub duration: Duration,
+    /// Where to resume each segment that finished pages (see
+    /// [`crate::progress`]); segments not listed start from the beginning.
+    pub resume: Vec<Cursor>,
+}
+
+impl Report {
+    /// Deliveries per second over the whole job.
+    pub fn rate(&self) -> f64 {
+        let secs = self.duration.as_secs_f64();
+        if secs > 0.0 {
+            self.delivered as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Why a broadcast stopped before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum FanoutError {
+    #[error("API Gateway refused the payload as too large (413)")]
+    PayloadTooLarge,
+    #[error(
+        "API Gateway answered 403 Forbidden ({0}): check that the endpoint includes the stage and that the task role may execute-api:ManageConnections"
+    )]
+    Forbidden(String),
+    #[error("reading the audience failed: {0}")]
+    Audience(#[from] StoreError),
+    #[error("interrupted by shutdown")]
+    Interrupted,
+}
+
+impl FanoutError {
+    /// Whether running the job again cannot succeed (it belongs in the
+    /// dead-letter queue).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::PayloadTooLarge)
+    }
+}
+
+/// What happened to one connection.
+enum Delivery {
+    Delivered,
+    Gone(Connection),
+    Failed,
+    /// The whole job must stop.
+    Abort(FanoutError),
+}
+
+/// The broadcast engine, shared by every job of the process.
+pub struct Engine<S, G> {
+    store: Arc<S>,
+    gateway: Arc<G>,
+    budget: Arc<SendBudget>,
+    settings: EngineSettings,
+    metrics: Arc<Metrics>,
+}
+
+impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
+    pub fn new(
+        store: Arc<S>,
+        gateway: Arc<G>,
+        budget: Arc<SendBudget>,
+        settings: EngineSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            store,
+            gateway,
+            budget,
+            settings,
+            metrics,
+        }
+    }
+
+    /// Runs one broadcast to its end, or until `stop` is cancelled. The
+    /// report covers what was done either way.
+    pub async fn run(
+        &self,
+        job: &Job,
+        stop: &CancellationToken,
+    ) -> (Report, Result<(), FanoutError>) {
+        let started = Instant::now();
+        let query = match &job.target {
+            Target::All => AudienceQuery::All {
+                segments: self.settings.scan_segments,
+            },
+            Target::Channel(channel) => AudienceQuery::Channel(channel.clone()),
+            Target::Connections(ids) => AudienceQuery::Explicit(ids.clone()),
+        };
+        let remover = Remover::spawn(self.store.clone(), REMOVE_BACKOFF, self.metrics.clone());
+        let excluded = AtomicU64::new(0);
+        let retries = AtomicU64::new(0);
+        let throttled = AtomicU64::new(0);
+        let counters = Counters {
+            retries: &retries,
+            throttled: &throttled,
+        };
+
+        let mut report = Report::default();
+        // The block owns the send stream: leaving it drops the sends still in
+        // flight, whose outcome is then unknown, which is why an interrupted
+        // job is handed back, not deleted.
+        let progress = Mutex::new(Progress::starting_from(
+            job.resume.as_deref().unwrap_or_default(),
+        ));
+        let result = {
+            let deliveries = self
+                .store
+                .pages(&query, job.resume.clone())
+                .map_ok(|page| {
+                    let total = page.connections.len();
+                    let kept: Vec<Connection> = page
+                        .connections
+                        .into_iter()
+                        .filter(|c| !job.exclude.contains(&c.id))
+                        .collect();
+                    excluded.fetch_add((total - kept.len()) as u64, Ordering::Relaxed);
+                    let tag = lock(&progress).start_page(kept.len(), page.next);
+                    stream::iter(kept).map(move |c| Ok((tag, c)))
+                })
+                .try_flatten()
+                .map_ok(|(tag, c)| {
+                    self.deliver(c, job.payload.clone(), counters)
+                        .map(move |delivery| Ok((tag, delivery)))
+                })
+                .try_buffer_unordered(self.settings.max_in_flight);
+            let mut deliveries = std::pin::pin!(deliveries);
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => break Err(FanoutError::Interrupted),
+                    next = deliveries.next() => next,
+                };
+                let (tag, delivery) = match next {
+                    None => break Ok(()),
+                    Some(Err(e)) => break Err(FanoutError::Audience(e)),
+                    Some(Ok((_, Delivery::Abort(e)))) => break Err(e),
+                    Some(Ok(done)) => done,
+                };
+                match delivery {
+                    Delivery::Delivered => report.delivered += 1,
+                    Delivery::Failed => report.failed += 1,
+                    Delivery::Gone(connection) => {
+                        report.gone += 1;
+                        // Queued removals complete below even if the job
+                        // stops, so the page may count as finished.
+                        remover.remove(connection).await;
+                    }
+                    Delivery::Abort(_) => unreachable!("handled above"),
+                }
+                lock(&progress).finish(tag);
+            }
+        };
+        // Gone connections found so far are gone whatever stopped the job.
+        let removal = remover.finish().await;
+
+        report.removed = removal.removed;
+        report.remove_failed = removal.failed + removal.skipped;
+        report.excluded = excluded.load(Ordering::Relaxed);
+        report.retries = retries.load(Ordering::Relaxed);
+        report.throttled = throttled.load(Ordering::Relaxed);
+        report.audience = report.delivered + report.gone + report.failed;
+        report.duration = started.elapsed();
+        report.resume = lock(&progress).resume_points();
+        (report, result)
+    }
+
+    /// Sends to one connection, retrying what may succeed later.
+    async fn deliver(
+        &self,
+        connection: Connection,
+        payload: Bytes,
+        counters: Counters<'_>,
+    ) -> Delivery {
+        let backoff = self.settings.send_backoff;
+        let mut attempt = 1;
+        loop {
+            let outcome = {
+                let _slot = self.budget.acquire().await;
+                self.gateway.post(&connection.id, payload.clone()).await
+            };
+            Metrics::incr(&self.metrics.posts);
+            let reason = match outcome {
+                PostOutcome::Delivered => {
+                    Metrics::incr(&self.metrics.delivered);
+                    return Delivery::Delivered;
+                }
+                PostOutcome::Gone => {
+                    Metrics::incr(&self.metrics.gone);
+                    return Delivery::Gone(connection);
+                }
+                PostOutcome::PayloadTooLarge => {
+                    return Delivery::Abort(FanoutError::PayloadTooLarge);
+                }
+                PostOutcome::Forbidden(message) => {
+                    return Delivery::Abort(FanoutError::Forbidden(message));
+                }
+                PostOutcome::Rejected(reason) => {
+                    tracing::warn!(connection = %connection.id, %reason, "send rejected");
+                    Metrics::incr(&self.metrics.failed);
+                    return Delivery::Failed;
+                }
+                PostOutcome::Throttled => {
+                    counters.throttled.fetch_add(1, Ordering::Relaxed);
+                    Metrics::incr(&self.metrics.throttled);
+                    "throttled (429)".to_owned()
+                }
+                PostOutcome::Transient(reason) => reason,
+            };
+            if !backoff.allows_another(attempt) {
+                tracing::warn!(connection = %connection.id, %reason, attempts = attempt, "send failed after every retry");
+                Metrics::incr(&self.metrics.failed);
+                return Delivery::Failed;
+            }
+            tokio::time::sleep(backoff.delay(attempt - 1)).await;
+            attempt += 1;
+            counters.retries.fetch_add(1, Ordering::Relaxed);
+            Metrics::incr(&self.metrics.retries);
+        }
+    }
+}
+
+/// The progress lock is held for a counter update only; a poisoned lock
+/// (a panic mid-update) still holds usable counts.
+fn lock(progress: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
+    progress
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Per-job tallies the sends bump as they go.
+#[derive(Clone, Copy)]
+struct Counters<'a> {
+    retries: &'a AtomicU64,
+    throttled: &'a AtomicU64,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::testing::{FakeGateway, FakeTable, ids};
+
+    fn engine(
+        table: Arc<FakeTable>,
+        gateway: Arc<FakeGateway>,
+        max_in_flight: usize,
+    ) -> Engine<Arc<FakeTable>, FakeGateway> {
+        let settings = EngineSettings {
+            send_backoff: Backoff {
+                base: Duration::from_millis(1),
+                max: Duration::from_millis(4),
+                max_attempts: 4,
+            },
+            max_in_flight,
+            scan_segments: 1,
+        };
+        Engine::new(
+            Arc::new(table),
+            gateway,
+            Arc::new(SendBudget::new(None, max_in_flight)),
+            settings,
+            Arc::new(Metrics::default()),
+        )
+    }
+
+    fn job(target: Target) -> Job {
+        Job {
+            id: "job".into(),
+            payload: Bytes::from_static(b"hello"),
+            target,
+            exclude: HashSet::new(),
+            resume: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn every_live_connection_gets_it_once_and_only_gone_rows_go() {
+        let all = ids(1000);
+        let table = Arc::new(FakeTable::with(&all, 100));
+        let gone: HashSet<String> = all.iter().step_by(7).cloned().collect();
+        let gateway = Arc::new(FakeGateway {
+            gone: gone.clone(),
+            ..FakeGateway::default()
+        });
+        let engine = engine(table.clone(), gateway.clone(), 32);
+        let (report, result) = engine
+            .run(&job(Target::All), &CancellationToken::new())
+            .await;
+        result.expect("completes");
+
+        let delivered = gateway.delivered.lock().unwrap();
+        let unique: HashSet<_> = delivered.iter().map(|(id, _)| id.clone()).collect();
+        assert_eq!(delivered.len(), unique.len(), "a duplicate delivery");
+        assert_eq!(unique.len(), 1000 - gone.len());
+        assert!(unique.is_disjoint(&gone));
+        assert!(
+            delivered
+                .iter()
+                .all(|(_, p)| p == &Bytes::from_static(b"hello"))
+        );
+
+        let left = table.remaining();
+        assert!(left.is_disjoint(&gone), "a gone row stayed");
+        assert_eq!(left, unique, "a live row was removed");
+        assert_eq!(report.audience, 1000);
+        assert_eq!(report.delivered as usize, unique.len());
+        assert_eq!(report.gone as usize, gone.len());
+        assert_eq!(report.removed as usize, gone.len());
+        assert_eq!(report.failed, 0);
+        assert!(gateway.peak.load(Ordering::SeqCst) <= 32);
+    }
+
+    #[tokio::test]
+    async fn throttles_and_5xx_are_retried_until_delivered() {
+        let table = Arc::new(FakeTable::with(&ids(3), 10));
+        let gateway = Arc::new(FakeGateway::default());
+        gateway.script.lock().unwrap().extend([
+            (
+                "conn-0".to_owned(),
+                vec![PostOutcome::Throttled, PostOutcome::Throttled],
+            ),
+            (
+                "conn-1".to_owned(),
+                vec![PostOutcome::Transient("500".into())],
+            ),
+        ]);
+        let (report, result) = engine(table, gateway.clone(), 4)
+            .run(&job(Target::All), &CancellationToken::new())
+            .await;
+        result.expect("completes");
+        assert_eq!(report.delivered, 3);
+        assert_eq!(report.retries, 3);
+        assert_eq!(report.throttled, 2);
+        assert_eq!(gateway.delivered.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn retries_are_bounded_then_the_connection_counts_as_failed() {
+        let table = Arc::new(FakeTable::with(&ids(2), 10));
+        let gateway = Arc::new(FakeGateway::default());
+        gateway.script.lock().unwrap().insert(
+            "conn-0".into(),
+            vec![PostOutcome::Transient("503".into()); 10],
+        );
+        let (report, result) = engine(table.clone(), gateway, 4)
+            .run(&job(Target::All), &CancellationToken::new())
+            .await;
+        result.expect("the job completes; the connection failed");
+        assert_eq!(report.failed, 1);
+        assert_eq!(report.delivered, 1);
+        assert_eq!(report.retries, 3, "4 attempts in all");
+        assert!(
+            table.remaining().contains("conn-0"),
+            "a failing connection is not removed"
+        );
+    }
+
+    #[tokio::test]
+    async fn forbidden_and_too_large_stop_the_job() {
+        for (answer, permanent) in [
+            (PostOutcome::Forbidden("no".into()), false),
+            (PostOutcome::PayloadTooLarge, true),
+        ] {
+            let table = Arc::new(FakeTable::with(&ids(50), 10));
+            let gateway = Arc::new(FakeGateway::default());
+            gateway
+                .script
+                .lock()
+                .unwrap()
+                .insert("conn-0".into(), vec![answer]);
+            let (report, result) = engine(table.clone(), gateway, 1)
+                .run(&job(Target::All), &CancellationToken::new())
+                .await;
+            let err = result.expect_err("stops");
+            assert_eq!(err.is_permanent(), permanent, "{err}");
+            assert!(report.delivered < 50);
+            assert_eq!(table.remaining().len(), 50, "nothing removed");
+        }
+    }
+
+    #[tokio::test]
+    async fn rejected_connections_fail_without_retry_or_removal() {
+        let table = Arc::new(FakeTable::with(&ids(2), 10));
+        let gateway = Arc::new(FakeGateway::default());
+        gateway
+            .script
+            .lock()
+            .unwrap()
+            .insert("conn-1".into(), vec![PostOutcome::Rejected("400".into())]);
+        let (report, result) = engine(table.clone(), gateway, 4)
+            .run(&job(Target::All), &CancellationToken::new())
+            .await;
+        result.unwrap();
+        assert_eq!((report.delivered, report.failed, report.retries), (1, 1, 0));
+        assert_eq!(table.remaining().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn excluded_and_explicit_audiences() {
+        let table = Arc::new(FakeTable::with(&ids(10), 3));
+        let gateway = Arc::new(FakeGateway::default());
+        let mut j = job(Target::Connections(vec![
+            "x".into(),
+            "y".into(),
+            "z".into(),
+        ]));
+        j.exclude.insert("y".into());
+        let (report, result) = engine(table, gateway.clone(), 4)
+            .run(&j, &CancellationToken::new())
+            .await;
+        result.unwrap();
+        assert_eq!(
+            (report.audience, report.excluded, report.delivered),
+            (2, 1, 2)
+        );
+        let mut got: Vec<_> = gateway
+            .delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect();
+        got.sort();
+        assert_eq!(got, ["x", "z"]);
+    }
+
+    #[tokio::test]
+    async fn an_audience_read_error_fails_the_job_transiently() {
+        let mut table = FakeTable::with(&ids(100), 10);
+        table.fail_after_pages = Some(3);
+        let gateway = Arc::new(FakeGateway::default());
+        let (report, result) = engine(Arc::new(table), gateway, 4)
+            .run(&job(Target::All), &CancellationToken::new())
+            .await;
+        let err = result.expect_err("fails");
+        assert!(matches!(err, FanoutError::Audience(_)));
+        assert!(!err.is_permanent());
+        assert!(report.delivered <= 30);
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_broadcast_resumes_after_its_last_finished_page() {
+        // Pages of 10; conn-25 never answers, so page 3 never finishes.
+        let table = Arc::new(FakeTable::with(&ids(100), 10));
+        let gateway = Arc::new(FakeGateway {
+            stall_ids: ["conn-25".to_owned()].into(),
+            ..FakeGateway::default()
+        });
+        let first = engine(table.clone(), gateway.clone(), 4);
+        let stop = CancellationToken::new();
+        let everyone = job(Target::All);
+        let run = first.run(&everyone, &stop);
+        tokio::pin!(run);
+        // Let it work until only the stuck send is left, then stop it.
+        let (report, result) = loop {
+            tokio::select! {
+                out = &mut run => break out,
+                () = tokio::task::yield_now() => {
+                    if gateway.delivered.lock().unwrap().len() >= 23 {
+                        stop.cancel();
+                    }
+                }
+            }
+        };
+        assert!(matches!(result, Err(FanoutError::Interrupted)));
+        let resume = report.resume.clone();
+        assert_eq!(
+            resume,
+            [Cursor {
+                segment: 0,
+                position: Some(crate::store::Position::Offset(20))
+            }],
+            "after pages 1 and 2, the last unbroken run of finished pages"
+        );
+
+        // The continuation starts at connection 20, not at 0.
+        let gateway = Arc::new(FakeGateway::default());
+        let mut again = job(Target::All);
+        again.resume = Some(resume);
+        let (report, result) = engine(table, gateway.clone(), 4)
+            .run(&again, &CancellationToken::new())
+            .await;
+        result.unwrap();
+        assert_eq!(report.delivered, 80);
+        let delivered = gateway.delivered.lock().unwrap();
+        assert!(
+            delivered
+                .iter()
+                .all(|(id, _)| id.as_str() >= "conn-20" || id.len() > 7)
+        );
+        assert!(
+            !delivered
+                .iter()
+                .any(|(id, _)| id == "conn-5" || id == "conn-19")
+        );
+    }
+
+    #[tokio::test]
+    async fn cancellation_interrupts() {
+        let table = Arc::new(FakeTable::with(&ids(100), 10));
+        let gateway = Arc::new(FakeGateway::default());
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let (_, result) = engine(table, gateway, 4)
+            .run(&job(Target::All), &stop)
+            .await;
+        assert!(matches!(result, Err(FanoutError::Interrupted)));
+    }
+}

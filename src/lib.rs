@@ -20,6 +20,7 @@
 //! - [`aws`]: builds the SDK clients (one HTTP stack, retry and timeout policy).
 //! - [`backoff`]: exponential backoff with full jitter, shared by every retry.
 //! - [`limiter`]: the process-wide send budget (rate and requests in flight).
+//! - [`progress`]: which audience pages a broadcast finished, for resuming.
 //! - [`remover`]: batches gone connections into 25-item removals while
 //!   sending goes on.
 //! - [`fanout`]: the engine: audience pages → rate-limited concurrent sends →
@@ -38,8 +39,11 @@ pub mod gateway;
 pub mod job;
 pub mod limiter;
 pub mod local;
+pub mod progress;
 pub mod queue;
 pub mod remover;
 pub mod store;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod worker;

@@ -1,1 +1,671 @@
-//! (placeholder: being written)
+//! The worker loop: receive jobs, fan each out, settle its message.
+//!
+//! A message is deleted only when its job is done; a job that failed for a
+//! passing reason is made visible again after a backoff; a job that can never
+//! run goes to the dead-letter queue with its reason. While a job runs, a
+//! heartbeat keeps its message hidden. Shutdown arrives as a token: receiving
+//! stops at once, running jobs get a grace period, and the messages of jobs
+//! that did not finish are handed back at once for another worker.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backoff::Backoff;
+use crate::fanout::{Engine, FanoutError, Report};
+use crate::gateway::Gateway;
+use crate::job::{self, Capabilities, Job};
+use crate::queue::{DeadLettered, JobQueue, MAX_BATCH, Message, QueueError, Receipt, SendOptions};
+use crate::store::ConnectionStore;
+use crate::store::Cursor;
+use crate::telemetry::Metrics;
+
+/// How the worker consumes the queue.
+#[derive(Clone, Copy, Debug)]
+pub struct WorkerSettings {
+    /// Jobs running at once; no more messages are received than can start.
+    pub max_concurrent_jobs: usize,
+    /// How long a running job's message stays hidden after each heartbeat.
+    pub visibility_timeout: Duration,
+    /// How often the heartbeat renews it; shorter than the timeout.
+    pub heartbeat_interval: Duration,
+    /// Delays before a failed job is visible again, by receive count
+    /// (`cap`, not jittered: one message, no herd to spread).
+    pub job_retry: Backoff,
+    /// How long running jobs may go on after shutdown is asked.
+    pub shutdown_grace: Duration,
+    /// Exit once a receive finds the queue empty and no job is running.
+    pub exit_when_idle: bool,
+    /// What jobs this deployment can run.
+    pub capabilities: Capabilities,
+}
+
+/// Waits after failed receives: an SQS blip never stops the worker.
+const RECEIVE_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(200),
+    max: Duration::from_secs(20),
+    max_attempts: u32::MAX,
+};
+
+/// Retries of a failed delete, or of a hand-back after shutdown.
+const SETTLE_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(100),
+    max: Duration::from_secs(2),
+    max_attempts: 5,
+};
+
+/// Why the worker stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Shutdown was asked (SIGTERM/SIGINT).
+    Shutdown,
+    /// `exit_when_idle`: the queue was empty and nothing was running.
+    Idle,
+    /// The queue does not exist: configuration, not a blip; retrying would
+    /// hide it.
+    Failed(String),
+}
+
+/// Runs the worker until `shutdown` is cancelled (or, with
+/// `exit_when_idle`, until there is nothing left to do).
+pub async fn run<Q, S, G>(
+    queue: Arc<Q>,
+    engine: Arc<Engine<S, G>>,
+    settings: WorkerSettings,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Stopped
+where
+    Q: JobQueue,
+    S: ConnectionStore,
+    G: Gateway,
+{
+    let slots = Arc::new(Semaphore::new(settings.max_concurrent_jobs));
+    let jobs = TaskTracker::new();
+    // Cancelled when the grace period is over: running jobs stop and hand
+    // their messages back.
+    let abort = CancellationToken::new();
+    let deleter = Deleter::spawn(queue.clone());
+    let ctx = Arc::new(JobContext {
+        queue: queue.clone(),
+        engine,
+        settings,
+        metrics: metrics.clone(),
+        deleter: deleter.tx.clone(),
+        abort: abort.clone(),
+    });
+
+    let mut failed_receives = 0u32;
+    let stopped = loop {
+        let first = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break Stopped::Shutdown,
+            permit = slots.clone().acquire_owned() => permit.expect("the job semaphore is never closed"),
+        };
+        let mut permits = vec![first];
+        while permits.len() < MAX_BATCH {
+            match slots.clone().try_acquire_owned() {
+                Ok(permit) => permits.push(permit),
+                Err(_) => break,
+            }
+        }
+        let received = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break Stopped::Shutdown,
+            received = queue.receive(permits.len()) => received,
+        };
+        match received {
+            Err(e @ QueueError::NoSuchQueue { .. }) => break Stopped::Failed(e.to_string()),
+            Err(e) => {
+                let wait = RECEIVE_BACKOFF.delay(failed_receives);
+                failed_receives = failed_receives.saturating_add(1);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "receiving jobs failed");
+                tokio::select! {
+                    () = shutdown.cancelled() => break Stopped::Shutdown,
+                    () = tokio::time::sleep(wait) => continue,
+                }
+            }
+            Ok(messages) => {
+                failed_receives = 0;
+                metrics.mark_poll();
+                if messages.is_empty() && settings.exit_when_idle && jobs.is_empty() {
+                    break Stopped::Idle;
+                }
+                for (message, permit) in messages.into_iter().zip(permits) {
+                    let ctx = ctx.clone();
+                    jobs.spawn(async move {
+                        ctx.process(message).await;
+                        drop(permit);
+                    });
+                }
+            }
+        }
+    };
+
+    jobs.close();
+    if stopped != Stopped::Idle && !jobs.is_empty() {
+        tracing::info!(
+            running = jobs.len(),
+            grace_ms = settings.shutdown_grace.as_millis() as u64,
+            "shutting down: waiting for running jobs"
+        );
+        if tokio::time::timeout(settings.shutdown_grace, jobs.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = jobs.len(),
+                "grace period over: handing unfinished jobs back to the queue"
+            );
+            abort.cancel();
+        }
+    }
+    jobs.wait().await;
+    drop(ctx);
+    deleter.finish().await;
+    stopped
+}
+
+/// What a job task needs.
+struct JobContext<Q, S, G> {
+    queue: Arc<Q>,
+    engine: Arc<Engine<S, G>>,
+    settings: WorkerSettings,
+    metrics: Arc<Metrics>,
+    deleter: mpsc::Sender<Receipt>,
+    abort: CancellationToken,
+}
+
+impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
+    /// Runs one message to a settled state. A panic inside is caught and
+    /// reported: the message is handed back, the worker goes on.
+    async fn process(&self, message: Message) {
+        Metrics::incr(&self.metrics.jobs_in_flight);
+        let outcome = AssertUnwindSafe(self.run_job(&message))
+            .catch_unwind()
+            .await;
+        self.metrics
+            .jobs_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if outcome.is_err() {
+            tracing::error!(message_id = %message.id, "the job panicked; handing its message back");
+            self.retry_later(&message).await;
+        }
+    }
+
+    async fn run_job(&self, message: &Message) {
+        let job = match job::parse(&message.body, &message.id, self.settings.capabilities) {
+            Ok(job) => job,
+            Err(e) => return self.dead_letter(message, &e.to_string()).await,
+        };
+        let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone());
+        let (report, result) = self.engine.run(&job, &self.abort).await;
+        heartbeat.abort();
+        self.metrics.record_job_duration(report.duration);
+        match result {
+            Ok(()) => {
+                log_report(&job.id, &report, "done");
+                Metrics::incr(&self.metrics.jobs_completed);
+                // The deleter retries; it only fails if the queue is gone for
+                // good, and then the job is redelivered: a duplicate, never a
+                // loss.
+                let _ = self.deleter.send(message.receipt.clone()).await;
+            }
+            Err(FanoutError::Interrupted) => {
+                log_report(&job.id, &report, "interrupted");
+                self.give_up(message, &job, report.resume).await;
+            }
+            Err(e) if e.is_permanent() => {
+                log_report(&job.id, &report, "failed");
+                self.dead_letter(message, &e.to_string()).await;
+            }
+            Err(e) => {
+                tracing::error!(job_id = %job.id, error = %e, "the job failed; it will be retried");
+                log_report(&job.id, &report, "failed");
+                self.retry_later(message).await;
+            }
+        }
+    }
+
+    /// Hands an unfinished job to another worker. With pages finished, a
+    /// continuation job carrying the resume cursors replaces the message, so
+    /// the broadcast goes on from there instead of from its start;
+    /// otherwise the message itself becomes visible again at once.
+    async fn give_up(&self, message: &Message, job: &Job, resume: Vec<Cursor>) {
+        if resume.is_empty() || job.resume.as_ref() == Some(&resume) {
+            return self.hand_back(message, Duration::ZERO).await;
+        }
+        let body = match serde_json::to_string(&job.continuation(resume)) {
+            Ok(body) => body,
+            Err(e) => {
+                tracing::warn!(job_id = %job.id, error = %e, "cannot encode the continuation; the job restarts from its start");
+                return self.hand_back(message, Duration::ZERO).await;
+            }
+        };
+        let options = SendOptions {
+            group_id: message.group_id.clone(),
+            deduplication_id: message
+                .group_id
+                .as_ref()
+                .map(|_| format!("{}-{}", message.id, message.receive_count)),
+        };
+        match self.queue.send(&body, &options).await {
+            Ok(continuation) => {
+                tracing::info!(job_id = %job.id, continuation, "job continues in a new message");
+                // If this delete is lost, the original runs again from its
+                // start as well: duplicates, never a loss.
+                let _ = self.deleter.send(message.receipt.clone()).await;
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %job.id, error = %e, "cannot enqueue the continuation; the job restarts from its start");
+                self.hand_back(message, Duration::ZERO).await;
+            }
+        }
+    }
+
+    /// Keeps the message hidden while the job runs.
+    fn heartbeat(&self, receipt: Receipt, job_id: String) -> JoinHandle<()> {
+        let queue = self.queue.clone();
+        let settings = self.settings;
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(
+                tokio::time::Instant::now() + settings.heartbeat_interval,
+                settings.heartbeat_interval,
+            );
+            loop {
+                ticks.tick().await;
+                if let Err(e) = queue
+                    .set_visibility(&receipt, settings.visibility_timeout)
+                    .await
+                {
+                    tracing::warn!(job_id, error = %e, "heartbeat failed; the job may be redelivered while it runs");
+                }
+            }
+        })
+    }
+
+    /// A job that can never run: to the dead-letter queue with its reason,
+    /// then off the jobs queue. Without a dead-letter queue the message
+    /// stays for the queue's redrive policy.
+    async fn dead_letter(&self, message: &Message, reason: &str) {
+        Metrics::incr(&self.metrics.jobs_dead_lettered);
+        match self.queue.dead_letter(message, reason).await {
+            Ok(DeadLettered::Sent) => {
+                tracing::error!(message_id = %message.id, reason, "job sent to the dead-letter queue");
+                let _ = self.deleter.send(message.receipt.clone()).await;
+            }
+            Ok(DeadLettered::NotConfigured) => {
+                tracing::error!(message_id = %message.id, reason, "job cannot run; no dead-letter queue is configured, so it is left for the queue's redrive policy");
+            }
+            Err(e) => {
+                tracing::error!(message_id = %message.id, reason, error = %e, "job cannot run and could not be dead-lettered; it will be tried again");
+                self.retry_later(message).await;
+            }
+        }
+    }
+
+    /// Makes a failed job visible again after a delay growing with its
+    /// receive count.
+    async fn retry_later(&self, message: &Message) {
+        Metrics::incr(&self.metrics.jobs_retried);
+        let delay = self
+            .settings
+            .job_retry
+            .cap(message.receive_count.saturating_sub(1));
+        self.hand_back(message, delay).await;
+    }
+
+    async fn hand_back(&self, message: &Message, after: Duration) {
+        for attempt in 1.. {
+            match self.queue.set_visibility(&message.receipt, after).await {
+                Ok(()) => return,
+                Err(e) if SETTLE_BACKOFF.allows_another(attempt) => {
+                    tracing::debug!(error = %e, attempt, "handing a message back failed; retrying");
+                    tokio::time::sleep(SETTLE_BACKOFF.delay(attempt - 1)).await;
+                }
+                Err(e) => {
+                    // It becomes visible anyway when its visibility timeout
+                    // runs out: later, not lost.
+                    tracing::warn!(message_id = %message.id, error = %e, "could not hand the message back; it reappears after its visibility timeout");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn log_report(job_id: &str, report: &Report, status: &str) {
+    tracing::info!(
+        job_id,
+        status,
+        audience = report.audience,
+        delivered = report.delivered,
+        gone = report.gone,
+        removed = report.removed,
+        remove_failed = report.remove_failed,
+        failed = report.failed,
+        excluded = report.excluded,
+        retries = report.retries,
+        throttled = report.throttled,
+        duration_ms = report.duration.as_millis() as u64,
+        rate_per_second = report.rate().round(),
+        "broadcast"
+    );
+}
+
+/// Deletes finished jobs' messages in batches of up to ten, retrying the
+/// entries the queue reports failed.
+struct Deleter {
+    tx: mpsc::Sender<Receipt>,
+    task: JoinHandle<()>,
+}
+
+impl Deleter {
+    fn spawn<Q: JobQueue>(queue: Arc<Q>) -> Self {
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 10);
+        let task = tokio::spawn(async move {
+            ReceiverStream::new(rx)
+                .ready_chunks(MAX_BATCH)
+                .for_each(|batch| delete_batch(&*queue, batch))
+                .await;
+        });
+        Self { tx, task }
+    }
+
+    /// Waits until every queued deletion is done or given up on.
+    async fn finish(self) {
+        drop(self.tx);
+        let _ = self.task.await;
+    }
+}
+
+async fn delete_batch<Q: JobQueue>(queue: &Q, mut pending: Vec<Receipt>) {
+    for attempt in 1.. {
+        match queue.delete(&pending).await {
+            Ok(failed) if failed.is_empty() => return,
+            Ok(failed) => pending = failed,
+            Err(e) => {
+                tracing::debug!(error = %e, attempt, "deleting finished jobs failed; retrying")
+            }
+        }
+        if !SETTLE_BACKOFF.allows_another(attempt) {
+            tracing::warn!(
+                messages = pending.len(),
+                "finished jobs could not be deleted; they will be delivered again"
+            );
+            return;
+        }
+        tokio::time::sleep(SETTLE_BACKOFF.delay(attempt - 1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::fanout::EngineSettings;
+    use crate::limiter::SendBudget;
+    use crate::testing::{FakeGateway, FakeQueue, FakeTable, ids};
+
+    fn settings() -> WorkerSettings {
+        WorkerSettings {
+            max_concurrent_jobs: 2,
+            visibility_timeout: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(10),
+            job_retry: Backoff {
+                base: Duration::from_secs(5),
+                max: Duration::from_secs(60),
+                max_attempts: 1,
+            },
+            shutdown_grace: Duration::from_secs(5),
+            exit_when_idle: true,
+            capabilities: Capabilities { channels: false },
+        }
+    }
+
+    struct Rig {
+        queue: Arc<FakeQueue>,
+        table: Arc<FakeTable>,
+        gateway: Arc<FakeGateway>,
+        metrics: Arc<Metrics>,
+    }
+
+    impl Rig {
+        fn new(queue: FakeQueue, gateway: FakeGateway) -> Self {
+            Self {
+                queue: Arc::new(queue),
+                table: Arc::new(FakeTable::with(&ids(20), 5)),
+                gateway: Arc::new(gateway),
+                metrics: Arc::new(Metrics::default()),
+            }
+        }
+
+        async fn run(&self, settings: WorkerSettings, shutdown: CancellationToken) -> Stopped {
+            let engine = Engine::new(
+                Arc::new(self.table.clone()),
+                self.gateway.clone(),
+                Arc::new(SendBudget::new(None, 8)),
+                EngineSettings {
+                    send_backoff: Backoff {
+                        base: Duration::from_millis(1),
+                        max: Duration::from_millis(1),
+                        max_attempts: 2,
+                    },
+                    max_in_flight: 8,
+                    scan_segments: 1,
+                },
+                self.metrics.clone(),
+            );
+            run(
+                self.queue.clone(),
+                Arc::new(engine),
+                settings,
+                self.metrics.clone(),
+                shutdown,
+            )
+            .await
+        }
+    }
+
+    #[tokio::test]
+    async fn good_jobs_are_delivered_then_deleted_and_bad_ones_dead_lettered() {
+        let rig = Rig::new(
+            FakeQueue::with_jobs(
+                &[
+                    r#"{"data":"a"}"#,
+                    "{not json",
+                    r#"{"data":"b"}"#,
+                    r#"{"data":"x","channel":"c"}"#,
+                ],
+                true,
+            ),
+            FakeGateway::default(),
+        );
+        let stopped = rig.run(settings(), CancellationToken::new()).await;
+        assert_eq!(stopped, Stopped::Idle);
+        assert_eq!(
+            rig.gateway.delivered.lock().unwrap().len(),
+            40,
+            "two jobs × 20"
+        );
+        assert_eq!(rig.queue.deleted_ids(), ["r0", "r1", "r2", "r3"]);
+        let dead = rig.queue.dead.as_ref().unwrap().lock().unwrap().clone();
+        assert_eq!(dead.len(), 2);
+        assert!(
+            dead.iter()
+                .any(|(id, why)| id == "m1" && why.contains("not a valid job")),
+            "{dead:?}"
+        );
+        assert!(
+            dead.iter()
+                .any(|(id, why)| id == "m3" && why.contains("FANOUT_CHANNEL_INDEX")),
+            "{dead:?}"
+        );
+        assert_eq!(Metrics::get(&rig.metrics.jobs_completed), 2);
+        assert_eq!(Metrics::get(&rig.metrics.jobs_in_flight), 0);
+    }
+
+    #[tokio::test]
+    async fn without_a_dead_letter_queue_a_bad_job_is_left_for_redrive() {
+        let rig = Rig::new(FakeQueue::with_jobs(&["[]"], false), FakeGateway::default());
+        rig.run(settings(), CancellationToken::new()).await;
+        assert!(
+            rig.queue.deleted_ids().is_empty(),
+            "a bad job must not be deleted without a DLQ"
+        );
+        assert!(rig.queue.visibility.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_permanent_send_failure_dead_letters_and_a_passing_one_retries_later() {
+        let gateway = FakeGateway::default();
+        gateway.script.lock().unwrap().insert(
+            "conn-0".into(),
+            vec![crate::gateway::PostOutcome::PayloadTooLarge],
+        );
+        let rig = Rig::new(FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true), gateway);
+        rig.run(settings(), CancellationToken::new()).await;
+        assert_eq!(rig.queue.deleted_ids(), ["r0"]);
+        let dead = rig.queue.dead.as_ref().unwrap().lock().unwrap().clone();
+        assert!(dead[0].1.contains("too large"), "{dead:?}");
+
+        let gateway = FakeGateway::default();
+        gateway.script.lock().unwrap().insert(
+            "conn-0".into(),
+            vec![crate::gateway::PostOutcome::Forbidden("403".into())],
+        );
+        let mut queue = FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true);
+        queue.visible.get_mut().unwrap()[0].receive_count = 3;
+        let rig = Rig::new(queue, gateway);
+        rig.run(settings(), CancellationToken::new()).await;
+        assert!(
+            rig.queue.deleted_ids().is_empty(),
+            "a retried job is not deleted"
+        );
+        let visibility = rig.queue.visibility.lock().unwrap().clone();
+        // Third receive: base 5 s doubled twice.
+        assert_eq!(
+            visibility,
+            [(Receipt("r0".into()), Duration::from_secs(20))]
+        );
+        assert_eq!(Metrics::get(&rig.metrics.jobs_retried), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_running_job_keeps_its_message_hidden_and_shutdown_hands_it_back() {
+        let rig = Rig::new(
+            FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true),
+            FakeGateway {
+                stall: true,
+                ..FakeGateway::default()
+            },
+        );
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        let mut s = settings();
+        s.exit_when_idle = false;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(31)).await;
+            trigger.cancel();
+        });
+        let stopped = rig.run(s, shutdown).await;
+        assert_eq!(stopped, Stopped::Shutdown);
+        let visibility = rig.queue.visibility.lock().unwrap().clone();
+        let heartbeats = visibility
+            .iter()
+            .filter(|(_, t)| *t == Duration::from_secs(30))
+            .count();
+        assert_eq!(
+            heartbeats, 3,
+            "heartbeats at 10, 20, 30 s; shutdown at 31 s, grace over at 36 s: {visibility:?}"
+        );
+        assert_eq!(
+            visibility.last().unwrap(),
+            &(Receipt("r0".into()), Duration::ZERO),
+            "handed back at once"
+        );
+        assert!(
+            rig.queue.sent.lock().unwrap().is_empty(),
+            "no page finished: no continuation"
+        );
+        assert!(rig.queue.deleted_ids().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_interrupted_job_with_finished_pages_continues_in_a_new_message() {
+        // Pages of 5; conn-12 never answers: pages 1 and 2 finish, page 3 not.
+        let rig = Rig::new(
+            FakeQueue::with_jobs(&[r#"{"id":"big","data":"a"}"#], true),
+            FakeGateway {
+                stall_ids: ["conn-12".to_owned()].into(),
+                ..FakeGateway::default()
+            },
+        );
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        let mut s = settings();
+        s.exit_when_idle = false;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            trigger.cancel();
+        });
+        rig.run(s, shutdown).await;
+        let sent = rig.queue.sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 1, "one continuation");
+        let next = job::parse(&sent[0], "m9", Capabilities { channels: false }).expect("parses");
+        assert_eq!(next.id, "big");
+        let after_two_pages = Cursor {
+            segment: 0,
+            position: Some(crate::store::Position::Offset(10)),
+        };
+        assert_eq!(next.resume, Some(vec![after_two_pages]));
+        assert_eq!(rig.queue.deleted_ids(), ["r0"], "the original is replaced");
+        let visibility = rig.queue.visibility.lock().unwrap().clone();
+        assert!(
+            visibility.iter().all(|(_, t)| !t.is_zero()),
+            "{visibility:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn receive_errors_back_off_and_the_worker_goes_on() {
+        let queue = FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true);
+        queue.failing_receives.store(5, Ordering::SeqCst);
+        let rig = Rig::new(queue, FakeGateway::default());
+        rig.run(settings(), CancellationToken::new()).await;
+        assert_eq!(rig.queue.deleted_ids(), ["r0"]);
+        assert!(rig.queue.receives.load(Ordering::SeqCst) >= 7);
+    }
+
+    #[tokio::test]
+    async fn a_missing_queue_stops_the_worker_with_the_reason() {
+        let queue = FakeQueue {
+            missing: true,
+            ..FakeQueue::default()
+        };
+        let rig = Rig::new(queue, FakeGateway::default());
+        let stopped = rig.run(settings(), CancellationToken::new()).await;
+        assert!(
+            matches!(&stopped, Stopped::Failed(why) if why.contains("does not exist")),
+            "{stopped:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_more_jobs_run_at_once_than_allowed() {
+        let bodies: Vec<String> = (0..7).map(|i| format!(r#"{{"data":"{i}"}}"#)).collect();
+        let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
+        let rig = Rig::new(FakeQueue::with_jobs(&refs, true), FakeGateway::default());
+        rig.run(settings(), CancellationToken::new()).await;
+        assert_eq!(rig.queue.deleted_ids().len(), 7);
+        assert_eq!(rig.gateway.delivered.lock().unwrap().len(), 140);
+    }
+}

@@ -39,6 +39,5 @@ pub trait Gateway: Send + Sync + 'static {
     /// One attempt, no retries: the engine owns retries and backoff.
     /// `payload` is shared by every send of a broadcast (cloning `Bytes` is a
     /// reference-count increment).
-    fn post(&self, id: &ConnectionId, payload: Bytes)
-    -> impl Future<Output = PostOutcome> + Send;
+    fn post(&self, id: &ConnectionId, payload: Bytes) -> impl Future<Output = PostOutcome> + Send;
 }

@@ -25,6 +25,8 @@ pub struct Message {
     /// How many times the queue has handed this message out, this time
     /// included (ApproximateReceiveCount); drives the retry delay.
     pub receive_count: u32,
+    /// FIFO queues: the message's ordering group, kept by a continuation.
+    pub group_id: Option<String>,
 }
 
 /// Options for sending a job.

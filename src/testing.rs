@@ -1,0 +1,270 @@
+//! Small in-process fakes behind the crate's seams, for unit tests.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::{self, BoxStream};
+
+use crate::connection::{Connection, ConnectionId, KeyValue, RowKey};
+use crate::gateway::{Gateway, PostOutcome};
+use crate::queue::{DeadLettered, JobQueue, Message, QueueError, Receipt, SendOptions};
+use crate::store::{AudienceQuery, ConnectionStore, Cursor, Page, Position, Removal, StoreError};
+
+pub fn ids(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("conn-{i}")).collect()
+}
+
+/// An in-memory table: rows are ids, pages of `page_size`.
+pub struct FakeTable {
+    pub rows: Mutex<Vec<String>>,
+    pub channels: HashMap<String, Vec<String>>,
+    pub page_size: usize,
+    pub pages_read: AtomicUsize,
+    pub fail_after_pages: Option<usize>,
+}
+
+impl FakeTable {
+    pub fn with(ids: &[String], page_size: usize) -> Self {
+        Self {
+            rows: Mutex::new(ids.to_vec()),
+            channels: HashMap::new(),
+            page_size,
+            pages_read: AtomicUsize::new(0),
+            fail_after_pages: None,
+        }
+    }
+
+    pub fn remaining(&self) -> HashSet<String> {
+        self.rows.lock().unwrap().iter().cloned().collect()
+    }
+}
+
+fn keyed(id: &str) -> Connection {
+    Connection {
+        id: id.into(),
+        key: Some(RowKey(vec![(
+            "connectionId".into(),
+            KeyValue::S(id.into()),
+        )])),
+    }
+}
+
+impl ConnectionStore for Arc<FakeTable> {
+    fn pages(
+        &self,
+        audience: &AudienceQuery,
+        from: Option<Vec<Cursor>>,
+    ) -> BoxStream<'static, Result<Page, StoreError>> {
+        // One segment: resume at its offset; a cursor without a position
+        // means the segment is done.
+        let start = match from
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.segment == 0)
+        {
+            None => 0,
+            Some(Cursor {
+                position: Some(Position::Offset(n)),
+                ..
+            }) => n,
+            Some(_) => usize::MAX,
+        };
+        let ids: Vec<String> = match audience {
+            AudienceQuery::All { .. } => self.rows.lock().unwrap().clone(),
+            AudienceQuery::Channel(c) => self.channels.get(c).cloned().unwrap_or_default(),
+            AudienceQuery::Explicit(ids) => ids.iter().map(|i| i.to_string()).collect(),
+        };
+        let ids = ids.get(start..).unwrap_or_default().to_vec();
+        let table = self.clone();
+        let page_size = self.page_size;
+        let pages: Vec<_> = ids.chunks(page_size).map(|c| c.to_vec()).collect();
+        let total = ids.len();
+        stream::iter(pages.into_iter().enumerate().map(move |(n, chunk)| {
+            let read = table.pages_read.fetch_add(1, Ordering::SeqCst);
+            if table.fail_after_pages.is_some_and(|limit| read >= limit) {
+                return Err(StoreError::Unavailable("table went away".into()));
+            }
+            Ok(Page {
+                connections: chunk.iter().map(|id| keyed(id)).collect(),
+                next: Cursor {
+                    segment: 0,
+                    position: Some(Position::Offset(start + ((n + 1) * page_size).min(total))),
+                },
+            })
+        }))
+        .boxed()
+    }
+
+    async fn remove(&self, gone: Vec<Connection>) -> Result<Removal, StoreError> {
+        let doomed: HashSet<_> = gone.iter().map(|c| c.id.to_string()).collect();
+        self.rows.lock().unwrap().retain(|r| !doomed.contains(r));
+        Ok(Removal::default())
+    }
+}
+
+/// A gateway that answers from a script per connection and records
+/// deliveries and the peak of concurrent calls.
+#[derive(Default)]
+pub struct FakeGateway {
+    /// Answers to give, in order, per id; then `Delivered`.
+    pub script: Mutex<HashMap<String, Vec<PostOutcome>>>,
+    pub gone: HashSet<String>,
+    pub delivered: Mutex<Vec<(String, Bytes)>>,
+    pub in_flight: AtomicUsize,
+    pub peak: AtomicUsize,
+    /// Every post waits forever (a stuck endpoint).
+    pub stall: bool,
+    /// Posts to these ids wait forever.
+    pub stall_ids: HashSet<String>,
+}
+
+impl Gateway for FakeGateway {
+    async fn post(&self, id: &ConnectionId, payload: Bytes) -> PostOutcome {
+        if self.stall || self.stall_ids.contains(id.as_str()) {
+            return std::future::pending().await;
+        }
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        tokio::task::yield_now().await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.gone.contains(id.as_str()) {
+            return PostOutcome::Gone;
+        }
+        let scripted = self
+            .script
+            .lock()
+            .unwrap()
+            .get_mut(id.as_str())
+            .and_then(|answers| (!answers.is_empty()).then(|| answers.remove(0)));
+        match scripted {
+            Some(answer) => answer,
+            None => {
+                self.delivered
+                    .lock()
+                    .unwrap()
+                    .push((id.to_string(), payload));
+                PostOutcome::Delivered
+            }
+        }
+    }
+}
+
+/// An in-memory queue: `visible` messages are handed out by `receive`;
+/// everything the worker does to them is recorded.
+#[derive(Default)]
+pub struct FakeQueue {
+    pub visible: Mutex<Vec<Message>>,
+    pub deleted: Mutex<Vec<Receipt>>,
+    /// (receipt, timeout) per ChangeMessageVisibility.
+    pub visibility: Mutex<Vec<(Receipt, Duration)>>,
+    /// (message id, reason); `None` here means no dead-letter queue.
+    pub dead: Option<Mutex<Vec<(String, String)>>>,
+    pub sent: Mutex<Vec<String>>,
+    /// Receives that fail before the queue answers again.
+    pub failing_receives: AtomicUsize,
+    pub receives: AtomicUsize,
+    /// Every call answers that the queue does not exist.
+    pub missing: bool,
+}
+
+impl FakeQueue {
+    pub fn with_jobs(bodies: &[&str], dead_letter_queue: bool) -> Self {
+        let visible = bodies
+            .iter()
+            .enumerate()
+            .map(|(n, body)| Message {
+                id: format!("m{n}"),
+                body: body.to_string(),
+                receipt: Receipt(format!("r{n}")),
+                receive_count: 1,
+                group_id: None,
+            })
+            .collect();
+        Self {
+            visible: Mutex::new(visible),
+            dead: dead_letter_queue.then(|| Mutex::new(Vec::new())),
+            ..Self::default()
+        }
+    }
+
+    pub fn deleted_ids(&self) -> Vec<String> {
+        let mut ids: Vec<_> = self
+            .deleted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.0.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
+impl JobQueue for FakeQueue {
+    async fn receive(&self, max: usize) -> Result<Vec<Message>, QueueError> {
+        self.receives.fetch_add(1, Ordering::SeqCst);
+        if self.missing {
+            return Err(QueueError::NoSuchQueue {
+                url: "http://127.0.0.1:1/q".into(),
+            });
+        }
+        let failing = self.failing_receives.load(Ordering::SeqCst);
+        if failing > 0 {
+            self.failing_receives.store(failing - 1, Ordering::SeqCst);
+            return Err(QueueError::Unavailable("connection refused".into()));
+        }
+        let batch: Vec<Message> = {
+            let mut visible = self.visible.lock().unwrap();
+            let n = max.min(visible.len());
+            visible.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            // A long poll that finds nothing waits a little.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(batch)
+    }
+
+    async fn set_visibility(&self, receipt: &Receipt, timeout: Duration) -> Result<(), QueueError> {
+        self.visibility
+            .lock()
+            .unwrap()
+            .push((receipt.clone(), timeout));
+        Ok(())
+    }
+
+    async fn delete(&self, receipts: &[Receipt]) -> Result<Vec<Receipt>, QueueError> {
+        assert!(receipts.len() <= crate::queue::MAX_BATCH);
+        self.deleted
+            .lock()
+            .unwrap()
+            .extend(receipts.iter().cloned());
+        Ok(Vec::new())
+    }
+
+    async fn dead_letter(
+        &self,
+        message: &Message,
+        reason: &str,
+    ) -> Result<DeadLettered, QueueError> {
+        match &self.dead {
+            Some(dead) => {
+                dead.lock()
+                    .unwrap()
+                    .push((message.id.clone(), reason.to_owned()));
+                Ok(DeadLettered::Sent)
+            }
+            None => Ok(DeadLettered::NotConfigured),
+        }
+    }
+
+    async fn send(&self, body: &str, _: &SendOptions) -> Result<String, QueueError> {
+        let mut sent = self.sent.lock().unwrap();
+        sent.push(body.to_owned());
+        Ok(format!("sent-{}", sent.len()))
+    }
+}

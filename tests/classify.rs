@@ -1,0 +1,296 @@
+//! Every PostToConnection answer the engine must tell apart, produced by a
+//! real HTTP server and read by the real SDK client (SDK retries off).
+//!
+//! Each row gets its own server on 127.0.0.1 that answers every request the
+//! same way and records what it saw, so the test also pins the request: one
+//! per send, the `/{stage}/@connections/{id}` path with the id
+//! percent-encoded, and a SigV4 signature for `execute-api`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_apigatewaymanagement::config::Credentials;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::Response;
+use bytes::Bytes;
+use fanout::connection::ConnectionId;
+use fanout::gateway::apigw::ApiGatewaySender;
+use fanout::gateway::{Gateway, PostOutcome};
+
+const STAGE: &str = "test-stage";
+const CONNECTION_ID: &str = "L0SM9cOFvHcCIhw=";
+const ENCODED_PATH: &str = "/test-stage/@connections/L0SM9cOFvHcCIhw%3D";
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What a row's server answers.
+#[derive(Clone)]
+struct Answer {
+    status: u16,
+    error_type: Option<&'static str>,
+    body: &'static str,
+    /// Held back this long before answering.
+    delay: Duration,
+}
+
+const fn answer(status: u16, error_type: Option<&'static str>, body: &'static str) -> Answer {
+    Answer {
+        status,
+        error_type,
+        body,
+        delay: Duration::ZERO,
+    }
+}
+
+/// What the server saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: Method,
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+#[derive(Clone)]
+struct Server {
+    answer: Answer,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+async fn respond(State(server): State<Server>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .expect("read the request body");
+    server.seen.lock().expect("seen lock").push(Seen {
+        method: parts.method,
+        path: parts.uri.path().to_owned(),
+        headers: parts.headers,
+        body,
+    });
+    tokio::time::sleep(server.answer.delay).await;
+    let mut response = Response::builder()
+        .status(StatusCode::from_u16(server.answer.status).expect("valid status"))
+        .header("x-amzn-RequestId", "test-request");
+    if let Some(error_type) = server.answer.error_type {
+        response = response
+            .header("x-amzn-ErrorType", error_type)
+            .header("content-type", "application/json");
+    }
+    response
+        .body(Body::from(server.answer.body))
+        .expect("valid response")
+}
+
+/// Starts a server answering `answer`; returns its endpoint and request log.
+async fn serve(answer: Answer) -> (String, Arc<Mutex<Vec<Seen>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let app = Router::new().fallback(respond).with_state(Server {
+        answer,
+        seen: seen.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a test port");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/{STAGE}"), seen)
+}
+
+/// An endpoint on a port nothing listens on.
+async fn closed_endpoint() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a test port");
+    let addr = listener.local_addr().expect("local addr");
+    drop(listener);
+    format!("http://{addr}/{STAGE}")
+}
+
+async fn sender(endpoint: &str) -> ApiGatewaySender {
+    let config = fanout::aws::config_loader()
+        .region("us-east-1")
+        .credentials_provider(Credentials::new(
+            "test",
+            "test",
+            None,
+            None,
+            "classify-test",
+        ))
+        .load()
+        .await;
+    let client = fanout::aws::apigw_client(&config, endpoint, ATTEMPT_TIMEOUT)
+        .expect("a valid test endpoint");
+    ApiGatewaySender::new(client)
+}
+
+fn gone_json() -> &'static str {
+    r#"{"message":"Gone"}"#
+}
+
+#[derive(Debug, PartialEq)]
+enum Expect {
+    Delivered,
+    Gone,
+    Throttled,
+    PayloadTooLarge,
+    Forbidden,
+    Rejected,
+    Transient,
+}
+
+fn kind(outcome: &PostOutcome) -> Expect {
+    match outcome {
+        PostOutcome::Delivered => Expect::Delivered,
+        PostOutcome::Gone => Expect::Gone,
+        PostOutcome::Throttled => Expect::Throttled,
+        PostOutcome::PayloadTooLarge => Expect::PayloadTooLarge,
+        PostOutcome::Forbidden(_) => Expect::Forbidden,
+        PostOutcome::Rejected(_) => Expect::Rejected,
+        PostOutcome::Transient(_) => Expect::Transient,
+    }
+}
+
+#[tokio::test]
+async fn every_answer_is_classified_after_exactly_one_request() {
+    let rows: Vec<(&str, Answer, Expect)> = vec![
+        ("200", answer(200, None, ""), Expect::Delivered),
+        (
+            "410 GoneException",
+            answer(410, Some("GoneException"), gone_json()),
+            Expect::Gone,
+        ),
+        ("bare 410", answer(410, None, ""), Expect::Gone),
+        (
+            "410 non-JSON body",
+            answer(410, None, "<html>gone</html>"),
+            Expect::Gone,
+        ),
+        (
+            "413 PayloadTooLargeException",
+            answer(
+                413,
+                Some("PayloadTooLargeException"),
+                r#"{"message":"Message too long"}"#,
+            ),
+            Expect::PayloadTooLarge,
+        ),
+        (
+            "429 LimitExceededException",
+            answer(
+                429,
+                Some("LimitExceededException"),
+                r#"{"message":"Rate exceeded"}"#,
+            ),
+            Expect::Throttled,
+        ),
+        (
+            "403 ForbiddenException",
+            answer(
+                403,
+                Some("ForbiddenException"),
+                r#"{"message":"Forbidden"}"#,
+            ),
+            Expect::Forbidden,
+        ),
+        ("500", answer(500, None, ""), Expect::Transient),
+        ("502", answer(502, None, "Bad Gateway"), Expect::Transient),
+        (
+            "503",
+            answer(
+                503,
+                Some("ServiceUnavailableException"),
+                r#"{"message":"unavailable"}"#,
+            ),
+            Expect::Transient,
+        ),
+        (
+            "400 BadRequestException",
+            answer(
+                400,
+                Some("BadRequestException"),
+                r#"{"message":"Invalid connectionId"}"#,
+            ),
+            Expect::Rejected,
+        ),
+        (
+            "slower than the attempt timeout",
+            Answer {
+                delay: ATTEMPT_TIMEOUT * 4,
+                ..answer(200, None, "")
+            },
+            Expect::Transient,
+        ),
+    ];
+
+    let payload = Bytes::from_static(br#"{"hello":"world"}"#);
+    let id = ConnectionId::from(CONNECTION_ID);
+    let mut failures = Vec::new();
+    for (name, answer, expected) in rows {
+        let (endpoint, seen) = serve(answer).await;
+        let outcome = sender(&endpoint).await.post(&id, payload.clone()).await;
+        if kind(&outcome) != expected {
+            failures.push(format!("{name}: expected {expected:?}, got {outcome:?}"));
+        }
+        let seen = seen.lock().expect("seen lock").clone();
+        if seen.len() != 1 {
+            failures.push(format!(
+                "{name}: the server saw {} requests, not 1 (SDK retries must be off)",
+                seen.len()
+            ));
+            continue;
+        }
+        let request = &seen[0];
+        assert_eq!(request.method, Method::POST, "{name}");
+        assert_eq!(request.path, ENCODED_PATH, "{name}");
+        assert_eq!(request.body, payload, "{name}");
+        let authorization = request
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        assert!(
+            authorization.starts_with("AWS4-HMAC-SHA256 Credential=test/")
+                && authorization.contains("/us-east-1/execute-api/aws4_request"),
+            "{name}: not SigV4 for execute-api: {authorization:?}"
+        );
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_transient() {
+    let endpoint = closed_endpoint().await;
+    let outcome = sender(&endpoint)
+        .await
+        .post(&ConnectionId::from(CONNECTION_ID), Bytes::from_static(b"x"))
+        .await;
+    assert!(
+        matches!(outcome, PostOutcome::Transient(_)),
+        "expected Transient, got {outcome:?}"
+    );
+}
+
+#[tokio::test]
+async fn forbidden_says_what_to_check() {
+    let (endpoint, _seen) = serve(answer(
+        403,
+        Some("ForbiddenException"),
+        r#"{"message":"Forbidden"}"#,
+    ))
+    .await;
+    let outcome = sender(&endpoint)
+        .await
+        .post(&ConnectionId::from(CONNECTION_ID), Bytes::from_static(b"x"))
+        .await;
+    let PostOutcome::Forbidden(message) = outcome else {
+        panic!("expected Forbidden, got {outcome:?}");
+    };
+    assert!(message.contains("stage"), "{message}");
+    assert!(
+        message.contains("execute-api:ManageConnections"),
+        "{message}"
+    );
+}

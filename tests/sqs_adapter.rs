@@ -1,0 +1,255 @@
+//! `SqsQueue` against the SQS emulator (moto): receive, visibility, batch
+//! delete, dead letters with their reason, and the error mapping.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use fanout::queue::sqs::{REASON_ATTRIBUTE, SOURCE_MESSAGE_ATTRIBUTE, SqsQueue};
+use fanout::queue::{DeadLettered, JobQueue, Message, QueueError, Receipt, SendOptions};
+use support::{QueueSpec, counts, create_queue, create_queue_with_dlq, receive_all};
+
+const WAIT: Duration = Duration::from_secs(1);
+
+async fn adapter(url: &str, dead_letter_url: Option<String>) -> SqsQueue {
+    let config = support::sdk_config().await;
+    SqsQueue::new(
+        fanout::aws::sqs_client(&config, WAIT),
+        url,
+        dead_letter_url,
+        WAIT,
+    )
+}
+
+/// Receives until `n` messages arrived (moto may split a batch).
+async fn receive_n(queue: &SqsQueue, n: usize) -> Vec<Message> {
+    let mut messages = Vec::new();
+    for _ in 0..10 {
+        if messages.len() >= n {
+            break;
+        }
+        messages.extend(queue.receive(10).await.expect("receive"));
+    }
+    assert_eq!(messages.len(), n, "received {messages:?}");
+    messages
+}
+
+#[tokio::test]
+async fn sent_jobs_are_received_and_deleted_in_one_batch() {
+    let sqs = support::sqs().await;
+    let q = create_queue(&sqs, "jobs", &QueueSpec::default()).await;
+    let queue = adapter(&q.url, None).await;
+
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let id = queue
+            .send(&format!("job {i}"), &SendOptions::default())
+            .await
+            .expect("send");
+        sent.push(id);
+    }
+    let messages = receive_n(&queue, 3).await;
+    let mut bodies: Vec<_> = messages.iter().map(|m| m.body.clone()).collect();
+    bodies.sort();
+    assert_eq!(bodies, ["job 0", "job 1", "job 2"]);
+    let mut ids: Vec<_> = messages.iter().map(|m| m.id.clone()).collect();
+    ids.sort();
+    sent.sort();
+    assert_eq!(ids, sent);
+    assert!(messages.iter().all(|m| m.receive_count == 1));
+
+    let receipts: Vec<Receipt> = messages.iter().map(|m| m.receipt.clone()).collect();
+    let failed = queue.delete(&receipts).await.expect("delete");
+    assert!(failed.is_empty(), "failed: {failed:?}");
+    assert_eq!(counts(&sqs, &q.url).await, (0, 0));
+}
+
+#[tokio::test]
+async fn an_empty_queue_answers_with_no_messages() {
+    let sqs = support::sqs().await;
+    let q = create_queue(&sqs, "empty", &QueueSpec::default()).await;
+    let queue = adapter(&q.url, None).await;
+    assert!(queue.receive(10).await.expect("receive").is_empty());
+}
+
+#[tokio::test]
+async fn visibility_hides_a_message_and_a_zero_timeout_releases_it() {
+    let sqs = support::sqs().await;
+    let q = create_queue(
+        &sqs,
+        "visibility",
+        &QueueSpec {
+            visibility_seconds: Some(1),
+            ..QueueSpec::default()
+        },
+    )
+    .await;
+    let queue = adapter(&q.url, None).await;
+    queue
+        .send("job", &SendOptions::default())
+        .await
+        .expect("send");
+
+    let first = receive_n(&queue, 1).await.remove(0);
+    // A heartbeat well past the queue's 1 s default keeps it hidden.
+    queue
+        .set_visibility(&first.receipt, Duration::from_secs(60))
+        .await
+        .expect("heartbeat");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(counts(&sqs, &q.url).await, (0, 1));
+    assert!(queue.receive(10).await.expect("receive").is_empty());
+
+    // Release: visible at once, and the receive count goes up.
+    queue
+        .set_visibility(&first.receipt, Duration::ZERO)
+        .await
+        .expect("release");
+    let second = receive_n(&queue, 1).await.remove(0);
+    assert_eq!(second.id, first.id);
+    assert_eq!(second.receive_count, 2);
+}
+
+#[tokio::test]
+async fn a_failed_delete_entry_comes_back_as_its_receipt() {
+    let sqs = support::sqs().await;
+    let q = create_queue(&sqs, "partial-delete", &QueueSpec::default()).await;
+    let queue = adapter(&q.url, None).await;
+    queue
+        .send("job", &SendOptions::default())
+        .await
+        .expect("send");
+    let message = receive_n(&queue, 1).await.remove(0);
+
+    let bogus = Receipt("not-a-receipt-handle".to_owned());
+    let failed = queue
+        .delete(&[message.receipt.clone(), bogus.clone()])
+        .await
+        .expect("delete");
+    assert_eq!(failed, [bogus]);
+    assert_eq!(counts(&sqs, &q.url).await, (0, 0));
+}
+
+#[tokio::test]
+async fn a_stale_receipt_is_reported_as_such() {
+    let sqs = support::sqs().await;
+    let q = create_queue(&sqs, "stale", &QueueSpec::default()).await;
+    let queue = adapter(&q.url, None).await;
+    let err = queue
+        .set_visibility(
+            &Receipt("not-a-receipt-handle".to_owned()),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect_err("a bogus receipt must fail");
+    assert!(matches!(err, QueueError::StaleReceipt), "{err:?}");
+}
+
+#[tokio::test]
+async fn dead_letters_carry_the_body_and_the_reason() {
+    let sqs = support::sqs().await;
+    let (q, dlq) = create_queue_with_dlq(&sqs, "dl", false, None).await;
+    let queue = adapter(&q.url, Some(dlq.url.clone())).await;
+    queue
+        .send(r#"{"payload":"poison"}"#, &SendOptions::default())
+        .await
+        .expect("send");
+    let message = receive_n(&queue, 1).await.remove(0);
+
+    let reason = format!("payload too large: {}", "é".repeat(5000));
+    let outcome = queue
+        .dead_letter(&message, &reason)
+        .await
+        .expect("dead letter");
+    assert_eq!(outcome, DeadLettered::Sent);
+
+    let letters = receive_all(&sqs, &dlq.url).await;
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(letter.body, message.body);
+    assert_eq!(letter.attributes[SOURCE_MESSAGE_ATTRIBUTE], message.id);
+    let stored = &letter.attributes[REASON_ATTRIBUTE];
+    assert!(reason.starts_with(stored.as_str()));
+    assert!(stored.starts_with("payload too large: é"));
+    assert!(stored.chars().count() < reason.chars().count());
+}
+
+#[tokio::test]
+async fn fifo_dead_letters_and_sends_carry_group_and_deduplication_ids() {
+    let sqs = support::sqs().await;
+    let (q, dlq) = create_queue_with_dlq(&sqs, "fifo", true, None).await;
+    let queue = adapter(&q.url, Some(dlq.url.clone())).await;
+    let options = SendOptions {
+        group_id: Some("channel-7".to_owned()),
+        deduplication_id: Some("job-7".to_owned()),
+    };
+    queue.send("job 7", &options).await.expect("fifo send");
+    let message = receive_n(&queue, 1).await.remove(0);
+    assert_eq!(message.body, "job 7");
+
+    queue
+        .dead_letter(&message, "bad job")
+        .await
+        .expect("dead letter");
+    // The same job dead-lettered again (its delete failed) is deduplicated.
+    queue
+        .dead_letter(&message, "bad job")
+        .await
+        .expect("dead letter twice");
+    let letters = receive_all(&sqs, &dlq.url).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].attributes[REASON_ATTRIBUTE], "bad job");
+    assert_eq!(letters[0].system["MessageGroupId"], message.id);
+}
+
+#[tokio::test]
+async fn without_a_dead_letter_queue_nothing_is_sent() {
+    let sqs = support::sqs().await;
+    let q = create_queue(&sqs, "no-dlq", &QueueSpec::default()).await;
+    let queue = adapter(&q.url, None).await;
+    queue
+        .send("job", &SendOptions::default())
+        .await
+        .expect("send");
+    let message = receive_n(&queue, 1).await.remove(0);
+    let outcome = queue.dead_letter(&message, "bad").await.expect("no-op");
+    assert_eq!(outcome, DeadLettered::NotConfigured);
+}
+
+#[tokio::test]
+async fn a_missing_queue_is_named() {
+    let sqs = support::sqs().await;
+    // A real queue's URL with another name: same account and host.
+    let q = create_queue(&sqs, "exists", &QueueSpec::default()).await;
+    let missing = format!("{}-missing", q.url);
+    let queue = adapter(&missing, None).await;
+    let err = queue.receive(1).await.expect_err("no such queue");
+    match err {
+        QueueError::NoSuchQueue { url } => assert_eq!(url, missing),
+        other => panic!("expected NoSuchQueue, got {other:?}"),
+    }
+    let err = queue
+        .send("job", &SendOptions::default())
+        .await
+        .expect_err("no such queue");
+    assert!(matches!(err, QueueError::NoSuchQueue { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_is_unavailable_quickly() {
+    let config = support::unreachable_config().await;
+    let queue = SqsQueue::new(
+        fanout::aws::sqs_client(&config, WAIT),
+        "http://127.0.0.1:1/000000000000/jobs",
+        None,
+        WAIT,
+    );
+    let started = Instant::now();
+    let err = queue.receive(1).await.expect_err("nothing listens");
+    assert!(matches!(err, QueueError::Unavailable(_)), "{err:?}");
+    assert!(
+        started.elapsed() < support::UNREACHABLE_WITHIN,
+        "took {:?}",
+        started.elapsed()
+    );
+}
