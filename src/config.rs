@@ -46,6 +46,10 @@ pub const KEYS: &[&str] = &[
     "job_retry_base",
     "job_retry_max",
     "shutdown_grace",
+    "metrics_listen",
+    "emf_interval",
+    "health_max_age",
+    "metrics_service",
 ];
 
 /// SQS long polls wait at most 20 s.
@@ -95,6 +99,12 @@ struct Raw {
     job_retry_max: Duration,
     #[serde(with = "humantime_serde")]
     shutdown_grace: Duration,
+    metrics_listen: std::net::SocketAddr,
+    #[serde(with = "humantime_serde")]
+    emf_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    health_max_age: Duration,
+    metrics_service: String,
 }
 
 /// The validated configuration.
@@ -136,6 +146,13 @@ pub struct Config {
     pub job_retry_max: Duration,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    pub metrics_listen: std::net::SocketAddr,
+    /// `None`: no EMF lines.
+    #[serde(with = "humantime_serde")]
+    pub emf_interval: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub health_max_age: Duration,
+    pub metrics_service: String,
 }
 
 /// What the worker needs beyond the queue.
@@ -431,6 +448,15 @@ impl Validator<'_> {
         if raw.shutdown_grace.is_zero() {
             return Err(self.invalid("shutdown_grace", "must be more than zero"));
         }
+        if raw.health_max_age <= raw.receive_wait {
+            return Err(self.invalid(
+                "health_max_age",
+                "must be longer than receive_wait, or an idle worker looks dead between polls",
+            ));
+        }
+        let metrics_service = self
+            .non_empty("metrics_service", Some(raw.metrics_service))?
+            .unwrap_or_default();
 
         Ok(Config {
             queue_url,
@@ -456,6 +482,10 @@ impl Validator<'_> {
             job_retry_base: raw.job_retry_base,
             job_retry_max: raw.job_retry_max,
             shutdown_grace: raw.shutdown_grace,
+            metrics_listen: raw.metrics_listen,
+            emf_interval: (!raw.emf_interval.is_zero()).then_some(raw.emf_interval),
+            health_max_age: raw.health_max_age,
+            metrics_service,
         })
     }
 }
@@ -596,6 +626,8 @@ mod tests {
             ),
             ("FANOUT_SEND_RETRY_BASE", "1m", "send_retry_base"),
             ("FANOUT_TABLE", " ", "must not be empty"),
+            ("FANOUT_METRICS_LISTEN", "localhost", "metrics_listen"),
+            ("FANOUT_HEALTH_MAX_AGE", "5s", "health_max_age"),
         ];
         for (var, value, expected) in cases {
             Jail::expect_with(|jail| {

@@ -27,6 +27,9 @@
 //!   report.
 //! - [`worker`]: receive → fan out → settle the message; heartbeat; shutdown.
 //! - [`telemetry`]: JSON logs and process-wide counters.
+//! - [`metrics`]: the counters as CloudWatch EMF lines and Prometheus text,
+//!   `/metrics` and `/healthz`, and the `fanout health` probe.
+//! - [`ecs`]: ECS task scale-in protection while jobs run.
 //! - [`local`]: development tools: a local API Gateway WebSocket stand-in and
 //!   a WebSocket load client. Never on the worker's path.
 
@@ -34,11 +37,13 @@ pub mod aws;
 pub mod backoff;
 pub mod config;
 pub mod connection;
+pub mod ecs;
 pub mod fanout;
 pub mod gateway;
 pub mod job;
 pub mod limiter;
 pub mod local;
+pub mod metrics;
 pub mod progress;
 pub mod queue;
 pub mod remover;

@@ -44,6 +44,9 @@ const STALE_RECEIPT_CODES: &[&str] = &[
     "AWS.SimpleQueueService.MessageNotInflight",
 ];
 
+/// Error codes for throttling: passing, like an outage.
+const THROTTLED_CODES: &[&str] = &["RequestThrottled", "ThrottlingException"];
+
 /// The jobs queue and its optional dead-letter queue.
 #[derive(Clone, Debug)]
 pub struct SqsQueue {
@@ -251,25 +254,35 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     match &err {
-        SdkError::ServiceError(ctx) => {
-            let code = ctx.err().code().unwrap_or_default();
-            let status = ctx.raw().status().as_u16();
-            if NO_SUCH_QUEUE_CODES.contains(&code) {
-                QueueError::NoSuchQueue {
-                    url: url.to_owned(),
-                }
-            } else if STALE_RECEIPT_CODES.contains(&code) {
-                QueueError::StaleReceipt
-            } else if status >= 500 {
-                QueueError::Unavailable(DisplayErrorContext(&err).to_string())
-            } else {
-                QueueError::Rejected(DisplayErrorContext(&err).to_string())
-            }
-        }
+        SdkError::ServiceError(ctx) => service_error(
+            url,
+            ctx.raw().status().as_u16(),
+            ctx.err().code().unwrap_or_default(),
+            ctx.err().message().unwrap_or_default(),
+        ),
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             QueueError::Unavailable(DisplayErrorContext(&err).to_string())
         }
         _ => QueueError::Rejected(DisplayErrorContext(&err).to_string()),
+    }
+}
+
+/// What an error answer from SQS means, by its code and status.
+fn service_error(url: &str, status: u16, code: &str, message: &str) -> QueueError {
+    let detail = || format!("SQS answered HTTP {status} ({code}: {message})");
+    if NO_SUCH_QUEUE_CODES.contains(&code) {
+        QueueError::NoSuchQueue {
+            url: url.to_owned(),
+        }
+    } else if STALE_RECEIPT_CODES.contains(&code)
+        // AWS reports an expired receipt as a bad parameter value.
+        || (code == "InvalidParameterValue" && message.contains("ReceiptHandle"))
+    {
+        QueueError::StaleReceipt
+    } else if status >= 500 || THROTTLED_CODES.contains(&code) {
+        QueueError::Unavailable(detail())
+    } else {
+        QueueError::Rejected(detail())
     }
 }
 
@@ -283,6 +296,53 @@ mod tests {
         assert_eq!(truncate("héllo", 5), "héllo");
         assert_eq!(truncate("héllo", 50), "héllo");
         assert_eq!(truncate("", 3), "");
+    }
+
+    #[test]
+    fn error_answers_map_by_code_then_status() {
+        let url = "http://127.0.0.1:5320/000000000000/jobs";
+        let map = |status, code, message| service_error(url, status, code, message);
+        assert!(matches!(
+            map(400, "AWS.SimpleQueueService.NonExistentQueue", ""),
+            QueueError::NoSuchQueue { url: u } if u == url
+        ));
+        assert!(matches!(
+            map(400, "QueueDoesNotExist", ""),
+            QueueError::NoSuchQueue { .. }
+        ));
+        assert!(matches!(
+            map(400, "ReceiptHandleIsInvalid", ""),
+            QueueError::StaleReceipt
+        ));
+        assert!(matches!(
+            map(
+                400,
+                "InvalidParameterValue",
+                "Value abc for parameter ReceiptHandle is invalid. Reason: The receipt handle has expired."
+            ),
+            QueueError::StaleReceipt
+        ));
+        assert!(matches!(
+            map(
+                400,
+                "InvalidParameterValue",
+                "MaxNumberOfMessages must be 1 to 10"
+            ),
+            QueueError::Rejected(_)
+        ));
+        assert!(matches!(
+            map(400, "RequestThrottled", ""),
+            QueueError::Unavailable(_)
+        ));
+        assert!(matches!(
+            map(503, "ServiceUnavailable", ""),
+            QueueError::Unavailable(_)
+        ));
+        assert!(matches!(map(500, "", ""), QueueError::Unavailable(_)));
+        assert!(matches!(
+            map(403, "AccessDenied", ""),
+            QueueError::Rejected(_)
+        ));
     }
 
     #[test]

@@ -13,7 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use aws_config::SdkConfig;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement,
-    KeyType, Projection, ProjectionType, PutRequest, ScalarAttributeType, WriteRequest,
+    KeyType, Projection, ProjectionType, PutRequest, ScalarAttributeType, TableStatus,
+    WriteRequest,
 };
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 
@@ -312,7 +313,22 @@ pub async fn create_table(
         );
     }
     request.send().await.expect("create a test table");
-    name
+    // dynalite creates tables asynchronously even with --createTableMs 0.
+    for _ in 0..250 {
+        let status = ddb
+            .describe_table()
+            .table_name(&name)
+            .send()
+            .await
+            .expect("describe the test table")
+            .table()
+            .and_then(|t| t.table_status().cloned());
+        if status == Some(TableStatus::Active) {
+            return name;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the test table {name} did not become active within 5 s");
 }
 
 /// Puts one row per id (25 a call), with `channel` when given.
@@ -383,3 +399,34 @@ pub async fn remaining_ids(ddb: &aws_sdk_dynamodb::Client, table: &str) -> BTree
 /// How long an unreachable peer may take to fail: standard retries back off
 /// about 1 s and 2 s at most before giving up.
 pub const UNREACHABLE_WITHIN: Duration = Duration::from_secs(10);
+
+/// Every row still in the table, as (channel, connection id).
+pub async fn remaining_rows(
+    ddb: &aws_sdk_dynamodb::Client,
+    table: &str,
+) -> BTreeSet<(Option<String>, String)> {
+    let mut rows = BTreeSet::new();
+    let mut start = None;
+    loop {
+        let output = ddb
+            .scan()
+            .table_name(table)
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .expect("scan a test table");
+        for item in output.items() {
+            let text = |name: &str| match item.get(name) {
+                Some(AttributeValue::S(s)) => Some(s.clone()),
+                _ => None,
+            };
+            if let Some(id) = text(ID) {
+                rows.insert((text(CHANNEL), id));
+            }
+        }
+        start = output.last_evaluated_key().cloned();
+        if start.is_none() {
+            return rows;
+        }
+    }
+}

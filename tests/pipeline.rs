@@ -1,0 +1,569 @@
+//! The whole pipeline with real peers: the `fanout` binary as operators run
+//! it, SQS (moto) and DynamoDB (dynalite) emulators, the local API Gateway
+//! stand-in, and real WebSocket clients.
+
+mod local_support;
+mod support;
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::Stdio;
+use std::time::Duration;
+
+use fanout::local::clients::Swarm;
+use fanout::local::gateway::GatewayArgs;
+use local_support::TestGateway;
+use support::{TableKey, TestQueue};
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+
+const FANOUT: &str = env!("CARGO_BIN_EXE_fanout");
+
+/// Everything one test needs: a queue and its dead-letter queue, a table
+/// with a channel index, a gateway over that table.
+struct Pipeline {
+    sqs: aws_sdk_sqs::Client,
+    dynamo: aws_sdk_dynamodb::Client,
+    queue: TestQueue,
+    dlq: TestQueue,
+    table: String,
+    gateway: TestGateway,
+    /// Extra FANOUT_* settings for the worker.
+    env: Vec<(String, String)>,
+}
+
+/// What a worker run printed and how it ended.
+struct Run {
+    status: std::process::ExitStatus,
+    /// The per-job `broadcast` log lines, by job id.
+    reports: HashMap<String, serde_json::Value>,
+    stdout: String,
+}
+
+impl Pipeline {
+    async fn new(configure: impl FnOnce(&mut GatewayArgs)) -> Self {
+        let sqs = support::sqs().await;
+        let dynamo = support::dynamodb().await;
+        let (queue, dlq) = support::create_queue_with_dlq(&sqs, "e2e", false, None).await;
+        let table = support::create_table(&dynamo, "e2e", TableKey::Id, true).await;
+        let gateway_table = table.clone();
+        let gateway = TestGateway::start(move |args| {
+            args.table = gateway_table;
+            configure(args);
+        })
+        .await;
+        Self {
+            sqs,
+            dynamo,
+            queue,
+            dlq,
+            table,
+            gateway,
+            env: Vec::new(),
+        }
+    }
+
+    fn set(&mut self, key: &str, value: impl ToString) {
+        self.env.push((key.to_owned(), value.to_string()));
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(FANOUT);
+        command
+            .args(args)
+            .env("FANOUT_QUEUE_URL", &self.queue.url)
+            .env("FANOUT_DEAD_LETTER_QUEUE_URL", &self.dlq.url)
+            .env("FANOUT_TABLE", &self.table)
+            .env("FANOUT_CHANNEL_INDEX", support::CHANNEL_INDEX)
+            .env(
+                "FANOUT_GATEWAY_ENDPOINT",
+                format!("http://{}/{}", self.gateway.addr, self.gateway.stage),
+            )
+            .env("FANOUT_RECEIVE_WAIT", "1s")
+            // Tests run workers side by side: any free port.
+            .env("FANOUT_METRICS_LISTEN", "127.0.0.1:0")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// `fanout enqueue ARGS`; returns the message id.
+    async fn enqueue(&self, args: &[&str]) -> String {
+        let mut all = vec!["enqueue"];
+        all.extend_from_slice(args);
+        let out = self
+            .command(&all)
+            .output()
+            .await
+            .expect("run fanout enqueue");
+        assert!(
+            out.status.success(),
+            "fanout enqueue {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_owned()
+    }
+
+    /// Puts a raw body on the jobs queue, as any producer's SDK would.
+    async fn send_raw(&self, body: &str) {
+        self.sqs
+            .send_message()
+            .queue_url(&self.queue.url)
+            .message_body(body)
+            .send()
+            .await
+            .expect("send a raw job");
+    }
+
+    fn spawn_worker(&self, exit_when_idle: bool) -> Child {
+        let mut args = vec!["run"];
+        if exit_when_idle {
+            args.push("--exit-when-idle");
+        }
+        self.command(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start fanout run")
+    }
+
+    /// Runs `fanout run --exit-when-idle` to its end.
+    async fn run_until_idle(&self) -> Run {
+        let child = self.spawn_worker(true);
+        finish(child, Duration::from_secs(120)).await
+    }
+
+    async fn rows(&self) -> BTreeSet<String> {
+        support::remaining_ids(&self.dynamo, &self.table).await
+    }
+
+    async fn connect(&self, count: usize, channel: Option<&str>) -> Swarm {
+        Swarm::connect(&self.gateway.ws_url(), count, channel, 32)
+            .await
+            .expect("open WebSocket clients")
+    }
+}
+
+/// Waits for a worker to exit (killing it past `limit`) and collects its
+/// output.
+async fn finish(mut child: Child, limit: Duration) -> Run {
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let mut out = String::new();
+    let mut err = String::new();
+    let waited = tokio::time::timeout(limit, async {
+        let (_, _, status) = tokio::join!(
+            stdout.read_to_string(&mut out),
+            stderr.read_to_string(&mut err),
+            child.wait()
+        );
+        status
+    })
+    .await;
+    let status = match waited {
+        Ok(status) => status.expect("wait for fanout"),
+        Err(_) => {
+            let _ = child.kill().await;
+            panic!("fanout run did not finish in {limit:?}\nstdout:\n{out}\nstderr:\n{err}");
+        }
+    };
+    let reports = out
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|v| v["message"] == "broadcast")
+        .map(|v| (v["job_id"].as_str().unwrap_or_default().to_owned(), v))
+        .collect();
+    Run {
+        status,
+        reports,
+        stdout: format!("{out}\n--- stderr ---\n{err}"),
+    }
+}
+
+/// An address on loopback that nothing listens on now.
+fn free_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    listener.local_addr().expect("local addr")
+}
+
+/// A file holding `len` copies of `fill`, for payloads too big for argv.
+fn payload_file(fill: &str, len: usize) -> String {
+    let path = std::env::temp_dir().join(support::unique("payload"));
+    std::fs::write(&path, fill.repeat(len)).expect("write a payload file");
+    path.to_string_lossy().into_owned()
+}
+
+fn count(report: &serde_json::Value, key: &str) -> u64 {
+    report[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {report}"))
+}
+
+#[tokio::test]
+async fn every_live_client_gets_each_message_once_and_only_gone_rows_are_removed() {
+    let p = Pipeline::new(|args| args.keep_stale = true).await;
+    let mut clients = p.connect(40, None).await;
+    // Clients that leave without `$disconnect` reaching the table …
+    let dropped: BTreeSet<String> = clients.drop_abruptly(10).await.into_iter().collect();
+    // … and rows of connections long gone.
+    let stale = support::ids("stale", 15);
+    support::put_connections(&p.dynamo, &p.table, &stale, None).await;
+    let live: BTreeSet<String> = clients
+        .ids()
+        .into_iter()
+        .filter(|id| !dropped.contains(id))
+        .collect();
+
+    p.enqueue(&["--data", "plain text ☀", "--id", "text"]).await;
+    p.enqueue(&["--json", r#"{"score":[2,1],"final":true}"#, "--id", "json"])
+        .await;
+    p.send_raw(r#"{"id":"binary","data_base64":"AAEC/w=="}"#)
+        .await;
+    let run = p.run_until_idle().await;
+    assert!(run.status.success(), "{}", run.stdout);
+
+    assert!(clients.wait_for_frames(3, Duration::from_secs(10)).await);
+    for client in clients.clients().iter().filter(|c| live.contains(c.id())) {
+        let tally = client.tally();
+        assert_eq!(tally.text_count("plain text ☀"), 1, "{}", client.id());
+        assert_eq!(tally.text_count(r#"{"score":[2,1],"final":true}"#), 1);
+        assert_eq!(tally.binary_count(&[0, 1, 2, 255]), 1);
+        assert_eq!(tally.frames(), 3, "nothing else, nothing twice");
+    }
+    for id in ["text", "json", "binary"] {
+        let report = &run.reports[id];
+        assert_eq!(count(report, "audience"), 55, "{report}");
+        assert_eq!(count(report, "delivered"), 30, "{report}");
+        assert_eq!(count(report, "failed"), 0, "{report}");
+    }
+    let gone_total: u64 = run.reports.values().map(|r| count(r, "gone")).sum();
+    let removed_total: u64 = run.reports.values().map(|r| count(r, "removed")).sum();
+    assert!(gone_total >= 25, "the first job finds all 25 gone rows");
+    assert_eq!(gone_total, removed_total);
+    assert_eq!(p.rows().await, live, "exactly the live rows remain");
+    assert_eq!(
+        support::counts(&p.sqs, &p.queue.url).await,
+        (0, 0),
+        "jobs deleted"
+    );
+    assert_eq!(support::counts(&p.sqs, &p.dlq.url).await, (0, 0));
+}
+
+#[tokio::test]
+async fn channels_explicit_lists_exclusions_and_sns_envelopes() {
+    let p = Pipeline::new(|_| {}).await;
+    let red = p.connect(6, Some("red")).await;
+    let blue = p.connect(6, Some("blue")).await;
+    let plain = p.connect(6, None).await;
+    let blue_ids = blue.ids();
+    let plain_ids = plain.ids();
+
+    p.enqueue(&["--data", "to red", "--channel", "red"]).await;
+    p.enqueue(&[
+        "--data",
+        "to two",
+        "--connection",
+        &blue_ids[0],
+        "--connection",
+        &plain_ids[0],
+    ])
+    .await;
+    p.enqueue(&["--data", "to all but one", "--exclude", &plain_ids[1]])
+        .await;
+    let inner = serde_json::json!({"data": "via sns", "channel": "blue"}).to_string();
+    let envelope = serde_json::json!({
+        "Type": "Notification",
+        "MessageId": "0f0f0f0f-0000-0000-0000-000000000000",
+        "TopicArn": "arn:aws:sns:us-east-1:000000000000:broadcasts",
+        "Message": inner,
+        "Timestamp": "2026-11-27T12:00:00.000Z",
+    });
+    p.send_raw(&envelope.to_string()).await;
+    let run = p.run_until_idle().await;
+    assert!(run.status.success(), "{}", run.stdout);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let expect = |client: &fanout::local::clients::Client, text: &str, n: u32| {
+        assert_eq!(
+            client.tally().text_count(text),
+            n,
+            "{text:?} to {}",
+            client.id()
+        );
+    };
+    for c in red.clients() {
+        expect(c, "to red", 1);
+        expect(c, "via sns", 0);
+        expect(c, "to all but one", 1);
+    }
+    for c in blue.clients() {
+        expect(c, "to red", 0);
+        expect(c, "via sns", 1);
+        expect(c, "to two", u32::from(c.id() == blue_ids[0]));
+    }
+    for c in plain.clients() {
+        expect(c, "to two", u32::from(c.id() == plain_ids[0]));
+        expect(c, "to all but one", u32::from(c.id() != plain_ids[1]));
+    }
+    let excluded: u64 = run.reports.values().map(|r| count(r, "excluded")).sum();
+    assert_eq!(excluded, 1);
+}
+
+#[tokio::test]
+async fn bad_jobs_go_to_the_dead_letter_queue_with_their_reason_and_the_rest_is_delivered() {
+    let p = Pipeline::new(|_| {}).await;
+    let clients = p.connect(5, None).await;
+    p.send_raw("this is not json").await;
+    p.send_raw(r#"{"data":"x","chanel":"typo"}"#).await;
+    // One argument is at most 128 KiB on Linux: pass the payload as a file.
+    let oversize = payload_file("a", 131_073);
+    p.enqueue(&["--file", &oversize, "--unchecked", "--id", "big"])
+        .await;
+    p.enqueue(&["--data", "good", "--id", "good"]).await;
+    let run = p.run_until_idle().await;
+    assert!(run.status.success(), "{}", run.stdout);
+
+    assert!(clients.wait_for_frames(1, Duration::from_secs(10)).await);
+    for c in clients.clients() {
+        assert_eq!(c.tally().text_count("good"), 1);
+        assert_eq!(c.tally().frames(), 1, "no part of a bad job was sent");
+    }
+    let dead = support::receive_all(&p.sqs, &p.dlq.url).await;
+    let reasons: Vec<&str> = dead
+        .iter()
+        .map(|m| m.attributes["fanout.reason"].as_str())
+        .collect();
+    assert_eq!(dead.len(), 3, "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("not a valid job")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r.contains("chanel")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("131073 bytes")),
+        "{reasons:?}"
+    );
+    assert!(
+        dead.iter().any(|m| m.body == "this is not json"),
+        "the body is kept as it was"
+    );
+    assert_eq!(support::counts(&p.sqs, &p.queue.url).await, (0, 0));
+}
+
+#[tokio::test]
+async fn a_throttling_and_failing_gateway_still_delivers_exactly_once() {
+    let mut p = Pipeline::new(|args| {
+        args.throttle_rps = std::num::NonZeroU32::new(40);
+        args.fail_percent = 20;
+    })
+    .await;
+    p.set("FANOUT_SEND_ATTEMPTS", 30);
+    p.set("FANOUT_SEND_RETRY_BASE", "20ms");
+    p.set("FANOUT_SEND_RETRY_MAX", "500ms");
+    let clients = p.connect(60, None).await;
+    p.enqueue(&["--data", "through the storm", "--id", "storm"])
+        .await;
+    let run = p.run_until_idle().await;
+    assert!(run.status.success(), "{}", run.stdout);
+
+    assert!(clients.wait_for_frames(1, Duration::from_secs(10)).await);
+    for c in clients.clients() {
+        assert_eq!(c.tally().text_count("through the storm"), 1, "{}", c.id());
+    }
+    let report = &run.reports["storm"];
+    assert_eq!(count(report, "delivered"), 60, "{report}");
+    assert_eq!(
+        count(report, "gone"),
+        0,
+        "a 429 or 500 is never taken for gone"
+    );
+    assert!(count(report, "retries") > 0, "{report}");
+    let stats = p.gateway.stats().await;
+    assert!(stats.throttled > 0 && stats.failed > 0, "{stats:?}");
+    assert_eq!(p.rows().await.len(), 60, "no live row removed");
+}
+
+#[tokio::test]
+async fn ten_thousand_connections_with_in_flight_bounded_at_the_endpoint() {
+    let mut p = Pipeline::new(|args| args.latency_ms = 2).await;
+    p.set("FANOUT_MAX_IN_FLIGHT", 24);
+    p.set("FANOUT_RATE_PER_SECOND", 0);
+    let clients = p.connect(500, None).await;
+    let stale = support::ids("old", 9_500);
+    support::put_connections(&p.dynamo, &p.table, &stale, None).await;
+
+    p.enqueue(&["--data", "to ten thousand", "--id", "big"])
+        .await;
+    let run = p.run_until_idle().await;
+    assert!(run.status.success(), "{}", run.stdout);
+
+    let report = &run.reports["big"];
+    assert_eq!(count(report, "audience"), 10_000, "{report}");
+    assert_eq!(count(report, "delivered"), 500, "{report}");
+    assert_eq!(count(report, "gone"), 9_500, "{report}");
+    assert_eq!(count(report, "removed"), 9_500, "{report}");
+    assert!(clients.wait_for_frames(1, Duration::from_secs(10)).await);
+    assert!(clients.clients().iter().all(|c| c.tally().frames() == 1));
+    let stats = p.gateway.stats().await;
+    assert_eq!(stats.posts, 10_000);
+    assert!(
+        stats.max_in_flight <= 24,
+        "the endpoint saw {} requests at once",
+        stats.max_in_flight
+    );
+    assert!(stats.max_in_flight >= 12, "the bound is used: {stats:?}");
+    assert_eq!(p.rows().await.len(), 500);
+}
+
+#[tokio::test]
+async fn sigterm_mid_broadcast_hands_the_job_back_and_it_completes_later() {
+    let mut p = Pipeline::new(|args| {
+        args.latency_ms = 40;
+        args.keep_stale = true;
+    })
+    .await;
+    p.set("FANOUT_MAX_IN_FLIGHT", 4);
+    p.set("FANOUT_PAGE_SIZE", 20);
+    p.set("FANOUT_SHUTDOWN_GRACE", "1s");
+    let metrics_addr = free_addr();
+    p.set("FANOUT_METRICS_LISTEN", metrics_addr);
+    let clients = p.connect(30, None).await;
+    let stale = support::ids("gone", 300);
+    support::put_connections(&p.dynamo, &p.table, &stale, None).await;
+    p.enqueue(&["--data", "interrupted", "--id", "long"]).await;
+
+    let worker = p.spawn_worker(false);
+    let pid = worker.id().expect("a running worker");
+    // Wait until the broadcast is under way (~100 posts/s), then stop it.
+    let started = tokio::time::Instant::now();
+    while p.gateway.stats().await.posts < 100 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the job never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let health = |p: &Pipeline| {
+        p.command(&["health", "--addr", &metrics_addr.to_string()])
+            .output()
+    };
+    let probe = health(&p).await.expect("run fanout health");
+    assert!(probe.status.success(), "healthy while working: {probe:?}");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(killed.success());
+    let run = finish(worker, Duration::from_secs(15)).await;
+    assert!(run.status.success(), "exit 0 after SIGTERM: {}", run.stdout);
+    assert_eq!(
+        run.reports["long"]["status"], "interrupted",
+        "{}",
+        run.stdout
+    );
+
+    // The job is back on the queue, as a continuation from its last
+    // finished page.
+    let back = support::receive_all(&p.sqs, &p.queue.url).await;
+    assert_eq!(back.len(), 1, "one message visible again");
+    let body: serde_json::Value = serde_json::from_str(&back[0].body).expect("a job");
+    assert_eq!(body["id"], "long");
+    assert!(body["resume"].is_array(), "a continuation: {body}");
+    p.sqs
+        .change_message_visibility()
+        .queue_url(&p.queue.url)
+        .receipt_handle(&back[0].receipt)
+        .visibility_timeout(0)
+        .send()
+        .await
+        .expect("make it visible again");
+
+    let run = p.run_until_idle().await;
+    assert!(run.status.success(), "{}", run.stdout);
+    assert!(clients.wait_for_frames(1, Duration::from_secs(10)).await);
+    let rows = p.rows().await;
+    assert_eq!(rows.len(), 30, "every gone row removed, no live one");
+    assert_eq!(support::counts(&p.sqs, &p.queue.url).await, (0, 0));
+}
+
+#[tokio::test]
+async fn bad_configuration_exits_2_naming_the_key_and_its_source() {
+    let mut p = Pipeline::new(|_| {}).await;
+    p.set("FANOUT_RATE_PER_SECOND", "fast");
+    let out = p.command(&["run"]).output().await.expect("run fanout");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("FANOUT_RATE_PER_SECOND"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+
+    let out = p
+        .command(&["check-config"])
+        .env_remove("FANOUT_TABLE")
+        .env("FANOUT_RATE_PER_SECOND", "500")
+        .output()
+        .await
+        .expect("run check-config");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FANOUT_TABLE"));
+
+    let out = p
+        .command(&["check-config"])
+        .env("FANOUT_RATE_PER_SECOND", "500")
+        .output()
+        .await
+        .expect("run check-config");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rate_per_second = 500"));
+}
+
+#[tokio::test]
+async fn unreachable_or_missing_services_stop_the_worker_with_a_clear_error() {
+    let p = Pipeline::new(|_| {}).await;
+    // DynamoDB on a port where nothing listens.
+    let closed_url = format!("http://{}", free_addr());
+    let out = p
+        .command(&["run", "--exit-when-idle"])
+        .env("AWS_ENDPOINT_URL_DYNAMODB", &closed_url)
+        .output()
+        .await
+        .expect("run fanout");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&p.table), "{err}");
+
+    // A queue that does not exist.
+    let missing = p.queue.url.replace("e2e-", "missing-");
+    let out = p
+        .command(&["run", "--exit-when-idle"])
+        .env("FANOUT_QUEUE_URL", &missing)
+        .output()
+        .await
+        .expect("run fanout");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not exist"), "{err}");
+
+    // A table that does not exist.
+    let out = p
+        .command(&["run", "--exit-when-idle"])
+        .env("FANOUT_TABLE", "no-such-table")
+        .output()
+        .await
+        .expect("run fanout");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-table"));
+
+    // Enqueue refuses an oversize job up front, and sends nothing.
+    let big = payload_file("b", 131_073);
+    let out = p
+        .command(&["enqueue", "--file", &big])
+        .output()
+        .await
+        .expect("run fanout enqueue");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("131072"));
+    assert_eq!(support::counts(&p.sqs, &p.queue.url).await, (0, 0));
+}
