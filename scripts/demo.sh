@@ -76,6 +76,7 @@ say "installing the emulators if needed (moto $(grep -m1 MOTO_VERSION= scripts/e
 EMULATORS_STARTED=1
 ./scripts/emulators.sh start
 eval "$(./scripts/emulators.sh env)"
+export AWS_DEFAULT_REGION="$AWS_REGION" # boto3 reads this one
 rm -rf "$WORK"
 mkdir -p "$WORK"
 
@@ -110,6 +111,10 @@ export FANOUT_TABLE="$TABLE"
 export FANOUT_CHANNEL_INDEX=by-channel
 export FANOUT_GATEWAY_ENDPOINT="http://127.0.0.1:$GATEWAY_PORT/$STAGE"
 export FANOUT_RATE_PER_SECOND="${FANOUT_RATE_PER_SECOND:-2000}"
+# A short long-poll, so `--exit-when-idle` notices the empty queue quickly.
+export FANOUT_RECEIVE_WAIT="${FANOUT_RECEIVE_WAIT:-2s}"
+# Any free port: the demo does not read the worker's metrics.
+export FANOUT_METRICS_LISTEN="${FANOUT_METRICS_LISTEN:-127.0.0.1:0}"
 echo "jobs queue $FANOUT_QUEUE_URL"
 echo "dead letters $FANOUT_DEAD_LETTER_QUEUE_URL"
 
@@ -137,12 +142,17 @@ say "enqueueing three broadcasts: everyone, channel '$CHANNEL', and one over 128
 head -c 140000 /dev/zero | tr '\0' 'x' >"$WORK/oversize.txt"
 EVERYONE_ID="$("$FANOUT" enqueue --data "hello, everyone")"
 CHANNEL_ID="$("$FANOUT" enqueue --data "news for the news channel" --channel "$CHANNEL")"
-OVERSIZE_ID="$("$FANOUT" enqueue --file "$WORK/oversize.txt")"
+OVERSIZE_ID="$("$FANOUT" enqueue --unchecked --file "$WORK/oversize.txt")"
 printf '%s\n' "everyone $EVERYONE_ID" "channel $CHANNEL_ID" "oversize $OVERSIZE_ID" >"$WORK/jobs.txt"
 
 say "running the worker until the queue is empty"
 started=$SECONDS
-"$FANOUT" run --exit-when-idle >"$WORK/worker.log" 2>&1 \
+# In the background and waited for, so an interrupt is acted on at once
+# (bash defers traps while a foreground child runs).
+"$FANOUT" run --exit-when-idle >"$WORK/worker.log" 2>&1 &
+WORKER=$!
+PIDS+=("$WORKER")
+wait "$WORKER" \
   || { tail -n 20 "$WORK/worker.log" >&2; die "the worker failed (log: $WORK/worker.log)"; }
 echo "worker done in $((SECONDS - started)) s"
 
