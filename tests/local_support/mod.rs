@@ -134,22 +134,26 @@ pub struct TestGateway {
 
 impl TestGateway {
     /// Starts a gateway; `configure` adjusts the defaults (no faults, rows
-    /// removed on disconnect).
+    /// removed on disconnect, a fresh table keyed by `connectionId`).
     pub async fn start(configure: impl FnOnce(&mut GatewayArgs)) -> Self {
         let dynamo = dynamodb();
-        let table = create_table(&dynamo).await;
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let addr = listener.local_addr().expect("bound address");
         let mut args = GatewayArgs {
             listen: addr,
             stage: "test".into(),
-            table: table.clone(),
+            table: String::new(),
             keep_stale: false,
             throttle_rps: None,
             fail_percent: 0,
             latency_ms: 0,
         };
         configure(&mut args);
+        // A fresh table unless the test brought its own.
+        if args.table.is_empty() {
+            args.table = create_table(&dynamo).await;
+        }
+        let table = args.table.clone();
         let stage = args.stage.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let server_dynamo = dynamo.clone();

@@ -195,6 +195,43 @@ fn validate_stage(stage: &str) -> Result<(), GatewayError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: GatewayArgs,
+    }
+
+    #[test]
+    fn the_option_names_are_the_documented_contract() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "gateway",
+            "--listen",
+            "127.0.0.1:9000",
+            "--stage",
+            "dev",
+            "--table",
+            "connections",
+            "--keep-stale",
+            "--throttle-rps",
+            "100",
+            "--fail-percent",
+            "20",
+            "--latency-ms",
+            "5",
+        ])
+        .expect("parses");
+        let a = cli.args;
+        assert_eq!(a.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!((a.stage.as_str(), a.table.as_str()), ("dev", "connections"));
+        assert!(a.keep_stale);
+        assert_eq!(a.throttle_rps, NonZeroU32::new(100));
+        assert_eq!((a.fail_percent, a.latency_ms), (20, 5));
+        assert!(Cli::try_parse_from(["gateway", "--table", "t", "--fail-percent", "101"]).is_err());
+    }
 
     #[test]
     fn stage_names_are_one_path_segment() {
