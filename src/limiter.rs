@@ -302,7 +302,10 @@ mod tests {
         rate.throttled(t0 + DECREASE_WINDOW);
         let after = rate.pace(t0).unwrap();
         assert_eq!(after, t0 + gap * 4);
-        assert_eq!(rate.pace(t0).unwrap() - after, Duration::from_nanos(1_562_500));
+        assert_eq!(
+            rate.pace(t0).unwrap() - after,
+            Duration::from_nanos(1_562_500)
+        );
     }
 
     #[test]

@@ -58,6 +58,10 @@ enum Command {
     /// Exits 0 if the worker on this host answers healthy (container health
     /// check).
     Health(metrics::HealthArgs),
+    /// A local stand-in for an API Gateway WebSocket API (development, demos).
+    Gateway(fanout::local::gateway::GatewayArgs),
+    /// Opens N WebSocket clients; on exit prints what they received as JSON.
+    Clients(fanout::local::clients::ClientsArgs),
 }
 
 #[derive(Args)]
@@ -138,6 +142,30 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Health(args) => {
             metrics::health(&args).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Gateway(args) => {
+            telemetry::init_logging();
+            let sdk = aws::load_sdk_config().await;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            fanout::local::gateway::run(
+                args,
+                aws::dynamodb_client(&sdk),
+                shutdown.cancelled_owned(),
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Clients(args) => {
+            telemetry::init_logging();
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            let summary = fanout::local::clients::run(args, shutdown.cancelled_owned()).await?;
+            Ok(if summary.ok == Some(false) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
     }
 }
