@@ -142,6 +142,8 @@ async fn main() {
         target: Target::All,
         exclude: Default::default(),
         resume: None,
+        segment: None,
+        split: None,
     };
 
     let started = Instant::now();

@@ -40,6 +40,7 @@ pub const KEYS: &[&str] = &[
     "send_retry_max",
     "page_size",
     "scan_segments",
+    "split_segments",
     "max_concurrent_jobs",
     "receive_wait",
     "visibility_timeout",
@@ -60,8 +61,9 @@ const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
 /// DynamoDB returns at most 1 MB per page; 1,000 key-only rows fit easily and
 /// keep a resumed broadcast's duplicates to at most one page.
 const MAX_PAGE_SIZE: u32 = 1000;
-/// DynamoDB's limit on TotalSegments.
-const MAX_SCAN_SEGMENTS: u32 = 1_000_000;
+/// DynamoDB allows a million segments; more than a thousand only adds
+/// requests (the store caps it there too).
+const MAX_SCAN_SEGMENTS: u32 = 1024;
 
 /// The configuration as read, before validation. Field docs are in
 /// `config/default.toml`.
@@ -88,6 +90,7 @@ struct Raw {
     send_retry_max: Duration,
     page_size: u32,
     scan_segments: u32,
+    split_segments: u32,
     max_concurrent_jobs: u32,
     #[serde(with = "humantime_serde")]
     receive_wait: Duration,
@@ -137,6 +140,8 @@ pub struct Config {
     pub send_retry_max: Duration,
     pub page_size: u32,
     pub scan_segments: u32,
+    /// Whole-table jobs are split into this many segment jobs (1: never).
+    pub split_segments: u32,
     pub max_concurrent_jobs: u32,
     #[serde(with = "humantime_serde")]
     pub receive_wait: Duration,
@@ -409,6 +414,8 @@ impl Validator<'_> {
         let send_attempts = self.range("send_attempts", raw.send_attempts, 1, 100)?;
         let page_size = self.range("page_size", raw.page_size, 1, MAX_PAGE_SIZE)?;
         let scan_segments = self.range("scan_segments", raw.scan_segments, 1, MAX_SCAN_SEGMENTS)?;
+        let split_segments =
+            self.range("split_segments", raw.split_segments, 1, MAX_SCAN_SEGMENTS)?;
         let max_concurrent_jobs =
             self.range("max_concurrent_jobs", raw.max_concurrent_jobs, 1, 1000)?;
 
@@ -480,6 +487,7 @@ impl Validator<'_> {
             send_retry_max: raw.send_retry_max,
             page_size,
             scan_segments,
+            split_segments,
             max_concurrent_jobs,
             receive_wait: raw.receive_wait,
             visibility_timeout: raw.visibility_timeout,

@@ -245,6 +245,7 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
         capabilities: Capabilities {
             channels: config.channel_index.is_some(),
         },
+        split_segments: config.split_segments,
     };
 
     let shutdown = CancellationToken::new();

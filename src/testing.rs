@@ -75,6 +75,14 @@ impl ConnectionStore for Arc<FakeTable> {
         };
         let ids: Vec<String> = match audience {
             AudienceQuery::All { .. } => self.rows.lock().unwrap().clone(),
+            AudienceQuery::Segment { index, total } => {
+                let rows = self.rows.lock().unwrap();
+                rows.iter()
+                    .enumerate()
+                    .filter(|(n, _)| *n as u32 % total == *index)
+                    .map(|(_, id)| id.clone())
+                    .collect()
+            }
             AudienceQuery::Channel(c) => self.channels.get(c).cloned().unwrap_or_default(),
             AudienceQuery::Explicit(ids) => ids.iter().map(|i| i.to_string()).collect(),
         };

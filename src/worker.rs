@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::backoff::Backoff;
 use crate::fanout::{Engine, FanoutError, Report};
 use crate::gateway::Gateway;
-use crate::job::{self, Capabilities, Job};
+use crate::job::{self, Capabilities, Job, Target};
 use crate::queue::{DeadLettered, JobQueue, MAX_BATCH, Message, QueueError, Receipt, SendOptions};
 use crate::store::ConnectionStore;
 use crate::store::Cursor;
@@ -45,6 +45,9 @@ pub struct WorkerSettings {
     pub exit_when_idle: bool,
     /// What jobs this deployment can run.
     pub capabilities: Capabilities,
+    /// Whole-table jobs without a `split` of their own are split into this
+    /// many segment jobs (1: never).
+    pub split_segments: u32,
 }
 
 /// Waits after failed receives: an SQS blip never stops the worker.
@@ -205,6 +208,9 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             Ok(job) => job,
             Err(e) => return self.dead_letter(message, &e.to_string()).await,
         };
+        if let Some(total) = self.split_of(&job) {
+            return self.split(message, &job, total).await;
+        }
         let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone());
         let (report, result) = self.engine.run(&job, &self.abort).await;
         heartbeat.abort();
@@ -232,6 +238,46 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 self.retry_later(message).await;
             }
         }
+    }
+
+    /// How many segment jobs `job` becomes, if it is to be split.
+    fn split_of(&self, job: &Job) -> Option<u32> {
+        if job.segment.is_some() || job.resume.is_some() || job.target != Target::All {
+            return None;
+        }
+        let total = job.split.unwrap_or(self.settings.split_segments);
+        (total > 1).then_some(total)
+    }
+
+    /// Puts a broadcast's segment jobs on the queue, then deletes it. If a
+    /// send fails, the job is retried whole later: segments already sent
+    /// then run twice (duplicates, never a loss).
+    async fn split(&self, message: &Message, job: &Job, total: u32) {
+        for (index, part) in job.split_into(total).into_iter().enumerate() {
+            let sent = match serde_json::to_string(&part) {
+                Ok(body) => {
+                    let options = SendOptions {
+                        group_id: message.group_id.clone(),
+                        deduplication_id: message
+                            .group_id
+                            .as_ref()
+                            .map(|_| format!("{}-{index}", message.id)),
+                    };
+                    self.queue
+                        .send(&body, &options)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = sent {
+                tracing::error!(job_id = %job.id, index, error = %e, "splitting the job failed; it will be retried");
+                return self.retry_later(message).await;
+            }
+        }
+        tracing::info!(job_id = %job.id, segments = total, "job split into segment jobs");
+        Metrics::incr(&self.metrics.jobs_completed);
+        let _ = self.deleter.send(message.receipt.clone()).await;
     }
 
     /// Hands an unfinished job to another worker. With pages finished, a
@@ -428,6 +474,7 @@ mod tests {
             shutdown_grace: Duration::from_secs(5),
             exit_when_idle: true,
             capabilities: Capabilities { channels: false },
+            split_segments: 1,
         }
     }
 
@@ -632,6 +679,58 @@ mod tests {
         assert!(
             visibility.iter().all(|(_, t)| !t.is_zero()),
             "{visibility:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_split_job_becomes_segment_jobs_that_cover_the_table_once() {
+        let rig = Rig::new(
+            FakeQueue::with_jobs(&[r#"{"id":"big","data":"s","split":3}"#], true),
+            FakeGateway::default(),
+        );
+        rig.run(settings(), CancellationToken::new()).await;
+        assert_eq!(rig.queue.deleted_ids(), ["r0"], "the whole job is replaced");
+        assert!(
+            rig.gateway.delivered.lock().unwrap().is_empty(),
+            "nothing sent yet"
+        );
+        let parts = rig.queue.sent.lock().unwrap().clone();
+        assert_eq!(parts.len(), 3);
+
+        // Run the shares as other workers would.
+        let bodies: Vec<&str> = parts.iter().map(String::as_str).collect();
+        let rig2 = Rig::new(FakeQueue::with_jobs(&bodies, true), FakeGateway::default());
+        rig2.run(settings(), CancellationToken::new()).await;
+        let delivered = rig2.gateway.delivered.lock().unwrap();
+        let unique: std::collections::HashSet<_> = delivered.iter().map(|(id, _)| id).collect();
+        assert_eq!(delivered.len(), 20, "every row once");
+        assert_eq!(unique.len(), 20);
+        assert!(
+            rig2.queue.sent.lock().unwrap().is_empty(),
+            "shares are not split again"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_configured_split_applies_to_whole_table_jobs_only() {
+        let rig = Rig::new(
+            FakeQueue::with_jobs(
+                &[
+                    r#"{"data":"a"}"#,
+                    r#"{"data":"b","connections":["conn-1"]}"#,
+                ],
+                true,
+            ),
+            FakeGateway::default(),
+        );
+        let mut s = settings();
+        s.split_segments = 4;
+        rig.run(s, CancellationToken::new()).await;
+        assert_eq!(rig.queue.sent.lock().unwrap().len(), 4);
+        assert_eq!(
+            rig.gateway.delivered.lock().unwrap().len(),
+            1,
+            "the list job ran"
         );
     }
 

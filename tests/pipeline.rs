@@ -567,3 +567,60 @@ async fn unreachable_or_missing_services_stop_the_worker_with_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("131072"));
     assert_eq!(support::counts(&p.sqs, &p.queue.url).await, (0, 0));
 }
+
+#[tokio::test]
+async fn two_workers_share_a_split_broadcast_and_deliver_it_exactly_once() {
+    let mut p = Pipeline::new(|args| args.latency_ms = 20).await;
+    p.set("FANOUT_MAX_CONCURRENT_JOBS", 1);
+    p.set("FANOUT_MAX_IN_FLIGHT", 4);
+    let clients = p.connect(240, None).await;
+    p.send_raw(r#"{"id":"split","data":"shared","split":4}"#)
+        .await;
+
+    let workers = [p.spawn_worker(false), p.spawn_worker(false)];
+    let delivered = clients.wait_for_frames(1, Duration::from_secs(60)).await;
+    assert!(delivered, "every client got the split broadcast");
+    let started = tokio::time::Instant::now();
+    while support::counts(&p.sqs, &p.queue.url).await != (0, 0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the queue drains"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut runs = Vec::new();
+    for worker in workers {
+        let pid = worker.id().expect("running").to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        runs.push(finish(worker, Duration::from_secs(15)).await);
+    }
+
+    for c in clients.clients() {
+        assert_eq!(c.tally().text_count("shared"), 1, "{}", c.id());
+    }
+    let mut shares = BTreeSet::new();
+    for (n, run) in runs.iter().enumerate() {
+        assert!(run.status.success(), "{}", run.stdout);
+        let (mut sent, mut millis) = (0, 0);
+        for (id, report) in &run.reports {
+            assert!(shares.insert(id.clone()), "share {id} ran twice");
+            sent += count(report, "delivered");
+            millis += count(report, "duration_ms");
+        }
+        println!(
+            "worker {n}: {} shares, {sent} delivered, {:.0} deliveries/s while busy",
+            run.reports.len(),
+            sent as f64 * 1000.0 / millis.max(1) as f64
+        );
+        assert!(
+            !run.reports.is_empty(),
+            "worker {n} took a share: {}",
+            run.stdout
+        );
+    }
+    let expected: BTreeSet<String> = (0..4).map(|i| format!("split/{i}")).collect();
+    assert_eq!(shares, expected);
+}
