@@ -55,6 +55,15 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Moves dead-lettered jobs back to the jobs queue (after fixing what
+    /// failed them); prints how many moved.
+    Redrive {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Move at most this many.
+        #[arg(long, default_value_t = u64::MAX, hide_default_value = true)]
+        max: u64,
+    },
     /// Exits 0 if the worker on this host answers healthy (container health
     /// check).
     Health(metrics::HealthArgs),
@@ -139,6 +148,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => run(config, exit_when_idle).await,
         Command::Enqueue(args) => enqueue(args).await,
         Command::CheckConfig { config } => check_config(config),
+        Command::Redrive { config, max } => redrive(config, max).await,
         Command::Health(args) => {
             metrics::health(&args).await?;
             Ok(ExitCode::SUCCESS)
@@ -373,6 +383,41 @@ async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("cannot send the job")?;
     println!("{message_id}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn redrive(arg: ConfigArg, max: u64) -> anyhow::Result<ExitCode> {
+    let config = Config::load(arg.file.as_deref())?;
+    let Some(dead_letters_url) = config.dead_letter_queue_url.clone() else {
+        return Err(ConfigError::Missing {
+            key: "dead_letter_queue_url".into(),
+            env: "FANOUT_DEAD_LETTER_QUEUE_URL".into(),
+        }
+        .into());
+    };
+    let sdk = aws::load_sdk_config().await;
+    // Short polls: an empty dead-letter queue ends the command at once.
+    let dead_letters = SqsQueue::new(
+        aws::sqs_client(&sdk, Duration::ZERO),
+        dead_letters_url,
+        None,
+        Duration::ZERO,
+    );
+    let jobs = SqsQueue::new(
+        aws::sqs_client(&sdk, Duration::ZERO),
+        config.queue_url.clone(),
+        None,
+        Duration::ZERO,
+    );
+    let fifo_group = config.queue_url.ends_with(".fifo").then_some("redriven");
+    let done = fanout::redrive::redrive(&dead_letters, &jobs, max, fifo_group).await?;
+    println!("moved {} job(s) back to the jobs queue", done.moved);
+    if done.left_behind > 0 {
+        println!(
+            "{} job(s) were sent again but are also still in the dead-letter queue",
+            done.left_behind
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

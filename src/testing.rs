@@ -271,6 +271,11 @@ impl JobQueue for FakeQueue {
     }
 
     async fn send(&self, body: &str, _: &SendOptions) -> Result<String, QueueError> {
+        if self.missing {
+            return Err(QueueError::NoSuchQueue {
+                url: "http://127.0.0.1:1/q".into(),
+            });
+        }
         let mut sent = self.sent.lock().unwrap();
         sent.push(body.to_owned());
         Ok(format!("sent-{}", sent.len()))

@@ -624,3 +624,42 @@ async fn two_workers_share_a_split_broadcast_and_deliver_it_exactly_once() {
     let expected: BTreeSet<String> = (0..4).map(|i| format!("split/{i}")).collect();
     assert_eq!(shares, expected);
 }
+
+#[tokio::test]
+async fn dead_lettered_jobs_are_replayed_with_fanout_redrive() {
+    let p = Pipeline::new(|_| {}).await;
+    let clients = p.connect(5, Some("ops")).await;
+    p.enqueue(&["--data", "replayed", "--channel", "ops", "--id", "ops"])
+        .await;
+    // A worker deployed without the channel index cannot run it.
+    let child = p
+        .command(&["run", "--exit-when-idle"])
+        .env_remove("FANOUT_CHANNEL_INDEX")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start fanout run");
+    let run = finish(child, Duration::from_secs(60)).await;
+    assert!(run.status.success(), "{}", run.stdout);
+    assert_eq!(
+        support::counts(&p.sqs, &p.dlq.url).await.0,
+        1,
+        "dead-lettered"
+    );
+
+    // Fixed (the index is configured again): replay it.
+    let out = p
+        .command(&["redrive"])
+        .output()
+        .await
+        .expect("fanout redrive");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("moved 1 job"));
+    assert_eq!(support::counts(&p.sqs, &p.dlq.url).await, (0, 0));
+    let run = p.run_until_idle().await;
+    assert!(run.status.success(), "{}", run.stdout);
+    assert!(clients.wait_for_frames(1, Duration::from_secs(10)).await);
+    for c in clients.clients() {
+        assert_eq!(c.tally().text_count("replayed"), 1);
+    }
+}
