@@ -208,7 +208,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             Ok(job) => job,
             Err(e) => return self.dead_letter(message, &e.to_string()).await,
         };
-        if let Some(total) = self.split_of(&job) {
+        if let Some(total) = self.split_of(&job).filter(|_| message.group_id.is_none()) {
             return self.split(message, &job, total).await;
         }
         let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone());
@@ -240,7 +240,9 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         }
     }
 
-    /// How many segment jobs `job` becomes, if it is to be split.
+    /// How many segment jobs `job` becomes, if it is to be split. (Not on
+    /// FIFO queues: a group runs one job at a time, so shares could not run
+    /// side by side, and they would queue behind later broadcasts.)
     fn split_of(&self, job: &Job) -> Option<u32> {
         if job.segment.is_some() || job.resume.is_some() || job.target != Target::All {
             return None;
@@ -255,19 +257,11 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     async fn split(&self, message: &Message, job: &Job, total: u32) {
         for (index, part) in job.split_into(total).into_iter().enumerate() {
             let sent = match serde_json::to_string(&part) {
-                Ok(body) => {
-                    let options = SendOptions {
-                        group_id: message.group_id.clone(),
-                        deduplication_id: message
-                            .group_id
-                            .as_ref()
-                            .map(|_| format!("{}-{index}", message.id)),
-                    };
-                    self.queue
-                        .send(&body, &options)
-                        .await
-                        .map_err(|e| e.to_string())
-                }
+                Ok(body) => self
+                    .queue
+                    .send(&body, &SendOptions::default())
+                    .await
+                    .map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             if let Err(e) = sent {
@@ -285,7 +279,10 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// the broadcast goes on from there instead of from its start;
     /// otherwise the message itself becomes visible again at once.
     async fn give_up(&self, message: &Message, job: &Job, resume: Vec<Cursor>) {
-        if resume.is_empty() || job.resume.as_ref() == Some(&resume) {
+        // On a FIFO queue a new message would join the end of its group and
+        // let later broadcasts overtake this one: keep the original, which
+        // holds its place (the group waits for it).
+        if resume.is_empty() || job.resume.as_ref() == Some(&resume) || message.group_id.is_some() {
             return self.hand_back(message, Duration::ZERO).await;
         }
         let body = match serde_json::to_string(&job.continuation(resume)) {
@@ -295,14 +292,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 return self.hand_back(message, Duration::ZERO).await;
             }
         };
-        let options = SendOptions {
-            group_id: message.group_id.clone(),
-            deduplication_id: message
-                .group_id
-                .as_ref()
-                .map(|_| format!("{}-{}", message.id, message.receive_count)),
-        };
-        match self.queue.send(&body, &options).await {
+        match self.queue.send(&body, &SendOptions::default()).await {
             Ok(continuation) => {
                 tracing::info!(job_id = %job.id, continuation, "job continues in a new message");
                 // If this delete is lost, the original runs again from its
@@ -708,6 +698,42 @@ mod tests {
         assert!(
             rig2.queue.sent.lock().unwrap().is_empty(),
             "shares are not split again"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fifo_jobs_are_neither_continued_nor_split_so_order_holds() {
+        let mut queue = FakeQueue::with_jobs(&[r#"{"id":"f","data":"a","split":4}"#], true);
+        queue.visible.get_mut().unwrap()[0].group_id = Some("news".into());
+        let rig = Rig::new(
+            queue,
+            FakeGateway {
+                stall_ids: ["conn-12".to_owned()].into(),
+                ..FakeGateway::default()
+            },
+        );
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        let mut s = settings();
+        s.exit_when_idle = false;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            trigger.cancel();
+        });
+        rig.run(s, shutdown).await;
+        assert!(rig.queue.sent.lock().unwrap().is_empty(), "no new message");
+        assert!(
+            rig.queue.deleted_ids().is_empty(),
+            "the original keeps its place"
+        );
+        let visibility = rig.queue.visibility.lock().unwrap().clone();
+        assert_eq!(
+            visibility.last(),
+            Some(&(Receipt("r0".into()), Duration::ZERO))
+        );
+        assert!(
+            rig.gateway.delivered.lock().unwrap().len() >= 10,
+            "it ran, unsplit"
         );
     }
 
