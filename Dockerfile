@@ -2,7 +2,7 @@
 # distroless (glibc, CA certificates, no shell), running as a non-root user.
 #
 # The build command below is the one CI runs (`cargo build --release --locked
-# --bin fanout`, see docs/deploy.md): no Docker engine runs in CI, so what CI
+# --bin fanout`, see the README's Deploy section): no Docker engine runs in CI, so what CI
 # compiles is what this image ships.
 
 ARG RUST_VERSION=1.95

@@ -95,6 +95,7 @@ async fn main() {
         stage: "bench".into(),
         table: "unused".into(),
         keep_stale: false,
+        create_table: false,
         throttle_rps: NonZeroU32::new(throttle),
         fail_percent: 0,
         latency_ms: 0,

@@ -144,6 +144,7 @@ impl TestGateway {
             stage: "test".into(),
             table: String::new(),
             keep_stale: false,
+            create_table: false,
             throttle_rps: None,
             fail_percent: 0,
             latency_ms: 0,

@@ -62,6 +62,10 @@ pub struct GatewayArgs {
     /// ids then answer 410 and the worker must remove them.
     #[arg(long)]
     pub keep_stale: bool,
+    /// Create the table if it does not exist (key `connectionId`, GSI
+    /// `by-channel` on `channel`), for local development.
+    #[arg(long)]
+    pub create_table: bool,
     /// Answer 429 `LimitExceededException` to POSTs past N per second.
     #[arg(long)]
     pub throttle_rps: Option<NonZeroU32>,
@@ -85,6 +89,8 @@ pub enum GatewayError {
     Stage(String),
     #[error("the gateway's listener failed: {0}")]
     Serve(#[source] std::io::Error),
+    #[error(transparent)]
+    Table(#[from] rows::RowError),
 }
 
 /// State shared by every handler and socket task.
@@ -126,9 +132,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
     validate_stage(&args.stage)?;
+    let rows = Rows::new(dynamo, &args.table);
+    if args.create_table {
+        rows.create_table_if_missing().await?;
+    }
     let app = Arc::new(App {
         registry: Registry::default(),
-        rows: Rows::new(dynamo, &args.table),
+        rows,
         faults: Faults::new(args.throttle_rps, args.fail_percent, args.latency_ms),
         stats: Stats::default(),
         keep_stale: args.keep_stale,
