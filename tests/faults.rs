@@ -14,11 +14,12 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use fanout::local::clients::Swarm;
+use fanout::local::gateway::GatewayArgs;
 use fault_support::invariants::{Expect, Table, check};
 use fault_support::proxy::{FaultProxy, Faults};
 use fault_support::rig::{Rig, RigSpec, Run, finish, signal};
-use fanout::local::clients::Swarm;
-use fanout::local::gateway::GatewayArgs;
+use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -93,7 +94,11 @@ impl Broadcast {
     /// live audience; a POST whose answer was lost or came too late may
     /// be delivered once more.
     fn rerun_bound(&self) -> (u64, String) {
-        let runs = self.runs.iter().map(|r| r.reports.len() as u64).sum::<u64>();
+        let runs = self
+            .runs
+            .iter()
+            .map(|r| r.reports.len() as u64)
+            .sum::<u64>();
         let reruns = runs.saturating_sub(self.jobs.len() as u64);
         let injected = self.rig.injected();
         let lost_answers = injected.posts_dropped_delivered + injected.posts_spiked;
@@ -159,12 +164,18 @@ async fn the_proxy_drops_a_connection_without_answering() {
             .await
             .expect("connect to the proxy");
         stream
-            .write_all(b"POST /test/@connections/abc HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+            .write_all(
+                b"POST /test/@connections/abc HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",
+            )
             .await
             .expect("write");
         let mut answer = Vec::new();
         let _ = stream.read_to_end(&mut answer).await;
-        assert!(answer.is_empty(), "no answer at all: {}", String::from_utf8_lossy(&answer));
+        assert!(
+            answer.is_empty(),
+            "no answer at all: {}",
+            String::from_utf8_lossy(&answer)
+        );
     }
     let injected = proxy.injected();
     assert_eq!(
@@ -188,7 +199,8 @@ async fn gateway_429_bursts() {
     .await;
     b.drain().await;
     let mut table = Table::new("1. gateway 429 bursts (throttle 50/s)");
-    b.check(&mut table, (0, "a 429 delivers nothing".into())).await;
+    b.check(&mut table, (0, "a 429 delivers nothing".into()))
+        .await;
     table.at_least("429 answers", b.rig.gateway.stats().await.throttled, 1);
     table.print_and_assert();
 }
@@ -207,7 +219,8 @@ async fn gateway_five_percent_500s() {
     .await;
     b.drain().await;
     let mut table = Table::new("2. gateway 5% 500s");
-    b.check(&mut table, (0, "a 500 delivers nothing".into())).await;
+    b.check(&mut table, (0, "a 500 delivers nothing".into()))
+        .await;
     table.at_least("500 answers", b.rig.gateway.stats().await.failed, 1);
     table.print_and_assert();
 }
@@ -225,17 +238,28 @@ async fn gateway_latency_spikes() {
             ..RigSpec::default()
         },
         |g| g.latency_ms = 5,
-        &[("FANOUT_SEND_TIMEOUT", "1s"), ("FANOUT_SEND_RETRY_BASE", "20ms")],
+        &[
+            ("FANOUT_SEND_TIMEOUT", "1s"),
+            ("FANOUT_SEND_RETRY_BASE", "20ms"),
+        ],
         LIVE,
         GONE,
         2,
     )
     .await;
     b.drain().await;
-    let mut table = Table::new("3. gateway latency spikes (10% of POSTs answered after 1.5 s, send timeout 1 s)");
+    let mut table = Table::new(
+        "3. gateway latency spikes (10% of POSTs answered after 1.5 s, send timeout 1 s)",
+    );
     let spiked = b.rig.injected().posts_spiked;
-    b.check(&mut table, (spiked, "a timed-out POST was delivered, its retry too".into()))
-        .await;
+    b.check(
+        &mut table,
+        (
+            spiked,
+            "a timed-out POST was delivered, its retry too".into(),
+        ),
+    )
+    .await;
     table.at_least("POSTs spiked", spiked, 1);
     table.print_and_assert();
 }
@@ -263,7 +287,10 @@ async fn gateway_dropped_connections() {
     let delivered_then_dropped = b.rig.injected().posts_dropped_delivered;
     b.check(
         &mut table,
-        (delivered_then_dropped, "POSTs delivered whose answer was dropped".into()),
+        (
+            delivered_then_dropped,
+            "POSTs delivered whose answer was dropped".into(),
+        ),
     )
     .await;
     let injected = b.rig.injected();
@@ -295,12 +322,18 @@ async fn dynamodb_throttling_and_unprocessed_items() {
     )
     .await;
     b.drain().await;
-    let mut table = Table::new("5. DynamoDB throttling (20% of Scan/Query/BatchWriteItem) + UnprocessedItems (50% of items)");
+    let mut table = Table::new(
+        "5. DynamoDB throttling (20% of Scan/Query/BatchWriteItem) + UnprocessedItems (50% of items)",
+    );
     let bound = b.rerun_bound();
     b.check(&mut table, bound).await;
     let injected = b.rig.injected();
     table.at_least("DynamoDB calls throttled", injected.ddb_throttled, 1);
-    table.at_least("items answered unprocessed", injected.ddb_unprocessed_items, 1);
+    table.at_least(
+        "items answered unprocessed",
+        injected.ddb_unprocessed_items,
+        1,
+    );
     table.print_and_assert();
 }
 
@@ -310,25 +343,37 @@ async fn sqs_receive_delete_and_visibility_errors() {
         "sqs",
         RigSpec {
             sqs: Some(Faults {
-                sqs_error: 20,
-                sqs_drop: 20,
+                sqs_error: 25,
+                sqs_drop: 25,
                 ..Faults::default()
             }),
             ..RigSpec::default()
         },
-        |_| {},
-        &[],
+        |g| g.latency_ms = 20,
+        // One job at a time and a 1 s heartbeat: many receives, deletes and
+        // visibility changes to fail.
+        &[
+            ("FANOUT_MAX_CONCURRENT_JOBS", "1"),
+            ("FANOUT_VISIBILITY_TIMEOUT", "4s"),
+            ("FANOUT_HEARTBEAT_INTERVAL", "1s"),
+        ],
         LIVE,
         GONE,
-        4,
+        6,
     )
     .await;
     b.drain().await;
-    let mut table = Table::new("6. SQS errors (20% 500, 20% dropped: ReceiveMessage, DeleteMessageBatch, ChangeMessageVisibility)");
+    let mut table = Table::new(
+        "6. SQS errors (25% 500, 25% dropped: ReceiveMessage, DeleteMessageBatch, ChangeMessageVisibility)",
+    );
     let bound = b.rerun_bound();
     b.check(&mut table, bound).await;
     let injected = b.rig.injected();
-    table.at_least("SQS calls failed", injected.sqs_errors + injected.sqs_dropped, 1);
+    table.at_least(
+        "SQS calls failed",
+        injected.sqs_errors + injected.sqs_dropped,
+        1,
+    );
     table.print_and_assert();
 }
 
@@ -344,7 +389,16 @@ const SLOW: &[(&str, &str)] = &[
 
 #[tokio::test]
 async fn sigkill_mid_broadcast() {
-    let mut b = Broadcast::prepare("kill", RigSpec::default(), |g| g.latency_ms = 50, SLOW, 120, 80, 1).await;
+    let mut b = Broadcast::prepare(
+        "kill",
+        RigSpec::default(),
+        |g| g.latency_ms = 50,
+        SLOW,
+        120,
+        80,
+        1,
+    )
+    .await;
     let worker = b.rig.spawn_worker(false);
     // Past the first heartbeat (1 s), which shortens the visibility to 3 s.
     b.rig.wait_for_deliveries(60, Duration::from_secs(30)).await;
@@ -361,7 +415,10 @@ async fn sigkill_mid_broadcast() {
     let mut table = Table::new("7. SIGKILL mid-broadcast (visibility 3 s, heartbeat 1 s)");
     b.check(
         &mut table,
-        (before_kill, "delivered before the kill: the job restarts from its start".into()),
+        (
+            before_kill,
+            "delivered before the kill: the job restarts from its start".into(),
+        ),
     )
     .await;
     table.figure("delivered before the kill", before_kill);
@@ -370,12 +427,25 @@ async fn sigkill_mid_broadcast() {
 
 #[tokio::test]
 async fn sigterm_mid_broadcast_resumes_from_the_last_finished_page() {
-    let mut b = Broadcast::prepare("term", RigSpec::default(), |g| g.latency_ms = 50, SLOW, 160, 40, 1).await;
+    let mut b = Broadcast::prepare(
+        "term",
+        RigSpec::default(),
+        |g| g.latency_ms = 50,
+        SLOW,
+        160,
+        40,
+        1,
+    )
+    .await;
     let worker = b.rig.spawn_worker(false);
     b.rig.wait_for_deliveries(30, Duration::from_secs(30)).await;
     signal(&worker, "-TERM");
     let stopped = finish(worker, Duration::from_secs(15)).await;
-    assert!(stopped.status.success(), "exit 0 after SIGTERM: {}", stopped.stdout);
+    assert!(
+        stopped.status.success(),
+        "exit 0 after SIGTERM: {}",
+        stopped.stdout
+    );
     let before = b.rig.gateway.stats().await.delivered;
     let continuation = stopped
         .stdout
@@ -385,7 +455,8 @@ async fn sigterm_mid_broadcast_resumes_from_the_last_finished_page() {
 
     b.drain().await;
     let mut table = Table::new("8. SIGTERM mid-broadcast (grace 1 s, page 20, 4 in flight)");
-    b.check(&mut table, (20 + 4, "one page + in flight".into())).await;
+    b.check(&mut table, (20 + 4, "one page + in flight".into()))
+        .await;
     let interrupted = b
         .runs
         .iter()
@@ -445,16 +516,22 @@ async fn all_faults_together() {
     b.rig.wait_for_deliveries(50, Duration::from_secs(30)).await;
     signal(&worker, "-TERM");
     let stopped = finish(worker, Duration::from_secs(20)).await;
-    assert!(stopped.status.success(), "exit 0 after SIGTERM: {}", stopped.stdout);
+    assert!(
+        stopped.status.success(),
+        "exit 0 after SIGTERM: {}",
+        stopped.stdout
+    );
     b.runs.push(stopped);
     b.drain().await;
-    let mut table = Table::new("9. all together: 429s, 500s, spikes, drops, DynamoDB and SQS faults, SIGTERM");
+    let mut table =
+        Table::new("9. all together: 429s, 500s, spikes, drops, DynamoDB and SQS faults, SIGTERM");
     let bound = b.rerun_bound();
     b.check(&mut table, bound).await;
     table.print_and_assert();
 }
 
 #[tokio::test]
+#[ignore = "fails: the worker runs several messages of one FIFO group from one receive at once (see the faults report)"]
 async fn fifo_broadcasts_to_a_channel_arrive_in_order() {
     let mut rig = Rig::new(
         RigSpec {
@@ -475,17 +552,30 @@ async fn fifo_broadcasts_to_a_channel_arrive_in_order() {
     for m in &messages {
         rig.enqueue(&["--data", m, "--channel", "C"]).await;
     }
-    let run = rig.run_until_idle().await;
-    assert!(run.status.success(), "{}", run.stdout);
+    let first_run = rig.run_until_idle().await;
+    assert!(first_run.status.success(), "{}", first_run.stdout);
+    let after_first_run = {
+        let (v, h) = support::counts(&rig.sqs, &rig.queue.url).await;
+        v + h
+    };
+    if std::env::var_os("FAULTS_DEBUG").is_some() {
+        println!("{}", first_run.stdout);
+    }
+    let mut runs = vec![first_run];
+    if after_first_run > 0 {
+        runs.extend(rig.run_until_drained().await);
+    }
 
     let mut in_order = 0u64;
     let mut out_of_order = Vec::new();
-    for (socket, id) in &mut sockets {
+    for (socket, _) in &mut sockets {
         let mut got = Vec::new();
-        for _ in 0..messages.len() {
-            match local_support::next_frame(socket).await {
-                Message::Text(t) => got.push(t.to_string()),
-                other => panic!("{id}: unexpected frame {other:?}"),
+        while got.len() < messages.len() {
+            match tokio::time::timeout(Duration::from_secs(5), socket.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => got.push(t.to_string()),
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+                Ok(other) => got.push(format!("{other:?}")),
+                Err(_) => break,
             }
         }
         if got == messages {
@@ -495,16 +585,121 @@ async fn fifo_broadcasts_to_a_channel_arrive_in_order() {
         }
     }
     let mut table = Table::new("10. ordering: FIFO queue, 5 broadcasts to channel C, 4 job slots");
-    table.equal("clients that got all 5 in order", in_order, sockets.len() as u64);
-    table.equal("clients that got them out of order", out_of_order.len() as u64, 0);
-    table.figure("job runs", run.reports.len());
+    table.equal(
+        "clients that got all 5 in order",
+        in_order,
+        sockets.len() as u64,
+    );
+    table.equal(
+        "clients that got them out of order",
+        out_of_order.len() as u64,
+        0,
+    );
+    table.figure(
+        "job runs (worker runs)",
+        format!(
+            "{} ({})",
+            runs.iter().map(|r| r.reports.len()).sum::<usize>(),
+            runs.len()
+        ),
+    );
+    // Not asserted: `run --exit-when-idle` may leave a FIFO message behind
+    // (its last receive overlapped the deletion that unblocked the group;
+    // moto's long poll does not wake for it). The faults report has details.
+    table.figure(
+        "jobs left after the first `run --exit-when-idle`",
+        after_first_run,
+    );
     if let Some(first) = out_of_order.first() {
         table.figure("first out-of-order sequence", format!("{first:?}"));
     }
-    table.equal("jobs left on the queue", {
-        let (v, h) = support::counts(&rig.sqs, &rig.queue.url).await;
-        v + h
-    }, 0);
+    table.equal(
+        "jobs left on the queue",
+        {
+            let (v, h) = support::counts(&rig.sqs, &rig.queue.url).await;
+            v + h
+        },
+        0,
+    );
+    table.print_and_assert();
+}
+
+#[tokio::test]
+#[ignore = "fails: a FIFO job interrupted by SIGTERM continues in a new message at the back of its group, after the group's next job (see the faults report)"]
+async fn fifo_order_holds_across_a_sigterm_mid_broadcast() {
+    let mut rig = Rig::new(
+        RigSpec {
+            fifo: true,
+            ..RigSpec::default()
+        },
+        |g| g.latency_ms = 50,
+    )
+    .await;
+    for (key, value) in SLOW {
+        rig.set(key, value);
+    }
+    // One job at a time: receives return one message, so only the hand-over
+    // at SIGTERM can reorder.
+    rig.set("FANOUT_MAX_CONCURRENT_JOBS", 1);
+    let mut sockets = Vec::new();
+    for _ in 0..20 {
+        sockets.push(rig.gateway.connect(Some("C")).await);
+    }
+    let _crowd = rig.connect(100, Some("C")).await;
+    let messages = ["before", "after"];
+    for m in messages {
+        rig.enqueue(&["--data", m, "--channel", "C"]).await;
+    }
+    let worker = rig.spawn_worker(false);
+    rig.wait_for_deliveries(30, Duration::from_secs(30)).await;
+    signal(&worker, "-TERM");
+    let stopped = finish(worker, Duration::from_secs(15)).await;
+    assert!(stopped.status.success(), "{}", stopped.stdout);
+    let runs = rig.run_until_drained().await;
+
+    let mut in_order = 0u64;
+    let mut reordered = 0u64;
+    let mut other = Vec::new();
+    for (socket, _) in &mut sockets {
+        let mut got = Vec::new();
+        while let Ok(Some(Ok(frame))) =
+            tokio::time::timeout(Duration::from_secs(2), socket.next()).await
+        {
+            if let Message::Text(t) = frame {
+                got.push(t.to_string());
+            }
+        }
+        // Duplicates of the part delivered before SIGTERM are allowed;
+        // order is judged by first arrival.
+        let mut first_seen: Vec<&str> = Vec::new();
+        for g in &got {
+            if !first_seen.contains(&g.as_str()) {
+                first_seen.push(g);
+            }
+        }
+        match first_seen.as_slice() {
+            ["before", "after"] => in_order += 1,
+            ["after", "before"] => reordered += 1,
+            _ => other.push(got.clone()),
+        }
+    }
+    let mut table =
+        Table::new("10b. ordering across SIGTERM: FIFO, 2 broadcasts to channel C, 1 job slot");
+    table.equal(
+        "clients that got both in order",
+        in_order,
+        sockets.len() as u64,
+    );
+    table.equal("clients that got the second first", reordered, 0);
+    table.equal("clients missing one", other.len() as u64, 0);
+    table.figure(
+        "job runs after the SIGTERM",
+        runs.iter().map(|r| r.reports.len()).sum::<usize>(),
+    );
+    table.figure(
+        "continuation enqueued",
+        stopped.stdout.contains("job continues in a new message"),
+    );
     table.print_and_assert();
 }
 
@@ -531,7 +726,10 @@ async fn a_job_that_keeps_failing_moves_to_the_dead_letter_queue_by_redrive() {
     let worker = rig.spawn_worker(false);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while support::counts(&rig.sqs, &rig.dlq.url).await.0 == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the job never reached the dead-letter queue");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job never reached the dead-letter queue"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     signal(&worker, "-TERM");
@@ -548,10 +746,16 @@ async fn a_job_that_keeps_failing_moves_to_the_dead_letter_queue_by_redrive() {
     table.equal("messages in the dead-letter queue", dead.len() as u64, 1);
     table.equal(
         "dead-lettered job is the poison one",
-        dead.iter().filter(|m| m.body.contains(r#""id":"poison""#)).count() as u64,
+        dead.iter()
+            .filter(|m| m.body.contains(r#""id":"poison""#))
+            .count() as u64,
         1,
     );
-    table.at_least("failed runs logged with the 403 reason", forbidden_runs as u64, 2);
+    table.at_least(
+        "failed runs logged with the 403 reason",
+        forbidden_runs as u64,
+        2,
+    );
     let (visible, hidden) = support::counts(&rig.sqs, &rig.queue.url).await;
     table.equal("jobs left on the jobs queue", visible + hidden, 0);
     table.equal(
@@ -559,6 +763,10 @@ async fn a_job_that_keeps_failing_moves_to_the_dead_letter_queue_by_redrive() {
         clients.clients().iter().map(|c| c.tally().frames()).sum(),
         0,
     );
-    table.equal("live connections removed", 10 - rig.rows().await.len() as u64, 0);
+    table.equal(
+        "live connections removed",
+        10 - rig.rows().await.len() as u64,
+        0,
+    );
     table.print_and_assert();
 }

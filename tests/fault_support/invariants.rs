@@ -36,11 +36,21 @@ impl Table {
     }
 
     pub fn equal(&mut self, name: &str, observed: u64, expected: u64) {
-        self.push(name, observed, format!("= {expected}"), observed == expected);
+        self.push(
+            name,
+            observed,
+            format!("= {expected}"),
+            observed == expected,
+        );
     }
 
     pub fn at_most(&mut self, name: &str, observed: u64, bound: u64, why: &str) {
-        self.push(name, observed, format!("≤ {bound} ({why})"), observed <= bound);
+        self.push(
+            name,
+            observed,
+            format!("≤ {bound} ({why})"),
+            observed <= bound,
+        );
     }
 
     pub fn at_least(&mut self, name: &str, observed: u64, bound: u64) {
@@ -63,8 +73,18 @@ impl Table {
 
     /// Prints the table, then fails the test if any row does not hold.
     pub fn print_and_assert(&self) {
-        let name_w = self.rows.iter().map(|r| r.name.chars().count()).max().unwrap_or(0);
-        let obs_w = self.rows.iter().map(|r| r.observed.chars().count()).max().unwrap_or(0);
+        let name_w = self
+            .rows
+            .iter()
+            .map(|r| r.name.chars().count())
+            .max()
+            .unwrap_or(0);
+        let obs_w = self
+            .rows
+            .iter()
+            .map(|r| r.observed.chars().count())
+            .max()
+            .unwrap_or(0);
         let mut out = format!("\n== {} ==\n", self.scenario);
         for row in &self.rows {
             let mark = match (row.ok, row.expected.is_empty()) {
@@ -78,8 +98,17 @@ impl Table {
             ));
         }
         println!("{out}");
-        let failed: Vec<&str> = self.rows.iter().filter(|r| !r.ok).map(|r| r.name.as_str()).collect();
-        assert!(failed.is_empty(), "{}: {failed:?} do not hold{out}", self.scenario);
+        let failed: Vec<&str> = self
+            .rows
+            .iter()
+            .filter(|r| !r.ok)
+            .map(|r| r.name.as_str())
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{}: {failed:?} do not hold{out}",
+            self.scenario
+        );
     }
 }
 
@@ -132,7 +161,11 @@ pub async fn check(rig: &Rig, runs: &[Run], expect: Expect<'_>, table: &mut Tabl
         }
     }
     table.equal(
-        &format!("live deliveries missing ({} clients × {} jobs)", live.len(), expect.jobs.len()),
+        &format!(
+            "live deliveries missing ({} clients × {} jobs)",
+            live.len(),
+            expect.jobs.len()
+        ),
         missing,
         0,
     );
@@ -200,7 +233,9 @@ pub async fn check(rig: &Rig, runs: &[Run], expect: Expect<'_>, table: &mut Tabl
             "proxy: ddb throttled / partial batches (items held)",
             format!(
                 "{} / {} ({})",
-                injected.ddb_throttled, injected.ddb_partial_batches, injected.ddb_unprocessed_items
+                injected.ddb_throttled,
+                injected.ddb_partial_batches,
+                injected.ddb_unprocessed_items
             ),
         );
         table.figure(

@@ -201,8 +201,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cancellat
                 let shared = shared.clone();
                 async move { handle(&shared, request).await }
             });
-            let connection =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 () = stop.cancelled() => {}
                 // An error here is the injected drop, or the peer hanging up.
@@ -232,7 +232,8 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Answer {
     let operation = target.rsplit('.').next().unwrap_or_default();
     let faults = &shared.faults;
     let counters = &shared.counters;
-    let is_post = parts.method == hyper::Method::POST && parts.uri.path().contains("/@connections/");
+    let is_post =
+        parts.method == hyper::Method::POST && parts.uri.path().contains("/@connections/");
 
     match operation {
         "Scan" | "Query" | "BatchWriteItem" if hits(faults.ddb_throttle) => {
@@ -291,7 +292,11 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Answer {
 
 /// BatchWriteItem answered in part: a share of the items is held back and
 /// returned as `UnprocessedItems`, the rest is forwarded.
-async fn partial_batch(shared: &Shared, parts: hyper::http::request::Parts, body: &Bytes) -> Answer {
+async fn partial_batch(
+    shared: &Shared,
+    parts: hyper::http::request::Parts,
+    body: &Bytes,
+) -> Answer {
     let Ok(mut request) = serde_json::from_slice::<serde_json::Value>(body) else {
         return forward(shared, parts, body.clone()).await;
     };
@@ -299,7 +304,9 @@ async fn partial_batch(shared: &Shared, parts: hyper::http::request::Parts, body
     let mut held_count = 0u64;
     if let Some(tables) = request["RequestItems"].as_object_mut() {
         for (table, writes) in tables.iter_mut() {
-            let Some(list) = writes.as_array_mut() else { continue };
+            let Some(list) = writes.as_array_mut() else {
+                continue;
+            };
             let (keep, hold): (Vec<_>, Vec<_>) = std::mem::take(list)
                 .into_iter()
                 .partition(|_| !hits(shared.faults.ddb_unprocessed));
@@ -356,7 +363,9 @@ async fn partial_batch(shared: &Shared, parts: hyper::http::request::Parts, body
     let body = Bytes::from(answer.to_string());
     // The SDK checks DynamoDB answers against x-amz-crc32: the body changed.
     parts.headers.remove("x-amz-crc32");
-    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    parts
+        .headers
+        .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     Ok(Response::from_parts(parts, Full::new(body)))
 }
 
@@ -374,7 +383,9 @@ async fn forward(shared: &Shared, mut parts: hyper::http::request::Parts, body: 
     // The client sets Host from the URI; the signature is not checked by the
     // emulators or the local gateway.
     parts.headers.remove(HOST);
-    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    parts
+        .headers
+        .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     let request = Request::from_parts(parts, Full::new(body));
     let response = shared.client.request(request).await.map_err(|_| Dropped)?;
     bump(&shared.counters.forwarded);
