@@ -345,8 +345,10 @@ async fn sqs_receive_delete_and_visibility_errors() {
             sqs: Some(Faults {
                 sqs_error: 25,
                 sqs_drop: 25,
+                sqs_receive_lost: 25,
                 ..Faults::default()
             }),
+            visibility_seconds: Some(2),
             ..RigSpec::default()
         },
         |g| g.latency_ms = 20,
@@ -364,7 +366,7 @@ async fn sqs_receive_delete_and_visibility_errors() {
     .await;
     b.drain().await;
     let mut table = Table::new(
-        "6. SQS errors (25% 500, 25% dropped: ReceiveMessage, DeleteMessageBatch, ChangeMessageVisibility)",
+        "6. SQS errors (25% 500, 25% dropped: ReceiveMessage, DeleteMessageBatch, ChangeMessageVisibility; 25% of receive answers lost)",
     );
     let bound = b.rerun_bound();
     b.check(&mut table, bound).await;
@@ -374,6 +376,7 @@ async fn sqs_receive_delete_and_visibility_errors() {
         injected.sqs_errors + injected.sqs_dropped,
         1,
     );
+    table.at_least("receive answers lost", injected.sqs_receives_lost, 1);
     table.print_and_assert();
 }
 
@@ -502,7 +505,7 @@ async fn all_faults_together() {
             ..RigSpec::default()
         },
         |g| {
-            g.throttle_rps = std::num::NonZeroU32::new(150);
+            g.throttle_rps = std::num::NonZeroU32::new(60);
             g.fail_percent = 5;
             g.latency_ms = 10;
         },

@@ -239,8 +239,11 @@ pub async fn check(rig: &Rig, runs: &[Run], expect: Expect<'_>, table: &mut Tabl
             ),
         );
         table.figure(
-            "proxy: sqs 500 / sqs dropped",
-            format!("{} / {}", injected.sqs_errors, injected.sqs_dropped),
+            "proxy: sqs 500 / dropped / receive answers lost",
+            format!(
+                "{} / {} / {}",
+                injected.sqs_errors, injected.sqs_dropped, injected.sqs_receives_lost
+            ),
         );
         table.figure(
             "proxy: posts dropped unsent / delivered / spiked / 403",

@@ -43,6 +43,12 @@ pub struct Faults {
     pub sqs_error: u8,
     /// The same SQS operations dropped without an answer, not forwarded.
     pub sqs_drop: u8,
+    /// ReceiveMessage forwarded, then its answer dropped: the messages it
+    /// took stay hidden for their visibility timeout, then come back.
+    /// Spread evenly (exactly this share of each 100 receives that got past
+    /// the other faults): there are few receives, and chance alone would
+    /// often inject none.
+    pub sqs_receive_lost: u8,
     /// Gateway POSTs whose connection is closed without an answer: half
     /// before forwarding (not delivered), half after (delivered, answer
     /// lost: the sender cannot tell, and a retry is a duplicate).
@@ -65,6 +71,8 @@ pub struct Injected {
     pub ddb_unprocessed_items: u64,
     pub sqs_errors: u64,
     pub sqs_dropped: u64,
+    /// ReceiveMessage answers lost after SQS handed messages out.
+    pub sqs_receives_lost: u64,
     /// Gateway POSTs dropped before reaching the gateway.
     pub posts_dropped_unsent: u64,
     /// Gateway POSTs delivered whose answer was dropped.
@@ -80,6 +88,7 @@ impl Injected {
             + self.ddb_partial_batches
             + self.sqs_errors
             + self.sqs_dropped
+            + self.sqs_receives_lost
             + self.posts_dropped_unsent
             + self.posts_dropped_delivered
             + self.posts_spiked
@@ -95,6 +104,9 @@ struct Counters {
     ddb_unprocessed_items: AtomicU64,
     sqs_errors: AtomicU64,
     sqs_dropped: AtomicU64,
+    sqs_receives_lost: AtomicU64,
+    /// Receives seen by the `sqs_receive_lost` rule.
+    receive_tickets: AtomicU64,
     posts_dropped_unsent: AtomicU64,
     posts_dropped_delivered: AtomicU64,
     posts_spiked: AtomicU64,
@@ -170,6 +182,7 @@ impl FaultProxy {
             ddb_unprocessed_items: load(&c.ddb_unprocessed_items),
             sqs_errors: load(&c.sqs_errors),
             sqs_dropped: load(&c.sqs_dropped),
+            sqs_receives_lost: load(&c.sqs_receives_lost),
             posts_dropped_unsent: load(&c.posts_dropped_unsent),
             posts_dropped_delivered: load(&c.posts_dropped_delivered),
             posts_spiked: load(&c.posts_spiked),
@@ -217,6 +230,12 @@ fn hits(percent: u8) -> bool {
     percent > 0 && rand::random_range(0..100u8) < percent
 }
 
+/// True for exactly `percent` of every 100 consecutive tickets, spread out.
+fn spread(ticket: u64, percent: u8) -> bool {
+    let p = u64::from(percent);
+    (ticket + 1) * p / 100 > ticket * p / 100
+}
+
 async fn handle(shared: &Shared, request: Request<Incoming>) -> Answer {
     let (parts, body) = request.into_parts();
     let body = match body.collect().await {
@@ -257,6 +276,19 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Answer {
                     r#"{"__type":"com.amazonaws.sqs#InternalError","message":"Injected: we encountered an internal error, please try again"}"#,
                 ));
             }
+        }
+        _ => {}
+    }
+    match operation {
+        "ReceiveMessage"
+            if spread(
+                counters.receive_tickets.fetch_add(1, Ordering::Relaxed),
+                faults.sqs_receive_lost,
+            ) =>
+        {
+            let _ = forward(shared, parts, body).await;
+            bump(&counters.sqs_receives_lost);
+            return Err(Dropped);
         }
         "BatchWriteItem" if faults.ddb_unprocessed > 0 => {
             return partial_batch(shared, parts, &body).await;

@@ -16,7 +16,7 @@ use tokio::process::{Child, Command};
 
 use super::proxy::{FaultProxy, Faults, Injected};
 use crate::local_support::TestGateway;
-use crate::support::{self, TableKey, TestQueue};
+use crate::support::{self, QueueSpec, TableKey, TestQueue};
 
 pub const FANOUT: &str = env!("CARGO_BIN_EXE_fanout");
 
@@ -27,6 +27,10 @@ pub struct RigSpec {
     /// The jobs queue's redrive policy: to the dead-letter queue after this
     /// many receives.
     pub max_receives: Option<u32>,
+    /// The jobs queue's default visibility timeout in seconds (SQS's 30 s
+    /// if `None`): how long a message handed out by a lost receive stays
+    /// hidden.
+    pub visibility_seconds: Option<u32>,
     /// Faults in front of SQS, DynamoDB and the gateway (no proxy if `None`).
     pub sqs: Option<Faults>,
     pub dynamodb: Option<Faults>,
@@ -59,8 +63,33 @@ impl Rig {
     pub async fn new(spec: RigSpec, configure: impl FnOnce(&mut GatewayArgs)) -> Self {
         let sqs = support::sqs().await;
         let dynamo = support::dynamodb().await;
-        let (queue, dlq) =
-            support::create_queue_with_dlq(&sqs, "faults", spec.fifo, spec.max_receives).await;
+        let (queue, dlq) = match spec.visibility_seconds {
+            None => {
+                support::create_queue_with_dlq(&sqs, "faults", spec.fifo, spec.max_receives).await
+            }
+            Some(seconds) => {
+                let dlq = support::create_queue(
+                    &sqs,
+                    "faults-dlq",
+                    &QueueSpec {
+                        fifo: spec.fifo,
+                        ..QueueSpec::default()
+                    },
+                )
+                .await;
+                let queue = support::create_queue(
+                    &sqs,
+                    "faults",
+                    &QueueSpec {
+                        fifo: spec.fifo,
+                        redrive: spec.max_receives.map(|max| (dlq.arn.clone(), max)),
+                        visibility_seconds: Some(seconds),
+                    },
+                )
+                .await;
+                (queue, dlq)
+            }
+        };
         let table = support::create_table(&dynamo, "faults", TableKey::Id, true).await;
         let gateway_table = table.clone();
         let gateway = TestGateway::start(move |args| {
@@ -224,6 +253,7 @@ impl Rig {
             sum.ddb_unprocessed_items += i.ddb_unprocessed_items;
             sum.sqs_errors += i.sqs_errors;
             sum.sqs_dropped += i.sqs_dropped;
+            sum.sqs_receives_lost += i.sqs_receives_lost;
             sum.posts_dropped_unsent += i.posts_dropped_unsent;
             sum.posts_dropped_delivered += i.posts_dropped_delivered;
             sum.posts_spiked += i.posts_spiked;
