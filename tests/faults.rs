@@ -232,14 +232,14 @@ async fn gateway_latency_spikes() {
         RigSpec {
             gateway: Some(Faults {
                 post_spike: 10,
-                spike: Duration::from_millis(1500),
+                spike: Duration::from_millis(3000),
                 ..Faults::default()
             }),
             ..RigSpec::default()
         },
         |g| g.latency_ms = 5,
         &[
-            ("FANOUT_SEND_TIMEOUT", "1s"),
+            ("FANOUT_SEND_TIMEOUT", "2s"),
             ("FANOUT_SEND_RETRY_BASE", "20ms"),
         ],
         LIVE,
@@ -248,9 +248,8 @@ async fn gateway_latency_spikes() {
     )
     .await;
     b.drain().await;
-    let mut table = Table::new(
-        "3. gateway latency spikes (10% of POSTs answered after 1.5 s, send timeout 1 s)",
-    );
+    let mut table =
+        Table::new("3. gateway latency spikes (10% of POSTs answered after 3 s; send timeout 2 s)");
     let spiked = b.rig.injected().posts_spiked;
     b.check(
         &mut table,
