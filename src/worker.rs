@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use tokio::sync::{Semaphore, mpsc};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -101,7 +103,7 @@ where
         engine,
         settings,
         metrics: metrics.clone(),
-        deleter: deleter.tx.clone(),
+        deleter: deleter.handle(),
         abort: abort.clone(),
     });
 
@@ -119,6 +121,10 @@ where
                 Err(_) => break,
             }
         }
+        // A deletion under way can unblock a FIFO group during this receive,
+        // and a long poll does not always wake for it: only a receive that
+        // began with nothing pending may conclude that the queue is empty.
+        let settled_before = deleter.handle.idle();
         let received = tokio::select! {
             biased;
             () = shutdown.cancelled() => break Stopped::Shutdown,
@@ -138,15 +144,16 @@ where
             Ok(messages) => {
                 failed_receives = 0;
                 metrics.mark_poll();
-                if messages.is_empty() && settings.exit_when_idle && jobs.is_empty() {
+                if messages.is_empty()
+                    && settings.exit_when_idle
+                    && jobs.is_empty()
+                    && settled_before
+                {
                     break Stopped::Idle;
                 }
-                for (message, permit) in messages.into_iter().zip(permits) {
+                for chain in in_group_order(messages.into_iter().zip(permits)) {
                     let ctx = ctx.clone();
-                    jobs.spawn(async move {
-                        ctx.process(message).await;
-                        drop(permit);
-                    });
+                    jobs.spawn(async move { ctx.process_in_order(chain).await });
                 }
             }
         }
@@ -176,34 +183,75 @@ where
     stopped
 }
 
+/// Where a processed message is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    /// Off the jobs queue (its deletion queued): done, dead-lettered,
+    /// split or continued in a new message.
+    Gone,
+    /// Still on the queue, to be received again.
+    Kept,
+}
+
 /// What a job task needs.
 struct JobContext<Q, S, G> {
     queue: Arc<Q>,
     engine: Arc<Engine<S, G>>,
     settings: WorkerSettings,
     metrics: Arc<Metrics>,
-    deleter: mpsc::Sender<Receipt>,
+    deleter: DeleteHandle,
     abort: CancellationToken,
 }
 
 impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// Runs one message to a settled state. A panic inside is caught and
     /// reported: the message is handed back, the worker goes on.
-    async fn process(&self, message: Message) {
+    async fn process(&self, message: &Message) -> Fate {
         Metrics::incr(&self.metrics.jobs_in_flight);
-        let outcome = AssertUnwindSafe(self.run_job(&message))
-            .catch_unwind()
-            .await;
+        let outcome = AssertUnwindSafe(self.run_job(message)).catch_unwind().await;
         self.metrics
             .jobs_in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        if outcome.is_err() {
-            tracing::error!(message_id = %message.id, "the job panicked; handing its message back");
-            self.retry_later(&message).await;
+        match outcome {
+            Ok(fate) => fate,
+            Err(_) => {
+                tracing::error!(message_id = %message.id, "the job panicked; handing its message back");
+                self.retry_later(message).await
+            }
         }
     }
 
-    async fn run_job(&self, message: &Message) {
+    /// Runs messages of one FIFO group, received together, one after the
+    /// other in their order. The ones still waiting are kept hidden; if one
+    /// stays on the queue, the rest are handed back behind it rather than
+    /// run ahead of it.
+    async fn process_in_order(&self, chain: Vec<(Message, OwnedSemaphorePermit)>) {
+        let waiting: Vec<JoinHandle<()>> = chain
+            .iter()
+            .skip(1)
+            .map(|(message, _)| self.heartbeat(message.receipt.clone(), message.id.clone()))
+            .collect();
+        let mut waiting = waiting.into_iter();
+        let mut chain = chain.into_iter();
+        while let Some((message, permit)) = chain.next() {
+            let fate = self.process(&message).await;
+            drop(permit);
+            if let Some(heartbeat) = waiting.next() {
+                heartbeat.abort();
+            }
+            if fate == Fate::Kept {
+                for heartbeat in waiting.by_ref() {
+                    heartbeat.abort();
+                }
+                for (rest, permit) in chain.by_ref() {
+                    self.hand_back(&rest, Duration::ZERO).await;
+                    drop(permit);
+                }
+            }
+        }
+    }
+
+    async fn run_job(&self, message: &Message) -> Fate {
         let job = match job::parse(&message.body, &message.id, self.settings.capabilities) {
             Ok(job) => job,
             Err(e) => return self.dead_letter(message, &e.to_string()).await,
@@ -222,22 +270,28 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 // The deleter retries; it only fails if the queue is gone for
                 // good, and then the job is redelivered: a duplicate, never a
                 // loss.
-                let _ = self.deleter.send(message.receipt.clone()).await;
+                self.delete(message).await
             }
             Err(FanoutError::Interrupted) => {
                 log_report(&job.id, &report, "interrupted");
-                self.give_up(message, &job, report.resume).await;
+                self.give_up(message, &job, report.resume).await
             }
             Err(e) if e.is_permanent() => {
                 log_report(&job.id, &report, "failed");
-                self.dead_letter(message, &e.to_string()).await;
+                self.dead_letter(message, &e.to_string()).await
             }
             Err(e) => {
                 tracing::error!(job_id = %job.id, error = %e, "the job failed; it will be retried");
                 log_report(&job.id, &report, "failed");
-                self.retry_later(message).await;
+                self.retry_later(message).await
             }
         }
+    }
+
+    /// Queues the message's deletion.
+    async fn delete(&self, message: &Message) -> Fate {
+        self.deleter.push(message.receipt.clone()).await;
+        Fate::Gone
     }
 
     /// How many segment jobs `job` becomes, if it is to be split. (Not on
@@ -254,7 +308,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// Puts a broadcast's segment jobs on the queue, then deletes it. If a
     /// send fails, the job is retried whole later: segments already sent
     /// then run twice (duplicates, never a loss).
-    async fn split(&self, message: &Message, job: &Job, total: u32) {
+    async fn split(&self, message: &Message, job: &Job, total: u32) -> Fate {
         for (index, part) in job.split_into(total).into_iter().enumerate() {
             let sent = match serde_json::to_string(&part) {
                 Ok(body) => self
@@ -271,14 +325,14 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         }
         tracing::info!(job_id = %job.id, segments = total, "job split into segment jobs");
         Metrics::incr(&self.metrics.jobs_completed);
-        let _ = self.deleter.send(message.receipt.clone()).await;
+        self.delete(message).await
     }
 
     /// Hands an unfinished job to another worker. With pages finished, a
     /// continuation job carrying the resume cursors replaces the message, so
     /// the broadcast goes on from there instead of from its start;
     /// otherwise the message itself becomes visible again at once.
-    async fn give_up(&self, message: &Message, job: &Job, resume: Vec<Cursor>) {
+    async fn give_up(&self, message: &Message, job: &Job, resume: Vec<Cursor>) -> Fate {
         // On a FIFO queue a new message would join the end of its group and
         // let later broadcasts overtake this one: keep the original, which
         // holds its place (the group waits for it).
@@ -297,11 +351,11 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 tracing::info!(job_id = %job.id, continuation, "job continues in a new message");
                 // If this delete is lost, the original runs again from its
                 // start as well: duplicates, never a loss.
-                let _ = self.deleter.send(message.receipt.clone()).await;
+                self.delete(message).await
             }
             Err(e) => {
                 tracing::warn!(job_id = %job.id, error = %e, "cannot enqueue the continuation; the job restarts from its start");
-                self.hand_back(message, Duration::ZERO).await;
+                self.hand_back(message, Duration::ZERO).await
             }
         }
     }
@@ -330,38 +384,40 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// A job that can never run: to the dead-letter queue with its reason,
     /// then off the jobs queue. Without a dead-letter queue the message
     /// stays for the queue's redrive policy.
-    async fn dead_letter(&self, message: &Message, reason: &str) {
+    async fn dead_letter(&self, message: &Message, reason: &str) -> Fate {
         Metrics::incr(&self.metrics.jobs_dead_lettered);
         match self.queue.dead_letter(message, reason).await {
             Ok(DeadLettered::Sent) => {
                 tracing::error!(message_id = %message.id, reason, "job sent to the dead-letter queue");
-                let _ = self.deleter.send(message.receipt.clone()).await;
+                self.delete(message).await
             }
             Ok(DeadLettered::NotConfigured) => {
                 tracing::error!(message_id = %message.id, reason, "job cannot run; no dead-letter queue is configured, so it is left for the queue's redrive policy");
+                Fate::Kept
             }
             Err(e) => {
                 tracing::error!(message_id = %message.id, reason, error = %e, "job cannot run and could not be dead-lettered; it will be tried again");
-                self.retry_later(message).await;
+                self.retry_later(message).await
             }
         }
     }
 
     /// Makes a failed job visible again after a delay growing with its
     /// receive count.
-    async fn retry_later(&self, message: &Message) {
+    async fn retry_later(&self, message: &Message) -> Fate {
         Metrics::incr(&self.metrics.jobs_retried);
         let delay = self
             .settings
             .job_retry
             .cap(message.receive_count.saturating_sub(1));
-        self.hand_back(message, delay).await;
+        self.hand_back(message, delay).await
     }
 
-    async fn hand_back(&self, message: &Message, after: Duration) {
+    /// Makes the message visible again after `after`; it stays on the queue.
+    async fn hand_back(&self, message: &Message, after: Duration) -> Fate {
         for attempt in 1.. {
             match self.queue.set_visibility(&message.receipt, after).await {
-                Ok(()) => return,
+                Ok(()) => break,
                 Err(e) if SETTLE_BACKOFF.allows_another(attempt) => {
                     tracing::debug!(error = %e, attempt, "handing a message back failed; retrying");
                     tokio::time::sleep(SETTLE_BACKOFF.delay(attempt - 1)).await;
@@ -370,11 +426,30 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                     // It becomes visible anyway when its visibility timeout
                     // runs out: later, not lost.
                     tracing::warn!(message_id = %message.id, error = %e, "could not hand the message back; it reappears after its visibility timeout");
-                    return;
+                    break;
                 }
             }
         }
+        Fate::Kept
     }
+}
+
+/// Groups received messages into chains that must run one after another:
+/// messages of one FIFO group (SQS may return several at once, in order)
+/// form one chain; every other message is a chain of its own.
+fn in_group_order<P>(received: impl IntoIterator<Item = (Message, P)>) -> Vec<Vec<(Message, P)>> {
+    let mut chains: Vec<Vec<(Message, P)>> = Vec::new();
+    for (message, permit) in received {
+        let group = message.group_id.clone();
+        match chains
+            .iter_mut()
+            .find(|chain| group.is_some() && chain[0].0.group_id == group)
+        {
+            Some(chain) => chain.push((message, permit)),
+            None => chains.push(vec![(message, permit)]),
+        }
+    }
+    chains
 }
 
 fn log_report(job_id: &str, report: &Report, status: &str) {
@@ -399,25 +474,69 @@ fn log_report(job_id: &str, report: &Report, status: &str) {
 /// Deletes finished jobs' messages in batches of up to ten, retrying the
 /// entries the queue reports failed.
 struct Deleter {
-    tx: mpsc::Sender<Receipt>,
+    handle: DeleteHandle,
     task: JoinHandle<()>,
+}
+
+/// Queues deletions, and counts them so the idle check can tell whether
+/// one is still under way.
+#[derive(Clone, Debug)]
+struct DeleteHandle {
+    tx: mpsc::Sender<Receipt>,
+    /// Receipts queued, and receipts whose deletion is over (done or given
+    /// up): equal when nothing is pending.
+    queued: Arc<AtomicU64>,
+    settled: Arc<AtomicU64>,
+}
+
+impl DeleteHandle {
+    async fn push(&self, receipt: Receipt) {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        if self.tx.send(receipt).await.is_err() {
+            // The deleter is gone (shutdown): the message reappears after its
+            // visibility timeout, a duplicate, never a loss.
+            self.settled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.queued.load(Ordering::SeqCst) == self.settled.load(Ordering::SeqCst)
+    }
 }
 
 impl Deleter {
     fn spawn<Q: JobQueue>(queue: Arc<Q>) -> Self {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 10);
+        let handle = DeleteHandle {
+            tx,
+            queued: Arc::new(AtomicU64::new(0)),
+            settled: Arc::new(AtomicU64::new(0)),
+        };
+        let settled = handle.settled.clone();
         let task = tokio::spawn(async move {
             ReceiverStream::new(rx)
                 .ready_chunks(MAX_BATCH)
-                .for_each(|batch| delete_batch(&*queue, batch))
+                .for_each(|batch| {
+                    let settled = settled.clone();
+                    let n = batch.len() as u64;
+                    let queue = queue.clone();
+                    async move {
+                        delete_batch(&*queue, batch).await;
+                        settled.fetch_add(n, Ordering::SeqCst);
+                    }
+                })
                 .await;
         });
-        Self { tx, task }
+        Self { handle, task }
+    }
+
+    fn handle(&self) -> DeleteHandle {
+        self.handle.clone()
     }
 
     /// Waits until every queued deletion is done or given up on.
     async fn finish(self) {
-        drop(self.tx);
+        drop(self.handle);
         let _ = self.task.await;
     }
 }
@@ -734,6 +853,60 @@ mod tests {
         assert!(
             rig.gateway.delivered.lock().unwrap().len() >= 10,
             "it ran, unsplit"
+        );
+    }
+
+    fn fifo(bodies: &[&str], group: &str) -> FakeQueue {
+        let mut queue = FakeQueue::with_jobs(bodies, true);
+        for message in queue.visible.get_mut().unwrap() {
+            message.group_id = Some(group.into());
+        }
+        queue
+    }
+
+    #[tokio::test]
+    async fn messages_of_one_fifo_group_received_together_run_in_order() {
+        let rig = Rig::new(
+            fifo(
+                &[r#"{"data":"1"}"#, r#"{"data":"2"}"#, r#"{"data":"3"}"#],
+                "g",
+            ),
+            FakeGateway::default(),
+        );
+        let mut s = settings();
+        s.max_concurrent_jobs = 4;
+        rig.run(s, CancellationToken::new()).await;
+        assert_eq!(rig.queue.deleted_ids(), ["r0", "r1", "r2"]);
+        let delivered = rig.gateway.delivered.lock().unwrap();
+        let to_first: Vec<_> = delivered
+            .iter()
+            .filter(|(id, _)| id == "conn-0")
+            .map(|(_, payload)| payload.clone())
+            .collect();
+        assert_eq!(to_first, ["1", "2", "3"]);
+    }
+
+    #[tokio::test]
+    async fn a_fifo_job_that_stays_on_the_queue_keeps_its_group_mates_behind_it() {
+        let gateway = FakeGateway::default();
+        gateway.script.lock().unwrap().insert(
+            "conn-0".into(),
+            vec![crate::gateway::PostOutcome::Forbidden("403".into())],
+        );
+        let rig = Rig::new(fifo(&[r#"{"data":"1"}"#, r#"{"data":"2"}"#], "g"), gateway);
+        let mut s = settings();
+        s.max_concurrent_jobs = 4;
+        rig.run(s, CancellationToken::new()).await;
+        assert!(rig.queue.deleted_ids().is_empty());
+        let visibility = rig.queue.visibility.lock().unwrap().clone();
+        assert!(
+            visibility.contains(&(Receipt("r1".into()), Duration::ZERO)),
+            "{visibility:?}"
+        );
+        let delivered = rig.gateway.delivered.lock().unwrap();
+        assert!(
+            delivered.iter().all(|(_, payload)| payload == "1"),
+            "the second job must not overtake the first"
         );
     }
 

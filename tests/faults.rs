@@ -533,7 +533,6 @@ async fn all_faults_together() {
 }
 
 #[tokio::test]
-#[ignore = "fails: the worker runs several messages of one FIFO group from one receive at once (see the faults report)"]
 async fn fifo_broadcasts_to_a_channel_arrive_in_order() {
     let mut rig = Rig::new(
         RigSpec {
@@ -627,7 +626,6 @@ async fn fifo_broadcasts_to_a_channel_arrive_in_order() {
 }
 
 #[tokio::test]
-#[ignore = "fails: a FIFO job interrupted by SIGTERM continues in a new message at the back of its group, after the group's next job (see the faults report)"]
 async fn fifo_order_holds_across_a_sigterm_mid_broadcast() {
     let mut rig = Rig::new(
         RigSpec {
