@@ -2,6 +2,7 @@
 //! real in-process gateway (and the DynamoDB emulator behind it).
 
 mod local_support;
+mod support;
 
 use std::time::{Duration, Instant};
 
@@ -178,7 +179,7 @@ async fn a_client_closed_by_the_gateway_is_counted_as_such() {
 #[tokio::test]
 async fn the_cli_loop_writes_ready_and_summary_files() {
     let gw = TestGateway::start(|a| a.keep_stale = true).await;
-    let dir = std::env::temp_dir().join(local_support::unique("fanout-clients"));
+    let dir = std::env::temp_dir().join(support::unique("fanout-clients"));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let ready = dir.join("ready.json");
     let summary_file = dir.join("summary.json");

@@ -3,6 +3,7 @@
 //! emulator for the `$connect`/`$disconnect` rows.
 
 mod local_support;
+mod support;
 
 use std::time::{Duration, Instant};
 
@@ -358,7 +359,7 @@ async fn latency_delays_each_post_and_stats_count_posts_in_flight() {
 
 #[tokio::test]
 async fn create_table_makes_a_table_the_worker_can_use() {
-    let table = local_support::unique("created");
+    let table = support::unique("created");
     let name = table.clone();
     let gw = TestGateway::start(move |args| {
         args.table = name;

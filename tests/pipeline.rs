@@ -5,15 +5,15 @@
 mod local_support;
 mod support;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::time::Duration;
 
 use fanout::local::clients::Swarm;
 use fanout::local::gateway::GatewayArgs;
 use local_support::TestGateway;
+use support::worker::{Run, finish, signal};
 use support::{TableKey, TestQueue};
-use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
 const FANOUT: &str = env!("CARGO_BIN_EXE_fanout");
@@ -29,14 +29,6 @@ struct Pipeline {
     gateway: TestGateway,
     /// Extra FANOUT_* settings for the worker.
     env: Vec<(String, String)>,
-}
-
-/// What a worker run printed and how it ended.
-struct Run {
-    status: std::process::ExitStatus,
-    /// The per-job `broadcast` log lines, by job id.
-    reports: HashMap<String, serde_json::Value>,
-    stdout: String,
 }
 
 impl Pipeline {
@@ -147,42 +139,6 @@ impl Pipeline {
     }
 }
 
-/// Waits for a worker to exit (killing it past `limit`) and collects its
-/// output.
-async fn finish(mut child: Child, limit: Duration) -> Run {
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let mut out = String::new();
-    let mut err = String::new();
-    let waited = tokio::time::timeout(limit, async {
-        let (_, _, status) = tokio::join!(
-            stdout.read_to_string(&mut out),
-            stderr.read_to_string(&mut err),
-            child.wait()
-        );
-        status
-    })
-    .await;
-    let status = match waited {
-        Ok(status) => status.expect("wait for fanout"),
-        Err(_) => {
-            let _ = child.kill().await;
-            panic!("fanout run did not finish in {limit:?}\nstdout:\n{out}\nstderr:\n{err}");
-        }
-    };
-    let reports = out
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|v| v["message"] == "broadcast")
-        .map(|v| (v["job_id"].as_str().unwrap_or_default().to_owned(), v))
-        .collect();
-    Run {
-        status,
-        reports,
-        stdout: format!("{out}\n--- stderr ---\n{err}"),
-    }
-}
-
 /// An address on loopback that nothing listens on now.
 fn free_addr() -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
@@ -234,13 +190,13 @@ async fn every_live_client_gets_each_message_once_and_only_gone_rows_are_removed
         assert_eq!(tally.frames(), 3, "nothing else, nothing twice");
     }
     for id in ["text", "json", "binary"] {
-        let report = &run.reports[id];
+        let report = &run.report(id);
         assert_eq!(count(report, "audience"), 55, "{report}");
         assert_eq!(count(report, "delivered"), 30, "{report}");
         assert_eq!(count(report, "failed"), 0, "{report}");
     }
-    let gone_total: u64 = run.reports.values().map(|r| count(r, "gone")).sum();
-    let removed_total: u64 = run.reports.values().map(|r| count(r, "removed")).sum();
+    let gone_total: u64 = run.reports.iter().map(|r| count(r, "gone")).sum();
+    let removed_total: u64 = run.reports.iter().map(|r| count(r, "removed")).sum();
     assert!(gone_total >= 25, "the first job finds all 25 gone rows");
     assert_eq!(gone_total, removed_total);
     assert_eq!(p.rows().await, live, "exactly the live rows remain");
@@ -308,7 +264,7 @@ async fn channels_explicit_lists_exclusions_and_sns_envelopes() {
         expect(c, "to two", u32::from(c.id() == plain_ids[0]));
         expect(c, "to all but one", u32::from(c.id() != plain_ids[1]));
     }
-    let excluded: u64 = run.reports.values().map(|r| count(r, "excluded")).sum();
+    let excluded: u64 = run.reports.iter().map(|r| count(r, "excluded")).sum();
     assert_eq!(excluded, 1);
 }
 
@@ -373,7 +329,7 @@ async fn a_throttling_and_failing_gateway_still_delivers_exactly_once() {
     for c in clients.clients() {
         assert_eq!(c.tally().text_count("through the storm"), 1, "{}", c.id());
     }
-    let report = &run.reports["storm"];
+    let report = &run.report("storm");
     assert_eq!(count(report, "delivered"), 60, "{report}");
     assert_eq!(
         count(report, "gone"),
@@ -400,7 +356,7 @@ async fn ten_thousand_connections_with_in_flight_bounded_at_the_endpoint() {
     let run = p.run_until_idle().await;
     assert!(run.status.success(), "{}", run.stdout);
 
-    let report = &run.reports["big"];
+    let report = &run.report("big");
     assert_eq!(count(report, "audience"), 10_000, "{report}");
     assert_eq!(count(report, "delivered"), 500, "{report}");
     assert_eq!(count(report, "gone"), 9_500, "{report}");
@@ -436,7 +392,7 @@ async fn sigterm_mid_broadcast_hands_the_job_back_and_it_completes_later() {
     p.enqueue(&["--data", "interrupted", "--id", "long"]).await;
 
     let worker = p.spawn_worker(false);
-    let pid = worker.id().expect("a running worker");
+
     // Wait until the broadcast is under way (~100 posts/s), then stop it.
     let started = tokio::time::Instant::now();
     while p.gateway.stats().await.posts < 100 {
@@ -452,15 +408,12 @@ async fn sigterm_mid_broadcast_hands_the_job_back_and_it_completes_later() {
     };
     let probe = health(&p).await.expect("run fanout health");
     assert!(probe.status.success(), "healthy while working: {probe:?}");
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(killed.success());
+    signal(&worker, "-TERM");
     let run = finish(worker, Duration::from_secs(15)).await;
     assert!(run.status.success(), "exit 0 after SIGTERM: {}", run.stdout);
     assert_eq!(
-        run.reports["long"]["status"], "interrupted",
+        run.report("long")["status"],
+        "interrupted",
         "{}",
         run.stdout
     );
@@ -590,11 +543,7 @@ async fn two_workers_share_a_split_broadcast_and_deliver_it_exactly_once() {
     }
     let mut runs = Vec::new();
     for worker in workers {
-        let pid = worker.id().expect("running").to_string();
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill -TERM");
+        signal(&worker, "-TERM");
         runs.push(finish(worker, Duration::from_secs(15)).await);
     }
 
@@ -605,7 +554,8 @@ async fn two_workers_share_a_split_broadcast_and_deliver_it_exactly_once() {
     for (n, run) in runs.iter().enumerate() {
         assert!(run.status.success(), "{}", run.stdout);
         let (mut sent, mut millis) = (0, 0);
-        for (id, report) in &run.reports {
+        for report in &run.reports {
+            let id = report["job_id"].as_str().unwrap_or_default().to_owned();
             assert!(shares.insert(id.clone()), "share {id} ran twice");
             sent += count(report, "delivered");
             millis += count(report, "duration_ms");

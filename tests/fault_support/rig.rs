@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use fanout::local::clients::Swarm;
 use fanout::local::gateway::GatewayArgs;
-use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
 use super::proxy::{FaultProxy, Faults, Injected};
@@ -51,13 +50,7 @@ pub struct Rig {
     env: Vec<(String, String)>,
 }
 
-/// What one worker run printed and how it ended.
-pub struct Run {
-    pub status: std::process::ExitStatus,
-    /// Every `broadcast` log line, in order.
-    pub reports: Vec<serde_json::Value>,
-    pub stdout: String,
-}
+pub use crate::support::worker::{Run, finish, signal};
 
 impl Rig {
     pub async fn new(spec: RigSpec, configure: impl FnOnce(&mut GatewayArgs)) -> Self {
@@ -285,50 +278,5 @@ impl Rig {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-    }
-}
-
-/// Sends `signal` (e.g. "-TERM", "-KILL") to a worker by its pid.
-pub fn signal(child: &Child, signal: &str) {
-    let pid = child.id().expect("a running worker");
-    let sent = std::process::Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(sent.success(), "kill {signal} {pid}");
-}
-
-/// Waits for a worker to exit (killing it past `limit`) and collects its
-/// output.
-pub async fn finish(mut child: Child, limit: Duration) -> Run {
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let mut out = String::new();
-    let mut err = String::new();
-    let waited = tokio::time::timeout(limit, async {
-        let (_, _, status) = tokio::join!(
-            stdout.read_to_string(&mut out),
-            stderr.read_to_string(&mut err),
-            child.wait()
-        );
-        status
-    })
-    .await;
-    let status = match waited {
-        Ok(status) => status.expect("wait for fanout"),
-        Err(_) => {
-            let _ = child.kill().await;
-            panic!("fanout run did not finish in {limit:?}\nstdout:\n{out}\nstderr:\n{err}");
-        }
-    };
-    let reports = out
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|v| v["message"] == "broadcast")
-        .collect();
-    Run {
-        status,
-        reports,
-        stdout: format!("{out}\n--- stderr ---\n{err}"),
     }
 }
