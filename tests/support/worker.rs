@@ -27,6 +27,21 @@ impl Run {
     }
 }
 
+/// Runs a short `fanout` command (e.g. `enqueue`) that must succeed; returns
+/// its trimmed standard output.
+pub async fn run_ok(mut command: tokio::process::Command, what: &str) -> String {
+    let out = command.output().await.expect("run fanout");
+    assert!(
+        out.status.success(),
+        "fanout {what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned()
+}
+
 /// Sends `signal` (e.g. "-TERM", "-KILL") to a worker by its pid.
 pub fn signal(child: &Child, signal: &str) {
     let pid = child.id().expect("a running worker");
