@@ -83,20 +83,7 @@ impl Pipeline {
     async fn enqueue(&self, args: &[&str]) -> String {
         let mut all = vec!["enqueue"];
         all.extend_from_slice(args);
-        let out = self
-            .command(&all)
-            .output()
-            .await
-            .expect("run fanout enqueue");
-        assert!(
-            out.status.success(),
-            "fanout enqueue {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .expect("utf-8")
-            .trim()
-            .to_owned()
+        crate::support::worker::run_ok(self.command(&all), &format!("{all:?}")).await
     }
 
     /// Puts a raw body on the jobs queue, as any producer's SDK would.
