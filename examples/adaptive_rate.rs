@@ -96,6 +96,7 @@ async fn main() {
         table: "unused".into(),
         keep_stale: false,
         create_table: false,
+        sink: false,
         throttle_rps: NonZeroU32::new(throttle),
         fail_percent: 0,
         latency_ms: 0,

@@ -177,6 +177,8 @@ pub struct FakeQueue {
     pub receives: AtomicUsize,
     /// Every call answers that the queue does not exist.
     pub missing: bool,
+    /// How long an empty receive waits (a long poll); at least 5 ms.
+    pub poll_wait: Duration,
 }
 
 impl FakeQueue {
@@ -225,16 +227,18 @@ impl JobQueue for FakeQueue {
             self.failing_receives.store(failing - 1, Ordering::SeqCst);
             return Err(QueueError::Unavailable("connection refused".into()));
         }
-        let batch: Vec<Message> = {
+        let take = || {
             let mut visible = self.visible.lock().unwrap();
             let n = max.min(visible.len());
-            visible.drain(..n).collect()
+            visible.drain(..n).collect::<Vec<Message>>()
         };
-        if batch.is_empty() {
-            // A long poll that finds nothing waits a little.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let batch = take();
+        if !batch.is_empty() {
+            return Ok(batch);
         }
-        Ok(batch)
+        // A long poll that finds nothing waits, then takes what arrived.
+        tokio::time::sleep(self.poll_wait.max(Duration::from_millis(5))).await;
+        Ok(take())
     }
 
     async fn set_visibility(&self, receipt: &Receipt, timeout: Duration) -> Result<(), QueueError> {

@@ -108,6 +108,11 @@ where
     });
 
     let mut failed_receives = 0u32;
+    // A long poll abandoned at shutdown stays open at SQS until its wait
+    // ends, and takes any message that shows up meanwhile (even this
+    // worker's own hand-backs): it is finished instead, and what it brings is
+    // handed back at once.
+    let mut abandoned_receive = None;
     let stopped = loop {
         let first = tokio::select! {
             biased;
@@ -125,10 +130,21 @@ where
         // and a long poll does not always wake for it: only a receive that
         // began with nothing pending may conclude that the queue is empty.
         let settled_before = deleter.handle.idle();
+        let mut receive = tokio::spawn({
+            let queue = queue.clone();
+            let max = permits.len();
+            async move { queue.receive(max).await }
+        });
         let received = tokio::select! {
             biased;
-            () = shutdown.cancelled() => break Stopped::Shutdown,
-            received = queue.receive(permits.len()) => received,
+            () = shutdown.cancelled() => {
+                abandoned_receive = Some(receive);
+                break Stopped::Shutdown;
+            }
+            received = &mut receive => match received {
+                Ok(received) => received,
+                Err(e) => Err(QueueError::Unavailable(format!("the receive task failed: {e}"))),
+            },
         };
         match received {
             Err(e @ QueueError::NoSuchQueue { .. }) => break Stopped::Failed(e.to_string()),
@@ -159,6 +175,16 @@ where
         }
     };
 
+    if let Some(receive) = abandoned_receive {
+        let ctx = ctx.clone();
+        jobs.spawn(async move {
+            if let Ok(Ok(messages)) = receive.await {
+                for message in messages {
+                    ctx.hand_back(&message, Duration::ZERO).await;
+                }
+            }
+        });
+    }
     jobs.close();
     if stopped != Stopped::Idle && !jobs.is_empty() {
         tracing::info!(
@@ -931,6 +957,39 @@ mod tests {
             1,
             "the list job ran"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_a_long_poll_brings_after_shutdown_is_handed_back_at_once() {
+        let rig = Rig::new(
+            FakeQueue {
+                poll_wait: Duration::from_secs(2),
+                ..FakeQueue::default()
+            },
+            FakeGateway::default(),
+        );
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        let queue = rig.queue.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            trigger.cancel();
+            // A message arrives while the abandoned poll still waits.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            queue.visible.lock().unwrap().extend(
+                FakeQueue::with_jobs(&[r#"{"data":"late"}"#], true)
+                    .visible
+                    .into_inner()
+                    .unwrap(),
+            );
+        });
+        let mut s = settings();
+        s.exit_when_idle = false;
+        let stopped = rig.run(s, shutdown).await;
+        assert_eq!(stopped, Stopped::Shutdown);
+        let visibility = rig.queue.visibility.lock().unwrap().clone();
+        assert_eq!(visibility, [(Receipt("r0".into()), Duration::ZERO)]);
+        assert!(rig.gateway.delivered.lock().unwrap().is_empty(), "not run");
     }
 
     #[tokio::test(start_paused = true)]

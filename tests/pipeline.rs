@@ -600,3 +600,57 @@ async fn dead_lettered_jobs_are_replayed_with_fanout_redrive() {
         assert_eq!(c.tally().text_count("replayed"), 1);
     }
 }
+
+/// Issue 4's measurement: SIGTERM at a random moment of a 20,000-connection
+/// broadcast; the continuation finishes it, and the connections reached twice
+/// are at most one page plus what was in flight.
+#[tokio::test]
+async fn sigterm_at_a_random_moment_of_20000_repeats_at_most_a_page_plus_in_flight() {
+    const AUDIENCE: usize = 20_000;
+    const PAGE: u64 = 1_000;
+    const IN_FLIGHT: u64 = 64;
+    let mut p = Pipeline::new(|args| args.sink = true).await;
+    p.set("FANOUT_PAGE_SIZE", PAGE);
+    p.set("FANOUT_MAX_IN_FLIGHT", IN_FLIGHT);
+    p.set("FANOUT_RATE_PER_SECOND", 0);
+    p.set("FANOUT_SHUTDOWN_GRACE", "100ms");
+    support::put_connections(&p.dynamo, &p.table, &support::ids("big", AUDIENCE), None).await;
+    p.enqueue(&["--data", "twenty thousand", "--id", "big"])
+        .await;
+
+    let stop_at = rand::random_range(2_000..16_000u64);
+    let worker = p.spawn_worker(false);
+    let started = tokio::time::Instant::now();
+    while p.gateway.stats().await.posts < stop_at {
+        assert!(started.elapsed() < Duration::from_secs(120), "too slow");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    signal(&worker, "-TERM");
+    let first = finish(worker, Duration::from_secs(30)).await;
+    assert!(first.status.success(), "{}", first.stdout);
+    let interrupted = first.report("big");
+    let done_before = p.gateway.stats().await;
+
+    let second = p.run_until_idle().await;
+    assert!(second.status.success(), "{}", second.stdout);
+    assert_eq!(second.report("big")["status"], "done");
+    let stats = p.gateway.stats().await;
+    println!(
+        "SIGTERM after {stop_at} posts: first run {} ({} delivered), {} posts by then; \
+         the continuation delivered {}; {} connections reached, {} twice (bound {})",
+        interrupted["status"],
+        interrupted["delivered"],
+        done_before.posts,
+        second.report("big")["delivered"],
+        stats.sink_ids,
+        stats.sink_duplicates,
+        PAGE + IN_FLIGHT
+    );
+    assert_eq!(stats.sink_ids, AUDIENCE as u64, "every connection reached");
+    assert!(
+        stats.sink_duplicates <= PAGE + IN_FLIGHT,
+        "{} duplicates",
+        stats.sink_duplicates
+    );
+    assert_eq!(support::counts(&p.sqs, &p.queue.url).await, (0, 0));
+}

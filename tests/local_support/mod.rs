@@ -60,6 +60,7 @@ impl TestGateway {
             table: String::new(),
             keep_stale: false,
             create_table: false,
+            sink: false,
             throttle_rps: None,
             fail_percent: 0,
             latency_ms: 0,

@@ -100,6 +100,12 @@ pub struct StatsSnapshot {
     pub failed: u64,
     pub too_large: u64,
     pub forbidden: u64,
+    /// `--sink`: distinct ids delivered to without a socket.
+    #[serde(default)]
+    pub sink_ids: u64,
+    /// `--sink`: deliveries beyond the first, summed over those ids.
+    #[serde(default)]
+    pub sink_duplicates: u64,
 }
 
 impl Stats {
@@ -136,6 +142,8 @@ impl Stats {
             failed: load(&self.failed),
             too_large: load(&self.too_large),
             forbidden: load(&self.forbidden),
+            sink_ids: 0,
+            sink_duplicates: 0,
         }
     }
 }

@@ -62,6 +62,11 @@ pub struct GatewayArgs {
     /// ids then answer 410 and the worker must remove them.
     #[arg(long)]
     pub keep_stale: bool,
+    /// Accept POSTs to ids that are not connected (200, nothing sent) and
+    /// count deliveries per id, so `@stats` reports ids reached twice: a
+    /// sink for measuring duplicates at scale without a socket per id.
+    #[arg(long)]
+    pub sink: bool,
     /// Create the table if it does not exist (key `connectionId`, GSI
     /// `by-channel` on `channel`), for local development.
     #[arg(long)]
@@ -101,6 +106,8 @@ pub struct App {
     faults: Faults,
     stats: Stats,
     keep_stale: bool,
+    /// `--sink`: deliveries per id that has no socket.
+    sink: Option<dashmap::DashMap<String, u32>>,
     /// Cancelled at shutdown: every socket sends a close frame and ends.
     shutdown: CancellationToken,
     /// Socket tasks, so shutdown can wait for their `$disconnect` writes.
@@ -140,6 +147,7 @@ pub async fn serve(
         registry: Registry::default(),
         rows,
         faults: Faults::new(args.throttle_rps, args.fail_percent, args.latency_ms),
+        sink: args.sink.then(dashmap::DashMap::new),
         stats: Stats::default(),
         keep_stale: args.keep_stale,
         shutdown: CancellationToken::new(),
