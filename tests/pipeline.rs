@@ -558,7 +558,7 @@ async fn two_workers_share_a_split_broadcast_and_deliver_it_exactly_once() {
             run.stdout
         );
     }
-    let expected: BTreeSet<String> = (0..4).map(|i| format!("split/{i}")).collect();
+    let expected: BTreeSet<String> = (0..6).map(|i| format!("split/{i}")).collect();
     assert_eq!(shares, expected);
 }
 
