@@ -514,7 +514,9 @@ async fn two_workers_share_a_split_broadcast_and_deliver_it_exactly_once() {
     p.set("FANOUT_MAX_CONCURRENT_JOBS", 1);
     p.set("FANOUT_MAX_IN_FLIGHT", 4);
     let clients = p.connect(240, None).await;
-    p.send_raw(r#"{"id":"split","data":"shared","split":4}"#)
+    // Six shares: with one job at a time each, a worker would have to win
+    // five races in a row to leave the other none.
+    p.send_raw(r#"{"id":"split","data":"shared","split":6}"#)
         .await;
 
     let workers = [p.spawn_worker(false), p.spawn_worker(false)];
@@ -559,7 +561,7 @@ async fn two_workers_share_a_split_broadcast_and_deliver_it_exactly_once() {
         );
     }
     let expected: BTreeSet<String> = (0..6).map(|i| format!("split/{i}")).collect();
-    assert_eq!(shares, expected);
+    assert_eq!(shares, expected, "{}\n{}", runs[0].stdout, runs[1].stdout);
 }
 
 #[tokio::test]
