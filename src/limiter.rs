@@ -70,7 +70,14 @@ impl SendBudget {
             .await
             .expect("the send semaphore is never closed");
         if let Some(rate) = &self.rate {
-            rate.ceiling_limiter.until_ready().await;
+            {
+                // One waiter at a time on governor: every waiter of
+                // `until_ready` wakes for each cell, so 256 sends waiting on
+                // it burned a core at 5,000/s (measured: 170 µs of CPU per
+                // post). The others queue on this fair lock, asleep.
+                let _turn = rate.turn.lock().await;
+                rate.ceiling_limiter.until_ready().await;
+            }
             if let Some(slot) = rate.pace(Instant::now()) {
                 tokio::time::sleep_until(slot.into()).await;
             }
@@ -109,6 +116,8 @@ impl SendBudget {
 struct AdaptiveRate {
     settings: RateSettings,
     ceiling_limiter: DefaultDirectRateLimiter,
+    /// Whose turn it is to wait on `ceiling_limiter` (FIFO).
+    turn: tokio::sync::Mutex<()>,
     /// The current rate's f64 bits, read without a lock on the hot path.
     current: AtomicU64,
     /// The earliest instant the next paced send may go; only used while the
@@ -131,6 +140,7 @@ impl AdaptiveRate {
             ceiling_limiter: RateLimiter::direct(
                 Quota::per_second(settings.per_second).allow_burst(settings.burst),
             ),
+            turn: tokio::sync::Mutex::new(()),
             current: AtomicU64::new(ceiling.to_bits()),
             next_slot: Mutex::new(Instant::now()),
             state: Mutex::new(Aimd {
