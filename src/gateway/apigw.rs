@@ -13,7 +13,7 @@ use aws_sdk_apigatewaymanagement::operation::post_to_connection::{
 use aws_sdk_apigatewaymanagement::primitives::Blob;
 use bytes::Bytes;
 
-use super::{Gateway, PostOutcome};
+use super::{Gateway, PostOutcome, status};
 use crate::connection::ConnectionId;
 
 /// Sends with the SDK's PostToConnection.
@@ -48,46 +48,40 @@ type PostResult = Result<PostToConnectionOutput, SdkError<PostToConnectionError,
 /// What one PostToConnection answer means for the engine.
 ///
 /// The SDK picks the error variant from `x-amzn-ErrorType` (or the body), not
-/// from the status: a bare 410 arrives unhandled. So the raw status decides
-/// whenever there is a response, and the modeled variants only add to it.
+/// from the status: a bare 410 arrives unhandled. So a modeled variant stands
+/// for its status, and otherwise the raw status decides, by the table both
+/// send paths share ([`status::outcome`]).
 fn classify(result: PostResult) -> PostOutcome {
     let err = match result {
         Ok(_) => return PostOutcome::Delivered,
         Err(err) => err,
     };
     let modeled = match &err {
-        SdkError::ServiceError(ctx) => Some(ctx.err()),
+        SdkError::ServiceError(ctx) => modeled_status(ctx.err()),
         _ => None,
     };
-    let status = err.raw_response().map(|raw| raw.status().as_u16());
-
-    if modeled.is_some_and(PostToConnectionError::is_gone_exception) || status == Some(410) {
-        return PostOutcome::Gone;
-    }
-    if modeled.is_some_and(PostToConnectionError::is_limit_exceeded_exception)
-        || status == Some(429)
-    {
-        return PostOutcome::Throttled;
-    }
-    if modeled.is_some_and(PostToConnectionError::is_forbidden_exception) || status == Some(403) {
-        return PostOutcome::Forbidden(format!(
-            "{}; check that the endpoint includes the stage \
-             (https://{{api-id}}.execute-api.{{region}}.amazonaws.com/{{stage}}) and that the \
-             role may execute-api:ManageConnections on it",
-            describe(&err)
-        ));
-    }
-    if modeled.is_some_and(PostToConnectionError::is_payload_too_large_exception)
-        || status == Some(413)
-    {
-        return PostOutcome::PayloadTooLarge;
-    }
-    match (&err, status) {
-        (_, Some(400..=499)) => PostOutcome::Rejected(describe(&err)),
+    let code = modeled.or_else(|| err.raw_response().map(|raw| raw.status().as_u16()));
+    match (&err, code) {
+        (_, Some(code)) => status::outcome(code, || describe(&err)),
         // A request the SDK could not even build will not build next time.
-        (SdkError::ConstructionFailure(_), _) => PostOutcome::Rejected(describe(&err)),
-        // 5xx, timeouts, dispatch (connect, I/O) and unreadable responses.
-        _ => PostOutcome::Transient(describe(&err)),
+        (SdkError::ConstructionFailure(_), None) => PostOutcome::Rejected(describe(&err)),
+        // Timeouts, dispatch (connect, I/O) failures.
+        (_, None) => PostOutcome::Transient(describe(&err)),
+    }
+}
+
+/// The status a modeled error stands for.
+fn modeled_status(err: &PostToConnectionError) -> Option<u16> {
+    if err.is_gone_exception() {
+        Some(410)
+    } else if err.is_limit_exceeded_exception() {
+        Some(429)
+    } else if err.is_forbidden_exception() {
+        Some(403)
+    } else if err.is_payload_too_large_exception() {
+        Some(413)
+    } else {
+        None
     }
 }
 

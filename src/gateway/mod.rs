@@ -1,10 +1,16 @@
 //! The send path: one message to one connection, and what the answer means.
 //!
 //! [`Gateway`] is the seam the engine sends through; `apigw` implements it
-//! with the SDK's PostToConnection. Classification of HTTP answers happens
-//! beside the call, so the engine only ever sees a [`PostOutcome`].
+//! with the SDK's PostToConnection (the reference), `lean` with a signed POST
+//! over a tuned hyper client. Classification of HTTP answers happens beside
+//! the call, by one table ([`status`]), so the engine only ever sees a
+//! [`PostOutcome`]. [`select::SelectedSender`] is whichever of the two the
+//! configuration picks.
 
 pub mod apigw;
+pub mod lean;
+pub mod select;
+pub mod status;
 
 use std::future::Future;
 

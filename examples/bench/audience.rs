@@ -1,0 +1,70 @@
+//! The benchmark's audience: `n` connection rows generated page by page, as
+//! a table scan would hand them out, so a 1,000,000-connection audience never
+//! exists in memory at once; removals are counted, not stored.
+//!
+//! The ids are `conn-0` … `conn-{n-1}`; the sink answers 410 for every id
+//! whose number is a multiple of [`GONE_EVERY`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fanout::connection::{Connection, KeyValue, RowKey};
+use fanout::store::{AudienceQuery, ConnectionStore, Cursor, Page, Position, Removal, StoreError};
+use futures::StreamExt;
+use futures::stream::{self, BoxStream};
+
+/// One in 20 connections is gone: the 5 % of issue 5.
+pub const GONE_EVERY: u64 = 20;
+
+pub struct GeneratedTable {
+    pub rows: u64,
+    pub page_size: u64,
+    /// Rows "deleted"; the engine's report counts the same.
+    pub removed: AtomicU64,
+}
+
+impl ConnectionStore for GeneratedTable {
+    fn pages(
+        &self,
+        _: &AudienceQuery,
+        _: Option<Vec<Cursor>>,
+    ) -> BoxStream<'static, Result<Page, StoreError>> {
+        let (rows, page_size) = (self.rows, self.page_size.max(1));
+        stream::unfold(0u64, move |start| async move {
+            if start >= rows {
+                return None;
+            }
+            let end = (start + page_size).min(rows);
+            let connections = (start..end).map(row).collect();
+            let next = Cursor {
+                segment: 0,
+                position: (end < rows).then_some(Position::Offset(end as usize)),
+            };
+            Some((Ok(Page { connections, next }), end))
+        })
+        .boxed()
+    }
+
+    async fn remove(&self, gone: Vec<Connection>) -> Result<Removal, StoreError> {
+        self.removed.fetch_add(gone.len() as u64, Ordering::Relaxed);
+        Ok(Removal::default())
+    }
+}
+
+/// A row as the DynamoDB store reads it: the id and its full key.
+fn row(n: u64) -> Connection {
+    let id = format!("conn-{n}");
+    Connection {
+        key: Some(RowKey(vec![(
+            "connectionId".into(),
+            KeyValue::S(id.clone()),
+        )])),
+        id: id.into(),
+    }
+}
+
+/// Whether the sink answers 410 for this connection id.
+pub fn is_gone(id: &str) -> bool {
+    id.strip_prefix("conn-")
+        .and_then(|n| n.parse::<u64>().ok())
+        .is_some_and(|n| n % GONE_EVERY == 0)
+}

@@ -1,0 +1,93 @@
+//! The benchmark's DynamoDB table (on dynalite): created and loaded with
+//! `conn-0` … `conn-{n-1}` before the broadcast, so the audience is streamed
+//! by the real `DynamoStore` (Scan pages, BatchWriteItem removals) while the
+//! clock runs. Loading is not measured.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, PutRequest,
+    ScalarAttributeType, TableStatus, WriteRequest,
+};
+use futures::{StreamExt, TryStreamExt, stream};
+
+pub const KEY: &str = "connectionId";
+
+/// BatchWriteItem's limit.
+const BATCH: u64 = 25;
+
+/// Creates `table` keyed by [`KEY`] and writes `rows` connection rows.
+pub async fn create_and_load(client: &Client, table: &str, rows: u64) -> anyhow::Result<()> {
+    client
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name(KEY)
+                .attribute_type(ScalarAttributeType::S)
+                .build()?,
+        )
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name(KEY)
+                .key_type(KeyType::Hash)
+                .build()?,
+        )
+        .send()
+        .await
+        .context(
+            "create the benchmark table (is dynalite up and AWS_ENDPOINT_URL_DYNAMODB set?)",
+        )?;
+    // dynalite creates tables asynchronously even with --createTableMs 0.
+    loop {
+        let status = client
+            .describe_table()
+            .table_name(table)
+            .send()
+            .await?
+            .table()
+            .and_then(|t| t.table_status().cloned());
+        if status == Some(TableStatus::Active) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    stream::iter((0..rows).step_by(BATCH as usize))
+        .map(|start| write_batch(client, table, start, (start + BATCH).min(rows)))
+        .buffer_unordered(16)
+        .try_collect::<()>()
+        .await
+}
+
+async fn write_batch(client: &Client, table: &str, start: u64, end: u64) -> anyhow::Result<()> {
+    let requests = (start..end)
+        .map(|n| {
+            let put = PutRequest::builder()
+                .item(KEY, AttributeValue::S(format!("conn-{n}")))
+                .item("connectedAt", AttributeValue::N("1764277200000".into()))
+                .build()?;
+            Ok(WriteRequest::builder().put_request(put).build())
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let output = client
+        .batch_write_item()
+        .request_items(table, requests)
+        .send()
+        .await
+        .context("load the benchmark table")?;
+    // dynalite never returns UnprocessedItems (see NOTES.md).
+    anyhow::ensure!(
+        output.unprocessed_items().is_none_or(|u| u.is_empty()),
+        "dynalite left items unprocessed"
+    );
+    Ok(())
+}
+
+pub async fn delete(client: &Client, table: &str) {
+    // Best effort: dynalite runs in memory and goes away with the benchmark.
+    let _ = client.delete_table().table_name(table).send().await;
+}

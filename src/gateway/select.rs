@@ -1,0 +1,28 @@
+//! The send path chosen by configuration (`send_path = "sdk" | "lean"`), as
+//! one [`Gateway`] type, so the engine and the worker stay monomorphic over
+//! it and main needs no generic wiring.
+
+use bytes::Bytes;
+
+use super::apigw::ApiGatewaySender;
+use super::lean::LeanSender;
+use super::{Gateway, PostOutcome};
+use crate::connection::ConnectionId;
+
+/// Either send path; both classify answers by the same table.
+#[derive(Clone, Debug)]
+pub enum SelectedSender {
+    /// The SDK's PostToConnection: the reference implementation.
+    Sdk(ApiGatewaySender),
+    /// The signed hyper path: the same requests at a fraction of the CPU.
+    Lean(LeanSender),
+}
+
+impl Gateway for SelectedSender {
+    async fn post(&self, id: &ConnectionId, payload: Bytes) -> PostOutcome {
+        match self {
+            Self::Sdk(sender) => sender.post(id, payload).await,
+            Self::Lean(sender) => sender.post(id, payload).await,
+        }
+    }
+}
