@@ -30,6 +30,7 @@ pub const KEYS: &[&str] = &[
     "channel_index",
     "channel_attribute",
     "gateway_endpoint",
+    "send_path",
     "rate_per_second",
     "rate_burst",
     "adaptive_rate",
@@ -77,6 +78,7 @@ struct Raw {
     channel_index: Option<String>,
     channel_attribute: String,
     gateway_endpoint: Option<String>,
+    send_path: SendPath,
     rate_per_second: u32,
     rate_burst: u32,
     adaptive_rate: bool,
@@ -124,6 +126,7 @@ pub struct Config {
     pub channel_attribute: String,
     /// Required by the worker only; see [`Config::worker_targets`].
     pub gateway_endpoint: Option<String>,
+    pub send_path: SendPath,
     /// `None`: no rate limit.
     pub rate_per_second: Option<u32>,
     /// The effective burst (the default already applied).
@@ -162,6 +165,17 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub health_max_age: Duration,
     pub metrics_service: String,
+}
+
+/// How PostToConnection is sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendPath {
+    /// The AWS SDK's client: the reference implementation.
+    Sdk,
+    /// A SigV4-signed POST over a pooled hyper client: the same requests at
+    /// about a fifth of the CPU (BENCHMARKS.md).
+    Lean,
 }
 
 /// What the worker needs beyond the queue.
@@ -477,6 +491,7 @@ impl Validator<'_> {
             channel_index,
             channel_attribute,
             gateway_endpoint,
+            send_path: raw.send_path,
             rate_per_second,
             rate_burst,
             adaptive_rate: raw.adaptive_rate,
@@ -641,6 +656,7 @@ mod tests {
             ("FANOUT_TABLE", " ", "must not be empty"),
             ("FANOUT_METRICS_LISTEN", "localhost", "metrics_listen"),
             ("FANOUT_HEALTH_MAX_AGE", "5s", "health_max_age"),
+            ("FANOUT_SEND_PATH", "fast", "send_path"),
         ];
         for (var, value, expected) in cases {
             Jail::expect_with(|jail| {

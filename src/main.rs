@@ -15,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use fanout::aws;
 use fanout::backoff::Backoff;
-use fanout::config::{Config, ConfigError};
+use fanout::config::{Config, ConfigError, SendPath};
 use fanout::ecs::{self, TaskProtection};
 use fanout::fanout::{Engine, EngineSettings};
 use fanout::gateway::apigw::ApiGatewaySender;
+use fanout::gateway::lean::LeanSender;
+use fanout::gateway::select::SelectedSender;
 use fanout::job::{self, Capabilities, JobSpec};
 use fanout::limiter::{RateSettings, SendBudget};
 use fanout::metrics::{self, MetricsServer, MetricsSettings};
@@ -212,11 +214,19 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
     )
     .await
     .with_context(|| format!("cannot use the connections table {}", targets.table))?;
-    let gateway = ApiGatewaySender::new(aws::apigw_client(
-        &sdk,
-        &targets.gateway_endpoint,
-        config.send_timeout,
-    )?);
+    let gateway = match config.send_path {
+        SendPath::Sdk => SelectedSender::Sdk(ApiGatewaySender::new(aws::apigw_client(
+            &sdk,
+            &targets.gateway_endpoint,
+            config.send_timeout,
+        )?)),
+        SendPath::Lean => SelectedSender::Lean(LeanSender::new(
+            &sdk,
+            &targets.gateway_endpoint,
+            config.send_timeout,
+            config.max_in_flight as usize,
+        )?),
+    };
 
     let rate = config.rate_per_second.and_then(|rate| {
         Some(RateSettings {

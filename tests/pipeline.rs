@@ -303,6 +303,8 @@ async fn a_throttling_and_failing_gateway_still_delivers_exactly_once() {
         args.fail_percent = 20;
     })
     .await;
+    // The SDK's client here; the other tests run the default lean path.
+    p.set("FANOUT_SEND_PATH", "sdk");
     p.set("FANOUT_SEND_ATTEMPTS", 30);
     p.set("FANOUT_SEND_RETRY_BASE", "20ms");
     p.set("FANOUT_SEND_RETRY_MAX", "500ms");
