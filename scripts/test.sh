@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The test command: installs and starts the emulators on test ports (so a
-# running demo on the default ports does not clash), runs every test target
-# against them, and stops them however the run ends.
+# The test command: installs and starts the emulators on test ports (5330/5331
+# by default, so a running demo on 5320/5321 does not clash), runs every test
+# target against them, and stops them however the run ends.
 #
 #   ./scripts/test.sh                       all tests
 #   ./scripts/test.sh --test sqs_adapter    extra arguments go to `cargo test`;
@@ -10,6 +10,24 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+
+port_free() {
+  ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# Ports given by the caller are used as they are (and refused if taken).
+# Otherwise the first free pair from 5330/5331 up, so several checkouts on
+# one machine can test at once.
+if [[ -z "${FANOUT_EMU_SQS_PORT:-}" && -z "${FANOUT_EMU_DYNAMODB_PORT:-}" ]]; then
+  FANOUT_EMU_SQS_PORT=5330
+  for candidate in $(seq 5330 2 5358); do
+    if port_free "$candidate" && port_free "$((candidate + 1))"; then
+      FANOUT_EMU_SQS_PORT="$candidate"
+      break
+    fi
+  done
+  FANOUT_EMU_DYNAMODB_PORT="$((FANOUT_EMU_SQS_PORT + 1))"
+fi
 export FANOUT_EMU_SQS_PORT="${FANOUT_EMU_SQS_PORT:-5330}"
 export FANOUT_EMU_DYNAMODB_PORT="${FANOUT_EMU_DYNAMODB_PORT:-5331}"
 

@@ -30,8 +30,10 @@ pub const KEYS: &[&str] = &[
     "channel_index",
     "channel_attribute",
     "gateway_endpoint",
+    "send_path",
     "rate_per_second",
     "rate_burst",
+    "adaptive_rate",
     "max_in_flight",
     "send_timeout",
     "send_attempts",
@@ -39,6 +41,7 @@ pub const KEYS: &[&str] = &[
     "send_retry_max",
     "page_size",
     "scan_segments",
+    "split_segments",
     "max_concurrent_jobs",
     "receive_wait",
     "visibility_timeout",
@@ -46,6 +49,10 @@ pub const KEYS: &[&str] = &[
     "job_retry_base",
     "job_retry_max",
     "shutdown_grace",
+    "metrics_listen",
+    "emf_interval",
+    "health_max_age",
+    "metrics_service",
 ];
 
 /// SQS long polls wait at most 20 s.
@@ -55,8 +62,9 @@ const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
 /// DynamoDB returns at most 1 MB per page; 1,000 key-only rows fit easily and
 /// keep a resumed broadcast's duplicates to at most one page.
 const MAX_PAGE_SIZE: u32 = 1000;
-/// DynamoDB's limit on TotalSegments.
-const MAX_SCAN_SEGMENTS: u32 = 1_000_000;
+/// DynamoDB allows a million segments; more than a thousand only adds
+/// requests (the store caps it there too).
+const MAX_SCAN_SEGMENTS: u32 = 1024;
 
 /// The configuration as read, before validation. Field docs are in
 /// `config/default.toml`.
@@ -70,8 +78,10 @@ struct Raw {
     channel_index: Option<String>,
     channel_attribute: String,
     gateway_endpoint: Option<String>,
+    send_path: SendPath,
     rate_per_second: u32,
     rate_burst: u32,
+    adaptive_rate: bool,
     max_in_flight: u32,
     #[serde(with = "humantime_serde")]
     send_timeout: Duration,
@@ -82,6 +92,7 @@ struct Raw {
     send_retry_max: Duration,
     page_size: u32,
     scan_segments: u32,
+    split_segments: u32,
     max_concurrent_jobs: u32,
     #[serde(with = "humantime_serde")]
     receive_wait: Duration,
@@ -95,6 +106,12 @@ struct Raw {
     job_retry_max: Duration,
     #[serde(with = "humantime_serde")]
     shutdown_grace: Duration,
+    metrics_listen: std::net::SocketAddr,
+    #[serde(with = "humantime_serde")]
+    emf_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    health_max_age: Duration,
+    metrics_service: String,
 }
 
 /// The validated configuration.
@@ -109,10 +126,13 @@ pub struct Config {
     pub channel_attribute: String,
     /// Required by the worker only; see [`Config::worker_targets`].
     pub gateway_endpoint: Option<String>,
+    pub send_path: SendPath,
     /// `None`: no rate limit.
     pub rate_per_second: Option<u32>,
     /// The effective burst (the default already applied).
     pub rate_burst: u32,
+    /// Whether 429s lower the send rate for a while (AIMD).
+    pub adaptive_rate: bool,
     pub max_in_flight: u32,
     #[serde(with = "humantime_serde")]
     pub send_timeout: Duration,
@@ -123,6 +143,8 @@ pub struct Config {
     pub send_retry_max: Duration,
     pub page_size: u32,
     pub scan_segments: u32,
+    /// Whole-table jobs are split into this many segment jobs (1: never).
+    pub split_segments: u32,
     pub max_concurrent_jobs: u32,
     #[serde(with = "humantime_serde")]
     pub receive_wait: Duration,
@@ -136,6 +158,24 @@ pub struct Config {
     pub job_retry_max: Duration,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    pub metrics_listen: std::net::SocketAddr,
+    /// `None`: no EMF lines.
+    #[serde(with = "humantime_serde")]
+    pub emf_interval: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub health_max_age: Duration,
+    pub metrics_service: String,
+}
+
+/// How PostToConnection is sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendPath {
+    /// The AWS SDK's client: the reference implementation.
+    Sdk,
+    /// A SigV4-signed POST over a pooled hyper client: the same requests at
+    /// about a fifth of the CPU (BENCHMARKS.md).
+    Lean,
 }
 
 /// What the worker needs beyond the queue.
@@ -388,6 +428,8 @@ impl Validator<'_> {
         let send_attempts = self.range("send_attempts", raw.send_attempts, 1, 100)?;
         let page_size = self.range("page_size", raw.page_size, 1, MAX_PAGE_SIZE)?;
         let scan_segments = self.range("scan_segments", raw.scan_segments, 1, MAX_SCAN_SEGMENTS)?;
+        let split_segments =
+            self.range("split_segments", raw.split_segments, 1, MAX_SCAN_SEGMENTS)?;
         let max_concurrent_jobs =
             self.range("max_concurrent_jobs", raw.max_concurrent_jobs, 1, 1000)?;
 
@@ -431,6 +473,15 @@ impl Validator<'_> {
         if raw.shutdown_grace.is_zero() {
             return Err(self.invalid("shutdown_grace", "must be more than zero"));
         }
+        if raw.health_max_age <= raw.receive_wait {
+            return Err(self.invalid(
+                "health_max_age",
+                "must be longer than receive_wait, or an idle worker looks dead between polls",
+            ));
+        }
+        let metrics_service = self
+            .non_empty("metrics_service", Some(raw.metrics_service))?
+            .unwrap_or_default();
 
         Ok(Config {
             queue_url,
@@ -440,8 +491,10 @@ impl Validator<'_> {
             channel_index,
             channel_attribute,
             gateway_endpoint,
+            send_path: raw.send_path,
             rate_per_second,
             rate_burst,
+            adaptive_rate: raw.adaptive_rate,
             max_in_flight,
             send_timeout: raw.send_timeout,
             send_attempts,
@@ -449,6 +502,7 @@ impl Validator<'_> {
             send_retry_max: raw.send_retry_max,
             page_size,
             scan_segments,
+            split_segments,
             max_concurrent_jobs,
             receive_wait: raw.receive_wait,
             visibility_timeout: raw.visibility_timeout,
@@ -456,6 +510,10 @@ impl Validator<'_> {
             job_retry_base: raw.job_retry_base,
             job_retry_max: raw.job_retry_max,
             shutdown_grace: raw.shutdown_grace,
+            metrics_listen: raw.metrics_listen,
+            emf_interval: (!raw.emf_interval.is_zero()).then_some(raw.emf_interval),
+            health_max_age: raw.health_max_age,
+            metrics_service,
         })
     }
 }
@@ -596,6 +654,9 @@ mod tests {
             ),
             ("FANOUT_SEND_RETRY_BASE", "1m", "send_retry_base"),
             ("FANOUT_TABLE", " ", "must not be empty"),
+            ("FANOUT_METRICS_LISTEN", "localhost", "metrics_listen"),
+            ("FANOUT_HEALTH_MAX_AGE", "5s", "health_max_age"),
+            ("FANOUT_SEND_PATH", "fast", "send_path"),
         ];
         for (var, value, expected) in cases {
             Jail::expect_with(|jail| {

@@ -140,8 +140,14 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
     ) -> (Report, Result<(), FanoutError>) {
         let started = Instant::now();
         let query = match &job.target {
-            Target::All => AudienceQuery::All {
-                segments: self.settings.scan_segments,
+            Target::All => match job.segment {
+                Some(share) => AudienceQuery::Segment {
+                    index: share.index,
+                    total: share.total,
+                },
+                None => AudienceQuery::All {
+                    segments: self.settings.scan_segments,
+                },
             },
             Target::Channel(channel) => AudienceQuery::Channel(channel.clone()),
             Target::Connections(ids) => AudienceQuery::Explicit(ids.clone()),
@@ -239,6 +245,11 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 self.gateway.post(&connection.id, payload.clone()).await
             };
             Metrics::incr(&self.metrics.posts);
+            if outcome == PostOutcome::Throttled {
+                self.budget.throttled();
+            } else {
+                self.budget.succeeded();
+            }
             let reason = match outcome {
                 PostOutcome::Delivered => {
                     Metrics::incr(&self.metrics.delivered);
@@ -332,6 +343,8 @@ mod tests {
             target,
             exclude: HashSet::new(),
             resume: None,
+            segment: None,
+            split: None,
         }
     }
 

@@ -48,11 +48,32 @@ pub struct JobSpec {
     /// Connections to skip (e.g. the sender).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude: Vec<String>,
+    /// Split a whole-table broadcast into this many segment jobs, put back
+    /// on the queue so several workers share it (overrides the worker's
+    /// `split_segments`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<u32>,
+    /// Set by fanout on the jobs of a split broadcast: which share of the
+    /// table this job covers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<Segment>,
     /// Set by fanout on a continuation job: where each audience segment
     /// resumes. Producers leave it out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<Vec<Cursor>>,
 }
+
+/// One share of a split broadcast: scan segment `index` of `total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Segment {
+    pub index: u32,
+    pub total: u32,
+}
+
+/// The most segment jobs one broadcast splits into (the store's cap on scan
+/// segments).
+pub const MAX_SPLIT: u32 = 1024;
 
 /// Keeps an explicit `"data": null` apart from a missing `data`.
 fn present<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<serde_json::Value>, D::Error> {
@@ -81,6 +102,11 @@ pub struct Job {
     pub exclude: HashSet<ConnectionId>,
     /// Where to resume an interrupted broadcast.
     pub resume: Option<Vec<Cursor>>,
+    /// The share of the table this job covers, when it is part of a split
+    /// broadcast.
+    pub segment: Option<Segment>,
+    /// Segment jobs the producer asked this broadcast to split into.
+    pub split: Option<u32>,
 }
 
 /// What this deployment can serve, which parsing checks jobs against.
@@ -116,6 +142,14 @@ pub enum JobError {
         "the job names a channel but this deployment has no channel index (FANOUT_CHANNEL_INDEX)"
     )]
     ChannelsUnsupported,
+    #[error(
+        "`split` and `segment` apply to whole-table broadcasts only, not to a channel or a list"
+    )]
+    SplitNeedsTable,
+    #[error("`split` must be between 1 and {MAX_SPLIT}")]
+    BadSplit,
+    #[error("`segment` must have index < total <= {MAX_SPLIT}")]
+    BadSegment,
 }
 
 /// An SNS notification, as SNS delivers to SQS without raw message delivery.
@@ -152,8 +186,24 @@ impl Job {
             channel,
             connections,
             exclude,
+            split: None,
+            segment: self.segment,
             resume: Some(resume),
         }
+    }
+
+    /// The segment jobs of this broadcast split `total` ways, each covering
+    /// one scan segment; their ids are this one's with `/index` added.
+    pub fn split_into(&self, total: u32) -> Vec<JobSpec> {
+        (0..total)
+            .map(|index| {
+                let mut spec = self.continuation(Vec::new());
+                spec.id = Some(format!("{}/{index}", self.id));
+                spec.segment = Some(Segment { index, total });
+                spec.resume = None;
+                spec
+            })
+            .collect()
     }
 }
 
@@ -201,12 +251,27 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: Capabilities) -> Result<J
         (None, None) => Target::All,
     };
     let exclude = ids_of("exclude", spec.exclude)?.into_iter().collect();
+    if spec.split.is_some_and(|n| n == 0 || n > MAX_SPLIT) {
+        return Err(JobError::BadSplit);
+    }
+    if spec
+        .segment
+        .is_some_and(|s| s.total == 0 || s.total > MAX_SPLIT || s.index >= s.total)
+    {
+        return Err(JobError::BadSegment);
+    }
+    if (spec.split.is_some_and(|n| n > 1) || spec.segment.is_some()) && target != Target::All {
+        return Err(JobError::SplitNeedsTable);
+    }
     Ok(Job {
         id: spec.id.unwrap_or_else(|| message_id.to_owned()),
         payload,
         target,
         exclude,
         resume: spec.resume,
+        segment: spec.segment,
+        // Splitting a share again would only add jobs.
+        split: spec.split.filter(|_| spec.segment.is_none()),
     })
 }
 
@@ -386,6 +451,50 @@ mod tests {
             assert_eq!(resumed.id, job.id, "the id carries over");
             assert_eq!(resumed.resume, Some(resume.clone()));
         }
+    }
+
+    #[test]
+    fn a_split_broadcast_becomes_one_job_per_segment() {
+        let job = ok(r#"{"id":"big","data":"x","split":3,"exclude":["a"]}"#);
+        assert_eq!(job.split, Some(3));
+        let parts = job.split_into(3);
+        assert_eq!(parts.len(), 3);
+        for (n, part) in parts.iter().enumerate() {
+            let body = serde_json::to_string(part).unwrap();
+            let share = parse(&body, "m", CAPS).expect("a share parses");
+            assert_eq!(share.id, format!("big/{n}"));
+            assert_eq!(
+                share.segment,
+                Some(Segment {
+                    index: n as u32,
+                    total: 3
+                })
+            );
+            assert_eq!(share.split, None);
+            assert_eq!(share.payload, job.payload);
+            assert_eq!(share.exclude, job.exclude);
+        }
+    }
+
+    #[test]
+    fn split_limits() {
+        assert_eq!(err(r#"{"data":"x","split":0}"#), JobError::BadSplit);
+        assert_eq!(err(r#"{"data":"x","split":5000}"#), JobError::BadSplit);
+        assert_eq!(
+            err(r#"{"data":"x","split":2,"channel":"c"}"#),
+            JobError::SplitNeedsTable
+        );
+        assert_eq!(
+            err(r#"{"data":"x","segment":{"index":2,"total":2}}"#),
+            JobError::BadSegment
+        );
+        assert_eq!(
+            err(r#"{"data":"x","segment":{"index":0,"total":2},"connections":["a"]}"#),
+            JobError::SplitNeedsTable
+        );
+        // A share is not split again.
+        let share = ok(r#"{"data":"x","split":4,"segment":{"index":0,"total":2}}"#);
+        assert_eq!(share.split, None);
     }
 
     #[test]

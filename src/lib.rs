@@ -25,6 +25,7 @@
 //!   sending goes on.
 //! - [`fanout`]: the engine: audience pages → rate-limited concurrent sends →
 //!   report.
+//! - [`redrive`]: moves dead-lettered jobs back to the jobs queue.
 //! - [`worker`]: receive → fan out → settle the message; heartbeat; shutdown.
 //! - [`telemetry`]: JSON logs and process-wide counters.
 //! - [`metrics`]: the counters as CloudWatch EMF lines and Prometheus text,
@@ -46,6 +47,7 @@ pub mod local;
 pub mod metrics;
 pub mod progress;
 pub mod queue;
+pub mod redrive;
 pub mod remover;
 pub mod store;
 pub mod telemetry;

@@ -6,6 +6,7 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use base64::Engine as _;
@@ -14,11 +15,15 @@ use tokio_util::sync::CancellationToken;
 
 use fanout::aws;
 use fanout::backoff::Backoff;
-use fanout::config::{Config, ConfigError};
+use fanout::config::{Config, ConfigError, SendPath};
+use fanout::ecs::{self, TaskProtection};
 use fanout::fanout::{Engine, EngineSettings};
 use fanout::gateway::apigw::ApiGatewaySender;
+use fanout::gateway::lean::LeanSender;
+use fanout::gateway::select::SelectedSender;
 use fanout::job::{self, Capabilities, JobSpec};
-use fanout::limiter::SendBudget;
+use fanout::limiter::{RateSettings, SendBudget};
+use fanout::metrics::{self, MetricsServer, MetricsSettings};
 use fanout::queue::sqs::SqsQueue;
 use fanout::queue::{JobQueue, SendOptions};
 use fanout::store::dynamo::{DynamoStore, TableSettings};
@@ -52,6 +57,22 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Moves dead-lettered jobs back to the jobs queue (after fixing what
+    /// failed them); prints how many moved.
+    Redrive {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Move at most this many.
+        #[arg(long, default_value_t = u64::MAX, hide_default_value = true)]
+        max: u64,
+    },
+    /// Exits 0 if the worker on this host answers healthy (container health
+    /// check).
+    Health(metrics::HealthArgs),
+    /// A local stand-in for an API Gateway WebSocket API (development, demos).
+    Gateway(fanout::local::gateway::GatewayArgs),
+    /// Opens N WebSocket clients; on exit prints what they received as JSON.
+    Clients(fanout::local::clients::ClientsArgs),
 }
 
 #[derive(Args)]
@@ -129,6 +150,35 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => run(config, exit_when_idle).await,
         Command::Enqueue(args) => enqueue(args).await,
         Command::CheckConfig { config } => check_config(config),
+        Command::Redrive { config, max } => redrive(config, max).await,
+        Command::Health(args) => {
+            metrics::health(&args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gateway(args) => {
+            telemetry::init_logging();
+            let sdk = aws::load_sdk_config().await;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            fanout::local::gateway::run(
+                args,
+                aws::dynamodb_client(&sdk),
+                shutdown.cancelled_owned(),
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Clients(args) => {
+            telemetry::init_logging();
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            let summary = fanout::local::clients::run(args, shutdown.cancelled_owned()).await?;
+            Ok(if summary.ok == Some(false) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
     }
 }
 
@@ -164,15 +214,27 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
     )
     .await
     .with_context(|| format!("cannot use the connections table {}", targets.table))?;
-    let gateway = ApiGatewaySender::new(aws::apigw_client(
-        &sdk,
-        &targets.gateway_endpoint,
-        config.send_timeout,
-    )?);
+    let gateway = match config.send_path {
+        SendPath::Sdk => SelectedSender::Sdk(ApiGatewaySender::new(aws::apigw_client(
+            &sdk,
+            &targets.gateway_endpoint,
+            config.send_timeout,
+        )?)),
+        SendPath::Lean => SelectedSender::Lean(LeanSender::new(
+            &sdk,
+            &targets.gateway_endpoint,
+            config.send_timeout,
+            config.max_in_flight as usize,
+        )?),
+    };
 
-    let rate = config
-        .rate_per_second
-        .and_then(|rate| Some((NonZeroU32::new(rate)?, NonZeroU32::new(config.rate_burst)?)));
+    let rate = config.rate_per_second.and_then(|rate| {
+        Some(RateSettings {
+            per_second: NonZeroU32::new(rate)?,
+            burst: NonZeroU32::new(config.rate_burst)?,
+            adaptive: config.adaptive_rate,
+        })
+    });
     let budget = Arc::new(SendBudget::new(rate, config.max_in_flight as usize));
     let engine = Engine::new(
         Arc::new(store),
@@ -203,19 +265,42 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
         capabilities: Capabilities {
             channels: config.channel_index.is_some(),
         },
+        split_segments: config.split_segments,
     };
 
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
+    // Bound before the worker starts: a taken port is a configuration error.
+    let server = MetricsServer::bind(MetricsSettings {
+        listen: config.metrics_listen,
+        emf_interval: config.emf_interval,
+        health_max_age: config.health_max_age,
+        service: config.metrics_service.clone(),
+    })
+    .await?;
+    let metrics_task =
+        tokio::spawn(server.run(metrics.clone(), shutdown.clone().cancelled_owned()));
+    if let Some(protection) = TaskProtection::from_env(ecs::DEFAULT_EXPIRES_IN_MINUTES) {
+        tokio::spawn(Arc::new(protection).watch(
+            metrics.clone(),
+            Duration::from_secs(1),
+            shutdown.clone().cancelled_owned(),
+        ));
+    }
     tracing::info!(queue = %config.queue_url, table = %targets.table, endpoint = %targets.gateway_endpoint, "fanout worker started");
     let stopped = worker::run(
         Arc::new(queue),
         Arc::new(engine),
         settings,
         metrics,
-        shutdown,
+        shutdown.clone(),
     )
     .await;
+    // Stops the metrics server, which prints a last EMF line.
+    shutdown.cancel();
+    if let Ok(Err(e)) = metrics_task.await {
+        tracing::warn!(error = %e, "the metrics server failed");
+    }
     match stopped {
         Stopped::Shutdown | Stopped::Idle => {
             tracing::info!(reason = ?stopped, "fanout worker stopped");
@@ -308,6 +393,41 @@ async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("cannot send the job")?;
     println!("{message_id}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn redrive(arg: ConfigArg, max: u64) -> anyhow::Result<ExitCode> {
+    let config = Config::load(arg.file.as_deref())?;
+    let Some(dead_letters_url) = config.dead_letter_queue_url.clone() else {
+        return Err(ConfigError::Missing {
+            key: "dead_letter_queue_url".into(),
+            env: "FANOUT_DEAD_LETTER_QUEUE_URL".into(),
+        }
+        .into());
+    };
+    let sdk = aws::load_sdk_config().await;
+    // Short polls: an empty dead-letter queue ends the command at once.
+    let dead_letters = SqsQueue::new(
+        aws::sqs_client(&sdk, Duration::ZERO),
+        dead_letters_url,
+        None,
+        Duration::ZERO,
+    );
+    let jobs = SqsQueue::new(
+        aws::sqs_client(&sdk, Duration::ZERO),
+        config.queue_url.clone(),
+        None,
+        Duration::ZERO,
+    );
+    let fifo_group = config.queue_url.ends_with(".fifo").then_some("redriven");
+    let done = fanout::redrive::redrive(&dead_letters, &jobs, max, fifo_group).await?;
+    println!("moved {} job(s) back to the jobs queue", done.moved);
+    if done.left_behind > 0 {
+        println!(
+            "{} job(s) were sent again but are also still in the dead-letter queue",
+            done.left_behind
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -75,6 +75,14 @@ impl ConnectionStore for Arc<FakeTable> {
         };
         let ids: Vec<String> = match audience {
             AudienceQuery::All { .. } => self.rows.lock().unwrap().clone(),
+            AudienceQuery::Segment { index, total } => {
+                let rows = self.rows.lock().unwrap();
+                rows.iter()
+                    .enumerate()
+                    .filter(|(n, _)| *n as u32 % total == *index)
+                    .map(|(_, id)| id.clone())
+                    .collect()
+            }
             AudienceQuery::Channel(c) => self.channels.get(c).cloned().unwrap_or_default(),
             AudienceQuery::Explicit(ids) => ids.iter().map(|i| i.to_string()).collect(),
         };
@@ -169,6 +177,8 @@ pub struct FakeQueue {
     pub receives: AtomicUsize,
     /// Every call answers that the queue does not exist.
     pub missing: bool,
+    /// How long an empty receive waits (a long poll); at least 5 ms.
+    pub poll_wait: Duration,
 }
 
 impl FakeQueue {
@@ -217,16 +227,18 @@ impl JobQueue for FakeQueue {
             self.failing_receives.store(failing - 1, Ordering::SeqCst);
             return Err(QueueError::Unavailable("connection refused".into()));
         }
-        let batch: Vec<Message> = {
+        let take = || {
             let mut visible = self.visible.lock().unwrap();
             let n = max.min(visible.len());
-            visible.drain(..n).collect()
+            visible.drain(..n).collect::<Vec<Message>>()
         };
-        if batch.is_empty() {
-            // A long poll that finds nothing waits a little.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let batch = take();
+        if !batch.is_empty() {
+            return Ok(batch);
         }
-        Ok(batch)
+        // A long poll that finds nothing waits, then takes what arrived.
+        tokio::time::sleep(self.poll_wait.max(Duration::from_millis(5))).await;
+        Ok(take())
     }
 
     async fn set_visibility(&self, receipt: &Receipt, timeout: Duration) -> Result<(), QueueError> {
@@ -263,6 +275,11 @@ impl JobQueue for FakeQueue {
     }
 
     async fn send(&self, body: &str, _: &SendOptions) -> Result<String, QueueError> {
+        if self.missing {
+            return Err(QueueError::NoSuchQueue {
+                url: "http://127.0.0.1:1/q".into(),
+            });
+        }
         let mut sent = self.sent.lock().unwrap();
         sent.push(body.to_owned());
         Ok(format!("sent-{}", sent.len()))

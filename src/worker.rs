@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use tokio::sync::{Semaphore, mpsc};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::backoff::Backoff;
 use crate::fanout::{Engine, FanoutError, Report};
 use crate::gateway::Gateway;
-use crate::job::{self, Capabilities, Job};
+use crate::job::{self, Capabilities, Job, Target};
 use crate::queue::{DeadLettered, JobQueue, MAX_BATCH, Message, QueueError, Receipt, SendOptions};
 use crate::store::ConnectionStore;
 use crate::store::Cursor;
@@ -45,6 +47,9 @@ pub struct WorkerSettings {
     pub exit_when_idle: bool,
     /// What jobs this deployment can run.
     pub capabilities: Capabilities,
+    /// Whole-table jobs without a `split` of their own are split into this
+    /// many segment jobs (1: never).
+    pub split_segments: u32,
 }
 
 /// Waits after failed receives: an SQS blip never stops the worker.
@@ -98,11 +103,16 @@ where
         engine,
         settings,
         metrics: metrics.clone(),
-        deleter: deleter.tx.clone(),
+        deleter: deleter.handle(),
         abort: abort.clone(),
     });
 
     let mut failed_receives = 0u32;
+    // A long poll abandoned at shutdown stays open at SQS until its wait
+    // ends, and takes any message that shows up meanwhile (even this
+    // worker's own hand-backs): it is finished instead, and what it brings is
+    // handed back at once.
+    let mut abandoned_receive = None;
     let stopped = loop {
         let first = tokio::select! {
             biased;
@@ -116,10 +126,25 @@ where
                 Err(_) => break,
             }
         }
+        // A deletion under way can unblock a FIFO group during this receive,
+        // and a long poll does not always wake for it: only a receive that
+        // began with nothing pending may conclude that the queue is empty.
+        let settled_before = deleter.handle.idle();
+        let mut receive = tokio::spawn({
+            let queue = queue.clone();
+            let max = permits.len();
+            async move { queue.receive(max).await }
+        });
         let received = tokio::select! {
             biased;
-            () = shutdown.cancelled() => break Stopped::Shutdown,
-            received = queue.receive(permits.len()) => received,
+            () = shutdown.cancelled() => {
+                abandoned_receive = Some(receive);
+                break Stopped::Shutdown;
+            }
+            received = &mut receive => match received {
+                Ok(received) => received,
+                Err(e) => Err(QueueError::Unavailable(format!("the receive task failed: {e}"))),
+            },
         };
         match received {
             Err(e @ QueueError::NoSuchQueue { .. }) => break Stopped::Failed(e.to_string()),
@@ -135,20 +160,31 @@ where
             Ok(messages) => {
                 failed_receives = 0;
                 metrics.mark_poll();
-                if messages.is_empty() && settings.exit_when_idle && jobs.is_empty() {
+                if messages.is_empty()
+                    && settings.exit_when_idle
+                    && jobs.is_empty()
+                    && settled_before
+                {
                     break Stopped::Idle;
                 }
-                for (message, permit) in messages.into_iter().zip(permits) {
+                for chain in in_group_order(messages.into_iter().zip(permits)) {
                     let ctx = ctx.clone();
-                    jobs.spawn(async move {
-                        ctx.process(message).await;
-                        drop(permit);
-                    });
+                    jobs.spawn(async move { ctx.process_in_order(chain).await });
                 }
             }
         }
     };
 
+    if let Some(receive) = abandoned_receive {
+        let ctx = ctx.clone();
+        jobs.spawn(async move {
+            if let Ok(Ok(messages)) = receive.await {
+                for message in messages {
+                    ctx.hand_back(&message, Duration::ZERO).await;
+                }
+            }
+        });
+    }
     jobs.close();
     if stopped != Stopped::Idle && !jobs.is_empty() {
         tracing::info!(
@@ -173,38 +209,82 @@ where
     stopped
 }
 
+/// Where a processed message is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    /// Off the jobs queue (its deletion queued): done, dead-lettered,
+    /// split or continued in a new message.
+    Gone,
+    /// Still on the queue, to be received again.
+    Kept,
+}
+
 /// What a job task needs.
 struct JobContext<Q, S, G> {
     queue: Arc<Q>,
     engine: Arc<Engine<S, G>>,
     settings: WorkerSettings,
     metrics: Arc<Metrics>,
-    deleter: mpsc::Sender<Receipt>,
+    deleter: DeleteHandle,
     abort: CancellationToken,
 }
 
 impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// Runs one message to a settled state. A panic inside is caught and
     /// reported: the message is handed back, the worker goes on.
-    async fn process(&self, message: Message) {
+    async fn process(&self, message: &Message) -> Fate {
         Metrics::incr(&self.metrics.jobs_in_flight);
-        let outcome = AssertUnwindSafe(self.run_job(&message))
-            .catch_unwind()
-            .await;
+        let outcome = AssertUnwindSafe(self.run_job(message)).catch_unwind().await;
         self.metrics
             .jobs_in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        if outcome.is_err() {
-            tracing::error!(message_id = %message.id, "the job panicked; handing its message back");
-            self.retry_later(&message).await;
+        match outcome {
+            Ok(fate) => fate,
+            Err(_) => {
+                tracing::error!(message_id = %message.id, "the job panicked; handing its message back");
+                self.retry_later(message).await
+            }
         }
     }
 
-    async fn run_job(&self, message: &Message) {
+    /// Runs messages of one FIFO group, received together, one after the
+    /// other in their order. The ones still waiting are kept hidden; if one
+    /// stays on the queue, the rest are handed back behind it rather than
+    /// run ahead of it.
+    async fn process_in_order(&self, chain: Vec<(Message, OwnedSemaphorePermit)>) {
+        let waiting: Vec<JoinHandle<()>> = chain
+            .iter()
+            .skip(1)
+            .map(|(message, _)| self.heartbeat(message.receipt.clone(), message.id.clone()))
+            .collect();
+        let mut waiting = waiting.into_iter();
+        let mut chain = chain.into_iter();
+        while let Some((message, permit)) = chain.next() {
+            let fate = self.process(&message).await;
+            drop(permit);
+            if let Some(heartbeat) = waiting.next() {
+                heartbeat.abort();
+            }
+            if fate == Fate::Kept {
+                for heartbeat in waiting.by_ref() {
+                    heartbeat.abort();
+                }
+                for (rest, permit) in chain.by_ref() {
+                    self.hand_back(&rest, Duration::ZERO).await;
+                    drop(permit);
+                }
+            }
+        }
+    }
+
+    async fn run_job(&self, message: &Message) -> Fate {
         let job = match job::parse(&message.body, &message.id, self.settings.capabilities) {
             Ok(job) => job,
             Err(e) => return self.dead_letter(message, &e.to_string()).await,
         };
+        if let Some(total) = self.split_of(&job).filter(|_| message.group_id.is_none()) {
+            return self.split(message, &job, total).await;
+        }
         let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone());
         let (report, result) = self.engine.run(&job, &self.abort).await;
         heartbeat.abort();
@@ -216,30 +296,73 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 // The deleter retries; it only fails if the queue is gone for
                 // good, and then the job is redelivered: a duplicate, never a
                 // loss.
-                let _ = self.deleter.send(message.receipt.clone()).await;
+                self.delete(message).await
             }
             Err(FanoutError::Interrupted) => {
                 log_report(&job.id, &report, "interrupted");
-                self.give_up(message, &job, report.resume).await;
+                self.give_up(message, &job, report.resume).await
             }
             Err(e) if e.is_permanent() => {
                 log_report(&job.id, &report, "failed");
-                self.dead_letter(message, &e.to_string()).await;
+                self.dead_letter(message, &e.to_string()).await
             }
             Err(e) => {
                 tracing::error!(job_id = %job.id, error = %e, "the job failed; it will be retried");
                 log_report(&job.id, &report, "failed");
-                self.retry_later(message).await;
+                self.retry_later(message).await
             }
         }
+    }
+
+    /// Queues the message's deletion.
+    async fn delete(&self, message: &Message) -> Fate {
+        self.deleter.push(message.receipt.clone()).await;
+        Fate::Gone
+    }
+
+    /// How many segment jobs `job` becomes, if it is to be split. (Not on
+    /// FIFO queues: a group runs one job at a time, so shares could not run
+    /// side by side, and they would queue behind later broadcasts.)
+    fn split_of(&self, job: &Job) -> Option<u32> {
+        if job.segment.is_some() || job.resume.is_some() || job.target != Target::All {
+            return None;
+        }
+        let total = job.split.unwrap_or(self.settings.split_segments);
+        (total > 1).then_some(total)
+    }
+
+    /// Puts a broadcast's segment jobs on the queue, then deletes it. If a
+    /// send fails, the job is retried whole later: segments already sent
+    /// then run twice (duplicates, never a loss).
+    async fn split(&self, message: &Message, job: &Job, total: u32) -> Fate {
+        for (index, part) in job.split_into(total).into_iter().enumerate() {
+            let sent = match serde_json::to_string(&part) {
+                Ok(body) => self
+                    .queue
+                    .send(&body, &SendOptions::default())
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = sent {
+                tracing::error!(job_id = %job.id, index, error = %e, "splitting the job failed; it will be retried");
+                return self.retry_later(message).await;
+            }
+        }
+        tracing::info!(job_id = %job.id, segments = total, "job split into segment jobs");
+        Metrics::incr(&self.metrics.jobs_completed);
+        self.delete(message).await
     }
 
     /// Hands an unfinished job to another worker. With pages finished, a
     /// continuation job carrying the resume cursors replaces the message, so
     /// the broadcast goes on from there instead of from its start;
     /// otherwise the message itself becomes visible again at once.
-    async fn give_up(&self, message: &Message, job: &Job, resume: Vec<Cursor>) {
-        if resume.is_empty() || job.resume.as_ref() == Some(&resume) {
+    async fn give_up(&self, message: &Message, job: &Job, resume: Vec<Cursor>) -> Fate {
+        // On a FIFO queue a new message would join the end of its group and
+        // let later broadcasts overtake this one: keep the original, which
+        // holds its place (the group waits for it).
+        if resume.is_empty() || job.resume.as_ref() == Some(&resume) || message.group_id.is_some() {
             return self.hand_back(message, Duration::ZERO).await;
         }
         let body = match serde_json::to_string(&job.continuation(resume)) {
@@ -249,23 +372,16 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 return self.hand_back(message, Duration::ZERO).await;
             }
         };
-        let options = SendOptions {
-            group_id: message.group_id.clone(),
-            deduplication_id: message
-                .group_id
-                .as_ref()
-                .map(|_| format!("{}-{}", message.id, message.receive_count)),
-        };
-        match self.queue.send(&body, &options).await {
+        match self.queue.send(&body, &SendOptions::default()).await {
             Ok(continuation) => {
                 tracing::info!(job_id = %job.id, continuation, "job continues in a new message");
                 // If this delete is lost, the original runs again from its
                 // start as well: duplicates, never a loss.
-                let _ = self.deleter.send(message.receipt.clone()).await;
+                self.delete(message).await
             }
             Err(e) => {
                 tracing::warn!(job_id = %job.id, error = %e, "cannot enqueue the continuation; the job restarts from its start");
-                self.hand_back(message, Duration::ZERO).await;
+                self.hand_back(message, Duration::ZERO).await
             }
         }
     }
@@ -294,38 +410,40 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// A job that can never run: to the dead-letter queue with its reason,
     /// then off the jobs queue. Without a dead-letter queue the message
     /// stays for the queue's redrive policy.
-    async fn dead_letter(&self, message: &Message, reason: &str) {
+    async fn dead_letter(&self, message: &Message, reason: &str) -> Fate {
         Metrics::incr(&self.metrics.jobs_dead_lettered);
         match self.queue.dead_letter(message, reason).await {
             Ok(DeadLettered::Sent) => {
                 tracing::error!(message_id = %message.id, reason, "job sent to the dead-letter queue");
-                let _ = self.deleter.send(message.receipt.clone()).await;
+                self.delete(message).await
             }
             Ok(DeadLettered::NotConfigured) => {
                 tracing::error!(message_id = %message.id, reason, "job cannot run; no dead-letter queue is configured, so it is left for the queue's redrive policy");
+                Fate::Kept
             }
             Err(e) => {
                 tracing::error!(message_id = %message.id, reason, error = %e, "job cannot run and could not be dead-lettered; it will be tried again");
-                self.retry_later(message).await;
+                self.retry_later(message).await
             }
         }
     }
 
     /// Makes a failed job visible again after a delay growing with its
     /// receive count.
-    async fn retry_later(&self, message: &Message) {
+    async fn retry_later(&self, message: &Message) -> Fate {
         Metrics::incr(&self.metrics.jobs_retried);
         let delay = self
             .settings
             .job_retry
             .cap(message.receive_count.saturating_sub(1));
-        self.hand_back(message, delay).await;
+        self.hand_back(message, delay).await
     }
 
-    async fn hand_back(&self, message: &Message, after: Duration) {
+    /// Makes the message visible again after `after`; it stays on the queue.
+    async fn hand_back(&self, message: &Message, after: Duration) -> Fate {
         for attempt in 1.. {
             match self.queue.set_visibility(&message.receipt, after).await {
-                Ok(()) => return,
+                Ok(()) => break,
                 Err(e) if SETTLE_BACKOFF.allows_another(attempt) => {
                     tracing::debug!(error = %e, attempt, "handing a message back failed; retrying");
                     tokio::time::sleep(SETTLE_BACKOFF.delay(attempt - 1)).await;
@@ -334,11 +452,30 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                     // It becomes visible anyway when its visibility timeout
                     // runs out: later, not lost.
                     tracing::warn!(message_id = %message.id, error = %e, "could not hand the message back; it reappears after its visibility timeout");
-                    return;
+                    break;
                 }
             }
         }
+        Fate::Kept
     }
+}
+
+/// Groups received messages into chains that must run one after another:
+/// messages of one FIFO group (SQS may return several at once, in order)
+/// form one chain; every other message is a chain of its own.
+fn in_group_order<P>(received: impl IntoIterator<Item = (Message, P)>) -> Vec<Vec<(Message, P)>> {
+    let mut chains: Vec<Vec<(Message, P)>> = Vec::new();
+    for (message, permit) in received {
+        let group = message.group_id.clone();
+        match chains
+            .iter_mut()
+            .find(|chain| group.is_some() && chain[0].0.group_id == group)
+        {
+            Some(chain) => chain.push((message, permit)),
+            None => chains.push(vec![(message, permit)]),
+        }
+    }
+    chains
 }
 
 fn log_report(job_id: &str, report: &Report, status: &str) {
@@ -363,25 +500,69 @@ fn log_report(job_id: &str, report: &Report, status: &str) {
 /// Deletes finished jobs' messages in batches of up to ten, retrying the
 /// entries the queue reports failed.
 struct Deleter {
-    tx: mpsc::Sender<Receipt>,
+    handle: DeleteHandle,
     task: JoinHandle<()>,
+}
+
+/// Queues deletions, and counts them so the idle check can tell whether
+/// one is still under way.
+#[derive(Clone, Debug)]
+struct DeleteHandle {
+    tx: mpsc::Sender<Receipt>,
+    /// Receipts queued, and receipts whose deletion is over (done or given
+    /// up): equal when nothing is pending.
+    queued: Arc<AtomicU64>,
+    settled: Arc<AtomicU64>,
+}
+
+impl DeleteHandle {
+    async fn push(&self, receipt: Receipt) {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        if self.tx.send(receipt).await.is_err() {
+            // The deleter is gone (shutdown): the message reappears after its
+            // visibility timeout, a duplicate, never a loss.
+            self.settled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.queued.load(Ordering::SeqCst) == self.settled.load(Ordering::SeqCst)
+    }
 }
 
 impl Deleter {
     fn spawn<Q: JobQueue>(queue: Arc<Q>) -> Self {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 10);
+        let handle = DeleteHandle {
+            tx,
+            queued: Arc::new(AtomicU64::new(0)),
+            settled: Arc::new(AtomicU64::new(0)),
+        };
+        let settled = handle.settled.clone();
         let task = tokio::spawn(async move {
             ReceiverStream::new(rx)
                 .ready_chunks(MAX_BATCH)
-                .for_each(|batch| delete_batch(&*queue, batch))
+                .for_each(|batch| {
+                    let settled = settled.clone();
+                    let n = batch.len() as u64;
+                    let queue = queue.clone();
+                    async move {
+                        delete_batch(&*queue, batch).await;
+                        settled.fetch_add(n, Ordering::SeqCst);
+                    }
+                })
                 .await;
         });
-        Self { tx, task }
+        Self { handle, task }
+    }
+
+    fn handle(&self) -> DeleteHandle {
+        self.handle.clone()
     }
 
     /// Waits until every queued deletion is done or given up on.
     async fn finish(self) {
-        drop(self.tx);
+        drop(self.handle);
         let _ = self.task.await;
     }
 }
@@ -428,6 +609,7 @@ mod tests {
             shutdown_grace: Duration::from_secs(5),
             exit_when_idle: true,
             capabilities: Capabilities { channels: false },
+            split_segments: 1,
         }
     }
 
@@ -633,6 +815,181 @@ mod tests {
             visibility.iter().all(|(_, t)| !t.is_zero()),
             "{visibility:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_split_job_becomes_segment_jobs_that_cover_the_table_once() {
+        let rig = Rig::new(
+            FakeQueue::with_jobs(&[r#"{"id":"big","data":"s","split":3}"#], true),
+            FakeGateway::default(),
+        );
+        rig.run(settings(), CancellationToken::new()).await;
+        assert_eq!(rig.queue.deleted_ids(), ["r0"], "the whole job is replaced");
+        assert!(
+            rig.gateway.delivered.lock().unwrap().is_empty(),
+            "nothing sent yet"
+        );
+        let parts = rig.queue.sent.lock().unwrap().clone();
+        assert_eq!(parts.len(), 3);
+
+        // Run the shares as other workers would.
+        let bodies: Vec<&str> = parts.iter().map(String::as_str).collect();
+        let rig2 = Rig::new(FakeQueue::with_jobs(&bodies, true), FakeGateway::default());
+        rig2.run(settings(), CancellationToken::new()).await;
+        let delivered = rig2.gateway.delivered.lock().unwrap();
+        let unique: std::collections::HashSet<_> = delivered.iter().map(|(id, _)| id).collect();
+        assert_eq!(delivered.len(), 20, "every row once");
+        assert_eq!(unique.len(), 20);
+        assert!(
+            rig2.queue.sent.lock().unwrap().is_empty(),
+            "shares are not split again"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fifo_jobs_are_neither_continued_nor_split_so_order_holds() {
+        let mut queue = FakeQueue::with_jobs(&[r#"{"id":"f","data":"a","split":4}"#], true);
+        queue.visible.get_mut().unwrap()[0].group_id = Some("news".into());
+        let rig = Rig::new(
+            queue,
+            FakeGateway {
+                stall_ids: ["conn-12".to_owned()].into(),
+                ..FakeGateway::default()
+            },
+        );
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        let mut s = settings();
+        s.exit_when_idle = false;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            trigger.cancel();
+        });
+        rig.run(s, shutdown).await;
+        assert!(rig.queue.sent.lock().unwrap().is_empty(), "no new message");
+        assert!(
+            rig.queue.deleted_ids().is_empty(),
+            "the original keeps its place"
+        );
+        let visibility = rig.queue.visibility.lock().unwrap().clone();
+        assert_eq!(
+            visibility.last(),
+            Some(&(Receipt("r0".into()), Duration::ZERO))
+        );
+        assert!(
+            rig.gateway.delivered.lock().unwrap().len() >= 10,
+            "it ran, unsplit"
+        );
+    }
+
+    fn fifo(bodies: &[&str], group: &str) -> FakeQueue {
+        let mut queue = FakeQueue::with_jobs(bodies, true);
+        for message in queue.visible.get_mut().unwrap() {
+            message.group_id = Some(group.into());
+        }
+        queue
+    }
+
+    #[tokio::test]
+    async fn messages_of_one_fifo_group_received_together_run_in_order() {
+        let rig = Rig::new(
+            fifo(
+                &[r#"{"data":"1"}"#, r#"{"data":"2"}"#, r#"{"data":"3"}"#],
+                "g",
+            ),
+            FakeGateway::default(),
+        );
+        let mut s = settings();
+        s.max_concurrent_jobs = 4;
+        rig.run(s, CancellationToken::new()).await;
+        assert_eq!(rig.queue.deleted_ids(), ["r0", "r1", "r2"]);
+        let delivered = rig.gateway.delivered.lock().unwrap();
+        let to_first: Vec<_> = delivered
+            .iter()
+            .filter(|(id, _)| id == "conn-0")
+            .map(|(_, payload)| payload.clone())
+            .collect();
+        assert_eq!(to_first, ["1", "2", "3"]);
+    }
+
+    #[tokio::test]
+    async fn a_fifo_job_that_stays_on_the_queue_keeps_its_group_mates_behind_it() {
+        let gateway = FakeGateway::default();
+        gateway.script.lock().unwrap().insert(
+            "conn-0".into(),
+            vec![crate::gateway::PostOutcome::Forbidden("403".into())],
+        );
+        let rig = Rig::new(fifo(&[r#"{"data":"1"}"#, r#"{"data":"2"}"#], "g"), gateway);
+        let mut s = settings();
+        s.max_concurrent_jobs = 4;
+        rig.run(s, CancellationToken::new()).await;
+        assert!(rig.queue.deleted_ids().is_empty());
+        let visibility = rig.queue.visibility.lock().unwrap().clone();
+        assert!(
+            visibility.contains(&(Receipt("r1".into()), Duration::ZERO)),
+            "{visibility:?}"
+        );
+        let delivered = rig.gateway.delivered.lock().unwrap();
+        assert!(
+            delivered.iter().all(|(_, payload)| payload == "1"),
+            "the second job must not overtake the first"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_configured_split_applies_to_whole_table_jobs_only() {
+        let rig = Rig::new(
+            FakeQueue::with_jobs(
+                &[
+                    r#"{"data":"a"}"#,
+                    r#"{"data":"b","connections":["conn-1"]}"#,
+                ],
+                true,
+            ),
+            FakeGateway::default(),
+        );
+        let mut s = settings();
+        s.split_segments = 4;
+        rig.run(s, CancellationToken::new()).await;
+        assert_eq!(rig.queue.sent.lock().unwrap().len(), 4);
+        assert_eq!(
+            rig.gateway.delivered.lock().unwrap().len(),
+            1,
+            "the list job ran"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_a_long_poll_brings_after_shutdown_is_handed_back_at_once() {
+        let rig = Rig::new(
+            FakeQueue {
+                poll_wait: Duration::from_secs(2),
+                ..FakeQueue::default()
+            },
+            FakeGateway::default(),
+        );
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        let queue = rig.queue.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            trigger.cancel();
+            // A message arrives while the abandoned poll still waits.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            queue.visible.lock().unwrap().extend(
+                FakeQueue::with_jobs(&[r#"{"data":"late"}"#], true)
+                    .visible
+                    .into_inner()
+                    .unwrap(),
+            );
+        });
+        let mut s = settings();
+        s.exit_when_idle = false;
+        let stopped = rig.run(s, shutdown).await;
+        assert_eq!(stopped, Stopped::Shutdown);
+        let visibility = rig.queue.visibility.lock().unwrap().clone();
+        assert_eq!(visibility, [(Receipt("r0".into()), Duration::ZERO)]);
+        assert!(rig.gateway.delivered.lock().unwrap().is_empty(), "not run");
     }
 
     #[tokio::test(start_paused = true)]

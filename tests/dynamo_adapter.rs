@@ -120,6 +120,27 @@ async fn a_read_resumes_after_the_last_page_handed_out() {
 }
 
 #[tokio::test]
+async fn the_segments_of_a_split_broadcast_share_the_table_exactly() {
+    let ddb = support::dynamodb().await;
+    let table = create_table(&ddb, "split", TableKey::Id, false).await;
+    let rows = ids("s", 150);
+    put_connections(&ddb, &table, &rows, None).await;
+    let store = store(settings(&table, 7, false)).await;
+
+    let mut seen = Vec::new();
+    for index in 0..3 {
+        let pages = all_pages(&store, &AudienceQuery::Segment { index, total: 3 }, None).await;
+        assert!(pages.iter().all(|p| p.next.segment == index));
+        let share = ids_once(&pages);
+        assert!(!share.is_empty(), "segment {index} of 3 holds rows");
+        seen.extend(share);
+    }
+    let unique: BTreeSet<String> = seen.iter().cloned().collect();
+    assert_eq!(seen.len(), rows.len(), "no row in two segments");
+    assert_eq!(unique, set(&rows));
+}
+
+#[tokio::test]
 async fn four_segments_cover_every_row_exactly_once() {
     let ddb = support::dynamodb().await;
     let table = create_table(&ddb, "segments", TableKey::Id, false).await;
@@ -157,6 +178,16 @@ async fn four_segments_cover_every_row_exactly_once() {
     .await;
     let expected: BTreeSet<String> = set(&rows).difference(&segment_1).cloned().collect();
     assert_eq!(ids_once(&resumed), expected);
+
+    // Every segment done: nothing left to read.
+    let all_done = (0..4)
+        .map(|segment| Cursor {
+            segment,
+            position: None,
+        })
+        .collect();
+    let none = all_pages(&store, &AudienceQuery::All { segments: 4 }, Some(all_done)).await;
+    assert!(none.is_empty());
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 //! Needs `AWS_ENDPOINT_URL_DYNAMODB` (dynalite): `./scripts/test.sh` sets it.
 
 mod local_support;
+mod support;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -158,6 +159,8 @@ async fn a_broadcast_reaches_every_live_client_and_removes_the_gone_rows_on_both
             target: Target::All,
             exclude: HashSet::new(),
             resume: None,
+            segment: None,
+            split: None,
         };
         let (report, result) = engine.run(&job, &CancellationToken::new()).await;
         result.unwrap_or_else(|e| panic!("{path:?}: {e}"));

@@ -3,6 +3,7 @@
 //! emulator for the `$connect`/`$disconnect` rows.
 
 mod local_support;
+mod support;
 
 use std::time::{Duration, Instant};
 
@@ -354,4 +355,33 @@ async fn latency_delays_each_post_and_stats_count_posts_in_flight() {
         stats.max_in_flight >= 2 && stats.max_in_flight <= 8,
         "{stats:?}"
     );
+}
+
+#[tokio::test]
+async fn create_table_makes_a_table_the_worker_can_use() {
+    let table = support::unique("created");
+    let name = table.clone();
+    let gw = TestGateway::start(move |args| {
+        args.table = name;
+        args.create_table = true;
+    })
+    .await;
+    let (_socket, id) = gw.connect(Some("news")).await;
+    let row = gw.row(&id).await.expect("the $connect row");
+    assert_eq!(row["channel"], AttributeValue::S("news".into()));
+    let described = gw
+        .dynamo
+        .describe_table()
+        .table_name(&table)
+        .send()
+        .await
+        .expect("the table exists");
+    let indexes: Vec<_> = described
+        .table()
+        .map(|t| t.global_secondary_indexes())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|i| i.index_name())
+        .collect();
+    assert_eq!(indexes, ["by-channel"]);
 }

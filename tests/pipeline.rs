@@ -5,15 +5,15 @@
 mod local_support;
 mod support;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::time::Duration;
 
 use fanout::local::clients::Swarm;
 use fanout::local::gateway::GatewayArgs;
 use local_support::TestGateway;
+use support::worker::{Run, finish, signal};
 use support::{TableKey, TestQueue};
-use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
 const FANOUT: &str = env!("CARGO_BIN_EXE_fanout");
@@ -29,14 +29,6 @@ struct Pipeline {
     gateway: TestGateway,
     /// Extra FANOUT_* settings for the worker.
     env: Vec<(String, String)>,
-}
-
-/// What a worker run printed and how it ended.
-struct Run {
-    status: std::process::ExitStatus,
-    /// The per-job `broadcast` log lines, by job id.
-    reports: HashMap<String, serde_json::Value>,
-    stdout: String,
 }
 
 impl Pipeline {
@@ -79,6 +71,8 @@ impl Pipeline {
                 format!("http://{}/{}", self.gateway.addr, self.gateway.stage),
             )
             .env("FANOUT_RECEIVE_WAIT", "1s")
+            // Tests run workers side by side: any free port.
+            .env("FANOUT_METRICS_LISTEN", "127.0.0.1:0")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .kill_on_drop(true);
@@ -89,20 +83,7 @@ impl Pipeline {
     async fn enqueue(&self, args: &[&str]) -> String {
         let mut all = vec!["enqueue"];
         all.extend_from_slice(args);
-        let out = self
-            .command(&all)
-            .output()
-            .await
-            .expect("run fanout enqueue");
-        assert!(
-            out.status.success(),
-            "fanout enqueue {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .expect("utf-8")
-            .trim()
-            .to_owned()
+        crate::support::worker::run_ok(self.command(&all), &format!("{all:?}")).await
     }
 
     /// Puts a raw body on the jobs queue, as any producer's SDK would.
@@ -145,40 +126,10 @@ impl Pipeline {
     }
 }
 
-/// Waits for a worker to exit (killing it past `limit`) and collects its
-/// output.
-async fn finish(mut child: Child, limit: Duration) -> Run {
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let mut out = String::new();
-    let mut err = String::new();
-    let waited = tokio::time::timeout(limit, async {
-        let (_, _, status) = tokio::join!(
-            stdout.read_to_string(&mut out),
-            stderr.read_to_string(&mut err),
-            child.wait()
-        );
-        status
-    })
-    .await;
-    let status = match waited {
-        Ok(status) => status.expect("wait for fanout"),
-        Err(_) => {
-            let _ = child.kill().await;
-            panic!("fanout run did not finish in {limit:?}\nstdout:\n{out}\nstderr:\n{err}");
-        }
-    };
-    let reports = out
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|v| v["message"] == "broadcast")
-        .map(|v| (v["job_id"].as_str().unwrap_or_default().to_owned(), v))
-        .collect();
-    Run {
-        status,
-        reports,
-        stdout: format!("{out}\n--- stderr ---\n{err}"),
-    }
+/// An address on loopback that nothing listens on now.
+fn free_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    listener.local_addr().expect("local addr")
 }
 
 /// A file holding `len` copies of `fill`, for payloads too big for argv.
@@ -226,13 +177,13 @@ async fn every_live_client_gets_each_message_once_and_only_gone_rows_are_removed
         assert_eq!(tally.frames(), 3, "nothing else, nothing twice");
     }
     for id in ["text", "json", "binary"] {
-        let report = &run.reports[id];
+        let report = &run.report(id);
         assert_eq!(count(report, "audience"), 55, "{report}");
         assert_eq!(count(report, "delivered"), 30, "{report}");
         assert_eq!(count(report, "failed"), 0, "{report}");
     }
-    let gone_total: u64 = run.reports.values().map(|r| count(r, "gone")).sum();
-    let removed_total: u64 = run.reports.values().map(|r| count(r, "removed")).sum();
+    let gone_total: u64 = run.reports.iter().map(|r| count(r, "gone")).sum();
+    let removed_total: u64 = run.reports.iter().map(|r| count(r, "removed")).sum();
     assert!(gone_total >= 25, "the first job finds all 25 gone rows");
     assert_eq!(gone_total, removed_total);
     assert_eq!(p.rows().await, live, "exactly the live rows remain");
@@ -300,7 +251,7 @@ async fn channels_explicit_lists_exclusions_and_sns_envelopes() {
         expect(c, "to two", u32::from(c.id() == plain_ids[0]));
         expect(c, "to all but one", u32::from(c.id() != plain_ids[1]));
     }
-    let excluded: u64 = run.reports.values().map(|r| count(r, "excluded")).sum();
+    let excluded: u64 = run.reports.iter().map(|r| count(r, "excluded")).sum();
     assert_eq!(excluded, 1);
 }
 
@@ -352,6 +303,8 @@ async fn a_throttling_and_failing_gateway_still_delivers_exactly_once() {
         args.fail_percent = 20;
     })
     .await;
+    // The SDK's client here; the other tests run the default lean path.
+    p.set("FANOUT_SEND_PATH", "sdk");
     p.set("FANOUT_SEND_ATTEMPTS", 30);
     p.set("FANOUT_SEND_RETRY_BASE", "20ms");
     p.set("FANOUT_SEND_RETRY_MAX", "500ms");
@@ -365,7 +318,7 @@ async fn a_throttling_and_failing_gateway_still_delivers_exactly_once() {
     for c in clients.clients() {
         assert_eq!(c.tally().text_count("through the storm"), 1, "{}", c.id());
     }
-    let report = &run.reports["storm"];
+    let report = &run.report("storm");
     assert_eq!(count(report, "delivered"), 60, "{report}");
     assert_eq!(
         count(report, "gone"),
@@ -392,7 +345,7 @@ async fn ten_thousand_connections_with_in_flight_bounded_at_the_endpoint() {
     let run = p.run_until_idle().await;
     assert!(run.status.success(), "{}", run.stdout);
 
-    let report = &run.reports["big"];
+    let report = &run.report("big");
     assert_eq!(count(report, "audience"), 10_000, "{report}");
     assert_eq!(count(report, "delivered"), 500, "{report}");
     assert_eq!(count(report, "gone"), 9_500, "{report}");
@@ -420,13 +373,15 @@ async fn sigterm_mid_broadcast_hands_the_job_back_and_it_completes_later() {
     p.set("FANOUT_MAX_IN_FLIGHT", 4);
     p.set("FANOUT_PAGE_SIZE", 20);
     p.set("FANOUT_SHUTDOWN_GRACE", "1s");
+    let metrics_addr = free_addr();
+    p.set("FANOUT_METRICS_LISTEN", metrics_addr);
     let clients = p.connect(30, None).await;
     let stale = support::ids("gone", 300);
     support::put_connections(&p.dynamo, &p.table, &stale, None).await;
     p.enqueue(&["--data", "interrupted", "--id", "long"]).await;
 
     let worker = p.spawn_worker(false);
-    let pid = worker.id().expect("a running worker");
+
     // Wait until the broadcast is under way (~100 posts/s), then stop it.
     let started = tokio::time::Instant::now();
     while p.gateway.stats().await.posts < 100 {
@@ -436,15 +391,18 @@ async fn sigterm_mid_broadcast_hands_the_job_back_and_it_completes_later() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(killed.success());
+    let health = |p: &Pipeline| {
+        p.command(&["health", "--addr", &metrics_addr.to_string()])
+            .output()
+    };
+    let probe = health(&p).await.expect("run fanout health");
+    assert!(probe.status.success(), "healthy while working: {probe:?}");
+    signal(&worker, "-TERM");
     let run = finish(worker, Duration::from_secs(15)).await;
     assert!(run.status.success(), "exit 0 after SIGTERM: {}", run.stdout);
     assert_eq!(
-        run.reports["long"]["status"], "interrupted",
+        run.report("long")["status"],
+        "interrupted",
         "{}",
         run.stdout
     );
@@ -507,9 +465,7 @@ async fn bad_configuration_exits_2_naming_the_key_and_its_source() {
 async fn unreachable_or_missing_services_stop_the_worker_with_a_clear_error() {
     let p = Pipeline::new(|_| {}).await;
     // DynamoDB on a port where nothing listens.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let closed_url = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
+    let closed_url = format!("http://{}", free_addr());
     let out = p
         .command(&["run", "--exit-when-idle"])
         .env("AWS_ENDPOINT_URL_DYNAMODB", &closed_url)
@@ -551,5 +507,154 @@ async fn unreachable_or_missing_services_stop_the_worker_with_a_clear_error() {
         .expect("run fanout enqueue");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("131072"));
+    assert_eq!(support::counts(&p.sqs, &p.queue.url).await, (0, 0));
+}
+
+#[tokio::test]
+async fn two_workers_share_a_split_broadcast_and_deliver_it_exactly_once() {
+    let mut p = Pipeline::new(|args| args.latency_ms = 20).await;
+    p.set("FANOUT_MAX_CONCURRENT_JOBS", 1);
+    p.set("FANOUT_MAX_IN_FLIGHT", 4);
+    let clients = p.connect(240, None).await;
+    // Six shares: with one job at a time each, a worker would have to win
+    // five races in a row to leave the other none.
+    p.send_raw(r#"{"id":"split","data":"shared","split":6}"#)
+        .await;
+
+    let workers = [p.spawn_worker(false), p.spawn_worker(false)];
+    let delivered = clients.wait_for_frames(1, Duration::from_secs(60)).await;
+    assert!(delivered, "every client got the split broadcast");
+    let started = tokio::time::Instant::now();
+    while support::counts(&p.sqs, &p.queue.url).await != (0, 0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the queue drains"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut runs = Vec::new();
+    for worker in workers {
+        signal(&worker, "-TERM");
+        runs.push(finish(worker, Duration::from_secs(15)).await);
+    }
+
+    for c in clients.clients() {
+        assert_eq!(c.tally().text_count("shared"), 1, "{}", c.id());
+    }
+    let mut shares = BTreeSet::new();
+    for (n, run) in runs.iter().enumerate() {
+        assert!(run.status.success(), "{}", run.stdout);
+        let (mut sent, mut millis) = (0, 0);
+        for report in &run.reports {
+            let id = report["job_id"].as_str().unwrap_or_default().to_owned();
+            assert!(shares.insert(id.clone()), "share {id} ran twice");
+            sent += count(report, "delivered");
+            millis += count(report, "duration_ms");
+        }
+        println!(
+            "worker {n}: {} shares, {sent} delivered, {:.0} deliveries/s while busy",
+            run.reports.len(),
+            sent as f64 * 1000.0 / millis.max(1) as f64
+        );
+        assert!(
+            !run.reports.is_empty(),
+            "worker {n} took a share: {}",
+            run.stdout
+        );
+    }
+    let expected: BTreeSet<String> = (0..6).map(|i| format!("split/{i}")).collect();
+    assert_eq!(shares, expected, "{}\n{}", runs[0].stdout, runs[1].stdout);
+}
+
+#[tokio::test]
+async fn dead_lettered_jobs_are_replayed_with_fanout_redrive() {
+    let p = Pipeline::new(|_| {}).await;
+    let clients = p.connect(5, Some("ops")).await;
+    p.enqueue(&["--data", "replayed", "--channel", "ops", "--id", "ops"])
+        .await;
+    // A worker deployed without the channel index cannot run it.
+    let child = p
+        .command(&["run", "--exit-when-idle"])
+        .env_remove("FANOUT_CHANNEL_INDEX")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start fanout run");
+    let run = finish(child, Duration::from_secs(60)).await;
+    assert!(run.status.success(), "{}", run.stdout);
+    assert_eq!(
+        support::counts(&p.sqs, &p.dlq.url).await.0,
+        1,
+        "dead-lettered"
+    );
+
+    // Fixed (the index is configured again): replay it.
+    let out = p
+        .command(&["redrive"])
+        .output()
+        .await
+        .expect("fanout redrive");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("moved 1 job"));
+    assert_eq!(support::counts(&p.sqs, &p.dlq.url).await, (0, 0));
+    let run = p.run_until_idle().await;
+    assert!(run.status.success(), "{}", run.stdout);
+    assert!(clients.wait_for_frames(1, Duration::from_secs(10)).await);
+    for c in clients.clients() {
+        assert_eq!(c.tally().text_count("replayed"), 1);
+    }
+}
+
+/// Issue 4's measurement: SIGTERM at a random moment of a 20,000-connection
+/// broadcast; the continuation finishes it, and the connections reached twice
+/// are at most one page plus what was in flight.
+#[tokio::test]
+async fn sigterm_at_a_random_moment_of_20000_repeats_at_most_a_page_plus_in_flight() {
+    const AUDIENCE: usize = 20_000;
+    const PAGE: u64 = 1_000;
+    const IN_FLIGHT: u64 = 64;
+    let mut p = Pipeline::new(|args| args.sink = true).await;
+    p.set("FANOUT_PAGE_SIZE", PAGE);
+    p.set("FANOUT_MAX_IN_FLIGHT", IN_FLIGHT);
+    p.set("FANOUT_RATE_PER_SECOND", 0);
+    p.set("FANOUT_SHUTDOWN_GRACE", "100ms");
+    support::put_connections(&p.dynamo, &p.table, &support::ids("big", AUDIENCE), None).await;
+    p.enqueue(&["--data", "twenty thousand", "--id", "big"])
+        .await;
+
+    let stop_at = rand::random_range(2_000..16_000u64);
+    let worker = p.spawn_worker(false);
+    let started = tokio::time::Instant::now();
+    while p.gateway.stats().await.posts < stop_at {
+        assert!(started.elapsed() < Duration::from_secs(120), "too slow");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    signal(&worker, "-TERM");
+    let first = finish(worker, Duration::from_secs(30)).await;
+    assert!(first.status.success(), "{}", first.stdout);
+    let interrupted = first.report("big");
+    let done_before = p.gateway.stats().await;
+
+    let second = p.run_until_idle().await;
+    assert!(second.status.success(), "{}", second.stdout);
+    assert_eq!(second.report("big")["status"], "done");
+    let stats = p.gateway.stats().await;
+    println!(
+        "SIGTERM after {stop_at} posts: first run {} ({} delivered), {} posts by then; \
+         the continuation delivered {}; {} connections reached, {} twice (bound {})",
+        interrupted["status"],
+        interrupted["delivered"],
+        done_before.posts,
+        second.report("big")["delivered"],
+        stats.sink_ids,
+        stats.sink_duplicates,
+        PAGE + IN_FLIGHT
+    );
+    assert_eq!(stats.sink_ids, AUDIENCE as u64, "every connection reached");
+    assert!(
+        stats.sink_duplicates <= PAGE + IN_FLIGHT,
+        "{} duplicates",
+        stats.sink_duplicates
+    );
     assert_eq!(support::counts(&p.sqs, &p.queue.url).await, (0, 0));
 }

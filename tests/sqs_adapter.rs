@@ -253,3 +253,22 @@ async fn an_unreachable_endpoint_is_unavailable_quickly() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_long_poll_past_the_sdk_stall_grace_period_returns_empty() {
+    // The SDK's stalled-stream protection has a 5 s grace period; a long
+    // poll that waits longer must still end as an empty receive.
+    let sqs = support::sqs().await;
+    let q = create_queue(&sqs, "long-poll", &QueueSpec::default()).await;
+    let wait = Duration::from_secs(6);
+    let config = support::sdk_config().await;
+    let queue = SqsQueue::new(fanout::aws::sqs_client(&config, wait), &q.url, None, wait);
+    let started = Instant::now();
+    let messages = queue.receive(10).await.expect("an empty long poll");
+    assert!(messages.is_empty());
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -88,6 +88,7 @@ where
         shutdown_grace: Duration::from_secs(5),
         exit_when_idle: false,
         capabilities: Capabilities { channels: false },
+        split_segments: 1,
     };
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(worker::run(

@@ -198,6 +198,21 @@ impl ConnectionStore for DynamoStore {
                 }
                 stream::select_all(streams).boxed()
             }
+            AudienceQuery::Segment { index, total } => {
+                let total = (*total).clamp(1, MAX_SEGMENTS);
+                let segment = (*index).min(total - 1);
+                match start_of(from.as_deref(), segment) {
+                    Ok(Some(start)) => {
+                        let read = Read::Scan {
+                            segment,
+                            total_segments: total,
+                        };
+                        segment_pages(inner, read, segment, start)
+                    }
+                    Ok(None) => stream::empty().boxed(),
+                    Err(err) => stream::once(async { Err(err) }).boxed(),
+                }
+            }
             AudienceQuery::Channel(channel) => {
                 let Some(index) = inner.settings.channel_index.clone() else {
                     return stream::once(async { Err(StoreError::NoChannelIndex) }).boxed();

@@ -22,6 +22,9 @@ pub const MAX_REMOVE_BATCH: usize = 25;
 pub enum AudienceQuery {
     /// Every row of the table: a Scan, in `segments` parallel segments.
     All { segments: u32 },
+    /// One segment of a table split `total` ways (a split broadcast's share):
+    /// a Scan with Segment = `index`, TotalSegments = `total`.
+    Segment { index: u32, total: u32 },
     /// Rows whose channel attribute equals this: a Query on the channel index.
     Channel(String),
     /// These ids; no table read.

@@ -3,18 +3,15 @@
 //! management client pointed at it, and a raw WebSocket client.
 //!
 //! Needs `AWS_ENDPOINT_URL_DYNAMODB` (dynalite): `./scripts/test.sh` sets it.
+//! A test binary that uses it also declares `mod support;`.
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType,
-};
-use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+use crate::support::TableKey;
+use aws_sdk_dynamodb::types::AttributeValue;
 use fanout::local::gateway::faults::StatsSnapshot;
 use fanout::local::gateway::{GatewayArgs, serve};
 use futures::{SinkExt, StreamExt};
@@ -31,94 +28,12 @@ pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// The user agent test sockets send, checked in `get_connection`.
 pub const USER_AGENT: &str = "fanout-tests/1";
 
-fn http_client() -> aws_sdk_dynamodb::config::SharedHttpClient {
-    aws_smithy_http_client::Builder::new()
-        .tls_provider(Provider::Rustls(CryptoMode::Ring))
-        .build_https()
-}
-
-/// A DynamoDB client for the emulator named by `AWS_ENDPOINT_URL_DYNAMODB`.
-pub fn dynamodb() -> aws_sdk_dynamodb::Client {
-    let endpoint = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").unwrap_or_else(|_| {
-        panic!("AWS_ENDPOINT_URL_DYNAMODB is unset: run the tests with ./scripts/test.sh")
-    });
-    let config = aws_sdk_dynamodb::Config::builder()
-        .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
-        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
-            "test", "test", None, None, "tests",
-        ))
-        .endpoint_url(endpoint)
-        .http_client(http_client())
-        .build();
-    aws_sdk_dynamodb::Client::from_conf(config)
-}
-
-/// The SDK's management client for a gateway, its retries off (the tests
-/// count every answer).
-pub fn apigw(endpoint: &str) -> aws_sdk_apigatewaymanagement::Client {
-    use aws_sdk_apigatewaymanagement::config;
-    let config = config::Builder::new()
-        .behavior_version(config::BehaviorVersion::latest())
-        .region(config::Region::new("us-east-1"))
-        .credentials_provider(config::Credentials::new(
-            "test", "test", None, None, "tests",
-        ))
-        .retry_config(config::retry::RetryConfig::disabled())
-        .endpoint_url(endpoint)
-        .http_client(http_client())
-        .build();
-    aws_sdk_apigatewaymanagement::Client::from_conf(config)
-}
-
-/// A name no other test (or earlier run against the same emulator) uses.
-pub fn unique(prefix: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    format!(
-        "{prefix}-{}-{}-{nanos}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// A connections table keyed by `connectionId`.
-pub async fn create_table(dynamo: &aws_sdk_dynamodb::Client) -> String {
-    let table = unique("local-gw");
-    dynamo
-        .create_table()
-        .table_name(&table)
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name("connectionId")
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .expect("attribute definition"),
-        )
-        .key_schema(
-            KeySchemaElement::builder()
-                .attribute_name("connectionId")
-                .key_type(KeyType::Hash)
-                .build()
-                .expect("key schema"),
-        )
-        .billing_mode(BillingMode::PayPerRequest)
-        .send()
-        .await
-        .expect("create the test table in dynalite");
-    // dynalite answers CreateTable before the table is usable.
-    eventually("the table is active", || async {
-        let described = dynamo.describe_table().table_name(&table).send().await;
-        described.is_ok_and(|d| {
-            d.table().and_then(|t| t.table_status())
-                == Some(&aws_sdk_dynamodb::types::TableStatus::Active)
-        })
-    })
-    .await;
-    table
+/// The SDK's management client for a gateway, built as the worker builds
+/// its own (retries off: the tests count every answer).
+pub async fn apigw(endpoint: &str) -> aws_sdk_apigatewaymanagement::Client {
+    let config = crate::support::sdk_config().await;
+    fanout::aws::apigw_client(&config, endpoint, Duration::from_secs(10))
+        .expect("a gateway endpoint with a stage")
 }
 
 /// A gateway running in this process until dropped.
@@ -134,22 +49,29 @@ pub struct TestGateway {
 
 impl TestGateway {
     /// Starts a gateway; `configure` adjusts the defaults (no faults, rows
-    /// removed on disconnect).
+    /// removed on disconnect, a fresh table keyed by `connectionId`).
     pub async fn start(configure: impl FnOnce(&mut GatewayArgs)) -> Self {
-        let dynamo = dynamodb();
-        let table = create_table(&dynamo).await;
+        let dynamo = crate::support::dynamodb().await;
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let addr = listener.local_addr().expect("bound address");
         let mut args = GatewayArgs {
             listen: addr,
             stage: "test".into(),
-            table: table.clone(),
+            table: String::new(),
             keep_stale: false,
+            create_table: false,
+            sink: false,
             throttle_rps: None,
             fail_percent: 0,
             latency_ms: 0,
         };
         configure(&mut args);
+        // A fresh table unless the test brought its own.
+        if args.table.is_empty() {
+            args.table =
+                crate::support::create_table(&dynamo, "local-gw", TableKey::Id, false).await;
+        }
+        let table = args.table.clone();
         let stage = args.stage.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let server_dynamo = dynamo.clone();
@@ -162,7 +84,7 @@ impl TestGateway {
         });
         Self {
             addr,
-            apigw: apigw(&format!("http://{addr}/{stage}")),
+            apigw: apigw(&format!("http://{addr}/{stage}")).await,
             stage,
             table,
             dynamo,

@@ -6,6 +6,8 @@
 //! exports their endpoints.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod worker;
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -175,3 +175,41 @@ fn write(path: &Path, content: &str) -> Result<(), ClientsError> {
     std::fs::write(&partial, content).map_err(error)?;
     std::fs::rename(&partial, path).map_err(error)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ClientsArgs,
+    }
+
+    #[test]
+    fn options_parse() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "clients",
+            "--url",
+            "ws://127.0.0.1:8080/local",
+            "--count",
+            "1000",
+            "--channel",
+            "news",
+            "--drop",
+            "100",
+            "--duration",
+            "30s",
+            "--expect-frames",
+            "2",
+        ])
+        .expect("parses");
+        let a = cli.args;
+        assert_eq!((a.count, a.drop, a.expect_frames), (1000, 100, Some(2)));
+        assert_eq!(a.channel.as_deref(), Some("news"));
+        assert_eq!(a.duration, Some(Duration::from_secs(30)));
+        assert_eq!(a.connect_concurrency, 64);
+    }
+}

@@ -70,6 +70,12 @@ async fn post_outcome(app: &App, id: &str, headers: &HeaderMap, body: Bytes) -> 
     }
     match app.registry.deliver(id, frame(body)) {
         Ok(()) => PostResult::Delivered,
+        Err(Refused::Gone) if app.sink.is_some() => {
+            if let Some(sink) = &app.sink {
+                *sink.entry(id.to_owned()).or_default() += 1;
+            }
+            PostResult::Delivered
+        }
         Err(Refused::Gone) => PostResult::Gone,
         Err(Refused::BufferFull) => PostResult::Throttled,
     }
@@ -127,7 +133,12 @@ pub async fn delete(
 
 /// `GET /{stage}/@stats`: counters for tests and demos (not an AWS API).
 pub async fn stats(State(app): State<Arc<App>>) -> Json<StatsSnapshot> {
-    Json(app.stats.snapshot(app.registry.len()))
+    let mut snapshot = app.stats.snapshot(app.registry.len());
+    if let Some(sink) = &app.sink {
+        snapshot.sink_ids = sink.len() as u64;
+        snapshot.sink_duplicates = sink.iter().map(|n| u64::from(n.saturating_sub(1))).sum();
+    }
+    Json(snapshot)
 }
 
 /// Whether the request carries a SigV4 `Authorization` header scoped to

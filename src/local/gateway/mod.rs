@@ -62,6 +62,15 @@ pub struct GatewayArgs {
     /// ids then answer 410 and the worker must remove them.
     #[arg(long)]
     pub keep_stale: bool,
+    /// Accept POSTs to ids that are not connected (200, nothing sent) and
+    /// count deliveries per id, so `@stats` reports ids reached twice: a
+    /// sink for measuring duplicates at scale without a socket per id.
+    #[arg(long)]
+    pub sink: bool,
+    /// Create the table if it does not exist (key `connectionId`, GSI
+    /// `by-channel` on `channel`), for local development.
+    #[arg(long)]
+    pub create_table: bool,
     /// Answer 429 `LimitExceededException` to POSTs past N per second.
     #[arg(long)]
     pub throttle_rps: Option<NonZeroU32>,
@@ -85,6 +94,8 @@ pub enum GatewayError {
     Stage(String),
     #[error("the gateway's listener failed: {0}")]
     Serve(#[source] std::io::Error),
+    #[error(transparent)]
+    Table(#[from] rows::RowError),
 }
 
 /// State shared by every handler and socket task.
@@ -95,6 +106,8 @@ pub struct App {
     faults: Faults,
     stats: Stats,
     keep_stale: bool,
+    /// `--sink`: deliveries per id that has no socket.
+    sink: Option<dashmap::DashMap<String, u32>>,
     /// Cancelled at shutdown: every socket sends a close frame and ends.
     shutdown: CancellationToken,
     /// Socket tasks, so shutdown can wait for their `$disconnect` writes.
@@ -126,10 +139,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
     validate_stage(&args.stage)?;
+    let rows = Rows::new(dynamo, &args.table);
+    if args.create_table {
+        rows.create_table_if_missing().await?;
+    }
     let app = Arc::new(App {
         registry: Registry::default(),
-        rows: Rows::new(dynamo, &args.table),
+        rows,
         faults: Faults::new(args.throttle_rps, args.fail_percent, args.latency_ms),
+        sink: args.sink.then(dashmap::DashMap::new),
         stats: Stats::default(),
         keep_stale: args.keep_stale,
         shutdown: CancellationToken::new(),
@@ -195,6 +213,43 @@ fn validate_stage(stage: &str) -> Result<(), GatewayError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: GatewayArgs,
+    }
+
+    #[test]
+    fn the_option_names_are_the_documented_contract() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "gateway",
+            "--listen",
+            "127.0.0.1:9000",
+            "--stage",
+            "dev",
+            "--table",
+            "connections",
+            "--keep-stale",
+            "--throttle-rps",
+            "100",
+            "--fail-percent",
+            "20",
+            "--latency-ms",
+            "5",
+        ])
+        .expect("parses");
+        let a = cli.args;
+        assert_eq!(a.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!((a.stage.as_str(), a.table.as_str()), ("dev", "connections"));
+        assert!(a.keep_stale);
+        assert_eq!(a.throttle_rps, NonZeroU32::new(100));
+        assert_eq!((a.fail_percent, a.latency_ms), (20, 5));
+        assert!(Cli::try_parse_from(["gateway", "--table", "t", "--fail-percent", "101"]).is_err());
+    }
 
     #[test]
     fn stage_names_are_one_path_segment() {

@@ -3,7 +3,14 @@
 //! client leaves. The only file of the gateway that uses the AWS SDK.
 
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement,
+    KeyType, Projection, ProjectionType, ScalarAttributeType, TableStatus,
+};
+
+/// The channel index `--create-table` adds (the name the worker's
+/// `FANOUT_CHANNEL_INDEX` and the deployment template use).
+pub const CHANNEL_INDEX: &str = "by-channel";
 
 /// A failed row write, with what to check next.
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +22,10 @@ pub enum RowError {
     Put { table: String, message: String },
     #[error("could not delete the connection row from table {table}: {message}")]
     Delete { table: String, message: String },
+    #[error(
+        "could not create table {table}: {message} (is AWS_ENDPOINT_URL_DYNAMODB set to a running DynamoDB?)"
+    )]
+    Create { table: String, message: String },
 }
 
 /// Writes and deletes connection rows, keyed by `connectionId`.
@@ -30,6 +41,75 @@ impl Rows {
             client,
             table: table.into(),
         }
+    }
+
+    /// Creates the table (key `connectionId`, GSI `by-channel` on `channel`,
+    /// on demand) unless it exists, and waits until it is active.
+    pub async fn create_table_if_missing(&self) -> Result<(), RowError> {
+        let failed = |message: String| RowError::Create {
+            table: self.table.clone(),
+            message,
+        };
+        if self
+            .client
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let string = |name: &str| {
+            AttributeDefinition::builder()
+                .attribute_name(name)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .map_err(|e| failed(e.to_string()))
+        };
+        let hash = |name: &str| {
+            KeySchemaElement::builder()
+                .attribute_name(name)
+                .key_type(KeyType::Hash)
+                .build()
+                .map_err(|e| failed(e.to_string()))
+        };
+        let index = GlobalSecondaryIndex::builder()
+            .index_name(CHANNEL_INDEX)
+            .key_schema(hash("channel")?)
+            .projection(
+                Projection::builder()
+                    .projection_type(ProjectionType::KeysOnly)
+                    .build(),
+            )
+            .build()
+            .map_err(|e| failed(e.to_string()))?;
+        self.client
+            .create_table()
+            .table_name(&self.table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .attribute_definitions(string("connectionId")?)
+            .attribute_definitions(string("channel")?)
+            .key_schema(hash("connectionId")?)
+            .global_secondary_indexes(index)
+            .send()
+            .await
+            .map_err(|e| failed(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string()))?;
+        for _ in 0..100 {
+            let described = self
+                .client
+                .describe_table()
+                .table_name(&self.table)
+                .send()
+                .await;
+            if described.is_ok_and(|d| {
+                d.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active)
+            }) {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Err(failed("it did not become active within 10 s".into()))
     }
 
     /// The `$connect` row: `connectionId`, `channel` when the client named

@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# The whole of fanout on one machine, in one command, without an AWS account:
+#
+#   ./scripts/demo.sh
+#
+# Installs the emulators on first use (moto for SQS, dynalite for DynamoDB),
+# starts them and `fanout gateway` on 127.0.0.1, creates the jobs queue, its
+# dead-letter queue and the connections table, opens 1,000 real WebSocket
+# clients (300 in the channel "news"), drops 100 of them without a goodbye
+# (their rows go stale, as when API Gateway's $disconnect is lost), enqueues
+# three broadcasts (everyone; the channel; one over 128 KiB), runs the worker
+# until the queue is empty, and prints what each broadcast came to. Everything
+# it started is stopped by PID when it ends, also when interrupted.
+#
+# Ports: FANOUT_EMU_SQS_PORT (5320), FANOUT_EMU_DYNAMODB_PORT (5321),
+# FANOUT_DEMO_GATEWAY_PORT (8080).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export FANOUT_EMU_SQS_PORT="${FANOUT_EMU_SQS_PORT:-5320}"
+export FANOUT_EMU_DYNAMODB_PORT="${FANOUT_EMU_DYNAMODB_PORT:-5321}"
+GATEWAY_PORT="${FANOUT_DEMO_GATEWAY_PORT:-8080}"
+STAGE=demo
+TABLE=connections
+CHANNEL=news
+PLAIN_CLIENTS=700
+CHANNEL_CLIENTS=300
+DROPPED=100
+WORK="$ROOT/.local/demo"
+PYTHON="$ROOT/.local/venv/bin/python"
+
+say() { printf '\n==> %s\n' "$*"; }
+die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
+
+PIDS=()
+EMULATORS_STARTED=
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  if ((${#PIDS[@]})); then
+    say "stopping what the demo started"
+    for pid in "${PIDS[@]}"; do
+      kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+      wait "$pid" 2>/dev/null || true
+    done
+  fi
+  [[ -n "$EMULATORS_STARTED" ]] && ./scripts/emulators.sh stop || true
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+wait_for() { # what, seconds, command...
+  local what="$1" seconds="$2"
+  shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@" 2>/dev/null; do
+    ((SECONDS < deadline)) || die "timed out waiting for $what"
+    sleep 0.2
+  done
+}
+
+say "building fanout (debug; the first build takes a few minutes)"
+cargo build --quiet --bin fanout
+FANOUT="${CARGO_TARGET_DIR:-$ROOT/target}/debug/fanout"
+[[ -x "$FANOUT" ]] || die "no binary at $FANOUT"
+
+say "installing the emulators if needed (moto $(grep -m1 MOTO_VERSION= scripts/emulators.sh | cut -d= -f2), dynalite $(grep -m1 DYNALITE_VERSION= scripts/emulators.sh | cut -d= -f2))"
+./scripts/emulators.sh install
+(exec 3<>"/dev/tcp/127.0.0.1/$GATEWAY_PORT") 2>/dev/null \
+  && die "port $GATEWAY_PORT is taken; set FANOUT_DEMO_GATEWAY_PORT"
+EMULATORS_STARTED=1
+./scripts/emulators.sh start
+eval "$(./scripts/emulators.sh env)"
+export AWS_DEFAULT_REGION="$AWS_REGION" # boto3 reads this one
+rm -rf "$WORK"
+mkdir -p "$WORK"
+
+say "creating the queue, its dead-letter queue and the table (with a channel index)"
+"$PYTHON" - "$TABLE" >"$WORK/setup.env" <<'PY'
+import json, sys, boto3
+table = sys.argv[1]
+sqs = boto3.client("sqs")
+dlq = sqs.create_queue(QueueName="fanout-demo-jobs-dlq")["QueueUrl"]
+dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+jobs = sqs.create_queue(QueueName="fanout-demo-jobs", Attributes={
+    "VisibilityTimeout": "30",
+    "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "3"}),
+})["QueueUrl"]
+ddb = boto3.client("dynamodb")
+ddb.create_table(
+    TableName=table,
+    AttributeDefinitions=[{"AttributeName": "connectionId", "AttributeType": "S"},
+                          {"AttributeName": "channel", "AttributeType": "S"}],
+    KeySchema=[{"AttributeName": "connectionId", "KeyType": "HASH"}],
+    GlobalSecondaryIndexes=[{"IndexName": "by-channel",
+                             "KeySchema": [{"AttributeName": "channel", "KeyType": "HASH"}],
+                             "Projection": {"ProjectionType": "KEYS_ONLY"}}],
+    BillingMode="PAY_PER_REQUEST",
+)
+ddb.get_waiter("table_exists").wait(TableName=table, WaiterConfig={"Delay": 0.2})
+print(f"export FANOUT_QUEUE_URL={jobs}")
+print(f"export FANOUT_DEAD_LETTER_QUEUE_URL={dlq}")
+PY
+source "$WORK/setup.env"
+export FANOUT_TABLE="$TABLE"
+export FANOUT_CHANNEL_INDEX=by-channel
+export FANOUT_GATEWAY_ENDPOINT="http://127.0.0.1:$GATEWAY_PORT/$STAGE"
+export FANOUT_RATE_PER_SECOND="${FANOUT_RATE_PER_SECOND:-2000}"
+# A short long-poll, so `--exit-when-idle` notices the empty queue quickly.
+export FANOUT_RECEIVE_WAIT="${FANOUT_RECEIVE_WAIT:-2s}"
+# Any free port: the demo does not read the worker's metrics.
+export FANOUT_METRICS_LISTEN="${FANOUT_METRICS_LISTEN:-127.0.0.1:0}"
+echo "jobs queue $FANOUT_QUEUE_URL"
+echo "dead letters $FANOUT_DEAD_LETTER_QUEUE_URL"
+
+say "starting the local API Gateway (ws://127.0.0.1:$GATEWAY_PORT/$STAGE, --keep-stale)"
+"$FANOUT" gateway --listen "127.0.0.1:$GATEWAY_PORT" --stage "$STAGE" --table "$TABLE" \
+  --keep-stale >"$WORK/gateway.log" 2>&1 &
+PIDS+=($!)
+wait_for "the gateway" 20 curl -sf -o /dev/null "http://127.0.0.1:$GATEWAY_PORT/$STAGE/@stats"
+
+say "opening $((PLAIN_CLIENTS + CHANNEL_CLIENTS)) WebSocket clients ($CHANNEL_CLIENTS in channel '$CHANNEL'); dropping $DROPPED without a goodbye"
+"$FANOUT" clients --url "ws://127.0.0.1:$GATEWAY_PORT/$STAGE" --count "$PLAIN_CLIENTS" \
+  --drop "$DROPPED" --expect-frames 1 --ready-file "$WORK/plain.ready" \
+  --summary-file "$WORK/plain.summary.json" >"$WORK/plain.log" 2>&1 &
+PIDS+=($!)
+"$FANOUT" clients --url "ws://127.0.0.1:$GATEWAY_PORT/$STAGE" --count "$CHANNEL_CLIENTS" \
+  --channel "$CHANNEL" --expect-frames 2 --ready-file "$WORK/channel.ready" \
+  --summary-file "$WORK/channel.summary.json" >"$WORK/channel.log" 2>&1 &
+PIDS+=($!)
+CLIENT_PIDS=("${PIDS[@]: -2}")
+wait_for "the clients to connect" 60 test -f "$WORK/plain.ready" -a -f "$WORK/channel.ready"
+ROWS_BEFORE="$("$PYTHON" -c "import boto3; print(boto3.client('dynamodb').scan(TableName='$TABLE', Select='COUNT')['Count'])")"
+echo "table rows: $ROWS_BEFORE ($DROPPED of them stale)"
+
+say "enqueueing three broadcasts: everyone, channel '$CHANNEL', and one over 128 KiB"
+head -c 140000 /dev/zero | tr '\0' 'x' >"$WORK/oversize.txt"
+EVERYONE_ID="$("$FANOUT" enqueue --data "hello, everyone")"
+CHANNEL_ID="$("$FANOUT" enqueue --data "news for the news channel" --channel "$CHANNEL")"
+OVERSIZE_ID="$("$FANOUT" enqueue --unchecked --file "$WORK/oversize.txt")"
+printf '%s\n' "everyone $EVERYONE_ID" "channel $CHANNEL_ID" "oversize $OVERSIZE_ID" >"$WORK/jobs.txt"
+
+say "running the worker until the queue is empty"
+started=$SECONDS
+# In the background and waited for, so an interrupt is acted on at once
+# (bash defers traps while a foreground child runs).
+"$FANOUT" run --exit-when-idle >"$WORK/worker.log" 2>&1 &
+WORKER=$!
+PIDS+=("$WORKER")
+wait "$WORKER" \
+  || { tail -n 20 "$WORK/worker.log" >&2; die "the worker failed (log: $WORK/worker.log)"; }
+echo "worker done in $((SECONDS - started)) s"
+
+say "closing the clients and collecting what they received"
+sleep 0.5
+for pid in "${CLIENT_PIDS[@]}"; do
+  kill -INT "$pid" 2>/dev/null || true
+done
+wait_for "the clients' summaries" 30 test -f "$WORK/plain.summary.json" -a -f "$WORK/channel.summary.json"
+
+say "report"
+"$PYTHON" - "$WORK" "$TABLE" "$FANOUT_DEAD_LETTER_QUEUE_URL" "$ROWS_BEFORE" \
+  "$((PLAIN_CLIENTS - DROPPED))" "$CHANNEL_CLIENTS" <<'PY'
+import json, sys, boto3
+work, table, dlq, rows_before, plain_live, channel_live = sys.argv[1:7]
+plain_live, channel_live = int(plain_live), int(channel_live)
+jobs = dict(line.split() for line in open(f"{work}/jobs.txt"))
+names = {v: k for k, v in jobs.items()}
+reports = {}
+for line in open(f"{work}/worker.log"):
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        continue
+    if entry.get("message") == "broadcast" and entry.get("job_id") in names:
+        reports[names[entry["job_id"]]] = entry
+print(f"{'broadcast':<10} {'audience':>8} {'delivered':>9} {'gone':>5} {'removed':>7} {'failed':>6} {'wall':>8}")
+for name in ("everyone", "channel"):
+    r = reports.get(name)
+    if r is None:
+        print(f"{name:<10} (no report in the worker log)")
+        continue
+    print(f"{name:<10} {r.get('audience', '?'):>8} {r.get('delivered', '?'):>9} {r.get('gone', '?'):>5} "
+          f"{r.get('removed', '?'):>7} {r.get('failed', '?'):>6} {r.get('duration_ms', '?'):>6}ms")
+
+plain = json.load(open(f"{work}/plain.summary.json"))
+channel = json.load(open(f"{work}/channel.summary.json"))
+def got(summary, text):
+    return next((p["clients"] for p in summary["payloads"] if p["preview"] == text), 0)
+checks = [
+    ("every live client got 'hello, everyone' once",
+     got(plain, "hello, everyone") == plain_live and got(channel, "hello, everyone") == channel_live),
+    (f"only the {channel_live} channel clients got the channel message",
+     got(channel, "news for the news channel") == channel_live and got(plain, "news for the news channel") == 0),
+    ("no client got anything twice", plain["clients_with_duplicates"] == 0 and channel["clients_with_duplicates"] == 0),
+    ("each live client got exactly its messages", plain.get("ok") is True and channel.get("ok") is True),
+]
+rows_after = boto3.client("dynamodb").scan(TableName=table, Select="COUNT")["Count"]
+print(f"\ntable rows: {rows_before} before, {rows_after} after (stale rows removed: {int(rows_before) - rows_after})")
+for text, ok in checks:
+    print(f"  [{'ok' if ok else 'FAILED'}] {text}")
+
+sqs = boto3.client("sqs")
+dead = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10, MessageAttributeNames=["All"],
+                           WaitTimeSeconds=1).get("Messages", [])
+print(f"\ndead-letter queue: {len(dead)} message(s)")
+for m in dead:
+    reason = m.get("MessageAttributes", {}).get("fanout.reason", {}).get("StringValue", "(no reason attribute)")
+    print(f"  {len(m['Body'])} bytes, reason: {reason}")
+sys.exit(0 if all(ok for _, ok in checks) and len(dead) == 1 else 1)
+PY
+echo
+echo "logs and summaries: $WORK"

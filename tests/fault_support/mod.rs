@@ -1,0 +1,9 @@
+//! Helpers for the fault-injection suite (tests/faults.rs): a fault proxy
+//! ([`proxy`]), a rig that runs the real `fanout` binary with proxies in
+//! front of its peers ([`rig`]), and the table of invariants each scenario
+//! checks and prints ([`invariants`]).
+#![allow(dead_code)] // each scenario uses its own subset
+
+pub mod invariants;
+pub mod proxy;
+pub mod rig;

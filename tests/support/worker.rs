@@ -1,0 +1,88 @@
+//! Running the `fanout` binary in tests: wait for it with a deadline, keep
+//! its output, pick out the per-job `broadcast` report lines, signal it.
+
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::process::Child;
+
+/// What one worker run printed and how it ended.
+pub struct Run {
+    pub status: std::process::ExitStatus,
+    /// Every `broadcast` log line, in order.
+    pub reports: Vec<serde_json::Value>,
+    /// Standard output and standard error, for assertion messages.
+    pub stdout: String,
+}
+
+impl Run {
+    /// The report of the job with this id (panics, showing the output, if
+    /// there is none).
+    pub fn report(&self, job_id: &str) -> &serde_json::Value {
+        self.reports
+            .iter()
+            .rev()
+            .find(|r| r["job_id"] == job_id)
+            .unwrap_or_else(|| panic!("no report for job {job_id}:\n{}", self.stdout))
+    }
+}
+
+/// Runs a short `fanout` command (e.g. `enqueue`) that must succeed; returns
+/// its trimmed standard output.
+pub async fn run_ok(mut command: tokio::process::Command, what: &str) -> String {
+    let out = command.output().await.expect("run fanout");
+    assert!(
+        out.status.success(),
+        "fanout {what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned()
+}
+
+/// Sends `signal` (e.g. "-TERM", "-KILL") to a worker by its pid.
+pub fn signal(child: &Child, signal: &str) {
+    let pid = child.id().expect("a running worker");
+    let sent = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill {signal} {pid}");
+}
+
+/// Waits for a worker to exit (killing it past `limit`) and collects its
+/// output.
+pub async fn finish(mut child: Child, limit: Duration) -> Run {
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let mut out = String::new();
+    let mut err = String::new();
+    let waited = tokio::time::timeout(limit, async {
+        let (_, _, status) = tokio::join!(
+            stdout.read_to_string(&mut out),
+            stderr.read_to_string(&mut err),
+            child.wait()
+        );
+        status
+    })
+    .await;
+    let status = match waited {
+        Ok(status) => status.expect("wait for fanout"),
+        Err(_) => {
+            let _ = child.kill().await;
+            panic!("fanout run did not finish in {limit:?}\nstdout:\n{out}\nstderr:\n{err}");
+        }
+    };
+    let reports = out
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|v| v["message"] == "broadcast")
+        .collect();
+    Run {
+        status,
+        reports,
+        stdout: format!("{out}\n--- stderr ---\n{err}"),
+    }
+}
