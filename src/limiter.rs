@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
@@ -70,14 +71,7 @@ impl SendBudget {
             .await
             .expect("the send semaphore is never closed");
         if let Some(rate) = &self.rate {
-            {
-                // One waiter at a time on governor: every waiter of
-                // `until_ready` wakes for each cell, so 256 sends waiting on
-                // it burned a core at 5,000/s (measured: 170 µs of CPU per
-                // post). The others queue on this fair lock, asleep.
-                let _turn = rate.turn.lock().await;
-                rate.ceiling_limiter.until_ready().await;
-            }
+            rate.ceiling_wait().await;
             if let Some(slot) = rate.pace(Instant::now()) {
                 tokio::time::sleep_until(slot.into()).await;
             }
@@ -160,6 +154,24 @@ impl AdaptiveRate {
 
     fn set(&self, rate: f64) {
         self.current.store(rate.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Waits for a cell of the configured rate.
+    ///
+    /// One waiter at a time (a fair lock): every waiter of governor's
+    /// `until_ready` wakes for each cell, and it sleeps on a timer thread of
+    /// its own (futures-timer), one precise sleep per cell. Measured at
+    /// 5,000/s with 256 sends waiting: 160 µs of CPU per post, 101-112 µs
+    /// with the lock alone. Here the one waiter asks governor, then sleeps
+    /// on tokio's timer (1 ms granularity); cells accrued meanwhile pass the
+    /// waiters queued behind it without a sleep, so the rate stays exact (up
+    /// to the burst) with a wake-up per millisecond, not per cell.
+    async fn ceiling_wait(&self) {
+        let _turn = self.turn.lock().await;
+        let clock = governor::clock::DefaultClock::default();
+        while let Err(not_until) = self.ceiling_limiter.check() {
+            tokio::time::sleep(not_until.wait_time_from(clock.now())).await;
+        }
     }
 
     /// Reserves the next send's slot at the current rate: `None` to go now.
