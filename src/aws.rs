@@ -27,12 +27,8 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AwsError {
-    #[error(
-        "the API Gateway endpoint {endpoint:?} is not a URL like \
-         https://{{api-id}}.execute-api.{{region}}.amazonaws.com/{{stage}}; \
-         set it with the stage included"
-    )]
-    BadEndpoint { endpoint: String },
+    #[error(transparent)]
+    BadEndpoint(#[from] crate::gateway::BadEndpoint),
 }
 
 /// The config loader every client starts from, with the one HTTP stack this
@@ -90,7 +86,7 @@ pub fn apigw_client(
     endpoint: &str,
     attempt_timeout: Duration,
 ) -> Result<aws_sdk_apigatewaymanagement::Client, AwsError> {
-    check_endpoint(endpoint)?;
+    crate::gateway::parse_endpoint(endpoint)?;
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(CONNECT_TIMEOUT.min(attempt_timeout))
         .operation_attempt_timeout(attempt_timeout)
@@ -102,45 +98,4 @@ pub fn apigw_client(
         .timeout_config(timeouts)
         .build();
     Ok(aws_sdk_apigatewaymanagement::Client::from_conf(apigw))
-}
-
-/// An endpoint is `http(s)://host[:port]/stage[/]`: the stage path is what
-/// people forget, and AWS answers that mistake with a misleading 403.
-fn check_endpoint(endpoint: &str) -> Result<(), AwsError> {
-    let bad = || AwsError::BadEndpoint {
-        endpoint: endpoint.to_owned(),
-    };
-    let rest = endpoint
-        .strip_prefix("https://")
-        .or_else(|| endpoint.strip_prefix("http://"))
-        .ok_or_else(bad)?;
-    let (host, path) = rest.split_once('/').ok_or_else(bad)?;
-    if host.is_empty() || path.trim_matches('/').is_empty() {
-        return Err(bad());
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn endpoints_need_a_scheme_a_host_and_a_stage() {
-        for good in [
-            "https://abc123.execute-api.eu-west-1.amazonaws.com/prod",
-            "https://abc123.execute-api.eu-west-1.amazonaws.com/prod/",
-            "http://127.0.0.1:5322/local",
-        ] {
-            assert!(check_endpoint(good).is_ok(), "{good}");
-        }
-        for bad in [
-            "https://abc123.execute-api.eu-west-1.amazonaws.com",
-            "https://abc123.execute-api.eu-west-1.amazonaws.com/",
-            "abc123.execute-api.eu-west-1.amazonaws.com/prod",
-            "https:///prod",
-        ] {
-            assert!(check_endpoint(bad).is_err(), "{bad}");
-        }
-    }
 }

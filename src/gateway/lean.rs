@@ -53,12 +53,8 @@ const LABEL: &AsciiSet = &NON_ALPHANUMERIC
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeanError {
-    #[error(
-        "the API Gateway endpoint {endpoint:?} is not a URL like \
-         https://{{api-id}}.execute-api.{{region}}.amazonaws.com/{{stage}}; \
-         set it with the stage included"
-    )]
-    BadEndpoint { endpoint: String },
+    #[error(transparent)]
+    BadEndpoint(#[from] super::BadEndpoint),
     #[error("no AWS region for signing; set AWS_REGION")]
     NoRegion,
     #[error(
@@ -84,20 +80,14 @@ struct Endpoint {
 
 impl Endpoint {
     fn parse(endpoint: &str) -> Result<Self, LeanError> {
-        let bad = || LeanError::BadEndpoint {
+        let bad = || super::BadEndpoint {
             endpoint: endpoint.to_owned(),
         };
-        let url = url::Url::parse(endpoint).map_err(|_| bad())?;
-        if !matches!(url.scheme(), "http" | "https")
-            || url.query().is_some()
-            || url.path().trim_matches('/').is_empty()
-        {
-            return Err(bad());
-        }
+        let url = super::parse_endpoint(endpoint)?;
         let host = match (url.host_str(), url.port()) {
             (Some(host), Some(port)) => format!("{host}:{port}"),
             (Some(host), None) => host.to_owned(),
-            (None, _) => return Err(bad()),
+            (None, _) => return Err(bad().into()),
         };
         Ok(Self {
             origin: format!("{}://{host}", url.scheme()),
