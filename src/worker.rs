@@ -596,6 +596,17 @@ mod tests {
     use crate::limiter::SendBudget;
     use crate::testing::{FakeGateway, FakeQueue, FakeTable, ids};
 
+    /// A shutdown token cancelled after `delay` (paused time runs it at once).
+    fn shutdown_after(delay: Duration) -> CancellationToken {
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            trigger.cancel();
+        });
+        shutdown
+    }
+
     fn settings() -> WorkerSettings {
         WorkerSettings {
             max_concurrent_jobs: 2,
@@ -750,14 +761,9 @@ mod tests {
                 ..FakeGateway::default()
             },
         );
-        let shutdown = CancellationToken::new();
-        let trigger = shutdown.clone();
+        let shutdown = shutdown_after(Duration::from_secs(31));
         let mut s = settings();
         s.exit_when_idle = false;
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(31)).await;
-            trigger.cancel();
-        });
         let stopped = rig.run(s, shutdown).await;
         assert_eq!(stopped, Stopped::Shutdown);
         let visibility = rig.queue.visibility.lock().unwrap().clone();
@@ -791,14 +797,9 @@ mod tests {
                 ..FakeGateway::default()
             },
         );
-        let shutdown = CancellationToken::new();
-        let trigger = shutdown.clone();
+        let shutdown = shutdown_after(Duration::from_secs(1));
         let mut s = settings();
         s.exit_when_idle = false;
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            trigger.cancel();
-        });
         rig.run(s, shutdown).await;
         let sent = rig.queue.sent.lock().unwrap().clone();
         assert_eq!(sent.len(), 1, "one continuation");
@@ -857,14 +858,9 @@ mod tests {
                 ..FakeGateway::default()
             },
         );
-        let shutdown = CancellationToken::new();
-        let trigger = shutdown.clone();
+        let shutdown = shutdown_after(Duration::from_secs(1));
         let mut s = settings();
         s.exit_when_idle = false;
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            trigger.cancel();
-        });
         rig.run(s, shutdown).await;
         assert!(rig.queue.sent.lock().unwrap().is_empty(), "no new message");
         assert!(

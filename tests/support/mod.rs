@@ -376,26 +376,11 @@ pub fn ids(prefix: &str, n: usize) -> Vec<String> {
 
 /// The connection ids still in the table.
 pub async fn remaining_ids(ddb: &aws_sdk_dynamodb::Client, table: &str) -> BTreeSet<String> {
-    let mut ids = BTreeSet::new();
-    let mut start = None;
-    loop {
-        let output = ddb
-            .scan()
-            .table_name(table)
-            .set_exclusive_start_key(start)
-            .send()
-            .await
-            .expect("scan a test table");
-        for item in output.items() {
-            if let Some(AttributeValue::S(id)) = item.get(ID) {
-                ids.insert(id.clone());
-            }
-        }
-        start = output.last_evaluated_key().cloned();
-        if start.is_none() {
-            return ids;
-        }
-    }
+    remaining_rows(ddb, table)
+        .await
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect()
 }
 
 /// How long an unreachable peer may take to fail: standard retries back off
