@@ -281,7 +281,12 @@ async fn run<S: ConnectionStore>(
 
     let cpu_before = cpu_time()?;
     let started = Instant::now();
-    let (report, result) = engine.run(&job, &CancellationToken::new()).await;
+    // On a runtime worker, as the worker's jobs run (`block_on` polls on
+    // the main thread, which would add a thread hop to every send).
+    let (report, result) =
+        tokio::spawn(async move { engine.run(&job, &CancellationToken::new()).await })
+            .await
+            .context("the broadcast task panicked")?;
     let wall = started.elapsed();
     let cpu = cpu_time()? - cpu_before;
     result.context("the broadcast failed")?;

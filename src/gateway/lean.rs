@@ -1,15 +1,17 @@
 //! [`Gateway`] on a lean signed path: `POST {endpoint}/@connections/{id}`
-//! over a hyper 1 client with a pool sized for the sends in flight, signed
-//! with `aws-sigv4` and the SDK's own credentials provider.
+//! over keep-alive HTTP/1.1 connections ([`pool`]), signed with `aws-sigv4`
+//! and the SDK's own credentials provider ([`sigv4`]).
 //!
 //! The SDK's PostToConnection costs about 110–130 µs of CPU per call; most of
 //! it is the orchestrator (interceptors, config bags, retry and identity
 //! layers) and a payload copy per call. This path keeps the wire format and
 //! the signature the SDK would produce, with none of that: the payload is one
-//! shared `Bytes` buffer, its hash is computed once per broadcast, and
-//! credentials are cached until shortly before they expire. The answers are
-//! classified by the same table as the SDK path ([`super::status`]).
+//! shared `Bytes` buffer, what the signatures of one second share is computed
+//! once, credentials are cached until shortly before they expire, and each
+//! send drives its own connection. The answers are classified by the same
+//! table as the SDK path ([`super::status`]).
 
+mod pool;
 mod sigv4;
 
 use std::sync::Arc;
@@ -18,16 +20,16 @@ use std::time::Duration;
 use aws_config::SdkConfig;
 use aws_credential_types::provider::SharedCredentialsProvider;
 use bytes::Bytes;
+use http::Uri;
 use http::header::{HOST, HeaderValue};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper_rustls::{ConfigBuilderExt, HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use super::{Gateway, PostOutcome, status};
 use crate::connection::ConnectionId;
+use pool::Pool;
 use sigv4::{SignError, Signer};
 
 /// How long to wait for a TCP (and TLS) connection; as the SDK path's.
@@ -71,7 +73,7 @@ pub enum LeanError {
 #[derive(Debug)]
 struct Endpoint {
     /// `https://host[:port]`, the port only when it is not the default.
-    origin: String,
+    origin: Uri,
     /// `/stage` (or deeper), without a trailing slash.
     base_path: String,
     /// The `host` header value, as SigV4 signs it: the default port left out.
@@ -90,28 +92,30 @@ impl Endpoint {
             (None, _) => return Err(bad().into()),
         };
         Ok(Self {
-            origin: format!("{}://{host}", url.scheme()),
+            origin: format!("{}://{host}", url.scheme())
+                .parse()
+                .map_err(|_| bad())?,
             base_path: url.path().trim_end_matches('/').to_owned(),
             host: HeaderValue::from_str(&host).map_err(|_| bad())?,
         })
     }
 
     fn is_https(&self) -> bool {
-        self.origin.starts_with("https:")
+        self.origin.scheme() == Some(&http::uri::Scheme::HTTPS)
     }
 
-    /// The absolute URI of one connection's `@connections` resource.
-    fn connection_uri(&self, id: &ConnectionId) -> String {
+    /// The path of one connection's `@connections` resource: the request
+    /// target, in origin form.
+    fn connection_path(&self, id: &ConnectionId) -> String {
         format!(
-            "{}{}/@connections/{}",
-            self.origin,
+            "{}/@connections/{}",
             self.base_path,
             utf8_percent_encode(id.as_str(), LABEL)
         )
     }
 }
 
-/// Sends with a signed POST over a pooled hyper client. Cheap to share:
+/// Sends with a signed POST over pooled keep-alive connections. Cheap to share:
 /// clone the `Arc` it is usually held in.
 #[derive(Clone, Debug)]
 pub struct LeanSender {
@@ -120,7 +124,7 @@ pub struct LeanSender {
 
 #[derive(Debug)]
 struct Inner {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    pool: Pool,
     endpoint: Endpoint,
     signer: Signer,
     /// One attempt, from the first byte sent to the last byte of the answer.
@@ -155,10 +159,15 @@ impl LeanSender {
         max_in_flight: usize,
     ) -> Result<Self, LeanError> {
         let endpoint = Endpoint::parse(endpoint)?;
-        let client = http_client(endpoint.is_https(), max_in_flight)?;
+        let pool = Pool::new(
+            connector(endpoint.is_https())?,
+            endpoint.origin.clone(),
+            max_in_flight,
+            POOL_IDLE_TIMEOUT,
+        );
         Ok(Self {
             inner: Arc::new(Inner {
-                client,
+                pool,
                 endpoint,
                 signer: Signer::new(provider, region),
                 attempt_timeout,
@@ -167,12 +176,10 @@ impl LeanSender {
     }
 }
 
-/// HTTP/1.1 with keep-alive (one request per connection at a time, as API
-/// Gateway serves them), TLS by rustls with ring, the system's roots.
-fn http_client(
-    https: bool,
-    max_in_flight: usize,
-) -> Result<Client<HttpsConnector<HttpConnector>, Full<Bytes>>, LeanError> {
+/// TCP with `TCP_NODELAY`, then TLS by rustls with ring and the system's
+/// roots; HTTP/1.1 only (one request per connection at a time, as API
+/// Gateway serves them).
+fn connector(https: bool) -> Result<HttpsConnector<HttpConnector>, LeanError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -194,16 +201,11 @@ fn http_client(
     tcp.enforce_http(false);
     tcp.set_nodelay(true);
     tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    let connector = HttpsConnectorBuilder::new()
+    Ok(HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(tcp);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_max_idle_per_host(max_in_flight.max(1))
-        .build(connector))
+        .wrap_connector(tcp))
 }
 
 impl Gateway for LeanSender {
@@ -221,8 +223,8 @@ impl Gateway for LeanSender {
 
 impl Inner {
     async fn attempt(&self, id: &ConnectionId, payload: Bytes) -> PostOutcome {
-        let uri = self.endpoint.connection_uri(id);
-        let request = http::Request::post(uri.as_str())
+        let path = self.endpoint.connection_path(id);
+        let request = http::Request::post(path)
             .header(HOST, self.endpoint.host.clone())
             // A clone of `Bytes` shares the buffer: no copy per connection.
             .body(Full::new(payload.clone()));
@@ -234,7 +236,11 @@ impl Inner {
                 ));
             }
         };
-        if let Err(e) = self.signer.sign(&mut request, &uri, &payload).await {
+        if let Err(e) = self
+            .signer
+            .sign(&mut request, &self.endpoint.origin, &payload)
+            .await
+        {
             return match e {
                 SignError::NoCredentials(_) => status::forbidden(e.to_string()),
                 SignError::Provider(_) => PostOutcome::Transient(e.to_string()),
@@ -242,28 +248,16 @@ impl Inner {
             };
         }
 
-        let response = match self.client.request(request).await {
-            Ok(response) => response,
-            Err(e) => {
-                return PostOutcome::Transient(format!(
-                    "PostToConnection failed: {}",
-                    error_chain(&e)
-                ));
-            }
+        let answer = match self.pool.send(request, MAX_ERROR_BODY).await {
+            Ok(answer) => answer,
+            Err(e) => return PostOutcome::Transient(format!("PostToConnection failed: {e}")),
         };
-        let (parts, body) = response.into_parts();
-        let code = parts.status.as_u16();
-        if parts.status.is_success() {
-            // Reading the (empty) body to its end hands the connection back
-            // to the pool; the status alone already says delivered.
-            let _ = body.collect().await;
+        let code = answer.status.as_u16();
+        if answer.status.is_success() {
             return PostOutcome::Delivered;
         }
-        let body = match Limited::new(body, MAX_ERROR_BODY).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(_) => Bytes::new(),
-        };
-        let error_type = parts
+        let body = answer.body;
+        let error_type = answer
             .headers
             .get("x-amzn-errortype")
             .and_then(|v| v.to_str().ok())
@@ -309,13 +303,13 @@ mod tests {
     fn endpoints_keep_their_stage_and_drop_default_ports() {
         let e =
             Endpoint::parse("https://abc.execute-api.eu-west-1.amazonaws.com:443/prod/").unwrap();
-        assert_eq!(e.origin, "https://abc.execute-api.eu-west-1.amazonaws.com");
+        assert_eq!(e.origin, "https://abc.execute-api.eu-west-1.amazonaws.com/");
         assert_eq!(e.base_path, "/prod");
         assert_eq!(e.host, "abc.execute-api.eu-west-1.amazonaws.com");
         assert!(e.is_https());
 
         let e = Endpoint::parse("http://127.0.0.1:5322/local").unwrap();
-        assert_eq!(e.origin, "http://127.0.0.1:5322");
+        assert_eq!(e.origin, "http://127.0.0.1:5322/");
         assert_eq!(e.host, "127.0.0.1:5322");
         assert!(!e.is_https());
     }
@@ -337,12 +331,12 @@ mod tests {
     fn ids_are_percent_encoded_as_path_labels() {
         let e = Endpoint::parse("https://abc.example/prod").unwrap();
         assert_eq!(
-            e.connection_uri(&ConnectionId::from("L0SM9cOFvHcCIhw=")),
-            "https://abc.example/prod/@connections/L0SM9cOFvHcCIhw%3D"
+            e.connection_path(&ConnectionId::from("L0SM9cOFvHcCIhw=")),
+            "/prod/@connections/L0SM9cOFvHcCIhw%3D"
         );
         assert_eq!(
-            e.connection_uri(&ConnectionId::from("a/b+c d-e_f.g~h")),
-            "https://abc.example/prod/@connections/a%2Fb%2Bc%20d-e_f.g~h"
+            e.connection_path(&ConnectionId::from("a/b+c d-e_f.g~h")),
+            "/prod/@connections/a%2Fb%2Bc%20d-e_f.g~h"
         );
     }
 

@@ -21,7 +21,9 @@ pub enum SelectedSender {
 impl Gateway for SelectedSender {
     async fn post(&self, id: &ConnectionId, payload: Bytes) -> PostOutcome {
         match self {
-            Self::Sdk(sender) => sender.post(id, payload).await,
+            // The SDK's future is kilobytes; boxed, it does not make every
+            // send's future (moved as the engine queues it) that big.
+            Self::Sdk(sender) => Box::pin(sender.post(id, payload)).await,
             Self::Lean(sender) => sender.post(id, payload).await,
         }
     }

@@ -1,0 +1,519 @@
+//! The lean path's keep-alive connections: HTTP/1.1 connections made with
+//! hyper's connection-level client, each driven by the send that holds it.
+//!
+//! hyper-util's pooled client spawns a task per connection and hands every
+//! request to it through channels: two tasks and a cross-task wake-up per
+//! send, and futures big enough that moving them showed in profiles. Here a
+//! send checks a connection out, polls the request and the connection
+//! together in its own task, and checks it back in once the answer is read.
+//! The sends in flight are bounded by the send budget, so the connections
+//! open are too: at most one per send in flight, plus idle ones up to the
+//! same bound.
+//!
+//! A kept connection the other side closed since its last use is found at
+//! checkout (its driver has finished) and dropped; one it closes while the
+//! request is being written hands the request back unsent, and the send is
+//! tried again on another connection, as hyper-util's client does.
+
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
+use std::sync::{Mutex, PoisonError};
+use std::task::Context;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::task::noop_waker_ref;
+use http::{HeaderMap, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tower_service::Service;
+
+use super::error_chain;
+
+type Stream = MaybeHttpsStream<TokioIo<TcpStream>>;
+type Body = Full<Bytes>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("connecting to the endpoint failed: {0}")]
+    Connect(String),
+    #[error("the HTTP exchange failed: {0}")]
+    Http(String),
+}
+
+/// An answer, its body read (up to the limit given to [`Pool::send`]).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Keep-alive connections to one origin.
+#[derive(Debug)]
+pub struct Pool {
+    connector: HttpsConnector<HttpConnector>,
+    /// What the connector connects to: `scheme://host[:port]`.
+    origin: Uri,
+    /// Most recently used last: sends take the warmest connection, and the
+    /// coldest age out at the front.
+    idle: Mutex<VecDeque<Idle>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+#[derive(Debug)]
+struct Idle {
+    connection: Connection,
+    since: Instant,
+}
+
+/// One HTTP/1.1 connection: the handle requests go through, and the state
+/// machine that reads and writes the socket, polled by whoever sends.
+struct Connection {
+    sender: http1::SendRequest<Body>,
+    /// `None` once it has finished: the connection is closed. Dropping it
+    /// is what tells `sender` (a finished driver still holds the request
+    /// queue, and a request waiting to go out would wait forever).
+    driver: Option<Pin<Box<Driver>>>,
+    /// Served a request before: the other side may have closed it since.
+    reused: bool,
+}
+
+type Driver = http1::Connection<Stream, Body>;
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("open", &self.driver.is_some())
+            .field("reused", &self.reused)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an exchange did not produce an answer.
+enum Failure {
+    /// The connection closed before the request was written: it can go
+    /// out on another connection without risk of a second delivery.
+    NotSent(Box<Request<Body>>),
+    Http(String),
+}
+
+impl Pool {
+    pub fn new(
+        connector: HttpsConnector<HttpConnector>,
+        origin: Uri,
+        max_idle: usize,
+        idle_timeout: Duration,
+    ) -> Self {
+        Self {
+            connector,
+            origin,
+            idle: Mutex::new(VecDeque::new()),
+            max_idle: max_idle.max(1),
+            idle_timeout,
+        }
+    }
+
+    /// Sends `request` (its URI in origin form, its `host` header set) and
+    /// reads the answer, the body up to `max_body` bytes.
+    pub async fn send(
+        &self,
+        mut request: Request<Body>,
+        max_body: usize,
+    ) -> Result<Answer, PoolError> {
+        loop {
+            let mut connection = match self.checkout() {
+                Some(connection) => connection,
+                // Boxed: connecting is rare, and its future would make
+                // every send's bigger.
+                None => Box::pin(self.connect()).await?,
+            };
+            match connection.exchange(request, max_body).await {
+                Ok(answer) => {
+                    self.checkin(connection);
+                    return Ok(answer);
+                }
+                // A fresh connection ends the loop: it is not `reused`.
+                Err(Failure::NotSent(unsent)) if connection.reused => request = *unsent,
+                Err(Failure::NotSent(_)) => {
+                    return Err(PoolError::Http(
+                        "the connection closed before the request was sent".into(),
+                    ));
+                }
+                Err(Failure::Http(e)) => return Err(PoolError::Http(e)),
+            }
+        }
+    }
+
+    /// Connections kept open for the next sends.
+    #[cfg(test)]
+    fn idle(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The warmest idle connection still open, if any.
+    fn checkout(&self) -> Option<Connection> {
+        let mut idle = self.lock();
+        while let Some(Idle {
+            mut connection,
+            since,
+        }) = idle.pop_back()
+        {
+            if since.elapsed() >= self.idle_timeout {
+                // The warmest is too old, so are all the others.
+                idle.clear();
+                return None;
+            }
+            if connection.is_open() {
+                return Some(connection);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, connection: Connection) {
+        if connection.driver.is_none() || connection.sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.lock();
+        while idle.front().is_some_and(|oldest| {
+            idle.len() >= self.max_idle || now.duration_since(oldest.since) >= self.idle_timeout
+        }) {
+            idle.pop_front();
+        }
+        idle.push_back(Idle {
+            connection,
+            since: now,
+        });
+    }
+
+    async fn connect(&self) -> Result<Connection, PoolError> {
+        let mut connector = self.connector.clone();
+        let connect_failed = |e: Box<dyn std::error::Error + Send + Sync>| {
+            PoolError::Connect(error_chain(e.as_ref()))
+        };
+        poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(connect_failed)?;
+        let stream = connector
+            .call(self.origin.clone())
+            .await
+            .map_err(connect_failed)?;
+        let (sender, driver) = http1::Builder::new()
+            .handshake(stream)
+            .await
+            .map_err(|e| PoolError::Connect(error_chain(&e)))?;
+        Ok(Connection {
+            sender,
+            driver: Some(Box::pin(driver)),
+            reused: false,
+        })
+    }
+}
+
+impl Connection {
+    /// Whether the connection is still open, polling its driver once so
+    /// that a close that arrived while it was idle is seen now.
+    fn is_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(noop_waker_ref());
+        poll_driver(&mut self.driver, &mut cx);
+        self.driver.is_some() && !self.sender.is_closed()
+    }
+
+    /// One request and its answer, the driver polled alongside so that the
+    /// socket is read and written from this task.
+    async fn exchange(
+        &mut self,
+        request: Request<Body>,
+        max_body: usize,
+    ) -> Result<Answer, Failure> {
+        let Self {
+            sender,
+            driver,
+            reused,
+        } = self;
+        let was_reused = std::mem::replace(reused, true);
+        let call = async move {
+            if let Err(e) = poll_fn(|cx| sender.poll_ready(cx)).await {
+                // Closed before anything was written.
+                return if was_reused {
+                    Err(Failure::NotSent(Box::new(request)))
+                } else {
+                    Err(Failure::Http(error_chain(&e)))
+                };
+            }
+            let response = match sender.try_send_request(request).await {
+                Ok(response) => response,
+                Err(mut e) => {
+                    return Err(match e.take_message() {
+                        Some(request) => Failure::NotSent(Box::new(request)),
+                        None => Failure::Http(error_chain(e.error())),
+                    });
+                }
+            };
+            let (parts, body) = response.into_parts();
+            // The status already says what happened; a body cut short or
+            // over the limit only leaves the connection unfit for reuse.
+            let body = Limited::new(body, max_body).collect().await;
+            let whole = body.is_ok();
+            let answer = Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body: body.map(|b| b.to_bytes()).unwrap_or_default(),
+            };
+            Ok((answer, whole))
+        };
+        let mut call = pin!(call);
+        let (answer, whole) = poll_fn(|cx| {
+            poll_driver(driver, cx);
+            call.as_mut().poll(cx)
+        })
+        .await?;
+        if !whole {
+            *driver = None;
+        }
+        Ok(answer)
+    }
+}
+
+/// Polls the driver, dropping it once it has finished: whether it ended in
+/// an error or not, a request in flight learns of it through its own
+/// future.
+fn poll_driver(driver: &mut Option<Pin<Box<Driver>>>, cx: &mut Context<'_>) {
+    if let Some(running) = driver
+        && running.as_mut().poll(cx).is_ready()
+    {
+        *driver = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// What the test endpoint saw.
+    #[derive(Default)]
+    struct Seen {
+        connections: AtomicUsize,
+        requests: AtomicUsize,
+    }
+
+    /// A local HTTP/1.1 endpoint answering 200 to every POST. After
+    /// `per_connection` answers on a connection it closes it: silently, or
+    /// announced with `connection: close` on the last answer.
+    async fn endpoint(per_connection: usize, announce_close: bool) -> (Uri, Arc<Seen>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Seen::default());
+        let counts = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counts.connections.fetch_add(1, Ordering::SeqCst);
+                let counts = counts.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for served in 1..=per_connection {
+                        if !read_request(&mut socket, &mut buf).await {
+                            return;
+                        }
+                        counts.requests.fetch_add(1, Ordering::SeqCst);
+                        let last = served == per_connection;
+                        let answer = if last && announce_close {
+                            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        } else {
+                            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+                        };
+                        if socket.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (origin.parse().unwrap(), seen)
+    }
+
+    /// Reads one request (head and `content-length` body) off `socket`;
+    /// false at the end of the stream.
+    async fn read_request(socket: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if buf.len() >= end + 4 + length {
+                    buf.drain(..end + 4 + length);
+                    return true;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match socket.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    fn pool(origin: Uri, max_idle: usize, idle_timeout: Duration) -> Pool {
+        let connector = super::super::connector(false).unwrap();
+        Pool::new(connector, origin, max_idle, idle_timeout)
+    }
+
+    fn post(origin: &Uri) -> Request<Body> {
+        Request::post("/stage/@connections/a")
+            .header(http::header::HOST, origin.authority().unwrap().as_str())
+            .body(Full::new(Bytes::from_static(b"hello")))
+            .unwrap()
+    }
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn sends_one_after_another_share_one_connection() {
+        let (origin, seen) = endpoint(usize::MAX, false).await;
+        let pool = pool(origin.clone(), 8, MINUTE);
+        for _ in 0..5 {
+            let answer = pool.send(post(&origin), 1024).await.unwrap();
+            assert_eq!(answer.status, StatusCode::OK);
+        }
+        assert_eq!(seen.requests.load(Ordering::SeqCst), 5);
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_replaced_without_a_second_request() {
+        for pause in [Duration::ZERO, Duration::from_millis(50)] {
+            let (origin, seen) = endpoint(1, false).await;
+            let pool = pool(origin.clone(), 8, MINUTE);
+            for _ in 0..10 {
+                let answer = pool.send(post(&origin), 1024).await;
+                assert_eq!(answer.unwrap().status, StatusCode::OK, "after {pause:?}");
+                tokio::time::sleep(pause).await;
+            }
+            // Each request reached the endpoint once, each on its own
+            // connection, whether the close was seen at checkout or when the
+            // request found the connection closed.
+            assert_eq!(seen.requests.load(Ordering::SeqCst), 10, "after {pause:?}");
+            assert_eq!(seen.connections.load(Ordering::SeqCst), 10);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_on_a_kept_connection_closed_since_comes_back_unsent() {
+        let (origin, seen) = endpoint(1, false).await;
+        let pool = pool(origin.clone(), 8, MINUTE);
+        let mut connection = pool.connect().await.unwrap();
+        assert!(connection.exchange(post(&origin), 1024).await.is_ok());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Skipping checkout's look: the request itself finds it closed.
+        match connection.exchange(post(&origin), 1024).await {
+            Err(Failure::NotSent(request)) => {
+                assert_eq!(request.uri().path(), "/stage/@connections/a");
+            }
+            Err(Failure::Http(e)) => panic!("not handed back: {e}"),
+            Ok(answer) => panic!("answered {}", answer.status),
+        }
+        assert_eq!(seen.requests.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_announced_close_is_not_kept() {
+        let (origin, seen) = endpoint(1, true).await;
+        let pool = pool(origin.clone(), 8, MINUTE);
+        for _ in 0..3 {
+            pool.send(post(&origin), 1024).await.unwrap();
+            assert_eq!(pool.idle(), 0);
+        }
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_bounded_and_age_out() {
+        let (origin, seen) = endpoint(usize::MAX, false).await;
+        let pool = Arc::new(pool(origin.clone(), 4, Duration::from_millis(200)));
+        let sends = (0..16).map(|_| {
+            let pool = pool.clone();
+            let origin = origin.clone();
+            tokio::spawn(async move { pool.send(post(&origin), 1024).await.map(|a| a.status) })
+        });
+        for send in futures::future::join_all(sends).await {
+            assert_eq!(send.unwrap().unwrap(), StatusCode::OK);
+        }
+        assert!(pool.idle() <= 4, "{} idle", pool.idle());
+        let opened = seen.connections.load(Ordering::SeqCst);
+
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        pool.send(post(&origin), 1024).await.unwrap();
+        assert_eq!(
+            seen.connections.load(Ordering::SeqCst),
+            opened + 1,
+            "an aged-out connection was used"
+        );
+        assert_eq!(pool.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_endpoint_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin: Uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        drop(listener);
+        let err = pool(origin.clone(), 8, MINUTE)
+            .send(post(&origin), 1024)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PoolError::Connect(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn error_bodies_are_read_up_to_the_limit() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin: Uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            while read_request(&mut socket, &mut buf).await {
+                let body = r#"{"message":"Forbidden"}"#;
+                let answer = format!(
+                    "HTTP/1.1 403 Forbidden\r\nx-amzn-errortype: ForbiddenException\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                socket.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        let pool = pool(origin.clone(), 8, MINUTE);
+        let answer = pool.send(post(&origin), 1024).await.unwrap();
+        assert_eq!(answer.status, StatusCode::FORBIDDEN);
+        assert_eq!(answer.body, r#"{"message":"Forbidden"}"#);
+        assert_eq!(answer.headers["x-amzn-errortype"], "ForbiddenException");
+        assert_eq!(pool.idle(), 1);
+        // Over the limit: the status still comes, the connection is not kept.
+        let answer = pool.send(post(&origin), 8).await.unwrap();
+        assert_eq!(answer.status, StatusCode::FORBIDDEN);
+        assert!(answer.body.is_empty());
+        assert_eq!(pool.idle(), 0);
+    }
+}
