@@ -15,7 +15,8 @@
 # 1,000,000-row dynalite scan would measure dynalite), gone rows counted.
 #
 # Builds the release example `bench` (examples/bench/). The worker and wrk
-# are pinned to one core, the sink and dynalite to the other (taskset).
+# are pinned to one core, the sink and dynalite to the other (taskset);
+# then, unpinned, one broadcast as 1 job and as $(nproc) split jobs at once.
 # Figures: posts/s,
 # CPU µs per post (getrusage of the worker over the broadcast), peak RSS
 # (VmHWM), wrk's requests/s, and the ratio. Results go to stdout and, raw, to
@@ -34,6 +35,10 @@ SQS_PORT="${SQS_PORT:-5388}"
 # Jobs per run and path for SQS → first delivery (0: skip; needs moto).
 LATENCY_JOBS="${LATENCY_JOBS:-20}"
 WRK_SECONDS="${WRK_SECONDS:-5}"
+# The multi-core case: N connections as 1 job, then as SPLIT_JOBS segment
+# jobs at once, unpinned (0 or 1: skip).
+SPLIT_JOBS="${SPLIT_JOBS:-$(nproc)}"
+SPLIT_N="${SPLIT_N:-1000000}"
 LIMIT_RATE="${LIMIT_RATE:-5000}"
 LIMIT_SECONDS="${LIMIT_SECONDS:-10}"
 WORKER_CPU="${WORKER_CPU:-0}"
@@ -136,6 +141,16 @@ for run in $(seq "$RUNS"); do
       echo "kind=broadcast run=$run $line wrk_per_s=$wrk_rps" >>"$OUT"
     done
   done
+  if ((SPLIT_JOBS > 1)); then
+    # Every core: the broadcast as one job, then split into segment jobs
+    # run at once (as the worker runs a split broadcast), unpinned.
+    for jobs in 1 "$SPLIT_JOBS"; do
+      echo "bench: run $run, N=$SPLIT_N as $jobs job(s), unpinned" >&2
+      line=$("$BIN" broadcast --path lean --connections "$SPLIT_N" --jobs "$jobs" \
+        --endpoint "$ENDPOINT" --max-in-flight "$IN_FLIGHT" --payload-bytes "$PAYLOAD_BYTES")
+      echo "kind=split run=$run $line" >>"$OUT"
+    done
+  fi
   echo "bench: run $run, rate limiter at $LIMIT_RATE/s" >&2
   line=$("${ON_WORKER[@]}" "$BIN" broadcast --path lean --connections $((LIMIT_RATE * LIMIT_SECONDS)) \
     --endpoint "$ENDPOINT" --max-in-flight "$IN_FLIGHT" --rate "$LIMIT_RATE")

@@ -77,6 +77,17 @@ def main(path):
               f"(target within ±3 %)")
 
 
+    split = defaultdict(list)
+    for r in rows:
+        if r["kind"] == "split":
+            split[int(r["jobs"])].append(r)
+    for jobs, rs in sorted(split.items()):
+        f = lambda k: [float(r[k]) for r in rs]
+        print(f"{rs[0]['connections']} connections as {jobs} job(s), unpinned: "
+              f"{spread(f('posts_per_s'), '{:.0f}')} posts/s, "
+              f"{spread(f('cpu_us_per_post'), '{:.1f}')} CPU µs/post, "
+              f"cores busy {spread(f('cores_busy'), '{:.2f}')}")
+
     latency = defaultdict(list)
     for r in rows:
         if r["kind"] == "latency":

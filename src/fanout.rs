@@ -2,17 +2,20 @@
 //! concurrently under the process-wide [`SendBudget`], with gone connections
 //! handed to the [`Remover`] as they are found.
 //!
-//! Memory is bounded by the work, not by the audience: one page per segment
-//! read ahead, plus at most `max_in_flight` sends (each waiting, sending or
-//! backing off) per job.
+//! Memory is bounded by the work, not by the audience: at most
+//! [`READ_AHEAD_PAGES`] pages read ahead, plus at most `max_in_flight` sends
+//! (each waiting, sending or backing off) per job.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt, TryStreamExt, stream};
+use futures::stream::BoxStream;
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt, stream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::backoff::Backoff;
 use crate::connection::Connection;
@@ -21,7 +24,7 @@ use crate::job::{Job, Target};
 use crate::limiter::SendBudget;
 use crate::progress::Progress;
 use crate::remover::{REMOVE_BACKOFF, Remover};
-use crate::store::{AudienceQuery, ConnectionStore, Cursor, StoreError};
+use crate::store::{AudienceQuery, ConnectionStore, Cursor, Page, StoreError};
 use crate::telemetry::Metrics;
 
 /// How the engine sends.
@@ -169,9 +172,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             job.resume.as_deref().unwrap_or_default(),
         ));
         let result = {
-            let deliveries = self
-                .store
-                .pages(&query, job.resume.clone())
+            let deliveries = read_ahead(self.store.pages(&query, job.resume.clone()))
                 .map_ok(|page| {
                     let total = page.connections.len();
                     let kept: Vec<Connection> = page
@@ -290,6 +291,33 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
     }
 }
 
+/// Pages read while earlier ones are being sent, beyond the one being sent.
+pub const READ_AHEAD_PAGES: usize = 2;
+
+/// The audience's pages, fetched by a task of their own up to
+/// [`READ_AHEAD_PAGES`] ahead of the sends. Read as the sends ask for them,
+/// every page boundary would stall the sends for a Scan call's round trip.
+/// Dropping the stream stops the reading.
+fn read_ahead(
+    mut pages: BoxStream<'static, Result<Page, StoreError>>,
+) -> impl Stream<Item = Result<Page, StoreError>> {
+    // The channel holds one page less than the read-ahead: the reading task
+    // holds the next while it waits for room.
+    let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD_PAGES - 1);
+    let reader = AbortOnDropHandle::new(tokio::spawn(async move {
+        while let Some(page) = pages.next().await {
+            if tx.send(page).await.is_err() {
+                break;
+            }
+        }
+    }));
+    ReceiverStream::new(rx).map(move |page| {
+        // Owned by the stream, so the reading ends with it.
+        let _reader = &reader;
+        page
+    })
+}
+
 /// The progress lock is held for a counter update only; a poisoned lock
 /// (a panic mid-update) still holds usable counts.
 fn lock(progress: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
@@ -383,6 +411,28 @@ mod tests {
         assert_eq!(report.removed as usize, gone.len());
         assert_eq!(report.failed, 0);
         assert!(gateway.peak.load(Ordering::SeqCst) <= 32);
+    }
+
+    #[tokio::test]
+    async fn pages_are_read_ahead_of_the_sends_but_not_all_at_once() {
+        let table = Arc::new(FakeTable::with(&ids(100), 10));
+        let gateway = Arc::new(FakeGateway {
+            stall: true,
+            ..FakeGateway::default()
+        });
+        // Five sends of the first page hang: the engine cannot go on.
+        let engine = engine(table.clone(), gateway, 5);
+        let job = job(Target::All);
+        let stop = CancellationToken::new();
+        tokio::select! {
+            _ = engine.run(&job, &stop) => panic!("a stalled broadcast ended"),
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        assert_eq!(
+            table.pages_read.load(Ordering::SeqCst),
+            1 + READ_AHEAD_PAGES,
+            "the page being sent and the read-ahead, no more"
+        );
     }
 
     #[tokio::test]

@@ -25,18 +25,27 @@ pub struct GeneratedTable {
 impl ConnectionStore for GeneratedTable {
     fn pages(
         &self,
-        _: &AudienceQuery,
+        query: &AudienceQuery,
         _: Option<Vec<Cursor>>,
     ) -> BoxStream<'static, Result<Page, StoreError>> {
-        let (rows, page_size) = (self.rows, self.page_size.max(1));
-        stream::unfold(0u64, move |start| async move {
+        let page_size = self.page_size.max(1);
+        // A segment is a contiguous share of the ids, as a parallel scan's
+        // segment is a share of the table.
+        let (segment, first, rows) = match *query {
+            AudienceQuery::Segment { index, total } => {
+                let share = |i: u32| self.rows * u64::from(i) / u64::from(total.max(1));
+                (index, share(index), share(index + 1))
+            }
+            _ => (0, 0, self.rows),
+        };
+        stream::unfold(first, move |start| async move {
             if start >= rows {
                 return None;
             }
             let end = (start + page_size).min(rows);
             let connections = (start..end).map(row).collect();
             let next = Cursor {
-                segment: 0,
+                segment,
                 position: (end < rows).then_some(Position::Offset(end as usize)),
             };
             Some((Ok(Page { connections, next }), end))

@@ -30,12 +30,12 @@ use aws_credential_types::Credentials;
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use fanout::backoff::Backoff;
-use fanout::fanout::{Engine, EngineSettings};
+use fanout::fanout::{Engine, EngineSettings, Report};
 use fanout::gateway::Gateway;
 use fanout::gateway::apigw::ApiGatewaySender;
 use fanout::gateway::lean::LeanSender;
 use fanout::gateway::select::SelectedSender;
-use fanout::job::{Job, Target};
+use fanout::job::{Job, Segment, Target};
 use fanout::limiter::{RateSettings, SendBudget};
 use fanout::store::ConnectionStore;
 use fanout::store::dynamo::{DynamoStore, TableSettings};
@@ -95,6 +95,10 @@ struct BroadcastArgs {
     page_size: u64,
     #[arg(long, default_value_t = 128)]
     payload_bytes: usize,
+    /// Split the audience into this many segment jobs, run at once (as the
+    /// worker runs a split broadcast's shares), to use more than one core.
+    #[arg(long, default_value_t = 1)]
+    jobs: u32,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -220,7 +224,7 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
                 page_size: args.page_size,
                 removed: Default::default(),
             };
-            run(table, gateway, &args).await
+            run(table, gateway, &args, None).await
         }
         Store::Dynamo => {
             let client = fanout::aws::dynamodb_client(&config);
@@ -237,7 +241,10 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
                 },
             )
             .await?;
-            let result = run(store, gateway, &args).await;
+            // The emulator's own pace bounds a broadcast from it: measured
+            // alone, the same scan the engine makes, nothing sent.
+            let scan = table::scan_rate(&store).await?;
+            let result = run(store, gateway, &args, Some(scan)).await;
             table::delete(&client, &name).await;
             result
         }
@@ -248,6 +255,7 @@ async fn run<S: ConnectionStore>(
     store: S,
     gateway: SelectedSender,
     args: &BroadcastArgs,
+    scan_per_s: Option<f64>,
 ) -> anyhow::Result<()> {
     let rate = NonZeroU32::new(args.rate).map(|rate| {
         let burst = match args.burst {
@@ -269,33 +277,48 @@ async fn run<S: ConnectionStore>(
         args.max_in_flight,
         metrics.clone(),
     );
-    let job = Job {
-        id: "bench".into(),
-        payload: Bytes::from(vec![b'x'; args.payload_bytes]),
+    let engine = Arc::new(engine);
+    let payload = Bytes::from(vec![b'x'; args.payload_bytes]);
+    let total = args.jobs.max(1);
+    let jobs = (0..total).map(|index| Job {
+        id: format!("bench-{index}"),
+        payload: payload.clone(),
         target: Target::All,
         exclude: HashSet::new(),
         resume: None,
-        segment: None,
+        segment: (total > 1).then_some(Segment { index, total }),
         split: None,
-    };
+    });
 
     let cpu_before = cpu_time()?;
     let started = Instant::now();
-    // On a runtime worker, as the worker's jobs run (`block_on` polls on
-    // the main thread, which would add a thread hop to every send).
-    let (report, result) =
-        tokio::spawn(async move { engine.run(&job, &CancellationToken::new()).await })
-            .await
-            .context("the broadcast task panicked")?;
+    // Each job on a runtime worker, as the worker's jobs run (`block_on`
+    // polls on the main thread, which would add a thread hop to every send).
+    let runs: Vec<_> = jobs
+        .map(|job| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.run(&job, &CancellationToken::new()).await })
+        })
+        .collect();
+    let mut report = Report::default();
+    for run in runs {
+        let (part, result) = run.await.context("a broadcast task panicked")?;
+        result.context("the broadcast failed")?;
+        report.delivered += part.delivered;
+        report.gone += part.gone;
+        report.removed += part.removed;
+        report.failed += part.failed;
+        report.retries += part.retries;
+        report.throttled += part.throttled;
+    }
     let wall = started.elapsed();
     let cpu = cpu_time()? - cpu_before;
-    result.context("the broadcast failed")?;
 
     let posts = Metrics::get(&metrics.posts);
     println!(
-        "path={:?} store={:?} connections={} posts={posts} secs={:.3} posts_per_s={:.0} \
-         cpu_us_per_post={:.2} cpu_s={:.3} peak_rss_mb={:.1} delivered={} gone={} \
-         removed={} failed={} retries={} throttled={}",
+        "path={:?} store={:?} connections={} jobs={total} posts={posts} secs={:.3} \
+         posts_per_s={:.0} cpu_us_per_post={:.2} cpu_s={:.3} cores_busy={:.2} \
+         peak_rss_mb={:.1} delivered={} gone={} removed={} failed={} retries={} throttled={}{}",
         args.path,
         args.store,
         args.connections,
@@ -303,6 +326,7 @@ async fn run<S: ConnectionStore>(
         posts as f64 / wall.as_secs_f64(),
         cpu.as_secs_f64() * 1e6 / posts.max(1) as f64,
         cpu.as_secs_f64(),
+        cpu.as_secs_f64() / wall.as_secs_f64(),
         peak_rss_kb()? as f64 / 1024.0,
         report.delivered,
         report.gone,
@@ -310,6 +334,7 @@ async fn run<S: ConnectionStore>(
         report.failed,
         report.retries,
         report.throttled,
+        scan_per_s.map_or(String::new(), |rate| format!(" scan_per_s={rate:.0}")),
     );
     Ok(())
 }

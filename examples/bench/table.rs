@@ -11,6 +11,8 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, PutRequest,
     ScalarAttributeType, TableStatus, WriteRequest,
 };
+use fanout::store::dynamo::DynamoStore;
+use fanout::store::{AudienceQuery, ConnectionStore};
 use futures::{StreamExt, TryStreamExt, stream};
 
 pub const KEY: &str = "connectionId";
@@ -90,4 +92,15 @@ async fn write_batch(client: &Client, table: &str, start: u64, end: u64) -> anyh
 pub async fn delete(client: &Client, table: &str) {
     // Best effort: dynalite runs in memory and goes away with the benchmark.
     let _ = client.delete_table().table_name(table).send().await;
+}
+
+/// Rows per second of a whole-table scan through `store`, nothing sent.
+pub async fn scan_rate(store: &DynamoStore) -> anyhow::Result<f64> {
+    let started = std::time::Instant::now();
+    let mut rows = 0usize;
+    let mut pages = store.pages(&AudienceQuery::All { segments: 1 }, None);
+    while let Some(page) = pages.next().await {
+        rows += page.context("scanning the bench table")?.connections.len();
+    }
+    Ok(rows as f64 / started.elapsed().as_secs_f64())
 }

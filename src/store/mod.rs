@@ -95,7 +95,8 @@ impl StoreError {
 pub trait ConnectionStore: Send + Sync + 'static {
     /// The audience as a stream of pages, starting at `from` (or at the start
     /// of every segment). Pages of one segment arrive in order; segments
-    /// interleave. At most one page per segment is read ahead.
+    /// interleave. Pages are read as the stream is polled (the engine reads
+    /// ahead on its own).
     fn pages(
         &self,
         audience: &AudienceQuery,
