@@ -173,8 +173,8 @@ pub struct Config {
 pub enum SendPath {
     /// The AWS SDK's client: the reference implementation.
     Sdk,
-    /// A SigV4-signed POST over a pooled hyper client: the same requests at
-    /// about a fifth of the CPU (BENCHMARKS.md).
+    /// A SigV4-signed POST over keep-alive hyper connections: the same
+    /// requests at about a tenth of the CPU (BENCHMARKS.md).
     Lean,
 }
 
