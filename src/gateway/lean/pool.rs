@@ -319,8 +319,7 @@ mod tests {
     /// `per_connection` answers on a connection it closes it: silently, or
     /// announced with `connection: close` on the last answer.
     async fn endpoint(per_connection: usize, announce_close: bool) -> (Uri, Arc<Seen>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin = format!("http://{}", listener.local_addr().unwrap());
+        let (listener, origin) = bind().await;
         let seen = Arc::new(Seen::default());
         let counts = seen.clone();
         tokio::spawn(async move {
@@ -347,7 +346,14 @@ mod tests {
                 });
             }
         });
-        (origin.parse().unwrap(), seen)
+        (origin, seen)
+    }
+
+    /// A listener on a free local port, and its origin.
+    async fn bind() -> (TcpListener, Uri) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin = format!("http://{}", listener.local_addr().unwrap());
+        (listener, origin.parse().unwrap())
     }
 
     /// Reads one request (head and `content-length` body) off `socket`;
@@ -474,10 +480,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_endpoint_is_a_connect_error() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin: Uri = format!("http://{}", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
+        let (listener, origin) = bind().await;
         drop(listener);
         let err = pool(origin.clone(), 8, MINUTE)
             .send(post(&origin), 1024)
@@ -488,10 +491,7 @@ mod tests {
 
     #[tokio::test]
     async fn error_bodies_are_read_up_to_the_limit() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin: Uri = format!("http://{}", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
+        let (listener, origin) = bind().await;
         tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.unwrap();
             let mut buf = Vec::new();
