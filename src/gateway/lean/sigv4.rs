@@ -577,6 +577,13 @@ mod tests {
             .unwrap()
     }
 
+    /// A PostToConnection request signed by `signer`, which must succeed.
+    async fn signed(signer: &Signer, payload: &Bytes) -> http::Request<()> {
+        let mut request = request();
+        signer.sign(&mut request, &origin(), payload).await.unwrap();
+        request
+    }
+
     fn header<'a>(request: &'a http::Request<()>, name: &str) -> &'a str {
         request
             .headers()
@@ -590,11 +597,7 @@ mod tests {
         let (signer, provider) = signer(Some(Duration::from_secs(3600)));
         let payload = Bytes::from_static(b"hello");
         for _ in 0..5 {
-            let mut request = request();
-            signer
-                .sign(&mut request, &origin(), &payload)
-                .await
-                .unwrap();
+            let request = signed(&signer, &payload).await;
             let auth = header(&request, "authorization");
             assert!(
                 auth.starts_with("AWS4-HMAC-SHA256 Credential=AKID0/")
@@ -614,11 +617,7 @@ mod tests {
         let (signer, provider) = signer(Some(REFRESH_BEFORE_EXPIRY / 2));
         let payload = Bytes::from_static(b"hello");
         for n in 0..3 {
-            let mut request = request();
-            signer
-                .sign(&mut request, &origin(), &payload)
-                .await
-                .unwrap();
+            let request = signed(&signer, &payload).await;
             let auth = header(&request, "authorization");
             assert!(auth.contains(&format!("Credential=AKID{n}/")), "{auth}");
         }
@@ -629,17 +628,10 @@ mod tests {
     async fn a_failed_refresh_keeps_valid_credentials_and_backs_off() {
         let (signer, provider) = signer(Some(REFRESH_BEFORE_EXPIRY / 2));
         let payload = Bytes::from_static(b"hello");
-        signer
-            .sign(&mut request(), &origin(), &payload)
-            .await
-            .unwrap();
+        signed(&signer, &payload).await;
         provider.fail.store(true, Ordering::SeqCst);
         for _ in 0..3 {
-            let mut request = request();
-            signer
-                .sign(&mut request, &origin(), &payload)
-                .await
-                .unwrap();
+            let request = signed(&signer, &payload).await;
             assert!(header(&request, "authorization").contains("Credential=AKID0/"));
         }
         // One failed refresh, then the retry waits.
