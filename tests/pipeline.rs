@@ -16,8 +16,6 @@ use support::worker::{Run, finish, signal};
 use support::{TableKey, TestQueue};
 use tokio::process::{Child, Command};
 
-const FANOUT: &str = env!("CARGO_BIN_EXE_fanout");
-
 /// Everything one test needs: a queue and its dead-letter queue, a table
 /// with a channel index, a gateway over that table.
 struct Pipeline {
@@ -59,24 +57,17 @@ impl Pipeline {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(FANOUT);
-        command
-            .args(args)
-            .env("FANOUT_QUEUE_URL", &self.queue.url)
-            .env("FANOUT_DEAD_LETTER_QUEUE_URL", &self.dlq.url)
-            .env("FANOUT_TABLE", &self.table)
-            .env("FANOUT_CHANNEL_INDEX", support::CHANNEL_INDEX)
-            .env(
-                "FANOUT_GATEWAY_ENDPOINT",
-                format!("http://{}/{}", self.gateway.addr, self.gateway.stage),
-            )
-            .env("FANOUT_RECEIVE_WAIT", "1s")
-            // Tests run workers side by side: any free port.
-            .env("FANOUT_METRICS_LISTEN", "127.0.0.1:0")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        command
+        let endpoint = format!("http://{}/{}", self.gateway.addr, self.gateway.stage);
+        let own = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        support::worker::command(
+            args,
+            &self.queue.url,
+            &self.dlq.url,
+            &self.table,
+            [("FANOUT_GATEWAY_ENDPOINT", endpoint.as_str())]
+                .into_iter()
+                .chain(own),
+        )
     }
 
     /// `fanout enqueue ARGS`; returns the message id.

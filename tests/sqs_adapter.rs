@@ -22,6 +22,15 @@ async fn adapter(url: &str, dead_letter_url: Option<String>) -> SqsQueue {
 }
 
 /// Receives until `n` messages arrived (moto may split a batch).
+/// Sends one job and receives it back.
+async fn send_and_receive(queue: &SqsQueue) -> Message {
+    queue
+        .send("job", &SendOptions::default())
+        .await
+        .expect("send");
+    receive_n(queue, 1).await.remove(0)
+}
+
 async fn receive_n(queue: &SqsQueue, n: usize) -> Vec<Message> {
     let mut messages = Vec::new();
     for _ in 0..10 {
@@ -85,12 +94,7 @@ async fn visibility_hides_a_message_and_a_zero_timeout_releases_it() {
     )
     .await;
     let queue = adapter(&q.url, None).await;
-    queue
-        .send("job", &SendOptions::default())
-        .await
-        .expect("send");
-
-    let first = receive_n(&queue, 1).await.remove(0);
+    let first = send_and_receive(&queue).await;
     // A heartbeat well past the queue's 1 s default keeps it hidden.
     queue
         .set_visibility(&first.receipt, Duration::from_secs(60))
@@ -115,11 +119,7 @@ async fn a_failed_delete_entry_comes_back_as_its_receipt() {
     let sqs = support::sqs().await;
     let q = create_queue(&sqs, "partial-delete", &QueueSpec::default()).await;
     let queue = adapter(&q.url, None).await;
-    queue
-        .send("job", &SendOptions::default())
-        .await
-        .expect("send");
-    let message = receive_n(&queue, 1).await.remove(0);
+    let message = send_and_receive(&queue).await;
 
     let bogus = Receipt("not-a-receipt-handle".to_owned());
     let failed = queue
@@ -207,11 +207,7 @@ async fn without_a_dead_letter_queue_nothing_is_sent() {
     let sqs = support::sqs().await;
     let q = create_queue(&sqs, "no-dlq", &QueueSpec::default()).await;
     let queue = adapter(&q.url, None).await;
-    queue
-        .send("job", &SendOptions::default())
-        .await
-        .expect("send");
-    let message = receive_n(&queue, 1).await.remove(0);
+    let message = send_and_receive(&queue).await;
     let outcome = queue.dead_letter(&message, "bad").await.expect("no-op");
     assert_eq!(outcome, DeadLettered::NotConfigured);
 }

@@ -17,8 +17,6 @@ use super::proxy::{FaultProxy, Faults, Injected};
 use crate::local_support::TestGateway;
 use crate::support::{self, QueueSpec, TableKey, TestQueue};
 
-pub const FANOUT: &str = env!("CARGO_BIN_EXE_fanout");
-
 /// How to build a rig.
 #[derive(Default)]
 pub struct RigSpec {
@@ -123,21 +121,18 @@ impl Rig {
 
     /// A `fanout` command against the emulators directly (for `enqueue`).
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(FANOUT);
-        command
-            .args(args)
-            .env("FANOUT_QUEUE_URL", &self.queue.url)
-            .env("FANOUT_DEAD_LETTER_QUEUE_URL", &self.dlq.url)
-            .env("FANOUT_TABLE", &self.table)
-            .env("FANOUT_CHANNEL_INDEX", support::CHANNEL_INDEX)
-            .env("FANOUT_RECEIVE_WAIT", "1s")
-            .env("FANOUT_JOB_RETRY_BASE", "1s")
-            .env("FANOUT_JOB_RETRY_MAX", "2s")
-            .env("FANOUT_METRICS_LISTEN", "127.0.0.1:0")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        command
+        let defaults = [
+            ("FANOUT_JOB_RETRY_BASE", "1s"),
+            ("FANOUT_JOB_RETRY_MAX", "2s"),
+        ];
+        let own = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        crate::support::worker::command(
+            args,
+            &self.queue.url,
+            &self.dlq.url,
+            &self.table,
+            defaults.into_iter().chain(own),
+        )
     }
 
     /// `fanout enqueue ARGS`, straight to the queue; returns the message id.

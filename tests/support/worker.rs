@@ -27,6 +27,35 @@ impl Run {
     }
 }
 
+/// The `fanout` binary under test.
+pub const FANOUT: &str = env!("CARGO_BIN_EXE_fanout");
+
+/// `fanout ARGS` against a test's jobs queue, dead-letter queue and table
+/// (channel index included), polling briefly and serving metrics on any free
+/// port (tests run workers side by side). `env` is applied after, in order,
+/// so a harness's defaults come first and a test's own settings win.
+pub fn command<'a>(
+    args: &[&str],
+    queue_url: &str,
+    dead_letter_queue_url: &str,
+    table: &str,
+    env: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(FANOUT);
+    command
+        .args(args)
+        .env("FANOUT_QUEUE_URL", queue_url)
+        .env("FANOUT_DEAD_LETTER_QUEUE_URL", dead_letter_queue_url)
+        .env("FANOUT_TABLE", table)
+        .env("FANOUT_CHANNEL_INDEX", super::CHANNEL_INDEX)
+        .env("FANOUT_RECEIVE_WAIT", "1s")
+        .env("FANOUT_METRICS_LISTEN", "127.0.0.1:0")
+        .envs(env)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
 /// Runs a short `fanout` command (e.g. `enqueue`) that must succeed; returns
 /// its trimmed standard output.
 pub async fn run_ok(mut command: tokio::process::Command, what: &str) -> String {
