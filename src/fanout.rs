@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{FutureExt, Stream, StreamExt, TryStreamExt, stream};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
@@ -157,6 +156,9 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         };
         let remover = Remover::spawn(self.store.clone(), REMOVE_BACKOFF, self.metrics.clone());
         let excluded = AtomicU64::new(0);
+        // Counted as pages are taken up, not from the outcomes: an
+        // interrupted job has sends whose outcome never came.
+        let audience = AtomicU64::new(0);
         let retries = AtomicU64::new(0);
         let throttled = AtomicU64::new(0);
         let counters = Counters {
@@ -181,6 +183,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                         .filter(|c| !job.exclude.contains(&c.id))
                         .collect();
                     excluded.fetch_add((total - kept.len()) as u64, Ordering::Relaxed);
+                    audience.fetch_add(kept.len() as u64, Ordering::Relaxed);
                     let tag = lock(&progress).start_page(kept.len(), page.next);
                     stream::iter(kept).map(move |c| Ok((tag, c)))
                 })
@@ -225,7 +228,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         report.excluded = excluded.load(Ordering::Relaxed);
         report.retries = retries.load(Ordering::Relaxed);
         report.throttled = throttled.load(Ordering::Relaxed);
-        report.audience = report.delivered + report.gone + report.failed;
+        report.audience = audience.load(Ordering::Relaxed);
         report.duration = started.elapsed();
         report.resume = lock(&progress).resume_points();
         (report, result)
@@ -298,6 +301,11 @@ pub const READ_AHEAD_PAGES: usize = 2;
 /// [`READ_AHEAD_PAGES`] ahead of the sends. Read as the sends ask for them,
 /// every page boundary would stall the sends for a Scan call's round trip.
 /// Dropping the stream stops the reading.
+///
+/// The stream ends only when the reading task ended the audience: if the
+/// task panicked, its closed channel would look like the audience's end and
+/// the job would be deleted with the rest unsent, so it ends in an error
+/// instead, a passing failure the job is retried for.
 fn read_ahead(
     mut pages: BoxStream<'static, Result<Page, StoreError>>,
 ) -> impl Stream<Item = Result<Page, StoreError>> {
@@ -311,10 +319,21 @@ fn read_ahead(
             }
         }
     }));
-    ReceiverStream::new(rx).map(move |page| {
-        // Owned by the stream, so the reading ends with it.
-        let _reader = &reader;
-        page
+    // Owned by the stream, so the reading ends with it.
+    stream::unfold(Some((rx, reader)), |state| async move {
+        let (mut rx, mut reader) = state?;
+        if let Some(page) = rx.recv().await {
+            return Some((page, Some((rx, reader))));
+        }
+        match (&mut reader).await {
+            Ok(()) => None,
+            Err(e) => Some((
+                Err(StoreError::Unavailable(format!(
+                    "the task reading the audience failed: {e}"
+                ))),
+                None,
+            )),
+        }
     })
 }
 
@@ -617,6 +636,50 @@ mod tests {
             !delivered
                 .iter()
                 .any(|(id, _)| id == "conn-5" || id == "conn-19")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panic_of_the_page_reader_fails_the_job_transiently() {
+        let mut table = FakeTable::with(&ids(100), 10);
+        table.panic_after_pages = Some(3);
+        let gateway = Arc::new(FakeGateway::default());
+        let (report, result) = engine(Arc::new(table), gateway, 4)
+            .run(&job(Target::All), &CancellationToken::new())
+            .await;
+        let err = result.expect_err("the rest of the audience was never read");
+        assert!(matches!(err, FanoutError::Audience(_)), "{err}");
+        assert!(!err.is_permanent());
+        assert!(report.delivered <= 30);
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_job_counts_the_sends_it_left_unfinished_in_its_audience() {
+        let table = Arc::new(FakeTable::with(&ids(3), 10));
+        let gateway = Arc::new(FakeGateway {
+            stall_ids: ["conn-1".to_owned()].into(),
+            ..FakeGateway::default()
+        });
+        let engine = engine(table, gateway.clone(), 4);
+        let stop = CancellationToken::new();
+        let everyone = job(Target::All);
+        let run = engine.run(&everyone, &stop);
+        tokio::pin!(run);
+        let (report, result) = loop {
+            tokio::select! {
+                out = &mut run => break out,
+                () = tokio::task::yield_now() => {
+                    if gateway.delivered.lock().unwrap().len() >= 2 {
+                        stop.cancel();
+                    }
+                }
+            }
+        };
+        assert!(matches!(result, Err(FanoutError::Interrupted)));
+        assert_eq!((report.delivered, report.failed, report.gone), (2, 0, 0));
+        assert_eq!(
+            report.audience, 3,
+            "conn-1 was read and sent to, unanswered"
         );
     }
 

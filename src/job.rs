@@ -247,7 +247,7 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: Capabilities) -> Result<J
         }
         (Some(_), None) if !caps.channels => return Err(JobError::ChannelsUnsupported),
         (Some(channel), None) => Target::Channel(channel),
-        (None, Some(ids)) => Target::Connections(ids_of("connections", ids)?),
+        (None, Some(ids)) => Target::Connections(first_occurrences(ids_of("connections", ids)?)),
         (None, None) => Target::All,
     };
     let exclude = ids_of("exclude", spec.exclude)?.into_iter().collect();
@@ -289,6 +289,16 @@ fn payload(data: Option<serde_json::Value>, base64: Option<String>) -> Result<By
     }
 }
 
+/// A listed id is one connection: sending to it once per listing would
+/// repeat the message. The first listing keeps its place, so the positions a
+/// continuation resumes from mean the same list every time the job is parsed.
+fn first_occurrences(ids: Vec<ConnectionId>) -> Vec<ConnectionId> {
+    let mut seen = HashSet::with_capacity(ids.len());
+    ids.into_iter()
+        .filter(|id| seen.insert(id.clone()))
+        .collect()
+}
+
 fn ids_of(field: &'static str, ids: Vec<String>) -> Result<Vec<ConnectionId>, JobError> {
     ids.into_iter()
         .map(|id| {
@@ -313,6 +323,15 @@ mod tests {
 
     fn err(body: &str) -> JobError {
         parse(body, "msg-1", CAPS).expect_err(body)
+    }
+
+    #[test]
+    fn a_connection_listed_twice_is_sent_to_once_in_first_listed_order() {
+        let job = ok(r#"{"data":"x","connections":["b","a","b","c","a"]}"#);
+        assert_eq!(
+            job.target,
+            Target::Connections(vec!["b".into(), "a".into(), "c".into()])
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use fanout::job::{self, Capabilities, JobSpec};
 use fanout::limiter::{RateSettings, SendBudget};
 use fanout::metrics::{self, MetricsServer, MetricsSettings};
 use fanout::queue::sqs::SqsQueue;
-use fanout::queue::{JobQueue, SendOptions};
+use fanout::queue::{self, JobQueue, SendOptions};
 use fanout::store::dynamo::{DynamoStore, TableSettings};
 use fanout::telemetry::{self, Metrics};
 use fanout::worker::{self, Stopped, WorkerSettings};
@@ -419,7 +419,7 @@ async fn redrive(arg: ConfigArg, max: u64) -> anyhow::Result<ExitCode> {
         None,
         Duration::ZERO,
     );
-    let fifo_group = config.queue_url.ends_with(".fifo").then_some("redriven");
+    let fifo_group = queue::is_fifo(&config.queue_url).then_some("redriven");
     let done = fanout::redrive::redrive(&dead_letters, &jobs, max, fifo_group).await?;
     println!("moved {} job(s) back to the jobs queue", done.moved);
     if done.left_behind > 0 {
@@ -434,7 +434,7 @@ async fn redrive(arg: ConfigArg, max: u64) -> anyhow::Result<ExitCode> {
 /// FIFO queues order per message group: one group per channel keeps a
 /// channel's broadcasts in order.
 fn fifo_options(queue_url: &str, channel: Option<&str>) -> SendOptions {
-    if !queue_url.ends_with(".fifo") {
+    if !queue::is_fifo(queue_url) {
         return SendOptions::default();
     }
     SendOptions {
@@ -478,5 +478,7 @@ mod tests {
                 .as_deref(),
             Some("all")
         );
+        let slashed = fifo_options("https://sqs/1/jobs.fifo/", Some("c"));
+        assert_eq!(slashed.group_id.as_deref(), Some("c"), "a trailing slash");
     }
 }

@@ -106,6 +106,7 @@ pub struct Snapshot {
     pub throttled: u64,
     pub retries: u64,
     pub jobs_completed: u64,
+    pub jobs_split: u64,
     pub jobs_retried: u64,
     pub jobs_dead_lettered: u64,
     pub jobs_in_flight: u64,
@@ -127,6 +128,7 @@ impl Snapshot {
             throttled: g(&m.throttled),
             retries: g(&m.retries),
             jobs_completed: g(&m.jobs_completed),
+            jobs_split: g(&m.jobs_split),
             jobs_retried: g(&m.jobs_retried),
             jobs_dead_lettered: g(&m.jobs_dead_lettered),
             jobs_in_flight: g(&m.jobs_in_flight),
@@ -149,6 +151,7 @@ impl Snapshot {
             throttled: self.throttled.saturating_sub(earlier.throttled),
             retries: self.retries.saturating_sub(earlier.retries),
             jobs_completed: self.jobs_completed.saturating_sub(earlier.jobs_completed),
+            jobs_split: self.jobs_split.saturating_sub(earlier.jobs_split),
             jobs_retried: self.jobs_retried.saturating_sub(earlier.jobs_retried),
             jobs_dead_lettered: self
                 .jobs_dead_lettered
@@ -165,7 +168,7 @@ impl Snapshot {
     }
 
     /// The counters as (EMF name, Prometheus name, help, value).
-    fn counters(&self) -> [(&'static str, &'static str, &'static str, u64); 11] {
+    fn counters(&self) -> [(&'static str, &'static str, &'static str, u64); 12] {
         [
             (
                 "Posts",
@@ -220,6 +223,12 @@ impl Snapshot {
                 "jobs_completed",
                 "Jobs finished and deleted from the queue",
                 self.jobs_completed,
+            ),
+            (
+                "JobsSplit",
+                "jobs_split",
+                "Whole-table jobs replaced by their segment jobs",
+                self.jobs_split,
             ),
             (
                 "JobsRetried",

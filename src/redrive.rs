@@ -26,8 +26,13 @@ pub enum RedriveError {
     Send { moved: u64, source: QueueError },
 }
 
-/// Moves up to `max` messages from `dead_letters` to `jobs`, until a receive
-/// comes back empty.
+/// Empty receives in a row that end a redrive. A short poll asks only some
+/// of SQS's servers and can come back empty while messages remain; in a row,
+/// the chance that every poll missed them shrinks with each one.
+pub const EMPTY_RECEIVES_TO_STOP: u32 = 3;
+
+/// Moves up to `max` messages from `dead_letters` to `jobs`, until
+/// [`EMPTY_RECEIVES_TO_STOP`] receives in a row come back empty.
 pub async fn redrive<D: JobQueue, J: JobQueue>(
     dead_letters: &D,
     jobs: &J,
@@ -35,6 +40,7 @@ pub async fn redrive<D: JobQueue, J: JobQueue>(
     fifo_group: Option<&str>,
 ) -> Result<Redriven, RedriveError> {
     let mut done = Redriven::default();
+    let mut empty_in_a_row = 0;
     while done.moved + done.left_behind < max {
         let room = (max - done.moved - done.left_behind).min(MAX_BATCH as u64) as usize;
         let batch = dead_letters
@@ -45,8 +51,13 @@ pub async fn redrive<D: JobQueue, J: JobQueue>(
                 source,
             })?;
         if batch.is_empty() {
-            break;
+            empty_in_a_row += 1;
+            if empty_in_a_row >= EMPTY_RECEIVES_TO_STOP {
+                break;
+            }
+            continue;
         }
+        empty_in_a_row = 0;
         let mut sent = Vec::with_capacity(batch.len());
         for message in &batch {
             let options = SendOptions {
@@ -97,6 +108,21 @@ mod tests {
         );
         assert_eq!(*jobs.sent.lock().unwrap(), bodies);
         assert_eq!(dead.deleted_ids().len(), 23);
+    }
+
+    #[tokio::test]
+    async fn an_empty_short_poll_does_not_end_the_move_while_messages_remain() {
+        let dead = FakeQueue::with_jobs(&["a", "b", "c"], false);
+        // A short poll samples a few servers: it can answer empty twice
+        // running while every message is still there.
+        dead.empty_receives
+            .store(2, std::sync::atomic::Ordering::SeqCst);
+        let jobs = FakeQueue::default();
+        let done = redrive(&dead, &jobs, u64::MAX, None)
+            .await
+            .expect("redrive");
+        assert_eq!(done.moved, 3);
+        assert!(dead.visible.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

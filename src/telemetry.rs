@@ -43,6 +43,9 @@ pub struct Metrics {
     pub retries: AtomicU64,
     /// Jobs that finished and were deleted from the queue.
     pub jobs_completed: AtomicU64,
+    /// Whole-table jobs replaced by their segment jobs (not completed: the
+    /// segments complete them).
+    pub jobs_split: AtomicU64,
     /// Jobs given back to the queue to be tried again.
     pub jobs_retried: AtomicU64,
     /// Jobs sent to the dead-letter queue (or left for the redrive policy).

@@ -25,6 +25,8 @@ pub struct FakeTable {
     pub page_size: usize,
     pub pages_read: AtomicUsize,
     pub fail_after_pages: Option<usize>,
+    /// The page reader panics once this many pages were read.
+    pub panic_after_pages: Option<usize>,
 }
 
 impl FakeTable {
@@ -35,6 +37,7 @@ impl FakeTable {
             page_size,
             pages_read: AtomicUsize::new(0),
             fail_after_pages: None,
+            panic_after_pages: None,
         }
     }
 
@@ -93,6 +96,9 @@ impl ConnectionStore for Arc<FakeTable> {
         let total = ids.len();
         stream::iter(pages.into_iter().enumerate().map(move |(n, chunk)| {
             let read = table.pages_read.fetch_add(1, Ordering::SeqCst);
+            if table.panic_after_pages.is_some_and(|limit| read >= limit) {
+                panic!("the page reader panicked");
+            }
             if table.fail_after_pages.is_some_and(|limit| read >= limit) {
                 return Err(StoreError::Unavailable("table went away".into()));
             }
@@ -128,12 +134,17 @@ pub struct FakeGateway {
     pub stall: bool,
     /// Posts to these ids wait forever.
     pub stall_ids: HashSet<String>,
+    /// Posts to these ids panic (a bug in a job).
+    pub panic_ids: HashSet<String>,
 }
 
 impl Gateway for FakeGateway {
     async fn post(&self, id: &ConnectionId, payload: Bytes) -> PostOutcome {
         if self.stall || self.stall_ids.contains(id.as_str()) {
             return std::future::pending().await;
+        }
+        if self.panic_ids.contains(id.as_str()) {
+            panic!("posting to {id} panicked");
         }
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak.fetch_max(now, Ordering::SeqCst);
@@ -179,6 +190,13 @@ pub struct FakeQueue {
     pub missing: bool,
     /// How long an empty receive waits (a long poll); at least 5 ms.
     pub poll_wait: Duration,
+    /// Receives that answer empty although messages are visible, as an SQS
+    /// short poll does when it samples servers that hold none.
+    pub empty_receives: AtomicUsize,
+    /// How long each send takes.
+    pub send_wait: Duration,
+    /// Dead-letter copies that fail before the queue takes them.
+    pub failing_dead_letters: AtomicUsize,
 }
 
 impl FakeQueue {
@@ -227,6 +245,11 @@ impl JobQueue for FakeQueue {
             self.failing_receives.store(failing - 1, Ordering::SeqCst);
             return Err(QueueError::Unavailable("connection refused".into()));
         }
+        let empty = self.empty_receives.load(Ordering::SeqCst);
+        if empty > 0 {
+            self.empty_receives.store(empty - 1, Ordering::SeqCst);
+            return Ok(Vec::new());
+        }
         let take = || {
             let mut visible = self.visible.lock().unwrap();
             let n = max.min(visible.len());
@@ -263,6 +286,12 @@ impl JobQueue for FakeQueue {
         message: &Message,
         reason: &str,
     ) -> Result<DeadLettered, QueueError> {
+        let failing = self.failing_dead_letters.load(Ordering::SeqCst);
+        if failing > 0 {
+            self.failing_dead_letters
+                .store(failing - 1, Ordering::SeqCst);
+            return Err(QueueError::Unavailable("connection refused".into()));
+        }
         match &self.dead {
             Some(dead) => {
                 dead.lock()
@@ -275,6 +304,9 @@ impl JobQueue for FakeQueue {
     }
 
     async fn send(&self, body: &str, _: &SendOptions) -> Result<String, QueueError> {
+        if !self.send_wait.is_zero() {
+            tokio::time::sleep(self.send_wait).await;
+        }
         if self.missing {
             return Err(QueueError::NoSuchQueue {
                 url: "http://127.0.0.1:1/q".into(),

@@ -18,6 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
@@ -252,7 +253,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// stays on the queue, the rest are handed back behind it rather than
     /// run ahead of it.
     async fn process_in_order(&self, chain: Vec<(Message, OwnedSemaphorePermit)>) {
-        let waiting: Vec<JoinHandle<()>> = chain
+        let waiting: Vec<AbortOnDropHandle<()>> = chain
             .iter()
             .skip(1)
             .map(|(message, _)| self.heartbeat(message.receipt.clone(), message.id.clone()))
@@ -262,13 +263,9 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         while let Some((message, permit)) = chain.next() {
             let fate = self.process(&message).await;
             drop(permit);
-            if let Some(heartbeat) = waiting.next() {
-                heartbeat.abort();
-            }
+            drop(waiting.next());
             if fate == Fate::Kept {
-                for heartbeat in waiting.by_ref() {
-                    heartbeat.abort();
-                }
+                waiting.by_ref().for_each(drop);
                 for (rest, permit) in chain.by_ref() {
                     self.hand_back(&rest, Duration::ZERO).await;
                     drop(permit);
@@ -287,7 +284,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         }
         let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone());
         let (report, result) = self.engine.run(&job, &self.abort).await;
-        heartbeat.abort();
+        drop(heartbeat);
         self.metrics.record_job_duration(report.duration);
         match result {
             Ok(()) => {
@@ -335,6 +332,9 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// send fails, the job is retried whole later: segments already sent
     /// then run twice (duplicates, never a loss).
     async fn split(&self, message: &Message, job: &Job, total: u32) -> Fate {
+        // Up to MAX_SPLIT sends one after another can outlast the visibility
+        // timeout; another worker would then split the job again.
+        let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone());
         for (index, part) in job.split_into(total).into_iter().enumerate() {
             let sent = match serde_json::to_string(&part) {
                 Ok(body) => self
@@ -346,11 +346,13 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             };
             if let Err(e) = sent {
                 tracing::error!(job_id = %job.id, index, error = %e, "splitting the job failed; it will be retried");
+                drop(heartbeat);
                 return self.retry_later(message).await;
             }
         }
+        drop(heartbeat);
         tracing::info!(job_id = %job.id, segments = total, "job split into segment jobs");
-        Metrics::incr(&self.metrics.jobs_completed);
+        Metrics::incr(&self.metrics.jobs_split);
         self.delete(message).await
     }
 
@@ -386,11 +388,14 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         }
     }
 
-    /// Keeps the message hidden while the job runs.
-    fn heartbeat(&self, receipt: Receipt, job_id: String) -> JoinHandle<()> {
+    /// Keeps the message hidden until the handle is dropped. Dropping, not an
+    /// explicit abort, ends it: a panic or a dropped job task unwinds past
+    /// any abort call, and a detached heartbeat would keep the message
+    /// hidden for ever.
+    fn heartbeat(&self, receipt: Receipt, job_id: String) -> AbortOnDropHandle<()> {
         let queue = self.queue.clone();
         let settings = self.settings;
-        tokio::spawn(async move {
+        AbortOnDropHandle::new(tokio::spawn(async move {
             let mut ticks = tokio::time::interval_at(
                 tokio::time::Instant::now() + settings.heartbeat_interval,
                 settings.heartbeat_interval,
@@ -404,20 +409,22 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                     tracing::warn!(job_id, error = %e, "heartbeat failed; the job may be redelivered while it runs");
                 }
             }
-        })
+        }))
     }
 
     /// A job that can never run: to the dead-letter queue with its reason,
     /// then off the jobs queue. Without a dead-letter queue the message
     /// stays for the queue's redrive policy.
+    /// Counted once its outcome is known: a copy that fails is a retry.
     async fn dead_letter(&self, message: &Message, reason: &str) -> Fate {
-        Metrics::incr(&self.metrics.jobs_dead_lettered);
         match self.queue.dead_letter(message, reason).await {
             Ok(DeadLettered::Sent) => {
+                Metrics::incr(&self.metrics.jobs_dead_lettered);
                 tracing::error!(message_id = %message.id, reason, "job sent to the dead-letter queue");
                 self.delete(message).await
             }
             Ok(DeadLettered::NotConfigured) => {
+                Metrics::incr(&self.metrics.jobs_dead_lettered);
                 tracing::error!(message_id = %message.id, reason, "job cannot run; no dead-letter queue is configured, so it is left for the queue's redrive policy");
                 Fate::Kept
             }
@@ -816,6 +823,100 @@ mod tests {
             visibility.iter().all(|(_, t)| !t.is_zero()),
             "{visibility:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_that_panics_stops_its_heartbeat() {
+        let rig = Rig::new(
+            FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true),
+            FakeGateway {
+                panic_ids: ["conn-3".to_owned()].into(),
+                ..FakeGateway::default()
+            },
+        );
+        let stopped = rig.run(settings(), CancellationToken::new()).await;
+        assert_eq!(stopped, Stopped::Idle);
+        // Long after the job is over, nothing keeps its message hidden.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        let visibility = rig.queue.visibility.lock().unwrap().clone();
+        assert_eq!(
+            visibility,
+            [(Receipt("r0".into()), Duration::from_secs(5))],
+            "handed back for a retry, then no heartbeat: {visibility:?}"
+        );
+        assert!(rig.queue.deleted_ids().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_panic_of_the_page_reader_retries_the_job_instead_of_deleting_it() {
+        let mut table = FakeTable::with(&ids(20), 5);
+        table.panic_after_pages = Some(2);
+        let rig = Rig {
+            table: Arc::new(table),
+            ..Rig::new(
+                FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true),
+                FakeGateway::default(),
+            )
+        };
+        rig.run(settings(), CancellationToken::new()).await;
+        assert!(
+            rig.queue.deleted_ids().is_empty(),
+            "half the audience unsent"
+        );
+        assert_eq!(
+            rig.queue.visibility.lock().unwrap().clone(),
+            [(Receipt("r0".into()), Duration::from_secs(5))]
+        );
+        assert_eq!(Metrics::get(&rig.metrics.jobs_completed), 0);
+        assert_eq!(Metrics::get(&rig.metrics.jobs_retried), 1);
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_that_fails_counts_as_a_retry_only() {
+        let queue = FakeQueue::with_jobs(&["{not json"], true);
+        queue.failing_dead_letters.store(1, Ordering::SeqCst);
+        let rig = Rig::new(queue, FakeGateway::default());
+        rig.run(settings(), CancellationToken::new()).await;
+        assert!(rig.queue.deleted_ids().is_empty());
+        assert_eq!(Metrics::get(&rig.metrics.jobs_dead_lettered), 0);
+        assert_eq!(Metrics::get(&rig.metrics.jobs_retried), 1);
+
+        let rig = Rig::new(
+            FakeQueue::with_jobs(&["{not json"], true),
+            FakeGateway::default(),
+        );
+        rig.run(settings(), CancellationToken::new()).await;
+        assert_eq!(Metrics::get(&rig.metrics.jobs_dead_lettered), 1);
+        assert_eq!(Metrics::get(&rig.metrics.jobs_retried), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn splitting_keeps_the_message_hidden_while_it_sends_segments() {
+        // Four sends of 15 s each outlast the 30 s visibility timeout.
+        let rig = Rig::new(
+            FakeQueue {
+                send_wait: Duration::from_secs(15),
+                ..FakeQueue::with_jobs(&[r#"{"id":"big","data":"s","split":4}"#], true)
+            },
+            FakeGateway::default(),
+        );
+        rig.run(settings(), CancellationToken::new()).await;
+        assert_eq!(rig.queue.sent.lock().unwrap().len(), 4);
+        assert_eq!(rig.queue.deleted_ids(), ["r0"]);
+        let visibility = rig.queue.visibility.lock().unwrap().clone();
+        assert!(
+            visibility.len() >= 5
+                && visibility
+                    .iter()
+                    .all(|v| v == &(Receipt("r0".into()), Duration::from_secs(30))),
+            "a heartbeat every 10 s of the 60 s split: {visibility:?}"
+        );
+        assert_eq!(
+            Metrics::get(&rig.metrics.jobs_completed),
+            0,
+            "a split is not a completed broadcast"
+        );
+        assert_eq!(Metrics::get(&rig.metrics.jobs_split), 1);
     }
 
     #[tokio::test]

@@ -11,6 +11,14 @@ use std::time::Duration;
 /// entries per DeleteMessageBatch.
 pub const MAX_BATCH: usize = 10;
 
+/// Whether `queue_url` names a FIFO queue: SQS requires a FIFO queue's name
+/// to end in `.fifo`, and a URL may carry a trailing `/`. Every decision that
+/// differs for FIFO queues (group ids, deduplication ids) asks this one
+/// function, so they cannot disagree about a queue.
+pub fn is_fifo(queue_url: &str) -> bool {
+    queue_url.trim_end_matches('/').ends_with(".fifo")
+}
+
 /// The handle that settles one received message.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Receipt(pub String);
@@ -93,4 +101,17 @@ pub trait JobQueue: Send + Sync + 'static {
         body: &str,
         options: &SendOptions,
     ) -> impl Future<Output = Result<String, QueueError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fifo_queues_are_told_by_their_url() {
+        assert!(is_fifo("http://127.0.0.1:5320/000000000000/jobs-dlq.fifo"));
+        assert!(is_fifo("http://127.0.0.1:5320/000000000000/jobs.fifo/"));
+        assert!(!is_fifo("http://127.0.0.1:5320/000000000000/jobs-dlq"));
+        assert!(!is_fifo("http://127.0.0.1:5320/000000000000/fifo/"));
+    }
 }

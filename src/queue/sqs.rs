@@ -13,7 +13,9 @@ use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageAttributeValue, MessageSystemAttributeName,
 };
 
-use super::{DeadLettered, JobQueue, MAX_BATCH, Message, QueueError, Receipt, SendOptions};
+use super::{
+    DeadLettered, JobQueue, MAX_BATCH, Message, QueueError, Receipt, SendOptions, is_fifo,
+};
 
 /// The message attribute that says why a job was dead-lettered.
 pub const REASON_ATTRIBUTE: &str = "fanout.reason";
@@ -228,10 +230,6 @@ impl JobQueue for SqsQueue {
     }
 }
 
-fn is_fifo(url: &str) -> bool {
-    url.trim_end_matches('/').ends_with(".fifo")
-}
-
 fn string_attribute(value: &str) -> Result<MessageAttributeValue, QueueError> {
     MessageAttributeValue::builder()
         .data_type("String")
@@ -343,11 +341,5 @@ mod tests {
             map(403, "AccessDenied", ""),
             QueueError::Rejected(_)
         ));
-    }
-
-    #[test]
-    fn fifo_queues_are_told_by_their_url() {
-        assert!(is_fifo("http://127.0.0.1:5320/000000000000/jobs-dlq.fifo"));
-        assert!(!is_fifo("http://127.0.0.1:5320/000000000000/jobs-dlq"));
     }
 }
