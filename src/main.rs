@@ -440,6 +440,7 @@ fn fifo_options(queue_url: &str, channel: Option<&str>) -> SendOptions {
     SendOptions {
         group_id: Some(channel.unwrap_or("all").to_owned()),
         deduplication_id: Some(format!("{:032x}", rand::random::<u128>())),
+        ..SendOptions::default()
     }
 }
 

@@ -4,7 +4,13 @@
 //! Each message is sent to the jobs queue before it is deleted from the
 //! dead-letter queue, so an interruption can duplicate a job, never lose one.
 
-use crate::queue::{JobQueue, MAX_BATCH, QueueError, SendOptions};
+use std::time::Duration;
+
+use crate::queue::{JobQueue, MAX_BATCH, QueueError, SendOptions, producer_attributes};
+
+/// How long a received dead letter stays hidden: ample for sending it on and
+/// deleting it, short enough that an interrupted redrive's next run finds it.
+const REDRIVE_VISIBILITY: Duration = Duration::from_secs(60);
 
 /// What a redrive did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -44,7 +50,7 @@ pub async fn redrive<D: JobQueue, J: JobQueue>(
     while done.moved + done.left_behind < max {
         let room = (max - done.moved - done.left_behind).min(MAX_BATCH as u64) as usize;
         let batch = dead_letters
-            .receive(room)
+            .receive(room, REDRIVE_VISIBILITY)
             .await
             .map_err(|source| RedriveError::Receive {
                 moved: done.moved,
@@ -66,6 +72,11 @@ pub async fn redrive<D: JobQueue, J: JobQueue>(
                     .clone()
                     .or_else(|| fifo_group.map(str::to_owned)),
                 deduplication_id: fifo_group.map(|_| format!("redrive-{}", message.id)),
+                // As SQS's own redrive does: the producer's attributes and
+                // trace context go back with the job; fanout's notes on why
+                // it was dead-lettered do not.
+                attributes: producer_attributes(&message.attributes),
+                trace_header: message.trace_header.clone(),
             };
             jobs.send(&message.body, &options)
                 .await
@@ -123,6 +134,26 @@ mod tests {
             .expect("redrive");
         assert_eq!(done.moved, 3);
         assert!(dead.visible.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_producers_attributes_go_back_and_fanouts_are_stripped() {
+        use crate::queue::{Attribute, REASON_ATTRIBUTE, SOURCE_MESSAGE_ATTRIBUTE};
+        let mut dead = FakeQueue::with_jobs(&["a"], false);
+        let letter = &mut dead.visible.get_mut().unwrap()[0];
+        for name in ["tenant", REASON_ATTRIBUTE, SOURCE_MESSAGE_ATTRIBUTE] {
+            letter.attributes.insert(name.into(), Attribute::text("v"));
+        }
+        letter.trace_header = Some("Root=1-abc".into());
+        let jobs = FakeQueue::default();
+        redrive(&dead, &jobs, 10, None).await.expect("redrive");
+        let sent = jobs.sent_options.lock().unwrap().clone();
+        assert_eq!(
+            sent[0].attributes.keys().collect::<Vec<_>>(),
+            ["tenant"],
+            "{sent:?}"
+        );
+        assert_eq!(sent[0].trace_header.as_deref(), Some("Root=1-abc"));
     }
 
     #[tokio::test]

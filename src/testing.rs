@@ -183,6 +183,10 @@ pub struct FakeQueue {
     /// (message id, reason); `None` here means no dead-letter queue.
     pub dead: Option<Mutex<Vec<(String, String)>>>,
     pub sent: Mutex<Vec<String>>,
+    /// The options of each send, in the order of `sent`.
+    pub sent_options: Mutex<Vec<SendOptions>>,
+    /// The visibility timeout each receive asked for.
+    pub receive_visibility: Mutex<Vec<Duration>>,
     /// Receives that fail before the queue answers again.
     pub failing_receives: AtomicUsize,
     pub receives: AtomicUsize,
@@ -210,6 +214,8 @@ impl FakeQueue {
                 receipt: Receipt(format!("r{n}")),
                 receive_count: 1,
                 group_id: None,
+                attributes: Default::default(),
+                trace_header: None,
             })
             .collect();
         Self {
@@ -233,8 +239,9 @@ impl FakeQueue {
 }
 
 impl JobQueue for FakeQueue {
-    async fn receive(&self, max: usize) -> Result<Vec<Message>, QueueError> {
+    async fn receive(&self, max: usize, visibility: Duration) -> Result<Vec<Message>, QueueError> {
         self.receives.fetch_add(1, Ordering::SeqCst);
+        self.receive_visibility.lock().unwrap().push(visibility);
         if self.missing {
             return Err(QueueError::NoSuchQueue {
                 url: "http://127.0.0.1:1/q".into(),
@@ -303,7 +310,7 @@ impl JobQueue for FakeQueue {
         }
     }
 
-    async fn send(&self, body: &str, _: &SendOptions) -> Result<String, QueueError> {
+    async fn send(&self, body: &str, options: &SendOptions) -> Result<String, QueueError> {
         if !self.send_wait.is_zero() {
             tokio::time::sleep(self.send_wait).await;
         }
@@ -312,6 +319,7 @@ impl JobQueue for FakeQueue {
                 url: "http://127.0.0.1:1/q".into(),
             });
         }
+        self.sent_options.lock().unwrap().push(options.clone());
         let mut sent = self.sent.lock().unwrap();
         sent.push(body.to_owned());
         Ok(format!("sent-{}", sent.len()))

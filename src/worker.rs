@@ -134,7 +134,8 @@ where
         let mut receive = tokio::spawn({
             let queue = queue.clone();
             let max = permits.len();
-            async move { queue.receive(max).await }
+            let visibility = settings.visibility_timeout;
+            async move { queue.receive(max, visibility).await }
         });
         let received = tokio::select! {
             biased;
@@ -822,6 +823,21 @@ mod tests {
         assert!(
             visibility.iter().all(|(_, t)| !t.is_zero()),
             "{visibility:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn receives_hide_messages_for_the_workers_visibility_timeout() {
+        let rig = Rig::new(
+            FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true),
+            FakeGateway::default(),
+        );
+        rig.run(settings(), CancellationToken::new()).await;
+        let asked = rig.queue.receive_visibility.lock().unwrap().clone();
+        assert!(!asked.is_empty());
+        assert!(
+            asked.iter().all(|t| *t == Duration::from_secs(30)),
+            "{asked:?}"
         );
     }
 

@@ -9,22 +9,20 @@ use std::time::Duration;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::config::http::HttpResponse;
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::primitives::Blob;
 use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageAttributeValue, MessageSystemAttributeName,
+    MessageSystemAttributeNameForSends, MessageSystemAttributeValue,
 };
 
 use super::{
-    DeadLettered, JobQueue, MAX_BATCH, Message, QueueError, Receipt, SendOptions, is_fifo,
+    Attribute, AttributeValue, Attributes, DeadLettered, JobQueue, MAX_BATCH, Message, QueueError,
+    Receipt, SendOptions, dead_letter_attributes, is_fifo,
 };
+pub use super::{REASON_ATTRIBUTE, SOURCE_MESSAGE_ATTRIBUTE};
 
-/// The message attribute that says why a job was dead-lettered.
-pub const REASON_ATTRIBUTE: &str = "fanout.reason";
-/// The message attribute naming the jobs-queue message a dead letter copies.
-pub const SOURCE_MESSAGE_ATTRIBUTE: &str = "fanout.source-message-id";
-
-/// Reasons are error chains; a few hundred characters say what went wrong
-/// without eating into the 256 KiB message budget the body needs.
-const MAX_REASON_CHARS: usize = 1024;
+/// ReceiveMessage's name for "every message attribute".
+const ALL_MESSAGE_ATTRIBUTES: &str = "All";
 
 /// SQS caps a long poll at 20 s.
 const MAX_WAIT_SECONDS: u64 = 20;
@@ -82,7 +80,7 @@ impl SqsQueue {
 }
 
 impl JobQueue for SqsQueue {
-    async fn receive(&self, max: usize) -> Result<Vec<Message>, QueueError> {
+    async fn receive(&self, max: usize, visibility: Duration) -> Result<Vec<Message>, QueueError> {
         let max = max.clamp(1, MAX_BATCH) as i32;
         let wait = self.receive_wait.as_secs().min(MAX_WAIT_SECONDS) as i32;
         let output = self
@@ -91,8 +89,11 @@ impl JobQueue for SqsQueue {
             .queue_url(&self.queue_url)
             .max_number_of_messages(max)
             .wait_time_seconds(wait)
+            .visibility_timeout(visibility_seconds(visibility))
+            .message_attribute_names(ALL_MESSAGE_ATTRIBUTES)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
+            .message_system_attribute_names(MessageSystemAttributeName::AwsTraceHeader)
             .send()
             .await
             .map_err(|err| map_error(&self.queue_url, err))?;
@@ -108,28 +109,36 @@ impl JobQueue for SqsQueue {
                 .and_then(|attrs| attrs.get(&MessageSystemAttributeName::ApproximateReceiveCount))
                 .and_then(|count| count.parse().ok())
                 .unwrap_or(1);
-            let group_id = message
-                .attributes()
-                .and_then(|attrs| attrs.get(&MessageSystemAttributeName::MessageGroupId))
-                .cloned();
+            let system = |name| {
+                message
+                    .attributes()
+                    .and_then(|attrs| attrs.get(&name))
+                    .cloned()
+            };
             messages.push(Message {
                 id: id.to_owned(),
                 body: message.body().unwrap_or_default().to_owned(),
                 receipt: Receipt(receipt.to_owned()),
                 receive_count,
-                group_id,
+                group_id: system(MessageSystemAttributeName::MessageGroupId),
+                attributes: message
+                    .message_attributes()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(name, value)| Some((name.clone(), from_sdk(value)?)))
+                    .collect(),
+                trace_header: system(MessageSystemAttributeName::AwsTraceHeader),
             });
         }
         Ok(messages)
     }
 
     async fn set_visibility(&self, receipt: &Receipt, timeout: Duration) -> Result<(), QueueError> {
-        let seconds = timeout.as_secs().min(MAX_VISIBILITY_SECONDS) as i32;
         self.client
             .change_message_visibility()
             .queue_url(&self.queue_url)
             .receipt_handle(&receipt.0)
-            .visibility_timeout(seconds)
+            .visibility_timeout(visibility_seconds(timeout))
             .send()
             .await
             .map_err(|err| map_error(&self.queue_url, err))?;
@@ -195,11 +204,8 @@ impl JobQueue for SqsQueue {
             .send_message()
             .queue_url(url)
             .message_body(&message.body)
-            .message_attributes(
-                REASON_ATTRIBUTE,
-                string_attribute(truncate(reason, MAX_REASON_CHARS))?,
-            )
-            .message_attributes(SOURCE_MESSAGE_ATTRIBUTE, string_attribute(&message.id)?);
+            .set_message_attributes(Some(to_sdk(&dead_letter_attributes(message, reason))?))
+            .set_message_system_attributes(trace_header(message.trace_header.as_deref())?);
         if is_fifo(url) {
             // No order among dead letters matters; deduplicating on the source
             // id keeps a job that is dead-lettered twice (its delete failed)
@@ -220,6 +226,12 @@ impl JobQueue for SqsQueue {
             .message_body(body)
             .set_message_group_id(options.group_id.clone())
             .set_message_deduplication_id(options.deduplication_id.clone())
+            .set_message_attributes(
+                (!options.attributes.is_empty())
+                    .then(|| to_sdk(&options.attributes))
+                    .transpose()?,
+            )
+            .set_message_system_attributes(trace_header(options.trace_header.as_deref())?)
             .send()
             .await
             .map_err(|err| map_error(&self.queue_url, err))?;
@@ -230,20 +242,59 @@ impl JobQueue for SqsQueue {
     }
 }
 
-fn string_attribute(value: &str) -> Result<MessageAttributeValue, QueueError> {
-    MessageAttributeValue::builder()
+fn visibility_seconds(timeout: Duration) -> i32 {
+    timeout.as_secs().min(MAX_VISIBILITY_SECONDS) as i32
+}
+
+/// A received attribute in the crate's terms; list types (reserved by SQS,
+/// never accepted on a send) are left out.
+fn from_sdk(value: &MessageAttributeValue) -> Option<Attribute> {
+    let value_of = match (value.string_value(), value.binary_value()) {
+        (Some(text), _) => AttributeValue::Text(text.to_owned()),
+        (None, Some(blob)) => AttributeValue::Binary(blob.as_ref().to_vec().into()),
+        (None, None) => return None,
+    };
+    Some(Attribute {
+        data_type: value.data_type().to_owned(),
+        value: value_of,
+    })
+}
+
+fn to_sdk(
+    attributes: &Attributes,
+) -> Result<std::collections::HashMap<String, MessageAttributeValue>, QueueError> {
+    attributes
+        .iter()
+        .map(|(name, attribute)| {
+            let builder = MessageAttributeValue::builder().data_type(&attribute.data_type);
+            let builder = match &attribute.value {
+                AttributeValue::Text(text) => builder.string_value(text),
+                AttributeValue::Binary(bytes) => builder.binary_value(Blob::new(bytes.to_vec())),
+            };
+            let value = builder
+                .build()
+                .map_err(|err| QueueError::Rejected(err.to_string()))?;
+            Ok((name.clone(), value))
+        })
+        .collect()
+}
+
+type SystemAttributes =
+    std::collections::HashMap<MessageSystemAttributeNameForSends, MessageSystemAttributeValue>;
+
+/// The `AWSTraceHeader` system attribute for a send, if there is one.
+fn trace_header(value: Option<&str>) -> Result<Option<SystemAttributes>, QueueError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let value = MessageSystemAttributeValue::builder()
         .data_type("String")
         .string_value(value)
         .build()
-        .map_err(|err| QueueError::Rejected(err.to_string()))
-}
-
-/// The longest prefix of `text` with at most `max` characters.
-fn truncate(text: &str, max: usize) -> &str {
-    match text.char_indices().nth(max) {
-        Some((end, _)) => &text[..end],
-        None => text,
-    }
+        .map_err(|err| QueueError::Rejected(err.to_string()))?;
+    Ok(Some(
+        [(MessageSystemAttributeNameForSends::AwsTraceHeader, value)].into(),
+    ))
 }
 
 /// One place that turns SDK failures into [`QueueError`]s.
@@ -287,14 +338,6 @@ fn service_error(url: &str, status: u16, code: &str, message: &str) -> QueueErro
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn truncation_keeps_whole_characters() {
-        assert_eq!(truncate("héllo", 2), "hé");
-        assert_eq!(truncate("héllo", 5), "héllo");
-        assert_eq!(truncate("héllo", 50), "héllo");
-        assert_eq!(truncate("", 3), "");
-    }
 
     #[test]
     fn error_answers_map_by_code_then_status() {
