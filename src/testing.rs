@@ -201,6 +201,8 @@ pub struct FakeQueue {
     pub send_wait: Duration,
     /// Dead-letter copies that fail before the queue takes them.
     pub failing_dead_letters: AtomicUsize,
+    /// Visibility changes, deletes and sends never answer (a hung queue).
+    pub stall_settles: bool,
 }
 
 impl FakeQueue {
@@ -272,6 +274,9 @@ impl JobQueue for FakeQueue {
     }
 
     async fn set_visibility(&self, receipt: &Receipt, timeout: Duration) -> Result<(), QueueError> {
+        if self.stall_settles {
+            return std::future::pending().await;
+        }
         self.visibility
             .lock()
             .unwrap()
@@ -281,6 +286,9 @@ impl JobQueue for FakeQueue {
 
     async fn delete(&self, receipts: &[Receipt]) -> Result<Vec<Receipt>, QueueError> {
         assert!(receipts.len() <= crate::queue::MAX_BATCH);
+        if self.stall_settles {
+            return std::future::pending().await;
+        }
         self.deleted
             .lock()
             .unwrap()
@@ -311,6 +319,9 @@ impl JobQueue for FakeQueue {
     }
 
     async fn send(&self, body: &str, options: &SendOptions) -> Result<String, QueueError> {
+        if self.stall_settles {
+            return std::future::pending().await;
+        }
         if !self.send_wait.is_zero() {
             tokio::time::sleep(self.send_wait).await;
         }

@@ -15,7 +15,6 @@ use futures::{FutureExt, StreamExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -67,6 +66,15 @@ const SETTLE_BACKOFF: Backoff = Backoff {
     max_attempts: 5,
 };
 
+/// How long a stopping worker may go on after its grace period, handing
+/// messages back, sending continuations, finishing removals and deletes,
+/// whatever its peers do (a throttled table, a hung SQS: their own retries
+/// and timeouts reach minutes). Past it, what is unfinished is dropped: its
+/// messages reappear after their visibility timeout, later, never lost. The
+/// container's stop timeout must cover `shutdown_grace` plus this, plus a
+/// moment for the process to exit.
+pub const SHUTDOWN_SETTLE_BOUND: Duration = Duration::from_secs(10);
+
 /// Why the worker stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Stopped {
@@ -98,6 +106,9 @@ where
     // Cancelled when the grace period is over: running jobs stop and hand
     // their messages back.
     let abort = CancellationToken::new();
+    // Cancelled when the settle bound is over too: what is still running is
+    // dropped.
+    let kill = CancellationToken::new();
     let deleter = Deleter::spawn(queue.clone());
     let ctx = Arc::new(JobContext {
         queue: queue.clone(),
@@ -131,12 +142,12 @@ where
         // and a long poll does not always wake for it: only a receive that
         // began with nothing pending may conclude that the queue is empty.
         let settled_before = deleter.handle.idle();
-        let mut receive = tokio::spawn({
+        let mut receive = AbortOnDropHandle::new(tokio::spawn({
             let queue = queue.clone();
             let max = permits.len();
             let visibility = settings.visibility_timeout;
             async move { queue.receive(max, visibility).await }
-        });
+        }));
         let received = tokio::select! {
             biased;
             () = shutdown.cancelled() => {
@@ -171,21 +182,24 @@ where
                 }
                 for chain in in_group_order(messages.into_iter().zip(permits)) {
                     let ctx = ctx.clone();
-                    jobs.spawn(async move { ctx.process_in_order(chain).await });
+                    jobs.spawn(kill.clone().run_until_cancelled_owned(async move {
+                        ctx.process_in_order(chain).await
+                    }));
                 }
             }
         }
     };
 
+    let grace_over = tokio::time::Instant::now() + settings.shutdown_grace;
     if let Some(receive) = abandoned_receive {
         let ctx = ctx.clone();
-        jobs.spawn(async move {
+        jobs.spawn(kill.clone().run_until_cancelled_owned(async move {
             if let Ok(Ok(messages)) = receive.await {
                 for message in messages {
                     ctx.hand_back(&message, Duration::ZERO).await;
                 }
             }
-        });
+        }));
     }
     jobs.close();
     if stopped != Stopped::Idle && !jobs.is_empty() {
@@ -194,7 +208,7 @@ where
             grace_ms = settings.shutdown_grace.as_millis() as u64,
             "shutting down: waiting for running jobs"
         );
-        if tokio::time::timeout(settings.shutdown_grace, jobs.wait())
+        if tokio::time::timeout_at(grace_over, jobs.wait())
             .await
             .is_err()
         {
@@ -205,9 +219,23 @@ where
             abort.cancel();
         }
     }
-    jobs.wait().await;
-    drop(ctx);
-    deleter.finish().await;
+    let settled = tokio::time::timeout_at(grace_over + SHUTDOWN_SETTLE_BOUND, async {
+        jobs.wait().await;
+        drop(ctx);
+        deleter.finish().await;
+    })
+    .await;
+    if settled.is_err() {
+        tracing::warn!(
+            running = jobs.len(),
+            bound_ms = SHUTDOWN_SETTLE_BOUND.as_millis() as u64,
+            "the queue or the table did not answer in time: exiting with work unsettled; those messages reappear after their visibility timeout"
+        );
+        kill.cancel();
+        // Every job task ends at its next poll; waiting for that is quick
+        // and leaves nothing of this worker running.
+        jobs.wait().await;
+    }
     stopped
 }
 
@@ -509,7 +537,8 @@ fn log_report(job_id: &str, report: &Report, status: &str) {
 /// entries the queue reports failed.
 struct Deleter {
     handle: DeleteHandle,
-    task: JoinHandle<()>,
+    /// Dropped (deletions abandoned) if shutdown runs out of time.
+    task: AbortOnDropHandle<()>,
 }
 
 /// Queues deletions, and counts them so the idle check can tell whether
@@ -547,7 +576,7 @@ impl Deleter {
             settled: Arc::new(AtomicU64::new(0)),
         };
         let settled = handle.settled.clone();
-        let task = tokio::spawn(async move {
+        let task = AbortOnDropHandle::new(tokio::spawn(async move {
             ReceiverStream::new(rx)
                 .ready_chunks(MAX_BATCH)
                 .for_each(|batch| {
@@ -560,7 +589,7 @@ impl Deleter {
                     }
                 })
                 .await;
-        });
+        }));
         Self { handle, task }
     }
 
@@ -793,6 +822,33 @@ mod tests {
             "no page finished: no continuation"
         );
         assert!(rig.queue.deleted_ids().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_within_grace_and_bound_when_the_queue_hangs() {
+        // The job never ends by itself, and nothing the worker asks of the
+        // queue after receiving is ever answered.
+        let rig = Rig::new(
+            FakeQueue {
+                stall_settles: true,
+                ..FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true)
+            },
+            FakeGateway {
+                stall: true,
+                ..FakeGateway::default()
+            },
+        );
+        let mut s = settings();
+        s.exit_when_idle = false;
+        let started = tokio::time::Instant::now();
+        let shutdown = shutdown_after(Duration::from_secs(1));
+        let bound = Duration::from_secs(1) + s.shutdown_grace + SHUTDOWN_SETTLE_BOUND;
+        let stopped = tokio::time::timeout(Duration::from_secs(3600), rig.run(s, shutdown))
+            .await
+            .expect("the worker must stop despite a hung queue");
+        assert_eq!(stopped, Stopped::Shutdown);
+        assert!(started.elapsed() <= bound, "{:?}", started.elapsed());
+        assert!(rig.queue.deleted_ids().is_empty(), "nothing settled");
     }
 
     #[tokio::test(start_paused = true)]

@@ -770,3 +770,79 @@ async fn a_job_that_keeps_failing_moves_to_the_dead_letter_queue_by_redrive() {
     );
     table.print_and_assert();
 }
+
+/// The worker's documented bound after its grace period, and a moment for
+/// the process's own exit.
+const SETTLE_BOUND: Duration = fanout::worker::SHUTDOWN_SETTLE_BOUND;
+const EXIT_SLACK: Duration = Duration::from_secs(3);
+
+#[tokio::test]
+async fn sigterm_with_dynamodb_throttling_and_a_stalled_sqs_exits_within_the_bound() {
+    let mut b = Broadcast::prepare(
+        "bound",
+        RigSpec {
+            sqs: Some(Faults::default()),
+            dynamodb: Some(Faults::default()),
+            ..RigSpec::default()
+        },
+        |g| g.latency_ms = 100,
+        &[
+            ("FANOUT_MAX_IN_FLIGHT", "4"),
+            ("FANOUT_PAGE_SIZE", "20"),
+            ("FANOUT_VISIBILITY_TIMEOUT", "5s"),
+            ("FANOUT_HEARTBEAT_INTERVAL", "1s"),
+            ("FANOUT_SHUTDOWN_GRACE", "2s"),
+        ],
+        160,
+        80,
+        1,
+    )
+    .await;
+    let worker = b.rig.spawn_worker(false);
+    b.rig.wait_for_deliveries(20, Duration::from_secs(30)).await;
+    // From now on every DynamoDB call is throttled (removals retry) and no
+    // SQS call is ever answered (hand-backs, continuations, deletes and the
+    // receive under way hang until their timeouts).
+    b.rig
+        .dynamodb_proxy
+        .as_ref()
+        .expect("a proxy")
+        .set_faults(Faults {
+            ddb_throttle: 100,
+            ..Faults::default()
+        });
+    b.rig
+        .sqs_proxy
+        .as_ref()
+        .expect("a proxy")
+        .set_faults(Faults {
+            sqs_stall: true,
+            ..Faults::default()
+        });
+    let signalled = tokio::time::Instant::now();
+    signal(&worker, "-TERM");
+    let stopped = finish(worker, Duration::from_secs(60)).await;
+    let took = signalled.elapsed();
+    let grace = Duration::from_secs(2);
+
+    let mut table =
+        Table::new("12. SIGTERM with DynamoDB throttled and SQS stalled (grace 2 s, bound 10 s)");
+    table.figure("seconds from SIGTERM to exit", took.as_secs());
+    table.equal("exit code 0", u64::from(stopped.status.success()), 1);
+    table.equal(
+        "exited within grace + bound",
+        u64::from(took <= grace + SETTLE_BOUND + EXIT_SLACK),
+        1,
+    );
+    table.at_least("SQS requests stalled", b.rig.injected().sqs_stalled, 1);
+    // Nothing lost: the job's message is still on the queue (hidden until
+    // its visibility timeout, then delivered again).
+    let (visible, hidden) = support::counts(&b.rig.sqs, &b.rig.queue.url).await;
+    table.equal(
+        "the job's message is still on the queue",
+        visible + hidden,
+        1,
+    );
+    b.runs.push(stopped);
+    table.print_and_assert();
+}

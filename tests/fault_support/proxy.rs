@@ -43,6 +43,9 @@ pub struct Faults {
     pub sqs_error: u8,
     /// The same SQS operations dropped without an answer, not forwarded.
     pub sqs_drop: u8,
+    /// Every SQS request (any operation) held without an answer until the
+    /// proxy stops: a peer that hangs, bounded only by the caller's timeouts.
+    pub sqs_stall: bool,
     /// ReceiveMessage forwarded, then its answer dropped: the messages it
     /// took stay hidden for their visibility timeout, then come back.
     /// Spread evenly (exactly this share of each 100 receives that got past
@@ -71,6 +74,8 @@ pub struct Injected {
     pub ddb_unprocessed_items: u64,
     pub sqs_errors: u64,
     pub sqs_dropped: u64,
+    /// SQS requests held unanswered.
+    pub sqs_stalled: u64,
     /// ReceiveMessage answers lost after SQS handed messages out.
     pub sqs_receives_lost: u64,
     /// Gateway POSTs dropped before reaching the gateway.
@@ -88,6 +93,7 @@ impl Injected {
             + self.ddb_partial_batches
             + self.sqs_errors
             + self.sqs_dropped
+            + self.sqs_stalled
             + self.sqs_receives_lost
             + self.posts_dropped_unsent
             + self.posts_dropped_delivered
@@ -104,6 +110,7 @@ struct Counters {
     ddb_unprocessed_items: AtomicU64,
     sqs_errors: AtomicU64,
     sqs_dropped: AtomicU64,
+    sqs_stalled: AtomicU64,
     sqs_receives_lost: AtomicU64,
     /// Receives seen by the `sqs_receive_lost` rule.
     receive_tickets: AtomicU64,
@@ -133,7 +140,8 @@ type Answer = Result<Response<Full<Bytes>>, Dropped>;
 
 struct Shared {
     upstream: hyper::Uri,
-    faults: Faults,
+    /// Changed while the proxy runs by [`FaultProxy::set_faults`].
+    faults: std::sync::RwLock<Faults>,
     counters: Counters,
     client: Client<HttpConnector, Full<Bytes>>,
 }
@@ -156,7 +164,7 @@ impl FaultProxy {
         let upstream: hyper::Uri = upstream.parse().expect("upstream URL");
         let shared = Arc::new(Shared {
             upstream,
-            faults,
+            faults: std::sync::RwLock::new(faults),
             counters: Counters::default(),
             client: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(5))
@@ -165,6 +173,15 @@ impl FaultProxy {
         let stop = CancellationToken::new();
         tokio::spawn(accept_loop(listener, shared.clone(), stop.clone()));
         Self { addr, shared, stop }
+    }
+
+    /// Injects `faults` from now on (requests already held stay held).
+    pub fn set_faults(&self, faults: Faults) {
+        *self
+            .shared
+            .faults
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = faults;
     }
 
     /// The proxy's base URL, for `AWS_ENDPOINT_URL_*`.
@@ -182,6 +199,7 @@ impl FaultProxy {
             ddb_unprocessed_items: load(&c.ddb_unprocessed_items),
             sqs_errors: load(&c.sqs_errors),
             sqs_dropped: load(&c.sqs_dropped),
+            sqs_stalled: load(&c.sqs_stalled),
             sqs_receives_lost: load(&c.sqs_receives_lost),
             posts_dropped_unsent: load(&c.posts_dropped_unsent),
             posts_dropped_delivered: load(&c.posts_dropped_delivered),
@@ -249,8 +267,19 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Answer {
         .unwrap_or_default()
         .to_owned();
     let operation = target.rsplit('.').next().unwrap_or_default();
-    let faults = &shared.faults;
+    let faults = shared
+        .faults
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    let faults = &faults;
     let counters = &shared.counters;
+    if faults.sqs_stall && target.starts_with("AmazonSQS.") {
+        bump(&counters.sqs_stalled);
+        // Held until the connection is dropped: by the caller's timeout or
+        // when the proxy stops.
+        return std::future::pending().await;
+    }
     let is_post =
         parts.method == hyper::Method::POST && parts.uri.path().contains("/@connections/");
 
@@ -291,7 +320,7 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Answer {
             return Err(Dropped);
         }
         "BatchWriteItem" if faults.ddb_unprocessed > 0 => {
-            return partial_batch(shared, parts, &body).await;
+            return partial_batch(shared, faults.ddb_unprocessed, parts, &body).await;
         }
         _ => {}
     }
@@ -326,6 +355,7 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Answer {
 /// returned as `UnprocessedItems`, the rest is forwarded.
 async fn partial_batch(
     shared: &Shared,
+    unprocessed: u8,
     parts: hyper::http::request::Parts,
     body: &Bytes,
 ) -> Answer {
@@ -341,7 +371,7 @@ async fn partial_batch(
             };
             let (keep, hold): (Vec<_>, Vec<_>) = std::mem::take(list)
                 .into_iter()
-                .partition(|_| !hits(shared.faults.ddb_unprocessed));
+                .partition(|_| !hits(unprocessed));
             *list = keep;
             if !hold.is_empty() {
                 held_count += hold.len() as u64;

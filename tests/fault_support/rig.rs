@@ -228,6 +228,7 @@ impl Rig {
             sum.ddb_unprocessed_items += i.ddb_unprocessed_items;
             sum.sqs_errors += i.sqs_errors;
             sum.sqs_dropped += i.sqs_dropped;
+            sum.sqs_stalled += i.sqs_stalled;
             sum.sqs_receives_lost += i.sqs_receives_lost;
             sum.posts_dropped_unsent += i.posts_dropped_unsent;
             sum.posts_dropped_delivered += i.posts_dropped_delivered;
