@@ -852,6 +852,33 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn nothing_of_a_stopped_worker_runs_on_not_even_a_fifo_chains_waiting_heartbeats() {
+        // Two jobs of one group: the second waits, hidden by a heartbeat,
+        // behind the first, which never ends; the queue hangs at shutdown.
+        let mut queue = fifo(&[r#"{"data":"1"}"#, r#"{"data":"2"}"#], "g");
+        queue.stall_settles = true;
+        let rig = Rig::new(
+            queue,
+            FakeGateway {
+                stall: true,
+                ..FakeGateway::default()
+            },
+        );
+        let mut s = settings();
+        s.exit_when_idle = false;
+        s.max_concurrent_jobs = 4;
+        let stopped = rig.run(s, shutdown_after(Duration::from_secs(1))).await;
+        assert_eq!(stopped, Stopped::Shutdown);
+        // Aborted tasks let go of what they hold once the runtime drops them.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            Arc::strong_count(&rig.queue),
+            1,
+            "a task of the stopped worker still holds the queue"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_interrupted_job_with_finished_pages_continues_in_a_new_message() {
         // Pages of 5; conn-12 never answers: pages 1 and 2 finish, page 3 not.
         let rig = Rig::new(
