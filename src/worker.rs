@@ -5,7 +5,9 @@
 //! run goes to the dead-letter queue with its reason. While a job runs, a
 //! heartbeat keeps its message hidden. Shutdown arrives as a token: receiving
 //! stops at once, running jobs get a grace period, and the messages of jobs
-//! that did not finish are handed back at once for another worker.
+//! that did not finish are handed back at once for another worker; settling
+//! gets [`SHUTDOWN_SETTLE_BOUND`] more, then the worker returns whatever its
+//! peers do.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
