@@ -401,15 +401,8 @@ impl Validator<'_> {
             .unwrap_or_default();
         let gateway_endpoint = self.url("gateway_endpoint", raw.gateway_endpoint)?;
         if let Some(endpoint) = &gateway_endpoint {
-            let path = url::Url::parse(endpoint).map(|u| u.path().trim_matches('/').to_owned());
-            if path.is_ok_and(|p| p.is_empty()) {
-                return Err(self.invalid(
-                    "gateway_endpoint",
-                    format!(
-                        "`{endpoint}` has no stage: use https://{{api-id}}.execute-api.{{region}}.amazonaws.com/{{stage}} (without it every send fails with 403)"
-                    ),
-                ));
-            }
+            crate::gateway::parse_endpoint(endpoint)
+                .map_err(|e| self.invalid("gateway_endpoint", e.to_string()))?;
         }
 
         let rate_per_second = (raw.rate_per_second > 0).then_some(raw.rate_per_second);
@@ -644,7 +637,7 @@ mod tests {
             (
                 "FANOUT_GATEWAY_ENDPOINT",
                 "https://abc.execute-api.eu-west-1.amazonaws.com",
-                "no stage",
+                "has no stage",
             ),
             ("FANOUT_GATEWAY_ENDPOINT", "abc", "not a URL"),
             (
@@ -665,6 +658,19 @@ mod tests {
                 let err = load_err(jail, None);
                 assert!(err.contains(expected), "{var}={value}: {err}");
                 assert!(err.contains(var), "{var}={value}: source not named: {err}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn stage_less_endpoints_outside_execute_api_are_accepted() {
+        for endpoint in ["http://127.0.0.1:3001", "https://ws.example.com"] {
+            Jail::expect_with(|jail| {
+                jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+                jail.set_env("FANOUT_GATEWAY_ENDPOINT", endpoint);
+                let config = Config::load(None).expect("loads");
+                assert_eq!(config.gateway_endpoint.as_deref(), Some(endpoint));
                 Ok(())
             });
         }

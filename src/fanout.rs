@@ -246,10 +246,16 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 self.gateway.post(&connection.id, payload.clone()).await
             };
             Metrics::incr(&self.metrics.posts);
-            if outcome == PostOutcome::Throttled {
-                self.budget.throttled();
-            } else {
-                self.budget.succeeded();
+            match outcome {
+                PostOutcome::Throttled => self.budget.throttled(1),
+                PostOutcome::Delivered | PostOutcome::Gone | PostOutcome::Rejected(_) => {
+                    self.budget.succeeded();
+                }
+                // The endpoint failed or refused the job: nothing about the
+                // pace it takes.
+                PostOutcome::Transient(_)
+                | PostOutcome::Forbidden(_)
+                | PostOutcome::PayloadTooLarge => {}
             }
             let reason = match outcome {
                 PostOutcome::Delivered => {
