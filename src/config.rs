@@ -39,6 +39,9 @@ pub const KEYS: &[&str] = &[
     "send_attempts",
     "send_retry_base",
     "send_retry_max",
+    "throttle_deadline",
+    "deferred_passes",
+    "deferred_limit",
     "page_size",
     "scan_segments",
     "split_segments",
@@ -90,6 +93,10 @@ struct Raw {
     send_retry_base: Duration,
     #[serde(with = "humantime_serde")]
     send_retry_max: Duration,
+    #[serde(with = "humantime_serde")]
+    throttle_deadline: Duration,
+    deferred_passes: u32,
+    deferred_limit: u32,
     page_size: u32,
     scan_segments: u32,
     split_segments: u32,
@@ -141,6 +148,15 @@ pub struct Config {
     pub send_retry_base: Duration,
     #[serde(with = "humantime_serde")]
     pub send_retry_max: Duration,
+    /// How long one connection may keep answering 429, from its first.
+    #[serde(with = "humantime_serde")]
+    pub throttle_deadline: Duration,
+    /// Passes over a job's deferred connections before they go on in a
+    /// continuation job.
+    pub deferred_passes: u32,
+    /// Continuations a connection may be deferred across before it is
+    /// dead-lettered.
+    pub deferred_limit: u32,
     pub page_size: u32,
     pub scan_segments: u32,
     /// Whole-table jobs are split into this many segment jobs (1: never).
@@ -419,6 +435,11 @@ impl Validator<'_> {
         };
         let max_in_flight = self.range("max_in_flight", raw.max_in_flight, 1, 100_000)?;
         let send_attempts = self.range("send_attempts", raw.send_attempts, 1, 100)?;
+        let deferred_passes = self.range("deferred_passes", raw.deferred_passes, 0, 100)?;
+        let deferred_limit = self.range("deferred_limit", raw.deferred_limit, 0, 1000)?;
+        if raw.throttle_deadline.is_zero() {
+            return Err(self.invalid("throttle_deadline", "must be more than zero"));
+        }
         let page_size = self.range("page_size", raw.page_size, 1, MAX_PAGE_SIZE)?;
         let scan_segments = self.range("scan_segments", raw.scan_segments, 1, MAX_SCAN_SEGMENTS)?;
         let split_segments =
@@ -491,6 +512,9 @@ impl Validator<'_> {
             max_in_flight,
             send_timeout: raw.send_timeout,
             send_attempts,
+            throttle_deadline: raw.throttle_deadline,
+            deferred_passes,
+            deferred_limit,
             send_retry_base: raw.send_retry_base,
             send_retry_max: raw.send_retry_max,
             page_size,

@@ -55,6 +55,7 @@ pub async fn redrive<D: JobQueue, J: JobQueue>(
                     .clone()
                     .or_else(|| fifo_group.map(str::to_owned)),
                 deduplication_id: fifo_group.map(|_| format!("redrive-{}", message.id)),
+                ..SendOptions::default()
             };
             jobs.send(&message.body, &options)
                 .await

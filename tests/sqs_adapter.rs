@@ -182,6 +182,7 @@ async fn fifo_dead_letters_and_sends_carry_group_and_deduplication_ids() {
     let options = SendOptions {
         group_id: Some("channel-7".to_owned()),
         deduplication_id: Some("job-7".to_owned()),
+        delay: None,
     };
     queue.send("job 7", &options).await.expect("fifo send");
     let message = receive_n(&queue, 1).await.remove(0);

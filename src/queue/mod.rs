@@ -36,6 +36,9 @@ pub struct SendOptions {
     pub group_id: Option<String>,
     /// FIFO queues without content-based deduplication.
     pub deduplication_id: Option<String>,
+    /// Standard queues: how long the message stays hidden after it is sent
+    /// (whole seconds, at most 15 minutes).
+    pub delay: Option<Duration>,
 }
 
 /// Whether a dead-lettered message went anywhere.

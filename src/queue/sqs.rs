@@ -218,6 +218,12 @@ impl JobQueue for SqsQueue {
             .message_body(body)
             .set_message_group_id(options.group_id.clone())
             .set_message_deduplication_id(options.deduplication_id.clone())
+            .set_delay_seconds(
+                options
+                    .delay
+                    .map(|d| d.as_secs().min(900) as i32)
+                    .filter(|&d| d > 0),
+            )
             .send()
             .await
             .map_err(|err| map_error(&self.queue_url, err))?;
