@@ -54,8 +54,9 @@ const INCREASE_OF_CURRENT_PER_SECOND: f64 = 0.1;
 /// How often the climb is applied (rebuilding the limiter is cheap, but not
 /// free).
 const INCREASE_STEP: Duration = Duration::from_millis(100);
-/// The rate never drops under this share of the ceiling.
-const FLOOR_SHARE: f64 = 0.01;
+/// The rate never drops under this share of the ceiling (nor under 1/s):
+/// low, because a high ceiling says little about what the endpoint takes.
+const FLOOR_SHARE: f64 = 0.001;
 
 /// How sends are limited.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -288,14 +289,28 @@ impl AdaptiveRate {
     }
 
     /// The answers since the newest sample at least a window old (or, after
-    /// idle time, the oldest one inside the window).
+    /// idle time, the oldest one inside the window). After a cut, only what
+    /// came since it counts, once that spans enough to measure: the window
+    /// before it may hold a burst the throttle's bucket let through, which
+    /// is not the rate it accepts.
     fn window(&self, state: &Aimd, now: Instant) -> Option<Window> {
+        let since_cut = state.last_decrease.and_then(|cut| {
+            state
+                .samples
+                .iter()
+                .find(|s| s.at >= cut && now.saturating_duration_since(s.at) >= MIN_MEASURE_SPAN)
+        });
         let old_enough = state
             .samples
             .iter()
             .rev()
             .find(|s| now.saturating_duration_since(s.at) >= MEASURE_WINDOW);
-        let base = old_enough.or_else(|| state.samples.front())?;
+        let base = match (since_cut, old_enough) {
+            (Some(after), Some(old)) if after.at > old.at => after,
+            (Some(after), None) => after,
+            (_, Some(old)) => old,
+            (None, None) => state.samples.front()?,
+        };
         Some(Window {
             accepted: self.accepted.load(Ordering::Relaxed) - base.accepted,
             refused: self.refused.load(Ordering::Relaxed) - base.refused,
@@ -321,20 +336,24 @@ impl AdaptiveRate {
         {
             return;
         }
-        if state
-            .last_decrease
-            .is_some_and(|last| now.duration_since(last) < DECREASE_WINDOW)
-        {
+        let current = self.current();
+        let measured = window.filter(|w| w.accepted > 0).map(|w| {
+            let accepted = w.accepted as f64 / w.span.max(MIN_MEASURE_SPAN).as_secs_f64();
+            accepted.min(current) * UNDER_ACCEPTED
+        });
+        // A measured cut goes to a rate, not by a share, so a cluster of
+        // 429s cannot compound it: it may follow the last one sooner, which
+        // corrects at once a first measure that a burst inflated.
+        let since_last = state.last_decrease.map(|last| now.duration_since(last));
+        let target = match measured {
+            Some(target) if since_last.is_none_or(|t| t >= MIN_MEASURE_SPAN) => target,
+            _ if since_last.is_some_and(|t| t < DECREASE_WINDOW) => return,
+            Some(target) => target,
+            None => current * DECREASE_FACTOR,
+        };
+        if target >= current {
             return;
         }
-        let current = self.current();
-        let target = match window {
-            Some(w) if w.accepted > 0 => {
-                let accepted = w.accepted as f64 / w.span.max(MIN_MEASURE_SPAN).as_secs_f64();
-                accepted.min(current) * UNDER_ACCEPTED
-            }
-            _ => current * DECREASE_FACTOR,
-        };
         let floor = (self.ceiling() * FLOOR_SHARE).max(1.0);
         let rate = target.max(floor);
         state.last_decrease = Some(now);
@@ -441,7 +460,7 @@ mod tests {
         for n in 2..100 {
             rate.throttled(t0 + DECREASE_WINDOW * n, 1);
         }
-        assert_eq!(rate.current(), 10.0, "1% of the ceiling");
+        assert_eq!(rate.current(), 1.0, "0.1% of the ceiling");
     }
 
     #[test]
