@@ -133,6 +133,9 @@ async fn main() {
                 max: Duration::from_secs(2),
                 max_attempts: 20,
             },
+            throttle_deadline: Duration::from_secs(60),
+            deferred_passes: 3,
+            pass_pause: Duration::from_millis(100),
             max_in_flight: 256,
             scan_segments: 1,
         },
@@ -146,6 +149,7 @@ async fn main() {
         resume: None,
         segment: None,
         split: None,
+        deferrals: 0,
     };
 
     let started = Instant::now();

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Local AWS emulators for development and tests: moto (SQS) and dynalite
-# (DynamoDB), installed into .local/ and bound to 127.0.0.1.
+# (DynamoDB), installed into .local/ and bound to 127.0.0.1; serverless-offline
+# (a local API Gateway WebSocket stand-in, stage-less) for the peer tests.
 #
-#   scripts/emulators.sh install   pinned versions into .local/venv and .local/node
+#   scripts/emulators.sh install   pinned versions into .local/venv, .local/node and .local/node-sls
 #   scripts/emulators.sh start     both servers on FANOUT_EMU_SQS_PORT / FANOUT_EMU_DYNAMODB_PORT
 #   scripts/emulators.sh stop      the servers started for those ports (by their pid files)
 #   scripts/emulators.sh env       export lines pointing the AWS SDK at them
@@ -10,11 +11,16 @@ set -euo pipefail
 
 MOTO_VERSION=5.2.5
 DYNALITE_VERSION=4.0.0
+# serverless-offline 14 needs serverless 4, whose npm package downloads the
+# framework at run time and needs a login; 13.x runs under serverless 3.
+SERVERLESS_VERSION=3.40.0
+SERVERLESS_OFFLINE_VERSION=13.9.0
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LOCAL="$ROOT/.local"
 VENV="$LOCAL/venv"
 NODE_PREFIX="$LOCAL/node"
+SLS_PREFIX="$LOCAL/node-sls"
 SQS_PORT="${FANOUT_EMU_SQS_PORT:-5320}"
 DYNAMODB_PORT="${FANOUT_EMU_DYNAMODB_PORT:-5321}"
 RUN="$LOCAL/run/$SQS_PORT-$DYNAMODB_PORT"
@@ -40,6 +46,18 @@ install() {
     mkdir -p "$NODE_PREFIX"
     npm install --silent --no-audit --no-fund --prefix "$NODE_PREFIX" "dynalite@$DYNALITE_VERSION"
   fi
+  if [[ "$(node_version "$SLS_PREFIX" serverless)" != "$SERVERLESS_VERSION" \
+    || "$(node_version "$SLS_PREFIX" serverless-offline)" != "$SERVERLESS_OFFLINE_VERSION" ]]; then
+    command -v npm >/dev/null || die "npm not found; install nodejs and npm"
+    mkdir -p "$SLS_PREFIX"
+    npm install --silent --no-audit --no-fund --prefix "$SLS_PREFIX" \
+      "serverless@$SERVERLESS_VERSION" "serverless-offline@$SERVERLESS_OFFLINE_VERSION"
+  fi
+}
+
+# The installed version of an npm package under a prefix, or nothing.
+node_version() {
+  node -p "try{require('$1/node_modules/$2/package.json').version}catch(e){''}" 2>/dev/null
 }
 
 port_taken() {

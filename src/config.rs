@@ -39,6 +39,9 @@ pub const KEYS: &[&str] = &[
     "send_attempts",
     "send_retry_base",
     "send_retry_max",
+    "throttle_deadline",
+    "deferred_passes",
+    "deferred_limit",
     "page_size",
     "scan_segments",
     "split_segments",
@@ -90,6 +93,10 @@ struct Raw {
     send_retry_base: Duration,
     #[serde(with = "humantime_serde")]
     send_retry_max: Duration,
+    #[serde(with = "humantime_serde")]
+    throttle_deadline: Duration,
+    deferred_passes: u32,
+    deferred_limit: u32,
     page_size: u32,
     scan_segments: u32,
     split_segments: u32,
@@ -141,6 +148,15 @@ pub struct Config {
     pub send_retry_base: Duration,
     #[serde(with = "humantime_serde")]
     pub send_retry_max: Duration,
+    /// How long one connection may keep answering 429, from its first.
+    #[serde(with = "humantime_serde")]
+    pub throttle_deadline: Duration,
+    /// Passes over a job's deferred connections before they go on in a
+    /// continuation job.
+    pub deferred_passes: u32,
+    /// Continuations a connection may be deferred across before it is
+    /// dead-lettered.
+    pub deferred_limit: u32,
     pub page_size: u32,
     pub scan_segments: u32,
     /// Whole-table jobs are split into this many segment jobs (1: never).
@@ -401,15 +417,8 @@ impl Validator<'_> {
             .unwrap_or_default();
         let gateway_endpoint = self.url("gateway_endpoint", raw.gateway_endpoint)?;
         if let Some(endpoint) = &gateway_endpoint {
-            let path = url::Url::parse(endpoint).map(|u| u.path().trim_matches('/').to_owned());
-            if path.is_ok_and(|p| p.is_empty()) {
-                return Err(self.invalid(
-                    "gateway_endpoint",
-                    format!(
-                        "`{endpoint}` has no stage: use https://{{api-id}}.execute-api.{{region}}.amazonaws.com/{{stage}} (without it every send fails with 403)"
-                    ),
-                ));
-            }
+            crate::gateway::parse_endpoint(endpoint)
+                .map_err(|e| self.invalid("gateway_endpoint", e.to_string()))?;
         }
 
         let rate_per_second = (raw.rate_per_second > 0).then_some(raw.rate_per_second);
@@ -426,6 +435,11 @@ impl Validator<'_> {
         };
         let max_in_flight = self.range("max_in_flight", raw.max_in_flight, 1, 100_000)?;
         let send_attempts = self.range("send_attempts", raw.send_attempts, 1, 100)?;
+        let deferred_passes = self.range("deferred_passes", raw.deferred_passes, 0, 100)?;
+        let deferred_limit = self.range("deferred_limit", raw.deferred_limit, 0, 1000)?;
+        if raw.throttle_deadline.is_zero() {
+            return Err(self.invalid("throttle_deadline", "must be more than zero"));
+        }
         let page_size = self.range("page_size", raw.page_size, 1, MAX_PAGE_SIZE)?;
         let scan_segments = self.range("scan_segments", raw.scan_segments, 1, MAX_SCAN_SEGMENTS)?;
         let split_segments =
@@ -498,6 +512,9 @@ impl Validator<'_> {
             max_in_flight,
             send_timeout: raw.send_timeout,
             send_attempts,
+            throttle_deadline: raw.throttle_deadline,
+            deferred_passes,
+            deferred_limit,
             send_retry_base: raw.send_retry_base,
             send_retry_max: raw.send_retry_max,
             page_size,
@@ -644,7 +661,7 @@ mod tests {
             (
                 "FANOUT_GATEWAY_ENDPOINT",
                 "https://abc.execute-api.eu-west-1.amazonaws.com",
-                "no stage",
+                "has no stage",
             ),
             ("FANOUT_GATEWAY_ENDPOINT", "abc", "not a URL"),
             (
@@ -665,6 +682,19 @@ mod tests {
                 let err = load_err(jail, None);
                 assert!(err.contains(expected), "{var}={value}: {err}");
                 assert!(err.contains(var), "{var}={value}: source not named: {err}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn stage_less_endpoints_outside_execute_api_are_accepted() {
+        for endpoint in ["http://127.0.0.1:3001", "https://ws.example.com"] {
+            Jail::expect_with(|jail| {
+                jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+                jail.set_env("FANOUT_GATEWAY_ENDPOINT", endpoint);
+                let config = Config::load(None).expect("loads");
+                assert_eq!(config.gateway_endpoint.as_deref(), Some(endpoint));
                 Ok(())
             });
         }

@@ -4,7 +4,15 @@
 //!
 //! Memory is bounded by the work, not by the audience: at most
 //! [`READ_AHEAD_PAGES`] pages read ahead, plus at most `max_in_flight` sends
-//! (each waiting, sending or backing off) per job.
+//! (each waiting, sending or backing off) per job, plus the connections
+//! deferred so far.
+//!
+//! Each connection ends in one of four states: delivered (2xx), gone (410,
+//! its row removed), rejected (a 4xx about that connection alone), or
+//! deferred (throttled past [`EngineSettings::throttle_deadline`], or 5xx and
+//! timeouts past its attempts). Only the first three are final: deferred
+//! connections are retried in further passes of the same job, and what is
+//! still deferred then is in the [`Report`] for the worker to continue.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,8 +37,19 @@ use crate::telemetry::Metrics;
 /// How the engine sends.
 #[derive(Clone, Copy, Debug)]
 pub struct EngineSettings {
-    /// Retries of 429s, 5xx, timeouts and network errors, per connection.
+    /// Retries of 5xx, timeouts and network errors, per connection (its
+    /// attempts), and the delays between retries of 429s.
     pub send_backoff: Backoff,
+    /// How long one connection's 429s are retried, from its first: a 429
+    /// says the account is busy, not that the connection is bad, so it does
+    /// not use up an attempt.
+    pub throttle_deadline: Duration,
+    /// Passes over the deferred connections after the pass over the
+    /// audience.
+    pub deferred_passes: u32,
+    /// The wait before each of those passes, so a throttle's bucket refills
+    /// and a failing endpoint recovers.
+    pub pass_pause: Duration,
     /// Sends one job keeps going at once (the process-wide bound is the
     /// budget's; this bounds one job's memory).
     pub max_in_flight: usize,
@@ -51,8 +70,14 @@ pub struct Report {
     pub removed: u64,
     /// Gone rows that could not be deleted.
     pub remove_failed: u64,
-    /// Connections that failed after every retry, or were rejected.
+    /// Connections rejected (a 4xx about that connection, such as 400):
+    /// final, not retried, not removed.
     pub failed: u64,
+    /// Connections still deferred after every pass, with why: the worker
+    /// hands them on; none is final.
+    pub deferred: Vec<Deferred>,
+    /// Passes over deferred connections that ran.
+    pub passes: u32,
     /// Send attempts that were retries.
     pub retries: u64,
     /// 429 answers.
@@ -73,6 +98,14 @@ impl Report {
             0.0
         }
     }
+}
+
+/// A connection that could not be reached for now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deferred {
+    pub connection: Connection,
+    /// The last answer, e.g. `throttled (429) for 60s` or `HTTP 503`.
+    pub reason: String,
 }
 
 /// Why a broadcast stopped before its end.
@@ -102,10 +135,14 @@ impl FanoutError {
 enum Delivery {
     Delivered,
     Gone(Connection),
-    Failed,
+    Rejected,
+    Deferred(Deferred),
     /// The whole job must stop.
     Abort(FanoutError),
 }
+
+/// The connections at most one deferred-audience page holds.
+const DEFERRED_PAGE: usize = 1000;
 
 /// The broadcast engine, shared by every job of the process.
 pub struct Engine<S, G> {
@@ -153,6 +190,11 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             },
             Target::Channel(channel) => AudienceQuery::Channel(channel.clone()),
             Target::Connections(ids) => AudienceQuery::Explicit(ids.clone()),
+            Target::Deferred(_) => AudienceQuery::Explicit(Vec::new()),
+        };
+        let pages = match &job.target {
+            Target::Deferred(connections) => deferred_pages(connections, job.resume.as_deref()),
+            _ => self.store.pages(&query, job.resume.clone()),
         };
         let remover = Remover::spawn(self.store.clone(), REMOVE_BACKOFF, self.metrics.clone());
         let excluded = AtomicU64::new(0);
@@ -167,6 +209,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         };
 
         let mut report = Report::default();
+        let mut deferred: Vec<Deferred> = Vec::new();
         // The block owns the send stream: leaving it drops the sends still in
         // flight, whose outcome is then unknown, which is why an interrupted
         // job is handed back, not deleted.
@@ -174,7 +217,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             job.resume.as_deref().unwrap_or_default(),
         ));
         let result = {
-            let deliveries = read_ahead(self.store.pages(&query, job.resume.clone()))
+            let deliveries = read_ahead(pages)
                 .map_ok(|page| {
                     let total = page.connections.len();
                     let kept: Vec<Connection> = page
@@ -203,22 +246,25 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 let (tag, delivery) = match next {
                     None => break Ok(()),
                     Some(Err(e)) => break Err(FanoutError::Audience(e)),
-                    Some(Ok((_, Delivery::Abort(e)))) => break Err(e),
                     Some(Ok(done)) => done,
                 };
-                match delivery {
-                    Delivery::Delivered => report.delivered += 1,
-                    Delivery::Failed => report.failed += 1,
-                    Delivery::Gone(connection) => {
-                        report.gone += 1;
-                        // Queued removals complete below even if the job
-                        // stops, so the page may count as finished.
-                        remover.remove(connection).await;
-                    }
-                    Delivery::Abort(_) => unreachable!("handled above"),
+                // A page with a deferred connection is not finished: an
+                // interrupted job resumes before it, and so never skips it.
+                let finished = !matches!(delivery, Delivery::Deferred(_));
+                if let Err(e) = tally(&mut report, &remover, &mut deferred, delivery).await {
+                    break Err(e);
                 }
-                lock(&progress).finish(tag);
+                if finished {
+                    lock(&progress).finish(tag);
+                }
             }
+        };
+        let result = match result {
+            Ok(()) => {
+                self.passes(job, stop, &remover, &mut report, &mut deferred)
+                    .await
+            }
+            Err(e) => Err(e),
         };
         // Gone connections found so far are gone whatever stopped the job.
         let removal = remover.finish().await;
@@ -226,15 +272,66 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         report.removed = removal.removed;
         report.remove_failed = removal.failed + removal.skipped;
         report.excluded = excluded.load(Ordering::Relaxed);
-        report.retries = retries.load(Ordering::Relaxed);
-        report.throttled = throttled.load(Ordering::Relaxed);
+        report.retries += retries.load(Ordering::Relaxed);
+        report.throttled += throttled.load(Ordering::Relaxed);
         report.audience = audience.load(Ordering::Relaxed);
+        report.deferred = deferred;
         report.duration = started.elapsed();
         report.resume = lock(&progress).resume_points();
         (report, result)
     }
 
-    /// Sends to one connection, retrying what may succeed later.
+    /// Retries the deferred connections, pass after pass, until none is
+    /// left or the passes are spent.
+    async fn passes(
+        &self,
+        job: &Job,
+        stop: &CancellationToken,
+        remover: &Remover,
+        report: &mut Report,
+        deferred: &mut Vec<Deferred>,
+    ) -> Result<(), FanoutError> {
+        let counters = Counters {
+            retries: &AtomicU64::new(0),
+            throttled: &AtomicU64::new(0),
+        };
+        while !deferred.is_empty() && report.passes < self.settings.deferred_passes {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return Err(FanoutError::Interrupted),
+                () = tokio::time::sleep(self.settings.pass_pause) => {}
+            }
+            report.passes += 1;
+            tracing::info!(
+                job_id = %job.id,
+                pass = report.passes,
+                deferred = deferred.len(),
+                "retrying deferred connections"
+            );
+            let batch = std::mem::take(deferred);
+            let sends = stream::iter(batch)
+                .map(|d| self.deliver(d.connection, job.payload.clone(), counters))
+                .buffer_unordered(self.settings.max_in_flight);
+            let mut sends = std::pin::pin!(sends);
+            loop {
+                let delivery = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return Err(FanoutError::Interrupted),
+                    next = sends.next() => match next {
+                        Some(delivery) => delivery,
+                        None => break,
+                    },
+                };
+                tally(report, remover, deferred, delivery).await?;
+            }
+        }
+        report.retries += counters.retries.load(Ordering::Relaxed);
+        report.throttled += counters.throttled.load(Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sends to one connection, retrying what may succeed later: 5xx and
+    /// timeouts up to its attempts, 429s until the throttle deadline.
     async fn deliver(
         &self,
         connection: Connection,
@@ -243,18 +340,33 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
     ) -> Delivery {
         let backoff = self.settings.send_backoff;
         let mut attempt = 1;
+        // 429s in a row, and when the first of them came.
+        let mut streak = 0u32;
+        let mut throttled_since: Option<Instant> = None;
         loop {
             let outcome = {
                 let _slot = self.budget.acquire().await;
                 self.gateway.post(&connection.id, payload.clone()).await
             };
             Metrics::incr(&self.metrics.posts);
-            if outcome == PostOutcome::Throttled {
-                self.budget.throttled();
-            } else {
-                self.budget.succeeded();
+            match outcome {
+                PostOutcome::Throttled => {
+                    streak += 1;
+                    self.budget.throttled(streak);
+                }
+                PostOutcome::Delivered | PostOutcome::Gone | PostOutcome::Rejected(_) => {
+                    self.budget.succeeded();
+                }
+                // The endpoint failed or refused the job: nothing about the
+                // pace it takes.
+                PostOutcome::Transient(_)
+                | PostOutcome::Forbidden(_)
+                | PostOutcome::PayloadTooLarge => {}
             }
-            let reason = match outcome {
+            if outcome != PostOutcome::Throttled {
+                streak = 0;
+            }
+            let delay = match outcome {
                 PostOutcome::Delivered => {
                     Metrics::incr(&self.metrics.delivered);
                     return Delivery::Delivered;
@@ -272,26 +384,99 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 PostOutcome::Rejected(reason) => {
                     tracing::warn!(connection = %connection.id, %reason, "send rejected");
                     Metrics::incr(&self.metrics.failed);
-                    return Delivery::Failed;
+                    return Delivery::Rejected;
                 }
                 PostOutcome::Throttled => {
                     counters.throttled.fetch_add(1, Ordering::Relaxed);
                     Metrics::incr(&self.metrics.throttled);
-                    "throttled (429)".to_owned()
+                    let since = *throttled_since.get_or_insert_with(Instant::now);
+                    let left = self
+                        .settings
+                        .throttle_deadline
+                        .saturating_sub(since.elapsed());
+                    if left.is_zero() {
+                        return deferred(
+                            connection,
+                            format!(
+                                "throttled (429) for {}",
+                                humantime::format_duration(self.settings.throttle_deadline)
+                            ),
+                        );
+                    }
+                    backoff.delay(streak - 1).min(left)
                 }
-                PostOutcome::Transient(reason) => reason,
+                PostOutcome::Transient(reason) => {
+                    if !backoff.allows_another(attempt) {
+                        return deferred(connection, reason);
+                    }
+                    attempt += 1;
+                    backoff.delay(attempt - 2)
+                }
             };
-            if !backoff.allows_another(attempt) {
-                tracing::warn!(connection = %connection.id, %reason, attempts = attempt, "send failed after every retry");
-                Metrics::incr(&self.metrics.failed);
-                return Delivery::Failed;
-            }
-            tokio::time::sleep(backoff.delay(attempt - 1)).await;
-            attempt += 1;
+            tokio::time::sleep(delay).await;
             counters.retries.fetch_add(1, Ordering::Relaxed);
             Metrics::incr(&self.metrics.retries);
         }
     }
+}
+
+fn deferred(connection: Connection, reason: String) -> Delivery {
+    tracing::debug!(connection = %connection.id, %reason, "send deferred");
+    Delivery::Deferred(Deferred { connection, reason })
+}
+
+/// Counts one connection's outcome into the report; gone ones are queued for
+/// removal, deferred ones kept for the next pass.
+async fn tally(
+    report: &mut Report,
+    remover: &Remover,
+    deferred: &mut Vec<Deferred>,
+    delivery: Delivery,
+) -> Result<(), FanoutError> {
+    match delivery {
+        Delivery::Delivered => report.delivered += 1,
+        Delivery::Rejected => report.failed += 1,
+        Delivery::Deferred(d) => deferred.push(d),
+        Delivery::Gone(connection) => {
+            report.gone += 1;
+            // Queued removals complete even if the job stops, so the page
+            // may count as finished.
+            remover.remove(connection).await;
+        }
+        Delivery::Abort(e) => return Err(e),
+    }
+    Ok(())
+}
+
+/// A continuation's deferred connections as pages, resumed from an offset.
+fn deferred_pages(
+    connections: &[Connection],
+    resume: Option<&[Cursor]>,
+) -> BoxStream<'static, Result<Page, StoreError>> {
+    use crate::store::Position;
+    let start = match resume.and_then(|c| c.iter().find(|c| c.segment == 0)) {
+        None => 0,
+        Some(Cursor {
+            position: Some(Position::Offset(n)),
+            ..
+        }) => *n,
+        Some(_) => connections.len(),
+    };
+    let rest = connections.get(start..).unwrap_or_default().to_vec();
+    let pages: Vec<Page> = rest
+        .chunks(DEFERRED_PAGE)
+        .enumerate()
+        .map(|(n, chunk)| Page {
+            connections: chunk.to_vec(),
+            next: Cursor {
+                segment: 0,
+                position: Some(Position::Offset(
+                    (start + (n + 1) * DEFERRED_PAGE).min(connections.len()),
+                )),
+            },
+        })
+        .collect();
+    stream::iter(pages.into_iter().map(Ok)).boxed()
 }
 
 /// Pages read while earlier ones are being sent, beyond the one being sent.
@@ -371,6 +556,9 @@ mod tests {
                 max: Duration::from_millis(4),
                 max_attempts: 4,
             },
+            throttle_deadline: Duration::from_millis(50),
+            deferred_passes: 2,
+            pass_pause: Duration::from_millis(1),
             max_in_flight,
             scan_segments: 1,
         };
@@ -392,6 +580,7 @@ mod tests {
             resume: None,
             segment: None,
             split: None,
+            deferrals: 0,
         }
     }
 
@@ -479,24 +668,185 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn retries_are_bounded_then_the_connection_counts_as_failed() {
+    async fn a_connection_failing_past_its_attempts_is_deferred_then_delivered_in_a_later_pass() {
         let table = Arc::new(FakeTable::with(&ids(2), 10));
         let gateway = Arc::new(FakeGateway::default());
+        // Four attempts in the first pass, one more in the second.
         gateway.script.lock().unwrap().insert(
             "conn-0".into(),
-            vec![PostOutcome::Transient("503".into()); 10],
+            vec![PostOutcome::Transient("503".into()); 5],
+        );
+        let (report, result) = engine(table.clone(), gateway.clone(), 4)
+            .run(&job(Target::All), &CancellationToken::new())
+            .await;
+        result.expect("completes");
+        assert_eq!((report.delivered, report.failed), (2, 0));
+        assert!(report.deferred.is_empty(), "{:?}", report.deferred);
+        assert_eq!(report.passes, 1);
+        assert_eq!(report.retries, 4);
+        assert_eq!(report.audience, 2);
+        assert_eq!(gateway.delivered.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn still_deferred_after_every_pass_is_reported_with_its_key_not_dropped() {
+        let table = Arc::new(FakeTable::with(&ids(3), 10));
+        let gateway = Arc::new(FakeGateway::default());
+        gateway.script.lock().unwrap().insert(
+            "conn-1".into(),
+            vec![PostOutcome::Transient("503".into()); 100],
         );
         let (report, result) = engine(table.clone(), gateway, 4)
             .run(&job(Target::All), &CancellationToken::new())
             .await;
-        result.expect("the job completes; the connection failed");
-        assert_eq!(report.failed, 1);
-        assert_eq!(report.delivered, 1);
-        assert_eq!(report.retries, 3, "4 attempts in all");
+        result.expect("the job completes; one connection is deferred");
+        assert_eq!((report.delivered, report.failed), (2, 0));
+        assert_eq!(report.passes, 2);
+        assert_eq!(report.audience, 3);
+        let [d] = &report.deferred[..] else {
+            panic!("{:?}", report.deferred)
+        };
+        assert_eq!(d.connection.id.as_str(), "conn-1");
+        assert!(d.connection.key.is_some(), "the row key travels with it");
+        assert_eq!(d.reason, "503");
         assert!(
-            table.remaining().contains("conn-0"),
-            "a failing connection is not removed"
+            table.remaining().contains("conn-1"),
+            "a deferred connection is not removed"
         );
+        assert!(
+            report.resume.is_empty(),
+            "the page holding it never counts as finished"
+        );
+    }
+
+    #[tokio::test]
+    async fn throttling_is_bounded_by_time_not_by_attempts() {
+        let table = Arc::new(FakeTable::with(&ids(2), 10));
+        let gateway = Arc::new(FakeGateway::default());
+        // More 429s than the four attempts, well within the deadline.
+        gateway
+            .script
+            .lock()
+            .unwrap()
+            .insert("conn-0".into(), vec![PostOutcome::Throttled; 8]);
+        let mut engine = engine(table, gateway.clone(), 4);
+        engine.settings.throttle_deadline = Duration::from_secs(30);
+        let (report, result) = engine
+            .run(&job(Target::All), &CancellationToken::new())
+            .await;
+        result.expect("completes");
+        assert_eq!(report.delivered, 2, "{report:?}");
+        assert_eq!(report.passes, 0, "delivered in the first pass");
+        assert_eq!(report.throttled, 8);
+    }
+
+    #[tokio::test]
+    async fn one_connection_that_always_answers_429_is_deferred_and_the_rest_delivered() {
+        use crate::limiter::RateSettings;
+        use std::num::NonZeroU32;
+        let table = Arc::new(FakeTable::with(&ids(200), 50));
+        let gateway = Arc::new(FakeGateway::default());
+        gateway
+            .script
+            .lock()
+            .unwrap()
+            .insert("conn-7".into(), vec![PostOutcome::Throttled; 100_000]);
+        let mut engine = engine(table, gateway.clone(), 16);
+        let budget = Arc::new(SendBudget::new(
+            Some(RateSettings {
+                per_second: NonZeroU32::new(1_000_000).unwrap(),
+                burst: NonZeroU32::new(10_000).unwrap(),
+                adaptive: true,
+            }),
+            16,
+        ));
+        engine.budget = budget.clone();
+        let (report, result) = engine
+            .run(&job(Target::All), &CancellationToken::new())
+            .await;
+        result.expect("completes");
+        assert_eq!(report.delivered, 199);
+        let [d] = &report.deferred[..] else {
+            panic!("{:?}", report.deferred)
+        };
+        assert_eq!(d.connection.id.as_str(), "conn-7");
+        assert!(d.reason.starts_with("throttled (429) for"), "{}", d.reason);
+        assert!(
+            report.throttled > 4,
+            "retried past its attempts: {}",
+            report.throttled
+        );
+        assert_eq!(budget.answers(), (199, report.throttled));
+    }
+
+    #[tokio::test]
+    async fn only_answers_the_endpoint_took_count_as_accepted_for_the_rate() {
+        use crate::limiter::RateSettings;
+        use std::num::NonZeroU32;
+        let table = Arc::new(FakeTable::with(&ids(3), 10));
+        let gateway = Arc::new(FakeGateway::default());
+        gateway.script.lock().unwrap().extend([
+            (
+                "conn-0".to_owned(),
+                vec![PostOutcome::Transient("500".into()); 3],
+            ),
+            (
+                "conn-1".to_owned(),
+                vec![PostOutcome::Rejected("400".into())],
+            ),
+        ]);
+        let mut engine = engine(table, gateway, 4);
+        let budget = Arc::new(SendBudget::new(
+            Some(RateSettings {
+                per_second: NonZeroU32::new(100_000).unwrap(),
+                burst: NonZeroU32::new(1000).unwrap(),
+                adaptive: true,
+            }),
+            4,
+        ));
+        engine.budget = budget.clone();
+        let (_, result) = engine
+            .run(&job(Target::All), &CancellationToken::new())
+            .await;
+        result.expect("completes");
+        // Three 500s were neither accepted nor throttled.
+        assert_eq!(budget.answers(), (3, 0));
+    }
+
+    #[tokio::test]
+    async fn a_deferred_audience_is_exactly_its_connections_from_its_offset() {
+        use crate::store::Position;
+        let table = Arc::new(FakeTable::with(&ids(10), 10));
+        let gateway = Arc::new(FakeGateway {
+            gone: ["conn-3".to_owned()].into(),
+            ..FakeGateway::default()
+        });
+        let listed: Vec<Connection> = ["conn-2", "conn-3", "conn-4"]
+            .into_iter()
+            .map(|id| Connection {
+                id: id.into(),
+                key: Some(crate::connection::RowKey(vec![(
+                    "connectionId".into(),
+                    crate::connection::KeyValue::S(id.into()),
+                )])),
+            })
+            .collect();
+        let mut j = job(Target::Deferred(listed));
+        let (report, result) = engine(table.clone(), gateway.clone(), 4)
+            .run(&j, &CancellationToken::new())
+            .await;
+        result.unwrap();
+        assert_eq!((report.delivered, report.gone, report.removed), (2, 1, 1));
+        assert!(!table.remaining().contains("conn-3"), "removed by its key");
+        assert_eq!(table.pages_read.load(Ordering::SeqCst), 0, "no table read");
+        j.resume = Some(vec![Cursor {
+            segment: 0,
+            position: Some(Position::Offset(2)),
+        }]);
+        let (report, _) = engine(table, gateway, 4)
+            .run(&j, &CancellationToken::new())
+            .await;
+        assert_eq!(report.delivered, 1, "only conn-4 after the offset");
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::connection::ConnectionId;
+use crate::connection::{Connection, ConnectionId, RowKey};
 use crate::store::Cursor;
 
 /// API Gateway refuses PostToConnection payloads over 128 KiB.
@@ -61,7 +61,33 @@ pub struct JobSpec {
     /// resumes. Producers leave it out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<Vec<Cursor>>,
+    /// Set by fanout on a continuation of deferred connections: exactly
+    /// these, with the row keys they were read with (so a gone one can still
+    /// be removed). Producers leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<Vec<DeferredSpec>>,
+    /// Set by fanout with `deferred`: how many continuations these
+    /// connections have been deferred across.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub deferrals: u32,
 }
+
+/// One deferred connection in a continuation job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeferredSpec {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<RowKey>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// SQS takes message bodies of at most 256 KiB; continuation bodies stay a
+/// little under it, leaving room for the message's attributes.
+pub const MAX_CONTINUATION_BYTES: usize = 256 * 1024 - 4096;
 
 /// One share of a split broadcast: scan segment `index` of `total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +115,9 @@ pub enum Target {
     Channel(String),
     /// Exactly these connections.
     Connections(Vec<ConnectionId>),
+    /// Exactly these connections, deferred by an earlier run of the job,
+    /// with their row keys.
+    Deferred(Vec<Connection>),
 }
 
 /// A parsed, valid broadcast job.
@@ -107,6 +136,9 @@ pub struct Job {
     pub segment: Option<Segment>,
     /// Segment jobs the producer asked this broadcast to split into.
     pub split: Option<u32>,
+    /// Continuations its connections were deferred across (with
+    /// [`Target::Deferred`]).
+    pub deferrals: u32,
 }
 
 /// What this deployment can serve, which parsing checks jobs against.
@@ -150,6 +182,18 @@ pub enum JobError {
     BadSplit,
     #[error("`segment` must have index < total <= {MAX_SPLIT}")]
     BadSegment,
+    #[error(
+        "`deferred` is set by fanout on continuation jobs, alone: not with `channel`, `connections`, `split` or `segment`"
+    )]
+    DeferredAlone,
+}
+
+/// A deferred connection that cannot be continued: one entry alone does not
+/// fit in a message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("a continuation for connection {id} would exceed {MAX_CONTINUATION_BYTES} bytes")]
+pub struct TooLargeToContinue {
+    pub id: String,
 }
 
 /// An SNS notification, as SNS delivers to SQS without raw message delivery.
@@ -176,6 +220,11 @@ impl Job {
             Target::All => (None, None),
             Target::Channel(channel) => (Some(channel.clone()), None),
             Target::Connections(ids) => (None, Some(ids.iter().map(ToString::to_string).collect())),
+            Target::Deferred(_) => (None, None),
+        };
+        let deferred = match &self.target {
+            Target::Deferred(connections) => Some(connections.iter().map(deferred_spec).collect()),
+            _ => None,
         };
         let mut exclude: Vec<String> = self.exclude.iter().map(ToString::to_string).collect();
         exclude.sort();
@@ -189,7 +238,68 @@ impl Job {
             split: None,
             segment: self.segment,
             resume: Some(resume),
+            deferred,
+            deferrals: self.deferrals,
         }
+    }
+
+    /// The continuation jobs that go on with `connections`, deferred by this
+    /// run: same id, payload and exclusions, exactly those connections, one
+    /// more deferral; as message bodies, as many as it takes to keep each
+    /// under `max_bytes`.
+    pub fn deferred_continuations(
+        &self,
+        connections: &[Connection],
+        max_bytes: usize,
+    ) -> Result<Vec<String>, TooLargeToContinue> {
+        let mut base = self.continuation(Vec::new());
+        base.resume = None;
+        base.segment = None;
+        base.deferred = Some(Vec::new());
+        base.deferrals = self.deferrals + 1;
+        // `"deferred":[]` holds the list; each entry adds its JSON and a
+        // comma.
+        let base_len = serde_json::to_string(&base).map_or(0, |b| b.len());
+        let mut bodies = Vec::new();
+        let mut chunk: Vec<DeferredSpec> = Vec::new();
+        let mut len = base_len;
+        let encode = |chunk: Vec<DeferredSpec>| {
+            let mut spec = base.clone();
+            spec.deferred = Some(chunk);
+            serde_json::to_string(&spec).expect("a job spec always encodes")
+        };
+        for connection in connections {
+            let entry = deferred_spec(connection);
+            let entry_len = serde_json::to_string(&entry).map_or(0, |e| e.len()) + 1;
+            if base_len + entry_len > max_bytes {
+                return Err(TooLargeToContinue {
+                    id: entry.id.clone(),
+                });
+            }
+            if len + entry_len > max_bytes {
+                bodies.push(encode(std::mem::take(&mut chunk)));
+                len = base_len;
+            }
+            len += entry_len;
+            chunk.push(entry);
+        }
+        if !chunk.is_empty() {
+            bodies.push(encode(chunk));
+        }
+        Ok(bodies)
+    }
+
+    /// A job for one connection alone, as it is dead-lettered once it has
+    /// been deferred too often.
+    pub fn for_one(&self, connection: &Connection) -> JobSpec {
+        let mut spec = self.continuation(Vec::new());
+        spec.resume = None;
+        spec.segment = None;
+        spec.channel = None;
+        spec.connections = None;
+        spec.deferred = Some(vec![deferred_spec(connection)]);
+        spec.deferrals = self.deferrals;
+        spec
     }
 
     /// The segment jobs of this broadcast split `total` ways, each covering
@@ -240,7 +350,28 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: Capabilities) -> Result<J
             size: payload.len(),
         });
     }
+    if spec.deferred.is_some()
+        && (spec.channel.is_some()
+            || spec.connections.is_some()
+            || spec.split.is_some()
+            || spec.segment.is_some())
+    {
+        return Err(JobError::DeferredAlone);
+    }
     let target = match (spec.channel, spec.connections) {
+        _ if spec.deferred.is_some() => {
+            let connections = spec.deferred.unwrap_or_default();
+            let ids = ids_of(
+                "deferred",
+                connections.iter().map(|d| d.id.clone()).collect(),
+            )?;
+            Target::Deferred(
+                ids.into_iter()
+                    .zip(connections)
+                    .map(|(id, d)| Connection { id, key: d.key })
+                    .collect(),
+            )
+        }
         (Some(_), Some(_)) => return Err(JobError::TwoAudiences),
         (Some(channel), None) if channel.is_empty() => {
             return Err(JobError::EmptyValue { field: "channel" });
@@ -272,7 +403,15 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: Capabilities) -> Result<J
         segment: spec.segment,
         // Splitting a share again would only add jobs.
         split: spec.split.filter(|_| spec.segment.is_none()),
+        deferrals: spec.deferrals,
     })
+}
+
+fn deferred_spec(connection: &Connection) -> DeferredSpec {
+    DeferredSpec {
+        id: connection.id.to_string(),
+        key: connection.key.clone(),
+    }
 }
 
 fn payload(data: Option<serde_json::Value>, base64: Option<String>) -> Result<Bytes, JobError> {
@@ -514,6 +653,63 @@ mod tests {
         // A share is not split again.
         let share = ok(r#"{"data":"x","split":4,"segment":{"index":0,"total":2}}"#);
         assert_eq!(share.split, None);
+    }
+
+    fn keyed(id: &str) -> Connection {
+        Connection {
+            id: id.into(),
+            key: Some(RowKey(vec![(
+                "connectionId".into(),
+                crate::connection::KeyValue::S(id.into()),
+            )])),
+        }
+    }
+
+    #[test]
+    fn deferred_connections_continue_with_their_keys_split_to_fit() {
+        let job = ok(r#"{"id":"j","data":"hello","exclude":["z"]}"#);
+        let deferred: Vec<Connection> = (0..500).map(|n| keyed(&format!("conn-{n:04}"))).collect();
+        let bodies = job.deferred_continuations(&deferred, 8_000).unwrap();
+        assert!(bodies.len() > 1, "split to fit");
+        let mut listed = Vec::new();
+        for body in &bodies {
+            assert!(body.len() <= 8_000, "{}", body.len());
+            let next = parse(body, "m", CAPS).expect("a continuation parses");
+            assert_eq!(next.id, "j");
+            assert_eq!(next.payload, job.payload);
+            assert_eq!(next.exclude, job.exclude);
+            assert_eq!(next.deferrals, 1);
+            let Target::Deferred(connections) = next.target else {
+                panic!("{:?}", next.target)
+            };
+            listed.extend(connections);
+        }
+        assert_eq!(listed, deferred, "exactly them, keys and order kept");
+        // Once more: the count goes on.
+        let again = parse(&bodies[0], "m", CAPS).unwrap();
+        let next = again.deferred_continuations(&deferred[..1], 8_000).unwrap();
+        assert_eq!(parse(&next[0], "m", CAPS).unwrap().deferrals, 2);
+        // An entry that cannot fit alone is an error, not a drop.
+        let err = job.deferred_continuations(&deferred, 60).unwrap_err();
+        assert_eq!(err.id, "conn-0000");
+    }
+
+    #[test]
+    fn deferred_lists_come_alone() {
+        assert_eq!(
+            err(r#"{"data":"x","deferred":[{"id":"a"}],"channel":"c"}"#),
+            JobError::DeferredAlone
+        );
+        assert_eq!(
+            err(r#"{"data":"x","deferred":[{"id":""}]}"#),
+            JobError::EmptyValue { field: "deferred" }
+        );
+        let one = ok(r#"{"data":"x","deferred":[{"id":"a"}],"deferrals":5}"#);
+        let alone = one.for_one(&keyed("a"));
+        let body = serde_json::to_string(&alone).unwrap();
+        let back = parse(&body, "m", CAPS).unwrap();
+        assert_eq!(back.target, Target::Deferred(vec![keyed("a")]));
+        assert_eq!(back.deferrals, 5);
     }
 
     #[test]

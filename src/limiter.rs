@@ -4,9 +4,13 @@
 //! API Gateway's throttle is per account and region, so the budget belongs to
 //! the process, not to a job: four concurrent jobs must not send four times
 //! the configured rate. The account's other users take their share of the
-//! same quota, so the rate also adapts (AIMD): each 429 window cuts it, and
-//! quiet time brings it back up to the configured ceiling.
+//! same quota, so the rate also adapts: a 429 cuts it to the rate the
+//! endpoint accepted over the last window (so it converges in one window from
+//! any ceiling), and quiet time brings it back up to the configured ceiling.
+//! A run of 429s on one connection while the others succeed is that client's
+//! full buffer, not the account's throttle: it cuts nothing.
 
+use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,19 +24,39 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 /// bucket): cut the rate at most once per window, or one cluster would cut
 /// it many times over.
 const DECREASE_WINDOW: Duration = Duration::from_millis(250);
-/// Each cut keeps this share of the rate.
+/// The span over which the accepted rate is measured when a 429 arrives.
+const MEASURE_WINDOW: Duration = Duration::from_millis(250);
+/// How often the running totals are sampled for that measure.
+const SAMPLE_STEP: Duration = Duration::from_millis(25);
+/// A measure over less than this (the first sends of a process) is taken
+/// over this span instead: a burst accepted in a few milliseconds is not a
+/// rate.
+const MIN_MEASURE_SPAN: Duration = Duration::from_millis(50);
+/// A cut goes this far under the accepted rate, so the throttle's bucket
+/// refills while the rate holds.
+const UNDER_ACCEPTED: f64 = 0.95;
+/// Without a measure (no sample yet), a cut keeps this share of the rate.
 const DECREASE_FACTOR: f64 = 0.8;
+/// 429s in a row on one connection from which it may be that client's
+/// buffer, not the account's throttle...
+pub const CLIENT_STREAK: u32 = 3;
+/// ...when at least this share of the other posts of the window succeeded.
+const CLIENT_STREAK_OTHERS_OK: f64 = 0.9;
 /// After a cut, hold the rate this long before climbing again, so the
 /// throttle's bucket can refill.
 const HOLD_AFTER_DECREASE: Duration = Duration::from_secs(1);
 /// Climbing adds this share of the ceiling per second: slow enough that an
-/// overshoot costs few 429s.
+/// overshoot costs few 429s...
 const INCREASE_PER_SECOND: f64 = 0.02;
+/// ...and at most this share of the current rate per second, so a high
+/// ceiling does not drive a low rate straight back into the throttle.
+const INCREASE_OF_CURRENT_PER_SECOND: f64 = 0.1;
 /// How often the climb is applied (rebuilding the limiter is cheap, but not
 /// free).
 const INCREASE_STEP: Duration = Duration::from_millis(100);
-/// The rate never drops under this share of the ceiling.
-const FLOOR_SHARE: f64 = 0.01;
+/// The rate never drops under this share of the ceiling (nor under 1/s):
+/// low, because a high ceiling says little about what the endpoint takes.
+const FLOOR_SHARE: f64 = 0.001;
 
 /// How sends are limited.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,14 +103,17 @@ impl SendBudget {
         permit
     }
 
-    /// A 429 answer: the endpoint wants less.
-    pub fn throttled(&self) {
+    /// A 429 answer, the `streak`-th in a row on its connection: the
+    /// endpoint wants less, unless it is that one client's buffer.
+    pub fn throttled(&self, streak: u32) {
         if let Some(rate) = &self.rate {
-            rate.throttled(Instant::now());
+            rate.throttled(Instant::now(), streak);
         }
     }
 
-    /// A call that was not throttled: room to climb back.
+    /// A call the endpoint took (2xx, 410, or a 4xx about that connection):
+    /// room to climb back. 5xx, 403 and timeouts say nothing about the pace
+    /// the endpoint accepts, and are neither this nor a 429.
     pub fn succeeded(&self) {
         if let Some(rate) = &self.rate {
             rate.succeeded(Instant::now());
@@ -96,6 +123,17 @@ impl SendBudget {
     /// The rate in force now, per second (`None` without a limit).
     pub fn current_rate(&self) -> Option<f64> {
         self.rate.as_ref().map(AdaptiveRate::current)
+    }
+
+    /// Answers counted as accepted and as throttled so far (zero without a
+    /// limit).
+    pub fn answers(&self) -> (u64, u64) {
+        self.rate.as_ref().map_or((0, 0), |rate| {
+            (
+                rate.accepted.load(Ordering::Relaxed),
+                rate.refused.load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// Slots in flight available now (for tests and metrics).
@@ -117,6 +155,14 @@ struct AdaptiveRate {
     /// The earliest instant the next paced send may go; only used while the
     /// current rate is under the ceiling.
     next_slot: Mutex<Instant>,
+    /// Answers the endpoint accepted, and 429s, since the start: sampled
+    /// into `Aimd::samples` to measure the last window.
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    /// When the next sample is due, in nanoseconds since `born`: checked
+    /// without the lock on every answer.
+    next_sample: AtomicU64,
+    born: Instant,
     state: Mutex<Aimd>,
 }
 
@@ -124,11 +170,31 @@ struct AdaptiveRate {
 struct Aimd {
     last_decrease: Option<Instant>,
     last_increase: Instant,
+    /// The running totals every [`SAMPLE_STEP`] or so, oldest first, over
+    /// the last two windows.
+    samples: VecDeque<Sample>,
+}
+
+/// The running totals at one instant.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    at: Instant,
+    accepted: u64,
+    refused: u64,
+}
+
+/// What the endpoint answered over the last window.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    accepted: u64,
+    refused: u64,
+    span: Duration,
 }
 
 impl AdaptiveRate {
     fn new(settings: RateSettings) -> Self {
         let ceiling = f64::from(settings.per_second.get());
+        let born = Instant::now();
         Self {
             settings,
             ceiling_limiter: RateLimiter::direct(
@@ -136,10 +202,15 @@ impl AdaptiveRate {
             ),
             turn: tokio::sync::Mutex::new(()),
             current: AtomicU64::new(ceiling.to_bits()),
-            next_slot: Mutex::new(Instant::now()),
+            next_slot: Mutex::new(born),
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            next_sample: AtomicU64::new(0),
+            born,
             state: Mutex::new(Aimd {
                 last_decrease: None,
-                last_increase: Instant::now(),
+                last_increase: born,
+                samples: VecDeque::new(),
             }),
         }
     }
@@ -189,29 +260,117 @@ impl AdaptiveRate {
         (slot > now).then_some(slot)
     }
 
-    fn throttled(&self, now: Instant) {
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.born).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Records the running totals if a sample is due (the caller holds the
+    /// state lock), and forgets samples no window needs.
+    fn sample(&self, state: &mut Aimd, now: Instant) {
+        let due = self.next_sample.load(Ordering::Relaxed);
+        let at = self.nanos(now);
+        if at < due {
+            return;
+        }
+        self.next_sample
+            .store(at + SAMPLE_STEP.as_nanos() as u64, Ordering::Relaxed);
+        state.samples.push_back(Sample {
+            at: now,
+            accepted: self.accepted.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+        });
+        while state
+            .samples
+            .front()
+            .is_some_and(|s| now.saturating_duration_since(s.at) > MEASURE_WINDOW * 2)
+        {
+            state.samples.pop_front();
+        }
+    }
+
+    /// The answers since the newest sample at least a window old (or, after
+    /// idle time, the oldest one inside the window). After a cut, only what
+    /// came since it counts, once that spans enough to measure: the window
+    /// before it may hold a burst the throttle's bucket let through, which
+    /// is not the rate it accepts.
+    fn window(&self, state: &Aimd, now: Instant) -> Option<Window> {
+        let since_cut = state.last_decrease.and_then(|cut| {
+            state
+                .samples
+                .iter()
+                .find(|s| s.at >= cut && now.saturating_duration_since(s.at) >= MIN_MEASURE_SPAN)
+        });
+        let old_enough = state
+            .samples
+            .iter()
+            .rev()
+            .find(|s| now.saturating_duration_since(s.at) >= MEASURE_WINDOW);
+        let base = match (since_cut, old_enough) {
+            (Some(after), Some(old)) if after.at > old.at => after,
+            (Some(after), None) => after,
+            (_, Some(old)) => old,
+            (None, None) => state.samples.front()?,
+        };
+        Some(Window {
+            accepted: self.accepted.load(Ordering::Relaxed) - base.accepted,
+            refused: self.refused.load(Ordering::Relaxed) - base.refused,
+            span: now.saturating_duration_since(base.at),
+        })
+    }
+
+    fn throttled(&self, now: Instant, streak: u32) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
         if !self.settings.adaptive {
             return;
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state
-            .last_decrease
-            .is_some_and(|last| now.duration_since(last) < DECREASE_WINDOW)
+        self.sample(&mut state, now);
+        let window = self.window(&state, now);
+        if streak >= CLIENT_STREAK
+            && window.is_some_and(|w| {
+                // This connection's own run of 429s is not the others'.
+                let others_refused = w.refused.saturating_sub(u64::from(streak));
+                let others = w.accepted + others_refused;
+                others > 0 && w.accepted as f64 >= CLIENT_STREAK_OTHERS_OK * others as f64
+            })
         {
             return;
         }
+        let current = self.current();
+        let measured = window.filter(|w| w.accepted > 0).map(|w| {
+            let accepted = w.accepted as f64 / w.span.max(MIN_MEASURE_SPAN).as_secs_f64();
+            accepted.min(current) * UNDER_ACCEPTED
+        });
+        // A measured cut goes to a rate, not by a share, so a cluster of
+        // 429s cannot compound it: it may follow the last one sooner, which
+        // corrects at once a first measure that a burst inflated.
+        let since_last = state.last_decrease.map(|last| now.duration_since(last));
+        let target = match measured {
+            Some(target) if since_last.is_none_or(|t| t >= MIN_MEASURE_SPAN) => target,
+            _ if since_last.is_some_and(|t| t < DECREASE_WINDOW) => return,
+            Some(target) => target,
+            None => current * DECREASE_FACTOR,
+        };
+        if target >= current {
+            return;
+        }
         let floor = (self.ceiling() * FLOOR_SHARE).max(1.0);
-        let rate = (self.current() * DECREASE_FACTOR).max(floor);
+        let rate = target.max(floor);
         state.last_decrease = Some(now);
         state.last_increase = now;
         drop(state);
-        tracing::debug!(rate, "throttled: send rate lowered");
+        tracing::debug!(rate, "throttled: send rate lowered to the accepted rate");
         self.set(rate);
     }
 
     fn succeeded(&self, now: Instant) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        if !self.settings.adaptive {
+            return;
+        }
         let current = self.current();
-        if !self.settings.adaptive || current >= self.ceiling() {
+        let due = self.nanos(now) >= self.next_sample.load(Ordering::Relaxed);
+        if !due && current >= self.ceiling() {
             return;
         }
         // Sends succeed thousands of times a second: skip rather than wait
@@ -219,18 +378,29 @@ impl AdaptiveRate {
         let Ok(mut state) = self.state.try_lock() else {
             return;
         };
+        self.sample(&mut state, now);
+        if current >= self.ceiling() {
+            return;
+        }
         if state
             .last_decrease
             .is_some_and(|last| now.duration_since(last) < HOLD_AFTER_DECREASE)
         {
             return;
         }
-        let elapsed = now.duration_since(state.last_increase);
+        // The climb starts when the hold ends.
+        let climbing_since = match state.last_decrease {
+            Some(last) => state.last_increase.max(last + HOLD_AFTER_DECREASE),
+            None => state.last_increase,
+        };
+        let elapsed = now.saturating_duration_since(climbing_since);
         if elapsed < INCREASE_STEP {
             return;
         }
-        let rate = (current + self.ceiling() * INCREASE_PER_SECOND * elapsed.as_secs_f64())
-            .min(self.ceiling());
+        let per_second = (self.ceiling() * INCREASE_PER_SECOND)
+            .min(current * INCREASE_OF_CURRENT_PER_SECOND)
+            .max(1.0);
+        let rate = (current + per_second * elapsed.as_secs_f64()).min(self.ceiling());
         state.last_increase = now;
         drop(state);
         self.set(rate);
@@ -280,30 +450,30 @@ mod tests {
     fn throttling_cuts_the_rate_once_per_window_down_to_a_floor() {
         let rate = AdaptiveRate::new(settings(1000, true));
         let t0 = Instant::now();
-        rate.throttled(t0);
+        rate.throttled(t0, 1);
         assert_eq!(rate.current(), 800.0);
         // The same cluster of 429s: no second cut.
-        rate.throttled(t0 + Duration::from_millis(100));
+        rate.throttled(t0 + Duration::from_millis(100), 1);
         assert_eq!(rate.current(), 800.0);
-        rate.throttled(t0 + DECREASE_WINDOW);
+        rate.throttled(t0 + DECREASE_WINDOW, 1);
         assert_eq!(rate.current(), 640.0);
         for n in 2..100 {
-            rate.throttled(t0 + DECREASE_WINDOW * n);
+            rate.throttled(t0 + DECREASE_WINDOW * n, 1);
         }
-        assert_eq!(rate.current(), 10.0, "1% of the ceiling");
+        assert_eq!(rate.current(), 1.0, "0.1% of the ceiling");
     }
 
     #[test]
     fn quiet_time_climbs_back_to_the_ceiling_and_no_further() {
         let rate = AdaptiveRate::new(settings(1000, true));
         let t0 = Instant::now();
-        rate.throttled(t0);
+        rate.throttled(t0, 1);
         // Held right after the cut.
         rate.succeeded(t0 + Duration::from_millis(500));
         assert_eq!(rate.current(), 800.0);
         // 2% of the ceiling per second after the hold.
         rate.succeeded(t0 + HOLD_AFTER_DECREASE + Duration::from_secs(1));
-        assert!((rate.current() - 840.0).abs() < 1e-6, "{}", rate.current());
+        assert!((rate.current() - 820.0).abs() < 1e-6, "{}", rate.current());
         rate.succeeded(t0 + Duration::from_secs(100));
         assert_eq!(rate.current(), 1000.0);
     }
@@ -313,7 +483,7 @@ mod tests {
         let rate = AdaptiveRate::new(settings(1000, true));
         let t0 = Instant::now();
         assert_eq!(rate.pace(t0), None, "at the ceiling governor alone paces");
-        rate.throttled(t0);
+        rate.throttled(t0, 1);
         // 800/s: one slot every 1.25 ms, reserved in turn.
         let slots: Vec<_> = (0..4).map(|_| rate.pace(t0)).collect();
         assert_eq!(slots[0], None, "the first goes at once");
@@ -321,7 +491,7 @@ mod tests {
         assert_eq!(slots[1], Some(t0 + gap));
         assert_eq!(slots[3], Some(t0 + gap * 3));
         // A later cut applies to the very next reservation.
-        rate.throttled(t0 + DECREASE_WINDOW);
+        rate.throttled(t0 + DECREASE_WINDOW, 1);
         let after = rate.pace(t0).unwrap();
         assert_eq!(after, t0 + gap * 4);
         assert_eq!(
@@ -330,10 +500,98 @@ mod tests {
         );
     }
 
+    /// `n` accepted answers spread evenly over `span` from `from`.
+    fn accepted(rate: &AdaptiveRate, from: Instant, span: Duration, n: u32) {
+        for i in 0..n {
+            rate.succeeded(from + span * i / n);
+        }
+    }
+
+    #[test]
+    fn a_cut_goes_to_the_rate_accepted_over_the_last_window() {
+        // A ceiling far above what the endpoint takes: one cut lands there.
+        let rate = AdaptiveRate::new(settings(100_000, true));
+        let t0 = Instant::now();
+        accepted(&rate, t0, Duration::from_secs(1), 3000);
+        rate.throttled(t0 + Duration::from_secs(1), 1);
+        let target = 3000.0 * UNDER_ACCEPTED;
+        assert!(
+            (rate.current() - target).abs() < target * 0.05,
+            "cut to {}, not to about {target}",
+            rate.current()
+        );
+    }
+
+    #[test]
+    fn a_burst_accepted_in_a_few_milliseconds_is_not_taken_for_a_rate() {
+        let rate = AdaptiveRate::new(settings(100_000, true));
+        let t0 = Instant::now();
+        accepted(&rate, t0, Duration::from_millis(5), 1500);
+        rate.throttled(t0 + Duration::from_millis(5), 1);
+        // 1,500 over the 50 ms minimum span, at most.
+        assert!(rate.current() <= 30_000.0, "{}", rate.current());
+        // The next window measures the steady rate.
+        accepted(
+            &rate,
+            t0 + Duration::from_millis(5),
+            Duration::from_millis(300),
+            900,
+        );
+        rate.throttled(t0 + Duration::from_millis(305), 1);
+        assert!(
+            (rate.current() - 3000.0 * UNDER_ACCEPTED).abs() < 300.0,
+            "{}",
+            rate.current()
+        );
+    }
+
+    #[test]
+    fn one_clients_run_of_429s_cuts_nothing_while_the_others_succeed() {
+        let rate = AdaptiveRate::new(settings(1000, true));
+        let t0 = Instant::now();
+        accepted(&rate, t0, Duration::from_millis(500), 500);
+        let t1 = t0 + Duration::from_millis(500);
+        rate.throttled(t1, CLIENT_STREAK);
+        rate.throttled(t1, CLIENT_STREAK + 5);
+        assert_eq!(rate.current(), 1000.0, "one slow client is not the account");
+        // Its first 429s look like anyone's.
+        rate.throttled(t1, 1);
+        assert!(rate.current() < 1000.0);
+    }
+
+    #[test]
+    fn runs_of_429s_while_the_others_are_throttled_too_cut_the_rate() {
+        let rate = AdaptiveRate::new(settings(1000, true));
+        let t0 = Instant::now();
+        accepted(&rate, t0, Duration::from_millis(500), 100);
+        let t1 = t0 + Duration::from_millis(500);
+        for _ in 0..30 {
+            rate.throttled(t1, CLIENT_STREAK);
+        }
+        assert!(rate.current() < 1000.0, "more than 10% of posts throttled");
+    }
+
+    #[test]
+    fn the_climb_is_gentle_under_a_high_ceiling() {
+        let rate = AdaptiveRate::new(settings(100_000, true));
+        let t0 = Instant::now();
+        accepted(&rate, t0, Duration::from_secs(1), 3000);
+        let t1 = t0 + Duration::from_secs(1);
+        rate.throttled(t1, 1);
+        let cut = rate.current();
+        rate.succeeded(t1 + HOLD_AFTER_DECREASE + Duration::from_secs(1));
+        // 10% of the current rate a second, not 2% of 100,000.
+        assert!(
+            (rate.current() - cut * 1.1).abs() < 1.0,
+            "{} after {cut}",
+            rate.current()
+        );
+    }
+
     #[test]
     fn a_fixed_rate_ignores_429s() {
         let rate = AdaptiveRate::new(settings(1000, false));
-        rate.throttled(Instant::now());
+        rate.throttled(Instant::now(), 1);
         assert_eq!(rate.current(), 1000.0);
     }
 }

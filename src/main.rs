@@ -246,6 +246,9 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
                 max: config.send_retry_max,
                 max_attempts: config.send_attempts,
             },
+            throttle_deadline: config.throttle_deadline,
+            deferred_passes: config.deferred_passes,
+            pass_pause: config.send_retry_max,
             max_in_flight: config.max_in_flight as usize,
             scan_segments: config.scan_segments,
         },
@@ -262,6 +265,7 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
         },
         shutdown_grace: config.shutdown_grace,
         exit_when_idle,
+        deferred_limit: config.deferred_limit,
         capabilities: Capabilities {
             channels: config.channel_index.is_some(),
         },

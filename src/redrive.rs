@@ -77,6 +77,7 @@ pub async fn redrive<D: JobQueue, J: JobQueue>(
                 // it was dead-lettered do not.
                 attributes: producer_attributes(&message.attributes),
                 trace_header: message.trace_header.clone(),
+                ..SendOptions::default()
             };
             jobs.send(&message.body, &options)
                 .await

@@ -52,7 +52,13 @@ pub struct WorkerSettings {
     /// Whole-table jobs without a `split` of their own are split into this
     /// many segment jobs (1: never).
     pub split_segments: u32,
+    /// Continuations a connection may be deferred across; then it is
+    /// dead-lettered as a one-connection job.
+    pub deferred_limit: u32,
 }
+
+/// SQS delays a message by at most 15 minutes.
+const MAX_SEND_DELAY: Duration = Duration::from_secs(900);
 
 /// Waits after failed receives: an SQS blip never stops the worker.
 const RECEIVE_BACKOFF: Backoff = Backoff {
@@ -318,6 +324,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         drop(heartbeat);
         self.metrics.record_job_duration(report.duration);
         match result {
+            Ok(()) if !report.deferred.is_empty() => self.hand_on(message, &job, &report).await,
             Ok(()) => {
                 log_report(&job.id, &report, "done");
                 Metrics::incr(&self.metrics.jobs_completed);
@@ -340,6 +347,121 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 self.retry_later(message).await
             }
         }
+    }
+
+    /// Settles a job whose connections are all final but some deferred:
+    /// they go on in delayed continuation jobs listing exactly them, or to
+    /// the dead-letter queue one by one once deferred too often. The
+    /// message is deleted only once every one of them has been handed on.
+    /// On a FIFO queue (no per-message delay, and order must hold) the job
+    /// fails as a whole and is retried in its place.
+    async fn hand_on(&self, message: &Message, job: &Job, report: &Report) -> Fate {
+        let count = report.deferred.len();
+        if message.group_id.is_some() {
+            log_report(&job.id, report, "deferred");
+            tracing::warn!(job_id = %job.id, deferred = count, deferred_to = "retry in place (FIFO)", "connections deferred; the job will be retried whole");
+            return self.retry_later(message).await;
+        }
+        let connections: Vec<_> = report
+            .deferred
+            .iter()
+            .map(|d| d.connection.clone())
+            .collect();
+        if job.deferrals >= self.settings.deferred_limit {
+            log_report(&job.id, report, "deferred");
+            return self.dead_letter_each(message, job, report).await;
+        }
+        let bodies = match job.deferred_continuations(&connections, job::MAX_CONTINUATION_BYTES) {
+            Ok(bodies) => bodies,
+            Err(e) => {
+                log_report(&job.id, report, "deferred");
+                tracing::error!(job_id = %job.id, error = %e, "cannot continue the deferred connections; dead-lettering them");
+                return self.dead_letter_each(message, job, report).await;
+            }
+        };
+        let delay = self
+            .settings
+            .job_retry
+            .cap(job.deferrals)
+            .min(MAX_SEND_DELAY);
+        let options = SendOptions {
+            delay: Some(delay),
+            ..SendOptions::default()
+        };
+        let mut sent = Vec::with_capacity(bodies.len());
+        for body in &bodies {
+            match self.queue.send(body, &options).await {
+                Ok(id) => sent.push(id),
+                Err(e) => {
+                    // The whole job runs again: duplicates, never a loss.
+                    log_report(&job.id, report, "deferred");
+                    tracing::error!(job_id = %job.id, error = %e, "cannot enqueue the continuation of deferred connections; the job will be retried");
+                    return self.retry_later(message).await;
+                }
+            }
+        }
+        log_report(&job.id, report, "deferred");
+        tracing::info!(
+            job_id = %job.id,
+            deferred = count,
+            deferred_to = "continuation",
+            continuations = ?sent,
+            delay_ms = delay.as_millis() as u64,
+            deferrals = job.deferrals + 1,
+            "deferred connections continue in new jobs"
+        );
+        Metrics::incr(&self.metrics.jobs_completed);
+        self.delete(message).await
+    }
+
+    /// Dead-letters each deferred connection as a one-connection job with
+    /// its reason; then the message goes. If any cannot be dead-lettered
+    /// the job is kept (retried later), so none is dropped.
+    async fn dead_letter_each(&self, message: &Message, job: &Job, report: &Report) -> Fate {
+        for d in &report.deferred {
+            let body = match serde_json::to_string(&job.for_one(&d.connection)) {
+                Ok(body) => body,
+                Err(e) => {
+                    tracing::error!(job_id = %job.id, error = %e, "cannot encode a deferred connection's job");
+                    return self.retry_later(message).await;
+                }
+            };
+            let one = Message {
+                id: format!("{}/{}", message.id, d.connection.id),
+                body,
+                receipt: message.receipt.clone(),
+                receive_count: message.receive_count,
+                group_id: None,
+                // The producer's metadata and trace context go with each
+                // connection's dead letter, as with the whole job's.
+                attributes: message.attributes.clone(),
+                trace_header: message.trace_header.clone(),
+            };
+            let reason = format!(
+                "connection {} deferred across {} continuations: {}",
+                d.connection.id, job.deferrals, d.reason
+            );
+            match self.queue.dead_letter(&one, &reason).await {
+                Ok(DeadLettered::Sent) => {
+                    Metrics::incr(&self.metrics.jobs_dead_lettered);
+                }
+                Ok(DeadLettered::NotConfigured) => {
+                    tracing::error!(job_id = %job.id, connection = %d.connection.id, reason, "a connection was deferred too often and no dead-letter queue is configured; the job is kept for the queue's redrive policy");
+                    return self.retry_later(message).await;
+                }
+                Err(e) => {
+                    tracing::error!(job_id = %job.id, connection = %d.connection.id, error = %e, "cannot dead-letter a deferred connection; the job will be retried");
+                    return self.retry_later(message).await;
+                }
+            }
+        }
+        tracing::error!(
+            job_id = %job.id,
+            deferred = report.deferred.len(),
+            deferred_to = "dead-letter queue",
+            "connections deferred too often were dead-lettered one by one"
+        );
+        self.delete(message).await
     }
 
     /// Queues the message's deletion.
@@ -526,6 +648,8 @@ fn log_report(job_id: &str, report: &Report, status: &str) {
         removed = report.removed,
         remove_failed = report.remove_failed,
         failed = report.failed,
+        deferred = report.deferred.len(),
+        passes = report.passes,
         excluded = report.excluded,
         retries = report.retries,
         throttled = report.throttled,
@@ -660,6 +784,7 @@ mod tests {
             exit_when_idle: true,
             capabilities: Capabilities { channels: false },
             split_segments: 1,
+            deferred_limit: 2,
         }
     }
 
@@ -691,6 +816,9 @@ mod tests {
                         max: Duration::from_millis(1),
                         max_attempts: 2,
                     },
+                    throttle_deadline: Duration::from_millis(20),
+                    deferred_passes: 1,
+                    pass_pause: Duration::from_millis(1),
                     max_in_flight: 8,
                     scan_segments: 1,
                 },
@@ -705,6 +833,96 @@ mod tests {
             )
             .await
         }
+    }
+
+    fn failing(id: &str) -> FakeGateway {
+        let gateway = FakeGateway::default();
+        gateway.script.lock().unwrap().insert(
+            id.into(),
+            vec![crate::gateway::PostOutcome::Transient("HTTP 503".into()); 1000],
+        );
+        gateway
+    }
+
+    #[tokio::test]
+    async fn deferred_connections_go_on_in_a_delayed_continuation_then_the_message_goes() {
+        let rig = Rig::new(
+            FakeQueue::with_jobs(&[r#"{"id":"j","data":"a"}"#], true),
+            failing("conn-3"),
+        );
+        assert_eq!(
+            rig.run(settings(), CancellationToken::new()).await,
+            Stopped::Idle
+        );
+        assert_eq!(rig.gateway.delivered.lock().unwrap().len(), 19);
+        let sent = rig.queue.sent.lock().unwrap().clone();
+        let [body] = &sent[..] else {
+            panic!("{sent:?}")
+        };
+        let next = job::parse(body, "m", settings().capabilities).expect("parses");
+        assert_eq!(next.id, "j");
+        assert_eq!(next.deferrals, 1);
+        let Target::Deferred(listed) = next.target else {
+            panic!("{:?}", next.target)
+        };
+        let ids: Vec<_> = listed.iter().map(|c| c.id.to_string()).collect();
+        assert_eq!(ids, ["conn-3"], "exactly the deferred one");
+        assert!(listed[0].key.is_some(), "with its row key");
+        assert_eq!(rig.queue.deleted_ids(), ["r0"], "handed on, then deleted");
+    }
+
+    #[tokio::test]
+    async fn a_connection_deferred_across_the_limit_is_dead_lettered_alone() {
+        let body =
+            r#"{"id":"j","data":"a","deferrals":2,"deferred":[{"id":"conn-3"},{"id":"conn-4"}]}"#;
+        let rig = Rig::new(FakeQueue::with_jobs(&[body], true), failing("conn-3"));
+        assert_eq!(
+            rig.run(settings(), CancellationToken::new()).await,
+            Stopped::Idle
+        );
+        assert_eq!(rig.gateway.delivered.lock().unwrap().len(), 1, "conn-4");
+        assert!(rig.queue.sent.lock().unwrap().is_empty(), "no continuation");
+        let dead = rig.queue.dead.as_ref().unwrap().lock().unwrap().clone();
+        let [(id, reason)] = &dead[..] else {
+            panic!("{dead:?}")
+        };
+        assert_eq!(id, "m0/conn-3");
+        assert!(
+            reason.contains("HTTP 503") && reason.contains("conn-3"),
+            "{reason}"
+        );
+        assert_eq!(rig.queue.deleted_ids(), ["r0"]);
+    }
+
+    #[tokio::test]
+    async fn without_a_dead_letter_queue_a_connection_deferred_too_often_keeps_its_job() {
+        let body = r#"{"data":"a","deferrals":2,"deferred":[{"id":"conn-3"}]}"#;
+        let rig = Rig::new(FakeQueue::with_jobs(&[body], false), failing("conn-3"));
+        assert_eq!(
+            rig.run(settings(), CancellationToken::new()).await,
+            Stopped::Idle
+        );
+        assert!(rig.queue.deleted_ids().is_empty(), "nothing dropped");
+    }
+
+    #[tokio::test]
+    async fn on_a_fifo_queue_deferred_connections_fail_the_job_in_its_place() {
+        let mut queue = FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true);
+        queue.visible.get_mut().unwrap()[0].group_id = Some("news".into());
+        let rig = Rig::new(queue, failing("conn-3"));
+        assert_eq!(
+            rig.run(settings(), CancellationToken::new()).await,
+            Stopped::Idle
+        );
+        assert!(rig.queue.sent.lock().unwrap().is_empty(), "no new message");
+        assert!(rig.queue.deleted_ids().is_empty(), "kept in its place");
+        let visibility = rig.queue.visibility.lock().unwrap().clone();
+        assert!(
+            visibility
+                .iter()
+                .any(|(r, after)| r.0 == "r0" && !after.is_zero()),
+            "retried later: {visibility:?}"
+        );
     }
 
     #[tokio::test]

@@ -148,6 +148,9 @@ async fn a_broadcast_reaches_every_live_client_and_removes_the_gone_rows_on_both
                     max: Duration::from_millis(100),
                     max_attempts: 3,
                 },
+                throttle_deadline: Duration::from_secs(60),
+                deferred_passes: 3,
+                pass_pause: Duration::from_millis(100),
                 max_in_flight: 8,
                 scan_segments: 1,
             },
@@ -161,6 +164,7 @@ async fn a_broadcast_reaches_every_live_client_and_removes_the_gone_rows_on_both
             resume: None,
             segment: None,
             split: None,
+            deferrals: 0,
         };
         let (report, result) = engine.run(&job, &CancellationToken::new()).await;
         result.unwrap_or_else(|e| panic!("{path:?}: {e}"));

@@ -89,6 +89,7 @@ where
         exit_when_idle: false,
         capabilities: Capabilities { channels: false },
         split_segments: 1,
+        deferred_limit: 5,
     };
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(worker::run(

@@ -179,6 +179,9 @@ fn engine<S: ConnectionStore, G: Gateway>(
                 max: Duration::from_secs(2),
                 max_attempts: 4,
             },
+            throttle_deadline: Duration::from_secs(60),
+            deferred_passes: 3,
+            pass_pause: Duration::from_millis(100),
             max_in_flight,
             scan_segments: 1,
         },
@@ -288,6 +291,7 @@ async fn run<S: ConnectionStore>(
         resume: None,
         segment: (total > 1).then_some(Segment { index, total }),
         split: None,
+        deferrals: 0,
     });
 
     let cpu_before = cpu_time()?;

@@ -82,7 +82,7 @@ struct Endpoint {
 
 impl Endpoint {
     fn parse(endpoint: &str) -> Result<Self, LeanError> {
-        let bad = || super::BadEndpoint {
+        let bad = || super::BadEndpoint::NotAUrl {
             endpoint: endpoint.to_owned(),
         };
         let url = super::parse_endpoint(endpoint)?;

@@ -151,6 +151,9 @@ pub struct SendOptions {
     pub attributes: Attributes,
     /// The `AWSTraceHeader` system attribute to set.
     pub trace_header: Option<String>,
+    /// Standard queues: how long the message stays hidden after it is sent
+    /// (whole seconds, at most 15 minutes).
+    pub delay: Option<Duration>,
 }
 
 /// Whether a dead-lettered message went anywhere.

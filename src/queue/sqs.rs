@@ -232,6 +232,12 @@ impl JobQueue for SqsQueue {
                     .transpose()?,
             )
             .set_message_system_attributes(trace_header(options.trace_header.as_deref())?)
+            .set_delay_seconds(
+                options
+                    .delay
+                    .map(|d| d.as_secs().min(900) as i32)
+                    .filter(|&d| d > 0),
+            )
             .send()
             .await
             .map_err(|err| map_error(&self.queue_url, err))?;
