@@ -17,7 +17,8 @@
 #   jobs     many small broadcasts: 1,000 channel jobs of 5 connections
 #            through the real worker loop (`bench jobs`, in-process queue and
 #            audiences), with 0 and 10 ms added to every AWS call, at the
-#            default max_concurrent_jobs and at the old default of 4.
+#            default max_concurrent_jobs and at the old default of 4; then
+#            beside one 50,000-connection broadcast (rate and memory bounds).
 #   engine   the engine alone in the example binary (`bench broadcast`), per
 #            send path: a breakdown, not the production figure.
 #   limiter  the engine at 5,000/s: the rate limiter's accuracy.
@@ -50,8 +51,9 @@ has_case() { [[ ",$BENCH_CASES," == *",$1,"* ]]; }
 PROCESS_CASES="${PROCESS_CASES:-plain:20000:free plain:200000:free tls:20000:free plain:20000:bound}"
 FREE_RATE="${FREE_RATE:-1000000}"
 BOUND_RATE="${BOUND_RATE:-5000}"
-# jobs: latency_ms:max_concurrent_jobs (default: the configured default).
-JOBS_CASES="${JOBS_CASES:-0:default 10:default 10:4}"
+# jobs: latency_ms:max_concurrent_jobs[:huge] (default: the configured
+# default; huge: one whole-table broadcast of that many beside the small jobs).
+JOBS_CASES="${JOBS_CASES:-0:default 10:default 10:4 10:default:50000}"
 JOBS="${JOBS:-1000}"
 JOBS_AUDIENCE="${JOBS_AUDIENCE:-5}"
 JOBS_RATE="${JOBS_RATE:-10000}"
@@ -138,8 +140,28 @@ LUA
 
 PIDS=()
 stop_all() {
+  # /usr/bin/time's child (fanout) outlives a killed parent: its pid is
+  # collected first, by parent, while the parent still lives.
+  local all=() pid child
   for pid in "${PIDS[@]}"; do
+    all+=("$pid")
+    for child in $(pgrep -P "$pid" 2>/dev/null); do all+=("$child"); done
+  done
+  for pid in "${all[@]}"; do
     kill "$pid" 2>/dev/null || true
+  done
+  # A worker handed SIGTERM stops within FANOUT_SHUTDOWN_GRACE, but the
+  # emulators it would hand its job back to are gone: not waiting long.
+  for _ in $(seq 20); do
+    local alive=0
+    for pid in "${all[@]}"; do
+      kill -0 "$pid" 2>/dev/null && alive=1
+    done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for pid in "${all[@]}"; do
+    kill -KILL "$pid" 2>/dev/null || true
   done
   for pid in "${PIDS[@]}"; do
     wait "$pid" 2>/dev/null || true
@@ -261,7 +283,7 @@ PY
 process_cases() {
   local run=$1 case mode rows rate_kind table endpoint rate wrk_rps
   export FANOUT_QUEUE_URL FANOUT_METRICS_LISTEN="127.0.0.1:$METRICS_PORT" FANOUT_EMF_INTERVAL=0s \
-    FANOUT_RECEIVE_WAIT=1s FANOUT_MAX_IN_FLIGHT="$IN_FLIGHT"
+    FANOUT_RECEIVE_WAIT=1s FANOUT_MAX_IN_FLIGHT="$IN_FLIGHT" FANOUT_SHUTDOWN_GRACE=1s
   FANOUT_QUEUE_URL=$("$BIN" prepare --queue "fanout-bench-jobs")
   for case in $PROCESS_CASES; do
     IFS=: read -r mode rows rate_kind <<<"$case"
@@ -285,22 +307,24 @@ process_cases() {
     if [[ $rate_kind == free ]]; then wrk_rps=$(wrk_rate "$endpoint"); fi
     echo "kind=process run=$run mode=$mode rows=$rows rate=$rate rate_kind=$rate_kind $(cat "$WORK/line") wrk_per_s=$wrk_rps" >>"$OUT"
   done
-  unset FANOUT_QUEUE_URL FANOUT_METRICS_LISTEN FANOUT_EMF_INTERVAL FANOUT_RECEIVE_WAIT FANOUT_MAX_IN_FLIGHT
+  unset FANOUT_QUEUE_URL FANOUT_METRICS_LISTEN FANOUT_EMF_INTERVAL FANOUT_RECEIVE_WAIT FANOUT_MAX_IN_FLIGHT \
+    FANOUT_SHUTDOWN_GRACE
 }
 
 jobs_cases() {
   local run=$1
   for case in $JOBS_CASES; do
-    IFS=: read -r latency slots <<<"$case"
+    IFS=: read -r latency slots huge <<<"$case"
+    huge=${huge:-0}
     local endpoint=$ENDPOINT slots_env=()
     ((latency > 0)) && endpoint=$SLOW_ENDPOINT
     [[ $slots != default ]] && slots_env=(FANOUT_MAX_CONCURRENT_JOBS="$slots")
-    echo "bench: run $run, $JOBS jobs of $JOBS_AUDIENCE, ${latency} ms per AWS call, max_concurrent_jobs $slots" >&2
+    echo "bench: run $run, $JOBS jobs of $JOBS_AUDIENCE, ${latency} ms per AWS call, max_concurrent_jobs $slots, huge $huge" >&2
     local line
     line=$(env "${slots_env[@]}" FANOUT_QUEUE_URL="http://127.0.0.1:1/in-process" FANOUT_TABLE=in-process \
       FANOUT_CHANNEL_INDEX=by-channel FANOUT_GATEWAY_ENDPOINT="$endpoint" FANOUT_RATE_PER_SECOND="$JOBS_RATE" \
       "${ON_WORKER[@]}" "$BIN" jobs --jobs "$JOBS" --audience "$JOBS_AUDIENCE" --latency-ms "$latency" \
-      --payload-bytes "$PAYLOAD_BYTES" 2>"$WORK/jobs.err") || die "bench jobs failed: $(tail -5 "$WORK/jobs.err")"
+      --payload-bytes "$PAYLOAD_BYTES" --huge "$huge" 2>"$WORK/jobs.err") || die "bench jobs failed: $(tail -5 "$WORK/jobs.err")"
     echo "run=$run slots=$slots $line" >>"$OUT"
   done
 }

@@ -47,6 +47,10 @@ pub struct JobsArgs {
     latency_ms: u64,
     #[arg(long, default_value_t = 128)]
     payload_bytes: usize,
+    /// Also one whole-table broadcast to this many connections, first in
+    /// the queue: the small jobs run beside it, and it must keep the rate.
+    #[arg(long, default_value_t = 0)]
+    huge: u64,
 }
 
 pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
@@ -54,18 +58,27 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
     let targets = config.worker_targets()?;
     let latency = Duration::from_millis(args.latency_ms);
     let data = "x".repeat(args.payload_bytes);
+    let message = |n: u64, body: serde_json::Value| Message {
+        id: format!("m-{n}"),
+        body: body.to_string(),
+        receipt: Receipt(format!("r-{n}")),
+        receive_count: 1,
+        group_id: None,
+    };
+    let huge = (args.huge > 0)
+        .then(|| message(args.jobs, serde_json::json!({"id": "huge", "data": data})));
+    let total = args.jobs + u64::from(huge.is_some());
     let queue = Arc::new(MemoryQueue {
         latency,
         visible: Mutex::new(
-            (0..args.jobs)
-                .map(|n| Message {
-                    id: format!("m-{n}"),
-                    body: serde_json::json!({"id": format!("room-{n}"), "data": data, "channel": format!("room-{n}")})
-                        .to_string(),
-                    receipt: Receipt(format!("r-{n}")),
-                    receive_count: 1,
-                    group_id: None,
-                })
+            huge.into_iter()
+                .chain((0..args.jobs).map(|n| {
+                    let room = format!("room-{n}");
+                    message(
+                        n,
+                        serde_json::json!({"id": room, "data": data, "channel": room}),
+                    )
+                }))
                 .collect(),
         ),
         deleted: AtomicU64::new(0),
@@ -74,6 +87,11 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
         audience: args.audience,
         latency,
         removed: AtomicU64::new(0),
+        whole: crate::audience::GeneratedTable {
+            rows: args.huge,
+            page_size: u64::from(config.page_size),
+            removed: AtomicU64::new(0),
+        },
     });
 
     let sdk = crate::sdk_config().await;
@@ -137,26 +155,26 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
     let done = Metrics::get(&metrics.jobs_completed);
     let deleted = queue.deleted.load(Ordering::Relaxed);
     anyhow::ensure!(
-        done == args.jobs && deleted == args.jobs,
-        "{done} jobs completed and {deleted} deleted of {}",
-        args.jobs
+        done == total && deleted == total,
+        "{done} jobs completed and {deleted} deleted of {total}"
     );
     let posts = Metrics::get(&metrics.posts);
     println!(
         "kind=jobs jobs={done} audience={} latency_ms={} max_concurrent_jobs={} rate={} \
          posts={posts} secs={:.3} jobs_per_s={:.0} posts_per_s={:.0} cpu_us_per_job={:.1} \
-         cpu_s={:.3} peak_rss_mb={:.1} removed={}",
+         cpu_s={:.3} peak_rss_mb={:.1} removed={} huge={}",
         args.audience,
         args.latency_ms,
         config.max_concurrent_jobs,
         config.rate_per_second.unwrap_or(0),
         wall.as_secs_f64(),
-        done as f64 / wall.as_secs_f64(),
+        args.jobs as f64 / wall.as_secs_f64(),
         posts as f64 / wall.as_secs_f64(),
-        cpu.as_secs_f64() * 1e6 / done.max(1) as f64,
+        cpu.as_secs_f64() * 1e6 / args.jobs.max(1) as f64,
         cpu.as_secs_f64(),
         crate::peak_rss_kb()? as f64 / 1024.0,
         store.removed.load(Ordering::Relaxed),
+        args.huge,
     );
     Ok(())
 }
@@ -202,11 +220,13 @@ impl JobQueue for MemoryQueue {
 }
 
 /// Channel `room-{n}` holds `conn-{n·a}` … `conn-{n·a+a-1}`: one Query page
-/// after `latency`; removals wait as long and are counted.
+/// after `latency`; removals wait as long and are counted. The whole table
+/// (the huge broadcast) is generated, `latency` before each page.
 struct Channels {
     audience: u64,
     latency: Duration,
     removed: AtomicU64,
+    whole: crate::audience::GeneratedTable,
 }
 
 impl ConnectionStore for Channels {
@@ -219,7 +239,17 @@ impl ConnectionStore for Channels {
             AudienceQuery::Channel(channel) => channel
                 .strip_prefix("room-")
                 .and_then(|n| n.parse::<u64>().ok()),
-            _ => None,
+            _ => {
+                let latency = self.latency;
+                return self
+                    .whole
+                    .pages(query, None)
+                    .then(move |page| async move {
+                        tokio::time::sleep(latency).await;
+                        page
+                    })
+                    .boxed();
+            }
         };
         let (latency, audience) = (self.latency, self.audience);
         stream::once(async move {
