@@ -3,7 +3,8 @@
 # answers at once (410 for 5 % of the ids), next to wrk on the same sink in
 # the same run; see BENCHMARKS.md for what each case is.
 #
-#   scripts/bench.sh                          the default cases, 3 runs (~12 min)
+#   scripts/bench.sh                          the default cases, 3 runs (~7 min on a
+#                                             quiet machine, ~17 at load 4-7)
 #   scripts/bench.sh --runs 5 --cases process,jobs
 #   scripts/bench.sh --quick                  1 run of process and jobs (~3 min)
 #   scripts/bench.sh --no-build ...           use the binaries already built
