@@ -1,53 +1,94 @@
 #!/usr/bin/env bash
-# Issue 5's benchmark: one broadcast per send path (sdk, lean) through the
-# real engine, against a local sink that answers at once (410 for 5 % of the
-# ids), and a plain HTTP load generator (wrk) on the same sink at the same
-# concurrency, side by side; then the rate limiter at 5,000/s, and SQS (moto)
-# to first delivery through the real worker.
+# fanout's benchmark, one command. Every case runs against a local sink that
+# answers at once (410 for 5 % of the ids), next to wrk on the same sink in
+# the same run; see BENCHMARKS.md for what each case is.
 #
-#   scripts/bench.sh                      3 runs of every case
-#   RUNS=1 CASES="20000:table" scripts/bench.sh
+#   scripts/bench.sh                          the default cases, 3 runs (~7 min on a
+#                                             quiet machine, ~17 at load 4-7)
+#   scripts/bench.sh --runs 5 --cases process,jobs
+#   scripts/bench.sh --quick                  1 run of process and jobs (~3 min)
+#   scripts/bench.sh --no-build ...           use the binaries already built
 #
-# A case is N:store. `table`: the audience is loaded into a DynamoDB table on
-# dynalite first (not measured), then scanned page by page by the real
-# DynamoStore during the broadcast, and gone rows are deleted with
-# BatchWriteItem. `generated`: the pages are generated in process (a
-# 1,000,000-row dynalite scan would measure dynalite), gone rows counted.
+# Cases (--cases, comma-separated; default process,jobs,engine,limiter,latency):
+#   process  the `fanout` binary itself (`fanout run --exit-when-idle`, release)
+#            as a process: one SQS job on moto, the audience scanned from a
+#            dynalite table, gone rows deleted; rate set but not binding
+#            (plain HTTP and TLS; 20,000 and 200,000 rows) and binding.
+#            CPU and peak RSS are the process's own (bash's `time` for the
+#            CPU, /usr/bin/time exec'ing fanout for the peak RSS).
+#   jobs     many small broadcasts: 1,000 channel jobs of 5 connections
+#            through the real worker loop (`bench jobs`, in-process queue and
+#            audiences), with 0 and 10 ms added to every AWS call, at the
+#            default max_concurrent_jobs and at the old default of 4; then
+#            beside one 50,000-connection broadcast (rate and memory bounds).
+#   engine   the engine alone in the example binary (`bench broadcast`), per
+#            send path: a breakdown, not the production figure.
+#   limiter  the engine at 5,000/s: the rate limiter's accuracy.
+#   latency  SQS (moto) to first delivery through the worker.
+#   split    one broadcast as 1 job and as $(nproc) split jobs, unpinned.
 #
-# Builds the release example `bench` (examples/bench/). The worker and wrk
-# are pinned to one core, the sink and dynalite to the other (taskset);
-# then, unpinned, one broadcast as 1 job and as $(nproc) split jobs at once.
-# Figures: posts/s,
-# CPU µs per post (getrusage of the worker over the broadcast), peak RSS
-# (VmHWM), wrk's requests/s, and the ratio. Results go to stdout and, raw, to
-# $OUT (default target/bench/results-<time>.txt).
+# The worker and wrk are pinned to one core, the sinks and emulators to the
+# other (taskset). Raw lines go to $OUT (default target/bench/results-<time>.txt),
+# the markdown summary to $SUMMARY (default the same name, .md) and stdout.
+# Every process started here is stopped by its pid on exit, interrupted or not.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUNS="${RUNS:-3}"
-CASES="${CASES:-20000:table 20000:generated 1000000:generated}"
-PATHS="${PATHS:-sdk lean}"
+BENCH_CASES="${BENCH_CASES:-process,jobs,engine,limiter,latency}"
+while (($#)); do
+  case "$1" in
+    --runs) RUNS="$2"; shift 2 ;;
+    --cases) BENCH_CASES="$2"; shift 2 ;;
+    --quick) RUNS=1; BENCH_CASES=process,jobs; shift ;;
+    --no-build) NO_BUILD=1; shift ;;
+    --out) OUT="$2"; shift 2 ;;
+    -h | --help) sed -n '2,30p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) echo "bench: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+has_case() { [[ ",$BENCH_CASES," == *",$1,"* ]]; }
+
+# process: mode:rows:rate, mode plain|tls, rate free (set, never binding)
+# or bound (BOUND_RATE).
+PROCESS_CASES="${PROCESS_CASES:-plain:20000:free plain:200000:free tls:20000:free plain:20000:bound}"
+FREE_RATE="${FREE_RATE:-1000000}"
+BOUND_RATE="${BOUND_RATE:-5000}"
+# jobs: latency_ms:max_concurrent_jobs[:huge] (default: the configured
+# default; huge: one whole-table broadcast of that many beside the small jobs).
+JOBS_CASES="${JOBS_CASES:-0:default 10:default 10:4 10:default:50000}"
+JOBS="${JOBS:-1000}"
+JOBS_AUDIENCE="${JOBS_AUDIENCE:-5}"
+JOBS_RATE="${JOBS_RATE:-10000}"
+# engine: N:store (table: scanned from dynalite; generated: in process).
+ENGINE_CASES="${ENGINE_CASES:-${CASES:-20000:table 1000000:generated}}"
+PATHS="${PATHS:-lean sdk}"
+ENGINE_SDK_MAX="${ENGINE_SDK_MAX:-20000}"
 IN_FLIGHT="${IN_FLIGHT:-256}"
 PAYLOAD_BYTES="${PAYLOAD_BYTES:-128}"
-PORT="${PORT:-5390}"
-DYNAMODB_PORT="${DYNAMODB_PORT:-5389}"
-SQS_PORT="${SQS_PORT:-5388}"
-# Jobs per run and path for SQS → first delivery (0: skip; needs moto).
 LATENCY_JOBS="${LATENCY_JOBS:-20}"
-WRK_SECONDS="${WRK_SECONDS:-5}"
-# The multi-core case: N connections as 1 job, then as SPLIT_JOBS segment
-# jobs at once, unpinned (0 or 1: skip).
+WRK_SECONDS="${WRK_SECONDS:-3}"
 SPLIT_JOBS="${SPLIT_JOBS:-$(nproc)}"
 SPLIT_N="${SPLIT_N:-1000000}"
 LIMIT_RATE="${LIMIT_RATE:-5000}"
 LIMIT_SECONDS="${LIMIT_SECONDS:-10}"
 WORKER_CPU="${WORKER_CPU:-0}"
 SINK_CPU="${SINK_CPU:-1}"
+# Ports: the sink (plain, TLS, and plain with 10 ms of delay), dynalite,
+# moto, and the worker's metrics listener.
+PORT="${PORT:-5790}"
+TLS_PORT="${TLS_PORT:-5791}"
+SLOW_PORT="${SLOW_PORT:-5792}"
+DYNAMODB_PORT="${DYNAMODB_PORT:-5793}"
+SQS_PORT="${SQS_PORT:-5794}"
+METRICS_PORT="${METRICS_PORT:-5795}"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 OUT="${OUT:-$TARGET/bench/results-$(date -u +%Y%m%dT%H%M%SZ).txt}"
+SUMMARY="${SUMMARY:-${OUT%.txt}.md}"
 # BUILD=debug only checks the script itself: debug figures mean nothing.
 BUILD="${BUILD:-release}"
 BIN="$TARGET/$BUILD/examples/bench"
+FANOUT="$TARGET/$BUILD/fanout"
 
 die() {
   echo "bench: $*" >&2
@@ -61,6 +102,8 @@ if ! command -v wrk >/dev/null; then
     die "wrk not found; install it (Debian: apt-get install wrk)"
   fi
 fi
+[[ -x /usr/bin/time ]] || die "/usr/bin/time not found (Debian: apt-get install time)"
+command -v openssl >/dev/null || die "openssl not found (the TLS case makes a test CA with it)"
 
 # Pin where taskset and a second core exist; run unpinned otherwise. A
 # prefix, not a function: a background process's $! must be its own pid.
@@ -73,20 +116,31 @@ if command -v taskset >/dev/null && (($(nproc) >= 2)); then
   ON_SINK=(taskset -c "$SINK_CPU")
 fi
 
-echo "bench: building the $BUILD benchmark" >&2
-if [[ $BUILD == release ]]; then
-  (cd "$ROOT" && cargo build --release --quiet --example bench)
-else
-  (cd "$ROOT" && cargo build --quiet --example bench)
+profile=()
+[[ $BUILD == release ]] && profile=(--release)
+# Two invocations: the binary alone, as CI and the Dockerfile build it (one
+# invocation with the example would unify dev-dependency features, such as
+# tokio's test-util, into the binary measured).
+if [[ -z "${NO_BUILD:-}" ]]; then
+  echo "bench: building the $BUILD fanout binary and benchmark" >&2
+  (cd "$ROOT" && cargo build "${profile[@]}" --quiet --bin fanout && cargo build "${profile[@]}" --quiet --example bench)
 fi
+[[ -x $FANOUT && -x $BIN ]] || die "$FANOUT or $BIN missing: run without --no-build"
 
-if [[ "$CASES" == *:table* ]] || ((LATENCY_JOBS > 0)); then
+NEED_DYNALITE=0
+NEED_MOTO=0
+if has_case process || { has_case engine && [[ "$ENGINE_CASES" == *:table* ]]; }; then NEED_DYNALITE=1; fi
+if has_case process || { has_case latency && ((LATENCY_JOBS > 0)); }; then NEED_MOTO=1; fi
+if ((NEED_DYNALITE || NEED_MOTO)); then
   "$ROOT/scripts/emulators.sh" install
 fi
 
 mkdir -p "$(dirname "$OUT")"
+WORK="$(mktemp -d "$(dirname "$OUT")/run.XXXXXX")"
 ENDPOINT="http://127.0.0.1:$PORT/bench"
-LUA="$(dirname "$OUT")/post.lua"
+TLS_ENDPOINT="https://localhost:$TLS_PORT/bench"
+SLOW_ENDPOINT="http://127.0.0.1:$SLOW_PORT/bench"
+LUA="$WORK/post.lua"
 # The same POST as the worker's: the payload to one live connection.
 cat >"$LUA" <<LUA
 wrk.method = "POST"
@@ -94,54 +148,219 @@ wrk.body = string.rep("x", $PAYLOAD_BYTES)
 LUA
 
 PIDS=()
-trap 'for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done' EXIT
+stop_all() {
+  # /usr/bin/time's child (fanout) outlives a killed parent: its pid is
+  # collected first, by parent, while the parent still lives.
+  local all=() pid child
+  for pid in "${PIDS[@]}"; do
+    all+=("$pid")
+    for child in $(pgrep -P "$pid" 2>/dev/null); do all+=("$child"); done
+  done
+  for pid in "${all[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  # A worker handed SIGTERM stops within FANOUT_SHUTDOWN_GRACE, but the
+  # emulators it would hand its job back to are gone: not waiting long.
+  for _ in $(seq 20); do
+    local alive=0
+    for pid in "${all[@]}"; do
+      kill -0 "$pid" 2>/dev/null && alive=1
+    done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for pid in "${all[@]}"; do
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  rm -rf "$WORK"
+}
+trap stop_all EXIT
+trap 'exit 130' INT TERM
 wait_port() {
-  for _ in $(seq 100); do
+  for _ in $(seq 150); do
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return
     kill -0 "$2" 2>/dev/null || break
     sleep 0.1
   done
   die "$3 did not start on port $1 (taken?)"
 }
+
+# A test CA and a certificate for localhost signed by it, made for this run
+# only; the worker trusts the CA through SSL_CERT_FILE (the lean path loads
+# the platform's roots with rustls-native-certs, which reads it).
+make_tls() {
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj "/CN=fanout bench test CA" -keyout "$WORK/ca.key" -out "$WORK/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+    -keyout "$WORK/sink.key" -out "$WORK/sink.csr" 2>/dev/null
+  printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=CA:FALSE" \
+    "keyUsage=digitalSignature" "extendedKeyUsage=serverAuth" >"$WORK/sink.ext"
+  openssl x509 -req -in "$WORK/sink.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" \
+    -CAcreateserial -days 2 -extfile "$WORK/sink.ext" -out "$WORK/sink.pem" 2>/dev/null
+}
+
 "${ON_SINK[@]}" "$BIN" sink --port "$PORT" >/dev/null 2>&1 &
 PIDS+=($!)
 wait_port "$PORT" "$!" sink
-if [[ "$CASES" == *:table* ]]; then
+if has_case process && [[ "$PROCESS_CASES" == *tls:* ]]; then
+  make_tls
+  "${ON_SINK[@]}" "$BIN" sink --port "$TLS_PORT" --tls-cert "$WORK/sink.pem" \
+    --tls-key "$WORK/sink.key" >/dev/null 2>&1 &
+  PIDS+=($!)
+  wait_port "$TLS_PORT" "$!" "TLS sink"
+fi
+if has_case jobs; then
+  "${ON_SINK[@]}" "$BIN" sink --port "$SLOW_PORT" --delay-ms 10 >/dev/null 2>&1 &
+  PIDS+=($!)
+  wait_port "$SLOW_PORT" "$!" "delayed sink"
+fi
+if ((NEED_DYNALITE)); then
   "${ON_SINK[@]}" node "$ROOT/.local/node/node_modules/dynalite/cli.js" --host 127.0.0.1 \
     --port "$DYNAMODB_PORT" --createTableMs 0 --deleteTableMs 0 >/dev/null 2>&1 &
   PIDS+=($!)
   wait_port "$DYNAMODB_PORT" "$!" dynalite
 fi
-if ((LATENCY_JOBS > 0)); then
+if ((NEED_MOTO)); then
   "${ON_SINK[@]}" "$ROOT/.local/venv/bin/moto_server" -H 127.0.0.1 -p "$SQS_PORT" >/dev/null 2>&1 &
   PIDS+=($!)
   wait_port "$SQS_PORT" "$!" moto
 fi
 export AWS_ENDPOINT_URL_DYNAMODB="http://127.0.0.1:$DYNAMODB_PORT" \
-  AWS_ENDPOINT_URL_SQS="http://127.0.0.1:$SQS_PORT" AWS_EC2_METADATA_DISABLED=true
+  AWS_ENDPOINT_URL_SQS="http://127.0.0.1:$SQS_PORT" AWS_EC2_METADATA_DISABLED=true \
+  AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test
+unset AWS_SESSION_TOKEN AWS_PROFILE
 
 {
   echo "# machine: $(nproc) cores, $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1), $(uname -sr)"
   echo "# rustc: $(rustc --version), wrk: $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)"
-  echo "# pinned: $([[ $PIN == 1 ]] && echo "worker+wrk cpu $WORKER_CPU, sink cpu $SINK_CPU" || echo no)"
-  echo "# build $BUILD, in flight $IN_FLIGHT, payload $PAYLOAD_BYTES B, load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "# commit: $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- src examples || echo ' (modified)')"
+  echo "# pinned: $([[ $PIN == 1 ]] && echo "worker+wrk cpu $WORKER_CPU, sinks+emulators cpu $SINK_CPU" || echo no)"
+  echo "# build $BUILD, in flight $IN_FLIGHT, payload $PAYLOAD_BYTES B, runs $RUNS, cases $BENCH_CASES"
+  echo "# load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 } >"$OUT"
 
-for run in $(seq "$RUNS"); do
-  for case in $CASES; do
-    n=${case%%:*}
-    store=${case#*:}
+wrk_rate() { # URL → requests/s of wrk on the worker's core
+  "${ON_WORKER[@]}" wrk -t1 -c"$IN_FLIGHT" -d"${WRK_SECONDS}s" -s "$LUA" "$1/@connections/conn-1" |
+    awk '/^Requests\/sec:/ {print $2}'
+}
+
+# One `fanout run --exit-when-idle` on table $1 to endpoint $2 at rate $3
+# (the queue and the rest from FANOUT_* in the environment); appends its
+# key=value figures to $WORK/line. Not in a subshell: the process must be in
+# PIDS for the trap. CPU: bash's `time` of the process (getrusage of the
+# reaped child, ms resolution). Peak RSS: /usr/bin/time, which execs fanout
+# straight from its own small process (the kernel carries a parent's
+# high-water RSS across exec into ru_maxrss: from a big parent, the figure
+# would be the parent's).
+fanout_run() {
+  local table=$1 endpoint=$2 rate=$3 log="$WORK/fanout.log" rss="$WORK/rss" cpu="$WORK/cpu" pid
+  "$FANOUT" enqueue --data "$(head -c "$PAYLOAD_BYTES" /dev/zero | tr '\0' x)" --id bench \
+    >/dev/null 2>"$WORK/enqueue.err" || die "enqueue failed: $(cat "$WORK/enqueue.err")"
+  local TIMEFORMAT="%3U %3S %3R"
+  {
+    time {
+      FANOUT_TABLE="$table" FANOUT_GATEWAY_ENDPOINT="$endpoint" FANOUT_RATE_PER_SECOND="$rate" \
+        "${ON_WORKER[@]}" /usr/bin/time -f "%M" -o "$rss" "$FANOUT" run --exit-when-idle >"$log" 2>&1 &
+      pid=$!
+      PIDS+=("$pid")
+      wait "$pid" || die "fanout run failed: $(tail -5 "$log")"
+    }
+  } 2>"$cpu"
+  python3 - "$log" "$rss" "$cpu" >"$WORK/line" <<'PY'
+import json, sys
+log, rss, cpu = sys.argv[1:]
+lines = [json.loads(l) for l in open(log) if l.startswith("{")]
+jobs = [l for l in lines if l.get("message") == "broadcast"]
+if len(jobs) != 1 or jobs[0].get("status") != "done":
+    sys.exit(f"expected one finished broadcast in {log}, got {jobs}")
+j = jobs[0]
+user, system, wall = (float(v) for v in open(cpu).read().split()[-3:])
+posts = j["delivered"] + j["gone"] + j["failed"] + j["retries"]
+secs = j["duration_ms"] / 1e3
+cpu_s = user + system
+print(f"posts={posts} secs={secs:.3f} posts_per_s={posts / secs:.0f} "
+      f"cpu_s={cpu_s:.3f} cpu_us_per_post={cpu_s * 1e6 / posts:.2f} process_wall_s={wall:.3f} "
+      f"peak_rss_mb={int(open(rss).read().split()[-1]) / 1024:.1f} delivered={j['delivered']} "
+      f"gone={j['gone']} removed={j['removed']} failed={j['failed']} retries={j['retries']} "
+      f"throttled={j['throttled']}")
+PY
+}
+
+process_cases() {
+  local run=$1 case mode rows rate_kind table endpoint rate wrk_rps
+  export FANOUT_QUEUE_URL FANOUT_METRICS_LISTEN="127.0.0.1:$METRICS_PORT" FANOUT_EMF_INTERVAL=0s \
+    FANOUT_RECEIVE_WAIT=1s FANOUT_MAX_IN_FLIGHT="$IN_FLIGHT" FANOUT_SHUTDOWN_GRACE=1s
+  FANOUT_QUEUE_URL=$("$BIN" prepare --queue "fanout-bench-jobs")
+  for case in $PROCESS_CASES; do
+    IFS=: read -r mode rows rate_kind <<<"$case"
+    table="fanout-bench-$rows" endpoint=$ENDPOINT rate=$FREE_RATE wrk_rps=""
+    if [[ ! -e "$WORK/table-$rows" ]]; then
+      echo "bench: loading $rows rows into dynalite (not measured)" >&2
+      "$BIN" prepare --table "$table" --connections "$rows"
+      touch "$WORK/table-$rows"
+    else
+      # The last broadcast deleted the gone rows.
+      "$BIN" prepare --table "$table" --connections "$rows" --only-gone
+    fi
+    [[ $rate_kind == bound ]] && rate=$BOUND_RATE
+    if [[ $mode == tls ]]; then
+      endpoint=$TLS_ENDPOINT
+      export SSL_CERT_FILE="$WORK/ca.pem"
+    fi
+    echo "bench: run $run, fanout run, $rows rows from dynalite, $mode, rate $rate" >&2
+    fanout_run "$table" "$endpoint" "$rate"
+    unset SSL_CERT_FILE
+    if [[ $rate_kind == free ]]; then wrk_rps=$(wrk_rate "$endpoint"); fi
+    echo "kind=process run=$run mode=$mode rows=$rows rate=$rate rate_kind=$rate_kind $(cat "$WORK/line") wrk_per_s=$wrk_rps" >>"$OUT"
+  done
+  unset FANOUT_QUEUE_URL FANOUT_METRICS_LISTEN FANOUT_EMF_INTERVAL FANOUT_RECEIVE_WAIT FANOUT_MAX_IN_FLIGHT \
+    FANOUT_SHUTDOWN_GRACE
+}
+
+jobs_cases() {
+  local run=$1
+  for case in $JOBS_CASES; do
+    IFS=: read -r latency slots huge <<<"$case"
+    huge=${huge:-0}
+    local endpoint=$ENDPOINT slots_env=()
+    ((latency > 0)) && endpoint=$SLOW_ENDPOINT
+    [[ $slots != default ]] && slots_env=(FANOUT_MAX_CONCURRENT_JOBS="$slots")
+    echo "bench: run $run, $JOBS jobs of $JOBS_AUDIENCE, ${latency} ms per AWS call, max_concurrent_jobs $slots, huge $huge" >&2
+    local line
+    line=$(env "${slots_env[@]}" FANOUT_QUEUE_URL="http://127.0.0.1:1/in-process" FANOUT_TABLE=in-process \
+      FANOUT_CHANNEL_INDEX=by-channel FANOUT_GATEWAY_ENDPOINT="$endpoint" FANOUT_RATE_PER_SECOND="$JOBS_RATE" \
+      "${ON_WORKER[@]}" "$BIN" jobs --jobs "$JOBS" --audience "$JOBS_AUDIENCE" --latency-ms "$latency" \
+      --payload-bytes "$PAYLOAD_BYTES" --huge "$huge" 2>"$WORK/jobs.err") || die "bench jobs failed: $(tail -5 "$WORK/jobs.err")"
+    echo "run=$run slots=$slots $line" >>"$OUT"
+  done
+}
+
+engine_cases() {
+  local run=$1
+  for case in $ENGINE_CASES; do
+    local n=${case%%:*} store=${case#*:}
     [[ $store == table ]] && store=dynamo
     for path in $PATHS; do
-      echo "bench: run $run, N=$n from $store, $path" >&2
+      # The SDK path is 6,000 posts/s: a 1,000,000 broadcast takes minutes.
+      [[ $path == sdk ]] && ((n > ENGINE_SDK_MAX)) && continue
+      echo "bench: run $run, engine only, N=$n from $store, $path" >&2
+      local line wrk_rps
       line=$("${ON_WORKER[@]}" "$BIN" broadcast --path "$path" --store "$store" --connections "$n" \
         --endpoint "$ENDPOINT" --max-in-flight "$IN_FLIGHT" --payload-bytes "$PAYLOAD_BYTES")
-      wrk_rps=$("${ON_WORKER[@]}" wrk -t1 -c"$IN_FLIGHT" -d"${WRK_SECONDS}s" -s "$LUA" \
-        "$ENDPOINT/@connections/conn-1" | awk '/^Requests\/sec:/ {print $2}')
+      wrk_rps=$(wrk_rate "$ENDPOINT")
       echo "kind=broadcast run=$run $line wrk_per_s=$wrk_rps" >>"$OUT"
     done
   done
-  if ((SPLIT_JOBS > 1)); then
+}
+
+for run in $(seq "$RUNS"); do
+  has_case process && process_cases "$run"
+  has_case jobs && jobs_cases "$run"
+  has_case engine && engine_cases "$run"
+  if has_case split && ((SPLIT_JOBS > 1)); then
     # Every core: the broadcast as one job, then split into segment jobs
     # run at once (as the worker runs a split broadcast), unpinned.
     for jobs in 1 "$SPLIT_JOBS"; do
@@ -151,12 +370,14 @@ for run in $(seq "$RUNS"); do
       echo "kind=split run=$run $line" >>"$OUT"
     done
   fi
-  echo "bench: run $run, rate limiter at $LIMIT_RATE/s" >&2
-  line=$("${ON_WORKER[@]}" "$BIN" broadcast --path lean --connections $((LIMIT_RATE * LIMIT_SECONDS)) \
-    --endpoint "$ENDPOINT" --max-in-flight "$IN_FLIGHT" --rate "$LIMIT_RATE")
-  echo "kind=limiter run=$run rate=$LIMIT_RATE $line" >>"$OUT"
-  if ((LATENCY_JOBS > 0)); then
-    for path in $PATHS; do
+  if has_case limiter; then
+    echo "bench: run $run, engine only, rate limiter at $LIMIT_RATE/s" >&2
+    line=$("${ON_WORKER[@]}" "$BIN" broadcast --path lean --connections $((LIMIT_RATE * LIMIT_SECONDS)) \
+      --endpoint "$ENDPOINT" --max-in-flight "$IN_FLIGHT" --rate "$LIMIT_RATE")
+    echo "kind=limiter run=$run rate=$LIMIT_RATE $line" >>"$OUT"
+  fi
+  if has_case latency && ((LATENCY_JOBS > 0)); then
+    for path in lean; do
       echo "bench: run $run, SQS to first delivery, $path" >&2
       line=$("${ON_WORKER[@]}" "$BIN" latency --path "$path" --endpoint "$ENDPOINT" --jobs "$LATENCY_JOBS")
       echo "run=$run $line" >>"$OUT"
@@ -164,5 +385,6 @@ for run in $(seq "$RUNS"); do
   fi
 done
 
-python3 "$ROOT/scripts/bench_summary.py" "$OUT"
-echo "bench: raw results in $OUT" >&2
+echo "# load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT"
+python3 "$ROOT/scripts/bench_summary.py" "$OUT" | tee "$SUMMARY"
+echo "bench: raw results in $OUT, summary in $SUMMARY" >&2

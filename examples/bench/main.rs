@@ -13,9 +13,17 @@
 //!   worker on an SQS queue (moto, `AWS_ENDPOINT_URL_SQS`); K jobs sent while
 //!   its long poll waits; prints the time from send to the first post.
 //!
+//! - `bench jobs --jobs K --audience A`: many small channel broadcasts
+//!   through the real worker loop (see `jobs.rs`).
+//! - `bench prepare --table T --connections N [--only-gone]` and
+//!   `bench prepare --queue Q`: the DynamoDB table and SQS queue that
+//!   `scripts/bench.sh` runs the `fanout` binary itself against (prints the
+//!   queue URL).
+//!
 //! Timing lives here, never in the tests.
 
 mod audience;
+mod jobs;
 mod latency;
 mod sink;
 mod table;
@@ -57,6 +65,29 @@ enum Command {
     Sink {
         #[arg(long)]
         port: u16,
+        /// Serve TLS with this certificate chain (PEM) and `--tls-key`.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
+        /// Answer each request this long after reading it.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// Many small channel broadcasts through the real worker.
+    Jobs(jobs::JobsArgs),
+    /// Create (or refill) the table, or create the queue, for `fanout run`.
+    Prepare {
+        #[arg(long, requires = "connections")]
+        table: Option<String>,
+        #[arg(long)]
+        connections: Option<u64>,
+        /// Write only the rows the sink calls gone (after a broadcast
+        /// deleted them) into an existing table.
+        #[arg(long, requires = "table")]
+        only_gone: bool,
+        #[arg(long)]
+        queue: Option<String>,
     },
     /// Run one broadcast and print its figures.
     Broadcast(BroadcastArgs),
@@ -116,11 +147,35 @@ enum SendPath {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
-        Command::Sink { port } => tokio::runtime::Builder::new_current_thread()
+        Command::Sink {
+            port,
+            tls_cert,
+            tls_key,
+            delay_ms,
+        } => {
+            let tls = tls_cert
+                .as_deref()
+                .zip(tls_key.as_deref())
+                .map(|(cert, key)| sink::TlsFiles { cert, key });
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(sink::serve(port, tls, Duration::from_millis(delay_ms)))
+                .context("the sink stopped")
+        }
+        Command::Jobs(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
-            .block_on(sink::serve(port))
-            .context("the sink stopped"),
+            .block_on(jobs::run(args)),
+        Command::Prepare {
+            table,
+            connections,
+            only_gone,
+            queue,
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(prepare(table, connections.unwrap_or(0), only_gone, queue)),
         // Worker threads follow the CPU affinity (taskset), as in a task.
         Command::Broadcast(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -135,6 +190,34 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(latency(path, endpoint, jobs)),
     }
+}
+
+async fn prepare(
+    table: Option<String>,
+    connections: u64,
+    only_gone: bool,
+    queue: Option<String>,
+) -> anyhow::Result<()> {
+    let config = sdk_config().await;
+    if let Some(name) = table {
+        let client = fanout::aws::dynamodb_client(&config);
+        if !only_gone {
+            table::create(&client, &name).await?;
+        }
+        table::load(&client, &name, connections, only_gone).await?;
+    }
+    if let Some(name) = queue {
+        let url = fanout::aws::sqs_client(&config, Duration::ZERO)
+            .create_queue()
+            .queue_name(name)
+            .send()
+            .await
+            .context("create the queue (is moto up and AWS_ENDPOINT_URL_SQS set?)")?
+            .queue_url
+            .context("CreateQueue answered without a URL")?;
+        println!("{url}");
+    }
+    Ok(())
 }
 
 async fn sdk_config() -> aws_config::SdkConfig {

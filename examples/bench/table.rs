@@ -15,6 +15,8 @@ use fanout::store::dynamo::DynamoStore;
 use fanout::store::{AudienceQuery, ConnectionStore};
 use futures::{StreamExt, TryStreamExt, stream};
 
+use crate::audience::GONE_EVERY;
+
 pub const KEY: &str = "connectionId";
 
 /// BatchWriteItem's limit.
@@ -22,6 +24,12 @@ const BATCH: u64 = 25;
 
 /// Creates `table` keyed by [`KEY`] and writes `rows` connection rows.
 pub async fn create_and_load(client: &Client, table: &str, rows: u64) -> anyhow::Result<()> {
+    create(client, table).await?;
+    load(client, table, rows, false).await
+}
+
+/// Creates `table` keyed by [`KEY`], empty.
+pub async fn create(client: &Client, table: &str) -> anyhow::Result<()> {
     client
         .create_table()
         .table_name(table)
@@ -57,16 +65,25 @@ pub async fn create_and_load(client: &Client, table: &str, rows: u64) -> anyhow:
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(())
+}
 
-    stream::iter((0..rows).step_by(BATCH as usize))
-        .map(|start| write_batch(client, table, start, (start + BATCH).min(rows)))
+/// Writes the rows `conn-0` … `conn-{rows-1}`, or only the gone ones among
+/// them (a broadcast deleted those: the next run needs them back).
+pub async fn load(client: &Client, table: &str, rows: u64, only_gone: bool) -> anyhow::Result<()> {
+    let ids: Vec<u64> = (0..rows)
+        .filter(|n| !only_gone || n % GONE_EVERY == 0)
+        .collect();
+    stream::iter(ids.chunks(BATCH as usize))
+        .map(|chunk| write_batch(client, table, chunk))
         .buffer_unordered(16)
         .try_collect::<()>()
         .await
 }
 
-async fn write_batch(client: &Client, table: &str, start: u64, end: u64) -> anyhow::Result<()> {
-    let requests = (start..end)
+async fn write_batch(client: &Client, table: &str, ids: &[u64]) -> anyhow::Result<()> {
+    let requests = ids
+        .iter()
         .map(|n| {
             let put = PutRequest::builder()
                 .item(KEY, AttributeValue::S(format!("conn-{n}")))
