@@ -7,12 +7,19 @@
 //! the file, or the exact environment variable), because the operator has to
 //! find and fix it in an ECS task definition.
 
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize};
+
+use crate::backoff::Backoff;
+use crate::fanout::EngineSettings;
+use crate::job::Capabilities;
+use crate::limiter::RateSettings;
+use crate::worker::WorkerSettings;
 
 /// The documented defaults, compiled in so the binary needs no file.
 pub const DEFAULTS: &str = include_str!("../config/default.toml");
@@ -246,6 +253,53 @@ impl Config {
             table,
             gateway_endpoint,
         })
+    }
+
+    /// The send budget's rate; `None` without a limit (a rate of 0, or a
+    /// burst of 0).
+    pub fn rate_settings(&self) -> Option<RateSettings> {
+        Some(RateSettings {
+            per_second: NonZeroU32::new(self.rate_per_second?)?,
+            burst: NonZeroU32::new(self.rate_burst)?,
+            adaptive: self.adaptive_rate,
+        })
+    }
+
+    /// How the engine sends, as the worker and the benchmarks run it.
+    pub fn engine_settings(&self) -> EngineSettings {
+        EngineSettings {
+            send_backoff: Backoff {
+                base: self.send_retry_base,
+                max: self.send_retry_max,
+                max_attempts: self.send_attempts,
+            },
+            throttle_deadline: self.throttle_deadline,
+            deferred_passes: self.deferred_passes,
+            pass_pause: self.send_retry_max,
+            max_in_flight: self.max_in_flight as usize,
+            scan_segments: self.scan_segments,
+        }
+    }
+
+    /// How the worker consumes the queue.
+    pub fn worker_settings(&self, exit_when_idle: bool) -> WorkerSettings {
+        WorkerSettings {
+            max_concurrent_jobs: self.max_concurrent_jobs as usize,
+            visibility_timeout: self.visibility_timeout,
+            heartbeat_interval: self.heartbeat_interval,
+            job_retry: Backoff {
+                base: self.job_retry_base,
+                max: self.job_retry_max,
+                max_attempts: 1,
+            },
+            shutdown_grace: self.shutdown_grace,
+            exit_when_idle,
+            deferred_limit: self.deferred_limit,
+            capabilities: Capabilities {
+                channels: self.channel_index.is_some(),
+            },
+            split_segments: self.split_segments,
+        }
     }
 
     /// The configuration as TOML for `check-config`, with any credentials

@@ -2,7 +2,6 @@
 //! builds the AWS clients and hands them to the library. No logic of its own.
 
 use std::io::Read;
-use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,21 +13,20 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use fanout::aws;
-use fanout::backoff::Backoff;
 use fanout::config::{Config, ConfigError, SendPath};
 use fanout::ecs::{self, TaskProtection};
-use fanout::fanout::{Engine, EngineSettings};
+use fanout::fanout::Engine;
 use fanout::gateway::apigw::ApiGatewaySender;
 use fanout::gateway::lean::LeanSender;
 use fanout::gateway::select::SelectedSender;
 use fanout::job::{self, Capabilities, JobSpec};
-use fanout::limiter::{RateSettings, SendBudget};
+use fanout::limiter::SendBudget;
 use fanout::metrics::{self, MetricsServer, MetricsSettings};
 use fanout::queue::sqs::SqsQueue;
 use fanout::queue::{self, JobQueue, SendOptions};
 use fanout::store::dynamo::{DynamoStore, TableSettings};
 use fanout::telemetry::{self, Metrics};
-use fanout::worker::{self, Stopped, WorkerSettings};
+use fanout::worker::{self, Stopped};
 
 #[derive(Parser)]
 #[command(
@@ -228,49 +226,18 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
         )?),
     };
 
-    let rate = config.rate_per_second.and_then(|rate| {
-        Some(RateSettings {
-            per_second: NonZeroU32::new(rate)?,
-            burst: NonZeroU32::new(config.rate_burst)?,
-            adaptive: config.adaptive_rate,
-        })
-    });
-    let budget = Arc::new(SendBudget::new(rate, config.max_in_flight as usize));
+    let budget = Arc::new(SendBudget::new(
+        config.rate_settings(),
+        config.max_in_flight as usize,
+    ));
     let engine = Engine::new(
         Arc::new(store),
         Arc::new(gateway),
         budget,
-        EngineSettings {
-            send_backoff: Backoff {
-                base: config.send_retry_base,
-                max: config.send_retry_max,
-                max_attempts: config.send_attempts,
-            },
-            throttle_deadline: config.throttle_deadline,
-            deferred_passes: config.deferred_passes,
-            pass_pause: config.send_retry_max,
-            max_in_flight: config.max_in_flight as usize,
-            scan_segments: config.scan_segments,
-        },
+        config.engine_settings(),
         metrics.clone(),
     );
-    let settings = WorkerSettings {
-        max_concurrent_jobs: config.max_concurrent_jobs as usize,
-        visibility_timeout: config.visibility_timeout,
-        heartbeat_interval: config.heartbeat_interval,
-        job_retry: Backoff {
-            base: config.job_retry_base,
-            max: config.job_retry_max,
-            max_attempts: 1,
-        },
-        shutdown_grace: config.shutdown_grace,
-        exit_when_idle,
-        deferred_limit: config.deferred_limit,
-        capabilities: Capabilities {
-            channels: config.channel_index.is_some(),
-        },
-        split_segments: config.split_segments,
-    };
+    let settings = config.worker_settings(exit_when_idle);
 
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -12,24 +12,22 @@
 //! The sends go through the real lean path to the sink.
 
 use std::collections::VecDeque;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use fanout::backoff::Backoff;
 use fanout::config::Config;
 use fanout::connection::{Connection, KeyValue, RowKey};
-use fanout::fanout::{Engine, EngineSettings};
+use fanout::fanout::Engine;
 use fanout::gateway::lean::LeanSender;
 use fanout::job::Capabilities;
-use fanout::limiter::{RateSettings, SendBudget};
+use fanout::limiter::SendBudget;
 use fanout::queue::{DeadLettered, JobQueue, Message, QueueError, Receipt, SendOptions};
 use fanout::store::{AudienceQuery, ConnectionStore, Cursor, Page, Removal, StoreError};
 use fanout::telemetry::Metrics;
-use fanout::worker::{self, Stopped, WorkerSettings};
+use fanout::worker::{self, Stopped};
 use futures::StreamExt;
 use futures::stream::{self, BoxStream};
 use tokio_util::sync::CancellationToken;
@@ -64,6 +62,8 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
         receipt: Receipt(format!("r-{n}")),
         receive_count: 1,
         group_id: None,
+        attributes: Default::default(),
+        trace_header: None,
     };
     let huge = (args.huge > 0)
         .then(|| message(args.jobs, serde_json::json!({"id": "huge", "data": data})));
@@ -101,43 +101,20 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
         config.send_timeout,
         config.max_in_flight as usize,
     )?;
-    let rate = config.rate_per_second.and_then(|rate| {
-        Some(RateSettings {
-            per_second: NonZeroU32::new(rate)?,
-            burst: NonZeroU32::new(config.rate_burst)?,
-            adaptive: config.adaptive_rate,
-        })
-    });
     let metrics = Arc::new(Metrics::default());
     let engine = Engine::new(
         store.clone(),
         Arc::new(gateway),
-        Arc::new(SendBudget::new(rate, config.max_in_flight as usize)),
-        EngineSettings {
-            send_backoff: Backoff {
-                base: config.send_retry_base,
-                max: config.send_retry_max,
-                max_attempts: config.send_attempts,
-            },
-            max_in_flight: config.max_in_flight as usize,
-            scan_segments: config.scan_segments,
-        },
+        Arc::new(SendBudget::new(
+            config.rate_settings(),
+            config.max_in_flight as usize,
+        )),
+        config.engine_settings(),
         metrics.clone(),
     );
-    let settings = WorkerSettings {
-        max_concurrent_jobs: config.max_concurrent_jobs as usize,
-        visibility_timeout: config.visibility_timeout,
-        heartbeat_interval: config.heartbeat_interval,
-        job_retry: Backoff {
-            base: config.job_retry_base,
-            max: config.job_retry_max,
-            max_attempts: 1,
-        },
-        shutdown_grace: config.shutdown_grace,
-        exit_when_idle: true,
-        capabilities: Capabilities { channels: true },
-        split_segments: config.split_segments,
-    };
+    let mut settings = config.worker_settings(true);
+    // The in-process table answers channel queries whatever the config says.
+    settings.capabilities = Capabilities { channels: true };
 
     let cpu_before = crate::cpu_time()?;
     let started = Instant::now();
@@ -189,7 +166,7 @@ struct MemoryQueue {
 }
 
 impl JobQueue for MemoryQueue {
-    async fn receive(&self, max: usize) -> Result<Vec<Message>, QueueError> {
+    async fn receive(&self, max: usize, _: Duration) -> Result<Vec<Message>, QueueError> {
         tokio::time::sleep(self.latency).await;
         let mut visible = self.visible.lock().expect("queue lock");
         let n = max.min(visible.len());
