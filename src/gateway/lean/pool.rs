@@ -87,6 +87,10 @@ struct Connection {
 
 type Driver = http1::Connection<Stream, Body>;
 
+/// How many times a request that a fresh connection closed on before it was
+/// written goes out on another fresh connection.
+const FRESH_RETRIES: usize = 1;
+
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
@@ -127,6 +131,7 @@ impl Pool {
         mut request: Request<Body>,
         max_body: usize,
     ) -> Result<Answer, PoolError> {
+        let mut fresh_closed = 0;
         loop {
             let mut connection = match self.checkout() {
                 Some(connection) => connection,
@@ -134,16 +139,26 @@ impl Pool {
                 // every send's bigger.
                 None => Box::pin(self.connect()).await?,
             };
+            // Read before the exchange, which marks the connection used.
+            let fresh = !connection.reused;
             match connection.exchange(request, max_body).await {
                 Ok(answer) => {
                     self.checkin(connection);
                     return Ok(answer);
                 }
-                // A fresh connection ends the loop: it is not `reused`.
-                Err(Failure::NotSent(unsent)) if connection.reused => request = *unsent,
+                // A kept connection may have been closed while idle: the
+                // idle ones are bounded, so this loop is too.
+                Err(Failure::NotSent(unsent)) if !fresh => request = *unsent,
+                // A fresh one closed at once may be a peer restarting; a
+                // peer that keeps doing it must not turn one send into a
+                // connect storm.
+                Err(Failure::NotSent(unsent)) if fresh_closed < FRESH_RETRIES => {
+                    fresh_closed += 1;
+                    request = *unsent;
+                }
                 Err(Failure::NotSent(_)) => {
                     return Err(PoolError::Http(
-                        "the connection closed before the request was sent".into(),
+                        "the endpoint closed new connections before the request was sent".into(),
                     ));
                 }
                 Err(Failure::Http(e)) => return Err(PoolError::Http(e)),
@@ -243,15 +258,11 @@ impl Connection {
             driver,
             reused,
         } = self;
-        let was_reused = std::mem::replace(reused, true);
+        *reused = true;
         let call = async move {
-            if let Err(e) = poll_fn(|cx| sender.poll_ready(cx)).await {
+            if poll_fn(|cx| sender.poll_ready(cx)).await.is_err() {
                 // Closed before anything was written.
-                return if was_reused {
-                    Err(Failure::NotSent(Box::new(request)))
-                } else {
-                    Err(Failure::Http(error_chain(&e)))
-                };
+                return Err(Failure::NotSent(Box::new(request)));
             }
             let response = match sender.try_send_request(request).await {
                 Ok(response) => response,
@@ -476,6 +487,58 @@ mod tests {
             "an aged-out connection was used"
         );
         assert_eq!(pool.idle(), 1);
+    }
+
+    /// A peer that accepts and closes the first `closing` connections
+    /// before reading a byte, then answers 200 on the rest.
+    async fn closes_before_reading(closing: usize) -> (Uri, Arc<Seen>) {
+        let (listener, origin) = bind().await;
+        let seen = Arc::new(Seen::default());
+        let counts = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let n = counts.connections.fetch_add(1, Ordering::SeqCst) + 1;
+                if n <= closing {
+                    drop(socket);
+                    continue;
+                }
+                let counts = counts.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while read_request(&mut socket, &mut buf).await {
+                        counts.requests.fetch_add(1, Ordering::SeqCst);
+                        let answer = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if socket.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (origin, seen)
+    }
+
+    #[tokio::test]
+    async fn a_peer_closing_fresh_connections_gets_one_retry_not_a_connect_storm() {
+        // The peer would answer from its 21st connection on: a send that
+        // kept opening fresh connections would reach it and succeed.
+        let (origin, seen) = closes_before_reading(20).await;
+        let pool = pool(origin.clone(), 8, MINUTE);
+        let result = pool.send(post(&origin), 1024).await;
+        let opened = seen.connections.load(Ordering::SeqCst);
+        assert!(opened <= 2, "one send opened {opened} connections");
+        assert!(result.is_err(), "answered after {opened} connections");
+        assert_eq!(seen.requests.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_connection_closed_once_is_retried_once() {
+        let (origin, seen) = closes_before_reading(1).await;
+        let pool = pool(origin.clone(), 8, MINUTE);
+        let answer = pool.send(post(&origin), 1024).await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+        assert_eq!(seen.requests.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
