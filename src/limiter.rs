@@ -237,9 +237,13 @@ impl AdaptiveRate {
     /// on tokio's timer (1 ms granularity); cells accrued meanwhile pass the
     /// waiters queued behind it without a sleep, so the rate stays exact (up
     /// to the burst) with a wake-up per millisecond, not per cell.
+    ///
+    /// The clock is the limiter's own: building a quanta clock runs its
+    /// CPUID feature checks, which cost tens of µs under a hypervisor, so
+    /// one per send would dominate the CPU of a rate-limited run.
     async fn ceiling_wait(&self) {
         let _turn = self.turn.lock().await;
-        let clock = governor::clock::DefaultClock::default();
+        let clock = self.ceiling_limiter.clock();
         while let Err(not_until) = self.ceiling_limiter.check() {
             tokio::time::sleep(not_until.wait_time_from(clock.now())).await;
         }

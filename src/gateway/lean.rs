@@ -355,4 +355,57 @@ mod tests {
             "API Gateway answered HTTP 502 (no error code: no message)"
         );
     }
+
+    /// No secret in the `Debug` of the sender or of the selected path, once
+    /// the signer has cached credentials, a signing key and a signature's
+    /// parts: the secret key, the session token and the derived key (valid
+    /// for a day) stay out.
+    #[tokio::test]
+    async fn debug_output_of_the_senders_holds_no_secret() {
+        use aws_credential_types::Credentials;
+        use aws_sigv4::sign::v4;
+
+        const SECRET: &str = "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY";
+        const TOKEN: &str = "IQoJb3JpZ2luX2VjEXAMPLESESSIONTOKEN";
+        let provider = SharedCredentialsProvider::new(Credentials::new(
+            "AKIDEXAMPLE",
+            SECRET,
+            Some(TOKEN.into()),
+            None,
+            "test",
+        ));
+        // Nothing listens on port 1: the post is signed, then fails to
+        // connect.
+        let sender = LeanSender::with_credentials(
+            provider,
+            "eu-west-1".into(),
+            "http://127.0.0.1:1/prod",
+            Duration::from_secs(2),
+            4,
+        )
+        .unwrap();
+        let outcome = sender
+            .post(&ConnectionId::from("a"), Bytes::from_static(b"hello"))
+            .await;
+        assert!(matches!(outcome, PostOutcome::Transient(_)), "{outcome:?}");
+        let selected = super::super::select::SelectedSender::Lean(sender.clone());
+        let text = format!("{sender:?} {sender:#?} {selected:?} {selected:#?}");
+
+        let key = v4::generate_signing_key(
+            SECRET,
+            std::time::SystemTime::now(),
+            "eu-west-1",
+            "execute-api",
+        );
+        let key = key.as_ref();
+        let bytes = format!("{:?}", &key[..4]);
+        for shown in [
+            SECRET.to_owned(),
+            TOKEN.to_owned(),
+            hex::encode(key),
+            bytes.trim_matches(['[', ']']).to_owned(),
+        ] {
+            assert!(!text.contains(&shown), "{shown} in {text}");
+        }
+    }
 }

@@ -10,6 +10,14 @@
 //! open are too: at most one per send in flight, plus idle ones up to the
 //! same bound.
 //!
+//! A send that finds no idle connection starts connecting, and takes
+//! whichever comes first: its new connection, or one another send checks
+//! back in (as hyper-util's pooled client does). A server that accepts
+//! slowly (a small listen backlog, a TLS handshake in its accept loop) then
+//! delays only the connections being added, not every send that arrives
+//! while they are: the connect goes on in the background, and its connection
+//! joins the idle ones.
+//!
 //! A kept connection the other side closed since its last use is found at
 //! checkout (its driver has finished) and dropped; one it closes while the
 //! request is being written hands the request back unsent, and the send is
@@ -18,7 +26,8 @@
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Context;
 use std::time::{Duration, Instant};
 
@@ -31,6 +40,7 @@ use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tower_service::Service;
 
 use super::error_chain;
@@ -60,9 +70,22 @@ pub struct Pool {
     connector: HttpsConnector<HttpConnector>,
     /// What the connector connects to: `scheme://host[:port]`.
     origin: Uri,
+    /// Shared with the connects that finish in the background.
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
     /// Most recently used last: sends take the warmest connection, and the
     /// coldest age out at the front.
     idle: Mutex<VecDeque<Idle>>,
+    /// A connection was checked in: a send waiting for one may take it.
+    checked_in: Notify,
+    /// Connections in use by a send now: while some are, a send whose own
+    /// connect failed can still be served by one of them.
+    in_use: AtomicUsize,
+    /// Connects in flight, up to [`MAX_CONNECTING`].
+    connecting: AtomicUsize,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -86,6 +109,15 @@ struct Connection {
 }
 
 type Driver = http1::Connection<Stream, Body>;
+
+/// How many times a request that a fresh connection closed on before it was
+/// written goes out on another fresh connection.
+const FRESH_RETRIES: usize = 1;
+
+/// Connects in flight at most: enough to add connections quickly (each
+/// takes a round trip or two, and a TLS handshake), few enough for a
+/// server's listen backlog.
+const MAX_CONNECTING: usize = 8;
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -114,9 +146,14 @@ impl Pool {
         Self {
             connector,
             origin,
-            idle: Mutex::new(VecDeque::new()),
-            max_idle: max_idle.max(1),
-            idle_timeout,
+            shared: Arc::new(Shared {
+                idle: Mutex::new(VecDeque::new()),
+                checked_in: Notify::new(),
+                in_use: AtomicUsize::new(0),
+                connecting: AtomicUsize::new(0),
+                max_idle: max_idle.max(1),
+                idle_timeout,
+            }),
         }
     }
 
@@ -127,23 +164,37 @@ impl Pool {
         mut request: Request<Body>,
         max_body: usize,
     ) -> Result<Answer, PoolError> {
+        let mut fresh_closed = 0;
         loop {
-            let mut connection = match self.checkout() {
+            let mut connection = match self.shared.checkout() {
                 Some(connection) => connection,
                 // Boxed: connecting is rare, and its future would make
                 // every send's bigger.
-                None => Box::pin(self.connect()).await?,
+                None => Box::pin(self.connection()).await?,
             };
-            match connection.exchange(request, max_body).await {
+            // Read before the exchange, which marks the connection used.
+            let fresh = !connection.reused;
+            let in_use = InUse::new(&self.shared);
+            let exchanged = connection.exchange(request, max_body).await;
+            drop(in_use);
+            match exchanged {
                 Ok(answer) => {
-                    self.checkin(connection);
+                    self.shared.checkin(connection);
                     return Ok(answer);
                 }
-                // A fresh connection ends the loop: it is not `reused`.
-                Err(Failure::NotSent(unsent)) if connection.reused => request = *unsent,
+                // A kept connection may have been closed while idle: the
+                // idle ones are bounded, so this loop is too.
+                Err(Failure::NotSent(unsent)) if !fresh => request = *unsent,
+                // A fresh one closed at once may be a peer restarting; a
+                // peer that keeps doing it must not turn one send into a
+                // connect storm.
+                Err(Failure::NotSent(unsent)) if fresh_closed < FRESH_RETRIES => {
+                    fresh_closed += 1;
+                    request = *unsent;
+                }
                 Err(Failure::NotSent(_)) => {
                     return Err(PoolError::Http(
-                        "the connection closed before the request was sent".into(),
+                        "the endpoint closed new connections before the request was sent".into(),
                     ));
                 }
                 Err(Failure::Http(e)) => return Err(PoolError::Http(e)),
@@ -154,7 +205,144 @@ impl Pool {
     /// Connections kept open for the next sends.
     #[cfg(test)]
     fn idle(&self) -> usize {
-        self.lock().len()
+        self.shared.lock().len()
+    }
+
+    /// A connection for a send that found none idle: a new one, or one
+    /// checked in meanwhile, whichever comes first. A connect that loses
+    /// the race finishes in the background and its connection is kept.
+    /// Connects in flight are capped: a burst of sends on a cold pool would
+    /// otherwise open one each at once and overflow a small listen backlog,
+    /// and a connection the server has not accepted yet holds its request
+    /// for as long as TCP's retransmissions take.
+    async fn connection(&self) -> Result<Connection, PoolError> {
+        let shared = &self.shared;
+        let mut connect = None;
+        let mut connect_error = None;
+        loop {
+            let mut checked_in = pin!(shared.checked_in.notified());
+            checked_in.as_mut().enable();
+            if let Some(connection) = shared.checkout() {
+                if let Some(connect) = connect.take() {
+                    self.finish_in_background(connect);
+                }
+                return Ok(connection);
+            }
+            if connect.is_none()
+                && connect_error.is_none()
+                && let Some(slot) = Connecting::try_new(shared)
+            {
+                connect = Some(Box::pin(connect_in(
+                    slot,
+                    self.connector.clone(),
+                    self.origin.clone(),
+                )));
+            }
+            if connect.is_none()
+                && !shared.busy()
+                && let Some(e) = connect_error.take()
+            {
+                return Err(e);
+            }
+            tokio::select! {
+                biased;
+                connected = async { connect.as_mut().expect("guarded").await }, if connect.is_some() => {
+                    connect = None;
+                    match connected {
+                        Ok(connection) => return Ok(connection),
+                        // Connections in use or being made may come back:
+                        // wait for one (the send's timeout bounds the wait).
+                        Err(e) if shared.busy() => {
+                            tracing::debug!(error = %e, "connecting failed; waiting for another connection");
+                            connect_error = Some(e);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                () = &mut checked_in => {}
+            }
+        }
+    }
+
+    fn finish_in_background(
+        &self,
+        connect: Pin<Box<impl Future<Output = Result<Connection, PoolError>> + Send + 'static>>,
+    ) {
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            match connect.await {
+                Ok(connection) => shared.checkin(connection),
+                Err(e) => tracing::debug!(error = %e, "a connect no send waited for failed"),
+            }
+        });
+    }
+
+    #[cfg(test)]
+    async fn connect(&self) -> Result<Connection, PoolError> {
+        connect(self.connector.clone(), self.origin.clone()).await
+    }
+}
+
+/// One of the [`MAX_CONNECTING`] connects in flight, for as long as it lives.
+struct Connecting(Arc<Shared>);
+
+impl Connecting {
+    fn try_new(shared: &Arc<Shared>) -> Option<Self> {
+        shared
+            .connecting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_CONNECTING).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(shared.clone()))
+    }
+}
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        self.0.connecting.fetch_sub(1, Ordering::AcqRel);
+        // A send waiting for a slot may start its own connect now, or learn
+        // that nothing is left to wait for.
+        self.0.checked_in.notify_one();
+    }
+}
+
+/// [`connect`], holding a connect slot until it ends.
+async fn connect_in(
+    slot: Connecting,
+    connector: HttpsConnector<HttpConnector>,
+    origin: Uri,
+) -> Result<Connection, PoolError> {
+    let connected = connect(connector, origin).await;
+    drop(slot);
+    connected
+}
+
+/// Counts a connection in use for as long as it lives (a send dropped by its
+/// timeout included).
+struct InUse<'a>(&'a Shared);
+
+impl<'a> InUse<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.in_use.fetch_add(1, Ordering::AcqRel);
+        Self(shared)
+    }
+}
+
+impl Drop for InUse<'_> {
+    fn drop(&mut self) {
+        // The last one: a send whose connect failed waits for no more, and
+        // learns it here if the connection is not checked back in.
+        if self.0.in_use.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.checked_in.notify_waiters();
+        }
+    }
+}
+
+impl Shared {
+    /// Whether a connection may still come back or be made.
+    fn busy(&self) -> bool {
+        self.in_use.load(Ordering::Acquire) > 0 || self.connecting.load(Ordering::Acquire) > 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
@@ -196,30 +384,31 @@ impl Pool {
             connection,
             since: now,
         });
+        drop(idle);
+        self.checked_in.notify_one();
     }
+}
 
-    async fn connect(&self) -> Result<Connection, PoolError> {
-        let mut connector = self.connector.clone();
-        let connect_failed = |e: Box<dyn std::error::Error + Send + Sync>| {
-            PoolError::Connect(error_chain(e.as_ref()))
-        };
-        poll_fn(|cx| connector.poll_ready(cx))
-            .await
-            .map_err(connect_failed)?;
-        let stream = connector
-            .call(self.origin.clone())
-            .await
-            .map_err(connect_failed)?;
-        let (sender, driver) = http1::Builder::new()
-            .handshake(stream)
-            .await
-            .map_err(|e| PoolError::Connect(error_chain(&e)))?;
-        Ok(Connection {
-            sender,
-            driver: Some(Box::pin(driver)),
-            reused: false,
-        })
-    }
+/// A new connection to `origin`.
+async fn connect(
+    mut connector: HttpsConnector<HttpConnector>,
+    origin: Uri,
+) -> Result<Connection, PoolError> {
+    let connect_failed =
+        |e: Box<dyn std::error::Error + Send + Sync>| PoolError::Connect(error_chain(e.as_ref()));
+    poll_fn(|cx| connector.poll_ready(cx))
+        .await
+        .map_err(connect_failed)?;
+    let stream = connector.call(origin).await.map_err(connect_failed)?;
+    let (sender, driver) = http1::Builder::new()
+        .handshake(stream)
+        .await
+        .map_err(|e| PoolError::Connect(error_chain(&e)))?;
+    Ok(Connection {
+        sender,
+        driver: Some(Box::pin(driver)),
+        reused: false,
+    })
 }
 
 impl Connection {
@@ -243,15 +432,11 @@ impl Connection {
             driver,
             reused,
         } = self;
-        let was_reused = std::mem::replace(reused, true);
+        *reused = true;
         let call = async move {
-            if let Err(e) = poll_fn(|cx| sender.poll_ready(cx)).await {
+            if poll_fn(|cx| sender.poll_ready(cx)).await.is_err() {
                 // Closed before anything was written.
-                return if was_reused {
-                    Err(Failure::NotSent(Box::new(request)))
-                } else {
-                    Err(Failure::Http(error_chain(&e)))
-                };
+                return Err(Failure::NotSent(Box::new(request)));
             }
             let response = match sender.try_send_request(request).await {
                 Ok(response) => response,
@@ -476,6 +661,58 @@ mod tests {
             "an aged-out connection was used"
         );
         assert_eq!(pool.idle(), 1);
+    }
+
+    /// A peer that accepts and closes the first `closing` connections
+    /// before reading a byte, then answers 200 on the rest.
+    async fn closes_before_reading(closing: usize) -> (Uri, Arc<Seen>) {
+        let (listener, origin) = bind().await;
+        let seen = Arc::new(Seen::default());
+        let counts = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let n = counts.connections.fetch_add(1, Ordering::SeqCst) + 1;
+                if n <= closing {
+                    drop(socket);
+                    continue;
+                }
+                let counts = counts.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while read_request(&mut socket, &mut buf).await {
+                        counts.requests.fetch_add(1, Ordering::SeqCst);
+                        let answer = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if socket.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (origin, seen)
+    }
+
+    #[tokio::test]
+    async fn a_peer_closing_fresh_connections_gets_one_retry_not_a_connect_storm() {
+        // The peer would answer from its 21st connection on: a send that
+        // kept opening fresh connections would reach it and succeed.
+        let (origin, seen) = closes_before_reading(20).await;
+        let pool = pool(origin.clone(), 8, MINUTE);
+        let result = pool.send(post(&origin), 1024).await;
+        let opened = seen.connections.load(Ordering::SeqCst);
+        assert!(opened <= 2, "one send opened {opened} connections");
+        assert!(result.is_err(), "answered after {opened} connections");
+        assert_eq!(seen.requests.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_connection_closed_once_is_retried_once() {
+        let (origin, seen) = closes_before_reading(1).await;
+        let pool = pool(origin.clone(), 8, MINUTE);
+        let answer = pool.send(post(&origin), 1024).await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+        assert_eq!(seen.requests.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

@@ -1,5 +1,5 @@
 //! SigV4 for the lean send path: credentials from the SDK's own provider,
-//! kept until shortly before they expire, and everything the signatures of
+//! kept for half their remaining lifetime (and at least 10 s), and everything the signatures of
 //! one second share (payload hash, date, scope, the keyed HMAC, header
 //! values) prepared once, so a send hashes only its own path.
 //!
@@ -39,15 +39,22 @@ use super::error_chain;
 /// API Gateway's signing name for `@connections`.
 const SIGNING_NAME: &str = "execute-api";
 
-/// Credentials are replaced this long before they expire, so a send signed
-/// with them does not arrive after expiry (ECS task role credentials are
-/// rotated well before this window).
-const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(5 * 60);
+/// Credentials are fetched again no sooner than this after the last fetch,
+/// whatever their lifetime: on ECS the agent's credentials endpoint is
+/// rate-limited, and a provider that hands out credentials about to expire
+/// must not be called for every send. After a failed refresh, while the old
+/// credentials still hold, the next one is tried no sooner than this either.
+const MIN_FETCH_INTERVAL: Duration = Duration::from_secs(10);
 
-/// After a failed refresh while the old credentials still hold, the next
-/// refresh is tried no sooner than this, so a provider outage is not hit by
-/// every send.
-const RETRY_REFRESH_AFTER: Duration = Duration::from_secs(10);
+/// When credentials fetched at `now` and expiring at `expiry` are replaced:
+/// at half their remaining lifetime, as the SDK's identity cache does for
+/// short-lived ones, so that they are replaced well before they expire
+/// however long they live (70 s from a rotating endpoint, hours on ECS), and
+/// no sooner than [`MIN_FETCH_INTERVAL`].
+fn refresh_time(now: SystemTime, expiry: SystemTime) -> SystemTime {
+    let remaining = expiry.duration_since(now).unwrap_or_default();
+    now + (remaining / 2).max(MIN_FETCH_INTERVAL)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
@@ -61,20 +68,35 @@ pub enum SignError {
     Signing(String),
 }
 
+/// Payloads whose hash is kept at most: more than the jobs a worker runs at
+/// once. Past it the oldest is dropped (and hashed again if it comes back).
+const MAX_PAYLOADS: usize = 256;
+
 /// Signs PostToConnection requests for one region.
-#[derive(Debug)]
 pub struct Signer {
     credentials: CredentialsCache,
     region: String,
-    /// The last payload and its SHA-256 in hex. Holding the `Bytes` keeps its
-    /// buffer alive, so a payload at the same address and length is this
-    /// very payload (`Bytes` are immutable), never a new one reusing freed
-    /// memory.
-    payload_hash: Mutex<Option<(Bytes, String)>>,
+    /// The payloads of the jobs being sent, each hashed once. Concurrent
+    /// jobs interleave their sends, so one entry would be re-hashed (up to
+    /// 128 KiB) on almost every send.
+    payloads: Mutex<Vec<Payload>>,
     /// The signing key of the current day and credentials.
     signing_key: Mutex<Option<SigningKey>>,
-    /// What the signatures of the current second share.
-    prepared: Mutex<Option<Arc<Prepared>>>,
+    /// Payloads hashed so far, to test that a payload is hashed once.
+    #[cfg(test)]
+    hashed: std::sync::atomic::AtomicUsize,
+}
+
+/// One payload, its SHA-256 in hex, and its signatures' shared parts.
+/// Holding the `Bytes` keeps its buffer alive, so a payload at the same
+/// address and length is this very payload (`Bytes` are immutable), never a
+/// new one reusing freed memory; once this is its only holder, its job has
+/// ended and the entry can go.
+struct Payload {
+    bytes: Bytes,
+    hash: String,
+    /// What the signatures of the current second share, for this payload.
+    prepared: Option<Arc<Prepared>>,
 }
 
 /// Everything a PostToConnection signature shares with the others of the
@@ -83,10 +105,9 @@ pub struct Signer {
 /// byte strings and writes nothing else.
 struct Prepared {
     secs: u64,
-    /// Held, so that an identity or payload at the same address is this
-    /// very one (see `payload_hash`).
+    /// Held, so that an identity at the same address is this very one
+    /// (see [`Payload`]).
     identity: Identity,
-    payload: Bytes,
     host: HeaderValue,
     amz_date: HeaderValue,
     token: Option<HeaderValue>,
@@ -109,13 +130,38 @@ impl std::fmt::Debug for Prepared {
     }
 }
 
-#[derive(Debug)]
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let payloads = self
+            .payloads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        f.debug_struct("Signer")
+            .field("credentials", &self.credentials)
+            .field("region", &self.region)
+            .field("payloads", &payloads)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Its `Debug` shows the date and the key id alone: the secret, and the
+/// derived key (valid for the whole day), stay out of logs.
 struct SigningKey {
     /// `YYYYMMDD` (UTC), part of the credential scope.
     date: String,
     access_key_id: String,
     secret_access_key: String,
     key: Vec<u8>,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("date", &self.date)
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
 }
 
 const X_AMZ_DATE: HeaderName = HeaderName::from_static("x-amz-date");
@@ -126,9 +172,10 @@ impl Signer {
         Self {
             credentials: CredentialsCache::new(provider),
             region,
-            payload_hash: Mutex::new(None),
+            payloads: Mutex::new(Vec::new()),
             signing_key: Mutex::new(None),
-            prepared: Mutex::new(None),
+            #[cfg(test)]
+            hashed: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -257,8 +304,8 @@ impl Signer {
         Ok(())
     }
 
-    /// The current [`Prepared`], made anew when the second, the
-    /// credentials, the payload or the host changed.
+    /// The current [`Prepared`] of `payload`, made anew when the second,
+    /// the credentials or the host changed.
     fn prepared(
         &self,
         secs: u64,
@@ -266,26 +313,25 @@ impl Signer {
         payload: &Bytes,
         host: &HeaderValue,
     ) -> Result<Arc<Prepared>, SignError> {
-        let mut current = self.prepared.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(prepared) = current.as_ref()
-            && prepared.secs == secs
-            && same_identity(&prepared.identity, identity)
-            && prepared.payload.as_ptr() == payload.as_ptr()
-            && prepared.payload.len() == payload.len()
-            && prepared.host == host
-        {
-            return Ok(prepared.clone());
-        }
-        let prepared = Arc::new(self.prepare(secs, identity, payload, host)?);
-        *current = Some(prepared.clone());
-        Ok(prepared)
+        self.with_payload(payload, |entry| {
+            if let Some(prepared) = entry.prepared.as_ref()
+                && prepared.secs == secs
+                && same_identity(&prepared.identity, identity)
+                && prepared.host == host
+            {
+                return Ok(prepared.clone());
+            }
+            let prepared = Arc::new(self.prepare(secs, identity, &entry.hash, host)?);
+            entry.prepared = Some(prepared.clone());
+            Ok(prepared)
+        })
     }
 
     fn prepare(
         &self,
         secs: u64,
         identity: &Identity,
-        payload: &Bytes,
+        payload_hash: &str,
         host: &HeaderValue,
     ) -> Result<Prepared, SignError> {
         let bad = |what: &str| SignError::Signing(what.to_owned());
@@ -307,11 +353,7 @@ impl Signer {
         if let Some(token) = token {
             let _ = writeln!(canonical_tail, "x-amz-security-token:{token}");
         }
-        let _ = write!(
-            canonical_tail,
-            "\n{signed_headers}\n{}",
-            self.payload_hash(payload)
-        );
+        let _ = write!(canonical_tail, "\n{signed_headers}\n{payload_hash}");
         let scope = format!("{date}/{}/{SIGNING_NAME}/aws4_request", self.region);
         let key = self.signing_key(date, credentials, UNIX_EPOCH + Duration::from_secs(secs));
         let value =
@@ -326,7 +368,6 @@ impl Signer {
         Ok(Prepared {
             secs,
             identity: identity.clone(),
-            payload: payload.clone(),
             host: host.clone(),
             amz_date: value(&amz_date)?,
             token,
@@ -373,19 +414,36 @@ impl Signer {
     }
 
     fn payload_hash(&self, payload: &Bytes) -> String {
-        let mut last = self
-            .payload_hash
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some((bytes, hash)) = last.as_ref()
-            && bytes.as_ptr() == payload.as_ptr()
-            && bytes.len() == payload.len()
-        {
-            return hash.clone();
-        }
-        let hash = hex::encode(Sha256::digest(payload));
-        *last = Some((payload.clone(), hash.clone()));
-        hash
+        self.with_payload(payload, |entry| entry.hash.clone())
+    }
+
+    /// Runs `f` on the entry of `payload`, hashing it if it is new.
+    fn with_payload<T>(&self, payload: &Bytes, f: impl FnOnce(&mut Payload) -> T) -> T {
+        let mut payloads = self.payloads.lock().unwrap_or_else(PoisonError::into_inner);
+        let found = payloads
+            .iter()
+            .position(|p| p.bytes.as_ptr() == payload.as_ptr() && p.bytes.len() == payload.len());
+        let index = match found {
+            Some(index) => index,
+            None => {
+                // Payloads of jobs that have ended: only this cache holds
+                // them.
+                payloads.retain(|p| !p.bytes.is_unique());
+                if payloads.len() >= MAX_PAYLOADS {
+                    payloads.remove(0);
+                }
+                #[cfg(test)]
+                self.hashed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                payloads.push(Payload {
+                    bytes: payload.clone(),
+                    hash: hex::encode(Sha256::digest(payload)),
+                    prepared: None,
+                });
+                payloads.len() - 1
+            }
+        };
+        f(&mut payloads[index])
     }
 }
 
@@ -405,8 +463,7 @@ fn hex_into(bytes: &[u8], out: &mut [u8]) {
     let _ = hex::encode_to_slice(bytes, out);
 }
 
-/// Credentials from the provider, reused until [`REFRESH_BEFORE_EXPIRY`]
-/// before they expire.
+/// Credentials from the provider, reused until [`refresh_time`].
 #[derive(Debug)]
 struct CredentialsCache {
     provider: SharedCredentialsProvider,
@@ -419,6 +476,8 @@ struct CredentialsCache {
 #[derive(Clone, Debug)]
 struct Cached {
     identity: Identity,
+    /// When they were fetched: the next fetch waits [`MIN_FETCH_INTERVAL`].
+    fetched_at: SystemTime,
     refresh_at: Option<SystemTime>,
 }
 
@@ -432,35 +491,50 @@ impl CredentialsCache {
     }
 
     async fn identity(&self) -> Result<Identity, SignError> {
-        if let Some(identity) = self.fresh(SystemTime::now()) {
+        self.identity_at(SystemTime::now()).await
+    }
+
+    /// The identity to sign with at `now` (a parameter, so tests can move
+    /// through the credentials' lifetime).
+    async fn identity_at(&self, now: SystemTime) -> Result<Identity, SignError> {
+        if let Some(identity) = self.fresh(now) {
             return Ok(identity);
         }
         // Boxed: refreshing is rare, and the provider's future would make
         // every send's bigger.
-        Box::pin(self.refresh()).await
+        Box::pin(self.refresh(now)).await
     }
 
-    async fn refresh(&self) -> Result<Identity, SignError> {
+    async fn refresh(&self, now: SystemTime) -> Result<Identity, SignError> {
         let _refreshing = self.refresh.lock().await;
-        let now = SystemTime::now();
         // Another send may have refreshed while this one waited.
         if let Some(identity) = self.fresh(now) {
             return Ok(identity);
         }
+        let cached = self.cached();
+        if let Some(cached) = &cached
+            && now < cached.fetched_at + MIN_FETCH_INTERVAL
+        {
+            // Expired within the interval: the provider hands out
+            // credentials that live under 10 s. Asking again at once would
+            // be asking for every send.
+            return Err(SignError::Provider(format!(
+                "the credentials expired less than {MIN_FETCH_INTERVAL:?} after they were fetched; they are fetched again after that"
+            )));
+        }
         match self.provider.provide_credentials().await {
             Ok(credentials) => {
-                let refresh_at = credentials
-                    .expiry()
-                    .map(|expiry| expiry - REFRESH_BEFORE_EXPIRY);
+                let refresh_at = credentials.expiry().map(|expiry| refresh_time(now, expiry));
                 let identity = Identity::from(credentials);
                 self.store(Some(Cached {
                     identity: identity.clone(),
+                    fetched_at: now,
                     refresh_at,
                 }));
                 Ok(identity)
             }
             Err(err) => {
-                let still_valid = self.cached().filter(|cached| {
+                let still_valid = cached.filter(|cached| {
                     cached
                         .identity
                         .expiration()
@@ -468,7 +542,8 @@ impl CredentialsCache {
                 });
                 if let Some(mut cached) = still_valid {
                     tracing::warn!(error = %error_chain(&err), "credentials refresh failed; the current ones still hold");
-                    cached.refresh_at = Some(now + RETRY_REFRESH_AFTER);
+                    cached.refresh_at = Some(now + MIN_FETCH_INTERVAL);
+                    cached.fetched_at = now;
                     self.store(Some(cached.clone()));
                     return Ok(cached.identity);
                 }
@@ -483,9 +558,13 @@ impl CredentialsCache {
         }
     }
 
+    /// The cached identity, unless it is due for a refresh or has expired.
     fn fresh(&self, now: SystemTime) -> Option<Identity> {
         self.cached()
-            .filter(|cached| cached.refresh_at.is_none_or(|at| now < at))
+            .filter(|cached| {
+                cached.refresh_at.is_none_or(|at| now < at)
+                    && cached.identity.expiration().is_none_or(|at| now < at)
+            })
             .map(|cached| cached.identity)
     }
 
@@ -511,13 +590,14 @@ mod tests {
 
     use super::*;
 
-    /// Hands out credentials expiring `lifetime` from now, or fails, and
-    /// counts the calls.
+    /// Hands out credentials expiring `lifetime` after its clock (the
+    /// test's time), or fails, and counts the calls.
     #[derive(Debug)]
     struct Provider {
         lifetime: Option<Duration>,
         fail: std::sync::atomic::AtomicBool,
         calls: Arc<AtomicUsize>,
+        clock: Mutex<SystemTime>,
     }
 
     impl ProvideCredentials for Provider {
@@ -531,7 +611,8 @@ mod tests {
                     "provider down",
                 )));
             }
-            let expiry = self.lifetime.map(|l| SystemTime::now() + l);
+            let now = *self.clock.lock().unwrap();
+            let expiry = self.lifetime.map(|l| now + l);
             future::ProvideCredentials::ready(Ok(Credentials::new(
                 format!("AKID{n}"),
                 "secret",
@@ -542,11 +623,25 @@ mod tests {
         }
     }
 
+    impl Provider {
+        /// The identity `signer` signs with at `at`, the provider's clock
+        /// set to it.
+        async fn identity_at(
+            &self,
+            signer: &Signer,
+            at: SystemTime,
+        ) -> Result<Identity, SignError> {
+            *self.clock.lock().unwrap() = at;
+            signer.credentials.identity_at(at).await
+        }
+    }
+
     fn signer(lifetime: Option<Duration>) -> (Signer, Arc<Provider>) {
         let provider = Arc::new(Provider {
             lifetime,
             fail: false.into(),
             calls: Arc::new(AtomicUsize::new(0)),
+            clock: Mutex::new(SystemTime::now()),
         });
         let shared = SharedCredentialsProvider::new(ProviderRef(provider.clone()));
         (Signer::new(shared, "eu-west-1".into()), provider)
@@ -611,31 +706,99 @@ mod tests {
         assert_eq!(provider.calls.load(Ordering::SeqCst), 1);
     }
 
-    #[tokio::test]
-    async fn credentials_near_expiry_are_replaced() {
-        // Inside the refresh window from the start: every send refreshes.
-        let (signer, provider) = signer(Some(REFRESH_BEFORE_EXPIRY / 2));
-        let payload = Bytes::from_static(b"hello");
-        for n in 0..3 {
-            let request = signed(&signer, &payload).await;
-            let auth = header(&request, "authorization");
-            assert!(auth.contains(&format!("Credential=AKID{n}/")), "{auth}");
+    #[test]
+    fn credentials_are_replaced_at_half_their_remaining_lifetime_and_not_within_10_s() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_764_281_700);
+        let secs = Duration::from_secs;
+        for (lifetime, after) in [
+            (secs(70), secs(35)),
+            (secs(3600), secs(1800)),
+            (secs(6 * 3600), secs(3 * 3600)),
+            (secs(15), MIN_FETCH_INTERVAL),
+            (Duration::ZERO, MIN_FETCH_INTERVAL),
+        ] {
+            assert_eq!(refresh_time(t0, t0 + lifetime), t0 + after, "{lifetime:?}");
         }
-        assert_eq!(provider.calls.load(Ordering::SeqCst), 3);
+        // Expired on arrival (a skewed clock).
+        assert_eq!(refresh_time(t0, t0 - secs(5)), t0 + MIN_FETCH_INTERVAL);
+    }
+
+    /// Credentials that live 70 s (as a rotating endpoint hands them out):
+    /// 20 sends a second for five minutes fetch them about once per 35 s,
+    /// every send signs with credentials valid at that time, and each
+    /// rotation's new key is used from the send that fetched it.
+    #[tokio::test]
+    async fn short_lived_credentials_are_fetched_once_per_half_lifetime_not_per_send() {
+        let lifetime = Duration::from_secs(70);
+        let (signer, provider) = signer(Some(lifetime));
+        let t0 = SystemTime::now();
+        let mut keys = Vec::new();
+        for tick in 0..20 * 300 {
+            let at = t0 + Duration::from_millis(50) * tick;
+            let identity = provider.identity_at(&signer, at).await.unwrap();
+            let expiry = identity.expiration().unwrap();
+            assert!(
+                at < expiry,
+                "signed at {at:?} with credentials expired at {expiry:?}"
+            );
+            let key = identity
+                .data::<Credentials>()
+                .unwrap()
+                .access_key_id()
+                .to_owned();
+            if keys.last() != Some(&key) {
+                keys.push(key);
+            }
+        }
+        let calls = provider.calls.load(Ordering::SeqCst);
+        // 300 s / 35 s, plus the first fetch.
+        assert!((8..=10).contains(&calls), "{calls} fetches");
+        let expected: Vec<String> = (0..calls).map(|n| format!("AKID{n}")).collect();
+        assert_eq!(keys, expected, "each new key used once fetched");
+    }
+
+    /// Credentials that live under 10 s are still fetched at most once per
+    /// 10 s; between their expiry and the next fetch, signing fails rather
+    /// than sign with an expired key.
+    #[tokio::test]
+    async fn credentials_are_never_fetched_more_than_once_per_10_s() {
+        let (signer, provider) = signer(Some(Duration::from_secs(4)));
+        let t0 = SystemTime::now();
+        for tick in 0..600 {
+            let at = t0 + Duration::from_millis(100) * tick;
+            match provider.identity_at(&signer, at).await {
+                Ok(identity) => assert!(at < identity.expiration().unwrap()),
+                Err(e) => assert!(matches!(e, SignError::Provider(_)), "{e}"),
+            }
+        }
+        assert_eq!(
+            provider.calls.load(Ordering::SeqCst),
+            6,
+            "one per 10 s of 60 s"
+        );
     }
 
     #[tokio::test]
     async fn a_failed_refresh_keeps_valid_credentials_and_backs_off() {
-        let (signer, provider) = signer(Some(REFRESH_BEFORE_EXPIRY / 2));
-        let payload = Bytes::from_static(b"hello");
-        signed(&signer, &payload).await;
+        let (signer, provider) = signer(Some(Duration::from_secs(70)));
+        let t0 = SystemTime::now();
+        provider.identity_at(&signer, t0).await.unwrap();
         provider.fail.store(true, Ordering::SeqCst);
-        for _ in 0..3 {
-            let request = signed(&signer, &payload).await;
-            assert!(header(&request, "authorization").contains("Credential=AKID0/"));
+        // Due at 35 s: that refresh fails, the next is tried 10 s later.
+        for secs in [35, 36, 40, 44] {
+            let at = t0 + Duration::from_secs(secs);
+            let identity = provider.identity_at(&signer, at).await.unwrap();
+            assert_eq!(
+                identity.data::<Credentials>().unwrap().access_key_id(),
+                "AKID0"
+            );
         }
-        // One failed refresh, then the retry waits.
         assert_eq!(provider.calls.load(Ordering::SeqCst), 2);
+        provider
+            .identity_at(&signer, t0 + Duration::from_secs(45))
+            .await
+            .unwrap();
+        assert_eq!(provider.calls.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
@@ -737,5 +900,91 @@ mod tests {
             signer.payload_hash(&c),
             hex::encode(Sha256::digest(b"other"))
         );
+    }
+
+    #[tokio::test]
+    async fn concurrent_jobs_hash_each_payload_once() {
+        let (signer, _) = signer(Some(Duration::from_secs(3600)));
+        let signer = Arc::new(signer);
+        // Four jobs' payloads, as big as API Gateway takes, their sends
+        // interleaved as the engine interleaves them.
+        let payloads: Vec<Bytes> = (0..4u8).map(|n| Bytes::from(vec![n; 128 * 1024])).collect();
+        let jobs = payloads.iter().cloned().map(|payload| {
+            let signer = signer.clone();
+            tokio::spawn(async move {
+                for _ in 0..25 {
+                    signed(&signer, &payload).await;
+                    tokio::task::yield_now().await;
+                }
+            })
+        });
+        for job in futures::future::join_all(jobs).await {
+            job.unwrap();
+        }
+        assert_eq!(signer.hashed.load(Ordering::Relaxed), payloads.len());
+        // And each signature carries its own payload's hash.
+        for payload in &payloads {
+            let mut general = request();
+            let uri = format!("{ORIGIN}/prod/@connections/a%3D");
+            let identity = signer.credentials.identity().await.unwrap();
+            let now = SystemTime::now();
+            let hash = hex::encode(Sha256::digest(payload));
+            signer
+                .sign_general(&mut general, &uri, &identity, hash, now)
+                .unwrap();
+            let mut fast = request();
+            signer
+                .sign_post(&mut fast, &identity, payload, now)
+                .unwrap();
+            assert_eq!(
+                fast.headers().get("authorization"),
+                general.headers().get("authorization")
+            );
+        }
+    }
+
+    /// No secret in any `Debug`: not the secret key, the session token or
+    /// the derived signing key, once all of them are cached.
+    #[tokio::test]
+    async fn debug_output_holds_no_secret() {
+        let (signer, _) = signer(Some(Duration::from_secs(3600)));
+        let payload = Bytes::from_static(b"hello");
+        signed(&signer, &payload).await;
+        let text = format!("{signer:?} {signer:#?}");
+        assert_no_secret(&text, "secret", "token");
+    }
+
+    /// Panics if `text` shows `secret`, `token`, or the signing key derived
+    /// from `secret` today (as hex or as a byte list).
+    fn assert_no_secret(text: &str, secret: &str, token: &str) {
+        let key = v4::generate_signing_key(secret, SystemTime::now(), "eu-west-1", SIGNING_NAME);
+        let key = key.as_ref();
+        let bytes = format!("{:?}", &key[..4]);
+        for shown in [
+            format!("\"{secret}\""),
+            format!("\"{token}\""),
+            hex::encode(key),
+            bytes.trim_matches(['[', ']']).to_owned(),
+        ] {
+            assert!(!text.contains(&shown), "{shown} in {text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ended_jobs_payload_leaves_the_cache() {
+        let (signer, _) = signer(Some(Duration::from_secs(3600)));
+        let held = Bytes::from(b"still sending".to_vec());
+        signed(&signer, &held).await;
+        signed(&signer, &Bytes::from(b"ended".to_vec())).await;
+        // The second payload's job is gone (nothing else holds it).
+        signed(&signer, &Bytes::from(b"new".to_vec())).await;
+        let kept: Vec<Bytes> = signer
+            .payloads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| p.bytes.clone())
+            .collect();
+        assert_eq!(kept, [held, Bytes::from_static(b"new")]);
     }
 }
