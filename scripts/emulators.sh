@@ -32,6 +32,15 @@ die() {
 }
 
 install() {
+  # The TLS tests (tests/lean_peers.rs) make a test CA with the openssl CLI;
+  # a bare machine may lack it, and as root (CI) it is one package away.
+  if ! command -v openssl >/dev/null; then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+      (apt-get update -qq && apt-get install -y -qq openssl) >/dev/null || die "cannot install openssl"
+    else
+      die "openssl not found; install it (the TLS tests make a test CA with it)"
+    fi
+  fi
   if [[ ! -x "$VENV/bin/python" ]]; then
     python3 -m venv "$VENV" || die "python3 -m venv failed; install python3-venv"
   fi
