@@ -216,6 +216,8 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         let progress = Mutex::new(Progress::starting_from(
             job.resume.as_deref().unwrap_or_default(),
         ));
+        // Woken at every answer, for the pages waiting on `may_start`.
+        let answered = tokio::sync::Notify::new();
         let result = {
             let deliveries = read_ahead(pages)
                 .map_ok(|page| {
@@ -228,7 +230,21 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                     excluded.fetch_add((total - kept.len()) as u64, Ordering::Relaxed);
                     audience.fetch_add(kept.len() as u64, Ordering::Relaxed);
                     let tag = lock(&progress).start_page(kept.len(), page.next);
-                    stream::iter(kept).map(move |c| Ok((tag, c)))
+                    let progress = &progress;
+                    let answered = &answered;
+                    stream::once(async move {
+                        // Bounds how far the sends run ahead of the resume
+                        // point; see `Progress::may_start`.
+                        loop {
+                            let notified = answered.notified();
+                            if lock(progress).may_start(tag) {
+                                break;
+                            }
+                            notified.await;
+                        }
+                        stream::iter(kept).map(move |c| Ok((tag, c)))
+                    })
+                    .flatten()
                 })
                 .try_flatten()
                 .map_ok(|(tag, c)| {
@@ -254,9 +270,8 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 if let Err(e) = tally(&mut report, &remover, &mut deferred, delivery).await {
                     break Err(e);
                 }
-                if finished {
-                    lock(&progress).finish(tag);
-                }
+                lock(&progress).answer(tag, finished);
+                answered.notify_waiters();
             }
         };
         let result = match result {
@@ -987,6 +1002,44 @@ mod tests {
                 .iter()
                 .any(|(id, _)| id == "conn-5" || id == "conn-19")
         );
+    }
+
+    #[tokio::test]
+    async fn a_straggler_holds_the_sends_of_the_page_two_after_its_own() {
+        // Pages of 10: conn-5 (page 1) answers only when released.
+        let table = Arc::new(FakeTable::with(&ids(100), 10));
+        let gateway = Arc::new(FakeGateway {
+            held_ids: ["conn-5".to_owned()].into(),
+            ..FakeGateway::default()
+        });
+        let engine = engine(table, gateway.clone(), 4);
+        let everyone = job(Target::All);
+        let stop = CancellationToken::new();
+        let run = engine.run(&everyone, &stop);
+        tokio::pin!(run);
+        let page_of = |id: &str| id["conn-".len()..].parse::<usize>().unwrap() / 10 + 1;
+        let pages_reached = |gateway: &FakeGateway| {
+            let delivered = gateway.delivered.lock().unwrap();
+            delivered.iter().map(|(id, _)| page_of(id)).max()
+        };
+        // Ample turns for every send that may go to go.
+        for _ in 0..2_000 {
+            tokio::select! {
+                _ = &mut run => panic!("ended with conn-5 unanswered"),
+                () = tokio::task::yield_now() => {}
+            }
+        }
+        assert_eq!(
+            gateway.delivered.lock().unwrap().len(),
+            19,
+            "pages 1 and 2 but the straggler"
+        );
+        assert_eq!(pages_reached(&gateway), Some(2), "page 3 waits for page 1");
+        gateway.release();
+        let (report, result) = run.await;
+        result.expect("completes");
+        assert_eq!(report.delivered, 100);
+        assert_eq!(pages_reached(&gateway), Some(10));
     }
 
     #[tokio::test]
