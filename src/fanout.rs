@@ -359,15 +359,19 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         let mut streak = 0u32;
         let mut throttled_since: Option<Instant> = None;
         loop {
-            let outcome = {
+            let (outcome, sent) = {
                 let _slot = self.budget.acquire().await;
-                self.gateway.post(&connection.id, payload.clone()).await
+                let sent = Instant::now();
+                (
+                    self.gateway.post(&connection.id, payload.clone()).await,
+                    sent,
+                )
             };
             Metrics::incr(&self.metrics.posts);
             match outcome {
                 PostOutcome::Throttled => {
                     streak += 1;
-                    self.budget.throttled(streak);
+                    self.budget.throttled(sent, streak);
                 }
                 PostOutcome::Delivered | PostOutcome::Gone | PostOutcome::Rejected(_) => {
                     self.budget.succeeded();
@@ -376,7 +380,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 // pace it takes.
                 PostOutcome::Transient(_)
                 | PostOutcome::Forbidden(_)
-                | PostOutcome::PayloadTooLarge => {}
+                | PostOutcome::PayloadTooLarge => self.budget.passed(),
             }
             if outcome != PostOutcome::Throttled {
                 streak = 0;
