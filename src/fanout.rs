@@ -248,7 +248,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 })
                 .try_flatten()
                 .map_ok(|(tag, c)| {
-                    self.deliver(c, job.payload.clone(), counters)
+                    self.deliver(c, job.payload.clone(), counters, Pass::Audience)
                         .map(move |delivery| Ok((tag, delivery)))
                 })
                 .try_buffer_unordered(self.settings.max_in_flight);
@@ -325,7 +325,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             );
             let batch = std::mem::take(deferred);
             let sends = stream::iter(batch)
-                .map(|d| self.deliver(d.connection, job.payload.clone(), counters))
+                .map(|d| self.deliver(d.connection, job.payload.clone(), counters, Pass::Deferred))
                 .buffer_unordered(self.settings.max_in_flight);
             let mut sends = std::pin::pin!(sends);
             loop {
@@ -347,17 +347,25 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
 
     /// Sends to one connection, retrying what may succeed later: 5xx and
     /// timeouts up to its attempts, 429s until the throttle deadline.
+    ///
+    /// In the pass over the audience, a run of 429s that the budget finds to
+    /// be that one client's (its buffer is full, the others succeed) defers
+    /// it to the passes at once: waiting out its deadline there would hold
+    /// its page unanswered, and with it the sends of the page two after
+    /// (see [`Progress::may_start`]).
     async fn deliver(
         &self,
         connection: Connection,
         payload: Bytes,
         counters: Counters<'_>,
+        pass: Pass,
     ) -> Delivery {
         let backoff = self.settings.send_backoff;
         let mut attempt = 1;
         // 429s in a row, and when the first of them came.
         let mut streak = 0u32;
         let mut throttled_since: Option<Instant> = None;
+        let mut one_client = false;
         loop {
             let (outcome, sent) = {
                 let _slot = self.budget.acquire().await;
@@ -371,7 +379,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             match outcome {
                 PostOutcome::Throttled => {
                     streak += 1;
-                    self.budget.throttled(sent, streak);
+                    one_client = self.budget.throttled(sent, streak);
                 }
                 PostOutcome::Delivered | PostOutcome::Gone | PostOutcome::Rejected(_) => {
                     self.budget.succeeded();
@@ -408,6 +416,12 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 PostOutcome::Throttled => {
                     counters.throttled.fetch_add(1, Ordering::Relaxed);
                     Metrics::incr(&self.metrics.throttled);
+                    if one_client && pass == Pass::Audience {
+                        return deferred(
+                            connection,
+                            format!("throttled (429) {streak} times in a row, alone"),
+                        );
+                    }
                     let since = *throttled_since.get_or_insert_with(Instant::now);
                     let left = self
                         .settings
@@ -547,6 +561,15 @@ fn lock(progress: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
     progress
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Which pass a send belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// The pass over the audience.
+    Audience,
+    /// A pass over the connections deferred so far.
+    Deferred,
 }
 
 /// Per-job tallies the sends bump as they go.
@@ -796,6 +819,42 @@ mod tests {
             report.throttled
         );
         assert_eq!(budget.answers(), (199, report.throttled));
+    }
+
+    #[tokio::test]
+    async fn one_clients_run_of_429s_defers_it_at_once_from_the_pass_over_the_audience() {
+        use crate::limiter::{CLIENT_STREAK, RateSettings};
+        use std::num::NonZeroU32;
+        let table = Arc::new(FakeTable::with(&ids(200), 10));
+        let gateway = Arc::new(FakeGateway::default());
+        gateway
+            .script
+            .lock()
+            .unwrap()
+            .insert("conn-15".into(), vec![PostOutcome::Throttled; 100_000]);
+        let mut engine = engine(table, gateway.clone(), 16);
+        // Its deadline would hold page 2 unanswered, and page 4 behind it.
+        engine.settings.throttle_deadline = Duration::from_secs(3600);
+        engine.settings.deferred_passes = 0;
+        engine.budget = Arc::new(SendBudget::new(
+            Some(RateSettings {
+                per_second: NonZeroU32::new(1_000_000).unwrap(),
+                burst: NonZeroU32::new(10_000).unwrap(),
+                adaptive: true,
+            }),
+            16,
+        ));
+        let (report, result) = engine
+            .run(&job(Target::All), &CancellationToken::new())
+            .await;
+        result.expect("completes");
+        assert_eq!(report.delivered, 199);
+        let [d] = &report.deferred[..] else {
+            panic!("{:?}", report.deferred)
+        };
+        assert_eq!(d.connection.id.as_str(), "conn-15");
+        assert!(d.reason.ends_with("alone"), "{}", d.reason);
+        assert_eq!(report.throttled, u64::from(CLIENT_STREAK));
     }
 
     #[tokio::test]

@@ -4,9 +4,10 @@
 //! API Gateway's throttle is per account and region, so the budget belongs to
 //! the process, not to a job: four concurrent jobs must not send four times
 //! the configured rate. The account's other users take their share of the
-//! same quota, so the rate also adapts: a 429 cuts it to the rate the
-//! endpoint accepted over the last window (so it converges in one window from
-//! any ceiling), and quiet time brings it back up to the configured ceiling.
+//! same quota, so the rate also adapts: 429s cut it to just under the rate
+//! the throttle let through since the first of them (so it converges within
+//! milliseconds of the first 429s from any ceiling, whatever burst came
+//! before), and quiet time brings it back up to the configured ceiling.
 //! A run of 429s on one connection while the others succeed is that client's
 //! full buffer, not the account's throttle: it cuts nothing.
 
@@ -39,7 +40,7 @@ const MIN_ACCEPTED: u64 = 20;
 const MAX_MEASURE_SPAN: Duration = Duration::from_millis(250);
 /// A cut goes this far under the measured rate, so the throttle's bucket
 /// refills while the rate holds.
-const UNDER_ACCEPTED: f64 = 0.95;
+const UNDER_ACCEPTED: f64 = 0.9;
 /// 429s in a row on one connection from which it may be that client's
 /// buffer, not the account's throttle...
 pub const CLIENT_STREAK: u32 = 3;
@@ -108,11 +109,12 @@ impl SendBudget {
 
     /// A 429 answer to a post sent at `sent`, the `streak`-th in a row on
     /// its connection: the endpoint wants less, unless it is that one
-    /// client's buffer, or the post went before the last cut.
-    pub fn throttled(&self, sent: Instant, streak: u32) {
-        if let Some(rate) = &self.rate {
-            rate.throttled(Instant::now(), sent, streak);
-        }
+    /// client's buffer, or the post went before the last cut. Returns
+    /// whether it is that one client's (see [`CLIENT_STREAK`]).
+    pub fn throttled(&self, sent: Instant, streak: u32) -> bool {
+        self.rate
+            .as_ref()
+            .is_some_and(|rate| rate.throttled(Instant::now(), sent, streak))
     }
 
     /// A call the endpoint took (2xx, 410, or a 4xx about that connection):
@@ -347,10 +349,10 @@ impl AdaptiveRate {
     /// measure, it is not cut by a share that a cluster of 429s compounds.
     /// A 429 for a post sent before the last cut says nothing about the
     /// rate cut to.
-    fn throttled(&self, now: Instant, sent: Instant, streak: u32) {
+    fn throttled(&self, now: Instant, sent: Instant, streak: u32) -> bool {
         self.refused.fetch_add(1, Ordering::Relaxed);
         if !self.settings.adaptive {
-            return;
+            return false;
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         self.sample(&mut state, now);
@@ -362,7 +364,7 @@ impl AdaptiveRate {
                 others > 0 && w.accepted as f64 >= CLIENT_STREAK_OTHERS_OK * others as f64
             })
         {
-            return;
+            return true;
         }
         let through_now =
             self.accepted.load(Ordering::Relaxed) + self.passed.load(Ordering::Relaxed);
@@ -378,19 +380,19 @@ impl AdaptiveRate {
             });
         }
         let Some(episode) = state.episode.as_mut() else {
-            return;
+            return false;
         };
         if streak <= 1 {
             episode.fresh += 1;
         }
         let episode = *episode;
         if episode.fresh < 2 || state.last_decrease.is_some_and(|cut| sent < cut) {
-            return;
+            return false;
         }
         let through = through_now - episode.through;
         let span = now.saturating_duration_since(episode.at);
         if through < MIN_ACCEPTED && span < MAX_MEASURE_SPAN {
-            return;
+            return false;
         }
         let measured = through as f64 / span.as_secs_f64().max(1e-3);
         let current = self.current();
@@ -399,7 +401,7 @@ impl AdaptiveRate {
         // compound.
         let target = measured * UNDER_ACCEPTED;
         if target >= current {
-            return;
+            return false;
         }
         let floor = (self.ceiling() * FLOOR_SHARE).max(1.0);
         let rate = target.max(floor);
@@ -408,6 +410,7 @@ impl AdaptiveRate {
         drop(state);
         tracing::debug!(rate, "throttled: send rate lowered to the accepted rate");
         self.set(rate);
+        false
     }
 
     fn succeeded(&self, now: Instant) {
@@ -593,7 +596,7 @@ mod tests {
         let t1 = t0 + Duration::from_millis(900);
         refused(&rate, t1);
         let cut = rate.current();
-        assert!((cut - 2850.0).abs() < 5.0, "{cut}");
+        assert!((cut - 3000.0 * UNDER_ACCEPTED).abs() < 5.0, "{cut}");
         // Held right after the cut.
         rate.succeeded(t1 + Duration::from_millis(500));
         assert_eq!(rate.current(), cut);
