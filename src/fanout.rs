@@ -385,7 +385,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                     self.budget.succeeded();
                 }
                 // The endpoint failed or refused the job: nothing about the
-                // pace it takes.
+                // pace it takes, though the post passed its throttle.
                 PostOutcome::Transient(_)
                 | PostOutcome::Forbidden(_)
                 | PostOutcome::PayloadTooLarge => self.budget.passed(),
