@@ -216,6 +216,8 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         let progress = Mutex::new(Progress::starting_from(
             job.resume.as_deref().unwrap_or_default(),
         ));
+        // Woken at every answer, for the pages waiting on `may_start`.
+        let answered = tokio::sync::Notify::new();
         let result = {
             let deliveries = read_ahead(pages)
                 .map_ok(|page| {
@@ -228,11 +230,25 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                     excluded.fetch_add((total - kept.len()) as u64, Ordering::Relaxed);
                     audience.fetch_add(kept.len() as u64, Ordering::Relaxed);
                     let tag = lock(&progress).start_page(kept.len(), page.next);
-                    stream::iter(kept).map(move |c| Ok((tag, c)))
+                    let progress = &progress;
+                    let answered = &answered;
+                    stream::once(async move {
+                        // Bounds how far the sends run ahead of the resume
+                        // point; see `Progress::may_start`.
+                        loop {
+                            let notified = answered.notified();
+                            if lock(progress).may_start(tag) {
+                                break;
+                            }
+                            notified.await;
+                        }
+                        stream::iter(kept).map(move |c| Ok((tag, c)))
+                    })
+                    .flatten()
                 })
                 .try_flatten()
                 .map_ok(|(tag, c)| {
-                    self.deliver(c, job.payload.clone(), counters)
+                    self.deliver(c, job.payload.clone(), counters, Pass::Audience)
                         .map(move |delivery| Ok((tag, delivery)))
                 })
                 .try_buffer_unordered(self.settings.max_in_flight);
@@ -254,9 +270,8 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 if let Err(e) = tally(&mut report, &remover, &mut deferred, delivery).await {
                     break Err(e);
                 }
-                if finished {
-                    lock(&progress).finish(tag);
-                }
+                lock(&progress).answer(tag, finished);
+                answered.notify_waiters();
             }
         };
         let result = match result {
@@ -310,7 +325,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             );
             let batch = std::mem::take(deferred);
             let sends = stream::iter(batch)
-                .map(|d| self.deliver(d.connection, job.payload.clone(), counters))
+                .map(|d| self.deliver(d.connection, job.payload.clone(), counters, Pass::Deferred))
                 .buffer_unordered(self.settings.max_in_flight);
             let mut sends = std::pin::pin!(sends);
             loop {
@@ -332,36 +347,48 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
 
     /// Sends to one connection, retrying what may succeed later: 5xx and
     /// timeouts up to its attempts, 429s until the throttle deadline.
+    ///
+    /// In the pass over the audience, a run of 429s that the budget finds to
+    /// be that one client's (its buffer is full, the others succeed) defers
+    /// it to the passes at once: waiting out its deadline there would hold
+    /// its page unanswered, and with it the sends of the page two after
+    /// (see [`Progress::may_start`]).
     async fn deliver(
         &self,
         connection: Connection,
         payload: Bytes,
         counters: Counters<'_>,
+        pass: Pass,
     ) -> Delivery {
         let backoff = self.settings.send_backoff;
         let mut attempt = 1;
         // 429s in a row, and when the first of them came.
         let mut streak = 0u32;
         let mut throttled_since: Option<Instant> = None;
+        let mut one_client = false;
         loop {
-            let outcome = {
+            let (outcome, sent) = {
                 let _slot = self.budget.acquire().await;
-                self.gateway.post(&connection.id, payload.clone()).await
+                let sent = Instant::now();
+                (
+                    self.gateway.post(&connection.id, payload.clone()).await,
+                    sent,
+                )
             };
             Metrics::incr(&self.metrics.posts);
             match outcome {
                 PostOutcome::Throttled => {
                     streak += 1;
-                    self.budget.throttled(streak);
+                    one_client = self.budget.throttled(sent, streak);
                 }
                 PostOutcome::Delivered | PostOutcome::Gone | PostOutcome::Rejected(_) => {
                     self.budget.succeeded();
                 }
                 // The endpoint failed or refused the job: nothing about the
-                // pace it takes.
+                // pace it takes, though the post passed its throttle.
                 PostOutcome::Transient(_)
                 | PostOutcome::Forbidden(_)
-                | PostOutcome::PayloadTooLarge => {}
+                | PostOutcome::PayloadTooLarge => self.budget.passed(),
             }
             if outcome != PostOutcome::Throttled {
                 streak = 0;
@@ -389,6 +416,12 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 PostOutcome::Throttled => {
                     counters.throttled.fetch_add(1, Ordering::Relaxed);
                     Metrics::incr(&self.metrics.throttled);
+                    if one_client && pass == Pass::Audience {
+                        return deferred(
+                            connection,
+                            format!("throttled (429) {streak} times in a row, alone"),
+                        );
+                    }
                     let since = *throttled_since.get_or_insert_with(Instant::now);
                     let left = self
                         .settings
@@ -528,6 +561,15 @@ fn lock(progress: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
     progress
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Which pass a send belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// The pass over the audience.
+    Audience,
+    /// A pass over the connections deferred so far.
+    Deferred,
 }
 
 /// Per-job tallies the sends bump as they go.
@@ -780,6 +822,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn one_clients_run_of_429s_defers_it_at_once_from_the_pass_over_the_audience() {
+        use crate::limiter::{CLIENT_STREAK, RateSettings};
+        use std::num::NonZeroU32;
+        let table = Arc::new(FakeTable::with(&ids(200), 10));
+        let gateway = Arc::new(FakeGateway::default());
+        gateway
+            .script
+            .lock()
+            .unwrap()
+            .insert("conn-15".into(), vec![PostOutcome::Throttled; 100_000]);
+        let mut engine = engine(table, gateway.clone(), 16);
+        // Its deadline would hold page 2 unanswered, and page 4 behind it.
+        engine.settings.throttle_deadline = Duration::from_secs(3600);
+        engine.settings.deferred_passes = 0;
+        engine.budget = Arc::new(SendBudget::new(
+            Some(RateSettings {
+                per_second: NonZeroU32::new(1_000_000).unwrap(),
+                burst: NonZeroU32::new(10_000).unwrap(),
+                adaptive: true,
+            }),
+            16,
+        ));
+        let (report, result) = engine
+            .run(&job(Target::All), &CancellationToken::new())
+            .await;
+        result.expect("completes");
+        assert_eq!(report.delivered, 199);
+        let [d] = &report.deferred[..] else {
+            panic!("{:?}", report.deferred)
+        };
+        assert_eq!(d.connection.id.as_str(), "conn-15");
+        assert!(d.reason.ends_with("alone"), "{}", d.reason);
+        assert_eq!(report.throttled, u64::from(CLIENT_STREAK));
+    }
+
+    #[tokio::test]
     async fn only_answers_the_endpoint_took_count_as_accepted_for_the_rate() {
         use crate::limiter::RateSettings;
         use std::num::NonZeroU32;
@@ -987,6 +1065,44 @@ mod tests {
                 .iter()
                 .any(|(id, _)| id == "conn-5" || id == "conn-19")
         );
+    }
+
+    #[tokio::test]
+    async fn a_straggler_holds_the_sends_of_the_page_two_after_its_own() {
+        // Pages of 10: conn-5 (page 1) answers only when released.
+        let table = Arc::new(FakeTable::with(&ids(100), 10));
+        let gateway = Arc::new(FakeGateway {
+            held_ids: ["conn-5".to_owned()].into(),
+            ..FakeGateway::default()
+        });
+        let engine = engine(table, gateway.clone(), 4);
+        let everyone = job(Target::All);
+        let stop = CancellationToken::new();
+        let run = engine.run(&everyone, &stop);
+        tokio::pin!(run);
+        let page_of = |id: &str| id["conn-".len()..].parse::<usize>().unwrap() / 10 + 1;
+        let pages_reached = |gateway: &FakeGateway| {
+            let delivered = gateway.delivered.lock().unwrap();
+            delivered.iter().map(|(id, _)| page_of(id)).max()
+        };
+        // Ample turns for every send that may go to go.
+        for _ in 0..2_000 {
+            tokio::select! {
+                _ = &mut run => panic!("ended with conn-5 unanswered"),
+                () = tokio::task::yield_now() => {}
+            }
+        }
+        assert_eq!(
+            gateway.delivered.lock().unwrap().len(),
+            19,
+            "pages 1 and 2 but the straggler"
+        );
+        assert_eq!(pages_reached(&gateway), Some(2), "page 3 waits for page 1");
+        gateway.release();
+        let (report, result) = run.await;
+        result.expect("completes");
+        assert_eq!(report.delivered, 100);
+        assert_eq!(pages_reached(&gateway), Some(10));
     }
 
     #[tokio::test]

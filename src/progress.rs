@@ -5,8 +5,13 @@
 //! Sends finish out of order (they run concurrently), so a page counts as
 //! finished when every connection on it has an outcome, and a segment's
 //! resume point only moves past pages that are finished *and* follow an
-//! unbroken run of finished pages. Resuming there repeats at most the pages
-//! that were partly done: one page plus what was in flight.
+//! unbroken run of finished pages. The engine starts no page of a segment
+//! while the page two before it still has sends without an answer (see
+//! [`Progress::may_start`]), so resuming there repeats at most the pages
+//! that were partly done: two pages per segment plus what was in flight.
+//! A deferred answer counts as an answer there though not as finished: the
+//! pass over the audience goes on past it, and the deferred passes retry it
+//! after that pass.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -26,11 +31,24 @@ struct Segment {
     next_seq: u64,
     /// Sequence number of the front of `open`.
     first_seq: u64,
-    /// Pages not yet passed by the resume point, in order: connections still
-    /// without an outcome, and the cursor after the page.
-    open: VecDeque<(usize, Cursor)>,
+    /// Pages not yet passed by the resume point, in order.
+    open: VecDeque<OpenPage>,
+    /// Sequence number of the first page with a send still unanswered (or
+    /// of the next page): every page before it has all its answers.
+    answered_front: u64,
     /// Where to resume: after the last page of the unbroken finished run.
     resume: Option<Cursor>,
+}
+
+/// A page the resume point has not passed yet.
+#[derive(Debug)]
+struct OpenPage {
+    /// Connections without a final outcome.
+    unfinished: usize,
+    /// Connections without any answer yet (deferred counts as an answer).
+    unanswered: usize,
+    /// The cursor after the page.
+    next: Cursor,
 }
 
 /// Tracks every segment of one broadcast.
@@ -60,23 +78,48 @@ impl Progress {
             seq: segment.next_seq,
         };
         segment.next_seq += 1;
-        segment.open.push_back((count, next));
+        segment.open.push_back(OpenPage {
+            unfinished: count,
+            unanswered: count,
+            next,
+        });
         segment.advance();
         tag
     }
 
-    /// Records that one connection of the tagged page has its outcome.
+    /// Records that one connection of the tagged page has its final
+    /// outcome.
     pub fn finish(&mut self, tag: PageTag) {
+        self.answer(tag, true);
+    }
+
+    /// Records an answer for one connection of the tagged page: final, or
+    /// deferred to a later pass (`finished: false`).
+    pub fn answer(&mut self, tag: PageTag, finished: bool) {
         let Some(segment) = self.segments.get_mut(&tag.segment) else {
             return;
         };
         let Some(index) = tag.seq.checked_sub(segment.first_seq) else {
             return;
         };
-        if let Some((remaining, _)) = segment.open.get_mut(index as usize) {
-            *remaining = remaining.saturating_sub(1);
+        if let Some(page) = segment.open.get_mut(index as usize) {
+            page.unanswered = page.unanswered.saturating_sub(1);
+            if finished {
+                page.unfinished = page.unfinished.saturating_sub(1);
+            }
         }
         segment.advance();
+    }
+
+    /// Whether the sends of the tagged page may start: every page of its
+    /// segment at least two before it has all its answers. Without this, one
+    /// straggler would hold the resume point while the other sends ran on
+    /// through any number of later pages, all of which a resumed job would
+    /// repeat.
+    pub fn may_start(&self, tag: PageTag) -> bool {
+        self.segments
+            .get(&tag.segment)
+            .is_none_or(|segment| segment.answered_front + 1 >= tag.seq)
     }
 
     /// Where each segment that made progress should resume. A segment not
@@ -91,10 +134,18 @@ impl Progress {
 
 impl Segment {
     fn advance(&mut self) {
-        while let Some((0, _)) = self.open.front() {
-            let (_, cursor) = self.open.pop_front().expect("front exists");
-            self.resume = Some(cursor);
+        while self.open.front().is_some_and(|page| page.unfinished == 0) {
+            let page = self.open.pop_front().expect("front exists");
+            self.resume = Some(page.next);
             self.first_seq += 1;
+        }
+        self.answered_front = self.answered_front.max(self.first_seq);
+        while self
+            .open
+            .get((self.answered_front - self.first_seq) as usize)
+            .is_some_and(|page| page.unanswered == 0)
+        {
+            self.answered_front += 1;
         }
     }
 }
@@ -150,6 +201,28 @@ mod tests {
                 position: None
             }
         );
+    }
+
+    #[test]
+    fn a_page_waits_for_the_answers_of_the_page_two_before_it_deferred_or_not() {
+        let mut progress = Progress::default();
+        let p1 = progress.start_page(2, at(0, 2));
+        let p2 = progress.start_page(1, at(0, 3));
+        let p3 = progress.start_page(1, at(0, 4));
+        assert!(progress.may_start(p1) && progress.may_start(p2));
+        assert!(!progress.may_start(p3), "page 1 has sends unanswered");
+        progress.finish(p2);
+        progress.finish(p1);
+        assert!(!progress.may_start(p3));
+        // The last send of page 1 is deferred: page 1 is answered, not
+        // finished.
+        progress.answer(p1, false);
+        assert!(progress.may_start(p3));
+        assert!(progress.resume_points().is_empty());
+        let p4 = progress.start_page(1, at(0, 5));
+        assert!(progress.may_start(p4), "page 2 is finished");
+        let p5 = progress.start_page(1, at(0, 6));
+        assert!(!progress.may_start(p5), "page 3 is unanswered");
     }
 
     #[test]

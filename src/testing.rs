@@ -1,7 +1,7 @@
 //! Small in-process fakes behind the crate's seams, for unit tests.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -136,12 +136,35 @@ pub struct FakeGateway {
     pub stall_ids: HashSet<String>,
     /// Posts to these ids panic (a bug in a job).
     pub panic_ids: HashSet<String>,
+    /// Posts to these ids wait until [`FakeGateway::release`].
+    pub held_ids: HashSet<String>,
+    /// Set by [`FakeGateway::release`] (public only so struct update
+    /// syntax works outside this module).
+    pub released: AtomicBool,
+    pub release: tokio::sync::Notify,
+}
+
+impl FakeGateway {
+    /// Lets the posts to `held_ids` go on, now and from now on.
+    pub fn release(&self) {
+        self.released.store(true, Ordering::SeqCst);
+        self.release.notify_waiters();
+    }
 }
 
 impl Gateway for FakeGateway {
     async fn post(&self, id: &ConnectionId, payload: Bytes) -> PostOutcome {
         if self.stall || self.stall_ids.contains(id.as_str()) {
             return std::future::pending().await;
+        }
+        if self.held_ids.contains(id.as_str()) {
+            loop {
+                let released = self.release.notified();
+                if self.released.load(Ordering::SeqCst) {
+                    break;
+                }
+                released.await;
+            }
         }
         if self.panic_ids.contains(id.as_str()) {
             panic!("posting to {id} panicked");

@@ -598,9 +598,11 @@ async fn dead_lettered_jobs_are_replayed_with_fanout_redrive() {
 
 /// Issue 4's measurement: SIGTERM at a random moment of a 20,000-connection
 /// broadcast; the continuation finishes it, and the connections reached twice
-/// are at most one page plus what was in flight.
+/// are at most two pages plus what was in flight: the engine starts no page
+/// while the page two before it has a send unanswered, and the resume point
+/// only passes finished pages.
 #[tokio::test]
-async fn sigterm_at_a_random_moment_of_20000_repeats_at_most_a_page_plus_in_flight() {
+async fn sigterm_at_a_random_moment_of_20000_repeats_at_most_two_pages_plus_in_flight() {
     const AUDIENCE: usize = 20_000;
     const PAGE: u64 = 1_000;
     const IN_FLIGHT: u64 = 64;
@@ -639,11 +641,11 @@ async fn sigterm_at_a_random_moment_of_20000_repeats_at_most_a_page_plus_in_flig
         second.report("big")["delivered"],
         stats.sink_ids,
         stats.sink_duplicates,
-        PAGE + IN_FLIGHT
+        2 * PAGE + IN_FLIGHT
     );
     assert_eq!(stats.sink_ids, AUDIENCE as u64, "every connection reached");
     assert!(
-        stats.sink_duplicates <= PAGE + IN_FLIGHT,
+        stats.sink_duplicates <= 2 * PAGE + IN_FLIGHT,
         "{} duplicates",
         stats.sink_duplicates
     );
