@@ -355,11 +355,11 @@ impl AdaptiveRate {
     /// rate cut to.
     fn throttled(&self, now: Instant, sent: Instant, streak: u32) -> bool {
         self.refused.fetch_add(1, Ordering::Relaxed);
-        if !self.settings.adaptive {
-            return false;
-        }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         self.sample(&mut state, now);
+        // Told apart at a fixed rate too: the engine sends such a client on
+        // to its deferred passes, so that its page does not hold back the
+        // sends two pages on for its whole throttle deadline.
         if streak >= CLIENT_STREAK
             && self.window(&state, now).is_some_and(|w| {
                 // This connection's own run of 429s is not the others'.
@@ -369,6 +369,9 @@ impl AdaptiveRate {
             })
         {
             return true;
+        }
+        if !self.settings.adaptive {
+            return false;
         }
         let through_now =
             self.accepted.load(Ordering::Relaxed) + self.passed.load(Ordering::Relaxed);
@@ -419,11 +422,16 @@ impl AdaptiveRate {
 
     fn succeeded(&self, now: Instant) {
         self.accepted.fetch_add(1, Ordering::Relaxed);
+        let due = self.nanos(now) >= self.next_sample.load(Ordering::Relaxed);
         if !self.settings.adaptive {
+            // Samples still tell one slow client from the account's
+            // throttle (see `throttled`).
+            if due && let Ok(mut state) = self.state.try_lock() {
+                self.sample(&mut state, now);
+            }
             return;
         }
         let current = self.current();
-        let due = self.nanos(now) >= self.next_sample.load(Ordering::Relaxed);
         if !due && current >= self.ceiling() {
             return;
         }
@@ -900,5 +908,21 @@ mod tests {
             refused(&rate, t0 + Duration::from_millis(n * 10));
         }
         assert_eq!(rate.current(), 1000.0);
+    }
+
+    #[test]
+    fn a_fixed_rate_still_tells_one_slow_client_from_the_account() {
+        let rate = AdaptiveRate::new(settings(1000, false));
+        let t0 = Instant::now();
+        accepted(&rate, t0, Duration::from_millis(500), 500);
+        let t1 = t0 + Duration::from_millis(500);
+        assert!(!rate.throttled(t1, t1, 1), "one 429 is no run");
+        accepted(&rate, t1, Duration::from_millis(100), 100);
+        let t2 = t1 + Duration::from_millis(100);
+        assert!(
+            rate.throttled(t2, t2, CLIENT_STREAK),
+            "a run of 429s on one connection while the others succeed"
+        );
+        assert_eq!(rate.current(), 1000.0, "a fixed rate is never cut");
     }
 }
