@@ -626,6 +626,29 @@ mod tests {
         }
     }
 
+    /// Runs `job` until `gateway` has delivered `count`, then asks it to stop,
+    /// and returns what the run came to.
+    async fn stop_after_deliveries(
+        engine: &Engine<Arc<FakeTable>, FakeGateway>,
+        job: &Job,
+        gateway: &FakeGateway,
+        count: usize,
+    ) -> (Report, Result<(), FanoutError>) {
+        let stop = CancellationToken::new();
+        let run = engine.run(job, &stop);
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                out = &mut run => break out,
+                () = tokio::task::yield_now() => {
+                    if gateway.delivered.lock().unwrap().len() >= count {
+                        stop.cancel();
+                    }
+                }
+            }
+        }
+    }
+
     #[tokio::test]
     async fn every_live_connection_gets_it_once_and_only_gone_rows_go() {
         let all = ids(1000);
@@ -1019,21 +1042,8 @@ mod tests {
             ..FakeGateway::default()
         });
         let first = engine(table.clone(), gateway.clone(), 4);
-        let stop = CancellationToken::new();
-        let everyone = job(Target::All);
-        let run = first.run(&everyone, &stop);
-        tokio::pin!(run);
         // Let it work until only the stuck send is left, then stop it.
-        let (report, result) = loop {
-            tokio::select! {
-                out = &mut run => break out,
-                () = tokio::task::yield_now() => {
-                    if gateway.delivered.lock().unwrap().len() >= 23 {
-                        stop.cancel();
-                    }
-                }
-            }
-        };
+        let (report, result) = stop_after_deliveries(&first, &job(Target::All), &gateway, 23).await;
         assert!(matches!(result, Err(FanoutError::Interrupted)));
         let resume = report.resume.clone();
         assert_eq!(
@@ -1127,20 +1137,7 @@ mod tests {
             ..FakeGateway::default()
         });
         let engine = engine(table, gateway.clone(), 4);
-        let stop = CancellationToken::new();
-        let everyone = job(Target::All);
-        let run = engine.run(&everyone, &stop);
-        tokio::pin!(run);
-        let (report, result) = loop {
-            tokio::select! {
-                out = &mut run => break out,
-                () = tokio::task::yield_now() => {
-                    if gateway.delivered.lock().unwrap().len() >= 2 {
-                        stop.cancel();
-                    }
-                }
-            }
-        };
+        let (report, result) = stop_after_deliveries(&engine, &job(Target::All), &gateway, 2).await;
         assert!(matches!(result, Err(FanoutError::Interrupted)));
         assert_eq!((report.delivered, report.failed, report.gone), (2, 0, 0));
         assert_eq!(

@@ -37,7 +37,7 @@ pub const EMF_DIMENSION: &str = "Service";
 /// The media type Prometheus asks for and prometheus-client writes.
 const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Where the exporters listen and how often they speak. The lead maps these
+/// Where the exporters listen and how often they speak. `main.rs` maps these
 /// to config keys; [`Default`] gives the documented defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricsSettings {

@@ -1,4 +1,4 @@
-//! The fault-injection suite (issue 4): the real `fanout` binary against
+//! The fault-injection suite: the real `fanout` binary against
 //! moto, dynalite, the local gateway and real WebSocket clients, with faults
 //! injected one by one and together: gateway 429 bursts, 5 % 500s, latency
 //! spikes and dropped connections; DynamoDB throttling and

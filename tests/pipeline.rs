@@ -596,7 +596,7 @@ async fn dead_lettered_jobs_are_replayed_with_fanout_redrive() {
     }
 }
 
-/// Issue 4's measurement: SIGTERM at a random moment of a 20,000-connection
+/// The resume measurement: SIGTERM at a random moment of a 20,000-connection
 /// broadcast; the continuation finishes it, and the connections reached twice
 /// are at most two pages plus what was in flight: the engine starts no page
 /// while the page two before it has a send unanswered, and the resume point

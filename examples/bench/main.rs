@@ -1,4 +1,4 @@
-//! The broadcast benchmark of issue 5 (driven by `scripts/bench.sh`).
+//! The broadcast benchmark (driven by `scripts/bench.sh`).
 //!
 //! - `bench sink --port P`: the local endpoint (see `sink.rs`).
 //! - `bench broadcast --path sdk|lean --connections N --endpoint URL`: one

@@ -98,7 +98,7 @@ async fn write_batch(client: &Client, table: &str, ids: &[u64]) -> anyhow::Resul
         .send()
         .await
         .context("load the benchmark table")?;
-    // dynalite never returns UnprocessedItems (see NOTES.md).
+    // dynalite never returns UnprocessedItems: a partial load is a bug here.
     anyhow::ensure!(
         output.unprocessed_items().is_none_or(|u| u.is_empty()),
         "dynalite left items unprocessed"
