@@ -60,7 +60,7 @@ impl ConnectionStore for GeneratedTable {
 }
 
 /// A row as the DynamoDB store reads it: the id and its full key.
-fn row(n: u64) -> Connection {
+pub fn row(n: u64) -> Connection {
     let id = format!("conn-{n}");
     Connection {
         key: Some(RowKey(vec![(

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fanout::config::Config;
-use fanout::connection::{Connection, KeyValue, RowKey};
+use fanout::connection::Connection;
 use fanout::fanout::Engine;
 use fanout::gateway::lean::LeanSender;
 use fanout::job::Capabilities;
@@ -233,16 +233,7 @@ impl ConnectionStore for Channels {
             tokio::time::sleep(latency).await;
             let first = room.unwrap_or(0) * audience;
             let connections = (first..first + audience * u64::from(room.is_some()))
-                .map(|n| {
-                    let id = format!("conn-{n}");
-                    Connection {
-                        key: Some(RowKey(vec![(
-                            "connectionId".into(),
-                            KeyValue::S(id.clone()),
-                        )])),
-                        id: id.into(),
-                    }
-                })
+                .map(crate::audience::row)
                 .collect();
             Ok(Page {
                 connections,
