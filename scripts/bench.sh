@@ -123,7 +123,7 @@ profile=()
 # tokio's test-util, into the binary measured).
 if [[ -z "${NO_BUILD:-}" ]]; then
   echo "bench: building the $BUILD fanout binary and benchmark" >&2
-  (cd "$ROOT" && cargo build "${profile[@]}" --quiet --bin fanout && cargo build "${profile[@]}" --quiet --example bench)
+  (cd "$ROOT" && cargo build "${profile[@]}" --quiet -p fanout --bin fanout && cargo build "${profile[@]}" --quiet -p fanout --example bench)
 fi
 [[ -x $FANOUT && -x $BIN ]] || die "$FANOUT or $BIN missing: run without --no-build"
 

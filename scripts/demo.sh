@@ -4,7 +4,7 @@
 #   ./scripts/demo.sh
 #
 # Installs the emulators on first use (moto for SQS, dynalite for DynamoDB),
-# starts them and `fanout gateway` on 127.0.0.1, creates the jobs queue, its
+# starts them and `fanout-dev gateway` on 127.0.0.1, creates the jobs queue, its
 # dead-letter queue and the connections table, opens 1,000 real WebSocket
 # clients (300 in the channel "news"), drops 100 of them without a goodbye
 # (their rows go stale, as when API Gateway's $disconnect is lost), enqueues
@@ -65,8 +65,9 @@ wait_for() { # what, seconds, command...
 }
 
 say "building fanout (debug; the first build takes a few minutes)"
-cargo build --quiet --bin fanout
+cargo build --quiet --bin fanout --bin fanout-dev
 FANOUT="${CARGO_TARGET_DIR:-$ROOT/target}/debug/fanout"
+DEV="${CARGO_TARGET_DIR:-$ROOT/target}/debug/fanout-dev"
 [[ -x "$FANOUT" ]] || die "no binary at $FANOUT"
 
 say "installing the emulators if needed (moto $(grep -m1 MOTO_VERSION= scripts/emulators.sh | cut -d= -f2), dynalite $(grep -m1 DYNALITE_VERSION= scripts/emulators.sh | cut -d= -f2))"
@@ -119,17 +120,17 @@ echo "jobs queue $FANOUT_QUEUE_URL"
 echo "dead letters $FANOUT_DEAD_LETTER_QUEUE_URL"
 
 say "starting the local API Gateway (ws://127.0.0.1:$GATEWAY_PORT/$STAGE, --keep-stale)"
-"$FANOUT" gateway --listen "127.0.0.1:$GATEWAY_PORT" --stage "$STAGE" --table "$TABLE" \
+"$DEV" gateway --listen "127.0.0.1:$GATEWAY_PORT" --stage "$STAGE" --table "$TABLE" \
   --keep-stale >"$WORK/gateway.log" 2>&1 &
 PIDS+=($!)
 wait_for "the gateway" 20 curl -sf -o /dev/null "http://127.0.0.1:$GATEWAY_PORT/$STAGE/@stats"
 
 say "opening $((PLAIN_CLIENTS + CHANNEL_CLIENTS)) WebSocket clients ($CHANNEL_CLIENTS in channel '$CHANNEL'); dropping $DROPPED without a goodbye"
-"$FANOUT" clients --url "ws://127.0.0.1:$GATEWAY_PORT/$STAGE" --count "$PLAIN_CLIENTS" \
+"$DEV" clients --url "ws://127.0.0.1:$GATEWAY_PORT/$STAGE" --count "$PLAIN_CLIENTS" \
   --drop "$DROPPED" --expect-frames 1 --ready-file "$WORK/plain.ready" \
   --summary-file "$WORK/plain.summary.json" >"$WORK/plain.log" 2>&1 &
 PIDS+=($!)
-"$FANOUT" clients --url "ws://127.0.0.1:$GATEWAY_PORT/$STAGE" --count "$CHANNEL_CLIENTS" \
+"$DEV" clients --url "ws://127.0.0.1:$GATEWAY_PORT/$STAGE" --count "$CHANNEL_CLIENTS" \
   --channel "$CHANNEL" --expect-frames 2 --ready-file "$WORK/channel.ready" \
   --summary-file "$WORK/channel.summary.json" >"$WORK/channel.log" 2>&1 &
 PIDS+=($!)

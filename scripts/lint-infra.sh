@@ -37,7 +37,7 @@ status=0
 
 # No Docker engine runs in CI, so the image's build command must be one CI
 # runs: the Dockerfile's release build has to appear verbatim in .ci/run.
-build_cmd="cargo build --release --locked --bin fanout"
+build_cmd="cargo build --release --locked -p fanout --bin fanout"
 echo "lint-infra: the Dockerfile builds with what CI builds"
 if ! grep -qF -- "$build_cmd" Dockerfile; then
     echo "Dockerfile no longer runs '$build_cmd': update this check and .ci/run together" >&2

@@ -48,4 +48,4 @@ for arg in "$@"; do
       ;;
   esac
 done
-cargo test "${all_targets[@]}" "$@"
+cargo test --workspace "${all_targets[@]}" "$@"

@@ -1,0 +1,101 @@
+//! Builds the AWS SDK clients: one HTTP/TLS stack, and the retry and timeout
+//! policy each peer needs.
+//!
+//! Endpoints, region and credentials come only from the standard AWS
+//! variables and files that aws-config honours (`AWS_ENDPOINT_URL_SQS`,
+//! `AWS_ENDPOINT_URL_DYNAMODB`, `AWS_REGION`, …), so the same binary runs
+//! against AWS and against the local emulators.
+
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, ConfigLoader, SdkConfig};
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+
+/// How long to wait for a TCP (and TLS) connection. An endpoint that does
+/// not accept within this is down, and failing fast lets the caller back off.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Headroom over SQS's long-poll wait before a receive attempt counts as hung
+/// (aws-sdk-rust #1094: a receive can hang past its wait time otherwise).
+const RECEIVE_TIMEOUT_MARGIN: Duration = Duration::from_secs(10);
+
+/// Ceiling for one DynamoDB or SQS attempt that is not a long poll. A Scan
+/// page of 1 MB answers in well under a second; a minute means the peer hangs.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AwsError {
+    #[error(transparent)]
+    BadEndpoint(#[from] crate::endpoint::BadEndpoint),
+}
+
+/// The config loader every client starts from, with the one HTTP stack this
+/// crate compiles in. The SDK's default features are off (see Cargo.toml), so
+/// without `.http_client(…)` every call would fail at run time with "No HTTP
+/// client was available".
+///
+/// Tests use it to add a fixed region and credentials; the binary calls
+/// [`load_sdk_config`].
+pub fn config_loader() -> ConfigLoader {
+    let http_client = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http_client)
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                .build(),
+        )
+}
+
+/// Loads region, credentials and endpoint overrides from the environment.
+pub async fn load_sdk_config() -> SdkConfig {
+    config_loader().load().await
+}
+
+/// The SQS client: standard retries, and an attempt timeout above the
+/// long-poll wait so a hung receive is abandoned and retried.
+pub fn sqs_client(config: &SdkConfig, receive_wait: Duration) -> aws_sdk_sqs::Client {
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .operation_attempt_timeout(receive_wait.max(ATTEMPT_TIMEOUT) + RECEIVE_TIMEOUT_MARGIN)
+        .build();
+    let sqs = aws_sdk_sqs::config::Builder::from(config)
+        .timeout_config(timeouts)
+        .build();
+    aws_sdk_sqs::Client::from_conf(sqs)
+}
+
+/// The DynamoDB client: standard retries (throttling included) and the
+/// shared timeouts.
+pub fn dynamodb_client(config: &SdkConfig) -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::new(config)
+}
+
+/// The API Gateway Management API client for one WebSocket stage.
+///
+/// `endpoint` must include the stage (`https://…/prod`): without it every
+/// PostToConnection answers 403. SDK retries are off: the engine owns retries
+/// and the rate budget, and the SDK would otherwise retry 429s on its own.
+pub fn apigw_client(
+    config: &SdkConfig,
+    endpoint: &str,
+    attempt_timeout: Duration,
+) -> Result<aws_sdk_apigatewaymanagement::Client, AwsError> {
+    crate::endpoint::parse_endpoint(endpoint)?;
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(CONNECT_TIMEOUT.min(attempt_timeout))
+        .operation_attempt_timeout(attempt_timeout)
+        .operation_timeout(attempt_timeout)
+        .build();
+    let apigw = aws_sdk_apigatewaymanagement::config::Builder::from(config)
+        .endpoint_url(endpoint)
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(timeouts)
+        .build();
+    Ok(aws_sdk_apigatewaymanagement::Client::from_conf(apigw))
+}

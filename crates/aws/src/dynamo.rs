@@ -1,0 +1,666 @@
+//! [`ConnectionStore`] on DynamoDB: the audience as pages of a Scan (in
+//! parallel segments), a Query on the channel index, or an explicit list;
+//! and gone connections deleted 25 at a time by their full row key.
+//!
+//! Reads project only the key attributes and the connection id, so a page of
+//! 1,000 rows stays small whatever else the rows carry.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::config::http::HttpResponse;
+use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::primitives::Blob;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, DeleteRequest, KeyType, ScalarAttributeType, WriteRequest,
+};
+use futures::StreamExt;
+use futures::stream::{self, BoxStream};
+
+use fanout_core::connection::{Connection, ConnectionId, KeyValue, RowKey};
+use fanout_core::store::{
+    AudienceQuery, ConnectionStore, Cursor, MAX_REMOVE_BATCH, Page, Position, Removal, StoreError,
+};
+
+use fanout_core::limits::{MAX_PAGE_SIZE, MAX_SCAN_SEGMENTS as MAX_SEGMENTS};
+
+type Item = HashMap<String, AttributeValue>;
+
+/// Which table to read, and how.
+#[derive(Clone, Debug)]
+pub struct TableSettings {
+    pub table: String,
+    /// The attribute holding the connection id.
+    pub key_attribute: String,
+    /// A GSI whose partition key is `channel_attribute`; needed for
+    /// [`AudienceQuery::Channel`].
+    pub channel_index: Option<String>,
+    pub channel_attribute: String,
+    /// Rows per page (1 to 1,000).
+    pub page_size: u32,
+}
+
+/// The connections table.
+#[derive(Clone, Debug)]
+pub struct DynamoStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: Client,
+    settings: TableSettings,
+    /// The table's primary key, partition key first, as learned from
+    /// DescribeTable: a gone row is deleted by all of it.
+    key: Vec<(String, ScalarAttributeType)>,
+    /// `#a0, #a1, …`: the key attributes and the id attribute.
+    projection: String,
+    /// The placeholders of `projection` (attribute names can be reserved
+    /// words, `connection` for one).
+    projection_names: HashMap<String, String>,
+}
+
+impl DynamoStore {
+    /// Learns the table's key schema and checks the channel index, once.
+    pub async fn connect(client: Client, settings: TableSettings) -> Result<Self, StoreError> {
+        let output = client
+            .describe_table()
+            .table_name(&settings.table)
+            .send()
+            .await
+            .map_err(|err| map_error(&settings.table, err))?;
+        let table = output.table().ok_or_else(|| {
+            StoreError::Rejected(format!(
+                "DescribeTable returned nothing for {}",
+                settings.table
+            ))
+        })?;
+
+        let type_of = |name: &str| {
+            table
+                .attribute_definitions()
+                .iter()
+                .find(|def| def.attribute_name() == name)
+                .map(|def| def.attribute_type().clone())
+        };
+        let mut key = Vec::new();
+        for kind in [KeyType::Hash, KeyType::Range] {
+            if let Some(element) = table.key_schema().iter().find(|e| e.key_type() == &kind) {
+                let name = element.attribute_name();
+                let scalar = type_of(name).ok_or_else(|| {
+                    StoreError::Rejected(format!(
+                        "the table {} declares no type for its key attribute {name}",
+                        settings.table
+                    ))
+                })?;
+                key.push((name.to_owned(), scalar));
+            }
+        }
+        if key.is_empty() {
+            return Err(StoreError::Rejected(format!(
+                "DescribeTable returned no key schema for {}",
+                settings.table
+            )));
+        }
+
+        if let Some(index) = &settings.channel_index {
+            let partition_of_index = table
+                .global_secondary_indexes()
+                .iter()
+                .filter(|gsi| gsi.index_name() == Some(index.as_str()))
+                .flat_map(|gsi| gsi.key_schema())
+                .find(|e| e.key_type() == &KeyType::Hash)
+                .map(|e| e.attribute_name().to_owned());
+            match partition_of_index {
+                None => {
+                    return Err(StoreError::Rejected(format!(
+                        "the table {} has no global secondary index {index}; create one keyed \
+                         by {} or fix FANOUT_CHANNEL_INDEX",
+                        settings.table, settings.channel_attribute
+                    )));
+                }
+                Some(attr) if attr != settings.channel_attribute => {
+                    return Err(StoreError::Rejected(format!(
+                        "the index {index} of {} is keyed by {attr}, not by the channel \
+                         attribute {}; fix FANOUT_CHANNEL_INDEX or FANOUT_CHANNEL_ATTRIBUTE",
+                        settings.table, settings.channel_attribute
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+
+        let mut projected: Vec<&str> = key.iter().map(|(name, _)| name.as_str()).collect();
+        if !projected.contains(&settings.key_attribute.as_str()) {
+            projected.push(&settings.key_attribute);
+        }
+        let projection_names: HashMap<String, String> = projected
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (format!("#a{i}"), (*name).to_owned()))
+            .collect();
+        let mut placeholders: Vec<&String> = projection_names.keys().collect();
+        placeholders.sort();
+        let projection = placeholders
+            .iter()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                settings,
+                key,
+                projection,
+                projection_names,
+            }),
+        })
+    }
+}
+
+/// How one segment's pages are read.
+#[derive(Clone, Debug)]
+enum Read {
+    Scan { segment: u32, total_segments: u32 },
+    Query { index: String, channel: String },
+}
+
+impl ConnectionStore for DynamoStore {
+    fn pages(
+        &self,
+        audience: &AudienceQuery,
+        from: Option<Vec<Cursor>>,
+    ) -> BoxStream<'static, Result<Page, StoreError>> {
+        let inner = self.inner.clone();
+        match audience {
+            AudienceQuery::All { segments } => {
+                let total = (*segments).clamp(1, MAX_SEGMENTS);
+                let mut streams = Vec::new();
+                for segment in 0..total {
+                    let start = match start_of(from.as_deref(), segment) {
+                        Ok(Some(start)) => start,
+                        Ok(None) => continue, // finished before
+                        Err(err) => return stream::once(async { Err(err) }).boxed(),
+                    };
+                    let read = Read::Scan {
+                        segment,
+                        total_segments: total,
+                    };
+                    streams.push(segment_pages(inner.clone(), read, segment, start));
+                }
+                stream::select_all(streams).boxed()
+            }
+            AudienceQuery::Segment { index, total } => {
+                let total = (*total).clamp(1, MAX_SEGMENTS);
+                let segment = (*index).min(total - 1);
+                match start_of(from.as_deref(), segment) {
+                    Ok(Some(start)) => {
+                        let read = Read::Scan {
+                            segment,
+                            total_segments: total,
+                        };
+                        segment_pages(inner, read, segment, start)
+                    }
+                    Ok(None) => stream::empty().boxed(),
+                    Err(err) => stream::once(async { Err(err) }).boxed(),
+                }
+            }
+            AudienceQuery::Channel(channel) => {
+                let Some(index) = inner.settings.channel_index.clone() else {
+                    return stream::once(async { Err(StoreError::NoChannelIndex) }).boxed();
+                };
+                match start_of(from.as_deref(), 0) {
+                    Ok(Some(start)) => {
+                        let read = Read::Query {
+                            index,
+                            channel: channel.clone(),
+                        };
+                        segment_pages(inner, read, 0, start)
+                    }
+                    Ok(None) => stream::empty().boxed(),
+                    Err(err) => stream::once(async { Err(err) }).boxed(),
+                }
+            }
+            AudienceQuery::Explicit(ids) => {
+                let offset = match from
+                    .as_deref()
+                    .and_then(|c| c.iter().find(|c| c.segment == 0))
+                {
+                    None => 0,
+                    Some(Cursor { position: None, .. }) => return stream::empty().boxed(),
+                    Some(Cursor {
+                        position: Some(Position::Offset(offset)),
+                        ..
+                    }) => *offset,
+                    Some(other) => {
+                        let err = StoreError::Rejected(format!(
+                            "an explicit audience resumes from an offset, not from {other:?}"
+                        ));
+                        return stream::once(async { Err(err) }).boxed();
+                    }
+                };
+                explicit_pages(inner, ids.clone(), offset)
+            }
+        }
+    }
+
+    async fn remove(&self, gone: Vec<Connection>) -> Result<Removal, StoreError> {
+        if gone.len() > MAX_REMOVE_BATCH {
+            return Err(StoreError::Rejected(format!(
+                "{} rows in one removal; BatchWriteItem takes at most {MAX_REMOVE_BATCH}, so \
+                 split the batch",
+                gone.len()
+            )));
+        }
+        let inner = &self.inner;
+        let mut removal = Removal::default();
+        // Keyed by the normalised key: a batch naming one row twice is a
+        // validation error in DynamoDB, and UnprocessedItems come back by key.
+        let mut by_key: Vec<(RowKey, Vec<Connection>)> = Vec::new();
+        for connection in gone {
+            let Some(key) = connection.key.as_ref().map(normalised) else {
+                removal.skipped.push(connection);
+                continue;
+            };
+            match by_key.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, same)) => same.push(connection),
+                None => by_key.push((key, vec![connection])),
+            }
+        }
+        if by_key.is_empty() {
+            return Ok(removal);
+        }
+
+        let requests = by_key
+            .iter()
+            .map(|(key, _)| {
+                let delete = DeleteRequest::builder()
+                    .set_key(Some(to_item(key)))
+                    .build()
+                    .map_err(|err| StoreError::Rejected(err.to_string()))?;
+                Ok(WriteRequest::builder().delete_request(delete).build())
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let output = inner
+            .client
+            .batch_write_item()
+            .request_items(&inner.settings.table, requests)
+            .send()
+            .await
+            .map_err(|err| map_error(&inner.settings.table, err))?;
+
+        let unprocessed = output
+            .unprocessed_items
+            .and_then(|mut tables| tables.remove(&inner.settings.table))
+            .unwrap_or_default();
+        for request in unprocessed {
+            let Some(key) = request.delete_request.map(|d| d.key) else {
+                continue;
+            };
+            let key = normalised(&from_item(&key)?);
+            if let Some(position) = by_key.iter().position(|(k, _)| *k == key) {
+                removal.unprocessed.extend(by_key.swap_remove(position).1);
+            }
+        }
+        Ok(removal)
+    }
+}
+
+/// Where segment `segment` starts: `Ok(None)` if its cursor says it is done,
+/// `Ok(Some(None))` from the beginning, `Ok(Some(Some(key)))` after `key`.
+fn start_of(from: Option<&[Cursor]>, segment: u32) -> Result<Option<Option<Item>>, StoreError> {
+    // A segment without a cursor starts over: reading a page twice sends
+    // duplicates, skipping one would lose an audience.
+    let Some(cursor) = from.and_then(|c| c.iter().find(|c| c.segment == segment)) else {
+        return Ok(Some(None));
+    };
+    match &cursor.position {
+        None => Ok(None),
+        Some(Position::Key(key)) => Ok(Some(Some(to_item(key)))),
+        Some(Position::Offset(_)) => Err(StoreError::Rejected(format!(
+            "a table read resumes from a key, not from an offset (segment {segment})"
+        ))),
+    }
+}
+
+/// One segment's pages, read one at a time as the consumer asks for them.
+fn segment_pages(
+    inner: Arc<Inner>,
+    read: Read,
+    segment: u32,
+    start: Option<Item>,
+) -> BoxStream<'static, Result<Page, StoreError>> {
+    // State: None once the segment is finished (or failed).
+    stream::unfold(Some(start), move |state| {
+        let inner = inner.clone();
+        let read = read.clone();
+        async move {
+            let start = state?;
+            match inner.read_page(&read, start).await {
+                Ok((items, last)) => {
+                    let next_start = last.clone();
+                    let position = match last.as_ref().map(from_item).transpose() {
+                        Ok(key) => key.map(Position::Key),
+                        Err(err) => return Some((Err(err), None)),
+                    };
+                    let page = Page {
+                        connections: inner.connections(items),
+                        next: Cursor { segment, position },
+                    };
+                    Some((Ok(page), next_start.map(Some)))
+                }
+                Err(err) => Some((Err(err), None)),
+            }
+        }
+    })
+    .boxed()
+}
+
+/// An explicit list in pages of `page_size`, from `offset`.
+fn explicit_pages(
+    inner: Arc<Inner>,
+    ids: Vec<ConnectionId>,
+    offset: usize,
+) -> BoxStream<'static, Result<Page, StoreError>> {
+    let page_size = inner.page_size() as usize;
+    let total = ids.len();
+    let starts = (offset.min(total)..total).step_by(page_size);
+    stream::iter(starts)
+        .map(move |start| {
+            let end = (start + page_size).min(total);
+            let connections = ids[start..end]
+                .iter()
+                .map(|id| Connection {
+                    id: id.clone(),
+                    key: inner.derived_key(id),
+                })
+                .collect();
+            let position = (end < total).then_some(Position::Offset(end));
+            Ok(Page {
+                connections,
+                next: Cursor {
+                    segment: 0,
+                    position,
+                },
+            })
+        })
+        .boxed()
+}
+
+impl Inner {
+    fn page_size(&self) -> u32 {
+        self.settings.page_size.clamp(1, MAX_PAGE_SIZE)
+    }
+
+    /// One Scan or Query page: its items and LastEvaluatedKey.
+    async fn read_page(
+        &self,
+        read: &Read,
+        start: Option<Item>,
+    ) -> Result<(Vec<Item>, Option<Item>), StoreError> {
+        let table = &self.settings.table;
+        let limit = self.page_size() as i32;
+        match read {
+            Read::Scan {
+                segment,
+                total_segments,
+            } => {
+                let mut request = self
+                    .client
+                    .scan()
+                    .table_name(table)
+                    .limit(limit)
+                    .projection_expression(&self.projection)
+                    .set_expression_attribute_names(Some(self.projection_names.clone()))
+                    .set_exclusive_start_key(start);
+                if *total_segments > 1 {
+                    request = request
+                        .segment(*segment as i32)
+                        .total_segments(*total_segments as i32);
+                }
+                let output = request.send().await.map_err(|err| map_error(table, err))?;
+                Ok((output.items.unwrap_or_default(), output.last_evaluated_key))
+            }
+            Read::Query { index, channel } => {
+                let mut names = self.projection_names.clone();
+                names.insert("#c".to_owned(), self.settings.channel_attribute.clone());
+                let output = self
+                    .client
+                    .query()
+                    .table_name(table)
+                    .index_name(index)
+                    .key_condition_expression("#c = :c")
+                    .expression_attribute_values(":c", AttributeValue::S(channel.clone()))
+                    .set_expression_attribute_names(Some(names))
+                    .projection_expression(&self.projection)
+                    .limit(limit)
+                    .set_exclusive_start_key(start)
+                    .send()
+                    .await
+                    .map_err(|err| map_error(table, err))?;
+                Ok((output.items.unwrap_or_default(), output.last_evaluated_key))
+            }
+        }
+    }
+
+    /// The page's connections; rows without a string id are skipped, as one
+    /// bad row must not fail a broadcast to everyone else.
+    fn connections(&self, items: Vec<Item>) -> Vec<Connection> {
+        let id_attribute = &self.settings.key_attribute;
+        items
+            .into_iter()
+            .filter_map(|item| {
+                let Some(AttributeValue::S(id)) = item.get(id_attribute) else {
+                    tracing::warn!(
+                        table = %self.settings.table,
+                        attribute = %id_attribute,
+                        "a connection row has no string id attribute; skipped"
+                    );
+                    return None;
+                };
+                let key = self.row_key(&item);
+                if key.is_none() {
+                    tracing::warn!(
+                        table = %self.settings.table,
+                        connection = %id,
+                        "a connection row lacks part of the table key; it will not be removed if gone"
+                    );
+                }
+                Some(Connection {
+                    id: ConnectionId::from(id.as_str()),
+                    key,
+                })
+            })
+            .collect()
+    }
+
+    /// The row's full primary key, in schema order.
+    fn row_key(&self, item: &Item) -> Option<RowKey> {
+        self.key
+            .iter()
+            .map(|(name, _)| Some((name.clone(), key_value(item.get(name)?)?)))
+            .collect::<Option<Vec<_>>>()
+            .map(RowKey)
+    }
+
+    /// The key of an id's row, when the id alone is the table's key.
+    fn derived_key(&self, id: &ConnectionId) -> Option<RowKey> {
+        match self.key.as_slice() {
+            [(name, ScalarAttributeType::S)] if *name == self.settings.key_attribute => Some(
+                RowKey(vec![(name.clone(), KeyValue::S(id.as_str().to_owned()))]),
+            ),
+            _ => None,
+        }
+    }
+}
+
+fn key_value(value: &AttributeValue) -> Option<KeyValue> {
+    match value {
+        AttributeValue::S(s) => Some(KeyValue::S(s.clone())),
+        AttributeValue::N(n) => Some(KeyValue::N(n.clone())),
+        AttributeValue::B(b) => Some(KeyValue::B(b.as_ref().to_vec())),
+        _ => None,
+    }
+}
+
+/// A key as the SDK wants it.
+fn to_item(key: &RowKey) -> Item {
+    key.0
+        .iter()
+        .map(|(name, value)| {
+            let value = match value {
+                KeyValue::S(s) => AttributeValue::S(s.clone()),
+                KeyValue::N(n) => AttributeValue::N(n.clone()),
+                KeyValue::B(b) => AttributeValue::B(Blob::new(b.clone())),
+            };
+            (name.clone(), value)
+        })
+        .collect()
+}
+
+/// A key (or LastEvaluatedKey) from the SDK, attributes sorted by name.
+fn from_item(item: &Item) -> Result<RowKey, StoreError> {
+    let mut key = item
+        .iter()
+        .map(|(name, value)| {
+            key_value(value).map(|v| (name.clone(), v)).ok_or_else(|| {
+                StoreError::Rejected(format!(
+                    "the key attribute {name} is not a string, number or binary"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    key.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(RowKey(key))
+}
+
+/// The same key whatever order its attributes were listed in.
+fn normalised(key: &RowKey) -> RowKey {
+    let mut attributes = key.0.clone();
+    attributes.sort_by(|a, b| a.0.cmp(&b.0));
+    RowKey(attributes)
+}
+
+/// One place that turns SDK failures into [`StoreError`]s.
+fn map_error<E>(table: &str, err: SdkError<E, HttpResponse>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match &err {
+        SdkError::ServiceError(ctx) => service_error(
+            table,
+            ctx.raw().status().as_u16(),
+            ctx.err().code().unwrap_or_default(),
+            ctx.err().message().unwrap_or_default(),
+        ),
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            StoreError::Unavailable(DisplayErrorContext(&err).to_string())
+        }
+        _ => StoreError::Rejected(DisplayErrorContext(&err).to_string()),
+    }
+}
+
+/// What an error answer from DynamoDB means, by its code and status.
+fn service_error(table: &str, status: u16, code: &str, message: &str) -> StoreError {
+    let detail = format!("DynamoDB answered HTTP {status} ({code}: {message})");
+    match code {
+        "ResourceNotFoundException" => StoreError::NoSuchTable {
+            table: table.to_owned(),
+        },
+        "ProvisionedThroughputExceededException"
+        | "RequestLimitExceeded"
+        | "ThrottlingException" => StoreError::Throttled(detail),
+        _ if status >= 500 => StoreError::Unavailable(detail),
+        _ => StoreError::Rejected(detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(pairs: &[(&str, &str)]) -> RowKey {
+        RowKey(
+            pairs
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), KeyValue::S((*v).to_owned())))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn error_answers_map_by_code_then_status() {
+        let map = |status, code| service_error("connections", status, code, "message");
+        assert!(matches!(
+            map(400, "ResourceNotFoundException"),
+            StoreError::NoSuchTable { table } if table == "connections"
+        ));
+        for code in [
+            "ProvisionedThroughputExceededException",
+            "RequestLimitExceeded",
+            "ThrottlingException",
+        ] {
+            let err = map(400, code);
+            assert!(matches!(err, StoreError::Throttled(_)), "{code}: {err:?}");
+            assert!(err.is_transient());
+        }
+        assert!(matches!(
+            map(500, "InternalServerError"),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(map(503, ""), StoreError::Unavailable(_)));
+        let err = map(400, "ValidationException");
+        assert!(matches!(err, StoreError::Rejected(_)), "{err:?}");
+        assert!(!err.is_transient());
+    }
+
+    #[test]
+    fn keys_compare_whatever_their_attribute_order() {
+        let a = key(&[("channel", "c"), ("connectionId", "x")]);
+        let b = key(&[("connectionId", "x"), ("channel", "c")]);
+        assert_ne!(a, b);
+        assert_eq!(normalised(&a), normalised(&b));
+    }
+
+    #[test]
+    fn keys_survive_the_round_trip_through_the_sdk_shape() {
+        let key = RowKey(vec![
+            ("b".to_owned(), KeyValue::B(vec![0, 255])),
+            ("n".to_owned(), KeyValue::N("42".to_owned())),
+            ("s".to_owned(), KeyValue::S("x".to_owned())),
+        ]);
+        assert_eq!(from_item(&to_item(&key)).expect("scalar key"), key);
+    }
+
+    #[test]
+    fn a_non_scalar_key_attribute_is_refused() {
+        let item = Item::from([("k".to_owned(), AttributeValue::Bool(true))]);
+        assert!(from_item(&item).is_err());
+    }
+
+    #[test]
+    fn a_done_cursor_skips_its_segment_and_a_missing_one_starts_over() {
+        let cursors = [
+            Cursor {
+                segment: 0,
+                position: None,
+            },
+            Cursor {
+                segment: 1,
+                position: Some(Position::Key(key(&[("connectionId", "x")]))),
+            },
+        ];
+        assert_eq!(start_of(Some(&cursors), 0).expect("valid"), None);
+        let resumed = start_of(Some(&cursors), 1)
+            .expect("valid")
+            .expect("not done");
+        assert_eq!(
+            resumed.expect("a start key")["connectionId"],
+            AttributeValue::S("x".to_owned())
+        );
+        assert_eq!(start_of(Some(&cursors), 2).expect("valid"), Some(None));
+        assert_eq!(start_of(None, 0).expect("valid"), Some(None));
+    }
+}

@@ -1,0 +1,725 @@
+//! The broadcast job: the JSON producers put on the queue, and its parser.
+//!
+//! Parsing is pure: a message body in, a [`Job`] or a [`JobError`] naming
+//! the offending field out. A job that fails here is a permanent failure and
+//! goes to the dead-letter queue with [`JobError`]'s text as the reason.
+//!
+//! ```json
+//! {"id": "news-42", "data": {"headline": "…"}, "channel": "sports", "exclude": ["L0SM9cOFvHcCIhw="]}
+//! ```
+
+use std::collections::HashSet;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::connection::{Connection, ConnectionId, RowKey};
+use crate::store::Cursor;
+
+use crate::limits::{CONTINUATION_HEADROOM, MAX_SQS_MESSAGE_BYTES};
+pub use crate::limits::{MAX_PAYLOAD_BYTES, MAX_SPLIT};
+
+/// The job as producers write it. Unknown fields are refused, so a typo
+/// (`"chanel"`) fails loudly instead of broadcasting to everyone.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Used in logs; defaults to the queue's message id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// A string is sent as its UTF-8 text; any other JSON value as its
+    /// compact JSON text.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub data: Option<serde_json::Value>,
+    /// Binary data, base64 (standard alphabet, padded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
+    /// Only connections in this channel (read from the channel index).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// Only these connections; the table is not read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<Vec<String>>,
+    /// Connections to skip (e.g. the sender).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    /// Split a whole-table broadcast into this many segment jobs, put back
+    /// on the queue so several workers share it (overrides the worker's
+    /// `split_segments`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<u32>,
+    /// Set by fanout on the jobs of a split broadcast: which share of the
+    /// table this job covers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<Segment>,
+    /// Set by fanout on a continuation job: where each audience segment
+    /// resumes. Producers leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Vec<Cursor>>,
+    /// Set by fanout on a continuation of deferred connections: exactly
+    /// these, with the row keys they were read with (so a gone one can still
+    /// be removed). Producers leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<Vec<DeferredSpec>>,
+    /// Set by fanout with `deferred`: how many continuations these
+    /// connections have been deferred across.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub deferrals: u32,
+}
+
+/// One deferred connection in a continuation job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeferredSpec {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<RowKey>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Continuation bodies stay a little under SQS's message size, leaving room
+/// for the message's attributes.
+pub const MAX_CONTINUATION_BYTES: usize = MAX_SQS_MESSAGE_BYTES - CONTINUATION_HEADROOM;
+
+/// One share of a split broadcast: scan segment `index` of `total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Segment {
+    pub index: u32,
+    pub total: u32,
+}
+
+/// Keeps an explicit `"data": null` apart from a missing `data`.
+fn present<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(de).map(Some)
+}
+
+/// Who a job goes to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Every connection in the table.
+    All,
+    /// Connections whose channel attribute equals this.
+    Channel(String),
+    /// Exactly these connections.
+    Connections(Vec<ConnectionId>),
+    /// Exactly these connections, deferred by an earlier run of the job,
+    /// with their row keys.
+    Deferred(Vec<Connection>),
+}
+
+/// A parsed, valid broadcast job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job {
+    /// The producer's id, or the queue message id.
+    pub id: String,
+    /// The bytes every connection receives; shared by all sends.
+    pub payload: Bytes,
+    pub target: Target,
+    pub exclude: HashSet<ConnectionId>,
+    /// Where to resume an interrupted broadcast.
+    pub resume: Option<Vec<Cursor>>,
+    /// The share of the table this job covers, when it is part of a split
+    /// broadcast.
+    pub segment: Option<Segment>,
+    /// Segment jobs the producer asked this broadcast to split into.
+    pub split: Option<u32>,
+    /// Continuations its connections were deferred across (with
+    /// [`Target::Deferred`]).
+    pub deferrals: u32,
+}
+
+/// What this deployment can serve, which parsing checks jobs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Whether a channel index is configured.
+    pub channels: bool,
+}
+
+/// Why a message is not a job this deployment can run. Permanent: the same
+/// body fails the same way every time.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum JobError {
+    #[error("the body is not a valid job: {path}: {reason}")]
+    Malformed { path: String, reason: String },
+    #[error("the job has neither `data` nor `data_base64`")]
+    NoData,
+    #[error("the job has both `data` and `data_base64`; send one")]
+    BothData,
+    #[error("`data` is null; send a value, or an empty string")]
+    NullData,
+    #[error("`data_base64` is not valid base64: {0}")]
+    BadBase64(String),
+    #[error(
+        "the payload is {size} bytes; API Gateway takes at most {MAX_PAYLOAD_BYTES} bytes per message"
+    )]
+    TooLarge { size: usize },
+    #[error("`channel` and `connections` cannot be combined; send one audience")]
+    TwoAudiences,
+    #[error("`{field}` contains an empty string")]
+    EmptyValue { field: &'static str },
+    #[error(
+        "the job names a channel but this deployment has no channel index (FANOUT_CHANNEL_INDEX)"
+    )]
+    ChannelsUnsupported,
+    #[error(
+        "`split` and `segment` apply to whole-table broadcasts only, not to a channel or a list"
+    )]
+    SplitNeedsTable,
+    #[error("`split` must be between 1 and {MAX_SPLIT}")]
+    BadSplit,
+    #[error("`segment` must have index < total <= {MAX_SPLIT}")]
+    BadSegment,
+    #[error(
+        "`deferred` is set by fanout on continuation jobs, alone: not with `channel`, `connections`, `split` or `segment`"
+    )]
+    DeferredAlone,
+}
+
+/// A deferred connection that cannot be continued: one entry alone does not
+/// fit in a message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("a continuation for connection {id} would exceed {MAX_CONTINUATION_BYTES} bytes")]
+pub struct TooLargeToContinue {
+    pub id: String,
+}
+
+/// An SNS notification, as SNS delivers to SQS without raw message delivery.
+#[derive(Deserialize)]
+struct SnsEnvelope {
+    #[serde(rename = "Type")]
+    kind: String,
+    #[serde(rename = "Message")]
+    message: String,
+}
+
+impl Job {
+    /// The job that finishes this one from `resume`: same id, payload,
+    /// audience and exclusions.
+    pub fn continuation(&self, resume: Vec<Cursor>) -> JobSpec {
+        let (data, data_base64) = match std::str::from_utf8(&self.payload) {
+            Ok(text) => (Some(serde_json::Value::String(text.to_owned())), None),
+            Err(_) => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(&self.payload)),
+            ),
+        };
+        let (channel, connections) = match &self.target {
+            Target::All => (None, None),
+            Target::Channel(channel) => (Some(channel.clone()), None),
+            Target::Connections(ids) => (None, Some(ids.iter().map(ToString::to_string).collect())),
+            Target::Deferred(_) => (None, None),
+        };
+        let deferred = match &self.target {
+            Target::Deferred(connections) => Some(connections.iter().map(deferred_spec).collect()),
+            _ => None,
+        };
+        let mut exclude: Vec<String> = self.exclude.iter().map(ToString::to_string).collect();
+        exclude.sort();
+        JobSpec {
+            id: Some(self.id.clone()),
+            data,
+            data_base64,
+            channel,
+            connections,
+            exclude,
+            split: None,
+            segment: self.segment,
+            resume: Some(resume),
+            deferred,
+            deferrals: self.deferrals,
+        }
+    }
+
+    /// The continuation jobs that go on with `connections`, deferred by this
+    /// run: same id, payload and exclusions, exactly those connections, one
+    /// more deferral; as message bodies, as many as it takes to keep each
+    /// under `max_bytes`.
+    pub fn deferred_continuations(
+        &self,
+        connections: &[Connection],
+        max_bytes: usize,
+    ) -> Result<Vec<String>, TooLargeToContinue> {
+        let mut base = self.continuation(Vec::new());
+        base.resume = None;
+        base.segment = None;
+        base.deferred = Some(Vec::new());
+        base.deferrals = self.deferrals + 1;
+        // `"deferred":[]` holds the list; each entry adds its JSON and a
+        // comma.
+        let base_len = serde_json::to_string(&base).map_or(0, |b| b.len());
+        let mut bodies = Vec::new();
+        let mut chunk: Vec<DeferredSpec> = Vec::new();
+        let mut len = base_len;
+        let encode = |chunk: Vec<DeferredSpec>| {
+            let mut spec = base.clone();
+            spec.deferred = Some(chunk);
+            serde_json::to_string(&spec).expect("a job spec always encodes")
+        };
+        for connection in connections {
+            let entry = deferred_spec(connection);
+            let entry_len = serde_json::to_string(&entry).map_or(0, |e| e.len()) + 1;
+            if base_len + entry_len > max_bytes {
+                return Err(TooLargeToContinue {
+                    id: entry.id.clone(),
+                });
+            }
+            if len + entry_len > max_bytes {
+                bodies.push(encode(std::mem::take(&mut chunk)));
+                len = base_len;
+            }
+            len += entry_len;
+            chunk.push(entry);
+        }
+        if !chunk.is_empty() {
+            bodies.push(encode(chunk));
+        }
+        Ok(bodies)
+    }
+
+    /// A job for one connection alone, as it is dead-lettered once it has
+    /// been deferred too often.
+    pub fn for_one(&self, connection: &Connection) -> JobSpec {
+        let mut spec = self.continuation(Vec::new());
+        spec.resume = None;
+        spec.segment = None;
+        spec.channel = None;
+        spec.connections = None;
+        spec.deferred = Some(vec![deferred_spec(connection)]);
+        spec.deferrals = self.deferrals;
+        spec
+    }
+
+    /// The segment jobs of this broadcast split `total` ways, each covering
+    /// one scan segment; their ids are this one's with `/index` added.
+    pub fn split_into(&self, total: u32) -> Vec<JobSpec> {
+        (0..total)
+            .map(|index| {
+                let mut spec = self.continuation(Vec::new());
+                spec.id = Some(format!("{}/{index}", self.id));
+                spec.segment = Some(Segment { index, total });
+                spec.resume = None;
+                spec
+            })
+            .collect()
+    }
+}
+
+/// Parses a message body (a job, or an SNS notification wrapping one).
+pub fn parse(body: &str, message_id: &str, caps: Capabilities) -> Result<Job, JobError> {
+    let unwrapped;
+    let body = match serde_json::from_str::<SnsEnvelope>(body) {
+        Ok(envelope) if envelope.kind == "Notification" => {
+            unwrapped = envelope.message;
+            unwrapped.as_str()
+        }
+        _ => body,
+    };
+    let mut de = serde_json::Deserializer::from_str(body);
+    let spec: JobSpec = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        JobError::Malformed {
+            path: if path == "." { "body".to_owned() } else { path },
+            reason: e.into_inner().to_string(),
+        }
+    })?;
+    de.end().map_err(|e| JobError::Malformed {
+        path: "body".to_owned(),
+        reason: e.to_string(),
+    })?;
+    validate(spec, message_id, caps)
+}
+
+/// Turns a spec into a job, checking everything parsing alone cannot.
+pub fn validate(spec: JobSpec, message_id: &str, caps: Capabilities) -> Result<Job, JobError> {
+    let payload = payload(spec.data, spec.data_base64)?;
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(JobError::TooLarge {
+            size: payload.len(),
+        });
+    }
+    if spec.deferred.is_some()
+        && (spec.channel.is_some()
+            || spec.connections.is_some()
+            || spec.split.is_some()
+            || spec.segment.is_some())
+    {
+        return Err(JobError::DeferredAlone);
+    }
+    let target = match (spec.channel, spec.connections) {
+        _ if spec.deferred.is_some() => {
+            let connections = spec.deferred.unwrap_or_default();
+            let ids = ids_of(
+                "deferred",
+                connections.iter().map(|d| d.id.clone()).collect(),
+            )?;
+            Target::Deferred(
+                ids.into_iter()
+                    .zip(connections)
+                    .map(|(id, d)| Connection { id, key: d.key })
+                    .collect(),
+            )
+        }
+        (Some(_), Some(_)) => return Err(JobError::TwoAudiences),
+        (Some(channel), None) if channel.is_empty() => {
+            return Err(JobError::EmptyValue { field: "channel" });
+        }
+        (Some(_), None) if !caps.channels => return Err(JobError::ChannelsUnsupported),
+        (Some(channel), None) => Target::Channel(channel),
+        (None, Some(ids)) => Target::Connections(first_occurrences(ids_of("connections", ids)?)),
+        (None, None) => Target::All,
+    };
+    let exclude = ids_of("exclude", spec.exclude)?.into_iter().collect();
+    if spec.split.is_some_and(|n| n == 0 || n > MAX_SPLIT) {
+        return Err(JobError::BadSplit);
+    }
+    if spec
+        .segment
+        .is_some_and(|s| s.total == 0 || s.total > MAX_SPLIT || s.index >= s.total)
+    {
+        return Err(JobError::BadSegment);
+    }
+    if (spec.split.is_some_and(|n| n > 1) || spec.segment.is_some()) && target != Target::All {
+        return Err(JobError::SplitNeedsTable);
+    }
+    Ok(Job {
+        id: spec.id.unwrap_or_else(|| message_id.to_owned()),
+        payload,
+        target,
+        exclude,
+        resume: spec.resume,
+        segment: spec.segment,
+        // Splitting a share again would only add jobs.
+        split: spec.split.filter(|_| spec.segment.is_none()),
+        deferrals: spec.deferrals,
+    })
+}
+
+fn deferred_spec(connection: &Connection) -> DeferredSpec {
+    DeferredSpec {
+        id: connection.id.to_string(),
+        key: connection.key.clone(),
+    }
+}
+
+fn payload(data: Option<serde_json::Value>, base64: Option<String>) -> Result<Bytes, JobError> {
+    match (data, base64) {
+        (Some(_), Some(_)) => Err(JobError::BothData),
+        (None, None) => Err(JobError::NoData),
+        (Some(serde_json::Value::Null), None) => Err(JobError::NullData),
+        (Some(serde_json::Value::String(text)), None) => Ok(Bytes::from(text)),
+        (Some(value), None) => Ok(Bytes::from(value.to_string())),
+        (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
+            .decode(encoded.as_bytes())
+            .map(Bytes::from)
+            .map_err(|e| JobError::BadBase64(e.to_string())),
+    }
+}
+
+/// A listed id is one connection: sending to it once per listing would
+/// repeat the message. The first listing keeps its place, so the positions a
+/// continuation resumes from mean the same list every time the job is parsed.
+fn first_occurrences(ids: Vec<ConnectionId>) -> Vec<ConnectionId> {
+    let mut seen = HashSet::with_capacity(ids.len());
+    ids.into_iter()
+        .filter(|id| seen.insert(id.clone()))
+        .collect()
+}
+
+fn ids_of(field: &'static str, ids: Vec<String>) -> Result<Vec<ConnectionId>, JobError> {
+    ids.into_iter()
+        .map(|id| {
+            if id.is_empty() {
+                Err(JobError::EmptyValue { field })
+            } else {
+                Ok(ConnectionId::from(id))
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAPS: Capabilities = Capabilities { channels: true };
+
+    fn ok(body: &str) -> Job {
+        parse(body, "msg-1", CAPS).unwrap_or_else(|e| panic!("{body}: {e}"))
+    }
+
+    fn err(body: &str) -> JobError {
+        parse(body, "msg-1", CAPS).expect_err(body)
+    }
+
+    #[test]
+    fn a_connection_listed_twice_is_sent_to_once_in_first_listed_order() {
+        let job = ok(r#"{"data":"x","connections":["b","a","b","c","a"]}"#);
+        assert_eq!(
+            job.target,
+            Target::Connections(vec!["b".into(), "a".into(), "c".into()])
+        );
+    }
+
+    #[test]
+    fn string_data_is_sent_as_its_text() {
+        let job = ok(r#"{"data":"hello ☀"}"#);
+        assert_eq!(job.payload, Bytes::from("hello ☀"));
+        assert_eq!(job.target, Target::All);
+        assert_eq!(job.id, "msg-1");
+    }
+
+    #[test]
+    fn other_json_is_sent_compact_in_its_key_order() {
+        let job = ok(r#"{"id":"j", "data": { "z": [1, 2.5, true], "a": null }}"#);
+        assert_eq!(job.payload, Bytes::from(r#"{"z":[1,2.5,true],"a":null}"#));
+        assert_eq!(job.id, "j");
+        assert_eq!(ok(r#"{"data": 42}"#).payload, Bytes::from("42"));
+    }
+
+    #[test]
+    fn base64_data_is_binary() {
+        let job = ok(r#"{"data_base64":"AAEC/w=="}"#);
+        assert_eq!(job.payload, Bytes::from_static(&[0, 1, 2, 255]));
+        assert!(matches!(
+            err(r#"{"data_base64":"***"}"#),
+            JobError::BadBase64(_)
+        ));
+    }
+
+    #[test]
+    fn audiences() {
+        assert_eq!(
+            ok(r#"{"data":"x","channel":"sports"}"#).target,
+            Target::Channel("sports".into())
+        );
+        let job = ok(r#"{"data":"x","connections":["a","b"],"exclude":["b"]}"#);
+        assert_eq!(
+            job.target,
+            Target::Connections(vec!["a".into(), "b".into()])
+        );
+        assert!(job.exclude.contains(&ConnectionId::from("b")));
+        assert_eq!(
+            err(r#"{"data":"x","channel":"c","connections":[]}"#),
+            JobError::TwoAudiences
+        );
+        assert_eq!(
+            err(r#"{"data":"x","channel":""}"#),
+            JobError::EmptyValue { field: "channel" }
+        );
+        assert_eq!(
+            err(r#"{"data":"x","exclude":[""]}"#),
+            JobError::EmptyValue { field: "exclude" }
+        );
+    }
+
+    #[test]
+    fn channels_need_an_index() {
+        let caps = Capabilities { channels: false };
+        assert_eq!(
+            parse(r#"{"data":"x","channel":"c"}"#, "m", caps),
+            Err(JobError::ChannelsUnsupported)
+        );
+        assert!(parse(r#"{"data":"x"}"#, "m", caps).is_ok());
+    }
+
+    #[test]
+    fn data_must_be_there_once() {
+        assert_eq!(err(r#"{"channel":"c"}"#), JobError::NoData);
+        assert_eq!(
+            err(r#"{"data":"x","data_base64":"AA=="}"#),
+            JobError::BothData
+        );
+        assert_eq!(err(r#"{"data":null}"#), JobError::NullData);
+    }
+
+    #[test]
+    fn malformed_bodies_name_the_field() {
+        let e = err(r#"{"data":"x","chanel":"c"}"#).to_string();
+        assert!(e.contains("chanel"), "{e}");
+        let e = err(r#"{"data":"x","exclude":[1]}"#).to_string();
+        assert!(e.contains("exclude[0]"), "{e}");
+        let e = err("not json").to_string();
+        assert!(e.contains("not a valid job"), "{e}");
+        let e = err(r#"{"data":"x"} trailing"#).to_string();
+        assert!(e.contains("trailing"), "{e}");
+        assert!(matches!(err("[1,2]"), JobError::Malformed { .. }));
+    }
+
+    #[test]
+    fn the_payload_limit_is_api_gateways() {
+        let at_limit = format!(r#"{{"data":"{}"}}"#, "a".repeat(MAX_PAYLOAD_BYTES));
+        assert_eq!(ok(&at_limit).payload.len(), MAX_PAYLOAD_BYTES);
+        let over = format!(r#"{{"data":"{}"}}"#, "a".repeat(MAX_PAYLOAD_BYTES + 1));
+        assert_eq!(
+            err(&over),
+            JobError::TooLarge {
+                size: MAX_PAYLOAD_BYTES + 1
+            }
+        );
+    }
+
+    #[test]
+    fn sns_notifications_are_unwrapped() {
+        let inner = r#"{"data":"via sns","channel":"c"}"#;
+        let envelope = serde_json::json!({
+            "Type": "Notification",
+            "MessageId": "sns-1",
+            "TopicArn": "arn:aws:sns:us-east-1:000000000000:t",
+            "Message": inner,
+        })
+        .to_string();
+        let job = ok(&envelope);
+        assert_eq!(job.payload, Bytes::from("via sns"));
+        assert_eq!(job.target, Target::Channel("c".into()));
+        // A malformed inner job is reported as such.
+        let bad = serde_json::json!({"Type": "Notification", "Message": "{}"}).to_string();
+        assert_eq!(err(&bad), JobError::NoData);
+    }
+
+    #[test]
+    fn a_continuation_is_the_same_job_from_its_cursors() {
+        use crate::store::Position;
+        let resume = vec![Cursor {
+            segment: 0,
+            position: Some(Position::Offset(1000)),
+        }];
+        for body in [
+            r#"{"id":"j","data":{"k":[1,2]},"channel":"c","exclude":["b","a"]}"#,
+            r#"{"data_base64":"AAEC/w==","connections":["x","y"]}"#,
+        ] {
+            let job = ok(body);
+            let next = serde_json::to_string(&job.continuation(resume.clone())).unwrap();
+            let resumed = parse(&next, "msg-2", CAPS).expect("a continuation parses");
+            assert_eq!(resumed.payload, job.payload);
+            assert_eq!(resumed.target, job.target);
+            assert_eq!(resumed.exclude, job.exclude);
+            assert_eq!(resumed.id, job.id, "the id carries over");
+            assert_eq!(resumed.resume, Some(resume.clone()));
+        }
+    }
+
+    #[test]
+    fn a_split_broadcast_becomes_one_job_per_segment() {
+        let job = ok(r#"{"id":"big","data":"x","split":3,"exclude":["a"]}"#);
+        assert_eq!(job.split, Some(3));
+        let parts = job.split_into(3);
+        assert_eq!(parts.len(), 3);
+        for (n, part) in parts.iter().enumerate() {
+            let body = serde_json::to_string(part).unwrap();
+            let share = parse(&body, "m", CAPS).expect("a share parses");
+            assert_eq!(share.id, format!("big/{n}"));
+            assert_eq!(
+                share.segment,
+                Some(Segment {
+                    index: n as u32,
+                    total: 3
+                })
+            );
+            assert_eq!(share.split, None);
+            assert_eq!(share.payload, job.payload);
+            assert_eq!(share.exclude, job.exclude);
+        }
+    }
+
+    #[test]
+    fn split_limits() {
+        assert_eq!(err(r#"{"data":"x","split":0}"#), JobError::BadSplit);
+        assert_eq!(err(r#"{"data":"x","split":5000}"#), JobError::BadSplit);
+        assert_eq!(
+            err(r#"{"data":"x","split":2,"channel":"c"}"#),
+            JobError::SplitNeedsTable
+        );
+        assert_eq!(
+            err(r#"{"data":"x","segment":{"index":2,"total":2}}"#),
+            JobError::BadSegment
+        );
+        assert_eq!(
+            err(r#"{"data":"x","segment":{"index":0,"total":2},"connections":["a"]}"#),
+            JobError::SplitNeedsTable
+        );
+        // A share is not split again.
+        let share = ok(r#"{"data":"x","split":4,"segment":{"index":0,"total":2}}"#);
+        assert_eq!(share.split, None);
+    }
+
+    fn keyed(id: &str) -> Connection {
+        Connection {
+            id: id.into(),
+            key: Some(RowKey(vec![(
+                "connectionId".into(),
+                crate::connection::KeyValue::S(id.into()),
+            )])),
+        }
+    }
+
+    #[test]
+    fn deferred_connections_continue_with_their_keys_split_to_fit() {
+        let job = ok(r#"{"id":"j","data":"hello","exclude":["z"]}"#);
+        let deferred: Vec<Connection> = (0..500).map(|n| keyed(&format!("conn-{n:04}"))).collect();
+        let bodies = job.deferred_continuations(&deferred, 8_000).unwrap();
+        assert!(bodies.len() > 1, "split to fit");
+        let mut listed = Vec::new();
+        for body in &bodies {
+            assert!(body.len() <= 8_000, "{}", body.len());
+            let next = parse(body, "m", CAPS).expect("a continuation parses");
+            assert_eq!(next.id, "j");
+            assert_eq!(next.payload, job.payload);
+            assert_eq!(next.exclude, job.exclude);
+            assert_eq!(next.deferrals, 1);
+            let Target::Deferred(connections) = next.target else {
+                panic!("{:?}", next.target)
+            };
+            listed.extend(connections);
+        }
+        assert_eq!(listed, deferred, "exactly them, keys and order kept");
+        // Once more: the count goes on.
+        let again = parse(&bodies[0], "m", CAPS).unwrap();
+        let next = again.deferred_continuations(&deferred[..1], 8_000).unwrap();
+        assert_eq!(parse(&next[0], "m", CAPS).unwrap().deferrals, 2);
+        // An entry that cannot fit alone is an error, not a drop.
+        let err = job.deferred_continuations(&deferred, 60).unwrap_err();
+        assert_eq!(err.id, "conn-0000");
+    }
+
+    #[test]
+    fn deferred_lists_come_alone() {
+        assert_eq!(
+            err(r#"{"data":"x","deferred":[{"id":"a"}],"channel":"c"}"#),
+            JobError::DeferredAlone
+        );
+        assert_eq!(
+            err(r#"{"data":"x","deferred":[{"id":""}]}"#),
+            JobError::EmptyValue { field: "deferred" }
+        );
+        let one = ok(r#"{"data":"x","deferred":[{"id":"a"}],"deferrals":5}"#);
+        let alone = one.for_one(&keyed("a"));
+        let body = serde_json::to_string(&alone).unwrap();
+        let back = parse(&body, "m", CAPS).unwrap();
+        assert_eq!(back.target, Target::Deferred(vec![keyed("a")]));
+        assert_eq!(back.deferrals, 5);
+    }
+
+    #[test]
+    fn a_spec_round_trips_through_json() {
+        let spec = JobSpec {
+            id: Some("j".into()),
+            data: Some(serde_json::json!({"k": 1})),
+            channel: Some("c".into()),
+            exclude: vec!["x".into()],
+            ..JobSpec::default()
+        };
+        let body = serde_json::to_string(&spec).unwrap();
+        let job = ok(&body);
+        assert_eq!(job.id, "j");
+        assert_eq!(job.payload, Bytes::from(r#"{"k":1}"#));
+    }
+}

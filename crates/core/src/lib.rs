@@ -1,0 +1,45 @@
+//! fanout's core: what a broadcast is and how it is delivered, with no AWS
+//! SDK and no HTTP stack. The adapters (crate `fanout-aws`) and the fakes in
+//! tests plug in behind three traits, so this crate compiles and tests
+//! alone.
+//!
+//! # Layout
+//!
+//! The seams:
+//! - [`queue`]: [`queue::JobQueue`], where jobs come from and go back to.
+//! - [`store`]: [`store::ConnectionStore`], the audience in pages, and batch
+//!   removal.
+//! - [`gateway`]: [`gateway::Gateway`], one send, and [`gateway::PostOutcome`],
+//!   what its answer means ([`gateway::status`] maps HTTP answers to it).
+//!
+//! What runs behind them:
+//! - [`job`]: the broadcast job schema producers send, and its pure parser.
+//! - [`limits`]: AWS's quotas and fanout's own bounds, each defined once.
+//! - [`connection`]: connection ids and the table row keys they were read with.
+//! - [`backoff`]: exponential backoff with full jitter, shared by every retry.
+//! - [`limiter`]: the process-wide send budget (rate and requests in flight).
+//! - [`progress`]: which audience pages a broadcast finished, for resuming.
+//! - [`remover`]: batches gone connections into removals while sending goes on.
+//! - [`engine`]: audience pages → rate-limited concurrent sends → report.
+//! - [`worker`]: receive → fan out → settle the message; heartbeat; shutdown.
+//! - [`redrive`]: moves dead-lettered jobs back to the jobs queue.
+//! - [`shutdown`]: SIGTERM or Ctrl-C as a cancellation.
+//! - [`telemetry`]: the process-wide counters.
+
+pub mod backoff;
+pub mod connection;
+pub mod engine;
+pub mod gateway;
+pub mod job;
+pub mod limiter;
+pub mod limits;
+pub mod progress;
+pub mod queue;
+pub mod redrive;
+pub mod remover;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+#[cfg(test)]
+mod testing;
+pub mod worker;

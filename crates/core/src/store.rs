@@ -1,0 +1,110 @@
+//! The audience: connection rows read page by page, and removal of gone ones.
+//!
+//! [`ConnectionStore`] is the seam; `fanout-aws` implements it on DynamoDB.
+//! Pages carry a [`Cursor`] so an interrupted broadcast can resume after the
+//! last page it finished.
+
+use std::future::Future;
+
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+use crate::connection::{Connection, ConnectionId};
+
+/// Rows per removal: BatchWriteItem's limit (a 26th item is a validation
+/// error, not a partial success).
+pub use crate::limits::MAX_BATCH_WRITE as MAX_REMOVE_BATCH;
+
+/// Who a broadcast goes to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AudienceQuery {
+    /// Every row of the table: a Scan, in `segments` parallel segments.
+    All { segments: u32 },
+    /// One segment of a table split `total` ways (a split broadcast's share):
+    /// a Scan with Segment = `index`, TotalSegments = `total`.
+    Segment { index: u32, total: u32 },
+    /// Rows whose channel attribute equals this: a Query on the channel index.
+    Channel(String),
+    /// These ids; no table read.
+    Explicit(Vec<ConnectionId>),
+}
+
+/// Where to resume reading one audience stream: the segment (0 for a Query or
+/// an explicit list) and its position after the last page handed out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub segment: u32,
+    /// `None` once the segment is exhausted.
+    pub position: Option<Position>,
+}
+
+/// A position inside one segment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Position {
+    /// DynamoDB's LastEvaluatedKey, as attribute name → key value.
+    Key(crate::connection::RowKey),
+    /// Offset into an explicit list.
+    Offset(usize),
+}
+
+/// One page of an audience.
+#[derive(Clone, Debug)]
+pub struct Page {
+    pub connections: Vec<Connection>,
+    /// Where the segment continues after this page.
+    pub next: Cursor,
+}
+
+/// What a removal call could not do this time, to be retried.
+#[derive(Debug, Default)]
+pub struct Removal {
+    /// Rows the store accepted but did not process (DynamoDB's
+    /// UnprocessedItems): retry them with backoff.
+    pub unprocessed: Vec<Connection>,
+    /// Connections without a derivable row key: they cannot be removed.
+    pub skipped: Vec<Connection>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the connections table {table} does not exist; create it or fix FANOUT_TABLE")]
+    NoSuchTable { table: String },
+    #[error("channel audiences need FANOUT_CHANNEL_INDEX (a GSI keyed by the channel attribute)")]
+    NoChannelIndex,
+    #[error("a connection row has no usable {attribute} attribute")]
+    BadRow { attribute: String },
+    #[error("the table is throttling requests: {0}")]
+    Throttled(String),
+    #[error("the connections table could not be reached: {0}")]
+    Unavailable(String),
+    #[error("the connections table refused the request: {0}")]
+    Rejected(String),
+}
+
+impl StoreError {
+    /// Whether trying the same call again later can succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Throttled(_) | Self::Unavailable(_))
+    }
+}
+
+/// Reads audiences and removes gone connections.
+pub trait ConnectionStore: Send + Sync + 'static {
+    /// The audience as a stream of pages, starting at `from` (or at the start
+    /// of every segment). Pages of one segment arrive in order; segments
+    /// interleave. Pages are read as the stream is polled (the engine reads
+    /// ahead on its own).
+    fn pages(
+        &self,
+        audience: &AudienceQuery,
+        from: Option<Vec<Cursor>>,
+    ) -> BoxStream<'static, Result<Page, StoreError>>;
+
+    /// Deletes up to [`MAX_REMOVE_BATCH`] rows by their full key. Only ever
+    /// called with connections that answered gone.
+    fn remove(
+        &self,
+        gone: Vec<Connection>,
+    ) -> impl Future<Output = Result<Removal, StoreError>> + Send;
+}

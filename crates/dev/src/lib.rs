@@ -1,0 +1,15 @@
+//! Development tools that stand in for AWS on one machine, built as their
+//! own binary, `fanout-dev`, so that the production `fanout` binary carries
+//! no WebSocket stack. Never on the worker's path: the worker talks to
+//! whatever `FANOUT_GATEWAY_ENDPOINT` names.
+//!
+//! # Layout
+//!
+//! - [`gateway`]: `fanout-dev gateway`, a local API Gateway WebSocket API:
+//!   real WebSocket clients, `$connect`/`$disconnect` rows in DynamoDB, the
+//!   `@connections` management API, and fault injection.
+//! - [`clients`]: `fanout-dev clients`, N real WebSocket clients that count
+//!   what they receive and print a JSON summary.
+
+pub mod clients;
+pub mod gateway;

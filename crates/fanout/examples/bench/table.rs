@@ -1,0 +1,123 @@
+//! The benchmark's DynamoDB table (on dynalite): created and loaded with
+//! `conn-0` … `conn-{n-1}` before the broadcast, so the audience is streamed
+//! by the real `DynamoStore` (Scan pages, BatchWriteItem removals) while the
+//! clock runs. Loading is not measured.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, PutRequest,
+    ScalarAttributeType, TableStatus, WriteRequest,
+};
+use fanout_aws::dynamo::DynamoStore;
+use fanout_core::store::{AudienceQuery, ConnectionStore};
+use futures::{StreamExt, TryStreamExt, stream};
+
+use crate::audience::GONE_EVERY;
+
+pub const KEY: &str = "connectionId";
+
+/// BatchWriteItem's limit.
+const BATCH: u64 = 25;
+
+/// Creates `table` keyed by [`KEY`] and writes `rows` connection rows.
+pub async fn create_and_load(client: &Client, table: &str, rows: u64) -> anyhow::Result<()> {
+    create(client, table).await?;
+    load(client, table, rows, false).await
+}
+
+/// Creates `table` keyed by [`KEY`], empty.
+pub async fn create(client: &Client, table: &str) -> anyhow::Result<()> {
+    client
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name(KEY)
+                .attribute_type(ScalarAttributeType::S)
+                .build()?,
+        )
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name(KEY)
+                .key_type(KeyType::Hash)
+                .build()?,
+        )
+        .send()
+        .await
+        .context(
+            "create the benchmark table (is dynalite up and AWS_ENDPOINT_URL_DYNAMODB set?)",
+        )?;
+    // dynalite creates tables asynchronously even with --createTableMs 0.
+    loop {
+        let status = client
+            .describe_table()
+            .table_name(table)
+            .send()
+            .await?
+            .table()
+            .and_then(|t| t.table_status().cloned());
+        if status == Some(TableStatus::Active) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Writes the rows `conn-0` … `conn-{rows-1}`, or only the gone ones among
+/// them (a broadcast deleted those: the next run needs them back).
+pub async fn load(client: &Client, table: &str, rows: u64, only_gone: bool) -> anyhow::Result<()> {
+    let ids: Vec<u64> = (0..rows)
+        .filter(|n| !only_gone || n % GONE_EVERY == 0)
+        .collect();
+    stream::iter(ids.chunks(BATCH as usize))
+        .map(|chunk| write_batch(client, table, chunk))
+        .buffer_unordered(16)
+        .try_collect::<()>()
+        .await
+}
+
+async fn write_batch(client: &Client, table: &str, ids: &[u64]) -> anyhow::Result<()> {
+    let requests = ids
+        .iter()
+        .map(|n| {
+            let put = PutRequest::builder()
+                .item(KEY, AttributeValue::S(format!("conn-{n}")))
+                .item("connectedAt", AttributeValue::N("1764277200000".into()))
+                .build()?;
+            Ok(WriteRequest::builder().put_request(put).build())
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let output = client
+        .batch_write_item()
+        .request_items(table, requests)
+        .send()
+        .await
+        .context("load the benchmark table")?;
+    // dynalite never returns UnprocessedItems: a partial load is a bug here.
+    anyhow::ensure!(
+        output.unprocessed_items().is_none_or(|u| u.is_empty()),
+        "dynalite left items unprocessed"
+    );
+    Ok(())
+}
+
+pub async fn delete(client: &Client, table: &str) {
+    // Best effort: dynalite runs in memory and goes away with the benchmark.
+    let _ = client.delete_table().table_name(table).send().await;
+}
+
+/// Rows per second of a whole-table scan through `store`, nothing sent.
+pub async fn scan_rate(store: &DynamoStore) -> anyhow::Result<f64> {
+    let started = std::time::Instant::now();
+    let mut rows = 0usize;
+    let mut pages = store.pages(&AudienceQuery::All { segments: 1 }, None);
+    while let Some(page) = pages.next().await {
+        rows += page.context("scanning the bench table")?.connections.len();
+    }
+    Ok(rows as f64 / started.elapsed().as_secs_f64())
+}

@@ -1,0 +1,777 @@
+//! The typed configuration: the embedded defaults (`config/default.toml`),
+//! overlaid by an optional `--config` file, overridden by `FANOUT_*`
+//! environment variables, then validated into [`Config`] before anything is
+//! built.
+//!
+//! Every error names the key and where its value came from (the defaults,
+//! the file, or the exact environment variable), because the operator has to
+//! find and fix it in an ECS task definition.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::{Deserialize, Serialize};
+
+use fanout_core::backoff::Backoff;
+use fanout_core::engine::EngineSettings;
+use fanout_core::job::Capabilities;
+use fanout_core::limiter::RateSettings;
+use fanout_core::worker::WorkerSettings;
+
+/// The documented defaults, compiled in so the binary needs no file.
+pub const DEFAULTS: &str = include_str!("../../../config/default.toml");
+
+/// The prefix of the environment overrides.
+const ENV_PREFIX: &str = "FANOUT_";
+
+/// Every key, as it appears in TOML; `FANOUT_` + upper case in the
+/// environment. Other `FANOUT_*` variables (scripts use some) are ignored.
+pub const KEYS: &[&str] = &[
+    "queue_url",
+    "dead_letter_queue_url",
+    "table",
+    "key_attribute",
+    "channel_index",
+    "channel_attribute",
+    "gateway_endpoint",
+    "send_path",
+    "rate_per_second",
+    "rate_burst",
+    "adaptive_rate",
+    "max_in_flight",
+    "send_timeout",
+    "send_attempts",
+    "send_retry_base",
+    "send_retry_max",
+    "throttle_deadline",
+    "deferred_passes",
+    "deferred_limit",
+    "page_size",
+    "scan_segments",
+    "split_segments",
+    "max_concurrent_jobs",
+    "receive_wait",
+    "visibility_timeout",
+    "heartbeat_interval",
+    "job_retry_base",
+    "job_retry_max",
+    "shutdown_grace",
+    "metrics_listen",
+    "emf_interval",
+    "health_max_age",
+    "metrics_service",
+];
+
+use fanout_core::limits::{MAX_PAGE_SIZE, MAX_RECEIVE_WAIT, MAX_SCAN_SEGMENTS, MAX_VISIBILITY};
+
+/// The configuration as read, before validation. Field docs are in
+/// `config/default.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    queue_url: Option<String>,
+    dead_letter_queue_url: Option<String>,
+    table: Option<String>,
+    key_attribute: String,
+    channel_index: Option<String>,
+    channel_attribute: String,
+    gateway_endpoint: Option<String>,
+    send_path: SendPath,
+    rate_per_second: u32,
+    rate_burst: u32,
+    adaptive_rate: bool,
+    max_in_flight: u32,
+    #[serde(with = "humantime_serde")]
+    send_timeout: Duration,
+    send_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    send_retry_base: Duration,
+    #[serde(with = "humantime_serde")]
+    send_retry_max: Duration,
+    #[serde(with = "humantime_serde")]
+    throttle_deadline: Duration,
+    deferred_passes: u32,
+    deferred_limit: u32,
+    page_size: u32,
+    scan_segments: u32,
+    split_segments: u32,
+    max_concurrent_jobs: u32,
+    #[serde(with = "humantime_serde")]
+    receive_wait: Duration,
+    #[serde(with = "humantime_serde")]
+    visibility_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    heartbeat_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    job_retry_base: Duration,
+    #[serde(with = "humantime_serde")]
+    job_retry_max: Duration,
+    #[serde(with = "humantime_serde")]
+    shutdown_grace: Duration,
+    metrics_listen: std::net::SocketAddr,
+    #[serde(with = "humantime_serde")]
+    emf_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    health_max_age: Duration,
+    metrics_service: String,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Config {
+    pub queue_url: String,
+    pub dead_letter_queue_url: Option<String>,
+    /// Required by the worker only; see [`Config::worker_targets`].
+    pub table: Option<String>,
+    pub key_attribute: String,
+    pub channel_index: Option<String>,
+    pub channel_attribute: String,
+    /// Required by the worker only; see [`Config::worker_targets`].
+    pub gateway_endpoint: Option<String>,
+    pub send_path: SendPath,
+    /// `None`: no rate limit.
+    pub rate_per_second: Option<u32>,
+    /// The effective burst (the default already applied).
+    pub rate_burst: u32,
+    /// Whether 429s lower the send rate for a while (AIMD).
+    pub adaptive_rate: bool,
+    pub max_in_flight: u32,
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
+    pub send_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub send_retry_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub send_retry_max: Duration,
+    /// How long one connection may keep answering 429, from its first.
+    #[serde(with = "humantime_serde")]
+    pub throttle_deadline: Duration,
+    /// Passes over a job's deferred connections before they go on in a
+    /// continuation job.
+    pub deferred_passes: u32,
+    /// Continuations a connection may be deferred across before it is
+    /// dead-lettered.
+    pub deferred_limit: u32,
+    pub page_size: u32,
+    pub scan_segments: u32,
+    /// Whole-table jobs are split into this many segment jobs (1: never).
+    pub split_segments: u32,
+    pub max_concurrent_jobs: u32,
+    #[serde(with = "humantime_serde")]
+    pub receive_wait: Duration,
+    #[serde(with = "humantime_serde")]
+    pub visibility_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub job_retry_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub job_retry_max: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    pub metrics_listen: std::net::SocketAddr,
+    /// `None`: no EMF lines.
+    #[serde(with = "humantime_serde")]
+    pub emf_interval: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub health_max_age: Duration,
+    pub metrics_service: String,
+}
+
+/// How PostToConnection is sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendPath {
+    /// The AWS SDK's client: the reference implementation.
+    Sdk,
+    /// A SigV4-signed POST over keep-alive hyper connections: the same
+    /// requests at about a tenth of the CPU (BENCHMARKS.md).
+    Lean,
+}
+
+/// What the worker needs beyond the queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerTargets {
+    pub table: String,
+    pub gateway_endpoint: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: cannot read it: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("config key `{key}` (from {origin}): {reason}")]
+    Invalid {
+        key: String,
+        /// Where the value came from: the defaults, a file, a variable.
+        origin: String,
+        reason: String,
+    },
+    #[error("config key `{key}` is required: set {env} or `{key}` in the file given with --config")]
+    Missing { key: String, env: String },
+}
+
+impl Config {
+    /// Loads the defaults, the optional file and the environment, and
+    /// validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULTS));
+        if let Some(path) = file {
+            // figment silently skips a missing file; an operator who names
+            // one means it.
+            std::fs::metadata(path).map_err(|e| ConfigError::File {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).only(KEYS));
+        let raw: Raw = figment.extract().map_err(|e| from_figment(&figment, e))?;
+        Validator { figment: &figment }.validate(raw)
+    }
+
+    /// The table and endpoint, which `run` needs and `enqueue` does not.
+    pub fn worker_targets(&self) -> Result<WorkerTargets, ConfigError> {
+        let table = self.table.clone().ok_or_else(|| missing("table"))?;
+        let gateway_endpoint = self
+            .gateway_endpoint
+            .clone()
+            .ok_or_else(|| missing("gateway_endpoint"))?;
+        Ok(WorkerTargets {
+            table,
+            gateway_endpoint,
+        })
+    }
+
+    /// The send budget's rate; `None` without a limit (a rate of 0, or a
+    /// burst of 0).
+    pub fn rate_settings(&self) -> Option<RateSettings> {
+        Some(RateSettings {
+            per_second: NonZeroU32::new(self.rate_per_second?)?,
+            burst: NonZeroU32::new(self.rate_burst)?,
+            adaptive: self.adaptive_rate,
+        })
+    }
+
+    /// How the engine sends, as the worker and the benchmarks run it.
+    pub fn engine_settings(&self) -> EngineSettings {
+        EngineSettings {
+            send_backoff: Backoff {
+                base: self.send_retry_base,
+                max: self.send_retry_max,
+                max_attempts: self.send_attempts,
+            },
+            throttle_deadline: self.throttle_deadline,
+            deferred_passes: self.deferred_passes,
+            pass_pause: self.send_retry_max,
+            max_in_flight: self.max_in_flight as usize,
+            scan_segments: self.scan_segments,
+        }
+    }
+
+    /// How the worker consumes the queue.
+    pub fn worker_settings(&self, exit_when_idle: bool) -> WorkerSettings {
+        WorkerSettings {
+            max_concurrent_jobs: self.max_concurrent_jobs as usize,
+            visibility_timeout: self.visibility_timeout,
+            heartbeat_interval: self.heartbeat_interval,
+            job_retry: Backoff {
+                base: self.job_retry_base,
+                max: self.job_retry_max,
+                max_attempts: 1,
+            },
+            shutdown_grace: self.shutdown_grace,
+            exit_when_idle,
+            deferred_limit: self.deferred_limit,
+            capabilities: Capabilities {
+                channels: self.channel_index.is_some(),
+            },
+            split_segments: self.split_segments,
+        }
+    }
+
+    /// The configuration as TOML for `check-config`, with any credentials
+    /// embedded in URLs redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        for url in [
+            Some(&mut shown.queue_url),
+            shown.dead_letter_queue_url.as_mut(),
+            shown.gateway_endpoint.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *url = redact_url(url);
+        }
+        let mut out = toml_lines(&shown);
+        if shown.rate_per_second.is_none() {
+            out.push_str("rate_per_second = 0 # no limit\n");
+        }
+        out
+    }
+}
+
+/// Renders a flat struct as `key = value` lines (figment reads TOML; writing
+/// it needs no more than this).
+fn toml_lines(config: &Config) -> String {
+    let value = serde_json::to_value(config).unwrap_or_default();
+    let mut out = String::new();
+    if let serde_json::Value::Object(map) = value {
+        for key in KEYS {
+            match map.get(*key) {
+                Some(serde_json::Value::Null) | None => {}
+                Some(v) => out.push_str(&format!("{key} = {v}\n")),
+            }
+        }
+    }
+    out
+}
+
+fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) if !url.username().is_empty() || url.password().is_some() => {
+            let _ = url.set_username("REDACTED");
+            let _ = url.set_password(None);
+            url.to_string()
+        }
+        _ => raw.to_owned(),
+    }
+}
+
+fn env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.to_uppercase())
+}
+
+fn missing(key: &str) -> ConfigError {
+    ConfigError::Missing {
+        key: key.to_owned(),
+        env: env_name(key),
+    }
+}
+
+/// Names where `key`'s value came from.
+fn source_of(figment: &Figment, key: &str) -> String {
+    match figment.find_metadata(key) {
+        Some(meta) => describe_source(meta, key),
+        None => "nowhere".to_owned(),
+    }
+}
+
+fn describe_source(meta: &figment::Metadata, key: &str) -> String {
+    use figment::Source;
+    match &meta.source {
+        Some(Source::File(path)) => format!("file {}", path.display()),
+        Some(Source::Code(_)) | None if meta.name.contains("environment") => {
+            format!("environment variable {}", env_name(key))
+        }
+        Some(Source::Custom(name)) => name.clone(),
+        _ if meta.name.contains("environment") => {
+            format!("environment variable {}", env_name(key))
+        }
+        _ if meta.name.contains("TOML source string") => "the built-in defaults".to_owned(),
+        _ => meta.name.to_string(),
+    }
+}
+
+fn from_figment(figment: &Figment, error: figment::Error) -> ConfigError {
+    // Report the first error: one clear line beats a list.
+    let error = error
+        .into_iter()
+        .next()
+        .expect("a figment error has at least one entry");
+    let key = error.path.join(".");
+    let source = match &error.metadata {
+        Some(meta) => describe_source(meta, &key),
+        None if !key.is_empty() => source_of(figment, &key),
+        None => "the configuration".to_owned(),
+    };
+    let key = if key.is_empty() {
+        unknown_key(&error.kind).unwrap_or_else(|| "(top level)".to_owned())
+    } else {
+        key
+    };
+    ConfigError::Invalid {
+        key,
+        origin: source,
+        reason: error.kind.to_string(),
+    }
+}
+
+fn unknown_key(kind: &figment::error::Kind) -> Option<String> {
+    match kind {
+        figment::error::Kind::UnknownField(field, _) => Some(field.clone()),
+        figment::error::Kind::MissingField(field) => Some(field.to_string()),
+        _ => None,
+    }
+}
+
+struct Validator<'a> {
+    figment: &'a Figment,
+}
+
+impl Validator<'_> {
+    fn invalid(&self, key: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            key: key.to_owned(),
+            origin: source_of(self.figment, key),
+            reason: reason.into(),
+        }
+    }
+
+    fn url(&self, key: &str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+        let Some(value) = value else { return Ok(None) };
+        let url = url::Url::parse(&value)
+            .map_err(|e| self.invalid(key, format!("`{value}` is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(self.invalid(key, format!("`{value}` is not an http(s) URL")));
+        }
+        Ok(Some(value))
+    }
+
+    fn non_empty(&self, key: &str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+        match value {
+            Some(v) if v.trim().is_empty() => Err(self.invalid(key, "must not be empty")),
+            other => Ok(other),
+        }
+    }
+
+    fn range(&self, key: &str, value: u32, min: u32, max: u32) -> Result<u32, ConfigError> {
+        if (min..=max).contains(&value) {
+            Ok(value)
+        } else {
+            Err(self.invalid(key, format!("{value} is outside {min}..={max}")))
+        }
+    }
+
+    fn validate(&self, raw: Raw) -> Result<Config, ConfigError> {
+        let queue_url = self
+            .url("queue_url", raw.queue_url)?
+            .ok_or_else(|| missing("queue_url"))?;
+        let dead_letter_queue_url = self.url("dead_letter_queue_url", raw.dead_letter_queue_url)?;
+        let table = self.non_empty("table", raw.table)?;
+        let channel_index = self.non_empty("channel_index", raw.channel_index)?;
+        let key_attribute = self
+            .non_empty("key_attribute", Some(raw.key_attribute))?
+            .unwrap_or_default();
+        let channel_attribute = self
+            .non_empty("channel_attribute", Some(raw.channel_attribute))?
+            .unwrap_or_default();
+        let gateway_endpoint = self.url("gateway_endpoint", raw.gateway_endpoint)?;
+        if let Some(endpoint) = &gateway_endpoint {
+            fanout_aws::endpoint::parse_endpoint(endpoint)
+                .map_err(|e| self.invalid("gateway_endpoint", e.to_string()))?;
+        }
+
+        let rate_per_second = (raw.rate_per_second > 0).then_some(raw.rate_per_second);
+        let rate_burst = match (rate_per_second, raw.rate_burst) {
+            (None, _) => 0,
+            (Some(rate), 0) => (rate / 100).max(50).min(rate),
+            (Some(rate), burst) if burst > rate => {
+                return Err(self.invalid(
+                    "rate_burst",
+                    format!("{burst} exceeds rate_per_second ({rate})"),
+                ));
+            }
+            (Some(_), burst) => burst,
+        };
+        let max_in_flight = self.range("max_in_flight", raw.max_in_flight, 1, 100_000)?;
+        let send_attempts = self.range("send_attempts", raw.send_attempts, 1, 100)?;
+        let deferred_passes = self.range("deferred_passes", raw.deferred_passes, 0, 100)?;
+        let deferred_limit = self.range("deferred_limit", raw.deferred_limit, 0, 1000)?;
+        if raw.throttle_deadline.is_zero() {
+            return Err(self.invalid("throttle_deadline", "must be more than zero"));
+        }
+        let page_size = self.range("page_size", raw.page_size, 1, MAX_PAGE_SIZE)?;
+        let scan_segments = self.range("scan_segments", raw.scan_segments, 1, MAX_SCAN_SEGMENTS)?;
+        let split_segments =
+            self.range("split_segments", raw.split_segments, 1, MAX_SCAN_SEGMENTS)?;
+        let max_concurrent_jobs =
+            self.range("max_concurrent_jobs", raw.max_concurrent_jobs, 1, 1000)?;
+
+        if raw.send_timeout.is_zero() {
+            return Err(self.invalid("send_timeout", "must be more than zero"));
+        }
+        if raw.send_retry_base > raw.send_retry_max {
+            return Err(self.invalid(
+                "send_retry_base",
+                "must not exceed send_retry_max".to_owned(),
+            ));
+        }
+        if raw.receive_wait > MAX_RECEIVE_WAIT || raw.receive_wait.subsec_nanos() != 0 {
+            return Err(self.invalid(
+                "receive_wait",
+                "must be whole seconds, at most 20s (SQS's long-poll limit)",
+            ));
+        }
+        if raw.visibility_timeout < Duration::from_secs(2)
+            || raw.visibility_timeout > MAX_VISIBILITY
+        {
+            return Err(self.invalid("visibility_timeout", "must be between 2s and 12h"));
+        }
+        if raw.heartbeat_interval < Duration::from_secs(1)
+            || raw.heartbeat_interval >= raw.visibility_timeout
+        {
+            return Err(self.invalid(
+                "heartbeat_interval",
+                format!(
+                    "must be at least 1s and shorter than visibility_timeout ({}), or jobs are redelivered while they run",
+                    humantime::format_duration(raw.visibility_timeout)
+                ),
+            ));
+        }
+        if raw.job_retry_base > raw.job_retry_max || raw.job_retry_max > MAX_VISIBILITY {
+            return Err(self.invalid(
+                "job_retry_max",
+                "must be at least job_retry_base and at most 12h",
+            ));
+        }
+        if raw.shutdown_grace.is_zero() {
+            return Err(self.invalid("shutdown_grace", "must be more than zero"));
+        }
+        if raw.health_max_age <= raw.receive_wait {
+            return Err(self.invalid(
+                "health_max_age",
+                "must be longer than receive_wait, or an idle worker looks dead between polls",
+            ));
+        }
+        let metrics_service = self
+            .non_empty("metrics_service", Some(raw.metrics_service))?
+            .unwrap_or_default();
+
+        Ok(Config {
+            queue_url,
+            dead_letter_queue_url,
+            table,
+            key_attribute,
+            channel_index,
+            channel_attribute,
+            gateway_endpoint,
+            send_path: raw.send_path,
+            rate_per_second,
+            rate_burst,
+            adaptive_rate: raw.adaptive_rate,
+            max_in_flight,
+            send_timeout: raw.send_timeout,
+            send_attempts,
+            throttle_deadline: raw.throttle_deadline,
+            deferred_passes,
+            deferred_limit,
+            send_retry_base: raw.send_retry_base,
+            send_retry_max: raw.send_retry_max,
+            page_size,
+            scan_segments,
+            split_segments,
+            max_concurrent_jobs,
+            receive_wait: raw.receive_wait,
+            visibility_timeout: raw.visibility_timeout,
+            heartbeat_interval: raw.heartbeat_interval,
+            job_retry_base: raw.job_retry_base,
+            job_retry_max: raw.job_retry_max,
+            shutdown_grace: raw.shutdown_grace,
+            metrics_listen: raw.metrics_listen,
+            emf_interval: (!raw.emf_interval.is_zero()).then_some(raw.emf_interval),
+            health_max_age: raw.health_max_age,
+            metrics_service,
+        })
+    }
+}
+
+#[cfg(test)]
+// figment::Jail's closures return figment's own (large) error type.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    const QUEUE: &str = "http://127.0.0.1:5320/000000000000/jobs";
+
+    fn load_err(jail: &mut Jail, file: Option<&str>) -> String {
+        let path = file.map(|f| jail.directory().join(f));
+        Config::load(path.as_deref()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_documented_and_valid() {
+        Jail::expect_with(|jail| {
+            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+            let config = Config::load(None).expect("defaults load");
+            assert_eq!(config.key_attribute, "connectionId");
+            assert_eq!(config.channel_attribute, "channel");
+            assert_eq!(config.rate_per_second, Some(1000));
+            assert_eq!(config.rate_burst, 50);
+            assert_eq!(config.max_in_flight, 256);
+            assert_eq!(config.max_concurrent_jobs, 32);
+            assert_eq!(config.shutdown_grace, Duration::from_secs(25));
+            assert_eq!(config.receive_wait, Duration::from_secs(20));
+            assert_eq!(config.dead_letter_queue_url, None);
+            // Every key is written in the defaults file, set or commented.
+            for key in KEYS {
+                assert!(DEFAULTS.contains(&format!("{key} =")), "{key} undocumented");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file_which_overrides_defaults() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "fanout.toml",
+                &format!("queue_url = \"{QUEUE}\"\nrate_per_second = 200\nmax_in_flight = 8\n"),
+            )?;
+            jail.set_env("FANOUT_MAX_IN_FLIGHT", "16");
+            jail.set_env("FANOUT_TABLE", "connections");
+            jail.set_env("FANOUT_GATEWAY_ENDPOINT", "http://127.0.0.1:9/dev");
+            jail.set_env("FANOUT_SHUTDOWN_GRACE", "10s");
+            // Unrelated FANOUT_* variables (the scripts' own) are ignored.
+            jail.set_env("FANOUT_EMU_SQS_PORT", "5330");
+            let path = jail.directory().join("fanout.toml");
+            let config = Config::load(Some(&path)).expect("loads");
+            assert_eq!(config.rate_per_second, Some(200));
+            assert_eq!(config.rate_burst, 50);
+            assert_eq!(config.max_in_flight, 16);
+            assert_eq!(config.shutdown_grace, Duration::from_secs(10));
+            let targets = config.worker_targets().expect("targets");
+            assert_eq!(targets.table, "connections");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_queue_url_names_the_variable() {
+        Jail::expect_with(|jail| {
+            let err = load_err(jail, None);
+            assert!(err.contains("`queue_url` is required"), "{err}");
+            assert!(err.contains("FANOUT_QUEUE_URL"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_worker_needs_a_table_and_an_endpoint() {
+        Jail::expect_with(|jail| {
+            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+            let config = Config::load(None).expect("enough for enqueue");
+            let err = config.worker_targets().unwrap_err().to_string();
+            assert!(err.contains("FANOUT_TABLE"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_env_value_names_the_variable() {
+        Jail::expect_with(|jail| {
+            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+            jail.set_env("FANOUT_RATE_PER_SECOND", "fast");
+            let err = load_err(jail, None);
+            assert!(err.contains("rate_per_second"), "{err}");
+            assert!(err.contains("FANOUT_RATE_PER_SECOND"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unknown_file_key_is_refused_with_the_file_named() {
+        Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "rate_per_secnd = 5\n")?;
+            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+            let err = load_err(jail, Some("bad.toml"));
+            assert!(err.contains("rate_per_secnd"), "{err}");
+            assert!(err.contains("bad.toml"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        Jail::expect_with(|jail| {
+            let err = load_err(jail, Some("nope.toml"));
+            assert!(err.contains("nope.toml"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn cross_field_checks_name_the_key_and_source() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("FANOUT_HEARTBEAT_INTERVAL", "60s", "heartbeat_interval"),
+            ("FANOUT_RECEIVE_WAIT", "21s", "receive_wait"),
+            ("FANOUT_PAGE_SIZE", "5000", "page_size"),
+            ("FANOUT_MAX_IN_FLIGHT", "0", "max_in_flight"),
+            ("FANOUT_RATE_BURST", "5000", "rate_burst"),
+            (
+                "FANOUT_GATEWAY_ENDPOINT",
+                "https://abc.execute-api.eu-west-1.amazonaws.com",
+                "has no stage",
+            ),
+            ("FANOUT_GATEWAY_ENDPOINT", "abc", "not a URL"),
+            (
+                "FANOUT_DEAD_LETTER_QUEUE_URL",
+                "ftp://x/y",
+                "not an http(s) URL",
+            ),
+            ("FANOUT_SEND_RETRY_BASE", "1m", "send_retry_base"),
+            ("FANOUT_TABLE", " ", "must not be empty"),
+            ("FANOUT_METRICS_LISTEN", "localhost", "metrics_listen"),
+            ("FANOUT_HEALTH_MAX_AGE", "5s", "health_max_age"),
+            ("FANOUT_SEND_PATH", "fast", "send_path"),
+        ];
+        for (var, value, expected) in cases {
+            Jail::expect_with(|jail| {
+                jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+                jail.set_env(var, value);
+                let err = load_err(jail, None);
+                assert!(err.contains(expected), "{var}={value}: {err}");
+                assert!(err.contains(var), "{var}={value}: source not named: {err}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn stage_less_endpoints_outside_execute_api_are_accepted() {
+        for endpoint in ["http://127.0.0.1:3001", "https://ws.example.com"] {
+            Jail::expect_with(|jail| {
+                jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+                jail.set_env("FANOUT_GATEWAY_ENDPOINT", endpoint);
+                let config = Config::load(None).expect("loads");
+                assert_eq!(config.gateway_endpoint.as_deref(), Some(endpoint));
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn zero_rate_means_no_limit() {
+        Jail::expect_with(|jail| {
+            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+            jail.set_env("FANOUT_RATE_PER_SECOND", "0");
+            let config = Config::load(None).expect("loads");
+            assert_eq!(config.rate_per_second, None);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redaction_hides_credentials_in_urls() {
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "FANOUT_QUEUE_URL",
+                "https://user:secret@sqs.example.com/1/q",
+            );
+            let config = Config::load(None).expect("loads");
+            let shown = config.to_redacted_toml();
+            assert!(!shown.contains("secret"), "{shown}");
+            assert!(
+                shown.contains("queue_url = \"https://REDACTED@sqs.example.com/1/q\""),
+                "{shown}"
+            );
+            assert!(shown.contains("max_in_flight = 256"), "{shown}");
+            Ok(())
+        });
+    }
+}

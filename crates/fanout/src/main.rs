@@ -1,0 +1,405 @@
+//! The `fanout` binary: parses the command line, loads the configuration,
+//! builds the AWS clients and hands them to the library. No logic of its own.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use base64::Engine as _;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use fanout::config::{Config, ConfigError, SendPath};
+use fanout::ecs::{self, TaskProtection};
+use fanout::metrics::{self, MetricsServer, MetricsSettings};
+use fanout_aws::apigw::ApiGatewaySender;
+use fanout_aws::clients;
+use fanout_aws::dynamo::{DynamoStore, TableSettings};
+use fanout_aws::lean::LeanSender;
+use fanout_aws::select::SelectedSender;
+use fanout_aws::sqs::SqsQueue;
+use fanout_core::engine::Engine;
+use fanout_core::job::{self, Capabilities, JobSpec};
+use fanout_core::limiter::SendBudget;
+use fanout_core::queue::{self, JobQueue, SendOptions};
+use fanout_core::telemetry::Metrics;
+use fanout_core::worker::{self, Stopped};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Broadcasts SQS jobs to every live WebSocket client of an API Gateway WebSocket API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the worker: receive jobs, broadcast, remove gone connections.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Exit 0 once the queue is empty and no job is running.
+        #[arg(long)]
+        exit_when_idle: bool,
+    },
+    /// Builds a valid job and sends it to the jobs queue; prints its message id.
+    Enqueue(EnqueueArgs),
+    /// Loads and validates the configuration and prints the effective values.
+    CheckConfig {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Moves dead-lettered jobs back to the jobs queue (after fixing what
+    /// failed them); prints how many moved.
+    Redrive {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Move at most this many.
+        #[arg(long, default_value_t = u64::MAX, hide_default_value = true)]
+        max: u64,
+    },
+    /// Exits 0 if the worker on this host answers healthy (container health
+    /// check).
+    Health(metrics::HealthArgs),
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// A TOML file overlaying the built-in defaults (config/default.toml).
+    #[arg(long = "config", id = "config", value_name = "FILE")]
+    file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("payload").required(true)))]
+struct EnqueueArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The message, sent as this text.
+    #[arg(long, group = "payload")]
+    data: Option<String>,
+    /// The message, a JSON value sent as its compact JSON text.
+    #[arg(long, group = "payload", value_name = "JSON")]
+    json: Option<String>,
+    /// The message, read from a file (text if UTF-8, else binary).
+    #[arg(long, group = "payload", value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// The message, read from standard input (text if UTF-8, else binary).
+    #[arg(id = "stdin", value_name = "-", group = "payload", value_parser = clap::builder::PossibleValuesParser::new(["-"]))]
+    stdin: Option<String>,
+    /// Only connections in this channel.
+    #[arg(long)]
+    channel: Option<String>,
+    /// Only these connections (repeatable).
+    #[arg(long = "connection", value_name = "ID")]
+    connections: Vec<String>,
+    /// Skip these connections (repeatable).
+    #[arg(long, value_name = "ID")]
+    exclude: Vec<String>,
+    /// The job's id in logs (default: the SQS message id).
+    #[arg(long)]
+    id: Option<String>,
+    /// Send even if the job breaks a limit (to test dead-lettering).
+    #[arg(long)]
+    unchecked: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("fanout: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            // Bad configuration is the operator's to fix: exit 2, one line.
+            if let Some(config_error) = e.downcast_ref::<ConfigError>() {
+                eprintln!("fanout: {config_error}");
+                return ExitCode::from(2);
+            }
+            eprintln!("fanout: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run {
+            config,
+            exit_when_idle,
+        } => run(config, exit_when_idle).await,
+        Command::Enqueue(args) => enqueue(args).await,
+        Command::CheckConfig { config } => check_config(config),
+        Command::Redrive { config, max } => redrive(config, max).await,
+        Command::Health(args) => {
+            metrics::health(&args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn check_config(arg: ConfigArg) -> anyhow::Result<ExitCode> {
+    let config = Config::load(arg.file.as_deref())?;
+    config.worker_targets()?;
+    print!("{}", config.to_redacted_toml());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
+    let config = Config::load(arg.file.as_deref())?;
+    let targets = config.worker_targets()?;
+    fanout::logging::init();
+    let metrics = Arc::new(Metrics::default());
+
+    let sdk = clients::load_sdk_config().await;
+    let queue = SqsQueue::new(
+        clients::sqs_client(&sdk, config.receive_wait),
+        config.queue_url.clone(),
+        config.dead_letter_queue_url.clone(),
+        config.receive_wait,
+    );
+    let store = DynamoStore::connect(
+        clients::dynamodb_client(&sdk),
+        TableSettings {
+            table: targets.table.clone(),
+            key_attribute: config.key_attribute.clone(),
+            channel_index: config.channel_index.clone(),
+            channel_attribute: config.channel_attribute.clone(),
+            page_size: config.page_size,
+        },
+    )
+    .await
+    .with_context(|| format!("cannot use the connections table {}", targets.table))?;
+    let gateway = match config.send_path {
+        SendPath::Sdk => SelectedSender::Sdk(ApiGatewaySender::new(clients::apigw_client(
+            &sdk,
+            &targets.gateway_endpoint,
+            config.send_timeout,
+        )?)),
+        SendPath::Lean => SelectedSender::Lean(LeanSender::new(
+            &sdk,
+            &targets.gateway_endpoint,
+            config.send_timeout,
+            config.max_in_flight as usize,
+        )?),
+    };
+
+    let budget = Arc::new(SendBudget::new(
+        config.rate_settings(),
+        config.max_in_flight as usize,
+    ));
+    let engine = Engine::new(
+        Arc::new(store),
+        Arc::new(gateway),
+        budget,
+        config.engine_settings(),
+        metrics.clone(),
+    );
+    let settings = config.worker_settings(exit_when_idle);
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(fanout_core::shutdown::cancel_on_signal(shutdown.clone()));
+    // Bound before the worker starts: a taken port is a configuration error.
+    let server = MetricsServer::bind(MetricsSettings {
+        listen: config.metrics_listen,
+        emf_interval: config.emf_interval,
+        health_max_age: config.health_max_age,
+        service: config.metrics_service.clone(),
+    })
+    .await?;
+    let metrics_task =
+        tokio::spawn(server.run(metrics.clone(), shutdown.clone().cancelled_owned()));
+    if let Some(protection) = TaskProtection::from_env(ecs::DEFAULT_EXPIRES_IN_MINUTES) {
+        tokio::spawn(Arc::new(protection).watch(
+            metrics.clone(),
+            Duration::from_secs(1),
+            shutdown.clone().cancelled_owned(),
+        ));
+    }
+    tracing::info!(queue = %config.queue_url, table = %targets.table, endpoint = %targets.gateway_endpoint, "fanout worker started");
+    let stopped = worker::run(
+        Arc::new(queue),
+        Arc::new(engine),
+        settings,
+        metrics,
+        shutdown.clone(),
+    )
+    .await;
+    // Stops the metrics server, which prints a last EMF line.
+    shutdown.cancel();
+    if let Ok(Err(e)) = metrics_task.await {
+        tracing::warn!(error = %e, "the metrics server failed");
+    }
+    match stopped {
+        Stopped::Shutdown | Stopped::Idle => {
+            tracing::info!(reason = ?stopped, "fanout worker stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Stopped::Failed(reason) => anyhow::bail!("the worker stopped: {reason}"),
+    }
+}
+
+/// Cancels `token` on SIGTERM (ECS stopping the task) or SIGINT (Ctrl-C).
+async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(args.config.file.as_deref())?;
+    let mut spec = JobSpec {
+        id: args.id,
+        channel: args.channel,
+        connections: (!args.connections.is_empty()).then_some(args.connections),
+        exclude: args.exclude,
+        ..JobSpec::default()
+    };
+    if let Some(text) = args.data {
+        spec.data = Some(serde_json::Value::String(text));
+    } else if let Some(json) = args.json {
+        let value: serde_json::Value =
+            serde_json::from_str(&json).context("--json is not valid JSON")?;
+        spec.data = Some(value);
+    } else {
+        let bytes = match args.file {
+            Some(path) => {
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?
+            }
+            None => {
+                let mut bytes = Vec::new();
+                std::io::stdin()
+                    .read_to_end(&mut bytes)
+                    .context("cannot read standard input")?;
+                bytes
+            }
+        };
+        match String::from_utf8(bytes) {
+            Ok(text) => spec.data = Some(serde_json::Value::String(text)),
+            Err(e) => {
+                spec.data_base64 =
+                    Some(base64::engine::general_purpose::STANDARD.encode(e.into_bytes()))
+            }
+        }
+    }
+    if !args.unchecked {
+        // The same checks the worker makes, so a bad job fails here, not in
+        // the dead-letter queue.
+        // Channels are not checked: a producer's environment need not know
+        // the worker's index; the worker dead-letters such a job itself.
+        let caps = Capabilities { channels: true };
+        job::validate(spec.clone(), "enqueue", caps)
+            .context("the job is not valid (--unchecked sends it anyway)")?;
+    }
+    let body = serde_json::to_string(&spec).context("cannot encode the job")?;
+    let options = fifo_options(&config.queue_url, spec.channel.as_deref());
+    let sdk = clients::load_sdk_config().await;
+    let queue = SqsQueue::new(
+        clients::sqs_client(&sdk, config.receive_wait),
+        config.queue_url.clone(),
+        None,
+        config.receive_wait,
+    );
+    let message_id = queue
+        .send(&body, &options)
+        .await
+        .context("cannot send the job")?;
+    println!("{message_id}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn redrive(arg: ConfigArg, max: u64) -> anyhow::Result<ExitCode> {
+    let config = Config::load(arg.file.as_deref())?;
+    let Some(dead_letters_url) = config.dead_letter_queue_url.clone() else {
+        return Err(ConfigError::Missing {
+            key: "dead_letter_queue_url".into(),
+            env: "FANOUT_DEAD_LETTER_QUEUE_URL".into(),
+        }
+        .into());
+    };
+    let sdk = clients::load_sdk_config().await;
+    // Short polls: an empty dead-letter queue ends the command at once.
+    let dead_letters = SqsQueue::new(
+        clients::sqs_client(&sdk, Duration::ZERO),
+        dead_letters_url,
+        None,
+        Duration::ZERO,
+    );
+    let jobs = SqsQueue::new(
+        clients::sqs_client(&sdk, Duration::ZERO),
+        config.queue_url.clone(),
+        None,
+        Duration::ZERO,
+    );
+    let fifo_group = queue::is_fifo(&config.queue_url).then_some("redriven");
+    let done = fanout_core::redrive::redrive(&dead_letters, &jobs, max, fifo_group).await?;
+    println!("moved {} job(s) back to the jobs queue", done.moved);
+    if done.left_behind > 0 {
+        println!(
+            "{} job(s) were sent again but are also still in the dead-letter queue",
+            done.left_behind
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// FIFO queues order per message group: one group per channel keeps a
+/// channel's broadcasts in order.
+fn fifo_options(queue_url: &str, channel: Option<&str>) -> SendOptions {
+    if !queue::is_fifo(queue_url) {
+        return SendOptions::default();
+    }
+    SendOptions {
+        group_id: Some(channel.unwrap_or("all").to_owned()),
+        deduplication_id: Some(format!("{:032x}", rand::random::<u128>())),
+        ..SendOptions::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn enqueue_takes_exactly_one_payload_source() {
+        assert!(Cli::try_parse_from(["fanout", "enqueue"]).is_err());
+        assert!(Cli::try_parse_from(["fanout", "enqueue", "--data", "a", "--json", "1"]).is_err());
+        assert!(Cli::try_parse_from(["fanout", "enqueue", "-"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["fanout", "enqueue", "--config", "f.toml", "--file", "p.bin"])
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn fifo_queues_get_a_group_per_channel() {
+        let std = fifo_options("https://sqs/1/jobs", Some("c"));
+        assert!(std.group_id.is_none() && std.deduplication_id.is_none());
+        let fifo = fifo_options("https://sqs/1/jobs.fifo", Some("c"));
+        assert_eq!(fifo.group_id.as_deref(), Some("c"));
+        assert!(fifo.deduplication_id.is_some());
+        assert_eq!(
+            fifo_options("https://sqs/1/jobs.fifo", None)
+                .group_id
+                .as_deref(),
+            Some("all")
+        );
+        let slashed = fifo_options("https://sqs/1/jobs.fifo/", Some("c"));
+        assert_eq!(slashed.group_id.as_deref(), Some("c"), "a trailing slash");
+    }
+}

@@ -1,0 +1,637 @@
+//! `DynamoStore` against the DynamoDB emulator (dynalite): pages that cover
+//! every row exactly once (whole, resumed, in parallel segments, by channel,
+//! explicit), removal by the full row key, and the error mapping.
+
+mod support;
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Instant;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use fanout_aws::dynamo::{DynamoStore, TableSettings};
+use fanout_core::connection::{Connection, ConnectionId};
+use fanout_core::store::{AudienceQuery, ConnectionStore, Cursor, Page, Position, StoreError};
+use futures::StreamExt;
+use support::{CHANNEL, CHANNEL_INDEX, ID, TableKey, create_table, ids, put_connections};
+
+fn settings(table: &str, page_size: u32, channel_index: bool) -> TableSettings {
+    TableSettings {
+        table: table.to_owned(),
+        key_attribute: ID.to_owned(),
+        channel_index: channel_index.then(|| CHANNEL_INDEX.to_owned()),
+        channel_attribute: CHANNEL.to_owned(),
+        page_size,
+    }
+}
+
+async fn store(settings: TableSettings) -> DynamoStore {
+    let config = support::sdk_config().await;
+    DynamoStore::connect(fanout_aws::clients::dynamodb_client(&config), settings)
+        .await
+        .expect("connect to the test table")
+}
+
+async fn all_pages(
+    store: &DynamoStore,
+    audience: &AudienceQuery,
+    from: Option<Vec<Cursor>>,
+) -> Vec<Page> {
+    store
+        .pages(audience, from)
+        .map(|page| page.expect("a page"))
+        .collect()
+        .await
+}
+
+/// The ids of the pages, asserting none appears twice.
+fn ids_once(pages: &[Page]) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    for connection in pages.iter().flat_map(|p| &p.connections) {
+        assert!(
+            seen.insert(connection.id.to_string()),
+            "{} read twice",
+            connection.id
+        );
+    }
+    seen
+}
+
+fn set(ids: &[String]) -> BTreeSet<String> {
+    ids.iter().cloned().collect()
+}
+
+#[tokio::test]
+async fn small_pages_cover_every_row_exactly_once() {
+    let ddb = support::dynamodb().await;
+    let table = create_table(&ddb, "pages", TableKey::Id, false).await;
+    let rows = ids("c", 53);
+    put_connections(&ddb, &table, &rows, None).await;
+    let store = store(settings(&table, 10, false)).await;
+
+    let pages = all_pages(&store, &AudienceQuery::All { segments: 1 }, None).await;
+    assert_eq!(ids_once(&pages), set(&rows));
+    assert!(pages.len() >= 6, "{} pages", pages.len());
+    assert!(pages.iter().all(|p| p.connections.len() <= 10));
+    let (last, rest) = pages.split_last().expect("pages");
+    assert_eq!(last.next.position, None);
+    assert!(rest.iter().all(|p| p.next.position.is_some()));
+    // Read from the table, every connection carries its row key.
+    assert!(
+        pages
+            .iter()
+            .flat_map(|p| &p.connections)
+            .all(|c| c.key.is_some())
+    );
+}
+
+#[tokio::test]
+async fn a_read_resumes_after_the_last_page_handed_out() {
+    let ddb = support::dynamodb().await;
+    let table = create_table(&ddb, "resume", TableKey::Id, false).await;
+    let rows = ids("c", 40);
+    put_connections(&ddb, &table, &rows, None).await;
+    let store = store(settings(&table, 7, false)).await;
+    let audience = AudienceQuery::All { segments: 1 };
+
+    let first: Vec<Page> = store
+        .pages(&audience, None)
+        .take(2)
+        .map(|p| p.expect("a page"))
+        .collect()
+        .await;
+    let cursor = first[1].next.clone();
+    assert!(cursor.position.is_some());
+    let rest = all_pages(&store, &audience, Some(vec![cursor])).await;
+
+    let mut pages = first;
+    pages.extend(rest);
+    assert_eq!(ids_once(&pages), set(&rows));
+
+    // A finished segment's cursor resumes to nothing.
+    let done = Cursor {
+        segment: 0,
+        position: None,
+    };
+    assert!(
+        all_pages(&store, &audience, Some(vec![done]))
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn the_segments_of_a_split_broadcast_share_the_table_exactly() {
+    let ddb = support::dynamodb().await;
+    let table = create_table(&ddb, "split", TableKey::Id, false).await;
+    let rows = ids("s", 150);
+    put_connections(&ddb, &table, &rows, None).await;
+    let store = store(settings(&table, 7, false)).await;
+
+    let mut seen = Vec::new();
+    for index in 0..3 {
+        let pages = all_pages(&store, &AudienceQuery::Segment { index, total: 3 }, None).await;
+        assert!(pages.iter().all(|p| p.next.segment == index));
+        let share = ids_once(&pages);
+        assert!(!share.is_empty(), "segment {index} of 3 holds rows");
+        seen.extend(share);
+    }
+    let unique: BTreeSet<String> = seen.iter().cloned().collect();
+    assert_eq!(seen.len(), rows.len(), "no row in two segments");
+    assert_eq!(unique, set(&rows));
+}
+
+#[tokio::test]
+async fn four_segments_cover_every_row_exactly_once() {
+    let ddb = support::dynamodb().await;
+    let table = create_table(&ddb, "segments", TableKey::Id, false).await;
+    let rows = ids("c", 200);
+    put_connections(&ddb, &table, &rows, None).await;
+    let store = store(settings(&table, 9, false)).await;
+
+    let pages = all_pages(&store, &AudienceQuery::All { segments: 4 }, None).await;
+    assert_eq!(ids_once(&pages), set(&rows));
+    let segments: BTreeSet<u32> = pages.iter().map(|p| p.next.segment).collect();
+    assert_eq!(segments, BTreeSet::from([0, 1, 2, 3]));
+    for segment in 0..4 {
+        let last = pages
+            .iter()
+            .rfind(|p| p.next.segment == segment)
+            .expect("a page of the segment");
+        assert_eq!(last.next.position, None, "segment {segment} ends");
+    }
+
+    // Resuming with segment 1 done and the others from the start reads
+    // everything but segment 1's rows.
+    let segment_1: BTreeSet<String> = pages
+        .iter()
+        .filter(|p| p.next.segment == 1)
+        .flat_map(|p| p.connections.iter().map(|c| c.id.to_string()))
+        .collect();
+    let resumed = all_pages(
+        &store,
+        &AudienceQuery::All { segments: 4 },
+        Some(vec![Cursor {
+            segment: 1,
+            position: None,
+        }]),
+    )
+    .await;
+    let expected: BTreeSet<String> = set(&rows).difference(&segment_1).cloned().collect();
+    assert_eq!(ids_once(&resumed), expected);
+
+    // Every segment done: nothing left to read.
+    let all_done = (0..4)
+        .map(|segment| Cursor {
+            segment,
+            position: None,
+        })
+        .collect();
+    let none = all_pages(&store, &AudienceQuery::All { segments: 4 }, Some(all_done)).await;
+    assert!(none.is_empty());
+}
+
+#[tokio::test]
+async fn a_channel_audience_reads_only_that_channel() {
+    let ddb = support::dynamodb().await;
+    let table = create_table(&ddb, "channel", TableKey::Id, true).await;
+    let news = ids("news", 30);
+    let sport = ids("sport", 20);
+    put_connections(&ddb, &table, &news, Some("news")).await;
+    put_connections(&ddb, &table, &sport, Some("sport")).await;
+    put_connections(&ddb, &table, &ids("none", 5), None).await;
+    let store = store(settings(&table, 7, true)).await;
+    let audience = AudienceQuery::Channel("news".to_owned());
+
+    let pages = all_pages(&store, &audience, None).await;
+    assert_eq!(ids_once(&pages), set(&news));
+    assert!(pages.len() >= 5);
+
+    // And it resumes from a cursor inside the index.
+    let cursor = pages[1].next.clone();
+    let mut resumed: Vec<Page> = pages[..2].to_vec();
+    resumed.extend(all_pages(&store, &audience, Some(vec![cursor])).await);
+    assert_eq!(ids_once(&resumed), set(&news));
+}
+
+#[tokio::test]
+async fn channel_audiences_need_an_index_that_exists() {
+    let ddb = support::dynamodb().await;
+    let table = create_table(&ddb, "no-index", TableKey::Id, false).await;
+    let without = store(settings(&table, 10, false)).await;
+    let results: Vec<_> = without
+        .pages(&AudienceQuery::Channel("news".to_owned()), None)
+        .collect()
+        .await;
+    assert!(
+        matches!(results.as_slice(), [Err(StoreError::NoChannelIndex)]),
+        "{results:?}"
+    );
+
+    let config = support::sdk_config().await;
+    let err = DynamoStore::connect(
+        fanout_aws::clients::dynamodb_client(&config),
+        settings(&table, 10, true),
+    )
+    .await
+    .expect_err("the configured index does not exist");
+    assert!(err.to_string().contains(CHANNEL_INDEX), "{err}");
+}
+
+#[tokio::test]
+async fn removal_on_a_composite_key_deletes_exactly_the_gone_rows() {
+    let ddb = support::dynamodb().await;
+    let table = create_table(&ddb, "composite", TableKey::ChannelAndId, false).await;
+    // The same connection ids in two channels: two rows each.
+    let rows = ids("c", 30);
+    put_connections(&ddb, &table, &rows, Some("news")).await;
+    put_connections(&ddb, &table, &rows, Some("sport")).await;
+    let store = store(settings(&table, 10, false)).await;
+
+    let pages = all_pages(&store, &AudienceQuery::All { segments: 1 }, None).await;
+    let connections: Vec<Connection> = pages.into_iter().flat_map(|p| p.connections).collect();
+    assert_eq!(connections.len(), 60);
+    // Every third row read is gone, whichever channel it sits in.
+    let gone: Vec<Connection> = connections.iter().step_by(3).cloned().collect();
+    let gone_rows: BTreeSet<(Option<String>, String)> = gone
+        .iter()
+        .map(|c| {
+            let key = c.key.as_ref().expect("a row key");
+            let channel = key
+                .0
+                .iter()
+                .find(|(name, _)| name == CHANNEL)
+                .map(|(_, value)| match value {
+                    fanout_core::connection::KeyValue::S(s) => s.clone(),
+                    other => panic!("unexpected channel {other:?}"),
+                });
+            (channel, c.id.to_string())
+        })
+        .collect();
+
+    let before = support::remaining_rows(&ddb, &table).await;
+    for batch in gone.chunks(fanout_core::store::MAX_REMOVE_BATCH) {
+        let removal = store.remove(batch.to_vec()).await.expect("remove");
+        assert!(removal.unprocessed.is_empty() && removal.skipped.is_empty());
+    }
+    let after = support::remaining_rows(&ddb, &table).await;
+    let expected: BTreeSet<_> = before.difference(&gone_rows).cloned().collect();
+    assert_eq!(after, expected);
+    assert_eq!(after.len(), 60 - gone.len());
+}
+
+#[tokio::test]
+async fn explicit_lists_page_resume_and_derive_keys() {
+    let ddb = support::dynamodb().await;
+    let table = create_table(&ddb, "explicit", TableKey::Id, false).await;
+    let rows = ids("c", 25);
+    put_connections(&ddb, &table, &rows, None).await;
+    let store = store(settings(&table, 10, false)).await;
+    let list: Vec<ConnectionId> = rows
+        .iter()
+        .map(|id| ConnectionId::from(id.as_str()))
+        .collect();
+    let audience = AudienceQuery::Explicit(list);
+
+    let pages = all_pages(&store, &audience, None).await;
+    let positions: Vec<_> = pages.iter().map(|p| p.next.position.clone()).collect();
+    assert_eq!(
+        positions,
+        [Some(Position::Offset(10)), Some(Position::Offset(20)), None]
+    );
+    let read: Vec<String> = pages
+        .iter()
+        .flat_map(|p| p.connections.iter().map(|c| c.id.to_string()))
+        .collect();
+    assert_eq!(read, rows, "in list order");
+
+    let resumed = all_pages(
+        &store,
+        &audience,
+        Some(vec![Cursor {
+            segment: 0,
+            position: Some(Position::Offset(20)),
+        }]),
+    )
+    .await;
+    assert_eq!(resumed.len(), 1);
+    assert_eq!(resumed[0].connections.len(), 5);
+
+    // The id is the whole key here, so a listed connection can be removed.
+    let gone = pages[0].connections[..3].to_vec();
+    let removal = store.remove(gone).await.expect("remove");
+    assert!(removal.skipped.is_empty());
+    let remaining = support::remaining_ids(&ddb, &table).await;
+    assert_eq!(remaining, set(&rows[3..]));
+}
+
+#[tokio::test]
+async fn listed_connections_of_a_composite_table_cannot_be_removed() {
+    let ddb = support::dynamodb().await;
+    let table = create_table(&ddb, "explicit-composite", TableKey::ChannelAndId, false).await;
+    let rows = ids("c", 3);
+    put_connections(&ddb, &table, &rows, Some("news")).await;
+    let store = store(settings(&table, 10, false)).await;
+    let list = rows
+        .iter()
+        .map(|id| ConnectionId::from(id.as_str()))
+        .collect();
+
+    let pages = all_pages(&store, &AudienceQuery::Explicit(list), None).await;
+    let connections: Vec<Connection> = pages.into_iter().flat_map(|p| p.connections).collect();
+    assert!(connections.iter().all(|c| c.key.is_none()));
+    let removal = store.remove(connections.clone()).await.expect("remove");
+    assert_eq!(removal.skipped, connections);
+    assert_eq!(support::remaining_ids(&ddb, &table).await, set(&rows));
+}
+
+#[tokio::test]
+async fn more_than_25_removals_in_one_call_are_refused() {
+    let ddb = support::dynamodb().await;
+    let table = create_table(&ddb, "remove-26", TableKey::Id, false).await;
+    let rows = ids("c", 26);
+    put_connections(&ddb, &table, &rows, None).await;
+    let store = store(settings(&table, 100, false)).await;
+    let connections: Vec<Connection> = all_pages(&store, &AudienceQuery::All { segments: 1 }, None)
+        .await
+        .into_iter()
+        .flat_map(|p| p.connections)
+        .collect();
+    assert_eq!(connections.len(), 26);
+
+    let err = store.remove(connections).await.expect_err("26 is too many");
+    assert!(matches!(err, StoreError::Rejected(_)), "{err:?}");
+    assert!(err.to_string().contains("25"), "{err}");
+    assert_eq!(support::remaining_ids(&ddb, &table).await, set(&rows));
+}
+
+#[tokio::test]
+async fn a_row_without_a_string_id_is_skipped_not_fatal() {
+    let ddb = support::dynamodb().await;
+    let table = create_table(&ddb, "bad-row", TableKey::Id, false).await;
+    // The id lives in `wsId` here; one row has it as a number, one lacks it.
+    for (key, ws_id) in [
+        ("k1", Some(AttributeValue::S("good-1".to_owned()))),
+        ("k2", Some(AttributeValue::N("7".to_owned()))),
+        ("k3", None),
+        ("k4", Some(AttributeValue::S("good-2".to_owned()))),
+    ] {
+        let mut item = HashMap::from([(ID.to_owned(), AttributeValue::S(key.to_owned()))]);
+        if let Some(value) = ws_id {
+            item.insert("wsId".to_owned(), value);
+        }
+        ddb.put_item()
+            .table_name(&table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .expect("put a row");
+    }
+    let store = store(TableSettings {
+        key_attribute: "wsId".to_owned(),
+        ..settings(&table, 10, false)
+    })
+    .await;
+
+    let pages = all_pages(&store, &AudienceQuery::All { segments: 1 }, None).await;
+    assert_eq!(
+        ids_once(&pages),
+        BTreeSet::from(["good-1".to_owned(), "good-2".to_owned()])
+    );
+    // Read from the table, such rows are still removable by their real key.
+    let gone: Vec<Connection> = pages.into_iter().flat_map(|p| p.connections).collect();
+    store.remove(gone).await.expect("remove");
+    assert_eq!(
+        support::remaining_ids(&ddb, &table).await,
+        BTreeSet::from(["k2".to_owned(), "k3".to_owned()])
+    );
+}
+
+#[tokio::test]
+async fn a_missing_table_is_named() {
+    let config = support::sdk_config().await;
+    let missing = support::unique("missing");
+    let err = DynamoStore::connect(
+        fanout_aws::clients::dynamodb_client(&config),
+        settings(&missing, 10, false),
+    )
+    .await
+    .expect_err("no such table");
+    match err {
+        StoreError::NoSuchTable { table } => assert_eq!(table, missing),
+        other => panic!("expected NoSuchTable, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_is_unavailable_quickly() {
+    let config = support::unreachable_config().await;
+    let started = Instant::now();
+    let err = DynamoStore::connect(
+        fanout_aws::clients::dynamodb_client(&config),
+        settings("connections", 10, false),
+    )
+    .await
+    .expect_err("nothing listens");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(err.is_transient());
+    assert!(
+        started.elapsed() < support::UNREACHABLE_WITHIN,
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+// ------------------------------------------------------------------------
+// Answers no emulator gives (UnprocessedItems, throttling, 5xx), from a
+// small DynamoDB stand-in on 127.0.0.1 speaking the JSON protocol.
+
+mod stand_in {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::Router;
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use serde_json::{Value, json};
+
+    /// How the stand-in answers BatchWriteItem.
+    #[derive(Clone, Copy)]
+    pub enum Batch {
+        /// Hands back every other delete request as unprocessed.
+        HalfUnprocessed,
+        /// Throttles every call.
+        Throttle,
+        /// Fails every call with a 500.
+        ServerError,
+    }
+
+    #[derive(Clone)]
+    struct Peer {
+        batch: Batch,
+        batch_calls: Arc<AtomicUsize>,
+    }
+
+    pub const TABLE: &str = "stand-in";
+
+    async fn answer(State(peer): State<Peer>, headers: HeaderMap, body: String) -> Response {
+        let target = headers
+            .get("x-amz-target")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let json_response = |status: StatusCode, body: Value| {
+            (
+                status,
+                [("content-type", "application/x-amz-json-1.0")],
+                body.to_string(),
+            )
+                .into_response()
+        };
+        match target {
+            "DynamoDB_20120810.DescribeTable" => json_response(
+                StatusCode::OK,
+                json!({"Table": {
+                    "TableName": TABLE,
+                    "TableStatus": "ACTIVE",
+                    "KeySchema": [
+                        {"AttributeName": "channel", "KeyType": "HASH"},
+                        {"AttributeName": "connectionId", "KeyType": "RANGE"}
+                    ],
+                    "AttributeDefinitions": [
+                        {"AttributeName": "channel", "AttributeType": "S"},
+                        {"AttributeName": "connectionId", "AttributeType": "S"}
+                    ]
+                }}),
+            ),
+            "DynamoDB_20120810.BatchWriteItem" => {
+                peer.batch_calls.fetch_add(1, Ordering::Relaxed);
+                match peer.batch {
+                    Batch::HalfUnprocessed => {
+                        let request: Value = serde_json::from_str(&body).expect("JSON request");
+                        let writes = request["RequestItems"][TABLE]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default();
+                        let unprocessed: Vec<Value> = writes.into_iter().step_by(2).collect();
+                        json_response(
+                            StatusCode::OK,
+                            json!({"UnprocessedItems": {TABLE: unprocessed}}),
+                        )
+                    }
+                    Batch::Throttle => json_response(
+                        StatusCode::BAD_REQUEST,
+                        json!({
+                            "__type": "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException",
+                            "message": "The level of configured provisioned throughput for the table was exceeded."
+                        }),
+                    ),
+                    Batch::ServerError => json_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        json!({
+                            "__type": "com.amazonaws.dynamodb.v20120810#InternalServerError",
+                            "message": "Internal server error"
+                        }),
+                    ),
+                }
+            }
+            other => json_response(
+                StatusCode::BAD_REQUEST,
+                json!({"__type": "UnknownOperationException", "message": other}),
+            ),
+        }
+    }
+
+    /// Starts the stand-in; returns its endpoint and its BatchWriteItem count.
+    pub async fn start(batch: Batch) -> (String, Arc<AtomicUsize>) {
+        let batch_calls = Arc::new(AtomicUsize::new(0));
+        let app = Router::new().fallback(answer).with_state(Peer {
+            batch,
+            batch_calls: batch_calls.clone(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a test port");
+        let addr = listener.local_addr().expect("local addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}"), batch_calls)
+    }
+}
+
+async fn stand_in_store(
+    batch: stand_in::Batch,
+) -> (DynamoStore, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let (endpoint, calls) = stand_in::start(batch).await;
+    let config = fanout_aws::clients::config_loader()
+        .endpoint_url(endpoint)
+        .region("us-east-1")
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "test", "test", None, None, "tests",
+        ))
+        .load()
+        .await;
+    let store = DynamoStore::connect(
+        fanout_aws::clients::dynamodb_client(&config),
+        settings(stand_in::TABLE, 10, false),
+    )
+    .await
+    .expect("connect to the stand-in");
+    (store, calls)
+}
+
+fn composite(channel: &str, id: &str) -> Connection {
+    use fanout_core::connection::{KeyValue, RowKey};
+    Connection {
+        id: ConnectionId::from(id),
+        // Deliberately not in schema order: keys match whatever the order.
+        key: Some(RowKey(vec![
+            (ID.to_owned(), KeyValue::S(id.to_owned())),
+            (CHANNEL.to_owned(), KeyValue::S(channel.to_owned())),
+        ])),
+    }
+}
+
+#[tokio::test]
+async fn unprocessed_items_map_back_to_their_connections() {
+    let (store, calls) = stand_in_store(stand_in::Batch::HalfUnprocessed).await;
+    let gone: Vec<Connection> = (0..6)
+        .map(|i| composite(if i % 2 == 0 { "news" } else { "sport" }, &format!("c{i}")))
+        .collect();
+    let unkeyed = Connection {
+        id: ConnectionId::from("listed"),
+        key: None,
+    };
+    let mut batch = gone.clone();
+    batch.push(unkeyed.clone());
+
+    let removal = store.remove(batch).await.expect("remove");
+    // The stand-in hands back requests 0, 2 and 4, in the order sent.
+    let mut unprocessed: Vec<String> = removal
+        .unprocessed
+        .iter()
+        .map(|c| c.id.to_string())
+        .collect();
+    unprocessed.sort();
+    assert_eq!(unprocessed, ["c0", "c2", "c4"]);
+    assert_eq!(removal.skipped, [unkeyed]);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn throttling_and_server_errors_are_transient() {
+    let (store, calls) = stand_in_store(stand_in::Batch::Throttle).await;
+    let err = store
+        .remove(vec![composite("news", "c1")])
+        .await
+        .expect_err("throttled");
+    assert!(matches!(err, StoreError::Throttled(_)), "{err:?}");
+    // The SDK's standard retries stay on for DynamoDB.
+    assert!(calls.load(std::sync::atomic::Ordering::Relaxed) > 1);
+
+    let (store, _) = stand_in_store(stand_in::Batch::ServerError).await;
+    let err = store
+        .remove(vec![composite("news", "c1")])
+        .await
+        .expect_err("server error");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(err.is_transient());
+}

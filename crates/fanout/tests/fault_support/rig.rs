@@ -1,0 +1,265 @@
+//! One scenario's world: jobs queue and dead-letter queue (moto), a
+//! connections table with a channel index (dynalite), the local gateway over
+//! that table, live WebSocket clients and stale rows, and fault proxies in
+//! front of SQS, DynamoDB and the gateway as the scenario asks. The worker
+//! is the real `fanout` binary, pointed at the proxies through the standard
+//! `AWS_ENDPOINT_URL_*` variables and `FANOUT_GATEWAY_ENDPOINT`.
+
+use std::collections::BTreeSet;
+use std::process::Stdio;
+use std::time::Duration;
+
+use fanout_dev::clients::Swarm;
+use fanout_dev::gateway::GatewayArgs;
+use tokio::process::{Child, Command};
+
+use super::proxy::{FaultProxy, Faults, Injected};
+use crate::local_support::TestGateway;
+use crate::support::{self, QueueSpec, TableKey, TestQueue};
+
+/// How to build a rig.
+#[derive(Default)]
+pub struct RigSpec {
+    pub fifo: bool,
+    /// The jobs queue's redrive policy: to the dead-letter queue after this
+    /// many receives.
+    pub max_receives: Option<u32>,
+    /// The jobs queue's default visibility timeout in seconds (SQS's 30 s
+    /// if `None`): how long a message handed out by a lost receive stays
+    /// hidden.
+    pub visibility_seconds: Option<u32>,
+    /// Faults in front of SQS, DynamoDB and the gateway (no proxy if `None`).
+    pub sqs: Option<Faults>,
+    pub dynamodb: Option<Faults>,
+    pub gateway: Option<Faults>,
+}
+
+pub struct Rig {
+    pub sqs: aws_sdk_sqs::Client,
+    pub dynamo: aws_sdk_dynamodb::Client,
+    pub queue: TestQueue,
+    pub dlq: TestQueue,
+    pub table: String,
+    pub gateway: TestGateway,
+    pub sqs_proxy: Option<FaultProxy>,
+    pub dynamodb_proxy: Option<FaultProxy>,
+    pub gateway_proxy: Option<FaultProxy>,
+    /// Extra FANOUT_* settings for the worker.
+    env: Vec<(String, String)>,
+}
+
+pub use crate::support::worker::{Run, finish, signal};
+
+impl Rig {
+    pub async fn new(spec: RigSpec, configure: impl FnOnce(&mut GatewayArgs)) -> Self {
+        let sqs = support::sqs().await;
+        let dynamo = support::dynamodb().await;
+        let (queue, dlq) = match spec.visibility_seconds {
+            None => {
+                support::create_queue_with_dlq(&sqs, "faults", spec.fifo, spec.max_receives).await
+            }
+            Some(seconds) => {
+                let dlq = support::create_queue(
+                    &sqs,
+                    "faults-dlq",
+                    &QueueSpec {
+                        fifo: spec.fifo,
+                        ..QueueSpec::default()
+                    },
+                )
+                .await;
+                let queue = support::create_queue(
+                    &sqs,
+                    "faults",
+                    &QueueSpec {
+                        fifo: spec.fifo,
+                        redrive: spec.max_receives.map(|max| (dlq.arn.clone(), max)),
+                        visibility_seconds: Some(seconds),
+                    },
+                )
+                .await;
+                (queue, dlq)
+            }
+        };
+        let table = support::create_table(&dynamo, "faults", TableKey::Id, true).await;
+        let gateway_table = table.clone();
+        let gateway = TestGateway::start(move |args| {
+            args.table = gateway_table;
+            configure(args);
+        })
+        .await;
+        let env_url = |var: &str| std::env::var(var).unwrap_or_else(|_| panic!("{var} unset"));
+        let sqs_proxy = match spec.sqs {
+            Some(f) => Some(FaultProxy::start(&env_url("AWS_ENDPOINT_URL_SQS"), f).await),
+            None => None,
+        };
+        let dynamodb_proxy = match spec.dynamodb {
+            Some(f) => Some(FaultProxy::start(&env_url("AWS_ENDPOINT_URL_DYNAMODB"), f).await),
+            None => None,
+        };
+        let gateway_proxy = match spec.gateway {
+            Some(f) => Some(FaultProxy::start(&format!("http://{}", gateway.addr), f).await),
+            None => None,
+        };
+        Self {
+            sqs,
+            dynamo,
+            queue,
+            dlq,
+            table,
+            gateway,
+            sqs_proxy,
+            dynamodb_proxy,
+            gateway_proxy,
+            env: Vec::new(),
+        }
+    }
+
+    pub fn set(&mut self, key: &str, value: impl ToString) {
+        self.env.push((key.to_owned(), value.to_string()));
+    }
+
+    /// A `fanout` command against the emulators directly (for `enqueue`).
+    fn command(&self, args: &[&str]) -> Command {
+        let defaults = [
+            ("FANOUT_JOB_RETRY_BASE", "1s"),
+            ("FANOUT_JOB_RETRY_MAX", "2s"),
+        ];
+        let own = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        crate::support::worker::command(
+            args,
+            &self.queue.url,
+            &self.dlq.url,
+            &self.table,
+            defaults.into_iter().chain(own),
+        )
+    }
+
+    /// `fanout enqueue ARGS`, straight to the queue; returns the message id.
+    pub async fn enqueue(&self, args: &[&str]) -> String {
+        let mut all = vec!["enqueue"];
+        all.extend_from_slice(args);
+        crate::support::worker::run_ok(self.command(&all), &format!("{all:?}")).await
+    }
+
+    /// `fanout run`, with every configured proxy in front of its peer.
+    pub fn spawn_worker(&self, exit_when_idle: bool) -> Child {
+        let mut args = vec!["run"];
+        if exit_when_idle {
+            args.push("--exit-when-idle");
+        }
+        let gateway_base = match &self.gateway_proxy {
+            Some(proxy) => proxy.url(),
+            None => format!("http://{}", self.gateway.addr),
+        };
+        let mut command = self.command(&args);
+        command.env(
+            "FANOUT_GATEWAY_ENDPOINT",
+            format!("{gateway_base}/{}", self.gateway.stage),
+        );
+        if let Some(proxy) = &self.sqs_proxy {
+            command.env("AWS_ENDPOINT_URL_SQS", proxy.url());
+        }
+        if let Some(proxy) = &self.dynamodb_proxy {
+            command.env("AWS_ENDPOINT_URL_DYNAMODB", proxy.url());
+        }
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start fanout run")
+    }
+
+    /// Runs `fanout run --exit-when-idle` to its end.
+    pub async fn run_until_idle(&self) -> Run {
+        finish(self.spawn_worker(true), Duration::from_secs(90)).await
+    }
+
+    /// Runs workers until the jobs queue is empty (visible and in flight):
+    /// with faults, a worker may go idle while a job waits out its retry
+    /// delay. Returns every run.
+    pub async fn run_until_drained(&self) -> Vec<Run> {
+        let mut runs = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let run = self.run_until_idle().await;
+            assert!(run.status.success(), "{}", run.stdout);
+            runs.push(run);
+            if support::counts(&self.sqs, &self.queue.url).await == (0, 0) {
+                return runs;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the jobs queue never drained"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    pub async fn rows(&self) -> BTreeSet<String> {
+        support::remaining_ids(&self.dynamo, &self.table).await
+    }
+
+    /// `count` live clients, optionally in a channel.
+    pub async fn connect(&self, count: usize, channel: Option<&str>) -> Swarm {
+        Swarm::connect(&self.gateway.ws_url(), count, channel, 32)
+            .await
+            .expect("open WebSocket clients")
+    }
+
+    /// Rows of `count` connections that no longer exist: they answer 410.
+    pub async fn stale_rows(&self, prefix: &str, count: usize) -> BTreeSet<String> {
+        let ids = support::ids(prefix, count);
+        support::put_connections(&self.dynamo, &self.table, &ids, None).await;
+        ids.into_iter().collect()
+    }
+
+    /// Every fault the proxies injected, summed.
+    pub fn injected(&self) -> Injected {
+        let mut sum = Injected::default();
+        for proxy in [&self.sqs_proxy, &self.dynamodb_proxy, &self.gateway_proxy]
+            .into_iter()
+            .flatten()
+        {
+            let i = proxy.injected();
+            sum.forwarded += i.forwarded;
+            sum.ddb_throttled += i.ddb_throttled;
+            sum.ddb_partial_batches += i.ddb_partial_batches;
+            sum.ddb_unprocessed_items += i.ddb_unprocessed_items;
+            sum.sqs_errors += i.sqs_errors;
+            sum.sqs_dropped += i.sqs_dropped;
+            sum.sqs_stalled += i.sqs_stalled;
+            sum.sqs_receives_lost += i.sqs_receives_lost;
+            sum.posts_dropped_unsent += i.posts_dropped_unsent;
+            sum.posts_dropped_delivered += i.posts_dropped_delivered;
+            sum.posts_spiked += i.posts_spiked;
+            sum.posts_forbidden += i.posts_forbidden;
+        }
+        sum
+    }
+
+    /// Waits until the jobs queue has a visible message (e.g. after a
+    /// killed worker's visibility timeout ran out).
+    pub async fn wait_until_visible(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while support::counts(&self.sqs, &self.queue.url).await.0 == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no job became visible within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the gateway has delivered at least `n` POSTs.
+    pub async fn wait_for_deliveries(&self, n: u64, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.gateway.stats().await.delivered < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "fewer than {n} deliveries within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! Shared helpers for the integration tests: the emulator environment, raw
+//! SDK clients for setting up and inspecting queues and tables, and unique
+//! names (tests run in parallel against one emulator).
+//!
+//! Run the tests with `./scripts/test.sh`, which starts the emulators and
+//! exports their endpoints.
+#![allow(dead_code)] // each test binary uses its own subset
+
+pub mod worker;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_config::SdkConfig;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement,
+    KeyType, Projection, ProjectionType, PutRequest, ScalarAttributeType, TableStatus,
+    WriteRequest,
+};
+use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
+
+/// The attribute holding the connection id in test tables.
+pub const ID: &str = "connectionId";
+/// The channel attribute in test tables.
+pub const CHANNEL: &str = "channel";
+/// The channel GSI `create_table` can add.
+pub const CHANNEL_INDEX: &str = "by-channel";
+
+/// Panics with the fix when the emulator endpoints are not set.
+pub fn require_emulators() {
+    for var in ["AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL_DYNAMODB"] {
+        if std::env::var_os(var).is_none() {
+            panic!("{var} is unset: run the integration tests with ./scripts/test.sh");
+        }
+    }
+}
+
+/// The SDK config from the emulator environment, built like the binary's.
+pub async fn sdk_config() -> SdkConfig {
+    require_emulators();
+    fanout_aws::clients::load_sdk_config().await
+}
+
+/// An SDK config whose every endpoint is a port nothing listens on.
+pub async fn unreachable_config() -> SdkConfig {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a test port");
+    let addr = listener.local_addr().expect("local addr");
+    drop(listener);
+    fanout_aws::clients::config_loader()
+        .endpoint_url(format!("http://{addr}"))
+        .region("us-east-1")
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "test", "test", None, None, "tests",
+        ))
+        .load()
+        .await
+}
+
+pub async fn sqs() -> aws_sdk_sqs::Client {
+    aws_sdk_sqs::Client::new(&sdk_config().await)
+}
+
+pub async fn dynamodb() -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::new(&sdk_config().await)
+}
+
+/// A name no other test (or earlier run against the same emulator) uses.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!(
+        "{prefix}-{}-{}-{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+// ---------------------------------------------------------------- SQS
+
+/// How to create a test queue.
+#[derive(Clone, Debug, Default)]
+pub struct QueueSpec {
+    pub fifo: bool,
+    /// Redrive to this dead-letter queue ARN after this many receives.
+    pub redrive: Option<(String, u32)>,
+    /// Default visibility timeout in seconds.
+    pub visibility_seconds: Option<u32>,
+}
+
+/// A created queue.
+#[derive(Clone, Debug)]
+pub struct TestQueue {
+    pub url: String,
+    pub arn: String,
+}
+
+pub async fn create_queue(sqs: &aws_sdk_sqs::Client, prefix: &str, spec: &QueueSpec) -> TestQueue {
+    let mut name = unique(prefix);
+    let mut request = sqs.create_queue();
+    if spec.fifo {
+        name.push_str(".fifo");
+        request = request
+            .attributes(QueueAttributeName::FifoQueue, "true")
+            .attributes(QueueAttributeName::ContentBasedDeduplication, "false");
+    }
+    if let Some((arn, max)) = &spec.redrive {
+        request = request.attributes(
+            QueueAttributeName::RedrivePolicy,
+            serde_json::json!({"deadLetterTargetArn": arn, "maxReceiveCount": max.to_string()})
+                .to_string(),
+        );
+    }
+    if let Some(seconds) = spec.visibility_seconds {
+        request = request.attributes(QueueAttributeName::VisibilityTimeout, seconds.to_string());
+    }
+    let url = request
+        .queue_name(&name)
+        .send()
+        .await
+        .expect("create a test queue")
+        .queue_url()
+        .expect("queue url")
+        .to_owned();
+    let arn = sqs
+        .get_queue_attributes()
+        .queue_url(&url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .expect("queue attributes")
+        .attributes()
+        .and_then(|attrs| attrs.get(&QueueAttributeName::QueueArn).cloned())
+        .expect("queue arn");
+    TestQueue { url, arn }
+}
+
+/// A queue and its dead-letter queue (the latter as the redrive target when
+/// `max_receives` is given).
+pub async fn create_queue_with_dlq(
+    sqs: &aws_sdk_sqs::Client,
+    prefix: &str,
+    fifo: bool,
+    max_receives: Option<u32>,
+) -> (TestQueue, TestQueue) {
+    let dlq = create_queue(
+        sqs,
+        &format!("{prefix}-dlq"),
+        &QueueSpec {
+            fifo,
+            ..QueueSpec::default()
+        },
+    )
+    .await;
+    let queue = create_queue(
+        sqs,
+        prefix,
+        &QueueSpec {
+            fifo,
+            redrive: max_receives.map(|max| (dlq.arn.clone(), max)),
+            visibility_seconds: None,
+        },
+    )
+    .await;
+    (queue, dlq)
+}
+
+/// A message as a test reads it back.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub id: String,
+    pub body: String,
+    pub receipt: String,
+    /// String message attributes.
+    pub attributes: HashMap<String, String>,
+    /// System attributes, e.g. MessageGroupId.
+    pub system: HashMap<String, String>,
+}
+
+/// Receives every visible message (hiding each for a minute), until a
+/// receive comes back empty.
+pub async fn receive_all(sqs: &aws_sdk_sqs::Client, url: &str) -> Vec<Received> {
+    let mut all = Vec::new();
+    loop {
+        let output = sqs
+            .receive_message()
+            .queue_url(url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .visibility_timeout(60)
+            .message_attribute_names("All")
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .send()
+            .await
+            .expect("receive from a test queue");
+        if output.messages().is_empty() {
+            return all;
+        }
+        for message in output.messages() {
+            let attributes = message
+                .message_attributes()
+                .map(|attrs| {
+                    attrs
+                        .iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.string_value()?.to_owned())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let system = message
+                .attributes()
+                .map(|attrs| {
+                    attrs
+                        .iter()
+                        .map(|(k, v)| (k.as_str().to_owned(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            all.push(Received {
+                id: message.message_id().unwrap_or_default().to_owned(),
+                body: message.body().unwrap_or_default().to_owned(),
+                receipt: message.receipt_handle().unwrap_or_default().to_owned(),
+                attributes,
+                system,
+            });
+        }
+    }
+}
+
+/// (visible, in flight) message counts.
+pub async fn counts(sqs: &aws_sdk_sqs::Client, url: &str) -> (u64, u64) {
+    let output = sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        .send()
+        .await
+        .expect("queue attributes");
+    let get = |name: QueueAttributeName| {
+        output
+            .attributes()
+            .and_then(|attrs| attrs.get(&name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (
+        get(QueueAttributeName::ApproximateNumberOfMessages),
+        get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+    )
+}
+
+// ----------------------------------------------------------- DynamoDB
+
+/// The key of a test table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableKey {
+    /// `connectionId` (S) alone.
+    Id,
+    /// `channel` (S) partition, `connectionId` (S) sort.
+    ChannelAndId,
+}
+
+/// Creates a table (and waits for it to be active); returns its name.
+pub async fn create_table(
+    ddb: &aws_sdk_dynamodb::Client,
+    prefix: &str,
+    key: TableKey,
+    channel_index: bool,
+) -> String {
+    let name = unique(prefix);
+    let attr = |name: &str| {
+        AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .expect("attribute definition")
+    };
+    let element = |name: &str, kind: KeyType| {
+        KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(kind)
+            .build()
+            .expect("key schema element")
+    };
+    let mut request = ddb
+        .create_table()
+        .table_name(&name)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attr(ID));
+    request = match key {
+        TableKey::Id => request.key_schema(element(ID, KeyType::Hash)),
+        TableKey::ChannelAndId => request
+            .attribute_definitions(attr(CHANNEL))
+            .key_schema(element(CHANNEL, KeyType::Hash))
+            .key_schema(element(ID, KeyType::Range)),
+    };
+    if channel_index {
+        if key == TableKey::Id {
+            request = request.attribute_definitions(attr(CHANNEL));
+        }
+        request = request.global_secondary_indexes(
+            GlobalSecondaryIndex::builder()
+                .index_name(CHANNEL_INDEX)
+                .key_schema(element(CHANNEL, KeyType::Hash))
+                .projection(
+                    Projection::builder()
+                        .projection_type(ProjectionType::KeysOnly)
+                        .build(),
+                )
+                .build()
+                .expect("channel index"),
+        );
+    }
+    request.send().await.expect("create a test table");
+    // dynalite creates tables asynchronously even with --createTableMs 0.
+    for _ in 0..250 {
+        let status = ddb
+            .describe_table()
+            .table_name(&name)
+            .send()
+            .await
+            .expect("describe the test table")
+            .table()
+            .and_then(|t| t.table_status().cloned());
+        if status == Some(TableStatus::Active) {
+            return name;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the test table {name} did not become active within 5 s");
+}
+
+/// Puts one row per id (25 a call), with `channel` when given.
+pub async fn put_connections(
+    ddb: &aws_sdk_dynamodb::Client,
+    table: &str,
+    ids: &[String],
+    channel: Option<&str>,
+) {
+    for chunk in ids.chunks(25) {
+        let writes = chunk
+            .iter()
+            .map(|id| {
+                let mut put = PutRequest::builder()
+                    .item(ID, AttributeValue::S(id.clone()))
+                    .item("connectedAt", AttributeValue::N("1700000000".to_owned()))
+                    .item("payload", AttributeValue::S("x".repeat(64)));
+                if let Some(channel) = channel {
+                    put = put.item(CHANNEL, AttributeValue::S(channel.to_owned()));
+                }
+                WriteRequest::builder()
+                    .put_request(put.build().expect("put request"))
+                    .build()
+            })
+            .collect();
+        let output = ddb
+            .batch_write_item()
+            .request_items(table, writes)
+            .send()
+            .await
+            .expect("put test rows");
+        assert!(
+            output.unprocessed_items().is_none_or(|u| u.is_empty()),
+            "the emulator left items unprocessed"
+        );
+    }
+}
+
+/// Ids `prefix-0 … prefix-(n-1)`.
+pub fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:05}")).collect()
+}
+
+/// The connection ids still in the table.
+pub async fn remaining_ids(ddb: &aws_sdk_dynamodb::Client, table: &str) -> BTreeSet<String> {
+    remaining_rows(ddb, table)
+        .await
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect()
+}
+
+/// How long an unreachable peer may take to fail: standard retries back off
+/// about 1 s and 2 s at most before giving up.
+pub const UNREACHABLE_WITHIN: Duration = Duration::from_secs(10);
+
+/// Every row still in the table, as (channel, connection id).
+pub async fn remaining_rows(
+    ddb: &aws_sdk_dynamodb::Client,
+    table: &str,
+) -> BTreeSet<(Option<String>, String)> {
+    let mut rows = BTreeSet::new();
+    let mut start = None;
+    loop {
+        let output = ddb
+            .scan()
+            .table_name(table)
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .expect("scan a test table");
+        for item in output.items() {
+            let text = |name: &str| match item.get(name) {
+                Some(AttributeValue::S(s)) => Some(s.clone()),
+                _ => None,
+            };
+            if let Some(id) = text(ID) {
+                rows.insert((text(CHANNEL), id));
+            }
+        }
+        start = output.last_evaluated_key().cloned();
+        if start.is_none() {
+            return rows;
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! The template's task role against the code: every AWS operation `fanout
+//! run` can call, found in the adapters' sources, must be granted by the
+//! task role of `config/cloudformation.yaml` on the resource the call acts
+//! on, and the role must grant no wildcard.
+//!
+//! The operations are read from the sources, not listed by hand: a new SDK
+//! call in an adapter, or a new file calling an SDK client, fails this test
+//! until the operation is mapped to its IAM action and resource here and
+//! granted in the template. No local emulator enforces IAM on these
+//! resources (moto checks SQS queue ARNs, but DynamoDB only by action, and
+//! not execute-api or ECS at all), so the check is static.
+//!
+//! `fanout redrive` (receives from and deletes in the dead-letter queue) and
+//! `fanout enqueue` (a producer's tool) are run by operators and producers
+//! with their own credentials; the task role is for the worker alone.
+//!
+//! Needs Python 3 with PyYAML (the emulators' venv has it) to read the
+//! template's short-form intrinsic functions.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// What a call acts on, as the template names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Resource {
+    JobsQueue,
+    DeadLetterQueue,
+    Table,
+    TableIndexes,
+    ConnectionsPost,
+    ClusterTasks,
+}
+
+/// The files that call an SDK client, and the service of that client.
+const ADAPTERS: &[(&str, &str)] = &[
+    ("crates/aws/src/sqs.rs", "sqs"),
+    ("crates/aws/src/dynamo.rs", "dynamodb"),
+    ("crates/aws/src/apigw.rs", "apigatewaymanagement"),
+];
+
+/// Files that name SDK types without calling AWS for the worker: client
+/// construction.
+const NOT_ADAPTERS: &[&str] = &["crates/aws/src/clients.rs"];
+
+/// The sources of the crates the `fanout` binary is built from (the
+/// development tools in `crates/dev` are a separate binary).
+const BINARY_SOURCES: &[&str] = &["crates/core/src", "crates/aws/src", "crates/fanout/src"];
+
+/// An SDK operation of the worker: the IAM action that authorises it and
+/// the resources it is called on. `None`: not mapped yet.
+fn grant_for(service: &str, operation: &str) -> Option<(&'static str, &'static [Resource])> {
+    use Resource::*;
+    Some(match (service, operation) {
+        ("sqs", "receive_message") => ("sqs:ReceiveMessage", &[JobsQueue]),
+        ("sqs", "change_message_visibility" | "change_message_visibility_batch") => {
+            ("sqs:ChangeMessageVisibility", &[JobsQueue])
+        }
+        // The batch is authorised by the single-message action.
+        ("sqs", "delete_message" | "delete_message_batch") => ("sqs:DeleteMessage", &[JobsQueue]),
+        ("sqs", "get_queue_attributes") => ("sqs:GetQueueAttributes", &[JobsQueue]),
+        // Continuations and split segments go to the jobs queue, bad jobs to
+        // the dead-letter queue.
+        ("sqs", "send_message" | "send_message_batch") => {
+            ("sqs:SendMessage", &[JobsQueue, DeadLetterQueue])
+        }
+        ("dynamodb", "describe_table") => ("dynamodb:DescribeTable", &[Table]),
+        ("dynamodb", "scan") => ("dynamodb:Scan", &[Table]),
+        ("dynamodb", "query") => ("dynamodb:Query", &[TableIndexes]),
+        ("dynamodb", "batch_write_item") => ("dynamodb:BatchWriteItem", &[Table]),
+        ("apigatewaymanagement", "post_to_connection") => {
+            ("execute-api:ManageConnections", &[ConnectionsPost])
+        }
+        _ => return None,
+    })
+}
+
+/// The workspace root.
+fn root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .canonicalize()
+        .unwrap()
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The source without its unit tests (which call emulators to set up).
+fn production_source(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    match text.find("#[cfg(test)]\nmod tests") {
+        Some(at) => text[..at].to_owned(),
+        None => text,
+    }
+}
+
+/// The `x` of every `client.x()` / `client\n.x()` in `source`.
+fn client_calls(source: &str) -> BTreeSet<String> {
+    let mut calls = BTreeSet::new();
+    let mut rest = source;
+    while let Some(at) = rest.find("client") {
+        rest = &rest[at + "client".len()..];
+        let after = rest.trim_start();
+        let Some(after) = after.strip_prefix('.') else {
+            continue;
+        };
+        let name: String = after
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        if !name.is_empty() && after[name.len()..].starts_with("()") {
+            calls.insert(name);
+        }
+    }
+    calls
+}
+
+/// Every (IAM action, resource) the worker needs, from the sources.
+fn required() -> BTreeSet<(String, Resource)> {
+    let mut files = Vec::new();
+    for dir in BINARY_SOURCES {
+        rust_files(&root().join(dir), &mut files);
+    }
+    let mut required = BTreeSet::new();
+    let mut unmapped = Vec::new();
+    for file in &files {
+        let relative = file.strip_prefix(root()).unwrap().to_str().unwrap();
+        let source = production_source(file);
+        let adapter = ADAPTERS.iter().find(|(path, _)| *path == relative);
+        let Some((_, service)) = adapter else {
+            let exempt = NOT_ADAPTERS.iter().any(|p| relative.starts_with(p));
+            assert!(
+                exempt || !source.contains("aws_sdk_"),
+                "{relative} uses an AWS SDK client: add it to ADAPTERS (and its calls to grant_for)"
+            );
+            continue;
+        };
+        let calls = client_calls(&source);
+        assert!(!calls.is_empty(), "no SDK call found in {relative}");
+        for call in calls {
+            match grant_for(service, &call) {
+                Some((action, resources)) => {
+                    for resource in resources {
+                        required.insert((action.to_owned(), *resource));
+                    }
+                }
+                None => unmapped.push(format!("{service} {call} ({relative})")),
+            }
+        }
+    }
+    assert!(
+        unmapped.is_empty(),
+        "SDK calls with no IAM mapping: {unmapped:?}; map them in grant_for and grant them in the template's task role"
+    );
+    // The lean send path POSTs to @connections itself, and scale-in
+    // protection goes through the ECS agent, which acts with the task role.
+    let lean = std::fs::read_to_string(root().join("crates/aws/src/lean.rs")).unwrap();
+    if lean.contains("@connections") {
+        required.insert((
+            "execute-api:ManageConnections".into(),
+            Resource::ConnectionsPost,
+        ));
+    }
+    let ecs = std::fs::read_to_string(root().join("crates/fanout/src/ecs.rs")).unwrap();
+    if ecs.contains("task-protection/v1/state") {
+        required.insert(("ecs:UpdateTaskProtection".into(), Resource::ClusterTasks));
+    }
+    required
+}
+
+/// The template as JSON, short-form tags kept as `{"!Tag": value}`.
+fn template() -> Value {
+    let venv = root().join(".local/venv/bin/python");
+    let python = if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    };
+    let script = r#"
+import json, sys, yaml
+class Loader(yaml.SafeLoader): pass
+def tagged(loader, suffix, node):
+    if isinstance(node, yaml.ScalarNode): value = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode): value = loader.construct_sequence(node, deep=True)
+    else: value = loader.construct_mapping(node, deep=True)
+    return {"!" + suffix: value}
+Loader.add_multi_constructor("!", tagged)
+print(json.dumps(yaml.load(open(sys.argv[1]), Loader=Loader)))
+"#;
+    let output = Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .arg(root().join("config/cloudformation.yaml"))
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}; it needs PyYAML", python.display()));
+    assert!(
+        output.status.success(),
+        "reading the template: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The template resource a policy's `Resource` entry names.
+fn resource_of(value: &Value) -> Resource {
+    if let Some(att) = value.get("!GetAtt").and_then(Value::as_str) {
+        return match att {
+            "JobsQueue.Arn" => Resource::JobsQueue,
+            "DeadLetterQueue.Arn" => Resource::DeadLetterQueue,
+            other => panic!("an unexpected resource {other}"),
+        };
+    }
+    let sub = value.get("!Sub").expect("a resource is !GetAtt or !Sub");
+    let text = sub
+        .as_str()
+        .or_else(|| sub.get(0).and_then(Value::as_str))
+        .unwrap();
+    assert!(!text.contains('*') || text.ends_with("/*"), "{text}");
+    if text.ends_with(":table/${Table}") {
+        Resource::Table
+    } else if text.ends_with(":table/${Table}/index/*") {
+        Resource::TableIndexes
+    } else if text.ends_with(":${WebSocketApiId}/${WebSocketStage}/POST/@connections/*") {
+        Resource::ConnectionsPost
+    } else if text.ends_with(":task/${Cluster}/*") {
+        Resource::ClusterTasks
+    } else {
+        panic!("an unexpected resource {text}")
+    }
+}
+
+fn one_or_many(value: &Value) -> Vec<&Value> {
+    match value {
+        Value::Array(items) => items.iter().collect(),
+        one => vec![one],
+    }
+}
+
+/// Every (IAM action, resource) the task role allows.
+fn granted(template: &Value) -> BTreeSet<(String, Resource)> {
+    let role = &template["Resources"]["TaskRole"]["Properties"];
+    let mut granted = BTreeSet::new();
+    for policy in role["Policies"].as_array().unwrap() {
+        for statement in policy["PolicyDocument"]["Statement"].as_array().unwrap() {
+            assert_eq!(statement["Effect"], "Allow", "{statement}");
+            assert!(statement.get("NotAction").is_none() && statement.get("NotResource").is_none());
+            for action in one_or_many(&statement["Action"]) {
+                let action = action.as_str().unwrap();
+                assert!(!action.contains('*'), "a wildcard action {action}");
+                for resource in one_or_many(&statement["Resource"]) {
+                    assert_ne!(resource, "*", "{action} on every resource");
+                    granted.insert((action.to_owned(), resource_of(resource)));
+                }
+            }
+        }
+    }
+    assert!(
+        role.get("ManagedPolicyArns").is_none(),
+        "a managed policy grants more than the worker needs"
+    );
+    granted
+}
+
+#[test]
+fn the_task_role_grants_every_call_of_the_worker_on_its_resource() {
+    let required = required();
+    let granted = granted(&template());
+    let missing: Vec<_> = required.difference(&granted).collect();
+    assert!(missing.is_empty(), "the task role lacks {missing:?}");
+    // Least privilege: nothing the worker does not call, except the queue
+    // attributes (read to learn a queue's settings).
+    let extra: Vec<_> = granted
+        .difference(&required)
+        .filter(|(action, _)| action != "sqs:GetQueueAttributes")
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "the task role grants more than needed: {extra:?}"
+    );
+}
+
+#[test]
+fn calls_are_found_across_lines() {
+    let source =
+        "let x = self\n    .client\n    .send_message()\n    .queue_url(u);\nclient.scan()";
+    let calls: Vec<_> = client_calls(source).into_iter().collect();
+    assert_eq!(calls, ["scan", "send_message"]);
+}
