@@ -26,7 +26,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::backoff::Backoff;
 use crate::connection::Connection;
-use crate::gateway::{Gateway, PostOutcome};
+use crate::gateway::{Gateway, Pace, PostOutcome, Step};
 use crate::job::{Job, Target};
 use crate::limiter::SendBudget;
 use crate::progress::Progress;
@@ -111,12 +111,9 @@ pub struct Deferred {
 /// Why a broadcast stopped before its end.
 #[derive(Debug, thiserror::Error)]
 pub enum FanoutError {
-    #[error("API Gateway refused the payload as too large (413)")]
-    PayloadTooLarge,
-    #[error(
-        "API Gateway answered 403 Forbidden ({0}): check that the endpoint includes the stage and that the task role may execute-api:ManageConnections"
-    )]
-    Forbidden(String),
+    /// An answer that stops the job (see [`PostOutcome::meaning`]).
+    #[error("{}", refusal(.0))]
+    Refused(PostOutcome),
     #[error("reading the audience failed: {0}")]
     Audience(#[from] StoreError),
     #[error("interrupted by shutdown")]
@@ -127,7 +124,24 @@ impl FanoutError {
     /// Whether running the job again cannot succeed (it belongs in the
     /// dead-letter queue).
     pub fn is_permanent(&self) -> bool {
-        matches!(self, Self::PayloadTooLarge)
+        match self {
+            Self::Refused(outcome) => {
+                matches!(outcome.meaning().step, Step::StopJob { dead_letter: true })
+            }
+            Self::Audience(_) | Self::Interrupted => false,
+        }
+    }
+}
+
+/// How a job-stopping answer reads in logs and dead-letter reasons.
+fn refusal(outcome: &PostOutcome) -> String {
+    match outcome {
+        PostOutcome::PayloadTooLarge => {
+            "API Gateway refused the payload as too large (413)".to_owned()
+        }
+        // The detail carries the hint (gateway::status::forbidden).
+        PostOutcome::Forbidden(detail) => format!("API Gateway answered 403 Forbidden ({detail})"),
+        other => format!("API Gateway answered {other:?}"),
     }
 }
 
@@ -376,46 +390,35 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 )
             };
             Metrics::incr(&self.metrics.posts);
-            match outcome {
-                PostOutcome::Throttled => {
+            let meaning = outcome.meaning();
+            match meaning.pace {
+                Pace::Throttled => {
                     streak += 1;
                     one_client = self.budget.throttled(sent, streak);
                 }
-                PostOutcome::Delivered | PostOutcome::Gone | PostOutcome::Rejected(_) => {
+                Pace::Accepted => {
+                    streak = 0;
                     self.budget.succeeded();
                 }
-                // The endpoint failed or refused the job: nothing about the
-                // pace it takes, though the post passed its throttle.
-                PostOutcome::Transient(_)
-                | PostOutcome::Forbidden(_)
-                | PostOutcome::PayloadTooLarge => self.budget.passed(),
+                Pace::NoSignal => {
+                    streak = 0;
+                    self.budget.passed();
+                }
             }
-            if outcome != PostOutcome::Throttled {
-                streak = 0;
+            if let Some(counter) = meaning.counter {
+                self.metrics.count(counter);
             }
-            let delay = match outcome {
-                PostOutcome::Delivered => {
-                    Metrics::incr(&self.metrics.delivered);
-                    return Delivery::Delivered;
-                }
-                PostOutcome::Gone => {
-                    Metrics::incr(&self.metrics.gone);
-                    return Delivery::Gone(connection);
-                }
-                PostOutcome::PayloadTooLarge => {
-                    return Delivery::Abort(FanoutError::PayloadTooLarge);
-                }
-                PostOutcome::Forbidden(message) => {
-                    return Delivery::Abort(FanoutError::Forbidden(message));
-                }
-                PostOutcome::Rejected(reason) => {
+            let delay = match meaning.step {
+                Step::Delivered => return Delivery::Delivered,
+                Step::Gone => return Delivery::Gone(connection),
+                Step::Rejected => {
+                    let reason = outcome.detail().unwrap_or_default();
                     tracing::warn!(connection = %connection.id, %reason, "send rejected");
-                    Metrics::incr(&self.metrics.failed);
                     return Delivery::Rejected;
                 }
-                PostOutcome::Throttled => {
+                Step::StopJob { .. } => return Delivery::Abort(FanoutError::Refused(outcome)),
+                Step::RetryThrottled => {
                     counters.throttled.fetch_add(1, Ordering::Relaxed);
-                    Metrics::incr(&self.metrics.throttled);
                     if one_client && pass == Pass::Audience {
                         return deferred(
                             connection,
@@ -438,8 +441,9 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                     }
                     backoff.delay(streak - 1).min(left)
                 }
-                PostOutcome::Transient(reason) => {
+                Step::RetryTransient => {
                     if !backoff.allows_another(attempt) {
+                        let reason = outcome.detail().unwrap_or_default().to_owned();
                         return deferred(connection, reason);
                     }
                     attempt += 1;

@@ -52,6 +52,17 @@ impl Metrics {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Counts one answer under its counter in the outcome table.
+    pub fn count(&self, counter: crate::gateway::Counter) {
+        use crate::gateway::Counter;
+        Self::incr(match counter {
+            Counter::Delivered => &self.delivered,
+            Counter::Gone => &self.gone,
+            Counter::Failed => &self.failed,
+            Counter::Throttled => &self.throttled,
+        });
+    }
+
     pub fn incr(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }

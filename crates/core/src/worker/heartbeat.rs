@@ -1,0 +1,35 @@
+//! The heartbeat: while a job runs, its message's visibility timeout is
+//! renewed so no other worker receives it.
+
+use tokio_util::task::AbortOnDropHandle;
+
+use super::JobContext;
+use crate::gateway::Gateway;
+use crate::queue::{JobQueue, Receipt};
+use crate::store::ConnectionStore;
+
+impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
+    /// Keeps the message hidden until the handle is dropped. Dropping, not an
+    /// explicit abort, ends it: a panic or a dropped job task unwinds past
+    /// any abort call, and a detached heartbeat would keep the message
+    /// hidden for ever.
+    pub(super) fn heartbeat(&self, receipt: Receipt, job_id: String) -> AbortOnDropHandle<()> {
+        let queue = self.queue.clone();
+        let settings = self.settings;
+        AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(
+                tokio::time::Instant::now() + settings.heartbeat_interval,
+                settings.heartbeat_interval,
+            );
+            loop {
+                ticks.tick().await;
+                if let Err(e) = queue
+                    .set_visibility(&receipt, settings.visibility_timeout)
+                    .await
+                {
+                    tracing::warn!(job_id, error = %e, "heartbeat failed; the job may be redelivered while it runs");
+                }
+            }
+        }))
+    }
+}

@@ -1,0 +1,248 @@
+//! Settlement: what a job's run came to, and the one place that applies it
+//! to the job's message. Deleted only when the job is done (or handed on in
+//! new messages); made visible again after a backoff when it may pass;
+//! dead-lettered with its reason when it never can.
+
+use std::time::Duration;
+
+use super::{Fate, JobContext, SETTLE_BACKOFF};
+use crate::engine::Report;
+use crate::gateway::Gateway;
+use crate::job::{self, Job};
+use crate::limits::MAX_SEND_DELAY;
+use crate::queue::{DeadLettered, JobQueue, Message, SendOptions};
+use crate::store::{ConnectionStore, Cursor};
+use crate::telemetry::Metrics;
+
+/// What a job's run came to, and so what becomes of its message.
+pub(super) enum Settlement {
+    /// Every connection final and none deferred, or the job split into
+    /// segment jobs: the message goes.
+    Done,
+    /// Every connection final, some deferred: they go on in delayed
+    /// continuation jobs (or to the dead-letter queue one by one), then the
+    /// message goes.
+    Deferred { job: Job, report: Report },
+    /// Stopped by shutdown: continued from its finished pages in a new
+    /// message, or handed back as it is.
+    Interrupted { job: Job, resume: Vec<Cursor> },
+    /// The job can never run: to the dead-letter queue with this reason.
+    DeadLetter(String),
+    /// A passing failure: visible again after a backoff.
+    RetryLater,
+}
+
+impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
+    /// Applies what the run came to.
+    pub(super) async fn settle(&self, message: &Message, settlement: Settlement) -> Fate {
+        match settlement {
+            Settlement::Done => self.delete(message).await,
+            Settlement::Deferred { job, report } => self.hand_on(message, &job, &report).await,
+            Settlement::Interrupted { job, resume } => self.give_up(message, &job, resume).await,
+            Settlement::DeadLetter(reason) => self.dead_letter(message, &reason).await,
+            Settlement::RetryLater => self.retry_later(message).await,
+        }
+    }
+
+    /// Settles a job whose connections are all final but some deferred:
+    /// they go on in delayed continuation jobs listing exactly them, or to
+    /// the dead-letter queue one by one once deferred too often. The
+    /// message is deleted only once every one of them has been handed on.
+    /// On a FIFO queue (no per-message delay, and order must hold) the job
+    /// fails as a whole and is retried in its place.
+    async fn hand_on(&self, message: &Message, job: &Job, report: &Report) -> Fate {
+        let count = report.deferred.len();
+        if message.group_id.is_some() {
+            tracing::warn!(job_id = %job.id, deferred = count, deferred_to = "retry in place (FIFO)", "connections deferred; the job will be retried whole");
+            return self.retry_later(message).await;
+        }
+        let connections: Vec<_> = report
+            .deferred
+            .iter()
+            .map(|d| d.connection.clone())
+            .collect();
+        if job.deferrals >= self.settings.deferred_limit {
+            return self.dead_letter_each(message, job, report).await;
+        }
+        let bodies = match job.deferred_continuations(&connections, job::MAX_CONTINUATION_BYTES) {
+            Ok(bodies) => bodies,
+            Err(e) => {
+                tracing::error!(job_id = %job.id, error = %e, "cannot continue the deferred connections; dead-lettering them");
+                return self.dead_letter_each(message, job, report).await;
+            }
+        };
+        let delay = self
+            .settings
+            .job_retry
+            .cap(job.deferrals)
+            .min(MAX_SEND_DELAY);
+        let options = SendOptions {
+            delay: Some(delay),
+            ..SendOptions::default()
+        };
+        let mut sent = Vec::with_capacity(bodies.len());
+        for body in &bodies {
+            match self.queue.send(body, &options).await {
+                Ok(id) => sent.push(id),
+                Err(e) => {
+                    // The whole job runs again: duplicates, never a loss.
+                    tracing::error!(job_id = %job.id, error = %e, "cannot enqueue the continuation of deferred connections; the job will be retried");
+                    return self.retry_later(message).await;
+                }
+            }
+        }
+        tracing::info!(
+            job_id = %job.id,
+            deferred = count,
+            deferred_to = "continuation",
+            continuations = ?sent,
+            delay_ms = delay.as_millis() as u64,
+            deferrals = job.deferrals + 1,
+            "deferred connections continue in new jobs"
+        );
+        Metrics::incr(&self.metrics.jobs_completed);
+        self.delete(message).await
+    }
+
+    /// Dead-letters each deferred connection as a one-connection job with
+    /// its reason; then the message goes. If any cannot be dead-lettered
+    /// the job is kept (retried later), so none is dropped.
+    async fn dead_letter_each(&self, message: &Message, job: &Job, report: &Report) -> Fate {
+        for d in &report.deferred {
+            let body = match serde_json::to_string(&job.for_one(&d.connection)) {
+                Ok(body) => body,
+                Err(e) => {
+                    tracing::error!(job_id = %job.id, error = %e, "cannot encode a deferred connection's job");
+                    return self.retry_later(message).await;
+                }
+            };
+            let one = Message {
+                id: format!("{}/{}", message.id, d.connection.id),
+                body,
+                receipt: message.receipt.clone(),
+                receive_count: message.receive_count,
+                group_id: None,
+                // The producer's metadata and trace context go with each
+                // connection's dead letter, as with the whole job's.
+                attributes: message.attributes.clone(),
+                trace_header: message.trace_header.clone(),
+            };
+            let reason = format!(
+                "connection {} deferred across {} continuations: {}",
+                d.connection.id, job.deferrals, d.reason
+            );
+            match self.queue.dead_letter(&one, &reason).await {
+                Ok(DeadLettered::Sent) => {
+                    Metrics::incr(&self.metrics.jobs_dead_lettered);
+                }
+                Ok(DeadLettered::NotConfigured) => {
+                    tracing::error!(job_id = %job.id, connection = %d.connection.id, reason, "a connection was deferred too often and no dead-letter queue is configured; the job is kept for the queue's redrive policy");
+                    return self.retry_later(message).await;
+                }
+                Err(e) => {
+                    tracing::error!(job_id = %job.id, connection = %d.connection.id, error = %e, "cannot dead-letter a deferred connection; the job will be retried");
+                    return self.retry_later(message).await;
+                }
+            }
+        }
+        tracing::error!(
+            job_id = %job.id,
+            deferred = report.deferred.len(),
+            deferred_to = "dead-letter queue",
+            "connections deferred too often were dead-lettered one by one"
+        );
+        self.delete(message).await
+    }
+
+    /// Queues the message's deletion.
+    async fn delete(&self, message: &Message) -> Fate {
+        self.deleter.push(message.receipt.clone()).await;
+        Fate::Gone
+    }
+
+    /// Hands an unfinished job to another worker. With pages finished, a
+    /// continuation job carrying the resume cursors replaces the message, so
+    /// the broadcast goes on from there instead of from its start;
+    /// otherwise the message itself becomes visible again at once.
+    async fn give_up(&self, message: &Message, job: &Job, resume: Vec<Cursor>) -> Fate {
+        // On a FIFO queue a new message would join the end of its group and
+        // let later broadcasts overtake this one: keep the original, which
+        // holds its place (the group waits for it).
+        if resume.is_empty() || job.resume.as_ref() == Some(&resume) || message.group_id.is_some() {
+            return self.hand_back(message, Duration::ZERO).await;
+        }
+        let body = match serde_json::to_string(&job.continuation(resume)) {
+            Ok(body) => body,
+            Err(e) => {
+                tracing::warn!(job_id = %job.id, error = %e, "cannot encode the continuation; the job restarts from its start");
+                return self.hand_back(message, Duration::ZERO).await;
+            }
+        };
+        match self.queue.send(&body, &SendOptions::default()).await {
+            Ok(continuation) => {
+                tracing::info!(job_id = %job.id, continuation, "job continues in a new message");
+                // If this delete is lost, the original runs again from its
+                // start as well: duplicates, never a loss.
+                self.delete(message).await
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %job.id, error = %e, "cannot enqueue the continuation; the job restarts from its start");
+                self.hand_back(message, Duration::ZERO).await
+            }
+        }
+    }
+
+    /// A job that can never run: to the dead-letter queue with its reason,
+    /// then off the jobs queue. Without a dead-letter queue the message
+    /// stays for the queue's redrive policy.
+    /// Counted once its outcome is known: a copy that fails is a retry.
+    async fn dead_letter(&self, message: &Message, reason: &str) -> Fate {
+        match self.queue.dead_letter(message, reason).await {
+            Ok(DeadLettered::Sent) => {
+                Metrics::incr(&self.metrics.jobs_dead_lettered);
+                tracing::error!(message_id = %message.id, reason, "job sent to the dead-letter queue");
+                self.delete(message).await
+            }
+            Ok(DeadLettered::NotConfigured) => {
+                Metrics::incr(&self.metrics.jobs_dead_lettered);
+                tracing::error!(message_id = %message.id, reason, "job cannot run; no dead-letter queue is configured, so it is left for the queue's redrive policy");
+                Fate::Kept
+            }
+            Err(e) => {
+                tracing::error!(message_id = %message.id, reason, error = %e, "job cannot run and could not be dead-lettered; it will be tried again");
+                self.retry_later(message).await
+            }
+        }
+    }
+
+    /// Makes a failed job visible again after a delay growing with its
+    /// receive count.
+    pub(super) async fn retry_later(&self, message: &Message) -> Fate {
+        Metrics::incr(&self.metrics.jobs_retried);
+        let delay = self
+            .settings
+            .job_retry
+            .cap(message.receive_count.saturating_sub(1));
+        self.hand_back(message, delay).await
+    }
+
+    /// Makes the message visible again after `after`; it stays on the queue.
+    pub(super) async fn hand_back(&self, message: &Message, after: Duration) -> Fate {
+        for attempt in 1.. {
+            match self.queue.set_visibility(&message.receipt, after).await {
+                Ok(()) => break,
+                Err(e) if SETTLE_BACKOFF.allows_another(attempt) => {
+                    tracing::debug!(error = %e, attempt, "handing a message back failed; retrying");
+                    tokio::time::sleep(SETTLE_BACKOFF.delay(attempt - 1)).await;
+                }
+                Err(e) => {
+                    // It becomes visible anyway when its visibility timeout
+                    // runs out: later, not lost.
+                    tracing::warn!(message_id = %message.id, error = %e, "could not hand the message back; it reappears after its visibility timeout");
+                    break;
+                }
+            }
+        }
+        Fate::Kept
+    }
+}

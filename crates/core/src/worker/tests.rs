@@ -1,0 +1,694 @@
+//! The worker against the in-process fakes, in paused time.
+
+use std::sync::atomic::Ordering;
+
+use super::*;
+use crate::engine::EngineSettings;
+use crate::job::Target;
+use crate::limiter::SendBudget;
+use crate::queue::Receipt;
+use crate::store::Cursor;
+use crate::testing::{FakeGateway, FakeQueue, FakeTable, ids};
+
+/// A shutdown token cancelled after `delay` (paused time runs it at once).
+fn shutdown_after(delay: Duration) -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        trigger.cancel();
+    });
+    shutdown
+}
+
+fn settings() -> WorkerSettings {
+    WorkerSettings {
+        max_concurrent_jobs: 2,
+        visibility_timeout: Duration::from_secs(30),
+        heartbeat_interval: Duration::from_secs(10),
+        job_retry: Backoff {
+            base: Duration::from_secs(5),
+            max: Duration::from_secs(60),
+            max_attempts: 1,
+        },
+        shutdown_grace: Duration::from_secs(5),
+        exit_when_idle: true,
+        capabilities: Capabilities { channels: false },
+        split_segments: 1,
+        deferred_limit: 2,
+    }
+}
+
+struct Rig {
+    queue: Arc<FakeQueue>,
+    table: Arc<FakeTable>,
+    gateway: Arc<FakeGateway>,
+    metrics: Arc<Metrics>,
+}
+
+impl Rig {
+    fn new(queue: FakeQueue, gateway: FakeGateway) -> Self {
+        Self {
+            queue: Arc::new(queue),
+            table: Arc::new(FakeTable::with(&ids(20), 5)),
+            gateway: Arc::new(gateway),
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    async fn run(&self, settings: WorkerSettings, shutdown: CancellationToken) -> Stopped {
+        let engine = Engine::new(
+            Arc::new(self.table.clone()),
+            self.gateway.clone(),
+            Arc::new(SendBudget::new(None, 8)),
+            EngineSettings {
+                send_backoff: Backoff {
+                    base: Duration::from_millis(1),
+                    max: Duration::from_millis(1),
+                    max_attempts: 2,
+                },
+                throttle_deadline: Duration::from_millis(20),
+                deferred_passes: 1,
+                pass_pause: Duration::from_millis(1),
+                max_in_flight: 8,
+                scan_segments: 1,
+            },
+            self.metrics.clone(),
+        );
+        run(
+            self.queue.clone(),
+            Arc::new(engine),
+            settings,
+            self.metrics.clone(),
+            shutdown,
+        )
+        .await
+    }
+}
+
+fn failing(id: &str) -> FakeGateway {
+    let gateway = FakeGateway::default();
+    gateway.script.lock().unwrap().insert(
+        id.into(),
+        vec![crate::gateway::PostOutcome::Transient("HTTP 503".into()); 1000],
+    );
+    gateway
+}
+
+#[tokio::test]
+async fn deferred_connections_go_on_in_a_delayed_continuation_then_the_message_goes() {
+    let rig = Rig::new(
+        FakeQueue::with_jobs(&[r#"{"id":"j","data":"a"}"#], true),
+        failing("conn-3"),
+    );
+    assert_eq!(
+        rig.run(settings(), CancellationToken::new()).await,
+        Stopped::Idle
+    );
+    assert_eq!(rig.gateway.delivered.lock().unwrap().len(), 19);
+    let sent = rig.queue.sent.lock().unwrap().clone();
+    let [body] = &sent[..] else {
+        panic!("{sent:?}")
+    };
+    let next = job::parse(body, "m", settings().capabilities).expect("parses");
+    assert_eq!(next.id, "j");
+    assert_eq!(next.deferrals, 1);
+    let Target::Deferred(listed) = next.target else {
+        panic!("{:?}", next.target)
+    };
+    let ids: Vec<_> = listed.iter().map(|c| c.id.to_string()).collect();
+    assert_eq!(ids, ["conn-3"], "exactly the deferred one");
+    assert!(listed[0].key.is_some(), "with its row key");
+    assert_eq!(rig.queue.deleted_ids(), ["r0"], "handed on, then deleted");
+}
+
+#[tokio::test]
+async fn a_connection_deferred_across_the_limit_is_dead_lettered_alone() {
+    let body =
+        r#"{"id":"j","data":"a","deferrals":2,"deferred":[{"id":"conn-3"},{"id":"conn-4"}]}"#;
+    let rig = Rig::new(FakeQueue::with_jobs(&[body], true), failing("conn-3"));
+    assert_eq!(
+        rig.run(settings(), CancellationToken::new()).await,
+        Stopped::Idle
+    );
+    assert_eq!(rig.gateway.delivered.lock().unwrap().len(), 1, "conn-4");
+    assert!(rig.queue.sent.lock().unwrap().is_empty(), "no continuation");
+    let dead = rig.queue.dead.as_ref().unwrap().lock().unwrap().clone();
+    let [(id, reason)] = &dead[..] else {
+        panic!("{dead:?}")
+    };
+    assert_eq!(id, "m0/conn-3");
+    assert!(
+        reason.contains("HTTP 503") && reason.contains("conn-3"),
+        "{reason}"
+    );
+    assert_eq!(rig.queue.deleted_ids(), ["r0"]);
+}
+
+#[tokio::test]
+async fn without_a_dead_letter_queue_a_connection_deferred_too_often_keeps_its_job() {
+    let body = r#"{"data":"a","deferrals":2,"deferred":[{"id":"conn-3"}]}"#;
+    let rig = Rig::new(FakeQueue::with_jobs(&[body], false), failing("conn-3"));
+    assert_eq!(
+        rig.run(settings(), CancellationToken::new()).await,
+        Stopped::Idle
+    );
+    assert!(rig.queue.deleted_ids().is_empty(), "nothing dropped");
+}
+
+#[tokio::test]
+async fn on_a_fifo_queue_deferred_connections_fail_the_job_in_its_place() {
+    let mut queue = FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true);
+    queue.visible.get_mut().unwrap()[0].group_id = Some("news".into());
+    let rig = Rig::new(queue, failing("conn-3"));
+    assert_eq!(
+        rig.run(settings(), CancellationToken::new()).await,
+        Stopped::Idle
+    );
+    assert!(rig.queue.sent.lock().unwrap().is_empty(), "no new message");
+    assert!(rig.queue.deleted_ids().is_empty(), "kept in its place");
+    let visibility = rig.queue.visibility.lock().unwrap().clone();
+    assert!(
+        visibility
+            .iter()
+            .any(|(r, after)| r.0 == "r0" && !after.is_zero()),
+        "retried later: {visibility:?}"
+    );
+}
+
+#[tokio::test]
+async fn good_jobs_are_delivered_then_deleted_and_bad_ones_dead_lettered() {
+    let rig = Rig::new(
+        FakeQueue::with_jobs(
+            &[
+                r#"{"data":"a"}"#,
+                "{not json",
+                r#"{"data":"b"}"#,
+                r#"{"data":"x","channel":"c"}"#,
+            ],
+            true,
+        ),
+        FakeGateway::default(),
+    );
+    let stopped = rig.run(settings(), CancellationToken::new()).await;
+    assert_eq!(stopped, Stopped::Idle);
+    assert_eq!(
+        rig.gateway.delivered.lock().unwrap().len(),
+        40,
+        "two jobs × 20"
+    );
+    assert_eq!(rig.queue.deleted_ids(), ["r0", "r1", "r2", "r3"]);
+    let dead = rig.queue.dead.as_ref().unwrap().lock().unwrap().clone();
+    assert_eq!(dead.len(), 2);
+    assert!(
+        dead.iter()
+            .any(|(id, why)| id == "m1" && why.contains("not a valid job")),
+        "{dead:?}"
+    );
+    assert!(
+        dead.iter()
+            .any(|(id, why)| id == "m3" && why.contains("FANOUT_CHANNEL_INDEX")),
+        "{dead:?}"
+    );
+    assert_eq!(Metrics::get(&rig.metrics.jobs_completed), 2);
+    assert_eq!(Metrics::get(&rig.metrics.jobs_in_flight), 0);
+}
+
+#[tokio::test]
+async fn without_a_dead_letter_queue_a_bad_job_is_left_for_redrive() {
+    let rig = Rig::new(FakeQueue::with_jobs(&["[]"], false), FakeGateway::default());
+    rig.run(settings(), CancellationToken::new()).await;
+    assert!(
+        rig.queue.deleted_ids().is_empty(),
+        "a bad job must not be deleted without a DLQ"
+    );
+    assert!(rig.queue.visibility.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_permanent_send_failure_dead_letters_and_a_passing_one_retries_later() {
+    let gateway = FakeGateway::default();
+    gateway.script.lock().unwrap().insert(
+        "conn-0".into(),
+        vec![crate::gateway::PostOutcome::PayloadTooLarge],
+    );
+    let rig = Rig::new(FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true), gateway);
+    rig.run(settings(), CancellationToken::new()).await;
+    assert_eq!(rig.queue.deleted_ids(), ["r0"]);
+    let dead = rig.queue.dead.as_ref().unwrap().lock().unwrap().clone();
+    assert!(dead[0].1.contains("too large"), "{dead:?}");
+
+    let gateway = FakeGateway::default();
+    gateway.script.lock().unwrap().insert(
+        "conn-0".into(),
+        vec![crate::gateway::PostOutcome::Forbidden("403".into())],
+    );
+    let mut queue = FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true);
+    queue.visible.get_mut().unwrap()[0].receive_count = 3;
+    let rig = Rig::new(queue, gateway);
+    rig.run(settings(), CancellationToken::new()).await;
+    assert!(
+        rig.queue.deleted_ids().is_empty(),
+        "a retried job is not deleted"
+    );
+    let visibility = rig.queue.visibility.lock().unwrap().clone();
+    // Third receive: base 5 s doubled twice.
+    assert_eq!(
+        visibility,
+        [(Receipt("r0".into()), Duration::from_secs(20))]
+    );
+    assert_eq!(Metrics::get(&rig.metrics.jobs_retried), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_running_job_keeps_its_message_hidden_and_shutdown_hands_it_back() {
+    let rig = Rig::new(
+        FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true),
+        FakeGateway {
+            stall: true,
+            ..FakeGateway::default()
+        },
+    );
+    let shutdown = shutdown_after(Duration::from_secs(31));
+    let mut s = settings();
+    s.exit_when_idle = false;
+    let stopped = rig.run(s, shutdown).await;
+    assert_eq!(stopped, Stopped::Shutdown);
+    let visibility = rig.queue.visibility.lock().unwrap().clone();
+    let heartbeats = visibility
+        .iter()
+        .filter(|(_, t)| *t == Duration::from_secs(30))
+        .count();
+    assert_eq!(
+        heartbeats, 3,
+        "heartbeats at 10, 20, 30 s; shutdown at 31 s, grace over at 36 s: {visibility:?}"
+    );
+    assert_eq!(
+        visibility.last().unwrap(),
+        &(Receipt("r0".into()), Duration::ZERO),
+        "handed back at once"
+    );
+    assert!(
+        rig.queue.sent.lock().unwrap().is_empty(),
+        "no page finished: no continuation"
+    );
+    assert!(rig.queue.deleted_ids().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_ends_within_grace_and_bound_when_the_queue_hangs() {
+    // The job never ends by itself, and nothing the worker asks of the
+    // queue after receiving is ever answered.
+    let rig = Rig::new(
+        FakeQueue {
+            stall_settles: true,
+            ..FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true)
+        },
+        FakeGateway {
+            stall: true,
+            ..FakeGateway::default()
+        },
+    );
+    let mut s = settings();
+    s.exit_when_idle = false;
+    let started = tokio::time::Instant::now();
+    let shutdown = shutdown_after(Duration::from_secs(1));
+    let bound = Duration::from_secs(1) + s.shutdown_grace + SHUTDOWN_SETTLE_BOUND;
+    let stopped = tokio::time::timeout(Duration::from_secs(3600), rig.run(s, shutdown))
+        .await
+        .expect("the worker must stop despite a hung queue");
+    assert_eq!(stopped, Stopped::Shutdown);
+    assert!(started.elapsed() <= bound, "{:?}", started.elapsed());
+    assert!(rig.queue.deleted_ids().is_empty(), "nothing settled");
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_of_a_stopped_worker_runs_on_not_even_a_fifo_chains_waiting_heartbeats() {
+    // Two jobs of one group: the second waits, hidden by a heartbeat,
+    // behind the first, which never ends; the queue hangs at shutdown.
+    let mut queue = fifo(&[r#"{"data":"1"}"#, r#"{"data":"2"}"#], "g");
+    queue.stall_settles = true;
+    let rig = Rig::new(
+        queue,
+        FakeGateway {
+            stall: true,
+            ..FakeGateway::default()
+        },
+    );
+    let mut s = settings();
+    s.exit_when_idle = false;
+    s.max_concurrent_jobs = 4;
+    let stopped = rig.run(s, shutdown_after(Duration::from_secs(1))).await;
+    assert_eq!(stopped, Stopped::Shutdown);
+    // Aborted tasks let go of what they hold once the runtime drops them.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        Arc::strong_count(&rig.queue),
+        1,
+        "a task of the stopped worker still holds the queue"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_interrupted_job_with_finished_pages_continues_in_a_new_message() {
+    // Pages of 5; conn-12 never answers: pages 1 and 2 finish, page 3 not.
+    let rig = Rig::new(
+        FakeQueue::with_jobs(&[r#"{"id":"big","data":"a"}"#], true),
+        FakeGateway {
+            stall_ids: ["conn-12".to_owned()].into(),
+            ..FakeGateway::default()
+        },
+    );
+    let shutdown = shutdown_after(Duration::from_secs(1));
+    let mut s = settings();
+    s.exit_when_idle = false;
+    rig.run(s, shutdown).await;
+    let sent = rig.queue.sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1, "one continuation");
+    let next = job::parse(&sent[0], "m9", Capabilities { channels: false }).expect("parses");
+    assert_eq!(next.id, "big");
+    let after_two_pages = Cursor {
+        segment: 0,
+        position: Some(crate::store::Position::Offset(10)),
+    };
+    assert_eq!(next.resume, Some(vec![after_two_pages]));
+    assert_eq!(rig.queue.deleted_ids(), ["r0"], "the original is replaced");
+    let visibility = rig.queue.visibility.lock().unwrap().clone();
+    assert!(
+        visibility.iter().all(|(_, t)| !t.is_zero()),
+        "{visibility:?}"
+    );
+}
+
+#[tokio::test]
+async fn receives_hide_messages_for_the_workers_visibility_timeout() {
+    let rig = Rig::new(
+        FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true),
+        FakeGateway::default(),
+    );
+    rig.run(settings(), CancellationToken::new()).await;
+    let asked = rig.queue.receive_visibility.lock().unwrap().clone();
+    assert!(!asked.is_empty());
+    assert!(
+        asked.iter().all(|t| *t == Duration::from_secs(30)),
+        "{asked:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_that_panics_stops_its_heartbeat() {
+    let rig = Rig::new(
+        FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true),
+        FakeGateway {
+            panic_ids: ["conn-3".to_owned()].into(),
+            ..FakeGateway::default()
+        },
+    );
+    let stopped = rig.run(settings(), CancellationToken::new()).await;
+    assert_eq!(stopped, Stopped::Idle);
+    // Long after the job is over, nothing keeps its message hidden.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let visibility = rig.queue.visibility.lock().unwrap().clone();
+    assert_eq!(
+        visibility,
+        [(Receipt("r0".into()), Duration::from_secs(5))],
+        "handed back for a retry, then no heartbeat: {visibility:?}"
+    );
+    assert!(rig.queue.deleted_ids().is_empty());
+}
+
+#[tokio::test]
+async fn a_panic_of_the_page_reader_retries_the_job_instead_of_deleting_it() {
+    let mut table = FakeTable::with(&ids(20), 5);
+    table.panic_after_pages = Some(2);
+    let rig = Rig {
+        table: Arc::new(table),
+        ..Rig::new(
+            FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true),
+            FakeGateway::default(),
+        )
+    };
+    rig.run(settings(), CancellationToken::new()).await;
+    assert!(
+        rig.queue.deleted_ids().is_empty(),
+        "half the audience unsent"
+    );
+    assert_eq!(
+        rig.queue.visibility.lock().unwrap().clone(),
+        [(Receipt("r0".into()), Duration::from_secs(5))]
+    );
+    assert_eq!(Metrics::get(&rig.metrics.jobs_completed), 0);
+    assert_eq!(Metrics::get(&rig.metrics.jobs_retried), 1);
+}
+
+#[tokio::test]
+async fn a_dead_letter_that_fails_counts_as_a_retry_only() {
+    let queue = FakeQueue::with_jobs(&["{not json"], true);
+    queue.failing_dead_letters.store(1, Ordering::SeqCst);
+    let rig = Rig::new(queue, FakeGateway::default());
+    rig.run(settings(), CancellationToken::new()).await;
+    assert!(rig.queue.deleted_ids().is_empty());
+    assert_eq!(Metrics::get(&rig.metrics.jobs_dead_lettered), 0);
+    assert_eq!(Metrics::get(&rig.metrics.jobs_retried), 1);
+
+    let rig = Rig::new(
+        FakeQueue::with_jobs(&["{not json"], true),
+        FakeGateway::default(),
+    );
+    rig.run(settings(), CancellationToken::new()).await;
+    assert_eq!(Metrics::get(&rig.metrics.jobs_dead_lettered), 1);
+    assert_eq!(Metrics::get(&rig.metrics.jobs_retried), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn splitting_keeps_the_message_hidden_while_it_sends_segments() {
+    // Four sends of 15 s each outlast the 30 s visibility timeout.
+    let rig = Rig::new(
+        FakeQueue {
+            send_wait: Duration::from_secs(15),
+            ..FakeQueue::with_jobs(&[r#"{"id":"big","data":"s","split":4}"#], true)
+        },
+        FakeGateway::default(),
+    );
+    rig.run(settings(), CancellationToken::new()).await;
+    assert_eq!(rig.queue.sent.lock().unwrap().len(), 4);
+    assert_eq!(rig.queue.deleted_ids(), ["r0"]);
+    let visibility = rig.queue.visibility.lock().unwrap().clone();
+    assert!(
+        visibility.len() >= 5
+            && visibility
+                .iter()
+                .all(|v| v == &(Receipt("r0".into()), Duration::from_secs(30))),
+        "a heartbeat every 10 s of the 60 s split: {visibility:?}"
+    );
+    assert_eq!(
+        Metrics::get(&rig.metrics.jobs_completed),
+        0,
+        "a split is not a completed broadcast"
+    );
+    assert_eq!(Metrics::get(&rig.metrics.jobs_split), 1);
+}
+
+#[tokio::test]
+async fn a_split_job_becomes_segment_jobs_that_cover_the_table_once() {
+    let rig = Rig::new(
+        FakeQueue::with_jobs(&[r#"{"id":"big","data":"s","split":3}"#], true),
+        FakeGateway::default(),
+    );
+    rig.run(settings(), CancellationToken::new()).await;
+    assert_eq!(rig.queue.deleted_ids(), ["r0"], "the whole job is replaced");
+    assert!(
+        rig.gateway.delivered.lock().unwrap().is_empty(),
+        "nothing sent yet"
+    );
+    let parts = rig.queue.sent.lock().unwrap().clone();
+    assert_eq!(parts.len(), 3);
+
+    // Run the shares as other workers would.
+    let bodies: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let rig2 = Rig::new(FakeQueue::with_jobs(&bodies, true), FakeGateway::default());
+    rig2.run(settings(), CancellationToken::new()).await;
+    let delivered = rig2.gateway.delivered.lock().unwrap();
+    let unique: std::collections::HashSet<_> = delivered.iter().map(|(id, _)| id).collect();
+    assert_eq!(delivered.len(), 20, "every row once");
+    assert_eq!(unique.len(), 20);
+    assert!(
+        rig2.queue.sent.lock().unwrap().is_empty(),
+        "shares are not split again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn fifo_jobs_are_neither_continued_nor_split_so_order_holds() {
+    let mut queue = FakeQueue::with_jobs(&[r#"{"id":"f","data":"a","split":4}"#], true);
+    queue.visible.get_mut().unwrap()[0].group_id = Some("news".into());
+    let rig = Rig::new(
+        queue,
+        FakeGateway {
+            stall_ids: ["conn-12".to_owned()].into(),
+            ..FakeGateway::default()
+        },
+    );
+    let shutdown = shutdown_after(Duration::from_secs(1));
+    let mut s = settings();
+    s.exit_when_idle = false;
+    rig.run(s, shutdown).await;
+    assert!(rig.queue.sent.lock().unwrap().is_empty(), "no new message");
+    assert!(
+        rig.queue.deleted_ids().is_empty(),
+        "the original keeps its place"
+    );
+    let visibility = rig.queue.visibility.lock().unwrap().clone();
+    assert_eq!(
+        visibility.last(),
+        Some(&(Receipt("r0".into()), Duration::ZERO))
+    );
+    assert!(
+        rig.gateway.delivered.lock().unwrap().len() >= 10,
+        "it ran, unsplit"
+    );
+}
+
+fn fifo(bodies: &[&str], group: &str) -> FakeQueue {
+    let mut queue = FakeQueue::with_jobs(bodies, true);
+    for message in queue.visible.get_mut().unwrap() {
+        message.group_id = Some(group.into());
+    }
+    queue
+}
+
+#[tokio::test]
+async fn messages_of_one_fifo_group_received_together_run_in_order() {
+    let rig = Rig::new(
+        fifo(
+            &[r#"{"data":"1"}"#, r#"{"data":"2"}"#, r#"{"data":"3"}"#],
+            "g",
+        ),
+        FakeGateway::default(),
+    );
+    let mut s = settings();
+    s.max_concurrent_jobs = 4;
+    rig.run(s, CancellationToken::new()).await;
+    assert_eq!(rig.queue.deleted_ids(), ["r0", "r1", "r2"]);
+    let delivered = rig.gateway.delivered.lock().unwrap();
+    let to_first: Vec<_> = delivered
+        .iter()
+        .filter(|(id, _)| id == "conn-0")
+        .map(|(_, payload)| payload.clone())
+        .collect();
+    assert_eq!(to_first, ["1", "2", "3"]);
+}
+
+#[tokio::test]
+async fn a_fifo_job_that_stays_on_the_queue_keeps_its_group_mates_behind_it() {
+    let gateway = FakeGateway::default();
+    gateway.script.lock().unwrap().insert(
+        "conn-0".into(),
+        vec![crate::gateway::PostOutcome::Forbidden("403".into())],
+    );
+    let rig = Rig::new(fifo(&[r#"{"data":"1"}"#, r#"{"data":"2"}"#], "g"), gateway);
+    let mut s = settings();
+    s.max_concurrent_jobs = 4;
+    rig.run(s, CancellationToken::new()).await;
+    assert!(rig.queue.deleted_ids().is_empty());
+    let visibility = rig.queue.visibility.lock().unwrap().clone();
+    assert!(
+        visibility.contains(&(Receipt("r1".into()), Duration::ZERO)),
+        "{visibility:?}"
+    );
+    let delivered = rig.gateway.delivered.lock().unwrap();
+    assert!(
+        delivered.iter().all(|(_, payload)| payload == "1"),
+        "the second job must not overtake the first"
+    );
+}
+
+#[tokio::test]
+async fn the_configured_split_applies_to_whole_table_jobs_only() {
+    let rig = Rig::new(
+        FakeQueue::with_jobs(
+            &[
+                r#"{"data":"a"}"#,
+                r#"{"data":"b","connections":["conn-1"]}"#,
+            ],
+            true,
+        ),
+        FakeGateway::default(),
+    );
+    let mut s = settings();
+    s.split_segments = 4;
+    rig.run(s, CancellationToken::new()).await;
+    assert_eq!(rig.queue.sent.lock().unwrap().len(), 4);
+    assert_eq!(
+        rig.gateway.delivered.lock().unwrap().len(),
+        1,
+        "the list job ran"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn what_a_long_poll_brings_after_shutdown_is_handed_back_at_once() {
+    let rig = Rig::new(
+        FakeQueue {
+            poll_wait: Duration::from_secs(2),
+            ..FakeQueue::default()
+        },
+        FakeGateway::default(),
+    );
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    let queue = rig.queue.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        trigger.cancel();
+        // A message arrives while the abandoned poll still waits.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        queue.visible.lock().unwrap().extend(
+            FakeQueue::with_jobs(&[r#"{"data":"late"}"#], true)
+                .visible
+                .into_inner()
+                .unwrap(),
+        );
+    });
+    let mut s = settings();
+    s.exit_when_idle = false;
+    let stopped = rig.run(s, shutdown).await;
+    assert_eq!(stopped, Stopped::Shutdown);
+    let visibility = rig.queue.visibility.lock().unwrap().clone();
+    assert_eq!(visibility, [(Receipt("r0".into()), Duration::ZERO)]);
+    assert!(rig.gateway.delivered.lock().unwrap().is_empty(), "not run");
+}
+
+#[tokio::test(start_paused = true)]
+async fn receive_errors_back_off_and_the_worker_goes_on() {
+    let queue = FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true);
+    queue.failing_receives.store(5, Ordering::SeqCst);
+    let rig = Rig::new(queue, FakeGateway::default());
+    rig.run(settings(), CancellationToken::new()).await;
+    assert_eq!(rig.queue.deleted_ids(), ["r0"]);
+    assert!(rig.queue.receives.load(Ordering::SeqCst) >= 7);
+}
+
+#[tokio::test]
+async fn a_missing_queue_stops_the_worker_with_the_reason() {
+    let queue = FakeQueue {
+        missing: true,
+        ..FakeQueue::default()
+    };
+    let rig = Rig::new(queue, FakeGateway::default());
+    let stopped = rig.run(settings(), CancellationToken::new()).await;
+    assert!(
+        matches!(&stopped, Stopped::Failed(why) if why.contains("does not exist")),
+        "{stopped:?}"
+    );
+}
+
+#[tokio::test]
+async fn no_more_jobs_run_at_once_than_allowed() {
+    let bodies: Vec<String> = (0..7).map(|i| format!(r#"{{"data":"{i}"}}"#)).collect();
+    let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
+    let rig = Rig::new(FakeQueue::with_jobs(&refs, true), FakeGateway::default());
+    rig.run(settings(), CancellationToken::new()).await;
+    assert_eq!(rig.queue.deleted_ids().len(), 7);
+    assert_eq!(rig.gateway.delivered.lock().unwrap().len(), 140);
+}
