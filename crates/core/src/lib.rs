@@ -26,20 +26,29 @@
 //! - [`shutdown`]: SIGTERM or Ctrl-C as a cancellation.
 //! - [`telemetry`]: the process-wide counters.
 
-pub mod backoff;
+// The seams and the vocabulary every crate speaks.
 pub mod connection;
-pub mod engine;
 pub mod gateway;
 pub mod job;
-pub mod limiter;
 pub mod limits;
-pub mod progress;
 pub mod queue;
-pub mod redrive;
-pub mod remover;
-pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+
+// What runs behind them: the engine and the worker, and the parts they are
+// built from.
+mod backoff;
+pub mod engine;
+mod limiter;
+mod progress;
+mod redrive;
+mod remover;
+mod shutdown;
 #[cfg(test)]
 mod testing;
 pub mod worker;
+
+pub use backoff::Backoff;
+pub use limiter::{RateSettings, SendBudget};
+pub use redrive::{Redriven, redrive};
+pub use shutdown::cancel_on_signal;

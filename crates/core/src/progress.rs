@@ -89,7 +89,8 @@ impl Progress {
 
     /// Records that one connection of the tagged page has its final
     /// outcome.
-    pub fn finish(&mut self, tag: PageTag) {
+    #[cfg(test)]
+    fn finish(&mut self, tag: PageTag) {
         self.answer(tag, true);
     }
 

@@ -8,7 +8,6 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use fanout_aws::clients;
-use fanout_core::shutdown;
 
 #[derive(Parser)]
 #[command(
@@ -60,7 +59,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .init();
     let stop = CancellationToken::new();
-    tokio::spawn(shutdown::cancel_on_signal(stop.clone()));
+    tokio::spawn(fanout_core::cancel_on_signal(stop.clone()));
     match command {
         Command::Gateway(args) => {
             let sdk = clients::load_sdk_config().await;

@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fanout_aws::apigw::ApiGatewaySender;
-use fanout_core::backoff::Backoff;
+use fanout_core::Backoff;
 use fanout_core::connection::{Connection, ConnectionId};
 use fanout_core::engine::{Engine, EngineSettings};
 use fanout_core::job::{Job, Target};
-use fanout_core::limiter::{RateSettings, SendBudget};
 use fanout_core::store::{AudienceQuery, ConnectionStore, Cursor, Page, Removal, StoreError};
 use fanout_core::telemetry::Metrics;
+use fanout_core::{RateSettings, SendBudget};
 use fanout_dev::gateway::{GatewayArgs, serve};
 use futures::StreamExt;
 use futures::stream::{self, BoxStream};

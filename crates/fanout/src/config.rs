@@ -15,10 +15,10 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize};
 
-use fanout_core::backoff::Backoff;
+use fanout_core::Backoff;
+use fanout_core::RateSettings;
 use fanout_core::engine::EngineSettings;
 use fanout_core::job::Capabilities;
-use fanout_core::limiter::RateSettings;
 use fanout_core::worker::WorkerSettings;
 
 /// The documented defaults, compiled in so the binary needs no file.

@@ -21,9 +21,9 @@ use fanout_aws::dynamo::{DynamoStore, TableSettings};
 use fanout_aws::lean::LeanSender;
 use fanout_aws::select::SelectedSender;
 use fanout_aws::sqs::SqsQueue;
+use fanout_core::SendBudget;
 use fanout_core::engine::Engine;
 use fanout_core::job::{self, Capabilities, JobSpec};
-use fanout_core::limiter::SendBudget;
 use fanout_core::queue::{self, JobQueue, SendOptions};
 use fanout_core::telemetry::Metrics;
 use fanout_core::worker::{self, Stopped};
@@ -212,7 +212,7 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
     let settings = config.worker_settings(exit_when_idle);
 
     let shutdown = CancellationToken::new();
-    tokio::spawn(fanout_core::shutdown::cancel_on_signal(shutdown.clone()));
+    tokio::spawn(fanout_core::cancel_on_signal(shutdown.clone()));
     // Bound before the worker starts: a taken port is a configuration error.
     let server = MetricsServer::bind(MetricsSettings {
         listen: config.metrics_listen,
@@ -340,7 +340,7 @@ async fn redrive(arg: ConfigArg, max: u64) -> anyhow::Result<ExitCode> {
         Duration::ZERO,
     );
     let fifo_group = queue::is_fifo(&config.queue_url).then_some("redriven");
-    let done = fanout_core::redrive::redrive(&dead_letters, &jobs, max, fifo_group).await?;
+    let done = fanout_core::redrive(&dead_letters, &jobs, max, fifo_group).await?;
     println!("moved {} job(s) back to the jobs queue", done.moved);
     if done.left_behind > 0 {
         println!(

@@ -22,7 +22,7 @@ use fanout_aws::lean::LeanSender;
 use fanout_aws::select::SelectedSender;
 use fanout_core::connection::ConnectionId;
 use fanout_core::gateway::{Gateway, PostOutcome};
-use fanout_core::limiter::{RateSettings, SendBudget};
+use fanout_core::{RateSettings, SendBudget};
 use futures::StreamExt;
 
 const RATE: u32 = 1_000;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use fanout_aws::sqs::SqsQueue;
-use fanout_core::backoff::Backoff;
+use fanout_core::Backoff;
 use fanout_core::connection::ConnectionId;
 use fanout_core::engine::Engine;
 use fanout_core::gateway::{Gateway, PostOutcome};

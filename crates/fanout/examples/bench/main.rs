@@ -41,13 +41,13 @@ use fanout_aws::apigw::ApiGatewaySender;
 use fanout_aws::dynamo::{DynamoStore, TableSettings};
 use fanout_aws::lean::LeanSender;
 use fanout_aws::select::SelectedSender;
-use fanout_core::backoff::Backoff;
+use fanout_core::Backoff;
 use fanout_core::engine::{Engine, EngineSettings, Report};
 use fanout_core::gateway::Gateway;
 use fanout_core::job::{Job, Segment, Target};
-use fanout_core::limiter::{RateSettings, SendBudget};
 use fanout_core::store::ConnectionStore;
 use fanout_core::telemetry::Metrics;
+use fanout_core::{RateSettings, SendBudget};
 use tokio_util::sync::CancellationToken;
 
 use audience::GeneratedTable;
