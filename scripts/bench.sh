@@ -88,7 +88,9 @@ SUMMARY="${SUMMARY:-${OUT%.txt}.md}"
 # BUILD=debug only checks the script itself: debug figures mean nothing.
 BUILD="${BUILD:-release}"
 BIN="$TARGET/$BUILD/examples/bench"
-FANOUT="$TARGET/$BUILD/fanout"
+# FANOUT_BIN: another `fanout` to measure (e.g. a wrapper alternating two
+# builds, for an A/B in one run; see BENCHMARKS.md).
+FANOUT="${FANOUT_BIN:-$TARGET/$BUILD/fanout}"
 
 die() {
   echo "bench: $*" >&2

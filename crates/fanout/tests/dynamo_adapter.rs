@@ -2,7 +2,7 @@
 //! every row exactly once (whole, resumed, in parallel segments, by channel,
 //! explicit), removal by the full row key, and the error mapping.
 
-mod support;
+use fanout_testkit::support;
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;

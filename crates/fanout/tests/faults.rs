@@ -7,9 +7,8 @@
 //! (run with `--nocapture` to see them) and then asserts it. Also: ordering
 //! through a FIFO queue, and poison jobs through the redrive policy.
 
-mod fault_support;
-mod local_support;
-mod support;
+use fanout_testkit::fault_support;
+use fanout_testkit::support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -5,8 +5,7 @@
 //!
 //! Needs `AWS_ENDPOINT_URL_DYNAMODB` (dynalite): `./scripts/test.sh` sets it.
 
-mod local_support;
-mod support;
+use fanout_testkit::local_support;
 
 use std::collections::HashSet;
 use std::sync::Arc;

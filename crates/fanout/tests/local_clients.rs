@@ -1,8 +1,8 @@
 //! The WebSocket clients library and `fanout clients`' run loop against a
 //! real in-process gateway (and the DynamoDB emulator behind it).
 
-mod local_support;
-mod support;
+use fanout_testkit::local_support;
+use fanout_testkit::support;
 
 use std::time::{Duration, Instant};
 

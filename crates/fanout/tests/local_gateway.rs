@@ -2,8 +2,8 @@
 //! apigatewaymanagement client, real WebSocket clients, and the DynamoDB
 //! emulator for the `$connect`/`$disconnect` rows.
 
-mod local_support;
-mod support;
+use fanout_testkit::local_support;
+use fanout_testkit::support;
 
 use std::time::{Duration, Instant};
 

@@ -8,7 +8,7 @@
 //! Throughput figures are checked here, with the tolerances, and not
 //! in unit tests: they depend on real time and on the machine.
 
-mod support;
+use fanout_testkit::support;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;

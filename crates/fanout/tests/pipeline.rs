@@ -2,8 +2,8 @@
 //! it, SQS (moto) and DynamoDB (dynalite) emulators, the local API Gateway
 //! stand-in, and real WebSocket clients.
 
-mod local_support;
-mod support;
+use fanout_testkit::local_support;
+use fanout_testkit::support;
 
 use std::collections::BTreeSet;
 use std::process::Stdio;

@@ -9,7 +9,7 @@
 //! `tests/peers/serverless-offline`, whose `$connect` handler records each
 //! connection id so the test can write the table rows fanout reads.
 
-mod support;
+use fanout_testkit::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -1,7 +1,7 @@
 //! `SqsQueue` against the SQS emulator (moto): receive, visibility, batch
 //! delete, dead letters with their reason, and the error mapping.
 
-mod support;
+use fanout_testkit::support;
 
 use std::time::{Duration, Instant};
 

@@ -27,8 +27,23 @@ impl Run {
     }
 }
 
-/// The `fanout` binary under test.
-pub const FANOUT: &str = env!("CARGO_BIN_EXE_fanout");
+/// The `fanout` binary under test: beside the test executable's directory
+/// (`target/<profile>/deps/<test>` → `target/<profile>/fanout`), where Cargo
+/// builds it for every integration test of the `fanout` package.
+pub fn fanout_binary() -> std::path::PathBuf {
+    let test = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = test
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test runs from target/<profile>/deps");
+    let binary = profile_dir.join("fanout");
+    assert!(
+        binary.exists(),
+        "{} not found: run the tests with `cargo test -p fanout` (or ./scripts/test.sh)",
+        binary.display()
+    );
+    binary
+}
 
 /// `fanout ARGS` against a test's jobs queue, dead-letter queue and table
 /// (channel index included), polling briefly and serving metrics on any free
@@ -41,7 +56,7 @@ pub fn command<'a>(
     table: &str,
     env: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(FANOUT);
+    let mut command = tokio::process::Command::new(fanout_binary());
     command
         .args(args)
         .env("FANOUT_QUEUE_URL", queue_url)

@@ -4,7 +4,6 @@
 //!
 //! Run the tests with `./scripts/test.sh`, which starts the emulators and
 //! exports their endpoints.
-#![allow(dead_code)] // each test binary uses its own subset
 
 pub mod worker;
 

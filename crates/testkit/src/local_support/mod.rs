@@ -4,7 +4,6 @@
 //!
 //! Needs `AWS_ENDPOINT_URL_DYNAMODB` (dynalite): `./scripts/test.sh` sets it.
 //! A test binary that uses it also declares `mod support;`.
-#![allow(dead_code)] // each test binary uses its own subset
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -2,7 +2,6 @@
 //! ([`proxy`]), a rig that runs the real `fanout` binary with proxies in
 //! front of its peers ([`rig`]), and the table of invariants each scenario
 //! checks and prints ([`invariants`]).
-#![allow(dead_code)] // each scenario uses its own subset
 
 pub mod invariants;
 pub mod proxy;
