@@ -215,19 +215,15 @@ where
         }
     };
 
-    wind_down::wind_down(
-        wind_down::Stopping {
-            jobs,
-            abort,
-            kill,
-            ctx,
-            deleter,
-            abandoned_receive,
-        },
-        &stopped,
-        settings.shutdown_grace,
-    )
-    .await;
+    let stopping = wind_down::Stopping {
+        jobs,
+        abort,
+        kill,
+        ctx,
+        deleter,
+        abandoned_receive,
+    };
+    stopping.wind_down(&stopped, settings.shutdown_grace).await;
     stopped
 }
 

@@ -27,19 +27,9 @@ enum Command {
     Clients(fanout_dev::clients::ClientsArgs),
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("fanout-dev: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(dispatch(cli.command)) {
+#[tokio::main]
+async fn main() -> ExitCode {
+    match dispatch(Cli::parse().command).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("fanout-dev: {e:#}");

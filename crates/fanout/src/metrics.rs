@@ -177,13 +177,7 @@ impl Collector for Exporter {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = Snapshot::read(&self.0);
         for (_, name, help, value) in s.counters() {
-            let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                counter.metric_type(),
-            )?)?;
+            encode_counter(&mut encoder, name, help, value)?;
         }
         let counters: [(&str, &str, f64); 2] = [
             (
@@ -198,13 +192,7 @@ impl Collector for Exporter {
             ),
         ];
         for (name, help, value) in counters {
-            let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                counter.metric_type(),
-            )?)?;
+            encode_counter(&mut encoder, name, help, value)?;
         }
         let gauges: [(&str, &str, f64); 2] = [
             (
@@ -224,6 +212,21 @@ impl Collector for Exporter {
         }
         Ok(())
     }
+}
+
+/// One counter of the exposition (integer counts and fractional seconds
+/// alike).
+fn encode_counter<N>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: N,
+) -> Result<(), std::fmt::Error>
+where
+    ConstCounter<N>: EncodeMetric,
+{
+    let counter = ConstCounter::new(value);
+    counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
 }
 
 /// How long ago the receive loop was last alive. Before the first poll the

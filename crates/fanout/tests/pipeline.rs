@@ -35,12 +35,7 @@ impl Pipeline {
         let dynamo = support::dynamodb().await;
         let (queue, dlq) = support::create_queue_with_dlq(&sqs, "e2e", false, None).await;
         let table = support::create_table(&dynamo, "e2e", TableKey::Id, true).await;
-        let gateway_table = table.clone();
-        let gateway = TestGateway::start(move |args| {
-            args.table = gateway_table;
-            configure(args);
-        })
-        .await;
+        let gateway = TestGateway::on_table(&table, configure).await;
         Self {
             sqs,
             dynamo,
@@ -564,15 +559,9 @@ async fn dead_lettered_jobs_are_replayed_with_fanout_redrive() {
     p.enqueue(&["--data", "replayed", "--channel", "ops", "--id", "ops"])
         .await;
     // A worker deployed without the channel index cannot run it.
-    let child = p
-        .command(&["run", "--exit-when-idle"])
-        .env_remove("FANOUT_CHANNEL_INDEX")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start fanout run");
-    let run = finish(child, Duration::from_secs(60)).await;
-    assert!(run.status.success(), "{}", run.stdout);
+    let mut command = p.command(&["run", "--exit-when-idle"]);
+    command.env_remove("FANOUT_CHANNEL_INDEX");
+    support::worker::run_to_end(command).await;
     assert_eq!(
         support::counts(&p.sqs, &p.dlq.url).await.0,
         1,

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use support::TableKey;
-use support::worker::{Run, finish};
+use support::worker::Run;
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
@@ -165,19 +165,14 @@ async fn broadcast(
         .await
         .expect("send the job");
     let endpoint = offline.endpoint();
-    let child = support::worker::command(
+    let run = support::worker::run_to_end(support::worker::command(
         &["run", "--exit-when-idle"],
         &queue.url,
         &dlq.url,
         &table,
         [("FANOUT_GATEWAY_ENDPOINT", endpoint.as_str())],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("start fanout run");
-    let run = finish(child, Duration::from_secs(60)).await;
-    assert!(run.status.success(), "{}", run.stdout);
+    ))
+    .await;
     let (visible, hidden) = support::counts(&sqs, &queue.url).await;
     assert_eq!((visible, hidden), (0, 0), "the job's message is deleted");
     (run, table, dynamo)

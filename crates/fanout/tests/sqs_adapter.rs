@@ -339,39 +339,12 @@ async fn attributes_on(
     sqs: &aws_sdk_sqs::Client,
     url: &str,
 ) -> Vec<(std::collections::BTreeMap<String, String>, Option<String>)> {
-    use aws_sdk_sqs::types::MessageSystemAttributeName;
-    let output = sqs
-        .receive_message()
-        .queue_url(url)
-        .max_number_of_messages(10)
-        .wait_time_seconds(1)
-        .visibility_timeout(60)
-        .message_attribute_names("All")
-        .message_system_attribute_names(MessageSystemAttributeName::AwsTraceHeader)
-        .send()
+    support::receive_all(sqs, url)
         .await
-        .expect("receive");
-    output
-        .messages()
-        .iter()
+        .into_iter()
         .map(|m| {
-            let attributes = m
-                .message_attributes()
-                .into_iter()
-                .flatten()
-                .map(|(k, v)| {
-                    let text = v.string_value().map(str::to_owned).unwrap_or_else(|| {
-                        String::from_utf8_lossy(v.binary_value().expect("a value").as_ref())
-                            .into_owned()
-                    });
-                    (k.clone(), text)
-                })
-                .collect();
-            let trace = m
-                .attributes()
-                .and_then(|a| a.get(&MessageSystemAttributeName::AwsTraceHeader))
-                .cloned();
-            (attributes, trace)
+            let trace = m.system.get("AWSTraceHeader").cloned();
+            (m.attributes.into_iter().collect(), trace)
         })
         .collect()
 }

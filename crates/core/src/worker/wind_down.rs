@@ -31,68 +31,55 @@ pub(super) struct Stopping<Q, S, G> {
     pub(super) abandoned_receive: Option<AbandonedReceive>,
 }
 
-/// Waits for running jobs, within `grace` and then the settle bound.
-pub(super) async fn wind_down<Q, S, G>(
-    stopping: Stopping<Q, S, G>,
-    stopped: &Stopped,
-    grace: Duration,
-) where
-    Q: JobQueue,
-    S: ConnectionStore,
-    G: Gateway,
-{
-    let Stopping {
-        jobs,
-        abort,
-        kill,
-        ctx,
-        deleter,
-        abandoned_receive,
-    } = stopping;
-    let grace_over = tokio::time::Instant::now() + grace;
-    if let Some(receive) = abandoned_receive {
-        let ctx = ctx.clone();
-        jobs.spawn(kill.clone().run_until_cancelled_owned(async move {
-            if let Ok(Ok(messages)) = receive.await {
-                for message in messages {
-                    ctx.hand_back(&message, Duration::ZERO).await;
+impl<Q: JobQueue, S: ConnectionStore, G: Gateway> Stopping<Q, S, G> {
+    /// Waits for running jobs, within `grace` and then the settle bound.
+    pub(super) async fn wind_down(self, stopped: &Stopped, grace: Duration) {
+        let (jobs, ctx, deleter) = (self.jobs, self.ctx, self.deleter);
+        let grace_over = tokio::time::Instant::now() + grace;
+        if let Some(receive) = self.abandoned_receive {
+            let ctx = ctx.clone();
+            jobs.spawn(self.kill.clone().run_until_cancelled_owned(async move {
+                if let Ok(Ok(messages)) = receive.await {
+                    for message in messages {
+                        ctx.hand_back(&message, Duration::ZERO).await;
+                    }
                 }
+            }));
+        }
+        jobs.close();
+        if *stopped != Stopped::Idle && !jobs.is_empty() {
+            tracing::info!(
+                running = jobs.len(),
+                grace_ms = grace.as_millis() as u64,
+                "shutting down: waiting for running jobs"
+            );
+            if tokio::time::timeout_at(grace_over, jobs.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    running = jobs.len(),
+                    "grace period over: handing unfinished jobs back to the queue"
+                );
+                self.abort.cancel();
             }
-        }));
-    }
-    jobs.close();
-    if *stopped != Stopped::Idle && !jobs.is_empty() {
-        tracing::info!(
-            running = jobs.len(),
-            grace_ms = grace.as_millis() as u64,
-            "shutting down: waiting for running jobs"
-        );
-        if tokio::time::timeout_at(grace_over, jobs.wait())
-            .await
-            .is_err()
-        {
+        }
+        let settled = tokio::time::timeout_at(grace_over + SHUTDOWN_SETTLE_BOUND, async {
+            jobs.wait().await;
+            drop(ctx);
+            deleter.finish().await;
+        })
+        .await;
+        if settled.is_err() {
             tracing::warn!(
                 running = jobs.len(),
-                "grace period over: handing unfinished jobs back to the queue"
+                bound_ms = SHUTDOWN_SETTLE_BOUND.as_millis() as u64,
+                "the queue or the table did not answer in time: exiting with work unsettled; those messages reappear after their visibility timeout"
             );
-            abort.cancel();
+            self.kill.cancel();
+            // Every job task ends at its next poll; waiting for that is quick
+            // and leaves nothing of this worker running.
+            jobs.wait().await;
         }
-    }
-    let settled = tokio::time::timeout_at(grace_over + SHUTDOWN_SETTLE_BOUND, async {
-        jobs.wait().await;
-        drop(ctx);
-        deleter.finish().await;
-    })
-    .await;
-    if settled.is_err() {
-        tracing::warn!(
-            running = jobs.len(),
-            bound_ms = SHUTDOWN_SETTLE_BOUND.as_millis() as u64,
-            "the queue or the table did not answer in time: exiting with work unsettled; those messages reappear after their visibility timeout"
-        );
-        kill.cancel();
-        // Every job task ends at its next poll; waiting for that is quick
-        // and leaves nothing of this worker running.
-        jobs.wait().await;
     }
 }

@@ -82,12 +82,7 @@ impl Rig {
             }
         };
         let table = support::create_table(&dynamo, "faults", TableKey::Id, true).await;
-        let gateway_table = table.clone();
-        let gateway = TestGateway::start(move |args| {
-            args.table = gateway_table;
-            configure(args);
-        })
-        .await;
+        let gateway = TestGateway::on_table(&table, configure).await;
         let env_url = |var: &str| std::env::var(var).unwrap_or_else(|_| panic!("{var} unset"));
         let sqs_proxy = match spec.sqs {
             Some(f) => Some(FaultProxy::start(&env_url("AWS_ENDPOINT_URL_SQS"), f).await),

@@ -47,6 +47,17 @@ pub struct TestGateway {
 }
 
 impl TestGateway {
+    /// Starts a gateway whose `$connect` rows go to `table` (the worker's
+    /// table in a pipeline test); `configure` adjusts the rest.
+    pub async fn on_table(table: &str, configure: impl FnOnce(&mut GatewayArgs)) -> Self {
+        let table = table.to_owned();
+        Self::start(move |args| {
+            args.table = table;
+            configure(args);
+        })
+        .await
+    }
+
     /// Starts a gateway; `configure` adjusts the defaults (no faults, rows
     /// removed on disconnect, a fresh table keyed by `connectionId`).
     pub async fn start(configure: impl FnOnce(&mut GatewayArgs)) -> Self {

@@ -173,10 +173,22 @@ pub struct Received {
     pub id: String,
     pub body: String,
     pub receipt: String,
-    /// String message attributes.
+    /// Message attributes (binary ones as lossy UTF-8).
     pub attributes: HashMap<String, String>,
     /// System attributes, e.g. MessageGroupId.
     pub system: HashMap<String, String>,
+}
+
+/// A message attribute's value as text: a string's, or a binary's as lossy
+/// UTF-8.
+fn attribute_text(value: &aws_sdk_sqs::types::MessageAttributeValue) -> String {
+    match value.string_value() {
+        Some(text) => text.to_owned(),
+        None => value
+            .binary_value()
+            .map(|b| String::from_utf8_lossy(b.as_ref()).into_owned())
+            .unwrap_or_default(),
+    }
 }
 
 /// Receives every visible message (hiding each for a minute), until a
@@ -204,7 +216,7 @@ pub async fn receive_all(sqs: &aws_sdk_sqs::Client, url: &str) -> Vec<Received> 
                 .map(|attrs| {
                     attrs
                         .iter()
-                        .filter_map(|(k, v)| Some((k.clone(), v.string_value()?.to_owned())))
+                        .map(|(k, v)| (k.clone(), attribute_text(v)))
                         .collect()
                 })
                 .unwrap_or_default();

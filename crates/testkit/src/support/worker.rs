@@ -86,6 +86,19 @@ pub async fn run_ok(mut command: tokio::process::Command, what: &str) -> String 
         .to_owned()
 }
 
+/// Runs `command` (a `fanout run --exit-when-idle`) to its end within a
+/// minute, its output captured, and asserts that it exited 0.
+pub async fn run_to_end(mut command: tokio::process::Command) -> Run {
+    let child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start fanout run");
+    let run = finish(child, Duration::from_secs(60)).await;
+    assert!(run.status.success(), "{}", run.stdout);
+    run
+}
+
 /// Sends `signal` (e.g. "-TERM", "-KILL") to a worker by its pid.
 pub fn signal(child: &Child, signal: &str) {
     let pid = child.id().expect("a running worker");
