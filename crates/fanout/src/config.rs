@@ -27,48 +27,68 @@ pub const DEFAULTS: &str = include_str!("../../../config/default.toml");
 /// The prefix of the environment overrides.
 const ENV_PREFIX: &str = "FANOUT_";
 
-/// Every key, as it appears in TOML; `FANOUT_` + upper case in the
-/// environment. Other `FANOUT_*` variables (scripts use some) are ignored.
-pub const KEYS: &[&str] = &[
-    "queue_url",
-    "dead_letter_queue_url",
-    "table",
-    "key_attribute",
-    "channel_index",
-    "channel_attribute",
-    "gateway_endpoint",
-    "send_path",
-    "rate_per_second",
-    "rate_burst",
-    "adaptive_rate",
-    "max_in_flight",
-    "send_timeout",
-    "send_attempts",
-    "send_retry_base",
-    "send_retry_max",
-    "throttle_deadline",
-    "deferred_passes",
-    "deferred_limit",
-    "page_size",
-    "scan_segments",
-    "split_segments",
-    "max_concurrent_jobs",
-    "receive_wait",
-    "visibility_timeout",
-    "heartbeat_interval",
-    "job_retry_base",
-    "job_retry_max",
-    "shutdown_grace",
-    "metrics_listen",
-    "emf_interval",
-    "health_max_age",
-    "metrics_service",
-];
+/// Every key, as it appears in TOML (`FANOUT_` + upper case in the
+/// environment): the fields of [`Raw`], where each key is declared once.
+/// Other `FANOUT_*` variables (scripts use some) are ignored.
+pub fn keys() -> &'static [&'static str] {
+    static KEYS: std::sync::OnceLock<&'static [&'static str]> = std::sync::OnceLock::new();
+    KEYS.get_or_init(field_names::<Raw>)
+}
+
+/// The field names serde's derive gives `T`, read by asking it to
+/// deserialize from a deserializer that only records them.
+fn field_names<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+    struct Names(Option<&'static [&'static str]>);
+
+    #[derive(Debug)]
+    struct Recorded;
+    impl std::fmt::Display for Recorded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("field names recorded")
+        }
+    }
+    impl std::error::Error for Recorded {}
+    impl serde::de::Error for Recorded {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Recorded
+        }
+    }
+
+    impl<'de> serde::Deserializer<'de> for &mut Names {
+        type Error = Recorded;
+
+        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Recorded> {
+            Err(Recorded)
+        }
+
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Recorded> {
+            self.0 = Some(fields);
+            Err(Recorded)
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+
+    let mut names = Names(None);
+    let _ = T::deserialize(&mut names);
+    names.0.expect("a struct with named fields")
+}
 
 use fanout_core::limits::{MAX_PAGE_SIZE, MAX_RECEIVE_WAIT, MAX_SCAN_SEGMENTS, MAX_VISIBILITY};
 
-/// The configuration as read, before validation. Field docs are in
-/// `config/default.toml`.
+/// The configuration as read, before validation: the one declaration of
+/// the keys ([`keys`] reads them from here). Each key's documentation and
+/// default are in `config/default.toml`, checked against these fields by
+/// the tests below, and its validation is in [`Validator::validate`].
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
@@ -228,7 +248,7 @@ impl Config {
             })?;
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).only(KEYS));
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).only(keys()));
         let raw: Raw = figment.extract().map_err(|e| from_figment(&figment, e))?;
         Validator { figment: &figment }.validate(raw)
     }
@@ -321,7 +341,7 @@ fn toml_lines(config: &Config) -> String {
     let value = serde_json::to_value(config).unwrap_or_default();
     let mut out = String::new();
     if let serde_json::Value::Object(map) = value {
-        for key in KEYS {
+        for key in keys() {
             match map.get(*key) {
                 Some(serde_json::Value::Null) | None => {}
                 Some(v) => out.push_str(&format!("{key} = {v}\n")),
@@ -609,11 +629,60 @@ mod tests {
             assert_eq!(config.receive_wait, Duration::from_secs(20));
             assert_eq!(config.dead_letter_queue_url, None);
             // Every key is written in the defaults file, set or commented.
-            for key in KEYS {
-                assert!(DEFAULTS.contains(&format!("{key} =")), "{key} undocumented");
-            }
+            // The defaults file documents exactly the declared keys, each
+            // set or commented out, none stale.
+            let documented: std::collections::BTreeSet<&str> = DEFAULTS
+                .lines()
+                .filter_map(|line| {
+                    let line = line.strip_prefix("# ").unwrap_or(line);
+                    let (key, _) = line.split_once(" = ")?;
+                    key.chars()
+                        .all(|c| c.is_ascii_lowercase() || c == '_')
+                        .then_some(key)
+                })
+                .collect();
+            let declared: std::collections::BTreeSet<&str> = keys().iter().copied().collect();
+            assert_eq!(documented, declared);
             Ok(())
         });
+    }
+
+    #[test]
+    fn the_readme_table_has_a_row_per_key_with_its_default() {
+        const README: &str = include_str!("../../../README.md");
+        let defaults: std::collections::BTreeMap<String, figment::value::Value> =
+            Figment::from(Toml::string(DEFAULTS))
+                .extract()
+                .expect("the defaults parse");
+        for key in keys() {
+            // A row names one variable, or a few that go together.
+            let variable = format!("`{}`", env_name(key));
+            let row = README
+                .lines()
+                .find(|line| {
+                    line.starts_with("| `FANOUT_")
+                        && line.split('|').nth(1).is_some_and(|names| {
+                            names.split(',').any(|name| name.trim() == variable)
+                        })
+                })
+                .unwrap_or_else(|| panic!("the README's table has no row for {variable}"));
+            let default_cell = row.trim_end_matches('|').rsplit('|').next().unwrap();
+            if let Some(value) = defaults.get(*key) {
+                let text = match value {
+                    figment::value::Value::String(_, s) => s.clone(),
+                    other => other
+                        .to_num()
+                        .and_then(|n| n.to_i128())
+                        .map(|n| n.to_string())
+                        .or_else(|| other.to_bool().map(|b| b.to_string()))
+                        .unwrap_or_default(),
+                };
+                assert!(
+                    default_cell.contains(&text),
+                    "README gives {key}'s default as {default_cell:?}; config/default.toml has {text:?}"
+                );
+            }
+        }
     }
 
     #[test]
