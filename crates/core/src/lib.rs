@@ -44,8 +44,8 @@ mod progress;
 mod redrive;
 mod remover;
 mod shutdown;
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "fakes"))]
+pub mod testing;
 pub mod worker;
 
 pub use backoff::Backoff;

@@ -1,7 +1,9 @@
-//! Small in-process fakes behind the crate's seams, for unit tests.
+//! Small in-process fakes behind the crate's seams: for this crate's unit
+//! tests, and (feature `fakes`) for other crates' tests, examples and
+//! benchmarks.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -357,5 +359,65 @@ impl JobQueue for FakeQueue {
         let mut sent = self.sent.lock().unwrap();
         sent.push(body.to_owned());
         Ok(format!("sent-{}", sent.len()))
+    }
+}
+
+/// `rows` connection rows `conn-0` … `conn-{rows-1}` generated page by
+/// page, as a table scan would hand them out, so a million-connection
+/// audience never exists in memory at once; removals are counted, not
+/// stored. Segments are contiguous shares of the ids.
+pub struct GeneratedTable {
+    pub rows: u64,
+    pub page_size: u64,
+    /// Rows "deleted"; the engine's report counts the same.
+    pub removed: AtomicU64,
+}
+
+impl ConnectionStore for GeneratedTable {
+    fn pages(
+        &self,
+        query: &AudienceQuery,
+        _: Option<Vec<Cursor>>,
+    ) -> BoxStream<'static, Result<Page, StoreError>> {
+        let page_size = self.page_size.max(1);
+        // A segment is a contiguous share of the ids, as a parallel scan's
+        // segment is a share of the table.
+        let (segment, first, rows) = match *query {
+            AudienceQuery::Segment { index, total } => {
+                let share = |i: u32| self.rows * u64::from(i) / u64::from(total.max(1));
+                (index, share(index), share(index + 1))
+            }
+            _ => (0, 0, self.rows),
+        };
+        stream::unfold(first, move |start| async move {
+            if start >= rows {
+                return None;
+            }
+            let end = (start + page_size).min(rows);
+            let connections = (start..end).map(row).collect();
+            let next = Cursor {
+                segment,
+                position: (end < rows).then_some(Position::Offset(end as usize)),
+            };
+            Some((Ok(Page { connections, next }), end))
+        })
+        .boxed()
+    }
+
+    async fn remove(&self, gone: Vec<Connection>) -> Result<Removal, StoreError> {
+        self.removed.fetch_add(gone.len() as u64, Ordering::Relaxed);
+        Ok(Removal::default())
+    }
+}
+
+/// A row as the DynamoDB store reads it: the id and its full key.
+pub fn row(n: u64) -> Connection {
+    let id = format!("conn-{n}");
+    Connection {
+        key: Some(RowKey(vec![(
+            "connectionId".into(),
+            KeyValue::S(id.clone()),
+        )])),
+        id: id.into(),
     }
 }

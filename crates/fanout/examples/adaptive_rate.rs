@@ -16,54 +16,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use fanout_aws::apigw::ApiGatewaySender;
 use fanout_core::Backoff;
-use fanout_core::connection::{Connection, ConnectionId};
 use fanout_core::engine::{Engine, EngineSettings};
 use fanout_core::job::{Job, Target};
-use fanout_core::store::{AudienceQuery, ConnectionStore, Cursor, Page, Removal, StoreError};
 use fanout_core::telemetry::Metrics;
+use fanout_core::testing::GeneratedTable;
 use fanout_core::{RateSettings, SendBudget};
 use fanout_dev::gateway::{GatewayArgs, serve};
-use futures::StreamExt;
-use futures::stream::{self, BoxStream};
 use tokio_util::sync::CancellationToken;
-
-/// An endless-enough audience generated page by page.
-struct Generated {
-    total: usize,
-}
-
-impl ConnectionStore for Generated {
-    fn pages(
-        &self,
-        _: &AudienceQuery,
-        _: Option<Vec<Cursor>>,
-    ) -> BoxStream<'static, Result<Page, StoreError>> {
-        let total = self.total;
-        stream::iter((0..total).step_by(1000).map(move |start| {
-            let connections = (start..(start + 1000).min(total))
-                .map(|n| Connection {
-                    id: ConnectionId::from(format!("gen-{n}")),
-                    key: None,
-                })
-                .collect();
-            Ok(Page {
-                connections,
-                next: Cursor {
-                    segment: 0,
-                    position: None,
-                },
-            })
-        }))
-        .boxed()
-    }
-
-    async fn remove(&self, gone: Vec<Connection>) -> Result<Removal, StoreError> {
-        Ok(Removal {
-            unprocessed: Vec::new(),
-            skipped: gone,
-        })
-    }
-}
 
 #[tokio::main]
 async fn main() {
@@ -122,8 +81,10 @@ async fn main() {
     ));
     let metrics = Arc::new(Metrics::default());
     let engine = Engine::new(
-        Arc::new(Generated {
-            total: (ceiling * seconds * 2) as usize,
+        Arc::new(GeneratedTable {
+            rows: u64::from(ceiling * seconds * 2),
+            page_size: 1000,
+            removed: Default::default(),
         }),
         Arc::new(sender),
         budget.clone(),

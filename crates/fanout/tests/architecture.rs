@@ -1,5 +1,6 @@
 //! The workspace's seams, checked: the production binary carries no
-//! development tools, and the engine's crate no AWS SDK and no HTTP stack.
+//! development tools and no fakes, and the engine's crate no AWS SDK and no
+//! HTTP stack.
 //! Reads `cargo tree` (offline, from Cargo.lock) and `fanout --help`.
 
 use std::process::Command;
@@ -46,6 +47,28 @@ fn the_fanout_binary_carries_no_websocket_stack_and_no_dev_tools() {
     // The binary's own crates are there: the check reads the right tree.
     assert!(dependencies.iter().any(|d| d == "fanout-core"));
     assert!(dependencies.iter().any(|d| d == "fanout-aws"));
+}
+
+#[test]
+fn the_fakes_stay_out_of_the_fanout_binary() {
+    let output = Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "--offline",
+            "--locked",
+            "-e",
+            "normal,features",
+            "-p",
+            "fanout",
+        ])
+        .args(["-i", "fanout-core"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo tree");
+    assert!(output.status.success());
+    let tree = String::from_utf8(output.stdout).unwrap();
+    assert!(tree.contains("fanout-core feature \"default\""), "{tree}");
+    assert!(!tree.contains("feature \"fakes\""), "{tree}");
 }
 
 #[test]
