@@ -13,6 +13,7 @@
 //!
 //! [`run`] receives; `JobContext::process` takes one message through parse →
 //! run → settle. Each step's details have a file of their own:
+//! - `receive`: free job slots, and the long poll that fills them.
 //! - `chains`: messages of one FIFO group run one after another.
 //! - `heartbeat`: keeps a running job's message hidden.
 //! - `split`: a whole-table job becomes segment jobs.
@@ -24,6 +25,7 @@
 mod chains;
 mod deleter;
 mod heartbeat;
+mod receive;
 mod settle;
 mod split;
 #[cfg(test)]
@@ -37,13 +39,13 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::{AbortOnDropHandle, TaskTracker};
+use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
 use crate::engine::{Engine, FanoutError, Report};
 use crate::gateway::Gateway;
 use crate::job::{self, Capabilities};
-use crate::queue::{JobQueue, MAX_BATCH, Message, QueueError};
+use crate::queue::{JobQueue, Message, QueueError};
 use crate::store::ConnectionStore;
 use crate::telemetry::Metrics;
 
@@ -151,28 +153,14 @@ where
     // handed back at once.
     let mut abandoned_receive = None;
     let stopped = loop {
-        let first = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break Stopped::Shutdown,
-            permit = slots.clone().acquire_owned() => permit.expect("the job semaphore is never closed"),
+        let Some(permits) = receive::free_slots(&slots, &shutdown).await else {
+            break Stopped::Shutdown;
         };
-        let mut permits = vec![first];
-        while permits.len() < MAX_BATCH {
-            match slots.clone().try_acquire_owned() {
-                Ok(permit) => permits.push(permit),
-                Err(_) => break,
-            }
-        }
         // A deletion under way can unblock a FIFO group during this receive,
         // and a long poll does not always wake for it: only a receive that
         // began with nothing pending may conclude that the queue is empty.
         let settled_before = deleter.handle.idle();
-        let mut receive = AbortOnDropHandle::new(tokio::spawn({
-            let queue = queue.clone();
-            let max = permits.len();
-            let visibility = settings.visibility_timeout;
-            async move { queue.receive(max, visibility).await }
-        }));
+        let mut receive = receive::spawn(&queue, permits.len(), settings.visibility_timeout);
         let received = tokio::select! {
             biased;
             () = shutdown.cancelled() => {
