@@ -111,7 +111,7 @@ impl Broadcast {
         self.clients
             .clients()
             .iter()
-            .filter(|c| c.fate() == fanout_dev::clients::Fate::Live)
+            .filter(|c| c.end() == fanout_dev::clients::ClientEnd::Live)
             .count() as u64
     }
 

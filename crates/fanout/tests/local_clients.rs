@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_apigatewaymanagement::primitives::Blob;
 use aws_sdk_dynamodb::types::AttributeValue;
-use fanout_dev::clients::{self, ClientsArgs, Fate, Summary, Swarm};
+use fanout_dev::clients::{self, ClientEnd, ClientsArgs, Summary, Swarm};
 use futures::StreamExt;
 use local_support::{TestGateway, eventually};
 
@@ -127,8 +127,8 @@ async fn an_abrupt_drop_leaves_a_stale_row_with_keep_stale() {
         post(&gw, id, "still here").await;
     }
     assert!(swarm.wait_for_frames(1, Duration::from_secs(5)).await);
-    let fates: Vec<Fate> = swarm.clients().iter().map(|c| c.fate()).collect();
-    assert_eq!(fates.iter().filter(|f| **f == Fate::Dropped).count(), 2);
+    let ends: Vec<ClientEnd> = swarm.clients().iter().map(|c| c.end()).collect();
+    assert_eq!(ends.iter().filter(|f| **f == ClientEnd::Dropped).count(), 2);
     let summary = swarm.close(Some(1)).await;
     assert_eq!(
         (summary.live, summary.dropped, summary.ok),
@@ -169,7 +169,7 @@ async fn a_client_closed_by_the_gateway_is_counted_as_such() {
         .await
         .expect("delete");
     eventually("the client saw the close", || async {
-        swarm.clients()[0].fate() == Fate::ClosedByPeer
+        swarm.clients()[0].end() == ClientEnd::ClosedByPeer
     })
     .await;
     let summary = swarm.close(None).await;

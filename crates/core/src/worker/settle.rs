@@ -38,7 +38,9 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         match settlement {
             Settlement::Done => self.delete(message).await,
             Settlement::Deferred { job, report } => self.hand_on(message, &job, &report).await,
-            Settlement::Interrupted { job, resume } => self.give_up(message, &job, resume).await,
+            Settlement::Interrupted { job, resume } => {
+                self.continue_unfinished(message, &job, resume).await
+            }
             Settlement::DeadLetter(reason) => self.dead_letter(message, &reason).await,
             Settlement::RetryLater => self.retry_later(message).await,
         }
@@ -164,7 +166,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// continuation job carrying the resume cursors replaces the message, so
     /// the broadcast goes on from there instead of from its start;
     /// otherwise the message itself becomes visible again at once.
-    async fn give_up(&self, message: &Message, job: &Job, resume: Vec<Cursor>) -> Fate {
+    async fn continue_unfinished(&self, message: &Message, job: &Job, resume: Vec<Cursor>) -> Fate {
         // On a FIFO queue a new message would join the end of its group and
         // let later broadcasts overtake this one: keep the original, which
         // holds its place (the group waits for it).

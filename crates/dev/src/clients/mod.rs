@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use self::swarm::{Client, Swarm};
-pub use self::tally::{Fate, Summary, Tally};
+pub use self::tally::{ClientEnd, Summary, Tally};
 
 /// File descriptors kept free beside one per client (stdio, the runtime,
 /// log files).

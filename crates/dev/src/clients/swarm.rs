@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 
 use super::ClientsError;
-use super::tally::{Fate, Summary, Tally, summarise};
+use super::tally::{ClientEnd, Summary, Tally, summarise};
 
 /// How long one client may take to connect and learn its id.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -63,13 +63,13 @@ impl Client {
         self.lock().tally.clone()
     }
 
-    pub fn fate(&self) -> Fate {
+    pub fn end(&self) -> ClientEnd {
         if self.dropped {
-            Fate::Dropped
+            ClientEnd::Dropped
         } else if self.lock().closed_by_peer {
-            Fate::ClosedByPeer
+            ClientEnd::ClosedByPeer
         } else {
-            Fate::Live
+            ClientEnd::Live
         }
     }
 
@@ -173,10 +173,10 @@ impl Swarm {
 
     /// The summary of what every client received so far.
     pub fn summary(&self, expect_frames: Option<u64>) -> Summary {
-        let tallies: Vec<(&str, Fate, Tally)> = self
+        let tallies: Vec<(&str, ClientEnd, Tally)> = self
             .clients
             .iter()
-            .map(|c| (c.id(), c.fate(), c.tally()))
+            .map(|c| (c.id(), c.end(), c.tally()))
             .collect();
         summarise(tallies.iter().map(|(id, f, t)| (*id, *f, t)), expect_frames)
     }

@@ -58,7 +58,7 @@ impl Tally {
 
 /// How one client ended up, for the summary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fate {
+pub enum ClientEnd {
     /// Still connected when the summary was taken.
     Live,
     /// Dropped on purpose (no close frame), to leave a stale row.
@@ -116,7 +116,7 @@ pub struct Summary {
 
 /// Summarises clients given as (id, fate, tally).
 pub fn summarise<'a>(
-    clients: impl IntoIterator<Item = (&'a str, Fate, &'a Tally)>,
+    clients: impl IntoIterator<Item = (&'a str, ClientEnd, &'a Tally)>,
     expect_frames: Option<u64>,
 ) -> Summary {
     let mut summary = Summary {
@@ -129,9 +129,9 @@ pub fn summarise<'a>(
     for (id, fate, tally) in clients {
         summary.clients += 1;
         match fate {
-            Fate::Live => summary.live += 1,
-            Fate::Dropped => summary.dropped += 1,
-            Fate::ClosedByPeer => summary.closed_by_peer += 1,
+            ClientEnd::Live => summary.live += 1,
+            ClientEnd::Dropped => summary.dropped += 1,
+            ClientEnd::ClosedByPeer => summary.closed_by_peer += 1,
         }
         summary.text_frames += tally.text;
         summary.binary_frames += tally.binary;
@@ -143,7 +143,7 @@ pub fn summarise<'a>(
             summary.clients_with_duplicates += 1;
             push_listed(&mut summary.duplicate_ids, id);
         }
-        if fate == Fate::Dropped {
+        if fate == ClientEnd::Dropped {
             continue;
         }
         summary.min_per_client = summary.min_per_client.min(tally.frames());
@@ -228,10 +228,10 @@ mod tests {
         let nothing = Tally::default();
         let summary = summarise(
             [
-                ("a", Fate::Live, &once),
-                ("b", Fate::Live, &twice),
-                ("c", Fate::Live, &nothing),
-                ("d", Fate::Dropped, &nothing),
+                ("a", ClientEnd::Live, &once),
+                ("b", ClientEnd::Live, &twice),
+                ("c", ClientEnd::Live, &nothing),
+                ("d", ClientEnd::Dropped, &nothing),
             ],
             Some(2),
         );
@@ -255,12 +255,12 @@ mod tests {
         let one = tally(&[(false, b"x")]);
         let summary = summarise(
             [
-                ("a", Fate::Live, &one),
-                ("b", Fate::Dropped, &Tally::default()),
+                ("a", ClientEnd::Live, &one),
+                ("b", ClientEnd::Dropped, &Tally::default()),
             ],
             Some(1),
         );
         assert_eq!(summary.ok, Some(true));
-        assert_eq!(summarise([("a", Fate::Live, &one)], None).ok, None);
+        assert_eq!(summarise([("a", ClientEnd::Live, &one)], None).ok, None);
     }
 }

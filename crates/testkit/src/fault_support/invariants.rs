@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::fmt::Display;
 use std::time::Duration;
 
-use fanout_dev::clients::{Fate, Swarm};
+use fanout_dev::clients::{ClientEnd, Swarm};
 
 use super::rig::{Rig, Run};
 use crate::support;
@@ -131,7 +131,7 @@ pub async fn check(rig: &Rig, runs: &[Run], expect: Expect<'_>, table: &mut Tabl
         .clients
         .clients()
         .iter()
-        .filter(|c| c.fate() == Fate::Live)
+        .filter(|c| c.end() == ClientEnd::Live)
         .collect();
     // Frames may still be on their way from the gateway to the clients.
     let _ = expect
