@@ -26,7 +26,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::backoff::Backoff;
 use crate::connection::Connection;
-use crate::gateway::{Gateway, Pace, PostOutcome, Step};
+use crate::gateway::{Counter, Gateway, Pace, PostOutcome, Step};
 use crate::job::{Job, Target};
 use crate::limiter::SendBudget;
 use crate::progress::Progress;
@@ -215,12 +215,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         // Counted as pages are taken up, not from the outcomes: an
         // interrupted job has sends whose outcome never came.
         let audience = AtomicU64::new(0);
-        let retries = AtomicU64::new(0);
-        let throttled = AtomicU64::new(0);
-        let counters = Counters {
-            retries: &retries,
-            throttled: &throttled,
-        };
+        let counts = JobCounts::new(&self.metrics);
 
         let mut report = Report::default();
         let mut deferred: Vec<Deferred> = Vec::new();
@@ -262,7 +257,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 })
                 .try_flatten()
                 .map_ok(|(tag, c)| {
-                    self.deliver(c, job.payload.clone(), counters, Pass::Audience)
+                    self.deliver(c, job.payload.clone(), &counts, Pass::Audience)
                         .map(move |delivery| Ok((tag, delivery)))
                 })
                 .try_buffer_unordered(self.settings.max_in_flight);
@@ -281,7 +276,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 // A page with a deferred connection is not finished: an
                 // interrupted job resumes before it, and so never skips it.
                 let finished = !matches!(delivery, Delivery::Deferred(_));
-                if let Err(e) = tally(&mut report, &remover, &mut deferred, delivery).await {
+                if let Err(e) = settle_delivery(&remover, &mut deferred, delivery).await {
                     break Err(e);
                 }
                 lock(&progress).answer(tag, finished);
@@ -290,7 +285,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         };
         let result = match result {
             Ok(()) => {
-                self.passes(job, stop, &remover, &mut report, &mut deferred)
+                self.passes(job, stop, &remover, &counts, &mut report, &mut deferred)
                     .await
             }
             Err(e) => Err(e),
@@ -301,8 +296,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         report.removed = removal.removed;
         report.remove_failed = removal.failed + removal.skipped;
         report.excluded = excluded.load(Ordering::Relaxed);
-        report.retries += retries.load(Ordering::Relaxed);
-        report.throttled += throttled.load(Ordering::Relaxed);
+        counts.report(&mut report);
         report.audience = audience.load(Ordering::Relaxed);
         report.deferred = deferred;
         report.duration = started.elapsed();
@@ -317,13 +311,10 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         job: &Job,
         stop: &CancellationToken,
         remover: &Remover,
+        counts: &JobCounts<'_>,
         report: &mut Report,
         deferred: &mut Vec<Deferred>,
     ) -> Result<(), FanoutError> {
-        let counters = Counters {
-            retries: &AtomicU64::new(0),
-            throttled: &AtomicU64::new(0),
-        };
         while !deferred.is_empty() && report.passes < self.settings.deferred_passes {
             tokio::select! {
                 biased;
@@ -339,7 +330,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             );
             let batch = std::mem::take(deferred);
             let sends = stream::iter(batch)
-                .map(|d| self.deliver(d.connection, job.payload.clone(), counters, Pass::Deferred))
+                .map(|d| self.deliver(d.connection, job.payload.clone(), counts, Pass::Deferred))
                 .buffer_unordered(self.settings.max_in_flight);
             let mut sends = std::pin::pin!(sends);
             loop {
@@ -351,11 +342,9 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                         None => break,
                     },
                 };
-                tally(report, remover, deferred, delivery).await?;
+                settle_delivery(remover, deferred, delivery).await?;
             }
         }
-        report.retries += counters.retries.load(Ordering::Relaxed);
-        report.throttled += counters.throttled.load(Ordering::Relaxed);
         Ok(())
     }
 
@@ -371,7 +360,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         &self,
         connection: Connection,
         payload: Bytes,
-        counters: Counters<'_>,
+        counts: &JobCounts<'_>,
         pass: Pass,
     ) -> Delivery {
         let backoff = self.settings.send_backoff;
@@ -406,7 +395,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 }
             }
             if let Some(counter) = meaning.counter {
-                self.metrics.count(counter);
+                counts.answer(counter);
             }
             let delay = match meaning.step {
                 Step::Delivered => return Delivery::Delivered,
@@ -418,7 +407,6 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 }
                 Step::StopJob { .. } => return Delivery::Abort(FanoutError::Refused(outcome)),
                 Step::RetryThrottled => {
-                    counters.throttled.fetch_add(1, Ordering::Relaxed);
                     if one_client && pass == Pass::Audience {
                         return deferred(
                             connection,
@@ -451,8 +439,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 }
             };
             tokio::time::sleep(delay).await;
-            counters.retries.fetch_add(1, Ordering::Relaxed);
-            Metrics::incr(&self.metrics.retries);
+            counts.retry();
         }
     }
 }
@@ -462,20 +449,18 @@ fn deferred(connection: Connection, reason: String) -> Delivery {
     Delivery::Deferred(Deferred { connection, reason })
 }
 
-/// Counts one connection's outcome into the report; gone ones are queued for
-/// removal, deferred ones kept for the next pass.
-async fn tally(
-    report: &mut Report,
+/// Acts on one connection's outcome: gone ones are queued for removal,
+/// deferred ones kept for the next pass (the counts were taken where the
+/// answer came, in [`JobCounts`]).
+async fn settle_delivery(
     remover: &Remover,
     deferred: &mut Vec<Deferred>,
     delivery: Delivery,
 ) -> Result<(), FanoutError> {
     match delivery {
-        Delivery::Delivered => report.delivered += 1,
-        Delivery::Rejected => report.failed += 1,
+        Delivery::Delivered | Delivery::Rejected => {}
         Delivery::Deferred(d) => deferred.push(d),
         Delivery::Gone(connection) => {
-            report.gone += 1;
             // Queued removals complete even if the job stops, so the page
             // may count as finished.
             remover.remove(connection).await;
@@ -576,11 +561,56 @@ enum Pass {
     Deferred,
 }
 
-/// Per-job tallies the sends bump as they go.
-#[derive(Clone, Copy)]
-struct Counters<'a> {
-    retries: &'a AtomicU64,
-    throttled: &'a AtomicU64,
+/// One job's counts of what its sends met, bumped once per event: each
+/// bump counts for the job's report and for the process-wide [`Metrics`]
+/// (EMF and Prometheus) alike.
+struct JobCounts<'a> {
+    metrics: &'a Metrics,
+    delivered: AtomicU64,
+    gone: AtomicU64,
+    failed: AtomicU64,
+    throttled: AtomicU64,
+    retries: AtomicU64,
+}
+
+impl<'a> JobCounts<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        Self {
+            metrics,
+            delivered: AtomicU64::new(0),
+            gone: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+        }
+    }
+
+    /// One answer, under its counter in the outcome table.
+    fn answer(&self, counter: Counter) {
+        let mine = match counter {
+            Counter::Delivered => &self.delivered,
+            Counter::Gone => &self.gone,
+            Counter::Failed => &self.failed,
+            Counter::Throttled => &self.throttled,
+        };
+        mine.fetch_add(1, Ordering::Relaxed);
+        self.metrics.count(counter);
+    }
+
+    /// One send attempt that was a retry.
+    fn retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        Metrics::incr(&self.metrics.retries);
+    }
+
+    /// Writes the job's counts into its report.
+    fn report(&self, report: &mut Report) {
+        report.delivered = self.delivered.load(Ordering::Relaxed);
+        report.gone = self.gone.load(Ordering::Relaxed);
+        report.failed = self.failed.load(Ordering::Relaxed);
+        report.throttled = self.throttled.load(Ordering::Relaxed);
+        report.retries = self.retries.load(Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
