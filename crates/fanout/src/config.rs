@@ -467,25 +467,80 @@ impl Validator<'_> {
         }
     }
 
+    /// Checks every key, section by section, and builds the [`Config`].
+    /// A failure names the first bad key and where its value came from.
     fn validate(&self, raw: Raw) -> Result<Config, ConfigError> {
         let queue_url = self
-            .url("queue_url", raw.queue_url)?
+            .url("queue_url", raw.queue_url.clone())?
             .ok_or_else(|| missing("queue_url"))?;
-        let dead_letter_queue_url = self.url("dead_letter_queue_url", raw.dead_letter_queue_url)?;
-        let table = self.non_empty("table", raw.table)?;
-        let channel_index = self.non_empty("channel_index", raw.channel_index)?;
-        let key_attribute = self
-            .non_empty("key_attribute", Some(raw.key_attribute))?
-            .unwrap_or_default();
-        let channel_attribute = self
-            .non_empty("channel_attribute", Some(raw.channel_attribute))?
-            .unwrap_or_default();
-        let gateway_endpoint = self.url("gateway_endpoint", raw.gateway_endpoint)?;
-        if let Some(endpoint) = &gateway_endpoint {
+        let (rate_per_second, rate_burst) = self.rate(&raw)?;
+        self.check_sending(&raw)?;
+        self.check_queue(&raw)?;
+        self.check_telemetry(&raw)?;
+        Ok(Config {
+            queue_url,
+            dead_letter_queue_url: self.url("dead_letter_queue_url", raw.dead_letter_queue_url)?,
+            table: self.non_empty("table", raw.table)?,
+            key_attribute: self.required_text("key_attribute", raw.key_attribute)?,
+            channel_index: self.non_empty("channel_index", raw.channel_index)?,
+            channel_attribute: self.required_text("channel_attribute", raw.channel_attribute)?,
+            gateway_endpoint: self.gateway_endpoint(raw.gateway_endpoint)?,
+            send_path: raw.send_path,
+            rate_per_second,
+            rate_burst,
+            adaptive_rate: raw.adaptive_rate,
+            max_in_flight: self.range("max_in_flight", raw.max_in_flight, 1, 100_000)?,
+            send_timeout: raw.send_timeout,
+            send_attempts: self.range("send_attempts", raw.send_attempts, 1, 100)?,
+            throttle_deadline: raw.throttle_deadline,
+            deferred_passes: self.range("deferred_passes", raw.deferred_passes, 0, 100)?,
+            deferred_limit: self.range("deferred_limit", raw.deferred_limit, 0, 1000)?,
+            send_retry_base: raw.send_retry_base,
+            send_retry_max: raw.send_retry_max,
+            page_size: self.range("page_size", raw.page_size, 1, MAX_PAGE_SIZE)?,
+            scan_segments: self.range("scan_segments", raw.scan_segments, 1, MAX_SCAN_SEGMENTS)?,
+            split_segments: self.range(
+                "split_segments",
+                raw.split_segments,
+                1,
+                MAX_SCAN_SEGMENTS,
+            )?,
+            max_concurrent_jobs: self.range(
+                "max_concurrent_jobs",
+                raw.max_concurrent_jobs,
+                1,
+                1000,
+            )?,
+            receive_wait: raw.receive_wait,
+            visibility_timeout: raw.visibility_timeout,
+            heartbeat_interval: raw.heartbeat_interval,
+            job_retry_base: raw.job_retry_base,
+            job_retry_max: raw.job_retry_max,
+            shutdown_grace: raw.shutdown_grace,
+            metrics_listen: raw.metrics_listen,
+            emf_interval: (!raw.emf_interval.is_zero()).then_some(raw.emf_interval),
+            health_max_age: raw.health_max_age,
+            metrics_service: self.required_text("metrics_service", raw.metrics_service)?,
+        })
+    }
+
+    /// A text key that must not be empty.
+    fn required_text(&self, key: &str, value: String) -> Result<String, ConfigError> {
+        Ok(self.non_empty(key, Some(value))?.unwrap_or_default())
+    }
+
+    /// The management endpoint: a URL, and one fanout can send to.
+    fn gateway_endpoint(&self, value: Option<String>) -> Result<Option<String>, ConfigError> {
+        let endpoint = self.url("gateway_endpoint", value)?;
+        if let Some(endpoint) = &endpoint {
             fanout_aws::endpoint::parse_endpoint(endpoint)
                 .map_err(|e| self.invalid("gateway_endpoint", e.to_string()))?;
         }
+        Ok(endpoint)
+    }
 
+    /// The rate (`None`: no limit) and its effective burst.
+    fn rate(&self, raw: &Raw) -> Result<(Option<u32>, u32), ConfigError> {
         let rate_per_second = (raw.rate_per_second > 0).then_some(raw.rate_per_second);
         let rate_burst = match (rate_per_second, raw.rate_burst) {
             (None, _) => 0,
@@ -498,20 +553,14 @@ impl Validator<'_> {
             }
             (Some(_), burst) => burst,
         };
-        let max_in_flight = self.range("max_in_flight", raw.max_in_flight, 1, 100_000)?;
-        let send_attempts = self.range("send_attempts", raw.send_attempts, 1, 100)?;
-        let deferred_passes = self.range("deferred_passes", raw.deferred_passes, 0, 100)?;
-        let deferred_limit = self.range("deferred_limit", raw.deferred_limit, 0, 1000)?;
+        Ok((rate_per_second, rate_burst))
+    }
+
+    /// The send timeouts and backoff.
+    fn check_sending(&self, raw: &Raw) -> Result<(), ConfigError> {
         if raw.throttle_deadline.is_zero() {
             return Err(self.invalid("throttle_deadline", "must be more than zero"));
         }
-        let page_size = self.range("page_size", raw.page_size, 1, MAX_PAGE_SIZE)?;
-        let scan_segments = self.range("scan_segments", raw.scan_segments, 1, MAX_SCAN_SEGMENTS)?;
-        let split_segments =
-            self.range("split_segments", raw.split_segments, 1, MAX_SCAN_SEGMENTS)?;
-        let max_concurrent_jobs =
-            self.range("max_concurrent_jobs", raw.max_concurrent_jobs, 1, 1000)?;
-
         if raw.send_timeout.is_zero() {
             return Err(self.invalid("send_timeout", "must be more than zero"));
         }
@@ -521,6 +570,11 @@ impl Validator<'_> {
                 "must not exceed send_retry_max".to_owned(),
             ));
         }
+        Ok(())
+    }
+
+    /// The queue's waits: long poll, visibility, heartbeat, retries, grace.
+    fn check_queue(&self, raw: &Raw) -> Result<(), ConfigError> {
         if raw.receive_wait > MAX_RECEIVE_WAIT || raw.receive_wait.subsec_nanos() != 0 {
             return Err(self.invalid(
                 "receive_wait",
@@ -552,51 +606,18 @@ impl Validator<'_> {
         if raw.shutdown_grace.is_zero() {
             return Err(self.invalid("shutdown_grace", "must be more than zero"));
         }
+        Ok(())
+    }
+
+    /// The health check against the poll it watches.
+    fn check_telemetry(&self, raw: &Raw) -> Result<(), ConfigError> {
         if raw.health_max_age <= raw.receive_wait {
             return Err(self.invalid(
                 "health_max_age",
                 "must be longer than receive_wait, or an idle worker looks dead between polls",
             ));
         }
-        let metrics_service = self
-            .non_empty("metrics_service", Some(raw.metrics_service))?
-            .unwrap_or_default();
-
-        Ok(Config {
-            queue_url,
-            dead_letter_queue_url,
-            table,
-            key_attribute,
-            channel_index,
-            channel_attribute,
-            gateway_endpoint,
-            send_path: raw.send_path,
-            rate_per_second,
-            rate_burst,
-            adaptive_rate: raw.adaptive_rate,
-            max_in_flight,
-            send_timeout: raw.send_timeout,
-            send_attempts,
-            throttle_deadline: raw.throttle_deadline,
-            deferred_passes,
-            deferred_limit,
-            send_retry_base: raw.send_retry_base,
-            send_retry_max: raw.send_retry_max,
-            page_size,
-            scan_segments,
-            split_segments,
-            max_concurrent_jobs,
-            receive_wait: raw.receive_wait,
-            visibility_timeout: raw.visibility_timeout,
-            heartbeat_interval: raw.heartbeat_interval,
-            job_retry_base: raw.job_retry_base,
-            job_retry_max: raw.job_retry_max,
-            shutdown_grace: raw.shutdown_grace,
-            metrics_listen: raw.metrics_listen,
-            emf_interval: (!raw.emf_interval.is_zero()).then_some(raw.emf_interval),
-            health_max_age: raw.health_max_age,
-            metrics_service,
-        })
+        Ok(())
     }
 }
 
