@@ -15,11 +15,14 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize};
 
+use fanout_aws::dynamo::TableSettings;
 use fanout_core::Backoff;
 use fanout_core::RateSettings;
 use fanout_core::engine::EngineSettings;
 use fanout_core::job::Capabilities;
 use fanout_core::worker::WorkerSettings;
+
+use crate::metrics::MetricsSettings;
 
 /// The documented defaults, compiled in so the binary needs no file.
 pub const DEFAULTS: &str = include_str!("../../../config/default.toml");
@@ -310,6 +313,27 @@ impl Config {
                 channels: self.channel_index.is_some(),
             },
             split_segments: self.split_segments,
+        }
+    }
+
+    /// How the connections table `table` is read.
+    pub fn table_settings(&self, table: &str) -> TableSettings {
+        TableSettings {
+            table: table.to_owned(),
+            key_attribute: self.key_attribute.clone(),
+            channel_index: self.channel_index.clone(),
+            channel_attribute: self.channel_attribute.clone(),
+            page_size: self.page_size,
+        }
+    }
+
+    /// Where and how the metrics are served.
+    pub fn metrics_settings(&self) -> MetricsSettings {
+        MetricsSettings {
+            listen: self.metrics_listen,
+            emf_interval: self.emf_interval,
+            health_max_age: self.health_max_age,
+            service: self.metrics_service.clone(),
         }
     }
 

@@ -14,10 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use fanout::config::{Config, ConfigError, SendPath};
 use fanout::ecs::{self, TaskProtection};
-use fanout::metrics::{self, MetricsServer, MetricsSettings};
+use fanout::metrics::{self, MetricsServer};
 use fanout_aws::apigw::ApiGatewaySender;
 use fanout_aws::clients;
-use fanout_aws::dynamo::{DynamoStore, TableSettings};
+use fanout_aws::dynamo::DynamoStore;
 use fanout_aws::lean::LeanSender;
 use fanout_aws::select::SelectedSender;
 use fanout_aws::sqs::SqsQueue;
@@ -174,13 +174,7 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
     );
     let store = DynamoStore::connect(
         clients::dynamodb_client(&sdk),
-        TableSettings {
-            table: targets.table.clone(),
-            key_attribute: config.key_attribute.clone(),
-            channel_index: config.channel_index.clone(),
-            channel_attribute: config.channel_attribute.clone(),
-            page_size: config.page_size,
-        },
+        config.table_settings(&targets.table),
     )
     .await
     .with_context(|| format!("cannot use the connections table {}", targets.table))?;
@@ -214,13 +208,7 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     tokio::spawn(fanout_core::cancel_on_signal(shutdown.clone()));
     // Bound before the worker starts: a taken port is a configuration error.
-    let server = MetricsServer::bind(MetricsSettings {
-        listen: config.metrics_listen,
-        emf_interval: config.emf_interval,
-        health_max_age: config.health_max_age,
-        service: config.metrics_service.clone(),
-    })
-    .await?;
+    let server = MetricsServer::bind(config.metrics_settings()).await?;
     let metrics_task =
         tokio::spawn(server.run(metrics.clone(), shutdown.clone().cancelled_owned()));
     if let Some(protection) = TaskProtection::from_env(ecs::DEFAULT_EXPIRES_IN_MINUTES) {
