@@ -5,21 +5,11 @@
 
 use std::process::Command;
 
-/// The packages `package` is built from (normal dependencies only: what
-/// ships, not what its tests use).
-fn normal_dependencies(package: &str) -> Vec<String> {
+/// `cargo tree` offline, from Cargo.lock, with `args`.
+fn cargo_tree(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO"))
-        .args([
-            "tree",
-            "--offline",
-            "--locked",
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-            "-p",
-            package,
-        ])
+        .args(["tree", "--offline", "--locked"])
+        .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("run cargo tree");
@@ -28,8 +18,13 @@ fn normal_dependencies(package: &str) -> Vec<String> {
         "cargo tree failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8(output.stdout)
-        .unwrap()
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The packages `package` is built from (normal dependencies only: what
+/// ships, not what its tests use).
+fn normal_dependencies(package: &str) -> Vec<String> {
+    cargo_tree(&["-e", "normal", "--prefix", "none", "-p", package])
         .lines()
         .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
         .collect()
@@ -51,22 +46,7 @@ fn the_fanout_binary_carries_no_websocket_stack_and_no_dev_tools() {
 
 #[test]
 fn the_fakes_stay_out_of_the_fanout_binary() {
-    let output = Command::new(env!("CARGO"))
-        .args([
-            "tree",
-            "--offline",
-            "--locked",
-            "-e",
-            "normal,features",
-            "-p",
-            "fanout",
-        ])
-        .args(["-i", "fanout-core"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run cargo tree");
-    assert!(output.status.success());
-    let tree = String::from_utf8(output.stdout).unwrap();
+    let tree = cargo_tree(&["-e", "normal,features", "-p", "fanout", "-i", "fanout-core"]);
     assert!(tree.contains("fanout-core feature \"default\""), "{tree}");
     assert!(!tree.contains("feature \"fakes\""), "{tree}");
 }

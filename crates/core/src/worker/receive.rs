@@ -9,8 +9,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::wind_down::AbandonedReceive;
-use crate::queue::{JobQueue, MAX_BATCH};
+use crate::queue::{JobQueue, MAX_BATCH, Message, QueueError};
+
+/// A receive under way. One still open at SQS when receiving stops is
+/// finished during the wind-down, and what it brings is handed back.
+pub(super) type AbandonedReceive = AbortOnDropHandle<Result<Vec<Message>, QueueError>>;
 
 /// At least one job slot, and as many more as are free now (at most a
 /// receive's worth); `None` if shutdown comes first.

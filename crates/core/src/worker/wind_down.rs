@@ -6,16 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::{AbortOnDropHandle, TaskTracker};
+use tokio_util::task::TaskTracker;
 
 use super::deleter::Deleter;
+use super::receive::AbandonedReceive;
 use super::{JobContext, SHUTDOWN_SETTLE_BOUND, Stopped};
 use crate::gateway::Gateway;
-use crate::queue::{JobQueue, Message, QueueError};
+use crate::queue::JobQueue;
 use crate::store::ConnectionStore;
-
-/// A long poll still open at SQS when receiving stopped.
-pub(super) type AbandonedReceive = AbortOnDropHandle<Result<Vec<Message>, QueueError>>;
 
 /// What is still running when the receive loop ends.
 pub(super) struct Stopping<Q, S, G> {
