@@ -371,7 +371,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         let mut one_client = false;
         loop {
             let (outcome, sent) = {
-                let _slot = self.budget.acquire().await;
+                let _slot = self.budget.acquire_counted(&self.metrics).await;
                 let sent = Instant::now();
                 (
                     self.gateway.post(&connection.id, payload.clone()).await,

@@ -1,6 +1,6 @@
 //! fanout's core: what a broadcast is and how it is delivered, with no AWS
 //! SDK and no HTTP stack. The adapters (crate `fanout-aws`) and the fakes in
-//! tests plug in behind three traits, so this crate compiles and tests
+//! tests plug in behind four traits, so this crate compiles and tests
 //! alone.
 //!
 //! # Layout
@@ -11,13 +11,17 @@
 //!   removal.
 //! - [`gateway`]: [`gateway::Gateway`], one send, and [`gateway::PostOutcome`],
 //!   what its answer means ([`gateway::status`] maps HTTP answers to it).
+//! - [`fleet`]: [`fleet::LeaseTable`], where the tasks of a fleet keep their
+//!   leases on the fleet's send rate, and the [`fleet::Coordinator`] that
+//!   takes this task's share of it.
 //!
 //! What runs behind them:
 //! - [`job`]: the broadcast job schema producers send, and its pure parser.
 //! - [`limits`]: AWS's quotas and fanout's own bounds, each defined once.
 //! - [`connection`]: connection ids and the table row keys they were read with.
 //! - [`backoff`]: exponential backoff with full jitter, shared by every retry.
-//! - [`limiter`]: the process-wide send budget (rate and requests in flight).
+//! - [`limiter`]: the process-wide send budget (rate and requests in flight),
+//!   capped by the fleet share.
 //! - [`progress`]: which audience pages a broadcast finished, for resuming.
 //! - [`remover`]: batches gone connections into removals while sending goes on.
 //! - [`engine`]: audience pages → rate-limited concurrent sends → report.
@@ -28,6 +32,7 @@
 
 // The seams and the vocabulary every crate speaks.
 pub mod connection;
+pub mod fleet;
 pub mod gateway;
 pub mod job;
 pub mod limits;

@@ -10,6 +10,11 @@
 //! before), and quiet time brings it back up to the configured ceiling.
 //! A run of 429s on one connection while the others succeed is that client's
 //! full buffer, not the account's throttle: it cuts nothing.
+//!
+//! In a fleet (see [`crate::fleet`]) the task's share of the fleet's rate
+//! caps the ceiling too: sends go at the lowest of the configured rate, the
+//! share and the adaptive rate, and a share of zero holds them until it
+//! rises.
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
@@ -19,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
+
+use crate::telemetry::Metrics;
 
 /// The span over which the others' answers are counted for the one-client
 /// rule.
@@ -61,6 +68,11 @@ const INCREASE_STEP: Duration = Duration::from_millis(100);
 /// The rate never drops under this share of the ceiling (nor under 1/s):
 /// low, because a high ceiling says little about what the endpoint takes.
 const FLOOR_SHARE: f64 = 0.001;
+/// The slowest pace, per second, of a positive fleet share: the adaptive
+/// rate's floor too. Sends reserve their slots in turn, so a slower one
+/// would hold the sends already waiting long after the share rose again;
+/// only a fleet rate under its task count gives a share that small.
+const MIN_PACED_RATE: f64 = 1.0;
 
 /// How sends are limited.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +92,10 @@ pub struct SendBudget {
     /// Gateway's).
     rate: Option<AdaptiveRate>,
     in_flight: Semaphore,
+    /// Time sends waited for the rate since the start, in nanoseconds: the
+    /// whole milliseconds it crosses go to the metrics, so waits shorter
+    /// than a millisecond still add up.
+    waited_ns: AtomicU64,
 }
 
 impl SendBudget {
@@ -87,24 +103,99 @@ impl SendBudget {
         Self {
             rate: rate.map(AdaptiveRate::new),
             in_flight: Semaphore::new(max_in_flight.max(1)),
+            waited_ns: AtomicU64::new(0),
         }
     }
 
     /// Waits for a slot in flight, then for the rate. Hold the permit for the
     /// duration of one call; do not hold it across a retry's backoff.
     pub async fn acquire(&self) -> SemaphorePermit<'_> {
+        self.acquire_timed().await.0
+    }
+
+    /// As [`SendBudget::acquire`], and counts the time waited for the rate
+    /// (the share, the configured and the adaptive rate; not the slot in
+    /// flight, which waits on the endpoint's answers) in
+    /// `metrics.budget_wait_ms`, summed over sends.
+    pub async fn acquire_counted(&self, metrics: &Metrics) -> SemaphorePermit<'_> {
+        let (permit, waited) = self.acquire_timed().await;
+        self.count_wait(waited, metrics);
+        permit
+    }
+
+    fn count_wait(&self, waited: Duration, metrics: &Metrics) {
+        if waited.is_zero() {
+            return;
+        }
+        let ns = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        let before = self.waited_ns.fetch_add(ns, Ordering::Relaxed);
+        // Each wait adds the millisecond boundaries its own nanoseconds
+        // cross, so concurrent waits add up to the exact total.
+        let crossed = before.saturating_add(ns) / 1_000_000 - before / 1_000_000;
+        if crossed > 0 {
+            Metrics::add(&metrics.budget_wait_ms, crossed);
+        }
+    }
+
+    /// The slot in flight, and how long the rate then held it. Reads the
+    /// clock once when nothing waits, as before there was a count.
+    async fn acquire_timed(&self) -> (SemaphorePermit<'_>, Duration) {
         let permit = self
             .in_flight
             .acquire()
             .await
             .expect("the send semaphore is never closed");
-        if let Some(rate) = &self.rate {
-            rate.ceiling_wait().await;
-            if let Some(slot) = rate.pace(Instant::now()) {
-                tokio::time::sleep_until(slot.into()).await;
+        let Some(rate) = &self.rate else {
+            return (permit, Duration::ZERO);
+        };
+        let asked = Instant::now();
+        let mut held = false;
+        // The share first: sends it holds then queue for governor's cells
+        // one by one when it rises, not all at once on cells spent earlier.
+        // A share that fell to zero while this send waited for its cell
+        // holds it too (the cell is lost, which only sends less).
+        loop {
+            held |= rate.share_wait().await;
+            held |= rate.ceiling_wait().await;
+            if rate.share() > 0.0 {
+                break;
             }
         }
-        permit
+        let now = if held { Instant::now() } else { asked };
+        let waited = match rate.pace(now) {
+            Some(slot) => {
+                tokio::time::sleep_until(slot.into()).await;
+                Instant::now().saturating_duration_since(asked)
+            }
+            None => now.saturating_duration_since(asked),
+        };
+        (permit, waited)
+    }
+
+    /// Caps the rate at this task's share of the fleet's rate, per second
+    /// (`None`: no fleet, the configured rate alone). The adaptive rate
+    /// still cuts below it on 429s; a share of zero holds every send until
+    /// the share rises. Without a rate limit there is nothing to cap, and
+    /// this does nothing: a fleet needs a per-task rate.
+    pub fn set_share(&self, share: Option<f64>) {
+        if let Some(rate) = &self.rate {
+            rate.set_share(share);
+        }
+    }
+
+    /// The share set by [`SendBudget::set_share`] (`None` without a fleet
+    /// or without a rate limit).
+    pub fn share(&self) -> Option<f64> {
+        let share = self.rate.as_ref()?.share();
+        share.is_finite().then_some(share)
+    }
+
+    /// The configured rate per second: the most this task can send, and so
+    /// what it asks of a fleet while it has work (`None` without a limit).
+    pub fn ceiling(&self) -> Option<u32> {
+        self.rate
+            .as_ref()
+            .map(|rate| rate.settings.per_second.get())
     }
 
     /// A 429 answer to a post sent at `sent`, the `streak`-th in a row on
@@ -126,9 +217,12 @@ impl SendBudget {
         }
     }
 
-    /// The rate in force now, per second (`None` without a limit).
+    /// The rate in force now, per second: the adaptive rate, capped by the
+    /// fleet share (`None` without a limit).
     pub fn current_rate(&self) -> Option<f64> {
-        self.rate.as_ref().map(AdaptiveRate::current)
+        self.rate
+            .as_ref()
+            .map(|rate| rate.current().min(rate.share()))
     }
 
     /// Answers counted as accepted and as throttled so far (zero without a
@@ -167,6 +261,11 @@ struct AdaptiveRate {
     turn: tokio::sync::Mutex<()>,
     /// The current rate's f64 bits, read without a lock on the hot path.
     current: AtomicU64,
+    /// The fleet share's f64 bits, +∞ without a fleet, so that capping by it
+    /// is one `min` on the hot path whether or not there is a fleet.
+    share: AtomicU64,
+    /// Wakes the sends a share of zero holds.
+    share_raised: Notify,
     /// The earliest instant the next paced send may go; only used while the
     /// current rate is under the ceiling.
     next_slot: Mutex<Instant>,
@@ -235,6 +334,8 @@ impl AdaptiveRate {
             ),
             turn: tokio::sync::Mutex::new(()),
             current: AtomicU64::new(ceiling.to_bits()),
+            share: AtomicU64::new(f64::INFINITY.to_bits()),
+            share_raised: Notify::new(),
             next_slot: Mutex::new(born),
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -263,6 +364,38 @@ impl AdaptiveRate {
         self.current.store(rate.to_bits(), Ordering::Relaxed);
     }
 
+    fn share(&self) -> f64 {
+        f64::from_bits(self.share.load(Ordering::Relaxed))
+    }
+
+    fn set_share(&self, share: Option<f64>) {
+        // A share that is not a number is no share at all: hold the sends
+        // rather than send without a cap.
+        let share = share.map_or(f64::INFINITY, |s| if s > 0.0 { s } else { 0.0 });
+        self.share.store(share.to_bits(), Ordering::Relaxed);
+        if share > 0.0 {
+            self.share_raised.notify_waiters();
+        }
+    }
+
+    /// Waits while the share is zero; returns whether it waited.
+    async fn share_wait(&self) -> bool {
+        if self.share() > 0.0 {
+            return false;
+        }
+        loop {
+            let raised = self.share_raised.notified();
+            tokio::pin!(raised);
+            // Registered before the check, so a rise between the check and
+            // the wait is not missed.
+            raised.as_mut().enable();
+            if self.share() > 0.0 {
+                return true;
+            }
+            raised.await;
+        }
+    }
+
     /// Waits for a cell of the configured rate.
     ///
     /// One waiter at a time (a fair lock): every waiter of governor's
@@ -277,22 +410,34 @@ impl AdaptiveRate {
     /// The clock is the limiter's own: building a quanta clock runs its
     /// CPUID feature checks, which cost tens of µs under a hypervisor, so
     /// one per send would dominate the CPU of a rate-limited run.
-    async fn ceiling_wait(&self) {
-        let _turn = self.turn.lock().await;
+    ///
+    /// Returns whether it waited (for the turn or for a cell).
+    async fn ceiling_wait(&self) -> bool {
+        // tokio's lock hands itself to the first waiter in line, so trying
+        // first never jumps the queue.
+        let (_turn, mut waited) = match self.turn.try_lock() {
+            Ok(turn) => (turn, false),
+            Err(_) => (self.turn.lock().await, true),
+        };
         let clock = self.ceiling_limiter.clock();
         while let Err(not_until) = self.ceiling_limiter.check() {
+            waited = true;
             tokio::time::sleep(not_until.wait_time_from(clock.now())).await;
         }
+        waited
     }
 
-    /// Reserves the next send's slot at the current rate: `None` to go now.
-    /// At the ceiling governor alone paces, and this takes no lock.
+    /// Reserves the next send's slot at the current rate, capped by the
+    /// fleet share: `None` to go now. At the ceiling governor alone paces,
+    /// and this takes no lock.
     fn pace(&self, now: Instant) -> Option<Instant> {
-        let rate = self.current();
-        if rate >= self.ceiling() {
+        let rate = self.current().min(self.share());
+        // Zero: the share fell in the instant since this send checked it,
+        // as if the send had gone a moment earlier.
+        if rate >= self.ceiling() || rate <= 0.0 {
             return None;
         }
-        let interval = Duration::from_secs_f64(1.0 / rate);
+        let interval = Duration::from_secs_f64(1.0 / rate.max(MIN_PACED_RATE));
         let mut next = self.next_slot.lock().unwrap_or_else(|p| p.into_inner());
         // No credit for idle time: after a 429 there is no burst to spend.
         let slot = (*next).max(now);
@@ -925,5 +1070,82 @@ mod tests {
             "a run of 429s on one connection while the others succeed"
         );
         assert_eq!(rate.current(), 1000.0, "a fixed rate is never cut");
+    }
+    #[test]
+    fn a_share_under_the_ceiling_paces_sends_at_the_share() {
+        let rate = AdaptiveRate::new(settings(1000, true));
+        let t0 = Instant::now();
+        rate.set_share(Some(500.0));
+        assert_eq!(rate.pace(t0), None, "the first goes at once");
+        assert_eq!(rate.pace(t0), Some(t0 + Duration::from_millis(2)));
+        // A share above the ceiling leaves the ceiling to governor.
+        rate.set_share(Some(5000.0));
+        assert_eq!(rate.pace(t0), None);
+        rate.set_share(None);
+        assert_eq!(rate.pace(t0), None);
+    }
+
+    #[test]
+    fn the_adaptive_rate_still_cuts_below_the_share() {
+        let budget = SendBudget::new(Some(settings(100_000, true)), 8);
+        budget.set_share(Some(5000.0));
+        assert_eq!(budget.current_rate(), Some(5000.0));
+        let rate = budget.rate.as_ref().unwrap();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // The endpoint takes 3,000/s: the cut goes under that, under the
+        // share.
+        refused(rate, t0);
+        accepted(rate, t0, ms(10), 30);
+        refused(rate, t0 + ms(10));
+        let cut = budget.current_rate().unwrap();
+        assert!((cut - 3000.0 * UNDER_ACCEPTED).abs() < 150.0, "{cut}");
+        // A share under the cut caps it again.
+        budget.set_share(Some(1000.0));
+        assert_eq!(budget.current_rate(), Some(1000.0));
+        assert_eq!(budget.share(), Some(1000.0));
+        budget.set_share(None);
+        assert_eq!(budget.share(), None);
+    }
+
+    #[tokio::test]
+    async fn a_share_of_zero_holds_sends_until_it_rises() {
+        let budget = SendBudget::new(Some(settings(1000, true)), 8);
+        budget.set_share(Some(0.0));
+        let held = budget.acquire();
+        tokio::pin!(held);
+        assert!(futures::poll!(&mut held).is_pending());
+        assert!(futures::poll!(&mut held).is_pending(), "still held");
+        budget.set_share(Some(100.0));
+        let _sent = held.await;
+        // Not a number is no share: held, not unlimited.
+        budget.set_share(Some(f64::NAN));
+        assert_eq!(budget.share(), Some(0.0));
+    }
+
+    #[test]
+    fn without_a_rate_limit_a_share_changes_nothing() {
+        let budget = SendBudget::new(None, 8);
+        budget.set_share(Some(0.0));
+        assert_eq!(budget.share(), None);
+        assert_eq!(budget.ceiling(), None);
+        assert_eq!(
+            SendBudget::new(Some(settings(700, false)), 8).ceiling(),
+            Some(700)
+        );
+    }
+
+    #[test]
+    fn waits_add_up_to_whole_milliseconds_without_losing_the_short_ones() {
+        let budget = SendBudget::new(Some(settings(1000, true)), 8);
+        let metrics = Metrics::default();
+        for _ in 0..5 {
+            budget.count_wait(Duration::from_micros(400), &metrics);
+        }
+        assert_eq!(Metrics::get(&metrics.budget_wait_ms), 2, "2.0 ms in all");
+        budget.count_wait(Duration::from_millis(7), &metrics);
+        assert_eq!(Metrics::get(&metrics.budget_wait_ms), 9);
+        budget.count_wait(Duration::ZERO, &metrics);
+        assert_eq!(Metrics::get(&metrics.budget_wait_ms), 9);
     }
 }

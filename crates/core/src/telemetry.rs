@@ -27,6 +27,15 @@ macro_rules! counter_set {
             /// When the receive loop last finished a poll, in ms since the
             /// Unix epoch; the liveness check reads it.
             pub last_poll_unix_ms: AtomicU64,
+            /// This task's share of the fleet's rate, per second, rounded (a
+            /// gauge; 0 without a fleet, while idle or while joining).
+            pub fleet_share_per_second: AtomicU64,
+            /// Live leases in the fleet table, this task's among them (a
+            /// gauge; 0 without a fleet).
+            pub fleet_tasks: AtomicU64,
+            /// 1 while the fleet table cannot be reached and this task sends
+            /// at the fallback rate, else 0 (a gauge).
+            pub fleet_on_fallback: AtomicU64,
         }
 
         /// The counters at one instant, read once so a line is consistent
@@ -38,6 +47,9 @@ macro_rules! counter_set {
             pub job_duration_ms_sum: u64,
             pub job_duration_count: u64,
             pub last_poll_unix_ms: u64,
+            pub fleet_share_per_second: u64,
+            pub fleet_tasks: u64,
+            pub fleet_on_fallback: u64,
         }
 
         impl Snapshot {
@@ -49,11 +61,14 @@ macro_rules! counter_set {
                     job_duration_ms_sum: g(&m.job_duration_ms_sum),
                     job_duration_count: g(&m.job_duration_count),
                     last_poll_unix_ms: g(&m.last_poll_unix_ms),
+                    fleet_share_per_second: g(&m.fleet_share_per_second),
+                    fleet_tasks: g(&m.fleet_tasks),
+                    fleet_on_fallback: g(&m.fleet_on_fallback),
                 }
             }
 
             /// The counts since `earlier`. Gauges (jobs in flight, last
-            /// poll) keep their current value.
+            /// poll, the fleet's) keep their current value.
             pub fn since(&self, earlier: &Self) -> Self {
                 Self {
                     $( $field: self.$field.saturating_sub(earlier.$field), )*
@@ -65,6 +80,9 @@ macro_rules! counter_set {
                         .job_duration_count
                         .saturating_sub(earlier.job_duration_count),
                     last_poll_unix_ms: self.last_poll_unix_ms,
+                    fleet_share_per_second: self.fleet_share_per_second,
+                    fleet_tasks: self.fleet_tasks,
+                    fleet_on_fallback: self.fleet_on_fallback,
                 }
             }
 
@@ -102,6 +120,12 @@ counter_set! {
     jobs_retried: "JobsRetried", "Jobs given back to the queue to be tried again";
     /// Jobs sent to the dead-letter queue (or left for the redrive policy).
     jobs_dead_lettered: "JobsDeadLettered", "Jobs sent to the dead-letter queue";
+    /// Time sends waited for the send budget's rate (the fleet share, the
+    /// configured and the adaptive rate), summed over sends, in ms.
+    budget_wait_ms: "BudgetWaitMs", "Time sends waited for the send rate, summed over sends (ms)";
+    /// Fleet lease renewals that failed or took too long (each sends at the
+    /// fallback rate until the table answers again).
+    fleet_renewals_failed: "FleetRenewalsFailed", "Fleet lease renewals that failed or took too long";
 }
 
 impl Metrics {
@@ -140,5 +164,35 @@ impl Metrics {
             .unwrap_or_default()
             .as_millis() as u64;
         self.last_poll_unix_ms.store(now, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fleet_gauges_keep_their_value_and_its_counters_are_exported() {
+        let m = Metrics::default();
+        m.fleet_share_per_second.store(500, Ordering::Relaxed);
+        m.fleet_tasks.store(2, Ordering::Relaxed);
+        Metrics::add(&m.budget_wait_ms, 40);
+        let first = Snapshot::read(&m);
+        Metrics::add(&m.budget_wait_ms, 2);
+        Metrics::incr(&m.fleet_renewals_failed);
+        m.fleet_on_fallback.store(1, Ordering::Relaxed);
+        let d = Snapshot::read(&m).since(&first);
+        assert_eq!(
+            (d.fleet_share_per_second, d.fleet_tasks, d.fleet_on_fallback),
+            (500, 2, 1)
+        );
+        assert_eq!((d.budget_wait_ms, d.fleet_renewals_failed), (2, 1));
+        let exported: Vec<_> = d
+            .counters()
+            .into_iter()
+            .map(|(emf, prometheus, _, value)| (emf, prometheus, value))
+            .collect();
+        assert!(exported.contains(&("BudgetWaitMs", "budget_wait_ms", 2)));
+        assert!(exported.contains(&("FleetRenewalsFailed", "fleet_renewals_failed", 1)));
     }
 }

@@ -1,0 +1,334 @@
+//! One task's standing in the fleet: what share it may use, decided from
+//! its own rounds alone (what it wrote, when, and what it read back). Pure:
+//! the renewal loop feeds it the instants and the answers.
+//!
+//! The rule that keeps the fleet's sum within its rate: a task uses, for
+//! itself, the lowest demand the others may still have on record for it,
+//! that is the lowest of the demands it sent since [`JOIN_WAIT`] ago and of
+//! the one the table had taken by then. A higher demand (a join, or work
+//! after idle time) counts only once it has been on record that long; a
+//! lower one counts at once, and the share is cut to it before it is sent.
+//! A write whose answer never came may have landed all the same, so it
+//! counts as sent too.
+
+use std::collections::VecDeque;
+
+use tokio::time::Instant;
+
+use super::shares::fair_shares;
+use super::timing::JOIN_WAIT;
+
+/// One write of this task's lease.
+#[derive(Clone, Copy, Debug)]
+struct Written {
+    /// When the table answered that it took the write: from then on every
+    /// read sees it. `None`: no answer (yet), though it may have landed.
+    taken: Option<Instant>,
+    demand: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// The share comes from the last round's read.
+    Counted,
+    /// The last round failed: the fallback rules apply.
+    Fallback,
+}
+
+#[derive(Debug)]
+pub(super) struct Standing {
+    /// The rate to use while the table cannot be reached.
+    fallback: f64,
+    /// The last write taken [`JOIN_WAIT`] ago or earlier and every write
+    /// sent since, oldest first; cut to the latest when the lease lapsed,
+    /// since the others forgot the ones before.
+    written: VecDeque<Written>,
+    /// The expiry (epoch ms) of the last write the table took: until then
+    /// the others count this task.
+    expires_at_ms: Option<u64>,
+    /// The share in force.
+    share: f64,
+    mode: Mode,
+    /// Back after the lease lapsed while on the fallback rate: the task
+    /// keeps that rate (or less) until its new lease has been read, rather
+    /// than stop sending because the table answers again.
+    rejoining: bool,
+}
+
+impl Standing {
+    /// A task that has written nothing yet: it sends nothing.
+    pub(super) fn new(fallback: f64) -> Self {
+        Self {
+            fallback,
+            written: VecDeque::new(),
+            expires_at_ms: None,
+            share: 0.0,
+            mode: Mode::Counted,
+            rejoining: false,
+        }
+    }
+
+    pub(super) fn share(&self) -> f64 {
+        self.share
+    }
+
+    pub(super) fn on_fallback(&self) -> bool {
+        self.mode == Mode::Fallback
+    }
+
+    /// A write of `demand` is about to be sent: a demand lower than the
+    /// share in force cuts the share now, before the others can read it and
+    /// take the rest. Returns the new share if it changed.
+    pub(super) fn sending(&mut self, demand: f64) -> Option<f64> {
+        let demand = demand.max(0.0);
+        self.written.push_back(Written {
+            taken: None,
+            demand,
+        });
+        (demand < self.share).then(|| {
+            self.share = demand;
+            demand
+        })
+    }
+
+    /// The table took the write last sent, expiring at `expires_at_ms`; it
+    /// answered at `at`, when the epoch clock read `now_ms`.
+    pub(super) fn written(&mut self, at: Instant, expires_at_ms: u64, now_ms: u64) {
+        let lapsed = self.expires_at_ms.is_none_or(|expiry| expiry <= now_ms);
+        if lapsed {
+            // The others forgot this task: it joins again.
+            let latest = self.written.len().saturating_sub(1);
+            self.written.drain(..latest);
+            self.rejoining = self.mode == Mode::Fallback;
+        }
+        if let Some(last) = self.written.back_mut() {
+            last.taken = Some(at);
+        }
+        self.expires_at_ms = Some(expires_at_ms);
+        self.forget(at);
+    }
+
+    /// The round read the live leases: `others` are the other tasks'
+    /// demands, `demand` this task's, `rate` the fleet's. Returns the share.
+    pub(super) fn read(&mut self, at: Instant, rate: f64, others: &[f64], demand: f64) -> f64 {
+        let share_for = |own: f64| {
+            let mut demands = others.to_vec();
+            demands.push(own);
+            fair_shares(rate, &demands).last().copied().unwrap_or(0.0)
+        };
+        let on_record = self.on_record(at);
+        if on_record.is_some() {
+            self.rejoining = false;
+        }
+        self.share = match on_record {
+            Some(on_record) => share_for(on_record.min(demand)),
+            None if self.rejoining => share_for(demand).min(self.fallback),
+            None => 0.0,
+        };
+        self.mode = Mode::Counted;
+        self.share
+    }
+
+    /// The round failed at `now_ms`. While the others still count the last
+    /// lease, the share drops to the lower of what it was and the fallback;
+    /// once that lease has expired, to the fallback.
+    pub(super) fn failed(&mut self, now_ms: u64) -> f64 {
+        let counted = self.expires_at_ms.is_some_and(|expiry| now_ms < expiry);
+        self.share = if counted {
+            self.share.min(self.fallback)
+        } else {
+            self.fallback
+        };
+        self.mode = Mode::Fallback;
+        self.share
+    }
+
+    /// The lowest demand the others may have on record for this task at
+    /// `at`: `None` until a write has been on record for [`JOIN_WAIT`].
+    fn on_record(&mut self, at: Instant) -> Option<f64> {
+        self.forget(at);
+        let since = at.checked_sub(JOIN_WAIT)?;
+        let first = self.written.front()?;
+        first.taken.is_some_and(|taken| taken <= since).then(|| {
+            self.written
+                .iter()
+                .map(|w| w.demand)
+                .fold(f64::INFINITY, f64::min)
+        })
+    }
+
+    /// Drops the writes before the last one taken [`JOIN_WAIT`] before `at`
+    /// or earlier: it replaced them, and every other task's share in force
+    /// was computed from a read after it.
+    fn forget(&mut self, at: Instant) {
+        let Some(since) = at.checked_sub(JOIN_WAIT) else {
+            return;
+        };
+        let in_force = self
+            .written
+            .iter()
+            .rposition(|w| w.taken.is_some_and(|taken| taken <= since));
+        if let Some(in_force) = in_force {
+            self.written.drain(..in_force);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const FALLBACK: f64 = 300.0;
+    const RATE: f64 = 1000.0;
+    const SECOND: Duration = Duration::from_secs(1);
+    /// Epoch ms at the test's start.
+    const EPOCH: u64 = 1_700_000_000_000;
+
+    /// A task that writes `demand` every second from `t0`, each write
+    /// returning at once and expiring 3 s later, the others' demands being
+    /// `others`; returns its share after each round.
+    fn rounds(
+        standing: &mut Standing,
+        t0: Instant,
+        from: u32,
+        demands: &[f64],
+        others: &[f64],
+    ) -> Vec<f64> {
+        demands
+            .iter()
+            .enumerate()
+            .map(|(n, &demand)| {
+                let at = t0 + SECOND * (from + n as u32);
+                let now_ms = EPOCH + (at - t0).as_millis() as u64;
+                standing.sending(demand);
+                standing.written(at, now_ms + 3000, now_ms);
+                standing.read(at, RATE, others, demand)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_joining_task_takes_its_share_once_its_lease_has_been_on_record() {
+        let t0 = Instant::now();
+        let mut standing = Standing::new(FALLBACK);
+        assert_eq!(standing.share(), 0.0);
+        let shares = rounds(&mut standing, t0, 0, &[1000.0; 4], &[1000.0]);
+        // Written at 0 s; on record for JOIN_WAIT (1.75 s) at the round of
+        // 2 s.
+        assert_eq!(shares, vec![0.0, 0.0, 500.0, 500.0]);
+    }
+
+    #[test]
+    fn a_lower_demand_counts_at_once_and_cuts_the_share_before_it_is_written() {
+        let t0 = Instant::now();
+        let mut standing = Standing::new(FALLBACK);
+        rounds(&mut standing, t0, 0, &[1000.0; 3], &[1000.0]);
+        assert_eq!(standing.share(), 500.0);
+        assert_eq!(standing.sending(200.0), Some(200.0));
+        assert_eq!(standing.sending(0.0), Some(0.0));
+        assert_eq!(standing.sending(0.0), None, "already there");
+        let shares = rounds(&mut standing, t0, 3, &[0.0, 0.0], &[1000.0]);
+        assert_eq!(shares, vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn a_write_that_never_answered_counts_as_on_record() {
+        let t0 = Instant::now();
+        let mut standing = Standing::new(FALLBACK);
+        rounds(&mut standing, t0, 0, &[1000.0; 3], &[1000.0]);
+        // Idle: 0 sent, no answer; the others may have read it.
+        assert_eq!(standing.sending(0.0), Some(0.0));
+        standing.failed(EPOCH + 3000);
+        // Busy again: the 0 counts until a later write has been on record
+        // for JOIN_WAIT.
+        let shares = rounds(&mut standing, t0, 4, &[1000.0; 3], &[1000.0]);
+        assert_eq!(shares, vec![0.0, 0.0, 500.0]);
+    }
+
+    #[test]
+    fn work_after_idle_time_waits_as_a_join_does() {
+        let t0 = Instant::now();
+        let mut standing = Standing::new(FALLBACK);
+        rounds(&mut standing, t0, 0, &[0.0; 4], &[1000.0]);
+        let shares = rounds(&mut standing, t0, 4, &[1000.0; 3], &[1000.0]);
+        // The idle lease (0) is on record until the busy one has been for
+        // JOIN_WAIT.
+        assert_eq!(shares, vec![0.0, 0.0, 500.0]);
+    }
+
+    #[test]
+    fn a_demand_that_dips_counts_at_its_lowest_until_the_dip_is_forgotten() {
+        let t0 = Instant::now();
+        let mut standing = Standing::new(FALLBACK);
+        rounds(&mut standing, t0, 0, &[1000.0; 3], &[]);
+        assert_eq!(standing.share(), 1000.0);
+        let shares = rounds(&mut standing, t0, 3, &[100.0, 1000.0, 1000.0, 1000.0], &[]);
+        assert_eq!(shares, vec![100.0, 100.0, 100.0, 1000.0]);
+    }
+
+    #[test]
+    fn a_failed_round_drops_to_the_lower_of_the_share_and_the_fallback_then_the_fallback() {
+        let t0 = Instant::now();
+        let mut standing = Standing::new(700.0);
+        rounds(&mut standing, t0, 0, &[1000.0; 3], &[1000.0]);
+        assert_eq!(standing.share(), 500.0);
+        // The last write (at 2 s) expires at 5 s.
+        let at_ms = |secs: u64| EPOCH + secs * 1000;
+        assert_eq!(standing.failed(at_ms(3)), 500.0, "the lower: the share");
+        assert!(standing.on_fallback());
+        assert_eq!(standing.failed(at_ms(4)), 500.0);
+        assert_eq!(standing.failed(at_ms(5)), 700.0, "expired: the fallback");
+        // A fallback under the share is used at once.
+        let mut standing = Standing::new(FALLBACK);
+        rounds(&mut standing, t0, 0, &[1000.0; 3], &[1000.0]);
+        assert_eq!(standing.failed(at_ms(3)), FALLBACK);
+    }
+
+    #[test]
+    fn a_joiner_whose_first_write_fails_sends_at_the_fallback() {
+        let mut standing = Standing::new(FALLBACK);
+        assert_eq!(standing.failed(EPOCH), FALLBACK);
+    }
+
+    #[test]
+    fn a_short_failure_keeps_the_lease_on_record() {
+        let t0 = Instant::now();
+        let mut standing = Standing::new(FALLBACK);
+        rounds(&mut standing, t0, 0, &[1000.0; 3], &[1000.0]);
+        standing.failed(EPOCH + 3000);
+        let shares = rounds(&mut standing, t0, 4, &[1000.0], &[1000.0]);
+        assert_eq!(shares, vec![500.0]);
+        assert!(!standing.on_fallback());
+    }
+
+    #[test]
+    fn back_after_the_lease_lapsed_the_task_keeps_the_fallback_until_it_is_read() {
+        let t0 = Instant::now();
+        let mut standing = Standing::new(FALLBACK);
+        rounds(&mut standing, t0, 0, &[1000.0; 3], &[1000.0]);
+        for secs in 3..=6 {
+            standing.failed(EPOCH + secs * 1000);
+        }
+        assert_eq!(standing.share(), FALLBACK);
+        let shares = rounds(&mut standing, t0, 7, &[1000.0; 3], &[1000.0]);
+        assert_eq!(shares, vec![FALLBACK, FALLBACK, 500.0]);
+        // Never more than its share meanwhile.
+        let mut standing = Standing::new(FALLBACK);
+        rounds(&mut standing, t0, 0, &[1000.0; 3], &[1000.0; 9]);
+        standing.failed(EPOCH + 9000);
+        let shares = rounds(&mut standing, t0, 10, &[1000.0], &[1000.0; 9]);
+        assert_eq!(shares, vec![100.0]);
+    }
+
+    #[test]
+    fn a_lease_that_lapsed_while_counted_joins_again_from_nothing() {
+        let t0 = Instant::now();
+        let mut standing = Standing::new(FALLBACK);
+        rounds(&mut standing, t0, 0, &[1000.0; 3], &[1000.0]);
+        // A round 4 s late (a stalled process): the lease expired at 5 s.
+        let shares = rounds(&mut standing, t0, 6, &[1000.0], &[1000.0]);
+        assert_eq!(shares, vec![0.0]);
+    }
+}
