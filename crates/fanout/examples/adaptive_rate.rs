@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fanout_aws::apigw::ApiGatewaySender;
+use fanout_aws::ApiGatewaySender;
 use fanout_core::Backoff;
 use fanout_core::engine::{Engine, EngineSettings};
 use fanout_core::job::{Job, Target};

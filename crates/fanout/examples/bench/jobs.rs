@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fanout::config::Config;
-use fanout_aws::lean::LeanSender;
+use fanout_aws::LeanSender;
 use fanout_core::SendBudget;
 use fanout_core::connection::Connection;
 use fanout_core::engine::Engine;

@@ -37,10 +37,7 @@ use anyhow::Context;
 use aws_credential_types::Credentials;
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
-use fanout_aws::apigw::ApiGatewaySender;
-use fanout_aws::dynamo::{DynamoStore, TableSettings};
-use fanout_aws::lean::LeanSender;
-use fanout_aws::select::SelectedSender;
+use fanout_aws::{DynamoStore, SelectedSender, SendSettings, TableSettings};
 use fanout_core::Backoff;
 use fanout_core::engine::{Engine, EngineSettings, Report};
 use fanout_core::gateway::Gateway;
@@ -234,15 +231,16 @@ fn sender(
     endpoint: &str,
     max_in_flight: usize,
 ) -> anyhow::Result<SelectedSender> {
-    let timeout = Duration::from_secs(10);
-    Ok(match path {
-        SendPath::Sdk => SelectedSender::Sdk(ApiGatewaySender::new(
-            fanout_aws::clients::apigw_client(config, endpoint, timeout)?,
-        )),
-        SendPath::Lean => {
-            SelectedSender::Lean(LeanSender::new(config, endpoint, timeout, max_in_flight)?)
-        }
-    })
+    let settings = SendSettings {
+        path: match path {
+            SendPath::Sdk => fanout_aws::SendPath::Sdk,
+            SendPath::Lean => fanout_aws::SendPath::Lean,
+        },
+        endpoint: endpoint.to_owned(),
+        attempt_timeout: Duration::from_secs(10),
+        max_in_flight,
+    };
+    Ok(SelectedSender::build(config, &settings)?)
 }
 
 fn engine<S: ConnectionStore, G: Gateway>(

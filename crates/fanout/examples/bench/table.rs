@@ -11,7 +11,7 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, PutRequest,
     ScalarAttributeType, TableStatus, WriteRequest,
 };
-use fanout_aws::dynamo::DynamoStore;
+use fanout_aws::DynamoStore;
 use fanout_core::store::{AudienceQuery, ConnectionStore};
 use futures::{StreamExt, TryStreamExt, stream};
 
