@@ -29,6 +29,16 @@ pub struct FakeTable {
     pub fail_after_pages: Option<usize>,
     /// The page reader panics once this many pages were read.
     pub panic_after_pages: Option<usize>,
+    /// The size of every removal call, in order.
+    pub remove_calls: Mutex<Vec<usize>>,
+    /// The next this many removal calls leave their last item unprocessed,
+    /// as BatchWriteItem does under load.
+    pub unprocessed_removals: AtomicUsize,
+    /// Removal calls fail with a permanent error.
+    pub reject_removals: bool,
+    /// Gone connections read without a row key are skipped, as the
+    /// DynamoDB store skips them on a table with a composite key.
+    pub composite_key: bool,
 }
 
 impl FakeTable {
@@ -40,6 +50,10 @@ impl FakeTable {
             pages_read: AtomicUsize::new(0),
             fail_after_pages: None,
             panic_after_pages: None,
+            remove_calls: Mutex::new(Vec::new()),
+            unprocessed_removals: AtomicUsize::new(0),
+            reject_removals: false,
+            composite_key: false,
         }
     }
 
@@ -115,10 +129,32 @@ impl ConnectionStore for Arc<FakeTable> {
         .boxed()
     }
 
-    async fn remove(&self, gone: Vec<Connection>) -> Result<Removal, StoreError> {
+    async fn remove(&self, mut gone: Vec<Connection>) -> Result<Removal, StoreError> {
+        assert!(
+            gone.len() <= crate::store::MAX_REMOVE_BATCH,
+            "a batch over the limit"
+        );
+        self.remove_calls.lock().unwrap().push(gone.len());
+        if self.reject_removals {
+            return Err(StoreError::Rejected("validation".into()));
+        }
+        let mut removal = Removal::default();
+        let left_over = self
+            .unprocessed_removals
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if left_over && let Some(last) = gone.pop() {
+            removal.unprocessed.push(last);
+        }
+        if self.composite_key {
+            let (keyed, unkeyed): (Vec<_>, Vec<_>) =
+                gone.into_iter().partition(|c| c.key.is_some());
+            removal.skipped = unkeyed;
+            gone = keyed;
+        }
         let doomed: HashSet<_> = gone.iter().map(|c| c.id.to_string()).collect();
         self.rows.lock().unwrap().retain(|r| !doomed.contains(r));
-        Ok(Removal::default())
+        Ok(removal)
     }
 }
 
