@@ -264,6 +264,8 @@ pub struct FakeQueue {
     pub failing_dead_letters: AtomicUsize,
     /// Visibility changes, deletes and sends never answer (a hung queue).
     pub stall_settles: bool,
+    /// How long every call takes before it answers, as an SQS call does.
+    pub latency: Duration,
 }
 
 impl FakeQueue {
@@ -288,6 +290,12 @@ impl FakeQueue {
         }
     }
 
+    async fn answer_after_latency(&self) {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+    }
+
     pub fn deleted_ids(&self) -> Vec<String> {
         let mut ids: Vec<_> = self
             .deleted
@@ -303,6 +311,7 @@ impl FakeQueue {
 
 impl JobQueue for FakeQueue {
     async fn receive(&self, max: usize, visibility: Duration) -> Result<Vec<Message>, QueueError> {
+        self.answer_after_latency().await;
         self.receives.fetch_add(1, Ordering::SeqCst);
         self.receive_visibility.lock().unwrap().push(visibility);
         if self.missing {
@@ -335,6 +344,7 @@ impl JobQueue for FakeQueue {
     }
 
     async fn set_visibility(&self, receipt: &Receipt, timeout: Duration) -> Result<(), QueueError> {
+        self.answer_after_latency().await;
         if self.stall_settles {
             return std::future::pending().await;
         }
@@ -347,6 +357,7 @@ impl JobQueue for FakeQueue {
 
     async fn delete(&self, receipts: &[Receipt]) -> Result<Vec<Receipt>, QueueError> {
         assert!(receipts.len() <= crate::queue::MAX_BATCH);
+        self.answer_after_latency().await;
         if self.stall_settles {
             return std::future::pending().await;
         }
@@ -401,12 +412,30 @@ impl JobQueue for FakeQueue {
 /// `rows` connection rows `conn-0` … `conn-{rows-1}` generated page by
 /// page, as a table scan would hand them out, so a million-connection
 /// audience never exists in memory at once; removals are counted, not
-/// stored. Segments are contiguous shares of the ids.
+/// stored. Segments are contiguous shares of the ids. Channel `room-{n}`
+/// holds `conn-{n·c}` … `conn-{n·c+c-1}` (c = `channel_size`), in one Query
+/// page. Every page and every removal answers after `latency`, as a
+/// DynamoDB call does.
 pub struct GeneratedTable {
     pub rows: u64,
     pub page_size: u64,
+    pub channel_size: u64,
+    pub latency: Duration,
     /// Rows "deleted"; the engine's report counts the same.
     pub removed: AtomicU64,
+}
+
+impl GeneratedTable {
+    /// `rows` rows in pages of `page_size`, no channels, no latency.
+    pub fn new(rows: u64, page_size: u64) -> Self {
+        Self {
+            rows,
+            page_size,
+            channel_size: 0,
+            latency: Duration::ZERO,
+            removed: AtomicU64::new(0),
+        }
+    }
 }
 
 impl ConnectionStore for GeneratedTable {
@@ -416,18 +445,30 @@ impl ConnectionStore for GeneratedTable {
         _: Option<Vec<Cursor>>,
     ) -> BoxStream<'static, Result<Page, StoreError>> {
         let page_size = self.page_size.max(1);
+        let latency = self.latency;
         // A segment is a contiguous share of the ids, as a parallel scan's
         // segment is a share of the table.
-        let (segment, first, rows) = match *query {
+        let (segment, first, rows, page_size) = match query {
             AudienceQuery::Segment { index, total } => {
-                let share = |i: u32| self.rows * u64::from(i) / u64::from(total.max(1));
-                (index, share(index), share(index + 1))
+                let share = |i: u32| self.rows * u64::from(i) / u64::from((*total).max(1));
+                (*index, share(*index), share(*index + 1), page_size)
             }
-            _ => (0, 0, self.rows),
+            AudienceQuery::Channel(channel) => {
+                let room = channel
+                    .strip_prefix("room-")
+                    .and_then(|n| n.parse::<u64>().ok());
+                let size = self.channel_size * u64::from(room.is_some());
+                let first = room.unwrap_or(0) * self.channel_size;
+                (0, first, first + size, size.max(1))
+            }
+            _ => (0, 0, self.rows, page_size),
         };
         stream::unfold(first, move |start| async move {
             if start >= rows {
                 return None;
+            }
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
             }
             let end = (start + page_size).min(rows);
             let connections = (start..end).map(row).collect();
@@ -441,6 +482,9 @@ impl ConnectionStore for GeneratedTable {
     }
 
     async fn remove(&self, gone: Vec<Connection>) -> Result<Removal, StoreError> {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
         self.removed.fetch_add(gone.len() as u64, Ordering::Relaxed);
         Ok(Removal::default())
     }

@@ -81,11 +81,7 @@ async fn main() {
     ));
     let metrics = Arc::new(Metrics::default());
     let engine = Engine::new(
-        Arc::new(GeneratedTable {
-            rows: u64::from(ceiling * seconds * 2),
-            page_size: 1000,
-            removed: Default::default(),
-        }),
+        Arc::new(GeneratedTable::new(u64::from(ceiling * seconds * 2), 1000)),
         Arc::new(sender),
         budget.clone(),
         EngineSettings {

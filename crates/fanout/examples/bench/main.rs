@@ -273,11 +273,7 @@ fn engine<S: ConnectionStore, G: Gateway>(
 async fn latency(path: SendPath, endpoint: String, jobs: usize) -> anyhow::Result<()> {
     let config = sdk_config().await;
     let gateway = Arc::new(FirstPost::new(sender(&config, path, &endpoint, 256)?));
-    let store = Arc::new(GeneratedTable {
-        rows: 100,
-        page_size: 100,
-        removed: Default::default(),
-    });
+    let store = Arc::new(GeneratedTable::new(100, 100));
     let engine = engine(
         store,
         gateway.clone(),
@@ -303,11 +299,7 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
     let gateway = sender(&config, args.path, &args.endpoint, args.max_in_flight)?;
     match args.store {
         Store::Generated => {
-            let table = GeneratedTable {
-                rows: args.connections,
-                page_size: args.page_size,
-                removed: Default::default(),
-            };
+            let table = GeneratedTable::new(args.connections, args.page_size);
             run(table, gateway, &args, None).await
         }
         Store::Dynamo => {
