@@ -6,21 +6,34 @@
 //!
 //! - [`clients`]: builds the SDK clients (one HTTP stack, retry and timeout
 //!   policy, endpoints).
-//! - [`sqs`]: [`sqs::SqsQueue`], the `JobQueue` on SQS.
-//! - [`dynamo`]: [`dynamo::DynamoStore`], the `ConnectionStore` on a DynamoDB
-//!   table (Scan and Query pages, BatchWriteItem removals).
-//! - [`endpoint`]: which management API endpoints are accepted.
-//! - [`apigw`]: [`apigw::ApiGatewaySender`], PostToConnection through the SDK
-//!   (the reference path).
-//! - [`lean`]: [`lean::LeanSender`], the same call as a signed POST on a
-//!   keep-alive pool (the default path).
-//! - [`select`]: [`select::SelectedSender`], whichever of the two the
-//!   configuration picks.
+//! - `sqs`: [`SqsQueue`], the `JobQueue` on SQS.
+//! - `dynamo`: [`DynamoStore`], the `ConnectionStore` on a DynamoDB table
+//!   (Scan and Query pages, BatchWriteItem removals).
+//! - `endpoint`: which management API endpoints are accepted
+//!   ([`parse_endpoint`]).
+//! - `apigw`: [`ApiGatewaySender`], PostToConnection through the SDK (the
+//!   reference path).
+//! - `lean`: [`LeanSender`], the same call as a signed POST on a keep-alive
+//!   pool (the default path).
+//! - `select`: [`SelectedSender`], whichever of the two [`SendSettings`]
+//!   picks.
+//!
+//! The modules are private: each is one adapter, and what others use is
+//! re-exported here, so a module can be split or renamed without touching
+//! the binary or the tests.
 
-pub mod apigw;
+mod apigw;
 pub mod clients;
-pub mod dynamo;
-pub mod endpoint;
-pub mod lean;
-pub mod select;
-pub mod sqs;
+mod dynamo;
+mod endpoint;
+mod lean;
+mod select;
+mod sqs;
+
+pub use apigw::ApiGatewaySender;
+pub use clients::AwsError;
+pub use dynamo::{DynamoStore, TableSettings};
+pub use endpoint::{BadEndpoint, parse_endpoint};
+pub use lean::{LeanError, LeanSender};
+pub use select::{SelectError, SelectedSender, SendPath, SendSettings};
+pub use sqs::{QueueSettings, REASON_ATTRIBUTE, SOURCE_MESSAGE_ATTRIBUTE, SqsQueue};

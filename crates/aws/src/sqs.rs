@@ -55,7 +55,28 @@ pub struct SqsQueue {
     receive_wait: Duration,
 }
 
+/// One queue as the configuration names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueSettings {
+    pub url: String,
+    /// Where poison jobs are copied with their reason; `None` leaves them
+    /// to the queue's redrive policy.
+    pub dead_letter_url: Option<String>,
+    /// The long-poll wait of each receive; zero for short polls.
+    pub receive_wait: Duration,
+}
+
 impl SqsQueue {
+    /// The queue `settings` names, with a client sized for its long poll.
+    pub fn connect(config: &aws_config::SdkConfig, settings: QueueSettings) -> Self {
+        Self::new(
+            crate::clients::sqs_client(config, settings.receive_wait),
+            settings.url,
+            settings.dead_letter_url,
+            settings.receive_wait,
+        )
+    }
+
     pub fn new(
         client: Client,
         queue_url: impl Into<String>,

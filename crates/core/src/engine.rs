@@ -26,7 +26,8 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::backoff::Backoff;
 use crate::connection::Connection;
-use crate::gateway::{Counter, Gateway, Pace, PostOutcome, Step};
+use crate::counts::JobCounts;
+use crate::gateway::{Gateway, Pace, PostOutcome, Step};
 use crate::job::{Job, Target};
 use crate::limiter::SendBudget;
 use crate::progress::Progress;
@@ -210,12 +211,12 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             Target::Deferred(connections) => deferred_pages(connections, job.resume.as_deref()),
             _ => self.store.pages(&query, job.resume.clone()),
         };
-        let remover = Remover::spawn(self.store.clone(), REMOVE_BACKOFF, self.metrics.clone());
+        let counts = Arc::new(JobCounts::new(self.metrics.clone()));
+        let remover = Remover::spawn(self.store.clone(), REMOVE_BACKOFF, counts.clone());
         let excluded = AtomicU64::new(0);
         // Counted as pages are taken up, not from the outcomes: an
         // interrupted job has sends whose outcome never came.
         let audience = AtomicU64::new(0);
-        let counts = JobCounts::new(&self.metrics);
 
         let mut report = Report::default();
         let mut deferred: Vec<Deferred> = Vec::new();
@@ -291,10 +292,8 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             Err(e) => Err(e),
         };
         // Gone connections found so far are gone whatever stopped the job.
-        let removal = remover.finish().await;
+        remover.finish().await;
 
-        report.removed = removal.removed;
-        report.remove_failed = removal.failed + removal.skipped;
         report.excluded = excluded.load(Ordering::Relaxed);
         counts.report(&mut report);
         report.audience = audience.load(Ordering::Relaxed);
@@ -311,7 +310,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         job: &Job,
         stop: &CancellationToken,
         remover: &Remover,
-        counts: &JobCounts<'_>,
+        counts: &JobCounts,
         report: &mut Report,
         deferred: &mut Vec<Deferred>,
     ) -> Result<(), FanoutError> {
@@ -360,7 +359,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         &self,
         connection: Connection,
         payload: Bytes,
-        counts: &JobCounts<'_>,
+        counts: &JobCounts,
         pass: Pass,
     ) -> Delivery {
         let backoff = self.settings.send_backoff;
@@ -559,58 +558,6 @@ enum Pass {
     Audience,
     /// A pass over the connections deferred so far.
     Deferred,
-}
-
-/// One job's counts of what its sends met, bumped once per event: each
-/// bump counts for the job's report and for the process-wide [`Metrics`]
-/// (EMF and Prometheus) alike.
-struct JobCounts<'a> {
-    metrics: &'a Metrics,
-    delivered: AtomicU64,
-    gone: AtomicU64,
-    failed: AtomicU64,
-    throttled: AtomicU64,
-    retries: AtomicU64,
-}
-
-impl<'a> JobCounts<'a> {
-    fn new(metrics: &'a Metrics) -> Self {
-        Self {
-            metrics,
-            delivered: AtomicU64::new(0),
-            gone: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            throttled: AtomicU64::new(0),
-            retries: AtomicU64::new(0),
-        }
-    }
-
-    /// One answer, under its counter in the outcome table.
-    fn answer(&self, counter: Counter) {
-        let mine = match counter {
-            Counter::Delivered => &self.delivered,
-            Counter::Gone => &self.gone,
-            Counter::Failed => &self.failed,
-            Counter::Throttled => &self.throttled,
-        };
-        mine.fetch_add(1, Ordering::Relaxed);
-        self.metrics.count(counter);
-    }
-
-    /// One send attempt that was a retry.
-    fn retry(&self) {
-        self.retries.fetch_add(1, Ordering::Relaxed);
-        Metrics::incr(&self.metrics.retries);
-    }
-
-    /// Writes the job's counts into its report.
-    fn report(&self, report: &mut Report) {
-        report.delivered = self.delivered.load(Ordering::Relaxed);
-        report.gone = self.gone.load(Ordering::Relaxed);
-        report.failed = self.failed.load(Ordering::Relaxed);
-        report.throttled = self.throttled.load(Ordering::Relaxed);
-        report.retries = self.retries.load(Ordering::Relaxed);
-    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@
 //! - [`limiter`]: the process-wide send budget (rate and requests in flight),
 //!   capped by the fleet share.
 //! - [`progress`]: which audience pages a broadcast finished, for resuming.
+//! - `counts`: one job's counts, bumped with the process-wide counters.
 //! - [`remover`]: batches gone connections into removals while sending goes on.
 //! - [`engine`]: audience pages → rate-limited concurrent sends → report.
 //! - [`worker`]: receive → fan out → settle the message; heartbeat; shutdown.
@@ -43,6 +44,7 @@ pub mod telemetry;
 // What runs behind them: the engine and the worker, and the parts they are
 // built from.
 mod backoff;
+mod counts;
 pub mod engine;
 mod limiter;
 mod progress;

@@ -15,8 +15,8 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::backoff::Backoff;
 use crate::connection::Connection;
+use crate::counts::JobCounts;
 use crate::store::{ConnectionStore, MAX_REMOVE_BATCH};
-use crate::telemetry::Metrics;
 
 /// Batches in flight at once per job: enough to keep up with a broadcast
 /// where many connections are gone, few enough to stay under a table's
@@ -34,31 +34,10 @@ pub const REMOVE_BACKOFF: Backoff = Backoff {
     max_attempts: 8,
 };
 
-/// What removal came to for one job.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RemovalReport {
-    /// Rows deleted.
-    pub removed: u64,
-    /// Rows still there after every retry.
-    pub failed: u64,
-    /// Connections whose row key is unknown (an explicit list on a table
-    /// with a composite key): not removed.
-    pub skipped: u64,
-}
-
-impl RemovalReport {
-    fn add(mut self, other: RemovalReport) -> Self {
-        self.removed += other.removed;
-        self.failed += other.failed;
-        self.skipped += other.skipped;
-        self
-    }
-}
-
 /// The sending side of one job's removal task.
 pub struct Remover {
     tx: mpsc::Sender<Connection>,
-    task: JoinHandle<RemovalReport>,
+    task: JoinHandle<()>,
 }
 
 impl Remover {
@@ -66,7 +45,7 @@ impl Remover {
     pub fn spawn<S: ConnectionStore>(
         store: Arc<S>,
         backoff: Backoff,
-        metrics: Arc<Metrics>,
+        counts: Arc<JobCounts>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let task = tokio::spawn(async move {
@@ -74,12 +53,9 @@ impl Remover {
                 // Whatever is queued, up to a full batch: batches fill up
                 // under load and leave at once when gone rows are rare.
                 .ready_chunks(MAX_REMOVE_BATCH)
-                .map(|batch| remove_batch(&*store, batch, backoff, &metrics))
+                .map(|batch| remove_batch(&*store, batch, backoff, &counts))
                 .buffer_unordered(CONCURRENT_BATCHES)
-                .fold(
-                    RemovalReport::default(),
-                    |total, r| async move { total.add(r) },
-                )
+                .for_each(|()| async {})
                 .await
         });
         Self { tx, task }
@@ -92,15 +68,12 @@ impl Remover {
         let _ = self.tx.send(gone).await;
     }
 
-    /// Waits until everything queued is removed or given up on.
-    pub async fn finish(self) -> RemovalReport {
+    /// Waits until everything queued is removed or given up on; the job's
+    /// counts then hold every removal.
+    pub async fn finish(self) {
         drop(self.tx);
-        match self.task.await {
-            Ok(report) => report,
-            Err(e) => {
-                tracing::error!(error = %e, "the removal task failed; gone rows may remain");
-                RemovalReport::default()
-            }
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "the removal task failed; gone rows may remain");
         }
     }
 }
@@ -109,9 +82,8 @@ async fn remove_batch<S: ConnectionStore>(
     store: &S,
     mut pending: Vec<Connection>,
     backoff: Backoff,
-    metrics: &Metrics,
-) -> RemovalReport {
-    let mut report = RemovalReport::default();
+    counts: &JobCounts,
+) {
     let mut attempt = 1;
     loop {
         let asked = pending.len() as u64;
@@ -119,12 +91,11 @@ async fn remove_batch<S: ConnectionStore>(
             Ok(removal) => {
                 let skipped = removal.skipped.len() as u64;
                 let removed = asked - skipped - removal.unprocessed.len() as u64;
-                report.removed += removed;
-                report.skipped += skipped;
-                Metrics::add(&metrics.removed, removed);
+                counts.removed(removed);
+                counts.remove_skipped(skipped);
                 pending = removal.unprocessed;
                 if pending.is_empty() {
-                    return report;
+                    return;
                 }
             }
             Err(e) if e.is_transient() => {
@@ -146,71 +117,22 @@ async fn remove_batch<S: ConnectionStore>(
         tokio::time::sleep(backoff.delay(attempt - 1)).await;
         attempt += 1;
     }
-    report.failed += pending.len() as u64;
-    Metrics::add(&metrics.remove_failed, pending.len() as u64);
-    report
+    counts.remove_failed(pending.len() as u64);
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
-    use std::sync::Mutex;
-
-    use futures::stream::BoxStream;
+    use std::sync::atomic::Ordering;
 
     use super::*;
     use crate::connection::{KeyValue, RowKey};
-    use crate::store::{AudienceQuery, Cursor, Page, Removal, StoreError};
-
-    /// A table that leaves the last item of each call unprocessed `stubborn`
-    /// times, and records every call's size.
-    #[derive(Default)]
-    struct FlakyTable {
-        rows: Mutex<HashSet<String>>,
-        calls: Mutex<Vec<usize>>,
-        stubborn: Mutex<u32>,
-        fail_hard: bool,
-    }
+    use crate::telemetry::Metrics;
+    use crate::testing::FakeTable;
 
     fn conn(id: &str, keyed: bool) -> Connection {
         Connection {
             id: id.into(),
             key: keyed.then(|| RowKey(vec![("connectionId".into(), KeyValue::S(id.into()))])),
-        }
-    }
-
-    impl ConnectionStore for FlakyTable {
-        fn pages(
-            &self,
-            _: &AudienceQuery,
-            _: Option<Vec<Cursor>>,
-        ) -> BoxStream<'static, Result<Page, StoreError>> {
-            unimplemented!("not used by the remover")
-        }
-
-        async fn remove(&self, gone: Vec<Connection>) -> Result<Removal, StoreError> {
-            assert!(gone.len() <= MAX_REMOVE_BATCH, "a batch over the limit");
-            self.calls.lock().unwrap().push(gone.len());
-            if self.fail_hard {
-                return Err(StoreError::Rejected("validation".into()));
-            }
-            let mut removal = Removal::default();
-            let mut gone = gone;
-            {
-                let mut stubborn = self.stubborn.lock().unwrap();
-                if *stubborn > 0 && !gone.is_empty() {
-                    *stubborn -= 1;
-                    removal.unprocessed.push(gone.pop().unwrap());
-                }
-            }
-            for c in gone {
-                if c.key.is_none() {
-                    removal.skipped.push(c);
-                } else {
-                    self.rows.lock().unwrap().remove(c.id.as_str());
-                }
-            }
-            Ok(removal)
         }
     }
 
@@ -222,28 +144,29 @@ mod tests {
         }
     }
 
+    fn table(ids: &[String]) -> Arc<FakeTable> {
+        Arc::new(FakeTable::with(ids, 1000))
+    }
+
+    fn job_counts() -> (Arc<Metrics>, Arc<JobCounts>) {
+        let metrics = Arc::new(Metrics::default());
+        (metrics.clone(), Arc::new(JobCounts::new(metrics)))
+    }
+
     #[tokio::test]
     async fn batches_hold_at_most_25_and_unprocessed_items_are_retried() {
-        let table = Arc::new(FlakyTable::default());
-        *table.stubborn.lock().unwrap() = 3;
         let ids: Vec<String> = (0..60).map(|i| format!("c{i}")).collect();
-        table.rows.lock().unwrap().extend(ids.iter().cloned());
-        let metrics = Arc::new(Metrics::default());
-        let remover = Remover::spawn(table.clone(), fast(), metrics.clone());
+        let table = table(&ids);
+        table.unprocessed_removals.store(3, Ordering::SeqCst);
+        let (metrics, counts) = job_counts();
+        let remover = Remover::spawn(Arc::new(table.clone()), fast(), counts.clone());
         for id in &ids {
             remover.remove(conn(id, true)).await;
         }
-        let report = remover.finish().await;
-        assert_eq!(
-            report,
-            RemovalReport {
-                removed: 60,
-                failed: 0,
-                skipped: 0
-            }
-        );
-        assert!(table.rows.lock().unwrap().is_empty());
-        let calls = table.calls.lock().unwrap();
+        remover.finish().await;
+        assert_eq!(counts.removals(), (60, 0, 0), "removed, failed, skipped");
+        assert!(table.remaining().is_empty());
+        let calls = table.remove_calls.lock().unwrap();
         assert!(calls.iter().all(|&n| n <= 25));
         assert_eq!(calls.iter().sum::<usize>(), 60 + 3, "3 retried items");
         assert_eq!(Metrics::get(&metrics.removed), 60);
@@ -251,43 +174,47 @@ mod tests {
 
     #[tokio::test]
     async fn items_unprocessed_after_every_retry_are_reported_failed() {
-        let table = Arc::new(FlakyTable::default());
-        *table.stubborn.lock().unwrap() = 100;
-        let metrics = Arc::new(Metrics::default());
-        let remover = Remover::spawn(table.clone(), fast(), metrics.clone());
+        let table = table(&["a".to_owned()]);
+        table.unprocessed_removals.store(100, Ordering::SeqCst);
+        let (metrics, counts) = job_counts();
+        let remover = Remover::spawn(Arc::new(table.clone()), fast(), counts.clone());
         remover.remove(conn("a", true)).await;
-        let report = remover.finish().await;
+        remover.finish().await;
+        assert_eq!(counts.removals(), (0, 1, 0), "removed, failed, skipped");
         assert_eq!(
-            report,
-            RemovalReport {
-                removed: 0,
-                failed: 1,
-                skipped: 0
-            }
+            table.remove_calls.lock().unwrap().len(),
+            4,
+            "max_attempts calls"
         );
-        assert_eq!(table.calls.lock().unwrap().len(), 4, "max_attempts calls");
         assert_eq!(Metrics::get(&metrics.remove_failed), 1);
     }
 
     #[tokio::test]
     async fn permanent_errors_and_unknown_keys_are_counted_not_fatal() {
-        let table = Arc::new(FlakyTable {
-            fail_hard: true,
-            ..FlakyTable::default()
+        let table = Arc::new(FakeTable {
+            reject_removals: true,
+            ..FakeTable::with(&["a".to_owned()], 1000)
         });
-        let remover = Remover::spawn(table.clone(), fast(), Arc::new(Metrics::default()));
+        let (_, counts) = job_counts();
+        let remover = Remover::spawn(Arc::new(table.clone()), fast(), counts.clone());
         remover.remove(conn("a", true)).await;
-        let report = remover.finish().await;
-        assert_eq!(report.failed, 1);
+        remover.finish().await;
+        assert_eq!(counts.removals().1, 1, "failed");
         assert_eq!(
-            table.calls.lock().unwrap().len(),
+            table.remove_calls.lock().unwrap().len(),
             1,
             "no retry of a permanent error"
         );
 
-        let table = Arc::new(FlakyTable::default());
-        let remover = Remover::spawn(table, fast(), Arc::new(Metrics::default()));
+        let table = Arc::new(FakeTable {
+            composite_key: true,
+            ..FakeTable::with(&["x".to_owned()], 1000)
+        });
+        let (metrics, counts) = job_counts();
+        let remover = Remover::spawn(Arc::new(table), fast(), counts.clone());
         remover.remove(conn("x", false)).await;
-        assert_eq!(remover.finish().await.skipped, 1);
+        remover.finish().await;
+        assert_eq!(counts.removals().2, 1, "skipped");
+        assert_eq!(Metrics::get(&metrics.remove_failed), 0, "not a failure");
     }
 }

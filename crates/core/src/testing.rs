@@ -30,6 +30,16 @@ pub struct FakeTable {
     pub fail_after_pages: Option<usize>,
     /// The page reader panics once this many pages were read.
     pub panic_after_pages: Option<usize>,
+    /// The size of every removal call, in order.
+    pub remove_calls: Mutex<Vec<usize>>,
+    /// The next this many removal calls leave their last item unprocessed,
+    /// as BatchWriteItem does under load.
+    pub unprocessed_removals: AtomicUsize,
+    /// Removal calls fail with a permanent error.
+    pub reject_removals: bool,
+    /// Gone connections read without a row key are skipped, as the
+    /// DynamoDB store skips them on a table with a composite key.
+    pub composite_key: bool,
 }
 
 impl FakeTable {
@@ -41,6 +51,10 @@ impl FakeTable {
             pages_read: AtomicUsize::new(0),
             fail_after_pages: None,
             panic_after_pages: None,
+            remove_calls: Mutex::new(Vec::new()),
+            unprocessed_removals: AtomicUsize::new(0),
+            reject_removals: false,
+            composite_key: false,
         }
     }
 
@@ -116,10 +130,32 @@ impl ConnectionStore for Arc<FakeTable> {
         .boxed()
     }
 
-    async fn remove(&self, gone: Vec<Connection>) -> Result<Removal, StoreError> {
+    async fn remove(&self, mut gone: Vec<Connection>) -> Result<Removal, StoreError> {
+        assert!(
+            gone.len() <= crate::store::MAX_REMOVE_BATCH,
+            "a batch over the limit"
+        );
+        self.remove_calls.lock().unwrap().push(gone.len());
+        if self.reject_removals {
+            return Err(StoreError::Rejected("validation".into()));
+        }
+        let mut removal = Removal::default();
+        let left_over = self
+            .unprocessed_removals
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if left_over && let Some(last) = gone.pop() {
+            removal.unprocessed.push(last);
+        }
+        if self.composite_key {
+            let (keyed, unkeyed): (Vec<_>, Vec<_>) =
+                gone.into_iter().partition(|c| c.key.is_some());
+            removal.skipped = unkeyed;
+            gone = keyed;
+        }
         let doomed: HashSet<_> = gone.iter().map(|c| c.id.to_string()).collect();
         self.rows.lock().unwrap().retain(|r| !doomed.contains(r));
-        Ok(Removal::default())
+        Ok(removal)
     }
 }
 
@@ -229,6 +265,8 @@ pub struct FakeQueue {
     pub failing_dead_letters: AtomicUsize,
     /// Visibility changes, deletes and sends never answer (a hung queue).
     pub stall_settles: bool,
+    /// How long every call takes before it answers, as an SQS call does.
+    pub latency: Duration,
 }
 
 impl FakeQueue {
@@ -253,6 +291,12 @@ impl FakeQueue {
         }
     }
 
+    async fn answer_after_latency(&self) {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+    }
+
     pub fn deleted_ids(&self) -> Vec<String> {
         let mut ids: Vec<_> = self
             .deleted
@@ -268,6 +312,7 @@ impl FakeQueue {
 
 impl JobQueue for FakeQueue {
     async fn receive(&self, max: usize, visibility: Duration) -> Result<Vec<Message>, QueueError> {
+        self.answer_after_latency().await;
         self.receives.fetch_add(1, Ordering::SeqCst);
         self.receive_visibility.lock().unwrap().push(visibility);
         if self.missing {
@@ -300,6 +345,7 @@ impl JobQueue for FakeQueue {
     }
 
     async fn set_visibility(&self, receipt: &Receipt, timeout: Duration) -> Result<(), QueueError> {
+        self.answer_after_latency().await;
         if self.stall_settles {
             return std::future::pending().await;
         }
@@ -312,6 +358,7 @@ impl JobQueue for FakeQueue {
 
     async fn delete(&self, receipts: &[Receipt]) -> Result<Vec<Receipt>, QueueError> {
         assert!(receipts.len() <= crate::queue::MAX_BATCH);
+        self.answer_after_latency().await;
         if self.stall_settles {
             return std::future::pending().await;
         }
@@ -366,12 +413,30 @@ impl JobQueue for FakeQueue {
 /// `rows` connection rows `conn-0` … `conn-{rows-1}` generated page by
 /// page, as a table scan would hand them out, so a million-connection
 /// audience never exists in memory at once; removals are counted, not
-/// stored. Segments are contiguous shares of the ids.
+/// stored. Segments are contiguous shares of the ids. Channel `room-{n}`
+/// holds `conn-{n·c}` … `conn-{n·c+c-1}` (c = `channel_size`), in one Query
+/// page. Every page and every removal answers after `latency`, as a
+/// DynamoDB call does.
 pub struct GeneratedTable {
     pub rows: u64,
     pub page_size: u64,
+    pub channel_size: u64,
+    pub latency: Duration,
     /// Rows "deleted"; the engine's report counts the same.
     pub removed: AtomicU64,
+}
+
+impl GeneratedTable {
+    /// `rows` rows in pages of `page_size`, no channels, no latency.
+    pub fn new(rows: u64, page_size: u64) -> Self {
+        Self {
+            rows,
+            page_size,
+            channel_size: 0,
+            latency: Duration::ZERO,
+            removed: AtomicU64::new(0),
+        }
+    }
 }
 
 impl ConnectionStore for GeneratedTable {
@@ -381,18 +446,30 @@ impl ConnectionStore for GeneratedTable {
         _: Option<Vec<Cursor>>,
     ) -> BoxStream<'static, Result<Page, StoreError>> {
         let page_size = self.page_size.max(1);
+        let latency = self.latency;
         // A segment is a contiguous share of the ids, as a parallel scan's
         // segment is a share of the table.
-        let (segment, first, rows) = match *query {
+        let (segment, first, rows, page_size) = match query {
             AudienceQuery::Segment { index, total } => {
-                let share = |i: u32| self.rows * u64::from(i) / u64::from(total.max(1));
-                (index, share(index), share(index + 1))
+                let share = |i: u32| self.rows * u64::from(i) / u64::from((*total).max(1));
+                (*index, share(*index), share(*index + 1), page_size)
             }
-            _ => (0, 0, self.rows),
+            AudienceQuery::Channel(channel) => {
+                let room = channel
+                    .strip_prefix("room-")
+                    .and_then(|n| n.parse::<u64>().ok());
+                let size = self.channel_size * u64::from(room.is_some());
+                let first = room.unwrap_or(0) * self.channel_size;
+                (0, first, first + size, size.max(1))
+            }
+            _ => (0, 0, self.rows, page_size),
         };
         stream::unfold(first, move |start| async move {
             if start >= rows {
                 return None;
+            }
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
             }
             let end = (start + page_size).min(rows);
             let connections = (start..end).map(row).collect();
@@ -406,6 +483,9 @@ impl ConnectionStore for GeneratedTable {
     }
 
     async fn remove(&self, gone: Vec<Connection>) -> Result<Removal, StoreError> {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
         self.removed.fetch_add(gone.len() as u64, Ordering::Relaxed);
         Ok(Removal::default())
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fanout_aws::apigw::ApiGatewaySender;
+use fanout_aws::ApiGatewaySender;
 use fanout_core::Backoff;
 use fanout_core::engine::{Engine, EngineSettings};
 use fanout_core::job::{Job, Target};
@@ -81,11 +81,7 @@ async fn main() {
     ));
     let metrics = Arc::new(Metrics::default());
     let engine = Engine::new(
-        Arc::new(GeneratedTable {
-            rows: u64::from(ceiling * seconds * 2),
-            page_size: 1000,
-            removed: Default::default(),
-        }),
+        Arc::new(GeneratedTable::new(u64::from(ceiling * seconds * 2), 1000)),
         Arc::new(sender),
         budget.clone(),
         EngineSettings {

@@ -15,7 +15,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize};
 
-use fanout_aws::dynamo::TableSettings;
+pub use fanout_aws::SendPath;
+use fanout_aws::{QueueSettings, SendSettings, TableSettings};
 use fanout_core::Backoff;
 use fanout_core::RateSettings;
 use fanout_core::engine::EngineSettings;
@@ -204,17 +205,6 @@ pub struct Config {
     pub metrics_service: String,
 }
 
-/// How PostToConnection is sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SendPath {
-    /// The AWS SDK's client: the reference implementation.
-    Sdk,
-    /// A SigV4-signed POST over keep-alive hyper connections: the same
-    /// requests at about a tenth of the CPU (BENCHMARKS.md).
-    Lean,
-}
-
 /// What the worker needs beyond the queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkerTargets {
@@ -279,6 +269,26 @@ impl Config {
         })
     }
 
+    /// The jobs queue, with the dead-letter queue the worker copies poison
+    /// jobs to.
+    pub fn queue_settings(&self) -> QueueSettings {
+        QueueSettings {
+            url: self.queue_url.clone(),
+            dead_letter_url: self.dead_letter_queue_url.clone(),
+            receive_wait: self.receive_wait,
+        }
+    }
+
+    /// How PostToConnection is sent to the worker's endpoint.
+    pub fn send_settings(&self, targets: &WorkerTargets) -> SendSettings {
+        SendSettings {
+            path: self.send_path,
+            endpoint: targets.gateway_endpoint.clone(),
+            attempt_timeout: self.send_timeout,
+            max_in_flight: count(self.max_in_flight),
+        }
+    }
+
     /// How the engine sends, as the worker and the benchmarks run it.
     pub fn engine_settings(&self) -> EngineSettings {
         EngineSettings {
@@ -290,7 +300,7 @@ impl Config {
             throttle_deadline: self.throttle_deadline,
             deferred_passes: self.deferred_passes,
             pass_pause: self.send_retry_max,
-            max_in_flight: self.max_in_flight as usize,
+            max_in_flight: count(self.max_in_flight),
             scan_segments: self.scan_segments,
         }
     }
@@ -298,7 +308,7 @@ impl Config {
     /// How the worker consumes the queue.
     pub fn worker_settings(&self, exit_when_idle: bool) -> WorkerSettings {
         WorkerSettings {
-            max_concurrent_jobs: self.max_concurrent_jobs as usize,
+            max_concurrent_jobs: count(self.max_concurrent_jobs),
             visibility_timeout: self.visibility_timeout,
             heartbeat_interval: self.heartbeat_interval,
             job_retry: Backoff {
@@ -384,6 +394,12 @@ fn redact_url(raw: &str) -> String {
         }
         _ => raw.to_owned(),
     }
+}
+
+/// A validated count as the code that uses it counts: validation bounds
+/// every count far below `usize::MAX`.
+fn count(n: u32) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 fn env_name(key: &str) -> String {
@@ -557,7 +573,7 @@ impl Validator<'_> {
     fn gateway_endpoint(&self, value: Option<String>) -> Result<Option<String>, ConfigError> {
         let endpoint = self.url("gateway_endpoint", value)?;
         if let Some(endpoint) = &endpoint {
-            fanout_aws::endpoint::parse_endpoint(endpoint)
+            fanout_aws::parse_endpoint(endpoint)
                 .map_err(|e| self.invalid("gateway_endpoint", e.to_string()))?;
         }
         Ok(endpoint)

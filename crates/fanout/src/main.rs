@@ -12,15 +12,10 @@ use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use fanout::config::{Config, ConfigError, SendPath};
+use fanout::config::{Config, ConfigError};
 use fanout::ecs::{self, TaskProtection};
 use fanout::metrics::{self, MetricsServer};
-use fanout_aws::apigw::ApiGatewaySender;
-use fanout_aws::clients;
-use fanout_aws::dynamo::DynamoStore;
-use fanout_aws::lean::LeanSender;
-use fanout_aws::select::SelectedSender;
-use fanout_aws::sqs::SqsQueue;
+use fanout_aws::{DynamoStore, QueueSettings, SelectedSender, SqsQueue, clients};
 use fanout_core::SendBudget;
 use fanout_core::engine::Engine;
 use fanout_core::job::{self, Capabilities, JobSpec};
@@ -166,41 +161,25 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
     let metrics = Arc::new(Metrics::default());
 
     let sdk = clients::load_sdk_config().await;
-    let queue = SqsQueue::new(
-        clients::sqs_client(&sdk, config.receive_wait),
-        config.queue_url.clone(),
-        config.dead_letter_queue_url.clone(),
-        config.receive_wait,
-    );
+    let queue = SqsQueue::connect(&sdk, config.queue_settings());
     let store = DynamoStore::connect(
         clients::dynamodb_client(&sdk),
         config.table_settings(&targets.table),
     )
     .await
     .with_context(|| format!("cannot use the connections table {}", targets.table))?;
-    let gateway = match config.send_path {
-        SendPath::Sdk => SelectedSender::Sdk(ApiGatewaySender::new(clients::apigw_client(
-            &sdk,
-            &targets.gateway_endpoint,
-            config.send_timeout,
-        )?)),
-        SendPath::Lean => SelectedSender::Lean(LeanSender::new(
-            &sdk,
-            &targets.gateway_endpoint,
-            config.send_timeout,
-            config.max_in_flight as usize,
-        )?),
-    };
+    let gateway = SelectedSender::build(&sdk, &config.send_settings(&targets))?;
 
+    let engine_settings = config.engine_settings();
     let budget = Arc::new(SendBudget::new(
         config.rate_settings(),
-        config.max_in_flight as usize,
+        engine_settings.max_in_flight,
     ));
     let engine = Engine::new(
         Arc::new(store),
         Arc::new(gateway),
         budget,
-        config.engine_settings(),
+        engine_settings,
         metrics.clone(),
     );
     let settings = config.worker_settings(exit_when_idle);
@@ -241,7 +220,6 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Cancels `token` on SIGTERM (ECS stopping the task) or SIGINT (Ctrl-C).
 async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(args.config.file.as_deref())?;
     let mut spec = JobSpec {
@@ -290,12 +268,7 @@ async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
     let body = serde_json::to_string(&spec).context("cannot encode the job")?;
     let options = fifo_options(&config.queue_url, spec.channel.as_deref());
     let sdk = clients::load_sdk_config().await;
-    let queue = SqsQueue::new(
-        clients::sqs_client(&sdk, config.receive_wait),
-        config.queue_url.clone(),
-        None,
-        config.receive_wait,
-    );
+    let queue = SqsQueue::connect(&sdk, config.queue_settings());
     let message_id = queue
         .send(&body, &options)
         .await
@@ -315,18 +288,13 @@ async fn redrive(arg: ConfigArg, max: u64) -> anyhow::Result<ExitCode> {
     };
     let sdk = clients::load_sdk_config().await;
     // Short polls: an empty dead-letter queue ends the command at once.
-    let dead_letters = SqsQueue::new(
-        clients::sqs_client(&sdk, Duration::ZERO),
-        dead_letters_url,
-        None,
-        Duration::ZERO,
-    );
-    let jobs = SqsQueue::new(
-        clients::sqs_client(&sdk, Duration::ZERO),
-        config.queue_url.clone(),
-        None,
-        Duration::ZERO,
-    );
+    let short_polls = |url: String| QueueSettings {
+        url,
+        dead_letter_url: None,
+        receive_wait: Duration::ZERO,
+    };
+    let dead_letters = SqsQueue::connect(&sdk, short_polls(dead_letters_url));
+    let jobs = SqsQueue::connect(&sdk, short_polls(config.queue_url.clone()));
     let fifo_group = queue::is_fifo(&config.queue_url).then_some("redriven");
     let done = fanout_core::redrive(&dead_letters, &jobs, max, fifo_group).await?;
     println!("moved {} job(s) back to the jobs queue", done.moved);

@@ -21,9 +21,9 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
-use fanout_aws::apigw::ApiGatewaySender;
-use fanout_aws::lean::LeanSender;
-use fanout_aws::select::SelectedSender;
+use fanout_aws::ApiGatewaySender;
+use fanout_aws::LeanSender;
+use fanout_aws::SelectedSender;
 use fanout_core::connection::ConnectionId;
 use fanout_core::gateway::{Gateway, PostOutcome};
 

@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use fanout_aws::dynamo::{DynamoStore, TableSettings};
+use fanout_aws::{DynamoStore, TableSettings};
 use fanout_core::connection::{Connection, ConnectionId};
 use fanout_core::store::{AudienceQuery, ConnectionStore, Cursor, Page, Position, StoreError};
 use futures::StreamExt;

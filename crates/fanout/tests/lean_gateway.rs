@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use aws_sdk_apigatewaymanagement::config::Credentials;
 use bytes::Bytes;
-use fanout_aws::apigw::ApiGatewaySender;
-use fanout_aws::dynamo::{DynamoStore, TableSettings};
-use fanout_aws::lean::LeanSender;
-use fanout_aws::select::SelectedSender;
+use fanout_aws::ApiGatewaySender;
+use fanout_aws::LeanSender;
+use fanout_aws::SelectedSender;
+use fanout_aws::{DynamoStore, TableSettings};
 use fanout_core::Backoff;
 use fanout_core::SendBudget;
 use fanout_core::connection::ConnectionId;

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_apigatewaymanagement::config::Credentials;
 use bytes::Bytes;
-use fanout_aws::apigw::ApiGatewaySender;
-use fanout_aws::lean::LeanSender;
-use fanout_aws::select::SelectedSender;
+use fanout_aws::ApiGatewaySender;
+use fanout_aws::LeanSender;
+use fanout_aws::SelectedSender;
 use fanout_core::connection::ConnectionId;
 use fanout_core::gateway::{Gateway, PostOutcome};
 use fanout_core::{RateSettings, SendBudget};

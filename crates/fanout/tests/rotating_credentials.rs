@@ -18,7 +18,7 @@ use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
 use aws_smithy_types::date_time::{DateTime, Format};
 use bytes::Bytes;
-use fanout_aws::lean::LeanSender;
+use fanout_aws::LeanSender;
 use fanout_core::connection::ConnectionId;
 use fanout_core::gateway::{Gateway, PostOutcome};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

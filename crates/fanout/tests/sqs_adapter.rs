@@ -5,7 +5,7 @@ use fanout_testkit::support;
 
 use std::time::{Duration, Instant};
 
-use fanout_aws::sqs::{REASON_ATTRIBUTE, SOURCE_MESSAGE_ATTRIBUTE, SqsQueue};
+use fanout_aws::{REASON_ATTRIBUTE, SOURCE_MESSAGE_ATTRIBUTE, SqsQueue};
 use fanout_core::queue::{DeadLettered, JobQueue, Message, QueueError, Receipt, SendOptions};
 use support::{QueueSpec, counts, create_queue, create_queue_with_dlq, receive_all};
 

@@ -3,7 +3,7 @@
 //! the sink answers 410 for every id whose number is a multiple of
 //! [`GONE_EVERY`].
 
-pub use fanout_core::testing::{GeneratedTable, row};
+pub use fanout_core::testing::GeneratedTable;
 
 /// One in 20 connections is gone (5 %), as in every benchmark case.
 pub const GONE_EVERY: u64 = 20;

@@ -3,33 +3,30 @@
 //! `FANOUT_*` variables), run K channel jobs of a few connections each, as a
 //! chat service makes them.
 //!
-//! The queue is in process, behind the `JobQueue` seam: moto's
-//! ReceiveMessage takes 200–350 ms a call on this machine, which would
-//! measure moto. The channel audiences are in process too, behind
-//! `ConnectionStore`. Both wait `--latency-ms` on every call (receive,
+//! The queue is in process, behind the `JobQueue` seam (the kit's
+//! `FakeQueue`): moto's ReceiveMessage takes 200–350 ms a call on this
+//! machine, which would measure moto. The channel audiences are in process
+//! too, behind `ConnectionStore` (the kit's `GeneratedTable`). Both wait `--latency-ms` on every call (receive,
 //! delete, visibility, Query, BatchWriteItem), as AWS calls take time; the
 //! sink adds the same to each PostToConnection (`bench sink --delay-ms`).
-//! The sends go through the real lean path to the sink.
+//! The sends go through the configured send path (lean by default) to the
+//! sink.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fanout::config::Config;
-use fanout_aws::lean::LeanSender;
+use fanout_aws::SelectedSender;
 use fanout_core::SendBudget;
-use fanout_core::connection::Connection;
 use fanout_core::engine::Engine;
 use fanout_core::job::Capabilities;
-use fanout_core::queue::{DeadLettered, JobQueue, Message, QueueError, Receipt, SendOptions};
-use fanout_core::store::{AudienceQuery, ConnectionStore, Cursor, Page, Removal, StoreError};
+use fanout_core::queue::{Message, Receipt};
 use fanout_core::telemetry::Metrics;
+use fanout_core::testing::{FakeQueue, GeneratedTable};
 use fanout_core::worker::{self, Stopped};
-use futures::StreamExt;
-use futures::stream::{self, BoxStream};
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Parser)]
@@ -68,7 +65,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
     let huge = (args.huge > 0)
         .then(|| message(args.jobs, serde_json::json!({"id": "huge", "data": data})));
     let total = args.jobs + u64::from(huge.is_some());
-    let queue = Arc::new(MemoryQueue {
+    let queue = Arc::new(FakeQueue {
         latency,
         visible: Mutex::new(
             huge.into_iter()
@@ -81,35 +78,26 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
                 }))
                 .collect(),
         ),
-        deleted: AtomicU64::new(0),
+        ..FakeQueue::default()
     });
-    let store = Arc::new(Channels {
-        audience: args.audience,
+    let store = Arc::new(GeneratedTable {
+        channel_size: args.audience,
         latency,
-        removed: AtomicU64::new(0),
-        whole: crate::audience::GeneratedTable {
-            rows: args.huge,
-            page_size: u64::from(config.page_size),
-            removed: AtomicU64::new(0),
-        },
+        ..GeneratedTable::new(args.huge, u64::from(config.page_size))
     });
 
     let sdk = crate::sdk_config().await;
-    let gateway = LeanSender::new(
-        &sdk,
-        &targets.gateway_endpoint,
-        config.send_timeout,
-        config.max_in_flight as usize,
-    )?;
+    let gateway = SelectedSender::build(&sdk, &config.send_settings(&targets))?;
     let metrics = Arc::new(Metrics::default());
+    let engine_settings = config.engine_settings();
     let engine = Engine::new(
         store.clone(),
         Arc::new(gateway),
         Arc::new(SendBudget::new(
             config.rate_settings(),
-            config.max_in_flight as usize,
+            engine_settings.max_in_flight,
         )),
-        config.engine_settings(),
+        engine_settings,
         metrics.clone(),
     );
     let mut settings = config.worker_settings(true);
@@ -130,7 +118,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
     let cpu = crate::cpu_time()? - cpu_before;
     anyhow::ensure!(stopped == Stopped::Idle, "the worker stopped: {stopped:?}");
     let done = Metrics::get(&metrics.jobs_completed);
-    let deleted = queue.deleted.load(Ordering::Relaxed);
+    let deleted = queue.deleted.lock().expect("queue lock").len() as u64;
     anyhow::ensure!(
         done == total && deleted == total,
         "{done} jobs completed and {deleted} deleted of {total}"
@@ -154,101 +142,4 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
         args.huge,
     );
     Ok(())
-}
-
-/// The jobs queue in process: every call waits `latency`, as an SQS call
-/// does; an empty receive answers after that wait (a long poll that found
-/// nothing would wait longer, but the worker only asks while it has room).
-struct MemoryQueue {
-    latency: Duration,
-    visible: Mutex<VecDeque<Message>>,
-    deleted: AtomicU64,
-}
-
-impl JobQueue for MemoryQueue {
-    async fn receive(&self, max: usize, _: Duration) -> Result<Vec<Message>, QueueError> {
-        tokio::time::sleep(self.latency).await;
-        let mut visible = self.visible.lock().expect("queue lock");
-        let n = max.min(visible.len());
-        Ok(visible.drain(..n).collect())
-    }
-
-    async fn set_visibility(&self, _: &Receipt, _: Duration) -> Result<(), QueueError> {
-        tokio::time::sleep(self.latency).await;
-        Ok(())
-    }
-
-    async fn delete(&self, receipts: &[Receipt]) -> Result<Vec<Receipt>, QueueError> {
-        tokio::time::sleep(self.latency).await;
-        self.deleted
-            .fetch_add(receipts.len() as u64, Ordering::Relaxed);
-        Ok(Vec::new())
-    }
-
-    async fn dead_letter(&self, _: &Message, _: &str) -> Result<DeadLettered, QueueError> {
-        Ok(DeadLettered::NotConfigured)
-    }
-
-    async fn send(&self, _: &str, _: &SendOptions) -> Result<String, QueueError> {
-        Err(QueueError::Rejected(
-            "the many-jobs benchmark neither splits nor continues jobs".into(),
-        ))
-    }
-}
-
-/// Channel `room-{n}` holds `conn-{n·a}` … `conn-{n·a+a-1}`: one Query page
-/// after `latency`; removals wait as long and are counted. The whole table
-/// (the huge broadcast) is generated, `latency` before each page.
-struct Channels {
-    audience: u64,
-    latency: Duration,
-    removed: AtomicU64,
-    whole: crate::audience::GeneratedTable,
-}
-
-impl ConnectionStore for Channels {
-    fn pages(
-        &self,
-        query: &AudienceQuery,
-        _: Option<Vec<Cursor>>,
-    ) -> BoxStream<'static, Result<Page, StoreError>> {
-        let room = match query {
-            AudienceQuery::Channel(channel) => channel
-                .strip_prefix("room-")
-                .and_then(|n| n.parse::<u64>().ok()),
-            _ => {
-                let latency = self.latency;
-                return self
-                    .whole
-                    .pages(query, None)
-                    .then(move |page| async move {
-                        tokio::time::sleep(latency).await;
-                        page
-                    })
-                    .boxed();
-            }
-        };
-        let (latency, audience) = (self.latency, self.audience);
-        stream::once(async move {
-            tokio::time::sleep(latency).await;
-            let first = room.unwrap_or(0) * audience;
-            let connections = (first..first + audience * u64::from(room.is_some()))
-                .map(crate::audience::row)
-                .collect();
-            Ok(Page {
-                connections,
-                next: Cursor {
-                    segment: 0,
-                    position: None,
-                },
-            })
-        })
-        .boxed()
-    }
-
-    async fn remove(&self, gone: Vec<Connection>) -> Result<Removal, StoreError> {
-        tokio::time::sleep(self.latency).await;
-        self.removed.fetch_add(gone.len() as u64, Ordering::Relaxed);
-        Ok(Removal::default())
-    }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use fanout_aws::sqs::SqsQueue;
+use fanout_aws::SqsQueue;
 use fanout_core::Backoff;
 use fanout_core::connection::ConnectionId;
 use fanout_core::engine::Engine;

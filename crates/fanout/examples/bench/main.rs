@@ -37,10 +37,7 @@ use anyhow::Context;
 use aws_credential_types::Credentials;
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
-use fanout_aws::apigw::ApiGatewaySender;
-use fanout_aws::dynamo::{DynamoStore, TableSettings};
-use fanout_aws::lean::LeanSender;
-use fanout_aws::select::SelectedSender;
+use fanout_aws::{DynamoStore, SelectedSender, SendSettings, TableSettings};
 use fanout_core::Backoff;
 use fanout_core::engine::{Engine, EngineSettings, Report};
 use fanout_core::gateway::Gateway;
@@ -234,15 +231,16 @@ fn sender(
     endpoint: &str,
     max_in_flight: usize,
 ) -> anyhow::Result<SelectedSender> {
-    let timeout = Duration::from_secs(10);
-    Ok(match path {
-        SendPath::Sdk => SelectedSender::Sdk(ApiGatewaySender::new(
-            fanout_aws::clients::apigw_client(config, endpoint, timeout)?,
-        )),
-        SendPath::Lean => {
-            SelectedSender::Lean(LeanSender::new(config, endpoint, timeout, max_in_flight)?)
-        }
-    })
+    let settings = SendSettings {
+        path: match path {
+            SendPath::Sdk => fanout_aws::SendPath::Sdk,
+            SendPath::Lean => fanout_aws::SendPath::Lean,
+        },
+        endpoint: endpoint.to_owned(),
+        attempt_timeout: Duration::from_secs(10),
+        max_in_flight,
+    };
+    Ok(SelectedSender::build(config, &settings)?)
 }
 
 fn engine<S: ConnectionStore, G: Gateway>(
@@ -275,11 +273,7 @@ fn engine<S: ConnectionStore, G: Gateway>(
 async fn latency(path: SendPath, endpoint: String, jobs: usize) -> anyhow::Result<()> {
     let config = sdk_config().await;
     let gateway = Arc::new(FirstPost::new(sender(&config, path, &endpoint, 256)?));
-    let store = Arc::new(GeneratedTable {
-        rows: 100,
-        page_size: 100,
-        removed: Default::default(),
-    });
+    let store = Arc::new(GeneratedTable::new(100, 100));
     let engine = engine(
         store,
         gateway.clone(),
@@ -305,11 +299,7 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
     let gateway = sender(&config, args.path, &args.endpoint, args.max_in_flight)?;
     match args.store {
         Store::Generated => {
-            let table = GeneratedTable {
-                rows: args.connections,
-                page_size: args.page_size,
-                removed: Default::default(),
-            };
+            let table = GeneratedTable::new(args.connections, args.page_size);
             run(table, gateway, &args, None).await
         }
         Store::Dynamo => {

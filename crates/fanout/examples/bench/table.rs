@@ -3,21 +3,16 @@
 //! by the real `DynamoStore` (Scan pages, BatchWriteItem removals) while the
 //! clock runs. Loading is not measured.
 
-use std::time::Duration;
-
 use anyhow::Context;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, PutRequest,
-    ScalarAttributeType, TableStatus, WriteRequest,
-};
-use fanout_aws::dynamo::DynamoStore;
+use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
+use fanout_aws::DynamoStore;
 use fanout_core::store::{AudienceQuery, ConnectionStore};
+pub use fanout_testkit::support::ID as KEY;
+use fanout_testkit::support::{TableKey, create_table_named};
 use futures::{StreamExt, TryStreamExt, stream};
 
 use crate::audience::GONE_EVERY;
-
-pub const KEY: &str = "connectionId";
 
 /// BatchWriteItem's limit.
 const BATCH: u64 = 25;
@@ -28,44 +23,12 @@ pub async fn create_and_load(client: &Client, table: &str, rows: u64) -> anyhow:
     load(client, table, rows, false).await
 }
 
-/// Creates `table` keyed by [`KEY`], empty.
+/// Creates `table` keyed by [`KEY`], empty, as the tests create theirs.
 pub async fn create(client: &Client, table: &str) -> anyhow::Result<()> {
-    client
-        .create_table()
-        .table_name(table)
-        .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name(KEY)
-                .attribute_type(ScalarAttributeType::S)
-                .build()?,
-        )
-        .key_schema(
-            KeySchemaElement::builder()
-                .attribute_name(KEY)
-                .key_type(KeyType::Hash)
-                .build()?,
-        )
-        .send()
+    create_table_named(client, table, TableKey::Id, false)
         .await
-        .context(
-            "create the benchmark table (is dynalite up and AWS_ENDPOINT_URL_DYNAMODB set?)",
-        )?;
-    // dynalite creates tables asynchronously even with --createTableMs 0.
-    loop {
-        let status = client
-            .describe_table()
-            .table_name(table)
-            .send()
-            .await?
-            .table()
-            .and_then(|t| t.table_status().cloned());
-        if status == Some(TableStatus::Active) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
+        .map_err(anyhow::Error::msg)
+        .context("create the benchmark table (is dynalite up and AWS_ENDPOINT_URL_DYNAMODB set?)")
 }
 
 /// Writes the rows `conn-0` … `conn-{rows-1}`, or only the gone ones among

@@ -282,6 +282,20 @@ pub async fn create_table(
     channel_index: bool,
 ) -> String {
     let name = unique(prefix);
+    create_table_named(ddb, &name, key, channel_index)
+        .await
+        .expect("create a test table");
+    name
+}
+
+/// Creates the table `name` and waits for it to be active: the tests' and
+/// the benchmark's one way to make a connections table.
+pub async fn create_table_named(
+    ddb: &aws_sdk_dynamodb::Client,
+    name: &str,
+    key: TableKey,
+    channel_index: bool,
+) -> Result<(), String> {
     let attr = |name: &str| {
         AttributeDefinition::builder()
             .attribute_name(name)
@@ -298,7 +312,7 @@ pub async fn create_table(
     };
     let mut request = ddb
         .create_table()
-        .table_name(&name)
+        .table_name(name)
         .billing_mode(BillingMode::PayPerRequest)
         .attribute_definitions(attr(ID));
     request = match key {
@@ -325,23 +339,27 @@ pub async fn create_table(
                 .expect("channel index"),
         );
     }
-    request.send().await.expect("create a test table");
+    let described = |e: &dyn std::fmt::Display| format!("table {name}: {e}");
+    request
+        .send()
+        .await
+        .map_err(|e| described(&aws_sdk_dynamodb::error::DisplayErrorContext(e)))?;
     // dynalite creates tables asynchronously even with --createTableMs 0.
     for _ in 0..250 {
         let status = ddb
             .describe_table()
-            .table_name(&name)
+            .table_name(name)
             .send()
             .await
-            .expect("describe the test table")
+            .map_err(|e| described(&aws_sdk_dynamodb::error::DisplayErrorContext(e)))?
             .table()
             .and_then(|t| t.table_status().cloned());
         if status == Some(TableStatus::Active) {
-            return name;
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("the test table {name} did not become active within 5 s");
+    Err(described(&"not active within 5 s"))
 }
 
 /// Puts one row per id (25 a call), with `channel` when given.

@@ -1,0 +1,102 @@
+//! One job's counts, bumped once per event: each bump counts for the job's
+//! report and for the process-wide [`Metrics`] (EMF and Prometheus) alike,
+//! so the two cannot disagree. The engine counts the answers; the remover,
+//! which runs in its own task, counts the removals through the same set.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::engine::Report;
+use crate::gateway::Counter;
+use crate::telemetry::Metrics;
+
+/// Shared as `Arc<JobCounts>` by a job's sends and its removal task.
+#[derive(Debug)]
+pub(crate) struct JobCounts {
+    metrics: Arc<Metrics>,
+    delivered: AtomicU64,
+    gone: AtomicU64,
+    failed: AtomicU64,
+    throttled: AtomicU64,
+    retries: AtomicU64,
+    removed: AtomicU64,
+    remove_failed: AtomicU64,
+    /// Gone connections whose row key is unknown (an explicit list on a
+    /// table with a composite key): not removed, and no process-wide
+    /// counter, as before the counts were one set.
+    remove_skipped: AtomicU64,
+}
+
+impl JobCounts {
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            delivered: AtomicU64::new(0),
+            gone: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            removed: AtomicU64::new(0),
+            remove_failed: AtomicU64::new(0),
+            remove_skipped: AtomicU64::new(0),
+        }
+    }
+
+    /// One answer, under its counter in the outcome table.
+    pub(crate) fn answer(&self, counter: Counter) {
+        let mine = match counter {
+            Counter::Delivered => &self.delivered,
+            Counter::Gone => &self.gone,
+            Counter::Failed => &self.failed,
+            Counter::Throttled => &self.throttled,
+        };
+        mine.fetch_add(1, Ordering::Relaxed);
+        self.metrics.count(counter);
+    }
+
+    /// One send attempt that was a retry.
+    pub(crate) fn retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        Metrics::incr(&self.metrics.retries);
+    }
+
+    /// Gone rows deleted.
+    pub(crate) fn removed(&self, rows: u64) {
+        self.removed.fetch_add(rows, Ordering::Relaxed);
+        Metrics::add(&self.metrics.removed, rows);
+    }
+
+    /// Gone rows still there after every retry.
+    pub(crate) fn remove_failed(&self, rows: u64) {
+        self.remove_failed.fetch_add(rows, Ordering::Relaxed);
+        Metrics::add(&self.metrics.remove_failed, rows);
+    }
+
+    /// Gone connections that could not be removed for want of a row key.
+    pub(crate) fn remove_skipped(&self, rows: u64) {
+        self.remove_skipped.fetch_add(rows, Ordering::Relaxed);
+    }
+
+    /// Writes the job's counts into its report.
+    pub(crate) fn report(&self, report: &mut Report) {
+        let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        report.delivered = get(&self.delivered);
+        report.gone = get(&self.gone);
+        report.failed = get(&self.failed);
+        report.throttled = get(&self.throttled);
+        report.retries = get(&self.retries);
+        report.removed = get(&self.removed);
+        report.remove_failed = get(&self.remove_failed) + get(&self.remove_skipped);
+    }
+
+    /// Rows removed, failed and skipped so far.
+    #[cfg(test)]
+    pub(crate) fn removals(&self) -> (u64, u64, u64) {
+        let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        (
+            get(&self.removed),
+            get(&self.remove_failed),
+            get(&self.remove_skipped),
+        )
+    }
+}
