@@ -31,6 +31,9 @@ mod select;
 mod sqs;
 
 pub use apigw::ApiGatewaySender;
+/// What every client is built from (region, credentials, endpoints): the
+/// binary loads it once with [`clients::load_sdk_config`] and hands it back.
+pub use aws_config::SdkConfig;
 pub use clients::AwsError;
 pub use dynamo::{DynamoStore, TableSettings};
 pub use endpoint::{BadEndpoint, parse_endpoint};

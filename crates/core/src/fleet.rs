@@ -53,7 +53,9 @@ use std::time::Duration;
 pub use clock::EpochClock;
 pub use coordinator::{Coordinator, FleetSettings};
 pub use shares::fair_shares;
-pub use timing::{DEAD_SHARE_UNUSED, JOIN_WAIT, LEASE_TTL, RENEW_INTERVAL, ROUND_TIMEOUT};
+pub use timing::{
+    DEAD_SHARE_UNUSED, DEMAND_LINGER, JOIN_WAIT, LEASE_TTL, RENEW_INTERVAL, ROUND_TIMEOUT,
+};
 
 /// One task's claim on the fleet's rate.
 #[derive(Clone, Debug, PartialEq)]

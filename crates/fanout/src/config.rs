@@ -20,6 +20,7 @@ use fanout_aws::{QueueSettings, SendSettings, TableSettings};
 use fanout_core::Backoff;
 use fanout_core::RateSettings;
 use fanout_core::engine::EngineSettings;
+use fanout_core::fleet::FleetSettings;
 use fanout_core::job::Capabilities;
 use fanout_core::worker::WorkerSettings;
 
@@ -107,6 +108,9 @@ struct Raw {
     rate_per_second: u32,
     rate_burst: u32,
     adaptive_rate: bool,
+    fleet_rate_per_second: Option<u32>,
+    fleet_table: Option<String>,
+    fleet_fallback_rate: Option<u32>,
     max_in_flight: u32,
     #[serde(with = "humantime_serde")]
     send_timeout: Duration,
@@ -162,6 +166,12 @@ pub struct Config {
     pub rate_burst: u32,
     /// Whether 429s lower the send rate for a while (AIMD).
     pub adaptive_rate: bool,
+    /// The fleet's total rate, shared by its tasks through `fleet_table`;
+    /// `None`: each task sends at its own rate alone.
+    pub fleet_rate_per_second: Option<u32>,
+    pub fleet_table: Option<String>,
+    /// This task's rate while the fleet table cannot be reached.
+    pub fleet_fallback_rate: Option<u32>,
     pub max_in_flight: u32,
     #[serde(with = "humantime_serde")]
     pub send_timeout: Duration,
@@ -203,6 +213,13 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub health_max_age: Duration,
     pub metrics_service: String,
+}
+
+/// The fleet keys, validated together.
+struct FleetKeys {
+    rate: u32,
+    table: String,
+    fallback: u32,
 }
 
 /// What the worker needs beyond the queue.
@@ -287,6 +304,35 @@ impl Config {
             attempt_timeout: self.send_timeout,
             max_in_flight: count(self.max_in_flight),
         }
+    }
+
+    /// How this task takes part in a fleet's budget (`None` without one),
+    /// with `task` its key in the fleet table.
+    pub fn fleet_settings(&self, task: String) -> Option<(String, FleetSettings)> {
+        let rate = NonZeroU32::new(self.fleet_rate_per_second?)?;
+        let fallback = NonZeroU32::new(self.fleet_fallback_rate?)?;
+        Some((
+            self.fleet_table.clone()?,
+            FleetSettings {
+                rate,
+                fallback,
+                task,
+            },
+        ))
+    }
+
+    /// The configuration's advice that is not an error: settings that work
+    /// but not as the operator likely means.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let (Some(fleet), Some(rate)) = (self.fleet_rate_per_second, self.rate_per_second)
+            && rate < fleet
+        {
+            warnings.push(format!(
+                "rate_per_second ({rate}) is under fleet_rate_per_second ({fleet}): a task alone cannot use the whole fleet rate"
+            ));
+        }
+        warnings
     }
 
     /// How the engine sends, as the worker and the benchmarks run it.
@@ -514,6 +560,7 @@ impl Validator<'_> {
             .url("queue_url", raw.queue_url.clone())?
             .ok_or_else(|| missing("queue_url"))?;
         let (rate_per_second, rate_burst) = self.rate(&raw)?;
+        let fleet = self.fleet(&raw, rate_per_second)?;
         self.check_sending(&raw)?;
         self.check_queue(&raw)?;
         self.check_telemetry(&raw)?;
@@ -529,6 +576,9 @@ impl Validator<'_> {
             rate_per_second,
             rate_burst,
             adaptive_rate: raw.adaptive_rate,
+            fleet_rate_per_second: fleet.as_ref().map(|f| f.rate),
+            fleet_table: fleet.as_ref().map(|f| f.table.clone()),
+            fleet_fallback_rate: fleet.as_ref().map(|f| f.fallback),
             max_in_flight: self.range("max_in_flight", raw.max_in_flight, 1, 100_000)?,
             send_timeout: raw.send_timeout,
             send_attempts: self.range("send_attempts", raw.send_attempts, 1, 100)?,
@@ -594,6 +644,40 @@ impl Validator<'_> {
             (Some(_), burst) => burst,
         };
         Ok((rate_per_second, rate_burst))
+    }
+
+    /// The fleet budget: all three keys or none, a per-task rate to cap, and
+    /// a fallback within the fleet's rate.
+    fn fleet(&self, raw: &Raw, rate: Option<u32>) -> Result<Option<FleetKeys>, ConfigError> {
+        let table = self.non_empty("fleet_table", raw.fleet_table.clone())?;
+        let Some(fleet_rate) = raw.fleet_rate_per_second else {
+            for (key, set) in [
+                ("fleet_table", table.is_some()),
+                ("fleet_fallback_rate", raw.fleet_fallback_rate.is_some()),
+            ] {
+                if set {
+                    return Err(self.invalid(key, "needs fleet_rate_per_second"));
+                }
+            }
+            return Ok(None);
+        };
+        let fleet_rate = self.range("fleet_rate_per_second", fleet_rate, 1, 1_000_000)?;
+        let table = table.ok_or_else(|| missing("fleet_table"))?;
+        let fallback = raw
+            .fleet_fallback_rate
+            .ok_or_else(|| missing("fleet_fallback_rate"))?;
+        let fallback = self.range("fleet_fallback_rate", fallback, 1, fleet_rate)?;
+        if rate.is_none() {
+            return Err(self.invalid(
+                "rate_per_second",
+                "must be more than 0 with fleet_rate_per_second: the fleet's share caps the task's rate",
+            ));
+        }
+        Ok(Some(FleetKeys {
+            rate: fleet_rate,
+            table,
+            fallback,
+        }))
     }
 
     /// The send timeouts and backoff.
@@ -821,6 +905,86 @@ mod tests {
         Jail::expect_with(|jail| {
             let err = load_err(jail, Some("nope.toml"));
             assert!(err.contains("nope.toml"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_fleet_keys_go_together_and_name_what_is_missing() {
+        let fleet = [
+            ("FANOUT_FLEET_RATE_PER_SECOND", "2000"),
+            ("FANOUT_FLEET_TABLE", "fleet"),
+            ("FANOUT_FLEET_FALLBACK_RATE", "500"),
+            ("FANOUT_RATE_PER_SECOND", "2000"),
+        ];
+        let with = |jail: &mut Jail, skip: &str, extra: &[(&str, &str)]| {
+            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+            for (var, value) in fleet.iter().chain(extra) {
+                if *var != skip {
+                    jail.set_env(var, value);
+                }
+            }
+        };
+        Jail::expect_with(|jail| {
+            with(jail, "", &[]);
+            let config = Config::load(None).expect("a full fleet config");
+            let (table, settings) = config.fleet_settings("t-1".into()).expect("a fleet");
+            assert_eq!(table, "fleet");
+            assert_eq!((settings.rate.get(), settings.fallback.get()), (2000, 500));
+            assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+            Ok(())
+        });
+        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+            ("FANOUT_FLEET_TABLE", &[], "FANOUT_FLEET_TABLE"),
+            (
+                "FANOUT_FLEET_FALLBACK_RATE",
+                &[],
+                "FANOUT_FLEET_FALLBACK_RATE",
+            ),
+            (
+                "",
+                &[("FANOUT_FLEET_FALLBACK_RATE", "3000")],
+                "outside 1..=2000",
+            ),
+            (
+                "",
+                &[("FANOUT_RATE_PER_SECOND", "0")],
+                "must be more than 0",
+            ),
+            (
+                "FANOUT_FLEET_RATE_PER_SECOND",
+                &[],
+                "needs fleet_rate_per_second",
+            ),
+        ];
+        for (skip, extra, expected) in cases {
+            Jail::expect_with(|jail| {
+                with(jail, skip, extra);
+                let err = load_err(jail, None);
+                assert!(
+                    err.contains(expected),
+                    "without {skip}, with {extra:?}: {err}"
+                );
+                Ok(())
+            });
+        }
+        Jail::expect_with(|jail| {
+            with(jail, "", &[("FANOUT_RATE_PER_SECOND", "1000")]);
+            let config = Config::load(None).expect("a low ceiling is allowed");
+            let warnings = config.warnings();
+            assert!(
+                warnings.len() == 1 && warnings[0].contains("cannot use the whole fleet rate"),
+                "{warnings:?}"
+            );
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+            let config = Config::load(None).expect("the defaults");
+            assert!(
+                config.fleet_settings("t".into()).is_none(),
+                "no fleet by default"
+            );
             Ok(())
         });
     }

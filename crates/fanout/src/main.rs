@@ -15,9 +15,10 @@ use tokio_util::sync::CancellationToken;
 use fanout::config::{Config, ConfigError};
 use fanout::ecs::{self, TaskProtection};
 use fanout::metrics::{self, MetricsServer};
-use fanout_aws::{DynamoStore, QueueSettings, SelectedSender, SqsQueue, clients};
+use fanout_aws::{DynamoLeaseTable, DynamoStore, QueueSettings, SelectedSender, SqsQueue, clients};
 use fanout_core::SendBudget;
 use fanout_core::engine::Engine;
+use fanout_core::fleet::Coordinator;
 use fanout_core::job::{self, Capabilities, JobSpec};
 use fanout_core::queue::{self, JobQueue, SendOptions};
 use fanout_core::telemetry::Metrics;
@@ -175,6 +176,12 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
         config.rate_settings(),
         engine_settings.max_in_flight,
     ));
+    for warning in config.warnings() {
+        tracing::warn!(%warning, "check the configuration");
+    }
+    // Before the worker starts: a task in a fleet sends nothing until the
+    // others have read its lease.
+    let fleet = join_fleet(&config, &sdk, &budget, &metrics).await?;
     let engine = Engine::new(
         Arc::new(store),
         Arc::new(gateway),
@@ -198,6 +205,12 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
         ));
     }
     tracing::info!(queue = %config.queue_url, table = %targets.table, endpoint = %targets.gateway_endpoint, "fanout worker started");
+    let (leave_fleet, left) = tokio::sync::oneshot::channel::<()>();
+    let fleet = fleet.map(|coordinator| {
+        tokio::spawn(coordinator.run(async {
+            let _ = left.await;
+        }))
+    });
     let stopped = worker::run(
         Arc::new(queue),
         Arc::new(engine),
@@ -206,6 +219,14 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
         shutdown.clone(),
     )
     .await;
+    // The lease goes once nothing is sent any more, so the others can take
+    // this task's share at once rather than when it expires.
+    drop(leave_fleet);
+    if let Some(fleet) = fleet
+        && let Err(e) = fleet.await
+    {
+        tracing::warn!(error = %e, "the fleet lease task failed; the lease expires by itself");
+    }
     // Stops the metrics server, which prints a last EMF line.
     shutdown.cancel();
     if let Ok(Err(e)) = metrics_task.await {
@@ -218,6 +239,51 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
         }
         Stopped::Failed(reason) => anyhow::bail!("the worker stopped: {reason}"),
     }
+}
+
+/// The fleet's coordinator, if the configuration names a fleet. A missing
+/// fleet table stops the worker; an unreachable one does not: the task
+/// starts at its fallback rate and joins when the table answers.
+async fn join_fleet(
+    config: &Config,
+    sdk: &fanout_aws::SdkConfig,
+    budget: &Arc<SendBudget>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<Coordinator<DynamoLeaseTable>>> {
+    let Some((table, settings)) = config.fleet_settings(task_key()) else {
+        return Ok(None);
+    };
+    let client = clients::fleet_dynamodb_client(sdk);
+    let leases = match DynamoLeaseTable::connect(client.clone(), &table).await {
+        Ok(leases) => leases,
+        Err(e) if e.is_transient() => {
+            tracing::warn!(error = %e, table = %table, "the fleet table (FANOUT_FLEET_TABLE) cannot be reached: starting at the fallback rate");
+            DynamoLeaseTable::new(client, &table)
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("cannot use the fleet table {table} (FANOUT_FLEET_TABLE)")
+            });
+        }
+    };
+    tracing::info!(task = %settings.task, fleet_rate = settings.rate, fallback = settings.fallback, table = %table, "joining the fleet budget");
+    Ok(Some(Coordinator::new(
+        Arc::new(leases),
+        budget.clone(),
+        metrics.clone(),
+        settings,
+    )))
+}
+
+/// This process's key in the fleet table: unique in the fleet, and new for
+/// each process, so a restarted task never inherits a dead one's lease.
+fn task_key() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "task".to_owned());
+    format!(
+        "{host}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {

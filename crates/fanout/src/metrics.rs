@@ -93,6 +93,12 @@ pub enum MetricsError {
     Unhealthy { status: u16, body: String },
 }
 
+/// Whether the task takes part in a fleet's budget: it has seen the fleet
+/// table or falls back for want of it.
+fn in_fleet(s: &Snapshot) -> bool {
+    s.fleet_tasks > 0 || s.fleet_on_fallback > 0 || s.fleet_renewals_failed > 0
+}
+
 /// Renders one EMF line (no trailing newline) for the counts in `delta`,
 /// stamped `timestamp_ms`. `JobDuration` is the mean of the jobs that
 /// finished in the interval and is left out when none did, so CloudWatch
@@ -101,11 +107,27 @@ pub fn render_emf(delta: &Snapshot, service: &str, timestamp_ms: u64) -> String 
     let mut root = Map::new();
     let mut declared = Vec::new();
     for (name, _, _, value) in delta.counters() {
-        declared.push(json!({ "Name": name, "Unit": "Count" }));
+        let unit = if name.ends_with("Ms") {
+            "Milliseconds"
+        } else {
+            "Count"
+        };
+        declared.push(json!({ "Name": name, "Unit": unit }));
         root.insert(name.to_owned(), Value::from(value));
     }
     declared.push(json!({ "Name": "JobsInFlight", "Unit": "Count" }));
     root.insert("JobsInFlight".to_owned(), Value::from(delta.jobs_in_flight));
+    // Only a task in a fleet has these: the others pay for no extra metrics.
+    if in_fleet(delta) {
+        for (name, unit, value) in [
+            ("FleetShare", "Count/Second", delta.fleet_share_per_second),
+            ("FleetTasks", "Count", delta.fleet_tasks),
+            ("FleetOnFallback", "Count", delta.fleet_on_fallback),
+        ] {
+            declared.push(json!({ "Name": name, "Unit": unit }));
+            root.insert(name.to_owned(), Value::from(value));
+        }
+    }
     if delta.job_duration_count > 0 {
         let mean = delta.job_duration_ms_sum as f64 / delta.job_duration_count as f64;
         declared.push(json!({ "Name": "JobDuration", "Unit": "Milliseconds" }));
@@ -206,7 +228,25 @@ impl Collector for Exporter {
                 s.last_poll_unix_ms as f64 / 1000.0,
             ),
         ];
-        for (name, help, value) in gauges {
+        let fleet: [(&str, &str, f64); 3] = [
+            (
+                "fleet_share_per_second",
+                "This task's share of the fleet's send rate, per second",
+                s.fleet_share_per_second as f64,
+            ),
+            (
+                "fleet_tasks",
+                "Live tasks in the fleet table, this one among them",
+                s.fleet_tasks as f64,
+            ),
+            (
+                "fleet_on_fallback",
+                "1 while the fleet table cannot be reached (the fallback rate)",
+                s.fleet_on_fallback as f64,
+            ),
+        ];
+        let fleet = if in_fleet(&s) { &fleet[..] } else { &[] };
+        for &(name, help, value) in gauges.iter().chain(fleet) {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
@@ -452,6 +492,8 @@ fn unix_ms_now() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
 
     fn sample() -> Metrics {
@@ -518,6 +560,40 @@ mod tests {
             "JobsInFlight",
         ] {
             assert!(names.contains(&Some(expected)), "{expected} not declared");
+        }
+    }
+
+    #[test]
+    fn the_fleet_gauges_appear_only_for_a_task_in_a_fleet() {
+        let alone = sample();
+        let line = render_emf(&Snapshot::read(&alone), "fanout", 1);
+        assert!(!line.contains("FleetShare"), "{line}");
+        assert!(
+            line.contains(r#"{"Name":"BudgetWaitMs","Unit":"Milliseconds"}"#),
+            "{line}"
+        );
+        let text = render_prometheus(&Arc::new(sample()));
+        assert!(!text.contains("fanout_fleet_share_per_second"), "{text}");
+
+        let fleet = sample();
+        fleet.fleet_share_per_second.store(500, Ordering::Relaxed);
+        fleet.fleet_tasks.store(4, Ordering::Relaxed);
+        let v: Value =
+            serde_json::from_str(&render_emf(&Snapshot::read(&fleet), "fanout", 1)).unwrap();
+        assert_eq!(v["FleetShare"], 500);
+        assert_eq!(v["FleetTasks"], 4);
+        assert_eq!(v["FleetOnFallback"], 0);
+        let text = render_prometheus(&Arc::new(fleet));
+        for line in [
+            "fanout_fleet_share_per_second 500.0",
+            "fanout_fleet_tasks 4.0",
+            "fanout_fleet_on_fallback 0.0",
+            "# TYPE fanout_fleet_tasks gauge",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
         }
     }
 

@@ -3,8 +3,9 @@
 //! metrics; on a clean stop it removes the lease.
 //!
 //! A task's demand is its configured rate (the budget's ceiling) while a
-//! job runs (`Metrics::jobs_in_flight` above zero), and 0 while idle: the
-//! simplest measure of "the rate it can use now". A busy task that sends
+//! job runs (`Metrics::jobs_in_flight` above zero) and for [`DEMAND_LINGER`]
+//! after the last one, and 0 while idle: the simplest measure of "the rate
+//! it can use now". A busy task that sends
 //! less (a small audience, a slow endpoint) still claims its ceiling, so
 //! the others do not get the part it leaves unused until its jobs end.
 
@@ -17,7 +18,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::clock::EpochClock;
 use super::standing::Standing;
-use super::timing::{LEASE_TTL, RENEW_INTERVAL, ROUND_TIMEOUT};
+use super::timing::{DEMAND_LINGER, LEASE_TTL, RENEW_INTERVAL, ROUND_TIMEOUT};
 use super::{FleetError, Lease, LeaseTable};
 use crate::limiter::SendBudget;
 use crate::telemetry::Metrics;
@@ -50,6 +51,8 @@ pub struct Coordinator<T> {
     /// Whether the previous round failed: the first failure of a run and
     /// the recovery are logged, not every round between.
     failing: bool,
+    /// The last round that found a job running.
+    last_busy: Option<Instant>,
 }
 
 impl<T: LeaseTable> Coordinator<T> {
@@ -78,6 +81,7 @@ impl<T: LeaseTable> Coordinator<T> {
             clock: EpochClock::system(),
             standing,
             failing: false,
+            last_busy: None,
         };
         coordinator.apply();
         coordinator
@@ -177,9 +181,17 @@ impl<T: LeaseTable> Coordinator<T> {
         Ok(others.len() as u64 + 1)
     }
 
-    /// The budget's ceiling while a job runs, else 0.
-    fn demand(&self) -> f64 {
-        if Metrics::get(&self.metrics.jobs_in_flight) == 0 {
+    /// The budget's ceiling while a job runs and for [`DEMAND_LINGER`]
+    /// after, else 0.
+    fn demand(&mut self) -> f64 {
+        let now = Instant::now();
+        if Metrics::get(&self.metrics.jobs_in_flight) > 0 {
+            self.last_busy = Some(now);
+        }
+        let lingering = self
+            .last_busy
+            .is_some_and(|busy| now.duration_since(busy) < DEMAND_LINGER);
+        if !lingering {
             return 0.0;
         }
         let ceiling = self.budget.ceiling().unwrap_or(self.settings.rate.get());

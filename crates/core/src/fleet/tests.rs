@@ -302,10 +302,44 @@ async fn an_idle_task_takes_nothing_and_waits_as_a_joiner_when_work_comes() {
     );
     fleet.run_until(SETTLE, "half each", Fleet::settled).await;
     assert_eq!(fleet.share("idle"), 500.0);
-    // Idle again: the share goes at once, and the other takes it back.
+    // Idle again: the share goes once the demand's linger is over, and the
+    // other takes it back.
     fleet.member("idle").set_busy(false);
     fleet.run_until(SETTLE, "idle again", Fleet::settled).await;
     assert_eq!(fleet.share("busy"), 1000.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gap_between_two_jobs_keeps_the_share_without_a_new_join() {
+    let mut fleet = Fleet::new(1000, 250);
+    fleet.join("a", 2000, true);
+    fleet.run_until(SETTLE, "alone", Fleet::settled).await;
+    assert_eq!(fleet.share("a"), 1000.0);
+    // One job ends and the next starts within two rounds: no round in the
+    // gap may cut the share, or the next job would wait as a joiner does.
+    fleet.member("a").set_busy(false);
+    let gap = RENEW_INTERVAL * 2;
+    let started = Instant::now();
+    while started.elapsed() < gap {
+        fleet.run_for(STEP * 10).await;
+        assert_eq!(
+            fleet.share("a"),
+            1000.0,
+            "cut {:?} into the gap",
+            started.elapsed()
+        );
+    }
+    fleet.member("a").set_busy(true);
+    fleet.run_for(RENEW_INTERVAL * 3).await;
+    assert_eq!(fleet.share("a"), 1000.0);
+    // Idle for longer than the linger: the claim goes.
+    fleet.member("a").set_busy(false);
+    fleet.run_for(DEMAND_LINGER + RENEW_INTERVAL * 2).await;
+    assert_eq!(
+        fleet.share("a"),
+        0.0,
+        "an idle task's claim lingers no longer"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -33,6 +33,14 @@ const LATE_START: Duration = Duration::from_millis(250);
 pub const JOIN_WAIT: Duration =
     Duration::from_millis(SHARE_IN_FORCE.as_millis() as u64 + LATE_START.as_millis() as u64);
 
+/// How long a task keeps claiming its demand after its last job ended.
+/// Claiming more again counts as a join and waits [`JOIN_WAIT`], so a task
+/// that runs one job after another (a gap of milliseconds between them)
+/// must not drop its claim in the gap; the cost is a share held for this
+/// long after the task's work is really done (a task that stops removes its
+/// lease at once).
+pub const DEMAND_LINGER: Duration = Duration::from_secs(3);
+
 /// How long a lease counts after the write that renewed it. Long enough
 /// that a live task's lease never expires to the others: it renews at
 /// least every interval plus a round's timeout, 1.5 s (else it has fallen
@@ -56,4 +64,6 @@ const _: () = {
     // with at least a second to spare for skew.
     assert!(LEASE_TTL.as_millis() >= SHARE_IN_FORCE.as_millis() + 1000);
     assert!(DEAD_SHARE_UNUSED.as_millis() <= 5000);
+    // A gap between two jobs spans at least one round.
+    assert!(DEMAND_LINGER.as_millis() > 2 * RENEW_INTERVAL.as_millis());
 };

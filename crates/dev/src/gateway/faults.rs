@@ -1,9 +1,11 @@
 //! Fault injection for POSTs (`--throttle-rps`, `--fail-percent`,
 //! `--latency-ms`) and the counters tests read at `GET /{stage}/@stats`.
 
+use std::collections::BTreeMap;
 use std::num::NonZeroU32;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
@@ -69,7 +71,14 @@ pub struct Stats {
     failed: AtomicU64,
     too_large: AtomicU64,
     forbidden: AtomicU64,
+    /// POSTs received per second of the Unix clock, the last
+    /// [`SECONDS_KEPT`]: the rate a fleet of senders keeps, as API Gateway's
+    /// own per-second throttle would see it.
+    by_second: Mutex<BTreeMap<u64, u64>>,
 }
+
+/// Seconds of per-second counts kept (an hour).
+const SECONDS_KEPT: usize = 3600;
 
 /// What a POST ended as, for the counters.
 #[derive(Clone, Copy, Debug)]
@@ -106,12 +115,25 @@ pub struct StatsSnapshot {
     /// `--sink`: deliveries beyond the first, summed over those ids.
     #[serde(default)]
     pub sink_duplicates: u64,
+    /// `[unix second, POSTs received in it]`, oldest first, the last hour.
+    #[serde(default)]
+    pub posts_per_second: Vec<(u64, u64)>,
 }
 
 impl Stats {
     /// Counts a POST as started; it counts as in flight until the guard drops.
     pub fn start_post(&self) -> InFlight<'_> {
         self.posts.fetch_add(1, Ordering::Relaxed);
+        let second = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        {
+            let mut by_second = self.by_second.lock().unwrap_or_else(|e| e.into_inner());
+            *by_second.entry(second).or_default() += 1;
+            if by_second.len() > SECONDS_KEPT {
+                by_second.pop_first();
+            }
+        }
         let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
         self.max_in_flight.fetch_max(now, Ordering::AcqRel);
         InFlight(self)
@@ -144,6 +166,13 @@ impl Stats {
             forbidden: load(&self.forbidden),
             sink_ids: 0,
             sink_duplicates: 0,
+            posts_per_second: self
+                .by_second
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(&second, &n)| (second, n))
+                .collect(),
         }
     }
 }
@@ -196,6 +225,11 @@ mod tests {
         drop((b, c));
         stats.record(PostResult::Delivered);
         let snap = stats.snapshot(3);
+        assert_eq!(
+            snap.posts_per_second.iter().map(|&(_, n)| n).sum::<u64>(),
+            3,
+            "every POST in its second"
+        );
         assert_eq!(
             (
                 snap.posts,

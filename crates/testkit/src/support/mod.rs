@@ -344,14 +344,54 @@ pub async fn create_table_named(
         .send()
         .await
         .map_err(|e| described(&aws_sdk_dynamodb::error::DisplayErrorContext(e)))?;
-    // dynalite creates tables asynchronously even with --createTableMs 0.
+    wait_active(ddb, name).await
+}
+
+/// Creates a coordination table as the template makes the fleet's: key
+/// `pk` (S) and sort key `sk` (S) (dynalite has no TTL, so no sweep); returns
+/// its name.
+pub async fn create_lease_table(ddb: &aws_sdk_dynamodb::Client, prefix: &str) -> String {
+    let name = unique(prefix);
+    let attr = |name: &str| {
+        AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .expect("attribute definition")
+    };
+    let element = |name: &str, kind: KeyType| {
+        KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(kind)
+            .build()
+            .expect("key schema element")
+    };
+    ddb.create_table()
+        .table_name(&name)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attr("pk"))
+        .attribute_definitions(attr("sk"))
+        .key_schema(element("pk", KeyType::Hash))
+        .key_schema(element("sk", KeyType::Range))
+        .send()
+        .await
+        .expect("create a lease table");
+    wait_active(ddb, &name)
+        .await
+        .expect("the lease table becomes active");
+    name
+}
+
+/// Waits until dynalite, which creates tables asynchronously even with
+/// `--createTableMs 0`, has made `name` active.
+async fn wait_active(ddb: &aws_sdk_dynamodb::Client, name: &str) -> Result<(), String> {
     for _ in 0..250 {
         let status = ddb
             .describe_table()
             .table_name(name)
             .send()
             .await
-            .map_err(|e| described(&aws_sdk_dynamodb::error::DisplayErrorContext(e)))?
+            .map_err(|e| format!("table {name}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(e)))?
             .table()
             .and_then(|t| t.table_status().cloned());
         if status == Some(TableStatus::Active) {
@@ -359,7 +399,7 @@ pub async fn create_table_named(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Err(described(&"not active within 5 s"))
+    Err(format!("table {name}: not active within 5 s"))
 }
 
 /// Puts one row per id (25 a call), with `channel` when given.

@@ -1,0 +1,274 @@
+//! The fleet budget with real processes: 1, 2 and 4 `fanout run` workers,
+//! started together on one fleet rate, coordinate through a lease table on
+//! dynalite and broadcast a split job from moto to the local gateway, which
+//! counts the POSTs it receives in each second of the clock. One run kills
+//! a worker with SIGKILL mid-broadcast.
+//!
+//! The figures each run prints (the rate the endpoint saw, the time to
+//! broadcast against the ideal N ÷ rate) are the ones BENCHMARKS.md quotes.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fanout_testkit::local_support::TestGateway;
+use fanout_testkit::support::worker::{Run, finish, signal};
+use fanout_testkit::support::{self, TableKey, TestQueue};
+use tokio::process::Child;
+
+/// The fleet's rate, and each task's ceiling: a task alone may use it all.
+const FLEET_RATE: u64 = 2000;
+/// The audience: 12 s at the fleet's rate.
+const AUDIENCE: usize = 24_000;
+/// How far the rate at the endpoint may stray from the fleet's, once every
+/// worker has run for 2 s.
+const TOLERANCE: f64 = 0.05;
+/// A worker joins within about 2 s (its lease must be read by the others
+/// first); the rate is judged from 2 s after that.
+const SETTLED_AFTER: u64 = 4;
+
+struct Fleet {
+    sqs: aws_sdk_sqs::Client,
+    queue: TestQueue,
+    dlq: TestQueue,
+    table: String,
+    leases: String,
+    gateway: TestGateway,
+}
+
+impl Fleet {
+    /// A fresh queue, lease table and gateway on the shared audience table.
+    async fn new(table: &str) -> Self {
+        let sqs = support::sqs().await;
+        let dynamo = support::dynamodb().await;
+        let (queue, dlq) = support::create_queue_with_dlq(&sqs, "fleet", false, None).await;
+        let leases = support::create_lease_table(&dynamo, "leases").await;
+        let gateway = TestGateway::on_table(table, |args| args.sink = true).await;
+        Self {
+            sqs,
+            queue,
+            dlq,
+            table: table.to_owned(),
+            leases,
+            gateway,
+        }
+    }
+
+    fn worker(&self) -> Child {
+        let endpoint = format!("http://{}/{}", self.gateway.addr, self.gateway.stage);
+        let rate = FLEET_RATE.to_string();
+        let fallback = (FLEET_RATE / 4).to_string();
+        support::worker::command(
+            &["run", "--exit-when-idle"],
+            &self.queue.url,
+            &self.dlq.url,
+            &self.table,
+            [
+                ("FANOUT_GATEWAY_ENDPOINT", endpoint.as_str()),
+                ("FANOUT_FLEET_RATE_PER_SECOND", rate.as_str()),
+                ("FANOUT_FLEET_TABLE", self.leases.as_str()),
+                ("FANOUT_FLEET_FALLBACK_RATE", fallback.as_str()),
+                ("FANOUT_RATE_PER_SECOND", rate.as_str()),
+                // One segment per worker: each has work the whole time.
+                ("FANOUT_MAX_CONCURRENT_JOBS", "1"),
+                // A killed worker's segment comes back soon.
+                ("FANOUT_VISIBILITY_TIMEOUT", "8s"),
+                ("FANOUT_HEARTBEAT_INTERVAL", "2s"),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start fanout run")
+    }
+
+    /// One whole-table broadcast as the segment jobs a split makes of it,
+    /// all on the queue before the workers start: a worker that found the
+    /// queue empty at its first poll would leave (`--exit-when-idle`).
+    async fn enqueue(&self, segments: usize) {
+        for index in 0..segments {
+            let body = serde_json::json!({
+                "id": format!("everyone/{index}"),
+                "data": "hi",
+                "segment": {"index": index, "total": segments},
+            });
+            self.sqs
+                .send_message()
+                .queue_url(&self.queue.url)
+                .message_body(body.to_string())
+                .send()
+                .await
+                .expect("enqueue a segment");
+        }
+    }
+
+    /// POSTs the gateway received, per unix second.
+    async fn per_second(&self) -> BTreeMap<u64, u64> {
+        self.gateway
+            .stats()
+            .await
+            .posts_per_second
+            .into_iter()
+            .collect()
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
+/// The whole seconds from `from` up to, not including, `until`: their
+/// counts' mean, least and most.
+fn rate_between(counts: &BTreeMap<u64, u64>, from: u64, until: u64) -> (f64, u64, u64) {
+    let seconds: Vec<u64> = (from..until)
+        .map(|s| counts.get(&s).copied().unwrap_or(0))
+        .collect();
+    assert!(!seconds.is_empty(), "no whole second between {from} and {until}");
+    let mean = seconds.iter().sum::<u64>() as f64 / seconds.len() as f64;
+    (
+        mean,
+        *seconds.iter().min().expect("seconds"),
+        *seconds.iter().max().expect("seconds"),
+    )
+}
+
+/// From the first POST to the last, in seconds (whole seconds of the
+/// gateway's clock, so ±1 s).
+fn broadcast_span(counts: &BTreeMap<u64, u64>) -> u64 {
+    let first = counts.keys().next().expect("posts");
+    let last = counts.keys().next_back().expect("posts");
+    last - first + 1
+}
+
+/// Waits for every worker; returns each run and the unix second it ended.
+async fn finish_all(workers: Vec<Child>) -> Vec<(Run, u64)> {
+    let runs = workers.into_iter().map(|child| async move {
+        let run = finish(child, Duration::from_secs(120)).await;
+        (run, unix_now())
+    });
+    futures::future::join_all(runs).await
+}
+
+/// Waits until no message of the queue is hidden any more (a dead
+/// worker's comes back once its visibility lapses).
+async fn wait_for_redelivery(sqs: &aws_sdk_sqs::Client, url: &str) {
+    for _ in 0..60 {
+        let (visible, hidden) = support::counts(sqs, url).await;
+        if visible > 0 || hidden == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    panic!("the killed worker's segment did not come back within 60 s");
+}
+
+async fn audience_table() -> String {
+    let dynamo = support::dynamodb().await;
+    let table = support::create_table(&dynamo, "fleet-audience", TableKey::Id, true).await;
+    support::put_connections(&dynamo, &table, &support::ids("c", AUDIENCE), None).await;
+    table
+}
+
+/// `workers` workers broadcast the whole audience at the fleet's rate.
+async fn fleet_of(table: &str, workers: usize) {
+    let fleet = Fleet::new(table).await;
+    fleet.enqueue(workers).await;
+    let started = unix_now();
+    let children: Vec<Child> = (0..workers).map(|_| fleet.worker()).collect();
+    let runs = finish_all(children).await;
+    for (run, _) in &runs {
+        assert!(run.status.success(), "a worker failed:\n{}", run.stdout);
+    }
+    let first_exit = runs.iter().map(|(_, ended)| *ended).min().expect("runs");
+    let counts = fleet.per_second().await;
+    let stats = fleet.gateway.stats().await;
+    // From once every worker has run for 2 s to the last whole second
+    // before the first one ended (its lease goes then, and the others take
+    // its share a round later).
+    let (mean, least, most) = rate_between(&counts, started + SETTLED_AFTER, first_exit - 1);
+    let span = broadcast_span(&counts);
+    let ideal = AUDIENCE as f64 / FLEET_RATE as f64;
+    println!(
+        "fleet of {workers}: {mean:.0} posts/s at the endpoint (seconds {least}..{most}), \
+         {AUDIENCE} connections in {span} s against the ideal {ideal:.0} s ({:.2}×); \
+         {} ids reached, {} duplicates",
+        span as f64 / ideal,
+        stats.sink_ids,
+        stats.sink_duplicates,
+    );
+    let target = FLEET_RATE as f64;
+    assert!(
+        (mean - target).abs() <= target * TOLERANCE,
+        "fleet of {workers}: {mean:.0}/s at the endpoint, not within 5 % of {target}: {counts:?}"
+    );
+    if workers == 1 {
+        assert!(mean >= target * 0.95, "a worker alone reaches 95 % of the fleet rate");
+    }
+    assert_eq!(stats.sink_ids, AUDIENCE as u64, "every live client is reached");
+    assert_eq!(stats.sink_duplicates, 0, "and only once");
+    fleet.gateway.shutdown().await;
+}
+
+/// One test, so that no other runs beside it: the rates it measures are
+/// those of processes that have the machine to themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_share_the_fleet_rate_and_take_a_killed_ones_share() {
+    support::require_emulators();
+    let table = audience_table().await;
+    for workers in [1, 2, 4] {
+        fleet_of(&table, workers).await;
+    }
+    a_killed_workers_share_goes_back_to_the_others_within_5_s(&table).await;
+}
+
+/// Four workers; one is killed with SIGKILL once all have their share.
+async fn a_killed_workers_share_goes_back_to_the_others_within_5_s(table: &str) {
+    let fleet = Fleet::new(table).await;
+    fleet.enqueue(4).await;    let fleet = Fleet::new(&table).await;
+    fleet.enqueue(4).await;
+    let started = unix_now();
+    let mut children: Vec<Child> = (0..4).map(|_| fleet.worker()).collect();
+    // Every worker has its segment and its share by now.
+    tokio::time::sleep(Duration::from_secs(SETTLED_AFTER)).await;
+    let killed = children.remove(0);
+    signal(&killed, "-KILL");
+    let killed_at = unix_now();
+    let survivors = tokio::spawn(finish_all(children));
+    // The survivors' leases alone count within 4.5 s; the rate is judged
+    // over the two whole seconds that follow the fifth.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let counts = fleet.per_second().await;
+    let (before, ..) = rate_between(&counts, started + SETTLED_AFTER, killed_at);
+    let (after, least, most) = rate_between(&counts, killed_at + 6, killed_at + 8);
+    println!(
+        "four workers, one killed: {before:.0}/s before, {after:.0}/s from 5 s after \
+         (seconds {least}..{most})"
+    );
+    assert!(
+        (after - FLEET_RATE as f64).abs() <= FLEET_RATE as f64 * TOLERANCE,
+        "the survivors send {after:.0}/s 5 s after the kill, not the fleet's {FLEET_RATE}: {counts:?}"
+    );
+    let runs = survivors.await.expect("the survivors");
+    for (run, _) in &runs {
+        assert!(run.status.success(), "a survivor failed:\n{}", run.stdout);
+    }
+    // The killed worker's segment comes back once its visibility lapses: a
+    // new worker takes it.
+    drop(killed);
+    wait_for_redelivery(&fleet.sqs, &fleet.queue.url).await;
+    let last = finish_all(vec![fleet.worker()]).await;
+    assert!(last[0].0.status.success(), "{}", last[0].0.stdout);
+    let stats = fleet.gateway.stats().await;
+    assert_eq!(
+        stats.sink_ids, AUDIENCE as u64,
+        "every live client is reached at least once"
+    );
+    println!(
+        "after the kill: {} ids reached, {} delivered again (the killed segment's, redelivered)",
+        stats.sink_ids, stats.sink_duplicates
+    );
+    fleet.gateway.shutdown().await;
+}
