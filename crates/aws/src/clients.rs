@@ -76,6 +76,40 @@ pub fn dynamodb_client(config: &SdkConfig) -> aws_sdk_dynamodb::Client {
     aws_sdk_dynamodb::Client::new(config)
 }
 
+/// The longest one call to the fleet table may take, retry included. The
+/// coordinator gives a whole round (a PutItem, then a Query) 500 ms and
+/// counts a slower one as failed; a call that gives up first reports why
+/// (refused, throttled, 5xx) instead of a bare timeout. A call within a
+/// region answers in milliseconds.
+pub const FLEET_OPERATION_TIMEOUT: Duration = Duration::from_millis(400);
+
+/// The pause before the one retry of a fleet-table call. The SDK's default
+/// (up to 1 s) would outlast [`FLEET_OPERATION_TIMEOUT`]; a short pause
+/// leaves a fast failure (a refused connection, a 5xx, a throttle) one more
+/// try within the round.
+const FLEET_RETRY_BACKOFF: Duration = Duration::from_millis(20);
+
+/// The DynamoDB client of the fleet's lease table: every call bounded by
+/// [`FLEET_OPERATION_TIMEOUT`], with at most one quick retry. The
+/// coordinator tries again every second, so failing fast and falling back
+/// beats waiting on a slow table.
+pub fn fleet_dynamodb_client(config: &SdkConfig) -> aws_sdk_dynamodb::Client {
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(CONNECT_TIMEOUT.min(FLEET_OPERATION_TIMEOUT))
+        .operation_attempt_timeout(FLEET_OPERATION_TIMEOUT)
+        .operation_timeout(FLEET_OPERATION_TIMEOUT)
+        .build();
+    let retries = RetryConfig::standard()
+        .with_max_attempts(2)
+        .with_initial_backoff(FLEET_RETRY_BACKOFF)
+        .with_max_backoff(FLEET_RETRY_BACKOFF);
+    let dynamodb = aws_sdk_dynamodb::config::Builder::from(config)
+        .retry_config(retries)
+        .timeout_config(timeouts)
+        .build();
+    aws_sdk_dynamodb::Client::from_conf(dynamodb)
+}
+
 /// The API Gateway Management API client for one WebSocket stage.
 ///
 /// `endpoint` must include the stage (`https://…/prod`): without it every

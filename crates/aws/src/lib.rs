@@ -9,6 +9,8 @@
 //! - `sqs`: [`SqsQueue`], the `JobQueue` on SQS.
 //! - `dynamo`: [`DynamoStore`], the `ConnectionStore` on a DynamoDB table
 //!   (Scan and Query pages, BatchWriteItem removals).
+//! - `fleet`: [`DynamoLeaseTable`], the fleet budget's `LeaseTable` on a
+//!   DynamoDB table (one item per task, read with one consistent Query).
 //! - `endpoint`: which management API endpoints are accepted
 //!   ([`parse_endpoint`]).
 //! - `apigw`: [`ApiGatewaySender`], PostToConnection through the SDK (the
@@ -26,6 +28,7 @@ mod apigw;
 pub mod clients;
 mod dynamo;
 mod endpoint;
+mod fleet;
 mod lean;
 mod select;
 mod sqs;
@@ -37,6 +40,7 @@ pub use aws_config::SdkConfig;
 pub use clients::AwsError;
 pub use dynamo::{DynamoStore, TableSettings};
 pub use endpoint::{BadEndpoint, parse_endpoint};
+pub use fleet::DynamoLeaseTable;
 pub use lean::{LeanError, LeanSender};
 pub use select::{SelectError, SelectedSender, SendPath, SendSettings};
 pub use sqs::{QueueSettings, REASON_ATTRIBUTE, SOURCE_MESSAGE_ATTRIBUTE, SqsQueue};

@@ -30,15 +30,27 @@ enum Resource {
     DeadLetterQueue,
     Table,
     TableIndexes,
+    FleetTable,
     ConnectionsPost,
     ClusterTasks,
 }
 
-/// The files that call an SDK client, and the service of that client.
-const ADAPTERS: &[(&str, &str)] = &[
-    ("crates/aws/src/sqs.rs", "sqs"),
-    ("crates/aws/src/dynamo.rs", "dynamodb"),
-    ("crates/aws/src/apigw.rs", "apigatewaymanagement"),
+/// What an adapter's SDK client calls: its service and, where one service
+/// serves several of the template's resources (two DynamoDB tables), which.
+#[derive(Clone, Copy, Debug)]
+enum Peer {
+    Sqs,
+    ConnectionsTable,
+    FleetTable,
+    ApiGateway,
+}
+
+/// The files that call an SDK client, and what that client calls.
+const ADAPTERS: &[(&str, Peer)] = &[
+    ("crates/aws/src/sqs.rs", Peer::Sqs),
+    ("crates/aws/src/dynamo.rs", Peer::ConnectionsTable),
+    ("crates/aws/src/fleet.rs", Peer::FleetTable),
+    ("crates/aws/src/apigw.rs", Peer::ApiGateway),
 ];
 
 /// Files that name SDK types without calling AWS for the worker: client
@@ -51,28 +63,34 @@ const BINARY_SOURCES: &[&str] = &["crates/core/src", "crates/aws/src", "crates/f
 
 /// An SDK operation of the worker: the IAM action that authorises it and
 /// the resources it is called on. `None`: not mapped yet.
-fn grant_for(service: &str, operation: &str) -> Option<(&'static str, &'static [Resource])> {
+fn grant_for(peer: Peer, operation: &str) -> Option<(&'static str, &'static [Resource])> {
+    use Peer::{ApiGateway, ConnectionsTable, Sqs};
     use Resource::*;
-    Some(match (service, operation) {
-        ("sqs", "receive_message") => ("sqs:ReceiveMessage", &[JobsQueue]),
-        ("sqs", "change_message_visibility" | "change_message_visibility_batch") => {
+    Some(match (peer, operation) {
+        (Sqs, "receive_message") => ("sqs:ReceiveMessage", &[JobsQueue]),
+        (Sqs, "change_message_visibility" | "change_message_visibility_batch") => {
             ("sqs:ChangeMessageVisibility", &[JobsQueue])
         }
         // The batch is authorised by the single-message action.
-        ("sqs", "delete_message" | "delete_message_batch") => ("sqs:DeleteMessage", &[JobsQueue]),
-        ("sqs", "get_queue_attributes") => ("sqs:GetQueueAttributes", &[JobsQueue]),
+        (Sqs, "delete_message" | "delete_message_batch") => ("sqs:DeleteMessage", &[JobsQueue]),
+        (Sqs, "get_queue_attributes") => ("sqs:GetQueueAttributes", &[JobsQueue]),
         // Continuations and split segments go to the jobs queue, bad jobs to
         // the dead-letter queue.
-        ("sqs", "send_message" | "send_message_batch") => {
+        (Sqs, "send_message" | "send_message_batch") => {
             ("sqs:SendMessage", &[JobsQueue, DeadLetterQueue])
         }
-        ("dynamodb", "describe_table") => ("dynamodb:DescribeTable", &[Table]),
-        ("dynamodb", "scan") => ("dynamodb:Scan", &[Table]),
-        ("dynamodb", "query") => ("dynamodb:Query", &[TableIndexes]),
-        ("dynamodb", "batch_write_item") => ("dynamodb:BatchWriteItem", &[Table]),
-        ("apigatewaymanagement", "post_to_connection") => {
-            ("execute-api:ManageConnections", &[ConnectionsPost])
-        }
+        (ConnectionsTable, "describe_table") => ("dynamodb:DescribeTable", &[Table]),
+        (ConnectionsTable, "scan") => ("dynamodb:Scan", &[Table]),
+        // The connections table is queried on its channel index only.
+        (ConnectionsTable, "query") => ("dynamodb:Query", &[TableIndexes]),
+        (ConnectionsTable, "batch_write_item") => ("dynamodb:BatchWriteItem", &[Table]),
+        // The fleet table is queried on its own key (every lease under one
+        // partition).
+        (Peer::FleetTable, "describe_table") => ("dynamodb:DescribeTable", &[FleetTable]),
+        (Peer::FleetTable, "query") => ("dynamodb:Query", &[FleetTable]),
+        (Peer::FleetTable, "put_item") => ("dynamodb:PutItem", &[FleetTable]),
+        (Peer::FleetTable, "delete_item") => ("dynamodb:DeleteItem", &[FleetTable]),
+        (ApiGateway, "post_to_connection") => ("execute-api:ManageConnections", &[ConnectionsPost]),
         _ => return None,
     })
 }
@@ -137,7 +155,7 @@ fn required() -> BTreeSet<(String, Resource)> {
         let relative = file.strip_prefix(root()).unwrap().to_str().unwrap();
         let source = production_source(file);
         let adapter = ADAPTERS.iter().find(|(path, _)| *path == relative);
-        let Some((_, service)) = adapter else {
+        let Some((_, peer)) = adapter else {
             let exempt = NOT_ADAPTERS.iter().any(|p| relative.starts_with(p));
             assert!(
                 exempt || !source.contains("aws_sdk_"),
@@ -148,13 +166,13 @@ fn required() -> BTreeSet<(String, Resource)> {
         let calls = client_calls(&source);
         assert!(!calls.is_empty(), "no SDK call found in {relative}");
         for call in calls {
-            match grant_for(service, &call) {
+            match grant_for(*peer, &call) {
                 Some((action, resources)) => {
                     for resource in resources {
                         required.insert((action.to_owned(), *resource));
                     }
                 }
-                None => unmapped.push(format!("{service} {call} ({relative})")),
+                None => unmapped.push(format!("{peer:?} {call} ({relative})")),
             }
         }
     }
@@ -217,6 +235,7 @@ fn resource_of(value: &Value) -> Resource {
         return match att {
             "JobsQueue.Arn" => Resource::JobsQueue,
             "DeadLetterQueue.Arn" => Resource::DeadLetterQueue,
+            "FleetTable.Arn" => Resource::FleetTable,
             other => panic!("an unexpected resource {other}"),
         };
     }
