@@ -68,6 +68,15 @@ impl DynamoLeaseTable {
         check_key_schema(&table, description)?;
         Ok(Self { client, table })
     }
+
+    /// The table, unchecked: for a start while it cannot be reached (the
+    /// coordinator falls back and retries every round).
+    pub fn unchecked(client: Client, table: impl Into<String>) -> Self {
+        Self {
+            client,
+            table: table.into(),
+        }
+    }
 }
 
 impl LeaseTable for DynamoLeaseTable {

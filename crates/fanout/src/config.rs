@@ -934,7 +934,9 @@ mod tests {
             assert!(config.warnings().is_empty(), "{:?}", config.warnings());
             Ok(())
         });
-        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        // (a key left out, keys set differently, what the error says)
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             ("FANOUT_FLEET_TABLE", &[], "FANOUT_FLEET_TABLE"),
             (
                 "FANOUT_FLEET_FALLBACK_RATE",

@@ -254,11 +254,11 @@ async fn join_fleet(
         return Ok(None);
     };
     let client = clients::fleet_dynamodb_client(sdk);
-    let leases = match DynamoLeaseTable::connect(client.clone(), &table).await {
+    let leases = match DynamoLeaseTable::connect(client.clone(), table.as_str()).await {
         Ok(leases) => leases,
         Err(e) if e.is_transient() => {
             tracing::warn!(error = %e, table = %table, "the fleet table (FANOUT_FLEET_TABLE) cannot be reached: starting at the fallback rate");
-            DynamoLeaseTable::new(client, &table)
+            DynamoLeaseTable::unchecked(client, &table)
         }
         Err(e) => {
             return Err(e).with_context(|| {

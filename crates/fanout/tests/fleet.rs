@@ -126,7 +126,10 @@ fn rate_between(counts: &BTreeMap<u64, u64>, from: u64, until: u64) -> (f64, u64
     let seconds: Vec<u64> = (from..until)
         .map(|s| counts.get(&s).copied().unwrap_or(0))
         .collect();
-    assert!(!seconds.is_empty(), "no whole second between {from} and {until}");
+    assert!(
+        !seconds.is_empty(),
+        "no whole second between {from} and {until}"
+    );
     let mean = seconds.iter().sum::<u64>() as f64 / seconds.len() as f64;
     (
         mean,
@@ -205,9 +208,15 @@ async fn fleet_of(table: &str, workers: usize) {
         "fleet of {workers}: {mean:.0}/s at the endpoint, not within 5 % of {target}: {counts:?}"
     );
     if workers == 1 {
-        assert!(mean >= target * 0.95, "a worker alone reaches 95 % of the fleet rate");
+        assert!(
+            mean >= target * 0.95,
+            "a worker alone reaches 95 % of the fleet rate"
+        );
     }
-    assert_eq!(stats.sink_ids, AUDIENCE as u64, "every live client is reached");
+    assert_eq!(
+        stats.sink_ids, AUDIENCE as u64,
+        "every live client is reached"
+    );
     assert_eq!(stats.sink_duplicates, 0, "and only once");
     fleet.gateway.shutdown().await;
 }
@@ -227,7 +236,8 @@ async fn workers_share_the_fleet_rate_and_take_a_killed_ones_share() {
 /// Four workers; one is killed with SIGKILL once all have their share.
 async fn a_killed_workers_share_goes_back_to_the_others_within_5_s(table: &str) {
     let fleet = Fleet::new(table).await;
-    fleet.enqueue(4).await;    let fleet = Fleet::new(&table).await;
+    fleet.enqueue(4).await;
+    let fleet = Fleet::new(table).await;
     fleet.enqueue(4).await;
     let started = unix_now();
     let mut children: Vec<Child> = (0..4).map(|_| fleet.worker()).collect();

@@ -391,7 +391,12 @@ async fn wait_active(ddb: &aws_sdk_dynamodb::Client, name: &str) -> Result<(), S
             .table_name(name)
             .send()
             .await
-            .map_err(|e| format!("table {name}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(e)))?
+            .map_err(|e| {
+                format!(
+                    "table {name}: {}",
+                    aws_sdk_dynamodb::error::DisplayErrorContext(e)
+                )
+            })?
             .table()
             .and_then(|t| t.table_status().cloned());
         if status == Some(TableStatus::Active) {
