@@ -138,6 +138,16 @@ fn rate_between(counts: &BTreeMap<u64, u64>, from: u64, until: u64) -> (f64, u64
     )
 }
 
+/// The unix second a `broadcast` report line was written in: its job's end.
+fn report_second(report: &serde_json::Value) -> u64 {
+    let stamp = report["timestamp"].as_str().expect("a timestamp");
+    humantime::parse_rfc3339_weak(stamp)
+        .expect("an RFC 3339 timestamp")
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
 /// From the first POST to the last, in seconds (whole seconds of the
 /// gateway's clock, so ±1 s).
 fn broadcast_span(counts: &BTreeMap<u64, u64>) -> u64 {
@@ -185,13 +195,20 @@ async fn fleet_of(table: &str, workers: usize) {
     for (run, _) in &runs {
         assert!(run.status.success(), "a worker failed:\n{}", run.stdout);
     }
-    let first_exit = runs.iter().map(|(_, ended)| *ended).min().expect("runs");
     let counts = fleet.per_second().await;
     let stats = fleet.gateway.stats().await;
     // From once every worker has run for 2 s to the last whole second
-    // before the first one ended (its lease goes then, and the others take
-    // its share a round later).
-    let (mean, least, most) = rate_between(&counts, started + SETTLED_AFTER, first_exit - 1);
+    // before the first segment ended (its worker's share is unused from
+    // then until it has left and the others have read that).
+    let first_done = runs
+        .iter()
+        .flat_map(|(run, _)| &run.reports)
+        .map(report_second)
+        .min()
+        .expect("a report per segment");
+    let last_post = *counts.keys().next_back().expect("posts");
+    let (mean, least, most) =
+        rate_between(&counts, started + SETTLED_AFTER, first_done.min(last_post));
     let span = broadcast_span(&counts);
     let ideal = AUDIENCE as f64 / FLEET_RATE as f64;
     println!(
@@ -241,15 +258,15 @@ async fn a_killed_workers_share_goes_back_to_the_others_within_5_s(table: &str) 
     fleet.enqueue(4).await;
     let started = unix_now();
     let mut children: Vec<Child> = (0..4).map(|_| fleet.worker()).collect();
-    // Every worker has its segment and its share by now.
-    tokio::time::sleep(Duration::from_secs(SETTLED_AFTER)).await;
+    // Every worker has had its segment and its share for 2 s by now.
+    tokio::time::sleep(Duration::from_secs(SETTLED_AFTER + 2)).await;
     let killed = children.remove(0);
     signal(&killed, "-KILL");
     let killed_at = unix_now();
     let survivors = tokio::spawn(finish_all(children));
     // The survivors' leases alone count within 4.5 s; the rate is judged
-    // over the two whole seconds that follow the fifth.
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // over two whole seconds from at least 5 s after the kill.
+    tokio::time::sleep(Duration::from_secs(9)).await;
     let counts = fleet.per_second().await;
     let (before, ..) = rate_between(&counts, started + SETTLED_AFTER, killed_at);
     let (after, least, most) = rate_between(&counts, killed_at + 6, killed_at + 8);
@@ -281,4 +298,45 @@ async fn a_killed_workers_share_goes_back_to_the_others_within_5_s(table: &str) 
         stats.sink_ids, stats.sink_duplicates
     );
     fleet.gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_missing_fleet_table_stops_the_worker_naming_the_key() {
+    support::require_emulators();
+    let sqs = support::sqs().await;
+    let dynamo = support::dynamodb().await;
+    let (queue, dlq) = support::create_queue_with_dlq(&sqs, "fleet-bad", false, None).await;
+    let table = support::create_table(&dynamo, "fleet-bad", TableKey::Id, true).await;
+    sqs.send_message()
+        .queue_url(&queue.url)
+        .message_body(r#"{"data": "hi"}"#)
+        .send()
+        .await
+        .expect("enqueue a job");
+    let out = support::worker::command(
+        &["run", "--exit-when-idle"],
+        &queue.url,
+        &dlq.url,
+        &table,
+        [
+            ("FANOUT_GATEWAY_ENDPOINT", "http://127.0.0.1:9/test"),
+            ("FANOUT_FLEET_RATE_PER_SECOND", "2000"),
+            ("FANOUT_FLEET_TABLE", "no-such-fleet-table"),
+            ("FANOUT_FLEET_FALLBACK_RATE", "500"),
+        ],
+    )
+    .output()
+    .await
+    .expect("run fanout");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a worker without its fleet table ran"
+    );
+    assert!(
+        stderr.contains("FANOUT_FLEET_TABLE") && stderr.contains("no-such-fleet-table"),
+        "the error names the key and the table: {stderr}"
+    );
+    // The job was never received: it stays for a worker that can run it.
+    assert_eq!(support::counts(&sqs, &queue.url).await, (1, 0));
 }

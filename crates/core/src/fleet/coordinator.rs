@@ -53,6 +53,9 @@ pub struct Coordinator<T> {
     failing: bool,
     /// The last round that found a job running.
     last_busy: Option<Instant>,
+    /// Whether the fleet was last seen with more tasks than its rate has
+    /// posts per second (warned once per such spell).
+    warned_thin: bool,
 }
 
 impl<T: LeaseTable> Coordinator<T> {
@@ -82,6 +85,7 @@ impl<T: LeaseTable> Coordinator<T> {
             standing,
             failing: false,
             last_busy: None,
+            warned_thin: false,
         };
         coordinator.apply();
         coordinator
@@ -135,6 +139,17 @@ impl<T: LeaseTable> Coordinator<T> {
                 }
                 self.failing = false;
                 self.metrics.fleet_tasks.store(tasks, Ordering::Relaxed);
+                let rate = u64::from(self.settings.rate.get());
+                if tasks > rate && !self.warned_thin {
+                    // Shares under one post a second are paced at one a
+                    // second: the fleet would then send more than its rate.
+                    tracing::warn!(
+                        tasks,
+                        fleet_rate = rate,
+                        "more tasks than FANOUT_FLEET_RATE_PER_SECOND allows one post a second each: raise the fleet rate or lower MaxTasks"
+                    );
+                }
+                self.warned_thin = tasks > rate;
             }
             Err(error) => {
                 Metrics::incr(&self.metrics.fleet_renewals_failed);
