@@ -26,6 +26,11 @@
 #   limiter  the engine at 5,000/s: the rate limiter's accuracy.
 #   latency  SQS (moto) to first delivery through the worker.
 #   split    one broadcast as 1 job and as $(nproc) split jobs, unpinned.
+#   fleet    the fleet budget: 1, 2 and 4 `fanout run` processes (release)
+#            on one fleet rate of 2,000/s, leases on dynalite, jobs on moto,
+#            the local gateway counting POSTs per second; then one of four
+#            killed with SIGKILL (the `fleet` integration test, which checks
+#            the targets, run on the release build), unpinned.
 #
 # The worker and wrk are pinned to one core, the sinks and emulators to the
 # other (taskset). Raw lines go to $OUT (default target/bench/results-<time>.txt),
@@ -126,13 +131,16 @@ profile=()
 if [[ -z "${NO_BUILD:-}" ]]; then
   echo "bench: building the $BUILD fanout binary and benchmark" >&2
   (cd "$ROOT" && cargo build "${profile[@]}" --quiet -p fanout --bin fanout && cargo build "${profile[@]}" --quiet -p fanout --example bench)
+  if has_case fleet; then
+    (cd "$ROOT" && cargo test "${profile[@]}" --quiet --no-run -p fanout --test fleet)
+  fi
 fi
 [[ -x $FANOUT && -x $BIN ]] || die "$FANOUT or $BIN missing: run without --no-build"
 
 NEED_DYNALITE=0
 NEED_MOTO=0
-if has_case process || { has_case engine && [[ "$ENGINE_CASES" == *:table* ]]; }; then NEED_DYNALITE=1; fi
-if has_case process || { has_case latency && ((LATENCY_JOBS > 0)); }; then NEED_MOTO=1; fi
+if has_case process || has_case fleet || { has_case engine && [[ "$ENGINE_CASES" == *:table* ]]; }; then NEED_DYNALITE=1; fi
+if has_case process || has_case fleet || { has_case latency && ((LATENCY_JOBS > 0)); }; then NEED_MOTO=1; fi
 if ((NEED_DYNALITE || NEED_MOTO)); then
   "$ROOT/scripts/emulators.sh" install
 fi
@@ -371,6 +379,12 @@ for run in $(seq "$RUNS"); do
         --endpoint "$ENDPOINT" --max-in-flight "$IN_FLIGHT" --payload-bytes "$PAYLOAD_BYTES")
       echo "kind=split run=$run $line" >>"$OUT"
     done
+  fi
+  if has_case fleet; then
+    echo "bench: run $run, the fleet budget: 1, 2, 4 workers, then a kill" >&2
+    (cd "$ROOT" && cargo test "${profile[@]}" --quiet -p fanout --test fleet workers_share -- --nocapture) \
+      >"$WORK/fleet.out" 2>&1 || die "the fleet case failed: $(tail -20 "$WORK/fleet.out")"
+    grep '^kind=fleet' "$WORK/fleet.out" | sed "s/^/run=$run /" >>"$OUT"
   fi
   if has_case limiter; then
     echo "bench: run $run, engine only, rate limiter at $LIMIT_RATE/s" >&2

@@ -183,11 +183,48 @@ def engine_section(rows):
     return out + [""] if out else []
 
 
+def fleet_section(rows):
+    rs = [r for r in rows if r.get("kind") == "fleet"]
+    if not rs:
+        return []
+    groups = defaultdict(list)
+    for r in rs:
+        groups[int(r["workers"])].append(r)
+    rate = float(rs[0]["fleet_rate"])
+    lines = []
+    for workers, g in sorted(groups.items()):
+        spans = [float(r["span_s"]) / float(r["ideal_s"]) for r in g]
+        lines.append([
+            str(workers), str(len(g)), spread(floats(g, "rate_per_s"), "{:.0f}"),
+            spread(floats(g, "least_per_s"), "{:.0f}") + " .. " + spread(floats(g, "most_per_s"), "{:.0f}"),
+            spread(floats(g, "span_s"), "{:.0f}") + f" s (ideal {float(g[0]['ideal_s']):.0f} s)",
+            spread(spans, "{:.2f}"), spread(floats(g, "again"), "{:.0f}"),
+        ])
+    out = [f"## Fleet budget: {int(rate):,}/s shared by 1, 2 and 4 `fanout run` processes "
+           f"({int(rs[0]['connections']):,} connections)", "",
+           table(["workers", "runs", "rate at the endpoint /s", "its seconds, least .. most",
+                  "broadcast took", "× ideal", "delivered twice"], lines), ""]
+    means = floats(rs, "rate_per_s")
+    alone = floats(groups.get(1, []), "rate_per_s")
+    spans = [float(r["span_s"]) / float(r["ideal_s"]) for r in rs]
+    out.append(f"- within ±5 % of {rate:.0f}/s once all have run 2 s, every run: "
+               f"{verdict(all(abs(m - rate) <= 0.05 * rate for m in means))}")
+    if alone:
+        out.append(f"- one worker alone ≥ 95 % of the fleet rate: {verdict(min(alone) >= 0.95 * rate)}")
+    out.append(f"- broadcast within 1.1 × the ideal N ÷ rate, every run: {verdict(all(x <= 1.1 for x in spans))}")
+    kills = [r for r in rows if r.get("kind") == "fleet_kill"]
+    if kills:
+        took = floats(kills, "recovered_s")
+        out.append(f"- one of four killed: the fleet's rate again after {spread(took, '{:.1f}')} s "
+                   f"(the first whole second at ≥ 95 %; target 5 s, whole seconds add up to 1)")
+    return out + [""]
+
+
 def main(path):
     header, rows = parse(path)
     out = ["# fanout benchmark summary", "", *[f"- {h}" for h in header], "",
            "Each cell: min/median/max over runs. posts/CPU-s = 10⁶ / (CPU µs per post).", ""]
-    out += process_section(rows) + jobs_section(rows) + engine_section(rows)
+    out += process_section(rows) + jobs_section(rows) + fleet_section(rows) + engine_section(rows)
     print("\n".join(out))
 
 

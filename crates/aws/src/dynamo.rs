@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::http::HttpResponse;
-use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+
+use crate::dynamo_errors::{self, Failure};
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
     AttributeValue, DeleteRequest, KeyType, ScalarAttributeType, WriteRequest,
@@ -548,32 +550,23 @@ fn map_error<E>(table: &str, err: SdkError<E, HttpResponse>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    match &err {
-        SdkError::ServiceError(ctx) => service_error(
-            table,
-            ctx.raw().status().as_u16(),
-            ctx.err().code().unwrap_or_default(),
-            ctx.err().message().unwrap_or_default(),
-        ),
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            StoreError::Unavailable(DisplayErrorContext(&err).to_string())
-        }
-        _ => StoreError::Rejected(DisplayErrorContext(&err).to_string()),
-    }
+    from_failure(table, dynamo_errors::classify(&err))
 }
 
 /// What an error answer from DynamoDB means, by its code and status.
+#[cfg(test)]
 fn service_error(table: &str, status: u16, code: &str, message: &str) -> StoreError {
-    let detail = format!("DynamoDB answered HTTP {status} ({code}: {message})");
-    match code {
-        "ResourceNotFoundException" => StoreError::NoSuchTable {
+    from_failure(table, dynamo_errors::answer(status, code, message))
+}
+
+fn from_failure(table: &str, failure: Failure) -> StoreError {
+    match failure {
+        Failure::NoSuchTable => StoreError::NoSuchTable {
             table: table.to_owned(),
         },
-        "ProvisionedThroughputExceededException"
-        | "RequestLimitExceeded"
-        | "ThrottlingException" => StoreError::Throttled(detail),
-        _ if status >= 500 => StoreError::Unavailable(detail),
-        _ => StoreError::Rejected(detail),
+        Failure::Throttled(detail) => StoreError::Throttled(detail),
+        Failure::Unavailable(detail) => StoreError::Unavailable(detail),
+        Failure::Rejected(detail) => StoreError::Rejected(detail),
     }
 }
 

@@ -25,7 +25,9 @@ use std::collections::HashMap;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::http::HttpResponse;
-use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+
+use crate::dynamo_errors::{self, Failure};
 use aws_sdk_dynamodb::types::{AttributeValue, KeyType, ScalarAttributeType, TableDescription};
 
 use fanout_core::fleet::{FleetError, Lease, LeaseTable};
@@ -239,34 +241,23 @@ fn map_error<E>(table: &str, err: SdkError<E, HttpResponse>) -> FleetError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    match &err {
-        SdkError::ServiceError(ctx) => service_error(
-            table,
-            ctx.raw().status().as_u16(),
-            ctx.err().code().unwrap_or_default(),
-            ctx.err().message().unwrap_or_default(),
-        ),
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            FleetError::Unavailable(DisplayErrorContext(&err).to_string())
-        }
-        _ => FleetError::Rejected(DisplayErrorContext(&err).to_string()),
-    }
+    from_failure(table, dynamo_errors::classify(&err))
 }
 
 /// What an error answer from DynamoDB means, by its code and status.
+#[cfg(test)]
 fn service_error(table: &str, status: u16, code: &str, message: &str) -> FleetError {
-    let detail = format!("DynamoDB answered HTTP {status} ({code}: {message})");
-    match code {
-        "ResourceNotFoundException" => FleetError::NoSuchTable {
+    from_failure(table, dynamo_errors::answer(status, code, message))
+}
+
+fn from_failure(table: &str, failure: Failure) -> FleetError {
+    match failure {
+        Failure::NoSuchTable => FleetError::NoSuchTable {
             table: table.to_owned(),
         },
-        "ProvisionedThroughputExceededException"
-        | "RequestLimitExceeded"
-        | "ThrottlingException" => FleetError::Throttled(detail),
-        _ if status >= 500 => FleetError::Unavailable(detail),
-        // AccessDeniedException, ValidationException, …: the same call fails
-        // again until someone fixes the role or the table.
-        _ => FleetError::Rejected(detail),
+        Failure::Throttled(detail) => FleetError::Throttled(detail),
+        Failure::Unavailable(detail) => FleetError::Unavailable(detail),
+        Failure::Rejected(detail) => FleetError::Rejected(detail),
     }
 }
 

@@ -11,6 +11,7 @@
 //!   (Scan and Query pages, BatchWriteItem removals).
 //! - `fleet`: [`DynamoLeaseTable`], the fleet budget's `LeaseTable` on a
 //!   DynamoDB table (one item per task, read with one consistent Query).
+//! - `dynamo_errors`: what a failed DynamoDB call means, for both tables.
 //! - `endpoint`: which management API endpoints are accepted
 //!   ([`parse_endpoint`]).
 //! - `apigw`: [`ApiGatewaySender`], PostToConnection through the SDK (the
@@ -27,6 +28,7 @@
 mod apigw;
 pub mod clients;
 mod dynamo;
+mod dynamo_errors;
 mod endpoint;
 mod fleet;
 mod lean;

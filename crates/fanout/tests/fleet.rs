@@ -5,7 +5,9 @@
 //! a worker with SIGKILL mid-broadcast.
 //!
 //! The figures each run prints (the rate the endpoint saw, the time to
-//! broadcast against the ideal N ÷ rate) are the ones BENCHMARKS.md quotes.
+//! broadcast against the ideal N ÷ rate) are the ones BENCHMARKS.md quotes;
+//! `scripts/bench.sh --cases fleet` runs this test on the release build and
+//! summarises them over runs.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -211,13 +213,12 @@ async fn fleet_of(table: &str, workers: usize) {
         rate_between(&counts, started + SETTLED_AFTER, first_done.min(last_post));
     let span = broadcast_span(&counts);
     let ideal = AUDIENCE as f64 / FLEET_RATE as f64;
+    // One line of key=value pairs: `scripts/bench.sh --cases fleet` reads it.
     println!(
-        "fleet of {workers}: {mean:.0} posts/s at the endpoint (seconds {least}..{most}), \
-         {AUDIENCE} connections in {span} s against the ideal {ideal:.0} s ({:.2}×); \
-         {} ids reached, {} duplicates",
-        span as f64 / ideal,
-        stats.sink_ids,
-        stats.sink_duplicates,
+        "kind=fleet workers={workers} fleet_rate={FLEET_RATE} rate_per_s={mean:.0} \
+         least_per_s={least} most_per_s={most} connections={AUDIENCE} span_s={span} \
+         ideal_s={ideal:.1} reached={} again={}",
+        stats.sink_ids, stats.sink_duplicates,
     );
     let target = FLEET_RATE as f64;
     assert!(
@@ -291,11 +292,11 @@ async fn a_killed_workers_share_goes_back_to_the_others_within_5_s(table: &str) 
     // after the rate came back.
     let took = (recovered * 1000).saturating_sub(killed_ms) as f64 / 1000.0;
     println!(
-        "four workers, one killed: {before:.0}/s before; the fleet's rate again by {took:.1} s \
-         after the kill (the first whole second at ≥ 95 %); per second from the kill's: {:?}",
+        "kind=fleet_kill workers=4 before_per_s={before:.0} recovered_s={took:.1} per_second={}",
         (killed_at..first_done)
-            .map(|s| counts.get(&s).copied().unwrap_or(0))
+            .map(|s| counts.get(&s).copied().unwrap_or(0).to_string())
             .collect::<Vec<_>>()
+            .join(",")
     );
     assert!(
         took <= 5.0 + 1.0,
@@ -319,8 +320,9 @@ async fn a_killed_workers_share_goes_back_to_the_others_within_5_s(table: &str) 
         stats.sink_ids, AUDIENCE as u64,
         "every live client is reached at least once"
     );
+    // Those delivered again are the killed segment's, redelivered.
     println!(
-        "after the kill: {} ids reached, {} delivered again (the killed segment's, redelivered)",
+        "kind=fleet_kill_end reached={} again={}",
         stats.sink_ids, stats.sink_duplicates
     );
     fleet.gateway.shutdown().await;

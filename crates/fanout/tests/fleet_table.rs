@@ -10,10 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType, TableStatus,
-};
+use aws_sdk_dynamodb::types::AttributeValue;
 use fanout_aws::DynamoLeaseTable;
 use fanout_aws::clients::fleet_dynamodb_client;
 use fanout_core::fleet::{FleetError, Lease, LeaseTable};
@@ -22,50 +19,9 @@ use fanout_testkit::support;
 /// The partition the adapter keeps every lease under (its documented layout).
 const PARTITION: &str = "fleet#leases";
 
-/// Creates a fleet table as the template does (`pk` S + `sk` S) and waits
-/// until it is active; returns its name.
+/// A fleet table as the template makes it (`pk` S + `sk` S), active.
 async fn create_fleet_table(ddb: &aws_sdk_dynamodb::Client) -> String {
-    let name = support::unique("fleet");
-    let attr = |name: &str| {
-        AttributeDefinition::builder()
-            .attribute_name(name)
-            .attribute_type(ScalarAttributeType::S)
-            .build()
-            .unwrap()
-    };
-    let key = |name: &str, kind| {
-        KeySchemaElement::builder()
-            .attribute_name(name)
-            .key_type(kind)
-            .build()
-            .unwrap()
-    };
-    ddb.create_table()
-        .table_name(&name)
-        .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(attr("pk"))
-        .attribute_definitions(attr("sk"))
-        .key_schema(key("pk", KeyType::Hash))
-        .key_schema(key("sk", KeyType::Range))
-        .send()
-        .await
-        .expect("create a fleet table");
-    // dynalite creates tables asynchronously even with --createTableMs 0.
-    for _ in 0..250 {
-        let status = ddb
-            .describe_table()
-            .table_name(&name)
-            .send()
-            .await
-            .expect("describe the fleet table")
-            .table()
-            .and_then(|t| t.table_status().cloned());
-        if status == Some(TableStatus::Active) {
-            return name;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the fleet table {name} is not active within 5 s");
+    support::create_lease_table(ddb, "fleet").await
 }
 
 async fn connect(table: &str) -> DynamoLeaseTable {

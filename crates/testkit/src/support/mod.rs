@@ -274,6 +274,24 @@ pub enum TableKey {
     ChannelAndId,
 }
 
+/// A string attribute of a key.
+fn string_attribute(name: &str) -> AttributeDefinition {
+    AttributeDefinition::builder()
+        .attribute_name(name)
+        .attribute_type(ScalarAttributeType::S)
+        .build()
+        .expect("attribute definition")
+}
+
+/// One part of a key schema.
+fn key_element(name: &str, kind: KeyType) -> KeySchemaElement {
+    KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(kind)
+        .build()
+        .expect("key schema element")
+}
+
 /// Creates a table (and waits for it to be active); returns its name.
 pub async fn create_table(
     ddb: &aws_sdk_dynamodb::Client,
@@ -296,40 +314,26 @@ pub async fn create_table_named(
     key: TableKey,
     channel_index: bool,
 ) -> Result<(), String> {
-    let attr = |name: &str| {
-        AttributeDefinition::builder()
-            .attribute_name(name)
-            .attribute_type(ScalarAttributeType::S)
-            .build()
-            .expect("attribute definition")
-    };
-    let element = |name: &str, kind: KeyType| {
-        KeySchemaElement::builder()
-            .attribute_name(name)
-            .key_type(kind)
-            .build()
-            .expect("key schema element")
-    };
     let mut request = ddb
         .create_table()
         .table_name(name)
         .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(attr(ID));
+        .attribute_definitions(string_attribute(ID));
     request = match key {
-        TableKey::Id => request.key_schema(element(ID, KeyType::Hash)),
+        TableKey::Id => request.key_schema(key_element(ID, KeyType::Hash)),
         TableKey::ChannelAndId => request
-            .attribute_definitions(attr(CHANNEL))
-            .key_schema(element(CHANNEL, KeyType::Hash))
-            .key_schema(element(ID, KeyType::Range)),
+            .attribute_definitions(string_attribute(CHANNEL))
+            .key_schema(key_element(CHANNEL, KeyType::Hash))
+            .key_schema(key_element(ID, KeyType::Range)),
     };
     if channel_index {
         if key == TableKey::Id {
-            request = request.attribute_definitions(attr(CHANNEL));
+            request = request.attribute_definitions(string_attribute(CHANNEL));
         }
         request = request.global_secondary_indexes(
             GlobalSecondaryIndex::builder()
                 .index_name(CHANNEL_INDEX)
-                .key_schema(element(CHANNEL, KeyType::Hash))
+                .key_schema(key_element(CHANNEL, KeyType::Hash))
                 .projection(
                     Projection::builder()
                         .projection_type(ProjectionType::KeysOnly)
@@ -352,27 +356,13 @@ pub async fn create_table_named(
 /// its name.
 pub async fn create_lease_table(ddb: &aws_sdk_dynamodb::Client, prefix: &str) -> String {
     let name = unique(prefix);
-    let attr = |name: &str| {
-        AttributeDefinition::builder()
-            .attribute_name(name)
-            .attribute_type(ScalarAttributeType::S)
-            .build()
-            .expect("attribute definition")
-    };
-    let element = |name: &str, kind: KeyType| {
-        KeySchemaElement::builder()
-            .attribute_name(name)
-            .key_type(kind)
-            .build()
-            .expect("key schema element")
-    };
     ddb.create_table()
         .table_name(&name)
         .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(attr("pk"))
-        .attribute_definitions(attr("sk"))
-        .key_schema(element("pk", KeyType::Hash))
-        .key_schema(element("sk", KeyType::Range))
+        .attribute_definitions(string_attribute("pk"))
+        .attribute_definitions(string_attribute("sk"))
+        .key_schema(key_element("pk", KeyType::Hash))
+        .key_schema(key_element("sk", KeyType::Range))
         .send()
         .await
         .expect("create a lease table");
