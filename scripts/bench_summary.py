@@ -197,7 +197,7 @@ def fleet_section(rows):
         lines.append([
             str(workers), str(len(g)), spread(floats(g, "rate_per_s"), "{:.0f}"),
             spread(floats(g, "least_per_s"), "{:.0f}") + " .. " + spread(floats(g, "most_per_s"), "{:.0f}"),
-            spread(floats(g, "span_s"), "{:.0f}") + f" s (ideal {float(g[0]['ideal_s']):.0f} s)",
+            spread(floats(g, "span_s"), "{:.1f}") + f" s (ideal {float(g[0]['ideal_s']):.0f} s)",
             spread(spans, "{:.2f}"), spread(floats(g, "again"), "{:.0f}"),
         ])
     out = [f"## Fleet budget: {int(rate):,}/s shared by 1, 2 and 4 `fanout run` processes "

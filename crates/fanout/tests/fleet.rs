@@ -150,21 +150,32 @@ fn report_second(report: &serde_json::Value) -> u64 {
         .as_secs()
 }
 
-/// From the first POST to the last, in seconds (whole seconds of the
-/// gateway's clock, so ±1 s).
-fn broadcast_span(counts: &BTreeMap<u64, u64>) -> u64 {
-    let first = counts.keys().next().expect("posts");
-    let last = counts.keys().next_back().expect("posts");
-    last - first + 1
+/// From the first POST to the last, in seconds, as the gateway saw them.
+fn broadcast_span(stats: &fanout_dev::gateway::faults::StatsSnapshot) -> f64 {
+    stats.last_post_ms.saturating_sub(stats.first_post_ms) as f64 / 1000.0
 }
 
-/// Waits for every worker; returns each run and the unix second it ended.
-async fn finish_all(workers: Vec<Child>) -> Vec<(Run, u64)> {
-    let runs = workers.into_iter().map(|child| async move {
-        let run = finish(child, Duration::from_secs(120)).await;
-        (run, unix_now())
-    });
-    futures::future::join_all(runs).await
+/// Waits for every worker, each of which must exit 0 (`what` names them).
+async fn finish_all(workers: Vec<Child>, what: &str) -> Vec<Run> {
+    let runs = futures::future::join_all(
+        workers
+            .into_iter()
+            .map(|child| finish(child, Duration::from_secs(120))),
+    )
+    .await;
+    for run in &runs {
+        assert!(run.status.success(), "{what} failed:\n{}", run.stdout);
+    }
+    runs
+}
+
+/// The unix second the first of these runs' segments ended in.
+fn first_segment_end(runs: &[Run]) -> u64 {
+    runs.iter()
+        .flat_map(|run| &run.reports)
+        .map(report_second)
+        .min()
+        .expect("a report per segment")
 }
 
 /// Waits until no message of the queue is hidden any more (a dead
@@ -193,30 +204,22 @@ async fn fleet_of(table: &str, workers: usize) {
     fleet.enqueue(workers).await;
     let started = unix_now();
     let children: Vec<Child> = (0..workers).map(|_| fleet.worker()).collect();
-    let runs = finish_all(children).await;
-    for (run, _) in &runs {
-        assert!(run.status.success(), "a worker failed:\n{}", run.stdout);
-    }
+    let runs = finish_all(children, "a worker").await;
     let counts = fleet.per_second().await;
     let stats = fleet.gateway.stats().await;
     // From once every worker has run for 2 s to the last whole second
     // before the first segment ended (its worker's share is unused from
     // then until it has left and the others have read that).
-    let first_done = runs
-        .iter()
-        .flat_map(|(run, _)| &run.reports)
-        .map(report_second)
-        .min()
-        .expect("a report per segment");
+    let first_done = first_segment_end(&runs);
     let last_post = *counts.keys().next_back().expect("posts");
     let (mean, least, most) =
         rate_between(&counts, started + SETTLED_AFTER, first_done.min(last_post));
-    let span = broadcast_span(&counts);
+    let span = broadcast_span(&stats);
     let ideal = AUDIENCE as f64 / FLEET_RATE as f64;
     // One line of key=value pairs: `scripts/bench.sh --cases fleet` reads it.
     println!(
         "kind=fleet workers={workers} fleet_rate={FLEET_RATE} rate_per_s={mean:.0} \
-         least_per_s={least} most_per_s={most} connections={AUDIENCE} span_s={span} \
+         least_per_s={least} most_per_s={most} connections={AUDIENCE} span_s={span:.2} \
          ideal_s={ideal:.1} reached={} again={}",
         stats.sink_ids, stats.sink_duplicates,
     );
@@ -224,6 +227,10 @@ async fn fleet_of(table: &str, workers: usize) {
     assert!(
         (mean - target).abs() <= target * TOLERANCE,
         "fleet of {workers}: {mean:.0}/s at the endpoint, not within 5 % of {target}: {counts:?}"
+    );
+    assert!(
+        span <= 1.1 * ideal,
+        "fleet of {workers}: {span:.2} s for {AUDIENCE} connections, over 1.1 × the ideal {ideal:.1} s"
     );
     if workers == 1 {
         assert!(
@@ -265,16 +272,8 @@ async fn a_killed_workers_share_goes_back_to_the_others_within_5_s(table: &str) 
         .expect("after 1970")
         .as_millis() as u64;
     let killed_at = killed_ms / 1000;
-    let runs = finish_all(children).await;
-    for (run, _) in &runs {
-        assert!(run.status.success(), "a survivor failed:\n{}", run.stdout);
-    }
-    let first_done = runs
-        .iter()
-        .flat_map(|(run, _)| &run.reports)
-        .map(report_second)
-        .min()
-        .expect("a report per surviving segment");
+    let runs = finish_all(children, "a survivor").await;
+    let first_done = first_segment_end(&runs);
     let counts = fleet.per_second().await;
     let full = |s: &u64| {
         counts
@@ -313,8 +312,11 @@ async fn a_killed_workers_share_goes_back_to_the_others_within_5_s(table: &str) 
     // new worker takes it.
     drop(killed);
     wait_for_redelivery(&fleet.sqs, &fleet.queue.url).await;
-    let last = finish_all(vec![fleet.worker()]).await;
-    assert!(last[0].0.status.success(), "{}", last[0].0.stdout);
+    finish_all(
+        vec![fleet.worker()],
+        "the worker that took the segment back",
+    )
+    .await;
     let stats = fleet.gateway.stats().await;
     assert_eq!(
         stats.sink_ids, AUDIENCE as u64,

@@ -75,6 +75,9 @@ pub struct Stats {
     /// [`SECONDS_KEPT`]: the rate a fleet of senders keeps, as API Gateway's
     /// own per-second throttle would see it.
     by_second: Mutex<BTreeMap<u64, u64>>,
+    /// The first and the last POST, in ms since the Unix epoch (0: none).
+    first_post_ms: AtomicU64,
+    last_post_ms: AtomicU64,
 }
 
 /// Seconds of per-second counts kept (an hour).
@@ -118,15 +121,27 @@ pub struct StatsSnapshot {
     /// `[unix second, POSTs received in it]`, oldest first, the last hour.
     #[serde(default)]
     pub posts_per_second: Vec<(u64, u64)>,
+    /// When the first and the last POST came, in ms since the Unix epoch
+    /// (0: none yet): how long a broadcast took at the endpoint.
+    #[serde(default)]
+    pub first_post_ms: u64,
+    #[serde(default)]
+    pub last_post_ms: u64,
 }
 
 impl Stats {
     /// Counts a POST as started; it counts as in flight until the guard drops.
     pub fn start_post(&self) -> InFlight<'_> {
         self.posts.fetch_add(1, Ordering::Relaxed);
-        let second = SystemTime::now()
+        let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+            .map_or(0, |d| d.as_millis() as u64);
+        let second = now_ms / 1000;
+        // The first one only: 0 means none yet.
+        let _ =
+            self.first_post_ms
+                .compare_exchange(0, now_ms, Ordering::Relaxed, Ordering::Relaxed);
+        self.last_post_ms.fetch_max(now_ms, Ordering::Relaxed);
         {
             let mut by_second = self.by_second.lock().unwrap_or_else(|e| e.into_inner());
             *by_second.entry(second).or_default() += 1;
@@ -166,6 +181,8 @@ impl Stats {
             forbidden: load(&self.forbidden),
             sink_ids: 0,
             sink_duplicates: 0,
+            first_post_ms: load(&self.first_post_ms),
+            last_post_ms: load(&self.last_post_ms),
             posts_per_second: self
                 .by_second
                 .lock()
@@ -230,6 +247,7 @@ mod tests {
             3,
             "every POST in its second"
         );
+        assert!(snap.first_post_ms > 0 && snap.first_post_ms <= snap.last_post_ms);
         assert_eq!(
             (
                 snap.posts,
