@@ -604,6 +604,8 @@ mod tests {
             segment: None,
             split: None,
             deferrals: 0,
+            continuation: 0,
+            part: 0,
         }
     }
 

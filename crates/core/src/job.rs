@@ -70,6 +70,14 @@ pub struct JobSpec {
     /// connections have been deferred across.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub deferrals: u32,
+    /// Set by fanout on the jobs a run hands on: one more than the run's
+    /// own (see [`crate::keys::RunKey`]). Producers leave it out.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub continuation: u32,
+    /// Set by fanout when a hand-on takes several messages: which of them
+    /// this is.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub part: u32,
 }
 
 /// One deferred connection in a continuation job.
@@ -90,7 +98,7 @@ fn is_zero(n: &u32) -> bool {
 pub const MAX_CONTINUATION_BYTES: usize = MAX_SQS_MESSAGE_BYTES - CONTINUATION_HEADROOM;
 
 /// One share of a split broadcast: scan segment `index` of `total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Segment {
     pub index: u32,
@@ -135,6 +143,10 @@ pub struct Job {
     /// Continuations its connections were deferred across (with
     /// [`Target::Deferred`]).
     pub deferrals: u32,
+    /// Which hand-on of its broadcast this is (0: the producer's job).
+    pub continuation: u32,
+    /// Which message of that hand-on.
+    pub part: u32,
 }
 
 /// What this deployment can serve, which parsing checks jobs against.
@@ -179,7 +191,7 @@ pub enum JobError {
     #[error("`segment` must have index < total <= {MAX_SPLIT}")]
     BadSegment,
     #[error(
-        "`deferred` is set by fanout on continuation jobs, alone: not with `channel`, `connections`, `split` or `segment`"
+        "`deferred` is set by fanout on continuation jobs, alone: not with `channel`, `connections` or `split`"
     )]
     DeferredAlone,
 }
@@ -199,11 +211,15 @@ struct SnsEnvelope {
     kind: String,
     #[serde(rename = "Message")]
     message: String,
+    /// The broadcast key of a notification without an `id`: SNS keeps it
+    /// across its own redeliveries, which come with new SQS message ids.
+    #[serde(rename = "MessageId", default)]
+    message_id: Option<String>,
 }
 
 impl Job {
     /// The job that finishes this one from `resume`: same id, payload,
-    /// audience and exclusions.
+    /// audience and exclusions, the next continuation number.
     pub fn continuation(&self, resume: Vec<Cursor>) -> JobSpec {
         let (data, data_base64) = match std::str::from_utf8(&self.payload) {
             Ok(text) => (Some(serde_json::Value::String(text.to_owned())), None),
@@ -236,6 +252,8 @@ impl Job {
             resume: Some(resume),
             deferred,
             deferrals: self.deferrals,
+            continuation: self.continuation + 1,
+            part: 0,
         }
     }
 
@@ -248,9 +266,10 @@ impl Job {
         connections: &[Connection],
         max_bytes: usize,
     ) -> Result<Vec<String>, TooLargeToContinue> {
+        // The segment stays: it tells this share's hand-ons apart from the
+        // other shares'.
         let mut base = self.continuation(Vec::new());
         base.resume = None;
-        base.segment = None;
         base.deferred = Some(Vec::new());
         base.deferrals = self.deferrals + 1;
         // `"deferred":[]` holds the list; each entry adds its JSON and a
@@ -259,9 +278,12 @@ impl Job {
         let mut bodies = Vec::new();
         let mut chunk: Vec<DeferredSpec> = Vec::new();
         let mut len = base_len;
-        let encode = |chunk: Vec<DeferredSpec>| {
+        // Each body also carries its part number (`,"part":N`), kept free.
+        let base_len = base_len + 16;
+        let encode = |chunk: Vec<DeferredSpec>, part: u32| {
             let mut spec = base.clone();
             spec.deferred = Some(chunk);
+            spec.part = part;
             serde_json::to_string(&spec).expect("a job spec always encodes")
         };
         for connection in connections {
@@ -273,14 +295,14 @@ impl Job {
                 });
             }
             if len + entry_len > max_bytes {
-                bodies.push(encode(std::mem::take(&mut chunk)));
+                bodies.push(encode(std::mem::take(&mut chunk), bodies.len() as u32));
                 len = base_len;
             }
             len += entry_len;
             chunk.push(entry);
         }
         if !chunk.is_empty() {
-            bodies.push(encode(chunk));
+            bodies.push(encode(chunk, bodies.len() as u32));
         }
         Ok(bodies)
     }
@@ -295,18 +317,20 @@ impl Job {
         spec.connections = None;
         spec.deferred = Some(vec![deferred_spec(connection)]);
         spec.deferrals = self.deferrals;
+        spec.part = 0;
         spec
     }
 
     /// The segment jobs of this broadcast split `total` ways, each covering
-    /// one scan segment; their ids are this one's with `/index` added.
+    /// one scan segment. They keep its id (the broadcast key); the segment
+    /// tells their runs apart.
     pub fn split_into(&self, total: u32) -> Vec<JobSpec> {
         (0..total)
             .map(|index| {
                 let mut spec = self.continuation(Vec::new());
-                spec.id = Some(format!("{}/{index}", self.id));
                 spec.segment = Some(Segment { index, total });
                 spec.resume = None;
+                spec.continuation = 0;
                 spec
             })
             .collect()
@@ -316,9 +340,15 @@ impl Job {
 /// Parses a message body (a job, or an SNS notification wrapping one).
 pub fn parse(body: &str, message_id: &str, caps: Capabilities) -> Result<Job, JobError> {
     let unwrapped;
+    let mut message_id = message_id;
+    let sns_id;
     let body = match serde_json::from_str::<SnsEnvelope>(body) {
         Ok(envelope) if envelope.kind == "Notification" => {
             unwrapped = envelope.message;
+            if let Some(id) = envelope.message_id.filter(|id| !id.is_empty()) {
+                sns_id = id;
+                message_id = &sns_id;
+            }
             unwrapped.as_str()
         }
         _ => body,
@@ -347,10 +377,7 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: Capabilities) -> Result<J
         });
     }
     if spec.deferred.is_some()
-        && (spec.channel.is_some()
-            || spec.connections.is_some()
-            || spec.split.is_some()
-            || spec.segment.is_some())
+        && (spec.channel.is_some() || spec.connections.is_some() || spec.split.is_some())
     {
         return Err(JobError::DeferredAlone);
     }
@@ -387,7 +414,11 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: Capabilities) -> Result<J
     {
         return Err(JobError::BadSegment);
     }
-    if (spec.split.is_some_and(|n| n > 1) || spec.segment.is_some()) && target != Target::All {
+    let deferred = matches!(target, Target::Deferred(_));
+    if (spec.split.is_some_and(|n| n > 1) || spec.segment.is_some())
+        && target != Target::All
+        && !deferred
+    {
         return Err(JobError::SplitNeedsTable);
     }
     Ok(Job {
@@ -400,6 +431,8 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: Capabilities) -> Result<J
         // Splitting a share again would only add jobs.
         split: spec.split.filter(|_| spec.segment.is_none()),
         deferrals: spec.deferrals,
+        continuation: spec.continuation,
+        part: spec.part,
     })
 }
 
@@ -578,6 +611,7 @@ mod tests {
         })
         .to_string();
         let job = ok(&envelope);
+        assert_eq!(job.id, "sns-1", "SNS's id is the broadcast key");
         assert_eq!(job.payload, Bytes::from("via sns"));
         assert_eq!(job.target, Target::Channel("c".into()));
         // A malformed inner job is reported as such.
@@ -616,7 +650,7 @@ mod tests {
         for (n, part) in parts.iter().enumerate() {
             let body = serde_json::to_string(part).unwrap();
             let share = parse(&body, "m", CAPS).expect("a share parses");
-            assert_eq!(share.id, format!("big/{n}"));
+            assert_eq!(share.id, "big", "the broadcast key carries over");
             assert_eq!(
                 share.segment,
                 Some(Segment {

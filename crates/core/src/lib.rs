@@ -17,6 +17,7 @@
 //!
 //! What runs behind them:
 //! - [`job`]: the broadcast job schema producers send, and its pure parser.
+//! - [`keys`]: the broadcast and run keys, and a connection's final states.
 //! - [`limits`]: AWS's quotas and fanout's own bounds, each defined once.
 //! - [`connection`]: connection ids and the table row keys they were read with.
 //! - [`backoff`]: exponential backoff with full jitter, shared by every retry.
@@ -36,6 +37,7 @@ pub mod connection;
 pub mod fleet;
 pub mod gateway;
 pub mod job;
+pub mod keys;
 pub mod limits;
 pub mod queue;
 pub mod store;

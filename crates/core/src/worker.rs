@@ -45,6 +45,7 @@ use crate::backoff::Backoff;
 use crate::engine::{Engine, FanoutError, Report};
 use crate::gateway::Gateway;
 use crate::job::{self, Capabilities};
+use crate::keys::RunKey;
 use crate::queue::{JobQueue, Message, QueueError};
 use crate::store::ConnectionStore;
 use crate::telemetry::Metrics;
@@ -274,37 +275,38 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         self.metrics.record_job_duration(report.duration);
         match result {
             Ok(()) if !report.deferred.is_empty() => {
-                log_report(&job.id, &report, "deferred");
+                log_report(&job, &report, "deferred");
                 Settlement::Deferred { job, report }
             }
             Ok(()) => {
-                log_report(&job.id, &report, "done");
+                log_report(&job, &report, "done");
                 Metrics::incr(&self.metrics.jobs_completed);
                 Settlement::Done
             }
             Err(FanoutError::Interrupted) => {
-                log_report(&job.id, &report, "interrupted");
+                log_report(&job, &report, "interrupted");
                 Settlement::Interrupted {
                     job,
                     resume: report.resume,
                 }
             }
             Err(e) if e.is_permanent() => {
-                log_report(&job.id, &report, "failed");
+                log_report(&job, &report, "failed");
                 Settlement::DeadLetter(e.to_string())
             }
             Err(e) => {
                 tracing::error!(job_id = %job.id, error = %e, "the job failed; it will be retried");
-                log_report(&job.id, &report, "failed");
+                log_report(&job, &report, "failed");
                 Settlement::RetryLater
             }
         }
     }
 }
 
-fn log_report(job_id: &str, report: &Report, status: &str) {
+fn log_report(job: &job::Job, report: &Report, status: &str) {
     tracing::info!(
-        job_id,
+        job_id = %job.id,
+        run = %RunKey::of(job),
         status,
         audience = report.audience,
         delivered = report.delivered,

@@ -107,6 +107,8 @@ async fn main() {
         segment: None,
         split: None,
         deferrals: 0,
+        continuation: 0,
+        part: 0,
     };
 
     let started = Instant::now();

@@ -164,6 +164,8 @@ async fn a_broadcast_reaches_every_live_client_and_removes_the_gone_rows_on_both
             segment: None,
             split: None,
             deferrals: 0,
+            continuation: 0,
+            part: 0,
         };
         let (report, result) = engine.run(&job, &CancellationToken::new()).await;
         result.unwrap_or_else(|e| panic!("{path:?}: {e}"));

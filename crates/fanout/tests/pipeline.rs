@@ -532,7 +532,7 @@ async fn two_workers_share_a_split_broadcast_and_deliver_it_exactly_once() {
         assert!(run.status.success(), "{}", run.stdout);
         let (mut sent, mut millis) = (0, 0);
         for report in &run.reports {
-            let id = report["job_id"].as_str().unwrap_or_default().to_owned();
+            let id = report["run"].as_str().unwrap_or_default().to_owned();
             assert!(shares.insert(id.clone()), "share {id} ran twice");
             sent += count(report, "delivered");
             millis += count(report, "duration_ms");
@@ -548,7 +548,7 @@ async fn two_workers_share_a_split_broadcast_and_deliver_it_exactly_once() {
             run.stdout
         );
     }
-    let expected: BTreeSet<String> = (0..6).map(|i| format!("split/{i}")).collect();
+    let expected: BTreeSet<String> = (0..6).map(|i| format!("split segment {i}/6")).collect();
     assert_eq!(shares, expected, "{}\n{}", runs[0].stdout, runs[1].stdout);
 }
 

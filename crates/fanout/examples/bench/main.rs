@@ -365,6 +365,8 @@ async fn run<S: ConnectionStore>(
         segment: (total > 1).then_some(Segment { index, total }),
         split: None,
         deferrals: 0,
+        continuation: 0,
+        part: 0,
     });
 
     let cpu_before = cpu_time()?;
