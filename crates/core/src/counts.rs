@@ -16,6 +16,8 @@ pub(crate) struct JobCounts {
     metrics: Arc<Metrics>,
     delivered: AtomicU64,
     gone: AtomicU64,
+    /// Rows certainly gone by age, found as pages are read.
+    expired: AtomicU64,
     failed: AtomicU64,
     throttled: AtomicU64,
     retries: AtomicU64,
@@ -33,6 +35,7 @@ impl JobCounts {
             metrics,
             delivered: AtomicU64::new(0),
             gone: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
             retries: AtomicU64::new(0),
@@ -60,7 +63,13 @@ impl JobCounts {
         Metrics::incr(&self.metrics.retries);
     }
 
-    /// Gone rows deleted.
+    /// Rows found certainly gone by age: final, never posted to.
+    pub(crate) fn expired(&self, rows: u64) {
+        self.expired.fetch_add(rows, Ordering::Relaxed);
+        Metrics::add(&self.metrics.expired, rows);
+    }
+
+    /// Rows deleted, gone or expired.
     pub(crate) fn removed(&self, rows: u64) {
         self.removed.fetch_add(rows, Ordering::Relaxed);
         Metrics::add(&self.metrics.removed, rows);
@@ -82,6 +91,7 @@ impl JobCounts {
         let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
         report.delivered = get(&self.delivered);
         report.gone = get(&self.gone);
+        report.expired = get(&self.expired);
         report.failed = get(&self.failed);
         report.throttled = get(&self.throttled);
         report.retries = get(&self.retries);

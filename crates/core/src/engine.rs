@@ -27,6 +27,7 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::backoff::Backoff;
 use crate::connection::Connection;
 use crate::counts::JobCounts;
+use crate::expiry::AgeProblems;
 use crate::gateway::{Gateway, Pace, PostOutcome, Step};
 use crate::job::{Job, Target};
 use crate::limiter::SendBudget;
@@ -67,7 +68,9 @@ pub struct Report {
     pub excluded: u64,
     pub delivered: u64,
     pub gone: u64,
-    /// Gone rows deleted from the table.
+    /// Rows certainly gone by age (connectedAt), deleted without a post.
+    pub expired: u64,
+    /// Rows deleted from the table: gone, or expired.
     pub removed: u64,
     /// Gone rows that could not be deleted.
     pub remove_failed: u64,
@@ -87,6 +90,9 @@ pub struct Report {
     /// Where to resume each segment that finished pages (see
     /// [`crate::progress`]); segments not listed start from the beginning.
     pub resume: Vec<Cursor>,
+    /// Rows whose start could not be trusted for the age rule (posted to
+    /// as usual): how many, and the first, to name the problem once.
+    pub age_problems: AgeProblems,
 }
 
 impl Report {
@@ -217,6 +223,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         // Counted as pages are taken up, not from the outcomes: an
         // interrupted job has sends whose outcome never came.
         let audience = AtomicU64::new(0);
+        let age_problems = Mutex::new(AgeProblems::default());
 
         let mut report = Report::default();
         let mut deferred: Vec<Deferred> = Vec::new();
@@ -231,18 +238,34 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         let result = {
             let deliveries = read_ahead(pages)
                 .map_ok(|page| {
-                    let total = page.connections.len();
+                    let total = page.connections.len() + page.expired.len();
                     let kept: Vec<Connection> = page
                         .connections
                         .into_iter()
                         .filter(|c| !job.exclude.contains(&c.id))
                         .collect();
-                    excluded.fetch_add((total - kept.len()) as u64, Ordering::Relaxed);
-                    audience.fetch_add(kept.len() as u64, Ordering::Relaxed);
+                    // An excluded row is left alone, expired or not: the
+                    // job said not to touch it.
+                    let expired: Vec<_> = page
+                        .expired
+                        .into_iter()
+                        .filter(|e| !job.exclude.contains(&e.connection.id))
+                        .collect();
+                    let read = kept.len() + expired.len();
+                    excluded.fetch_add((total - read) as u64, Ordering::Relaxed);
+                    audience.fetch_add(read as u64, Ordering::Relaxed);
+                    counts.expired(expired.len() as u64);
+                    lock(&age_problems).merge(&page.age_problems);
                     let tag = lock(&progress).start_page(kept.len(), page.next);
                     let progress = &progress;
                     let answered = &answered;
+                    let remover = &remover;
                     stream::once(async move {
+                        // Final once queued: the remover deletes them
+                        // whatever stops the job.
+                        for row in expired {
+                            remover.remove_expired(row).await;
+                        }
                         // Bounds how far the sends run ahead of the resume
                         // point; see `Progress::may_start`.
                         loop {
@@ -297,6 +320,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         report.excluded = excluded.load(Ordering::Relaxed);
         counts.report(&mut report);
         report.audience = audience.load(Ordering::Relaxed);
+        report.age_problems = std::mem::take(&mut *lock(&age_problems));
         report.deferred = deferred;
         report.duration = started.elapsed();
         report.resume = lock(&progress).resume_points();
@@ -487,14 +511,16 @@ fn deferred_pages(
     let pages: Vec<Page> = rest
         .chunks(DEFERRED_PAGE)
         .enumerate()
-        .map(|(n, chunk)| Page {
-            connections: chunk.to_vec(),
-            next: Cursor {
-                segment: 0,
-                position: Some(Position::Offset(
-                    (start + (n + 1) * DEFERRED_PAGE).min(connections.len()),
-                )),
-            },
+        .map(|(n, chunk)| {
+            Page::new(
+                chunk.to_vec(),
+                Cursor {
+                    segment: 0,
+                    position: Some(Position::Offset(
+                        (start + (n + 1) * DEFERRED_PAGE).min(connections.len()),
+                    )),
+                },
+            )
         })
         .collect();
     stream::iter(pages.into_iter().map(Ok)).boxed()
@@ -545,7 +571,7 @@ fn read_ahead(
 
 /// The progress lock is held for a counter update only; a poisoned lock
 /// (a panic mid-update) still holds usable counts.
-fn lock(progress: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
+fn lock<T>(progress: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     progress
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -667,6 +693,64 @@ mod tests {
         assert_eq!(report.removed as usize, gone.len());
         assert_eq!(report.failed, 0);
         assert!(gateway.peak.load(Ordering::SeqCst) <= 32);
+    }
+
+    #[tokio::test]
+    async fn rows_certainly_gone_by_age_are_removed_without_a_post() {
+        let all = ids(300);
+        let expired: HashSet<String> = all.iter().take(100).cloned().collect();
+        let rewritten: HashSet<String> = all.iter().take(5).cloned().collect();
+        let table = Arc::new(FakeTable {
+            expired: expired.clone(),
+            rewritten: rewritten.clone(),
+            ..FakeTable::with(&all, 64)
+        });
+        let gone: HashSet<String> = all.iter().skip(100).step_by(10).cloned().collect();
+        let gateway = Arc::new(FakeGateway {
+            gone: gone.clone(),
+            ..FakeGateway::default()
+        });
+        let engine = engine(table.clone(), gateway.clone(), 16);
+        let mut job = job(Target::All);
+        let excluded = all[10].clone();
+        job.exclude.insert(excluded.as_str().into());
+        let (report, result) = engine.run(&job, &CancellationToken::new()).await;
+        result.expect("completes");
+
+        let posted: HashSet<String> = gateway
+            .delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect();
+        assert!(posted.is_disjoint(&expired), "an expired row was posted to");
+        assert_eq!(posted.len(), 200 - gone.len());
+        let asked: HashSet<String> = table
+            .expired_removals
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect();
+        assert_eq!(
+            asked.len(),
+            99,
+            "each expired row once, the excluded one left alone"
+        );
+        assert!(!asked.contains(&excluded));
+        let left = table.remaining();
+        // Kept: the rewritten rows, the excluded one, and every live row.
+        let kept_expired: HashSet<String> = left.intersection(&expired).cloned().collect();
+        let mut expect_kept = rewritten.clone();
+        expect_kept.insert(excluded);
+        assert_eq!(kept_expired, expect_kept);
+        assert_eq!(report.audience, 299);
+        assert_eq!(report.excluded, 1);
+        assert_eq!(report.expired, 99);
+        assert_eq!(report.gone as usize, gone.len());
+        assert_eq!(report.removed as usize, gone.len() + 99 - rewritten.len());
+        assert_eq!(Metrics::get(&engine.metrics.expired), 99);
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@
 //! - [`keys`]: the broadcast and run keys, and a connection's final states.
 //! - [`limits`]: AWS's quotas and fanout's own bounds, each defined once.
 //! - [`connection`]: connection ids and the table row keys they were read with.
+//! - [`expiry`]: rows certainly gone by age, removed without a post.
 //! - [`backoff`]: exponential backoff with full jitter, shared by every retry.
 //! - [`limiter`]: the process-wide send budget (rate and requests in flight),
 //!   capped by the fleet share.
@@ -34,6 +35,7 @@
 
 // The seams and the vocabulary every crate speaks.
 pub mod connection;
+pub mod expiry;
 pub mod fleet;
 pub mod gateway;
 pub mod job;

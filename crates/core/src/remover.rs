@@ -2,6 +2,10 @@
 //! connections are batched by [`MAX_REMOVE_BATCH`] as they arrive, and each
 //! batch's unprocessed items are retried with backoff.
 //!
+//! Rows certainly gone by age (see [`crate::expiry`]) go through the same
+//! task, each with its own conditional delete: BatchWriteItem takes no
+//! condition, and the condition is what keeps a rewritten row.
+//!
 //! A failed removal is counted and logged, never fatal to delivery: the row
 //! stays, and the next broadcast finds it gone again.
 
@@ -16,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::backoff::Backoff;
 use crate::connection::Connection;
 use crate::counts::JobCounts;
+use crate::expiry::Expired;
 use crate::store::{ConnectionStore, MAX_REMOVE_BATCH};
 
 /// Batches in flight at once per job: enough to keep up with a broadcast
@@ -34,9 +39,17 @@ pub const REMOVE_BACKOFF: Backoff = Backoff {
     max_attempts: 8,
 };
 
+/// A row to delete.
+enum Row {
+    /// Answered 410.
+    Gone(Connection),
+    /// Certainly gone by age.
+    Expired(Expired),
+}
+
 /// The sending side of one job's removal task.
 pub struct Remover {
-    tx: mpsc::Sender<Connection>,
+    tx: mpsc::Sender<Row>,
     task: JoinHandle<()>,
 }
 
@@ -53,7 +66,7 @@ impl Remover {
                 // Whatever is queued, up to a full batch: batches fill up
                 // under load and leave at once when gone rows are rare.
                 .ready_chunks(MAX_REMOVE_BATCH)
-                .map(|batch| remove_batch(&*store, batch, backoff, &counts))
+                .map(|rows| remove_rows(&*store, rows, backoff, &counts))
                 .buffer_unordered(CONCURRENT_BATCHES)
                 .for_each(|()| async {})
                 .await
@@ -65,7 +78,12 @@ impl Remover {
     /// behind.
     pub async fn remove(&self, gone: Connection) {
         // The task ends only after `finish` drops the sender.
-        let _ = self.tx.send(gone).await;
+        let _ = self.tx.send(Row::Gone(gone)).await;
+    }
+
+    /// Queues a row certainly gone by age for its conditional delete.
+    pub async fn remove_expired(&self, row: Expired) {
+        let _ = self.tx.send(Row::Expired(row)).await;
     }
 
     /// Waits until everything queued is removed or given up on; the job's
@@ -75,6 +93,53 @@ impl Remover {
         if let Err(e) = self.task.await {
             tracing::error!(error = %e, "the removal task failed; gone rows may remain");
         }
+    }
+}
+
+/// One chunk of what was queued: the gone rows in one batch, the expired
+/// ones each on its own.
+async fn remove_rows<S: ConnectionStore>(
+    store: &S,
+    rows: Vec<Row>,
+    backoff: Backoff,
+    counts: &JobCounts,
+) {
+    let mut gone = Vec::with_capacity(rows.len());
+    for row in rows {
+        match row {
+            Row::Gone(connection) => gone.push(connection),
+            Row::Expired(expired) => remove_expired(store, expired, backoff, counts).await,
+        }
+    }
+    if !gone.is_empty() {
+        remove_batch(store, gone, backoff, counts).await;
+    }
+}
+
+async fn remove_expired<S: ConnectionStore>(
+    store: &S,
+    row: Expired,
+    backoff: Backoff,
+    counts: &JobCounts,
+) {
+    let mut attempt = 1;
+    loop {
+        match store.remove_expired(row.clone()).await {
+            Ok(true) => return counts.removed(1),
+            Ok(false) => {
+                tracing::debug!(connection = %row.connection.id, "an expired row changed since it was read; kept");
+                return;
+            }
+            Err(e) if e.is_transient() && backoff.allows_another(attempt) => {
+                tracing::debug!(error = %e, attempt, "removal of an expired row failed; retrying");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, connection = %row.connection.id, "an expired row could not be removed");
+                return counts.remove_failed(1);
+            }
+        }
+        tokio::time::sleep(backoff.delay(attempt - 1)).await;
+        attempt += 1;
     }
 }
 

@@ -10,6 +10,7 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 use crate::connection::{Connection, ConnectionId};
+use crate::expiry::{AgeProblems, Expired};
 
 /// Rows per removal: BatchWriteItem's limit (a 26th item is a validation
 /// error, not a partial success).
@@ -51,9 +52,27 @@ pub enum Position {
 /// One page of an audience.
 #[derive(Clone, Debug)]
 pub struct Page {
+    /// The connections to post to.
     pub connections: Vec<Connection>,
     /// Where the segment continues after this page.
     pub next: Cursor,
+    /// Rows certainly gone by age (see [`crate::expiry`]): part of the
+    /// audience, not posted to, deleted on condition.
+    pub expired: Vec<Expired>,
+    /// Rows in `connections` whose start could not be trusted.
+    pub age_problems: AgeProblems,
+}
+
+impl Page {
+    /// A page of connections to post to, none known expired.
+    pub fn new(connections: Vec<Connection>, next: Cursor) -> Self {
+        Self {
+            connections,
+            next,
+            expired: Vec::new(),
+            age_problems: AgeProblems::default(),
+        }
+    }
 }
 
 /// What a removal call could not do this time, to be retried.
@@ -107,4 +126,10 @@ pub trait ConnectionStore: Send + Sync + 'static {
         &self,
         gone: Vec<Connection>,
     ) -> impl Future<Output = Result<Removal, StoreError>> + Send;
+
+    /// Deletes one row certainly gone by age, on condition that it still
+    /// holds the start it was read with: `Ok(true)` if deleted, `Ok(false)`
+    /// if the row changed or went in the meantime (it is kept).
+    fn remove_expired(&self, row: Expired)
+    -> impl Future<Output = Result<bool, StoreError>> + Send;
 }

@@ -101,8 +101,10 @@ counter_set! {
     delivered: "Delivered", "Connections that took the message";
     /// Connections that answered gone (410).
     gone: "Gone", "Connections that answered gone (410)";
-    /// Gone rows deleted from the table.
-    removed: "Removed", "Gone rows deleted from the table";
+    /// Rows certainly gone by age, deleted without a post.
+    expired: "Expired", "Rows certainly gone by age, deleted without a post";
+    /// Rows deleted from the table: gone, or expired.
+    removed: "Removed", "Rows deleted from the table (gone or expired)";
     /// Gone rows that could not be deleted after every retry.
     remove_failed: "RemoveFailed", "Gone rows not deleted after every retry";
     /// Connections that did not get the message after every retry.

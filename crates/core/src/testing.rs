@@ -12,6 +12,7 @@ use futures::StreamExt;
 use futures::stream::{self, BoxStream};
 
 use crate::connection::{Connection, ConnectionId, KeyValue, RowKey};
+use crate::expiry::Expired;
 use crate::fleet::{FleetError, Lease, LeaseTable};
 use crate::gateway::{Gateway, PostOutcome};
 use crate::queue::{DeadLettered, JobQueue, Message, QueueError, Receipt, SendOptions};
@@ -40,7 +41,17 @@ pub struct FakeTable {
     /// Gone connections read without a row key are skipped, as the
     /// DynamoDB store skips them on a table with a composite key.
     pub composite_key: bool,
+    /// Rows the store reads as certainly gone by age (started at
+    /// [`EXPIRED_START_MS`]).
+    pub expired: HashSet<String>,
+    /// Rows whose conditional delete finds them changed (kept).
+    pub rewritten: HashSet<String>,
+    /// The ids of the conditional deletes asked for, in order.
+    pub expired_removals: Mutex<Vec<String>>,
 }
+
+/// The start [`FakeTable`] reads its expired rows with.
+pub const EXPIRED_START_MS: i64 = 1_600_000_000_000;
 
 impl FakeTable {
     pub fn with(ids: &[String], page_size: usize) -> Self {
@@ -55,6 +66,9 @@ impl FakeTable {
             unprocessed_removals: AtomicUsize::new(0),
             reject_removals: false,
             composite_key: false,
+            expired: HashSet::new(),
+            rewritten: HashSet::new(),
+            expired_removals: Mutex::new(Vec::new()),
         }
     }
 
@@ -119,13 +133,21 @@ impl ConnectionStore for Arc<FakeTable> {
             if table.fail_after_pages.is_some_and(|limit| read >= limit) {
                 return Err(StoreError::Unavailable("table went away".into()));
             }
-            Ok(Page {
-                connections: chunk.iter().map(|id| keyed(id)).collect(),
-                next: Cursor {
-                    segment: 0,
-                    position: Some(Position::Offset(start + ((n + 1) * page_size).min(total))),
-                },
-            })
+            let next = Cursor {
+                segment: 0,
+                position: Some(Position::Offset(start + ((n + 1) * page_size).min(total))),
+            };
+            let (expired, live): (Vec<_>, Vec<_>) =
+                chunk.iter().partition(|id| table.expired.contains(*id));
+            let mut page = Page::new(live.iter().map(|id| keyed(id)).collect(), next);
+            page.expired = expired
+                .iter()
+                .map(|id| Expired {
+                    connection: keyed(id),
+                    started_ms: EXPIRED_START_MS,
+                })
+                .collect();
+            Ok(page)
         }))
         .boxed()
     }
@@ -156,6 +178,21 @@ impl ConnectionStore for Arc<FakeTable> {
         let doomed: HashSet<_> = gone.iter().map(|c| c.id.to_string()).collect();
         self.rows.lock().unwrap().retain(|r| !doomed.contains(r));
         Ok(removal)
+    }
+
+    async fn remove_expired(&self, row: Expired) -> Result<bool, StoreError> {
+        let id = row.connection.id.to_string();
+        self.expired_removals.lock().unwrap().push(id.clone());
+        if self.reject_removals {
+            return Err(StoreError::Rejected("validation".into()));
+        }
+        if self.rewritten.contains(&id) || row.started_ms != EXPIRED_START_MS {
+            return Ok(false);
+        }
+        let mut rows = self.rows.lock().unwrap();
+        let before = rows.len();
+        rows.retain(|r| *r != id);
+        Ok(rows.len() < before)
     }
 }
 
@@ -477,7 +514,7 @@ impl ConnectionStore for GeneratedTable {
                 segment,
                 position: (end < rows).then_some(Position::Offset(end as usize)),
             };
-            Some((Ok(Page { connections, next }), end))
+            Some((Ok(Page::new(connections, next)), end))
         })
         .boxed()
     }
@@ -488,6 +525,11 @@ impl ConnectionStore for GeneratedTable {
         }
         self.removed.fetch_add(gone.len() as u64, Ordering::Relaxed);
         Ok(Removal::default())
+    }
+
+    /// Its rows have no start: none is ever expired.
+    async fn remove_expired(&self, _: Expired) -> Result<bool, StoreError> {
+        Ok(false)
     }
 }
 
