@@ -21,6 +21,7 @@ use futures::StreamExt;
 use futures::stream::{self, BoxStream};
 
 use fanout_core::connection::{Connection, ConnectionId, KeyValue, RowKey};
+use fanout_core::expiry::{Age, AgeProblems, Expired, ExpiryRule};
 use fanout_core::store::{
     AudienceQuery, ConnectionStore, Cursor, MAX_REMOVE_BATCH, Page, Position, Removal, StoreError,
 };
@@ -41,6 +42,17 @@ pub struct TableSettings {
     pub channel_attribute: String,
     /// Rows per page (1 to 1,000).
     pub page_size: u32,
+    /// The attribute holding each connection's start (epoch ms), and the
+    /// rule that reads it: rows certainly gone by age are removed without a
+    /// post. `None`: every row is posted to.
+    pub expiry: Option<AgeSettings>,
+}
+
+/// Where a row's start is, and how old is too old.
+#[derive(Clone, Debug)]
+pub struct AgeSettings {
+    pub attribute: String,
+    pub rule: Arc<ExpiryRule>,
 }
 
 /// The connections table.
@@ -136,6 +148,11 @@ impl DynamoStore {
         let mut projected: Vec<&str> = key.iter().map(|(name, _)| name.as_str()).collect();
         if !projected.contains(&settings.key_attribute.as_str()) {
             projected.push(&settings.key_attribute);
+        }
+        if let Some(age) = &settings.expiry
+            && !projected.contains(&age.attribute.as_str())
+        {
+            projected.push(&age.attribute);
         }
         let projection_names: HashMap<String, String> = projected
             .iter()
@@ -248,6 +265,34 @@ impl ConnectionStore for DynamoStore {
         }
     }
 
+    async fn remove_expired(&self, row: Expired) -> Result<bool, StoreError> {
+        let inner = &self.inner;
+        let (Some(age), Some(key)) = (&inner.settings.expiry, &row.connection.key) else {
+            return Ok(false);
+        };
+        let result = inner
+            .client
+            .delete_item()
+            .table_name(&inner.settings.table)
+            .set_key(Some(to_item(key)))
+            .condition_expression("#started = :started")
+            .expression_attribute_names("#started", &age.attribute)
+            .expression_attribute_values(":started", AttributeValue::N(row.started_ms.to_string()))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(err) => Err(map_error(&inner.settings.table, err)),
+        }
+    }
+
     async fn remove(&self, gone: Vec<Connection>) -> Result<Removal, StoreError> {
         if gone.len() > MAX_REMOVE_BATCH {
             return Err(StoreError::Rejected(format!(
@@ -310,6 +355,13 @@ impl ConnectionStore for DynamoStore {
     }
 }
 
+impl DynamoStore {
+    /// The age rule it reads rows with, for the clock check to turn off.
+    pub fn age_rule(&self) -> Option<Arc<ExpiryRule>> {
+        self.inner.settings.expiry.as_ref().map(|a| a.rule.clone())
+    }
+}
+
 /// Where segment `segment` starts: `Ok(None)` if its cursor says it is done,
 /// `Ok(Some(None))` from the beginning, `Ok(Some(Some(key)))` after `key`.
 fn start_of(from: Option<&[Cursor]>, segment: u32) -> Result<Option<Option<Item>>, StoreError> {
@@ -347,10 +399,7 @@ fn segment_pages(
                         Ok(key) => key.map(Position::Key),
                         Err(err) => return Some((Err(err), None)),
                     };
-                    let page = Page {
-                        connections: inner.connections(items),
-                        next: Cursor { segment, position },
-                    };
+                    let page = inner.page(items, Cursor { segment, position });
                     Some((Ok(page), next_start.map(Some)))
                 }
                 Err(err) => Some((Err(err), None)),
@@ -380,13 +429,13 @@ fn explicit_pages(
                 })
                 .collect();
             let position = (end < total).then_some(Position::Offset(end));
-            Ok(Page {
+            Ok(Page::new(
                 connections,
-                next: Cursor {
+                Cursor {
                     segment: 0,
                     position,
                 },
-            })
+            ))
         })
         .boxed()
 }
@@ -447,35 +496,78 @@ impl Inner {
         }
     }
 
+    /// A page of rows: those certainly gone by age apart, the rest to post
+    /// to.
+    fn page(&self, items: Vec<Item>, next: Cursor) -> Page {
+        let rule = self.settings.expiry.as_ref().filter(|age| age.rule.is_on());
+        let Some(age) = rule else {
+            return Page::new(self.connections(items), next);
+        };
+        let mut started = Vec::with_capacity(items.len());
+        for item in &items {
+            started.push(match item.get(&age.attribute) {
+                None => None,
+                Some(AttributeValue::N(n)) => Some(n.clone()),
+                // A string or any other type is not a number of ms.
+                Some(_) => Some(String::new()),
+            });
+        }
+        let mut page = Page::new(Vec::new(), next);
+        let mut problems = AgeProblems::default();
+        for (connection, started) in self.connections_with(items).zip(started) {
+            let Some((connection, started)) = connection.map(|c| (c, started)) else {
+                continue;
+            };
+            match age.rule.age(started.as_deref()) {
+                Some(Age::Expired { started_ms }) if connection.key.is_some() => {
+                    page.expired.push(Expired {
+                        connection,
+                        started_ms,
+                    });
+                }
+                Some(Age::Unknown(problem)) => {
+                    problems.add(&connection.id, problem);
+                    page.connections.push(connection);
+                }
+                _ => page.connections.push(connection),
+            }
+        }
+        page.age_problems = problems;
+        page
+    }
+
     /// The page's connections; rows without a string id are skipped, as one
     /// bad row must not fail a broadcast to everyone else.
     fn connections(&self, items: Vec<Item>) -> Vec<Connection> {
+        self.connections_with(items).flatten().collect()
+    }
+
+    /// Each row's connection, `None` for a row without a usable id, in
+    /// order.
+    fn connections_with(&self, items: Vec<Item>) -> impl Iterator<Item = Option<Connection>> + '_ {
         let id_attribute = &self.settings.key_attribute;
-        items
-            .into_iter()
-            .filter_map(|item| {
-                let Some(AttributeValue::S(id)) = item.get(id_attribute) else {
-                    tracing::warn!(
-                        table = %self.settings.table,
-                        attribute = %id_attribute,
-                        "a connection row has no string id attribute; skipped"
-                    );
-                    return None;
-                };
-                let key = self.row_key(&item);
-                if key.is_none() {
-                    tracing::warn!(
-                        table = %self.settings.table,
-                        connection = %id,
-                        "a connection row lacks part of the table key; it will not be removed if gone"
-                    );
-                }
-                Some(Connection {
-                    id: ConnectionId::from(id.as_str()),
-                    key,
-                })
+        items.into_iter().map(move |item| {
+            let Some(AttributeValue::S(id)) = item.get(id_attribute) else {
+                tracing::warn!(
+                    table = %self.settings.table,
+                    attribute = %id_attribute,
+                    "a connection row has no string id attribute; skipped"
+                );
+                return None;
+            };
+            let key = self.row_key(&item);
+            if key.is_none() {
+                tracing::warn!(
+                    table = %self.settings.table,
+                    connection = %id,
+                    "a connection row lacks part of the table key; it will not be removed if gone"
+                );
+            }
+            Some(Connection {
+                id: ConnectionId::from(id.as_str()),
+                key,
             })
-            .collect()
+        })
     }
 
     /// The row's full primary key, in schema order.

@@ -11,6 +11,8 @@
 //!   (Scan and Query pages, BatchWriteItem removals).
 //! - `fleet`: [`DynamoLeaseTable`], the fleet budget's `LeaseTable` on a
 //!   DynamoDB table (one item per task, read with one consistent Query).
+//! - `clock`: [`ClockCheck`], AWS's clock (a DynamoDB answer's `Date`)
+//!   against this worker's, for the age rule.
 //! - `dynamo_errors`: what a failed DynamoDB call means, for both tables.
 //! - `endpoint`: which management API endpoints are accepted
 //!   ([`parse_endpoint`]).
@@ -27,6 +29,7 @@
 
 mod apigw;
 pub mod clients;
+mod clock;
 mod dynamo;
 mod dynamo_errors;
 mod endpoint;
@@ -40,7 +43,8 @@ pub use apigw::ApiGatewaySender;
 /// binary loads it once with [`clients::load_sdk_config`] and hands it back.
 pub use aws_config::SdkConfig;
 pub use clients::AwsError;
-pub use dynamo::{DynamoStore, TableSettings};
+pub use clock::ClockCheck;
+pub use dynamo::{AgeSettings, DynamoStore, TableSettings};
 pub use endpoint::{BadEndpoint, parse_endpoint};
 pub use fleet::DynamoLeaseTable;
 pub use lean::{LeanError, LeanSender};

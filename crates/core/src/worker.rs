@@ -311,6 +311,7 @@ fn log_report(job: &job::Job, report: &Report, status: &str) {
         audience = report.audience,
         delivered = report.delivered,
         gone = report.gone,
+        expired = report.expired,
         removed = report.removed,
         remove_failed = report.remove_failed,
         failed = report.failed,
@@ -321,6 +322,8 @@ fn log_report(job: &job::Job, report: &Report, status: &str) {
         throttled = report.throttled,
         duration_ms = report.duration.as_millis() as u64,
         rate_per_second = report.rate().round(),
+        unknown_age = report.age_problems.count,
+        age_problem = report.age_problems.describe(),
         "broadcast"
     );
 }

@@ -16,10 +16,13 @@ use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize};
 
 pub use fanout_aws::SendPath;
-use fanout_aws::{QueueSettings, SendSettings, TableSettings};
+use std::sync::Arc;
+
+use fanout_aws::{AgeSettings, QueueSettings, SendSettings, TableSettings};
 use fanout_core::Backoff;
 use fanout_core::RateSettings;
 use fanout_core::engine::EngineSettings;
+use fanout_core::expiry::{self, ExpiryRule};
 use fanout_core::fleet::FleetSettings;
 use fanout_core::job::Capabilities;
 use fanout_core::worker::WorkerSettings;
@@ -103,6 +106,9 @@ struct Raw {
     key_attribute: String,
     channel_index: Option<String>,
     channel_attribute: String,
+    connected_at_attribute: Option<String>,
+    #[serde(with = "humantime_serde")]
+    expired_margin: Duration,
     gateway_endpoint: Option<String>,
     send_path: SendPath,
     rate_per_second: u32,
@@ -157,6 +163,13 @@ pub struct Config {
     pub key_attribute: String,
     pub channel_index: Option<String>,
     pub channel_attribute: String,
+    /// The row attribute holding a connection's start (epoch ms); `None`:
+    /// no row is removed by age.
+    pub connected_at_attribute: Option<String>,
+    /// How far past API Gateway's two hours a row must be to count as
+    /// certainly gone.
+    #[serde(with = "humantime_serde")]
+    pub expired_margin: Duration,
     /// Required by the worker only; see [`Config::worker_targets`].
     pub gateway_endpoint: Option<String>,
     pub send_path: SendPath,
@@ -380,6 +393,13 @@ impl Config {
             channel_index: self.channel_index.clone(),
             channel_attribute: self.channel_attribute.clone(),
             page_size: self.page_size,
+            expiry: self
+                .connected_at_attribute
+                .as_ref()
+                .map(|attribute| AgeSettings {
+                    attribute: attribute.clone(),
+                    rule: Arc::new(ExpiryRule::new(self.expired_margin)),
+                }),
         }
     }
 
@@ -571,6 +591,9 @@ impl Validator<'_> {
             key_attribute: self.required_text("key_attribute", raw.key_attribute)?,
             channel_index: self.non_empty("channel_index", raw.channel_index)?,
             channel_attribute: self.required_text("channel_attribute", raw.channel_attribute)?,
+            connected_at_attribute: self
+                .non_empty("connected_at_attribute", raw.connected_at_attribute)?,
+            expired_margin: self.expired_margin(raw.expired_margin)?,
             gateway_endpoint: self.gateway_endpoint(raw.gateway_endpoint)?,
             send_path: raw.send_path,
             rate_per_second,
@@ -612,6 +635,22 @@ impl Validator<'_> {
             health_max_age: raw.health_max_age,
             metrics_service: self.required_text("metrics_service", raw.metrics_service)?,
         })
+    }
+
+    /// At least [`expiry::MIN_MARGIN`]: less would let a clock error the
+    /// check lets through reach a live connection.
+    fn expired_margin(&self, margin: Duration) -> Result<Duration, ConfigError> {
+        if margin < expiry::MIN_MARGIN {
+            return Err(self.invalid(
+                "expired_margin",
+                format!(
+                    "{} is under the least margin, {}",
+                    humantime::format_duration(margin),
+                    humantime::format_duration(expiry::MIN_MARGIN)
+                ),
+            ));
+        }
+        Ok(margin)
     }
 
     /// A text key that must not be empty.

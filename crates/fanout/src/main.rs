@@ -15,9 +15,12 @@ use tokio_util::sync::CancellationToken;
 use fanout::config::{Config, ConfigError};
 use fanout::ecs::{self, TaskProtection};
 use fanout::metrics::{self, MetricsServer};
-use fanout_aws::{DynamoLeaseTable, DynamoStore, QueueSettings, SelectedSender, SqsQueue, clients};
+use fanout_aws::{
+    ClockCheck, DynamoLeaseTable, DynamoStore, QueueSettings, SelectedSender, SqsQueue, clients,
+};
 use fanout_core::SendBudget;
 use fanout_core::engine::Engine;
+use fanout_core::expiry::{self, ExpiryRule};
 use fanout_core::fleet::Coordinator;
 use fanout_core::job::{self, Capabilities, JobSpec};
 use fanout_core::queue::{self, JobQueue, SendOptions};
@@ -148,6 +151,32 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Compares the clocks once before the first broadcast, then hourly in the
+/// background, for the age rule: a worker whose clock is off must not judge
+/// rows by age.
+async fn watch_clock(check: ClockCheck, rule: Arc<ExpiryRule>, stop: CancellationToken) {
+    if check.run(&rule).await.is_none() {
+        tracing::warn!(
+            "the clock could not be compared at startup; rows are judged by age as configured"
+        );
+    }
+    tracing::info!(
+        on = rule.is_on(),
+        margin = %humantime::format_duration(rule.margin()),
+        "rows older than API Gateway's two hours plus the margin are removed without a post"
+    );
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(expiry::CLOCK_CHECK_INTERVAL) => {
+                    check.run(&rule).await;
+                }
+            }
+        }
+    });
+}
+
 fn check_config(arg: ConfigArg) -> anyhow::Result<ExitCode> {
     let config = Config::load(arg.file.as_deref())?;
     config.worker_targets()?;
@@ -163,12 +192,19 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
 
     let sdk = clients::load_sdk_config().await;
     let queue = SqsQueue::connect(&sdk, config.queue_settings());
-    let store = DynamoStore::connect(
-        clients::dynamodb_client(&sdk),
-        config.table_settings(&targets.table),
-    )
-    .await
-    .with_context(|| format!("cannot use the connections table {}", targets.table))?;
+    let shutdown = CancellationToken::new();
+    let dynamodb = clients::dynamodb_client(&sdk);
+    let store = DynamoStore::connect(dynamodb.clone(), config.table_settings(&targets.table))
+        .await
+        .with_context(|| format!("cannot use the connections table {}", targets.table))?;
+    if let Some(rule) = store.age_rule() {
+        watch_clock(
+            ClockCheck::new(&sdk, &targets.table),
+            rule,
+            shutdown.clone(),
+        )
+        .await;
+    }
     let gateway = SelectedSender::build(&sdk, &config.send_settings(&targets))?;
 
     let engine_settings = config.engine_settings();
@@ -191,7 +227,6 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
     );
     let settings = config.worker_settings(exit_when_idle);
 
-    let shutdown = CancellationToken::new();
     tokio::spawn(fanout_core::cancel_on_signal(shutdown.clone()));
     // Bound before the worker starts: a taken port is a configuration error.
     let server = MetricsServer::bind(config.metrics_settings()).await?;

@@ -21,6 +21,7 @@ fn settings(table: &str, page_size: u32, channel_index: bool) -> TableSettings {
         channel_index: channel_index.then(|| CHANNEL_INDEX.to_owned()),
         channel_attribute: CHANNEL.to_owned(),
         page_size,
+        expiry: None,
     }
 }
 
@@ -634,4 +635,67 @@ async fn throttling_and_server_errors_are_transient() {
         .expect_err("server error");
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     assert!(err.is_transient());
+}
+
+/// The delete of a row certainly gone by age holds only while the row has
+/// the start it was read with: a row rewritten since is kept.
+#[tokio::test]
+async fn an_expired_row_is_deleted_only_if_its_start_is_still_the_one_read() {
+    use fanout_aws::AgeSettings;
+    use fanout_core::expiry::{DEFAULT_MARGIN, Expired, ExpiryRule};
+    use std::sync::Arc;
+
+    let ddb = support::dynamodb().await;
+    let table = create_table(&ddb, "aged", TableKey::Id, false).await;
+    let three_hours_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 3 * 60 * 60 * 1000;
+    for id in ["old", "rewritten"] {
+        ddb.put_item()
+            .table_name(&table)
+            .item(ID, AttributeValue::S(id.into()))
+            .item(
+                "connectedAt",
+                AttributeValue::N(three_hours_ago.to_string()),
+            )
+            .send()
+            .await
+            .expect("put a row");
+    }
+    let store = store(TableSettings {
+        expiry: Some(AgeSettings {
+            attribute: "connectedAt".into(),
+            rule: Arc::new(ExpiryRule::new(DEFAULT_MARGIN)),
+        }),
+        ..settings(&table, 10, false)
+    })
+    .await;
+    let pages = all_pages(&store, &AudienceQuery::All { segments: 1 }, None).await;
+    let expired: Vec<Expired> = pages.into_iter().flat_map(|p| p.expired).collect();
+    assert_eq!(expired.len(), 2, "both read as expired");
+    // A reconnect rewrote one row after the read.
+    ddb.put_item()
+        .table_name(&table)
+        .item(ID, AttributeValue::S("rewritten".into()))
+        .item(
+            "connectedAt",
+            AttributeValue::N((three_hours_ago + 1).to_string()),
+        )
+        .send()
+        .await
+        .expect("rewrite a row");
+    for row in expired {
+        let id = row.connection.id.to_string();
+        let deleted = store
+            .remove_expired(row)
+            .await
+            .expect("a conditional delete");
+        assert_eq!(deleted, id == "old", "{id}");
+    }
+    assert_eq!(
+        support::remaining_ids(&ddb, &table).await,
+        BTreeSet::from(["rewritten".to_owned()])
+    );
 }

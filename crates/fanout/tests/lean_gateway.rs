@@ -133,6 +133,7 @@ async fn a_broadcast_reaches_every_live_client_and_removes_the_gone_rows_on_both
                 channel_index: None,
                 channel_attribute: "channel".into(),
                 page_size: 5,
+                expiry: None,
             },
         )
         .await

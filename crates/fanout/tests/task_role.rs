@@ -49,6 +49,7 @@ enum Peer {
 const ADAPTERS: &[(&str, Peer)] = &[
     ("crates/aws/src/sqs.rs", Peer::Sqs),
     ("crates/aws/src/dynamo.rs", Peer::ConnectionsTable),
+    ("crates/aws/src/clock.rs", Peer::ConnectionsTable),
     ("crates/aws/src/fleet.rs", Peer::FleetTable),
     ("crates/aws/src/apigw.rs", Peer::ApiGateway),
 ];
@@ -87,6 +88,8 @@ fn grant_for(peer: Peer, operation: &str) -> Option<(&'static str, &'static [Res
         // The connections table is queried on its channel index only.
         (ConnectionsTable, "query") => ("dynamodb:Query", &[TableIndexes]),
         (ConnectionsTable, "batch_write_item") => ("dynamodb:BatchWriteItem", &[Table]),
+        // Rows certainly gone by age, each deleted on a condition.
+        (ConnectionsTable, "delete_item") => ("dynamodb:DeleteItem", &[Table]),
         // The fleet table is queried on its own key (every lease under one
         // partition).
         (Peer::FleetTable, "describe_table") => ("dynamodb:DescribeTable", &[FleetTable]),

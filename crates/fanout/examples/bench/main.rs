@@ -314,6 +314,7 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
                     channel_index: None,
                     channel_attribute: "channel".into(),
                     page_size: args.page_size.min(1000) as u32,
+                    expiry: None,
                 },
             )
             .await?;

@@ -62,6 +62,9 @@ pub struct Faults {
     pub spike: Duration,
     /// Every gateway POST answered 403 `ForbiddenException`.
     pub post_forbidden: bool,
+    /// Seconds added to the `Date` header of every forwarded answer: an
+    /// upstream whose clock (or this worker's) is off.
+    pub date_offset_secs: i64,
 }
 
 /// What a proxy injected so far.
@@ -451,8 +454,23 @@ async fn forward(shared: &Shared, mut parts: hyper::http::request::Parts, body: 
     let request = Request::from_parts(parts, Full::new(body));
     let response = shared.client.request(request).await.map_err(|_| Dropped)?;
     bump(&shared.counters.forwarded);
-    let (parts, body) = response.into_parts();
+    let (mut parts, body) = response.into_parts();
     let body = body.collect().await.map_err(|_| Dropped)?.to_bytes();
+    let offset = shared
+        .faults
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .date_offset_secs;
+    if offset != 0 {
+        use aws_sdk_dynamodb::primitives::{DateTime, DateTimeFormat};
+        let now = DateTime::from(std::time::SystemTime::now());
+        let shifted = DateTime::from_secs(now.secs() + offset);
+        if let Ok(text) = shifted.fmt(DateTimeFormat::HttpDate)
+            && let Ok(value) = HeaderValue::from_str(&text)
+        {
+            parts.headers.insert(hyper::header::DATE, value);
+        }
+    }
     Ok(Response::from_parts(parts, Full::new(body)))
 }
 
