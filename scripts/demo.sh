@@ -27,6 +27,9 @@ CHANNEL=news
 PLAIN_CLIENTS=700
 CHANNEL_CLIENTS=300
 DROPPED=100
+# Rows of connections that started three hours ago: past API Gateway's two
+# hours, so certainly gone; removed without a post.
+EXPIRED=50
 WORK="$ROOT/.local/demo"
 PYTHON="$ROOT/.local/venv/bin/python"
 
@@ -100,7 +103,8 @@ ddb.create_table(
     KeySchema=[{"AttributeName": "connectionId", "KeyType": "HASH"}],
     GlobalSecondaryIndexes=[{"IndexName": "by-channel",
                              "KeySchema": [{"AttributeName": "channel", "KeyType": "HASH"}],
-                             "Projection": {"ProjectionType": "KEYS_ONLY"}}],
+                             "Projection": {"ProjectionType": "INCLUDE",
+                                            "NonKeyAttributes": ["connectedAt"]}}],
     BillingMode="PAY_PER_REQUEST",
 )
 ddb.get_waiter("table_exists").wait(TableName=table, WaiterConfig={"Delay": 0.2})
@@ -110,6 +114,9 @@ PY
 source "$WORK/setup.env"
 export FANOUT_TABLE="$TABLE"
 export FANOUT_CHANNEL_INDEX=by-channel
+# The gateway writes each connection's start here, as a $connect handler
+# copying requestContext.connectedAt would.
+export FANOUT_CONNECTED_AT_ATTRIBUTE=connectedAt
 export FANOUT_GATEWAY_ENDPOINT="http://127.0.0.1:$GATEWAY_PORT/$STAGE"
 export FANOUT_RATE_PER_SECOND="${FANOUT_RATE_PER_SECOND:-2000}"
 # A short long-poll, so `--exit-when-idle` notices the empty queue quickly.
@@ -136,8 +143,19 @@ PIDS+=($!)
 PIDS+=($!)
 CLIENT_PIDS=("${PIDS[@]: -2}")
 wait_for "the clients to connect" 60 test -f "$WORK/plain.ready" -a -f "$WORK/channel.ready"
+"$PYTHON" - "$TABLE" "$EXPIRED" <<'PY'
+import sys, time, boto3
+table, n = sys.argv[1], int(sys.argv[2])
+three_hours_ago = int(time.time() * 1000) - 3 * 3600 * 1000
+ddb = boto3.client("dynamodb")
+for start in range(0, n, 25):
+    ddb.batch_write_item(RequestItems={table: [
+        {"PutRequest": {"Item": {"connectionId": {"S": f"expired-{i:03}"},
+                                 "connectedAt": {"N": str(three_hours_ago)}}}}
+        for i in range(start, min(n, start + 25))]})
+PY
 ROWS_BEFORE="$("$PYTHON" -c "import boto3; print(boto3.client('dynamodb').scan(TableName='$TABLE', Select='COUNT')['Count'])")"
-echo "table rows: $ROWS_BEFORE ($DROPPED of them stale)"
+echo "table rows: $ROWS_BEFORE ($DROPPED of them stale, $EXPIRED of connections that started 3 h ago)"
 
 say "enqueueing three broadcasts: everyone, channel '$CHANNEL', and one over 128 KiB"
 head -c 140000 /dev/zero | tr '\0' 'x' >"$WORK/oversize.txt"
@@ -166,10 +184,10 @@ wait_for "the clients' summaries" 30 test -f "$WORK/plain.summary.json" -a -f "$
 
 say "report"
 "$PYTHON" - "$WORK" "$TABLE" "$FANOUT_DEAD_LETTER_QUEUE_URL" "$ROWS_BEFORE" \
-  "$((PLAIN_CLIENTS - DROPPED))" "$CHANNEL_CLIENTS" <<'PY'
+  "$((PLAIN_CLIENTS - DROPPED))" "$CHANNEL_CLIENTS" "$EXPIRED" <<'PY'
 import json, sys, boto3
-work, table, dlq, rows_before, plain_live, channel_live = sys.argv[1:7]
-plain_live, channel_live = int(plain_live), int(channel_live)
+work, table, dlq, rows_before, plain_live, channel_live, expired = sys.argv[1:8]
+plain_live, channel_live, expired = int(plain_live), int(channel_live), int(expired)
 jobs = dict(line.split() for line in open(f"{work}/jobs.txt"))
 names = {v: k for k, v in jobs.items()}
 reports = {}
@@ -180,13 +198,13 @@ for line in open(f"{work}/worker.log"):
         continue
     if entry.get("message") == "broadcast" and entry.get("job_id") in names:
         reports[names[entry["job_id"]]] = entry
-print(f"{'broadcast':<10} {'audience':>8} {'delivered':>9} {'gone':>5} {'removed':>7} {'failed':>6} {'wall':>8}")
+print(f"{'broadcast':<10} {'audience':>8} {'delivered':>9} {'gone':>5} {'expired':>7} {'removed':>7} {'failed':>6} {'wall':>8}")
 for name in ("everyone", "channel"):
     r = reports.get(name)
     if r is None:
         print(f"{name:<10} (no report in the worker log)")
         continue
-    print(f"{name:<10} {r.get('audience', '?'):>8} {r.get('delivered', '?'):>9} {r.get('gone', '?'):>5} "
+    print(f"{name:<10} {r.get('audience', '?'):>8} {r.get('delivered', '?'):>9} {r.get('gone', '?'):>5} {r.get('expired', '?'):>7} "
           f"{r.get('removed', '?'):>7} {r.get('failed', '?'):>6} {r.get('duration_ms', '?'):>6}ms")
 
 plain = json.load(open(f"{work}/plain.summary.json"))
@@ -200,9 +218,11 @@ checks = [
      got(channel, "news for the news channel") == channel_live and got(plain, "news for the news channel") == 0),
     ("no client got anything twice", plain["clients_with_duplicates"] == 0 and channel["clients_with_duplicates"] == 0),
     ("each live client got exactly its messages", plain.get("ok") is True and channel.get("ok") is True),
+    (f"the {expired} rows of 3 h ago were removed without a post",
+     reports.get("everyone", {}).get("expired") == expired),
 ]
 rows_after = boto3.client("dynamodb").scan(TableName=table, Select="COUNT")["Count"]
-print(f"\ntable rows: {rows_before} before, {rows_after} after (stale rows removed: {int(rows_before) - rows_after})")
+print(f"\ntable rows: {rows_before} before, {rows_after} after (gone and expired rows removed: {int(rows_before) - rows_after})")
 for text, ok in checks:
     print(f"  [{'ok' if ok else 'FAILED'}] {text}")
 

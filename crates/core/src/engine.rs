@@ -7,10 +7,12 @@
 //! (each waiting, sending or backing off) per job, plus the connections
 //! deferred so far.
 //!
-//! Each connection ends in one of four states: delivered (2xx), gone (410,
-//! its row removed), rejected (a 4xx about that connection alone), or
-//! deferred (throttled past [`EngineSettings::throttle_deadline`], or 5xx and
-//! timeouts past its attempts). Only the first three are final: deferred
+//! Each connection ends in one of the states of
+//! [`crate::keys::ConnectionState`]: delivered (2xx), gone (410, its row
+//! removed), expired (its row certainly gone by age, removed without a
+//! post), rejected (a 4xx about that connection alone), or deferred
+//! (throttled past [`EngineSettings::throttle_deadline`], or 5xx and
+//! timeouts past its attempts). All but deferred are final: deferred
 //! connections are retried in further passes of the same job, and what is
 //! still deferred then is in the [`Report`] for the worker to continue.
 
