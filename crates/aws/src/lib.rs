@@ -13,7 +13,9 @@
 //!   DynamoDB table (one item per task, read with one consistent Query).
 //! - `clock`: [`ClockCheck`], AWS's clock (a DynamoDB answer's `Date`)
 //!   against this worker's, for the age rule.
-//! - `dynamo_errors`: what a failed DynamoDB call means, for both tables.
+//! - `runs`: [`DynamoRunTable`], durable runs' `RunTable` on the checkpoint
+//!   table (one item per run key, conditional writes).
+//! - `dynamo_errors`: what a failed DynamoDB call means, for every table.
 //! - `endpoint`: which management API endpoints are accepted
 //!   ([`parse_endpoint`]).
 //! - `apigw`: [`ApiGatewaySender`], PostToConnection through the SDK (the
@@ -35,6 +37,7 @@ mod dynamo_errors;
 mod endpoint;
 mod fleet;
 mod lean;
+mod runs;
 mod select;
 mod sqs;
 
@@ -48,5 +51,6 @@ pub use dynamo::{AgeSettings, DynamoStore, TableSettings};
 pub use endpoint::{BadEndpoint, parse_endpoint};
 pub use fleet::DynamoLeaseTable;
 pub use lean::{LeanError, LeanSender};
+pub use runs::DynamoRunTable;
 pub use select::{SelectError, SelectedSender, SendPath, SendSettings};
 pub use sqs::{QueueSettings, REASON_ATTRIBUTE, SOURCE_MESSAGE_ATTRIBUTE, SqsQueue};

@@ -27,6 +27,8 @@
 //! - [`progress`]: which audience pages a broadcast finished, for resuming.
 //! - `counts`: one job's counts, bumped with the process-wide counters.
 //! - [`remover`]: batches gone connections into removals while sending goes on.
+//! - [`durable`]: run records in the checkpoint table: idempotent
+//!   broadcasts, and one task at a time per run.
 //! - [`engine`]: audience pages → rate-limited concurrent sends → report.
 //! - [`worker`]: receive → fan out → settle the message; heartbeat; shutdown.
 //! - [`redrive`]: moves dead-lettered jobs back to the jobs queue.
@@ -49,6 +51,7 @@ pub mod telemetry;
 // built from.
 mod backoff;
 mod counts;
+pub mod durable;
 pub mod engine;
 mod limiter;
 mod progress;

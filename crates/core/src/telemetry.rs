@@ -118,6 +118,13 @@ counter_set! {
     /// Whole-table jobs replaced by their segment jobs (not completed: the
     /// segments complete them).
     jobs_split: "JobsSplit", "Whole-table jobs replaced by their segment jobs";
+    /// Jobs not run because their broadcast finished within the dedup
+    /// window, or runs live on another task (their messages deleted or left
+    /// hidden).
+    jobs_duplicate: "JobsDuplicate", "Jobs not run: a broadcast already finished, or live on another task";
+    /// Reads and writes of the checkpoint table that failed (delivery goes
+    /// on without them).
+    checkpoint_failures: "CheckpointFailures", "Checkpoint-table calls that failed; delivery went on";
     /// Jobs given back to the queue to be tried again.
     jobs_retried: "JobsRetried", "Jobs given back to the queue to be tried again";
     /// Jobs sent to the dead-letter queue (or left for the redrive policy).

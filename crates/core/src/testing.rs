@@ -634,3 +634,59 @@ impl LeaseTable for FakeLeaseTable {
         .await
     }
 }
+
+/// An in-memory run table with DynamoDB's conditional write.
+#[derive(Default)]
+pub struct FakeRunTable {
+    pub records: Mutex<HashMap<String, crate::durable::RunRecord>>,
+    /// Every call fails as a throttled table does, while set.
+    pub throttle: AtomicBool,
+    pub writes: AtomicU64,
+}
+
+impl crate::durable::RunTable for FakeRunTable {
+    async fn load(
+        &self,
+        key: &str,
+    ) -> Result<Option<crate::durable::RunRecord>, crate::durable::DurableError> {
+        if self.throttle.load(Ordering::SeqCst) {
+            return Err(crate::durable::DurableError::Throttled("fake".into()));
+        }
+        Ok(self.records.lock().unwrap().get(key).cloned())
+    }
+
+    async fn store(
+        &self,
+        record: &crate::durable::RunRecord,
+        read: Option<u64>,
+    ) -> Result<bool, crate::durable::DurableError> {
+        if self.throttle.load(Ordering::SeqCst) {
+            return Err(crate::durable::DurableError::Throttled("fake".into()));
+        }
+        let mut records = self.records.lock().unwrap();
+        let current = records.get(&record.key).map(|r| r.version);
+        if current != read {
+            return Ok(false);
+        }
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        records.insert(record.key.clone(), record.clone());
+        Ok(true)
+    }
+}
+
+impl crate::durable::RunTable for Arc<FakeRunTable> {
+    async fn load(
+        &self,
+        key: &str,
+    ) -> Result<Option<crate::durable::RunRecord>, crate::durable::DurableError> {
+        crate::durable::RunTable::load(&**self, key).await
+    }
+
+    async fn store(
+        &self,
+        record: &crate::durable::RunRecord,
+        read: Option<u64>,
+    ) -> Result<bool, crate::durable::DurableError> {
+        crate::durable::RunTable::store(&**self, record, read).await
+    }
+}

@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
+use crate::durable::{Admitted, Ledger, RunLease, rfc3339};
 use crate::engine::{Engine, FanoutError, Report};
 use crate::gateway::Gateway;
 use crate::job::{self, Capabilities};
@@ -129,6 +130,25 @@ where
     S: ConnectionStore,
     G: Gateway,
 {
+    run_durable(queue, engine, settings, metrics, shutdown, None).await
+}
+
+/// [`run`], with run records in the checkpoint table (`ledger`): a
+/// broadcast sent again is not broadcast twice, and a run live on one task
+/// is not run by another at the same time.
+pub async fn run_durable<Q, S, G>(
+    queue: Arc<Q>,
+    engine: Arc<Engine<S, G>>,
+    settings: WorkerSettings,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    ledger: Option<Arc<Ledger>>,
+) -> Stopped
+where
+    Q: JobQueue,
+    S: ConnectionStore,
+    G: Gateway,
+{
     let slots = Arc::new(Semaphore::new(settings.max_concurrent_jobs));
     let jobs = TaskTracker::new();
     // Cancelled when the grace period is over: running jobs stop and hand
@@ -145,6 +165,7 @@ where
         metrics: metrics.clone(),
         deleter: deleter.handle(),
         abort: abort.clone(),
+        ledger,
     });
 
     let mut failed_receives = 0u32;
@@ -234,6 +255,8 @@ struct JobContext<Q, S, G> {
     metrics: Arc<Metrics>,
     deleter: DeleteHandle,
     abort: CancellationToken,
+    /// The checkpoint table's run records, when configured.
+    ledger: Option<Arc<Ledger>>,
 }
 
 impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
@@ -242,8 +265,21 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     async fn process(&self, message: &Message) -> Fate {
         Metrics::incr(&self.metrics.jobs_in_flight);
         let outcome = AssertUnwindSafe(async {
-            let settlement = self.run_job(message).await;
-            self.settle(message, settlement).await
+            let (settlement, lease) = self.run_job(message).await;
+            let Some(lease) = lease else {
+                return self.settle(message, settlement).await;
+            };
+            // A redelivery while it ran may have made another receipt the
+            // newest, the only one SQS deletes by.
+            let current = Message {
+                receipt: lease.receipt(),
+                ..message.clone()
+            };
+            let fate = self.settle(&current, settlement).await;
+            if let Some(ledger) = &self.ledger {
+                ledger.close(lease, fate == Fate::Gone).await;
+            }
+            fate
         })
         .catch_unwind()
         .await;
@@ -261,15 +297,47 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
 
     /// Parses and runs one job. What it came to is a [`Settlement`], which
     /// [`settle`](Self::settle) applies to the message.
-    async fn run_job(&self, message: &Message) -> Settlement {
+    async fn run_job(&self, message: &Message) -> (Settlement, Option<RunLease>) {
         let job = match job::parse(&message.body, &message.id, self.settings.capabilities) {
             Ok(job) => job,
-            Err(e) => return Settlement::DeadLetter(e.to_string()),
+            Err(e) => return (Settlement::DeadLetter(e.to_string()), None),
         };
+        let lease = match &self.ledger {
+            None => None,
+            Some(ledger) => match ledger.admit(message, &job).await {
+                Admitted::Run(lease) => Some(lease),
+                Admitted::Unrecorded => None,
+                Admitted::Duplicate { finished_at_ms } => {
+                    Metrics::incr(&self.metrics.jobs_duplicate);
+                    tracing::info!(job_id = %job.id, run = %RunKey::of(&job), message_id = %message.id, finished_at = %rfc3339(finished_at_ms), "a duplicate of a broadcast finished at {}; not broadcast again", rfc3339(finished_at_ms));
+                    return (Settlement::Done, None);
+                }
+                Admitted::Twin => {
+                    Metrics::incr(&self.metrics.jobs_duplicate);
+                    tracing::info!(job_id = %job.id, run = %RunKey::of(&job), message_id = %message.id, "another copy of a broadcast running on another task; this copy is deleted");
+                    return (Settlement::Done, None);
+                }
+                Admitted::Adopted => {
+                    Metrics::incr(&self.metrics.jobs_duplicate);
+                    tracing::warn!(job_id = %job.id, run = %RunKey::of(&job), message_id = %message.id, "this message came back while its broadcast runs on another task (a heartbeat was late); that task keeps it hidden now");
+                    return (Settlement::LeaveHidden, None);
+                }
+                Admitted::Conflict(reason) => return (Settlement::DeadLetter(reason), None),
+            },
+        };
+        (self.run_admitted(message, job, lease.clone()).await, lease)
+    }
+
+    async fn run_admitted(
+        &self,
+        message: &Message,
+        job: job::Job,
+        lease: Option<RunLease>,
+    ) -> Settlement {
         if let Some(total) = self.split_of(&job).filter(|_| message.group_id.is_none()) {
             return self.split(message, &job, total).await;
         }
-        let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone());
+        let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone(), lease);
         let (report, result) = self.engine.run(&job, &self.abort).await;
         drop(heartbeat);
         self.metrics.record_job_duration(report.duration);

@@ -117,6 +117,9 @@ struct Raw {
     fleet_rate_per_second: Option<u32>,
     fleet_table: Option<String>,
     fleet_fallback_rate: Option<u32>,
+    checkpoint_table: Option<String>,
+    #[serde(with = "humantime_serde")]
+    dedup_window: Duration,
     max_in_flight: u32,
     #[serde(with = "humantime_serde")]
     send_timeout: Duration,
@@ -185,6 +188,11 @@ pub struct Config {
     pub fleet_table: Option<String>,
     /// This task's rate while the fleet table cannot be reached.
     pub fleet_fallback_rate: Option<u32>,
+    /// Where run records are kept; `None`: no deduplication, no leases.
+    pub checkpoint_table: Option<String>,
+    /// How long a finished broadcast is remembered.
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
     pub max_in_flight: u32,
     #[serde(with = "humantime_serde")]
     pub send_timeout: Duration,
@@ -602,6 +610,8 @@ impl Validator<'_> {
             fleet_rate_per_second: fleet.as_ref().map(|f| f.rate),
             fleet_table: fleet.as_ref().map(|f| f.table.clone()),
             fleet_fallback_rate: fleet.as_ref().map(|f| f.fallback),
+            checkpoint_table: self.non_empty("checkpoint_table", raw.checkpoint_table)?,
+            dedup_window: self.dedup_window(raw.dedup_window)?,
             max_in_flight: self.range("max_in_flight", raw.max_in_flight, 1, 100_000)?,
             send_timeout: raw.send_timeout,
             send_attempts: self.range("send_attempts", raw.send_attempts, 1, 100)?,
@@ -651,6 +661,15 @@ impl Validator<'_> {
             ));
         }
         Ok(margin)
+    }
+
+    /// A finished broadcast is remembered for at least a minute: a shorter
+    /// window would not even cover a producer's retry after a timeout.
+    fn dedup_window(&self, window: Duration) -> Result<Duration, ConfigError> {
+        if window < Duration::from_secs(60) {
+            return Err(self.invalid("dedup_window", "must be at least 1m"));
+        }
+        Ok(window)
     }
 
     /// A text key that must not be empty.

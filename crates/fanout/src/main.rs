@@ -16,9 +16,11 @@ use fanout::config::{Config, ConfigError};
 use fanout::ecs::{self, TaskProtection};
 use fanout::metrics::{self, MetricsServer};
 use fanout_aws::{
-    ClockCheck, DynamoLeaseTable, DynamoStore, QueueSettings, SelectedSender, SqsQueue, clients,
+    ClockCheck, DynamoLeaseTable, DynamoRunTable, DynamoStore, QueueSettings, SelectedSender,
+    SqsQueue, clients,
 };
 use fanout_core::SendBudget;
+use fanout_core::durable::{Ledger, Windows};
 use fanout_core::engine::Engine;
 use fanout_core::expiry::{self, ExpiryRule};
 use fanout_core::fleet::Coordinator;
@@ -218,6 +220,7 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
     // Before the worker starts: a task in a fleet sends nothing until the
     // others have read its lease.
     let fleet = join_fleet(&config, &sdk, &budget, &metrics).await?;
+    let ledger = open_ledger(&config, &sdk, &metrics).await?;
     let engine = Engine::new(
         Arc::new(store),
         Arc::new(gateway),
@@ -246,12 +249,13 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
             let _ = left.await;
         }))
     });
-    let stopped = worker::run(
+    let stopped = worker::run_durable(
         Arc::new(queue),
         Arc::new(engine),
         settings,
         metrics,
         shutdown.clone(),
+        ledger,
     )
     .await;
     // The lease goes once nothing is sent any more, so the others can take
@@ -279,6 +283,38 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
 /// The fleet's coordinator, if the configuration names a fleet. A missing
 /// fleet table stops the worker; an unreachable one does not: the task
 /// starts at its fallback rate and joins when the table answers.
+/// The checkpoint table's run records, when configured: a missing table
+/// stops the worker, naming the key; one that cannot be reached now does
+/// not (each call then fails, is counted, and delivery goes on).
+async fn open_ledger(
+    config: &Config,
+    sdk: &fanout_aws::SdkConfig,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<Arc<Ledger>>> {
+    let Some(table) = &config.checkpoint_table else {
+        return Ok(None);
+    };
+    let client = clients::dynamodb_client(sdk);
+    let runs = match DynamoRunTable::connect(client.clone(), table.as_str()).await {
+        Ok(runs) => runs,
+        Err(e) if e.is_transient() => {
+            tracing::warn!(error = %e, table = %table, "the checkpoint table (FANOUT_CHECKPOINT_TABLE) cannot be reached: running without it until it answers");
+            DynamoRunTable::unchecked(client, table)
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("cannot use the checkpoint table {table} (FANOUT_CHECKPOINT_TABLE)")
+            });
+        }
+    };
+    let windows = Windows {
+        dedup: config.dedup_window,
+        lease: config.visibility_timeout,
+    };
+    tracing::info!(table = %table, dedup_window = %humantime::format_duration(config.dedup_window), "runs are recorded: a broadcast sent again is not broadcast twice");
+    Ok(Some(Arc::new(Ledger::new(runs, windows, metrics.clone()))))
+}
+
 async fn join_fleet(
     config: &Config,
     sdk: &fanout_aws::SdkConfig,

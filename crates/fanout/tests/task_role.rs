@@ -42,6 +42,8 @@ enum Peer {
     Sqs,
     ConnectionsTable,
     FleetTable,
+    /// The checkpoint table: the template's is the fleet table.
+    CheckpointTable,
     ApiGateway,
 }
 
@@ -51,6 +53,7 @@ const ADAPTERS: &[(&str, Peer)] = &[
     ("crates/aws/src/dynamo.rs", Peer::ConnectionsTable),
     ("crates/aws/src/clock.rs", Peer::ConnectionsTable),
     ("crates/aws/src/fleet.rs", Peer::FleetTable),
+    ("crates/aws/src/runs.rs", Peer::CheckpointTable),
     ("crates/aws/src/apigw.rs", Peer::ApiGateway),
 ];
 
@@ -96,6 +99,9 @@ fn grant_for(peer: Peer, operation: &str) -> Option<(&'static str, &'static [Res
         (Peer::FleetTable, "query") => ("dynamodb:Query", &[FleetTable]),
         (Peer::FleetTable, "put_item") => ("dynamodb:PutItem", &[FleetTable]),
         (Peer::FleetTable, "delete_item") => ("dynamodb:DeleteItem", &[FleetTable]),
+        (Peer::CheckpointTable, "describe_table") => ("dynamodb:DescribeTable", &[FleetTable]),
+        (Peer::CheckpointTable, "get_item") => ("dynamodb:GetItem", &[FleetTable]),
+        (Peer::CheckpointTable, "put_item") => ("dynamodb:PutItem", &[FleetTable]),
         (ApiGateway, "post_to_connection") => ("execute-api:ManageConnections", &[ConnectionsPost]),
         _ => return None,
     })

@@ -20,7 +20,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         let waiting: Vec<AbortOnDropHandle<()>> = chain
             .iter()
             .skip(1)
-            .map(|(message, _)| self.heartbeat(message.receipt.clone(), message.id.clone()))
+            .map(|(message, _)| self.heartbeat(message.receipt.clone(), message.id.clone(), None))
             .collect();
         let mut waiting = waiting.into_iter();
         let mut chain = chain.into_iter();

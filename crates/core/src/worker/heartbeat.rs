@@ -1,9 +1,13 @@
 //! The heartbeat: while a job runs, its message's visibility timeout is
-//! renewed so no other worker receives it.
+//! renewed so no other worker receives it, and so is its run's lease in the
+//! checkpoint table (see [`crate::durable`]), first: the lease's renewal
+//! hands back the message's newest receipt, which a redelivery may have
+//! changed.
 
 use tokio_util::task::AbortOnDropHandle;
 
 use super::JobContext;
+use crate::durable::RunLease;
 use crate::gateway::Gateway;
 use crate::queue::{JobQueue, Receipt};
 use crate::store::ConnectionStore;
@@ -13,9 +17,15 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// explicit abort, ends it: a panic or a dropped job task unwinds past
     /// any abort call, and a detached heartbeat would keep the message
     /// hidden for ever.
-    pub(super) fn heartbeat(&self, receipt: Receipt, job_id: String) -> AbortOnDropHandle<()> {
+    pub(super) fn heartbeat(
+        &self,
+        receipt: Receipt,
+        job_id: String,
+        lease: Option<RunLease>,
+    ) -> AbortOnDropHandle<()> {
         let queue = self.queue.clone();
         let settings = self.settings;
+        let ledger = self.ledger.clone();
         AbortOnDropHandle::new(tokio::spawn(async move {
             let mut ticks = tokio::time::interval_at(
                 tokio::time::Instant::now() + settings.heartbeat_interval,
@@ -23,6 +33,17 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             );
             loop {
                 ticks.tick().await;
+                let receipt = match (&ledger, &lease) {
+                    (Some(ledger), Some(lease)) => {
+                        if !ledger.renew(lease).await {
+                            // Another task runs it now, from this very
+                            // message: keeping it hidden is its job.
+                            break;
+                        }
+                        lease.receipt()
+                    }
+                    _ => receipt.clone(),
+                };
                 if let Err(e) = queue
                     .set_visibility(&receipt, settings.visibility_timeout)
                     .await

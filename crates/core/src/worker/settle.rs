@@ -30,6 +30,9 @@ pub(super) enum Settlement {
     DeadLetter(String),
     /// A passing failure: visible again after a backoff.
     RetryLater,
+    /// Its run is live on another task, which renews this message's
+    /// visibility now: left as it is.
+    LeaveHidden,
 }
 
 impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
@@ -43,6 +46,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             }
             Settlement::DeadLetter(reason) => self.dead_letter(message, &reason).await,
             Settlement::RetryLater => self.retry_later(message).await,
+            Settlement::LeaveHidden => Fate::Kept,
         }
     }
 

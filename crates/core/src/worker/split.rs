@@ -27,7 +27,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     pub(super) async fn split(&self, message: &Message, job: &Job, total: u32) -> Settlement {
         // Up to MAX_SPLIT sends one after another can outlast the visibility
         // timeout; another worker would then split the job again.
-        let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone());
+        let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone(), None);
         for (index, part) in job.split_into(total).into_iter().enumerate() {
             let sent = match serde_json::to_string(&part) {
                 Ok(body) => self

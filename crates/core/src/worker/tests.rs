@@ -692,3 +692,165 @@ async fn no_more_jobs_run_at_once_than_allowed() {
     assert_eq!(rig.queue.deleted_ids().len(), 7);
     assert_eq!(rig.gateway.delivered.lock().unwrap().len(), 140);
 }
+
+mod durable {
+    use super::*;
+    use crate::durable::{Ledger, RunRecord, Windows};
+    use crate::keys::{RunKey, fingerprint};
+    use crate::testing::FakeRunTable;
+
+    fn windows() -> Windows {
+        Windows {
+            dedup: Duration::from_secs(24 * 3600),
+            lease: Duration::from_secs(30),
+        }
+    }
+
+    impl Rig {
+        async fn run_recorded(
+            &self,
+            settings: WorkerSettings,
+            runs: &Arc<FakeRunTable>,
+        ) -> Stopped {
+            let ledger = Ledger::new(runs.clone(), windows(), self.metrics.clone());
+            let engine = Engine::new(
+                Arc::new(self.table.clone()),
+                self.gateway.clone(),
+                Arc::new(SendBudget::new(None, 8)),
+                EngineSettings {
+                    send_backoff: Backoff {
+                        base: Duration::from_millis(1),
+                        max: Duration::from_millis(1),
+                        max_attempts: 2,
+                    },
+                    throttle_deadline: Duration::from_millis(20),
+                    deferred_passes: 1,
+                    pass_pause: Duration::from_millis(1),
+                    max_in_flight: 8,
+                    scan_segments: 1,
+                },
+                self.metrics.clone(),
+            );
+            run_durable(
+                self.queue.clone(),
+                Arc::new(engine),
+                settings,
+                self.metrics.clone(),
+                CancellationToken::new(),
+                Some(Arc::new(ledger)),
+            )
+            .await
+        }
+    }
+
+    const TWICE: [&str; 2] = [r#"{"id":"news","data":"a"}"#, r#"{"id":"news","data":"a"}"#];
+
+    #[tokio::test]
+    async fn a_broadcast_sent_again_after_it_finished_is_deleted_unsent() {
+        let rig = Rig::new(FakeQueue::with_jobs(&TWICE, true), FakeGateway::default());
+        let runs = Arc::new(FakeRunTable::default());
+        let one_at_a_time = WorkerSettings {
+            max_concurrent_jobs: 1,
+            ..settings()
+        };
+        assert_eq!(rig.run_recorded(one_at_a_time, &runs).await, Stopped::Idle);
+        assert_eq!(rig.gateway.delivered.lock().unwrap().len(), 20, "once");
+        assert_eq!(rig.queue.deleted.lock().unwrap().len(), 2);
+        assert_eq!(Metrics::get(&rig.metrics.jobs_duplicate), 1);
+        assert_eq!(Metrics::get(&rig.metrics.jobs_completed), 1);
+        let records = runs.records.lock().unwrap();
+        let record = records.values().next().expect("a record");
+        assert!(record.finished_at_ms.is_some(), "{record:?}");
+    }
+
+    #[tokio::test]
+    async fn two_copies_at_once_run_once() {
+        let rig = Rig::new(FakeQueue::with_jobs(&TWICE, true), FakeGateway::default());
+        let runs = Arc::new(FakeRunTable::default());
+        assert_eq!(rig.run_recorded(settings(), &runs).await, Stopped::Idle);
+        assert_eq!(rig.gateway.delivered.lock().unwrap().len(), 20, "once");
+        assert_eq!(rig.queue.deleted.lock().unwrap().len(), 2, "both copies go");
+        assert_eq!(Metrics::get(&rig.metrics.jobs_duplicate), 1);
+    }
+
+    #[tokio::test]
+    async fn a_known_key_with_another_body_is_dead_lettered_with_that_reason() {
+        let rig = Rig::new(
+            FakeQueue::with_jobs(
+                &[r#"{"id":"news","data":"a"}"#, r#"{"id":"news","data":"b"}"#],
+                true,
+            ),
+            FakeGateway::default(),
+        );
+        let runs = Arc::new(FakeRunTable::default());
+        let one_at_a_time = WorkerSettings {
+            max_concurrent_jobs: 1,
+            ..settings()
+        };
+        rig.run_recorded(one_at_a_time, &runs).await;
+        assert_eq!(rig.gateway.delivered.lock().unwrap().len(), 20);
+        let dead = rig.queue.dead.as_ref().unwrap().lock().unwrap().clone();
+        let [(id, reason)] = &dead[..] else {
+            panic!("{dead:?}")
+        };
+        assert_eq!(id, "m1");
+        assert!(reason.contains("used for another body"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn a_throttled_table_delays_nothing_and_is_counted() {
+        let rig = Rig::new(FakeQueue::with_jobs(&TWICE, true), FakeGateway::default());
+        let runs = Arc::new(FakeRunTable::default());
+        runs.throttle.store(true, Ordering::SeqCst);
+        assert_eq!(rig.run_recorded(settings(), &runs).await, Stopped::Idle);
+        // At-least-once: without the table both copies are broadcast.
+        assert_eq!(rig.gateway.delivered.lock().unwrap().len(), 40);
+        assert_eq!(rig.queue.deleted.lock().unwrap().len(), 2);
+        assert!(Metrics::get(&rig.metrics.checkpoint_failures) >= 2);
+    }
+
+    #[tokio::test]
+    async fn its_own_message_back_while_it_runs_elsewhere_is_left_hidden_for_the_holder() {
+        let body = r#"{"id":"news","data":"a"}"#;
+        let rig = Rig::new(FakeQueue::with_jobs(&[body], true), FakeGateway::default());
+        let job = job::parse(body, "m0", settings().capabilities).unwrap();
+        let key = RunKey::of(&job).storage_key();
+        let runs = Arc::new(FakeRunTable::default());
+        let now = crate::expiry::epoch_ms(std::time::SystemTime::now());
+        runs.records.lock().unwrap().insert(
+            key.clone(),
+            RunRecord {
+                key: key.clone(),
+                fingerprint: fingerprint(&job),
+                owner: "another-task".into(),
+                message_id: "m0".into(),
+                receipt: "an-older-receipt".into(),
+                lease_until_ms: now + 3_600_000,
+                finished_at_ms: None,
+                expires_at: 0,
+                version: 7,
+            },
+        );
+        let settings = WorkerSettings {
+            exit_when_idle: false,
+            ..settings()
+        };
+        let ctx_run = rig.run_recorded(settings, &runs);
+        // The worker never ends on its own here: the message stays hidden.
+        let stopped = tokio::time::timeout(Duration::from_secs(2), ctx_run).await;
+        assert!(stopped.is_err(), "still waiting for work");
+        assert!(rig.gateway.delivered.lock().unwrap().is_empty(), "not run");
+        assert!(rig.queue.deleted.lock().unwrap().is_empty(), "not deleted");
+        assert!(
+            rig.queue.visibility.lock().unwrap().is_empty(),
+            "left as it is"
+        );
+        let record = runs.records.lock().unwrap()[&key].clone();
+        assert_eq!(record.owner, "another-task");
+        assert_eq!(
+            record.receipt, "r0",
+            "the holder renews and deletes with it"
+        );
+        assert_eq!(Metrics::get(&rig.metrics.jobs_duplicate), 1);
+    }
+}

@@ -1,0 +1,192 @@
+//! [`RunTable`] on DynamoDB: one item per run key in the checkpoint table
+//! (`FANOUT_CHECKPOINT_TABLE`), read consistently and written on the
+//! condition that its version is still the one read.
+//!
+//! | attribute | type | what |
+//! |---|---|---|
+//! | `pk` | S | `run#` + the run key (`s{segment}.c{continuation}.{part}:{broadcast}`) |
+//! | `sk` | S | `run` |
+//! | `fingerprint` | S | SHA-256 of the body's payload and audience |
+//! | `owner`, `messageId`, `receipt` | S | who runs it, from which message, its newest receipt |
+//! | `leaseUntilMs` | N | until when the owner holds it |
+//! | `finishedAtMs` | N | when its message was settled off the queue (absent while it runs) |
+//! | `expiresAt` | N | the TTL (epoch seconds): past the dedup window |
+//! | `version` | N | bumped by every write |
+//!
+//! The `run#` prefix keeps the items apart from the fleet's (`fleet#…`), so
+//! one table can serve both.
+
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::config::http::HttpResponse;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::types::{AttributeValue, KeyType, ScalarAttributeType};
+
+use fanout_core::durable::{DurableError, RunRecord, RunTable};
+
+use crate::dynamo_errors::{self, Failure};
+
+type Item = HashMap<String, AttributeValue>;
+
+const PK: &str = "pk";
+const SK: &str = "sk";
+const SORT: &str = "run";
+
+/// The checkpoint table.
+#[derive(Clone, Debug)]
+pub struct DynamoRunTable {
+    client: Client,
+    table: String,
+}
+
+impl DynamoRunTable {
+    /// Checks once, at startup, that `table` exists and is keyed `pk` (S) +
+    /// `sk` (S): a wrong `FANOUT_CHECKPOINT_TABLE` is named before the
+    /// first job.
+    pub async fn connect(client: Client, table: impl Into<String>) -> Result<Self, DurableError> {
+        let table = table.into();
+        let output = client
+            .describe_table()
+            .table_name(&table)
+            .send()
+            .await
+            .map_err(|err| map_error(&table, err))?;
+        let keyed_right = output.table().is_some_and(|t| {
+            let key_of = |kind: KeyType| {
+                let name = t
+                    .key_schema()
+                    .iter()
+                    .find(|e| e.key_type() == &kind)?
+                    .attribute_name();
+                let scalar = t
+                    .attribute_definitions()
+                    .iter()
+                    .find(|d| d.attribute_name() == name)?
+                    .attribute_type()
+                    .clone();
+                Some((name.to_owned(), scalar))
+            };
+            key_of(KeyType::Hash) == Some((PK.to_owned(), ScalarAttributeType::S))
+                && key_of(KeyType::Range) == Some((SK.to_owned(), ScalarAttributeType::S))
+        });
+        if !keyed_right {
+            return Err(DurableError::NoSuchTable { table });
+        }
+        Ok(Self { client, table })
+    }
+
+    /// The table, unchecked: for a start while it cannot be reached (each
+    /// call then fails, is counted, and delivery goes on without it).
+    pub fn unchecked(client: Client, table: impl Into<String>) -> Self {
+        Self {
+            client,
+            table: table.into(),
+        }
+    }
+}
+
+fn key(run: &str) -> Item {
+    HashMap::from([
+        (PK.to_owned(), AttributeValue::S(format!("run#{run}"))),
+        (SK.to_owned(), AttributeValue::S(SORT.to_owned())),
+    ])
+}
+
+impl RunTable for DynamoRunTable {
+    async fn load(&self, run: &str) -> Result<Option<RunRecord>, DurableError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(run)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|err| map_error(&self.table, err))?;
+        output.item.map(|item| from_item(run, &item)).transpose()
+    }
+
+    async fn store(&self, record: &RunRecord, read: Option<u64>) -> Result<bool, DurableError> {
+        let mut request = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(to_item(record)));
+        request = match read {
+            None => request.condition_expression("attribute_not_exists(pk)"),
+            Some(version) => request
+                .condition_expression("version = :read")
+                .expression_attribute_values(":read", AttributeValue::N(version.to_string())),
+        };
+        match request.send().await {
+            Ok(_) => Ok(true),
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(err) => Err(map_error(&self.table, err)),
+        }
+    }
+}
+
+fn to_item(record: &RunRecord) -> Item {
+    let s = |v: &str| AttributeValue::S(v.to_owned());
+    let n = |v: i128| AttributeValue::N(v.to_string());
+    let mut item = key(&record.key);
+    item.insert("fingerprint".into(), s(&record.fingerprint));
+    item.insert("owner".into(), s(&record.owner));
+    item.insert("messageId".into(), s(&record.message_id));
+    item.insert("receipt".into(), s(&record.receipt));
+    item.insert("leaseUntilMs".into(), n(record.lease_until_ms.into()));
+    if let Some(at) = record.finished_at_ms {
+        item.insert("finishedAtMs".into(), n(at.into()));
+    }
+    item.insert("expiresAt".into(), n(record.expires_at.into()));
+    item.insert("version".into(), n(record.version.into()));
+    item
+}
+
+fn from_item(run: &str, item: &Item) -> Result<RunRecord, DurableError> {
+    let bad =
+        |name: &str| DurableError::Rejected(format!("the record of {run} has no valid {name}"));
+    let text = |name: &str| match item.get(name) {
+        Some(AttributeValue::S(v)) => Ok(v.clone()),
+        _ => Err(bad(name)),
+    };
+    let number = |name: &str| match item.get(name) {
+        Some(AttributeValue::N(v)) => v.parse::<i64>().map_err(|_| bad(name)),
+        _ => Err(bad(name)),
+    };
+    Ok(RunRecord {
+        key: run.to_owned(),
+        fingerprint: text("fingerprint")?,
+        owner: text("owner")?,
+        message_id: text("messageId")?,
+        receipt: text("receipt")?,
+        lease_until_ms: number("leaseUntilMs")?,
+        finished_at_ms: item
+            .contains_key("finishedAtMs")
+            .then(|| number("finishedAtMs"))
+            .transpose()?,
+        expires_at: number("expiresAt")?,
+        version: u64::try_from(number("version")?).map_err(|_| bad("version"))?,
+    })
+}
+
+fn map_error<E>(table: &str, err: SdkError<E, HttpResponse>) -> DurableError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match dynamo_errors::classify(&err) {
+        Failure::NoSuchTable => DurableError::NoSuchTable {
+            table: table.to_owned(),
+        },
+        Failure::Throttled(detail) => DurableError::Throttled(detail),
+        Failure::Unavailable(detail) => DurableError::Unavailable(detail),
+        Failure::Rejected(detail) => DurableError::Rejected(detail),
+    }
+}
