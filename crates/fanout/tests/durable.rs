@@ -3,6 +3,7 @@
 //! (the connections and checkpoint tables), the local API Gateway and real
 //! WebSocket clients, which count what they receive.
 
+use fanout_testkit::fault_support::proxy::{FaultProxy, Faults};
 use fanout_testkit::local_support::TestGateway;
 use fanout_testkit::support;
 
@@ -52,9 +53,23 @@ impl Setup {
     }
 
     fn worker(&self, checkpoint_table: &str) -> tokio::process::Child {
+        self.worker_with(checkpoint_table, &[], true)
+    }
+
+    fn worker_with(
+        &self,
+        checkpoint_table: &str,
+        extra: &[(&str, &str)],
+        exit_when_idle: bool,
+    ) -> tokio::process::Child {
         let endpoint = format!("http://{}/{}", self.gateway.addr, self.gateway.stage);
+        let args: &[&str] = if exit_when_idle {
+            &["run", "--exit-when-idle"]
+        } else {
+            &["run"]
+        };
         support::worker::command(
-            &["run", "--exit-when-idle"],
+            args,
             &self.queue.url,
             &self.dlq.url,
             &self.table,
@@ -62,7 +77,9 @@ impl Setup {
                 ("FANOUT_GATEWAY_ENDPOINT", endpoint.as_str()),
                 ("FANOUT_CHECKPOINT_TABLE", checkpoint_table),
                 ("FANOUT_RATE_PER_SECOND", "200"),
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().copied()),
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -195,5 +212,68 @@ async fn a_missing_checkpoint_table_stops_the_worker_naming_the_key() {
         "{}",
         run.stdout
     );
+    s.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_visibility_lapses_mid_broadcast_is_not_run_twice_at_once() {
+    let s = Setup::new().await;
+    let clients = Swarm::connect(&s.gateway.ws_url(), 300, None, 25)
+        .await
+        .expect("clients");
+    // Worker A's heartbeat cannot keep the message hidden: its SQS goes
+    // through a proxy that fails every ChangeMessageVisibility.
+    let sqs = std::env::var("AWS_ENDPOINT_URL_SQS").expect("the emulators' env");
+    let proxy = FaultProxy::start(
+        &sqs,
+        Faults {
+            sqs_block_visibility: true,
+            ..Faults::default()
+        },
+    )
+    .await;
+    let proxied = proxy.url();
+    let short = [
+        ("FANOUT_VISIBILITY_TIMEOUT", "3s"),
+        ("FANOUT_HEARTBEAT_INTERVAL", "1s"),
+        ("FANOUT_RATE_PER_SECOND", "50"),
+    ];
+    let mut a_env = short.to_vec();
+    a_env.push(("AWS_ENDPOINT_URL_SQS", proxied.as_str()));
+    s.send(JOB).await;
+    let a = s.worker_with(&s.runs, &a_env, true);
+    // B starts once A has the message: 300 clients at 50/s take 6 s, and
+    // the message comes back every 3 s. B runs until A is done.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let b = s.worker_with(&s.runs, &short, false);
+    let a = finish(a, Duration::from_secs(60)).await;
+    support::worker::signal(&b, "-TERM");
+    let b = finish(b, Duration::from_secs(30)).await;
+    assert!(
+        a.status.success() && b.status.success(),
+        "{}\n{}",
+        a.stdout,
+        b.stdout
+    );
+    assert_eq!(a.report("match-42")["delivered"], 300, "{}", a.stdout);
+    assert!(b.reports.is_empty(), "B never ran it: {}", b.stdout);
+    // Whichever worker received it again (A's own next receive, or B's)
+    // left it to the run's holder.
+    let redelivered = "came back while its broadcast runs on another task";
+    assert!(
+        a.stdout.contains(redelivered) || b.stdout.contains(redelivered),
+        "a redelivery was seen: {}\nB: {}",
+        a.stdout,
+        b.stdout
+    );
+    assert!(proxy.injected().sqs_errors > 0, "the heartbeat was blocked");
+    each_once(&clients, "goal").await;
+    // A deleted it with the newest receipt, B's.
+    assert_eq!(
+        support::counts(&s.sqs, &s.queue.url).await,
+        (0, 0),
+        "deleted"
+    );
+    clients.close(None).await;
     s.gateway.shutdown().await;
 }

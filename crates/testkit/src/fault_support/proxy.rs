@@ -62,6 +62,9 @@ pub struct Faults {
     pub spike: Duration,
     /// Every gateway POST answered 403 `ForbiddenException`.
     pub post_forbidden: bool,
+    /// Every ChangeMessageVisibility answered 500 `InternalError`: a
+    /// heartbeat that cannot keep its message hidden.
+    pub sqs_block_visibility: bool,
     /// Seconds added to the `Date` header of every forwarded answer: an
     /// upstream whose clock (or this worker's) is off.
     pub date_offset_secs: i64,
@@ -296,6 +299,14 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Answer {
             ));
         }
         "ReceiveMessage" | "DeleteMessageBatch" | "ChangeMessageVisibility" => {
+            if operation == "ChangeMessageVisibility" && faults.sqs_block_visibility {
+                bump(&counters.sqs_errors);
+                return Ok(json_answer(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    None,
+                    r#"{"__type":"com.amazonaws.sqs#InternalError","message":"Injected: visibility changes fail"}"#,
+                ));
+            }
             if hits(faults.sqs_drop) {
                 bump(&counters.sqs_dropped);
                 return Err(Dropped);
