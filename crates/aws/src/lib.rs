@@ -18,6 +18,8 @@
 //!   reference path).
 //! - `lean`: [`LeanSender`], the same call as a signed POST on a keep-alive
 //!   pool (the default path).
+//! - `reports`: [`SqsReports`] and [`SnsReports`], where broadcast reports
+//!   go (the `ReportSink` on an SQS queue and on an SNS topic).
 //! - `select`: [`SelectedSender`], whichever of the two [`SendSettings`]
 //!   picks.
 //!
@@ -32,6 +34,7 @@ mod dynamo_errors;
 mod endpoint;
 mod fleet;
 mod lean;
+mod reports;
 mod select;
 mod sqs;
 
@@ -44,5 +47,6 @@ pub use dynamo::{DynamoStore, TableSettings};
 pub use endpoint::{BadEndpoint, parse_endpoint};
 pub use fleet::DynamoLeaseTable;
 pub use lean::{LeanError, LeanSender};
+pub use reports::{SnsReports, SqsReports};
 pub use select::{SelectError, SelectedSender, SendPath, SendSettings};
 pub use sqs::{QueueSettings, REASON_ATTRIBUTE, SOURCE_MESSAGE_ATTRIBUTE, SqsQueue};

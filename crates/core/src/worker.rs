@@ -18,7 +18,8 @@
 //! - `heartbeat`: keeps a running job's message hidden.
 //! - `split`: a whole-table job becomes segment jobs.
 //! - `settle`: what a run came to (a `Settlement`), and the one place that
-//!   applies it to the message.
+//!   applies it to the message; the report of what became of it then goes
+//!   to the report destinations.
 //! - `deleter`: finished messages deleted in batches.
 //! - `wind_down`: after the loop, the grace period and the settle bound.
 
@@ -34,7 +35,7 @@ mod wind_down;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::FutureExt;
 use tokio::sync::Semaphore;
@@ -47,6 +48,7 @@ use crate::gateway::Gateway;
 use crate::job::{self, Capabilities};
 use crate::keys::RunKey;
 use crate::queue::{JobQueue, Message, QueueError};
+use crate::report::{Draft, Reporter};
 use crate::store::ConnectionStore;
 use crate::telemetry::Metrics;
 
@@ -116,12 +118,14 @@ pub enum Stopped {
 }
 
 /// Runs the worker until `shutdown` is cancelled (or, with
-/// `exit_when_idle`, until there is nothing left to do).
+/// `exit_when_idle`, until there is nothing left to do). Each settled
+/// message's report goes to `reports`.
 pub async fn run<Q, S, G>(
     queue: Arc<Q>,
     engine: Arc<Engine<S, G>>,
     settings: WorkerSettings,
     metrics: Arc<Metrics>,
+    reports: Reporter,
     shutdown: CancellationToken,
 ) -> Stopped
 where
@@ -145,6 +149,7 @@ where
         metrics: metrics.clone(),
         deleter: deleter.handle(),
         abort: abort.clone(),
+        reports,
     });
 
     let mut failed_receives = 0u32;
@@ -234,16 +239,23 @@ struct JobContext<Q, S, G> {
     metrics: Arc<Metrics>,
     deleter: DeleteHandle,
     abort: CancellationToken,
+    reports: Reporter,
 }
 
 impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
-    /// Takes one message through parse → run → settle. A panic inside is
-    /// caught and reported: the message is handed back, the worker goes on.
+    /// Takes one message through parse → run → settle → report. A panic
+    /// inside is caught and logged: the message is handed back, the worker
+    /// goes on (its next run reports).
     async fn process(&self, message: &Message) -> Fate {
         Metrics::incr(&self.metrics.jobs_in_flight);
         let outcome = AssertUnwindSafe(async {
-            let settlement = self.run_job(message).await;
-            self.settle(message, settlement).await
+            let (settlement, draft) = self.run_job(message).await;
+            let settled = self.settle(message, settlement).await;
+            if !self.reports.is_empty() {
+                let report = draft.settled(settled.status, SystemTime::now());
+                self.reports.send(&report, &self.metrics).await;
+            }
+            settled.fate
         })
         .catch_unwind()
         .await;
@@ -254,26 +266,40 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             Ok(fate) => fate,
             Err(_) => {
                 tracing::error!(message_id = %message.id, "the job panicked; handing its message back");
-                self.retry_later(message).await
+                self.retry_later(message).await.fate
             }
         }
     }
 
     /// Parses and runs one job. What it came to is a [`Settlement`], which
-    /// [`settle`](Self::settle) applies to the message.
-    async fn run_job(&self, message: &Message) -> Settlement {
+    /// [`settle`](Self::settle) applies to the message, and the draft of its
+    /// report.
+    async fn run_job(&self, message: &Message) -> (Settlement, Draft) {
+        let started = SystemTime::now();
         let job = match job::parse(&message.body, &message.id, self.settings.capabilities) {
             Ok(job) => job,
-            Err(e) => return Settlement::DeadLetter(e.to_string()),
+            Err(e) => {
+                let reason = e.to_string();
+                let draft = Draft::of_unparsed(&message.body, &message.id, started);
+                return (
+                    Settlement::DeadLetter(reason.clone()),
+                    draft.because(reason),
+                );
+            }
         };
         if let Some(total) = self.split_of(&job).filter(|_| message.group_id.is_none()) {
-            return self.split(message, &job, total).await;
+            let draft = Draft::of_job(&job, &message.id, started).split_into(total);
+            return match self.split(message, &job, total).await {
+                Ok(()) => (Settlement::Split, draft),
+                Err(reason) => (Settlement::RetryLater, draft.because(reason)),
+            };
         }
         let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone());
         let (report, result) = self.engine.run(&job, &self.abort).await;
         drop(heartbeat);
         self.metrics.record_job_duration(report.duration);
-        match result {
+        let draft = Draft::of_run(&job, &message.id, &report, started);
+        let settlement = match result {
             Ok(()) if !report.deferred.is_empty() => {
                 log_report(&job, &report, "deferred");
                 Settlement::Deferred { job, report }
@@ -292,14 +318,18 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             }
             Err(e) if e.is_permanent() => {
                 log_report(&job, &report, "failed");
-                Settlement::DeadLetter(e.to_string())
+                return (
+                    Settlement::DeadLetter(e.to_string()),
+                    draft.because(e.to_string()),
+                );
             }
             Err(e) => {
                 tracing::error!(job_id = %job.id, error = %e, "the job failed; it will be retried");
                 log_report(&job, &report, "failed");
-                Settlement::RetryLater
+                return (Settlement::RetryLater, draft.because(e.to_string()));
             }
-        }
+        };
+        (settlement, draft)
     }
 }
 

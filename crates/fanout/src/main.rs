@@ -15,12 +15,16 @@ use tokio_util::sync::CancellationToken;
 use fanout::config::{Config, ConfigError};
 use fanout::ecs::{self, TaskProtection};
 use fanout::metrics::{self, MetricsServer};
-use fanout_aws::{DynamoLeaseTable, DynamoStore, QueueSettings, SelectedSender, SqsQueue, clients};
+use fanout_aws::{
+    DynamoLeaseTable, DynamoStore, QueueSettings, SelectedSender, SnsReports, SqsQueue, SqsReports,
+    clients,
+};
 use fanout_core::SendBudget;
 use fanout_core::engine::Engine;
 use fanout_core::fleet::Coordinator;
 use fanout_core::job::{self, Capabilities, JobSpec};
 use fanout_core::queue::{self, JobQueue, SendOptions};
+use fanout_core::report::{ReportSink, Reporter};
 use fanout_core::telemetry::Metrics;
 use fanout_core::worker::{self, Stopped};
 
@@ -190,6 +194,7 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
         metrics.clone(),
     );
     let settings = config.worker_settings(exit_when_idle);
+    let reports = reporter(&config, &sdk);
 
     let shutdown = CancellationToken::new();
     tokio::spawn(fanout_core::cancel_on_signal(shutdown.clone()));
@@ -216,6 +221,7 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
         Arc::new(engine),
         settings,
         metrics,
+        reports,
         shutdown.clone(),
     )
     .await;
@@ -239,6 +245,18 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
         }
         Stopped::Failed(reason) => anyhow::bail!("the worker stopped: {reason}"),
     }
+}
+
+/// The report destinations the configuration names (none, one or both).
+fn reporter(config: &Config, sdk: &fanout_aws::SdkConfig) -> Reporter {
+    let mut sinks: Vec<Arc<dyn ReportSink>> = Vec::new();
+    if let Some(url) = &config.report_queue_url {
+        sinks.push(Arc::new(SqsReports::connect(sdk, url)));
+    }
+    if let Some(arn) = &config.report_topic_arn {
+        sinks.push(Arc::new(SnsReports::connect(sdk, arn)));
+    }
+    Reporter::new(sinks)
 }
 
 /// The fleet's coordinator, if the configuration names a fleet. A missing
