@@ -261,6 +261,28 @@ async fn good_jobs_are_delivered_then_deleted_and_bad_ones_dead_lettered() {
     assert_eq!(Metrics::get(&rig.metrics.reports_sent), 4);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_report_destination_that_never_answers_holds_settling_for_its_timeout_only() {
+    let mut rig = Rig::new(
+        FakeQueue::with_jobs(&[r#"{"data":"a"}"#, r#"{"data":"b"}"#], true),
+        FakeGateway::default(),
+    );
+    rig.reports = Arc::new(FakeReports::hanging());
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        rig.run(settings(), CancellationToken::new()).await,
+        Stopped::Idle
+    );
+    assert_eq!(rig.queue.deleted_ids(), ["r0", "r1"], "both done");
+    assert_eq!(Metrics::get(&rig.metrics.reports_failed), 2);
+    // The two jobs run side by side: their reports time out together.
+    assert!(
+        started.elapsed() < crate::report::REPORT_TIMEOUT * 2,
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn a_report_destination_that_fails_changes_nothing_but_its_count() {
     let mut rig = Rig::new(
