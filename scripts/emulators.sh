@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Local AWS emulators for development and tests: moto (SQS) and dynalite
+# Local AWS emulators for development and tests: moto (SQS, SNS) and dynalite
 # (DynamoDB), installed into .local/ and bound to 127.0.0.1; serverless-offline
 # (a local API Gateway WebSocket stand-in, stage-less) for the peer tests.
 #
@@ -48,7 +48,7 @@ install() {
   if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('moto') != '$MOTO_VERSION')" 2>/dev/null \
     || [[ ! -x "$VENV/bin/moto_server" ]]; then
     "$VENV/bin/pip" install --quiet --disable-pip-version-check \
-      "moto[sqs,dynamodb]==$MOTO_VERSION" flask flask-cors
+      "moto[sqs,dynamodb,sns]==$MOTO_VERSION" flask flask-cors
   fi
   if [[ "$(node -p "try{require('$NODE_PREFIX/node_modules/dynalite/package.json').version}catch(e){''}" 2>/dev/null)" != "$DYNALITE_VERSION" ]]; then
     command -v npm >/dev/null || die "npm not found; install nodejs and npm"
@@ -145,6 +145,7 @@ env_lines() {
   cat <<ENV
 export AWS_ENDPOINT_URL_SQS=http://127.0.0.1:$SQS_PORT
 export AWS_ENDPOINT_URL_DYNAMODB=http://127.0.0.1:$DYNAMODB_PORT
+export AWS_ENDPOINT_URL_SNS=http://127.0.0.1:$SQS_PORT
 export AWS_REGION=us-east-1
 export AWS_ACCESS_KEY_ID=test
 export AWS_SECRET_ACCESS_KEY=test

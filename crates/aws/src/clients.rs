@@ -3,7 +3,7 @@
 //!
 //! Endpoints, region and credentials come only from the standard AWS
 //! variables and files that aws-config honours (`AWS_ENDPOINT_URL_SQS`,
-//! `AWS_ENDPOINT_URL_DYNAMODB`, `AWS_REGION`, …), so the same binary runs
+//! `AWS_ENDPOINT_URL_DYNAMODB`, `AWS_ENDPOINT_URL_SNS`, `AWS_REGION`, …), so the same binary runs
 //! against AWS and against the local emulators.
 
 use std::time::Duration;
@@ -108,6 +108,44 @@ pub fn fleet_dynamodb_client(config: &SdkConfig) -> aws_sdk_dynamodb::Client {
         .timeout_config(timeouts)
         .build();
     aws_sdk_dynamodb::Client::from_conf(dynamodb)
+}
+
+/// The longest one report may take to send, retry included, as the worker
+/// bounds it: settling waits for it.
+const REPORT_OPERATION_TIMEOUT: std::time::Duration = fanout_core::report::REPORT_TIMEOUT;
+
+fn report_timeouts() -> (TimeoutConfig, RetryConfig) {
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(CONNECT_TIMEOUT.min(REPORT_OPERATION_TIMEOUT))
+        .operation_timeout(REPORT_OPERATION_TIMEOUT)
+        .build();
+    // One quick retry fits the bound; the SDK's default backoff would not.
+    let retries = RetryConfig::standard()
+        .with_max_attempts(2)
+        .with_initial_backoff(Duration::from_millis(50))
+        .with_max_backoff(Duration::from_millis(50));
+    (timeouts, retries)
+}
+
+/// The SQS client of the report queue: bounded by the report timeout.
+pub fn report_sqs_client(config: &SdkConfig) -> aws_sdk_sqs::Client {
+    let (timeouts, retries) = report_timeouts();
+    let sqs = aws_sdk_sqs::config::Builder::from(config)
+        .timeout_config(timeouts)
+        .retry_config(retries)
+        .build();
+    aws_sdk_sqs::Client::from_conf(sqs)
+}
+
+/// The SNS client of the report topic (`AWS_ENDPOINT_URL_SNS` points it
+/// elsewhere): bounded by the report timeout.
+pub fn report_sns_client(config: &SdkConfig) -> aws_sdk_sns::Client {
+    let (timeouts, retries) = report_timeouts();
+    let sns = aws_sdk_sns::config::Builder::from(config)
+        .timeout_config(timeouts)
+        .retry_config(retries)
+        .build();
+    aws_sdk_sns::Client::from_conf(sns)
 }
 
 /// The API Gateway Management API client for one WebSocket stage.

@@ -22,6 +22,8 @@
 //!   reference path).
 //! - `lean`: [`LeanSender`], the same call as a signed POST on a keep-alive
 //!   pool (the default path).
+//! - `reports`: [`SqsReports`] and [`SnsReports`], where broadcast reports
+//!   go (the `ReportSink` on an SQS queue and on an SNS topic).
 //! - `select`: [`SelectedSender`], whichever of the two [`SendSettings`]
 //!   picks.
 //!
@@ -37,6 +39,7 @@ mod dynamo_errors;
 mod endpoint;
 mod fleet;
 mod lean;
+mod reports;
 mod runs;
 mod select;
 mod sqs;
@@ -51,6 +54,7 @@ pub use dynamo::{AgeSettings, DynamoStore, TableSettings};
 pub use endpoint::{BadEndpoint, parse_endpoint};
 pub use fleet::DynamoLeaseTable;
 pub use lean::{LeanError, LeanSender};
+pub use reports::{SnsReports, SqsReports};
 pub use runs::DynamoRunTable;
 pub use select::{SelectError, SelectedSender, SendPath, SendSettings};
 pub use sqs::{QueueSettings, REASON_ATTRIBUTE, SOURCE_MESSAGE_ATTRIBUTE, SqsQueue};

@@ -86,6 +86,14 @@ impl JobCounts {
         self.remove_skipped.fetch_add(rows, Ordering::Relaxed);
     }
 
+    /// Delivered and gone so far, for the progress line.
+    pub(crate) fn so_far(&self) -> (u64, u64) {
+        (
+            self.delivered.load(Ordering::Relaxed),
+            self.gone.load(Ordering::Relaxed),
+        )
+    }
+
     /// Writes the job's counts into its report.
     pub(crate) fn report(&self, report: &mut Report) {
         let get = |n: &AtomicU64| n.load(Ordering::Relaxed);

@@ -27,14 +27,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::backoff::Backoff;
-use crate::connection::Connection;
+use crate::connection::{Connection, ConnectionId};
 use crate::counts::JobCounts;
 use crate::expiry::AgeProblems;
 use crate::gateway::{Gateway, Pace, PostOutcome, Step};
 use crate::job::{Job, Target};
 use crate::limiter::SendBudget;
+use crate::live::{self, Share};
 use crate::progress::Progress;
 use crate::remover::{REMOVE_BACKOFF, Remover};
+use crate::report::MAX_FAILED_IDS;
 use crate::store::{AudienceQuery, ConnectionStore, Cursor, Page, StoreError};
 use crate::telemetry::Metrics;
 
@@ -59,6 +61,9 @@ pub struct EngineSettings {
     pub max_in_flight: usize,
     /// Parallel scan segments for whole-table audiences.
     pub scan_segments: u32,
+    /// How often a running broadcast logs its progress and updates the
+    /// progress gauges.
+    pub progress_interval: Duration,
 }
 
 /// What one broadcast came to. Counts are connections, not attempts.
@@ -79,6 +84,9 @@ pub struct Report {
     /// Connections rejected (a 4xx about that connection, such as 400):
     /// final, not retried, not removed.
     pub failed: u64,
+    /// The first [`MAX_FAILED_IDS`] of those connections, for the broadcast
+    /// report (`failed` counts them all).
+    pub rejected: Vec<ConnectionId>,
     /// Connections still deferred after every pass, with why: the worker
     /// hands them on; none is final.
     pub deferred: Vec<Deferred>,
@@ -158,7 +166,7 @@ fn refusal(outcome: &PostOutcome) -> String {
 enum Delivery {
     Delivered,
     Gone(Connection),
-    Rejected,
+    Rejected(ConnectionId),
     Deferred(Deferred),
     /// The whole job must stop.
     Abort(FanoutError),
@@ -229,12 +237,41 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
 
         let mut report = Report::default();
         let mut deferred: Vec<Deferred> = Vec::new();
+        let mut rejected: Vec<ConnectionId> = Vec::new();
         // The block owns the send stream: leaving it drops the sends still in
         // flight, whose outcome is then unknown, which is why an interrupted
         // job is handed back, not deleted.
-        let progress = Mutex::new(Progress::starting_from(
+        let progress = Arc::new(Mutex::new(Progress::starting_from(
             job.resume.as_deref().unwrap_or_default(),
-        ));
+        )));
+        // Connections with an answer in this run, for the share of an
+        // explicit list that is done.
+        let answers = Arc::new(AtomicU64::new(0));
+        let share = match (&job.target, &query, &job.resume) {
+            // A resumed run starts part-way: its own answers are no share
+            // of the whole.
+            (_, _, Some(_)) => Share::Unknown,
+            (Target::Connections(ids), _, _) => Share::Listed {
+                answers: answers.clone(),
+                total: ids.len() as u64,
+            },
+            (Target::Deferred(connections), _, _) => Share::Listed {
+                answers: answers.clone(),
+                total: connections.len() as u64,
+            },
+            (Target::All, AudienceQuery::All { segments }, _) if *segments > 1 => Share::Segments {
+                progress: progress.clone(),
+                total: *segments,
+            },
+            _ => Share::Unknown,
+        };
+        let _ticker = live::spawn(
+            job,
+            counts.clone(),
+            share,
+            self.metrics.clone(),
+            self.settings.progress_interval,
+        );
         // Woken at every answer, for the pages waiting on `may_start`.
         let answered = tokio::sync::Notify::new();
         let result = {
@@ -302,7 +339,10 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 // A page with a deferred connection is not finished: an
                 // interrupted job resumes before it, and so never skips it.
                 let finished = !matches!(delivery, Delivery::Deferred(_));
-                if let Err(e) = settle_delivery(&remover, &mut deferred, delivery).await {
+                answers.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) =
+                    settle_delivery(&remover, &mut deferred, &mut rejected, delivery).await
+                {
                     break Err(e);
                 }
                 lock(&progress).answer(tag, finished);
@@ -311,8 +351,15 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         };
         let result = match result {
             Ok(()) => {
-                self.passes(job, stop, &remover, &counts, &mut report, &mut deferred)
-                    .await
+                self.passes(
+                    job,
+                    stop,
+                    &remover,
+                    &counts,
+                    &mut report,
+                    (&mut deferred, &mut rejected),
+                )
+                .await
             }
             Err(e) => Err(e),
         };
@@ -324,6 +371,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         report.audience = audience.load(Ordering::Relaxed);
         report.age_problems = std::mem::take(&mut *lock(&age_problems));
         report.deferred = deferred;
+        report.rejected = rejected;
         report.duration = started.elapsed();
         report.resume = lock(&progress).resume_points();
         (report, result)
@@ -338,7 +386,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         remover: &Remover,
         counts: &JobCounts,
         report: &mut Report,
-        deferred: &mut Vec<Deferred>,
+        (deferred, rejected): (&mut Vec<Deferred>, &mut Vec<ConnectionId>),
     ) -> Result<(), FanoutError> {
         while !deferred.is_empty() && report.passes < self.settings.deferred_passes {
             tokio::select! {
@@ -367,7 +415,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                         None => break,
                     },
                 };
-                settle_delivery(remover, deferred, delivery).await?;
+                settle_delivery(remover, deferred, rejected, delivery).await?;
             }
         }
         Ok(())
@@ -428,7 +476,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 Step::Rejected => {
                     let reason = outcome.detail().unwrap_or_default();
                     tracing::warn!(connection = %connection.id, %reason, "send rejected");
-                    return Delivery::Rejected;
+                    return Delivery::Rejected(connection.id);
                 }
                 Step::StopJob { .. } => return Delivery::Abort(FanoutError::Refused(outcome)),
                 Step::RetryThrottled => {
@@ -475,15 +523,22 @@ fn deferred(connection: Connection, reason: String) -> Delivery {
 }
 
 /// Acts on one connection's outcome: gone ones are queued for removal,
-/// deferred ones kept for the next pass (the counts were taken where the
-/// answer came, in [`JobCounts`]).
+/// deferred ones kept for the next pass, the first rejected ones named for
+/// the report (the counts were taken where the answer came, in
+/// [`JobCounts`]).
 async fn settle_delivery(
     remover: &Remover,
     deferred: &mut Vec<Deferred>,
+    rejected: &mut Vec<ConnectionId>,
     delivery: Delivery,
 ) -> Result<(), FanoutError> {
     match delivery {
-        Delivery::Delivered | Delivery::Rejected => {}
+        Delivery::Delivered => {}
+        Delivery::Rejected(id) => {
+            if rejected.len() < MAX_FAILED_IDS {
+                rejected.push(id);
+            }
+        }
         Delivery::Deferred(d) => deferred.push(d),
         Delivery::Gone(connection) => {
             // Queued removals complete even if the job stops, so the page
@@ -612,6 +667,7 @@ mod tests {
             pass_pause: Duration::from_millis(1),
             max_in_flight,
             scan_segments: 1,
+            progress_interval: Duration::from_secs(3600),
         };
         Engine::new(
             Arc::new(table),
@@ -1056,7 +1112,28 @@ mod tests {
             .await;
         result.unwrap();
         assert_eq!((report.delivered, report.failed, report.retries), (1, 1, 0));
+        assert_eq!(report.rejected, [ConnectionId::new("conn-1")]);
         assert_eq!(table.remaining().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_report_names_the_first_rejected_connections_only() {
+        let all = ids(MAX_FAILED_IDS + 20);
+        let table = Arc::new(FakeTable::with(&all, 50));
+        let gateway = Arc::new(FakeGateway::default());
+        gateway.script.lock().unwrap().extend(
+            all.iter()
+                .map(|id| (id.clone(), vec![PostOutcome::Rejected("400".into())])),
+        );
+        let (report, result) = engine(table, gateway, 8)
+            .run(&job(Target::All), &CancellationToken::new())
+            .await;
+        result.unwrap();
+        assert_eq!(report.failed as usize, all.len());
+        assert_eq!(report.rejected.len(), MAX_FAILED_IDS);
+        let named: HashSet<_> = report.rejected.iter().map(|id| id.to_string()).collect();
+        assert_eq!(named.len(), MAX_FAILED_IDS, "no id twice");
+        assert!(named.iter().all(|id| all.contains(id)));
     }
 
     #[tokio::test]

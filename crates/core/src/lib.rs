@@ -11,6 +11,8 @@
 //!   removal.
 //! - [`gateway`]: [`gateway::Gateway`], one send, and [`gateway::PostOutcome`],
 //!   what its answer means ([`gateway::status`] maps HTTP answers to it).
+//! - [`report`]: [`report::ReportSink`], where broadcast reports go, and the
+//!   [`report::Reporter`] that sends each to every destination.
 //! - [`fleet`]: [`fleet::LeaseTable`], where the tasks of a fleet keep their
 //!   leases on the fleet's send rate, and the [`fleet::Coordinator`] that
 //!   takes this task's share of it.
@@ -24,6 +26,7 @@
 //! - [`backoff`]: exponential backoff with full jitter, shared by every retry.
 //! - [`limiter`]: the process-wide send budget (rate and requests in flight),
 //!   capped by the fleet share.
+//! - `live`: a running broadcast's progress line and gauges.
 //! - [`progress`]: which audience pages a broadcast finished, for resuming.
 //! - `counts`: one job's counts, bumped with the process-wide counters.
 //! - [`remover`]: batches gone connections into removals while sending goes on.
@@ -44,6 +47,7 @@ pub mod job;
 pub mod keys;
 pub mod limits;
 pub mod queue;
+pub mod report;
 pub mod store;
 pub mod telemetry;
 
@@ -54,6 +58,7 @@ mod counts;
 pub mod durable;
 pub mod engine;
 mod limiter;
+mod live;
 mod progress;
 mod redrive;
 mod remover;

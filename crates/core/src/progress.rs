@@ -123,6 +123,20 @@ impl Progress {
             .is_none_or(|segment| segment.answered_front + 1 >= tag.seq)
     }
 
+    /// Segments whose every page is finished (their resume point is the
+    /// segment's end), for the share of a scan that is done.
+    pub fn segments_done(&self) -> u32 {
+        self.segments
+            .values()
+            .filter(|segment| {
+                segment
+                    .resume
+                    .as_ref()
+                    .is_some_and(|cursor| cursor.position.is_none())
+            })
+            .count() as u32
+    }
+
     /// Where each segment that made progress should resume. A segment not
     /// listed has not finished a page: it starts from its beginning.
     pub fn resume_points(&self) -> Vec<Cursor> {
@@ -177,6 +191,23 @@ mod tests {
         progress.finish(p1);
         // Both pages are done now.
         assert_eq!(progress.resume_points(), [at(0, 3)]);
+    }
+
+    #[test]
+    fn a_segment_is_done_once_its_last_page_is_finished() {
+        let end = |segment| Cursor {
+            segment,
+            position: None,
+        };
+        let mut progress = Progress::starting_from(&[end(2)]);
+        assert_eq!(progress.segments_done(), 1, "a resumed job's done segment");
+        let first = progress.start_page(1, at(0, 1));
+        let last = progress.start_page(1, end(0));
+        progress.start_page(1, at(1, 1));
+        progress.finish(last);
+        assert_eq!(progress.segments_done(), 1, "an earlier page is open");
+        progress.finish(first);
+        assert_eq!(progress.segments_done(), 2);
     }
 
     #[test]

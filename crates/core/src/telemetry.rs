@@ -36,6 +36,8 @@ macro_rules! counter_set {
             /// 1 while the fleet table cannot be reached and this task sends
             /// at the fallback rate, else 0 (a gauge).
             pub fleet_on_fallback: AtomicU64,
+            /// The running broadcasts' latest progress figures.
+            pub running: Running,
         }
 
         /// The counters at one instant, read once so a line is consistent
@@ -50,11 +52,25 @@ macro_rules! counter_set {
             pub fleet_share_per_second: u64,
             pub fleet_tasks: u64,
             pub fleet_on_fallback: u64,
+            /// Delivered so far by the broadcasts running now (a gauge).
+            pub progress_delivered: u64,
+            /// Gone so far in the broadcasts running now (a gauge).
+            pub progress_gone: u64,
+            /// Their deliveries per second over their last progress
+            /// interval, summed (a gauge).
+            pub progress_rate_per_second: u64,
+            /// The least done of them whose share is known, in percent
+            /// (a gauge; 0 when none is known).
+            pub progress_share_percent: u64,
+            /// The longest estimated time left among them, in seconds (a
+            /// gauge; 0 when none is known).
+            pub progress_eta_seconds: u64,
         }
 
         impl Snapshot {
             pub fn read(m: &Metrics) -> Self {
                 let g = Metrics::get;
+                let running = m.running.totals();
                 Self {
                     $( $field: g(&m.$field), )*
                     jobs_in_flight: g(&m.jobs_in_flight),
@@ -64,6 +80,11 @@ macro_rules! counter_set {
                     fleet_share_per_second: g(&m.fleet_share_per_second),
                     fleet_tasks: g(&m.fleet_tasks),
                     fleet_on_fallback: g(&m.fleet_on_fallback),
+                    progress_delivered: running.delivered,
+                    progress_gone: running.gone,
+                    progress_rate_per_second: running.rate_per_second,
+                    progress_share_percent: running.share_percent,
+                    progress_eta_seconds: running.eta_seconds,
                 }
             }
 
@@ -83,6 +104,11 @@ macro_rules! counter_set {
                     fleet_share_per_second: self.fleet_share_per_second,
                     fleet_tasks: self.fleet_tasks,
                     fleet_on_fallback: self.fleet_on_fallback,
+                    progress_delivered: self.progress_delivered,
+                    progress_gone: self.progress_gone,
+                    progress_rate_per_second: self.progress_rate_per_second,
+                    progress_share_percent: self.progress_share_percent,
+                    progress_eta_seconds: self.progress_eta_seconds,
                 }
             }
 
@@ -135,6 +161,91 @@ counter_set! {
     /// Fleet lease renewals that failed or took too long (each sends at the
     /// fallback rate until the table answers again).
     fleet_renewals_failed: "FleetRenewalsFailed", "Fleet lease renewals that failed or took too long";
+    /// Broadcast reports sent to a destination.
+    reports_sent: "ReportsSent", "Broadcast reports sent to a destination";
+    /// Broadcast reports a destination did not take (refused, unreachable
+    /// or too slow); the broadcast's outcome is not changed by it.
+    reports_failed: "ReportsFailed", "Broadcast reports a destination did not take";
+}
+
+/// One running broadcast's latest progress figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Figures {
+    pub delivered: u64,
+    pub gone: u64,
+    /// Deliveries per second over the last progress interval.
+    pub rate_per_second: f64,
+    /// The share of the audience done, 0 to 1, where it is known.
+    pub share: Option<f64>,
+    /// The time left at the run's pace so far, where the share is known
+    /// and above zero.
+    pub eta: Option<Duration>,
+}
+
+/// The running broadcasts' figures, each under a key of its own, summed
+/// into the progress gauges when the metrics are read.
+#[derive(Debug, Default)]
+pub struct Running {
+    next: AtomicU64,
+    figures: std::sync::Mutex<std::collections::BTreeMap<u64, Figures>>,
+}
+
+/// The progress gauges, read at once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunningTotals {
+    pub delivered: u64,
+    pub gone: u64,
+    pub rate_per_second: u64,
+    pub share_percent: u64,
+    pub eta_seconds: u64,
+}
+
+impl Running {
+    /// A key for a broadcast that starts now.
+    pub fn enter(&self) -> u64 {
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(key, Figures::default());
+        key
+    }
+
+    pub fn update(&self, key: u64, figures: Figures) {
+        if let Some(slot) = self.lock().get_mut(&key) {
+            *slot = figures;
+        }
+    }
+
+    /// The broadcast is over: its figures leave the gauges.
+    pub fn leave(&self, key: u64) {
+        self.lock().remove(&key);
+    }
+
+    pub fn totals(&self) -> RunningTotals {
+        let figures = self.lock();
+        let mut totals = RunningTotals::default();
+        let mut rate = 0.0;
+        let mut least_share: Option<f64> = None;
+        for f in figures.values() {
+            totals.delivered += f.delivered;
+            totals.gone += f.gone;
+            rate += f.rate_per_second;
+            if let Some(share) = f.share {
+                least_share = Some(least_share.map_or(share, |l| l.min(share)));
+            }
+            if let Some(eta) = f.eta {
+                totals.eta_seconds = totals.eta_seconds.max(eta.as_secs());
+            }
+        }
+        totals.rate_per_second = rate.round() as u64;
+        totals.share_percent = least_share.map_or(0, |s| (s * 100.0).floor() as u64);
+        totals
+    }
+
+    /// A poisoned lock (a panic mid-update) still holds usable figures.
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, Figures>> {
+        self.figures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl Metrics {
@@ -203,5 +314,46 @@ mod tests {
             .collect();
         assert!(exported.contains(&("BudgetWaitMs", "budget_wait_ms", 2)));
         assert!(exported.contains(&("FleetRenewalsFailed", "fleet_renewals_failed", 1)));
+    }
+
+    #[test]
+    fn the_progress_gauges_sum_the_running_broadcasts_and_forget_finished_ones() {
+        let m = Metrics::default();
+        let (a, b) = (m.running.enter(), m.running.enter());
+        m.running.update(
+            a,
+            Figures {
+                delivered: 10,
+                gone: 1,
+                rate_per_second: 2.4,
+                share: Some(0.5),
+                eta: Some(Duration::from_secs(30)),
+            },
+        );
+        m.running.update(
+            b,
+            Figures {
+                delivered: 5,
+                gone: 0,
+                rate_per_second: 3.3,
+                share: None,
+                eta: None,
+            },
+        );
+        let s = Snapshot::read(&m);
+        assert_eq!(
+            (
+                s.progress_delivered,
+                s.progress_gone,
+                s.progress_rate_per_second,
+                s.progress_share_percent,
+                s.progress_eta_seconds
+            ),
+            (15, 1, 6, 50, 30)
+        );
+        assert_eq!(s.since(&s).progress_delivered, 15, "a gauge, not a count");
+        m.running.leave(a);
+        m.running.leave(b);
+        assert_eq!(m.running.totals(), RunningTotals::default());
     }
 }

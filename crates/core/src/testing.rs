@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream};
 
 use crate::connection::{Connection, ConnectionId, KeyValue, RowKey};
@@ -16,6 +17,7 @@ use crate::expiry::Expired;
 use crate::fleet::{FleetError, Lease, LeaseTable};
 use crate::gateway::{Gateway, PostOutcome};
 use crate::queue::{DeadLettered, JobQueue, Message, QueueError, Receipt, SendOptions};
+use crate::report::{BroadcastReport, ReportError, ReportSink};
 use crate::store::{AudienceQuery, ConnectionStore, Cursor, Page, Position, Removal, StoreError};
 
 pub fn ids(n: usize) -> Vec<String> {
@@ -688,5 +690,61 @@ impl crate::durable::RunTable for Arc<FakeRunTable> {
         read: Option<u64>,
     ) -> Result<bool, crate::durable::DurableError> {
         crate::durable::RunTable::store(&**self, record, read).await
+    }
+}
+
+/// A report destination that keeps what it is sent, or fails, or never
+/// answers.
+#[derive(Default)]
+pub struct FakeReports {
+    pub bodies: Mutex<Vec<String>>,
+    fail: bool,
+    hang: bool,
+}
+
+impl FakeReports {
+    /// Refuses every report.
+    pub fn failing() -> Self {
+        Self {
+            fail: true,
+            ..Self::default()
+        }
+    }
+
+    /// Never answers.
+    pub fn hanging() -> Self {
+        Self {
+            hang: true,
+            ..Self::default()
+        }
+    }
+
+    /// The reports taken, in order.
+    pub fn reports(&self) -> Vec<BroadcastReport> {
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|body| serde_json::from_str(body).expect("a report"))
+            .collect()
+    }
+}
+
+impl ReportSink for FakeReports {
+    fn destination(&self) -> &str {
+        "fake"
+    }
+
+    fn send<'a>(&'a self, body: &'a str) -> BoxFuture<'a, Result<(), ReportError>> {
+        Box::pin(async move {
+            if self.hang {
+                std::future::pending::<()>().await;
+            }
+            if self.fail {
+                return Err(ReportError::Unavailable("the fake refuses".into()));
+            }
+            self.bodies.lock().unwrap().push(body.to_owned());
+            Ok(())
+        })
     }
 }

@@ -18,7 +18,8 @@
 //! - `heartbeat`: keeps a running job's message hidden.
 //! - `split`: a whole-table job becomes segment jobs.
 //! - `settle`: what a run came to (a `Settlement`), and the one place that
-//!   applies it to the message.
+//!   applies it to the message; the report of what became of it then goes
+//!   to the report destinations.
 //! - `deleter`: finished messages deleted in batches.
 //! - `wind_down`: after the loop, the grace period and the settle bound.
 
@@ -34,7 +35,7 @@ mod wind_down;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::FutureExt;
 use tokio::sync::Semaphore;
@@ -48,6 +49,7 @@ use crate::gateway::Gateway;
 use crate::job::{self, Capabilities};
 use crate::keys::RunKey;
 use crate::queue::{JobQueue, Message, QueueError};
+use crate::report::{Draft, Reporter};
 use crate::store::ConnectionStore;
 use crate::telemetry::Metrics;
 
@@ -117,12 +119,14 @@ pub enum Stopped {
 }
 
 /// Runs the worker until `shutdown` is cancelled (or, with
-/// `exit_when_idle`, until there is nothing left to do).
+/// `exit_when_idle`, until there is nothing left to do). Each settled
+/// message's report goes to `reports`.
 pub async fn run<Q, S, G>(
     queue: Arc<Q>,
     engine: Arc<Engine<S, G>>,
     settings: WorkerSettings,
     metrics: Arc<Metrics>,
+    reports: Reporter,
     shutdown: CancellationToken,
 ) -> Stopped
 where
@@ -130,7 +134,7 @@ where
     S: ConnectionStore,
     G: Gateway,
 {
-    run_durable(queue, engine, settings, metrics, shutdown, None).await
+    run_durable(queue, engine, settings, metrics, reports, shutdown, None).await
 }
 
 /// [`run`], with run records in the checkpoint table (`ledger`): a
@@ -141,6 +145,7 @@ pub async fn run_durable<Q, S, G>(
     engine: Arc<Engine<S, G>>,
     settings: WorkerSettings,
     metrics: Arc<Metrics>,
+    reports: Reporter,
     shutdown: CancellationToken,
     ledger: Option<Arc<Ledger>>,
 ) -> Stopped
@@ -165,6 +170,7 @@ where
         metrics: metrics.clone(),
         deleter: deleter.handle(),
         abort: abort.clone(),
+        reports,
         ledger,
     });
 
@@ -255,31 +261,39 @@ struct JobContext<Q, S, G> {
     metrics: Arc<Metrics>,
     deleter: DeleteHandle,
     abort: CancellationToken,
+    reports: Reporter,
     /// The checkpoint table's run records, when configured.
     ledger: Option<Arc<Ledger>>,
 }
 
 impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
-    /// Takes one message through parse → run → settle. A panic inside is
-    /// caught and reported: the message is handed back, the worker goes on.
+    /// Takes one message through parse → run → settle → report. A panic
+    /// inside is caught and logged: the message is handed back, the worker
+    /// goes on (its next run reports).
     async fn process(&self, message: &Message) -> Fate {
         Metrics::incr(&self.metrics.jobs_in_flight);
         let outcome = AssertUnwindSafe(async {
-            let (settlement, lease) = self.run_job(message).await;
-            let Some(lease) = lease else {
-                return self.settle(message, settlement).await;
-            };
+            let (settlement, draft, lease) = self.run_job(message).await;
             // A redelivery while it ran may have made another receipt the
             // newest, the only one SQS deletes by.
-            let current = Message {
+            let current = lease.as_ref().map(|lease| Message {
                 receipt: lease.receipt(),
                 ..message.clone()
-            };
-            let fate = self.settle(&current, settlement).await;
-            if let Some(ledger) = &self.ledger {
-                ledger.close(lease, fate == Fate::Gone).await;
+            });
+            let settled = self
+                .settle(current.as_ref().unwrap_or(message), settlement)
+                .await;
+            if let (Some(ledger), Some(lease)) = (&self.ledger, lease) {
+                ledger.close(lease, settled.fate == Fate::Gone).await;
             }
-            fate
+            // A job not run (a duplicate) has no report: its run reports.
+            if let Some(draft) = draft
+                && !self.reports.is_empty()
+            {
+                let report = draft.settled(settled.status, SystemTime::now());
+                self.reports.send(&report, &self.metrics).await;
+            }
+            settled.fate
         })
         .catch_unwind()
         .await;
@@ -290,17 +304,27 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             Ok(fate) => fate,
             Err(_) => {
                 tracing::error!(message_id = %message.id, "the job panicked; handing its message back");
-                self.retry_later(message).await
+                self.retry_later(message).await.fate
             }
         }
     }
 
     /// Parses and runs one job. What it came to is a [`Settlement`], which
-    /// [`settle`](Self::settle) applies to the message.
-    async fn run_job(&self, message: &Message) -> (Settlement, Option<RunLease>) {
+    /// [`settle`](Self::settle) applies to the message, the draft of its
+    /// report (none for a job not run), and the lease of its run.
+    async fn run_job(&self, message: &Message) -> (Settlement, Option<Draft>, Option<RunLease>) {
+        let started = SystemTime::now();
         let job = match job::parse(&message.body, &message.id, self.settings.capabilities) {
             Ok(job) => job,
-            Err(e) => return (Settlement::DeadLetter(e.to_string()), None),
+            Err(e) => {
+                let reason = e.to_string();
+                let draft = Draft::of_unparsed(&message.body, &message.id, started);
+                return (
+                    Settlement::DeadLetter(reason.clone()),
+                    Some(draft.because(reason)),
+                    None,
+                );
+            }
         };
         let lease = match &self.ledger {
             None => None,
@@ -310,38 +334,51 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 Admitted::Duplicate { finished_at_ms } => {
                     Metrics::incr(&self.metrics.jobs_duplicate);
                     tracing::info!(job_id = %job.id, run = %RunKey::of(&job), message_id = %message.id, finished_at = %rfc3339(finished_at_ms), "a duplicate of a broadcast finished at {}; not broadcast again", rfc3339(finished_at_ms));
-                    return (Settlement::Done, None);
+                    return (Settlement::Done, None, None);
                 }
                 Admitted::Twin => {
                     Metrics::incr(&self.metrics.jobs_duplicate);
                     tracing::info!(job_id = %job.id, run = %RunKey::of(&job), message_id = %message.id, "another copy of a broadcast running on another task; this copy is deleted");
-                    return (Settlement::Done, None);
+                    return (Settlement::Done, None, None);
                 }
                 Admitted::Adopted => {
                     Metrics::incr(&self.metrics.jobs_duplicate);
                     tracing::warn!(job_id = %job.id, run = %RunKey::of(&job), message_id = %message.id, "this message came back while its broadcast runs on another task (a heartbeat was late); that task keeps it hidden now");
-                    return (Settlement::LeaveHidden, None);
+                    return (Settlement::LeaveHidden, None, None);
                 }
-                Admitted::Conflict(reason) => return (Settlement::DeadLetter(reason), None),
+                Admitted::Conflict(reason) => {
+                    let draft = Draft::of_job(&job, &message.id, started).because(reason.clone());
+                    return (Settlement::DeadLetter(reason), Some(draft), None);
+                }
             },
         };
-        (self.run_admitted(message, job, lease.clone()).await, lease)
+        let (settlement, draft) = self
+            .run_admitted(message, job, lease.clone(), started)
+            .await;
+        (settlement, Some(draft), lease)
     }
 
+    /// Runs a job this task holds (or runs without a record).
     async fn run_admitted(
         &self,
         message: &Message,
         job: job::Job,
         lease: Option<RunLease>,
-    ) -> Settlement {
+        started: SystemTime,
+    ) -> (Settlement, Draft) {
         if let Some(total) = self.split_of(&job).filter(|_| message.group_id.is_none()) {
-            return self.split(message, &job, total).await;
+            let draft = Draft::of_job(&job, &message.id, started).split_into(total);
+            return match self.split(message, &job, total).await {
+                Ok(()) => (Settlement::Split, draft),
+                Err(reason) => (Settlement::RetryLater, draft.because(reason)),
+            };
         }
         let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone(), lease);
         let (report, result) = self.engine.run(&job, &self.abort).await;
         drop(heartbeat);
         self.metrics.record_job_duration(report.duration);
-        match result {
+        let draft = Draft::of_run(&job, &message.id, &report, started);
+        let settlement = match result {
             Ok(()) if !report.deferred.is_empty() => {
                 log_report(&job, &report, "deferred");
                 Settlement::Deferred { job, report }
@@ -360,14 +397,18 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             }
             Err(e) if e.is_permanent() => {
                 log_report(&job, &report, "failed");
-                Settlement::DeadLetter(e.to_string())
+                return (
+                    Settlement::DeadLetter(e.to_string()),
+                    draft.because(e.to_string()),
+                );
             }
             Err(e) => {
                 tracing::error!(job_id = %job.id, error = %e, "the job failed; it will be retried");
                 log_report(&job, &report, "failed");
-                Settlement::RetryLater
+                return (Settlement::RetryLater, draft.because(e.to_string()));
             }
-        }
+        };
+        (settlement, draft)
     }
 }
 

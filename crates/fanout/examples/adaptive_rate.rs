@@ -95,6 +95,7 @@ async fn main() {
             pass_pause: Duration::from_millis(100),
             max_in_flight: 256,
             scan_segments: 1,
+            progress_interval: Duration::from_secs(3600),
         },
         metrics.clone(),
     );

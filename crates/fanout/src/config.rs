@@ -102,6 +102,8 @@ use fanout_core::limits::{MAX_PAGE_SIZE, MAX_RECEIVE_WAIT, MAX_SCAN_SEGMENTS, MA
 struct Raw {
     queue_url: Option<String>,
     dead_letter_queue_url: Option<String>,
+    report_queue_url: Option<String>,
+    report_topic_arn: Option<String>,
     table: Option<String>,
     key_attribute: String,
     channel_index: Option<String>,
@@ -154,6 +156,8 @@ struct Raw {
     #[serde(with = "humantime_serde")]
     health_max_age: Duration,
     metrics_service: String,
+    #[serde(with = "humantime_serde")]
+    progress_interval: Duration,
 }
 
 /// The validated configuration.
@@ -161,6 +165,10 @@ struct Raw {
 pub struct Config {
     pub queue_url: String,
     pub dead_letter_queue_url: Option<String>,
+    /// Where broadcast reports go, if anywhere: an SQS queue, an SNS topic,
+    /// or both.
+    pub report_queue_url: Option<String>,
+    pub report_topic_arn: Option<String>,
     /// Required by the worker only; see [`Config::worker_targets`].
     pub table: Option<String>,
     pub key_attribute: String,
@@ -234,6 +242,9 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub health_max_age: Duration,
     pub metrics_service: String,
+    /// How often a running broadcast logs its progress.
+    #[serde(with = "humantime_serde")]
+    pub progress_interval: Duration,
 }
 
 /// The fleet keys, validated together.
@@ -369,6 +380,7 @@ impl Config {
             pass_pause: self.send_retry_max,
             max_in_flight: count(self.max_in_flight),
             scan_segments: self.scan_segments,
+            progress_interval: self.progress_interval,
         }
     }
 
@@ -428,6 +440,7 @@ impl Config {
         for url in [
             Some(&mut shown.queue_url),
             shown.dead_letter_queue_url.as_mut(),
+            shown.report_queue_url.as_mut(),
             shown.gateway_endpoint.as_mut(),
         ]
         .into_iter()
@@ -595,6 +608,8 @@ impl Validator<'_> {
         Ok(Config {
             queue_url,
             dead_letter_queue_url: self.url("dead_letter_queue_url", raw.dead_letter_queue_url)?,
+            report_queue_url: self.url("report_queue_url", raw.report_queue_url)?,
+            report_topic_arn: self.topic_arn("report_topic_arn", raw.report_topic_arn)?,
             table: self.non_empty("table", raw.table)?,
             key_attribute: self.required_text("key_attribute", raw.key_attribute)?,
             channel_index: self.non_empty("channel_index", raw.channel_index)?,
@@ -644,6 +659,7 @@ impl Validator<'_> {
             emf_interval: (!raw.emf_interval.is_zero()).then_some(raw.emf_interval),
             health_max_age: raw.health_max_age,
             metrics_service: self.required_text("metrics_service", raw.metrics_service)?,
+            progress_interval: raw.progress_interval,
         })
     }
 
@@ -670,6 +686,23 @@ impl Validator<'_> {
             return Err(self.invalid("dedup_window", "must be at least 1m"));
         }
         Ok(window)
+    }
+
+    /// An SNS topic's ARN (`arn:PARTITION:sns:REGION:ACCOUNT:NAME`).
+    fn topic_arn(&self, key: &str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+        let Some(value) = value else { return Ok(None) };
+        let parts: Vec<&str> = value.split(':').collect();
+        let well_formed = parts.len() == 6
+            && parts[0] == "arn"
+            && parts[2] == "sns"
+            && parts.iter().all(|p| !p.is_empty());
+        if !well_formed {
+            return Err(self.invalid(
+                key,
+                format!("`{value}` is not an SNS topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME)"),
+            ));
+        }
+        Ok(Some(value))
     }
 
     /// A text key that must not be empty.
@@ -791,8 +824,15 @@ impl Validator<'_> {
         Ok(())
     }
 
-    /// The health check against the poll it watches.
+    /// The health check against the poll it watches, and the progress
+    /// lines' pace.
     fn check_telemetry(&self, raw: &Raw) -> Result<(), ConfigError> {
+        if raw.progress_interval < Duration::from_secs(1) {
+            return Err(self.invalid(
+                "progress_interval",
+                "must be at least 1s: a line per broadcast that often is plenty",
+            ));
+        }
         if raw.health_max_age <= raw.receive_wait {
             return Err(self.invalid(
                 "health_max_age",
@@ -919,6 +959,61 @@ mod tests {
             let err = load_err(jail, None);
             assert!(err.contains("`queue_url` is required"), "{err}");
             assert!(err.contains("FANOUT_QUEUE_URL"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn report_destinations_are_optional_and_checked_and_progress_has_a_floor() {
+        Jail::expect_with(|jail| {
+            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+            let config = Config::load(None).expect("loads");
+            assert_eq!(
+                (config.report_queue_url, config.report_topic_arn),
+                (None, None)
+            );
+            assert_eq!(config.progress_interval, Duration::from_secs(10));
+            jail.set_env(
+                "FANOUT_REPORT_QUEUE_URL",
+                "http://127.0.0.1:5320/000000000000/reports",
+            );
+            jail.set_env(
+                "FANOUT_REPORT_TOPIC_ARN",
+                "arn:aws:sns:eu-west-1:123456789012:reports",
+            );
+            jail.set_env("FANOUT_PROGRESS_INTERVAL", "5s");
+            let config = Config::load(None).expect("loads");
+            assert_eq!(
+                config.engine_settings().progress_interval,
+                Duration::from_secs(5)
+            );
+            assert!(config.report_queue_url.unwrap().ends_with("/reports"));
+            assert!(config.report_topic_arn.unwrap().ends_with(":reports"));
+            jail.set_env("FANOUT_REPORT_TOPIC_ARN", "reports");
+            let err = load_err(jail, None);
+            assert!(err.contains("FANOUT_REPORT_TOPIC_ARN"), "{err}");
+            assert!(err.contains("not an SNS topic ARN"), "{err}");
+            jail.set_env(
+                "FANOUT_REPORT_TOPIC_ARN",
+                "arn:aws:sqs:eu-west-1:123456789012:q",
+            );
+            assert!(load_err(jail, None).contains("not an SNS topic ARN"));
+            jail.set_env(
+                "FANOUT_REPORT_TOPIC_ARN",
+                "arn:aws:sns:eu-west-1:123456789012:reports",
+            );
+            jail.set_env("FANOUT_REPORT_QUEUE_URL", "reports");
+            assert!(load_err(jail, None).contains("FANOUT_REPORT_QUEUE_URL"));
+            jail.set_env(
+                "FANOUT_REPORT_QUEUE_URL",
+                "http://127.0.0.1:5320/000000000000/reports",
+            );
+            jail.set_env("FANOUT_PROGRESS_INTERVAL", "0s");
+            let err = load_err(jail, None);
+            assert!(
+                err.contains("FANOUT_PROGRESS_INTERVAL") && err.contains("at least 1s"),
+                "{err}"
+            );
             Ok(())
         });
     }

@@ -17,7 +17,7 @@ use fanout::ecs::{self, TaskProtection};
 use fanout::metrics::{self, MetricsServer};
 use fanout_aws::{
     ClockCheck, DynamoLeaseTable, DynamoRunTable, DynamoStore, QueueSettings, SelectedSender,
-    SqsQueue, clients,
+    SnsReports, SqsQueue, SqsReports, clients,
 };
 use fanout_core::SendBudget;
 use fanout_core::durable::{Ledger, Windows};
@@ -26,6 +26,7 @@ use fanout_core::expiry::{self, ExpiryRule};
 use fanout_core::fleet::Coordinator;
 use fanout_core::job::{self, Capabilities, JobSpec};
 use fanout_core::queue::{self, JobQueue, SendOptions};
+use fanout_core::report::{ReportSink, Reporter};
 use fanout_core::telemetry::Metrics;
 use fanout_core::worker::{self, Stopped};
 
@@ -229,6 +230,7 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
         metrics.clone(),
     );
     let settings = config.worker_settings(exit_when_idle);
+    let reports = reporter(&config, &sdk);
 
     tokio::spawn(fanout_core::cancel_on_signal(shutdown.clone()));
     // Bound before the worker starts: a taken port is a configuration error.
@@ -254,6 +256,7 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
         Arc::new(engine),
         settings,
         metrics,
+        reports,
         shutdown.clone(),
         ledger,
     )
@@ -278,6 +281,18 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
         }
         Stopped::Failed(reason) => anyhow::bail!("the worker stopped: {reason}"),
     }
+}
+
+/// The report destinations the configuration names (none, one or both).
+fn reporter(config: &Config, sdk: &fanout_aws::SdkConfig) -> Reporter {
+    let mut sinks: Vec<Arc<dyn ReportSink>> = Vec::new();
+    if let Some(url) = &config.report_queue_url {
+        sinks.push(Arc::new(SqsReports::connect(sdk, url)));
+    }
+    if let Some(arn) = &config.report_topic_arn {
+        sinks.push(Arc::new(SnsReports::connect(sdk, arn)));
+    }
+    Reporter::new(sinks)
 }
 
 /// The fleet's coordinator, if the configuration names a fleet. A missing

@@ -117,6 +117,25 @@ pub fn render_emf(delta: &Snapshot, service: &str, timestamp_ms: u64) -> String 
     }
     declared.push(json!({ "Name": "JobsInFlight", "Unit": "Count" }));
     root.insert("JobsInFlight".to_owned(), Value::from(delta.jobs_in_flight));
+    // The running broadcasts' progress, as their last progress lines said.
+    for (name, unit, value) in [
+        ("ProgressDelivered", "Count", delta.progress_delivered),
+        ("ProgressGone", "Count", delta.progress_gone),
+        (
+            "ProgressRate",
+            "Count/Second",
+            delta.progress_rate_per_second,
+        ),
+        (
+            "ProgressSharePercent",
+            "Percent",
+            delta.progress_share_percent,
+        ),
+        ("ProgressEtaSeconds", "Seconds", delta.progress_eta_seconds),
+    ] {
+        declared.push(json!({ "Name": name, "Unit": unit }));
+        root.insert(name.to_owned(), Value::from(value));
+    }
     // Only a task in a fleet has these: the others pay for no extra metrics.
     if in_fleet(delta) {
         for (name, unit, value) in [
@@ -216,7 +235,7 @@ impl Collector for Exporter {
         for (name, help, value) in counters {
             encode_counter(&mut encoder, name, help, value)?;
         }
-        let gauges: [(&str, &str, f64); 2] = [
+        let gauges: [(&str, &str, f64); 7] = [
             (
                 "jobs_in_flight",
                 "Jobs running now",
@@ -226,6 +245,31 @@ impl Collector for Exporter {
                 "last_poll_timestamp_seconds",
                 "When the receive loop last finished a poll (Unix time)",
                 s.last_poll_unix_ms as f64 / 1000.0,
+            ),
+            (
+                "progress_delivered",
+                "Delivered so far by the broadcasts running now",
+                s.progress_delivered as f64,
+            ),
+            (
+                "progress_gone",
+                "Gone so far in the broadcasts running now",
+                s.progress_gone as f64,
+            ),
+            (
+                "progress_rate_per_second",
+                "Deliveries per second of the running broadcasts over their last progress interval",
+                s.progress_rate_per_second as f64,
+            ),
+            (
+                "progress_share_percent",
+                "The least done running broadcast whose share is known, in percent (0: none known)",
+                s.progress_share_percent as f64,
+            ),
+            (
+                "progress_eta_seconds",
+                "The longest estimated time left of the running broadcasts (0: none known)",
+                s.progress_eta_seconds as f64,
             ),
         ];
         let fleet: [(&str, &str, f64); 3] = [
@@ -523,6 +567,51 @@ mod tests {
         assert_eq!(d.delivered, 0);
         assert_eq!(d.job_duration_count, 0);
         assert_eq!(d.jobs_in_flight, 3);
+    }
+
+    #[test]
+    fn the_progress_gauges_and_report_counts_are_in_both_exports() {
+        let m = Arc::new(sample());
+        let key = m.running.enter();
+        m.running.update(
+            key,
+            fanout_core::telemetry::Figures {
+                delivered: 700,
+                gone: 3,
+                rate_per_second: 99.6,
+                share: Some(0.7),
+                eta: Some(Duration::from_secs(12)),
+            },
+        );
+        Metrics::add(&m.reports_sent, 4);
+        Metrics::incr(&m.reports_failed);
+        let line = render_emf(&Snapshot::read(&m), "fanout", 0);
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            (
+                &v["ProgressDelivered"],
+                &v["ProgressGone"],
+                &v["ProgressRate"],
+                &v["ProgressSharePercent"],
+                &v["ProgressEtaSeconds"]
+            ),
+            (&json!(700), &json!(3), &json!(100), &json!(70), &json!(12))
+        );
+        assert_eq!(
+            (&v["ReportsSent"], &v["ReportsFailed"]),
+            (&json!(4), &json!(1))
+        );
+        let text = render_prometheus(&m);
+        for expected in [
+            "fanout_progress_delivered 700",
+            "fanout_progress_rate_per_second 100",
+            "fanout_progress_eta_seconds 12",
+            "fanout_reports_failed_total 1",
+        ] {
+            assert!(text.contains(expected), "{expected} in {text}");
+        }
+        m.running.leave(key);
+        assert!(render_prometheus(&m).contains("fanout_progress_delivered 0"));
     }
 
     #[test]

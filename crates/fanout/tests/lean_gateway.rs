@@ -153,6 +153,7 @@ async fn a_broadcast_reaches_every_live_client_and_removes_the_gone_rows_on_both
                 pass_pause: Duration::from_millis(100),
                 max_in_flight: 8,
                 scan_segments: 1,
+                progress_interval: Duration::from_secs(3600),
             },
             Arc::new(Metrics::default()),
         );

@@ -33,6 +33,9 @@ enum Resource {
     FleetTable,
     ConnectionsPost,
     ClusterTasks,
+    /// The optional report destinations: granted only when given.
+    ReportQueue,
+    ReportTopic,
 }
 
 /// What an adapter's SDK client calls: its service and, where one service
@@ -45,6 +48,8 @@ enum Peer {
     /// The checkpoint table: the template's is the fleet table.
     CheckpointTable,
     ApiGateway,
+    /// The report destinations: an SQS queue and an SNS topic.
+    Reports,
 }
 
 /// The files that call an SDK client, and what that client calls.
@@ -55,6 +60,7 @@ const ADAPTERS: &[(&str, Peer)] = &[
     ("crates/aws/src/fleet.rs", Peer::FleetTable),
     ("crates/aws/src/runs.rs", Peer::CheckpointTable),
     ("crates/aws/src/apigw.rs", Peer::ApiGateway),
+    ("crates/aws/src/reports.rs", Peer::Reports),
 ];
 
 /// Files that name SDK types without calling AWS for the worker: client
@@ -103,6 +109,8 @@ fn grant_for(peer: Peer, operation: &str) -> Option<(&'static str, &'static [Res
         (Peer::CheckpointTable, "get_item") => ("dynamodb:GetItem", &[FleetTable]),
         (Peer::CheckpointTable, "put_item") => ("dynamodb:PutItem", &[FleetTable]),
         (ApiGateway, "post_to_connection") => ("execute-api:ManageConnections", &[ConnectionsPost]),
+        (Peer::Reports, "send_message") => ("sqs:SendMessage", &[ReportQueue]),
+        (Peer::Reports, "publish") => ("sns:Publish", &[ReportTopic]),
         _ => return None,
     })
 }
@@ -248,6 +256,13 @@ print(json.dumps(yaml.load(open(sys.argv[1]), Loader=Loader)))
 
 /// The template resource a policy's `Resource` entry names.
 fn resource_of(value: &Value) -> Resource {
+    if let Some(reference) = value.get("!Ref").and_then(Value::as_str) {
+        return match reference {
+            "ReportQueueArn" => Resource::ReportQueue,
+            "ReportTopicArn" => Resource::ReportTopic,
+            other => panic!("an unexpected resource {other}"),
+        };
+    }
     if let Some(att) = value.get("!GetAtt").and_then(Value::as_str) {
         return match att {
             "JobsQueue.Arn" => Resource::JobsQueue,
@@ -282,12 +297,39 @@ fn one_or_many(value: &Value) -> Vec<&Value> {
     }
 }
 
-/// Every (IAM action, resource) the task role allows.
+/// A statement granted under a condition (`!If [Cond, statement,
+/// !Ref AWS::NoValue]`) as the statement and its condition; a plain one as
+/// itself.
+fn conditional(statement: &Value) -> (Option<&str>, &Value) {
+    let Some(branches) = statement.get("!If").and_then(Value::as_array) else {
+        return (None, statement);
+    };
+    let [condition, granted, otherwise] = &branches[..] else {
+        panic!("an !If needs three parts: {statement}")
+    };
+    assert_eq!(
+        otherwise,
+        &serde_json::json!({"!Ref": "AWS::NoValue"}),
+        "a conditional grant grants nothing otherwise"
+    );
+    (condition.as_str(), granted)
+}
+
+/// Every (IAM action, resource) the task role allows, and the condition
+/// each conditional grant is under.
 fn granted(template: &Value) -> BTreeSet<(String, Resource)> {
+    granted_with_conditions(template)
+        .into_iter()
+        .map(|(action, resource, _)| (action, resource))
+        .collect()
+}
+
+fn granted_with_conditions(template: &Value) -> BTreeSet<(String, Resource, Option<String>)> {
     let role = &template["Resources"]["TaskRole"]["Properties"];
     let mut granted = BTreeSet::new();
     for policy in role["Policies"].as_array().unwrap() {
         for statement in policy["PolicyDocument"]["Statement"].as_array().unwrap() {
+            let (condition, statement) = conditional(statement);
             assert_eq!(statement["Effect"], "Allow", "{statement}");
             assert!(statement.get("NotAction").is_none() && statement.get("NotResource").is_none());
             for action in one_or_many(&statement["Action"]) {
@@ -295,7 +337,11 @@ fn granted(template: &Value) -> BTreeSet<(String, Resource)> {
                 assert!(!action.contains('*'), "a wildcard action {action}");
                 for resource in one_or_many(&statement["Resource"]) {
                     assert_ne!(resource, "*", "{action} on every resource");
-                    granted.insert((action.to_owned(), resource_of(resource)));
+                    granted.insert((
+                        action.to_owned(),
+                        resource_of(resource),
+                        condition.map(str::to_owned),
+                    ));
                 }
             }
         }
@@ -322,6 +368,46 @@ fn the_task_role_grants_every_call_of_the_worker_on_its_resource() {
     assert!(
         extra.is_empty(),
         "the task role grants more than needed: {extra:?}"
+    );
+}
+
+#[test]
+fn the_report_destinations_are_granted_only_when_given() {
+    let template = template();
+    let granted = granted_with_conditions(&template);
+    let condition_of = |resource| {
+        let found: Vec<_> = granted.iter().filter(|g| g.1 == resource).collect();
+        let [(_, _, condition)] = &found[..] else {
+            panic!("one grant on {resource:?}: {found:?}")
+        };
+        condition.clone()
+    };
+    assert_eq!(
+        condition_of(Resource::ReportQueue).as_deref(),
+        Some("HasReportQueue")
+    );
+    assert_eq!(
+        condition_of(Resource::ReportTopic).as_deref(),
+        Some("HasReportTopic")
+    );
+    // Each condition is that its parameter is not empty.
+    for (condition, parameter) in [
+        ("HasReportQueue", "ReportQueueArn"),
+        ("HasReportTopic", "ReportTopicArn"),
+    ] {
+        assert_eq!(
+            template["Conditions"][condition],
+            serde_json::json!({"!Not": [{"!Equals": [{"!Ref": parameter}, ""]}]}),
+            "{condition}"
+        );
+        assert_eq!(template["Parameters"][parameter]["Default"], "");
+    }
+    // Nothing else is conditional.
+    assert!(
+        granted
+            .iter()
+            .all(|g| g.2.is_none() || matches!(g.1, Resource::ReportQueue | Resource::ReportTopic)),
+        "{granted:?}"
     );
 }
 

@@ -1,7 +1,8 @@
 //! Settlement: what a job's run came to, and the one place that applies it
 //! to the job's message. Deleted only when the job is done (or handed on in
 //! new messages); made visible again after a backoff when it may pass;
-//! dead-lettered with its reason when it never can.
+//! dead-lettered with its reason when it never can. Each way says what it
+//! did as a report [`Status`].
 
 use std::time::Duration;
 
@@ -11,14 +12,16 @@ use crate::gateway::Gateway;
 use crate::job::{self, Job};
 use crate::limits::MAX_SEND_DELAY;
 use crate::queue::{DeadLettered, JobQueue, Message, SendOptions};
+use crate::report::Status;
 use crate::store::{ConnectionStore, Cursor};
 use crate::telemetry::Metrics;
 
 /// What a job's run came to, and so what becomes of its message.
 pub(super) enum Settlement {
-    /// Every connection final and none deferred, or the job split into
-    /// segment jobs: the message goes.
+    /// Every connection final and none deferred: the message goes.
     Done,
+    /// The job was split into segment jobs: the message goes.
+    Split,
     /// Every connection final, some deferred: they go on in delayed
     /// continuation jobs (or to the dead-letter queue one by one), then the
     /// message goes.
@@ -35,18 +38,33 @@ pub(super) enum Settlement {
     LeaveHidden,
 }
 
+/// What settling did: where the message is, and what its report says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Settled {
+    pub(super) fate: Fate,
+    pub(super) status: Status,
+}
+
+impl Settled {
+    fn new(fate: Fate, status: Status) -> Self {
+        Self { fate, status }
+    }
+}
+
 impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// Applies what the run came to.
-    pub(super) async fn settle(&self, message: &Message, settlement: Settlement) -> Fate {
+    pub(super) async fn settle(&self, message: &Message, settlement: Settlement) -> Settled {
         match settlement {
-            Settlement::Done => self.delete(message).await,
+            Settlement::Done => Settled::new(self.delete(message).await, Status::Done),
+            Settlement::Split => Settled::new(self.delete(message).await, Status::Split),
             Settlement::Deferred { job, report } => self.hand_on(message, &job, &report).await,
             Settlement::Interrupted { job, resume } => {
                 self.continue_unfinished(message, &job, resume).await
             }
             Settlement::DeadLetter(reason) => self.dead_letter(message, &reason).await,
             Settlement::RetryLater => self.retry_later(message).await,
-            Settlement::LeaveHidden => Fate::Kept,
+            // Not reported (the holder reports its run): the status is moot.
+            Settlement::LeaveHidden => Settled::new(Fate::Kept, Status::Retrying),
         }
     }
 
@@ -56,7 +74,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// message is deleted only once every one of them has been handed on.
     /// On a FIFO queue (no per-message delay, and order must hold) the job
     /// fails as a whole and is retried in its place.
-    async fn hand_on(&self, message: &Message, job: &Job, report: &Report) -> Fate {
+    async fn hand_on(&self, message: &Message, job: &Job, report: &Report) -> Settled {
         let count = report.deferred.len();
         if message.group_id.is_some() {
             tracing::warn!(job_id = %job.id, deferred = count, deferred_to = "retry in place (FIFO)", "connections deferred; the job will be retried whole");
@@ -107,13 +125,13 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             "deferred connections continue in new jobs"
         );
         Metrics::incr(&self.metrics.jobs_completed);
-        self.delete(message).await
+        Settled::new(self.delete(message).await, Status::Continued)
     }
 
     /// Dead-letters each deferred connection as a one-connection job with
     /// its reason; then the message goes. If any cannot be dead-lettered
     /// the job is kept (retried later), so none is dropped.
-    async fn dead_letter_each(&self, message: &Message, job: &Job, report: &Report) -> Fate {
+    async fn dead_letter_each(&self, message: &Message, job: &Job, report: &Report) -> Settled {
         for d in &report.deferred {
             let body = match serde_json::to_string(&job.for_one(&d.connection)) {
                 Ok(body) => body,
@@ -157,7 +175,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             deferred_to = "dead-letter queue",
             "connections deferred too often were dead-lettered one by one"
         );
-        self.delete(message).await
+        Settled::new(self.delete(message).await, Status::DeadLettered)
     }
 
     /// Queues the message's deletion.
@@ -170,18 +188,24 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// continuation job carrying the resume cursors replaces the message, so
     /// the broadcast goes on from there instead of from its start;
     /// otherwise the message itself becomes visible again at once.
-    async fn continue_unfinished(&self, message: &Message, job: &Job, resume: Vec<Cursor>) -> Fate {
+    async fn continue_unfinished(
+        &self,
+        message: &Message,
+        job: &Job,
+        resume: Vec<Cursor>,
+    ) -> Settled {
+        let handed_back = |fate| Settled::new(fate, Status::Interrupted);
         // On a FIFO queue a new message would join the end of its group and
         // let later broadcasts overtake this one: keep the original, which
         // holds its place (the group waits for it).
         if resume.is_empty() || job.resume.as_ref() == Some(&resume) || message.group_id.is_some() {
-            return self.hand_back(message, Duration::ZERO).await;
+            return handed_back(self.hand_back(message, Duration::ZERO).await);
         }
         let body = match serde_json::to_string(&job.continuation(resume)) {
             Ok(body) => body,
             Err(e) => {
                 tracing::warn!(job_id = %job.id, error = %e, "cannot encode the continuation; the job restarts from its start");
-                return self.hand_back(message, Duration::ZERO).await;
+                return handed_back(self.hand_back(message, Duration::ZERO).await);
             }
         };
         match self.queue.send(&body, &SendOptions::default()).await {
@@ -189,11 +213,11 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 tracing::info!(job_id = %job.id, continuation, "job continues in a new message");
                 // If this delete is lost, the original runs again from its
                 // start as well: duplicates, never a loss.
-                self.delete(message).await
+                Settled::new(self.delete(message).await, Status::Continued)
             }
             Err(e) => {
                 tracing::warn!(job_id = %job.id, error = %e, "cannot enqueue the continuation; the job restarts from its start");
-                self.hand_back(message, Duration::ZERO).await
+                handed_back(self.hand_back(message, Duration::ZERO).await)
             }
         }
     }
@@ -202,17 +226,17 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// then off the jobs queue. Without a dead-letter queue the message
     /// stays for the queue's redrive policy.
     /// Counted once its outcome is known: a copy that fails is a retry.
-    async fn dead_letter(&self, message: &Message, reason: &str) -> Fate {
+    async fn dead_letter(&self, message: &Message, reason: &str) -> Settled {
         match self.queue.dead_letter(message, reason).await {
             Ok(DeadLettered::Sent) => {
                 Metrics::incr(&self.metrics.jobs_dead_lettered);
                 tracing::error!(message_id = %message.id, reason, "job sent to the dead-letter queue");
-                self.delete(message).await
+                Settled::new(self.delete(message).await, Status::DeadLettered)
             }
             Ok(DeadLettered::NotConfigured) => {
                 Metrics::incr(&self.metrics.jobs_dead_lettered);
                 tracing::error!(message_id = %message.id, reason, "job cannot run; no dead-letter queue is configured, so it is left for the queue's redrive policy");
-                Fate::Kept
+                Settled::new(Fate::Kept, Status::DeadLettered)
             }
             Err(e) => {
                 tracing::error!(message_id = %message.id, reason, error = %e, "job cannot run and could not be dead-lettered; it will be tried again");
@@ -223,13 +247,13 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
 
     /// Makes a failed job visible again after a delay growing with its
     /// receive count.
-    pub(super) async fn retry_later(&self, message: &Message) -> Fate {
+    pub(super) async fn retry_later(&self, message: &Message) -> Settled {
         Metrics::incr(&self.metrics.jobs_retried);
         let delay = self
             .settings
             .job_retry
             .cap(message.receive_count.saturating_sub(1));
-        self.hand_back(message, delay).await
+        Settled::new(self.hand_back(message, delay).await, Status::Retrying)
     }
 
     /// Makes the message visible again after `after`; it stays on the queue.

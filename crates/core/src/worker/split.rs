@@ -2,7 +2,6 @@
 //! share of the table, so several workers send it side by side.
 
 use super::JobContext;
-use super::settle::Settlement;
 use crate::gateway::Gateway;
 use crate::job::{Job, Target};
 use crate::queue::{JobQueue, Message, SendOptions};
@@ -22,9 +21,15 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     }
 
     /// Puts a broadcast's segment jobs on the queue; then its message goes.
-    /// If a send fails, the job is retried whole later: segments already sent
-    /// then run twice (duplicates, never a loss).
-    pub(super) async fn split(&self, message: &Message, job: &Job, total: u32) -> Settlement {
+    /// If a send fails (the error is returned), the job is retried whole
+    /// later: segments already sent then run twice (duplicates, never a
+    /// loss).
+    pub(super) async fn split(
+        &self,
+        message: &Message,
+        job: &Job,
+        total: u32,
+    ) -> Result<(), String> {
         // Up to MAX_SPLIT sends one after another can outlast the visibility
         // timeout; another worker would then split the job again.
         let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone(), None);
@@ -40,12 +45,12 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             if let Err(e) = sent {
                 tracing::error!(job_id = %job.id, index, error = %e, "splitting the job failed; it will be retried");
                 drop(heartbeat);
-                return Settlement::RetryLater;
+                return Err(format!("splitting the job failed at segment {index}: {e}"));
             }
         }
         drop(heartbeat);
         tracing::info!(job_id = %job.id, segments = total, "job split into segment jobs");
         Metrics::incr(&self.metrics.jobs_split);
-        Settlement::Done
+        Ok(())
     }
 }

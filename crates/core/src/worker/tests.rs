@@ -7,8 +7,9 @@ use crate::engine::EngineSettings;
 use crate::job::Target;
 use crate::limiter::SendBudget;
 use crate::queue::Receipt;
+use crate::report::{BroadcastReport, Status};
 use crate::store::Cursor;
-use crate::testing::{FakeGateway, FakeQueue, FakeTable, ids};
+use crate::testing::{FakeGateway, FakeQueue, FakeReports, FakeTable, ids};
 
 /// A shutdown token cancelled after `delay` (paused time runs it at once).
 fn shutdown_after(delay: Duration) -> CancellationToken {
@@ -44,6 +45,7 @@ struct Rig {
     table: Arc<FakeTable>,
     gateway: Arc<FakeGateway>,
     metrics: Arc<Metrics>,
+    reports: Arc<FakeReports>,
 }
 
 impl Rig {
@@ -53,7 +55,17 @@ impl Rig {
             table: Arc::new(FakeTable::with(&ids(20), 5)),
             gateway: Arc::new(gateway),
             metrics: Arc::new(Metrics::default()),
+            reports: Arc::new(FakeReports::default()),
         }
+    }
+
+    /// What each report said, in the order sent.
+    fn statuses(&self) -> Vec<(String, Status, bool)> {
+        self.reports
+            .reports()
+            .into_iter()
+            .map(|r: BroadcastReport| (r.id, r.status, r.is_final))
+            .collect()
     }
 
     async fn run(&self, settings: WorkerSettings, shutdown: CancellationToken) -> Stopped {
@@ -72,6 +84,7 @@ impl Rig {
                 pass_pause: Duration::from_millis(1),
                 max_in_flight: 8,
                 scan_segments: 1,
+                progress_interval: Duration::from_secs(3600),
             },
             self.metrics.clone(),
         );
@@ -80,6 +93,7 @@ impl Rig {
             Arc::new(engine),
             settings,
             self.metrics.clone(),
+            Reporter::new(vec![self.reports.clone()]),
             shutdown,
         )
         .await
@@ -120,6 +134,14 @@ async fn deferred_connections_go_on_in_a_delayed_continuation_then_the_message_g
     assert_eq!(ids, ["conn-3"], "exactly the deferred one");
     assert!(listed[0].key.is_some(), "with its row key");
     assert_eq!(rig.queue.deleted_ids(), ["r0"], "handed on, then deleted");
+    let [report] = &rig.reports.reports()[..] else {
+        panic!("one report")
+    };
+    assert_eq!((report.status, report.is_final), (Status::Continued, false));
+    assert_eq!(
+        (report.delivered, report.deferred, report.audience),
+        (19, 1, 20)
+    );
 }
 
 #[tokio::test]
@@ -143,6 +165,7 @@ async fn a_connection_deferred_across_the_limit_is_dead_lettered_alone() {
         "{reason}"
     );
     assert_eq!(rig.queue.deleted_ids(), ["r0"]);
+    assert_eq!(rig.statuses(), [("j".into(), Status::DeadLettered, true)]);
 }
 
 #[tokio::test]
@@ -167,6 +190,7 @@ async fn on_a_fifo_queue_deferred_connections_fail_the_job_in_its_place() {
     );
     assert!(rig.queue.sent.lock().unwrap().is_empty(), "no new message");
     assert!(rig.queue.deleted_ids().is_empty(), "kept in its place");
+    assert_eq!(rig.statuses(), [("m0".into(), Status::Retrying, false)]);
     let visibility = rig.queue.visibility.lock().unwrap().clone();
     assert!(
         visibility
@@ -212,6 +236,70 @@ async fn good_jobs_are_delivered_then_deleted_and_bad_ones_dead_lettered() {
     );
     assert_eq!(Metrics::get(&rig.metrics.jobs_completed), 2);
     assert_eq!(Metrics::get(&rig.metrics.jobs_in_flight), 0);
+    let mut reports = rig.reports.reports();
+    reports.sort_by(|a, b| a.message_id.cmp(&b.message_id));
+    let seen: Vec<_> = reports
+        .iter()
+        .map(|r| (r.message_id.as_str(), r.status, r.delivered))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("m0", Status::Done, 20),
+            ("m1", Status::DeadLettered, 0),
+            ("m2", Status::Done, 20),
+            ("m3", Status::DeadLettered, 0)
+        ]
+    );
+    assert!(
+        reports[1]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("not a valid job")
+    );
+    assert_eq!(Metrics::get(&rig.metrics.reports_sent), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_report_destination_that_never_answers_holds_settling_for_its_timeout_only() {
+    let mut rig = Rig::new(
+        FakeQueue::with_jobs(&[r#"{"data":"a"}"#, r#"{"data":"b"}"#], true),
+        FakeGateway::default(),
+    );
+    rig.reports = Arc::new(FakeReports::hanging());
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        rig.run(settings(), CancellationToken::new()).await,
+        Stopped::Idle
+    );
+    assert_eq!(rig.queue.deleted_ids(), ["r0", "r1"], "both done");
+    assert_eq!(Metrics::get(&rig.metrics.reports_failed), 2);
+    // The two jobs run side by side: their reports time out together.
+    assert!(
+        started.elapsed() < crate::report::REPORT_TIMEOUT * 2,
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_report_destination_that_fails_changes_nothing_but_its_count() {
+    let mut rig = Rig::new(
+        FakeQueue::with_jobs(&[r#"{"data":"a"}"#, "{not json"], true),
+        FakeGateway::default(),
+    );
+    rig.reports = Arc::new(FakeReports::failing());
+    assert_eq!(
+        rig.run(settings(), CancellationToken::new()).await,
+        Stopped::Idle
+    );
+    assert_eq!(rig.gateway.delivered.lock().unwrap().len(), 20);
+    assert_eq!(rig.queue.deleted_ids(), ["r0", "r1"]);
+    assert_eq!(rig.queue.dead.as_ref().unwrap().lock().unwrap().len(), 1);
+    assert_eq!(Metrics::get(&rig.metrics.jobs_completed), 1);
+    assert_eq!(Metrics::get(&rig.metrics.reports_failed), 2);
+    assert_eq!(Metrics::get(&rig.metrics.reports_sent), 0);
 }
 
 #[tokio::test]
@@ -237,6 +325,7 @@ async fn a_permanent_send_failure_dead_letters_and_a_passing_one_retries_later()
     assert_eq!(rig.queue.deleted_ids(), ["r0"]);
     let dead = rig.queue.dead.as_ref().unwrap().lock().unwrap().clone();
     assert!(dead[0].1.contains("too large"), "{dead:?}");
+    assert_eq!(rig.statuses(), [("m0".into(), Status::DeadLettered, true)]);
 
     let gateway = FakeGateway::default();
     gateway.script.lock().unwrap().insert(
@@ -256,6 +345,14 @@ async fn a_permanent_send_failure_dead_letters_and_a_passing_one_retries_later()
     assert_eq!(
         visibility,
         [(Receipt("r0".into()), Duration::from_secs(20))]
+    );
+    let [report] = &rig.reports.reports()[..] else {
+        panic!("one report")
+    };
+    assert_eq!((report.status, report.is_final), (Status::Retrying, false));
+    assert!(
+        report.reason.as_deref().unwrap().contains("403"),
+        "{report:?}"
     );
     assert_eq!(Metrics::get(&rig.metrics.jobs_retried), 1);
 }
@@ -293,6 +390,7 @@ async fn a_running_job_keeps_its_message_hidden_and_shutdown_hands_it_back() {
         "no page finished: no continuation"
     );
     assert!(rig.queue.deleted_ids().is_empty());
+    assert_eq!(rig.statuses(), [("m0".into(), Status::Interrupted, false)]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -373,6 +471,14 @@ async fn an_interrupted_job_with_finished_pages_continues_in_a_new_message() {
     };
     assert_eq!(next.resume, Some(vec![after_two_pages]));
     assert_eq!(rig.queue.deleted_ids(), ["r0"], "the original is replaced");
+    let [report] = &rig.reports.reports()[..] else {
+        panic!("one report")
+    };
+    assert_eq!(
+        (report.id.as_str(), report.status, report.is_final),
+        ("big", Status::Continued, false)
+    );
+    assert!(report.delivered >= 10, "{report:?}");
     let visibility = rig.queue.visibility.lock().unwrap().clone();
     assert!(
         visibility.iter().all(|(_, t)| !t.is_zero()),
@@ -503,6 +609,13 @@ async fn a_split_job_becomes_segment_jobs_that_cover_the_table_once() {
     );
     let parts = rig.queue.sent.lock().unwrap().clone();
     assert_eq!(parts.len(), 3);
+    let [split] = &rig.reports.reports()[..] else {
+        panic!("one report")
+    };
+    assert_eq!(
+        (split.status, split.is_final, split.segments_total),
+        (Status::Split, false, Some(3))
+    );
 
     // Run the shares as other workers would.
     let bodies: Vec<&str> = parts.iter().map(String::as_str).collect();
@@ -516,6 +629,24 @@ async fn a_split_job_becomes_segment_jobs_that_cover_the_table_once() {
         rig2.queue.sent.lock().unwrap().is_empty(),
         "shares are not split again"
     );
+    // A producer knows the broadcast is over once every segment reported.
+    let mut segments: Vec<_> = rig2
+        .reports
+        .reports()
+        .into_iter()
+        .filter(|r| r.is_final && r.status == Status::Done)
+        .map(|r| (r.id, r.segment, r.segments_total, r.delivered))
+        .collect();
+    segments.sort();
+    assert_eq!(segments.len(), 3);
+    assert!(
+        segments
+            .iter()
+            .all(|(id, _, total, _)| id == "big" && *total == Some(3))
+    );
+    let covered: Vec<_> = segments.iter().map(|s| s.1).collect();
+    assert_eq!(covered, [Some(0), Some(1), Some(2)]);
+    assert_eq!(segments.iter().map(|s| s.3).sum::<u64>(), 20);
 }
 
 #[tokio::test(start_paused = true)]
@@ -728,6 +859,7 @@ mod durable {
                     pass_pause: Duration::from_millis(1),
                     max_in_flight: 8,
                     scan_segments: 1,
+                    progress_interval: Duration::from_secs(3600),
                 },
                 self.metrics.clone(),
             );
@@ -736,6 +868,7 @@ mod durable {
                 Arc::new(engine),
                 settings,
                 self.metrics.clone(),
+                Reporter::new(vec![self.reports.clone()]),
                 CancellationToken::new(),
                 Some(Arc::new(ledger)),
             )

@@ -111,6 +111,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
         Arc::new(engine),
         settings,
         metrics.clone(),
+        fanout_core::report::Reporter::none(),
         CancellationToken::new(),
     )
     .await;

@@ -97,6 +97,7 @@ where
         engine,
         settings,
         Arc::new(Metrics::default()),
+        fanout_core::report::Reporter::none(),
         shutdown.clone(),
     ));
 

@@ -265,6 +265,7 @@ fn engine<S: ConnectionStore, G: Gateway>(
             pass_pause: Duration::from_millis(100),
             max_in_flight,
             scan_segments: 1,
+            progress_interval: Duration::from_secs(3600),
         },
         metrics,
     )

@@ -64,6 +64,44 @@ pub async fn dynamodb() -> aws_sdk_dynamodb::Client {
     aws_sdk_dynamodb::Client::new(&sdk_config().await)
 }
 
+/// The SNS client of the emulator (moto serves SNS on the SQS port).
+pub async fn sns() -> aws_sdk_sns::Client {
+    let config = sdk_config().await;
+    assert!(
+        std::env::var_os("AWS_ENDPOINT_URL_SNS").is_some(),
+        "AWS_ENDPOINT_URL_SNS is unset: run the integration tests with ./scripts/test.sh"
+    );
+    aws_sdk_sns::Client::new(&config)
+}
+
+/// An SNS topic with an SQS queue subscribed to it (raw delivery: each
+/// message's body is what was published), for reading what a topic got.
+pub async fn topic_with_queue(
+    sqs: &aws_sdk_sqs::Client,
+    sns: &aws_sdk_sns::Client,
+    prefix: &str,
+) -> (String, TestQueue) {
+    let queue = create_queue(sqs, &format!("{prefix}-sub"), &QueueSpec::default()).await;
+    let topic = sns
+        .create_topic()
+        .name(unique(prefix))
+        .send()
+        .await
+        .expect("create a test topic")
+        .topic_arn()
+        .expect("topic arn")
+        .to_owned();
+    sns.subscribe()
+        .topic_arn(&topic)
+        .protocol("sqs")
+        .endpoint(&queue.arn)
+        .attributes("RawMessageDelivery", "true")
+        .send()
+        .await
+        .expect("subscribe the queue to the topic");
+    (topic, queue)
+}
+
 /// A name no other test (or earlier run against the same emulator) uses.
 pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
