@@ -40,7 +40,7 @@ pub use apigw::ApiGatewaySender;
 /// binary loads it once with [`clients::load_sdk_config`] and hands it back.
 pub use aws_config::SdkConfig;
 pub use clients::AwsError;
-pub use dynamo::{DynamoStore, TableSettings};
+pub use dynamo::{AudienceIndex, DynamoStore, TableSettings};
 pub use endpoint::{BadEndpoint, parse_endpoint};
 pub use fleet::DynamoLeaseTable;
 pub use lean::{LeanError, LeanSender};

@@ -33,6 +33,7 @@
 //! - [`telemetry`]: the process-wide counters.
 
 // The seams and the vocabulary every crate speaks.
+pub mod channels;
 pub mod connection;
 pub mod fleet;
 pub mod gateway;

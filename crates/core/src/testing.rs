@@ -15,7 +15,9 @@ use crate::connection::{Connection, ConnectionId, KeyValue, RowKey};
 use crate::fleet::{FleetError, Lease, LeaseTable};
 use crate::gateway::{Gateway, PostOutcome};
 use crate::queue::{DeadLettered, JobQueue, Message, QueueError, Receipt, SendOptions};
-use crate::store::{AudienceQuery, ConnectionStore, Cursor, Page, Position, Removal, StoreError};
+use crate::store::{
+    AudienceQuery, ChannelOrder, ConnectionStore, Cursor, Page, Position, Removal, StoreError,
+};
 
 pub fn ids(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("conn-{i}")).collect()
@@ -25,6 +27,11 @@ pub fn ids(n: usize) -> Vec<String> {
 pub struct FakeTable {
     pub rows: Mutex<Vec<String>>,
     pub channels: HashMap<String, Vec<String>>,
+    /// How `channels` is laid out; with [`ChannelOrder::ById`] each list
+    /// must be in id order, and a channel resumes after an id.
+    pub channel_order: ChannelOrder,
+    /// Named audiences: name → key value → ids.
+    pub audiences: HashMap<String, HashMap<String, Vec<String>>>,
     pub page_size: usize,
     pub pages_read: AtomicUsize,
     pub fail_after_pages: Option<usize>,
@@ -47,6 +54,8 @@ impl FakeTable {
         Self {
             rows: Mutex::new(ids.to_vec()),
             channels: HashMap::new(),
+            channel_order: ChannelOrder::Disjoint,
+            audiences: HashMap::new(),
             page_size,
             pages_read: AtomicUsize::new(0),
             fail_after_pages: None,
@@ -81,6 +90,7 @@ impl ConnectionStore for Arc<FakeTable> {
     ) -> BoxStream<'static, Result<Page, StoreError>> {
         // One segment: resume at its offset; a cursor without a position
         // means the segment is done.
+        let mut after = None;
         let start = match from
             .unwrap_or_default()
             .into_iter()
@@ -91,6 +101,13 @@ impl ConnectionStore for Arc<FakeTable> {
                 position: Some(Position::Offset(n)),
                 ..
             }) => n,
+            Some(Cursor {
+                position: Some(Position::After { after: id }),
+                ..
+            }) => {
+                after = Some(id.to_string());
+                0
+            }
             Some(_) => usize::MAX,
         };
         let ids: Vec<String> = match audience {
@@ -104,9 +121,18 @@ impl ConnectionStore for Arc<FakeTable> {
                     .collect()
             }
             AudienceQuery::Channel(c) => self.channels.get(c).cloned().unwrap_or_default(),
+            AudienceQuery::Audience { name, value } => self
+                .audiences
+                .get(name)
+                .and_then(|values| values.get(value))
+                .cloned()
+                .unwrap_or_default(),
             AudienceQuery::Explicit(ids) => ids.iter().map(|i| i.to_string()).collect(),
         };
-        let ids = ids.get(start..).unwrap_or_default().to_vec();
+        let mut ids = ids.get(start..).unwrap_or_default().to_vec();
+        if let Some(after) = &after {
+            ids.retain(|id| id > after);
+        }
         let table = self.clone();
         let page_size = self.page_size;
         let pages: Vec<_> = ids.chunks(page_size).map(|c| c.to_vec()).collect();
@@ -121,6 +147,7 @@ impl ConnectionStore for Arc<FakeTable> {
             }
             Ok(Page {
                 connections: chunk.iter().map(|id| keyed(id)).collect(),
+                duplicates: Vec::new(),
                 next: Cursor {
                     segment: 0,
                     position: Some(Position::Offset(start + ((n + 1) * page_size).min(total))),
@@ -128,6 +155,10 @@ impl ConnectionStore for Arc<FakeTable> {
             })
         }))
         .boxed()
+    }
+
+    fn channel_order(&self) -> ChannelOrder {
+        self.channel_order
     }
 
     async fn remove(&self, mut gone: Vec<Connection>) -> Result<Removal, StoreError> {
@@ -477,7 +508,14 @@ impl ConnectionStore for GeneratedTable {
                 segment,
                 position: (end < rows).then_some(Position::Offset(end as usize)),
             };
-            Some((Ok(Page { connections, next }), end))
+            Some((
+                Ok(Page {
+                    connections,
+                    duplicates: Vec::new(),
+                    next,
+                }),
+                end,
+            ))
         })
         .boxed()
     }

@@ -55,7 +55,7 @@ use deleter::{DeleteHandle, Deleter};
 use settle::Settlement;
 
 /// How the worker consumes the queue.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct WorkerSettings {
     /// Jobs running at once; no more messages are received than can start.
     pub max_concurrent_jobs: usize,
@@ -141,7 +141,7 @@ where
     let ctx = Arc::new(JobContext {
         queue: queue.clone(),
         engine,
-        settings,
+        settings: settings.clone(),
         metrics: metrics.clone(),
         deleter: deleter.handle(),
         abort: abort.clone(),
@@ -262,7 +262,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// Parses and runs one job. What it came to is a [`Settlement`], which
     /// [`settle`](Self::settle) applies to the message.
     async fn run_job(&self, message: &Message) -> Settlement {
-        let job = match job::parse(&message.body, &message.id, self.settings.capabilities) {
+        let job = match job::parse(&message.body, &message.id, &self.settings.capabilities) {
             Ok(job) => job,
             Err(e) => return Settlement::DeadLetter(e.to_string()),
         };
@@ -307,6 +307,7 @@ fn log_report(job: &job::Job, report: &Report, status: &str) {
     tracing::info!(
         job_id = %job.id,
         run = %RunKey::of(job),
+        selector = %job.target,
         status,
         audience = report.audience,
         delivered = report.delivered,

@@ -16,7 +16,7 @@ use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize};
 
 pub use fanout_aws::SendPath;
-use fanout_aws::{QueueSettings, SendSettings, TableSettings};
+use fanout_aws::{AudienceIndex, QueueSettings, SendSettings, TableSettings};
 use fanout_core::Backoff;
 use fanout_core::RateSettings;
 use fanout_core::engine::EngineSettings;
@@ -103,6 +103,7 @@ struct Raw {
     key_attribute: String,
     channel_index: Option<String>,
     channel_attribute: String,
+    audience_indexes: Option<AudienceIndexes>,
     gateway_endpoint: Option<String>,
     send_path: SendPath,
     rate_per_second: u32,
@@ -147,6 +148,15 @@ struct Raw {
     metrics_service: String,
 }
 
+/// `audience_indexes` as written: `name=index:attribute,…` (TOML or the
+/// environment), or a TOML table of `name = "index:attribute"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum AudienceIndexes {
+    Text(String),
+    Table(std::collections::BTreeMap<String, String>),
+}
+
 /// The validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Config {
@@ -157,6 +167,9 @@ pub struct Config {
     pub key_attribute: String,
     pub channel_index: Option<String>,
     pub channel_attribute: String,
+    /// Named audiences for jobs' `to`, in the order configured.
+    #[serde(serialize_with = "audience_indexes_text")]
+    pub audience_indexes: Vec<AudienceIndex>,
     /// Required by the worker only; see [`Config::worker_targets`].
     pub gateway_endpoint: Option<String>,
     pub send_path: SendPath,
@@ -367,6 +380,12 @@ impl Config {
             deferred_limit: self.deferred_limit,
             capabilities: Capabilities {
                 channels: self.channel_index.is_some(),
+                audiences: Some(
+                    self.audience_indexes
+                        .iter()
+                        .map(|a| a.name.clone())
+                        .collect(),
+                ),
             },
             split_segments: self.split_segments,
         }
@@ -379,6 +398,7 @@ impl Config {
             key_attribute: self.key_attribute.clone(),
             channel_index: self.channel_index.clone(),
             channel_attribute: self.channel_attribute.clone(),
+            audiences: self.audience_indexes.clone(),
             page_size: self.page_size,
         }
     }
@@ -440,6 +460,23 @@ fn redact_url(raw: &str) -> String {
         }
         _ => raw.to_owned(),
     }
+}
+
+/// `audience_indexes` as it is written in the environment; absent when
+/// none is configured.
+fn audience_indexes_text<S: serde::Serializer>(
+    indexes: &[AudienceIndex],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    if indexes.is_empty() {
+        return serializer.serialize_none();
+    }
+    let text = indexes
+        .iter()
+        .map(|a| format!("{}={}:{}", a.name, a.index, a.attribute))
+        .collect::<Vec<_>>()
+        .join(",");
+    serializer.serialize_str(&text)
 }
 
 /// A validated count as the code that uses it counts: validation bounds
@@ -571,6 +608,7 @@ impl Validator<'_> {
             key_attribute: self.required_text("key_attribute", raw.key_attribute)?,
             channel_index: self.non_empty("channel_index", raw.channel_index)?,
             channel_attribute: self.required_text("channel_attribute", raw.channel_attribute)?,
+            audience_indexes: self.audience_indexes(raw.audience_indexes)?,
             gateway_endpoint: self.gateway_endpoint(raw.gateway_endpoint)?,
             send_path: raw.send_path,
             rate_per_second,
@@ -612,6 +650,50 @@ impl Validator<'_> {
             health_max_age: raw.health_max_age,
             metrics_service: self.required_text("metrics_service", raw.metrics_service)?,
         })
+    }
+
+    /// The named audiences: each a name, a GSI and its partition key, the
+    /// names distinct.
+    fn audience_indexes(
+        &self,
+        value: Option<AudienceIndexes>,
+    ) -> Result<Vec<AudienceIndex>, ConfigError> {
+        const KEY: &str = "audience_indexes";
+        const SHAPE: &str = "name=index:attribute, e.g. user=by-user:userId";
+        let entries: Vec<(String, String)> = match value {
+            None => return Ok(Vec::new()),
+            Some(AudienceIndexes::Table(table)) => table.into_iter().collect(),
+            Some(AudienceIndexes::Text(text)) => text
+                .split(',')
+                .map(|entry| match entry.split_once('=') {
+                    Some((name, rest)) => Ok((name.to_owned(), rest.to_owned())),
+                    None => Err(self.invalid(KEY, format!("`{}` is not {SHAPE}", entry.trim()))),
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let mut indexes: Vec<AudienceIndex> = Vec::with_capacity(entries.len());
+        for (name, rest) in entries {
+            let name = name.trim();
+            let Some((index, attribute)) = rest.split_once(':') else {
+                return Err(self.invalid(KEY, format!("`{name}={}` is not {SHAPE}", rest.trim())));
+            };
+            let (index, attribute) = (index.trim(), attribute.trim());
+            if name.is_empty() || index.is_empty() || attribute.is_empty() {
+                return Err(self.invalid(
+                    KEY,
+                    format!("`{name}={index}:{attribute}` has an empty part; write {SHAPE}"),
+                ));
+            }
+            if indexes.iter().any(|a| a.name == name) {
+                return Err(self.invalid(KEY, format!("the audience `{name}` is named twice")));
+            }
+            indexes.push(AudienceIndex {
+                name: name.to_owned(),
+                index: index.to_owned(),
+                attribute: attribute.to_owned(),
+            });
+        }
+        Ok(indexes)
     }
 
     /// A text key that must not be empty.
@@ -853,6 +935,79 @@ mod tests {
             assert_eq!(targets.table, "connections");
             Ok(())
         });
+    }
+
+    #[test]
+    fn audience_indexes_come_as_text_or_a_table_and_bad_ones_name_the_key() {
+        let index = |name: &str, index: &str, attribute: &str| AudienceIndex {
+            name: name.into(),
+            index: index.into(),
+            attribute: attribute.into(),
+        };
+        Jail::expect_with(|jail| {
+            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+            let config = Config::load(None).expect("loads");
+            assert!(config.audience_indexes.is_empty());
+            assert_eq!(
+                config.worker_settings(false).capabilities.audiences,
+                Some(vec![])
+            );
+            jail.set_env(
+                "FANOUT_AUDIENCE_INDEXES",
+                "user=by-user:userId, tenant=by-tenant:tenantId",
+            );
+            let config = Config::load(None).expect("loads");
+            assert_eq!(
+                config.audience_indexes,
+                [
+                    index("user", "by-user", "userId"),
+                    index("tenant", "by-tenant", "tenantId")
+                ]
+            );
+            assert_eq!(
+                config.worker_settings(false).capabilities.audiences,
+                Some(vec!["user".to_owned(), "tenant".to_owned()])
+            );
+            assert!(
+                config.to_redacted_toml().contains(
+                    r#"audience_indexes = "user=by-user:userId,tenant=by-tenant:tenantId""#
+                ),
+                "check-config shows it as it is written"
+            );
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+            jail.create_file(
+                "fanout.toml",
+                "[audience_indexes]\nuser = \"by-user:userId\"\n",
+            )?;
+            let path = jail.directory().join("fanout.toml");
+            let config = Config::load(Some(&path)).expect("loads");
+            assert_eq!(
+                config.audience_indexes,
+                [index("user", "by-user", "userId")]
+            );
+            Ok(())
+        });
+        for (value, says) in [
+            ("user", "is not name=index:attribute"),
+            ("user=by-user", "is not name=index:attribute"),
+            ("user=by-user:", "empty part"),
+            ("=by-user:userId", "empty part"),
+            ("user=by-user:userId,", "is not name=index:attribute"),
+            ("user=a:b,user=c:d", "named twice"),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+                jail.set_env("FANOUT_AUDIENCE_INDEXES", value);
+                let err = load_err(jail, None);
+                assert!(err.contains("audience_indexes"), "{value}: {err}");
+                assert!(err.contains("FANOUT_AUDIENCE_INDEXES"), "{value}: {err}");
+                assert!(err.contains(says), "{value}: {err}");
+                Ok(())
+            });
+        }
     }
 
     #[test]

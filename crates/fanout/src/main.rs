@@ -325,10 +325,13 @@ async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
     if !args.unchecked {
         // The same checks the worker makes, so a bad job fails here, not in
         // the dead-letter queue.
-        // Channels are not checked: a producer's environment need not know
+        // Channels and audience names are not checked: a producer's environment need not know
         // the worker's index; the worker dead-letters such a job itself.
-        let caps = Capabilities { channels: true };
-        job::validate(spec.clone(), "enqueue", caps)
+        let caps = Capabilities {
+            channels: true,
+            audiences: None,
+        };
+        job::validate(spec.clone(), "enqueue", &caps)
             .context("the job is not valid (--unchecked sends it anyway)")?;
     }
     let body = serde_json::to_string(&spec).context("cannot encode the job")?;

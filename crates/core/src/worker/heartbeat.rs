@@ -15,18 +15,16 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// hidden for ever.
     pub(super) fn heartbeat(&self, receipt: Receipt, job_id: String) -> AbortOnDropHandle<()> {
         let queue = self.queue.clone();
-        let settings = self.settings;
+        let (interval, visibility) = (
+            self.settings.heartbeat_interval,
+            self.settings.visibility_timeout,
+        );
         AbortOnDropHandle::new(tokio::spawn(async move {
-            let mut ticks = tokio::time::interval_at(
-                tokio::time::Instant::now() + settings.heartbeat_interval,
-                settings.heartbeat_interval,
-            );
+            let mut ticks =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             loop {
                 ticks.tick().await;
-                if let Err(e) = queue
-                    .set_visibility(&receipt, settings.visibility_timeout)
-                    .await
-                {
+                if let Err(e) = queue.set_visibility(&receipt, visibility).await {
                     tracing::warn!(job_id, error = %e, "heartbeat failed; the job may be redelivered while it runs");
                 }
             }

@@ -33,7 +33,10 @@ fn settings() -> WorkerSettings {
         },
         shutdown_grace: Duration::from_secs(5),
         exit_when_idle: true,
-        capabilities: Capabilities { channels: false },
+        capabilities: Capabilities {
+            channels: false,
+            audiences: Some(Vec::new()),
+        },
         split_segments: 1,
         deferred_limit: 2,
     }
@@ -110,7 +113,7 @@ async fn deferred_connections_go_on_in_a_delayed_continuation_then_the_message_g
     let [body] = &sent[..] else {
         panic!("{sent:?}")
     };
-    let next = job::parse(body, "m", settings().capabilities).expect("parses");
+    let next = job::parse(body, "m", &settings().capabilities).expect("parses");
     assert_eq!(next.id, "j");
     assert_eq!(next.deferrals, 1);
     let Target::Deferred(listed) = next.target else {
@@ -365,7 +368,15 @@ async fn an_interrupted_job_with_finished_pages_continues_in_a_new_message() {
     rig.run(s, shutdown).await;
     let sent = rig.queue.sent.lock().unwrap().clone();
     assert_eq!(sent.len(), 1, "one continuation");
-    let next = job::parse(&sent[0], "m9", Capabilities { channels: false }).expect("parses");
+    let next = job::parse(
+        &sent[0],
+        "m9",
+        &Capabilities {
+            channels: false,
+            audiences: Some(Vec::new()),
+        },
+    )
+    .expect("parses");
     assert_eq!(next.id, "big");
     let after_two_pages = Cursor {
         segment: 0,
