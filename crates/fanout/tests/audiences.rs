@@ -342,7 +342,7 @@ async fn three_overlapping_channels_each_member_gets_it_once_and_gone_rows_are_r
         after, expected,
         "exactly the gone ones' rows in a, b and c went"
     );
-    for id in &gone {
+    for id in &stale {
         assert!(
             after.contains(&(Some("d".to_owned()), id.clone())),
             "{id}'s row in d, a channel not listed, stays"
@@ -481,6 +481,33 @@ async fn a_channel_index_sorted_by_id_is_merged_and_resumes_after_an_id() {
         .map(|c| c.id.to_string())
         .collect();
     assert_eq!(read, ids[12..], "in id order, after the cursor's id");
+
+    // A table keyed by channel, then id, is read itself, in id order.
+    let keyed =
+        support::create_table(&dynamo, "aud-keyed", support::TableKey::ChannelAndId, true).await;
+    support::put_rows(&dynamo, &keyed, &rows).await;
+    let mut keyed_settings = settings(CHANNEL_INDEX);
+    keyed_settings.table = keyed;
+    let store = DynamoStore::connect(dynamo.clone(), keyed_settings)
+        .await
+        .expect("connect");
+    assert_eq!(store.channel_order(), ChannelOrder::ById);
+    let from = vec![Cursor {
+        segment: 0,
+        position: Some(Position::After {
+            after: ConnectionId::from(ids[24].as_str()),
+        }),
+    }];
+    let read: Vec<String> = store
+        .pages(&AudienceQuery::Channel("news".into()), Some(from))
+        .map(|page| page.expect("a page").connections)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .flatten()
+        .map(|c| c.id.to_string())
+        .collect();
+    assert_eq!(read, ids[25..]);
 
     // A table of one row per connection is disjoint by construction.
     let plain = support::create_table(&dynamo, "aud-plain", support::TableKey::Id, true).await;
