@@ -84,8 +84,9 @@ fn grant_for(peer: Peer, operation: &str) -> Option<(&'static str, &'static [Res
         }
         (ConnectionsTable, "describe_table") => ("dynamodb:DescribeTable", &[Table]),
         (ConnectionsTable, "scan") => ("dynamodb:Scan", &[Table]),
-        // The connections table is queried on its channel index only.
-        (ConnectionsTable, "query") => ("dynamodb:Query", &[TableIndexes]),
+        // The connections table is queried on its channel and audience
+        // indexes, and on itself when it is keyed channel + connection id.
+        (ConnectionsTable, "query") => ("dynamodb:Query", &[Table, TableIndexes]),
         (ConnectionsTable, "batch_write_item") => ("dynamodb:BatchWriteItem", &[Table]),
         // The fleet table is queried on its own key (every lease under one
         // partition).
