@@ -874,6 +874,82 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_interrupted_merge_of_channels_continues_after_its_last_finished_page() {
+        use crate::job::{Capabilities, parse};
+        // Three overlapping channels of 60 ids each, in id order; pages of 10.
+        let id = |n: usize| format!("m{n:03}");
+        let mut table = FakeTable::with(&[], 10);
+        table.channels = [
+            ("a".to_owned(), (0..120).step_by(2).map(id).collect()),
+            ("b".to_owned(), (0..180).step_by(3).map(id).collect()),
+            ("c".to_owned(), (60..120).map(id).collect()),
+        ]
+        .into();
+        table.channel_order = crate::store::ChannelOrder::ById;
+        let table = Arc::new(table);
+        let members: HashSet<String> = table.channels.values().flatten().cloned().collect();
+        // m050 never answers: the merge stops behind it.
+        let gateway = Arc::new(FakeGateway {
+            stall_ids: ["m050".to_owned()].into(),
+            ..FakeGateway::default()
+        });
+        let first = engine(table.clone(), gateway.clone(), 4);
+        let target = Target::Channels(vec!["a".into(), "b".into(), "c".into()]);
+        let (report, result) =
+            stop_after_deliveries(&first, &job(target.clone()), &gateway, 40).await;
+        assert!(matches!(result, Err(FanoutError::Interrupted)));
+        let [cursor] = &report.resume[..] else {
+            panic!("one cursor for the merge: {:?}", report.resume)
+        };
+        let Some(crate::store::Position::After { after }) = &cursor.position else {
+            panic!("{cursor:?}")
+        };
+        assert!(after.as_str() < "m050", "{after}");
+
+        // The continuation, as the worker puts it on the queue.
+        let mut stopped = job(target);
+        stopped.id = "j".into();
+        let body = serde_json::to_string(&stopped.continuation(report.resume.clone())).unwrap();
+        let caps = Capabilities {
+            channels: true,
+            audiences: Some(Vec::new()),
+        };
+        let next = parse(&body, "m", &caps).expect("the continuation parses");
+        let second = Arc::new(FakeGateway::default());
+        let (report, result) = engine(table, second.clone(), 4)
+            .run(&next, &CancellationToken::new())
+            .await;
+        result.expect("completes");
+        let before: Vec<String> = gateway
+            .delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect();
+        let after_ids: Vec<String> = second
+            .delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect();
+        assert_eq!(report.delivered as usize, after_ids.len());
+        assert!(
+            after_ids.iter().all(|id| id.as_str() > after.as_str()),
+            "the continuation starts after {after}"
+        );
+        let unique: HashSet<&String> = after_ids.iter().collect();
+        assert_eq!(
+            unique.len(),
+            after_ids.len(),
+            "each id once in the continuation"
+        );
+        let union: HashSet<String> = before.into_iter().chain(after_ids).collect();
+        assert_eq!(union, members, "nobody lost");
+    }
+
+    #[tokio::test]
     async fn a_live_connection_keeps_every_row_and_disjoint_channels_are_concatenated() {
         let mut table = FakeTable::with(&[], 10);
         table.channels = [

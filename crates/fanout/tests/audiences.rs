@@ -71,6 +71,14 @@ impl Rig {
         command
     }
 
+    /// `fanout enqueue ARGS`, which checks a job as the worker does but
+    /// for audience names, which a producer need not know.
+    async fn enqueue(&self, args: &[&str]) {
+        let mut all = vec!["enqueue"];
+        all.extend_from_slice(args);
+        support::worker::run_ok(self.command(&all), &format!("{all:?}")).await;
+    }
+
     async fn send_raw(&self, body: &str) {
         self.sqs
             .send_message()
@@ -370,14 +378,14 @@ async fn an_unknown_audience_and_two_selectors_are_dead_lettered_with_their_reas
     )
     .await;
     let clients = rig.connect(3, Some("a")).await;
-    rig.send_raw(r#"{"data":"x","to":{"team":"blue"}}"#).await;
+    rig.enqueue(&["--data", "x", "--to", "team=blue"]).await;
     rig.send_raw(r#"{"data":"x","channel":"a","to":{"user":"u-1"}}"#)
         .await;
     rig.send_raw(r#"{"data":"x","channels":["a","b"],"connections":["c1"]}"#)
         .await;
     rig.send_raw(r#"{"data":"x","to":{"user":"u-1","team":"blue"}}"#)
         .await;
-    rig.send_raw(r#"{"id":"good","data":"good","channels":["a","b"]}"#)
+    rig.enqueue(&["--data", "good", "--id", "good", "--channels", "a,b"])
         .await;
     let run = rig.run_until_idle().await;
 
