@@ -240,7 +240,14 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         let result = {
             let deliveries = read_ahead(pages)
                 .map_ok(|page| {
-                    siblings.add(page.duplicates);
+                    // An excluded connection is not sent to, so its other
+                    // rows would never be settled.
+                    siblings.add(
+                        page.duplicates
+                            .into_iter()
+                            .filter(|c| !job.exclude.contains(&c.id))
+                            .collect(),
+                    );
                     let total = page.connections.len();
                     let kept: Vec<Connection> = page
                         .connections

@@ -24,6 +24,7 @@
 //! - [`limiter`]: the process-wide send budget (rate and requests in flight),
 //!   capped by the fleet share.
 //! - [`progress`]: which audience pages a broadcast finished, for resuming.
+//! - [`channels`]: several channels as one audience, each connection once.
 //! - `counts`: one job's counts, bumped with the process-wide counters.
 //! - [`remover`]: batches gone connections into removals while sending goes on.
 //! - [`engine`]: audience pages → rate-limited concurrent sends → report.
