@@ -16,7 +16,7 @@ use fanout_core::store::{AudienceQuery, ChannelOrder, ConnectionStore, Cursor, P
 use fanout_dev::clients::Swarm;
 use futures::StreamExt;
 use local_support::TestGateway;
-use support::worker::{Run, finish};
+use support::worker::{Run, finish, signal};
 use support::{CHANNEL, CHANNEL_INDEX, ID, IndexSpec, TestQueue};
 use tokio::process::Command;
 
@@ -37,11 +37,19 @@ struct Rig {
 
 impl Rig {
     async fn new(key: (&str, Option<&str>), indexes: &[IndexSpec<'_>], keep_stale: bool) -> Self {
+        Self::with_gateway(key, indexes, |a| a.keep_stale = keep_stale).await
+    }
+
+    async fn with_gateway(
+        key: (&str, Option<&str>),
+        indexes: &[IndexSpec<'_>],
+        configure: impl FnOnce(&mut fanout_dev::gateway::GatewayArgs),
+    ) -> Self {
         let sqs = support::sqs().await;
         let dynamo = support::dynamodb().await;
         let (queue, dlq) = support::create_queue_with_dlq(&sqs, "aud", false, None).await;
         let table = support::create_table_with_indexes(&dynamo, "aud", key, indexes).await;
-        let gateway = TestGateway::on_table(&table, |a| a.keep_stale = keep_stale).await;
+        let gateway = TestGateway::on_table(&table, configure).await;
         Self {
             sqs,
             dynamo,
@@ -525,4 +533,123 @@ async fn a_channel_index_sorted_by_id_is_merged_and_resumes_after_an_id() {
         .await
         .expect("connect");
     assert_eq!(store.channel_order(), ChannelOrder::Disjoint);
+}
+
+#[tokio::test]
+async fn sigterm_mid_merge_hands_on_a_continuation_that_resumes_after_an_id() {
+    let mut rig = Rig::with_gateway(
+        (ID, Some(CHANNEL)),
+        &[
+            IndexSpec {
+                name: CHANNEL_INDEX,
+                partition: CHANNEL,
+                sort: Some(ID),
+            },
+            IndexSpec {
+                name: USER_INDEX,
+                partition: USER,
+                sort: None,
+            },
+        ],
+        |a| {
+            a.latency_ms = 40;
+            a.keep_stale = true;
+        },
+    )
+    .await;
+    for (key, value) in [
+        ("FANOUT_MAX_IN_FLIGHT", "4"),
+        ("FANOUT_PAGE_SIZE", "20"),
+        ("FANOUT_SHUTDOWN_GRACE", "1s"),
+    ] {
+        rig.env.push((key.into(), value.into()));
+    }
+    let clients = rig.connect(30, Some("a")).await;
+    let live: BTreeSet<String> = clients.ids().into_iter().collect();
+    // Half the clients are in b too; 300 long-gone connections in a, b and c.
+    let mut rows: Vec<Vec<(&str, String)>> = live
+        .iter()
+        .step_by(2)
+        .map(|id| vec![(ID, id.clone()), (CHANNEL, "b".to_owned())])
+        .collect();
+    for id in support::ids("gone", 300) {
+        for channel in ["a", "b", "c"] {
+            rows.push(vec![(ID, id.clone()), (CHANNEL, channel.to_owned())]);
+        }
+    }
+    support::put_rows(&rig.dynamo, &rig.table, &rows).await;
+    rig.send_raw(r#"{"id":"long","data":"merged","channels":["a","b","c"]}"#)
+        .await;
+
+    let worker = rig.command(&["run"]).spawn().expect("start fanout run");
+    let started = tokio::time::Instant::now();
+    while rig.gateway.stats().await.posts < 100 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the job never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&worker, "-TERM");
+    let run = finish(worker, Duration::from_secs(15)).await;
+    assert!(run.status.success(), "exit 0 after SIGTERM: {}", run.stdout);
+    assert_eq!(
+        run.report("long")["status"],
+        "interrupted",
+        "{}",
+        run.stdout
+    );
+
+    let back = support::receive_all(&rig.sqs, &rig.queue.url).await;
+    assert_eq!(back.len(), 1, "one message visible again");
+    let body: serde_json::Value = serde_json::from_str(&back[0].body).expect("a job");
+    assert_eq!(
+        body["channels"],
+        serde_json::json!(["a", "b", "c"]),
+        "{body}"
+    );
+    let after = body["resume"][0]["position"]["after"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a continuation after an id: {body}"))
+        .to_owned();
+    rig.sqs
+        .change_message_visibility()
+        .queue_url(&rig.queue.url)
+        .receipt_handle(&back[0].receipt)
+        .visibility_timeout(0)
+        .send()
+        .await
+        .expect("make it visible again");
+
+    let run = rig.run_until_idle().await;
+    let report = run.report("long");
+    assert_eq!(report["status"], "done", "{report}");
+    let members = 30 + 300;
+    let posts = rig.gateway.stats().await.posts;
+    assert!(
+        posts >= members,
+        "every member posted to: {posts} posts for {members}"
+    );
+    // The continuation read only ids after its cursor, each once.
+    assert!(
+        count(report, "audience") < members,
+        "resumed after {after}: {report}"
+    );
+    assert!(clients.wait_for_frames(1, Duration::from_secs(10)).await);
+    let duplicates = clients
+        .clients()
+        .iter()
+        .filter(|c| c.tally().frames() > 1)
+        .count();
+    // At most the pages a resumed run repeats (two per segment) plus what
+    // was in flight; the merge is one segment.
+    assert!(
+        duplicates <= 2 * 20 + 4,
+        "{duplicates} clients got it twice"
+    );
+    let remaining = support::remaining_rows(&rig.dynamo, &rig.table).await;
+    let remaining_ids: BTreeSet<String> = remaining.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(remaining_ids, live, "every gone row removed, no live one");
+    assert_eq!(remaining.len(), 30 + 15, "the live ones' rows in a and b");
+    assert_eq!(support::counts(&rig.sqs, &rig.queue.url).await, (0, 0));
 }
