@@ -5,7 +5,8 @@
 //! Memory is bounded by the work, not by the audience: at most
 //! [`READ_AHEAD_PAGES`] pages read ahead, plus at most `max_in_flight` sends
 //! (each waiting, sending or backing off) per job, plus the connections
-//! deferred so far.
+//! deferred so far, plus (in a merge of channels, see [`crate::channels`])
+//! the other rows of those connections, removed with them if they are gone.
 //!
 //! Each connection ends in one of four states: delivered (2xx), gone (410,
 //! its row removed), rejected (a 4xx about that connection alone), or
