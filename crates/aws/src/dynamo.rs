@@ -1,6 +1,13 @@
 //! [`ConnectionStore`] on DynamoDB: the audience as pages of a Scan (in
-//! parallel segments), a Query on the channel index, or an explicit list;
-//! and gone connections deleted 25 at a time by their full row key.
+//! parallel segments), a Query on the channel index or on a named
+//! audience's index, or an explicit list; and gone connections deleted 25 at
+//! a time by their full row key.
+//!
+//! DescribeTable at startup tells the channel layout: a channel index whose
+//! sort key is the connection id (one row per (channel, connection)) reads a
+//! channel in id order, so several channels merge without repeats
+//! ([`ChannelOrder::ById`]); any other index is taken to hold one channel per
+//! connection ([`ChannelOrder::Disjoint`]).
 //!
 //! Reads project only the key attributes and the connection id, so a page of
 //! 1,000 rows stays small whatever else the rows carry.
@@ -23,7 +30,8 @@ use futures::stream::{self, BoxStream};
 use fanout_core::connection::{Connection, ConnectionId, KeyValue, RowKey};
 use fanout_core::expiry::{Age, AgeProblems, Expired, ExpiryRule};
 use fanout_core::store::{
-    AudienceQuery, ConnectionStore, Cursor, MAX_REMOVE_BATCH, Page, Position, Removal, StoreError,
+    AudienceQuery, ChannelOrder, ConnectionStore, Cursor, MAX_REMOVE_BATCH, Page, Position,
+    Removal, StoreError,
 };
 
 use fanout_core::limits::{MAX_PAGE_SIZE, MAX_SCAN_SEGMENTS as MAX_SEGMENTS};
@@ -40,6 +48,8 @@ pub struct TableSettings {
     /// [`AudienceQuery::Channel`].
     pub channel_index: Option<String>,
     pub channel_attribute: String,
+    /// Named audiences for `to`, each a GSI and its partition key.
+    pub audiences: Vec<AudienceIndex>,
     /// Rows per page (1 to 1,000).
     pub page_size: u32,
     /// The attribute holding each connection's start (epoch ms), and the
@@ -53,6 +63,17 @@ pub struct TableSettings {
 pub struct AgeSettings {
     pub attribute: String,
     pub rule: Arc<ExpiryRule>,
+}
+
+/// One named audience: `to: {name: value}` reads the rows of `index` whose
+/// `attribute` equals `value`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AudienceIndex {
+    pub name: String,
+    /// A GSI of the connections table.
+    pub index: String,
+    /// That index's partition key.
+    pub attribute: String,
 }
 
 /// The connections table.
@@ -73,6 +94,11 @@ struct Inner {
     /// The placeholders of `projection` (attribute names can be reserved
     /// words, `connection` for one).
     projection_names: HashMap<String, String>,
+    /// Learned from the key schemas of the table and the channel index.
+    channel_order: ChannelOrder,
+    /// Where a channel is read: the channel index, or (`None`) the table
+    /// itself when its key is the channel, then the id.
+    channel_source: Option<String>,
 }
 
 impl DynamoStore {
@@ -118,15 +144,48 @@ impl DynamoStore {
             )));
         }
 
-        if let Some(index) = &settings.channel_index {
-            let partition_of_index = table
+        // An index's attribute of one key type, if it has the index.
+        let index_key = |index: &str, kind: KeyType| {
+            table
                 .global_secondary_indexes()
                 .iter()
-                .filter(|gsi| gsi.index_name() == Some(index.as_str()))
+                .filter(|gsi| gsi.index_name() == Some(index))
                 .flat_map(|gsi| gsi.key_schema())
-                .find(|e| e.key_type() == &KeyType::Hash)
-                .map(|e| e.attribute_name().to_owned());
-            match partition_of_index {
+                .find(|e| e.key_type() == &kind)
+                .map(|e| e.attribute_name().to_owned())
+        };
+        let has_index = |index: &str| {
+            table
+                .global_secondary_indexes()
+                .iter()
+                .any(|gsi| gsi.index_name() == Some(index))
+        };
+        let mut channel_order = ChannelOrder::Disjoint;
+        let mut channel_source = settings.channel_index.clone();
+        if let Some(index) = &settings.channel_index {
+            let id_is_text = type_of(&settings.key_attribute) == Some(ScalarAttributeType::S);
+            let index_sorted_by_id = index_key(index, KeyType::Range).as_deref()
+                == Some(settings.key_attribute.as_str());
+            let table_sorted_by_id = matches!(
+                key.as_slice(),
+                [(hash, _), (range, _)]
+                    if *hash == settings.channel_attribute && *range == settings.key_attribute
+            );
+            if id_is_text && index_sorted_by_id {
+                channel_order = ChannelOrder::ById;
+            } else if id_is_text && table_sorted_by_id {
+                channel_order = ChannelOrder::ById;
+                channel_source = None;
+            } else if key.len() > 1 {
+                tracing::warn!(
+                    table = %settings.table,
+                    index = %index,
+                    "the table's key is composite but neither it nor the channel index is sorted \
+                     by the connection id: jobs with `channels` assume each connection is in one \
+                     channel, and send twice to one that is in two"
+                );
+            }
+            match index_key(index, KeyType::Hash) {
                 None => {
                     return Err(StoreError::Rejected(format!(
                         "the table {} has no global secondary index {index}; create one keyed \
@@ -142,6 +201,30 @@ impl DynamoStore {
                     )));
                 }
                 Some(_) => {}
+            }
+        }
+
+        for audience in &settings.audiences {
+            let index = &audience.index;
+            match index_key(index, KeyType::Hash) {
+                None if !has_index(index) => {
+                    return Err(StoreError::Rejected(format!(
+                        "the table {} has no global secondary index {index} for the audience \
+                         {}; create one keyed by {} or fix FANOUT_AUDIENCE_INDEXES",
+                        settings.table, audience.name, audience.attribute
+                    )));
+                }
+                Some(attr) if attr == audience.attribute => {}
+                other => {
+                    return Err(StoreError::Rejected(format!(
+                        "the index {index} of {} is keyed by {}, not by {} as \
+                         FANOUT_AUDIENCE_INDEXES says for the audience {}",
+                        settings.table,
+                        other.unwrap_or_default(),
+                        audience.attribute,
+                        audience.name
+                    )));
+                }
             }
         }
 
@@ -174,6 +257,8 @@ impl DynamoStore {
                 key,
                 projection,
                 projection_names,
+                channel_order,
+                channel_source,
             }),
         })
     }
@@ -182,8 +267,20 @@ impl DynamoStore {
 /// How one segment's pages are read.
 #[derive(Clone, Debug)]
 enum Read {
-    Scan { segment: u32, total_segments: u32 },
-    Query { index: String, channel: String },
+    Scan {
+        segment: u32,
+        total_segments: u32,
+    },
+    /// The rows of `index` whose partition key `attribute` is `value`;
+    /// with `after`, only those whose sort key (the connection id) is
+    /// greater.
+    Query {
+        /// `None`: the table itself.
+        index: Option<String>,
+        attribute: String,
+        value: String,
+        after: Option<String>,
+    },
 }
 
 impl ConnectionStore for DynamoStore {
@@ -227,20 +324,21 @@ impl ConnectionStore for DynamoStore {
                 }
             }
             AudienceQuery::Channel(channel) => {
-                let Some(index) = inner.settings.channel_index.clone() else {
+                if inner.settings.channel_index.is_none() {
                     return stream::once(async { Err(StoreError::NoChannelIndex) }).boxed();
-                };
-                match start_of(from.as_deref(), 0) {
-                    Ok(Some(start)) => {
-                        let read = Read::Query {
-                            index,
-                            channel: channel.clone(),
-                        };
-                        segment_pages(inner, read, 0, start)
-                    }
-                    Ok(None) => stream::empty().boxed(),
-                    Err(err) => stream::once(async { Err(err) }).boxed(),
                 }
+                let index = inner.channel_source.clone();
+                let attribute = inner.settings.channel_attribute.clone();
+                query_pages(inner, index, attribute, channel.clone(), from.as_deref())
+            }
+            AudienceQuery::Audience { name, value } => {
+                let Some(audience) = inner.settings.audiences.iter().find(|a| a.name == *name)
+                else {
+                    let err = StoreError::NoAudienceIndex { name: name.clone() };
+                    return stream::once(async { Err(err) }).boxed();
+                };
+                let (index, attribute) = (Some(audience.index.clone()), audience.attribute.clone());
+                query_pages(inner, index, attribute, value.clone(), from.as_deref())
             }
             AudienceQuery::Explicit(ids) => {
                 let offset = match from
@@ -291,6 +389,10 @@ impl ConnectionStore for DynamoStore {
             }
             Err(err) => Err(map_error(&inner.settings.table, err)),
         }
+    }
+
+    fn channel_order(&self) -> ChannelOrder {
+        self.inner.channel_order
     }
 
     async fn remove(&self, gone: Vec<Connection>) -> Result<Removal, StoreError> {
@@ -376,6 +478,54 @@ fn start_of(from: Option<&[Cursor]>, segment: u32) -> Result<Option<Option<Item>
         Some(Position::Offset(_)) => Err(StoreError::Rejected(format!(
             "a table read resumes from a key, not from an offset (segment {segment})"
         ))),
+        Some(Position::After { .. }) => Err(StoreError::Rejected(format!(
+            "only a Query on an index sorted by the connection id resumes after an id \
+             (segment {segment})"
+        ))),
+    }
+}
+
+/// A Query's pages from its cursor: a LastEvaluatedKey, or (in a merge of
+/// channels) after a connection id, which the key condition expresses on a
+/// sort key that is the id.
+fn query_pages(
+    inner: Arc<Inner>,
+    index: Option<String>,
+    attribute: String,
+    value: String,
+    from: Option<&[Cursor]>,
+) -> BoxStream<'static, Result<Page, StoreError>> {
+    let after = from
+        .and_then(|c| c.iter().find(|c| c.segment == 0))
+        .and_then(|c| match &c.position {
+            Some(Position::After { after }) => Some(after.to_string()),
+            _ => None,
+        });
+    if after.is_some() && inner.channel_order != ChannelOrder::ById {
+        let err = StoreError::Rejected(format!(
+            "the index {} is not sorted by {}, so it cannot resume after an id",
+            index.as_deref().unwrap_or("(the table)"),
+            inner.settings.key_attribute
+        ));
+        return stream::once(async { Err(err) }).boxed();
+    }
+    let start = if after.is_some() {
+        Ok(Some(None))
+    } else {
+        start_of(from, 0)
+    };
+    match start {
+        Ok(Some(start)) => {
+            let read = Read::Query {
+                index,
+                attribute,
+                value,
+                after,
+            };
+            segment_pages(inner, read, 0, start)
+        }
+        Ok(None) => stream::empty().boxed(),
+        Err(err) => stream::once(async { Err(err) }).boxed(),
     }
 }
 
@@ -474,16 +624,31 @@ impl Inner {
                 let output = request.send().await.map_err(|err| map_error(table, err))?;
                 Ok((output.items.unwrap_or_default(), output.last_evaluated_key))
             }
-            Read::Query { index, channel } => {
+            Read::Query {
+                index,
+                attribute,
+                value,
+                after,
+            } => {
                 let mut names = self.projection_names.clone();
-                names.insert("#c".to_owned(), self.settings.channel_attribute.clone());
+                names.insert("#c".to_owned(), attribute.clone());
+                let mut values =
+                    HashMap::from([(":c".to_owned(), AttributeValue::S(value.clone()))]);
+                let condition = match after {
+                    Some(after) => {
+                        names.insert("#k".to_owned(), self.settings.key_attribute.clone());
+                        values.insert(":k".to_owned(), AttributeValue::S(after.clone()));
+                        "#c = :c AND #k > :k"
+                    }
+                    None => "#c = :c",
+                };
                 let output = self
                     .client
                     .query()
                     .table_name(table)
-                    .index_name(index)
-                    .key_condition_expression("#c = :c")
-                    .expression_attribute_values(":c", AttributeValue::S(channel.clone()))
+                    .set_index_name(index.clone())
+                    .key_condition_expression(condition)
+                    .set_expression_attribute_values(Some(values))
                     .set_expression_attribute_names(Some(names))
                     .projection_expression(&self.projection)
                     .limit(limit)

@@ -50,7 +50,7 @@ pub use apigw::ApiGatewaySender;
 pub use aws_config::SdkConfig;
 pub use clients::AwsError;
 pub use clock::ClockCheck;
-pub use dynamo::{AgeSettings, DynamoStore, TableSettings};
+pub use dynamo::{AgeSettings, AudienceIndex, DynamoStore, TableSettings};
 pub use endpoint::{BadEndpoint, parse_endpoint};
 pub use fleet::DynamoLeaseTable;
 pub use lean::{LeanError, LeanSender};

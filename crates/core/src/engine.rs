@@ -5,7 +5,8 @@
 //! Memory is bounded by the work, not by the audience: at most
 //! [`READ_AHEAD_PAGES`] pages read ahead, plus at most `max_in_flight` sends
 //! (each waiting, sending or backing off) per job, plus the connections
-//! deferred so far.
+//! deferred so far, plus (in a merge of channels, see [`crate::channels`])
+//! the other rows of those connections, removed with them if they are gone.
 //!
 //! Each connection ends in one of the states of
 //! [`crate::keys::ConnectionState`]: delivered (2xx), gone (410, its row
@@ -16,6 +17,7 @@
 //! connections are retried in further passes of the same job, and what is
 //! still deferred then is in the [`Report`] for the worker to continue.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -220,13 +222,21 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 },
             },
             Target::Channel(channel) => AudienceQuery::Channel(channel.clone()),
+            Target::Audience { name, value } => AudienceQuery::Audience {
+                name: name.clone(),
+                value: value.clone(),
+            },
             Target::Connections(ids) => AudienceQuery::Explicit(ids.clone()),
-            Target::Deferred(_) => AudienceQuery::Explicit(Vec::new()),
+            Target::Deferred(_) | Target::Channels(_) => AudienceQuery::Explicit(Vec::new()),
         };
         let pages = match &job.target {
             Target::Deferred(connections) => deferred_pages(connections, job.resume.as_deref()),
+            Target::Channels(channels) => {
+                crate::channels::pages(&*self.store, channels, job.resume.clone())
+            }
             _ => self.store.pages(&query, job.resume.clone()),
         };
+        let siblings = Siblings::default();
         let counts = Arc::new(JobCounts::new(self.metrics.clone()));
         let remover = Remover::spawn(self.store.clone(), REMOVE_BACKOFF, counts.clone());
         let excluded = AtomicU64::new(0);
@@ -277,6 +287,14 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         let result = {
             let deliveries = read_ahead(pages)
                 .map_ok(|page| {
+                    // An excluded connection is not sent to, so its other
+                    // rows would never be settled.
+                    siblings.add(
+                        page.duplicates
+                            .into_iter()
+                            .filter(|c| !job.exclude.contains(&c.id))
+                            .collect(),
+                    );
                     let total = page.connections.len() + page.expired.len();
                     let kept: Vec<Connection> = page
                         .connections
@@ -320,8 +338,9 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 })
                 .try_flatten()
                 .map_ok(|(tag, c)| {
+                    let id = c.id.clone();
                     self.deliver(c, job.payload.clone(), &counts, Pass::Audience)
-                        .map(move |delivery| Ok((tag, delivery)))
+                        .map(move |delivery| Ok((tag, id, delivery)))
                 })
                 .try_buffer_unordered(self.settings.max_in_flight);
             let mut deliveries = std::pin::pin!(deliveries);
@@ -331,7 +350,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                     () = stop.cancelled() => break Err(FanoutError::Interrupted),
                     next = deliveries.next() => next,
                 };
-                let (tag, delivery) = match next {
+                let (tag, id, delivery) = match next {
                     None => break Ok(()),
                     Some(Err(e)) => break Err(FanoutError::Audience(e)),
                     Some(Ok(done)) => done,
@@ -340,9 +359,15 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 // interrupted job resumes before it, and so never skips it.
                 let finished = !matches!(delivery, Delivery::Deferred(_));
                 answers.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) =
-                    settle_delivery(&remover, &mut deferred, &mut rejected, delivery).await
-                {
+                let settled = settle_delivery(
+                    &remover,
+                    &siblings,
+                    (&mut deferred, &mut rejected),
+                    id,
+                    delivery,
+                )
+                .await;
+                if let Err(e) = settled {
                     break Err(e);
                 }
                 lock(&progress).answer(tag, finished);
@@ -351,11 +376,15 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         };
         let result = match result {
             Ok(()) => {
+                let state = Settling {
+                    remover: &remover,
+                    siblings: &siblings,
+                    counts: &counts,
+                };
                 self.passes(
                     job,
                     stop,
-                    &remover,
-                    &counts,
+                    state,
                     &mut report,
                     (&mut deferred, &mut rejected),
                 )
@@ -383,11 +412,15 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         &self,
         job: &Job,
         stop: &CancellationToken,
-        remover: &Remover,
-        counts: &JobCounts,
+        state: Settling<'_>,
         report: &mut Report,
         (deferred, rejected): (&mut Vec<Deferred>, &mut Vec<ConnectionId>),
     ) -> Result<(), FanoutError> {
+        let Settling {
+            remover,
+            siblings,
+            counts,
+        } = state;
         while !deferred.is_empty() && report.passes < self.settings.deferred_passes {
             tokio::select! {
                 biased;
@@ -403,19 +436,23 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             );
             let batch = std::mem::take(deferred);
             let sends = stream::iter(batch)
-                .map(|d| self.deliver(d.connection, job.payload.clone(), counts, Pass::Deferred))
+                .map(|d| {
+                    let id = d.connection.id.clone();
+                    self.deliver(d.connection, job.payload.clone(), counts, Pass::Deferred)
+                        .map(move |delivery| (id, delivery))
+                })
                 .buffer_unordered(self.settings.max_in_flight);
             let mut sends = std::pin::pin!(sends);
             loop {
-                let delivery = tokio::select! {
+                let (id, delivery) = tokio::select! {
                     biased;
                     () = stop.cancelled() => return Err(FanoutError::Interrupted),
                     next = sends.next() => match next {
-                        Some(delivery) => delivery,
+                        Some(done) => done,
                         None => break,
                     },
                 };
-                settle_delivery(remover, deferred, rejected, delivery).await?;
+                settle_delivery(remover, siblings, (deferred, rejected), id, delivery).await?;
             }
         }
         Ok(())
@@ -522,21 +559,61 @@ fn deferred(connection: Connection, reason: String) -> Delivery {
     Delivery::Deferred(Deferred { connection, reason })
 }
 
+/// What the passes over deferred connections settle their answers with.
+#[derive(Clone, Copy)]
+struct Settling<'a> {
+    remover: &'a Remover,
+    siblings: &'a Siblings,
+    counts: &'a JobCounts,
+}
+
+/// The other rows read for connections whose answer is not final yet (a
+/// connection in several channels of a merge has one row per channel): a
+/// gone connection's rows are all removed, a live one's all kept. Holds
+/// entries for the sends in flight and the deferred connections only.
+#[derive(Default)]
+struct Siblings(Mutex<HashMap<ConnectionId, Vec<Connection>>>);
+
+impl Siblings {
+    fn add(&self, rows: Vec<Connection>) {
+        if rows.is_empty() {
+            return;
+        }
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for row in rows {
+            map.entry(row.id.clone()).or_default().push(row);
+        }
+    }
+
+    /// The other rows of `id`, which has its final answer.
+    fn take(&self, id: &ConnectionId) -> Vec<Connection> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.is_empty() {
+            return Vec::new();
+        }
+        map.remove(id).unwrap_or_default()
+    }
+}
+
 /// Acts on one connection's outcome: gone ones are queued for removal,
-/// deferred ones kept for the next pass, the first rejected ones named for
-/// the report (the counts were taken where the answer came, in
-/// [`JobCounts`]).
+/// with the other rows read for them, deferred ones kept for the next pass,
+/// the first rejected ones named for the report (the counts were taken
+/// where the answer came, in [`JobCounts`]).
 async fn settle_delivery(
     remover: &Remover,
-    deferred: &mut Vec<Deferred>,
-    rejected: &mut Vec<ConnectionId>,
+    siblings: &Siblings,
+    (deferred, rejected): (&mut Vec<Deferred>, &mut Vec<ConnectionId>),
+    id: ConnectionId,
     delivery: Delivery,
 ) -> Result<(), FanoutError> {
     match delivery {
-        Delivery::Delivered => {}
-        Delivery::Rejected(id) => {
+        Delivery::Delivered => {
+            siblings.take(&id);
+        }
+        Delivery::Rejected(rejected_id) => {
+            siblings.take(&id);
             if rejected.len() < MAX_FAILED_IDS {
-                rejected.push(id);
+                rejected.push(rejected_id);
             }
         }
         Delivery::Deferred(d) => deferred.push(d),
@@ -544,6 +621,9 @@ async fn settle_delivery(
             // Queued removals complete even if the job stops, so the page
             // may count as finished.
             remover.remove(connection).await;
+            for row in siblings.take(&id) {
+                remover.remove(row).await;
+            }
         }
         Delivery::Abort(e) => return Err(e),
     }
@@ -907,6 +987,180 @@ mod tests {
             report.resume.is_empty(),
             "the page holding it never counts as finished"
         );
+    }
+
+    #[tokio::test]
+    async fn a_connection_in_several_channels_gets_it_once_and_all_its_rows_go_if_gone() {
+        let mut table = FakeTable::with(&[], 2);
+        let members = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        table.channels = [
+            ("a".to_owned(), members(&["m1", "m2", "m3", "x"])),
+            ("b".to_owned(), members(&["m2", "m4", "x"])),
+            ("c".to_owned(), members(&["m1", "m4", "m5", "x"])),
+        ]
+        .into();
+        table.channel_order = crate::store::ChannelOrder::ById;
+        let table = Arc::new(table);
+        let gateway = Arc::new(FakeGateway {
+            gone: ["x".to_owned()].into(),
+            ..FakeGateway::default()
+        });
+        let target = Target::Channels(vec!["a".into(), "b".into(), "c".into()]);
+        let (report, result) = engine(table.clone(), gateway.clone(), 4)
+            .run(&job(target), &CancellationToken::new())
+            .await;
+        result.expect("completes");
+        let mut got: Vec<String> = gateway
+            .delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect();
+        got.sort();
+        assert_eq!(got, ["m1", "m2", "m3", "m4", "m5"], "each member once");
+        assert_eq!((report.audience, report.gone), (6, 1), "{report:?}");
+        assert_eq!(report.removed, 3, "x's three rows, one per channel");
+        let removed_rows: usize = table.remove_calls.lock().unwrap().iter().sum();
+        assert_eq!(removed_rows, 3);
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_merge_of_channels_continues_after_its_last_finished_page() {
+        use crate::job::{Capabilities, parse};
+        // Three overlapping channels of 60 ids each, in id order; pages of 10.
+        let id = |n: usize| format!("m{n:03}");
+        let mut table = FakeTable::with(&[], 10);
+        table.channels = [
+            ("a".to_owned(), (0..120).step_by(2).map(id).collect()),
+            ("b".to_owned(), (0..180).step_by(3).map(id).collect()),
+            ("c".to_owned(), (60..120).map(id).collect()),
+        ]
+        .into();
+        table.channel_order = crate::store::ChannelOrder::ById;
+        let table = Arc::new(table);
+        let members: HashSet<String> = table.channels.values().flatten().cloned().collect();
+        // m050 never answers: the merge stops behind it.
+        let gateway = Arc::new(FakeGateway {
+            stall_ids: ["m050".to_owned()].into(),
+            ..FakeGateway::default()
+        });
+        let first = engine(table.clone(), gateway.clone(), 4);
+        let target = Target::Channels(vec!["a".into(), "b".into(), "c".into()]);
+        let (report, result) =
+            stop_after_deliveries(&first, &job(target.clone()), &gateway, 40).await;
+        assert!(matches!(result, Err(FanoutError::Interrupted)));
+        let [cursor] = &report.resume[..] else {
+            panic!("one cursor for the merge: {:?}", report.resume)
+        };
+        let Some(crate::store::Position::After { after }) = &cursor.position else {
+            panic!("{cursor:?}")
+        };
+        assert!(after.as_str() < "m050", "{after}");
+
+        // The continuation, as the worker puts it on the queue.
+        let mut stopped = job(target);
+        stopped.id = "j".into();
+        let body = serde_json::to_string(&stopped.continuation(report.resume.clone())).unwrap();
+        let caps = Capabilities {
+            channels: true,
+            audiences: Some(Vec::new()),
+        };
+        let next = parse(&body, "m", &caps).expect("the continuation parses");
+        let second = Arc::new(FakeGateway::default());
+        let (report, result) = engine(table, second.clone(), 4)
+            .run(&next, &CancellationToken::new())
+            .await;
+        result.expect("completes");
+        let before: Vec<String> = gateway
+            .delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect();
+        let after_ids: Vec<String> = second
+            .delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect();
+        assert_eq!(report.delivered as usize, after_ids.len());
+        assert!(
+            after_ids.iter().all(|id| id.as_str() > after.as_str()),
+            "the continuation starts after {after}"
+        );
+        let unique: HashSet<&String> = after_ids.iter().collect();
+        assert_eq!(
+            unique.len(),
+            after_ids.len(),
+            "each id once in the continuation"
+        );
+        let union: HashSet<String> = before.into_iter().chain(after_ids).collect();
+        assert_eq!(union, members, "nobody lost");
+    }
+
+    #[tokio::test]
+    async fn a_live_connection_keeps_every_row_and_disjoint_channels_are_concatenated() {
+        let mut table = FakeTable::with(&[], 10);
+        table.channels = [
+            ("a".to_owned(), vec!["a1".to_owned(), "gone".to_owned()]),
+            ("b".to_owned(), vec!["b1".to_owned()]),
+        ]
+        .into();
+        let table = Arc::new(table);
+        let gateway = Arc::new(FakeGateway {
+            gone: ["gone".to_owned()].into(),
+            ..FakeGateway::default()
+        });
+        let target = Target::Channels(vec!["a".into(), "b".into()]);
+        let (report, result) = engine(table.clone(), gateway.clone(), 4)
+            .run(&job(target), &CancellationToken::new())
+            .await;
+        result.expect("completes");
+        assert_eq!(
+            (
+                report.audience,
+                report.delivered,
+                report.gone,
+                report.removed
+            ),
+            (3, 2, 1, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_named_audience_reads_its_index_only() {
+        let mut table = FakeTable::with(&ids(20), 5);
+        table.audiences.insert(
+            "user".into(),
+            [(
+                "u-42".to_owned(),
+                vec!["conn-3".to_owned(), "conn-9".to_owned()],
+            )]
+            .into(),
+        );
+        let table = Arc::new(table);
+        let gateway = Arc::new(FakeGateway::default());
+        let target = Target::Audience {
+            name: "user".into(),
+            value: "u-42".into(),
+        };
+        let (report, result) = engine(table, gateway.clone(), 4)
+            .run(&job(target), &CancellationToken::new())
+            .await;
+        result.expect("completes");
+        assert_eq!(report.delivered, 2);
+        let mut got: Vec<String> = gateway
+            .delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect();
+        got.sort();
+        assert_eq!(got, ["conn-3", "conn-9"]);
     }
 
     #[tokio::test]

@@ -7,8 +7,12 @@
 //! ```json
 //! {"id": "news-42", "data": {"headline": "…"}, "channel": "sports", "exclude": ["L0SM9cOFvHcCIhw="]}
 //! ```
+//!
+//! A job names at most one audience selector: none (everyone), `channel`,
+//! `channels`, `to` (a named audience) or `connections`.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -42,6 +46,13 @@ pub struct JobSpec {
     /// Only connections in this channel (read from the channel index).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
+    /// Only connections in any of these channels, each sent to once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<Vec<String>>,
+    /// One named audience (`FANOUT_AUDIENCE_INDEXES`) and its key, e.g.
+    /// `{"user": "u-42"}`: exactly one entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<BTreeMap<String, String>>,
     /// Only these connections; the table is not read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connections: Option<Vec<String>>,
@@ -117,6 +128,11 @@ pub enum Target {
     All,
     /// Connections whose channel attribute equals this.
     Channel(String),
+    /// Connections in any of these channels (at least one, no repeats),
+    /// each sent to once.
+    Channels(Vec<String>),
+    /// The rows of a named audience's index whose key equals `value`.
+    Audience { name: String, value: String },
     /// Exactly these connections.
     Connections(Vec<ConnectionId>),
     /// Exactly these connections, deferred by an earlier run of the job,
@@ -149,11 +165,29 @@ pub struct Job {
     pub part: u32,
 }
 
+impl fmt::Display for Target {
+    /// How logs name the audience: `everyone`, `channel sports`,
+    /// `channels a,b`, `to user=u-42`, `connections (3)`, `deferred (5)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::All => f.write_str("everyone"),
+            Self::Channel(channel) => write!(f, "channel {channel}"),
+            Self::Channels(channels) => write!(f, "channels {}", channels.join(",")),
+            Self::Audience { name, value } => write!(f, "to {name}={value}"),
+            Self::Connections(ids) => write!(f, "connections ({})", ids.len()),
+            Self::Deferred(connections) => write!(f, "deferred ({})", connections.len()),
+        }
+    }
+}
+
 /// What this deployment can serve, which parsing checks jobs against.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capabilities {
     /// Whether a channel index is configured.
     pub channels: bool,
+    /// The named audiences configured for `to`; `None` takes any name (a
+    /// producer's check, which need not know the worker's indexes).
+    pub audiences: Option<Vec<String>>,
 }
 
 /// Why a message is not a job this deployment can run. Permanent: the same
@@ -174,16 +208,25 @@ pub enum JobError {
         "the payload is {size} bytes; API Gateway takes at most {MAX_PAYLOAD_BYTES} bytes per message"
     )]
     TooLarge { size: usize },
-    #[error("`channel` and `connections` cannot be combined; send one audience")]
-    TwoAudiences,
+    #[error("`{first}` and `{second}` cannot be combined; send one audience selector")]
+    TwoAudiences {
+        first: &'static str,
+        second: &'static str,
+    },
     #[error("`{field}` contains an empty string")]
     EmptyValue { field: &'static str },
+    #[error("`{field}` is an empty list; leave it out to send to everyone")]
+    EmptyList { field: &'static str },
+    #[error("`to` must name exactly one audience, as {{\"user\": \"u-42\"}}; it names {count}")]
+    ToNeedsOne { count: usize },
+    #[error("the audience `{name}` is not configured here; FANOUT_AUDIENCE_INDEXES names {known}")]
+    UnknownAudience { name: String, known: String },
     #[error(
         "the job names a channel but this deployment has no channel index (FANOUT_CHANNEL_INDEX)"
     )]
     ChannelsUnsupported,
     #[error(
-        "`split` and `segment` apply to whole-table broadcasts only, not to a channel or a list"
+        "`split` and `segment` apply to whole-table broadcasts only, not to a channel, an audience or a list"
     )]
     SplitNeedsTable,
     #[error("`split` must be between 1 and {MAX_SPLIT}")]
@@ -191,7 +234,7 @@ pub enum JobError {
     #[error("`segment` must have index < total <= {MAX_SPLIT}")]
     BadSegment,
     #[error(
-        "`deferred` is set by fanout on continuation jobs, alone: not with `channel`, `connections` or `split`"
+        "`deferred` is set by fanout on continuation jobs, alone: not with `channel`, `channels`, `to`, `connections` or `split`"
     )]
     DeferredAlone,
 }
@@ -228,12 +271,18 @@ impl Job {
                 Some(base64::engine::general_purpose::STANDARD.encode(&self.payload)),
             ),
         };
-        let (channel, connections) = match &self.target {
-            Target::All => (None, None),
-            Target::Channel(channel) => (Some(channel.clone()), None),
-            Target::Connections(ids) => (None, Some(ids.iter().map(ToString::to_string).collect())),
-            Target::Deferred(_) => (None, None),
-        };
+        let (mut channel, mut channels, mut to, mut connections) = (None, None, None, None);
+        match &self.target {
+            Target::All | Target::Deferred(_) => {}
+            Target::Channel(c) => channel = Some(c.clone()),
+            Target::Channels(cs) => channels = Some(cs.clone()),
+            Target::Audience { name, value } => {
+                to = Some(BTreeMap::from([(name.clone(), value.clone())]));
+            }
+            Target::Connections(ids) => {
+                connections = Some(ids.iter().map(ToString::to_string).collect());
+            }
+        }
         let deferred = match &self.target {
             Target::Deferred(connections) => Some(connections.iter().map(deferred_spec).collect()),
             _ => None,
@@ -245,6 +294,8 @@ impl Job {
             data,
             data_base64,
             channel,
+            channels,
+            to,
             connections,
             exclude,
             split: None,
@@ -314,6 +365,8 @@ impl Job {
         spec.resume = None;
         spec.segment = None;
         spec.channel = None;
+        spec.channels = None;
+        spec.to = None;
         spec.connections = None;
         spec.deferred = Some(vec![deferred_spec(connection)]);
         spec.deferrals = self.deferrals;
@@ -338,7 +391,7 @@ impl Job {
 }
 
 /// Parses a message body (a job, or an SNS notification wrapping one).
-pub fn parse(body: &str, message_id: &str, caps: Capabilities) -> Result<Job, JobError> {
+pub fn parse(body: &str, message_id: &str, caps: &Capabilities) -> Result<Job, JobError> {
     let unwrapped;
     let mut message_id = message_id;
     let sns_id;
@@ -369,40 +422,73 @@ pub fn parse(body: &str, message_id: &str, caps: Capabilities) -> Result<Job, Jo
 }
 
 /// Turns a spec into a job, checking everything parsing alone cannot.
-pub fn validate(spec: JobSpec, message_id: &str, caps: Capabilities) -> Result<Job, JobError> {
+pub fn validate(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<Job, JobError> {
     let payload = payload(spec.data, spec.data_base64)?;
     if payload.len() > MAX_PAYLOAD_BYTES {
         return Err(JobError::TooLarge {
             size: payload.len(),
         });
     }
-    if spec.deferred.is_some()
-        && (spec.channel.is_some() || spec.connections.is_some() || spec.split.is_some())
-    {
+    let selectors: Vec<&'static str> = [
+        ("channel", spec.channel.is_some()),
+        ("channels", spec.channels.is_some()),
+        ("to", spec.to.is_some()),
+        ("connections", spec.connections.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, given)| given.then_some(name))
+    .collect();
+    if spec.deferred.is_some() && (!selectors.is_empty() || spec.split.is_some()) {
         return Err(JobError::DeferredAlone);
     }
-    let target = match (spec.channel, spec.connections) {
-        _ if spec.deferred.is_some() => {
-            let connections = spec.deferred.unwrap_or_default();
-            let ids = ids_of(
-                "deferred",
-                connections.iter().map(|d| d.id.clone()).collect(),
-            )?;
-            Target::Deferred(
-                ids.into_iter()
-                    .zip(connections)
-                    .map(|(id, d)| Connection { id, key: d.key })
-                    .collect(),
-            )
-        }
-        (Some(_), Some(_)) => return Err(JobError::TwoAudiences),
-        (Some(channel), None) if channel.is_empty() => {
+    if let [first, second, ..] = selectors[..] {
+        return Err(JobError::TwoAudiences { first, second });
+    }
+    let target = if let Some(connections) = spec.deferred {
+        let ids = ids_of(
+            "deferred",
+            connections.iter().map(|d| d.id.clone()).collect(),
+        )?;
+        Target::Deferred(
+            ids.into_iter()
+                .zip(connections)
+                .map(|(id, d)| Connection { id, key: d.key })
+                .collect(),
+        )
+    } else if let Some(channel) = spec.channel {
+        if channel.is_empty() {
             return Err(JobError::EmptyValue { field: "channel" });
         }
-        (Some(_), None) if !caps.channels => return Err(JobError::ChannelsUnsupported),
-        (Some(channel), None) => Target::Channel(channel),
-        (None, Some(ids)) => Target::Connections(first_occurrences(ids_of("connections", ids)?)),
-        (None, None) => Target::All,
+        if !caps.channels {
+            return Err(JobError::ChannelsUnsupported);
+        }
+        Target::Channel(channel)
+    } else if let Some(channels) = spec.channels {
+        if channels.is_empty() {
+            return Err(JobError::EmptyList { field: "channels" });
+        }
+        if channels.iter().any(String::is_empty) {
+            return Err(JobError::EmptyValue { field: "channels" });
+        }
+        if !caps.channels {
+            return Err(JobError::ChannelsUnsupported);
+        }
+        let mut seen = HashSet::new();
+        let channels: Vec<String> = channels
+            .into_iter()
+            .filter(|c| seen.insert(c.clone()))
+            .collect();
+        match <[String; 1]>::try_from(channels) {
+            // One channel is that channel, with its cursor.
+            Ok([one]) => Target::Channel(one),
+            Err(several) => Target::Channels(several),
+        }
+    } else if let Some(to) = spec.to {
+        audience(to, caps)?
+    } else if let Some(ids) = spec.connections {
+        Target::Connections(first_occurrences(ids_of("connections", ids)?))
+    } else {
+        Target::All
     };
     let exclude = ids_of("exclude", spec.exclude)?.into_iter().collect();
     if spec.split.is_some_and(|n| n == 0 || n > MAX_SPLIT) {
@@ -434,6 +520,30 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: Capabilities) -> Result<J
         continuation: spec.continuation,
         part: spec.part,
     })
+}
+
+/// The one named audience `to` selects, checked against the configured
+/// names.
+fn audience(to: BTreeMap<String, String>, caps: &Capabilities) -> Result<Target, JobError> {
+    let count = to.len();
+    let Ok([(name, value)]) = <[(String, String); 1]>::try_from(to.into_iter().collect::<Vec<_>>())
+    else {
+        return Err(JobError::ToNeedsOne { count });
+    };
+    if name.is_empty() || value.is_empty() {
+        return Err(JobError::EmptyValue { field: "to" });
+    }
+    if let Some(known) = &caps.audiences
+        && !known.contains(&name)
+    {
+        let known = if known.is_empty() {
+            "none".to_owned()
+        } else {
+            known.join(", ")
+        };
+        return Err(JobError::UnknownAudience { name, known });
+    }
+    Ok(Target::Audience { name, value })
 }
 
 fn deferred_spec(connection: &Connection) -> DeferredSpec {
@@ -483,14 +593,17 @@ fn ids_of(field: &'static str, ids: Vec<String>) -> Result<Vec<ConnectionId>, Jo
 mod tests {
     use super::*;
 
-    const CAPS: Capabilities = Capabilities { channels: true };
+    const CAPS: Capabilities = Capabilities {
+        channels: true,
+        audiences: None,
+    };
 
     fn ok(body: &str) -> Job {
-        parse(body, "msg-1", CAPS).unwrap_or_else(|e| panic!("{body}: {e}"))
+        parse(body, "msg-1", &CAPS).unwrap_or_else(|e| panic!("{body}: {e}"))
     }
 
     fn err(body: &str) -> JobError {
-        parse(body, "msg-1", CAPS).expect_err(body)
+        parse(body, "msg-1", &CAPS).expect_err(body)
     }
 
     #[test]
@@ -542,7 +655,10 @@ mod tests {
         assert!(job.exclude.contains(&ConnectionId::from("b")));
         assert_eq!(
             err(r#"{"data":"x","channel":"c","connections":[]}"#),
-            JobError::TwoAudiences
+            JobError::TwoAudiences {
+                first: "channel",
+                second: "connections"
+            }
         );
         assert_eq!(
             err(r#"{"data":"x","channel":""}"#),
@@ -554,14 +670,151 @@ mod tests {
         );
     }
 
+    fn with_users() -> Capabilities {
+        Capabilities {
+            channels: true,
+            audiences: Some(vec!["user".into(), "tenant".into()]),
+        }
+    }
+
     #[test]
-    fn channels_need_an_index() {
-        let caps = Capabilities { channels: false };
+    fn each_selector_alone_is_its_audience() {
+        let caps = with_users();
+        let target = |body: &str| parse(body, "m", &caps).map(|j| j.target);
+        assert_eq!(target(r#"{"data":"x"}"#), Ok(Target::All));
         assert_eq!(
-            parse(r#"{"data":"x","channel":"c"}"#, "m", caps),
+            target(r#"{"data":"x","channel":"a"}"#),
+            Ok(Target::Channel("a".into()))
+        );
+        assert_eq!(
+            target(r#"{"data":"x","channels":["a","b","a"]}"#),
+            Ok(Target::Channels(vec!["a".into(), "b".into()])),
+            "a channel named twice is one channel"
+        );
+        assert_eq!(
+            target(r#"{"data":"x","channels":["a","a"]}"#),
+            Ok(Target::Channel("a".into()))
+        );
+        assert_eq!(
+            target(r#"{"data":"x","to":{"user":"u-42"}}"#),
+            Ok(Target::Audience {
+                name: "user".into(),
+                value: "u-42".into()
+            })
+        );
+        assert_eq!(
+            target(r#"{"data":"x","connections":["c1"]}"#),
+            Ok(Target::Connections(vec!["c1".into()]))
+        );
+        let job = parse(
+            r#"{"data":"x","to":{"tenant":"t-1"},"exclude":["c9"]}"#,
+            "m",
+            &caps,
+        )
+        .unwrap();
+        assert!(job.exclude.contains(&ConnectionId::from("c9")));
+        assert_eq!(job.target.to_string(), "to tenant=t-1");
+    }
+
+    #[test]
+    fn each_pair_of_selectors_is_refused_naming_both() {
+        let caps = with_users();
+        let fields = [
+            ("channel", r#""channel":"a""#),
+            ("channels", r#""channels":["a","b"]"#),
+            ("to", r#""to":{"user":"u"}"#),
+            ("connections", r#""connections":["c"]"#),
+        ];
+        for (i, (first, a)) in fields.iter().enumerate() {
+            for (second, b) in &fields[i + 1..] {
+                let body = format!(r#"{{"data":"x",{a},{b}}}"#);
+                let e = parse(&body, "m", &caps).expect_err(&body);
+                assert_eq!(e, JobError::TwoAudiences { first, second }, "{body}");
+                let text = e.to_string();
+                assert!(text.contains(first) && text.contains(second), "{text}");
+            }
+        }
+        // With `deferred`, which fanout sets alone, any selector is refused.
+        for (_, a) in fields {
+            let body = format!(r#"{{"data":"x","deferred":[{{"id":"d"}}],{a}}}"#);
+            assert_eq!(parse(&body, "m", &caps), Err(JobError::DeferredAlone));
+        }
+    }
+
+    #[test]
+    fn to_names_one_configured_audience() {
+        let caps = with_users();
+        let e = parse(r#"{"data":"x","to":{"team":"t"}}"#, "m", &caps).unwrap_err();
+        assert_eq!(
+            e,
+            JobError::UnknownAudience {
+                name: "team".into(),
+                known: "user, tenant".into()
+            }
+        );
+        assert!(e.to_string().contains("FANOUT_AUDIENCE_INDEXES"), "{e}");
+        assert_eq!(
+            parse(r#"{"data":"x","to":{}}"#, "m", &caps),
+            Err(JobError::ToNeedsOne { count: 0 })
+        );
+        assert_eq!(
+            parse(r#"{"data":"x","to":{"user":"a","tenant":"b"}}"#, "m", &caps),
+            Err(JobError::ToNeedsOne { count: 2 })
+        );
+        assert_eq!(
+            parse(r#"{"data":"x","to":{"user":""}}"#, "m", &caps),
+            Err(JobError::EmptyValue { field: "to" })
+        );
+        // Nothing configured: every name is unknown.
+        let none = Capabilities {
+            channels: true,
+            audiences: Some(Vec::new()),
+        };
+        assert!(matches!(
+            parse(r#"{"data":"x","to":{"user":"u"}}"#, "m", &none),
+            Err(JobError::UnknownAudience { known, .. }) if known == "none"
+        ));
+        // A producer's check takes any name.
+        assert!(parse(r#"{"data":"x","to":{"team":"t"}}"#, "m", &CAPS).is_ok());
+    }
+
+    #[test]
+    fn channel_lists_must_hold_channels() {
+        assert_eq!(
+            err(r#"{"data":"x","channels":[]}"#),
+            JobError::EmptyList { field: "channels" }
+        );
+        assert_eq!(
+            err(r#"{"data":"x","channels":["a",""]}"#),
+            JobError::EmptyValue { field: "channels" }
+        );
+        let caps = Capabilities {
+            channels: false,
+            audiences: None,
+        };
+        assert_eq!(
+            parse(r#"{"data":"x","channels":["a","b"]}"#, "m", &caps),
             Err(JobError::ChannelsUnsupported)
         );
-        assert!(parse(r#"{"data":"x"}"#, "m", caps).is_ok());
+        for body in [
+            r#"{"data":"x","split":2,"channels":["a","b"]}"#,
+            r#"{"data":"x","segment":{"index":0,"total":2},"to":{"user":"u"}}"#,
+        ] {
+            assert_eq!(err(body), JobError::SplitNeedsTable, "{body}");
+        }
+    }
+
+    #[test]
+    fn channels_need_an_index() {
+        let caps = Capabilities {
+            channels: false,
+            audiences: None,
+        };
+        assert_eq!(
+            parse(r#"{"data":"x","channel":"c"}"#, "m", &caps),
+            Err(JobError::ChannelsUnsupported)
+        );
+        assert!(parse(r#"{"data":"x"}"#, "m", &caps).is_ok());
     }
 
     #[test]
@@ -629,10 +882,12 @@ mod tests {
         for body in [
             r#"{"id":"j","data":{"k":[1,2]},"channel":"c","exclude":["b","a"]}"#,
             r#"{"data_base64":"AAEC/w==","connections":["x","y"]}"#,
+            r#"{"data":"x","channels":["b","a"],"exclude":["z"]}"#,
+            r#"{"data":"x","to":{"user":"u-42"}}"#,
         ] {
             let job = ok(body);
             let next = serde_json::to_string(&job.continuation(resume.clone())).unwrap();
-            let resumed = parse(&next, "msg-2", CAPS).expect("a continuation parses");
+            let resumed = parse(&next, "msg-2", &CAPS).expect("a continuation parses");
             assert_eq!(resumed.payload, job.payload);
             assert_eq!(resumed.target, job.target);
             assert_eq!(resumed.exclude, job.exclude);
@@ -649,7 +904,7 @@ mod tests {
         assert_eq!(parts.len(), 3);
         for (n, part) in parts.iter().enumerate() {
             let body = serde_json::to_string(part).unwrap();
-            let share = parse(&body, "m", CAPS).expect("a share parses");
+            let share = parse(&body, "m", &CAPS).expect("a share parses");
             assert_eq!(share.id, "big", "the broadcast key carries over");
             assert_eq!(
                 share.segment,
@@ -704,7 +959,7 @@ mod tests {
         let mut listed = Vec::new();
         for body in &bodies {
             assert!(body.len() <= 8_000, "{}", body.len());
-            let next = parse(body, "m", CAPS).expect("a continuation parses");
+            let next = parse(body, "m", &CAPS).expect("a continuation parses");
             assert_eq!(next.id, "j");
             assert_eq!(next.payload, job.payload);
             assert_eq!(next.exclude, job.exclude);
@@ -716,9 +971,9 @@ mod tests {
         }
         assert_eq!(listed, deferred, "exactly them, keys and order kept");
         // Once more: the count goes on.
-        let again = parse(&bodies[0], "m", CAPS).unwrap();
+        let again = parse(&bodies[0], "m", &CAPS).unwrap();
         let next = again.deferred_continuations(&deferred[..1], 8_000).unwrap();
-        assert_eq!(parse(&next[0], "m", CAPS).unwrap().deferrals, 2);
+        assert_eq!(parse(&next[0], "m", &CAPS).unwrap().deferrals, 2);
         // An entry that cannot fit alone is an error, not a drop.
         let err = job.deferred_continuations(&deferred, 60).unwrap_err();
         assert_eq!(err.id, "conn-0000");
@@ -737,7 +992,7 @@ mod tests {
         let one = ok(r#"{"data":"x","deferred":[{"id":"a"}],"deferrals":5}"#);
         let alone = one.for_one(&keyed("a"));
         let body = serde_json::to_string(&alone).unwrap();
-        let back = parse(&body, "m", CAPS).unwrap();
+        let back = parse(&body, "m", &CAPS).unwrap();
         assert_eq!(back.target, Target::Deferred(vec![keyed("a")]));
         assert_eq!(back.deferrals, 5);
     }

@@ -130,6 +130,15 @@ pub fn fingerprint(job: &Job) -> String {
     match &job.target {
         Target::All => field("all", b""),
         Target::Channel(channel) => field("channel", channel.as_bytes()),
+        Target::Channels(channels) => {
+            for channel in channels {
+                field("channels", channel.as_bytes());
+            }
+        }
+        Target::Audience { name, value } => {
+            field("to", name.as_bytes());
+            field("to-value", value.as_bytes());
+        }
         Target::Connections(ids) => {
             for id in ids {
                 field("connection", id.as_str().as_bytes());
@@ -154,10 +163,13 @@ mod tests {
     use super::*;
     use crate::job::{Capabilities, parse};
 
-    const CAPS: Capabilities = Capabilities { channels: true };
+    const CAPS: Capabilities = Capabilities {
+        channels: true,
+        audiences: None,
+    };
 
     fn job(body: &str) -> Job {
-        parse(body, "msg-1", CAPS).unwrap()
+        parse(body, "msg-1", &CAPS).unwrap()
     }
 
     #[test]

@@ -28,6 +28,7 @@
 //!   capped by the fleet share.
 //! - `live`: a running broadcast's progress line and gauges.
 //! - [`progress`]: which audience pages a broadcast finished, for resuming.
+//! - [`channels`]: several channels as one audience, each connection once.
 //! - `counts`: one job's counts, bumped with the process-wide counters.
 //! - [`remover`]: batches gone connections into removals while sending goes on.
 //! - [`durable`]: run records in the checkpoint table: idempotent
@@ -39,6 +40,7 @@
 //! - [`telemetry`]: the process-wide counters.
 
 // The seams and the vocabulary every crate speaks.
+pub mod channels;
 pub mod connection;
 pub mod expiry;
 pub mod fleet;

@@ -310,7 +310,15 @@ mod tests {
     use crate::testing::FakeReports;
 
     fn job(body: &str) -> Job {
-        parse(body, "msg-1", Capabilities { channels: true }).unwrap()
+        parse(
+            body,
+            "msg-1",
+            &Capabilities {
+                channels: true,
+                audiences: None,
+            },
+        )
+        .unwrap()
     }
 
     fn counts() -> Report {

@@ -25,7 +25,12 @@ pub enum AudienceQuery {
     /// a Scan with Segment = `index`, TotalSegments = `total`.
     Segment { index: u32, total: u32 },
     /// Rows whose channel attribute equals this: a Query on the channel index.
+    /// With [`ChannelOrder::ById`], its pages come in connection-id order
+    /// and it resumes from [`Position::After`] too.
     Channel(String),
+    /// Rows of the named audience `name` (`FANOUT_AUDIENCE_INDEXES`) whose
+    /// key equals `value`: a Query on that audience's index.
+    Audience { name: String, value: String },
     /// These ids; no table read.
     Explicit(Vec<ConnectionId>),
 }
@@ -47,6 +52,23 @@ pub enum Position {
     Key(crate::connection::RowKey),
     /// Offset into an explicit list.
     Offset(usize),
+    /// After this connection id, in id order: where a merge of channels read
+    /// in id order resumes (see [`crate::channels`]).
+    After { after: ConnectionId },
+}
+
+/// How the rows of one channel are laid out, which decides how several
+/// channels make one audience.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelOrder {
+    /// One row per connection, with one channel: channels are disjoint, and
+    /// their union is their concatenation.
+    Disjoint,
+    /// One row per (channel, connection), a channel's rows in connection-id
+    /// order (the channel index's sort key is the id): a connection may be
+    /// in several channels, and their union is an ordered merge that keeps
+    /// each id once.
+    ById,
 }
 
 /// One page of an audience.
@@ -54,6 +76,10 @@ pub enum Position {
 pub struct Page {
     /// The connections to post to.
     pub connections: Vec<Connection>,
+    /// More rows of connections on this page or an earlier one (one row
+    /// per (channel, connection) in a merge of channels): not sent to again,
+    /// removed with their connection if it is gone.
+    pub duplicates: Vec<Connection>,
     /// Where the segment continues after this page.
     pub next: Cursor,
     /// Rows certainly gone by age (see [`crate::expiry`]): part of the
@@ -68,6 +94,7 @@ impl Page {
     pub fn new(connections: Vec<Connection>, next: Cursor) -> Self {
         Self {
             connections,
+            duplicates: Vec::new(),
             next,
             expired: Vec::new(),
             age_problems: AgeProblems::default(),
@@ -91,6 +118,8 @@ pub enum StoreError {
     NoSuchTable { table: String },
     #[error("channel audiences need FANOUT_CHANNEL_INDEX (a GSI keyed by the channel attribute)")]
     NoChannelIndex,
+    #[error("the audience {name} has no index; name it in FANOUT_AUDIENCE_INDEXES")]
+    NoAudienceIndex { name: String },
     #[error("a connection row has no usable {attribute} attribute")]
     BadRow { attribute: String },
     #[error("the table is throttling requests: {0}")]
@@ -119,6 +148,11 @@ pub trait ConnectionStore: Send + Sync + 'static {
         audience: &AudienceQuery,
         from: Option<Vec<Cursor>>,
     ) -> BoxStream<'static, Result<Page, StoreError>>;
+
+    /// How a channel's rows are laid out; decided once, at startup.
+    fn channel_order(&self) -> ChannelOrder {
+        ChannelOrder::Disjoint
+    }
 
     /// Deletes up to [`MAX_REMOVE_BATCH`] rows by their full key. Only ever
     /// called with connections that answered gone.

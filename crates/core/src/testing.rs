@@ -18,7 +18,9 @@ use crate::fleet::{FleetError, Lease, LeaseTable};
 use crate::gateway::{Gateway, PostOutcome};
 use crate::queue::{DeadLettered, JobQueue, Message, QueueError, Receipt, SendOptions};
 use crate::report::{BroadcastReport, ReportError, ReportSink};
-use crate::store::{AudienceQuery, ConnectionStore, Cursor, Page, Position, Removal, StoreError};
+use crate::store::{
+    AudienceQuery, ChannelOrder, ConnectionStore, Cursor, Page, Position, Removal, StoreError,
+};
 
 pub fn ids(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("conn-{i}")).collect()
@@ -28,6 +30,11 @@ pub fn ids(n: usize) -> Vec<String> {
 pub struct FakeTable {
     pub rows: Mutex<Vec<String>>,
     pub channels: HashMap<String, Vec<String>>,
+    /// How `channels` is laid out; with [`ChannelOrder::ById`] each list
+    /// must be in id order, and a channel resumes after an id.
+    pub channel_order: ChannelOrder,
+    /// Named audiences: name → key value → ids.
+    pub audiences: HashMap<String, HashMap<String, Vec<String>>>,
     pub page_size: usize,
     pub pages_read: AtomicUsize,
     pub fail_after_pages: Option<usize>,
@@ -60,6 +67,8 @@ impl FakeTable {
         Self {
             rows: Mutex::new(ids.to_vec()),
             channels: HashMap::new(),
+            channel_order: ChannelOrder::Disjoint,
+            audiences: HashMap::new(),
             page_size,
             pages_read: AtomicUsize::new(0),
             fail_after_pages: None,
@@ -97,6 +106,7 @@ impl ConnectionStore for Arc<FakeTable> {
     ) -> BoxStream<'static, Result<Page, StoreError>> {
         // One segment: resume at its offset; a cursor without a position
         // means the segment is done.
+        let mut after = None;
         let start = match from
             .unwrap_or_default()
             .into_iter()
@@ -107,6 +117,13 @@ impl ConnectionStore for Arc<FakeTable> {
                 position: Some(Position::Offset(n)),
                 ..
             }) => n,
+            Some(Cursor {
+                position: Some(Position::After { after: id }),
+                ..
+            }) => {
+                after = Some(id.to_string());
+                0
+            }
             Some(_) => usize::MAX,
         };
         let ids: Vec<String> = match audience {
@@ -120,9 +137,18 @@ impl ConnectionStore for Arc<FakeTable> {
                     .collect()
             }
             AudienceQuery::Channel(c) => self.channels.get(c).cloned().unwrap_or_default(),
+            AudienceQuery::Audience { name, value } => self
+                .audiences
+                .get(name)
+                .and_then(|values| values.get(value))
+                .cloned()
+                .unwrap_or_default(),
             AudienceQuery::Explicit(ids) => ids.iter().map(|i| i.to_string()).collect(),
         };
-        let ids = ids.get(start..).unwrap_or_default().to_vec();
+        let mut ids = ids.get(start..).unwrap_or_default().to_vec();
+        if let Some(after) = &after {
+            ids.retain(|id| id > after);
+        }
         let table = self.clone();
         let page_size = self.page_size;
         let pages: Vec<_> = ids.chunks(page_size).map(|c| c.to_vec()).collect();
@@ -152,6 +178,10 @@ impl ConnectionStore for Arc<FakeTable> {
             Ok(page)
         }))
         .boxed()
+    }
+
+    fn channel_order(&self) -> ChannelOrder {
+        self.channel_order
     }
 
     async fn remove(&self, mut gone: Vec<Connection>) -> Result<Removal, StoreError> {

@@ -58,7 +58,7 @@ use deleter::{DeleteHandle, Deleter};
 use settle::Settlement;
 
 /// How the worker consumes the queue.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct WorkerSettings {
     /// Jobs running at once; no more messages are received than can start.
     pub max_concurrent_jobs: usize,
@@ -166,7 +166,7 @@ where
     let ctx = Arc::new(JobContext {
         queue: queue.clone(),
         engine,
-        settings,
+        settings: settings.clone(),
         metrics: metrics.clone(),
         deleter: deleter.handle(),
         abort: abort.clone(),
@@ -314,7 +314,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// report (none for a job not run), and the lease of its run.
     async fn run_job(&self, message: &Message) -> (Settlement, Option<Draft>, Option<RunLease>) {
         let started = SystemTime::now();
-        let job = match job::parse(&message.body, &message.id, self.settings.capabilities) {
+        let job = match job::parse(&message.body, &message.id, &self.settings.capabilities) {
             Ok(job) => job,
             Err(e) => {
                 let reason = e.to_string();
@@ -416,6 +416,7 @@ fn log_report(job: &job::Job, report: &Report, status: &str) {
     tracing::info!(
         job_id = %job.id,
         run = %RunKey::of(job),
+        selector = %job.target,
         status,
         audience = report.audience,
         delivered = report.delivered,

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use fanout_aws::SendPath;
 use std::sync::Arc;
 
-use fanout_aws::{AgeSettings, QueueSettings, SendSettings, TableSettings};
+use fanout_aws::{AgeSettings, AudienceIndex, QueueSettings, SendSettings, TableSettings};
 use fanout_core::Backoff;
 use fanout_core::RateSettings;
 use fanout_core::engine::EngineSettings;
@@ -111,6 +111,7 @@ struct Raw {
     connected_at_attribute: Option<String>,
     #[serde(with = "humantime_serde")]
     expired_margin: Duration,
+    audience_indexes: Option<AudienceIndexes>,
     gateway_endpoint: Option<String>,
     send_path: SendPath,
     rate_per_second: u32,
@@ -160,6 +161,15 @@ struct Raw {
     progress_interval: Duration,
 }
 
+/// `audience_indexes` as written: `name=index:attribute,…` (TOML or the
+/// environment), or a TOML table of `name = "index:attribute"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum AudienceIndexes {
+    Text(String),
+    Table(std::collections::BTreeMap<String, String>),
+}
+
 /// The validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Config {
@@ -181,6 +191,9 @@ pub struct Config {
     /// certainly gone.
     #[serde(with = "humantime_serde")]
     pub expired_margin: Duration,
+    /// Named audiences for jobs' `to`, in the order configured.
+    #[serde(serialize_with = "audience_indexes_text")]
+    pub audience_indexes: Vec<AudienceIndex>,
     /// Required by the worker only; see [`Config::worker_targets`].
     pub gateway_endpoint: Option<String>,
     pub send_path: SendPath,
@@ -400,6 +413,12 @@ impl Config {
             deferred_limit: self.deferred_limit,
             capabilities: Capabilities {
                 channels: self.channel_index.is_some(),
+                audiences: Some(
+                    self.audience_indexes
+                        .iter()
+                        .map(|a| a.name.clone())
+                        .collect(),
+                ),
             },
             split_segments: self.split_segments,
         }
@@ -412,6 +431,7 @@ impl Config {
             key_attribute: self.key_attribute.clone(),
             channel_index: self.channel_index.clone(),
             channel_attribute: self.channel_attribute.clone(),
+            audiences: self.audience_indexes.clone(),
             page_size: self.page_size,
             expiry: self
                 .connected_at_attribute
@@ -481,6 +501,23 @@ fn redact_url(raw: &str) -> String {
         }
         _ => raw.to_owned(),
     }
+}
+
+/// `audience_indexes` as it is written in the environment; absent when
+/// none is configured.
+fn audience_indexes_text<S: serde::Serializer>(
+    indexes: &[AudienceIndex],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    if indexes.is_empty() {
+        return serializer.serialize_none();
+    }
+    let text = indexes
+        .iter()
+        .map(|a| format!("{}={}:{}", a.name, a.index, a.attribute))
+        .collect::<Vec<_>>()
+        .join(",");
+    serializer.serialize_str(&text)
 }
 
 /// A validated count as the code that uses it counts: validation bounds
@@ -617,6 +654,7 @@ impl Validator<'_> {
             connected_at_attribute: self
                 .non_empty("connected_at_attribute", raw.connected_at_attribute)?,
             expired_margin: self.expired_margin(raw.expired_margin)?,
+            audience_indexes: self.audience_indexes(raw.audience_indexes)?,
             gateway_endpoint: self.gateway_endpoint(raw.gateway_endpoint)?,
             send_path: raw.send_path,
             rate_per_second,
@@ -703,6 +741,50 @@ impl Validator<'_> {
             ));
         }
         Ok(Some(value))
+    }
+
+    /// The named audiences: each a name, a GSI and its partition key, the
+    /// names distinct.
+    fn audience_indexes(
+        &self,
+        value: Option<AudienceIndexes>,
+    ) -> Result<Vec<AudienceIndex>, ConfigError> {
+        const KEY: &str = "audience_indexes";
+        const SHAPE: &str = "name=index:attribute, e.g. user=by-user:userId";
+        let entries: Vec<(String, String)> = match value {
+            None => return Ok(Vec::new()),
+            Some(AudienceIndexes::Table(table)) => table.into_iter().collect(),
+            Some(AudienceIndexes::Text(text)) => text
+                .split(',')
+                .map(|entry| match entry.split_once('=') {
+                    Some((name, rest)) => Ok((name.to_owned(), rest.to_owned())),
+                    None => Err(self.invalid(KEY, format!("`{}` is not {SHAPE}", entry.trim()))),
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let mut indexes: Vec<AudienceIndex> = Vec::with_capacity(entries.len());
+        for (name, rest) in entries {
+            let name = name.trim();
+            let Some((index, attribute)) = rest.split_once(':') else {
+                return Err(self.invalid(KEY, format!("`{name}={}` is not {SHAPE}", rest.trim())));
+            };
+            let (index, attribute) = (index.trim(), attribute.trim());
+            if name.is_empty() || index.is_empty() || attribute.is_empty() {
+                return Err(self.invalid(
+                    KEY,
+                    format!("`{name}={index}:{attribute}` has an empty part; write {SHAPE}"),
+                ));
+            }
+            if indexes.iter().any(|a| a.name == name) {
+                return Err(self.invalid(KEY, format!("the audience `{name}` is named twice")));
+            }
+            indexes.push(AudienceIndex {
+                name: name.to_owned(),
+                index: index.to_owned(),
+                attribute: attribute.to_owned(),
+            });
+        }
+        Ok(indexes)
     }
 
     /// A text key that must not be empty.
@@ -951,6 +1033,79 @@ mod tests {
             assert_eq!(targets.table, "connections");
             Ok(())
         });
+    }
+
+    #[test]
+    fn audience_indexes_come_as_text_or_a_table_and_bad_ones_name_the_key() {
+        let index = |name: &str, index: &str, attribute: &str| AudienceIndex {
+            name: name.into(),
+            index: index.into(),
+            attribute: attribute.into(),
+        };
+        Jail::expect_with(|jail| {
+            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+            let config = Config::load(None).expect("loads");
+            assert!(config.audience_indexes.is_empty());
+            assert_eq!(
+                config.worker_settings(false).capabilities.audiences,
+                Some(vec![])
+            );
+            jail.set_env(
+                "FANOUT_AUDIENCE_INDEXES",
+                "user=by-user:userId, tenant=by-tenant:tenantId",
+            );
+            let config = Config::load(None).expect("loads");
+            assert_eq!(
+                config.audience_indexes,
+                [
+                    index("user", "by-user", "userId"),
+                    index("tenant", "by-tenant", "tenantId")
+                ]
+            );
+            assert_eq!(
+                config.worker_settings(false).capabilities.audiences,
+                Some(vec!["user".to_owned(), "tenant".to_owned()])
+            );
+            assert!(
+                config.to_redacted_toml().contains(
+                    r#"audience_indexes = "user=by-user:userId,tenant=by-tenant:tenantId""#
+                ),
+                "check-config shows it as it is written"
+            );
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+            jail.create_file(
+                "fanout.toml",
+                "[audience_indexes]\nuser = \"by-user:userId\"\n",
+            )?;
+            let path = jail.directory().join("fanout.toml");
+            let config = Config::load(Some(&path)).expect("loads");
+            assert_eq!(
+                config.audience_indexes,
+                [index("user", "by-user", "userId")]
+            );
+            Ok(())
+        });
+        for (value, says) in [
+            ("user", "is not name=index:attribute"),
+            ("user=by-user", "is not name=index:attribute"),
+            ("user=by-user:", "empty part"),
+            ("=by-user:userId", "empty part"),
+            ("user=by-user:userId,", "is not name=index:attribute"),
+            ("user=a:b,user=c:d", "named twice"),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+                jail.set_env("FANOUT_AUDIENCE_INDEXES", value);
+                let err = load_err(jail, None);
+                assert!(err.contains("audience_indexes"), "{value}: {err}");
+                assert!(err.contains("FANOUT_AUDIENCE_INDEXES"), "{value}: {err}");
+                assert!(err.contains(says), "{value}: {err}");
+                Ok(())
+            });
+        }
     }
 
     #[test]

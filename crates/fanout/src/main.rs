@@ -51,7 +51,7 @@ enum Command {
         exit_when_idle: bool,
     },
     /// Builds a valid job and sends it to the jobs queue; prints its message id.
-    Enqueue(EnqueueArgs),
+    Enqueue(Box<EnqueueArgs>),
     /// Loads and validates the configuration and prints the effective values.
     CheckConfig {
         #[command(flatten)]
@@ -98,6 +98,14 @@ struct EnqueueArgs {
     /// Only connections in this channel.
     #[arg(long)]
     channel: Option<String>,
+    /// Only connections in any of these channels, each once (comma
+    /// separated or repeated).
+    #[arg(long, value_name = "CHANNEL", value_delimiter = ',')]
+    channels: Vec<String>,
+    /// One named audience of FANOUT_AUDIENCE_INDEXES and its key, e.g.
+    /// `user=u-42`.
+    #[arg(long, value_name = "NAME=VALUE")]
+    to: Option<String>,
     /// Only these connections (repeatable).
     #[arg(long = "connection", value_name = "ID")]
     connections: Vec<String>,
@@ -144,7 +152,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             config,
             exit_when_idle,
         } => run(config, exit_when_idle).await,
-        Command::Enqueue(args) => enqueue(args).await,
+        Command::Enqueue(args) => enqueue(*args).await,
         Command::CheckConfig { config } => check_config(config),
         Command::Redrive { config, max } => redrive(config, max).await,
         Command::Health(args) => {
@@ -374,9 +382,16 @@ fn task_key() -> String {
 
 async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(args.config.file.as_deref())?;
+    let to = match args.to.as_deref().map(|to| to.split_once('=')) {
+        None => None,
+        Some(Some((name, value))) => Some([(name.to_owned(), value.to_owned())].into()),
+        Some(None) => anyhow::bail!("--to takes NAME=VALUE, e.g. --to user=u-42"),
+    };
     let mut spec = JobSpec {
         id: args.id,
         channel: args.channel,
+        channels: (!args.channels.is_empty()).then_some(args.channels),
+        to,
         connections: (!args.connections.is_empty()).then_some(args.connections),
         exclude: args.exclude,
         ..JobSpec::default()
@@ -411,10 +426,13 @@ async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
     if !args.unchecked {
         // The same checks the worker makes, so a bad job fails here, not in
         // the dead-letter queue.
-        // Channels are not checked: a producer's environment need not know
+        // Channels and audience names are not checked: a producer's environment need not know
         // the worker's index; the worker dead-letters such a job itself.
-        let caps = Capabilities { channels: true };
-        job::validate(spec.clone(), "enqueue", caps)
+        let caps = Capabilities {
+            channels: true,
+            audiences: None,
+        };
+        job::validate(spec.clone(), "enqueue", &caps)
             .context("the job is not valid (--unchecked sends it anyway)")?;
     }
     let body = serde_json::to_string(&spec).context("cannot encode the job")?;

@@ -20,6 +20,7 @@ fn settings(table: &str, page_size: u32, channel_index: bool) -> TableSettings {
         key_attribute: ID.to_owned(),
         channel_index: channel_index.then(|| CHANNEL_INDEX.to_owned()),
         channel_attribute: CHANNEL.to_owned(),
+        audiences: Vec::new(),
         page_size,
         expiry: None,
     }

@@ -132,6 +132,7 @@ async fn a_broadcast_reaches_every_live_client_and_removes_the_gone_rows_on_both
                 key_attribute: "connectionId".into(),
                 channel_index: None,
                 channel_attribute: "channel".into(),
+                audiences: Vec::new(),
                 page_size: 5,
                 expiry: None,
             },

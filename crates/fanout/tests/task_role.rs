@@ -94,8 +94,9 @@ fn grant_for(peer: Peer, operation: &str) -> Option<(&'static str, &'static [Res
         }
         (ConnectionsTable, "describe_table") => ("dynamodb:DescribeTable", &[Table]),
         (ConnectionsTable, "scan") => ("dynamodb:Scan", &[Table]),
-        // The connections table is queried on its channel index only.
-        (ConnectionsTable, "query") => ("dynamodb:Query", &[TableIndexes]),
+        // The connections table is queried on its channel and audience
+        // indexes, and on itself when it is keyed channel + connection id.
+        (ConnectionsTable, "query") => ("dynamodb:Query", &[Table, TableIndexes]),
         (ConnectionsTable, "batch_write_item") => ("dynamodb:BatchWriteItem", &[Table]),
         // Rows certainly gone by age, each deleted on a condition.
         (ConnectionsTable, "delete_item") => ("dynamodb:DeleteItem", &[Table]),

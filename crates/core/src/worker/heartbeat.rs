@@ -24,13 +24,14 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         lease: Option<RunLease>,
     ) -> AbortOnDropHandle<()> {
         let queue = self.queue.clone();
-        let settings = self.settings;
         let ledger = self.ledger.clone();
+        let (interval, visibility) = (
+            self.settings.heartbeat_interval,
+            self.settings.visibility_timeout,
+        );
         AbortOnDropHandle::new(tokio::spawn(async move {
-            let mut ticks = tokio::time::interval_at(
-                tokio::time::Instant::now() + settings.heartbeat_interval,
-                settings.heartbeat_interval,
-            );
+            let mut ticks =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             loop {
                 ticks.tick().await;
                 let receipt = match (&ledger, &lease) {
@@ -44,10 +45,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                     }
                     _ => receipt.clone(),
                 };
-                if let Err(e) = queue
-                    .set_visibility(&receipt, settings.visibility_timeout)
-                    .await
-                {
+                if let Err(e) = queue.set_visibility(&receipt, visibility).await {
                     tracing::warn!(job_id, error = %e, "heartbeat failed; the job may be redelivered while it runs");
                 }
             }

@@ -34,7 +34,10 @@ fn settings() -> WorkerSettings {
         },
         shutdown_grace: Duration::from_secs(5),
         exit_when_idle: true,
-        capabilities: Capabilities { channels: false },
+        capabilities: Capabilities {
+            channels: false,
+            audiences: Some(Vec::new()),
+        },
         split_segments: 1,
         deferred_limit: 2,
     }
@@ -124,7 +127,7 @@ async fn deferred_connections_go_on_in_a_delayed_continuation_then_the_message_g
     let [body] = &sent[..] else {
         panic!("{sent:?}")
     };
-    let next = job::parse(body, "m", settings().capabilities).expect("parses");
+    let next = job::parse(body, "m", &settings().capabilities).expect("parses");
     assert_eq!(next.id, "j");
     assert_eq!(next.deferrals, 1);
     let Target::Deferred(listed) = next.target else {
@@ -463,7 +466,15 @@ async fn an_interrupted_job_with_finished_pages_continues_in_a_new_message() {
     rig.run(s, shutdown).await;
     let sent = rig.queue.sent.lock().unwrap().clone();
     assert_eq!(sent.len(), 1, "one continuation");
-    let next = job::parse(&sent[0], "m9", Capabilities { channels: false }).expect("parses");
+    let next = job::parse(
+        &sent[0],
+        "m9",
+        &Capabilities {
+            channels: false,
+            audiences: Some(Vec::new()),
+        },
+    )
+    .expect("parses");
     assert_eq!(next.id, "big");
     let after_two_pages = Cursor {
         segment: 0,
@@ -946,7 +957,7 @@ mod durable {
     async fn its_own_message_back_while_it_runs_elsewhere_is_left_hidden_for_the_holder() {
         let body = r#"{"id":"news","data":"a"}"#;
         let rig = Rig::new(FakeQueue::with_jobs(&[body], true), FakeGateway::default());
-        let job = job::parse(body, "m0", settings().capabilities).unwrap();
+        let job = job::parse(body, "m0", &settings().capabilities).unwrap();
         let key = RunKey::of(&job).storage_key();
         let runs = Arc::new(FakeRunTable::default());
         let now = crate::expiry::epoch_ms(std::time::SystemTime::now());

@@ -102,7 +102,10 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
     );
     let mut settings = config.worker_settings(true);
     // The in-process table answers channel queries whatever the config says.
-    settings.capabilities = Capabilities { channels: true };
+    settings.capabilities = Capabilities {
+        channels: true,
+        audiences: Some(Vec::new()),
+    };
 
     let cpu_before = crate::cpu_time()?;
     let started = Instant::now();

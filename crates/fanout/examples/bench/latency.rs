@@ -87,7 +87,10 @@ where
         },
         shutdown_grace: Duration::from_secs(5),
         exit_when_idle: false,
-        capabilities: Capabilities { channels: false },
+        capabilities: Capabilities {
+            channels: false,
+            audiences: Some(Vec::new()),
+        },
         split_segments: 1,
         deferred_limit: 5,
     };

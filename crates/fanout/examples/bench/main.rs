@@ -314,6 +314,7 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
                     key_attribute: table::KEY.into(),
                     channel_index: None,
                     channel_attribute: "channel".into(),
+                    audiences: Vec::new(),
                     page_size: args.page_size.min(1000) as u32,
                     expiry: None,
                 },

@@ -389,6 +389,92 @@ pub async fn create_table_named(
     wait_active(ddb, name).await
 }
 
+/// A GSI for [`create_table_with_indexes`]: its name, partition key and
+/// optional sort key, all strings, keys only.
+pub struct IndexSpec<'a> {
+    pub name: &'a str,
+    pub partition: &'a str,
+    pub sort: Option<&'a str>,
+}
+
+/// Creates a table keyed by `key` (partition, then optional sort; string
+/// attributes) with these GSIs, and waits for it; returns its name. For
+/// layouts `create_table` does not make: a `by-user` index, a channel index
+/// sorted by connection id.
+pub async fn create_table_with_indexes(
+    ddb: &aws_sdk_dynamodb::Client,
+    prefix: &str,
+    key: (&str, Option<&str>),
+    indexes: &[IndexSpec<'_>],
+) -> String {
+    let name = unique(prefix);
+    let mut attributes: Vec<&str> = Vec::new();
+    let mut request = ddb
+        .create_table()
+        .table_name(&name)
+        .billing_mode(BillingMode::PayPerRequest)
+        .key_schema(key_element(key.0, KeyType::Hash));
+    attributes.push(key.0);
+    if let Some(sort) = key.1 {
+        request = request.key_schema(key_element(sort, KeyType::Range));
+        attributes.push(sort);
+    }
+    for index in indexes {
+        let mut gsi = GlobalSecondaryIndex::builder()
+            .index_name(index.name)
+            .key_schema(key_element(index.partition, KeyType::Hash))
+            .projection(
+                Projection::builder()
+                    .projection_type(ProjectionType::KeysOnly)
+                    .build(),
+            );
+        attributes.push(index.partition);
+        if let Some(sort) = index.sort {
+            gsi = gsi.key_schema(key_element(sort, KeyType::Range));
+            attributes.push(sort);
+        }
+        request = request.global_secondary_indexes(gsi.build().expect("an index"));
+    }
+    attributes.sort_unstable();
+    attributes.dedup();
+    for attribute in attributes {
+        request = request.attribute_definitions(string_attribute(attribute));
+    }
+    request.send().await.unwrap_or_else(|e| {
+        panic!(
+            "create table {name}: {}",
+            aws_sdk_dynamodb::error::DisplayErrorContext(e)
+        )
+    });
+    wait_active(ddb, &name)
+        .await
+        .expect("the table becomes active");
+    name
+}
+
+/// Puts rows as given, each a list of string attributes (25 a call).
+pub async fn put_rows(ddb: &aws_sdk_dynamodb::Client, table: &str, rows: &[Vec<(&str, String)>]) {
+    for chunk in rows.chunks(25) {
+        let writes = chunk
+            .iter()
+            .map(|row| {
+                let mut put = PutRequest::builder();
+                for (name, value) in row {
+                    put = put.item(*name, AttributeValue::S(value.clone()));
+                }
+                WriteRequest::builder()
+                    .put_request(put.build().expect("put request"))
+                    .build()
+            })
+            .collect();
+        ddb.batch_write_item()
+            .request_items(table, writes)
+            .send()
+            .await
+            .expect("put test rows");
+    }
+}
+
 /// Creates a coordination table as the template makes the fleet's: key
 /// `pk` (S) and sort key `sk` (S) (dynalite has no TTL, so no sweep); returns
 /// its name.

@@ -1,0 +1,656 @@
+//! Named audiences (`to`) and several channels (`channels`) end to end: the
+//! `fanout` binary, SQS (moto) and DynamoDB (dynalite) emulators, the local
+//! API Gateway stand-in and real WebSocket clients, on tables with the
+//! indexes these audiences read.
+
+use fanout_testkit::local_support;
+use fanout_testkit::support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use fanout_aws::{DynamoStore, TableSettings};
+use fanout_core::connection::ConnectionId;
+use fanout_core::store::{AudienceQuery, ChannelOrder, ConnectionStore, Cursor, Position};
+use fanout_dev::clients::Swarm;
+use futures::StreamExt;
+use local_support::TestGateway;
+use support::worker::{Run, finish, signal};
+use support::{CHANNEL, CHANNEL_INDEX, ID, IndexSpec, TestQueue};
+use tokio::process::Command;
+
+const USER_INDEX: &str = "by-user";
+const USER: &str = "userId";
+const AUDIENCES: &str = "user=by-user:userId";
+
+/// A queue, its dead-letter queue, a table and a gateway over it.
+struct Rig {
+    sqs: aws_sdk_sqs::Client,
+    dynamo: aws_sdk_dynamodb::Client,
+    queue: TestQueue,
+    dlq: TestQueue,
+    table: String,
+    gateway: TestGateway,
+    env: Vec<(String, String)>,
+}
+
+impl Rig {
+    async fn new(key: (&str, Option<&str>), indexes: &[IndexSpec<'_>], keep_stale: bool) -> Self {
+        Self::with_gateway(key, indexes, |a| a.keep_stale = keep_stale).await
+    }
+
+    async fn with_gateway(
+        key: (&str, Option<&str>),
+        indexes: &[IndexSpec<'_>],
+        configure: impl FnOnce(&mut fanout_dev::gateway::GatewayArgs),
+    ) -> Self {
+        let sqs = support::sqs().await;
+        let dynamo = support::dynamodb().await;
+        let (queue, dlq) = support::create_queue_with_dlq(&sqs, "aud", false, None).await;
+        let table = support::create_table_with_indexes(&dynamo, "aud", key, indexes).await;
+        let gateway = TestGateway::on_table(&table, configure).await;
+        Self {
+            sqs,
+            dynamo,
+            queue,
+            dlq,
+            table,
+            gateway,
+            env: vec![("FANOUT_AUDIENCE_INDEXES".into(), AUDIENCES.into())],
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let endpoint = format!("http://{}/{}", self.gateway.addr, self.gateway.stage);
+        let own = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        let mut command = support::worker::command(
+            args,
+            &self.queue.url,
+            &self.dlq.url,
+            &self.table,
+            [("FANOUT_GATEWAY_ENDPOINT", endpoint.as_str())]
+                .into_iter()
+                .chain(own),
+        );
+        command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        command
+    }
+
+    /// `fanout enqueue ARGS`, which checks a job as the worker does but
+    /// for audience names, which a producer need not know.
+    async fn enqueue(&self, args: &[&str]) {
+        let mut all = vec!["enqueue"];
+        all.extend_from_slice(args);
+        support::worker::run_ok(self.command(&all), &format!("{all:?}")).await;
+    }
+
+    async fn send_raw(&self, body: &str) {
+        self.sqs
+            .send_message()
+            .queue_url(&self.queue.url)
+            .message_body(body)
+            .send()
+            .await
+            .expect("send a raw job");
+    }
+
+    async fn run_until_idle(&self) -> Run {
+        let child = self
+            .command(&["run", "--exit-when-idle"])
+            .spawn()
+            .expect("start fanout run");
+        let run = finish(child, Duration::from_secs(120)).await;
+        assert!(run.status.success(), "{}", run.stdout);
+        run
+    }
+
+    async fn connect(&self, count: usize, channel: Option<&str>) -> Swarm {
+        Swarm::connect(&self.gateway.ws_url(), count, channel, 32)
+            .await
+            .expect("open WebSocket clients")
+    }
+
+    /// Writes `userId` on a connection's row, as a `$connect` handler that
+    /// knows its user would.
+    async fn set_user(&self, id: &str, user: &str) {
+        self.dynamo
+            .update_item()
+            .table_name(&self.table)
+            .key(ID, AttributeValue::S(id.to_owned()))
+            .update_expression("SET #u = :u")
+            .expression_attribute_names("#u", USER)
+            .expression_attribute_values(":u", AttributeValue::S(user.to_owned()))
+            .send()
+            .await
+            .expect("set a row's user");
+    }
+}
+
+fn count(report: &serde_json::Value, key: &str) -> u64 {
+    report[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {report}"))
+}
+
+#[tokio::test]
+async fn a_user_with_three_connections_among_a_thousand_gets_it_on_all_three_and_nobody_else() {
+    let rig = Rig::new(
+        (ID, None),
+        &[
+            IndexSpec {
+                name: CHANNEL_INDEX,
+                partition: CHANNEL,
+                sort: None,
+            },
+            IndexSpec {
+                name: USER_INDEX,
+                partition: USER,
+                sort: None,
+            },
+        ],
+        false,
+    )
+    .await;
+    let clients = rig.connect(1000, None).await;
+    let ids = clients.ids();
+    assert_eq!(ids.len(), 1000);
+    // Three of u-42's connections, spread over the table, and another
+    // user's two.
+    let theirs: BTreeSet<String> = [17, 503, 988].iter().map(|&n| ids[n].clone()).collect();
+    for id in &theirs {
+        rig.set_user(id, "u-42").await;
+    }
+    for n in [18, 504] {
+        rig.set_user(&ids[n], "u-7").await;
+    }
+
+    rig.send_raw(r#"{"id":"for-u-42","data":"for you","to":{"user":"u-42"}}"#)
+        .await;
+    let run = rig.run_until_idle().await;
+
+    let report = run.report("for-u-42");
+    assert_eq!(report["status"], "done", "{report}");
+    assert_eq!(report["selector"], "to user=u-42", "{report}");
+    assert_eq!(
+        (count(report, "audience"), count(report, "delivered")),
+        (3, 3),
+        "{report}"
+    );
+    let theirs_clients: Vec<_> = clients
+        .clients()
+        .iter()
+        .filter(|c| theirs.contains(c.id()))
+        .collect();
+    assert_eq!(theirs_clients.len(), 3);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while theirs_clients.iter().any(|c| c.tally().frames() == 0)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for client in &theirs_clients {
+        assert_eq!(client.tally().text_count("for you"), 1, "{}", client.id());
+        assert_eq!(client.tally().frames(), 1, "{}", client.id());
+    }
+    // Whatever was sent has arrived by now; give a stray frame time anyway.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let others_with_frames: Vec<&str> = clients
+        .clients()
+        .iter()
+        .filter(|c| !theirs.contains(c.id()) && c.tally().frames() > 0)
+        .map(|c| c.id())
+        .collect();
+    assert!(others_with_frames.is_empty(), "{others_with_frames:?}");
+    let posts = rig.gateway.stats().await.posts;
+    assert_eq!(posts, 3, "the gateway saw three posts");
+    assert_eq!(support::counts(&rig.sqs, &rig.dlq.url).await, (0, 0));
+}
+
+#[tokio::test]
+async fn three_overlapping_channels_each_member_gets_it_once_and_gone_rows_are_removed_once() {
+    // One row per (connection, channel); the channel index sorted by id.
+    let rig = Rig::new(
+        (ID, Some(CHANNEL)),
+        &[
+            IndexSpec {
+                name: CHANNEL_INDEX,
+                partition: CHANNEL,
+                sort: Some(ID),
+            },
+            IndexSpec {
+                name: USER_INDEX,
+                partition: USER,
+                sort: None,
+            },
+        ],
+        true,
+    )
+    .await;
+    let mut a = rig.connect(12, Some("a")).await;
+    let b = rig.connect(12, Some("b")).await;
+    let c = rig.connect(12, Some("c")).await;
+    let d = rig.connect(6, Some("d")).await;
+    let (a_ids, b_ids, c_ids, d_ids) = (a.ids(), b.ids(), c.ids(), d.ids());
+    // Extra memberships: rows the gateway's `$connect` did not write.
+    let mut extra: Vec<(String, &str)> = Vec::new();
+    for id in &a_ids[..6] {
+        extra.push((id.clone(), "b"));
+    }
+    for id in &a_ids[3..9] {
+        extra.push((id.clone(), "c"));
+    }
+    for id in &b_ids[..4] {
+        extra.push((id.clone(), "c"));
+    }
+    for id in &c_ids[..3] {
+        extra.push((id.clone(), "a"));
+        extra.push((id.clone(), "d"));
+    }
+    for id in &d_ids[..2] {
+        extra.push((id.clone(), "a"));
+    }
+    // Connections long gone, in all three channels and one not listed.
+    let stale = support::ids("stale", 5);
+    for id in &stale {
+        for channel in ["a", "b", "c", "d"] {
+            extra.push((id.clone(), channel));
+        }
+    }
+    let rows: Vec<Vec<(&str, String)>> = extra
+        .iter()
+        .map(|(id, channel)| vec![(ID, id.clone()), (CHANNEL, (*channel).to_owned())])
+        .collect();
+    support::put_rows(&rig.dynamo, &rig.table, &rows).await;
+    // Two members of three channels leave without `$disconnect`.
+    let dropped = vec![a_ids[4].clone(), a_ids[5].clone()];
+    a.drop_ids(&dropped).await;
+
+    let before = support::remaining_rows(&rig.dynamo, &rig.table).await;
+    let mut channels_of: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (channel, id) in &before {
+        channels_of
+            .entry(id.clone())
+            .or_default()
+            .insert(channel.clone().expect("a channel"));
+    }
+    let listed = |id: &String| {
+        channels_of[id]
+            .iter()
+            .any(|ch| ["a", "b", "c"].contains(&ch.as_str()))
+    };
+    let members: BTreeSet<String> = channels_of
+        .keys()
+        .filter(|id| listed(id))
+        .cloned()
+        .collect();
+    let gone: BTreeSet<String> = stale.iter().chain(&dropped).cloned().collect();
+    assert!(gone.iter().all(|id| members.contains(id)));
+    let gone_rows: BTreeSet<(Option<String>, String)> = before
+        .iter()
+        .filter(|(ch, id)| gone.contains(id) && ch.as_deref() != Some("d"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        gone_rows.len(),
+        5 * 3 + 2 * 3,
+        "each gone one is in a, b and c"
+    );
+
+    // Small pages: the merge crosses page boundaries in every channel.
+    let mut rig = rig;
+    rig.env.push(("FANOUT_PAGE_SIZE".into(), "4".into()));
+    rig.send_raw(r#"{"id":"abc","data":"to a, b and c","channels":["a","b","c"]}"#)
+        .await;
+    let run = rig.run_until_idle().await;
+
+    let report = run.report("abc");
+    assert_eq!(report["status"], "done", "{report}");
+    assert_eq!(report["selector"], "channels a,b,c", "{report}");
+    let live: BTreeSet<&String> = members.iter().filter(|id| !gone.contains(*id)).collect();
+    assert_eq!(count(report, "audience"), members.len() as u64, "{report}");
+    assert_eq!(count(report, "delivered"), live.len() as u64, "{report}");
+    assert_eq!(count(report, "gone"), gone.len() as u64, "{report}");
+    assert_eq!(count(report, "removed"), gone_rows.len() as u64, "{report}");
+    assert_eq!(
+        rig.gateway.stats().await.posts,
+        members.len() as u64,
+        "one post each"
+    );
+
+    let all: Vec<&fanout_dev::clients::Client> = a
+        .clients()
+        .iter()
+        .chain(b.clients())
+        .chain(c.clients())
+        .chain(d.clients())
+        .filter(|client| !dropped.contains(&client.id().to_owned()))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while all
+        .iter()
+        .any(|cl| live.contains(&cl.id().to_owned()) && cl.tally().frames() == 0)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for client in &all {
+        let expected = u32::from(live.contains(&client.id().to_owned()));
+        assert_eq!(
+            client.tally().text_count("to a, b and c"),
+            expected,
+            "{} in {:?}",
+            client.id(),
+            channels_of[client.id()]
+        );
+    }
+    assert_eq!(
+        all.iter().filter(|cl| cl.tally().frames() == 1).count(),
+        live.len()
+    );
+
+    let after = support::remaining_rows(&rig.dynamo, &rig.table).await;
+    let expected: BTreeSet<_> = before.difference(&gone_rows).cloned().collect();
+    assert_eq!(
+        after, expected,
+        "exactly the gone ones' rows in a, b and c went"
+    );
+    for id in &stale {
+        assert!(
+            after.contains(&(Some("d".to_owned()), id.clone())),
+            "{id}'s row in d, a channel not listed, stays"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_audience_and_two_selectors_are_dead_lettered_with_their_reason() {
+    let rig = Rig::new(
+        (ID, None),
+        &[
+            IndexSpec {
+                name: CHANNEL_INDEX,
+                partition: CHANNEL,
+                sort: None,
+            },
+            IndexSpec {
+                name: USER_INDEX,
+                partition: USER,
+                sort: None,
+            },
+        ],
+        false,
+    )
+    .await;
+    let clients = rig.connect(3, Some("a")).await;
+    rig.enqueue(&["--data", "x", "--to", "team=blue"]).await;
+    rig.send_raw(r#"{"data":"x","channel":"a","to":{"user":"u-1"}}"#)
+        .await;
+    rig.send_raw(r#"{"data":"x","channels":["a","b"],"connections":["c1"]}"#)
+        .await;
+    rig.send_raw(r#"{"data":"x","to":{"user":"u-1","team":"blue"}}"#)
+        .await;
+    rig.enqueue(&["--data", "good", "--id", "good", "--channels", "a,b"])
+        .await;
+    let run = rig.run_until_idle().await;
+
+    assert!(clients.wait_for_frames(1, Duration::from_secs(10)).await);
+    for client in clients.clients() {
+        assert_eq!(client.tally().frames(), 1, "only the good job was sent");
+    }
+    assert_eq!(count(run.report("good"), "delivered"), 3);
+    let dead = support::receive_all(&rig.sqs, &rig.dlq.url).await;
+    let reasons: Vec<&str> = dead
+        .iter()
+        .map(|m| m.attributes["fanout.reason"].as_str())
+        .collect();
+    assert_eq!(dead.len(), 4, "{reasons:?}");
+    for expected in [
+        "the audience `team` is not configured here; FANOUT_AUDIENCE_INDEXES names user",
+        "`channel` and `to` cannot be combined",
+        "`channels` and `connections` cannot be combined",
+        "`to` must name exactly one audience",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(expected)),
+            "{expected:?} in {reasons:?}"
+        );
+    }
+    assert_eq!(support::counts(&rig.sqs, &rig.queue.url).await, (0, 0));
+}
+
+#[tokio::test]
+async fn an_audience_index_missing_from_the_table_stops_the_worker_naming_the_key() {
+    let rig = Rig::new(
+        (ID, None),
+        &[IndexSpec {
+            name: CHANNEL_INDEX,
+            partition: CHANNEL,
+            sort: None,
+        }],
+        false,
+    )
+    .await;
+    let out = rig
+        .command(&["run", "--exit-when-idle"])
+        .output()
+        .await
+        .expect("run fanout");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stderr.contains("no global secondary index by-user")
+            && stderr.contains("FANOUT_AUDIENCE_INDEXES"),
+        "{stderr}{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn a_channel_index_sorted_by_id_is_merged_and_resumes_after_an_id() {
+    let dynamo = support::dynamodb().await;
+    let table = support::create_table_with_indexes(
+        &dynamo,
+        "aud-store",
+        (ID, Some(CHANNEL)),
+        &[IndexSpec {
+            name: CHANNEL_INDEX,
+            partition: CHANNEL,
+            sort: Some(ID),
+        }],
+    )
+    .await;
+    let ids = support::ids("m", 30);
+    let rows: Vec<Vec<(&str, String)>> = ids
+        .iter()
+        .map(|id| vec![(ID, id.clone()), (CHANNEL, "news".to_owned())])
+        .collect();
+    support::put_rows(&dynamo, &table, &rows).await;
+    let settings = |index: &str| TableSettings {
+        table: table.clone(),
+        key_attribute: ID.to_owned(),
+        channel_index: Some(index.to_owned()),
+        channel_attribute: CHANNEL.to_owned(),
+        audiences: Vec::new(),
+        page_size: 7,
+        expiry: None,
+    };
+    let store = DynamoStore::connect(dynamo.clone(), settings(CHANNEL_INDEX))
+        .await
+        .expect("connect");
+    assert_eq!(store.channel_order(), ChannelOrder::ById);
+    let from = vec![Cursor {
+        segment: 0,
+        position: Some(Position::After {
+            after: ConnectionId::from(ids[11].as_str()),
+        }),
+    }];
+    let read: Vec<String> = store
+        .pages(&AudienceQuery::Channel("news".into()), Some(from))
+        .map(|page| page.expect("a page").connections)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .flatten()
+        .map(|c| c.id.to_string())
+        .collect();
+    assert_eq!(read, ids[12..], "in id order, after the cursor's id");
+
+    // A table keyed by channel, then id, is read itself, in id order.
+    let keyed =
+        support::create_table(&dynamo, "aud-keyed", support::TableKey::ChannelAndId, true).await;
+    support::put_rows(&dynamo, &keyed, &rows).await;
+    let mut keyed_settings = settings(CHANNEL_INDEX);
+    keyed_settings.table = keyed;
+    let store = DynamoStore::connect(dynamo.clone(), keyed_settings)
+        .await
+        .expect("connect");
+    assert_eq!(store.channel_order(), ChannelOrder::ById);
+    let from = vec![Cursor {
+        segment: 0,
+        position: Some(Position::After {
+            after: ConnectionId::from(ids[24].as_str()),
+        }),
+    }];
+    let read: Vec<String> = store
+        .pages(&AudienceQuery::Channel("news".into()), Some(from))
+        .map(|page| page.expect("a page").connections)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .flatten()
+        .map(|c| c.id.to_string())
+        .collect();
+    assert_eq!(read, ids[25..]);
+
+    // A table of one row per connection is disjoint by construction.
+    let plain = support::create_table(&dynamo, "aud-plain", support::TableKey::Id, true).await;
+    let mut plain_settings = settings(CHANNEL_INDEX);
+    plain_settings.table = plain;
+    let store = DynamoStore::connect(dynamo, plain_settings)
+        .await
+        .expect("connect");
+    assert_eq!(store.channel_order(), ChannelOrder::Disjoint);
+}
+
+#[tokio::test]
+async fn sigterm_mid_merge_hands_on_a_continuation_that_resumes_after_an_id() {
+    let mut rig = Rig::with_gateway(
+        (ID, Some(CHANNEL)),
+        &[
+            IndexSpec {
+                name: CHANNEL_INDEX,
+                partition: CHANNEL,
+                sort: Some(ID),
+            },
+            IndexSpec {
+                name: USER_INDEX,
+                partition: USER,
+                sort: None,
+            },
+        ],
+        |a| {
+            a.latency_ms = 40;
+            a.keep_stale = true;
+        },
+    )
+    .await;
+    for (key, value) in [
+        ("FANOUT_MAX_IN_FLIGHT", "4"),
+        ("FANOUT_PAGE_SIZE", "20"),
+        ("FANOUT_SHUTDOWN_GRACE", "1s"),
+    ] {
+        rig.env.push((key.into(), value.into()));
+    }
+    let clients = rig.connect(30, Some("a")).await;
+    let live: BTreeSet<String> = clients.ids().into_iter().collect();
+    // Half the clients are in b too; 300 long-gone connections in a, b and c.
+    let mut rows: Vec<Vec<(&str, String)>> = live
+        .iter()
+        .step_by(2)
+        .map(|id| vec![(ID, id.clone()), (CHANNEL, "b".to_owned())])
+        .collect();
+    for id in support::ids("gone", 300) {
+        for channel in ["a", "b", "c"] {
+            rows.push(vec![(ID, id.clone()), (CHANNEL, channel.to_owned())]);
+        }
+    }
+    support::put_rows(&rig.dynamo, &rig.table, &rows).await;
+    rig.send_raw(r#"{"id":"long","data":"merged","channels":["a","b","c"]}"#)
+        .await;
+
+    let worker = rig.command(&["run"]).spawn().expect("start fanout run");
+    let started = tokio::time::Instant::now();
+    while rig.gateway.stats().await.posts < 100 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the job never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&worker, "-TERM");
+    let run = finish(worker, Duration::from_secs(15)).await;
+    assert!(run.status.success(), "exit 0 after SIGTERM: {}", run.stdout);
+    assert_eq!(
+        run.report("long")["status"],
+        "interrupted",
+        "{}",
+        run.stdout
+    );
+
+    let back = support::receive_all(&rig.sqs, &rig.queue.url).await;
+    assert_eq!(back.len(), 1, "one message visible again");
+    let body: serde_json::Value = serde_json::from_str(&back[0].body).expect("a job");
+    assert_eq!(
+        body["channels"],
+        serde_json::json!(["a", "b", "c"]),
+        "{body}"
+    );
+    let after = body["resume"][0]["position"]["after"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a continuation after an id: {body}"))
+        .to_owned();
+    rig.sqs
+        .change_message_visibility()
+        .queue_url(&rig.queue.url)
+        .receipt_handle(&back[0].receipt)
+        .visibility_timeout(0)
+        .send()
+        .await
+        .expect("make it visible again");
+
+    let run = rig.run_until_idle().await;
+    let report = run.report("long");
+    assert_eq!(report["status"], "done", "{report}");
+    let members = 30 + 300;
+    let posts = rig.gateway.stats().await.posts;
+    assert!(
+        posts >= members,
+        "every member posted to: {posts} posts for {members}"
+    );
+    // The continuation read only ids after its cursor, each once.
+    assert!(
+        count(report, "audience") < members,
+        "resumed after {after}: {report}"
+    );
+    assert!(clients.wait_for_frames(1, Duration::from_secs(10)).await);
+    let duplicates = clients
+        .clients()
+        .iter()
+        .filter(|c| c.tally().frames() > 1)
+        .count();
+    // At most the pages a resumed run repeats (two per segment) plus what
+    // was in flight; the merge is one segment.
+    assert!(
+        duplicates <= 2 * 20 + 4,
+        "{duplicates} clients got it twice"
+    );
+    let remaining = support::remaining_rows(&rig.dynamo, &rig.table).await;
+    let remaining_ids: BTreeSet<String> = remaining.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(remaining_ids, live, "every gone row removed, no live one");
+    assert_eq!(remaining.len(), 30 + 15, "the live ones' rows in a and b");
+    assert_eq!(support::counts(&rig.sqs, &rig.queue.url).await, (0, 0));
+}
