@@ -11,6 +11,7 @@
 //! | `leaseUntilMs` | N | until when the owner holds it |
 //! | `finishedAtMs` | N | when its message was settled off the queue (absent while it runs) |
 //! | `expiresAt` | N | the TTL (epoch seconds): past the dedup window |
+//! | `checkpoint` | S | where the run resumes if its task dies: its resume points, JSON (absent before the first page) |
 //! | `version` | N | bumped by every write |
 //!
 //! The `run#` prefix keeps the items apart from the fleet's (`fleet#…`), so
@@ -146,6 +147,9 @@ fn to_item(record: &RunRecord) -> Item {
         item.insert("finishedAtMs".into(), n(at.into()));
     }
     item.insert("expiresAt".into(), n(record.expires_at.into()));
+    if let Some(checkpoint) = &record.checkpoint {
+        item.insert("checkpoint".into(), s(checkpoint));
+    }
     item.insert("version".into(), n(record.version.into()));
     item
 }
@@ -173,6 +177,10 @@ fn from_item(run: &str, item: &Item) -> Result<RunRecord, DurableError> {
             .then(|| number("finishedAtMs"))
             .transpose()?,
         expires_at: number("expiresAt")?,
+        checkpoint: item
+            .contains_key("checkpoint")
+            .then(|| text("checkpoint"))
+            .transpose()?,
         version: u64::try_from(number("version")?).map_err(|_| bad("version"))?,
     })
 }

@@ -30,6 +30,7 @@ use crate::expiry::epoch_ms;
 use crate::job::Job;
 use crate::keys::{RunKey, fingerprint};
 use crate::queue::{Message, Receipt};
+use crate::store::Cursor;
 use crate::telemetry::Metrics;
 
 /// One run's record as stored.
@@ -54,6 +55,9 @@ pub struct RunRecord {
     pub finished_at_ms: Option<i64>,
     /// Epoch seconds after which the table may drop the record (its TTL).
     pub expires_at: i64,
+    /// Where the run resumes (its resume points, as JSON) if its task dies:
+    /// written after each fully delivered page.
+    pub checkpoint: Option<String>,
     /// Bumped by every write; a write names the version it read.
     pub version: u64,
 }
@@ -148,7 +152,7 @@ pub fn admit(
     now_ms: i64,
     windows: Windows,
 ) -> Admission {
-    let claim = |read: Option<u64>| Admission::Claim {
+    let claim = |read: Option<u64>, checkpoint: Option<String>| Admission::Claim {
         record: RunRecord {
             key: request.key.to_owned(),
             fingerprint: request.fingerprint.to_owned(),
@@ -158,17 +162,18 @@ pub fn admit(
             lease_until_ms: now_ms + ms(windows.lease),
             finished_at_ms: None,
             expires_at: (now_ms + ms(windows.lease) + ms(windows.dedup)) / 1000,
+            checkpoint,
             version: read.map_or(1, |v| v + 1),
         },
         read,
     };
     let Some(record) = existing else {
-        return claim(None);
+        return claim(None, None);
     };
     if let Some(finished_at_ms) = record.finished_at_ms {
         // The TTL sweep is lazy: the window is checked here.
         if now_ms - finished_at_ms > ms(windows.dedup) {
-            return claim(Some(record.version));
+            return claim(Some(record.version), None);
         }
         return if record.fingerprint == request.fingerprint {
             Admission::Duplicate { finished_at_ms }
@@ -178,14 +183,14 @@ pub fn admit(
             }
         };
     }
-    if record.lease_until_ms <= now_ms {
-        // Its task died (or let go): take over.
-        return claim(Some(record.version));
-    }
     if record.fingerprint != request.fingerprint {
         return Admission::Conflict {
             finished_at_ms: None,
         };
+    }
+    if record.lease_until_ms <= now_ms {
+        // Its task died (or let go): take over, from where it got to.
+        return claim(Some(record.version), record.checkpoint.clone());
     }
     if record.message_id == request.message_id {
         let mut adopted = record.clone();
@@ -278,6 +283,20 @@ pub async fn finish<T: RunTable>(
     Ok(done.is_some())
 }
 
+/// Stores where a held run would resume.
+pub async fn save<T: RunTable>(
+    table: &T,
+    key: &str,
+    owner: &str,
+    checkpoint: &str,
+) -> Result<bool, DurableError> {
+    let saved = update(table, key, owner, |r| {
+        r.checkpoint = Some(checkpoint.to_owned())
+    })
+    .await?;
+    Ok(saved.is_some())
+}
+
 /// Lets a held run go at once (its message is back on the queue), so the
 /// next receive need not wait for the lease to expire.
 pub async fn release<T: RunTable>(table: &T, key: &str, owner: &str) -> Result<bool, DurableError> {
@@ -328,8 +347,9 @@ pub struct Ledger {
 /// What the worker does with a job, once admitted.
 #[derive(Debug)]
 pub enum Admitted {
-    /// Run it, holding this lease.
-    Run(RunLease),
+    /// Run it, holding this lease; from these resume points when an
+    /// earlier run of it died after a checkpoint.
+    Run(RunLease, Option<Vec<Cursor>>),
     /// Run it without a record: the table failed (counted and logged).
     Unrecorded,
     /// Do not run it: delete its message, a producer's retry.
@@ -429,11 +449,26 @@ impl Ledger {
                 };
             match RunTable::store(table, &record, read).await {
                 Ok(true) if claimed => {
-                    return Admitted::Run(RunLease {
-                        key,
-                        owner,
-                        receipt: Arc::new(Mutex::new(message.receipt.clone())),
+                    let resume = record.checkpoint.as_deref().and_then(|text| {
+                        serde_json::from_str::<Vec<Cursor>>(text)
+                            .inspect_err(|e| tracing::warn!(run = key, error = %e, "an unreadable checkpoint; the run starts from its job's own start"))
+                            .ok()
                     });
+                    if let Some(cursors) = &resume {
+                        tracing::info!(
+                            run = key,
+                            segments = cursors.len(),
+                            "taking over a run whose task stopped: resuming from its checkpoint"
+                        );
+                    }
+                    return Admitted::Run(
+                        RunLease {
+                            key,
+                            owner,
+                            receipt: Arc::new(Mutex::new(message.receipt.clone())),
+                        },
+                        resume,
+                    );
                 }
                 Ok(true) => return Admitted::Adopted,
                 Ok(false) => continue,
@@ -468,6 +503,26 @@ impl Ledger {
                 self.failed("renew the lease", &lease.key, &e);
                 true
             }
+        }
+    }
+
+    /// Stores the run's resume points; a failure is counted and logged,
+    /// and the run goes on.
+    pub async fn save(&self, lease: &RunLease, resume: &[Cursor]) {
+        let checkpoint = match serde_json::to_string(resume) {
+            Ok(text) => text,
+            Err(e) => {
+                tracing::warn!(run = lease.key, error = %e, "cannot encode a checkpoint");
+                return;
+            }
+        };
+        match save(&self.table, &lease.key, &lease.owner, &checkpoint).await {
+            Ok(true) => {}
+            Ok(false) => tracing::debug!(
+                run = lease.key,
+                "the run has another owner now; checkpoint not written"
+            ),
+            Err(e) => self.failed("write a checkpoint", &lease.key, &e),
         }
     }
 
@@ -548,6 +603,7 @@ mod tests {
             lease_until_ms: NOW + 30_000,
             finished_at_ms: None,
             expires_at: 0,
+            checkpoint: None,
             version: 3,
         }
     }
@@ -623,9 +679,10 @@ mod tests {
     }
 
     #[test]
-    fn a_lapsed_lease_is_taken_over() {
+    fn a_lapsed_lease_is_taken_over_from_its_checkpoint() {
         let lapsed = RunRecord {
             lease_until_ms: NOW,
+            checkpoint: Some("[]".into()),
             ..record()
         };
         let Admission::Claim { record, read } =
@@ -634,6 +691,22 @@ mod tests {
             panic!("taken over")
         };
         assert_eq!((record.owner.as_str(), read), ("task-b", Some(3)));
+        assert_eq!(
+            record.checkpoint.as_deref(),
+            Some("[]"),
+            "kept for the next taker"
+        );
+        // A finished run's checkpoint is not a new broadcast's.
+        let finished = RunRecord {
+            finished_at_ms: Some(NOW - 25 * 3600 * 1000),
+            ..lapsed
+        };
+        let Admission::Claim { record, .. } =
+            admit(Some(&finished), &request("f1", "m1"), NOW, windows())
+        else {
+            panic!("claimed")
+        };
+        assert_eq!(record.checkpoint, None);
     }
 
     #[tokio::test]

@@ -210,6 +210,19 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         job: &Job,
         stop: &CancellationToken,
     ) -> (Report, Result<(), FanoutError>) {
+        self.run_checkpointed(job, stop, None).await
+    }
+
+    /// [`run`](Self::run), publishing the resume points to `checkpoints`
+    /// each time one moves (after a fully delivered page), for a writer
+    /// that stores them without holding up the sends.
+    pub async fn run_checkpointed(
+        &self,
+        job: &Job,
+        stop: &CancellationToken,
+        checkpoints: Option<tokio::sync::watch::Sender<Vec<Cursor>>>,
+    ) -> (Report, Result<(), FanoutError>) {
+        let mut published = 0u64;
         let started = Instant::now();
         let query = match &job.target {
             Target::All => match job.segment {
@@ -370,7 +383,16 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 if let Err(e) = settled {
                     break Err(e);
                 }
-                lock(&progress).answer(tag, finished);
+                {
+                    let mut progress = lock(&progress);
+                    progress.answer(tag, finished);
+                    if let Some(checkpoints) = &checkpoints
+                        && progress.moves() != published
+                    {
+                        published = progress.moves();
+                        checkpoints.send_replace(progress.resume_points());
+                    }
+                }
                 answered.notify_waiters();
             }
         };

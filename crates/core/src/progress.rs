@@ -55,6 +55,8 @@ struct OpenPage {
 #[derive(Debug, Default)]
 pub struct Progress {
     segments: BTreeMap<u32, Segment>,
+    /// Bumped whenever a resume point moves: a checkpoint is worth writing.
+    moves: u64,
 }
 
 impl Progress {
@@ -83,7 +85,7 @@ impl Progress {
             unanswered: count,
             next,
         });
-        segment.advance();
+        self.moves += u64::from(segment.advance());
         tag
     }
 
@@ -109,7 +111,12 @@ impl Progress {
                 page.unfinished = page.unfinished.saturating_sub(1);
             }
         }
-        segment.advance();
+        self.moves += u64::from(segment.advance());
+    }
+
+    /// How often a resume point has moved so far.
+    pub fn moves(&self) -> u64 {
+        self.moves
     }
 
     /// Whether the sends of the tagged page may start: every page of its
@@ -148,11 +155,14 @@ impl Progress {
 }
 
 impl Segment {
-    fn advance(&mut self) {
+    /// Moves the resume point past finished pages; whether it moved.
+    fn advance(&mut self) -> bool {
+        let mut moved = false;
         while self.open.front().is_some_and(|page| page.unfinished == 0) {
             let page = self.open.pop_front().expect("front exists");
             self.resume = Some(page.next);
             self.first_seq += 1;
+            moved = true;
         }
         self.answered_front = self.answered_front.max(self.first_seq);
         while self
@@ -162,6 +172,7 @@ impl Segment {
         {
             self.answered_front += 1;
         }
+        moved
     }
 }
 
@@ -188,9 +199,11 @@ mod tests {
         assert!(progress.resume_points().is_empty());
         progress.finish(p1);
         assert!(progress.resume_points().is_empty());
+        assert_eq!(progress.moves(), 0);
         progress.finish(p1);
         // Both pages are done now.
         assert_eq!(progress.resume_points(), [at(0, 3)]);
+        assert_eq!(progress.moves(), 1, "one move, past both");
     }
 
     #[test]

@@ -314,7 +314,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// report (none for a job not run), and the lease of its run.
     async fn run_job(&self, message: &Message) -> (Settlement, Option<Draft>, Option<RunLease>) {
         let started = SystemTime::now();
-        let job = match job::parse(&message.body, &message.id, &self.settings.capabilities) {
+        let mut job = match job::parse(&message.body, &message.id, &self.settings.capabilities) {
             Ok(job) => job,
             Err(e) => {
                 let reason = e.to_string();
@@ -329,7 +329,14 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         let lease = match &self.ledger {
             None => None,
             Some(ledger) => match ledger.admit(message, &job).await {
-                Admitted::Run(lease) => Some(lease),
+                Admitted::Run(lease, resume) => {
+                    // A checkpoint is newer than the job's own cursors: it
+                    // was written by a run of this very job.
+                    if let Some(resume) = resume {
+                        job.resume = Some(resume);
+                    }
+                    Some(lease)
+                }
                 Admitted::Unrecorded => None,
                 Admitted::Duplicate { finished_at_ms } => {
                     Metrics::incr(&self.metrics.jobs_duplicate);
@@ -373,8 +380,21 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 Err(reason) => (Settlement::RetryLater, draft.because(reason)),
             };
         }
+        let checkpoints = self.checkpoint_writer(lease.clone());
         let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone(), lease);
-        let (report, result) = self.engine.run(&job, &self.abort).await;
+        let (report, result) = match checkpoints {
+            Some((sender, writer)) => {
+                let ran = self
+                    .engine
+                    .run_checkpointed(&job, &self.abort, Some(sender))
+                    .await;
+                // The run is over: what a last write would hold no longer
+                // matters (its message is settled next).
+                drop(writer);
+                ran
+            }
+            None => self.engine.run(&job, &self.abort).await,
+        };
         drop(heartbeat);
         self.metrics.record_job_duration(report.duration);
         let draft = Draft::of_run(&job, &message.id, &report, started);

@@ -277,3 +277,182 @@ async fn a_job_whose_visibility_lapses_mid_broadcast_is_not_run_twice_at_once() 
     clients.close(None).await;
     s.gateway.shutdown().await;
 }
+
+/// The kill test's broadcast: pages of 1,000, 64 in flight, one segment.
+const KILLED_AUDIENCE: usize = 20_000;
+const PAGE: usize = 1000;
+const IN_FLIGHT: usize = 64;
+
+/// One kill: a broadcast of `table` SIGKILLed once `kill_after` posts
+/// reached the endpoint, then a new worker, which must say it resumed from
+/// the checkpoint. Returns (posts before the kill, clients reached twice).
+async fn killed_once(table: &str, kill_after: u64) -> (u64, u64) {
+    let sqs = support::sqs().await;
+    let dynamo = support::dynamodb().await;
+    let (queue, dlq) = support::create_queue_with_dlq(&sqs, "kill", false, None).await;
+    let runs = support::create_lease_table(&dynamo, "kill-runs").await;
+    let gateway = TestGateway::on_table(table, |args| args.sink = true).await;
+    let endpoint = format!("http://{}/{}", gateway.addr, gateway.stage);
+    let page = PAGE.to_string();
+    let in_flight = IN_FLIGHT.to_string();
+    let worker = |idle: bool| {
+        let args: &[&str] = if idle {
+            &["run", "--exit-when-idle"]
+        } else {
+            &["run"]
+        };
+        support::worker::command(
+            args,
+            &queue.url,
+            &dlq.url,
+            table,
+            [
+                ("FANOUT_GATEWAY_ENDPOINT", endpoint.as_str()),
+                ("FANOUT_CHECKPOINT_TABLE", runs.as_str()),
+                ("FANOUT_PAGE_SIZE", page.as_str()),
+                ("FANOUT_MAX_IN_FLIGHT", in_flight.as_str()),
+                ("FANOUT_SCAN_SEGMENTS", "1"),
+                ("FANOUT_RATE_PER_SECOND", "2000"),
+                ("FANOUT_MAX_CONCURRENT_JOBS", "1"),
+                // The killed run's message and lease come back soon.
+                ("FANOUT_VISIBILITY_TIMEOUT", "4s"),
+                ("FANOUT_HEARTBEAT_INTERVAL", "1s"),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start fanout run")
+    };
+    sqs.send_message()
+        .queue_url(&queue.url)
+        .message_body(r#"{"id":"everyone","data":"hi"}"#)
+        .send()
+        .await
+        .expect("enqueue");
+    let first = worker(true);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let killed_at = loop {
+        let posts = gateway.stats().await.posts;
+        if posts >= kill_after {
+            support::worker::signal(&first, "-KILL");
+            break posts;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broadcast stalled at {posts}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let _ = finish(first, Duration::from_secs(10)).await;
+    // The new worker takes the run over once its lease expires.
+    let second = worker(false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let stats = gateway.stats().await;
+        if stats.sink_ids == KILLED_AUDIENCE as u64
+            && support::counts(&sqs, &queue.url).await == (0, 0)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every client was reached: {} of {KILLED_AUDIENCE}",
+            stats.sink_ids
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    support::worker::signal(&second, "-TERM");
+    let second = finish(second, Duration::from_secs(30)).await;
+    let stats = gateway.stats().await;
+    gateway.shutdown().await;
+    eprintln!(
+        "killed after {killed_at} posts: {} clients reached twice",
+        stats.sink_duplicates
+    );
+    assert!(
+        second.stdout.contains("resuming from its checkpoint"),
+        "the new worker resumed: {}",
+        second.stdout
+    );
+    (killed_at, stats.sink_duplicates)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_broadcast_resumes_from_its_checkpoint_within_the_bound() {
+    support::require_emulators();
+    let dynamo = support::dynamodb().await;
+    let table = support::create_table(&dynamo, "kill-audience", TableKey::Id, true).await;
+    support::put_connections(&dynamo, &table, &support::ids("c", KILLED_AUDIENCE), None).await;
+    // At most two pages partly done (the one being finished and the one
+    // read ahead) plus what was in flight.
+    let bound = (2 * PAGE + IN_FLIGHT) as u64;
+    let mut figures = Vec::new();
+    for _ in 0..3 {
+        // A random moment between the second page and the last few.
+        let kill_after = rand::random_range(2_000..17_000);
+        figures.push(killed_once(&table, kill_after).await);
+    }
+    for (killed_at, twice) in &figures {
+        assert!(
+            *twice <= bound,
+            "killed after {killed_at} posts, {twice} reached twice; the bound is {bound}: {figures:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_table_throttled_mid_job_loses_nothing() {
+    let s = Setup::new().await;
+    let clients = Swarm::connect(&s.gateway.ws_url(), 300, None, 25)
+        .await
+        .expect("clients");
+    let dynamodb = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").expect("the emulators' env");
+    let proxy = FaultProxy::start(&dynamodb, Faults::default()).await;
+    let proxied = proxy.url();
+    s.send(JOB).await;
+    // 300 clients at 100/s: the table throttles from the first second on,
+    // checkpoints and the finish record alike.
+    let worker = s.worker_with(
+        &s.runs,
+        &[
+            ("AWS_ENDPOINT_URL_DYNAMODB", proxied.as_str()),
+            ("FANOUT_RATE_PER_SECOND", "100"),
+            ("FANOUT_PAGE_SIZE", "25"),
+            ("FANOUT_METRICS_LISTEN", "127.0.0.1:0"),
+        ],
+        true,
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.set_faults(Faults {
+        ddb_throttle_items: true,
+        ..Faults::default()
+    });
+    let run = finish(worker, Duration::from_secs(90)).await;
+    assert!(run.status.success(), "{}", run.stdout);
+    assert_eq!(run.report("match-42")["delivered"], 300, "{}", run.stdout);
+    assert!(
+        proxy.injected().ddb_throttled > 0,
+        "the table was throttled"
+    );
+    assert!(
+        run.stdout.contains("the checkpoint table failed to"),
+        "the failures are logged: {}",
+        run.stdout
+    );
+    let failures = run
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|l| l["CheckpointFailures"].as_u64())
+        .sum::<u64>();
+    assert!(failures > 0, "and counted: {}", run.stdout);
+    each_once(&clients, "goal").await;
+    assert_eq!(
+        support::counts(&s.sqs, &s.queue.url).await,
+        (0, 0),
+        "settled"
+    );
+    clients.close(None).await;
+    s.gateway.shutdown().await;
+}

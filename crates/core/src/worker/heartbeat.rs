@@ -2,15 +2,17 @@
 //! renewed so no other worker receives it, and so is its run's lease in the
 //! checkpoint table (see [`crate::durable`]), first: the lease's renewal
 //! hands back the message's newest receipt, which a redelivery may have
-//! changed.
+//! changed. Beside it, the checkpoint writer stores the run's resume
+//! points as pages are fully delivered.
 
+use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::JobContext;
 use crate::durable::RunLease;
 use crate::gateway::Gateway;
 use crate::queue::{JobQueue, Receipt};
-use crate::store::ConnectionStore;
+use crate::store::{ConnectionStore, Cursor};
 
 impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// Keeps the message hidden until the handle is dropped. Dropping, not an
@@ -50,5 +52,24 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 }
             }
         }))
+    }
+
+    /// Writes a held run's resume points to the checkpoint table as the
+    /// engine publishes them: one write at a time, each of the newest
+    /// points (those that came during a write are coalesced), so writing
+    /// never holds up a send. Ends when the handle is dropped.
+    pub(super) fn checkpoint_writer(
+        &self,
+        lease: Option<RunLease>,
+    ) -> Option<(watch::Sender<Vec<Cursor>>, AbortOnDropHandle<()>)> {
+        let (ledger, lease) = (self.ledger.clone()?, lease?);
+        let (sender, mut points) = watch::channel(Vec::new());
+        let writer = AbortOnDropHandle::new(tokio::spawn(async move {
+            while points.changed().await.is_ok() {
+                let resume = points.borrow_and_update().clone();
+                ledger.save(&lease, &resume).await;
+            }
+        }));
+        Some((sender, writer))
     }
 }

@@ -972,6 +972,7 @@ mod durable {
                 lease_until_ms: now + 3_600_000,
                 finished_at_ms: None,
                 expires_at: 0,
+                checkpoint: None,
                 version: 7,
             },
         );

@@ -62,6 +62,10 @@ pub struct Faults {
     pub spike: Duration,
     /// Every gateway POST answered 403 `ForbiddenException`.
     pub post_forbidden: bool,
+    /// DynamoDB GetItem and PutItem answered 400
+    /// `ProvisionedThroughputExceededException`: a throttled checkpoint
+    /// table (the connections table is read with Scan and Query).
+    pub ddb_throttle_items: bool,
     /// Every ChangeMessageVisibility answered 500 `InternalError`: a
     /// heartbeat that cannot keep its message hidden.
     pub sqs_block_visibility: bool,
@@ -291,6 +295,14 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Answer {
 
     match operation {
         "Scan" | "Query" | "BatchWriteItem" if hits(faults.ddb_throttle) => {
+            bump(&counters.ddb_throttled);
+            return Ok(json_answer(
+                StatusCode::BAD_REQUEST,
+                None,
+                r#"{"__type":"com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException","message":"Injected: the level of configured provisioned throughput for the table was exceeded"}"#,
+            ));
+        }
+        "GetItem" | "PutItem" if faults.ddb_throttle_items => {
             bump(&counters.ddb_throttled);
             return Ok(json_answer(
                 StatusCode::BAD_REQUEST,
