@@ -27,6 +27,9 @@ CHANNEL=news
 PLAIN_CLIENTS=700
 CHANNEL_CLIENTS=300
 DROPPED=100
+# Clients of one user (several tabs and phones): a "to" audience.
+USER=u-42
+USER_CLIENTS=3
 # Rows of connections that started three hours ago: past API Gateway's two
 # hours, so certainly gone; removed without a post.
 EXPIRED=50
@@ -95,14 +98,20 @@ jobs = sqs.create_queue(QueueName="fanout-demo-jobs", Attributes={
     "VisibilityTimeout": "30",
     "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "3"}),
 })["QueueUrl"]
+reports = sqs.create_queue(QueueName="fanout-demo-reports")["QueueUrl"]
 ddb = boto3.client("dynamodb")
 ddb.create_table(
     TableName=table,
     AttributeDefinitions=[{"AttributeName": "connectionId", "AttributeType": "S"},
-                          {"AttributeName": "channel", "AttributeType": "S"}],
+                          {"AttributeName": "channel", "AttributeType": "S"},
+                          {"AttributeName": "userId", "AttributeType": "S"}],
     KeySchema=[{"AttributeName": "connectionId", "KeyType": "HASH"}],
     GlobalSecondaryIndexes=[{"IndexName": "by-channel",
                              "KeySchema": [{"AttributeName": "channel", "KeyType": "HASH"}],
+                             "Projection": {"ProjectionType": "INCLUDE",
+                                            "NonKeyAttributes": ["connectedAt"]}},
+                            {"IndexName": "by-user",
+                             "KeySchema": [{"AttributeName": "userId", "KeyType": "HASH"}],
                              "Projection": {"ProjectionType": "INCLUDE",
                                             "NonKeyAttributes": ["connectedAt"]}}],
     BillingMode="PAY_PER_REQUEST",
@@ -110,6 +119,7 @@ ddb.create_table(
 ddb.get_waiter("table_exists").wait(TableName=table, WaiterConfig={"Delay": 0.2})
 print(f"export FANOUT_QUEUE_URL={jobs}")
 print(f"export FANOUT_DEAD_LETTER_QUEUE_URL={dlq}")
+print(f"export FANOUT_REPORT_QUEUE_URL={reports}")
 PY
 source "$WORK/setup.env"
 export FANOUT_TABLE="$TABLE"
@@ -117,6 +127,8 @@ export FANOUT_CHANNEL_INDEX=by-channel
 # The gateway writes each connection's start here, as a $connect handler
 # copying requestContext.connectedAt would.
 export FANOUT_CONNECTED_AT_ATTRIBUTE=connectedAt
+# "to": {"user": …} reads the by-user index.
+export FANOUT_AUDIENCE_INDEXES="user=by-user:userId"
 export FANOUT_GATEWAY_ENDPOINT="http://127.0.0.1:$GATEWAY_PORT/$STAGE"
 export FANOUT_RATE_PER_SECOND="${FANOUT_RATE_PER_SECOND:-2000}"
 # A short long-poll, so `--exit-when-idle` notices the empty queue quickly.
@@ -132,7 +144,7 @@ say "starting the local API Gateway (ws://127.0.0.1:$GATEWAY_PORT/$STAGE, --keep
 PIDS+=($!)
 wait_for "the gateway" 20 curl -sf -o /dev/null "http://127.0.0.1:$GATEWAY_PORT/$STAGE/@stats"
 
-say "opening $((PLAIN_CLIENTS + CHANNEL_CLIENTS)) WebSocket clients ($CHANNEL_CLIENTS in channel '$CHANNEL'); dropping $DROPPED without a goodbye"
+say "opening $((PLAIN_CLIENTS + CHANNEL_CLIENTS + USER_CLIENTS)) WebSocket clients ($CHANNEL_CLIENTS in channel '$CHANNEL', $USER_CLIENTS of user '$USER'); dropping $DROPPED without a goodbye"
 "$DEV" clients --url "ws://127.0.0.1:$GATEWAY_PORT/$STAGE" --count "$PLAIN_CLIENTS" \
   --drop "$DROPPED" --expect-frames 1 --ready-file "$WORK/plain.ready" \
   --summary-file "$WORK/plain.summary.json" >"$WORK/plain.log" 2>&1 &
@@ -141,8 +153,24 @@ PIDS+=($!)
   --channel "$CHANNEL" --expect-frames 2 --ready-file "$WORK/channel.ready" \
   --summary-file "$WORK/channel.summary.json" >"$WORK/channel.log" 2>&1 &
 PIDS+=($!)
-CLIENT_PIDS=("${PIDS[@]: -2}")
-wait_for "the clients to connect" 60 test -f "$WORK/plain.ready" -a -f "$WORK/channel.ready"
+"$DEV" clients --url "ws://127.0.0.1:$GATEWAY_PORT/$STAGE" --count "$USER_CLIENTS" \
+  --expect-frames 2 --ready-file "$WORK/user.ready" \
+  --summary-file "$WORK/user.summary.json" >"$WORK/user.log" 2>&1 &
+PIDS+=($!)
+CLIENT_PIDS=("${PIDS[@]: -3}")
+wait_for "the clients to connect" 60 test -f "$WORK/plain.ready" -a -f "$WORK/channel.ready" -a -f "$WORK/user.ready"
+# A user's devices: the $connect handler would write the user's id with the
+# row; here it goes on the rows of the first few clients.
+"$PYTHON" - "$TABLE" "$WORK/user.ready" "$USER" "$USER_CLIENTS" <<'PY'
+import json, sys, boto3
+table, ready, user, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+ids = json.load(open(ready))["live"][:n]
+ddb = boto3.client("dynamodb")
+for cid in ids:
+    ddb.update_item(TableName=table, Key={"connectionId": {"S": cid}},
+                    UpdateExpression="SET userId = :u", ExpressionAttributeValues={":u": {"S": user}})
+print(f"user {user}: {len(ids)} connections")
+PY
 "$PYTHON" - "$TABLE" "$EXPIRED" <<'PY'
 import sys, time, boto3
 table, n = sys.argv[1], int(sys.argv[2])
@@ -157,12 +185,13 @@ PY
 ROWS_BEFORE="$("$PYTHON" -c "import boto3; print(boto3.client('dynamodb').scan(TableName='$TABLE', Select='COUNT')['Count'])")"
 echo "table rows: $ROWS_BEFORE ($DROPPED of them stale, $EXPIRED of connections that started 3 h ago)"
 
-say "enqueueing three broadcasts: everyone, channel '$CHANNEL', and one over 128 KiB"
+say "enqueueing four broadcasts: everyone, channel '$CHANNEL', user '$USER', and one over 128 KiB"
 head -c 140000 /dev/zero | tr '\0' 'x' >"$WORK/oversize.txt"
 EVERYONE_ID="$("$FANOUT" enqueue --data "hello, everyone")"
 CHANNEL_ID="$("$FANOUT" enqueue --data "news for the news channel" --channel "$CHANNEL")"
+USER_ID="$("$FANOUT" enqueue --data "a note for $USER" --to "user=$USER")"
 OVERSIZE_ID="$("$FANOUT" enqueue --unchecked --file "$WORK/oversize.txt")"
-printf '%s\n' "everyone $EVERYONE_ID" "channel $CHANNEL_ID" "oversize $OVERSIZE_ID" >"$WORK/jobs.txt"
+printf '%s\n' "everyone $EVERYONE_ID" "channel $CHANNEL_ID" "user $USER_ID" "oversize $OVERSIZE_ID" >"$WORK/jobs.txt"
 
 say "running the worker until the queue is empty"
 started=$SECONDS
@@ -180,14 +209,15 @@ sleep 0.5
 for pid in "${CLIENT_PIDS[@]}"; do
   kill -INT "$pid" 2>/dev/null || true
 done
-wait_for "the clients' summaries" 30 test -f "$WORK/plain.summary.json" -a -f "$WORK/channel.summary.json"
+wait_for "the clients' summaries" 30 test -f "$WORK/plain.summary.json" -a -f "$WORK/channel.summary.json" -a -f "$WORK/user.summary.json"
 
 say "report"
 "$PYTHON" - "$WORK" "$TABLE" "$FANOUT_DEAD_LETTER_QUEUE_URL" "$ROWS_BEFORE" \
-  "$((PLAIN_CLIENTS - DROPPED))" "$CHANNEL_CLIENTS" "$EXPIRED" <<'PY'
+  "$((PLAIN_CLIENTS - DROPPED))" "$CHANNEL_CLIENTS" "$EXPIRED" "$USER" "$USER_CLIENTS" \
+  "$FANOUT_REPORT_QUEUE_URL" <<'PY'
 import json, sys, boto3
-work, table, dlq, rows_before, plain_live, channel_live, expired = sys.argv[1:8]
-plain_live, channel_live, expired = int(plain_live), int(channel_live), int(expired)
+work, table, dlq, rows_before, plain_live, channel_live, expired, user, user_clients, report_queue = sys.argv[1:11]
+plain_live, channel_live, expired, user_clients = int(plain_live), int(channel_live), int(expired), int(user_clients)
 jobs = dict(line.split() for line in open(f"{work}/jobs.txt"))
 names = {v: k for k, v in jobs.items()}
 reports = {}
@@ -199,7 +229,7 @@ for line in open(f"{work}/worker.log"):
     if entry.get("message") == "broadcast" and entry.get("job_id") in names:
         reports[names[entry["job_id"]]] = entry
 print(f"{'broadcast':<10} {'audience':>8} {'delivered':>9} {'gone':>5} {'expired':>7} {'removed':>7} {'failed':>6} {'wall':>8}")
-for name in ("everyone", "channel"):
+for name in ("everyone", "channel", "user"):
     r = reports.get(name)
     if r is None:
         print(f"{name:<10} (no report in the worker log)")
@@ -209,17 +239,23 @@ for name in ("everyone", "channel"):
 
 plain = json.load(open(f"{work}/plain.summary.json"))
 channel = json.load(open(f"{work}/channel.summary.json"))
+users = json.load(open(f"{work}/user.summary.json"))
 def got(summary, text):
     return next((p["clients"] for p in summary["payloads"] if p["preview"] == text), 0)
 checks = [
     ("every live client got 'hello, everyone' once",
-     got(plain, "hello, everyone") == plain_live and got(channel, "hello, everyone") == channel_live),
+     got(plain, "hello, everyone") == plain_live and got(channel, "hello, everyone") == channel_live
+     and got(users, "hello, everyone") == user_clients),
     (f"only the {channel_live} channel clients got the channel message",
      got(channel, "news for the news channel") == channel_live and got(plain, "news for the news channel") == 0),
-    ("no client got anything twice", plain["clients_with_duplicates"] == 0 and channel["clients_with_duplicates"] == 0),
-    ("each live client got exactly its messages", plain.get("ok") is True and channel.get("ok") is True),
+    ("no client got anything twice",
+     all(s["clients_with_duplicates"] == 0 for s in (plain, channel, users))),
+    ("each live client got exactly its messages", all(s.get("ok") is True for s in (plain, channel, users))),
     (f"the {expired} rows of 3 h ago were removed without a post",
      reports.get("everyone", {}).get("expired") == expired),
+    (f"only the {user_clients} connections of user {user} got its note",
+     got(users, f"a note for {user}") == user_clients
+     and got(plain, f"a note for {user}") == 0 and got(channel, f"a note for {user}") == 0),
 ]
 rows_after = boto3.client("dynamodb").scan(TableName=table, Select="COUNT")["Count"]
 print(f"\ntable rows: {rows_before} before, {rows_after} after (gone and expired rows removed: {int(rows_before) - rows_after})")
@@ -233,7 +269,25 @@ print(f"\ndead-letter queue: {len(dead)} message(s)")
 for m in dead:
     reason = m.get("MessageAttributes", {}).get("fanout.reason", {}).get("StringValue", "(no reason attribute)")
     print(f"  {len(m['Body'])} bytes, reason: {reason}")
-sys.exit(0 if all(ok for _, ok in checks) and len(dead) == 1 else 1)
+sqs_reports = []
+while True:
+    batch = sqs.receive_message(QueueUrl=report_queue, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])
+    if not batch:
+        break
+    sqs_reports.extend(json.loads(m["Body"]) for m in batch)
+print(f"\nbroadcast reports on the report queue (FANOUT_REPORT_QUEUE_URL): {len(sqs_reports)}")
+print(f"  {'broadcast':<10} {'status':<14} {'final':<6} {'audience':>8} {'delivered':>9} {'gone':>5} {'expired':>7} {'removed':>7}")
+for r in sorted(sqs_reports, key=lambda r: names.get(r["id"], r["id"])):
+    print(f"  {names.get(r['id'], r['id'])[:10]:<10} {r['status']:<14} {str(r['final']).lower():<6} {r['audience']:>8} "
+          f"{r['delivered']:>9} {r['gone']:>5} {r['expired']:>7} {r['removed']:>7}")
+by_name = {names.get(r["id"]): r for r in sqs_reports}
+report_ok = (len(sqs_reports) == 4
+             and all(by_name.get(n, {}).get("status") == "done" for n in ("everyone", "channel", "user"))
+             and by_name.get("oversize", {}).get("status") == "dead_lettered"
+             and all(r["final"] for r in sqs_reports)
+             and by_name["everyone"]["delivered"] == reports["everyone"]["delivered"])
+print(f"  [{'ok' if report_ok else 'FAILED'}] one final report per broadcast, its counts those of the worker's log")
+sys.exit(0 if all(ok for _, ok in checks) and len(dead) == 1 and report_ok else 1)
 PY
 echo
 echo "logs and summaries: $WORK"
