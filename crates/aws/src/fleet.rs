@@ -147,6 +147,17 @@ impl LeaseTable for DynamoLeaseTable {
 /// Refuses a table not keyed `pk` (S) + `sk` (S): most likely the
 /// connections table named by mistake, where every PutItem would fail.
 fn check_key_schema(table: &str, description: &TableDescription) -> Result<(), FleetError> {
+    pk_sk_key(description).map_err(|found| {
+        FleetError::Rejected(format!(
+            "the fleet table {table} has {found}, not pk (S) and sk (S); \
+             point FANOUT_FLEET_TABLE at the fleet's own table"
+        ))
+    })
+}
+
+/// Whether a table is keyed `pk` (S) + `sk` (S), the layout the fleet's
+/// leases and the runs' records share; `Err` names the key it has.
+pub(crate) fn pk_sk_key(description: &TableDescription) -> Result<(), String> {
     let key_of = |kind: KeyType| {
         let name = description
             .key_schema()
@@ -170,12 +181,11 @@ fn check_key_schema(table: &str, description: &TableDescription) -> Result<(), F
         Some((name, scalar)) => format!("{name} ({})", scalar.as_str()),
         None => "nothing".to_owned(),
     };
-    Err(FleetError::Rejected(format!(
-        "the fleet table {table} has partition key {} and sort key {}, not pk (S) and sk (S); \
-         point FANOUT_FLEET_TABLE at the fleet's own table",
+    Err(format!(
+        "partition key {} and sort key {}",
         shown(key_of(KeyType::Hash)),
         shown(key_of(KeyType::Range)),
-    )))
+    ))
 }
 
 /// A lease as the item that stores it.

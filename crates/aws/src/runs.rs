@@ -11,7 +11,7 @@
 //! | `leaseUntilMs` | N | until when the owner holds it |
 //! | `finishedAtMs` | N | when its message was settled off the queue (absent while it runs) |
 //! | `expiresAt` | N | the TTL (epoch seconds): past the dedup window |
-//! | `checkpoint` | S | where the run resumes if its task dies: its resume points, JSON (absent before the first page) |
+//! | `checkpoint` | S | where the run resumes if its task dies: its resume points and the ids still deferred before them, JSON (absent before the first page) |
 //! | `version` | N | bumped by every write |
 //!
 //! The `run#` prefix keeps the items apart from the fleet's (`fleet#…`), so
@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::types::{AttributeValue, KeyType, ScalarAttributeType};
+use aws_sdk_dynamodb::types::AttributeValue;
 
 use fanout_core::durable::{DurableError, RunRecord, RunTable};
 
@@ -53,26 +53,15 @@ impl DynamoRunTable {
             .send()
             .await
             .map_err(|err| map_error(&table, err))?;
-        let keyed_right = output.table().is_some_and(|t| {
-            let key_of = |kind: KeyType| {
-                let name = t
-                    .key_schema()
-                    .iter()
-                    .find(|e| e.key_type() == &kind)?
-                    .attribute_name();
-                let scalar = t
-                    .attribute_definitions()
-                    .iter()
-                    .find(|d| d.attribute_name() == name)?
-                    .attribute_type()
-                    .clone();
-                Some((name.to_owned(), scalar))
-            };
-            key_of(KeyType::Hash) == Some((PK.to_owned(), ScalarAttributeType::S))
-                && key_of(KeyType::Range) == Some((SK.to_owned(), ScalarAttributeType::S))
-        });
-        if !keyed_right {
-            return Err(DurableError::NoSuchTable { table });
+        match output.table().map(crate::fleet::pk_sk_key) {
+            Some(Ok(())) => {}
+            Some(Err(found)) => {
+                return Err(DurableError::Rejected(format!(
+                    "the checkpoint table {table} has {found}, not pk (S) and sk (S); \
+                     point FANOUT_CHECKPOINT_TABLE at a table keyed so (the fleet table is)"
+                )));
+            }
+            None => return Err(DurableError::NoSuchTable { table }),
         }
         Ok(Self { client, table })
     }

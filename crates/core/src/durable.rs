@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use crate::expiry::epoch_ms;
+use crate::job::DeferredSpec;
 use crate::job::Job;
 use crate::keys::{RunKey, fingerprint};
 use crate::queue::{Message, Receipt};
@@ -55,11 +56,27 @@ pub struct RunRecord {
     pub finished_at_ms: Option<i64>,
     /// Epoch seconds after which the table may drop the record (its TTL).
     pub expires_at: i64,
-    /// Where the run resumes (its resume points, as JSON) if its task dies:
-    /// written after each fully delivered page.
+    /// Where the run resumes if its task dies, a [`Checkpoint`] as JSON:
+    /// written after each fully answered page.
     pub checkpoint: Option<String>,
     /// Bumped by every write; a write names the version it read.
     pub version: u64,
+}
+
+/// Connections a checkpoint lists at most: past this, it holds the
+/// stricter resume points instead (those that never pass a page with a
+/// deferred connection), so a record stays far under DynamoDB's 400 KB.
+pub const MAX_CHECKPOINT_DEFERRED: usize = 1000;
+
+/// Where a run resumes if its task dies: each segment's resume point, and
+/// the connections deferred (in retry backoff) on the pages before it,
+/// which the run that takes over retries first.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    pub resume: Vec<Cursor>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deferred: Vec<DeferredSpec>,
 }
 
 /// Why the run table could not answer.
@@ -347,9 +364,9 @@ pub struct Ledger {
 /// What the worker does with a job, once admitted.
 #[derive(Debug)]
 pub enum Admitted {
-    /// Run it, holding this lease; from these resume points when an
-    /// earlier run of it died after a checkpoint.
-    Run(RunLease, Option<Vec<Cursor>>),
+    /// Run it, holding this lease; from this checkpoint when an earlier
+    /// run of it died after writing one.
+    Run(RunLease, Option<Checkpoint>),
     /// Run it without a record: the table failed (counted and logged).
     Unrecorded,
     /// Do not run it: delete its message, a producer's retry.
@@ -450,14 +467,15 @@ impl Ledger {
             match RunTable::store(table, &record, read).await {
                 Ok(true) if claimed => {
                     let resume = record.checkpoint.as_deref().and_then(|text| {
-                        serde_json::from_str::<Vec<Cursor>>(text)
+                        serde_json::from_str::<Checkpoint>(text)
                             .inspect_err(|e| tracing::warn!(run = key, error = %e, "an unreadable checkpoint; the run starts from its job's own start"))
                             .ok()
                     });
-                    if let Some(cursors) = &resume {
+                    if let Some(checkpoint) = &resume {
                         tracing::info!(
                             run = key,
-                            segments = cursors.len(),
+                            segments = checkpoint.resume.len(),
+                            deferred = checkpoint.deferred.len(),
                             "taking over a run whose task stopped: resuming from its checkpoint"
                         );
                     }
@@ -508,8 +526,8 @@ impl Ledger {
 
     /// Stores the run's resume points; a failure is counted and logged,
     /// and the run goes on.
-    pub async fn save(&self, lease: &RunLease, resume: &[Cursor]) {
-        let checkpoint = match serde_json::to_string(resume) {
+    pub async fn save(&self, lease: &RunLease, checkpoint: &Checkpoint) {
+        let checkpoint = match serde_json::to_string(checkpoint) {
             Ok(text) => text,
             Err(e) => {
                 tracing::warn!(run = lease.key, error = %e, "cannot encode a checkpoint");

@@ -31,6 +31,7 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::backoff::Backoff;
 use crate::connection::{Connection, ConnectionId};
 use crate::counts::JobCounts;
+use crate::durable::{Checkpoint, MAX_CHECKPOINT_DEFERRED};
 use crate::expiry::AgeProblems;
 use crate::gateway::{Gateway, Pace, PostOutcome, Step};
 use crate::job::{Job, Target};
@@ -210,17 +211,20 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         job: &Job,
         stop: &CancellationToken,
     ) -> (Report, Result<(), FanoutError>) {
-        self.run_checkpointed(job, stop, None).await
+        self.run_checkpointed(job, stop, None, Vec::new()).await
     }
 
-    /// [`run`](Self::run), publishing the resume points to `checkpoints`
-    /// each time one moves (after a fully delivered page), for a writer
-    /// that stores them without holding up the sends.
+    /// [`run`](Self::run), publishing a [`Checkpoint`] to `checkpoints`
+    /// each time a resume point moves (after a fully answered page), for a
+    /// writer that stores it without holding up the sends; `carried` are
+    /// the connections an earlier run's checkpoint had deferred, retried
+    /// with this run's deferred ones.
     pub async fn run_checkpointed(
         &self,
         job: &Job,
         stop: &CancellationToken,
-        checkpoints: Option<tokio::sync::watch::Sender<Vec<Cursor>>>,
+        checkpoints: Option<tokio::sync::watch::Sender<Checkpoint>>,
+        carried: Vec<Connection>,
     ) -> (Report, Result<(), FanoutError>) {
         let mut published = 0u64;
         let started = Instant::now();
@@ -259,7 +263,14 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         let age_problems = Mutex::new(AgeProblems::default());
 
         let mut report = Report::default();
-        let mut deferred: Vec<Deferred> = Vec::new();
+        audience.fetch_add(carried.len() as u64, Ordering::Relaxed);
+        let mut deferred: Vec<Deferred> = carried
+            .into_iter()
+            .map(|connection| Deferred {
+                connection,
+                reason: "deferred before its run was taken over".to_owned(),
+            })
+            .collect();
         let mut rejected: Vec<ConnectionId> = Vec::new();
         // The block owns the send stream: leaving it drops the sends still in
         // flight, whose outcome is then unknown, which is why an interrupted
@@ -390,12 +401,16 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                         && progress.moves() != published
                     {
                         published = progress.moves();
-                        checkpoints.send_replace(progress.resume_points());
+                        checkpoints.send_replace(checkpoint_of(&progress, &deferred));
                     }
                 }
                 answered.notify_waiters();
             }
         };
+        if let (Ok(()), Some(checkpoints)) = (&result, &checkpoints) {
+            // Every page answered: only the deferred connections are left.
+            checkpoints.send_replace(checkpoint_of(&lock(&progress), &deferred));
+        }
         let result = match result {
             Ok(()) => {
                 let state = Settling {
@@ -650,6 +665,26 @@ async fn settle_delivery(
         Delivery::Abort(e) => return Err(e),
     }
     Ok(())
+}
+
+/// What a run would resume from now: past every answered page with its
+/// deferred connections listed, or, with too many to list, past finished
+/// pages only.
+fn checkpoint_of(progress: &Progress, deferred: &[Deferred]) -> Checkpoint {
+    if deferred.len() <= MAX_CHECKPOINT_DEFERRED {
+        Checkpoint {
+            resume: progress.answered_points(),
+            deferred: deferred
+                .iter()
+                .map(|d| crate::job::deferred_spec(&d.connection))
+                .collect(),
+        }
+    } else {
+        Checkpoint {
+            resume: progress.resume_points(),
+            deferred: Vec::new(),
+        }
+    }
 }
 
 /// A continuation's deferred connections as pages, resumed from an offset.
@@ -911,6 +946,65 @@ mod tests {
         assert_eq!(report.gone as usize, gone.len());
         assert_eq!(report.removed as usize, gone.len() + 99 - rewritten.len());
         assert_eq!(Metrics::get(&engine.metrics.expired), 99);
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_passes_pages_whose_open_connections_it_lists_and_a_taker_retries_them() {
+        let all = ids(20);
+        let table = Arc::new(FakeTable::with(&all, 5));
+        let stuck = FakeGateway::default();
+        stuck.script.lock().unwrap().insert(
+            "conn-3".into(),
+            vec![PostOutcome::Transient("HTTP 503".into()); 1000],
+        );
+        let engine = engine(table.clone(), Arc::new(stuck), 4);
+        let (tx, rx) = tokio::sync::watch::channel(Checkpoint::default());
+        let (report, result) = engine
+            .run_checkpointed(
+                &job(Target::All),
+                &CancellationToken::new(),
+                Some(tx),
+                Vec::new(),
+            )
+            .await;
+        result.expect("completes");
+        assert!(
+            report.resume.is_empty(),
+            "the strict point stays before conn-3's page"
+        );
+        let checkpoint = rx.borrow().clone();
+        assert_eq!(checkpoint.resume.len(), 1, "{checkpoint:?}");
+        assert_ne!(checkpoint.resume, report.resume, "past every answered page");
+        let listed: Vec<_> = checkpoint.deferred.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(listed, ["conn-3"]);
+
+        // The task dies; the run that takes over starts from the checkpoint
+        // and retries what it lists.
+        let gateway = Arc::new(FakeGateway::default());
+        let taker = super::tests::engine(table, gateway.clone(), 4);
+        let mut resumed = job(Target::All);
+        resumed.resume = Some(checkpoint.resume.clone());
+        let carried = checkpoint
+            .deferred
+            .iter()
+            .map(|d| Connection {
+                id: d.id.as_str().into(),
+                key: d.key.clone(),
+            })
+            .collect();
+        let (report, result) = taker
+            .run_checkpointed(&resumed, &CancellationToken::new(), None, carried)
+            .await;
+        result.expect("completes");
+        let delivered: Vec<_> = gateway
+            .delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect();
+        assert_eq!(delivered, ["conn-3"], "only what the checkpoint left open");
+        assert_eq!((report.audience, report.delivered), (1, 1));
     }
 
     #[tokio::test]

@@ -546,7 +546,7 @@ fn audience(to: BTreeMap<String, String>, caps: &Capabilities) -> Result<Target,
     Ok(Target::Audience { name, value })
 }
 
-fn deferred_spec(connection: &Connection) -> DeferredSpec {
+pub(crate) fn deferred_spec(connection: &Connection) -> DeferredSpec {
     DeferredSpec {
         id: connection.id.to_string(),
         key: connection.key.clone(),

@@ -144,6 +144,24 @@ impl Progress {
             .count() as u32
     }
 
+    /// Where each segment could resume if the connections deferred so far
+    /// were carried along: after the last page with every answer in (a
+    /// deferred answer counts), or where [`resume_points`](Self::resume_points)
+    /// says. A checkpoint that lists those connections may use these.
+    pub fn answered_points(&self) -> Vec<Cursor> {
+        self.segments
+            .values()
+            .filter_map(|segment| {
+                let answered = segment.answered_front.checked_sub(segment.first_seq)?;
+                match answered.checked_sub(1) {
+                    Some(last) => segment.open.get(last as usize).map(|p| p.next.clone()),
+                    None => None,
+                }
+                .or_else(|| segment.resume.clone())
+            })
+            .collect()
+    }
+
     /// Where each segment that made progress should resume. A segment not
     /// listed has not finished a page: it starts from its beginning.
     pub fn resume_points(&self) -> Vec<Cursor> {
@@ -171,6 +189,7 @@ impl Segment {
             .is_some_and(|page| page.unanswered == 0)
         {
             self.answered_front += 1;
+            moved = true;
         }
         moved
     }
@@ -204,6 +223,27 @@ mod tests {
         // Both pages are done now.
         assert_eq!(progress.resume_points(), [at(0, 3)]);
         assert_eq!(progress.moves(), 1, "one move, past both");
+    }
+
+    #[test]
+    fn a_page_whose_only_open_connection_is_deferred_is_answered_not_finished() {
+        let mut progress = Progress::default();
+        let p1 = progress.start_page(2, at(0, 2));
+        let p2 = progress.start_page(1, at(0, 3));
+        progress.start_page(1, at(0, 4));
+        progress.finish(p1);
+        progress.answer(p1, false);
+        progress.finish(p2);
+        assert!(
+            progress.resume_points().is_empty(),
+            "the first page has a deferred one"
+        );
+        assert_eq!(
+            progress.answered_points(),
+            [at(0, 3)],
+            "both pages answered"
+        );
+        assert!(progress.moves() > 0, "worth a checkpoint");
     }
 
     #[test]

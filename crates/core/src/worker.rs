@@ -326,14 +326,25 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 );
             }
         };
+        let mut carried = Vec::new();
         let lease = match &self.ledger {
             None => None,
             Some(ledger) => match ledger.admit(message, &job).await {
-                Admitted::Run(lease, resume) => {
+                Admitted::Run(lease, checkpoint) => {
                     // A checkpoint is newer than the job's own cursors: it
                     // was written by a run of this very job.
-                    if let Some(resume) = resume {
-                        job.resume = Some(resume);
+                    if let Some(checkpoint) = checkpoint {
+                        if !checkpoint.resume.is_empty() {
+                            job.resume = Some(checkpoint.resume);
+                        }
+                        carried = checkpoint
+                            .deferred
+                            .into_iter()
+                            .map(|d| crate::connection::Connection {
+                                id: d.id.into(),
+                                key: d.key,
+                            })
+                            .collect();
                     }
                     Some(lease)
                 }
@@ -360,7 +371,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             },
         };
         let (settlement, draft) = self
-            .run_admitted(message, job, lease.clone(), started)
+            .run_admitted(message, job, (lease.clone(), carried), started)
             .await;
         (settlement, Some(draft), lease)
     }
@@ -370,7 +381,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         &self,
         message: &Message,
         job: job::Job,
-        lease: Option<RunLease>,
+        (lease, carried): (Option<RunLease>, Vec<crate::connection::Connection>),
         started: SystemTime,
     ) -> (Settlement, Draft) {
         if let Some(total) = self.split_of(&job).filter(|_| message.group_id.is_none()) {
@@ -386,7 +397,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             Some((sender, writer)) => {
                 let ran = self
                     .engine
-                    .run_checkpointed(&job, &self.abort, Some(sender))
+                    .run_checkpointed(&job, &self.abort, Some(sender), carried)
                     .await;
                 // The run is over: what a last write would hold no longer
                 // matters (its message is settled next).

@@ -9,10 +9,10 @@ use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::JobContext;
-use crate::durable::RunLease;
+use crate::durable::{Checkpoint, RunLease};
 use crate::gateway::Gateway;
 use crate::queue::{JobQueue, Receipt};
-use crate::store::{ConnectionStore, Cursor};
+use crate::store::ConnectionStore;
 
 impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// Keeps the message hidden until the handle is dropped. Dropping, not an
@@ -61,9 +61,9 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     pub(super) fn checkpoint_writer(
         &self,
         lease: Option<RunLease>,
-    ) -> Option<(watch::Sender<Vec<Cursor>>, AbortOnDropHandle<()>)> {
+    ) -> Option<(watch::Sender<Checkpoint>, AbortOnDropHandle<()>)> {
         let (ledger, lease) = (self.ledger.clone()?, lease?);
-        let (sender, mut points) = watch::channel(Vec::new());
+        let (sender, mut points) = watch::channel(Checkpoint::default());
         let writer = AbortOnDropHandle::new(tokio::spawn(async move {
             while points.changed().await.is_ok() {
                 let resume = points.borrow_and_update().clone();

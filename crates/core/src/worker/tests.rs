@@ -71,8 +71,9 @@ impl Rig {
             .collect()
     }
 
-    async fn run(&self, settings: WorkerSettings, shutdown: CancellationToken) -> Stopped {
-        let engine = Engine::new(
+    /// The engine every test runs: quick retries, one pass.
+    fn engine(&self) -> Arc<Engine<Arc<FakeTable>, FakeGateway>> {
+        Arc::new(Engine::new(
             Arc::new(self.table.clone()),
             self.gateway.clone(),
             Arc::new(SendBudget::new(None, 8)),
@@ -90,10 +91,13 @@ impl Rig {
                 progress_interval: Duration::from_secs(3600),
             },
             self.metrics.clone(),
-        );
+        ))
+    }
+
+    async fn run(&self, settings: WorkerSettings, shutdown: CancellationToken) -> Stopped {
         run(
             self.queue.clone(),
-            Arc::new(engine),
+            self.engine(),
             settings,
             self.metrics.clone(),
             Reporter::new(vec![self.reports.clone()]),
@@ -855,28 +859,9 @@ mod durable {
             runs: &Arc<FakeRunTable>,
         ) -> Stopped {
             let ledger = Ledger::new(runs.clone(), windows(), self.metrics.clone());
-            let engine = Engine::new(
-                Arc::new(self.table.clone()),
-                self.gateway.clone(),
-                Arc::new(SendBudget::new(None, 8)),
-                EngineSettings {
-                    send_backoff: Backoff {
-                        base: Duration::from_millis(1),
-                        max: Duration::from_millis(1),
-                        max_attempts: 2,
-                    },
-                    throttle_deadline: Duration::from_millis(20),
-                    deferred_passes: 1,
-                    pass_pause: Duration::from_millis(1),
-                    max_in_flight: 8,
-                    scan_segments: 1,
-                    progress_interval: Duration::from_secs(3600),
-                },
-                self.metrics.clone(),
-            );
             run_durable(
                 self.queue.clone(),
-                Arc::new(engine),
+                self.engine(),
                 settings,
                 self.metrics.clone(),
                 Reporter::new(vec![self.reports.clone()]),
