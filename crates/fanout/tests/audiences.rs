@@ -88,13 +88,7 @@ impl Rig {
     }
 
     async fn send_raw(&self, body: &str) {
-        self.sqs
-            .send_message()
-            .queue_url(&self.queue.url)
-            .message_body(body)
-            .send()
-            .await
-            .expect("send a raw job");
+        support::send_body(&self.sqs, &self.queue.url, body).await;
     }
 
     async fn run_until_idle(&self) -> Run {

@@ -43,13 +43,7 @@ impl Setup {
     }
 
     async fn send(&self, body: &str) {
-        self.sqs
-            .send_message()
-            .queue_url(&self.queue.url)
-            .message_body(body)
-            .send()
-            .await
-            .expect("enqueue a job");
+        support::send_body(&self.sqs, &self.queue.url, body).await;
     }
 
     fn worker(&self, checkpoint_table: &str) -> tokio::process::Child {

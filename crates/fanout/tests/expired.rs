@@ -73,13 +73,8 @@ impl Setup {
     }
 
     async fn job(&self, id: &str) {
-        self.sqs
-            .send_message()
-            .queue_url(&self.queue.url)
-            .message_body(format!(r#"{{"id":"{id}","data":"hello {id}"}}"#))
-            .send()
-            .await
-            .expect("enqueue a job");
+        let body = format!(r#"{{"id":"{id}","data":"hello {id}"}}"#);
+        support::send_body(&self.sqs, &self.queue.url, &body).await;
     }
 
     async fn run(&self, extra: &[(&str, &str)]) -> Run {

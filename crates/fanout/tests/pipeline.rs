@@ -74,13 +74,7 @@ impl Pipeline {
 
     /// Puts a raw body on the jobs queue, as any producer's SDK would.
     async fn send_raw(&self, body: &str) {
-        self.sqs
-            .send_message()
-            .queue_url(&self.queue.url)
-            .message_body(body)
-            .send()
-            .await
-            .expect("send a raw job");
+        support::send_body(&self.sqs, &self.queue.url, body).await;
     }
 
     fn spawn_worker(&self, exit_when_idle: bool) -> Child {

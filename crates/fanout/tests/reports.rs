@@ -89,13 +89,7 @@ impl Rig {
     }
 
     async fn send_raw(&self, body: &str) {
-        self.sqs
-            .send_message()
-            .queue_url(&self.queue.url)
-            .message_body(body)
-            .send()
-            .await
-            .expect("send a raw job");
+        support::send_body(&self.sqs, &self.queue.url, body).await;
     }
 
     fn spawn_worker(&self, exit_when_idle: bool) -> Child {

@@ -557,6 +557,17 @@ pub async fn put_connections(
     }
 }
 
+/// Puts `body` on the queue at `url` as it is, as any producer's SDK
+/// would.
+pub async fn send_body(sqs: &aws_sdk_sqs::Client, url: &str, body: &str) {
+    sqs.send_message()
+        .queue_url(url)
+        .message_body(body)
+        .send()
+        .await
+        .expect("send a job");
+}
+
 /// Ids `prefix-0 … prefix-(n-1)`.
 pub fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:05}")).collect()
