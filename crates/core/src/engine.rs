@@ -912,13 +912,7 @@ mod tests {
         let (report, result) = engine.run(&job, &CancellationToken::new()).await;
         result.expect("completes");
 
-        let posted: HashSet<String> = gateway
-            .delivered
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, _)| id.clone())
-            .collect();
+        let posted: HashSet<String> = gateway.delivered_ids().into_iter().collect();
         assert!(posted.is_disjoint(&expired), "an expired row was posted to");
         assert_eq!(posted.len(), 200 - gone.len());
         let asked: HashSet<String> = table
@@ -996,13 +990,7 @@ mod tests {
             .run_checkpointed(&resumed, &CancellationToken::new(), None, carried)
             .await;
         result.expect("completes");
-        let delivered: Vec<_> = gateway
-            .delivered
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, _)| id.clone())
-            .collect();
+        let delivered: Vec<_> = gateway.delivered_ids().into_iter().collect();
         assert_eq!(delivered, ["conn-3"], "only what the checkpoint left open");
         assert_eq!((report.audience, report.delivered), (1, 1));
     }
@@ -1126,13 +1114,7 @@ mod tests {
             .run(&job(target), &CancellationToken::new())
             .await;
         result.expect("completes");
-        let mut got: Vec<String> = gateway
-            .delivered
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, _)| id.clone())
-            .collect();
+        let mut got: Vec<String> = gateway.delivered_ids().into_iter().collect();
         got.sort();
         assert_eq!(got, ["m1", "m2", "m3", "m4", "m5"], "each member once");
         assert_eq!((report.audience, report.gone), (6, 1), "{report:?}");
@@ -1188,20 +1170,8 @@ mod tests {
             .run(&next, &CancellationToken::new())
             .await;
         result.expect("completes");
-        let before: Vec<String> = gateway
-            .delivered
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, _)| id.clone())
-            .collect();
-        let after_ids: Vec<String> = second
-            .delivered
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, _)| id.clone())
-            .collect();
+        let before: Vec<String> = gateway.delivered_ids().into_iter().collect();
+        let after_ids: Vec<String> = second.delivered_ids().into_iter().collect();
         assert_eq!(report.delivered as usize, after_ids.len());
         assert!(
             after_ids.iter().all(|id| id.as_str() > after.as_str()),
@@ -1268,13 +1238,7 @@ mod tests {
             .await;
         result.expect("completes");
         assert_eq!(report.delivered, 2);
-        let mut got: Vec<String> = gateway
-            .delivered
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, _)| id.clone())
-            .collect();
+        let mut got: Vec<String> = gateway.delivered_ids().into_iter().collect();
         got.sort();
         assert_eq!(got, ["conn-3", "conn-9"]);
     }
@@ -1524,13 +1488,7 @@ mod tests {
             (report.audience, report.excluded, report.delivered),
             (2, 1, 2)
         );
-        let mut got: Vec<_> = gateway
-            .delivered
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, _)| id.clone())
-            .collect();
+        let mut got: Vec<_> = gateway.delivered_ids().into_iter().collect();
         got.sort();
         assert_eq!(got, ["x", "z"]);
     }

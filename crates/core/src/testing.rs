@@ -253,6 +253,16 @@ pub struct FakeGateway {
 }
 
 impl FakeGateway {
+    /// The ids delivered to, in order, once per delivery.
+    pub fn delivered_ids(&self) -> Vec<String> {
+        self.delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     /// Lets the posts to `held_ids` go on, now and from now on.
     pub fn release(&self) {
         self.released.store(true, Ordering::SeqCst);
