@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::http::HttpResponse;
@@ -28,7 +29,7 @@ use futures::StreamExt;
 use futures::stream::{self, BoxStream};
 
 use fanout_core::connection::{Connection, ConnectionId, KeyValue, RowKey};
-use fanout_core::expiry::{Age, AgeProblems, Expired, ExpiryRule};
+use fanout_core::expiry::{Age, AgeProblems, Expired, ExpiryRule, classify, epoch_ms};
 use fanout_core::store::{
     AudienceQuery, ChannelOrder, ConnectionStore, Cursor, MAX_REMOVE_BATCH, Page, Position,
     Removal, StoreError,
@@ -677,20 +678,23 @@ impl Inner {
                 Some(_) => Some(String::new()),
             });
         }
+        // One reading of the clock for the page: its rows were read at once.
+        let now_ms = epoch_ms(SystemTime::now());
+        let margin = age.rule.margin();
         let mut page = Page::new(Vec::new(), next);
         let mut problems = AgeProblems::default();
         for (connection, started) in self.connections_with(items).zip(started) {
             let Some((connection, started)) = connection.map(|c| (c, started)) else {
                 continue;
             };
-            match age.rule.age(started.as_deref()) {
-                Some(Age::Expired { started_ms }) if connection.key.is_some() => {
+            match classify(started.as_deref(), now_ms, margin) {
+                Age::Expired { started_ms } if connection.key.is_some() => {
                     page.expired.push(Expired {
                         connection,
                         started_ms,
                     });
                 }
-                Some(Age::Unknown(problem)) => {
+                Age::Unknown(problem) => {
                     problems.add(&connection.id, problem);
                     page.connections.push(connection);
                 }

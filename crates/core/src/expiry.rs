@@ -160,12 +160,6 @@ impl ExpiryRule {
         self.on.load(Ordering::Relaxed)
     }
 
-    /// The age of a row under the rule now, or `None` while it is off.
-    pub fn age(&self, started: Option<&str>) -> Option<Age> {
-        self.is_on()
-            .then(|| classify(started, epoch_ms(SystemTime::now()), self.margin))
-    }
-
     /// Compares the worker's clock (`local`, when the answer came) with
     /// AWS's (`server`, an answer's `Date` header), turns the rule off or
     /// on again, and says so when that changes it.
@@ -305,7 +299,7 @@ mod tests {
         let rule = ExpiryRule::new(DEFAULT_MARGIN);
         let local = SystemTime::now();
         assert_eq!(rule.clock(local, local), ClockVerdict::Agrees);
-        assert!(rule.age(Some("1")).is_some());
+        assert!(rule.is_on());
         // Whole seconds in the header: 59.9 s is within, 2 min is not.
         assert_eq!(
             rule.clock(local + Duration::from_millis(59_900), local),
@@ -315,8 +309,7 @@ mod tests {
             rule.clock(local - Duration::from_secs(120), local),
             ClockVerdict::Differs { skew_secs: -120 }
         );
-        assert!(!rule.is_on());
-        assert_eq!(rule.age(Some("1")), None, "off: no row is classified");
+        assert!(!rule.is_on(), "off: the store classifies no row");
         rule.clock(local, local);
         assert!(rule.is_on());
     }
