@@ -54,9 +54,9 @@ while (($#)); do
 done
 has_case() { [[ ",$BENCH_CASES," == *",$1,"* ]]; }
 
-# process: mode:rows:rate, mode plain|tls, rate free (set, never binding)
-# or bound (BOUND_RATE).
-PROCESS_CASES="${PROCESS_CASES:-plain:20000:free plain:200000:free tls:20000:free plain:20000:bound}"
+# process: mode:rows:rate, mode plain|tls, rate free (set, never binding),
+# bound (BOUND_RATE) or off (0: no limiter, what a rate is compared with).
+PROCESS_CASES="${PROCESS_CASES:-plain:20000:free plain:20000:off plain:200000:free tls:20000:free plain:20000:bound}"
 FREE_RATE="${FREE_RATE:-1000000}"
 BOUND_RATE="${BOUND_RATE:-5000}"
 # jobs: latency_ms:max_concurrent_jobs[:huge] (default: the configured
@@ -214,12 +214,14 @@ make_tls() {
 
 "${ON_SINK[@]}" "$BIN" sink --port "$PORT" >/dev/null 2>&1 &
 PIDS+=($!)
+SINK_PIDS=($!)
 wait_port "$PORT" "$!" sink
 if has_case process && [[ "$PROCESS_CASES" == *tls:* ]]; then
   make_tls
   "${ON_SINK[@]}" "$BIN" sink --port "$TLS_PORT" --tls-cert "$WORK/sink.pem" \
     --tls-key "$WORK/sink.key" >/dev/null 2>&1 &
   PIDS+=($!)
+  SINK_PIDS+=($!)
   wait_port "$TLS_PORT" "$!" "TLS sink"
 fi
 if has_case jobs; then
@@ -231,11 +233,13 @@ if ((NEED_DYNALITE)); then
   "${ON_SINK[@]}" node "$ROOT/.local/node/node_modules/dynalite/cli.js" --host 127.0.0.1 \
     --port "$DYNAMODB_PORT" --createTableMs 0 --deleteTableMs 0 >/dev/null 2>&1 &
   PIDS+=($!)
+  DYNALITE_PID=$!
   wait_port "$DYNAMODB_PORT" "$!" dynalite
 fi
 if ((NEED_MOTO)); then
   "${ON_SINK[@]}" "$ROOT/.local/venv/bin/moto_server" -H 127.0.0.1 -p "$SQS_PORT" >/dev/null 2>&1 &
   PIDS+=($!)
+  MOTO_PID=$!
   wait_port "$SQS_PORT" "$!" moto
 fi
 export AWS_ENDPOINT_URL_DYNAMODB="http://127.0.0.1:$DYNAMODB_PORT" \
@@ -265,11 +269,32 @@ wrk_rate() { # URL → requests/s of wrk on the worker's core
 # straight from its own small process (the kernel carries a parent's
 # high-water RSS across exec into ru_maxrss: from a big parent, the figure
 # would be the parent's).
+# CPU ticks (user + system) of the sinks and emulators, a "name ticks" line
+# each: what the worker's peers spent on the sink's core during a run.
+peer_ticks() {
+  local name pid
+  for name in sink dynalite moto; do
+    local total=0
+    case $name in
+      sink) pids=("${SINK_PIDS[@]}") ;;
+      dynalite) pids=(${DYNALITE_PID:-}) ;;
+      moto) pids=(${MOTO_PID:-}) ;;
+    esac
+    for pid in "${pids[@]}"; do
+      [[ -r /proc/$pid/stat ]] || continue
+      total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+    done
+    echo "$name $total"
+  done
+}
+
 fanout_run() {
   local table=$1 endpoint=$2 rate=$3 log="$WORK/fanout.log" rss="$WORK/rss" cpu="$WORK/cpu" pid
   "$FANOUT" enqueue --data "$(head -c "$PAYLOAD_BYTES" /dev/zero | tr '\0' x)" --id bench \
     >/dev/null 2>"$WORK/enqueue.err" || die "enqueue failed: $(cat "$WORK/enqueue.err")"
   local TIMEFORMAT="%3U %3S %3R"
+  grep -E '^cpu[0-9]+ ' /proc/stat >"$WORK/stat.before"
+  peer_ticks >"$WORK/peers.before"
   {
     time {
       FANOUT_TABLE="$table" FANOUT_GATEWAY_ENDPOINT="$endpoint" FANOUT_RATE_PER_SECOND="$rate" \
@@ -279,9 +304,51 @@ fanout_run() {
       wait "$pid" || die "fanout run failed: $(tail -5 "$log")"
     }
   } 2>"$cpu"
-  python3 - "$log" "$rss" "$cpu" >"$WORK/line" <<'PY'
+  grep -E '^cpu[0-9]+ ' /proc/stat >"$WORK/stat.after"
+  peer_ticks >"$WORK/peers.after"
+  python3 - "$log" "$rss" "$cpu" "$WORK/stat.before" "$WORK/stat.after" "$WORKER_CPU" "$SINK_CPU" \
+    "$WORK/peers.before" "$WORK/peers.after" "$(getconf CLK_TCK)" >"$WORK/line" <<'PY'
 import json, sys
-log, rss, cpu = sys.argv[1:]
+log, rss, cpu, before, after, worker_cpu, sink_cpu, peers_before, peers_after, hz = sys.argv[1:]
+
+
+def busy(path):
+    # /proc/stat per-core jiffies: busy = all but idle and iowait.
+    out = {}
+    for line in open(path):
+        name, *ticks = line.split()
+        ticks = [int(t) for t in ticks]
+        out[name] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    return out
+
+
+b, a = busy(before), busy(after)
+
+
+def steal():
+    # The hypervisor's share of both cores: time this VM wanted but did not get.
+    s0 = sum(int(l.split()[8]) for l in open(before))
+    s1 = sum(int(l.split()[8]) for l in open(after))
+    t0 = sum(sum(int(t) for t in l.split()[1:]) for l in open(before))
+    t1 = sum(sum(int(t) for t in l.split()[1:]) for l in open(after))
+    return (s1 - s0) / max(t1 - t0, 1)
+
+
+def peers(path):
+    return {name: int(ticks) for name, ticks in (l.split() for l in open(path))}
+
+
+peers0, peers1 = peers(peers_before), peers(peers_after)
+
+
+def share(core):
+    name = f"cpu{core}"
+    if name not in a:
+        return 0.0
+    (b0, t0), (b1, t1) = b[name], a[name]
+    return (b1 - b0) / max(t1 - t0, 1)
+
+
 lines = [json.loads(l) for l in open(log) if l.startswith("{")]
 jobs = [l for l in lines if l.get("message") == "broadcast"]
 if len(jobs) != 1 or jobs[0].get("status") != "done":
@@ -295,7 +362,9 @@ print(f"posts={posts} secs={secs:.3f} posts_per_s={posts / secs:.0f} "
       f"cpu_s={cpu_s:.3f} cpu_us_per_post={cpu_s * 1e6 / posts:.2f} process_wall_s={wall:.3f} "
       f"peak_rss_mb={int(open(rss).read().split()[-1]) / 1024:.1f} delivered={j['delivered']} "
       f"gone={j['gone']} removed={j['removed']} failed={j['failed']} retries={j['retries']} "
-      f"throttled={j['throttled']}")
+      f"throttled={j['throttled']} worker_core_busy={share(worker_cpu):.2f} "
+      f"sink_core_busy={share(sink_cpu):.2f} steal={steal():.3f} "
+      + " ".join(f"{name}_cpu_s={(ticks - peers0.get(name, 0)) / int(hz):.2f}" for name, ticks in peers1.items()))
 PY
 }
 
@@ -311,11 +380,18 @@ process_cases() {
       echo "bench: loading $rows rows into dynalite (not measured)" >&2
       "$BIN" prepare --table "$table" --connections "$rows"
       touch "$WORK/table-$rows"
+      # dynalite's first scan of a table runs while V8 compiles its scan
+      # and delete paths (0.20-0.25 of wrk where later runs reach 0.4): a
+      # cost of the emulator, not of the worker. One run, not measured.
+      echo "bench: warm-up broadcast on $rows rows (not measured)" >&2
+      fanout_run "$table" "$ENDPOINT" "$FREE_RATE"
+      "$BIN" prepare --table "$table" --connections "$rows" --only-gone
     else
       # The last broadcast deleted the gone rows.
       "$BIN" prepare --table "$table" --connections "$rows" --only-gone
     fi
     [[ $rate_kind == bound ]] && rate=$BOUND_RATE
+    [[ $rate_kind == off ]] && rate=0
     if [[ $mode == tls ]]; then
       endpoint=$TLS_ENDPOINT
       export SSL_CERT_FILE="$WORK/ca.pem"
@@ -323,7 +399,7 @@ process_cases() {
     echo "bench: run $run, fanout run, $rows rows from dynalite, $mode, rate $rate" >&2
     fanout_run "$table" "$endpoint" "$rate"
     unset SSL_CERT_FILE
-    if [[ $rate_kind == free ]]; then wrk_rps=$(wrk_rate "$endpoint"); fi
+    if [[ $rate_kind != bound ]]; then wrk_rps=$(wrk_rate "$endpoint"); fi
     echo "kind=process run=$run mode=$mode rows=$rows rate=$rate rate_kind=$rate_kind $(cat "$WORK/line") wrk_per_s=$wrk_rps" >>"$OUT"
   done
   unset FANOUT_QUEUE_URL FANOUT_METRICS_LISTEN FANOUT_EMF_INTERVAL FANOUT_RECEIVE_WAIT FANOUT_MAX_IN_FLIGHT \

@@ -51,18 +51,46 @@ def process_section(rows):
     groups = defaultdict(list)
     for r in rs:
         groups[(r["mode"], int(r["rows"]), r["rate_kind"], r["rate"])].append(r)
-    lines = []
-    for (mode, n, kind, rate), g in sorted(groups.items(), key=lambda kv: (kv[0][2] != "free", kv[0][0], kv[0][1])):
+    lines, peers = [], []
+    order = {"free": 0, "off": 1, "bound": 2}
+    for (mode, n, kind, rate), g in sorted(groups.items(), key=lambda kv: (order.get(kv[0][2], 3), kv[0][0], kv[0][1])):
+        label = {"free": f"{int(rate):,}/s (not binding)", "off": "0 (no limiter)"}.get(kind, f"{int(rate):,}/s (binding)")
         lines.append([
-            mode, f"{n:,}", f"{int(rate):,}/s ({'not binding' if kind == 'free' else 'binding'})", str(len(g)),
+            mode, f"{n:,}", label, str(len(g)),
             spread(floats(g, "posts_per_s"), "{:.0f}"), spread(floats(g, "wrk_per_s"), "{:.0f}"),
             spread(ratios(g), "{:.2f}"), spread(floats(g, "cpu_us_per_post"), "{:.1f}"),
             spread([1e6 / v for v in floats(g, "cpu_us_per_post")], "{:.0f}"),
             spread(floats(g, "peak_rss_mb"), "{:.1f}"), spread(floats(g, "process_wall_s"), "{:.2f}"),
         ])
+        if all(r.get("sink_cpu_s") for r in g):
+            # Per post, what the sink's core spent: the sink itself, and
+            # dynalite scanning and deleting (moto only at the start and end).
+            per = lambda key: [1e6 * float(r[key]) / float(r["posts"]) for r in g]  # noqa: E731
+            # The most posts/s the sink's core could serve at what its
+            # peers spent per post in that run; and the ratio to wrk that
+            # allows, since wrk has that core for the sink alone.
+            ceiling = [1e6 * float(r["posts"]) / sum(1e6 * float(r[k]) for k in ("sink_cpu_s", "dynalite_cpu_s",
+                                                                                  "moto_cpu_s"))
+                       for r in g]
+            reached = [float(r["posts_per_s"]) / c for r, c in zip(g, ceiling)]
+            allows = [c / float(r["wrk_per_s"]) for r, c in zip(g, ceiling) if r.get("wrk_per_s")]
+            peers.append([
+                mode, f"{n:,}", label,
+                spread(per("sink_cpu_s"), "{:.1f}"), spread(per("dynalite_cpu_s"), "{:.1f}"),
+                spread(per("moto_cpu_s"), "{:.2f}"),
+                spread(floats(g, "worker_core_busy"), "{:.2f}"), spread(floats(g, "sink_core_busy"), "{:.2f}"),
+                spread([100 * float(r["steal"]) for r in g], "{:.1f}"),
+                spread(ceiling, "{:.0f}"), spread(reached, "{:.2f}"), spread(allows, "{:.2f}"),
+            ])
     out = ["## Production path: `fanout run` as a process (SQS job on moto, audience scanned from dynalite)", "",
            table(["transport", "rows", "rate", "runs", "posts/s", "wrk posts/s", "ratio", "CPU µs/post (process)",
                   "posts/CPU-s", "peak RSS MB", "process wall s"], lines), ""]
+    if peers:
+        out += ["Where the sink's core went during the same runs (CPU µs per post of each peer; each core's busy "
+                "share and the hypervisor's steal over the process's wall time, start-up and idle exit included):",
+                "", table(["transport", "rows", "rate", "sink µs/post", "dynalite µs/post", "moto µs/post",
+                           "worker core busy", "sink core busy", "steal %", "posts/s the sink's core allows",
+                           "reached of it", "ratio to wrk it allows"], peers), ""]
     bad = [r for r in rs if int(r.get("failed", 0)) or int(r.get("retries", 0))]
     if bad:
         out.append(f"- note: {len(bad)} run(s) with failed or retried sends")
@@ -83,6 +111,14 @@ def process_section(rows):
             growth = statistics.median(floats(big, "peak_rss_mb")) / rss
             checks.append(f"- peak RSS {sizes[-1]:,} vs {sizes[0]:,} rows: {growth:.2f}× (target ≤ 1.25×) — "
                           f"{verdict(growth <= 1.25)}")
+    off = next((g for (m, n, k, _), g in groups.items() if (m, n, k) == ("plain", 20000, "off")), None)
+    if main and off:
+        with_rate = statistics.median(floats(main, "cpu_us_per_post"))
+        without = statistics.median(floats(off, "cpu_us_per_post"))
+        checks.append(f"- a rate set costs ≤ 10 % more CPU per post than none (20,000 rows, medians): "
+                      f"{with_rate:.1f} against {without:.1f} µs ({100 * (with_rate / without - 1):+.0f} %) — "
+                      f"{verdict(with_rate <= 1.1 * without)}; ratio to wrk with no limiter "
+                      f"{statistics.median(ratios(off)):.2f}")
     for (mode, n, kind, rate), g in groups.items():
         if kind == "bound":
             errors = [100 * (v - float(rate)) / float(rate) for v in floats(g, "posts_per_s")]
