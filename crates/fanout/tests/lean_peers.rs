@@ -1,9 +1,10 @@
-//! The lean send path against a server that is not hyper: Python's
+//! The lean send path against a server that is not hyper, Python's
 //! `http.server` (keep-alive HTTP/1.1, a listen backlog of 5, and over TLS
-//! a handshake in its accept loop), plain and over HTTPS with a CA made for
-//! the test and trusted through `SSL_CERT_FILE`, as an operator would give
-//! one. Each case sends at 1,000/s with 256 in flight through both paths
-//! and prints their posts/s (`-- --nocapture`).
+//! a handshake in its accept loop), and against one that is (hyper's HTTP/1
+//! server, as the benchmark's sink runs it); plain and over HTTPS with a CA
+//! made for the test and trusted through `SSL_CERT_FILE`, as an operator
+//! would give one. Each case sends at 1,000/s with 256 in flight through
+//! both paths and prints their posts/s (`-- --nocapture`).
 //!
 //! Needs `python3` and the `openssl` CLI.
 
@@ -69,6 +70,73 @@ impl PythonSink {
             port,
             connections,
         }
+    }
+}
+
+/// hyper's HTTP/1 server on 127.0.0.1, in this process: 200 with an empty
+/// body for every request, the body read first, as API Gateway answers a
+/// delivered post. Stops with the test's runtime.
+struct HyperSink {
+    port: u16,
+    connections: Arc<AtomicUsize>,
+}
+
+impl HyperSink {
+    async fn start(tls: Option<&Pki>) -> Self {
+        use http_body_util::{BodyExt, Full};
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+        let acceptor = tls.map(|pki| {
+            let chain = CertificateDer::pem_file_iter(&pki.server_cert)
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = PrivateKeyDer::from_pem_file(&pki.server_key).unwrap();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::Relaxed);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        |request: hyper::Request<hyper::body::Incoming>| async {
+                            let _ = request.into_body().collect().await;
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                                Bytes::new(),
+                            )))
+                        },
+                    );
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match acceptor {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let io = hyper_util::rt::TokioIo::new(stream);
+                                let _ = http.serve_connection(io, service).await;
+                            }
+                        }
+                        None => {
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            let _ = http.serve_connection(io, service).await;
+                        }
+                    }
+                });
+            }
+        });
+        Self { port, connections }
     }
 }
 
@@ -272,12 +340,13 @@ fn best(runs: &[Run]) -> &Run {
         .expect("three runs")
 }
 
-async fn compare(endpoint: &str, sink: &PythonSink, what: &str) {
+/// `connections`: the peer's count of connections accepted.
+async fn compare(endpoint: &str, connections: &AtomicUsize, what: &str) {
     let (mut lean, mut sdk) = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        let before = sink.connections.load(Ordering::Relaxed);
+        let before = connections.load(Ordering::Relaxed);
         lean.push(run(true, endpoint).await);
-        let opened = sink.connections.load(Ordering::Relaxed) - before;
+        let opened = connections.load(Ordering::Relaxed) - before;
         assert!(opened <= IN_FLIGHT, "lean opened {opened} connections");
         sdk.push(run(false, endpoint).await);
     }
@@ -305,7 +374,7 @@ async fn lean_keeps_up_with_the_sdk_against_pythons_http_server() {
     let sink = PythonSink::start(None);
     compare(
         &format!("http://127.0.0.1:{}/prod", sink.port),
-        &sink,
+        &sink.connections,
         "plain",
     )
     .await;
@@ -317,8 +386,32 @@ async fn lean_keeps_up_with_the_sdk_over_tls_with_a_ca_from_ssl_cert_file() {
     let sink = PythonSink::start(Some(pki));
     compare(
         &format!("https://127.0.0.1:{}/prod", sink.port),
-        &sink,
+        &sink.connections,
         "TLS",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lean_keeps_up_with_the_sdk_against_hyper() {
+    pki();
+    let sink = HyperSink::start(None).await;
+    compare(
+        &format!("http://127.0.0.1:{}/prod", sink.port),
+        &sink.connections,
+        "hyper, plain",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lean_keeps_up_with_the_sdk_against_hyper_over_tls() {
+    let pki = pki();
+    let sink = HyperSink::start(Some(pki)).await;
+    compare(
+        &format!("https://127.0.0.1:{}/prod", sink.port),
+        &sink.connections,
+        "hyper, TLS",
     )
     .await;
 }
