@@ -3,7 +3,7 @@
 # answers at once (410 for 5 % of the ids), next to wrk on the same sink in
 # the same run; see BENCHMARKS.md for what each case is.
 #
-#   scripts/bench.sh                          the default cases, 3 runs (~7 min on a
+#   scripts/bench.sh                          the default cases, 3 runs (~8 min on a
 #                                             quiet machine, ~17 at load 4-7)
 #   scripts/bench.sh --runs 5 --cases process,jobs
 #   scripts/bench.sh --quick                  1 run of process and jobs (~3 min)
@@ -13,9 +13,11 @@
 #   process  the `fanout` binary itself (`fanout run --exit-when-idle`, release)
 #            as a process: one SQS job on moto, the audience scanned from a
 #            dynalite table, gone rows deleted; rate set but not binding
-#            (plain HTTP and TLS; 20,000 and 200,000 rows) and binding.
-#            CPU and peak RSS are the process's own (bash's `time` for the
-#            CPU, /usr/bin/time exec'ing fanout for the peak RSS).
+#            (plain HTTP and TLS; 20,000 and 200,000 rows), binding, and
+#            off (no limiter, to compare with). CPU and peak RSS are the
+#            process's own (bash's `time` for the CPU, /usr/bin/time
+#            exec'ing fanout for the peak RSS); what the sink, dynalite and
+#            moto spent on their core during each run is recorded beside it.
 #   jobs     many small broadcasts: 1,000 channel jobs of 5 connections
 #            through the real worker loop (`bench jobs`, in-process queue and
 #            audiences), with 0 and 10 ms added to every AWS call, at the
