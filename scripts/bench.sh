@@ -61,9 +61,10 @@ has_case() { [[ ",$BENCH_CASES," == *",$1,"* ]]; }
 PROCESS_CASES="${PROCESS_CASES:-plain:20000:free plain:20000:off plain:200000:free tls:20000:free plain:20000:bound}"
 FREE_RATE="${FREE_RATE:-1000000}"
 BOUND_RATE="${BOUND_RATE:-5000}"
-# jobs: latency_ms:max_concurrent_jobs[:huge] (default: the configured
-# default; huge: one whole-table broadcast of that many beside the small jobs).
-JOBS_CASES="${JOBS_CASES:-0:default 10:default 10:4 10:default:50000}"
+# jobs: latency_ms:max_concurrent_jobs[:huge[:durable]] (default: the
+# configured default; huge: one whole-table broadcast of that many beside the
+# small jobs; durable: every run recorded, as with FANOUT_CHECKPOINT_TABLE).
+JOBS_CASES="${JOBS_CASES:-0:default 10:default 10:4 10:default:0:durable 10:default:50000}"
 JOBS="${JOBS:-1000}"
 JOBS_AUDIENCE="${JOBS_AUDIENCE:-5}"
 JOBS_RATE="${JOBS_RATE:-10000}"
@@ -411,12 +412,13 @@ process_cases() {
 jobs_cases() {
   local run=$1
   for case in $JOBS_CASES; do
-    IFS=: read -r latency slots huge <<<"$case"
+    IFS=: read -r latency slots huge durable <<<"$case"
     huge=${huge:-0}
     local endpoint=$ENDPOINT slots_env=()
     ((latency > 0)) && endpoint=$SLOW_ENDPOINT
     [[ $slots != default ]] && slots_env=(FANOUT_MAX_CONCURRENT_JOBS="$slots")
-    echo "bench: run $run, $JOBS jobs of $JOBS_AUDIENCE, ${latency} ms per AWS call, max_concurrent_jobs $slots, huge $huge" >&2
+    [[ ${durable:-} == durable ]] && slots_env+=(FANOUT_CHECKPOINT_TABLE=in-process)
+    echo "bench: run $run, $JOBS jobs of $JOBS_AUDIENCE, ${latency} ms per AWS call, max_concurrent_jobs $slots, huge $huge${durable:+, runs recorded}" >&2
     local line
     line=$(env "${slots_env[@]}" FANOUT_QUEUE_URL="http://127.0.0.1:1/in-process" FANOUT_TABLE=in-process \
       FANOUT_CHANNEL_INDEX=by-channel FANOUT_GATEWAY_ENDPOINT="$endpoint" FANOUT_RATE_PER_SECOND="$JOBS_RATE" \

@@ -240,6 +240,28 @@ async fn update<T: RunTable>(
     owner: &str,
     change: impl Fn(&mut RunRecord),
 ) -> Result<Option<RunRecord>, DurableError> {
+    update_from(table, key, owner, None, change).await
+}
+
+/// [`update`], starting from `known`, the record as this owner last wrote
+/// it: a write conditional on its version is right without a read, since
+/// every write bumps the version. Only when another write came in between
+/// (an adoption, a takeover) does it read and try again.
+async fn update_from<T: RunTable>(
+    table: &T,
+    key: &str,
+    owner: &str,
+    known: Option<RunRecord>,
+    change: impl Fn(&mut RunRecord),
+) -> Result<Option<RunRecord>, DurableError> {
+    if let Some(mut record) = known.filter(|r| r.key == key && r.owner == owner) {
+        let read = record.version;
+        change(&mut record);
+        record.version = read + 1;
+        if table.store(&record, Some(read)).await? {
+            return Ok(Some(record));
+        }
+    }
     // An adoption between the read and the write is the only write another
     // task makes to a held record: a few rounds always get through.
     for _ in 0..4 {
@@ -269,18 +291,25 @@ pub async fn renew<T: RunTable>(
     now_ms: i64,
     windows: Windows,
 ) -> Result<Renewed, DurableError> {
+    let renewed = update(table, key, owner, renewal(now_ms, windows)).await?;
+    Ok(held(renewed.as_ref()))
+}
+
+fn renewal(now_ms: i64, windows: Windows) -> impl Fn(&mut RunRecord) {
     let until = now_ms + ms(windows.lease);
-    let renewed = update(table, key, owner, |r| {
+    move |r| {
         r.lease_until_ms = until;
         r.expires_at = r.expires_at.max((until + ms(windows.dedup)) / 1000);
-    })
-    .await?;
-    Ok(match renewed {
+    }
+}
+
+fn held(renewed: Option<&RunRecord>) -> Renewed {
+    match renewed {
         Some(record) => Renewed::Held {
-            receipt: record.receipt,
+            receipt: record.receipt.clone(),
         },
         None => Renewed::Lost,
-    })
+    }
 }
 
 /// Marks a held run finished: its message is off the queue.
@@ -291,13 +320,16 @@ pub async fn finish<T: RunTable>(
     now_ms: i64,
     windows: Windows,
 ) -> Result<bool, DurableError> {
-    let done = update(table, key, owner, |r| {
+    let done = update(table, key, owner, finishing(now_ms, windows)).await?;
+    Ok(done.is_some())
+}
+
+fn finishing(now_ms: i64, windows: Windows) -> impl Fn(&mut RunRecord) {
+    move |r| {
         r.finished_at_ms = Some(now_ms);
         r.lease_until_ms = now_ms;
         r.expires_at = (now_ms + ms(windows.dedup)) / 1000;
-    })
-    .await?;
-    Ok(done.is_some())
+    }
 }
 
 /// Stores where a held run would resume.
@@ -307,18 +339,23 @@ pub async fn save<T: RunTable>(
     owner: &str,
     checkpoint: &str,
 ) -> Result<bool, DurableError> {
-    let saved = update(table, key, owner, |r| {
-        r.checkpoint = Some(checkpoint.to_owned())
-    })
-    .await?;
+    let saved = update(table, key, owner, checkpointing(checkpoint)).await?;
     Ok(saved.is_some())
+}
+
+fn checkpointing(checkpoint: &str) -> impl Fn(&mut RunRecord) + '_ {
+    move |r| r.checkpoint = Some(checkpoint.to_owned())
 }
 
 /// Lets a held run go at once (its message is back on the queue), so the
 /// next receive need not wait for the lease to expire.
 pub async fn release<T: RunTable>(table: &T, key: &str, owner: &str) -> Result<bool, DurableError> {
-    let released = update(table, key, owner, |r| r.lease_until_ms = 0).await?;
+    let released = update(table, key, owner, releasing).await?;
     Ok(released.is_some())
+}
+
+fn releasing(r: &mut RunRecord) {
+    r.lease_until_ms = 0;
 }
 
 type Boxed<'a, T> = Pin<Box<dyn Future<Output = Result<T, DurableError>> + Send + 'a>>;
@@ -390,9 +427,24 @@ pub struct RunLease {
     /// The message's newest receipt, which a redelivery's adoption may
     /// change: renewals and the settlement use it.
     receipt: Arc<Mutex<Receipt>>,
+    /// The record as this task last wrote it, so that the next write needs
+    /// no read first (see [`update_from`]).
+    written: Arc<Mutex<Option<RunRecord>>>,
 }
 
 impl RunLease {
+    fn written(&self) -> Option<RunRecord> {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Keeps what a write stored (`None`: the run is no longer this task's).
+    fn wrote(&self, record: Option<RunRecord>) {
+        *self.written.lock().unwrap_or_else(|p| p.into_inner()) = record;
+    }
+
     pub fn receipt(&self) -> Receipt {
         self.receipt
             .lock()
@@ -426,6 +478,27 @@ impl Ledger {
         let fingerprint = fingerprint(job);
         let owner = format!("{}/{}/{}", self.process, message.id, message.receive_count);
         let table = &self.table;
+        let request = Request {
+            key: &key,
+            fingerprint: &fingerprint,
+            owner: &owner,
+            message_id: &message.id,
+            receipt: &message.receipt.0,
+        };
+        // Most runs are new: claim as if there were no record (one
+        // conditional write), and read only when there is one.
+        if let Admission::Claim { record, read: None } =
+            admit(None, &request, epoch_ms(SystemTime::now()), self.windows)
+        {
+            match RunTable::store(table, &record, None).await {
+                Ok(true) => return Admitted::Run(self.lease(message, record), None),
+                Ok(false) => {}
+                Err(e) => {
+                    self.failed("claim the run", &key, &e);
+                    return Admitted::Unrecorded;
+                }
+            }
+        }
         // A conditional write that loses means another task wrote first:
         // decide again on what it wrote.
         for _ in 0..4 {
@@ -435,13 +508,6 @@ impl Ledger {
                     self.failed("read the run", &key, &e);
                     return Admitted::Unrecorded;
                 }
-            };
-            let request = Request {
-                key: &key,
-                fingerprint: &fingerprint,
-                owner: &owner,
-                message_id: &message.id,
-                receipt: &message.receipt.0,
             };
             let now = epoch_ms(SystemTime::now());
             let (record, read, claimed) =
@@ -479,14 +545,7 @@ impl Ledger {
                             "taking over a run whose task stopped: resuming from its checkpoint"
                         );
                     }
-                    return Admitted::Run(
-                        RunLease {
-                            key,
-                            owner,
-                            receipt: Arc::new(Mutex::new(message.receipt.clone())),
-                        },
-                        resume,
-                    );
+                    return Admitted::Run(self.lease(message, record), resume);
                 }
                 Ok(true) => return Admitted::Adopted,
                 Ok(false) => continue,
@@ -501,11 +560,43 @@ impl Ledger {
         Admitted::Unrecorded
     }
 
+    /// The lease of a run this task has just claimed with `record`.
+    fn lease(&self, message: &Message, record: RunRecord) -> RunLease {
+        RunLease {
+            key: record.key.clone(),
+            owner: record.owner.clone(),
+            receipt: Arc::new(Mutex::new(message.receipt.clone())),
+            written: Arc::new(Mutex::new(Some(record))),
+        }
+    }
+
+    /// [`update_from`] the record this lease last wrote, keeping what it
+    /// writes for the next.
+    async fn update(
+        &self,
+        lease: &RunLease,
+        change: impl Fn(&mut RunRecord),
+    ) -> Result<Option<RunRecord>, DurableError> {
+        let written = update_from(
+            &self.table,
+            &lease.key,
+            &lease.owner,
+            lease.written(),
+            change,
+        )
+        .await;
+        if let Ok(record) = &written {
+            lease.wrote(record.clone());
+        }
+        written
+    }
+
     /// Extends the lease (heartbeat); `false` once another task holds the
     /// run, when the heartbeat should stop keeping the message hidden.
     pub async fn renew(&self, lease: &RunLease) -> bool {
         let now = epoch_ms(SystemTime::now());
-        match renew(&self.table, &lease.key, &lease.owner, now, self.windows).await {
+        let renewed = self.update(lease, renewal(now, self.windows)).await;
+        match renewed.map(|r| held(r.as_ref())) {
             Ok(Renewed::Held { receipt }) => {
                 *lease.receipt.lock().unwrap_or_else(|p| p.into_inner()) = Receipt(receipt);
                 true
@@ -534,7 +625,11 @@ impl Ledger {
                 return;
             }
         };
-        match save(&self.table, &lease.key, &lease.owner, &checkpoint).await {
+        match self
+            .update(lease, checkpointing(&checkpoint))
+            .await
+            .map(|r| r.is_some())
+        {
             Ok(true) => {}
             Ok(false) => tracing::debug!(
                 run = lease.key,
@@ -547,18 +642,11 @@ impl Ledger {
     /// The run's message was settled: off the queue (`finished`), or back
     /// on it for another try.
     pub async fn close(&self, lease: RunLease, finished: bool) {
-        let table = &self.table;
         let result = if finished {
-            finish(
-                table,
-                &lease.key,
-                &lease.owner,
-                epoch_ms(SystemTime::now()),
-                self.windows,
-            )
-            .await
+            let now = epoch_ms(SystemTime::now());
+            self.update(&lease, finishing(now, self.windows)).await
         } else {
-            release(table, &lease.key, &lease.owner).await
+            self.update(&lease, releasing).await
         };
         if let Err(e) = result {
             self.failed(
@@ -762,6 +850,110 @@ mod tests {
         let done = table.load(&key).await.unwrap().unwrap();
         assert_eq!(done.finished_at_ms, Some(NOW));
         assert_eq!(done.version, 4);
+    }
+
+    fn message(id: &str, receipt: &str) -> Message {
+        Message {
+            id: id.into(),
+            body: String::new(),
+            receipt: Receipt(receipt.into()),
+            receive_count: 1,
+            group_id: None,
+            attributes: Default::default(),
+            trace_header: None,
+        }
+    }
+
+    fn news() -> Job {
+        let caps = crate::job::Capabilities {
+            channels: false,
+            audiences: None,
+        };
+        crate::job::parse(r#"{"id":"news","data":"x"}"#, "m1", &caps).unwrap()
+    }
+
+    fn ledger(table: &Arc<crate::testing::FakeRunTable>) -> Ledger {
+        Ledger::new(table.clone(), windows(), Arc::new(Metrics::default()))
+    }
+
+    fn calls(table: &crate::testing::FakeRunTable) -> u64 {
+        table.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A small broadcast's run costs its job two table round trips, not
+    /// four: a chat service's many small jobs each wait for them.
+    #[tokio::test]
+    async fn a_new_run_is_claimed_and_finished_in_one_write_each() {
+        let table = Arc::new(crate::testing::FakeRunTable::default());
+        let ledger = ledger(&table);
+        let Admitted::Run(lease, None) = ledger.admit(&message("m1", "r1"), &news()).await else {
+            panic!("claimed")
+        };
+        assert_eq!(calls(&table), 1, "claimed with one conditional write");
+        assert!(ledger.renew(&lease).await);
+        ledger
+            .save(
+                &lease,
+                &Checkpoint {
+                    resume: Vec::new(),
+                    deferred: Vec::new(),
+                },
+            )
+            .await;
+        ledger.close(lease, true).await;
+        assert_eq!(calls(&table), 4, "each later write without a read");
+        let record = table
+            .load(&RunKey::of(&news()).storage_key())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(record.finished_at_ms.is_some());
+        assert_eq!(
+            (record.version, record.checkpoint.as_deref()),
+            (4, Some(r#"{"resume":[]}"#))
+        );
+        // A producer's retry reads the record its claim found there.
+        let before = calls(&table);
+        assert!(matches!(
+            ledger.admit(&message("m2", "r2"), &news()).await,
+            Admitted::Duplicate { .. }
+        ));
+        assert_eq!(
+            calls(&table) - before,
+            2,
+            "a write that lost, then the read"
+        );
+    }
+
+    /// Another task's write between two of the holder's (a redelivery's
+    /// adoption) makes the holder's next write lose; it reads, and writes
+    /// again on what it read, keeping the adopted receipt.
+    #[tokio::test]
+    async fn a_write_that_another_came_before_reads_and_tries_again() {
+        let table = Arc::new(crate::testing::FakeRunTable::default());
+        let ledger = ledger(&table);
+        let first = message("m1", "r1");
+        let Admitted::Run(lease, None) = ledger.admit(&first, &news()).await else {
+            panic!("claimed")
+        };
+        let redelivered = Message {
+            receive_count: 2,
+            ..message("m1", "r1-newer")
+        };
+        assert!(matches!(
+            ledger.admit(&redelivered, &news()).await,
+            Admitted::Adopted
+        ));
+        assert!(ledger.renew(&lease).await);
+        assert_eq!(lease.receipt(), Receipt("r1-newer".into()));
+        ledger.close(lease, true).await;
+        let record = table
+            .load(&RunKey::of(&news()).storage_key())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.receipt, "r1-newer");
+        assert!(record.finished_at_ms.is_some());
     }
 
     #[tokio::test]

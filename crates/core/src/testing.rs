@@ -683,7 +683,12 @@ pub struct FakeRunTable {
     pub records: Mutex<HashMap<String, crate::durable::RunRecord>>,
     /// Every call fails as a throttled table does, while set.
     pub throttle: AtomicBool,
+    /// Writes that were applied.
     pub writes: AtomicU64,
+    /// Every call: reads and writes, applied or not.
+    pub calls: AtomicU64,
+    /// Waited in every call, as a table's round trip takes time.
+    pub latency: Duration,
 }
 
 impl crate::durable::RunTable for FakeRunTable {
@@ -691,6 +696,10 @@ impl crate::durable::RunTable for FakeRunTable {
         &self,
         key: &str,
     ) -> Result<Option<crate::durable::RunRecord>, crate::durable::DurableError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
         if self.throttle.load(Ordering::SeqCst) {
             return Err(crate::durable::DurableError::Throttled("fake".into()));
         }
@@ -702,6 +711,10 @@ impl crate::durable::RunTable for FakeRunTable {
         record: &crate::durable::RunRecord,
         read: Option<u64>,
     ) -> Result<bool, crate::durable::DurableError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
         if self.throttle.load(Ordering::SeqCst) {
             return Err(crate::durable::DurableError::Throttled("fake".into()));
         }

@@ -949,7 +949,7 @@ mod tests {
             assert_eq!(config.rate_per_second, Some(1000));
             assert_eq!(config.rate_burst, 50);
             assert_eq!(config.max_in_flight, 256);
-            assert_eq!(config.max_concurrent_jobs, 32);
+            assert_eq!(config.max_concurrent_jobs, 64);
             assert_eq!(config.shutdown_grace, Duration::from_secs(25));
             assert_eq!(config.receive_wait, Duration::from_secs(20));
             assert_eq!(config.dead_letter_queue_url, None);

@@ -10,7 +10,10 @@
 //! delete, visibility, Query, BatchWriteItem), as AWS calls take time; the
 //! sink adds the same to each PostToConnection (`bench sink --delay-ms`).
 //! The sends go through the configured send path (lean by default) to the
-//! sink.
+//! sink. With `FANOUT_CHECKPOINT_TABLE` set, as the template sets it, every
+//! job's run is recorded as `fanout run` records it (claim, checkpoints,
+//! finish), in an in-process run table behind `RunTable` (the kit's
+//! `FakeRunTable`) that waits the same latency on every call.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -21,11 +24,12 @@ use anyhow::Context;
 use fanout::config::Config;
 use fanout_aws::SelectedSender;
 use fanout_core::SendBudget;
+use fanout_core::durable::{Ledger, Windows};
 use fanout_core::engine::Engine;
 use fanout_core::job::Capabilities;
 use fanout_core::queue::{Message, Receipt};
 use fanout_core::telemetry::Metrics;
-use fanout_core::testing::{FakeQueue, GeneratedTable};
+use fanout_core::testing::{FakeQueue, FakeRunTable, GeneratedTable};
 use fanout_core::worker::{self, Stopped};
 use tokio_util::sync::CancellationToken;
 
@@ -107,15 +111,29 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
         audiences: Some(Vec::new()),
     };
 
+    let runs = Arc::new(FakeRunTable {
+        latency,
+        ..FakeRunTable::default()
+    });
+    let ledger = config.checkpoint_table.is_some().then(|| {
+        let windows = Windows {
+            dedup: config.dedup_window,
+            lease: config.visibility_timeout,
+        };
+        Arc::new(Ledger::new(runs.clone(), windows, metrics.clone()))
+    });
+    let durable = ledger.is_some();
+
     let cpu_before = crate::cpu_time()?;
     let started = Instant::now();
-    let stopped = worker::run(
+    let stopped = worker::run_durable(
         queue.clone(),
         Arc::new(engine),
         settings,
         metrics.clone(),
         fanout_core::report::Reporter::none(),
         CancellationToken::new(),
+        ledger,
     )
     .await;
     let wall = started.elapsed();
@@ -131,7 +149,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
     println!(
         "kind=jobs jobs={done} audience={} latency_ms={} max_concurrent_jobs={} rate={} \
          posts={posts} secs={:.3} jobs_per_s={:.0} posts_per_s={:.0} cpu_us_per_job={:.1} \
-         cpu_s={:.3} peak_rss_mb={:.1} removed={} huge={}",
+         cpu_s={:.3} peak_rss_mb={:.1} removed={} huge={} durable={} run_table_calls={}",
         args.audience,
         args.latency_ms,
         config.max_concurrent_jobs,
@@ -144,6 +162,8 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
         crate::peak_rss_kb()? as f64 / 1024.0,
         store.removed.load(Ordering::Relaxed),
         args.huge,
+        u8::from(durable),
+        runs.calls.load(Ordering::Relaxed),
     );
     Ok(())
 }
