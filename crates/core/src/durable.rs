@@ -332,17 +332,8 @@ fn finishing(now_ms: i64, windows: Windows) -> impl Fn(&mut RunRecord) {
     }
 }
 
-/// Stores where a held run would resume.
-pub async fn save<T: RunTable>(
-    table: &T,
-    key: &str,
-    owner: &str,
-    checkpoint: &str,
-) -> Result<bool, DurableError> {
-    let saved = update(table, key, owner, checkpointing(checkpoint)).await?;
-    Ok(saved.is_some())
-}
-
+/// Stores where a held run would resume (through [`Ledger::save`], which
+/// starts from the record the holder wrote last).
 fn checkpointing(checkpoint: &str) -> impl Fn(&mut RunRecord) + '_ {
     move |r| r.checkpoint = Some(checkpoint.to_owned())
 }
