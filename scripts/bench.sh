@@ -275,7 +275,7 @@ wrk_rate() { # URL → requests/s of wrk on the worker's core
 # CPU ticks (user + system) of the sinks and emulators, a "name ticks" line
 # each: what the worker's peers spent on the sink's core during a run.
 peer_ticks() {
-  local name pid
+  local name pid pids
   for name in sink dynalite moto; do
     local total=0
     case $name in
