@@ -973,8 +973,8 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_table_has_a_row_per_key_with_its_default() {
-        const README: &str = include_str!("../../../README.md");
+    fn the_configuration_doc_has_a_row_per_key_with_its_default() {
+        const DOC: &str = include_str!("../../../docs/configuration.md");
         let defaults: std::collections::BTreeMap<String, figment::value::Value> =
             Figment::from(Toml::string(DEFAULTS))
                 .extract()
@@ -982,7 +982,7 @@ mod tests {
         for key in keys() {
             // A row names one variable, or a few that go together.
             let variable = format!("`{}`", env_name(key));
-            let row = README
+            let row = DOC
                 .lines()
                 .find(|line| {
                     line.starts_with("| `FANOUT_")
@@ -990,7 +990,7 @@ mod tests {
                             names.split(',').any(|name| name.trim() == variable)
                         })
                 })
-                .unwrap_or_else(|| panic!("the README's table has no row for {variable}"));
+                .unwrap_or_else(|| panic!("docs/configuration.md has no row for {variable}"));
             let default_cell = row.trim_end_matches('|').rsplit('|').next().unwrap();
             if let Some(value) = defaults.get(*key) {
                 let text = match value {
@@ -1004,7 +1004,7 @@ mod tests {
                 };
                 assert!(
                     default_cell.contains(&text),
-                    "README gives {key}'s default as {default_cell:?}; config/default.toml has {text:?}"
+                    "docs/configuration.md gives {key}'s default as {default_cell:?}; config/default.toml has {text:?}"
                 );
             }
         }
