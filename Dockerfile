@@ -2,7 +2,7 @@
 # distroless (glibc, CA certificates, no shell), running as a non-root user.
 #
 # The build command below is the one CI runs (`cargo build --release --locked
-# -p fanout --bin fanout`, see the README's Deploy section): no Docker engine runs in CI, so what CI
+# -p fanout --bin fanout`, see docs/deploy.md): no Docker engine runs in CI, so what CI
 # compiles is what this image ships.
 
 ARG RUST_VERSION=1.95
@@ -33,7 +33,7 @@ RUN for crate in core aws fanout dev; do \
 COPY config ./config
 COPY crates ./crates
 # Line tables and symbols are for local profiling; the image drops them to
-# stay small (measured in the README's Deploy section).
+# stay small (measured in docs/deploy.md).
 RUN cargo build --release --locked -p fanout --bin fanout \
     && strip target/release/fanout \
     && cp target/release/fanout /fanout

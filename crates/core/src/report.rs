@@ -62,8 +62,8 @@ impl Status {
     }
 }
 
-/// The report of one settled message (the README's "Broadcast reports"
-/// section documents every field).
+/// The report of one settled message (the "Broadcast reports" section of
+/// docs/jobs.md documents every field).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BroadcastReport {
     /// The broadcast key (see [`crate::keys`]).

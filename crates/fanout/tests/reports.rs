@@ -149,7 +149,7 @@ fn at(report: &Value, key: &str) -> SystemTime {
     humantime::parse_rfc3339(text).unwrap_or_else(|e| panic!("{key} {text}: {e}"))
 }
 
-/// Every field the README documents, and no other.
+/// Every field docs/jobs.md documents, and no other.
 const FIELDS: &[&str] = &[
     "id",
     "run",

@@ -11,7 +11,7 @@ use fanout_core::worker::SHUTDOWN_SETTLE_BOUND;
 const TEMPLATE: &str = include_str!("../../../config/cloudformation.yaml");
 
 /// Time for the process itself to exit after the worker stops (the metrics
-/// server's last line, the runtime's shutdown), as the README sizes it.
+/// server's last line, the runtime's shutdown), as docs/how-it-works.md sizes it.
 const EXIT_MARGIN: Duration = Duration::from_secs(5);
 
 /// Fargate's ceiling for a container's stop timeout.
