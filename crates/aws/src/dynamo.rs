@@ -51,6 +51,11 @@ pub struct TableSettings {
     pub channel_attribute: String,
     /// Named audiences for `to`, each a GSI and its partition key.
     pub audiences: Vec<AudienceIndex>,
+    /// A GSI whose partition key is the id attribute, read for broadcasts
+    /// to everyone where a connection can have several rows (a table keyed
+    /// by channel, then id): it keeps each connection's rows together, so
+    /// each connection is sent to once.
+    pub connection_index: Option<String>,
     /// Rows per page (1 to 1,000).
     pub page_size: u32,
     /// The attribute holding each connection's start (epoch ms), and the
@@ -100,6 +105,9 @@ struct Inner {
     /// Where a channel is read: the channel index, or (`None`) the table
     /// itself when its key is the channel, then the id.
     channel_source: Option<String>,
+    /// Where a broadcast to everyone reads: the table (`Ok(None)`), the
+    /// connection index (`Ok(Some)`), or nowhere, with why.
+    whole_table: Result<Option<String>, String>,
 }
 
 impl DynamoStore {
@@ -229,6 +237,10 @@ impl DynamoStore {
             }
         }
 
+        let whole_table = whole_table_source(&settings, &key, |index| {
+            index_key(index, KeyType::Hash)
+        })?;
+
         let mut projected: Vec<&str> = key.iter().map(|(name, _)| name.as_str()).collect();
         if !projected.contains(&settings.key_attribute.as_str()) {
             projected.push(&settings.key_attribute);
@@ -260,15 +272,64 @@ impl DynamoStore {
                 projection_names,
                 channel_order,
                 channel_source,
+                whole_table,
             }),
         })
     }
+}
+
+/// Where a broadcast to everyone reads. One row per connection (a table
+/// keyed by the id, or by something else alone, such as the user), or a
+/// table partitioned by the id: the table, whose Scan keeps a connection's
+/// rows together. Otherwise (a table keyed by channel, then id) a
+/// connection can have rows far apart in a Scan, so the connection index,
+/// checked here, or a refusal for such jobs.
+fn whole_table_source(
+    settings: &TableSettings,
+    key: &[(String, ScalarAttributeType)],
+    index_hash: impl Fn(&str) -> Option<String>,
+) -> Result<Result<Option<String>, String>, StoreError> {
+    let id = &settings.key_attribute;
+    let several_rows = key.len() > 1 && key[0].0 != *id;
+    if let Some(index) = &settings.connection_index {
+        return match index_hash(index) {
+            Some(attr) if attr == *id => {
+                tracing::info!(table = %settings.table, index = %index, "broadcasts to everyone read the connection index, keyed by {id}");
+                Ok(Ok(Some(index.clone())))
+            }
+            Some(attr) => Err(StoreError::Rejected(format!(
+                "the index {index} of {} is keyed by {attr}, not by the connection id {id}; fix \
+                 FANOUT_CONNECTION_INDEX",
+                settings.table
+            ))),
+            None => Err(StoreError::Rejected(format!(
+                "the table {} has no global secondary index {index}; create one keyed by {id} \
+                 or fix FANOUT_CONNECTION_INDEX",
+                settings.table
+            ))),
+        };
+    }
+    if !several_rows {
+        return Ok(Ok(None));
+    }
+    let reason = format!(
+        "the table {} is keyed by {}, so a connection can have several rows, and a Scan returns \
+         them far apart: a broadcast to everyone would reach such a connection once per row. Set \
+         FANOUT_CONNECTION_INDEX to a global secondary index keyed by {id}; until then, broadcasts \
+         to everyone are refused (channels and named audiences still work)",
+        settings.table,
+        key.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(" + ")
+    );
+    tracing::warn!(table = %settings.table, "{reason}");
+    Ok(Err(reason))
 }
 
 /// How one segment's pages are read.
 #[derive(Clone, Debug)]
 enum Read {
     Scan {
+        /// `None`: the table itself.
+        index: Option<String>,
         segment: u32,
         total_segments: u32,
     },
@@ -291,6 +352,14 @@ impl ConnectionStore for DynamoStore {
         from: Option<Vec<Cursor>>,
     ) -> BoxStream<'static, Result<Page, StoreError>> {
         let inner = self.inner.clone();
+        let whole_table = match (&inner.whole_table, audience) {
+            (Err(reason), AudienceQuery::All { .. } | AudienceQuery::Segment { .. }) => {
+                let err = StoreError::NeedsConnectionIndex(reason.clone());
+                return stream::once(async { Err(err) }).boxed();
+            }
+            (Ok(index), _) => index.clone(),
+            (Err(_), _) => None,
+        };
         match audience {
             AudienceQuery::All { segments } => {
                 let total = (*segments).clamp(1, MAX_SEGMENTS);
@@ -302,6 +371,7 @@ impl ConnectionStore for DynamoStore {
                         Err(err) => return stream::once(async { Err(err) }).boxed(),
                     };
                     let read = Read::Scan {
+                        index: whole_table.clone(),
                         segment,
                         total_segments: total,
                     };
@@ -315,6 +385,7 @@ impl ConnectionStore for DynamoStore {
                 match start_of(from.as_deref(), segment) {
                     Ok(Some(start)) => {
                         let read = Read::Scan {
+                            index: whole_table,
                             segment,
                             total_segments: total,
                         };
@@ -409,14 +480,26 @@ impl ConnectionStore for DynamoStore {
         // Keyed by the normalised key: a batch naming one row twice is a
         // validation error in DynamoDB, and UnprocessedItems come back by key.
         let mut by_key: Vec<(RowKey, Vec<Connection>)> = Vec::new();
+        let mut conditional = Vec::new();
         for connection in gone {
-            let Some(key) = connection.key.as_ref().map(normalised) else {
-                removal.skipped.push(connection);
-                continue;
-            };
-            match by_key.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, same)) => same.push(connection),
-                None => by_key.push((key, vec![connection])),
+            match inner.removal_key(&connection) {
+                None => removal.skipped.push(connection),
+                Some(RowRemoval::Conditional(key)) => conditional.push((key, connection)),
+                Some(RowRemoval::Batch(key)) => {
+                    let key = normalised(&key);
+                    match by_key.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, same)) => same.push(connection),
+                        None => by_key.push((key, vec![connection])),
+                    }
+                }
+            }
+        }
+        for (key, connection) in conditional {
+            match inner.remove_if_same(key, &connection).await {
+                Ok(true) => {}
+                Ok(false) => removal.changed.push(connection),
+                Err(e) if e.is_transient() => removal.unprocessed.push(connection),
+                Err(e) => return Err(e),
             }
         }
         if by_key.is_empty() {
@@ -455,6 +538,76 @@ impl ConnectionStore for DynamoStore {
             }
         }
         Ok(removal)
+    }
+}
+
+/// How one gone connection's row is deleted.
+enum RowRemoval {
+    /// The table's key holds the connection id, set from the id that
+    /// answered 410: whatever else the key says, it names a row of that
+    /// connection, so BatchWriteItem (which takes no condition) is safe.
+    Batch(RowKey),
+    /// The key does not hold the id (a table keyed by user, say, whose row
+    /// is rewritten on reconnect): one DeleteItem, on condition that the
+    /// row still holds that id (and the start it was read with).
+    Conditional(RowKey),
+}
+
+impl Inner {
+    /// The key to delete a gone connection's row by, built from the id that
+    /// answered, never from a key a job carried; `None` when the row cannot
+    /// be named.
+    fn removal_key(&self, connection: &Connection) -> Option<RowRemoval> {
+        let id_attribute = &self.settings.key_attribute;
+        let id_in_key = self.key.iter().any(|(name, _)| name == id_attribute);
+        if !id_in_key {
+            return connection.key.clone().map(RowRemoval::Conditional);
+        }
+        let read = connection
+            .key
+            .clone()
+            .or_else(|| self.derived_key(&connection.id))?;
+        let mut key = Vec::with_capacity(self.key.len());
+        for (name, _) in &self.key {
+            if name == id_attribute {
+                key.push((name.clone(), KeyValue::S(connection.id.as_str().to_owned())));
+            } else {
+                let (_, value) = read.0.iter().find(|(n, _)| n == name)?;
+                key.push((name.clone(), value.clone()));
+            }
+        }
+        Some(RowRemoval::Batch(RowKey(key)))
+    }
+
+    /// Deletes a row whose key does not hold the connection id, only if it
+    /// still holds that id (and, when read with one, that start):
+    /// `Ok(false)` if it changed since.
+    async fn remove_if_same(&self, key: RowKey, connection: &Connection) -> Result<bool, StoreError> {
+        let mut request = self
+            .client
+            .delete_item()
+            .table_name(&self.settings.table)
+            .set_key(Some(to_item(&key)))
+            .expression_attribute_names("#id", &self.settings.key_attribute)
+            .expression_attribute_values(":id", AttributeValue::S(connection.id.to_string()));
+        let mut condition = "#id = :id".to_owned();
+        if let (Some(age), Some(started)) = (&self.settings.expiry, connection.started_ms) {
+            condition.push_str(" AND #started = :started");
+            request = request
+                .expression_attribute_names("#started", &age.attribute)
+                .expression_attribute_values(":started", AttributeValue::N(started.to_string()));
+        }
+        match request.condition_expression(condition).send().await {
+            Ok(_) => Ok(true),
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(err) => Err(map_error(&self.settings.table, err)),
+        }
     }
 }
 
@@ -537,12 +690,13 @@ fn segment_pages(
     segment: u32,
     start: Option<Item>,
 ) -> BoxStream<'static, Result<Page, StoreError>> {
-    // State: None once the segment is finished (or failed).
-    stream::unfold(Some(start), move |state| {
+    // State: None once the segment is finished (or failed); with the last
+    // connection id of the page before, whose rows may go on in this one.
+    stream::unfold(Some((start, None)), move |state| {
         let inner = inner.clone();
         let read = read.clone();
         async move {
-            let start = state?;
+            let (start, before) = state?;
             match inner.read_page(&read, start).await {
                 Ok((items, last)) => {
                     let next_start = last.clone();
@@ -550,14 +704,34 @@ fn segment_pages(
                         Ok(key) => key.map(Position::Key),
                         Err(err) => return Some((Err(err), None)),
                     };
-                    let page = inner.page(items, Cursor { segment, position });
-                    Some((Ok(page), next_start.map(Some)))
+                    let mut page = inner.page(items, Cursor { segment, position });
+                    let after = together(&mut page, before);
+                    Some((Ok(page), next_start.map(|start| (Some(start), after))))
                 }
                 Err(err) => Some((Err(err), None)),
             }
         }
     })
     .boxed()
+}
+
+/// Sends each connection once where its rows come together (a Scan of a
+/// table or index partitioned by the id, a Query sorted by it): a row whose
+/// id is the one before it, on this page or at the end of the page
+/// `before`, becomes a duplicate, removed with its connection if that is
+/// gone. Returns the page's last id, for the next page.
+fn together(page: &mut Page, before: Option<ConnectionId>) -> Option<ConnectionId> {
+    let mut last = before;
+    let rows = std::mem::take(&mut page.connections);
+    for row in rows {
+        if last.as_ref() == Some(&row.id) {
+            page.duplicates.push(row);
+        } else {
+            last = Some(row.id.clone());
+            page.connections.push(row);
+        }
+    }
+    last
 }
 
 /// An explicit list in pages of `page_size`, from `offset`.
@@ -574,10 +748,7 @@ fn explicit_pages(
             let end = (start + page_size).min(total);
             let connections = ids[start..end]
                 .iter()
-                .map(|id| Connection {
-                    id: id.clone(),
-                    key: inner.derived_key(id),
-                })
+                .map(|id| Connection::new(id.clone(), inner.derived_key(id)))
                 .collect();
             let position = (end < total).then_some(Position::Offset(end));
             Ok(Page::new(
@@ -606,6 +777,7 @@ impl Inner {
         let limit = self.page_size() as i32;
         match read {
             Read::Scan {
+                index,
                 segment,
                 total_segments,
             } => {
@@ -613,6 +785,7 @@ impl Inner {
                     .client
                     .scan()
                     .table_name(table)
+                    .set_index_name(index.clone())
                     .limit(limit)
                     .projection_expression(&self.projection)
                     .set_expression_attribute_names(Some(self.projection_names.clone()))
@@ -698,7 +871,15 @@ impl Inner {
                     problems.add(&connection.id, problem);
                     page.connections.push(connection);
                 }
-                _ => page.connections.push(connection),
+                // A trusted start: the evidence rule can tell an
+                // established connection from one still connecting.
+                _ => {
+                    let started_ms = started.as_deref().and_then(|s| s.trim().parse().ok());
+                    page.connections.push(Connection {
+                        started_ms,
+                        ..connection
+                    });
+                }
             }
         }
         page.age_problems = problems;
@@ -732,10 +913,7 @@ impl Inner {
                     "a connection row lacks part of the table key; it will not be removed if gone"
                 );
             }
-            Some(Connection {
-                id: ConnectionId::from(id.as_str()),
-                key,
-            })
+            Some(Connection::new(id.as_str(), key))
         })
     }
 

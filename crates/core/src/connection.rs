@@ -73,4 +73,21 @@ pub struct Connection {
     /// the id did not come from the table (an explicit list) and the table's
     /// key cannot be derived from the id alone.
     pub key: Option<RowKey>,
+    /// When the connection started (epoch ms), as its row held it and only
+    /// if the store trusts it; `None` for an explicit list, a hand-on, or a
+    /// row read without a usable start. A removal needs to know the
+    /// connection had time to be established (see [`crate::evidence`]), so
+    /// `None` counts as "may still be connecting".
+    pub started_ms: Option<i64>,
+}
+
+impl Connection {
+    /// A connection whose start is unknown.
+    pub fn new(id: impl Into<ConnectionId>, key: Option<RowKey>) -> Self {
+        Self {
+            id: id.into(),
+            key,
+            started_ms: None,
+        }
+    }
 }

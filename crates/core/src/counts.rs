@@ -27,6 +27,10 @@ pub(crate) struct JobCounts {
     /// table with a composite key): not removed, and no process-wide
     /// counter, as before the counts were one set.
     remove_skipped: AtomicU64,
+    /// 410s handed to the recheck queue.
+    rechecking: AtomicU64,
+    /// 410s that removed nothing for want of evidence.
+    kept: AtomicU64,
 }
 
 impl JobCounts {
@@ -42,6 +46,8 @@ impl JobCounts {
             removed: AtomicU64::new(0),
             remove_failed: AtomicU64::new(0),
             remove_skipped: AtomicU64::new(0),
+            rechecking: AtomicU64::new(0),
+            kept: AtomicU64::new(0),
         }
     }
 
@@ -81,6 +87,17 @@ impl JobCounts {
         Metrics::add(&self.metrics.remove_failed, rows);
     }
 
+    /// 410s handed to the recheck queue (counted there process-wide).
+    pub(crate) fn rechecking(&self, rows: u64) {
+        self.rechecking.fetch_add(rows, Ordering::Relaxed);
+    }
+
+    /// 410s that removed nothing for want of evidence.
+    pub(crate) fn kept(&self, rows: u64) {
+        self.kept.fetch_add(rows, Ordering::Relaxed);
+        Metrics::add(&self.metrics.gone_kept, rows);
+    }
+
     /// Gone connections that could not be removed for want of a row key.
     pub(crate) fn remove_skipped(&self, rows: u64) {
         self.remove_skipped.fetch_add(rows, Ordering::Relaxed);
@@ -105,6 +122,8 @@ impl JobCounts {
         report.retries = get(&self.retries);
         report.removed = get(&self.removed);
         report.remove_failed = get(&self.remove_failed) + get(&self.remove_skipped);
+        report.rechecking = get(&self.rechecking);
+        report.kept = get(&self.kept);
     }
 
     /// Rows removed, failed and skipped so far.

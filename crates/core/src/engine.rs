@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
@@ -32,12 +32,14 @@ use crate::backoff::Backoff;
 use crate::connection::{Connection, ConnectionId};
 use crate::counts::JobCounts;
 use crate::durable::{Checkpoint, MAX_CHECKPOINT_DEFERRED};
-use crate::expiry::AgeProblems;
+use crate::evidence::{EndpointWatch, GoneEvidence, Standing, Verdict, judge_gone};
+use crate::expiry::{AgeProblems, epoch_ms};
 use crate::gateway::{Gateway, Pace, PostOutcome, Step};
 use crate::job::{Job, Target};
 use crate::limiter::SendBudget;
 use crate::live::{self, Share};
 use crate::progress::Progress;
+use crate::rechecks::{RecheckDeps, Recheck, Rechecks};
 use crate::remover::{REMOVE_BACKOFF, Remover};
 use crate::report::MAX_FAILED_IDS;
 use crate::store::{AudienceQuery, ConnectionStore, Cursor, Page, StoreError};
@@ -67,6 +69,10 @@ pub struct EngineSettings {
     /// How often a running broadcast logs its progress and updates the
     /// progress gauges.
     pub progress_interval: Duration,
+    /// How long after its start a connection may answer 410 because it is
+    /// still connecting ([`crate::evidence::CONNECT_WINDOW`] in
+    /// production): a first 410 within it is rechecked, not removed.
+    pub connect_window: Duration,
 }
 
 /// What one broadcast came to. Counts are connections, not attempts.
@@ -84,6 +90,13 @@ pub struct Report {
     pub removed: u64,
     /// Gone rows that could not be deleted.
     pub remove_failed: u64,
+    /// 410s that were not evidence yet: posted to again after the connect
+    /// window by the process's recheck queue, which removes the row only on
+    /// a second 410 (see [`crate::rechecks`]).
+    pub rechecking: u64,
+    /// 410s that removed nothing, for want of evidence: the endpoint looked
+    /// wrong, or the recheck queue was full. Their rows stay.
+    pub kept: u64,
     /// Connections rejected (a 4xx about that connection, such as 400):
     /// final, not retried, not removed.
     pub failed: u64,
@@ -138,6 +151,28 @@ pub enum FanoutError {
     Audience(#[from] StoreError),
     #[error("interrupted by shutdown")]
     Interrupted,
+    /// The endpoint answers like one that is not this table's.
+    #[error("{0}")]
+    Endpoint(Verdict),
+    /// More connections deferred than one run lists
+    /// ([`MAX_DEFERRED`]): an outage, not a few slow clients.
+    #[error(
+        "{deferred} connections deferred in one run (an outage of API Gateway or the account's \
+         throttle): the broadcast continues later from its finished pages"
+    )]
+    Backlog { deferred: usize },
+    /// Nothing delivered, and the endpoint has not proven itself: the job
+    /// is not done, and its 410s are not evidence.
+    #[error(
+        "nothing was delivered: all {answers} posts answered {answer} and the endpoint has not \
+         delivered a post lately, so {endpoint} may point at another API or stage, or have a \
+         wrong base path; no row was removed"
+    )]
+    Unproven {
+        answers: u64,
+        answer: &'static str,
+        endpoint: String,
+    },
 }
 
 impl FanoutError {
@@ -148,7 +183,23 @@ impl FanoutError {
             Self::Refused(outcome) => {
                 matches!(outcome.meaning().step, Step::StopJob { dead_letter: true })
             }
-            Self::Audience(_) | Self::Interrupted => false,
+            // Configuration, which a retry does not change.
+            Self::Audience(StoreError::NeedsConnectionIndex(_)) => true,
+            Self::Audience(_)
+            | Self::Interrupted
+            | Self::Endpoint(_)
+            | Self::Unproven { .. }
+            | Self::Backlog { .. } => false,
+        }
+    }
+
+    /// What the endpoint looked like, for a job it stopped: `misdirected`,
+    /// `refusing` or `unproven`.
+    pub fn endpoint_status(&self) -> Option<&'static str> {
+        match self {
+            Self::Endpoint(verdict) => Some(verdict.status()),
+            Self::Unproven { .. } => Some("unproven"),
+            _ => None,
         }
     }
 }
@@ -178,6 +229,12 @@ enum Delivery {
 /// The connections at most one deferred-audience page holds.
 const DEFERRED_PAGE: usize = 1000;
 
+/// Connections one run keeps deferred at most. Each is an id, a key and a
+/// reason (about 200 bytes): 10,000 is 2 MB a job, and ten continuation
+/// messages at most. More means an outage, and the run stops and continues
+/// from its finished pages later instead of spilling its audience.
+pub const MAX_DEFERRED: usize = 10_000;
+
 /// The broadcast engine, shared by every job of the process.
 pub struct Engine<S, G> {
     store: Arc<S>,
@@ -185,6 +242,10 @@ pub struct Engine<S, G> {
     budget: Arc<SendBudget>,
     settings: EngineSettings,
     metrics: Arc<Metrics>,
+    /// The process-wide judgement of the endpoint's answers.
+    watch: Arc<EndpointWatch>,
+    /// The process-wide queue of 410s to post to again.
+    rechecks: Rechecks,
 }
 
 impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
@@ -195,13 +256,47 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         settings: EngineSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let watch = Arc::new(EndpointWatch::new("the API Gateway endpoint"));
+        let rechecks = Rechecks::spawn(RecheckDeps {
+            store: store.clone(),
+            gateway: gateway.clone(),
+            budget: budget.clone(),
+            watch: watch.clone(),
+            metrics: metrics.clone(),
+        });
         Self {
             store,
             gateway,
             budget,
             settings,
             metrics,
+            watch,
+            rechecks,
         }
+    }
+
+    /// Names the endpoint in the reasons its verdicts give (the binary
+    /// passes its setting and value).
+    pub fn with_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.watch = Arc::new(EndpointWatch::new(endpoint));
+        self.rechecks = Rechecks::spawn(RecheckDeps {
+            store: self.store.clone(),
+            gateway: self.gateway.clone(),
+            budget: self.budget.clone(),
+            watch: self.watch.clone(),
+            metrics: self.metrics.clone(),
+        });
+        self
+    }
+
+    /// The endpoint's judgement, shared by every job.
+    pub fn watch(&self) -> &Arc<EndpointWatch> {
+        &self.watch
+    }
+
+    /// Rechecks waiting in the process's queue.
+    pub fn rechecks_pending(&self) -> usize {
+        self.rechecks.pending()
     }
 
     /// Runs one broadcast to its end, or until `stop` is cancelled. The
@@ -256,6 +351,17 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         let siblings = Siblings::default();
         let counts = Arc::new(JobCounts::new(self.metrics.clone()));
         let remover = Remover::spawn(self.store.clone(), REMOVE_BACKOFF, counts.clone());
+        let held = Held::default();
+        let settler = Settler {
+            remover: &remover,
+            siblings: &siblings,
+            counts: &counts,
+            watch: &self.watch,
+            rechecks: &self.rechecks,
+            held: &held,
+            payload: &job.payload,
+            window: self.settings.connect_window,
+        };
         let excluded = AtomicU64::new(0);
         // Counted as pages are taken up, not from the outcomes: an
         // interrupted job has sends whose outcome never came.
@@ -383,16 +489,18 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 // interrupted job resumes before it, and so never skips it.
                 let finished = !matches!(delivery, Delivery::Deferred(_));
                 answers.fetch_add(1, Ordering::Relaxed);
-                let settled = settle_delivery(
-                    &remover,
-                    &siblings,
-                    (&mut deferred, &mut rejected),
-                    id,
-                    delivery,
-                )
-                .await;
+                let settled = settler
+                    .settle((&mut deferred, &mut rejected), id, delivery)
+                    .await;
                 if let Err(e) = settled {
                     break Err(e);
+                }
+                // Past the bound, the pages after the deferred ones are
+                // continued later instead of listing ever more connections.
+                if deferred.len() > MAX_DEFERRED {
+                    break Err(FanoutError::Backlog {
+                        deferred: deferred.len(),
+                    });
                 }
                 {
                     let mut progress = lock(&progress);
@@ -413,15 +521,10 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         }
         let result = match result {
             Ok(()) => {
-                let state = Settling {
-                    remover: &remover,
-                    siblings: &siblings,
-                    counts: &counts,
-                };
                 self.passes(
                     job,
                     stop,
-                    state,
+                    settler,
                     &mut report,
                     (&mut deferred, &mut rejected),
                 )
@@ -430,6 +533,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             Err(e) => Err(e),
         };
         // Gone connections found so far are gone whatever stopped the job.
+        settler.release_held(self.watch.standing()).await;
         remover.finish().await;
 
         report.excluded = excluded.load(Ordering::Relaxed);
@@ -440,7 +544,38 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         report.rejected = rejected;
         report.duration = started.elapsed();
         report.resume = lock(&progress).resume_points();
+        if matches!(result, Err(FanoutError::Backlog { .. })) {
+            // Continued from the resume points, which come before every
+            // page with a deferred connection.
+            report.deferred.clear();
+        }
+        let result = result.and_then(|()| self.proof(&report));
         (report, result)
+    }
+
+    /// A run that delivered nothing while every answer was a 410 or a
+    /// refusal is not done unless the endpoint has proven itself: a wrong
+    /// endpoint answers every post that way.
+    fn proof(&self, report: &Report) -> Result<(), FanoutError> {
+        let answered = report.gone + report.failed;
+        if report.delivered > 0 || answered == 0 {
+            return Ok(());
+        }
+        match self.watch.standing() {
+            Standing::Proven => Ok(()),
+            Standing::Suspect(verdict) => Err(FanoutError::Endpoint(verdict)),
+            Standing::Unproven => Err(FanoutError::Unproven {
+                answers: answered,
+                answer: if report.failed == 0 {
+                    "410"
+                } else if report.gone == 0 {
+                    "the same refusal"
+                } else {
+                    "410 or a refusal"
+                },
+                endpoint: self.watch.endpoint().to_owned(),
+            }),
+        }
     }
 
     /// Retries the deferred connections, pass after pass, until none is
@@ -449,15 +584,11 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         &self,
         job: &Job,
         stop: &CancellationToken,
-        state: Settling<'_>,
+        settler: Settler<'_>,
         report: &mut Report,
         (deferred, rejected): (&mut Vec<Deferred>, &mut Vec<ConnectionId>),
     ) -> Result<(), FanoutError> {
-        let Settling {
-            remover,
-            siblings,
-            counts,
-        } = state;
+        let counts = settler.counts;
         while !deferred.is_empty() && report.passes < self.settings.deferred_passes {
             tokio::select! {
                 biased;
@@ -489,7 +620,9 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                         None => break,
                     },
                 };
-                settle_delivery(remover, siblings, (deferred, rejected), id, delivery).await?;
+                settler
+                    .settle((&mut *deferred, &mut *rejected), id, delivery)
+                    .await?;
             }
         }
         Ok(())
@@ -517,6 +650,11 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         let mut throttled_since: Option<Instant> = None;
         let mut one_client = false;
         loop {
+            // The quota is the account's: no post while the endpoint
+            // answers like another API's.
+            if let Err(verdict) = self.watch.gate() {
+                return Delivery::Abort(FanoutError::Endpoint(verdict));
+            }
             let (outcome, sent) = {
                 let _slot = self.budget.acquire_counted(&self.metrics).await;
                 let sent = Instant::now();
@@ -526,6 +664,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 )
             };
             Metrics::incr(&self.metrics.posts);
+            self.watch.record(&outcome);
             let meaning = outcome.meaning();
             match meaning.pace {
                 Pace::Throttled => {
@@ -596,12 +735,121 @@ fn deferred(connection: Connection, reason: String) -> Delivery {
     Delivery::Deferred(Deferred { connection, reason })
 }
 
-/// What the passes over deferred connections settle their answers with.
+/// What a run settles its answers with.
 #[derive(Clone, Copy)]
-struct Settling<'a> {
+struct Settler<'a> {
     remover: &'a Remover,
     siblings: &'a Siblings,
     counts: &'a JobCounts,
+    watch: &'a EndpointWatch,
+    rechecks: &'a Rechecks,
+    held: &'a Held,
+    payload: &'a Bytes,
+    window: Duration,
+}
+
+/// 410s of established connections that came before the endpoint proved
+/// itself: removed once a 2xx proves it, else rechecked at the run's end.
+#[derive(Default)]
+struct Held {
+    count: AtomicU64,
+    rows: Mutex<Vec<(Connection, Vec<Connection>)>>,
+}
+
+/// Rows one run holds at most; past it, a 410 goes to the recheck queue.
+const MAX_HELD: usize = 1000;
+
+impl Settler<'_> {
+    /// Acts on one connection's outcome: gone ones by the evidence their
+    /// 410 gives (see [`crate::evidence`]), with the other rows read for
+    /// them; deferred ones kept for the next pass; the first rejected ones
+    /// named for the report (the counts were taken where the answer came,
+    /// in [`JobCounts`]).
+    async fn settle(
+        &self,
+        (deferred, rejected): (&mut Vec<Deferred>, &mut Vec<ConnectionId>),
+        id: ConnectionId,
+        delivery: Delivery,
+    ) -> Result<(), FanoutError> {
+        match delivery {
+            Delivery::Delivered => {
+                self.siblings.take(&id);
+                if self.held.count.load(Ordering::Relaxed) > 0 && self.watch.proven() {
+                    self.release_held(Standing::Proven).await;
+                }
+            }
+            Delivery::Rejected(rejected_id) => {
+                self.siblings.take(&id);
+                if rejected.len() < MAX_FAILED_IDS {
+                    rejected.push(rejected_id);
+                }
+            }
+            Delivery::Deferred(d) => deferred.push(d),
+            Delivery::Gone(connection) => {
+                let rows = self.siblings.take(&id);
+                self.gone(connection, rows).await;
+            }
+            Delivery::Abort(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    async fn gone(&self, connection: Connection, rows: Vec<Connection>) {
+        let now_ms = epoch_ms(SystemTime::now());
+        let standing = self.watch.standing();
+        match judge_gone(&connection, &standing, now_ms, self.window) {
+            // Queued removals complete even if the job stops, so the page
+            // may count as finished.
+            GoneEvidence::Remove => self.remove(connection, rows).await,
+            GoneEvidence::Hold => {
+                let mut held = lock(&self.held.rows);
+                if held.len() < MAX_HELD {
+                    held.push((connection, rows));
+                    self.held.count.store(held.len() as u64, Ordering::Relaxed);
+                } else {
+                    drop(held);
+                    self.recheck(connection, rows, self.window);
+                }
+            }
+            GoneEvidence::Recheck { after } => self.recheck(connection, rows, after),
+            GoneEvidence::Keep => self.counts.kept(1),
+        }
+    }
+
+    async fn remove(&self, connection: Connection, rows: Vec<Connection>) {
+        self.remover.remove(connection).await;
+        for row in rows {
+            self.remover.remove(row).await;
+        }
+    }
+
+    fn recheck(&self, connection: Connection, siblings: Vec<Connection>, after: Duration) {
+        let queued = self.rechecks.push(Recheck {
+            connection,
+            siblings,
+            payload: self.payload.clone(),
+            after,
+        });
+        if queued {
+            self.counts.rechecking(1);
+        } else {
+            self.counts.kept(1);
+        }
+    }
+
+    /// Acts on the held rows as `standing` says: removed once proven,
+    /// rechecked while unproven, kept while the endpoint looks wrong.
+    async fn release_held(&self, standing: Standing) {
+        let rows = std::mem::take(&mut *lock(&self.held.rows));
+        self.held.count.store(0, Ordering::Relaxed);
+        for (connection, siblings) in rows {
+            match &standing {
+                Standing::Proven => self.remove(connection, siblings).await,
+                Standing::Unproven => self.recheck(connection, siblings, self.window),
+                Standing::Suspect(_) => self.counts.kept(1),
+            }
+        }
+    }
 }
 
 /// The other rows read for connections whose answer is not final yet (a
@@ -630,41 +878,6 @@ impl Siblings {
         }
         map.remove(id).unwrap_or_default()
     }
-}
-
-/// Acts on one connection's outcome: gone ones are queued for removal,
-/// with the other rows read for them, deferred ones kept for the next pass,
-/// the first rejected ones named for the report (the counts were taken
-/// where the answer came, in [`JobCounts`]).
-async fn settle_delivery(
-    remover: &Remover,
-    siblings: &Siblings,
-    (deferred, rejected): (&mut Vec<Deferred>, &mut Vec<ConnectionId>),
-    id: ConnectionId,
-    delivery: Delivery,
-) -> Result<(), FanoutError> {
-    match delivery {
-        Delivery::Delivered => {
-            siblings.take(&id);
-        }
-        Delivery::Rejected(rejected_id) => {
-            siblings.take(&id);
-            if rejected.len() < MAX_FAILED_IDS {
-                rejected.push(rejected_id);
-            }
-        }
-        Delivery::Deferred(d) => deferred.push(d),
-        Delivery::Gone(connection) => {
-            // Queued removals complete even if the job stops, so the page
-            // may count as finished.
-            remover.remove(connection).await;
-            for row in siblings.take(&id) {
-                remover.remove(row).await;
-            }
-        }
-        Delivery::Abort(e) => return Err(e),
-    }
-    Ok(())
 }
 
 /// What a run would resume from now: past every answered page with its

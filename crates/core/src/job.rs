@@ -452,7 +452,7 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<
         Target::Deferred(
             ids.into_iter()
                 .zip(connections)
-                .map(|(id, d)| Connection { id, key: d.key })
+                .map(|(id, d)| Connection::new(id, d.key))
                 .collect(),
         )
     } else if let Some(channel) = spec.channel {

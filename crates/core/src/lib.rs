@@ -23,6 +23,10 @@
 //! - [`limits`]: AWS's quotas and fanout's own bounds, each defined once.
 //! - [`connection`]: connection ids and the table row keys they were read with.
 //! - [`expiry`]: rows certainly gone by age, removed without a post.
+//! - [`evidence`]: when a 410 proves a connection gone: the endpoint's
+//!   standing, judged per process, and the `$connect` window.
+//! - `rechecks`: the process-wide queue of 410s posted to again after the
+//!   `$connect` window, removed only on a second 410.
 //! - [`backoff`]: exponential backoff with full jitter, shared by every retry.
 //! - [`limiter`]: the process-wide send budget (rate and requests in flight),
 //!   capped by the fleet share.
@@ -42,6 +46,7 @@
 // The seams and the vocabulary every crate speaks.
 pub mod channels;
 pub mod connection;
+pub mod evidence;
 pub mod expiry;
 pub mod fleet;
 pub mod gateway;
@@ -62,6 +67,7 @@ pub mod engine;
 mod limiter;
 mod live;
 mod progress;
+mod rechecks;
 mod redrive;
 mod remover;
 mod shutdown;

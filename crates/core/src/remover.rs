@@ -155,9 +155,13 @@ async fn remove_batch<S: ConnectionStore>(
         match store.remove(pending.clone()).await {
             Ok(removal) => {
                 let skipped = removal.skipped.len() as u64;
-                let removed = asked - skipped - removal.unprocessed.len() as u64;
+                let changed = removal.changed.len() as u64;
+                let removed = asked - skipped - changed - removal.unprocessed.len() as u64;
                 counts.removed(removed);
                 counts.remove_skipped(skipped);
+                if changed > 0 {
+                    tracing::debug!(rows = changed, "gone rows rewritten since they were read; kept");
+                }
                 pending = removal.unprocessed;
                 if pending.is_empty() {
                     return;

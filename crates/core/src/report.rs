@@ -93,6 +93,18 @@ pub struct BroadcastReport {
     pub failed: u64,
     /// Connections still `deferred` when the run ended.
     pub deferred: u64,
+    /// 410s posted to again after the connect window (their rows are
+    /// removed only on a second 410).
+    #[serde(default)]
+    pub rechecking: u64,
+    /// 410s that removed nothing for want of evidence: their rows stay.
+    #[serde(default)]
+    pub kept: u64,
+    /// How the endpoint looked when it stopped the run: `misdirected`
+    /// (every post 410), `refusing` (every post the same error) or
+    /// `unproven` (nothing delivered, nothing proved it); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
     pub throttled: u64,
     pub retries: u64,
     /// RFC 3339, UTC.
@@ -121,6 +133,8 @@ impl Draft {
         r.removed = report.removed;
         r.failed = report.failed;
         r.deferred = report.deferred.len() as u64;
+        r.rechecking = report.rechecking;
+        r.kept = report.kept;
         r.throttled = report.throttled;
         r.retries = report.retries;
         r.failed_ids = report
@@ -173,6 +187,9 @@ impl Draft {
             removed: 0,
             failed: 0,
             deferred: 0,
+            rechecking: 0,
+            kept: 0,
+            endpoint: None,
             throttled: 0,
             retries: 0,
             started_at: rfc3339(started),
@@ -185,6 +202,12 @@ impl Draft {
     /// The split a whole-table job became.
     pub fn split_into(mut self, total: u32) -> Self {
         self.0.segments_total = Some(total);
+        self
+    }
+
+    /// How the endpoint looked, for a run its answers stopped.
+    pub fn endpoint(mut self, status: Option<&str>) -> Self {
+        self.0.endpoint = status.map(str::to_owned);
         self
     }
 

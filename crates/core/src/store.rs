@@ -110,6 +110,10 @@ pub struct Removal {
     pub unprocessed: Vec<Connection>,
     /// Connections without a derivable row key: they cannot be removed.
     pub skipped: Vec<Connection>,
+    /// Rows deleted only on condition that they still hold the connection
+    /// (a table whose key is not the id) which no longer did: rewritten
+    /// since they were read, so kept.
+    pub changed: Vec<Connection>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +124,11 @@ pub enum StoreError {
     NoChannelIndex,
     #[error("the audience {name} has no index; name it in FANOUT_AUDIENCE_INDEXES")]
     NoAudienceIndex { name: String },
+    /// A broadcast to everyone on a table where a connection can have
+    /// several rows, without an index that keeps each connection's rows
+    /// together: it would reach such a connection once per row.
+    #[error("{0}")]
+    NeedsConnectionIndex(String),
     #[error("a connection row has no usable {attribute} attribute")]
     BadRow { attribute: String },
     #[error("the table is throttling requests: {0}")]
@@ -154,8 +163,11 @@ pub trait ConnectionStore: Send + Sync + 'static {
         ChannelOrder::Disjoint
     }
 
-    /// Deletes up to [`MAX_REMOVE_BATCH`] rows by their full key. Only ever
-    /// called with connections that answered gone.
+    /// Deletes the rows of up to [`MAX_REMOVE_BATCH`] connections that
+    /// answered gone, with evidence (see [`crate::evidence`]). The row is
+    /// named by the id that answered, never by a key alone: where the
+    /// table's key holds the id, the key's id is that id; where it does not,
+    /// the delete is conditional on the row still holding it.
     fn remove(
         &self,
         gone: Vec<Connection>,

@@ -133,6 +133,18 @@ counter_set! {
     removed: "Removed", "Rows deleted from the table (gone or expired)";
     /// Gone rows that could not be deleted after every retry.
     remove_failed: "RemoveFailed", "Gone rows not deleted after every retry";
+    /// 410s that were not evidence yet (the connection may still have been
+    /// connecting, or the endpoint had not proven itself): posted to again
+    /// after the connect window.
+    rechecks: "Rechecks", "410s set aside to be posted again after the connect window";
+    /// Rechecked connections that took the message (they were connecting).
+    recheck_delivered: "RecheckDelivered", "Rechecked connections that took the message";
+    /// Rows a 410 did not remove for want of evidence (the endpoint looked
+    /// wrong or unproven, or the recheck queue was full): left in the table.
+    gone_kept: "GoneKept", "Rows a 410 did not remove for want of evidence";
+    /// Jobs stopped because the endpoint answered like another API or stage
+    /// (every post 410) or refused every post alike (404, 400, …).
+    endpoint_suspect: "EndpointSuspect", "Jobs stopped because the endpoint looked misdirected or refused every post";
     /// Connections that did not get the message after every retry.
     failed: "Failed", "Connections that did not get the message after every retry";
     /// 429 answers.

@@ -83,6 +83,12 @@ pub struct WorkerSettings {
     pub deferred_limit: u32,
 }
 
+/// Receives of a job that the endpoint's answers stopped (see
+/// [`crate::evidence`]) before it is dead-lettered with the reason: one
+/// fewer than the template's `maxReceiveCount` (5), whose redrive would
+/// move it without one.
+pub const ENDPOINT_ATTEMPTS: u32 = 4;
+
 /// Waits after failed receives: an SQS blip never stops the worker.
 const RECEIVE_BACKOFF: Backoff = Backoff {
     base: Duration::from_millis(200),
@@ -340,10 +346,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                         carried = checkpoint
                             .deferred
                             .into_iter()
-                            .map(|d| crate::connection::Connection {
-                                id: d.id.into(),
-                                key: d.key,
-                            })
+                            .map(|d| crate::connection::Connection::new(d.id, d.key))
                             .collect();
                     }
                     Some(lease)
@@ -426,6 +429,28 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                     resume: report.resume,
                 }
             }
+            Err(FanoutError::Backlog { deferred }) => {
+                tracing::warn!(job_id = %job.id, deferred, "too many connections deferred; the broadcast continues later from its finished pages");
+                log_report(&job, &report, "backlogged");
+                Settlement::Backlogged {
+                    job,
+                    resume: report.resume,
+                }
+            }
+            Err(e) if e.endpoint_status().is_some() => {
+                Metrics::incr(&self.metrics.endpoint_suspect);
+                log_report(&job, &report, "failed");
+                let reason = e.to_string();
+                let draft = draft.because(reason.clone()).endpoint(e.endpoint_status());
+                // Before the queue's redrive policy moves it without a
+                // reason, the worker dead-letters it with one.
+                if message.receive_count >= ENDPOINT_ATTEMPTS {
+                    tracing::error!(job_id = %job.id, error = %reason, receives = message.receive_count, "the endpoint failed the job every time; dead-lettering it");
+                    return (Settlement::DeadLetter(reason), draft);
+                }
+                tracing::error!(job_id = %job.id, error = %reason, "the job stopped on the endpoint's answers; it will be retried");
+                return (Settlement::RetryLater, draft);
+            }
             Err(e) if e.is_permanent() => {
                 log_report(&job, &report, "failed");
                 return (
@@ -455,6 +480,8 @@ fn log_report(job: &job::Job, report: &Report, status: &str) {
         expired = report.expired,
         removed = report.removed,
         remove_failed = report.remove_failed,
+        rechecking = report.rechecking,
+        kept = report.kept,
         failed = report.failed,
         deferred = report.deferred.len(),
         passes = report.passes,

@@ -108,7 +108,10 @@ struct Raw {
     key_attribute: String,
     channel_index: Option<String>,
     channel_attribute: String,
+    connection_index: Option<String>,
     connected_at_attribute: Option<String>,
+    #[serde(with = "humantime_serde")]
+    connect_window: Duration,
     #[serde(with = "humantime_serde")]
     expired_margin: Duration,
     audience_indexes: Option<AudienceIndexes>,
@@ -184,6 +187,13 @@ pub struct Config {
     pub key_attribute: String,
     pub channel_index: Option<String>,
     pub channel_attribute: String,
+    /// A GSI keyed by the id attribute: what a broadcast to everyone reads
+    /// where a connection can have several rows.
+    pub connection_index: Option<String>,
+    /// How long after its start a connection may answer 410 because it is
+    /// still connecting.
+    #[serde(with = "humantime_serde")]
+    pub connect_window: Duration,
     /// The row attribute holding a connection's start (epoch ms); `None`:
     /// no row is removed by age.
     pub connected_at_attribute: Option<String>,
@@ -394,6 +404,7 @@ impl Config {
             max_in_flight: count(self.max_in_flight),
             scan_segments: self.scan_segments,
             progress_interval: self.progress_interval,
+            connect_window: self.connect_window,
         }
     }
 
@@ -432,6 +443,7 @@ impl Config {
             channel_index: self.channel_index.clone(),
             channel_attribute: self.channel_attribute.clone(),
             audiences: self.audience_indexes.clone(),
+            connection_index: self.connection_index.clone(),
             page_size: self.page_size,
             expiry: self
                 .connected_at_attribute
@@ -651,6 +663,8 @@ impl Validator<'_> {
             key_attribute: self.required_text("key_attribute", raw.key_attribute)?,
             channel_index: self.non_empty("channel_index", raw.channel_index)?,
             channel_attribute: self.required_text("channel_attribute", raw.channel_attribute)?,
+            connection_index: self.non_empty("connection_index", raw.connection_index)?,
+            connect_window: self.connect_window(raw.connect_window)?,
             connected_at_attribute: self
                 .non_empty("connected_at_attribute", raw.connected_at_attribute)?,
             expired_margin: self.expired_margin(raw.expired_margin)?,
@@ -699,6 +713,28 @@ impl Validator<'_> {
             metrics_service: self.required_text("metrics_service", raw.metrics_service)?,
             progress_interval: raw.progress_interval,
         })
+    }
+
+    /// Between a second and ten minutes. Under the default, a first 410
+    /// from a connection still connecting could remove its row: allowed for
+    /// local tests, warned about.
+    fn connect_window(&self, window: Duration) -> Result<Duration, ConfigError> {
+        if window < Duration::from_secs(1) || window > Duration::from_secs(600) {
+            return Err(self.invalid(
+                "connect_window",
+                format!(
+                    "{} is outside 1s to 10m",
+                    humantime::format_duration(window)
+                ),
+            ));
+        }
+        if window < fanout_core::evidence::CONNECT_WINDOW {
+            tracing::warn!(
+                connect_window = %humantime::format_duration(window),
+                "connect_window is under API Gateway's $connect timeouts plus clock skew (2m): a connection still connecting may be removed"
+            );
+        }
+        Ok(window)
     }
 
     /// At least [`expiry::MIN_MARGIN`]: less would let a clock error the

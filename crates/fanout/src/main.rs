@@ -236,7 +236,11 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
         budget,
         engine_settings,
         metrics.clone(),
-    );
+    )
+    .with_endpoint(format!(
+        "FANOUT_GATEWAY_ENDPOINT ({})",
+        targets.gateway_endpoint
+    ));
     let settings = config.worker_settings(exit_when_idle);
     let reports = reporter(&config, &sdk);
 

@@ -29,6 +29,9 @@ pub(super) enum Settlement {
     /// Stopped by shutdown: continued from its finished pages in a new
     /// message, or handed back as it is.
     Interrupted { job: Job, resume: Vec<Cursor> },
+    /// Stopped with too many connections deferred (an outage): continued
+    /// from its finished pages after a backoff, or handed back whole.
+    Backlogged { job: Job, resume: Vec<Cursor> },
     /// The job can never run: to the dead-letter queue with this reason.
     DeadLetter(String),
     /// A passing failure: visible again after a backoff.
@@ -59,7 +62,16 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             Settlement::Split => Settled::new(self.delete(message).await, Status::Split),
             Settlement::Deferred { job, report } => self.hand_on(message, &job, &report).await,
             Settlement::Interrupted { job, resume } => {
-                self.continue_unfinished(message, &job, resume).await
+                self.continue_unfinished(message, &job, resume, Duration::ZERO)
+                    .await
+            }
+            Settlement::Backlogged { job, resume } => {
+                let delay = self
+                    .settings
+                    .job_retry
+                    .cap(message.receive_count.saturating_sub(1))
+                    .min(MAX_SEND_DELAY);
+                self.continue_unfinished(message, &job, resume, delay).await
             }
             Settlement::DeadLetter(reason) => self.dead_letter(message, &reason).await,
             Settlement::RetryLater => self.retry_later(message).await,
@@ -193,13 +205,14 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         message: &Message,
         job: &Job,
         resume: Vec<Cursor>,
+        delay: Duration,
     ) -> Settled {
         let handed_back = |fate| Settled::new(fate, Status::Interrupted);
         // On a FIFO queue a new message would join the end of its group and
         // let later broadcasts overtake this one: keep the original, which
         // holds its place (the group waits for it).
         if resume.is_empty() || job.resume.as_ref() == Some(&resume) || message.group_id.is_some() {
-            return handed_back(self.hand_back(message, Duration::ZERO).await);
+            return handed_back(self.hand_back(message, delay).await);
         }
         let body = match serde_json::to_string(&job.continuation(resume)) {
             Ok(body) => body,
@@ -208,7 +221,11 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 return handed_back(self.hand_back(message, Duration::ZERO).await);
             }
         };
-        match self.queue.send(&body, &SendOptions::default()).await {
+        let options = SendOptions {
+            delay: (!delay.is_zero()).then_some(delay),
+            ..SendOptions::default()
+        };
+        match self.queue.send(&body, &options).await {
             Ok(continuation) => {
                 tracing::info!(job_id = %job.id, continuation, "job continues in a new message");
                 // If this delete is lost, the original runs again from its
