@@ -1018,6 +1018,7 @@ mod tests {
             max_in_flight,
             scan_segments: 1,
             progress_interval: Duration::from_secs(3600),
+            connect_window: crate::evidence::CONNECT_WINDOW,
         };
         Engine::new(
             Arc::new(table),
@@ -1197,6 +1198,7 @@ mod tests {
             .map(|d| Connection {
                 id: d.id.as_str().into(),
                 key: d.key.clone(),
+                started_ms: None,
             })
             .collect();
         let (report, result) = taker
@@ -1602,6 +1604,7 @@ mod tests {
                     "connectionId".into(),
                     crate::connection::KeyValue::S(id.into()),
                 )])),
+                started_ms: None,
             })
             .collect();
         let mut j = job(Target::Deferred(listed));
@@ -1609,8 +1612,13 @@ mod tests {
             .run(&j, &CancellationToken::new())
             .await;
         result.unwrap();
-        assert_eq!((report.delivered, report.gone, report.removed), (2, 1, 1));
-        assert!(!table.remaining().contains("conn-3"), "removed by its key");
+        // A listed connection's start is unknown: it may still be
+        // connecting, so its first 410 is rechecked, not acted on.
+        assert_eq!(
+            (report.delivered, report.gone, report.removed, report.rechecking),
+            (2, 1, 0, 1)
+        );
+        assert!(table.remaining().contains("conn-3"), "kept until its recheck");
         assert_eq!(table.pages_read.load(Ordering::SeqCst), 0, "no table read");
         j.resume = Some(vec![Cursor {
             segment: 0,
@@ -1672,7 +1680,11 @@ mod tests {
             all.iter()
                 .map(|id| (id.clone(), vec![PostOutcome::Rejected("400".into())])),
         );
-        let (report, result) = engine(table, gateway, 8)
+        let engine = engine(table, gateway, 8);
+        // Proven by an earlier job: a run where every post is refused is
+        // otherwise the sign of a wrong endpoint.
+        engine.watch().record(&PostOutcome::Delivered);
+        let (report, result) = engine
             .run(&job(Target::All), &CancellationToken::new())
             .await;
         result.unwrap();

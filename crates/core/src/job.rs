@@ -947,6 +947,7 @@ mod tests {
                 "connectionId".into(),
                 crate::connection::KeyValue::S(id.into()),
             )])),
+            started_ms: None,
         }
     }
 

@@ -223,6 +223,7 @@ mod tests {
             .map(|n| Connection {
                 id: format!("conn-{n:04}").into(),
                 key: None,
+                started_ms: None,
             })
             .collect();
         let bodies = share.deferred_continuations(&deferred, 2_000).unwrap();

@@ -202,6 +202,7 @@ mod tests {
         Connection {
             id: id.into(),
             key: keyed.then(|| RowKey(vec![("connectionId".into(), KeyValue::S(id.into()))])),
+            started_ms: None,
         }
     }
 

@@ -88,6 +88,10 @@ impl FakeTable {
     }
 }
 
+/// The start [`FakeTable`] reads its rows with: long established (but not
+/// certainly gone by age, which the fake decides by its `expired` set).
+pub const ESTABLISHED_START_MS: i64 = 1_700_000_000_000;
+
 fn keyed(id: &str) -> Connection {
     Connection {
         id: id.into(),
@@ -95,6 +99,7 @@ fn keyed(id: &str) -> Connection {
             "connectionId".into(),
             KeyValue::S(id.into()),
         )])),
+        started_ms: Some(ESTABLISHED_START_MS),
     }
 }
 
@@ -149,6 +154,7 @@ impl ConnectionStore for Arc<FakeTable> {
         if let Some(after) = &after {
             ids.retain(|id| id > after);
         }
+        let explicit = matches!(audience, AudienceQuery::Explicit(_));
         let table = self.clone();
         let page_size = self.page_size;
         let pages: Vec<_> = ids.chunks(page_size).map(|c| c.to_vec()).collect();
@@ -167,7 +173,12 @@ impl ConnectionStore for Arc<FakeTable> {
             };
             let (expired, live): (Vec<_>, Vec<_>) =
                 chunk.iter().partition(|id| table.expired.contains(*id));
-            let mut page = Page::new(live.iter().map(|id| keyed(id)).collect(), next);
+            // Like the real store: an explicit list's start is unknown.
+            let read = |id: &str| Connection {
+                started_ms: (!explicit).then_some(ESTABLISHED_START_MS),
+                ..keyed(id)
+            };
+            let mut page = Page::new(live.iter().map(|id| read(id)).collect(), next);
             page.expired = expired
                 .iter()
                 .map(|id| Expired {
@@ -584,6 +595,7 @@ pub fn row(n: u64) -> Connection {
             KeyValue::S(id.clone()),
         )])),
         id: id.into(),
+        started_ms: Some(ESTABLISHED_START_MS),
     }
 }
 

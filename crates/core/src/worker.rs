@@ -224,6 +224,8 @@ where
                     && settings.exit_when_idle
                     && jobs.is_empty()
                     && settled_before
+                    // Rechecks are work too: a batch run ends after them.
+                    && ctx.engine.rechecks_pending() == 0
                 {
                     break Stopped::Idle;
                 }

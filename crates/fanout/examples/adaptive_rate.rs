@@ -96,6 +96,7 @@ async fn main() {
             max_in_flight: 256,
             scan_segments: 1,
             progress_interval: Duration::from_secs(3600),
+            connect_window: fanout_core::evidence::CONNECT_WINDOW,
         },
         metrics.clone(),
     );

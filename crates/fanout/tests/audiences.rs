@@ -469,6 +469,7 @@ async fn a_channel_index_sorted_by_id_is_merged_and_resumes_after_an_id() {
         channel_index: Some(index.to_owned()),
         channel_attribute: CHANNEL.to_owned(),
         audiences: Vec::new(),
+        connection_index: None,
         page_size: 7,
         expiry: None,
     };

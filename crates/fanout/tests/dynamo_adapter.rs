@@ -21,6 +21,7 @@ fn settings(table: &str, page_size: u32, channel_index: bool) -> TableSettings {
         channel_index: channel_index.then(|| CHANNEL_INDEX.to_owned()),
         channel_attribute: CHANNEL.to_owned(),
         audiences: Vec::new(),
+        connection_index: None,
         page_size,
         expiry: None,
     }
@@ -589,6 +590,7 @@ fn composite(channel: &str, id: &str) -> Connection {
             (ID.to_owned(), KeyValue::S(id.to_owned())),
             (CHANNEL.to_owned(), KeyValue::S(channel.to_owned())),
         ])),
+        started_ms: None,
     }
 }
 
@@ -601,6 +603,7 @@ async fn unprocessed_items_map_back_to_their_connections() {
     let unkeyed = Connection {
         id: ConnectionId::from("listed"),
         key: None,
+        started_ms: None,
     };
     let mut batch = gone.clone();
     batch.push(unkeyed.clone());

@@ -133,6 +133,7 @@ async fn a_broadcast_reaches_every_live_client_and_removes_the_gone_rows_on_both
                 channel_index: None,
                 channel_attribute: "channel".into(),
                 audiences: Vec::new(),
+                connection_index: None,
                 page_size: 5,
                 expiry: None,
             },
@@ -155,6 +156,7 @@ async fn a_broadcast_reaches_every_live_client_and_removes_the_gone_rows_on_both
                 max_in_flight: 8,
                 scan_segments: 1,
                 progress_interval: Duration::from_secs(3600),
+                connect_window: fanout_core::evidence::CONNECT_WINDOW,
             },
             Arc::new(Metrics::default()),
         );

@@ -89,6 +89,7 @@ impl Rig {
                 max_in_flight: 8,
                 scan_segments: 1,
                 progress_interval: Duration::from_secs(3600),
+                connect_window: crate::evidence::CONNECT_WINDOW,
             },
             self.metrics.clone(),
         ))

@@ -266,6 +266,7 @@ fn engine<S: ConnectionStore, G: Gateway>(
             max_in_flight,
             scan_segments: 1,
             progress_interval: Duration::from_secs(3600),
+            connect_window: fanout_core::evidence::CONNECT_WINDOW,
         },
         metrics,
     )
@@ -315,6 +316,7 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
                     channel_index: None,
                     channel_attribute: "channel".into(),
                     audiences: Vec::new(),
+                    connection_index: None,
                     page_size: args.page_size.min(1000) as u32,
                     expiry: None,
                 },
