@@ -11,11 +11,17 @@ use std::time::Duration;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, ConfigLoader, SdkConfig};
-use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use aws_smithy_http_client::tls::{self, TlsContext, TrustStore, rustls_provider::CryptoMode};
 
-/// How long to wait for a TCP (and TLS) connection. An endpoint that does
-/// not accept within this is down, and failing fast lets the caller back off.
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+use crate::endpoint::PlainHttp;
+use crate::trust::{BadCaFile, GatewayTrust, PrivateCa};
+
+/// How long to wait for a TCP connection and its TLS handshake, together.
+/// An endpoint that does not accept within this is down, and failing fast
+/// lets the caller back off. (The SDK's connect timeout wraps its TLS
+/// connector, so it bounds the handshake too; the lean path bounds its
+/// whole connect with it.)
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Headroom over SQS's long-poll wait before a receive attempt counts as hung
 /// (aws-sdk-rust #1094: a receive can hang past its wait time otherwise).
@@ -29,6 +35,8 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum AwsError {
     #[error(transparent)]
     BadEndpoint(#[from] crate::endpoint::BadEndpoint),
+    #[error(transparent)]
+    BadCaFile(#[from] BadCaFile),
 }
 
 /// The config loader every client starts from, with the one HTTP stack this
@@ -39,11 +47,8 @@ pub enum AwsError {
 /// Tests use it to add a fixed region and credentials; the binary calls
 /// [`load_sdk_config`].
 pub fn config_loader() -> ConfigLoader {
-    let http_client = aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
-        .build_https();
     aws_config::defaults(BehaviorVersion::latest())
-        .http_client(http_client)
+        .http_client(https_client(None))
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(CONNECT_TIMEOUT)
@@ -148,7 +153,26 @@ pub fn report_sns_client(config: &SdkConfig) -> aws_sdk_sns::Client {
     aws_sdk_sns::Client::from_conf(sns)
 }
 
-/// The API Gateway Management API client for one WebSocket stage.
+/// The one HTTP stack: rustls with ring, trusting the system's roots, and
+/// a private CA's on top when one is given (the gateway's client alone).
+fn https_client(ca: Option<&PrivateCa>) -> aws_smithy_runtime_api::client::http::SharedHttpClient {
+    let mut builder = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring));
+    if let Some(ca) = ca {
+        // The default store holds the system's roots; the CA adds to them.
+        let trust = TrustStore::default().with_pem_certificate(ca.pem.clone());
+        builder = builder.tls_context(
+            TlsContext::builder()
+                .with_trust_store(trust)
+                .build()
+                .expect("a TLS context with a trust store always builds"),
+        );
+    }
+    builder.build_https()
+}
+
+/// The API Gateway Management API client for one WebSocket stage, plain
+/// HTTP only to a loopback host, the system's roots only.
 ///
 /// `endpoint` must include the stage (`https://…/prod`): without it every
 /// PostToConnection answers 403. SDK retries are off: the engine owns retries
@@ -158,16 +182,36 @@ pub fn apigw_client(
     endpoint: &str,
     attempt_timeout: Duration,
 ) -> Result<aws_sdk_apigatewaymanagement::Client, AwsError> {
-    crate::endpoint::parse_endpoint(endpoint)?;
+    apigw_client_trusting(config, endpoint, &GatewayTrust::default(), attempt_timeout)
+}
+
+/// As [`apigw_client`], reaching the endpoint as `trust` allows: its own
+/// HTTP client when a private CA is added, so no other client trusts it.
+pub fn apigw_client_trusting(
+    config: &SdkConfig,
+    endpoint: &str,
+    trust: &GatewayTrust,
+    attempt_timeout: Duration,
+) -> Result<aws_sdk_apigatewaymanagement::Client, AwsError> {
+    let plain_http = if trust.allow_plain_http {
+        PlainHttp::Allowed
+    } else {
+        PlainHttp::LoopbackOnly
+    };
+    crate::endpoint::parse_endpoint(endpoint, plain_http)?;
+    let ca = trust.ca_file.as_deref().map(PrivateCa::load).transpose()?;
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(CONNECT_TIMEOUT.min(attempt_timeout))
         .operation_attempt_timeout(attempt_timeout)
         .operation_timeout(attempt_timeout)
         .build();
-    let apigw = aws_sdk_apigatewaymanagement::config::Builder::from(config)
+    let mut apigw = aws_sdk_apigatewaymanagement::config::Builder::from(config)
         .endpoint_url(endpoint)
         .retry_config(RetryConfig::disabled())
-        .timeout_config(timeouts)
-        .build();
+        .timeout_config(timeouts);
+    if let Some(ca) = &ca {
+        apigw = apigw.http_client(https_client(Some(ca)));
+    }
+    let apigw = apigw.build();
     Ok(aws_sdk_apigatewaymanagement::Client::from_conf(apigw))
 }

@@ -1,5 +1,17 @@
-//! The management API endpoint: which URLs fanout accepts, and why an
-//! `execute-api` host needs its stage.
+//! The management API endpoint: which URLs fanout accepts, why an
+//! `execute-api` host needs its stage, and where plain HTTP is safe.
+
+use std::net::IpAddr;
+
+/// Whether a plain `http://` endpoint may name a host that is not loopback.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PlainHttp {
+    /// Only `127.0.0.0/8`, `::1` and `localhost`: a local stand-in.
+    #[default]
+    LoopbackOnly,
+    /// Any host: the operator said the network on the way is trusted.
+    Allowed,
+}
 
 /// A management API endpoint that cannot be right.
 #[derive(Debug, thiserror::Error)]
@@ -19,14 +31,25 @@ pub enum BadEndpoint {
          (without it every send fails with 403)"
     )]
     NoStage { endpoint: String },
+    /// `http://` to a host that is not loopback, not allowed by the
+    /// operator: anything on the path could answer 410 for every
+    /// connection, and fanout would remove their rows.
+    #[error(
+        "the API Gateway endpoint {endpoint:?} is plain http:// to {host}, which is not loopback: \
+         anything on the way could read the posts and answer 410 for every connection. \
+         Use https://, or set gateway_allow_plain_http (FANOUT_GATEWAY_ALLOW_PLAIN_HTTP=true) \
+         if that network is trusted"
+    )]
+    PlainHttp { endpoint: String, host: String },
 }
 
 /// Parses a management API endpoint: any `http(s)://host[:port][/path]`
-/// with no query. A custom domain mapped without a base path, or a local
+/// with no query, `http://` only to a loopback host unless `plain_http`
+/// allows any. A custom domain mapped without a base path, or a local
 /// stand-in such as serverless-offline, serves `@connections` at the root;
 /// only an `{api-id}.execute-api.{region}.amazonaws.com` host always needs
 /// its stage in the path.
-pub fn parse_endpoint(endpoint: &str) -> Result<url::Url, BadEndpoint> {
+pub fn parse_endpoint(endpoint: &str, plain_http: PlainHttp) -> Result<url::Url, BadEndpoint> {
     let not_a_url = || BadEndpoint::NotAUrl {
         endpoint: endpoint.to_owned(),
     };
@@ -37,6 +60,12 @@ pub fn parse_endpoint(endpoint: &str) -> Result<url::Url, BadEndpoint> {
     if !usable {
         return Err(not_a_url());
     }
+    if url.scheme() == "http" && plain_http == PlainHttp::LoopbackOnly && !is_loopback(&url) {
+        return Err(BadEndpoint::PlainHttp {
+            endpoint: endpoint.to_owned(),
+            host: url.host_str().unwrap_or_default().to_owned(),
+        });
+    }
     let stageless = url.path().trim_matches('/').is_empty();
     if stageless && url.host_str().is_some_and(is_execute_api_host) {
         return Err(BadEndpoint::NoStage {
@@ -44,6 +73,19 @@ pub fn parse_endpoint(endpoint: &str) -> Result<url::Url, BadEndpoint> {
         });
     }
     Ok(url)
+}
+
+/// Whether the URL's host is this machine: `127.0.0.0/8`, `::1` (or an
+/// IPv4-mapped loopback address), or `localhost`.
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).to_canonical().is_loopback(),
+        Some(url::Host::Domain(name)) => {
+            name.trim_end_matches('.').eq_ignore_ascii_case("localhost")
+        }
+        None => false,
+    }
 }
 
 /// Whether `host` is an API's default `execute-api` domain (any AWS
@@ -70,14 +112,17 @@ mod tests {
             "https://ws.example.com",
             "https://ws.example.com/chat",
         ] {
-            assert!(parse_endpoint(good).is_ok(), "{good}");
+            assert!(
+                parse_endpoint(good, PlainHttp::LoopbackOnly).is_ok(),
+                "{good}"
+            );
         }
         for stageless in [
             "https://abc123.execute-api.eu-west-1.amazonaws.com",
             "https://abc123.execute-api.eu-west-1.amazonaws.com/",
             "https://ABC123.Execute-Api.cn-north-1.amazonaws.com.cn",
         ] {
-            let err = parse_endpoint(stageless).expect_err(stageless);
+            let err = parse_endpoint(stageless, PlainHttp::Allowed).expect_err(stageless);
             assert!(matches!(err, BadEndpoint::NoStage { .. }), "{stageless}");
             assert!(err.to_string().contains("has no stage"), "{err}");
         }
@@ -87,8 +132,50 @@ mod tests {
             "ftp://ws.example.com",
             "https://ws.example.com/?stage=prod",
         ] {
-            let err = parse_endpoint(bad).expect_err(bad);
+            let err = parse_endpoint(bad, PlainHttp::Allowed).expect_err(bad);
             assert!(matches!(err, BadEndpoint::NotAUrl { .. }), "{bad}");
+        }
+    }
+
+    #[test]
+    fn plain_http_is_refused_for_a_host_that_is_not_loopback() {
+        for remote in [
+            "http://ws.example.com/prod",
+            "http://10.0.0.5:8080/prod",
+            "http://abc123.execute-api.eu-west-1.amazonaws.com/prod",
+            "http://[2001:db8::1]/prod",
+            "http://0.0.0.0:3001",
+            "http://localhost.example.com/prod",
+            "http://128.0.0.1/prod",
+        ] {
+            let err = parse_endpoint(remote, PlainHttp::LoopbackOnly).expect_err(remote);
+            assert!(matches!(err, BadEndpoint::PlainHttp { .. }), "{remote}");
+            let text = err.to_string();
+            assert!(text.contains("gateway_allow_plain_http"), "{text}");
+            assert!(text.contains("FANOUT_GATEWAY_ALLOW_PLAIN_HTTP"), "{text}");
+            assert!(
+                parse_endpoint(remote, PlainHttp::Allowed).is_ok(),
+                "{remote}"
+            );
+            // TLS needs no permission.
+            let tls = remote.replacen("http://", "https://", 1);
+            assert!(
+                parse_endpoint(&tls, PlainHttp::LoopbackOnly).is_ok(),
+                "{tls}"
+            );
+        }
+        for local in [
+            "http://127.0.0.1:3001",
+            "http://127.8.9.10:3001/local",
+            "http://[::1]:3001/local",
+            "http://[::ffff:127.0.0.1]:3001/local",
+            "http://localhost:3001",
+            "http://LOCALHOST.:3001/local",
+        ] {
+            assert!(
+                parse_endpoint(local, PlainHttp::LoopbackOnly).is_ok(),
+                "{local}"
+            );
         }
     }
 }

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use http::Uri;
 use http::header::{HOST, HeaderValue};
 use http_body_util::Full;
-use hyper_rustls::{ConfigBuilderExt, HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
@@ -33,6 +33,8 @@ use pool::Pool;
 use sigv4::{SignError, Signer};
 
 use crate::clients::CONNECT_TIMEOUT;
+use crate::endpoint::PlainHttp;
+use crate::trust::{BadCaFile, GatewayTrust, PrivateCa};
 
 /// Idle pooled connections are closed after this. API Gateway closes idle
 /// keep-alive connections on its own after about a minute or more; closing
@@ -66,6 +68,8 @@ pub enum LeanError {
     NoRootCertificates(String),
     #[error("the TLS setup failed: {0}")]
     Tls(String),
+    #[error(transparent)]
+    BadCaFile(#[from] BadCaFile),
 }
 
 /// The parts of the endpoint every request is built from.
@@ -80,11 +84,11 @@ struct Endpoint {
 }
 
 impl Endpoint {
-    fn parse(endpoint: &str) -> Result<Self, LeanError> {
+    fn parse(endpoint: &str, plain_http: PlainHttp) -> Result<Self, LeanError> {
         let bad = || crate::endpoint::BadEndpoint::NotAUrl {
             endpoint: endpoint.to_owned(),
         };
-        let url = crate::endpoint::parse_endpoint(endpoint)?;
+        let url = crate::endpoint::parse_endpoint(endpoint, plain_http)?;
         let host = match (url.host_str(), url.port()) {
             (Some(host), Some(port)) => format!("{host}:{port}"),
             (Some(host), None) => host.to_owned(),
@@ -135,9 +139,27 @@ impl LeanSender {
     /// loaded by [`crate::clients::load_sdk_config`], so ECS task role and other
     /// temporary credentials are refreshed). `endpoint` includes the stage.
     /// `max_in_flight` sizes the pool of idle keep-alive connections.
+    /// Plain HTTP only to a loopback host, the system's roots only.
     pub fn new(
         config: &SdkConfig,
         endpoint: &str,
+        attempt_timeout: Duration,
+        max_in_flight: usize,
+    ) -> Result<Self, LeanError> {
+        Self::trusting(
+            config,
+            endpoint,
+            &GatewayTrust::default(),
+            attempt_timeout,
+            max_in_flight,
+        )
+    }
+
+    /// As [`LeanSender::new`], reaching the endpoint as `trust` allows.
+    pub fn trusting(
+        config: &SdkConfig,
+        endpoint: &str,
+        trust: &GatewayTrust,
         attempt_timeout: Duration,
         max_in_flight: usize,
     ) -> Result<Self, LeanError> {
@@ -145,21 +167,35 @@ impl LeanSender {
         let provider = config
             .credentials_provider()
             .ok_or(LeanError::NoCredentialsProvider)?;
-        Self::with_credentials(provider, region, endpoint, attempt_timeout, max_in_flight)
+        Self::with_credentials(
+            provider,
+            region,
+            endpoint,
+            trust,
+            attempt_timeout,
+            max_in_flight,
+        )
     }
 
-    /// As [`LeanSender::new`], with an explicit credentials provider and
-    /// region.
+    /// As [`LeanSender::trusting`], with an explicit credentials provider
+    /// and region.
     pub fn with_credentials(
         provider: SharedCredentialsProvider,
         region: String,
         endpoint: &str,
+        trust: &GatewayTrust,
         attempt_timeout: Duration,
         max_in_flight: usize,
     ) -> Result<Self, LeanError> {
-        let endpoint = Endpoint::parse(endpoint)?;
+        let plain_http = if trust.allow_plain_http {
+            PlainHttp::Allowed
+        } else {
+            PlainHttp::LoopbackOnly
+        };
+        let endpoint = Endpoint::parse(endpoint, plain_http)?;
+        let ca = trust.ca_file.as_deref().map(PrivateCa::load).transpose()?;
         let pool = Pool::new(
-            connector(endpoint.is_https())?,
+            connector(endpoint.is_https(), ca.as_ref())?,
             endpoint.origin.clone(),
             max_in_flight,
             POOL_IDLE_TIMEOUT,
@@ -176,18 +212,24 @@ impl LeanSender {
 }
 
 /// TCP with `TCP_NODELAY`, then TLS by rustls with ring and the system's
-/// roots; HTTP/1.1 only (one request per connection at a time, as API
-/// Gateway serves them).
-fn connector(https: bool) -> Result<HttpsConnector<HttpConnector>, LeanError> {
+/// roots (plus a private CA's, for this client alone); HTTP/1.1 only (one
+/// request per connection at a time, as API Gateway serves them).
+fn connector(
+    https: bool,
+    ca: Option<&PrivateCa>,
+) -> Result<HttpsConnector<HttpConnector>, LeanError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| LeanError::Tls(e.to_string()))?;
     let tls = if https {
-        builder
-            .with_native_roots()
-            .map_err(|e| LeanError::NoRootCertificates(e.to_string()))?
-            .with_no_client_auth()
+        let roots = crate::trust::gateway_roots(ca);
+        if roots.is_empty() {
+            return Err(LeanError::NoRootCertificates(
+                "none found in the system's store".into(),
+            ));
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
     } else {
         // Plain HTTP (a local endpoint) needs no roots; a container without
         // CA certificates must still be able to use one.
@@ -300,14 +342,17 @@ mod tests {
 
     #[test]
     fn endpoints_keep_their_stage_and_drop_default_ports() {
-        let e =
-            Endpoint::parse("https://abc.execute-api.eu-west-1.amazonaws.com:443/prod/").unwrap();
+        let e = Endpoint::parse(
+            "https://abc.execute-api.eu-west-1.amazonaws.com:443/prod/",
+            PlainHttp::LoopbackOnly,
+        )
+        .unwrap();
         assert_eq!(e.origin, "https://abc.execute-api.eu-west-1.amazonaws.com/");
         assert_eq!(e.base_path, "/prod");
         assert_eq!(e.host, "abc.execute-api.eu-west-1.amazonaws.com");
         assert!(e.is_https());
 
-        let e = Endpoint::parse("http://127.0.0.1:5322/local").unwrap();
+        let e = Endpoint::parse("http://127.0.0.1:5322/local", PlainHttp::LoopbackOnly).unwrap();
         assert_eq!(e.origin, "http://127.0.0.1:5322/");
         assert_eq!(e.host, "127.0.0.1:5322");
         assert!(!e.is_https());
@@ -322,13 +367,13 @@ mod tests {
             "ftp://abc/prod",
             "https://abc/prod?x=1",
         ] {
-            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+            assert!(Endpoint::parse(bad, PlainHttp::Allowed).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn ids_are_percent_encoded_as_path_labels() {
-        let e = Endpoint::parse("https://abc.example/prod").unwrap();
+        let e = Endpoint::parse("https://abc.example/prod", PlainHttp::LoopbackOnly).unwrap();
         assert_eq!(
             e.connection_path(&ConnectionId::from("L0SM9cOFvHcCIhw=")),
             "/prod/@connections/L0SM9cOFvHcCIhw%3D"
@@ -379,6 +424,7 @@ mod tests {
             provider,
             "eu-west-1".into(),
             "http://127.0.0.1:1/prod",
+            &GatewayTrust::default(),
             Duration::from_secs(2),
             4,
         )

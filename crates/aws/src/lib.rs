@@ -17,7 +17,9 @@
 //!   table (one item per run key, conditional writes).
 //! - `dynamo_errors`: what a failed DynamoDB call means, for every table.
 //! - `endpoint`: which management API endpoints are accepted
-//!   ([`parse_endpoint`]).
+//!   ([`parse_endpoint`]), plain HTTP only to loopback unless allowed.
+//! - `trust`: what the gateway client trusts ([`GatewayTrust`]): a private
+//!   CA added to the system's roots for it alone.
 //! - `apigw`: [`ApiGatewaySender`], PostToConnection through the SDK (the
 //!   reference path).
 //! - `lean`: [`LeanSender`], the same call as a signed POST on a keep-alive
@@ -43,6 +45,7 @@ mod reports;
 mod runs;
 mod select;
 mod sqs;
+mod trust;
 
 pub use apigw::ApiGatewaySender;
 /// What every client is built from (region, credentials, endpoints): the
@@ -51,10 +54,11 @@ pub use aws_config::SdkConfig;
 pub use clients::AwsError;
 pub use clock::ClockCheck;
 pub use dynamo::{AgeSettings, AudienceIndex, DynamoStore, TableSettings};
-pub use endpoint::{BadEndpoint, parse_endpoint};
+pub use endpoint::{BadEndpoint, PlainHttp, parse_endpoint};
 pub use fleet::DynamoLeaseTable;
 pub use lean::{LeanError, LeanSender};
 pub use reports::{SnsReports, SqsReports};
 pub use runs::DynamoRunTable;
 pub use select::{SelectError, SelectedSender, SendPath, SendSettings};
 pub use sqs::{QueueSettings, REASON_ATTRIBUTE, SOURCE_MESSAGE_ATTRIBUTE, SqsQueue};
+pub use trust::{BadCaFile, GatewayTrust, check_ca_file};

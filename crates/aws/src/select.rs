@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::apigw::ApiGatewaySender;
 use crate::clients::{self, AwsError};
 use crate::lean::{LeanError, LeanSender};
+use crate::trust::GatewayTrust;
 use fanout_core::connection::ConnectionId;
 use fanout_core::gateway::{Gateway, PostOutcome};
 
@@ -36,6 +37,8 @@ pub struct SendSettings {
     /// Sends in flight at once: the lean path keeps as many idle keep-alive
     /// connections.
     pub max_in_flight: usize,
+    /// Plain HTTP beyond loopback, and a private CA, for this client alone.
+    pub trust: GatewayTrust,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,14 +63,16 @@ impl SelectedSender {
     /// `config`.
     pub fn build(config: &SdkConfig, settings: &SendSettings) -> Result<Self, SelectError> {
         Ok(match settings.path {
-            SendPath::Sdk => Self::Sdk(ApiGatewaySender::new(clients::apigw_client(
+            SendPath::Sdk => Self::Sdk(ApiGatewaySender::new(clients::apigw_client_trusting(
                 config,
                 &settings.endpoint,
+                &settings.trust,
                 settings.attempt_timeout,
             )?)),
-            SendPath::Lean => Self::Lean(LeanSender::new(
+            SendPath::Lean => Self::Lean(LeanSender::trusting(
                 config,
                 &settings.endpoint,
+                &settings.trust,
                 settings.attempt_timeout,
                 settings.max_in_flight,
             )?),

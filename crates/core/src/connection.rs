@@ -91,3 +91,85 @@ impl Connection {
         }
     }
 }
+
+/// The longest connection id fanout accepts: a DynamoDB sort key's limit
+/// (1,024 bytes), since an id may be the sort key of a `channel` +
+/// `connectionId` table. API Gateway's own ids are 16 characters.
+pub const MAX_ID_BYTES: usize = crate::limits::MAX_SORT_KEY_BYTES;
+
+/// Why a string cannot be an API Gateway connection id.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadId {
+    #[error("it is empty")]
+    Empty,
+    #[error("it is {len} bytes; a connection id is at most {MAX_ID_BYTES} (a DynamoDB sort key)")]
+    TooLong { len: usize },
+    #[error("it holds {found:?}, outside the connection-id alphabet A-Z a-z 0-9 + / = _ -")]
+    OutsideAlphabet { found: char },
+}
+
+/// Whether `id` can be an API Gateway connection id: not empty, at most
+/// [`MAX_ID_BYTES`], and only the characters of the ids API Gateway hands
+/// out (standard base64, plus the URL-safe `-` and `_`).
+///
+/// An id outside that alphabet cannot be a live connection, and some (`.`,
+/// `..`) would name another resource once in a URL path: such an id is
+/// refused before any post, so one bad row never reaches the endpoint.
+pub fn check_id(id: &str) -> Result<(), BadId> {
+    if id.is_empty() {
+        return Err(BadId::Empty);
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(BadId::TooLong { len: id.len() });
+    }
+    match id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=' | '_' | '-')))
+    {
+        Some(found) => Err(BadId::OutsideAlphabet { found }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked_against_api_gateways_alphabet_and_dynamodbs_key_limit() {
+        let longest = "A".repeat(MAX_ID_BYTES);
+        let too_long = "A".repeat(MAX_ID_BYTES + 1);
+        let cases: &[(&str, Result<(), BadId>)] = &[
+            ("L0SM9cOFvHcCIhw=", Ok(())),
+            ("GVWNvcmFJAMCIwg=", Ok(())),
+            // Standard base64 has `+` and `/`; API Gateway's ids are base64.
+            ("ab+c/d==", Ok(())),
+            ("url-safe_id", Ok(())),
+            (&longest, Ok(())),
+            ("", Err(BadId::Empty)),
+            (
+                &too_long,
+                Err(BadId::TooLong {
+                    len: MAX_ID_BYTES + 1,
+                }),
+            ),
+            (".", Err(BadId::OutsideAlphabet { found: '.' })),
+            ("..", Err(BadId::OutsideAlphabet { found: '.' })),
+            ("a.b", Err(BadId::OutsideAlphabet { found: '.' })),
+            ("a b", Err(BadId::OutsideAlphabet { found: ' ' })),
+            ("a%2F", Err(BadId::OutsideAlphabet { found: '%' })),
+            ("a?b", Err(BadId::OutsideAlphabet { found: '?' })),
+            ("a#b", Err(BadId::OutsideAlphabet { found: '#' })),
+            ("a\\b", Err(BadId::OutsideAlphabet { found: '\\' })),
+            ("ä", Err(BadId::OutsideAlphabet { found: 'ä' })),
+            ("a\nb", Err(BadId::OutsideAlphabet { found: '\n' })),
+        ];
+        for (id, expected) in cases {
+            assert_eq!(&check_id(id), expected, "{id:.20}");
+        }
+        assert_eq!(
+            check_id(&too_long).unwrap_err().to_string(),
+            "it is 1025 bytes; a connection id is at most 1024 (a DynamoDB sort key)"
+        );
+    }
+}

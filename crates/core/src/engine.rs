@@ -643,6 +643,14 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         counts: &JobCounts,
         pass: Pass,
     ) -> Delivery {
+        // A row's id outside API Gateway's alphabet cannot be a connection,
+        // and posting it (`.`, `..`) would name another resource: rejected
+        // without a post, so one bad row cannot stop a broadcast.
+        if let Err(bad) = crate::connection::check_id(connection.id.as_str()) {
+            tracing::warn!(connection = ?connection.id, reason = %bad, "not a connection id; rejected without a post");
+            counts.answer(crate::gateway::Counter::Failed);
+            return Delivery::Rejected(connection.id);
+        }
         let backoff = self.settings.send_backoff;
         let mut attempt = 1;
         // 429s in a row, and when the first of them came.

@@ -18,11 +18,11 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::connection::{Connection, ConnectionId, RowKey};
+use crate::connection::{self, BadId, Connection, ConnectionId, RowKey};
 use crate::store::Cursor;
 
-use crate::limits::{CONTINUATION_HEADROOM, MAX_SQS_MESSAGE_BYTES};
-pub use crate::limits::{MAX_PAYLOAD_BYTES, MAX_SPLIT};
+use crate::limits::{CONTINUATION_HEADROOM, MAX_PARTITION_KEY_BYTES, MAX_SQS_MESSAGE_BYTES};
+pub use crate::limits::{MAX_CHANNELS, MAX_PAYLOAD_BYTES, MAX_SPLIT, MAX_SPLIT_BYTES};
 
 /// The job as producers write it. Unknown fields are refused, so a typo
 /// (`"chanel"`) fails loudly instead of broadcasting to everyone.
@@ -237,6 +237,32 @@ pub enum JobError {
         "`deferred` is set by fanout on continuation jobs, alone: not with `channel`, `channels`, `to`, `connections` or `split`"
     )]
     DeferredAlone,
+    #[error(
+        "`channels` names {count} channels; a job takes at most {MAX_CHANNELS} (send several jobs, or use a named audience with `to`)"
+    )]
+    TooManyChannels { count: usize },
+    #[error(
+        "`split` {split} copies the {payload}-byte payload into {total} bytes of jobs; at most {MAX_SPLIT_BYTES} (split fewer ways, or send a smaller payload)",
+        total = *split as usize * payload
+    )]
+    SplitTooLarge { split: u32, payload: usize },
+    #[error(
+        "`{field}` holds a value of {len} bytes ({value}); DynamoDB takes at most {limit} bytes in a key"
+    )]
+    KeyTooLong {
+        field: &'static str,
+        /// The value's start, for the reason (the whole may be kilobytes).
+        value: String,
+        len: usize,
+        limit: usize,
+    },
+    #[error("`{field}` holds {id:?}, which is not an API Gateway connection id: {problem}")]
+    BadConnectionId {
+        field: &'static str,
+        /// The id's start, for the reason.
+        id: String,
+        problem: BadId,
+    },
 }
 
 /// A deferred connection that cannot be continued: one entry alone does not
@@ -459,6 +485,7 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<
         if channel.is_empty() {
             return Err(JobError::EmptyValue { field: "channel" });
         }
+        key_value("channel", &channel)?;
         if !caps.channels {
             return Err(JobError::ChannelsUnsupported);
         }
@@ -470,6 +497,9 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<
         if channels.iter().any(String::is_empty) {
             return Err(JobError::EmptyValue { field: "channels" });
         }
+        for channel in &channels {
+            key_value("channels", channel)?;
+        }
         if !caps.channels {
             return Err(JobError::ChannelsUnsupported);
         }
@@ -478,6 +508,12 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<
             .into_iter()
             .filter(|c| seen.insert(c.clone()))
             .collect();
+        // Counted once repeats are gone: a channel named twice is read once.
+        if channels.len() > MAX_CHANNELS {
+            return Err(JobError::TooManyChannels {
+                count: channels.len(),
+            });
+        }
         match <[String; 1]>::try_from(channels) {
             // One channel is that channel, with its cursor.
             Ok([one]) => Target::Channel(one),
@@ -486,13 +522,21 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<
     } else if let Some(to) = spec.to {
         audience(to, caps)?
     } else if let Some(ids) = spec.connections {
-        Target::Connections(first_occurrences(ids_of("connections", ids)?))
+        Target::Connections(first_occurrences(checked_ids("connections", ids)?))
     } else {
         Target::All
     };
-    let exclude = ids_of("exclude", spec.exclude)?.into_iter().collect();
+    let exclude = checked_ids("exclude", spec.exclude)?.into_iter().collect();
     if spec.split.is_some_and(|n| n == 0 || n > MAX_SPLIT) {
         return Err(JobError::BadSplit);
+    }
+    if let Some(split) = spec.split
+        && split as usize * payload.len() > MAX_SPLIT_BYTES
+    {
+        return Err(JobError::SplitTooLarge {
+            split,
+            payload: payload.len(),
+        });
     }
     if spec
         .segment
@@ -533,6 +577,7 @@ fn audience(to: BTreeMap<String, String>, caps: &Capabilities) -> Result<Target,
     if name.is_empty() || value.is_empty() {
         return Err(JobError::EmptyValue { field: "to" });
     }
+    key_value("to", &value)?;
     if let Some(known) = &caps.audiences
         && !known.contains(&name)
     {
@@ -575,6 +620,47 @@ fn first_occurrences(ids: Vec<ConnectionId>) -> Vec<ConnectionId> {
     ids.into_iter()
         .filter(|id| seen.insert(id.clone()))
         .collect()
+}
+
+/// A channel or audience value is the partition key of the index it is
+/// read from: one DynamoDB cannot hold is refused here, not retried as a
+/// failing Query later.
+fn key_value(field: &'static str, value: &str) -> Result<(), JobError> {
+    if value.len() > MAX_PARTITION_KEY_BYTES {
+        return Err(JobError::KeyTooLong {
+            field,
+            value: shown(value),
+            len: value.len(),
+            limit: MAX_PARTITION_KEY_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// A producer's ids, each one API Gateway could have handed out
+/// ([`connection::check_id`]).
+fn checked_ids(field: &'static str, ids: Vec<String>) -> Result<Vec<ConnectionId>, JobError> {
+    ids.into_iter()
+        .map(|id| match connection::check_id(&id) {
+            Ok(()) => Ok(ConnectionId::from(id)),
+            Err(BadId::Empty) => Err(JobError::EmptyValue { field }),
+            Err(problem) => Err(JobError::BadConnectionId {
+                field,
+                id: shown(&id),
+                problem,
+            }),
+        })
+        .collect()
+}
+
+/// The start of a value, as a reason quotes it: enough to find it, short
+/// enough for a log line and a message attribute.
+fn shown(value: &str) -> String {
+    const SHOWN: usize = 64;
+    match value.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{}…", &value[..end]),
+        None => value.to_owned(),
+    }
 }
 
 fn ids_of(field: &'static str, ids: Vec<String>) -> Result<Vec<ConnectionId>, JobError> {
@@ -938,6 +1024,153 @@ mod tests {
         // A share is not split again.
         let share = ok(r#"{"data":"x","split":4,"segment":{"index":0,"total":2}}"#);
         assert_eq!(share.split, None);
+    }
+
+    /// Each limit refuses the job with a reason naming the field, the limit
+    /// and the value; the value at the limit passes.
+    #[test]
+    fn jobs_past_the_limits_are_refused_naming_field_limit_and_value() {
+        let channels = |n: usize| {
+            let names: Vec<String> = (0..n).map(|i| format!("\"c{i}\"")).collect();
+            names.join(",")
+        };
+        let id_at_limit = "a".repeat(1024);
+        let long_id = "a".repeat(1025);
+        let key_at_limit = "k".repeat(2048);
+        let long_key = "k".repeat(2049);
+        let payload = |bytes: usize| "p".repeat(bytes);
+        let long = |field, len| JobError::KeyTooLong {
+            field,
+            value: format!("{}…", "k".repeat(64)),
+            len,
+            limit: 2048,
+        };
+        let bad_id = |field, id: &str, problem| JobError::BadConnectionId {
+            field,
+            id: id.to_owned(),
+            problem,
+        };
+        let cases: Vec<(String, Option<JobError>, &[&str])> = vec![
+            (
+                format!(r#"{{"data":"x","channels":[{}]}}"#, channels(101)),
+                Some(JobError::TooManyChannels { count: 101 }),
+                &["`channels`", "101", "100"],
+            ),
+            // A channel named twice counts once.
+            (
+                format!(r#"{{"data":"x","channels":[{},"c0"]}}"#, channels(100)),
+                None,
+                &[],
+            ),
+            (
+                format!(r#"{{"data":"{}","split":1024}}"#, payload(16 * 1024 + 1)),
+                Some(JobError::SplitTooLarge {
+                    split: 1024,
+                    payload: 16 * 1024 + 1,
+                }),
+                &["`split`", "1024", "16385", "16778240", "16777216"],
+            ),
+            (
+                format!(r#"{{"data":"{}","split":1024}}"#, payload(16 * 1024)),
+                None,
+                &[],
+            ),
+            (
+                format!(r#"{{"data":"{}","split":128}}"#, payload(128 * 1024)),
+                None,
+                &[],
+            ),
+            (
+                format!(r#"{{"data":"x","connections":["{long_id}"]}}"#),
+                Some(bad_id(
+                    "connections",
+                    &format!("{}…", "a".repeat(64)),
+                    BadId::TooLong { len: 1025 },
+                )),
+                &["`connections`", "1025", "1024"],
+            ),
+            (
+                format!(r#"{{"data":"x","connections":["{id_at_limit}"]}}"#),
+                None,
+                &[],
+            ),
+            (
+                format!(r#"{{"data":"x","exclude":["{long_id}"]}}"#),
+                Some(bad_id(
+                    "exclude",
+                    &format!("{}…", "a".repeat(64)),
+                    BadId::TooLong { len: 1025 },
+                )),
+                &["`exclude`", "1025", "1024"],
+            ),
+            (
+                format!(r#"{{"data":"x","channel":"{long_key}"}}"#),
+                Some(long("channel", 2049)),
+                &["`channel`", "2049", "2048"],
+            ),
+            (
+                format!(r#"{{"data":"x","channel":"{key_at_limit}"}}"#),
+                None,
+                &[],
+            ),
+            (
+                format!(r#"{{"data":"x","channels":["a","{long_key}"]}}"#),
+                Some(long("channels", 2049)),
+                &["`channels`", "2049", "2048"],
+            ),
+            (
+                format!(r#"{{"data":"x","to":{{"user":"{long_key}"}}}}"#),
+                Some(long("to", 2049)),
+                &["`to`", "2049", "2048"],
+            ),
+            (
+                r#"{"data":"x","connections":["ok=","..","b"]}"#.to_owned(),
+                Some(bad_id(
+                    "connections",
+                    "..",
+                    BadId::OutsideAlphabet { found: '.' },
+                )),
+                &["`connections`", "\"..\"", "'.'"],
+            ),
+            (
+                r#"{"data":"x","connections":["a b"]}"#.to_owned(),
+                Some(bad_id(
+                    "connections",
+                    "a b",
+                    BadId::OutsideAlphabet { found: ' ' },
+                )),
+                &["`connections`", "\"a b\""],
+            ),
+            (
+                r#"{"data":"x","exclude":["a%2F"]}"#.to_owned(),
+                Some(bad_id(
+                    "exclude",
+                    "a%2F",
+                    BadId::OutsideAlphabet { found: '%' },
+                )),
+                &["`exclude`", "a%2F", "'%'"],
+            ),
+            (
+                r#"{"data":"x","connections":["L0SM9cOFvHcCIhw=","ab+c/d=="]}"#.to_owned(),
+                None,
+                &[],
+            ),
+        ];
+        for (body, expected, named) in cases {
+            let shown: String = body.chars().take(60).collect();
+            match (parse(&body, "m", &CAPS), expected) {
+                (Ok(_), None) => {}
+                (Err(e), Some(expected)) => {
+                    assert_eq!(e, expected, "{shown}");
+                    let text = e.to_string();
+                    for part in named {
+                        assert!(text.contains(part), "{shown}: {part} not in {text}");
+                    }
+                    assert!(text.len() < 400, "{shown}: a long reason: {text}");
+                }
+                (got, expected) => panic!("{shown}: got {got:?}, expected {expected:?}"),
+            }
+        }
     }
 
     fn keyed(id: &str) -> Connection {

@@ -34,6 +34,16 @@ pub const MAX_SEND_DELAY: Duration = Duration::from_secs(900);
 /// Items per DynamoDB BatchWriteItem: 25 (DynamoDB API reference).
 pub const MAX_BATCH_WRITE: usize = 25;
 
+/// The longest partition key value: 2,048 bytes ("Quotas in Amazon
+/// DynamoDB", partition key length). A channel or audience value is the
+/// partition key of the index a job reads.
+pub const MAX_PARTITION_KEY_BYTES: usize = 2048;
+
+/// The longest sort key value: 1,024 bytes ("Quotas in Amazon DynamoDB",
+/// sort key length). A connection id is the sort key of a `channel` +
+/// `connectionId` table.
+pub const MAX_SORT_KEY_BYTES: usize = 1024;
+
 // fanout's own bounds.
 
 /// The most rows asked of one Scan or Query page. DynamoDB stops a page at
@@ -49,6 +59,24 @@ pub const MAX_SCAN_SEGMENTS: u32 = 1024;
 /// The most jobs one broadcast may be split into (`split_segments`), for the
 /// same reason.
 pub const MAX_SPLIT: u32 = 1024;
+
+/// The most channels one job may name in `channels`. Each channel is read
+/// as its own Query: the merge of a table keyed `channel` + `connectionId`
+/// holds one page per channel (up to `page_size` rows each), and a
+/// continuation carries one cursor per channel (with a channel value of up
+/// to 2 KB in it). At 100 both stay small: 100 pages in memory, and cursors
+/// that fit one SQS message. An audience wider than that is better served
+/// by a named audience (`to`) or the whole table.
+pub const MAX_CHANNELS: usize = 100;
+
+/// The most bytes of payload a `split` may copy: `split` × the payload.
+/// Each share of a split broadcast is a job on the queue carrying the whole
+/// payload, written by one worker before any post, and SQS bills a message
+/// per 64 KB. 16 MiB lets a 1,024-way split carry a 16 KiB message, or a
+/// full 128 KiB message split 128 ways (a 128-way split already spreads the
+/// largest table over more workers than a fleet runs), and bounds what one
+/// job can write back to the queue to 256 billed requests.
+pub const MAX_SPLIT_BYTES: usize = 16 * 1024 * 1024;
 
 /// Room left in an SQS message for a continuation's attributes and JSON
 /// framing.

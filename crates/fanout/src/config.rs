@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 pub use fanout_aws::SendPath;
 use std::sync::Arc;
 
-use fanout_aws::{AgeSettings, AudienceIndex, QueueSettings, SendSettings, TableSettings};
+use fanout_aws::{
+    AgeSettings, AudienceIndex, GatewayTrust, PlainHttp, QueueSettings, SendSettings, TableSettings,
+};
 use fanout_core::Backoff;
 use fanout_core::RateSettings;
 use fanout_core::engine::EngineSettings;
@@ -116,6 +118,8 @@ struct Raw {
     expired_margin: Duration,
     audience_indexes: Option<AudienceIndexes>,
     gateway_endpoint: Option<String>,
+    gateway_allow_plain_http: bool,
+    gateway_ca_file: Option<PathBuf>,
     send_path: SendPath,
     rate_per_second: u32,
     rate_burst: u32,
@@ -206,6 +210,13 @@ pub struct Config {
     pub audience_indexes: Vec<AudienceIndex>,
     /// Required by the worker only; see [`Config::worker_targets`].
     pub gateway_endpoint: Option<String>,
+    /// Whether the endpoint may be plain `http://` to a host that is not
+    /// loopback (anything on the way could answer 410 for every
+    /// connection).
+    pub gateway_allow_plain_http: bool,
+    /// A private CA the gateway client trusts on top of the system's roots;
+    /// the AWS clients keep the system's roots alone.
+    pub gateway_ca_file: Option<PathBuf>,
     pub send_path: SendPath,
     /// `None`: no rate limit.
     pub rate_per_second: Option<u32>,
@@ -358,6 +369,10 @@ impl Config {
             endpoint: targets.gateway_endpoint.clone(),
             attempt_timeout: self.send_timeout,
             max_in_flight: count(self.max_in_flight),
+            trust: GatewayTrust {
+                allow_plain_http: self.gateway_allow_plain_http,
+                ca_file: self.gateway_ca_file.clone(),
+            },
         }
     }
 
@@ -669,7 +684,10 @@ impl Validator<'_> {
                 .non_empty("connected_at_attribute", raw.connected_at_attribute)?,
             expired_margin: self.expired_margin(raw.expired_margin)?,
             audience_indexes: self.audience_indexes(raw.audience_indexes)?,
-            gateway_endpoint: self.gateway_endpoint(raw.gateway_endpoint)?,
+            gateway_endpoint: self
+                .gateway_endpoint(raw.gateway_endpoint, raw.gateway_allow_plain_http)?,
+            gateway_allow_plain_http: raw.gateway_allow_plain_http,
+            gateway_ca_file: self.gateway_ca_file(raw.gateway_ca_file)?,
             send_path: raw.send_path,
             rate_per_second,
             rate_burst,
@@ -828,14 +846,37 @@ impl Validator<'_> {
         Ok(self.non_empty(key, Some(value))?.unwrap_or_default())
     }
 
-    /// The management endpoint: a URL, and one fanout can send to.
-    fn gateway_endpoint(&self, value: Option<String>) -> Result<Option<String>, ConfigError> {
+    /// The management endpoint: a URL, and one fanout can send to, plain
+    /// HTTP only to loopback unless `allow_plain_http`.
+    fn gateway_endpoint(
+        &self,
+        value: Option<String>,
+        allow_plain_http: bool,
+    ) -> Result<Option<String>, ConfigError> {
         let endpoint = self.url("gateway_endpoint", value)?;
+        let plain_http = if allow_plain_http {
+            PlainHttp::Allowed
+        } else {
+            PlainHttp::LoopbackOnly
+        };
         if let Some(endpoint) = &endpoint {
-            fanout_aws::parse_endpoint(endpoint)
+            fanout_aws::parse_endpoint(endpoint, plain_http)
                 .map_err(|e| self.invalid("gateway_endpoint", e.to_string()))?;
         }
         Ok(endpoint)
+    }
+
+    /// The gateway's private CA: a readable PEM file of certificates that
+    /// can be roots, checked now rather than at the first send.
+    fn gateway_ca_file(&self, value: Option<PathBuf>) -> Result<Option<PathBuf>, ConfigError> {
+        if let Some(path) = &value {
+            if path.as_os_str().is_empty() {
+                return Err(self.invalid("gateway_ca_file", "must not be empty"));
+            }
+            fanout_aws::check_ca_file(path)
+                .map_err(|e| self.invalid("gateway_ca_file", e.to_string()))?;
+        }
+        Ok(value)
     }
 
     /// The rate (`None`: no limit) and its effective burst.
@@ -1383,6 +1424,67 @@ mod tests {
                 Ok(())
             });
         }
+    }
+
+    #[test]
+    fn plain_http_beyond_loopback_needs_its_own_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+            jail.set_env("FANOUT_GATEWAY_ENDPOINT", "http://ws.internal:8080/prod");
+            let err = load_err(jail, None);
+            assert!(err.contains("config key `gateway_endpoint`"), "{err}");
+            assert!(err.contains("FANOUT_GATEWAY_ENDPOINT"), "{err}");
+            assert!(err.contains("FANOUT_GATEWAY_ALLOW_PLAIN_HTTP"), "{err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+            jail.set_env("FANOUT_GATEWAY_ALLOW_PLAIN_HTTP", "true");
+            jail.set_env("FANOUT_TABLE", "connections");
+            let config = Config::load(None).expect("allowed");
+            assert!(config.gateway_allow_plain_http);
+            let targets = config.worker_targets().unwrap();
+            assert!(config.send_settings(&targets).trust.allow_plain_http);
+            Ok(())
+        });
+        for local in [
+            "http://127.0.0.1:3001",
+            "http://[::1]:3001/local",
+            "http://localhost:8080/local",
+        ] {
+            Jail::expect_with(|jail| {
+                jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+                jail.set_env("FANOUT_GATEWAY_ENDPOINT", local);
+                let config = Config::load(None).expect("loopback needs no key");
+                assert!(!config.gateway_allow_plain_http);
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn the_gateway_ca_file_is_checked_at_startup_and_reaches_the_gateway_alone() {
+        Jail::expect_with(|jail| {
+            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+            jail.set_env("FANOUT_TABLE", "connections");
+            jail.set_env("FANOUT_GATEWAY_ENDPOINT", "https://ws.example.com");
+            jail.set_env("FANOUT_GATEWAY_CA_FILE", "missing.pem");
+            let err = load_err(jail, None);
+            assert!(err.contains("config key `gateway_ca_file`"), "{err}");
+            assert!(err.contains("FANOUT_GATEWAY_CA_FILE"), "{err}");
+            jail.create_file("not-a-ca.pem", "hello\n")?;
+            jail.set_env("FANOUT_GATEWAY_CA_FILE", "not-a-ca.pem");
+            let err = load_err(jail, None);
+            assert!(err.contains("holds no PEM certificate"), "{err}");
+            let ca = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../aws/testdata/unit-test-ca.pem"
+            );
+            jail.set_env("FANOUT_GATEWAY_CA_FILE", ca);
+            let config = Config::load(None).expect("a CA file");
+            let targets = config.worker_targets().unwrap();
+            let trust = config.send_settings(&targets).trust;
+            assert_eq!(trust.ca_file.as_deref(), Some(Path::new(ca)));
+            assert!(!trust.allow_plain_http);
+            Ok(())
+        });
     }
 
     #[test]

@@ -44,6 +44,7 @@ use tokio::sync::Notify;
 use tower_service::Service;
 
 use super::error_chain;
+use crate::clients::CONNECT_TIMEOUT;
 
 type Stream = MaybeHttpsStream<TokioIo<TcpStream>>;
 type Body = Full<Bytes>;
@@ -389,8 +390,25 @@ impl Shared {
     }
 }
 
-/// A new connection to `origin`.
+/// A new connection to `origin`: TCP, TLS and HTTP/1.1's start within
+/// [`CONNECT_TIMEOUT`]. The send's own timeout bounds a connect it waits
+/// for, but not one that goes on in the background after another
+/// connection served it: without this bound, a peer that accepts and never
+/// answers the TLS handshake would hold a connect slot for ever, and a few
+/// such connects would leave the pool unable to connect at all.
 async fn connect(
+    connector: HttpsConnector<HttpConnector>,
+    origin: Uri,
+) -> Result<Connection, PoolError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect_unbounded(connector, origin)).await {
+        Ok(connected) => connected,
+        Err(_) => Err(PoolError::Connect(format!(
+            "timed out after {CONNECT_TIMEOUT:?} (TCP connect and TLS handshake)"
+        ))),
+    }
+}
+
+async fn connect_unbounded(
     mut connector: HttpsConnector<HttpConnector>,
     origin: Uri,
 ) -> Result<Connection, PoolError> {
@@ -565,7 +583,7 @@ mod tests {
     }
 
     fn pool(origin: Uri, max_idle: usize, idle_timeout: Duration) -> Pool {
-        let connector = super::super::connector(false).unwrap();
+        let connector = super::super::connector(false, None).unwrap();
         Pool::new(connector, origin, max_idle, idle_timeout)
     }
 
@@ -724,6 +742,43 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, PoolError::Connect(_)), "{err}");
+    }
+
+    /// A peer that accepts TCP and never answers the TLS handshake: a
+    /// connect, the ones that finish in the background included, gives up
+    /// within the connect timeout instead of holding its slot for ever.
+    #[tokio::test]
+    async fn a_tls_handshake_that_never_answers_fails_within_the_connect_timeout() {
+        let (listener, origin) = bind().await;
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let holding = held.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                holding.lock().unwrap().push(socket);
+            }
+        });
+        let origin: Uri = format!("https://{}", origin.authority().unwrap())
+            .parse()
+            .unwrap();
+        let connector = super::super::connector(true, None).unwrap();
+        let pool = Pool::new(connector, origin.clone(), 8, MINUTE);
+        let started = Instant::now();
+        let sent = tokio::time::timeout(
+            CONNECT_TIMEOUT + Duration::from_secs(5),
+            pool.send(post(&origin), 1024),
+        )
+        .await
+        .expect("the send gave up within the connect timeout");
+        let err = sent.unwrap_err();
+        assert!(matches!(err, PoolError::Connect(_)), "{err}");
+        assert!(err.to_string().contains("timed out"), "{err}");
+        assert!(
+            started.elapsed() < CONNECT_TIMEOUT + Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(held.lock().unwrap().len(), 1, "the peer saw the connect");
+        assert_eq!(pool.shared.connecting.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]
