@@ -30,7 +30,13 @@ impl Run {
 /// The `fanout` binary under test: beside the test executable's directory
 /// (`target/<profile>/deps/<test>` → `target/<profile>/fanout`), where Cargo
 /// builds it for every integration test of the `fanout` package.
+///
+/// `FANOUT_DEV_TEST_BINARY` names another binary instead: to run a test
+/// against an earlier build and see it fail there.
 pub fn fanout_binary() -> std::path::PathBuf {
+    if let Some(binary) = std::env::var_os("FANOUT_DEV_TEST_BINARY") {
+        return binary.into();
+    }
     let test = std::env::current_exe().expect("the test executable's path");
     let profile_dir = test
         .parent()
