@@ -237,9 +237,8 @@ impl DynamoStore {
             }
         }
 
-        let whole_table = whole_table_source(&settings, &key, |index| {
-            index_key(index, KeyType::Hash)
-        })?;
+        let whole_table =
+            whole_table_source(&settings, &key, |index| index_key(index, KeyType::Hash))?;
 
         let mut projected: Vec<&str> = key.iter().map(|(name, _)| name.as_str()).collect();
         if !projected.contains(&settings.key_attribute.as_str()) {
@@ -318,7 +317,10 @@ fn whole_table_source(
          FANOUT_CONNECTION_INDEX to a global secondary index keyed by {id}; until then, broadcasts \
          to everyone are refused (channels and named audiences still work)",
         settings.table,
-        key.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(" + ")
+        key.iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(" + ")
     );
     tracing::warn!(table = %settings.table, "{reason}");
     Ok(Err(reason))
@@ -582,7 +584,11 @@ impl Inner {
     /// Deletes a row whose key does not hold the connection id, only if it
     /// still holds that id (and, when read with one, that start):
     /// `Ok(false)` if it changed since.
-    async fn remove_if_same(&self, key: RowKey, connection: &Connection) -> Result<bool, StoreError> {
+    async fn remove_if_same(
+        &self,
+        key: RowKey,
+        connection: &Connection,
+    ) -> Result<bool, StoreError> {
         let mut request = self
             .client
             .delete_item()

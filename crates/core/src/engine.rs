@@ -39,7 +39,7 @@ use crate::job::{Job, Target};
 use crate::limiter::SendBudget;
 use crate::live::{self, Share};
 use crate::progress::Progress;
-use crate::rechecks::{RecheckDeps, Recheck, Rechecks};
+use crate::rechecks::{Recheck, RecheckDeps, Rechecks};
 use crate::remover::{REMOVE_BACKOFF, Remover};
 use crate::report::MAX_FAILED_IDS;
 use crate::store::{AudienceQuery, ConnectionStore, Cursor, Page, StoreError};
@@ -1623,10 +1623,18 @@ mod tests {
         // A listed connection's start is unknown: it may still be
         // connecting, so its first 410 is rechecked, not acted on.
         assert_eq!(
-            (report.delivered, report.gone, report.removed, report.rechecking),
+            (
+                report.delivered,
+                report.gone,
+                report.removed,
+                report.rechecking
+            ),
             (2, 1, 0, 1)
         );
-        assert!(table.remaining().contains("conn-3"), "kept until its recheck");
+        assert!(
+            table.remaining().contains("conn-3"),
+            "kept until its recheck"
+        );
         assert_eq!(table.pages_read.load(Ordering::SeqCst), 0, "no table read");
         j.resume = Some(vec![Cursor {
             segment: 0,
@@ -1863,5 +1871,71 @@ mod tests {
             .run(&job(Target::All), &stop)
             .await;
         assert!(matches!(result, Err(FanoutError::Interrupted)));
+    }
+
+    /// The property: whatever the answers (410s, refusals, throttles, 5xx,
+    /// 2xx, in any order per connection) and whatever a job lists and
+    /// excludes, with or without a proven endpoint, no row is removed whose
+    /// connection answered 2xx in the same run. Seeded, so a failure
+    /// repeats.
+    #[tokio::test(start_paused = true)]
+    async fn no_answers_and_no_job_fields_remove_a_row_whose_connection_answered_2xx() {
+        use rand::{Rng, SeedableRng};
+        let answers = [
+            PostOutcome::Delivered,
+            PostOutcome::Gone,
+            PostOutcome::Throttled,
+            PostOutcome::Transient("503".into()),
+            PostOutcome::Rejected("API Gateway answered HTTP 404 (x)".into()),
+        ];
+        for seed in 0..200u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let all = ids(rng.random_range(1..40));
+            let table = Arc::new(FakeTable::with(&all, rng.random_range(1..8)));
+            let gateway = Arc::new(FakeGateway::default());
+            for id in &all {
+                let script: Vec<PostOutcome> = (0..rng.random_range(0..4))
+                    .map(|_| answers[rng.random_range(0..answers.len())].clone())
+                    .collect();
+                gateway.script.lock().unwrap().insert(id.clone(), script);
+            }
+            let target = match rng.random_range(0..3) {
+                0 => Target::All,
+                1 => Target::Connections(all.iter().map(|i| i.as_str().into()).collect()),
+                _ => Target::Deferred(
+                    all.iter()
+                        .map(|id| Connection {
+                            // A listed entry may carry any row's key.
+                            key: Some(crate::connection::RowKey(vec![(
+                                "connectionId".into(),
+                                crate::connection::KeyValue::S(
+                                    all[rng.random_range(0..all.len())].clone(),
+                                ),
+                            )])),
+                            ..Connection::new(id.as_str(), None)
+                        })
+                        .collect(),
+                ),
+            };
+            let mut j = job(target);
+            if rng.random_bool(0.3) {
+                j.exclude.insert(all[0].as_str().into());
+            }
+            let engine = engine(table.clone(), gateway.clone(), 4);
+            if rng.random_bool(0.5) {
+                engine.watch().record(&PostOutcome::Delivered);
+            }
+            let _ = engine.run(&j, &CancellationToken::new()).await;
+            // Past the connect window: the rechecks have posted, and removed.
+            tokio::time::sleep(crate::evidence::CONNECT_WINDOW * 3).await;
+            let delivered: HashSet<String> = gateway.delivered_ids().into_iter().collect();
+            let left = table.remaining();
+            for id in &delivered {
+                assert!(
+                    left.contains(id),
+                    "seed {seed}: {id} answered 2xx and its row went"
+                );
+            }
+        }
     }
 }

@@ -29,7 +29,17 @@ pub use crate::limits::{MAX_CHANNELS, MAX_PAYLOAD_BYTES, MAX_SPLIT, MAX_SPLIT_BY
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
-    /// Used in logs; defaults to the queue's message id.
+    /// The version of the job format this body needs (absent: 1). A task
+    /// that meets a newer one hands the message back for a newer task
+    /// instead of dead-lettering it: during a rolling deploy, old and new
+    /// tasks read one queue. fanout writes it on a hand-on only when the
+    /// hand-on uses something version 1 lacks, so old tasks keep reading
+    /// what they can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
+    /// The broadcast key: an idempotency key, unique per broadcast (with
+    /// run records, a second job with the same id within the dedup window
+    /// is not broadcast again); defaults to the queue's message id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// A string is sent as its UTF-8 text; any other JSON value as its
@@ -194,6 +204,12 @@ pub struct Capabilities {
 /// body fails the same way every time.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum JobError {
+    /// Written for a newer fanout: handed back, never dead-lettered.
+    #[error(
+        "the job needs format version {version}; this task reads up to {JOB_FORMAT_VERSION}, so \
+         it leaves the job to a newer task"
+    )]
+    NewerFormat { version: u64 },
     #[error("the body is not a valid job: {path}: {reason}")]
     Malformed { path: String, reason: String },
     #[error("the job has neither `data` nor `data_base64`")]
@@ -316,6 +332,7 @@ impl Job {
         let mut exclude: Vec<String> = self.exclude.iter().map(ToString::to_string).collect();
         exclude.sort();
         JobSpec {
+            v: None,
             id: Some(self.id.clone()),
             data,
             data_base64,
@@ -416,6 +433,28 @@ impl Job {
     }
 }
 
+/// The newest job format this build reads (see [`JobSpec::v`]).
+pub const JOB_FORMAT_VERSION: u32 = 1;
+
+impl JobError {
+    /// Whether another task (a newer one) may run it: the message goes
+    /// back to the queue, not to the dead-letter queue.
+    pub fn is_for_a_newer_task(&self) -> bool {
+        matches!(self, Self::NewerFormat { .. })
+    }
+}
+
+/// The format version a body names, read before its fields are checked: a
+/// newer body may carry fields this build refuses as unknown.
+fn newer_format(body: &str) -> Option<u64> {
+    if !body.contains("\"v\"") {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_str(body).ok()?;
+    let version = value.get("v")?.as_u64()?;
+    (version > u64::from(JOB_FORMAT_VERSION)).then_some(version)
+}
+
 /// Parses a message body (a job, or an SNS notification wrapping one).
 pub fn parse(body: &str, message_id: &str, caps: &Capabilities) -> Result<Job, JobError> {
     let unwrapped;
@@ -432,6 +471,9 @@ pub fn parse(body: &str, message_id: &str, caps: &Capabilities) -> Result<Job, J
         }
         _ => body,
     };
+    if let Some(version) = newer_format(body) {
+        return Err(JobError::NewerFormat { version });
+    }
     let mut de = serde_json::Deserializer::from_str(body);
     let spec: JobSpec = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -449,6 +491,11 @@ pub fn parse(body: &str, message_id: &str, caps: &Capabilities) -> Result<Job, J
 
 /// Turns a spec into a job, checking everything parsing alone cannot.
 pub fn validate(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<Job, JobError> {
+    if let Some(version) = spec.v.filter(|v| *v > JOB_FORMAT_VERSION) {
+        return Err(JobError::NewerFormat {
+            version: version.into(),
+        });
+    }
     let payload = payload(spec.data, spec.data_base64)?;
     if payload.len() > MAX_PAYLOAD_BYTES {
         return Err(JobError::TooLarge {
@@ -1244,5 +1291,24 @@ mod tests {
         let job = ok(&body);
         assert_eq!(job.id, "j");
         assert_eq!(job.payload, Bytes::from(r#"{"k":1}"#));
+    }
+
+    #[test]
+    fn a_job_for_a_newer_format_is_left_to_a_newer_task_even_with_fields_unknown_here() {
+        let newer = parse(
+            r#"{"v":2,"data":"x","latest":{"key":"score","seq":17}}"#,
+            "m",
+            &CAPS,
+        )
+        .unwrap_err();
+        assert_eq!(newer, JobError::NewerFormat { version: 2 });
+        assert!(newer.is_for_a_newer_task());
+        // Without a newer version, an unknown field is a mistake.
+        let typo = parse(r#"{"data":"x","chanel":"c"}"#, "m", &CAPS).unwrap_err();
+        assert!(!typo.is_for_a_newer_task());
+        assert!(matches!(typo, JobError::Malformed { .. }));
+        // The current version reads as before, and hand-ons carry none.
+        let job = parse(r#"{"v":1,"id":"j","data":"x"}"#, "m", &CAPS).unwrap();
+        assert_eq!(job.continuation(Vec::new()).v, None);
     }
 }

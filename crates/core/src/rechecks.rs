@@ -77,8 +77,7 @@ impl Held {
     fn admit(&mut self, payload: &Bytes) -> bool {
         let key = payload.as_ptr() as usize;
         let new = !self.payloads.contains_key(&key);
-        if self.entries >= MAX_RECHECKS || (new && self.bytes + payload.len() > MAX_RECHECK_BYTES)
-        {
+        if self.entries >= MAX_RECHECKS || (new && self.bytes + payload.len() > MAX_RECHECK_BYTES) {
             return false;
         }
         self.entries += 1;

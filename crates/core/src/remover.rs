@@ -160,7 +160,10 @@ async fn remove_batch<S: ConnectionStore>(
                 counts.removed(removed);
                 counts.remove_skipped(skipped);
                 if changed > 0 {
-                    tracing::debug!(rows = changed, "gone rows rewritten since they were read; kept");
+                    tracing::debug!(
+                        rows = changed,
+                        "gone rows rewritten since they were read; kept"
+                    );
                 }
                 pending = removal.unprocessed;
                 if pending.is_empty() {

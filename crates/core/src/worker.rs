@@ -324,6 +324,12 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         let started = SystemTime::now();
         let mut job = match job::parse(&message.body, &message.id, &self.settings.capabilities) {
             Ok(job) => job,
+            Err(e) if e.is_for_a_newer_task() => {
+                let reason = e.to_string();
+                tracing::warn!(message_id = %message.id, reason, "a job for a newer fanout; handed back to the queue");
+                let draft = Draft::of_unparsed(&message.body, &message.id, started);
+                return (Settlement::RetryLater, Some(draft.because(reason)), None);
+            }
             Err(e) => {
                 let reason = e.to_string();
                 let draft = Draft::of_unparsed(&message.body, &message.id, started);

@@ -182,7 +182,11 @@ async fn set_started(ddb: &aws_sdk_dynamodb::Client, table: &str, key: &[(&str, 
     update.send().await.expect("set connectedAt");
 }
 
-async fn ids_left(ddb: &aws_sdk_dynamodb::Client, table: &str, attribute: &str) -> BTreeSet<String> {
+async fn ids_left(
+    ddb: &aws_sdk_dynamodb::Client,
+    table: &str,
+    attribute: &str,
+) -> BTreeSet<String> {
     let items = ddb
         .scan()
         .table_name(table)
@@ -227,7 +231,11 @@ async fn a_producers_deferred_entry_with_another_connections_key_removes_nothing
     // Posted, then rechecked after the window (a job that delivered nothing
     // before the endpoint proved itself is retried, and rechecks again).
     let answers = &posts["made-up"];
-    assert!(answers.len() >= 2 && answers.iter().all(|s| *s == 410), "{answers:?}: {}", run.stdout);
+    assert!(
+        answers.len() >= 2 && answers.iter().all(|s| *s == 410),
+        "{answers:?}: {}",
+        run.stdout
+    );
     assert_eq!(
         ids_left(&rig.ddb, &table, "connectionId").await,
         live.iter().cloned().collect(),
@@ -287,9 +295,7 @@ async fn a_connection_in_three_channels_gets_a_broadcast_to_everyone_once() {
 
     // Without the index, a broadcast to everyone is refused with the reason.
     rig.send(r#"{"id":"refused","data":"x"}"#).await;
-    let run = rig
-        .run(&table, &endpoint.endpoint(), &[])
-        .await;
+    let run = rig.run(&table, &endpoint.endpoint(), &[]).await;
     let dead = rig.dead_letters().await;
     assert_eq!(dead.len(), 1, "{}", run.stdout);
     assert!(
@@ -333,8 +339,11 @@ async fn many_small_jobs_to_a_misdirected_endpoint_remove_no_row() {
     let table = id_table(&rig.ddb, &live).await;
     let endpoint = Scripted::start(serde_json::json!({"default": 410}));
     for (n, chunk) in live.chunks(5).enumerate() {
-        rig.send(&serde_json::json!({"id": format!("chat-{n}"), "data": "x", "connections": chunk}).to_string())
-            .await;
+        rig.send(
+            &serde_json::json!({"id": format!("chat-{n}"), "data": "x", "connections": chunk})
+                .to_string(),
+        )
+        .await;
     }
     let run = rig.run(&table, &endpoint.endpoint(), &[]).await;
     assert_eq!(
@@ -367,10 +376,7 @@ async fn a_wrong_base_path_answering_404_settles_nothing_as_done() {
     let reason = &dead[0].attributes["fanout.reason"];
     assert!(reason.contains("404"), "{reason}");
     assert!(reason.contains(&endpoint.endpoint()), "{reason}");
-    assert_eq!(
-        ids_left(&rig.ddb, &table, "connectionId").await.len(),
-        120
-    );
+    assert_eq!(ids_left(&rig.ddb, &table, "connectionId").await.len(), 120);
 }
 
 #[tokio::test]
@@ -386,9 +392,20 @@ async fn a_connection_still_connecting_is_posted_again_and_keeps_its_row() {
         &[vec![("connectionId", "connecting".to_owned())]],
     )
     .await;
-    set_started(&rig.ddb, &table, &[("connectionId", "connecting")], &now_ms().to_string()).await;
+    set_started(
+        &rig.ddb,
+        &table,
+        &[("connectionId", "connecting")],
+        &now_ms().to_string(),
+    )
+    .await;
     // A row without a start that is really gone: removed on a second 410.
-    support::put_rows(&rig.ddb, &table, &[vec![("connectionId", "left".to_owned())]]).await;
+    support::put_rows(
+        &rig.ddb,
+        &table,
+        &[vec![("connectionId", "left".to_owned())]],
+    )
+    .await;
     let endpoint = Scripted::start(serde_json::json!({
         "default": 200,
         "ids": {"connecting": [410, 200], "left": [410]}
@@ -396,7 +413,12 @@ async fn a_connection_still_connecting_is_posted_again_and_keeps_its_row() {
     rig.send(r#"{"id":"everyone","data":"x"}"#).await;
     let run = rig.run(&table, &endpoint.endpoint(), &[]).await;
     let posts = endpoint.posts().await;
-    assert_eq!(posts["connecting"], [410, 200], "it got the message: {}", run.stdout);
+    assert_eq!(
+        posts["connecting"],
+        [410, 200],
+        "it got the message: {}",
+        run.stdout
+    );
     assert_eq!(posts["left"], [410, 410]);
     let left = ids_left(&rig.ddb, &table, "connectionId").await;
     assert!(left.contains("connecting"), "{left:?}");
@@ -408,10 +430,17 @@ async fn a_connection_still_connecting_is_posted_again_and_keeps_its_row() {
 #[tokio::test]
 async fn a_table_keyed_by_user_deletes_only_on_condition_that_the_row_holds_the_id() {
     let rig = Rig::new("live-user").await;
-    let table = support::create_table_with_indexes(&rig.ddb, "live-user", ("userId", None), &[]).await;
+    let table =
+        support::create_table_with_indexes(&rig.ddb, "live-user", ("userId", None), &[]).await;
     let rows = vec![
-        vec![("userId", "u-live".to_owned()), ("connectionId", "c-live".to_owned())],
-        vec![("userId", "u-gone".to_owned()), ("connectionId", "c-gone".to_owned())],
+        vec![
+            ("userId", "u-live".to_owned()),
+            ("connectionId", "c-live".to_owned()),
+        ],
+        vec![
+            ("userId", "u-gone".to_owned()),
+            ("connectionId", "c-gone".to_owned()),
+        ],
     ];
     support::put_rows(&rig.ddb, &table, &rows).await;
     for user in ["u-live", "u-gone"] {
@@ -434,5 +463,29 @@ async fn a_table_keyed_by_user_deletes_only_on_condition_that_the_row_holds_the_
     .await;
     let run = rig.run(&table, &endpoint.endpoint(), &[]).await;
     let left = ids_left(&rig.ddb, &table, "userId").await;
-    assert_eq!(left, BTreeSet::from(["u-live".to_owned()]), "{}", run.stdout);
+    assert_eq!(
+        left,
+        BTreeSet::from(["u-live".to_owned()]),
+        "{}",
+        run.stdout
+    );
+}
+
+#[tokio::test]
+async fn a_job_for_a_newer_task_is_handed_back_not_dead_lettered() {
+    let rig = Rig::new("live-newer").await;
+    let table = id_table(&rig.ddb, &support::ids("live", 2)).await;
+    let endpoint = Scripted::start(serde_json::json!({"default": 200}));
+    // What a newer task writes during a rolling deploy: a field this build
+    // does not know, under a format version it does not read.
+    rig.send(r#"{"v":2,"id":"newer","data":"x","latest":{"key":"k","seq":1}}"#)
+        .await;
+    let run = rig.run(&table, &endpoint.endpoint(), &[]).await;
+    assert!(rig.dead_letters().await.is_empty(), "{}", run.stdout);
+    assert_eq!(rig.left_on_queue().await, 1, "{}", run.stdout);
+    assert!(
+        run.stdout.contains("a job for a newer fanout"),
+        "{}",
+        run.stdout
+    );
 }
