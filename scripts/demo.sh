@@ -127,6 +127,10 @@ export FANOUT_CHANNEL_INDEX=by-channel
 # The gateway writes each connection's start here, as a $connect handler
 # copying requestContext.connectedAt would.
 export FANOUT_CONNECTED_AT_ATTRIBUTE=connectedAt
+# The stand-in completes $connect at once, so a connection is established
+# within a second of its start: a first 410 from a client dropped seconds ago
+# is posted to again after 3 s, not after API Gateway's two minutes.
+export FANOUT_CONNECT_WINDOW="${FANOUT_CONNECT_WINDOW:-3s}"
 # "to": {"user": …} reads the by-user index.
 export FANOUT_AUDIENCE_INDEXES="user=by-user:userId"
 export FANOUT_GATEWAY_ENDPOINT="http://127.0.0.1:$GATEWAY_PORT/$STAGE"

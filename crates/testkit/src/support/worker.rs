@@ -70,6 +70,9 @@ pub fn command<'a>(
         .env("FANOUT_TABLE", table)
         .env("FANOUT_CHANNEL_INDEX", super::CHANNEL_INDEX)
         .env("FANOUT_RECEIVE_WAIT", "1s")
+        // A first 410 from a row whose start is unknown is posted to again
+        // after the connect window: a second here, not two minutes.
+        .env("FANOUT_CONNECT_WINDOW", "1s")
         .env("FANOUT_METRICS_LISTEN", "127.0.0.1:0")
         .envs(env)
         .stdin(std::process::Stdio::null())
