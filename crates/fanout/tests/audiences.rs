@@ -307,11 +307,15 @@ async fn three_overlapping_channels_each_member_gets_it_once_and_gone_rows_are_r
     assert_eq!(count(report, "audience"), members.len() as u64, "{report}");
     assert_eq!(count(report, "delivered"), live.len() as u64, "{report}");
     assert_eq!(count(report, "gone"), gone.len() as u64, "{report}");
-    assert_eq!(count(report, "removed"), gone_rows.len() as u64, "{report}");
+    // The rows carry no start this worker reads, so each first 410 may be
+    // a connection still connecting: posted to again after the connect
+    // window, and removed (all its rows) on the second 410, before the
+    // worker ends.
+    assert_eq!(count(report, "rechecking"), gone.len() as u64, "{report}");
     assert_eq!(
         rig.gateway.stats().await.posts,
-        members.len() as u64,
-        "one post each"
+        (members.len() + gone.len()) as u64,
+        "one post each, and a recheck for each gone one"
     );
 
     let all: Vec<&fanout_dev::clients::Client> = a
@@ -616,8 +620,22 @@ async fn sigterm_mid_merge_hands_on_a_continuation_that_resumes_after_an_id() {
         .send()
         .await
         .expect("make it visible again");
-
-    let run = rig.run_until_idle().await;
+    // What is left after the cursor may be gone rows only: a new worker
+    // whose every answer is 410 cannot tell that from an endpoint of
+    // another API, so it retries the job until another job's delivery has
+    // proven the endpoint.
+    let one_live = live.iter().next().unwrap().clone();
+    rig.send_raw(&serde_json::json!({"id": "proof", "data": "p", "connections": [one_live]}).to_string())
+        .await;
+    rig.env.push(("FANOUT_JOB_RETRY_BASE".into(), "0s".into()));
+    rig.env.push(("FANOUT_JOB_RETRY_MAX".into(), "0s".into()));
+    let mut run = rig.run_until_idle().await;
+    for _ in 0..4 {
+        if support::counts(&rig.sqs, &rig.queue.url).await == (0, 0) {
+            break;
+        }
+        run = rig.run_until_idle().await;
+    }
     let report = run.report("long");
     assert_eq!(report["status"], "done", "{report}");
     let members = 30 + 300;
@@ -635,7 +653,7 @@ async fn sigterm_mid_merge_hands_on_a_continuation_that_resumes_after_an_id() {
     let duplicates = clients
         .clients()
         .iter()
-        .filter(|c| c.tally().frames() > 1)
+        .filter(|c| c.tally().frames() > 1 + u64::from(c.id() == one_live))
         .count();
     // At most the pages a resumed run repeats (two per segment) plus what
     // was in flight; the merge is one segment.
@@ -645,7 +663,17 @@ async fn sigterm_mid_merge_hands_on_a_continuation_that_resumes_after_an_id() {
     );
     let remaining = support::remaining_rows(&rig.dynamo, &rig.table).await;
     let remaining_ids: BTreeSet<String> = remaining.iter().map(|(_, id)| id.clone()).collect();
-    assert_eq!(remaining_ids, live, "every gone row removed, no live one");
-    assert_eq!(remaining.len(), 30 + 15, "the live ones' rows in a and b");
+    // No live row removed. The continuation's gone rows are removed on their
+    // rechecks; those the interrupted worker found gone are left, their
+    // rechecks gone with it (a row left, never a live one removed), for a
+    // later broadcast.
+    assert!(live.is_subset(&remaining_ids), "no live row removed");
+    let left_gone = remaining_ids.difference(&live).count();
+    assert!(
+        remaining_ids.difference(&live).all(|id| id.starts_with("gone-")) && left_gone < 300,
+        "{left_gone} gone rows left"
+    );
+    let live_rows = remaining.iter().filter(|(_, id)| live.contains(id)).count();
+    assert_eq!(live_rows, 30 + 15, "the live ones' rows in a and b");
     assert_eq!(support::counts(&rig.sqs, &rig.queue.url).await, (0, 0));
 }
