@@ -625,8 +625,10 @@ async fn sigterm_mid_merge_hands_on_a_continuation_that_resumes_after_an_id() {
     // another API, so it retries the job until another job's delivery has
     // proven the endpoint.
     let one_live = live.iter().next().unwrap().clone();
-    rig.send_raw(&serde_json::json!({"id": "proof", "data": "p", "connections": [one_live]}).to_string())
-        .await;
+    rig.send_raw(
+        &serde_json::json!({"id": "proof", "data": "p", "connections": [one_live]}).to_string(),
+    )
+    .await;
     rig.env.push(("FANOUT_JOB_RETRY_BASE".into(), "0s".into()));
     rig.env.push(("FANOUT_JOB_RETRY_MAX".into(), "0s".into()));
     let mut run = rig.run_until_idle().await;
@@ -670,7 +672,10 @@ async fn sigterm_mid_merge_hands_on_a_continuation_that_resumes_after_an_id() {
     assert!(live.is_subset(&remaining_ids), "no live row removed");
     let left_gone = remaining_ids.difference(&live).count();
     assert!(
-        remaining_ids.difference(&live).all(|id| id.starts_with("gone-")) && left_gone < 300,
+        remaining_ids
+            .difference(&live)
+            .all(|id| id.starts_with("gone-"))
+            && left_gone < 300,
         "{left_gone} gone rows left"
     );
     let live_rows = remaining.iter().filter(|(_, id)| live.contains(id)).count();

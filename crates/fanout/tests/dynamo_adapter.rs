@@ -240,6 +240,16 @@ async fn channel_audiences_need_an_index_that_exists() {
     assert!(err.to_string().contains(CHANNEL_INDEX), "{err}");
 }
 
+/// The first error of an audience's pages, or how many rows it read.
+async fn all_pages_result(
+    store: &DynamoStore,
+    query: &AudienceQuery,
+) -> Result<usize, fanout_core::store::StoreError> {
+    use futures::TryStreamExt;
+    let pages: Vec<_> = store.pages(query, None).try_collect().await?;
+    Ok(pages.iter().map(|p| p.connections.len()).sum())
+}
+
 #[tokio::test]
 async fn removal_on_a_composite_key_deletes_exactly_the_gone_rows() {
     let ddb = support::dynamodb().await;
@@ -250,8 +260,31 @@ async fn removal_on_a_composite_key_deletes_exactly_the_gone_rows() {
     put_connections(&ddb, &table, &rows, Some("sport")).await;
     let store = store(settings(&table, 10, false)).await;
 
-    let pages = all_pages(&store, &AudienceQuery::All { segments: 1 }, None).await;
-    let connections: Vec<Connection> = pages.into_iter().flat_map(|p| p.connections).collect();
+    // A connection has two rows here, so a broadcast to everyone needs a
+    // connection index: without one the store refuses to read it.
+    let refused = all_pages_result(&store, &AudienceQuery::All { segments: 1 }).await;
+    assert!(
+        matches!(refused, Err(fanout_core::store::StoreError::NeedsConnectionIndex(ref why)) if why.contains("FANOUT_CONNECTION_INDEX")),
+        "{refused:?}"
+    );
+    // The rows as a channel's Query reads them: key and id.
+    let connections: Vec<Connection> = support::remaining_rows(&ddb, &table)
+        .await
+        .into_iter()
+        .map(|(channel, id)| {
+            let key = fanout_core::connection::RowKey(vec![
+                (
+                    CHANNEL.to_owned(),
+                    fanout_core::connection::KeyValue::S(channel.unwrap()),
+                ),
+                (
+                    ID.to_owned(),
+                    fanout_core::connection::KeyValue::S(id.clone()),
+                ),
+            ]);
+            Connection::new(id, Some(key))
+        })
+        .collect();
     assert_eq!(connections.len(), 60);
     // Every third row read is gone, whichever channel it sits in.
     let gone: Vec<Connection> = connections.iter().step_by(3).cloned().collect();
