@@ -27,6 +27,9 @@
 #            send path: a breakdown, not the production figure.
 #   limiter  the engine at 5,000/s: the rate limiter's accuracy.
 #   latency  SQS (moto) to first delivery through the worker.
+#   removals what removing a gone row costs (`bench removals`, dynalite): a
+#            table keyed by the id (BatchWriteItem) and one keyed by user
+#            (conditional DeleteItem), per row, wall and CPU.
 #   split    one broadcast as 1 job and as $(nproc) split jobs, unpinned.
 #   fleet    the fleet budget: 1, 2 and 4 `fanout run` processes (release)
 #            on one fleet rate of 2,000/s, leases on dynalite, jobs on moto,
@@ -75,6 +78,7 @@ ENGINE_SDK_MAX="${ENGINE_SDK_MAX:-20000}"
 IN_FLIGHT="${IN_FLIGHT:-256}"
 PAYLOAD_BYTES="${PAYLOAD_BYTES:-128}"
 LATENCY_JOBS="${LATENCY_JOBS:-20}"
+REMOVAL_ROWS="${REMOVAL_ROWS:-4000}"
 WRK_SECONDS="${WRK_SECONDS:-3}"
 SPLIT_JOBS="${SPLIT_JOBS:-$(nproc)}"
 SPLIT_N="${SPLIT_N:-1000000}"
@@ -142,7 +146,7 @@ fi
 
 NEED_DYNALITE=0
 NEED_MOTO=0
-if has_case process || has_case fleet || { has_case engine && [[ "$ENGINE_CASES" == *:table* ]]; }; then NEED_DYNALITE=1; fi
+if has_case process || has_case fleet || has_case removals || { has_case engine && [[ "$ENGINE_CASES" == *:table* ]]; }; then NEED_DYNALITE=1; fi
 if has_case process || has_case fleet || { has_case latency && ((LATENCY_JOBS > 0)); }; then NEED_MOTO=1; fi
 if ((NEED_DYNALITE || NEED_MOTO)); then
   "$ROOT/scripts/emulators.sh" install
@@ -374,7 +378,8 @@ PY
 process_cases() {
   local run=$1 case mode rows rate_kind table endpoint rate wrk_rps
   export FANOUT_QUEUE_URL FANOUT_METRICS_LISTEN="127.0.0.1:$METRICS_PORT" FANOUT_EMF_INTERVAL=0s \
-    FANOUT_RECEIVE_WAIT=1s FANOUT_MAX_IN_FLIGHT="$IN_FLIGHT" FANOUT_SHUTDOWN_GRACE=1s
+    FANOUT_RECEIVE_WAIT=1s FANOUT_MAX_IN_FLIGHT="$IN_FLIGHT" FANOUT_SHUTDOWN_GRACE=1s \
+    FANOUT_CONNECTED_AT_ATTRIBUTE=connectedAt
   FANOUT_QUEUE_URL=$("$BIN" prepare --queue "fanout-bench-jobs")
   for case in $PROCESS_CASES; do
     IFS=: read -r mode rows rate_kind <<<"$case"
@@ -406,7 +411,7 @@ process_cases() {
     echo "kind=process run=$run mode=$mode rows=$rows rate=$rate rate_kind=$rate_kind $(cat "$WORK/line") wrk_per_s=$wrk_rps" >>"$OUT"
   done
   unset FANOUT_QUEUE_URL FANOUT_METRICS_LISTEN FANOUT_EMF_INTERVAL FANOUT_RECEIVE_WAIT FANOUT_MAX_IN_FLIGHT \
-    FANOUT_SHUTDOWN_GRACE
+    FANOUT_SHUTDOWN_GRACE FANOUT_CONNECTED_AT_ATTRIBUTE
 }
 
 jobs_cases() {
@@ -446,8 +451,17 @@ engine_cases() {
   done
 }
 
+removals_cases() {
+  local run=$1 line
+  echo "bench: run $run, removals of $REMOVAL_ROWS rows per layout" >&2
+  "${ON_WORKER[@]}" "$BIN" removals --rows "$REMOVAL_ROWS" | while read -r line; do
+    echo "run=$run $line" >>"$OUT"
+  done
+}
+
 for run in $(seq "$RUNS"); do
   has_case process && process_cases "$run"
+  has_case removals && removals_cases "$run"
   has_case jobs && jobs_cases "$run"
   has_case engine && engine_cases "$run"
   if has_case split && ((SPLIT_JOBS > 1)); then

@@ -260,11 +260,29 @@ def fleet_section(rows):
     return out + [""]
 
 
+def removals_section(rows):
+    groups = defaultdict(list)
+    for r in rows:
+        if r.get("kind") == "removals":
+            groups[r["layout"]].append(r)
+    if not groups:
+        return []
+    out = ["## Removing gone rows (dynalite)", "",
+           "by-id-batch: a table keyed by the connection id, 25 rows a BatchWriteItem; "
+           "by-user-conditional: a table keyed by user, one DeleteItem a row on condition "
+           "that it still holds the id and start.", ""]
+    lines = [[layout, str(len(g)), spread(floats(g, "wall_us_per_row"), "{:.1f}"),
+              spread(floats(g, "cpu_us_per_row"), "{:.1f}")] for layout, g in sorted(groups.items())]
+    out.append(table(["layout", "runs", "wall µs/row", "fanout CPU µs/row"], lines))
+    return out + [""]
+
+
 def main(path):
     header, rows = parse(path)
     out = ["# fanout benchmark summary", "", *[f"- {h}" for h in header], "",
            "Each cell: min/median/max over runs. posts/CPU-s = 10⁶ / (CPU µs per post).", ""]
-    out += process_section(rows) + jobs_section(rows) + fleet_section(rows) + engine_section(rows)
+    out += (process_section(rows) + jobs_section(rows) + fleet_section(rows) + engine_section(rows)
+            + removals_section(rows))
     print("\n".join(out))
 
 

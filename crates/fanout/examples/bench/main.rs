@@ -25,6 +25,7 @@
 mod audience;
 mod jobs;
 mod latency;
+mod removals;
 mod sink;
 mod table;
 
@@ -88,6 +89,11 @@ enum Command {
     },
     /// Run one broadcast and print its figures.
     Broadcast(BroadcastArgs),
+    /// What removing a gone row costs, by table layout (dynalite).
+    Removals {
+        #[arg(long, default_value_t = 4000)]
+        rows: u64,
+    },
     /// Measure SQS → first delivery through the worker.
     Latency {
         #[arg(long, value_enum)]
@@ -178,6 +184,13 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(broadcast(args)),
+        Command::Removals { rows } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let config = sdk_config().await;
+                removals::run(&fanout_aws::clients::dynamodb_client(&config), rows).await
+            }),
         Command::Latency {
             path,
             endpoint,

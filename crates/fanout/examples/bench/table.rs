@@ -50,7 +50,12 @@ async fn write_batch(client: &Client, table: &str, ids: &[u64]) -> anyhow::Resul
         .map(|n| {
             let put = PutRequest::builder()
                 .item(KEY, AttributeValue::S(format!("conn-{n}")))
-                .item("connectedAt", AttributeValue::N("1764277200000".into()))
+                // Established ten minutes ago: a gone row's first 410 removes
+                // it, as in production where the start is read.
+                .item(
+                    "connectedAt",
+                    AttributeValue::N(established_ms().to_string()),
+                )
                 .build()?;
             Ok(WriteRequest::builder().put_request(put).build())
         })
@@ -67,6 +72,15 @@ async fn write_batch(client: &Client, table: &str, ids: &[u64]) -> anyhow::Resul
         "dynalite left items unprocessed"
     );
     Ok(())
+}
+
+/// Ten minutes ago, in epoch ms.
+fn established_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64
+        - 10 * 60 * 1000
 }
 
 pub async fn delete(client: &Client, table: &str) {
