@@ -27,6 +27,10 @@
 #            send path: a breakdown, not the production figure.
 #   limiter  the engine at 5,000/s: the rate limiter's accuracy.
 #   latency  SQS (moto) to first delivery through the worker.
+#   index    a table keyed by channel, then connection id, two rows a
+#            connection, read for a broadcast to everyone through the
+#            connection index ($INDEX_CONNECTIONS connections, twice as many
+#            rows): each connection posted to once, and peak RSS.
 #   removals what removing a gone row costs (`bench removals`, dynalite): a
 #            table keyed by the id (BatchWriteItem) and one keyed by user
 #            (conditional DeleteItem), per row, wall and CPU.
@@ -79,6 +83,7 @@ IN_FLIGHT="${IN_FLIGHT:-256}"
 PAYLOAD_BYTES="${PAYLOAD_BYTES:-128}"
 LATENCY_JOBS="${LATENCY_JOBS:-20}"
 REMOVAL_ROWS="${REMOVAL_ROWS:-4000}"
+INDEX_CONNECTIONS="${INDEX_CONNECTIONS:-500000}"
 WRK_SECONDS="${WRK_SECONDS:-3}"
 SPLIT_JOBS="${SPLIT_JOBS:-$(nproc)}"
 SPLIT_N="${SPLIT_N:-1000000}"
@@ -146,8 +151,8 @@ fi
 
 NEED_DYNALITE=0
 NEED_MOTO=0
-if has_case process || has_case fleet || has_case removals || { has_case engine && [[ "$ENGINE_CASES" == *:table* ]]; }; then NEED_DYNALITE=1; fi
-if has_case process || has_case fleet || { has_case latency && ((LATENCY_JOBS > 0)); }; then NEED_MOTO=1; fi
+if has_case process || has_case fleet || has_case removals || has_case index || { has_case engine && [[ "$ENGINE_CASES" == *:table* ]]; }; then NEED_DYNALITE=1; fi
+if has_case process || has_case fleet || has_case index || { has_case latency && ((LATENCY_JOBS > 0)); }; then NEED_MOTO=1; fi
 if ((NEED_DYNALITE || NEED_MOTO)); then
   "$ROOT/scripts/emulators.sh" install
 fi
@@ -451,6 +456,26 @@ engine_cases() {
   done
 }
 
+index_cases() {
+  local run=$1 table="fanout-bench-index-$INDEX_CONNECTIONS"
+  export FANOUT_QUEUE_URL FANOUT_METRICS_LISTEN="127.0.0.1:$METRICS_PORT" FANOUT_EMF_INTERVAL=0s \
+    FANOUT_RECEIVE_WAIT=1s FANOUT_MAX_IN_FLIGHT="$IN_FLIGHT" FANOUT_SHUTDOWN_GRACE=1s \
+    FANOUT_CONNECTED_AT_ATTRIBUTE=connectedAt FANOUT_CONNECTION_INDEX=by-connection
+  FANOUT_QUEUE_URL=$("$BIN" prepare --queue "fanout-bench-jobs")
+  if [[ ! -e "$WORK/index-table" ]]; then
+    echo "bench: loading $INDEX_CONNECTIONS connections in two channels each into dynalite (not measured)" >&2
+    "$BIN" prepare --table "$table" --connections "$INDEX_CONNECTIONS" --channels
+    touch "$WORK/index-table"
+  else
+    "$BIN" prepare --table "$table" --connections "$INDEX_CONNECTIONS" --channels --only-gone
+  fi
+  echo "bench: run $run, fanout run through the connection index, $INDEX_CONNECTIONS connections" >&2
+  fanout_run "$table" "$ENDPOINT" "$FREE_RATE"
+  echo "kind=index run=$run connections=$INDEX_CONNECTIONS rows=$((2 * INDEX_CONNECTIONS)) $(cat "$WORK/line")" >>"$OUT"
+  unset FANOUT_QUEUE_URL FANOUT_METRICS_LISTEN FANOUT_EMF_INTERVAL FANOUT_RECEIVE_WAIT FANOUT_MAX_IN_FLIGHT \
+    FANOUT_SHUTDOWN_GRACE FANOUT_CONNECTED_AT_ATTRIBUTE FANOUT_CONNECTION_INDEX
+}
+
 removals_cases() {
   local run=$1 line
   echo "bench: run $run, removals of $REMOVAL_ROWS rows per layout" >&2
@@ -462,6 +487,7 @@ removals_cases() {
 for run in $(seq "$RUNS"); do
   has_case process && process_cases "$run"
   has_case removals && removals_cases "$run"
+  has_case index && index_cases "$run"
   has_case jobs && jobs_cases "$run"
   has_case engine && engine_cases "$run"
   if has_case split && ((SPLIT_JOBS > 1)); then

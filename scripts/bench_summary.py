@@ -260,6 +260,20 @@ def fleet_section(rows):
     return out + [""]
 
 
+def index_section(rows):
+    rs = [r for r in rows if r.get("kind") == "index"]
+    if not rs:
+        return []
+    r0 = rs[0]
+    out = ["## A broadcast to everyone through the connection index (dynalite)", "",
+           f"{r0['connections']} connections in two channels each ({r0['rows']} rows), read "
+           "through an index keyed by the connection id: each connection is posted to once.", ""]
+    lines = [[str(len(rs)), spread(floats(rs, "posts"), "{:.0f}"), spread(floats(rs, "posts_per_s"), "{:,.0f}"),
+              spread(floats(rs, "cpu_us_per_post"), "{:.1f}"), spread(floats(rs, "peak_rss_mb"), "{:.1f}")]]
+    out.append(table(["runs", "posts", "posts/s", "CPU µs/post", "peak RSS MB"], lines))
+    return out + [""]
+
+
 def removals_section(rows):
     groups = defaultdict(list)
     for r in rows:
@@ -282,7 +296,7 @@ def main(path):
     out = ["# fanout benchmark summary", "", *[f"- {h}" for h in header], "",
            "Each cell: min/median/max over runs. posts/CPU-s = 10⁶ / (CPU µs per post).", ""]
     out += (process_section(rows) + jobs_section(rows) + fleet_section(rows) + engine_section(rows)
-            + removals_section(rows))
+            + removals_section(rows) + index_section(rows))
     print("\n".join(out))
 
 

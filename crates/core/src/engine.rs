@@ -1938,4 +1938,32 @@ mod tests {
             }
         }
     }
+
+    #[tokio::test]
+    async fn an_outage_stops_the_run_past_its_deferred_bound_instead_of_listing_everyone() {
+        let all = ids(MAX_DEFERRED + 5_000);
+        let table = Arc::new(FakeTable::with(&all, 1000));
+        let gateway = Arc::new(FakeGateway::default());
+        gateway.script.lock().unwrap().extend(
+            all.iter()
+                .map(|id| (id.clone(), vec![PostOutcome::Transient("503".into()); 8])),
+        );
+        let (report, result) = engine(table, gateway, 64)
+            .run(&job(Target::All), &CancellationToken::new())
+            .await;
+        assert!(
+            matches!(result, Err(FanoutError::Backlog { deferred }) if deferred == MAX_DEFERRED + 1),
+            "{result:?}"
+        );
+        assert!(!result.as_ref().unwrap_err().is_permanent());
+        assert!(
+            report.deferred.is_empty(),
+            "continued from its pages, not listed"
+        );
+        assert!(
+            report.audience < all.len() as u64,
+            "stopped before the end: {}",
+            report.audience
+        );
+    }
 }

@@ -84,6 +84,10 @@ enum Command {
         /// deleted them) into an existing table.
         #[arg(long, requires = "table")]
         only_gone: bool,
+        /// A row per (channel, connection), two channels a connection, with
+        /// a connection index (`FANOUT_CONNECTION_INDEX=by-connection`).
+        #[arg(long, requires = "table")]
+        channels: bool,
         #[arg(long)]
         queue: Option<String>,
     },
@@ -174,11 +178,16 @@ fn main() -> anyhow::Result<()> {
             table,
             connections,
             only_gone,
+            channels,
             queue,
         } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(prepare(table, connections.unwrap_or(0), only_gone, queue)),
+            .block_on(prepare(
+                table,
+                (connections.unwrap_or(0), only_gone, channels),
+                queue,
+            )),
         // Worker threads follow the CPU affinity (taskset), as in a task.
         Command::Broadcast(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -204,17 +213,22 @@ fn main() -> anyhow::Result<()> {
 
 async fn prepare(
     table: Option<String>,
-    connections: u64,
-    only_gone: bool,
+    (connections, only_gone, channels): (u64, bool, bool),
     queue: Option<String>,
 ) -> anyhow::Result<()> {
     let config = sdk_config().await;
     if let Some(name) = table {
         let client = fanout_aws::clients::dynamodb_client(&config);
-        if !only_gone {
-            table::create(&client, &name).await?;
+        match (channels, only_gone) {
+            (false, false) => table::create(&client, &name).await?,
+            (true, false) => table::create_channels(&client, &name).await?,
+            (_, true) => {}
         }
-        table::load(&client, &name, connections, only_gone).await?;
+        if channels {
+            table::load_channels(&client, &name, connections, only_gone).await?;
+        } else {
+            table::load(&client, &name, connections, only_gone).await?;
+        }
     }
     if let Some(name) = queue {
         let url = fanout_aws::clients::sqs_client(&config, Duration::ZERO)

@@ -31,6 +31,97 @@ pub async fn create(client: &Client, table: &str) -> anyhow::Result<()> {
         .context("create the benchmark table (is dynalite up and AWS_ENDPOINT_URL_DYNAMODB set?)")
 }
 
+/// The connection index of [`create_channels`]: partition key the id, its
+/// start projected so the age and evidence rules read it.
+pub const CONNECTION_INDEX: &str = "by-connection";
+
+/// Creates `table` keyed by channel, then connection id (a row per
+/// subscription), with [`CONNECTION_INDEX`].
+pub async fn create_channels(client: &Client, table: &str) -> anyhow::Result<()> {
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType,
+        Projection, ProjectionType, ScalarAttributeType,
+    };
+    let attribute = |name: &str| {
+        AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+    };
+    let key = |name: &str, kind: KeyType| {
+        KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(kind)
+            .build()
+    };
+    client
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attribute("channel")?)
+        .attribute_definitions(attribute(KEY)?)
+        .key_schema(key("channel", KeyType::Hash)?)
+        .key_schema(key(KEY, KeyType::Range)?)
+        .global_secondary_indexes(
+            GlobalSecondaryIndex::builder()
+                .index_name(CONNECTION_INDEX)
+                .key_schema(key(KEY, KeyType::Hash)?)
+                .key_schema(key("channel", KeyType::Range)?)
+                .projection(
+                    Projection::builder()
+                        .projection_type(ProjectionType::Include)
+                        .non_key_attributes("connectedAt")
+                        .build(),
+                )
+                .build()?,
+        )
+        .send()
+        .await
+        .context("create the channels table (is dynalite up?)")?;
+    Ok(())
+}
+
+/// Writes `conn-n` in the channels `a` and `b` (two rows a connection), or
+/// only the gone ones' rows.
+pub async fn load_channels(
+    client: &Client,
+    table: &str,
+    connections: u64,
+    only_gone: bool,
+) -> anyhow::Result<()> {
+    let rows: Vec<(u64, &str)> = (0..connections)
+        .filter(|n| !only_gone || n % GONE_EVERY == 0)
+        .flat_map(|n| [(n, "a"), (n, "b")])
+        .collect();
+    stream::iter(rows.chunks(BATCH as usize))
+        .map(|chunk| async move {
+            let requests = chunk
+                .iter()
+                .map(|(n, channel)| {
+                    let put = PutRequest::builder()
+                        .item(KEY, AttributeValue::S(format!("conn-{n}")))
+                        .item("channel", AttributeValue::S((*channel).to_owned()))
+                        .item(
+                            "connectedAt",
+                            AttributeValue::N(established_ms().to_string()),
+                        )
+                        .build()?;
+                    Ok(WriteRequest::builder().put_request(put).build())
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            client
+                .batch_write_item()
+                .request_items(table, requests)
+                .send()
+                .await
+                .context("load the channels table")?;
+            anyhow::Ok(())
+        })
+        .buffer_unordered(16)
+        .try_collect::<()>()
+        .await
+}
+
 /// Writes the rows `conn-0` … `conn-{rows-1}`, or only the gone ones among
 /// them (a broadcast deleted those: the next run needs them back).
 pub async fn load(client: &Client, table: &str, rows: u64, only_gone: bool) -> anyhow::Result<()> {
