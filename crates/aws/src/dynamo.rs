@@ -452,17 +452,7 @@ impl ConnectionStore for DynamoStore {
             .expression_attribute_values(":started", AttributeValue::N(row.started_ms.to_string()))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(err) => Err(map_error(&inner.settings.table, err)),
-        }
+        deleted(&inner.settings.table, result)
     }
 
     fn channel_order(&self) -> ChannelOrder {
@@ -603,17 +593,32 @@ impl Inner {
                 .expression_attribute_names("#started", &age.attribute)
                 .expression_attribute_values(":started", AttributeValue::N(started.to_string()));
         }
-        match request.condition_expression(condition).send().await {
-            Ok(_) => Ok(true),
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(err) => Err(map_error(&self.settings.table, err)),
+        deleted(
+            &self.settings.table,
+            request.condition_expression(condition).send().await,
+        )
+    }
+}
+
+/// A conditional DeleteItem's answer: `Ok(false)` when its condition
+/// failed (the row changed since it was read, and is kept).
+fn deleted(
+    table: &str,
+    result: Result<
+        aws_sdk_dynamodb::operation::delete_item::DeleteItemOutput,
+        SdkError<aws_sdk_dynamodb::operation::delete_item::DeleteItemError, HttpResponse>,
+    >,
+) -> Result<bool, StoreError> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(err)
+            if err
+                .as_service_error()
+                .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+        {
+            Ok(false)
         }
+        Err(err) => Err(map_error(table, err)),
     }
 }
 
