@@ -273,6 +273,17 @@ def static_checks(stack):
     if rules:
         expected["events.amazonaws.com"] = rules
     check(senders == expected, f"the jobs queue lets exactly the given topics and rules send: {senders}")
+    # moto ignores Rules: they are evaluated here, for these parameters and
+    # for the ones a rule must refuse.
+    check(not broken_rules(stack.resolver), "the parameters pass the template's Rules")
+    for params, rule in (({}, "TableIsAChoice"),
+                         ({"CreateConnectionsTable": "true", "ExistingTableName": "mine"}, "TableIsAChoice"),
+                         ({"CreateConnectionsTable": "true", "TableKmsKeyArn": "arn:aws:kms:x"},
+                          "TableKeyIsForAnExistingTable")):
+        base = {k: v for k, v in stack.params.items()
+                if k not in ("CreateConnectionsTable", "ExistingTableName", "TableKmsKeyArn")}
+        broken = broken_rules(Resolver(stack.resolver.tpl, {**base, **params}))
+        check(broken == [rule], f"{rule} refuses {params or 'no table given and none created'}")
     target = next(res for res in resources.values() if res["Type"] == "AWS::ApplicationAutoScaling::ScalableTarget")
     check(
         target["Properties"]["ScalableDimension"] == "ecs:service:DesiredCount"
@@ -280,6 +291,17 @@ def static_checks(stack):
         "the scalable target is the service's desired count, up to MaxTasks",
     )
     return resources
+
+
+def broken_rules(resolver):
+    """The template's Rules whose assertions fail for the resolver's parameters."""
+    broken = []
+    for name, rule in resolver.tpl.get("Rules", {}).items():
+        if "RuleCondition" in rule and not resolver.value(rule["RuleCondition"]):
+            continue
+        if not all(resolver.value(a["Assert"]) for a in rule["Assertions"]):
+            broken.append(name)
+    return broken
 
 
 def alarm_metrics(resources):
