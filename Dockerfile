@@ -1,32 +1,43 @@
 # fanout's container image: a release build of the `fanout` binary on
 # distroless (glibc, CA certificates, no shell), running as a non-root user.
 #
-# The build command below is the one CI runs (`cargo build --release --locked
-# -p fanout --bin fanout`, see docs/deploy.md): no Docker engine runs in CI, so what CI
-# compiles is what this image ships.
+# CI builds this file as it is, with podman, against local stand-ins for the
+# two base images (scripts/image.sh, docs/image.md), then runs the image the
+# way the task definition runs it.
 
 ARG RUST_VERSION=1.95
+
+# The workspace's manifests alone, every member's, whatever the members are:
+# the dependency layer below is rebuilt only when one of them or Cargo.lock
+# changes, not on every source edit.
+FROM rust:${RUST_VERSION}-slim-bookworm AS manifests
+WORKDIR /src
+COPY crates ./crates
+RUN find crates -type f ! -name Cargo.toml -delete \
+    && find crates -depth -type d -empty -delete
 
 FROM rust:${RUST_VERSION}-slim-bookworm AS build
 WORKDIR /src
 
-# Dependencies first, in their own layer: it is rebuilt only when a
-# manifest or Cargo.lock changes, not on every source edit. Stub crates stand
-# in for the sources (every workspace member must exist for Cargo to load the
-# workspace); their artefacts are removed so the real build cannot reuse them.
+# Dependencies first, in their own layer. A stub library and a stub binary
+# stand in for each member's sources (Cargo loads every member of the
+# workspace, and `--bin fanout` needs its binary target); the stubs'
+# artefacts are removed so the real build cannot reuse them.
 COPY Cargo.toml Cargo.lock ./
-COPY crates/core/Cargo.toml crates/core/
-COPY crates/aws/Cargo.toml crates/aws/
-COPY crates/fanout/Cargo.toml crates/fanout/
-COPY crates/dev/Cargo.toml crates/dev/
-RUN for crate in core aws fanout dev; do \
-        mkdir -p "crates/$crate/src" && touch "crates/$crate/src/lib.rs"; \
+COPY --from=manifests /src/crates ./crates
+RUN for manifest in crates/*/Cargo.toml; do \
+        dir="${manifest%/Cargo.toml}"; \
+        mkdir -p "$dir/src" && touch "$dir/src/lib.rs" \
+            && echo 'fn main() {}' > "$dir/src/main.rs"; \
     done \
-    && echo 'fn main() {}' > crates/fanout/src/main.rs \
-    && echo 'fn main() {}' > crates/dev/src/main.rs \
     && cargo build --release --locked -p fanout --bin fanout \
-    && rm -rf crates/*/src target/release/fanout target/release/deps/fanout* \
-        target/release/deps/libfanout* target/release/.fingerprint/fanout*
+    && for manifest in crates/*/Cargo.toml; do \
+        name="$(sed -n '/^name *=/{s/^name *= *"\(.*\)"/\1/p;q;}' "$manifest")"; \
+        crate="$(sed -n '/^name *=/{s/^name *= *"\(.*\)"/\1/;y/-/_/;p;q;}' "$manifest")"; \
+        rm -rf "target/release/.fingerprint/$name-"* "target/release/deps/$crate-"* \
+            "target/release/deps/lib$crate-"* "target/release/$name"; \
+    done \
+    && rm -rf crates
 
 # config/default.toml is compiled into the binary. Only the `fanout`
 # package is built: the development tools (crates/dev) never reach the image.
@@ -41,6 +52,11 @@ RUN cargo build --release --locked -p fanout --bin fanout \
 # cc: glibc and libgcc for the Rust binary, CA certificates for TLS to AWS.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /fanout /fanout
+# The commit built (scripts/image.sh passes `git rev-parse HEAD`); last, so
+# it changes no layer.
+ARG REVISION=unknown
+LABEL org.opencontainers.image.revision=$REVISION \
+      org.opencontainers.image.title=fanout
 # 65532 is distroless's `nonroot`; numeric so ECS and Kubernetes can verify
 # runAsNonRoot.
 USER 65532:65532
