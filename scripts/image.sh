@@ -341,6 +341,9 @@ PYTHON
     -e "FANOUT_GATEWAY_ENDPOINT=http://127.0.0.1:$gateway_port/$stage"
     -e "FANOUT_METRICS_LISTEN=127.0.0.1:$metrics_port"
     -e FANOUT_RATE_PER_SECOND=100 -e FANOUT_RECEIVE_WAIT=2s -e FANOUT_EMF_INTERVAL=1s
+    # The local gateway completes $connect at once: a dropped client's row
+    # goes on its recheck seconds later, not after API Gateway's 2 min.
+    -e FANOUT_CONNECT_WINDOW=2s
     -e RUST_LOG=info
   )
 
