@@ -1966,4 +1966,20 @@ mod tests {
             report.audience
         );
     }
+
+    #[tokio::test]
+    async fn a_row_whose_id_cannot_be_a_connection_is_rejected_without_a_post() {
+        let mut all = ids(5);
+        all.extend(["..".to_owned(), "a b".to_owned()]);
+        let table = Arc::new(FakeTable::with(&all, 10));
+        let gateway = Arc::new(FakeGateway::default());
+        let (report, result) = engine(table.clone(), gateway.clone(), 4)
+            .run(&job(Target::All), &CancellationToken::new())
+            .await;
+        result.unwrap();
+        assert_eq!((report.delivered, report.failed), (5, 2), "{report:?}");
+        let posted: HashSet<String> = gateway.delivered_ids().into_iter().collect();
+        assert!(!posted.contains("..") && !posted.contains("a b"));
+        assert_eq!(table.remaining().len(), 7, "rejected, not removed");
+    }
 }
