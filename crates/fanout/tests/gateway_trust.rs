@@ -6,7 +6,7 @@
 //!
 //! Nothing here sets `SSL_CERT_FILE`. Needs the `openssl` CLI.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -21,48 +21,15 @@ use fanout_core::gateway::{Gateway, PostOutcome};
 /// Longer than any bound under test: a send that takes this long hung.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A CA made for this test, and a certificate for 127.0.0.1 it signed.
-struct Pki {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let output = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("the openssl CLI");
-    assert!(
-        output.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
+use fanout_testkit::pki::Pki;
 
 fn pki() -> &'static Pki {
     static PKI: OnceLock<Pki> = OnceLock::new();
     PKI.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("gateway-trust-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let d = dir.as_path();
-        #[rustfmt::skip]
-        openssl(d, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-subj", "/CN=fanout gateway test CA", "-keyout", "ca.key", "-out", "ca.pem"]);
-        std::fs::write(d.join("san.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-        #[rustfmt::skip]
-        openssl(d, &["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-            "-keyout", "server.key", "-out", "server.csr"]);
-        #[rustfmt::skip]
-        openssl(d, &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "1", "-extfile", "san.cnf", "-out", "server.pem"]);
-        Pki {
-            ca: d.join("ca.pem"),
-            server_cert: d.join("server.pem"),
-            server_key: d.join("server.key"),
-        }
+        fanout_testkit::pki::make(
+            &Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("gateway-trust-{}", std::process::id())),
+        )
     })
 }
 

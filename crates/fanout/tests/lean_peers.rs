@@ -10,7 +10,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::num::NonZeroU32;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -147,121 +147,21 @@ impl Drop for PythonSink {
     }
 }
 
-/// A CA, a server certificate for 127.0.0.1 it signed, and another CA that
-/// signed nothing here.
-struct Pki {
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    /// Signed by the other CA, for the same name.
-    untrusted_cert: PathBuf,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let output = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("the openssl CLI");
-    assert!(
-        output.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
+use fanout_testkit::pki::Pki;
 
 /// One set per test process: `SSL_CERT_FILE` is read when a client loads
 /// its roots, and names the CA for every test here.
 fn pki() -> &'static Pki {
     static PKI: OnceLock<Pki> = OnceLock::new();
     PKI.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("lean-peers-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let d = dir.as_path();
-        for ca in ["ca", "other-ca"] {
-            openssl(
-                d,
-                &[
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-days",
-                    "1",
-                    "-subj",
-                    &format!("/CN=fanout test {ca}"),
-                    "-keyout",
-                    &format!("{ca}.key"),
-                    "-out",
-                    &format!("{ca}.pem"),
-                ],
-            );
-        }
-        std::fs::write(d.join("san.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                "/CN=127.0.0.1",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-            ],
-        );
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "1",
-                "-extfile",
-                "san.cnf",
-                "-out",
-                "server.pem",
-            ],
-        );
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "other-ca.pem",
-                "-CAkey",
-                "other-ca.key",
-                "-CAcreateserial",
-                "-days",
-                "1",
-                "-extfile",
-                "san.cnf",
-                "-out",
-                "untrusted.pem",
-            ],
+        let pki = fanout_testkit::pki::make(
+            &Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("lean-peers-{}", std::process::id())),
         );
         // SAFETY: set once, before any client of this process loads roots;
         // every test here trusts the same CA.
-        unsafe { std::env::set_var("SSL_CERT_FILE", d.join("ca.pem")) };
-        Pki {
-            server_cert: d.join("server.pem"),
-            server_key: d.join("server.key"),
-            untrusted_cert: d.join("untrusted.pem"),
-        }
+        unsafe { std::env::set_var("SSL_CERT_FILE", &pki.ca) };
+        pki
     })
 }
 
@@ -420,6 +320,7 @@ async fn lean_keeps_up_with_the_sdk_against_hyper_over_tls() {
 async fn a_certificate_from_another_ca_is_refused() {
     let pki = pki();
     let untrusted = Pki {
+        ca: pki.ca.clone(),
         server_cert: pki.untrusted_cert.clone(),
         server_key: pki.server_key.clone(),
         untrusted_cert: pki.untrusted_cert.clone(),

@@ -9,10 +9,13 @@
 //!   process (`support::worker`).
 //! - [`local_support`]: the local API Gateway stand-in (`fanout-dev`'s
 //!   gateway) in process, and real WebSocket clients of it.
+//! - [`pki`]: a test CA and server certificates, made with the openssl
+//!   CLI, for the TLS tests.
 //! - [`fault_support`]: the fault-injection proxy, the rig that puts it in
 //!   front of SQS, DynamoDB and the gateway, and the invariants every fault
 //!   test checks.
 
 pub mod fault_support;
 pub mod local_support;
+pub mod pki;
 pub mod support;
