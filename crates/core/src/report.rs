@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::Report;
 use crate::job::Job;
-use crate::keys::RunKey;
+use crate::job::keys::RunKey;
 use crate::telemetry::Metrics;
 
 /// The rejected connections a report names; `failed` counts them all. A
@@ -66,7 +66,7 @@ impl Status {
 /// docs/jobs.md documents every field).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BroadcastReport {
-    /// The broadcast key (see [`crate::keys`]).
+    /// The broadcast key (see [`crate::job::keys`]).
     pub id: String,
     /// The run key as logs show it.
     pub run: String,
@@ -329,8 +329,8 @@ impl Reporter {
 mod tests {
     use super::*;
     use crate::connection::ConnectionId;
+    use crate::fakes::FakeReports;
     use crate::job::{Capabilities, parse};
-    use crate::testing::FakeReports;
 
     fn job(body: &str) -> Job {
         parse(
