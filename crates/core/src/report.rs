@@ -16,14 +16,10 @@ use std::time::{Duration, SystemTime};
 use futures::future::{BoxFuture, join_all};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Report;
+use crate::engine::summary::{MAX_FAILED_IDS, Report};
 use crate::job::Job;
 use crate::job::keys::RunKey;
 use crate::telemetry::Metrics;
-
-/// The rejected connections a report names; `failed` counts them all. A
-/// hundred ids of up to 128 bytes stay far below SQS's and SNS's 256 KiB.
-pub const MAX_FAILED_IDS: usize = 100;
 
 /// How long one destination may take to take a report. Settling waits for
 /// it, so a hung destination must not hold the worker's job slot long.

@@ -46,7 +46,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
-use crate::engine::{Engine, FanoutError, Report};
+use crate::engine::summary::Report;
+use crate::engine::{Engine, FanoutError};
 use crate::gateway::Gateway;
 use crate::job::keys::RunKey;
 use crate::job::{self, Capabilities};
