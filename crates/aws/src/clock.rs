@@ -1,5 +1,5 @@
 //! AWS's clock, as the `Date` header of a DynamoDB answer gives it, compared
-//! with this worker's: the age rule of [`fanout_core::expiry`] trusts the
+//! with this worker's: the age rule of [`fanout_core::connection::expiry`] trusts the
 //! worker's clock only while the two agree within a minute.
 //!
 //! An interceptor on a client of its own reads the header of every answer;
@@ -15,7 +15,7 @@ use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_dynamodb::error::BoxError;
 use aws_sdk_dynamodb::primitives::{DateTime, DateTimeFormat};
 
-use fanout_core::expiry::{ClockVerdict, ExpiryRule};
+use fanout_core::connection::expiry::{ClockVerdict, ExpiryRule};
 
 /// The last `Date` an answer carried, with this worker's time when it came.
 type Reading = Arc<Mutex<Option<(SystemTime, SystemTime)>>>;

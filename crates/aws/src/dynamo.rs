@@ -28,8 +28,8 @@ use aws_sdk_dynamodb::types::{
 use futures::StreamExt;
 use futures::stream::{self, BoxStream};
 
+use fanout_core::connection::expiry::{Age, AgeProblems, Expired, ExpiryRule, classify, epoch_ms};
 use fanout_core::connection::{Connection, ConnectionId, KeyValue, RowKey};
-use fanout_core::expiry::{Age, AgeProblems, Expired, ExpiryRule, classify, epoch_ms};
 use fanout_core::store::{
     AudienceQuery, ChannelOrder, ConnectionStore, Cursor, MAX_REMOVE_BATCH, Page, Position,
     Removal, StoreError,

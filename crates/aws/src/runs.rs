@@ -24,7 +24,7 @@ use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use fanout_core::durable::{DurableError, RunRecord, RunTable};
+use fanout_core::runs::{DurableError, RunRecord, RunTable};
 
 use crate::dynamo_errors::{self, Failure};
 

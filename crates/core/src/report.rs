@@ -16,14 +16,10 @@ use std::time::{Duration, SystemTime};
 use futures::future::{BoxFuture, join_all};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Report;
+use crate::engine::summary::{MAX_FAILED_IDS, Report};
 use crate::job::Job;
-use crate::keys::RunKey;
+use crate::job::keys::RunKey;
 use crate::telemetry::Metrics;
-
-/// The rejected connections a report names; `failed` counts them all. A
-/// hundred ids of up to 128 bytes stay far below SQS's and SNS's 256 KiB.
-pub const MAX_FAILED_IDS: usize = 100;
 
 /// How long one destination may take to take a report. Settling waits for
 /// it, so a hung destination must not hold the worker's job slot long.
@@ -66,7 +62,7 @@ impl Status {
 /// docs/jobs.md documents every field).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BroadcastReport {
-    /// The broadcast key (see [`crate::keys`]).
+    /// The broadcast key (see [`crate::job::keys`]).
     pub id: String,
     /// The run key as logs show it.
     pub run: String,
@@ -329,8 +325,8 @@ impl Reporter {
 mod tests {
     use super::*;
     use crate::connection::ConnectionId;
+    use crate::fakes::FakeReports;
     use crate::job::{Capabilities, parse};
-    use crate::testing::FakeReports;
 
     fn job(body: &str) -> Job {
         parse(

@@ -49,7 +49,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .init();
     let stop = CancellationToken::new();
-    tokio::spawn(fanout_core::cancel_on_signal(stop.clone()));
+    tokio::spawn(fanout_core::worker::cancel_on_signal(stop.clone()));
     match command {
         Command::Gateway(args) => {
             let sdk = clients::load_sdk_config().await;

@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use fanout_aws::ApiGatewaySender;
 use fanout_core::Backoff;
+use fanout_core::budget::{RateSettings, SendBudget};
 use fanout_core::engine::{Engine, EngineSettings};
+use fanout_core::fakes::GeneratedTable;
 use fanout_core::job::{Job, Target};
 use fanout_core::telemetry::Metrics;
-use fanout_core::testing::GeneratedTable;
-use fanout_core::{RateSettings, SendBudget};
 use fanout_dev::gateway::{GatewayArgs, serve};
 use tokio_util::sync::CancellationToken;
 
@@ -96,7 +96,7 @@ async fn main() {
             max_in_flight: 256,
             scan_segments: 1,
             progress_interval: Duration::from_secs(3600),
-            connect_window: fanout_core::evidence::CONNECT_WINDOW,
+            connect_window: fanout_core::engine::evidence::CONNECT_WINDOW,
         },
         metrics.clone(),
     );

@@ -22,9 +22,9 @@ use fanout_aws::{
     AgeSettings, AudienceIndex, GatewayTrust, PlainHttp, QueueSettings, SendSettings, TableSettings,
 };
 use fanout_core::Backoff;
-use fanout_core::RateSettings;
+use fanout_core::budget::RateSettings;
+use fanout_core::connection::expiry::{self, ExpiryRule};
 use fanout_core::engine::EngineSettings;
-use fanout_core::expiry::{self, ExpiryRule};
 use fanout_core::fleet::FleetSettings;
 use fanout_core::job::Capabilities;
 use fanout_core::worker::WorkerSettings;
@@ -746,7 +746,7 @@ impl Validator<'_> {
                 ),
             ));
         }
-        if window < fanout_core::evidence::CONNECT_WINDOW {
+        if window < fanout_core::engine::evidence::CONNECT_WINDOW {
             tracing::warn!(
                 connect_window = %humantime::format_duration(window),
                 "connect_window is under API Gateway's $connect timeouts plus clock skew (2m): a connection still connecting may be removed"

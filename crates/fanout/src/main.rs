@@ -19,14 +19,14 @@ use fanout_aws::{
     ClockCheck, DynamoLeaseTable, DynamoRunTable, DynamoStore, QueueSettings, SelectedSender,
     SnsReports, SqsQueue, SqsReports, clients,
 };
-use fanout_core::SendBudget;
-use fanout_core::durable::{Ledger, Windows};
+use fanout_core::budget::SendBudget;
+use fanout_core::connection::expiry::{self, ExpiryRule};
 use fanout_core::engine::Engine;
-use fanout_core::expiry::{self, ExpiryRule};
 use fanout_core::fleet::Coordinator;
 use fanout_core::job::{self, Capabilities, JobSpec};
 use fanout_core::queue::{self, JobQueue, SendOptions};
 use fanout_core::report::{ReportSink, Reporter};
+use fanout_core::runs::{Ledger, Windows};
 use fanout_core::telemetry::Metrics;
 use fanout_core::worker::{self, Stopped};
 
@@ -244,7 +244,7 @@ async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
     let settings = config.worker_settings(exit_when_idle);
     let reports = reporter(&config, &sdk);
 
-    tokio::spawn(fanout_core::cancel_on_signal(shutdown.clone()));
+    tokio::spawn(fanout_core::worker::cancel_on_signal(shutdown.clone()));
     // Bound before the worker starts: a taken port is a configuration error.
     let server = MetricsServer::bind(config.metrics_settings()).await?;
     let metrics_task =
@@ -470,7 +470,7 @@ async fn redrive(arg: ConfigArg, max: u64) -> anyhow::Result<ExitCode> {
     let dead_letters = SqsQueue::connect(&sdk, short_polls(dead_letters_url));
     let jobs = SqsQueue::connect(&sdk, short_polls(config.queue_url.clone()));
     let fifo_group = queue::is_fifo(&config.queue_url).then_some("redriven");
-    let done = fanout_core::redrive(&dead_letters, &jobs, max, fifo_group).await?;
+    let done = fanout_core::queue::redrive(&dead_letters, &jobs, max, fifo_group).await?;
     println!("moved {} job(s) back to the jobs queue", done.moved);
     if done.left_behind > 0 {
         println!(

@@ -679,7 +679,7 @@ async fn throttling_and_server_errors_are_transient() {
 #[tokio::test]
 async fn an_expired_row_is_deleted_only_if_its_start_is_still_the_one_read() {
     use fanout_aws::AgeSettings;
-    use fanout_core::expiry::{DEFAULT_MARGIN, Expired, ExpiryRule};
+    use fanout_core::connection::expiry::{DEFAULT_MARGIN, Expired, ExpiryRule};
     use std::sync::Arc;
 
     let ddb = support::dynamodb().await;

@@ -18,7 +18,7 @@ use fanout_aws::LeanSender;
 use fanout_aws::SelectedSender;
 use fanout_aws::{DynamoStore, TableSettings};
 use fanout_core::Backoff;
-use fanout_core::SendBudget;
+use fanout_core::budget::SendBudget;
 use fanout_core::connection::ConnectionId;
 use fanout_core::engine::{Engine, EngineSettings};
 use fanout_core::gateway::{Gateway, PostOutcome};

@@ -21,9 +21,9 @@ use bytes::Bytes;
 use fanout_aws::ApiGatewaySender;
 use fanout_aws::LeanSender;
 use fanout_aws::SelectedSender;
+use fanout_core::budget::{RateSettings, SendBudget};
 use fanout_core::connection::ConnectionId;
 use fanout_core::gateway::{Gateway, PostOutcome};
-use fanout_core::{RateSettings, SendBudget};
 use futures::StreamExt;
 
 const RATE: u32 = 1_000;

@@ -422,7 +422,7 @@ async fn a_redriven_job_keeps_the_producers_attributes_but_not_fanouts() {
     queue.delete(&[message.receipt]).await.expect("delete");
 
     let dead_letters = adapter(&dlq.url, None).await;
-    let done = fanout_core::redrive(&dead_letters, &queue, 10, None)
+    let done = fanout_core::queue::redrive(&dead_letters, &queue, 10, None)
         .await
         .expect("redrive");
     assert_eq!(done.moved, 1);

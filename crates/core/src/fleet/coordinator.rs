@@ -20,7 +20,7 @@ use super::clock::EpochClock;
 use super::standing::Standing;
 use super::timing::{DEMAND_LINGER, LEASE_TTL, RENEW_INTERVAL, ROUND_TIMEOUT};
 use super::{FleetError, Lease, LeaseTable};
-use crate::limiter::SendBudget;
+use crate::budget::SendBudget;
 use crate::telemetry::Metrics;
 
 /// How a task takes part in the fleet.

@@ -14,9 +14,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::limiter::{RateSettings, SendBudget};
+use crate::budget::{RateSettings, SendBudget};
+use crate::fakes::{FakeLeaseTable, FakeLeases};
 use crate::telemetry::Metrics;
-use crate::testing::{FakeLeaseTable, FakeLeases};
 
 /// The epoch time at each fleet's start.
 const EPOCH: u64 = 1_700_000_000_000;

@@ -1,6 +1,6 @@
 //! The heartbeat: while a job runs, its message's visibility timeout is
 //! renewed so no other worker receives it, and so is its run's lease in the
-//! checkpoint table (see [`crate::durable`]), first: the lease's renewal
+//! checkpoint table (see [`crate::runs`]), first: the lease's renewal
 //! hands back the message's newest receipt, which a redelivery may have
 //! changed. Beside it, the checkpoint writer stores the run's resume
 //! points as pages are fully delivered.
@@ -9,9 +9,9 @@ use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::JobContext;
-use crate::durable::{Checkpoint, RunLease};
 use crate::gateway::Gateway;
 use crate::queue::{JobQueue, Receipt};
+use crate::runs::{Checkpoint, RunLease};
 use crate::store::ConnectionStore;
 
 impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use super::{Fate, JobContext, SETTLE_BACKOFF};
-use crate::engine::Report;
+use crate::engine::summary::Report;
 use crate::gateway::Gateway;
 use crate::job::{self, Job};
 use crate::limits::MAX_SEND_DELAY;

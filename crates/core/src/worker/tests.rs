@@ -3,13 +3,13 @@
 use std::sync::atomic::Ordering;
 
 use super::*;
+use crate::budget::SendBudget;
 use crate::engine::EngineSettings;
+use crate::fakes::{FakeGateway, FakeQueue, FakeReports, FakeTable, ids};
 use crate::job::Target;
-use crate::limiter::SendBudget;
 use crate::queue::Receipt;
 use crate::report::{BroadcastReport, Status};
 use crate::store::Cursor;
-use crate::testing::{FakeGateway, FakeQueue, FakeReports, FakeTable, ids};
 
 /// A shutdown token cancelled after `delay` (paused time runs it at once).
 fn shutdown_after(delay: Duration) -> CancellationToken {
@@ -89,7 +89,7 @@ impl Rig {
                 max_in_flight: 8,
                 scan_segments: 1,
                 progress_interval: Duration::from_secs(3600),
-                connect_window: crate::evidence::CONNECT_WINDOW,
+                connect_window: crate::engine::evidence::CONNECT_WINDOW,
             },
             self.metrics.clone(),
         ))
@@ -842,9 +842,9 @@ async fn no_more_jobs_run_at_once_than_allowed() {
 
 mod durable {
     use super::*;
-    use crate::durable::{Ledger, RunRecord, Windows};
-    use crate::keys::{RunKey, fingerprint};
-    use crate::testing::FakeRunTable;
+    use crate::fakes::FakeRunTable;
+    use crate::job::keys::{RunKey, fingerprint};
+    use crate::runs::{Ledger, RunRecord, Windows};
 
     fn windows() -> Windows {
         Windows {
@@ -946,7 +946,7 @@ mod durable {
         let job = job::parse(body, "m0", &settings().capabilities).unwrap();
         let key = RunKey::of(&job).storage_key();
         let runs = Arc::new(FakeRunTable::default());
-        let now = crate::expiry::epoch_ms(std::time::SystemTime::now());
+        let now = crate::connection::expiry::epoch_ms(std::time::SystemTime::now());
         runs.records.lock().unwrap().insert(
             key.clone(),
             RunRecord {

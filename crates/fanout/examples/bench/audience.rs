@@ -1,9 +1,9 @@
 //! The benchmark's audience: the core's generated table
-//! (`fanout_core::testing::GeneratedTable`, ids `conn-0` … `conn-{n-1}`);
+//! (`fanout_core::fakes::GeneratedTable`, ids `conn-0` … `conn-{n-1}`);
 //! the sink answers 410 for every id whose number is a multiple of
 //! [`GONE_EVERY`].
 
-pub use fanout_core::testing::GeneratedTable;
+pub use fanout_core::fakes::GeneratedTable;
 
 /// One in 20 connections is gone (5 %), as in every benchmark case.
 pub const GONE_EVERY: u64 = 20;

@@ -23,13 +23,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use fanout::config::Config;
 use fanout_aws::SelectedSender;
-use fanout_core::SendBudget;
-use fanout_core::durable::{Ledger, Windows};
+use fanout_core::budget::SendBudget;
 use fanout_core::engine::Engine;
+use fanout_core::fakes::{FakeQueue, FakeRunTable, GeneratedTable};
 use fanout_core::job::Capabilities;
 use fanout_core::queue::{Message, Receipt};
+use fanout_core::runs::{Ledger, Windows};
 use fanout_core::telemetry::Metrics;
-use fanout_core::testing::{FakeQueue, FakeRunTable, GeneratedTable};
 use fanout_core::worker::{self, Stopped};
 use tokio_util::sync::CancellationToken;
 

@@ -40,12 +40,12 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use fanout_aws::{DynamoStore, SelectedSender, SendSettings, TableSettings};
 use fanout_core::Backoff;
+use fanout_core::budget::{RateSettings, SendBudget};
 use fanout_core::engine::{Engine, EngineSettings, Report};
 use fanout_core::gateway::Gateway;
 use fanout_core::job::{Job, Segment, Target};
 use fanout_core::store::ConnectionStore;
 use fanout_core::telemetry::Metrics;
-use fanout_core::{RateSettings, SendBudget};
 use tokio_util::sync::CancellationToken;
 
 use audience::GeneratedTable;
@@ -295,7 +295,7 @@ fn engine<S: ConnectionStore, G: Gateway>(
             max_in_flight,
             scan_segments: 1,
             progress_interval: Duration::from_secs(3600),
-            connect_window: fanout_core::evidence::CONNECT_WINDOW,
+            connect_window: fanout_core::engine::evidence::CONNECT_WINDOW,
         },
         metrics,
     )

@@ -12,8 +12,8 @@ use anyhow::Context;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
 use fanout_aws::{DynamoStore, TableSettings};
+use fanout_core::connection::expiry::ExpiryRule;
 use fanout_core::connection::{Connection, KeyValue, RowKey};
-use fanout_core::expiry::ExpiryRule;
 use fanout_core::store::{ConnectionStore, MAX_REMOVE_BATCH};
 use fanout_testkit::support::{IndexSpec, create_table_with_indexes};
 use futures::{StreamExt, TryStreamExt, stream};
@@ -182,7 +182,9 @@ fn settings(table: &str) -> TableSettings {
         page_size: 1000,
         expiry: Some(fanout_aws::AgeSettings {
             attribute: "connectedAt".to_owned(),
-            rule: Arc::new(ExpiryRule::new(fanout_core::expiry::DEFAULT_MARGIN)),
+            rule: Arc::new(ExpiryRule::new(
+                fanout_core::connection::expiry::DEFAULT_MARGIN,
+            )),
         }),
     }
 }

@@ -2,6 +2,10 @@
 //!
 //! [`JobQueue`] is the seam the worker uses; `fanout-aws` implements it on SQS.
 
+mod redrive;
+
+pub use redrive::{Redriven, redrive};
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;

@@ -12,8 +12,8 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream};
 
+use crate::connection::expiry::Expired;
 use crate::connection::{Connection, ConnectionId, KeyValue, RowKey};
-use crate::expiry::Expired;
 use crate::fleet::{FleetError, Lease, LeaseTable};
 use crate::gateway::{Gateway, PostOutcome};
 use crate::queue::{DeadLettered, JobQueue, Message, QueueError, Receipt, SendOptions};
@@ -692,7 +692,7 @@ impl LeaseTable for FakeLeaseTable {
 /// An in-memory run table with DynamoDB's conditional write.
 #[derive(Default)]
 pub struct FakeRunTable {
-    pub records: Mutex<HashMap<String, crate::durable::RunRecord>>,
+    pub records: Mutex<HashMap<String, crate::runs::RunRecord>>,
     /// Every call fails as a throttled table does, while set.
     pub throttle: AtomicBool,
     /// Writes that were applied.
@@ -703,32 +703,32 @@ pub struct FakeRunTable {
     pub latency: Duration,
 }
 
-impl crate::durable::RunTable for FakeRunTable {
+impl crate::runs::RunTable for FakeRunTable {
     async fn load(
         &self,
         key: &str,
-    ) -> Result<Option<crate::durable::RunRecord>, crate::durable::DurableError> {
+    ) -> Result<Option<crate::runs::RunRecord>, crate::runs::DurableError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
         if self.throttle.load(Ordering::SeqCst) {
-            return Err(crate::durable::DurableError::Throttled("fake".into()));
+            return Err(crate::runs::DurableError::Throttled("fake".into()));
         }
         Ok(self.records.lock().unwrap().get(key).cloned())
     }
 
     async fn store(
         &self,
-        record: &crate::durable::RunRecord,
+        record: &crate::runs::RunRecord,
         read: Option<u64>,
-    ) -> Result<bool, crate::durable::DurableError> {
+    ) -> Result<bool, crate::runs::DurableError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
         if self.throttle.load(Ordering::SeqCst) {
-            return Err(crate::durable::DurableError::Throttled("fake".into()));
+            return Err(crate::runs::DurableError::Throttled("fake".into()));
         }
         let mut records = self.records.lock().unwrap();
         let current = records.get(&record.key).map(|r| r.version);
@@ -741,20 +741,20 @@ impl crate::durable::RunTable for FakeRunTable {
     }
 }
 
-impl crate::durable::RunTable for Arc<FakeRunTable> {
+impl crate::runs::RunTable for Arc<FakeRunTable> {
     async fn load(
         &self,
         key: &str,
-    ) -> Result<Option<crate::durable::RunRecord>, crate::durable::DurableError> {
-        crate::durable::RunTable::load(&**self, key).await
+    ) -> Result<Option<crate::runs::RunRecord>, crate::runs::DurableError> {
+        crate::runs::RunTable::load(&**self, key).await
     }
 
     async fn store(
         &self,
-        record: &crate::durable::RunRecord,
+        record: &crate::runs::RunRecord,
         read: Option<u64>,
-    ) -> Result<bool, crate::durable::DurableError> {
-        crate::durable::RunTable::store(&**self, record, read).await
+    ) -> Result<bool, crate::runs::DurableError> {
+        crate::runs::RunTable::store(&**self, record, read).await
     }
 }
 

@@ -2,7 +2,7 @@
 //! connections are batched by [`MAX_REMOVE_BATCH`] as they arrive, and each
 //! batch's unprocessed items are retried with backoff.
 //!
-//! Rows certainly gone by age (see [`crate::expiry`]) go through the same
+//! Rows certainly gone by age (see [`crate::connection::expiry`]) go through the same
 //! task, each with its own conditional delete: BatchWriteItem takes no
 //! condition, and the condition is what keeps a rewritten row.
 //!
@@ -19,8 +19,8 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::backoff::Backoff;
 use crate::connection::Connection;
-use crate::counts::JobCounts;
-use crate::expiry::Expired;
+use crate::connection::expiry::Expired;
+use crate::engine::counts::JobCounts;
 use crate::store::{ConnectionStore, MAX_REMOVE_BATCH};
 
 /// Batches in flight at once per job: enough to keep up with a broadcast
@@ -198,8 +198,8 @@ mod tests {
 
     use super::*;
     use crate::connection::{KeyValue, RowKey};
+    use crate::fakes::FakeTable;
     use crate::telemetry::Metrics;
-    use crate::testing::FakeTable;
 
     fn conn(id: &str, keyed: bool) -> Connection {
         Connection {

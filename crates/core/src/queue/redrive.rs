@@ -100,7 +100,7 @@ pub async fn redrive<D: JobQueue, J: JobQueue>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::FakeQueue;
+    use crate::fakes::FakeQueue;
 
     #[tokio::test]
     async fn every_dead_letter_moves_once_and_in_batches() {

@@ -4,6 +4,8 @@
 //! read from, so a table keyed by `(channel, connectionId)` works as well as
 //! one keyed by `connectionId` alone.
 
+pub mod expiry;
+
 use std::fmt;
 use std::sync::Arc;
 
@@ -76,7 +78,7 @@ pub struct Connection {
     /// When the connection started (epoch ms), as its row held it and only
     /// if the store trusts it; `None` for an explicit list, a hand-on, or a
     /// row read without a usable start. A removal needs to know the
-    /// connection had time to be established (see [`crate::evidence`]), so
+    /// connection had time to be established (see [`crate::engine::evidence`]), so
     /// `None` counts as "may still be connecting".
     pub started_ms: Option<i64>,
 }

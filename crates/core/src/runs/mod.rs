@@ -26,10 +26,10 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use crate::expiry::epoch_ms;
+use crate::connection::expiry::epoch_ms;
 use crate::job::DeferredSpec;
 use crate::job::Job;
-use crate::keys::{RunKey, fingerprint};
+use crate::job::keys::{RunKey, fingerprint};
 use crate::queue::{Message, Receipt};
 use crate::store::Cursor;
 use crate::telemetry::Metrics;
@@ -37,9 +37,9 @@ use crate::telemetry::Metrics;
 /// One run's record as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunRecord {
-    /// [`crate::keys::RunKey::storage_key`].
+    /// [`crate::job::keys::RunKey::storage_key`].
     pub key: String,
-    /// [`crate::keys::fingerprint`] of the body that claimed it.
+    /// [`crate::job::keys::fingerprint`] of the body that claimed it.
     pub fingerprint: String,
     /// The task and job that run it now (or ran it last).
     pub owner: String,
@@ -808,7 +808,7 @@ mod tests {
 
     #[tokio::test]
     async fn renewals_keep_the_run_until_another_owner_takes_it() {
-        let table = crate::testing::FakeRunTable::default();
+        let table = crate::fakes::FakeRunTable::default();
         let Admission::Claim { record, read } = admit(None, &request("f1", "m1"), NOW, windows())
         else {
             panic!()
@@ -863,11 +863,11 @@ mod tests {
         crate::job::parse(r#"{"id":"news","data":"x"}"#, "m1", &caps).unwrap()
     }
 
-    fn ledger(table: &Arc<crate::testing::FakeRunTable>) -> Ledger {
+    fn ledger(table: &Arc<crate::fakes::FakeRunTable>) -> Ledger {
         Ledger::new(table.clone(), windows(), Arc::new(Metrics::default()))
     }
 
-    fn calls(table: &crate::testing::FakeRunTable) -> u64 {
+    fn calls(table: &crate::fakes::FakeRunTable) -> u64 {
         table.calls.load(std::sync::atomic::Ordering::SeqCst)
     }
 
@@ -875,7 +875,7 @@ mod tests {
     /// four: a chat service's many small jobs each wait for them.
     #[tokio::test]
     async fn a_new_run_is_claimed_and_finished_in_one_write_each() {
-        let table = Arc::new(crate::testing::FakeRunTable::default());
+        let table = Arc::new(crate::fakes::FakeRunTable::default());
         let ledger = ledger(&table);
         let Admitted::Run(lease, None) = ledger.admit(&message("m1", "r1"), &news()).await else {
             panic!("claimed")
@@ -921,7 +921,7 @@ mod tests {
     /// again on what it read, keeping the adopted receipt.
     #[tokio::test]
     async fn a_write_that_another_came_before_reads_and_tries_again() {
-        let table = Arc::new(crate::testing::FakeRunTable::default());
+        let table = Arc::new(crate::fakes::FakeRunTable::default());
         let ledger = ledger(&table);
         let first = message("m1", "r1");
         let Admitted::Run(lease, None) = ledger.admit(&first, &news()).await else {
@@ -949,7 +949,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stale_write_loses() {
-        let table = crate::testing::FakeRunTable::default();
+        let table = crate::fakes::FakeRunTable::default();
         let r = record();
         assert!(table.store(&r, None).await.unwrap());
         assert!(!table.store(&r, None).await.unwrap(), "exists already");

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::engine::Report;
+use crate::engine::summary::Report;
 use crate::gateway::Counter;
 use crate::telemetry::Metrics;
 

@@ -15,10 +15,10 @@ use std::time::Duration;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::counts::JobCounts;
+use crate::engine::counts::JobCounts;
+use crate::engine::progress::Progress;
 use crate::job::Job;
-use crate::keys::RunKey;
-use crate::progress::Progress;
+use crate::job::keys::RunKey;
 use crate::telemetry::{Figures, Metrics};
 
 /// How the share of a run's audience that is done can be known.

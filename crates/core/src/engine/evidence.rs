@@ -12,7 +12,7 @@
 //!   410 until `$connect` completes, and the row is written during
 //!   `$connect`. A connection whose start is unknown or more recent than
 //!   [`CONNECT_WINDOW`] is posted to again after the window, and only a
-//!   second 410 removes it (see [`crate::rechecks`]).
+//!   second 410 removes it (see [`crate::engine::rechecks`]).
 //!
 //! What a producer writes never widens this: the evidence is the answer
 //! for the id that was posted to, and the stores delete by that id.
@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::connection::Connection;
-use crate::expiry::MAX_CLOCK_SKEW;
+use crate::connection::expiry::MAX_CLOCK_SKEW;
 use crate::gateway::PostOutcome;
 
 /// API Gateway's integration timeout, which bounds how long a `$connect`

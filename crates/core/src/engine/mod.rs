@@ -5,17 +5,25 @@
 //! Memory is bounded by the work, not by the audience: at most
 //! [`READ_AHEAD_PAGES`] pages read ahead, plus at most `max_in_flight` sends
 //! (each waiting, sending or backing off) per job, plus the connections
-//! deferred so far, plus (in a merge of channels, see [`crate::channels`])
+//! deferred so far, plus (in a merge of channels, see [`crate::store::channels`])
 //! the other rows of those connections, removed with them if they are gone.
 //!
 //! Each connection ends in one of the states of
-//! [`crate::keys::ConnectionState`]: delivered (2xx), gone (410, its row
+//! [`crate::job::keys::ConnectionState`]: delivered (2xx), gone (410, its row
 //! removed), expired (its row certainly gone by age, removed without a
 //! post), rejected (a 4xx about that connection alone), or deferred
 //! (throttled past [`EngineSettings::throttle_deadline`], or 5xx and
 //! timeouts past its attempts). All but deferred are final: deferred
 //! connections are retried in further passes of the same job, and what is
 //! still deferred then is in the [`Report`] for the worker to continue.
+
+mod counts;
+pub mod evidence;
+mod live;
+mod progress;
+mod rechecks;
+mod remover;
+pub mod summary;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,21 +37,21 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::backoff::Backoff;
+use crate::budget::SendBudget;
+use crate::connection::expiry::{AgeProblems, epoch_ms};
 use crate::connection::{Connection, ConnectionId};
-use crate::counts::JobCounts;
-use crate::durable::{Checkpoint, MAX_CHECKPOINT_DEFERRED};
-use crate::evidence::{EndpointWatch, GoneEvidence, Standing, Verdict, judge_gone};
-use crate::expiry::{AgeProblems, epoch_ms};
 use crate::gateway::{Gateway, Pace, PostOutcome, Step};
 use crate::job::{Job, Target};
-use crate::limiter::SendBudget;
-use crate::live::{self, Share};
-use crate::progress::Progress;
-use crate::rechecks::{Recheck, RecheckDeps, Rechecks};
-use crate::remover::{REMOVE_BACKOFF, Remover};
-use crate::report::MAX_FAILED_IDS;
+use crate::runs::{Checkpoint, MAX_CHECKPOINT_DEFERRED};
 use crate::store::{AudienceQuery, ConnectionStore, Cursor, Page, StoreError};
 use crate::telemetry::Metrics;
+use counts::JobCounts;
+use evidence::{EndpointWatch, GoneEvidence, Standing, Verdict, judge_gone};
+use live::Share;
+use progress::Progress;
+use rechecks::{Recheck, RecheckDeps, Rechecks};
+use remover::{REMOVE_BACKOFF, Remover};
+pub use summary::{Deferred, MAX_FAILED_IDS, Report};
 
 /// How the engine sends.
 #[derive(Clone, Copy, Debug)]
@@ -70,75 +78,9 @@ pub struct EngineSettings {
     /// progress gauges.
     pub progress_interval: Duration,
     /// How long after its start a connection may answer 410 because it is
-    /// still connecting ([`crate::evidence::CONNECT_WINDOW`] in
+    /// still connecting ([`crate::engine::evidence::CONNECT_WINDOW`] in
     /// production): a first 410 within it is rechecked, not removed.
     pub connect_window: Duration,
-}
-
-/// What one broadcast came to. Counts are connections, not attempts.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Report {
-    /// Connections read for the job (excluded ones not counted).
-    pub audience: u64,
-    /// Connections skipped because the job excluded them.
-    pub excluded: u64,
-    pub delivered: u64,
-    pub gone: u64,
-    /// Rows certainly gone by age (connectedAt), deleted without a post.
-    pub expired: u64,
-    /// Rows deleted from the table: gone, or expired.
-    pub removed: u64,
-    /// Gone rows that could not be deleted.
-    pub remove_failed: u64,
-    /// 410s that were not evidence yet: posted to again after the connect
-    /// window by the process's recheck queue, which removes the row only on
-    /// a second 410 (see [`crate::rechecks`]).
-    pub rechecking: u64,
-    /// 410s that removed nothing, for want of evidence: the endpoint looked
-    /// wrong, or the recheck queue was full. Their rows stay.
-    pub kept: u64,
-    /// Connections rejected (a 4xx about that connection, such as 400):
-    /// final, not retried, not removed.
-    pub failed: u64,
-    /// The first [`MAX_FAILED_IDS`] of those connections, for the broadcast
-    /// report (`failed` counts them all).
-    pub rejected: Vec<ConnectionId>,
-    /// Connections still deferred after every pass, with why: the worker
-    /// hands them on; none is final.
-    pub deferred: Vec<Deferred>,
-    /// Passes over deferred connections that ran.
-    pub passes: u32,
-    /// Send attempts that were retries.
-    pub retries: u64,
-    /// 429 answers.
-    pub throttled: u64,
-    pub duration: Duration,
-    /// Where to resume each segment that finished pages (see
-    /// [`crate::progress`]); segments not listed start from the beginning.
-    pub resume: Vec<Cursor>,
-    /// Rows whose start could not be trusted for the age rule (posted to
-    /// as usual): how many, and the first, to name the problem once.
-    pub age_problems: AgeProblems,
-}
-
-impl Report {
-    /// Deliveries per second over the whole job.
-    pub fn rate(&self) -> f64 {
-        let secs = self.duration.as_secs_f64();
-        if secs > 0.0 {
-            self.delivered as f64 / secs
-        } else {
-            0.0
-        }
-    }
-}
-
-/// A connection that could not be reached for now.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Deferred {
-    pub connection: Connection,
-    /// The last answer, e.g. `throttled (429) for 60s` or `HTTP 503`.
-    pub reason: String,
 }
 
 /// Why a broadcast stopped before its end.
@@ -344,7 +286,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         let pages = match &job.target {
             Target::Deferred(connections) => deferred_pages(connections, job.resume.as_deref()),
             Target::Channels(channels) => {
-                crate::channels::pages(&*self.store, channels, job.resume.clone())
+                crate::store::channels::pages(&*self.store, channels, job.resume.clone())
             }
             _ => self.store.pages(&query, job.resume.clone()),
         };
@@ -769,7 +711,7 @@ const MAX_HELD: usize = 1000;
 
 impl Settler<'_> {
     /// Acts on one connection's outcome: gone ones by the evidence their
-    /// 410 gives (see [`crate::evidence`]), with the other rows read for
+    /// 410 gives (see [`crate::engine::evidence`]), with the other rows read for
     /// them; deferred ones kept for the next pass; the first rejected ones
     /// named for the report (the counts were taken where the answer came,
     /// in [`JobCounts`]).
@@ -1007,7 +949,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::testing::{FakeGateway, FakeTable, ids};
+    use crate::fakes::{FakeGateway, FakeTable, ids};
 
     fn engine(
         table: Arc<FakeTable>,
@@ -1026,7 +968,7 @@ mod tests {
             max_in_flight,
             scan_segments: 1,
             progress_interval: Duration::from_secs(3600),
-            connect_window: crate::evidence::CONNECT_WINDOW,
+            connect_window: crate::engine::evidence::CONNECT_WINDOW,
         };
         Engine::new(
             Arc::new(table),
@@ -1489,7 +1431,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_connection_that_always_answers_429_is_deferred_and_the_rest_delivered() {
-        use crate::limiter::RateSettings;
+        use crate::budget::RateSettings;
         use std::num::NonZeroU32;
         let table = Arc::new(FakeTable::with(&ids(200), 50));
         let gateway = Arc::new(FakeGateway::default());
@@ -1528,7 +1470,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_clients_run_of_429s_defers_it_at_once_from_the_pass_over_the_audience() {
-        use crate::limiter::{CLIENT_STREAK, RateSettings};
+        use crate::budget::{CLIENT_STREAK, RateSettings};
         use std::num::NonZeroU32;
         let table = Arc::new(FakeTable::with(&ids(200), 10));
         let gateway = Arc::new(FakeGateway::default());
@@ -1564,7 +1506,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_answers_the_endpoint_took_count_as_accepted_for_the_rate() {
-        use crate::limiter::RateSettings;
+        use crate::budget::RateSettings;
         use std::num::NonZeroU32;
         let table = Arc::new(FakeTable::with(&ids(3), 10));
         let gateway = Arc::new(FakeGateway::default());
@@ -1927,7 +1869,7 @@ mod tests {
             }
             let _ = engine.run(&j, &CancellationToken::new()).await;
             // Past the connect window: the rechecks have posted, and removed.
-            tokio::time::sleep(crate::evidence::CONNECT_WINDOW * 3).await;
+            tokio::time::sleep(crate::engine::evidence::CONNECT_WINDOW * 3).await;
             let delivered: HashSet<String> = gateway.delivered_ids().into_iter().collect();
             let left = table.remaining();
             for id in &delivered {

@@ -28,10 +28,13 @@ mod deleter;
 mod heartbeat;
 mod receive;
 mod settle;
+mod shutdown;
 mod split;
 #[cfg(test)]
 mod tests;
 mod wind_down;
+
+pub use shutdown::cancel_on_signal;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -43,13 +46,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
-use crate::durable::{Admitted, Ledger, RunLease, rfc3339};
-use crate::engine::{Engine, FanoutError, Report};
+use crate::engine::summary::Report;
+use crate::engine::{Engine, FanoutError};
 use crate::gateway::Gateway;
+use crate::job::keys::RunKey;
 use crate::job::{self, Capabilities};
-use crate::keys::RunKey;
 use crate::queue::{JobQueue, Message, QueueError};
 use crate::report::{Draft, Reporter};
+use crate::runs::{Admitted, Ledger, RunLease, rfc3339};
 use crate::store::ConnectionStore;
 use crate::telemetry::Metrics;
 
@@ -84,7 +88,7 @@ pub struct WorkerSettings {
 }
 
 /// Receives of a job that the endpoint's answers stopped (see
-/// [`crate::evidence`]) before it is dead-lettered with the reason: one
+/// [`crate::engine::evidence`]) before it is dead-lettered with the reason: one
 /// fewer than the template's `maxReceiveCount` (5), whose redrive would
 /// move it without one.
 pub const ENDPOINT_ATTEMPTS: u32 = 4;

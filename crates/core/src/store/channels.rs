@@ -20,8 +20,8 @@ use std::collections::VecDeque;
 use futures::StreamExt;
 use futures::stream::{self, BoxStream};
 
+use crate::connection::expiry::{AgeProblems, Expired};
 use crate::connection::{Connection, ConnectionId};
-use crate::expiry::{AgeProblems, Expired};
 use crate::store::{
     AudienceQuery, ChannelOrder, ConnectionStore, Cursor, Page, Position, StoreError,
 };
@@ -243,7 +243,7 @@ impl Merge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::FakeTable;
+    use crate::fakes::FakeTable;
     use std::collections::{BTreeSet, HashMap};
     use std::sync::Arc;
 

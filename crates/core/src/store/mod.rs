@@ -4,13 +4,15 @@
 //! Pages carry a [`Cursor`] so an interrupted broadcast can resume after the
 //! last page it finished.
 
+pub mod channels;
+
 use std::future::Future;
 
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
+use crate::connection::expiry::{AgeProblems, Expired};
 use crate::connection::{Connection, ConnectionId};
-use crate::expiry::{AgeProblems, Expired};
 
 /// Rows per removal: BatchWriteItem's limit (a 26th item is a validation
 /// error, not a partial success).
@@ -53,7 +55,7 @@ pub enum Position {
     /// Offset into an explicit list.
     Offset(usize),
     /// After this connection id, in id order: where a merge of channels read
-    /// in id order resumes (see [`crate::channels`]).
+    /// in id order resumes (see [`crate::store::channels`]).
     After { after: ConnectionId },
 }
 
@@ -82,7 +84,7 @@ pub struct Page {
     pub duplicates: Vec<Connection>,
     /// Where the segment continues after this page.
     pub next: Cursor,
-    /// Rows certainly gone by age (see [`crate::expiry`]): part of the
+    /// Rows certainly gone by age (see [`crate::connection::expiry`]): part of the
     /// audience, not posted to, deleted on condition.
     pub expired: Vec<Expired>,
     /// Rows in `connections` whose start could not be trusted.
@@ -164,7 +166,7 @@ pub trait ConnectionStore: Send + Sync + 'static {
     }
 
     /// Deletes the rows of up to [`MAX_REMOVE_BATCH`] connections that
-    /// answered gone, with evidence (see [`crate::evidence`]). The row is
+    /// answered gone, with evidence (see [`crate::engine::evidence`]). The row is
     /// named by the id that answered, never by a key alone: where the
     /// table's key holds the id, the key's id is that id; where it does not,
     /// the delete is conditional on the row still holding it.

@@ -23,12 +23,12 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::backoff::Backoff;
+use crate::budget::SendBudget;
 use crate::connection::Connection;
-use crate::counts::JobCounts;
-use crate::evidence::{EndpointWatch, Standing};
+use crate::engine::counts::JobCounts;
+use crate::engine::evidence::{EndpointWatch, Standing};
+use crate::engine::remover::{REMOVE_BACKOFF, Remover};
 use crate::gateway::{Gateway, Pace, PostOutcome, Step};
-use crate::limiter::SendBudget;
-use crate::remover::{REMOVE_BACKOFF, Remover};
 use crate::store::ConnectionStore;
 use crate::telemetry::Metrics;
 

@@ -11,6 +11,8 @@
 //! A job names at most one audience selector: none (everyone), `channel`,
 //! `channels`, `to` (a named audience) or `connections`.
 
+pub mod keys;
+
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
@@ -92,7 +94,7 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub deferrals: u32,
     /// Set by fanout on the jobs a run hands on: one more than the run's
-    /// own (see [`crate::keys::RunKey`]). Producers leave it out.
+    /// own (see [`crate::job::keys::RunKey`]). Producers leave it out.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub continuation: u32,
     /// Set by fanout when a hand-on takes several messages: which of them

@@ -1,0 +1,80 @@
+//! What one run came to: the summary the engine hands back, read by the
+//! counts it is tallied from, the worker that settles the message, and the
+//! broadcast report built from it. It sits below the engine so that none of
+//! them imports the engine that drives them.
+
+use std::time::Duration;
+
+use crate::connection::expiry::AgeProblems;
+use crate::connection::{Connection, ConnectionId};
+use crate::store::Cursor;
+
+/// The rejected connections a report names; `failed` counts them all. A
+/// hundred ids of up to 128 bytes stay far below SQS's and SNS's 256 KiB.
+pub const MAX_FAILED_IDS: usize = 100;
+
+/// What one broadcast came to. Counts are connections, not attempts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Connections read for the job (excluded ones not counted).
+    pub audience: u64,
+    /// Connections skipped because the job excluded them.
+    pub excluded: u64,
+    pub delivered: u64,
+    pub gone: u64,
+    /// Rows certainly gone by age (connectedAt), deleted without a post.
+    pub expired: u64,
+    /// Rows deleted from the table: gone, or expired.
+    pub removed: u64,
+    /// Gone rows that could not be deleted.
+    pub remove_failed: u64,
+    /// 410s that were not evidence yet: posted to again after the connect
+    /// window by the process's recheck queue, which removes the row only on
+    /// a second 410 (see [`crate::engine::rechecks`]).
+    pub rechecking: u64,
+    /// 410s that removed nothing, for want of evidence: the endpoint looked
+    /// wrong, or the recheck queue was full. Their rows stay.
+    pub kept: u64,
+    /// Connections rejected (a 4xx about that connection, such as 400):
+    /// final, not retried, not removed.
+    pub failed: u64,
+    /// The first [`MAX_FAILED_IDS`] of those connections, for the broadcast
+    /// report (`failed` counts them all).
+    pub rejected: Vec<ConnectionId>,
+    /// Connections still deferred after every pass, with why: the worker
+    /// hands them on; none is final.
+    pub deferred: Vec<Deferred>,
+    /// Passes over deferred connections that ran.
+    pub passes: u32,
+    /// Send attempts that were retries.
+    pub retries: u64,
+    /// 429 answers.
+    pub throttled: u64,
+    pub duration: Duration,
+    /// Where to resume each segment that finished pages (see
+    /// [`crate::engine::progress`]); segments not listed start from the beginning.
+    pub resume: Vec<Cursor>,
+    /// Rows whose start could not be trusted for the age rule (posted to
+    /// as usual): how many, and the first, to name the problem once.
+    pub age_problems: AgeProblems,
+}
+
+impl Report {
+    /// Deliveries per second over the whole job.
+    pub fn rate(&self) -> f64 {
+        let secs = self.duration.as_secs_f64();
+        if secs > 0.0 {
+            self.delivered as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A connection that could not be reached for now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deferred {
+    pub connection: Connection,
+    /// The last answer, e.g. `throttled (429) for 60s` or `HTTP 503`.
+    pub reason: String,
+}
