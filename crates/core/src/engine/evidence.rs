@@ -19,8 +19,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -138,7 +138,10 @@ struct Tally {
 /// writes atomics only; the tally's lock is taken for 410s and refusals.
 #[derive(Debug)]
 pub struct EndpointWatch {
-    endpoint: String,
+    /// How the reasons name the endpoint until [`EndpointWatch::name`]
+    /// names it.
+    fallback: String,
+    named: OnceLock<String>,
     origin: Instant,
     /// Milliseconds from `origin` to the last 2xx, plus one; 0: never.
     last_delivery: AtomicU64,
@@ -153,7 +156,8 @@ impl EndpointWatch {
     /// `endpoint` names the setting and its value, for the reasons.
     pub fn new(endpoint: impl Into<String>) -> Self {
         Self {
-            endpoint: endpoint.into(),
+            fallback: endpoint.into(),
+            named: OnceLock::new(),
             origin: Instant::now(),
             last_delivery: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
@@ -206,10 +210,10 @@ impl EndpointWatch {
         let verdict = Verdict {
             answer,
             answers: most,
-            endpoint: self.endpoint.clone(),
+            endpoint: self.endpoint().to_owned(),
         };
         tracing::error!(
-            endpoint = %self.endpoint,
+            endpoint = %self.endpoint(),
             answer = %verdict.answer,
             answers,
             "{verdict}; sending stops for {}",
@@ -219,9 +223,15 @@ impl EndpointWatch {
         self.suspect.store(true, Ordering::Relaxed);
     }
 
+    /// Names the endpoint in the reasons (the binary passes its setting
+    /// and value); the first name given stays.
+    pub fn name(&self, endpoint: impl Into<String>) {
+        let _ = self.named.set(endpoint.into());
+    }
+
     /// The endpoint as named in the reasons.
     pub fn endpoint(&self) -> &str {
-        &self.endpoint
+        self.named.get().unwrap_or(&self.fallback)
     }
 
     /// Whether a 2xx came within [`PROOF_TTL`].

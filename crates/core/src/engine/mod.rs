@@ -219,15 +219,8 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
 
     /// Names the endpoint in the reasons its verdicts give (the binary
     /// passes its setting and value).
-    pub fn with_endpoint(mut self, endpoint: impl Into<String>) -> Self {
-        self.watch = Arc::new(EndpointWatch::new(endpoint));
-        self.rechecks = Rechecks::spawn(RecheckDeps {
-            store: self.store.clone(),
-            gateway: self.gateway.clone(),
-            budget: self.budget.clone(),
-            watch: self.watch.clone(),
-            metrics: self.metrics.clone(),
-        });
+    pub fn with_endpoint(self, endpoint: impl Into<String>) -> Self {
+        self.watch.name(endpoint);
         self
     }
 
