@@ -84,25 +84,8 @@ struct HyperSink {
 impl HyperSink {
     async fn start(tls: Option<&Pki>) -> Self {
         use http_body_util::{BodyExt, Full};
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-        let acceptor = tls.map(|pki| {
-            let chain = CertificateDer::pem_file_iter(&pki.server_cert)
-                .unwrap()
-                .collect::<Result<Vec<_>, _>>()
-                .unwrap();
-            let key = PrivateKeyDer::from_pem_file(&pki.server_key).unwrap();
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let mut config = rustls::ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(chain, key)
-                .unwrap();
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            tokio_rustls::TlsAcceptor::from(Arc::new(config))
-        });
+        let acceptor = tls.map(Pki::acceptor);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let connections = Arc::new(AtomicUsize::new(0));

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
 /// The files of one test PKI, in a directory of its own.
 pub struct Pki {
@@ -55,5 +56,29 @@ pub fn make(dir: &Path) -> Pki {
         server_cert: dir.join("server.pem"),
         server_key: dir.join("server.key"),
         untrusted_cert: dir.join("untrusted.pem"),
+    }
+}
+
+impl Pki {
+    /// A TLS acceptor serving `server_cert` (HTTP/1.1 by ALPN), for a test
+    /// sink.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+        let chain = CertificateDer::pem_file_iter(&self.server_cert)
+            .expect("the server certificate")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("a PEM chain");
+        let key = PrivateKeyDer::from_pem_file(&self.server_key).expect("the server key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("a server config");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
     }
 }
