@@ -89,66 +89,53 @@ pub async fn load_channels(
     connections: u64,
     only_gone: bool,
 ) -> anyhow::Result<()> {
-    let rows: Vec<(u64, &str)> = (0..connections)
+    let rows: Vec<(u64, Option<&str>)> = (0..connections)
         .filter(|n| !only_gone || n % GONE_EVERY == 0)
-        .flat_map(|n| [(n, "a"), (n, "b")])
+        .flat_map(|n| [(n, Some("a")), (n, Some("b"))])
         .collect();
-    stream::iter(rows.chunks(BATCH as usize))
-        .map(|chunk| async move {
-            let requests = chunk
-                .iter()
-                .map(|(n, channel)| {
-                    let put = PutRequest::builder()
-                        .item(KEY, AttributeValue::S(format!("conn-{n}")))
-                        .item("channel", AttributeValue::S((*channel).to_owned()))
-                        .item(
-                            "connectedAt",
-                            AttributeValue::N(established_ms().to_string()),
-                        )
-                        .build()?;
-                    Ok(WriteRequest::builder().put_request(put).build())
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            client
-                .batch_write_item()
-                .request_items(table, requests)
-                .send()
-                .await
-                .context("load the channels table")?;
-            anyhow::Ok(())
-        })
-        .buffer_unordered(16)
-        .try_collect::<()>()
-        .await
+    write(client, table, &rows).await
 }
 
 /// Writes the rows `conn-0` … `conn-{rows-1}`, or only the gone ones among
 /// them (a broadcast deleted those: the next run needs them back).
 pub async fn load(client: &Client, table: &str, rows: u64, only_gone: bool) -> anyhow::Result<()> {
-    let ids: Vec<u64> = (0..rows)
+    let rows: Vec<(u64, Option<&str>)> = (0..rows)
         .filter(|n| !only_gone || n % GONE_EVERY == 0)
+        .map(|n| (n, None))
         .collect();
-    stream::iter(ids.chunks(BATCH as usize))
+    write(client, table, &rows).await
+}
+
+/// Writes a row `conn-n` for each `(n, channel)`, in the channel when
+/// given, 16 BatchWriteItems at a time.
+async fn write(client: &Client, table: &str, rows: &[(u64, Option<&str>)]) -> anyhow::Result<()> {
+    stream::iter(rows.chunks(BATCH as usize))
         .map(|chunk| write_batch(client, table, chunk))
         .buffer_unordered(16)
         .try_collect::<()>()
         .await
 }
 
-async fn write_batch(client: &Client, table: &str, ids: &[u64]) -> anyhow::Result<()> {
-    let requests = ids
+async fn write_batch(
+    client: &Client,
+    table: &str,
+    rows: &[(u64, Option<&str>)],
+) -> anyhow::Result<()> {
+    let requests = rows
         .iter()
-        .map(|n| {
-            let put = PutRequest::builder()
+        .map(|(n, channel)| {
+            let mut put = PutRequest::builder()
                 .item(KEY, AttributeValue::S(format!("conn-{n}")))
                 // Established ten minutes ago: a gone row's first 410 removes
                 // it, as in production where the start is read.
                 .item(
                     "connectedAt",
                     AttributeValue::N(established_ms().to_string()),
-                )
-                .build()?;
-            Ok(WriteRequest::builder().put_request(put).build())
+                );
+            if let Some(channel) = channel {
+                put = put.item("channel", AttributeValue::S((*channel).to_owned()));
+            }
+            Ok(WriteRequest::builder().put_request(put.build()?).build())
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let output = client
