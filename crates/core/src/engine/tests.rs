@@ -1,28 +1,22 @@
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
+use std::time::Duration;
+
 use super::*;
+use crate::budget::SendBudget;
+use crate::connection::ConnectionId;
 use crate::fakes::{FakeGateway, FakeTable, ids};
+use crate::job::Target;
+use crate::store::Cursor;
+use bytes::Bytes;
 
 fn engine(
     table: Arc<FakeTable>,
     gateway: Arc<FakeGateway>,
     max_in_flight: usize,
 ) -> Engine<Arc<FakeTable>, FakeGateway> {
-    let settings = EngineSettings {
-        send_backoff: Backoff {
-            base: Duration::from_millis(1),
-            max: Duration::from_millis(4),
-            max_attempts: 4,
-        },
-        throttle_deadline: Duration::from_millis(50),
-        deferred_passes: 2,
-        pass_pause: Duration::from_millis(1),
-        max_in_flight,
-        scan_segments: 1,
-        progress_interval: Duration::from_secs(3600),
-        connect_window: crate::engine::evidence::CONNECT_WINDOW,
-    };
+    let settings = crate::fakes::engine_settings(max_in_flight);
     Engine::new(
         Arc::new(table),
         gateway,
@@ -363,8 +357,7 @@ async fn an_interrupted_merge_of_channels_continues_after_its_last_finished_page
     });
     let first = engine(table.clone(), gateway.clone(), 4);
     let target = Target::Channels(vec!["a".into(), "b".into(), "c".into()]);
-    let (report, result) =
-        stop_after_deliveries(&first, &job(target.clone()), &gateway, 40).await;
+    let (report, result) = stop_after_deliveries(&first, &job(target.clone()), &gateway, 40).await;
     assert!(matches!(result, Err(FanoutError::Interrupted)));
     let [cursor] = &report.resume[..] else {
         panic!("one cursor for the merge: {:?}", report.resume)

@@ -85,11 +85,7 @@ impl Rig {
                 },
                 throttle_deadline: Duration::from_millis(20),
                 deferred_passes: 1,
-                pass_pause: Duration::from_millis(1),
-                max_in_flight: 8,
-                scan_segments: 1,
-                progress_interval: Duration::from_secs(3600),
-                connect_window: crate::engine::evidence::CONNECT_WINDOW,
+                ..crate::fakes::engine_settings(8)
             },
             self.metrics.clone(),
         ))

@@ -1,0 +1,131 @@
+//! Where a run's connections come from: the audience query a job's target
+//! asks for, the pages that answer it (from the store, a merge of channels,
+//! or a continuation's own list), and the read-ahead that keeps the next
+//! pages ready while the sends go.
+
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt, stream};
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::connection::Connection;
+use crate::job::{Job, Target};
+use crate::store::{AudienceQuery, ConnectionStore, Cursor, Page, Position, StoreError};
+
+/// The connections at most one deferred-audience page holds.
+const DEFERRED_PAGE: usize = 1000;
+
+/// Pages read while earlier ones are being sent, beyond the one being sent.
+pub const READ_AHEAD_PAGES: usize = 2;
+
+/// The store query for a job's target. A continuation's deferred list and a
+/// merge of channels are not one query: they get an empty explicit list
+/// here and their pages from [`pages`].
+pub(super) fn query(job: &Job, scan_segments: u32) -> AudienceQuery {
+    match &job.target {
+        Target::All => match job.segment {
+            Some(share) => AudienceQuery::Segment {
+                index: share.index,
+                total: share.total,
+            },
+            None => AudienceQuery::All {
+                segments: scan_segments,
+            },
+        },
+        Target::Channel(channel) => AudienceQuery::Channel(channel.clone()),
+        Target::Audience { name, value } => AudienceQuery::Audience {
+            name: name.clone(),
+            value: value.clone(),
+        },
+        Target::Connections(ids) => AudienceQuery::Explicit(ids.clone()),
+        Target::Deferred(_) | Target::Channels(_) => AudienceQuery::Explicit(Vec::new()),
+    }
+}
+
+/// The audience's pages from the job's resume point, read ahead of the
+/// sends (see [`read_ahead`]).
+pub(super) fn pages<S: ConnectionStore>(
+    store: &std::sync::Arc<S>,
+    job: &Job,
+    query: &AudienceQuery,
+) -> impl Stream<Item = Result<Page, StoreError>> + use<S> {
+    let pages = match &job.target {
+        Target::Deferred(connections) => deferred_pages(connections, job.resume.as_deref()),
+        Target::Channels(channels) => {
+            crate::store::channels::pages(&**store, channels, job.resume.clone())
+        }
+        _ => store.pages(query, job.resume.clone()),
+    };
+    read_ahead(pages)
+}
+
+/// A continuation's deferred connections as pages, resumed from an offset.
+pub(super) fn deferred_pages(
+    connections: &[Connection],
+    resume: Option<&[Cursor]>,
+) -> BoxStream<'static, Result<Page, StoreError>> {
+    let start = match resume.and_then(|c| c.iter().find(|c| c.segment == 0)) {
+        None => 0,
+        Some(Cursor {
+            position: Some(Position::Offset(n)),
+            ..
+        }) => *n,
+        Some(_) => connections.len(),
+    };
+    let rest = connections.get(start..).unwrap_or_default().to_vec();
+    let pages: Vec<Page> = rest
+        .chunks(DEFERRED_PAGE)
+        .enumerate()
+        .map(|(n, chunk)| {
+            Page::new(
+                chunk.to_vec(),
+                Cursor {
+                    segment: 0,
+                    position: Some(Position::Offset(
+                        (start + (n + 1) * DEFERRED_PAGE).min(connections.len()),
+                    )),
+                },
+            )
+        })
+        .collect();
+    stream::iter(pages.into_iter().map(Ok)).boxed()
+}
+
+/// The audience's pages, fetched by a task of their own up to
+/// [`READ_AHEAD_PAGES`] ahead of the sends. Read as the sends ask for them,
+/// every page boundary would stall the sends for a Scan call's round trip.
+/// Dropping the stream stops the reading.
+///
+/// The stream ends only when the reading task ended the audience: if the
+/// task panicked, its closed channel would look like the audience's end and
+/// the job would be deleted with the rest unsent, so it ends in an error
+/// instead, a passing failure the job is retried for.
+pub(super) fn read_ahead(
+    mut pages: BoxStream<'static, Result<Page, StoreError>>,
+) -> impl Stream<Item = Result<Page, StoreError>> {
+    // The channel holds one page less than the read-ahead: the reading task
+    // holds the next while it waits for room.
+    let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD_PAGES - 1);
+    let reader = AbortOnDropHandle::new(tokio::spawn(async move {
+        while let Some(page) = pages.next().await {
+            if tx.send(page).await.is_err() {
+                break;
+            }
+        }
+    }));
+    // Owned by the stream, so the reading ends with it.
+    stream::unfold(Some((rx, reader)), |state| async move {
+        let (mut rx, mut reader) = state?;
+        if let Some(page) = rx.recv().await {
+            return Some((page, Some((rx, reader))));
+        }
+        match (&mut reader).await {
+            Ok(()) => None,
+            Err(e) => Some((
+                Err(StoreError::Unavailable(format!(
+                    "the task reading the audience failed: {e}"
+                ))),
+                None,
+            )),
+        }
+    })
+}
