@@ -1,4 +1,5 @@
 use super::*;
+use crate::connection::RowKey;
 
 const CAPS: Capabilities = Capabilities {
     channels: true,

@@ -1,0 +1,174 @@
+//! The job on the wire: the JSON producers write (and fanout writes on
+//! its hand-ons), the SNS envelope it may come in, and the format version.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Capabilities, Job, JobError, validate};
+use crate::connection::RowKey;
+use crate::store::Cursor;
+
+/// The job as producers write it. Unknown fields are refused, so a typo
+/// (`"chanel"`) fails loudly instead of broadcasting to everyone.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// The version of the job format this body needs (absent: 1). A task
+    /// that meets a newer one hands the message back for a newer task
+    /// instead of dead-lettering it: during a rolling deploy, old and new
+    /// tasks read one queue. fanout writes it on a hand-on only when the
+    /// hand-on uses something version 1 lacks, so old tasks keep reading
+    /// what they can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
+    /// The broadcast key: an idempotency key, unique per broadcast (with
+    /// run records, a second job with the same id within the dedup window
+    /// is not broadcast again); defaults to the queue's message id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// A string is sent as its UTF-8 text; any other JSON value as its
+    /// compact JSON text.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub data: Option<serde_json::Value>,
+    /// Binary data, base64 (standard alphabet, padded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
+    /// Only connections in this channel (read from the channel index).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// Only connections in any of these channels, each sent to once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<Vec<String>>,
+    /// One named audience (`FANOUT_AUDIENCE_INDEXES`) and its key, e.g.
+    /// `{"user": "u-42"}`: exactly one entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<BTreeMap<String, String>>,
+    /// Only these connections; the table is not read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<Vec<String>>,
+    /// Connections to skip (e.g. the sender).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    /// Split a whole-table broadcast into this many segment jobs, put back
+    /// on the queue so several workers share it (overrides the worker's
+    /// `split_segments`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<u32>,
+    /// Set by fanout on the jobs of a split broadcast: which share of the
+    /// table this job covers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<Segment>,
+    /// Set by fanout on a continuation job: where each audience segment
+    /// resumes. Producers leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Vec<Cursor>>,
+    /// Set by fanout on a continuation of deferred connections: exactly
+    /// these, with the row keys they were read with (so a gone one can still
+    /// be removed). Producers leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<Vec<DeferredSpec>>,
+    /// Set by fanout with `deferred`: how many continuations these
+    /// connections have been deferred across.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub deferrals: u32,
+    /// Set by fanout on the jobs a run hands on: one more than the run's
+    /// own (see [`crate::job::keys::RunKey`]). Producers leave it out.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub continuation: u32,
+    /// Set by fanout when a hand-on takes several messages: which of them
+    /// this is.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub part: u32,
+}
+
+/// One deferred connection in a continuation job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeferredSpec {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<RowKey>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// One share of a split broadcast: scan segment `index` of `total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Segment {
+    pub index: u32,
+    pub total: u32,
+}
+
+/// Keeps an explicit `"data": null` apart from a missing `data`.
+fn present<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(de).map(Some)
+}
+
+/// An SNS notification, as SNS delivers to SQS without raw message delivery.
+#[derive(Deserialize)]
+struct SnsEnvelope {
+    #[serde(rename = "Type")]
+    kind: String,
+    #[serde(rename = "Message")]
+    message: String,
+    /// The broadcast key of a notification without an `id`: SNS keeps it
+    /// across its own redeliveries, which come with new SQS message ids.
+    #[serde(rename = "MessageId", default)]
+    message_id: Option<String>,
+}
+
+/// The newest job format this build reads (see [`JobSpec::v`]).
+pub const JOB_FORMAT_VERSION: u32 = 1;
+
+/// The format version a body names, read before its fields are checked: a
+/// newer body may carry fields this build refuses as unknown.
+fn newer_format(body: &str) -> Option<u64> {
+    if !body.contains("\"v\"") {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_str(body).ok()?;
+    let version = value.get("v")?.as_u64()?;
+    (version > u64::from(JOB_FORMAT_VERSION)).then_some(version)
+}
+
+/// Parses a message body (a job, or an SNS notification wrapping one).
+pub fn parse(body: &str, message_id: &str, caps: &Capabilities) -> Result<Job, JobError> {
+    let unwrapped;
+    let mut message_id = message_id;
+    let sns_id;
+    let body = match serde_json::from_str::<SnsEnvelope>(body) {
+        Ok(envelope) if envelope.kind == "Notification" => {
+            unwrapped = envelope.message;
+            if let Some(id) = envelope.message_id.filter(|id| !id.is_empty()) {
+                sns_id = id;
+                message_id = &sns_id;
+            }
+            unwrapped.as_str()
+        }
+        _ => body,
+    };
+    if let Some(version) = newer_format(body) {
+        return Err(JobError::NewerFormat { version });
+    }
+    let mut de = serde_json::Deserializer::from_str(body);
+    let spec: JobSpec = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        JobError::Malformed {
+            path: if path == "." { "body".to_owned() } else { path },
+            reason: e.into_inner().to_string(),
+        }
+    })?;
+    de.end().map_err(|e| JobError::Malformed {
+        path: "body".to_owned(),
+        reason: e.to_string(),
+    })?;
+    validate(spec, message_id, caps)
+}
