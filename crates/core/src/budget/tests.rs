@@ -1,3 +1,4 @@
+use super::adaptive::*;
 use super::*;
 
 fn settings(per_second: u32, adaptive: bool) -> RateSettings {
