@@ -1,4 +1,11 @@
+use std::sync::Arc;
+
+use super::admission::*;
 use super::*;
+use crate::job::Job;
+use crate::job::keys::RunKey;
+use crate::queue::{Message, Receipt};
+use crate::telemetry::Metrics;
 
 const NOW: i64 = 1_780_000_000_000;
 
