@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::counts::JobCounts;
+use super::tally::Tally;
 use super::{Deferred, Engine, EngineSettings, FanoutError};
 use crate::connection::{Connection, ConnectionId};
 use crate::gateway::{Gateway, Pace, PostOutcome, Step};
@@ -78,7 +78,7 @@ pub(super) enum Decision {
 /// attempts, 429s until the throttle deadline. In the pass over the
 /// audience, a run of 429s that is one client's alone is deferred at once:
 /// waiting out its deadline there would hold its page unanswered, and with
-/// it the sends of the page two after (see `Progress::may_start`).
+/// it the sends of the page two after (see `ResumePoints::may_start`).
 pub(super) fn decide(
     step: Step,
     tries: &mut Tries,
@@ -131,7 +131,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         &self,
         connection: Connection,
         payload: Bytes,
-        counts: &JobCounts,
+        counts: &Tally,
         pass: Pass,
     ) -> Delivery {
         // A row's id outside API Gateway's alphabet cannot be a connection,

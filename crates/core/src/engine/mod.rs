@@ -18,16 +18,16 @@
 //! still deferred then is in the [`Report`] for the worker to continue.
 
 mod audience;
-mod counts;
 mod delivery;
 pub mod evidence;
-mod live;
 mod progress;
 mod rechecks;
 mod remover;
+mod resume;
 mod run;
 mod settle;
 pub mod summary;
+mod tally;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -243,7 +243,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         let pages = audience::pages(&self.store, job, &query);
         let (state, outstanding) =
             RunState::new(self.store.clone(), self.metrics.clone(), job, carried);
-        let _ticker = live::spawn(
+        let _ticker = progress::spawn(
             job,
             state.counts.clone(),
             state.share(job, &query),

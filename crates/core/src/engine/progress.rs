@@ -1,322 +1,210 @@
-//! Which audience pages a broadcast has finished, so an interrupted
-//! broadcast can resume after its last fully finished page instead of from
-//! the start.
+//! A running broadcast's progress: every progress interval, one log line
+//! with what it has done so far, its rate over the last interval and, where
+//! the share of the audience done is known, an estimate of the time left;
+//! the same figures go to the progress gauges in [`Metrics`].
 //!
-//! Sends finish out of order (they run concurrently), so a page counts as
-//! finished when every connection on it has an outcome, and a segment's
-//! resume point only moves past pages that are finished *and* follow an
-//! unbroken run of finished pages. The engine starts no page of a segment
-//! while the page two before it still has sends without an answer (see
-//! [`Progress::may_start`]), so resuming there repeats at most the pages
-//! that were partly done: two pages per segment plus what was in flight.
-//! A deferred answer counts as an answer there though not as finished: the
-//! pass over the audience goes on past it, and the deferred passes retry it
-//! after that pass.
+//! The share is known for an explicit list (connections answered / listed)
+//! and for a whole-table scan in several parallel segments (segments done /
+//! segments). A channel, a single scan segment or a resumed run has no
+//! share: its audience's size is not known before it is read.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use crate::store::Cursor;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::task::AbortOnDropHandle;
 
-/// Identifies the page a connection came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PageTag {
-    segment: u32,
-    seq: u64,
+use crate::engine::resume::ResumePoints;
+use crate::engine::tally::Tally;
+use crate::job::Job;
+use crate::job::keys::RunKey;
+use crate::telemetry::{Figures, Metrics};
+
+/// How the share of a run's audience that is done can be known.
+pub(crate) enum Share {
+    Unknown,
+    /// An explicit list: answers so far of `total`.
+    Listed {
+        answers: Arc<AtomicU64>,
+        total: u64,
+    },
+    /// A parallel scan: segments done of `total`.
+    Segments {
+        progress: Arc<Mutex<ResumePoints>>,
+        total: u32,
+    },
 }
 
-/// One segment's pages in flight.
-#[derive(Debug, Default)]
-struct Segment {
-    /// Sequence number the next page gets.
-    next_seq: u64,
-    /// Sequence number of the front of `open`.
-    first_seq: u64,
-    /// Pages not yet passed by the resume point, in order.
-    open: VecDeque<OpenPage>,
-    /// Sequence number of the first page with a send still unanswered (or
-    /// of the next page): every page before it has all its answers.
-    answered_front: u64,
-    /// Where to resume: after the last page of the unbroken finished run.
-    resume: Option<Cursor>,
-}
-
-/// A page the resume point has not passed yet.
-#[derive(Debug)]
-struct OpenPage {
-    /// Connections without a final outcome.
-    unfinished: usize,
-    /// Connections without any answer yet (deferred counts as an answer).
-    unanswered: usize,
-    /// The cursor after the page.
-    next: Cursor,
-}
-
-/// Tracks every segment of one broadcast.
-#[derive(Debug, Default)]
-pub struct Progress {
-    segments: BTreeMap<u32, Segment>,
-    /// Bumped whenever a resume point moves: a checkpoint is worth writing.
-    moves: u64,
-}
-
-impl Progress {
-    /// Seeds the resume points a resumed job started from, so a segment
-    /// that makes no progress this time still resumes where it did before.
-    pub fn starting_from(cursors: &[Cursor]) -> Self {
-        let mut progress = Self::default();
-        for cursor in cursors {
-            progress.segments.entry(cursor.segment).or_default().resume = Some(cursor.clone());
-        }
-        progress
-    }
-
-    /// Registers a page of `count` connections (after exclusions), which
-    /// ends at `next`.
-    pub fn start_page(&mut self, count: usize, next: Cursor) -> PageTag {
-        let segment_no = next.segment;
-        let segment = self.segments.entry(segment_no).or_default();
-        let tag = PageTag {
-            segment: segment_no,
-            seq: segment.next_seq,
+impl Share {
+    fn fraction(&self) -> Option<f64> {
+        let (done, total) = match self {
+            Self::Unknown => return None,
+            Self::Listed { answers, total } => (answers.load(Ordering::Relaxed), *total),
+            Self::Segments { progress, total } => {
+                let progress = progress
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                (u64::from(progress.segments_done()), u64::from(*total))
+            }
         };
-        segment.next_seq += 1;
-        segment.open.push_back(OpenPage {
-            unfinished: count,
-            unanswered: count,
-            next,
-        });
-        self.moves += u64::from(segment.advance());
-        tag
+        (total > 0).then(|| (done as f64 / total as f64).min(1.0))
     }
+}
 
-    /// Records that one connection of the tagged page has its final
-    /// outcome.
-    #[cfg(test)]
-    fn finish(&mut self, tag: PageTag) {
-        self.answer(tag, true);
+/// The figures of one progress line: `delivered` and `gone` so far,
+/// `previous` delivered at the last line, `interval` since it, `elapsed`
+/// since the run began.
+pub(crate) fn figures(
+    (delivered, gone): (u64, u64),
+    previous: u64,
+    interval: Duration,
+    elapsed: Duration,
+    share: Option<f64>,
+) -> Figures {
+    let secs = interval.as_secs_f64();
+    let rate_per_second = if secs > 0.0 {
+        delivered.saturating_sub(previous) as f64 / secs
+    } else {
+        0.0
+    };
+    // At the pace of the run so far: what is left takes (1 - s) / s of the
+    // time the share s took.
+    let eta = share
+        .filter(|s| *s > 0.0)
+        .map(|s| elapsed.mul_f64((1.0 - s) / s));
+    Figures {
+        delivered,
+        gone,
+        rate_per_second,
+        share,
+        eta,
     }
+}
 
-    /// Records an answer for one connection of the tagged page: final, or
-    /// deferred to a later pass (`finished: false`).
-    pub fn answer(&mut self, tag: PageTag, finished: bool) {
-        let Some(segment) = self.segments.get_mut(&tag.segment) else {
-            return;
-        };
-        let Some(index) = tag.seq.checked_sub(segment.first_seq) else {
-            return;
-        };
-        if let Some(page) = segment.open.get_mut(index as usize) {
-            page.unanswered = page.unanswered.saturating_sub(1);
-            if finished {
-                page.unfinished = page.unfinished.saturating_sub(1);
+/// Logs the run's progress every `interval` until the handle is dropped.
+pub(crate) fn spawn(
+    job: &Job,
+    counts: Arc<Tally>,
+    share: Share,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+) -> AbortOnDropHandle<()> {
+    let run = RunKey::of(job);
+    let job_id = job.id.clone();
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        // Dropped when the task is aborted: the run leaves the gauges.
+        struct Entry(Arc<Metrics>, u64);
+        impl Drop for Entry {
+            fn drop(&mut self) {
+                self.0.running.leave(self.1);
             }
         }
-        self.moves += u64::from(segment.advance());
-    }
-
-    /// How often a resume point has moved so far.
-    pub fn moves(&self) -> u64 {
-        self.moves
-    }
-
-    /// Whether the sends of the tagged page may start: every page of its
-    /// segment at least two before it has all its answers. Without this, one
-    /// straggler would hold the resume point while the other sends ran on
-    /// through any number of later pages, all of which a resumed job would
-    /// repeat.
-    pub fn may_start(&self, tag: PageTag) -> bool {
-        self.segments
-            .get(&tag.segment)
-            .is_none_or(|segment| segment.answered_front + 1 >= tag.seq)
-    }
-
-    /// Segments whose every page is finished (their resume point is the
-    /// segment's end), for the share of a scan that is done.
-    pub fn segments_done(&self) -> u32 {
-        self.segments
-            .values()
-            .filter(|segment| {
-                segment
-                    .resume
-                    .as_ref()
-                    .is_some_and(|cursor| cursor.position.is_none())
-            })
-            .count() as u32
-    }
-
-    /// Where each segment could resume if the connections deferred so far
-    /// were carried along: after the last page with every answer in (a
-    /// deferred answer counts), or where [`resume_points`](Self::resume_points)
-    /// says. A checkpoint that lists those connections may use these.
-    pub fn answered_points(&self) -> Vec<Cursor> {
-        self.segments
-            .values()
-            .filter_map(|segment| {
-                let answered = segment.answered_front.checked_sub(segment.first_seq)?;
-                match answered.checked_sub(1) {
-                    Some(last) => segment.open.get(last as usize).map(|p| p.next.clone()),
-                    None => None,
-                }
-                .or_else(|| segment.resume.clone())
-            })
-            .collect()
-    }
-
-    /// Where each segment that made progress should resume. A segment not
-    /// listed has not finished a page: it starts from its beginning.
-    pub fn resume_points(&self) -> Vec<Cursor> {
-        self.segments
-            .values()
-            .filter_map(|segment| segment.resume.clone())
-            .collect()
-    }
-}
-
-impl Segment {
-    /// Moves the resume point past finished pages; whether it moved.
-    fn advance(&mut self) -> bool {
-        let mut moved = false;
-        while self.open.front().is_some_and(|page| page.unfinished == 0) {
-            let page = self.open.pop_front().expect("front exists");
-            self.resume = Some(page.next);
-            self.first_seq += 1;
-            moved = true;
+        let entry = Entry(metrics.clone(), metrics.running.enter());
+        let started = Instant::now();
+        let mut ticks = tokio::time::interval_at(started + interval, interval);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let (mut previous, mut last) = (0, started);
+        loop {
+            let now = ticks.tick().await;
+            let f = figures(
+                counts.so_far(),
+                previous,
+                now - last,
+                now - started,
+                share.fraction(),
+            );
+            (previous, last) = (f.delivered, now);
+            metrics.running.update(entry.1, f);
+            let rate_per_second = f.rate_per_second.round() as u64;
+            match (f.share, f.eta) {
+                (Some(share), Some(eta)) => tracing::info!(
+                    job_id = %job_id,
+                    run = %run,
+                    delivered = f.delivered,
+                    gone = f.gone,
+                    rate_per_second,
+                    share_done = (share * 1000.0).round() / 1000.0,
+                    eta_seconds = eta.as_secs(),
+                    "broadcast progress"
+                ),
+                (Some(share), None) => tracing::info!(
+                    job_id = %job_id,
+                    run = %run,
+                    delivered = f.delivered,
+                    gone = f.gone,
+                    rate_per_second,
+                    share_done = share,
+                    "broadcast progress"
+                ),
+                (None, _) => tracing::info!(
+                    job_id = %job_id,
+                    run = %run,
+                    delivered = f.delivered,
+                    gone = f.gone,
+                    rate_per_second,
+                    "broadcast progress"
+                ),
+            }
         }
-        self.answered_front = self.answered_front.max(self.first_seq);
-        while self
-            .open
-            .get((self.answered_front - self.first_seq) as usize)
-            .is_some_and(|page| page.unanswered == 0)
-        {
-            self.answered_front += 1;
-            moved = true;
-        }
-        moved
-    }
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Position;
-
-    fn at(segment: u32, offset: usize) -> Cursor {
-        Cursor {
-            segment,
-            position: Some(Position::Offset(offset)),
-        }
-    }
 
     #[test]
-    fn the_resume_point_moves_only_past_an_unbroken_run_of_finished_pages() {
-        let mut progress = Progress::default();
-        let p1 = progress.start_page(2, at(0, 2));
-        let p2 = progress.start_page(1, at(0, 3));
-        assert!(progress.resume_points().is_empty());
-        // The second page finishes first: no resume point yet.
-        progress.finish(p2);
-        assert!(progress.resume_points().is_empty());
-        progress.finish(p1);
-        assert!(progress.resume_points().is_empty());
-        assert_eq!(progress.moves(), 0);
-        progress.finish(p1);
-        // Both pages are done now.
-        assert_eq!(progress.resume_points(), [at(0, 3)]);
-        assert_eq!(progress.moves(), 1, "one move, past both");
-    }
-
-    #[test]
-    fn a_page_whose_only_open_connection_is_deferred_is_answered_not_finished() {
-        let mut progress = Progress::default();
-        let p1 = progress.start_page(2, at(0, 2));
-        let p2 = progress.start_page(1, at(0, 3));
-        progress.start_page(1, at(0, 4));
-        progress.finish(p1);
-        progress.answer(p1, false);
-        progress.finish(p2);
-        assert!(
-            progress.resume_points().is_empty(),
-            "the first page has a deferred one"
+    fn the_rate_is_over_the_last_interval_and_the_time_left_follows_the_share() {
+        let f = figures(
+            (300, 7),
+            100,
+            Duration::from_secs(10),
+            Duration::from_secs(20),
+            Some(0.25),
         );
-        assert_eq!(
-            progress.answered_points(),
-            [at(0, 3)],
-            "both pages answered"
-        );
-        assert!(progress.moves() > 0, "worth a checkpoint");
+        assert_eq!((f.delivered, f.gone), (300, 7));
+        assert_eq!(f.rate_per_second, 20.0);
+        // A quarter in 20 s: three quarters take 60 s more.
+        assert_eq!(f.eta, Some(Duration::from_secs(60)));
     }
 
     #[test]
-    fn a_segment_is_done_once_its_last_page_is_finished() {
-        let end = |segment| Cursor {
-            segment,
-            position: None,
-        };
-        let mut progress = Progress::starting_from(&[end(2)]);
-        assert_eq!(progress.segments_done(), 1, "a resumed job's done segment");
-        let first = progress.start_page(1, at(0, 1));
-        let last = progress.start_page(1, end(0));
-        progress.start_page(1, at(1, 1));
-        progress.finish(last);
-        assert_eq!(progress.segments_done(), 1, "an earlier page is open");
-        progress.finish(first);
-        assert_eq!(progress.segments_done(), 2);
-    }
-
-    #[test]
-    fn empty_pages_finish_at_once_and_segments_are_independent() {
-        let mut progress = Progress::default();
-        progress.start_page(0, at(0, 5));
-        let b = progress.start_page(1, at(1, 7));
-        assert_eq!(progress.resume_points(), [at(0, 5)]);
-        progress.finish(b);
-        assert_eq!(progress.resume_points(), [at(0, 5), at(1, 7)]);
-        // The end of a segment: a cursor without a position.
-        progress.start_page(
+    fn without_a_share_or_before_any_there_is_no_estimate() {
+        let none = figures(
+            (5, 0),
             0,
-            Cursor {
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            None,
+        );
+        assert_eq!((none.share, none.eta), (None, None));
+        assert_eq!(none.rate_per_second, 1.0);
+        let zero = figures((0, 0), 0, Duration::ZERO, Duration::ZERO, Some(0.0));
+        assert_eq!(
+            (zero.share, zero.eta, zero.rate_per_second),
+            (Some(0.0), None, 0.0)
+        );
+    }
+
+    #[test]
+    fn a_listed_share_counts_answers_and_a_scan_counts_segments() {
+        let answers = Arc::new(AtomicU64::new(3));
+        let listed = Share::Listed {
+            answers: answers.clone(),
+            total: 4,
+        };
+        assert_eq!(listed.fraction(), Some(0.75));
+        answers.store(9, Ordering::Relaxed);
+        assert_eq!(listed.fraction(), Some(1.0), "never past the whole");
+        let progress = Arc::new(Mutex::new(ResumePoints::starting_from(&[
+            crate::store::Cursor {
                 segment: 1,
                 position: None,
             },
-        );
-        assert_eq!(
-            progress.resume_points()[1],
-            Cursor {
-                segment: 1,
-                position: None
-            }
-        );
-    }
-
-    #[test]
-    fn a_page_waits_for_the_answers_of_the_page_two_before_it_deferred_or_not() {
-        let mut progress = Progress::default();
-        let p1 = progress.start_page(2, at(0, 2));
-        let p2 = progress.start_page(1, at(0, 3));
-        let p3 = progress.start_page(1, at(0, 4));
-        assert!(progress.may_start(p1) && progress.may_start(p2));
-        assert!(!progress.may_start(p3), "page 1 has sends unanswered");
-        progress.finish(p2);
-        progress.finish(p1);
-        assert!(!progress.may_start(p3));
-        // The last send of page 1 is deferred: page 1 is answered, not
-        // finished.
-        progress.answer(p1, false);
-        assert!(progress.may_start(p3));
-        assert!(progress.resume_points().is_empty());
-        let p4 = progress.start_page(1, at(0, 5));
-        assert!(progress.may_start(p4), "page 2 is finished");
-        let p5 = progress.start_page(1, at(0, 6));
-        assert!(!progress.may_start(p5), "page 3 is unanswered");
-    }
-
-    #[test]
-    fn a_resumed_job_keeps_its_old_resume_point_until_it_progresses() {
-        let mut progress = Progress::starting_from(&[at(2, 100)]);
-        assert_eq!(progress.resume_points(), [at(2, 100)]);
-        let tag = progress.start_page(1, at(2, 200));
-        assert_eq!(progress.resume_points(), [at(2, 100)]);
-        progress.finish(tag);
-        assert_eq!(progress.resume_points(), [at(2, 200)]);
+        ])));
+        let scan = Share::Segments { progress, total: 4 };
+        assert_eq!(scan.fraction(), Some(0.25));
+        assert_eq!(Share::Unknown.fraction(), None);
     }
 }

@@ -25,9 +25,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::backoff::Backoff;
 use crate::budget::SendBudget;
 use crate::connection::Connection;
-use crate::engine::counts::JobCounts;
 use crate::engine::evidence::{EndpointWatch, Standing};
 use crate::engine::remover::{REMOVE_BACKOFF, Remover};
+use crate::engine::tally::Tally;
 use crate::gateway::{Gateway, Pace, PostOutcome, Step};
 use crate::store::ConnectionStore;
 use crate::telemetry::Metrics;
@@ -173,7 +173,7 @@ async fn run<S: ConnectionStore, G: Gateway>(
     held: Arc<Mutex<Held>>,
     stop: CancellationToken,
 ) {
-    let counts = Arc::new(JobCounts::new(deps.metrics.clone()));
+    let counts = Arc::new(Tally::new(deps.metrics.clone()));
     let remover = Remover::spawn(deps.store.clone(), REMOVE_BACKOFF, counts.clone());
     let mut due: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
     let mut waiting: HashMap<u64, (Recheck, u32)> = HashMap::new();
@@ -238,7 +238,7 @@ async fn sleep_until(at: Option<Instant>) {
 
 async fn post_again<S: ConnectionStore, G: Gateway>(
     deps: &RecheckDeps<S, G>,
-    counts: &JobCounts,
+    counts: &Tally,
     recheck: Recheck,
     attempt: u32,
 ) -> Verdict {

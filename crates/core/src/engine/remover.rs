@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::backoff::Backoff;
 use crate::connection::Connection;
 use crate::connection::expiry::Expired;
-use crate::engine::counts::JobCounts;
+use crate::engine::tally::Tally;
 use crate::store::{ConnectionStore, MAX_REMOVE_BATCH};
 
 /// Batches in flight at once per job: enough to keep up with a broadcast
@@ -55,11 +55,7 @@ pub struct Remover {
 
 impl Remover {
     /// Starts removing what [`Remover::remove`] is given.
-    pub fn spawn<S: ConnectionStore>(
-        store: Arc<S>,
-        backoff: Backoff,
-        counts: Arc<JobCounts>,
-    ) -> Self {
+    pub fn spawn<S: ConnectionStore>(store: Arc<S>, backoff: Backoff, counts: Arc<Tally>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let task = tokio::spawn(async move {
             ReceiverStream::new(rx)
@@ -102,7 +98,7 @@ async fn remove_rows<S: ConnectionStore>(
     store: &S,
     rows: Vec<Row>,
     backoff: Backoff,
-    counts: &JobCounts,
+    counts: &Tally,
 ) {
     let mut gone = Vec::with_capacity(rows.len());
     for row in rows {
@@ -120,7 +116,7 @@ async fn remove_expired<S: ConnectionStore>(
     store: &S,
     row: Expired,
     backoff: Backoff,
-    counts: &JobCounts,
+    counts: &Tally,
 ) {
     let mut attempt = 1;
     loop {
@@ -147,7 +143,7 @@ async fn remove_batch<S: ConnectionStore>(
     store: &S,
     mut pending: Vec<Connection>,
     backoff: Backoff,
-    counts: &JobCounts,
+    counts: &Tally,
 ) {
     let mut attempt = 1;
     loop {
@@ -221,9 +217,9 @@ mod tests {
         Arc::new(FakeTable::with(ids, 1000))
     }
 
-    fn job_counts() -> (Arc<Metrics>, Arc<JobCounts>) {
+    fn job_counts() -> (Arc<Metrics>, Arc<Tally>) {
         let metrics = Arc::new(Metrics::default());
-        (metrics.clone(), Arc::new(JobCounts::new(metrics)))
+        (metrics.clone(), Arc::new(Tally::new(metrics)))
     }
 
     #[tokio::test]

@@ -11,12 +11,12 @@ use futures::{FutureExt, Stream, StreamExt, TryStreamExt, stream};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::counts::JobCounts;
 use super::delivery::{Delivery, Pass};
-use super::live::Share;
-use super::progress::{PageTag, Progress};
+use super::progress::Share;
 use super::remover::{REMOVE_BACKOFF, Remover};
+use super::resume::{PageTag, ResumePoints};
 use super::settle::{Held, Outstanding, Settler, Siblings};
+use super::tally::Tally;
 use super::{Deferred, Engine, FanoutError, MAX_DEFERRED, Report, lock};
 use crate::connection::expiry::{AgeProblems, Expired};
 use crate::connection::{Connection, ConnectionId};
@@ -28,7 +28,7 @@ use crate::telemetry::Metrics;
 
 /// What the sends of one run share while it goes.
 pub(super) struct RunState {
-    pub counts: Arc<JobCounts>,
+    pub counts: Arc<Tally>,
     remover: Remover,
     siblings: Siblings,
     held: Held,
@@ -37,7 +37,7 @@ pub(super) struct RunState {
     /// interrupted job has sends whose outcome never came.
     audience: AtomicU64,
     age_problems: Mutex<AgeProblems>,
-    progress: Arc<Mutex<Progress>>,
+    progress: Arc<Mutex<ResumePoints>>,
     /// Connections with an answer in this run, for the share of an
     /// explicit list that is done.
     answers: Arc<AtomicU64>,
@@ -63,7 +63,7 @@ impl RunState {
         job: &Job,
         carried: Vec<Connection>,
     ) -> (Self, Outstanding) {
-        let counts = Arc::new(JobCounts::new(metrics));
+        let counts = Arc::new(Tally::new(metrics));
         let state = Self {
             remover: Remover::spawn(store, REMOVE_BACKOFF, counts.clone()),
             counts,
@@ -72,7 +72,7 @@ impl RunState {
             excluded: AtomicU64::new(0),
             audience: AtomicU64::new(carried.len() as u64),
             age_problems: Mutex::new(AgeProblems::default()),
-            progress: Arc::new(Mutex::new(Progress::starting_from(
+            progress: Arc::new(Mutex::new(ResumePoints::starting_from(
                 job.resume.as_deref().unwrap_or_default(),
             ))),
             answers: Arc::new(AtomicU64::new(0)),
@@ -151,7 +151,7 @@ impl RunState {
     /// Sends a page's expired rows to removal (final once queued: the
     /// remover deletes them whatever stops the job), then waits until the
     /// page may start, which bounds how far the sends run ahead of the
-    /// resume point (see `Progress::may_start`).
+    /// resume point (see `ResumePoints::may_start`).
     async fn open_page(&self, tag: PageTag, expired: Vec<Expired>) {
         for row in expired {
             self.remover.remove_expired(row).await;
@@ -211,7 +211,7 @@ impl Checkpoints {
     }
 
     /// Publishes when the resume point moved since the last time.
-    fn moved(&mut self, progress: &Progress, deferred: &[Deferred]) {
+    fn moved(&mut self, progress: &ResumePoints, deferred: &[Deferred]) {
         if let Some(sender) = &self.sender
             && progress.moves() != self.published
         {
@@ -231,7 +231,7 @@ impl Checkpoints {
 /// What a run would resume from now: past every answered page with its
 /// deferred connections listed, or, with too many to list, past finished
 /// pages only.
-fn checkpoint_of(progress: &Progress, deferred: &[Deferred]) -> Checkpoint {
+fn checkpoint_of(progress: &ResumePoints, deferred: &[Deferred]) -> Checkpoint {
     if deferred.len() <= MAX_CHECKPOINT_DEFERRED {
         Checkpoint {
             resume: progress.answered_points(),

@@ -10,11 +10,11 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use super::counts::JobCounts;
 use super::delivery::Delivery;
 use super::evidence::{EndpointWatch, GoneEvidence, Standing, judge_gone};
 use super::rechecks::{Recheck, Rechecks};
 use super::remover::Remover;
+use super::tally::Tally;
 use super::{Deferred, FanoutError, MAX_FAILED_IDS, lock};
 use crate::connection::expiry::epoch_ms;
 use crate::connection::{Connection, ConnectionId};
@@ -32,7 +32,7 @@ pub(super) struct Outstanding {
 pub(super) struct Settler<'a> {
     pub remover: &'a Remover,
     pub siblings: &'a Siblings,
-    pub counts: &'a JobCounts,
+    pub counts: &'a Tally,
     pub watch: &'a EndpointWatch,
     pub rechecks: &'a Rechecks,
     pub held: &'a Held,
@@ -56,7 +56,7 @@ impl Settler<'_> {
     /// 410 gives (see [`crate::engine::evidence`]), with the other rows read for
     /// them; deferred ones kept for the next pass; the first rejected ones
     /// named for the report (the counts were taken where the answer came,
-    /// in [`JobCounts`]).
+    /// in [`Tally`]).
     pub(super) async fn settle(
         &self,
         outstanding: &mut Outstanding,

@@ -19,7 +19,7 @@ pub struct Request<'a> {
 
 /// What to do with a job, given its run's record.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Admission {
+pub enum Ruling {
     /// Run it: write this record, conditional on the version read.
     Claim {
         record: RunRecord,
@@ -57,8 +57,8 @@ pub fn admit(
     request: &Request<'_>,
     now_ms: i64,
     windows: Windows,
-) -> Admission {
-    let claim = |read: Option<u64>, checkpoint: Option<String>| Admission::Claim {
+) -> Ruling {
+    let claim = |read: Option<u64>, checkpoint: Option<String>| Ruling::Claim {
         record: RunRecord {
             key: request.key.to_owned(),
             fingerprint: request.fingerprint.to_owned(),
@@ -82,15 +82,15 @@ pub fn admit(
             return claim(Some(record.version), None);
         }
         return if record.fingerprint == request.fingerprint {
-            Admission::Duplicate { finished_at_ms }
+            Ruling::Duplicate { finished_at_ms }
         } else {
-            Admission::Conflict {
+            Ruling::Conflict {
                 finished_at_ms: Some(finished_at_ms),
             }
         };
     }
     if record.fingerprint != request.fingerprint {
-        return Admission::Conflict {
+        return Ruling::Conflict {
             finished_at_ms: None,
         };
     }
@@ -102,12 +102,12 @@ pub fn admit(
         let mut adopted = record.clone();
         adopted.receipt = request.receipt.to_owned();
         adopted.version += 1;
-        return Admission::Adopt {
+        return Ruling::Adopt {
             record: adopted,
             read: record.version,
         };
     }
-    Admission::Twin {
+    Ruling::Twin {
         lease_until_ms: record.lease_until_ms,
     }
 }

@@ -57,7 +57,7 @@ pub struct Ledger {
 
 /// What the worker does with a job, once admitted.
 #[derive(Debug)]
-pub enum Admitted {
+pub enum Admission {
     /// Run it, holding this lease; from this checkpoint when an earlier
     /// run of it died after writing one.
     Run(RunLease, Option<Checkpoint>),
@@ -130,7 +130,7 @@ impl Ledger {
     }
 
     /// Decides whether `job`, received in `message`, runs here.
-    pub async fn admit(&self, message: &Message, job: &Job) -> Admitted {
+    pub async fn admit(&self, message: &Message, job: &Job) -> Admission {
         let key = RunKey::of(job).storage_key();
         let fingerprint = fingerprint(job);
         let owner = format!("{}/{}/{}", self.process, message.id, message.receive_count);
@@ -144,15 +144,15 @@ impl Ledger {
         };
         // Most runs are new: claim as if there were no record (one
         // conditional write), and read only when there is one.
-        if let Admission::Claim { record, read: None } =
+        if let Ruling::Claim { record, read: None } =
             admit(None, &request, epoch_ms(SystemTime::now()), self.windows)
         {
             match RunTable::store(table, &record, None).await {
-                Ok(true) => return Admitted::Run(self.lease(message, record), None),
+                Ok(true) => return Admission::Run(self.lease(message, record), None),
                 Ok(false) => {}
                 Err(e) => {
                     self.failed("claim the run", &key, &e);
-                    return Admitted::Unrecorded;
+                    return Admission::Unrecorded;
                 }
             }
         }
@@ -163,29 +163,29 @@ impl Ledger {
                 Ok(existing) => existing,
                 Err(e) => {
                     self.failed("read the run", &key, &e);
-                    return Admitted::Unrecorded;
+                    return Admission::Unrecorded;
                 }
             };
             let now = epoch_ms(SystemTime::now());
             let (record, read, claimed) =
                 match admit(existing.as_ref(), &request, now, self.windows) {
-                    Admission::Claim { record, read } => (record, read, true),
-                    Admission::Adopt { record, read } => (record, Some(read), false),
-                    Admission::Duplicate { finished_at_ms } => {
-                        return Admitted::Duplicate { finished_at_ms };
+                    Ruling::Claim { record, read } => (record, read, true),
+                    Ruling::Adopt { record, read } => (record, Some(read), false),
+                    Ruling::Duplicate { finished_at_ms } => {
+                        return Admission::Duplicate { finished_at_ms };
                     }
-                    Admission::Conflict { finished_at_ms } => {
+                    Ruling::Conflict { finished_at_ms } => {
                         let when = match finished_at_ms {
                             Some(at) => format!("finished at {}", rfc3339(at)),
                             None => "running now".to_owned(),
                         };
-                        return Admitted::Conflict(format!(
+                        return Admission::Conflict(format!(
                             "the broadcast key {} was used for another body ({when}); a broadcast \
                          key names one broadcast: send a new id for a new one",
                             job.id
                         ));
                     }
-                    Admission::Twin { .. } => return Admitted::Twin,
+                    Ruling::Twin { .. } => return Admission::Twin,
                 };
             match RunTable::store(table, &record, read).await {
                 Ok(true) if claimed => {
@@ -202,19 +202,19 @@ impl Ledger {
                             "taking over a run whose task stopped: resuming from its checkpoint"
                         );
                     }
-                    return Admitted::Run(self.lease(message, record), resume);
+                    return Admission::Run(self.lease(message, record), resume);
                 }
-                Ok(true) => return Admitted::Adopted,
+                Ok(true) => return Admission::Adopted,
                 Ok(false) => continue,
                 Err(e) => {
                     self.failed("claim the run", &key, &e);
-                    return Admitted::Unrecorded;
+                    return Admission::Unrecorded;
                 }
             }
         }
         let e = DurableError::Rejected("the run's record kept changing".into());
         self.failed("claim the run", &key, &e);
-        Admitted::Unrecorded
+        Admission::Unrecorded
     }
 
     /// The lease of a run this task has just claimed with `record`.

@@ -29,8 +29,8 @@ mod ledger;
 
 use crate::job::DeferredSpec;
 use crate::store::Cursor;
-pub use admission::{Admission, Renewed, Request, Windows, admit, finish, release, renew};
-pub use ledger::{Admitted, Ledger, RunLease};
+pub use admission::{Renewed, Request, Ruling, Windows, admit, finish, release, renew};
+pub use ledger::{Admission, Ledger, RunLease};
 
 /// One run's record as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]

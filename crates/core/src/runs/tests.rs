@@ -43,8 +43,7 @@ fn record() -> RunRecord {
 
 #[test]
 fn a_new_run_is_claimed_with_a_lease_and_a_ttl_past_the_window() {
-    let Admission::Claim { record, read } = admit(None, &request("f1", "m1"), NOW, windows())
-    else {
+    let Ruling::Claim { record, read } = admit(None, &request("f1", "m1"), NOW, windows()) else {
         panic!("claimed")
     };
     assert_eq!(read, None);
@@ -62,13 +61,13 @@ fn a_finished_run_is_a_duplicate_for_its_body_and_a_conflict_for_another() {
     };
     assert_eq!(
         admit(Some(&finished), &request("f1", "m2"), NOW, windows()),
-        Admission::Duplicate {
+        Ruling::Duplicate {
             finished_at_ms: NOW - 1000
         }
     );
     assert_eq!(
         admit(Some(&finished), &request("f2", "m2"), NOW, windows()),
-        Admission::Conflict {
+        Ruling::Conflict {
             finished_at_ms: Some(NOW - 1000)
         }
     );
@@ -79,15 +78,14 @@ fn a_finished_run_is_a_duplicate_for_its_body_and_a_conflict_for_another() {
     };
     assert!(matches!(
         admit(Some(&old), &request("f2", "m2"), NOW, windows()),
-        Admission::Claim { read: Some(3), .. }
+        Ruling::Claim { read: Some(3), .. }
     ));
 }
 
 #[test]
 fn a_live_run_is_adopted_by_its_own_redelivery_and_twinned_by_a_copy() {
     let live = record();
-    let Admission::Adopt { record, read } =
-        admit(Some(&live), &request("f1", "m1"), NOW, windows())
+    let Ruling::Adopt { record, read } = admit(Some(&live), &request("f1", "m1"), NOW, windows())
     else {
         panic!("adopted")
     };
@@ -99,13 +97,13 @@ fn a_live_run_is_adopted_by_its_own_redelivery_and_twinned_by_a_copy() {
     assert_eq!(record.receipt, "receipt-2", "with the newest receipt");
     assert_eq!(
         admit(Some(&live), &request("f1", "m2"), NOW, windows()),
-        Admission::Twin {
+        Ruling::Twin {
             lease_until_ms: NOW + 30_000
         }
     );
     assert_eq!(
         admit(Some(&live), &request("f2", "m2"), NOW, windows()),
-        Admission::Conflict {
+        Ruling::Conflict {
             finished_at_ms: None
         }
     );
@@ -118,8 +116,7 @@ fn a_lapsed_lease_is_taken_over_from_its_checkpoint() {
         checkpoint: Some("[]".into()),
         ..record()
     };
-    let Admission::Claim { record, read } =
-        admit(Some(&lapsed), &request("f1", "m1"), NOW, windows())
+    let Ruling::Claim { record, read } = admit(Some(&lapsed), &request("f1", "m1"), NOW, windows())
     else {
         panic!("taken over")
     };
@@ -134,8 +131,7 @@ fn a_lapsed_lease_is_taken_over_from_its_checkpoint() {
         finished_at_ms: Some(NOW - 25 * 3600 * 1000),
         ..lapsed
     };
-    let Admission::Claim { record, .. } =
-        admit(Some(&finished), &request("f1", "m1"), NOW, windows())
+    let Ruling::Claim { record, .. } = admit(Some(&finished), &request("f1", "m1"), NOW, windows())
     else {
         panic!("claimed")
     };
@@ -145,8 +141,7 @@ fn a_lapsed_lease_is_taken_over_from_its_checkpoint() {
 #[tokio::test]
 async fn renewals_keep_the_run_until_another_owner_takes_it() {
     let table = crate::fakes::FakeRunTable::default();
-    let Admission::Claim { record, read } = admit(None, &request("f1", "m1"), NOW, windows())
-    else {
+    let Ruling::Claim { record, read } = admit(None, &request("f1", "m1"), NOW, windows()) else {
         panic!()
     };
     assert!(table.store(&record, read).await.unwrap());
@@ -213,7 +208,7 @@ fn calls(table: &crate::fakes::FakeRunTable) -> u64 {
 async fn a_new_run_is_claimed_and_finished_in_one_write_each() {
     let table = Arc::new(crate::fakes::FakeRunTable::default());
     let ledger = ledger(&table);
-    let Admitted::Run(lease, None) = ledger.admit(&message("m1", "r1"), &news()).await else {
+    let Admission::Run(lease, None) = ledger.admit(&message("m1", "r1"), &news()).await else {
         panic!("claimed")
     };
     assert_eq!(calls(&table), 1, "claimed with one conditional write");
@@ -243,7 +238,7 @@ async fn a_new_run_is_claimed_and_finished_in_one_write_each() {
     let before = calls(&table);
     assert!(matches!(
         ledger.admit(&message("m2", "r2"), &news()).await,
-        Admitted::Duplicate { .. }
+        Admission::Duplicate { .. }
     ));
     assert_eq!(
         calls(&table) - before,
@@ -260,7 +255,7 @@ async fn a_write_that_another_came_before_reads_and_tries_again() {
     let table = Arc::new(crate::fakes::FakeRunTable::default());
     let ledger = ledger(&table);
     let first = message("m1", "r1");
-    let Admitted::Run(lease, None) = ledger.admit(&first, &news()).await else {
+    let Admission::Run(lease, None) = ledger.admit(&first, &news()).await else {
         panic!("claimed")
     };
     let redelivered = Message {
@@ -269,7 +264,7 @@ async fn a_write_that_another_came_before_reads_and_tries_again() {
     };
     assert!(matches!(
         ledger.admit(&redelivered, &news()).await,
-        Admitted::Adopted
+        Admission::Adopted
     ));
     assert!(ledger.renew(&lease).await);
     assert_eq!(lease.receipt(), Receipt("r1-newer".into()));

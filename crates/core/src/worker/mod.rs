@@ -53,7 +53,7 @@ use crate::job::keys::RunKey;
 use crate::job::{self, Capabilities};
 use crate::queue::{JobQueue, Message, QueueError};
 use crate::report::{Draft, Reporter};
-use crate::runs::{Admitted, Ledger, RunLease, rfc3339};
+use crate::runs::{Admission, Ledger, RunLease, rfc3339};
 use crate::store::ConnectionStore;
 use crate::telemetry::Metrics;
 
@@ -348,7 +348,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         let lease = match &self.ledger {
             None => None,
             Some(ledger) => match ledger.admit(message, &job).await {
-                Admitted::Run(lease, checkpoint) => {
+                Admission::Run(lease, checkpoint) => {
                     // A checkpoint is newer than the job's own cursors: it
                     // was written by a run of this very job.
                     if let Some(checkpoint) = checkpoint {
@@ -363,23 +363,23 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                     }
                     Some(lease)
                 }
-                Admitted::Unrecorded => None,
-                Admitted::Duplicate { finished_at_ms } => {
+                Admission::Unrecorded => None,
+                Admission::Duplicate { finished_at_ms } => {
                     Metrics::incr(&self.metrics.jobs_duplicate);
                     tracing::info!(job_id = %job.id, run = %RunKey::of(&job), message_id = %message.id, finished_at = %rfc3339(finished_at_ms), "a duplicate of a broadcast finished at {}; not broadcast again", rfc3339(finished_at_ms));
                     return (Settlement::Done, None, None);
                 }
-                Admitted::Twin => {
+                Admission::Twin => {
                     Metrics::incr(&self.metrics.jobs_duplicate);
                     tracing::info!(job_id = %job.id, run = %RunKey::of(&job), message_id = %message.id, "another copy of a broadcast running on another task; this copy is deleted");
                     return (Settlement::Done, None, None);
                 }
-                Admitted::Adopted => {
+                Admission::Adopted => {
                     Metrics::incr(&self.metrics.jobs_duplicate);
                     tracing::warn!(job_id = %job.id, run = %RunKey::of(&job), message_id = %message.id, "this message came back while its broadcast runs on another task (a heartbeat was late); that task keeps it hidden now");
                     return (Settlement::LeaveHidden, None, None);
                 }
-                Admitted::Conflict(reason) => {
+                Admission::Conflict(reason) => {
                     let draft = Draft::of_job(&job, &message.id, started).because(reason.clone());
                     return (Settlement::DeadLetter(reason), Some(draft), None);
                 }

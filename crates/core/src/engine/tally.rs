@@ -10,9 +10,9 @@ use crate::engine::summary::Report;
 use crate::gateway::Counter;
 use crate::telemetry::Metrics;
 
-/// Shared as `Arc<JobCounts>` by a job's sends and its removal task.
+/// Shared as `Arc<Tally>` by a job's sends and its removal task.
 #[derive(Debug)]
-pub(crate) struct JobCounts {
+pub(crate) struct Tally {
     metrics: Arc<Metrics>,
     delivered: AtomicU64,
     gone: AtomicU64,
@@ -33,7 +33,7 @@ pub(crate) struct JobCounts {
     kept: AtomicU64,
 }
 
-impl JobCounts {
+impl Tally {
     pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             metrics,
