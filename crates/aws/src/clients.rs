@@ -117,7 +117,7 @@ pub fn fleet_dynamodb_client(config: &SdkConfig) -> aws_sdk_dynamodb::Client {
 
 /// The longest one report may take to send, retry included, as the worker
 /// bounds it: settling waits for it.
-const REPORT_OPERATION_TIMEOUT: std::time::Duration = fanout_core::report::REPORT_TIMEOUT;
+const REPORT_OPERATION_TIMEOUT: std::time::Duration = fanout_core::reports::REPORT_TIMEOUT;
 
 fn report_timeouts() -> (TimeoutConfig, RetryConfig) {
     let timeouts = TimeoutConfig::builder()

@@ -7,7 +7,7 @@ use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 use futures::future::BoxFuture;
 
-use fanout_core::report::{ReportError, ReportSink};
+use fanout_core::reports::{ReportError, ReportSink};
 
 use crate::SdkConfig;
 use crate::clients;

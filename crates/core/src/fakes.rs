@@ -17,7 +17,7 @@ use crate::connection::{Connection, ConnectionId, KeyValue, RowKey};
 use crate::fleet::{FleetError, Lease, LeaseTable};
 use crate::gateway::{Gateway, PostOutcome};
 use crate::queue::{DeadLettered, JobQueue, Message, QueueError, Receipt, SendOptions};
-use crate::report::{BroadcastReport, ReportError, ReportSink};
+use crate::reports::{BroadcastReport, ReportError, ReportSink};
 use crate::store::{
     AudienceQuery, ChannelOrder, ConnectionStore, Cursor, Page, Position, Removal, StoreError,
 };

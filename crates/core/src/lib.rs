@@ -12,8 +12,8 @@
 //!   removal, and several channels read as one audience.
 //! - [`gateway`]: [`gateway::Gateway`], one send, and [`gateway::PostOutcome`],
 //!   what its answer means ([`gateway::status`] maps HTTP answers to it).
-//! - [`report`]: [`report::ReportSink`], where broadcast reports go, and the
-//!   [`report::Reporter`] that sends each to every destination.
+//! - [`reports`]: [`reports::ReportSink`], where broadcast reports go, and the
+//!   [`reports::Reporter`] that sends each to every destination.
 //! - [`fleet`]: [`fleet::LeaseTable`], where the tasks of a fleet keep their
 //!   leases on the fleet's send rate, and the [`fleet::Coordinator`] that
 //!   takes this task's share of it.
@@ -46,7 +46,7 @@ pub mod gateway;
 pub mod job;
 pub mod limits;
 pub mod queue;
-pub mod report;
+pub mod reports;
 pub mod runs;
 pub mod store;
 pub mod telemetry;

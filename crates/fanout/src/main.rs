@@ -25,7 +25,7 @@ use fanout_core::engine::Engine;
 use fanout_core::fleet::Coordinator;
 use fanout_core::job::{self, Capabilities, JobSpec};
 use fanout_core::queue::{self, JobQueue, SendOptions};
-use fanout_core::report::{ReportSink, Reporter};
+use fanout_core::reports::{ReportSink, Reporter};
 use fanout_core::runs::{Ledger, Windows};
 use fanout_core::telemetry::Metrics;
 use fanout_core::worker::{self, Stopped};

@@ -15,7 +15,7 @@
 //! (throttled past [`EngineSettings::throttle_deadline`], or 5xx and
 //! timeouts past its attempts). All but deferred are final: deferred
 //! connections are retried in further passes of the same job, and what is
-//! still deferred then is in the [`Report`] for the worker to continue.
+//! still deferred then is in the [`RunSummary`] for the worker to continue.
 
 mod audience;
 mod delivery;
@@ -46,7 +46,7 @@ pub use audience::READ_AHEAD_PAGES;
 use evidence::{EndpointWatch, Standing, Verdict};
 use rechecks::{RecheckDeps, Rechecks};
 use run::{Checkpoints, Run, RunState};
-pub use summary::{Deferred, MAX_FAILED_IDS, Report};
+pub use summary::{Deferred, MAX_FAILED_IDS, RunSummary};
 
 /// How the engine sends.
 #[derive(Clone, Copy, Debug)]
@@ -222,7 +222,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         &self,
         job: &Job,
         stop: &CancellationToken,
-    ) -> (Report, Result<(), FanoutError>) {
+    ) -> (RunSummary, Result<(), FanoutError>) {
         self.run_checkpointed(job, stop, None, Vec::new()).await
     }
 
@@ -237,7 +237,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         stop: &CancellationToken,
         checkpoints: Option<tokio::sync::watch::Sender<Checkpoint>>,
         carried: Vec<Connection>,
-    ) -> (Report, Result<(), FanoutError>) {
+    ) -> (RunSummary, Result<(), FanoutError>) {
         let started = Instant::now();
         let query = audience::query(job, self.settings.scan_segments);
         let pages = audience::pages(&self.store, job, &query);
@@ -268,7 +268,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
     /// A run that delivered nothing while every answer was a 410 or a
     /// refusal is not done unless the endpoint has proven itself: a wrong
     /// endpoint answers every post that way.
-    fn proof(&self, report: &Report) -> Result<(), FanoutError> {
+    fn proof(&self, report: &RunSummary) -> Result<(), FanoutError> {
         let answered = report.gone + report.failed;
         if report.delivered > 0 || answered == 0 {
             return Ok(());

@@ -17,7 +17,7 @@ use super::remover::{REMOVE_BACKOFF, Remover};
 use super::resume::{PageTag, ResumePoints};
 use super::settle::{Held, Outstanding, Settler, Siblings};
 use super::tally::Tally;
-use super::{Deferred, Engine, FanoutError, MAX_DEFERRED, Report, lock};
+use super::{Deferred, Engine, FanoutError, MAX_DEFERRED, RunSummary, lock};
 use crate::connection::expiry::{AgeProblems, Expired};
 use crate::connection::{Connection, ConnectionId};
 use crate::gateway::Gateway;
@@ -172,12 +172,12 @@ impl RunState {
         passes: u32,
         started: Instant,
         backlogged: bool,
-    ) -> Report {
+    ) -> RunSummary {
         self.remover.finish().await;
-        let mut report = Report {
+        let mut report = RunSummary {
             passes,
             excluded: self.excluded.load(Ordering::Relaxed),
-            ..Report::default()
+            ..RunSummary::default()
         };
         self.counts.report(&mut report);
         report.audience = self.audience.load(Ordering::Relaxed);

@@ -15,7 +15,7 @@ pub const MAX_FAILED_IDS: usize = 100;
 
 /// What one broadcast came to. Counts are connections, not attempts.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Report {
+pub struct RunSummary {
     /// Connections read for the job (excluded ones not counted).
     pub audience: u64,
     /// Connections skipped because the job excluded them.
@@ -59,7 +59,7 @@ pub struct Report {
     pub age_problems: AgeProblems,
 }
 
-impl Report {
+impl RunSummary {
     /// Deliveries per second over the whole job.
     pub fn rate(&self) -> f64 {
         let secs = self.duration.as_secs_f64();

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::engine::summary::Report;
+use crate::engine::summary::RunSummary;
 use crate::gateway::Counter;
 use crate::telemetry::Metrics;
 
@@ -112,7 +112,7 @@ impl Tally {
     }
 
     /// Writes the job's counts into its report.
-    pub(crate) fn report(&self, report: &mut Report) {
+    pub(crate) fn report(&self, report: &mut RunSummary) {
         let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
         report.delivered = get(&self.delivered);
         report.gone = get(&self.gone);

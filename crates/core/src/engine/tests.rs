@@ -48,7 +48,7 @@ async fn stop_after_deliveries(
     job: &Job,
     gateway: &FakeGateway,
     count: usize,
-) -> (Report, Result<(), FanoutError>) {
+) -> (RunSummary, Result<(), FanoutError>) {
     let stop = CancellationToken::new();
     let run = engine.run(job, &stop);
     tokio::pin!(run);

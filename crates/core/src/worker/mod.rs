@@ -46,13 +46,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
-use crate::engine::summary::Report;
+use crate::engine::summary::RunSummary;
 use crate::engine::{Engine, FanoutError};
 use crate::gateway::Gateway;
 use crate::job::keys::RunKey;
 use crate::job::{self, Capabilities};
 use crate::queue::{JobQueue, Message, QueueError};
-use crate::report::{Draft, Reporter};
+use crate::reports::{Draft, Reporter};
 use crate::runs::{Admission, Ledger, RunLease, rfc3339};
 use crate::store::ConnectionStore;
 use crate::telemetry::Metrics;
@@ -480,7 +480,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     }
 }
 
-fn log_report(job: &job::Job, report: &Report, status: &str) {
+fn log_report(job: &job::Job, report: &RunSummary, status: &str) {
     tracing::info!(
         job_id = %job.id,
         run = %RunKey::of(job),

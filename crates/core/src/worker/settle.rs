@@ -7,12 +7,12 @@
 use std::time::Duration;
 
 use super::{Fate, JobContext, SETTLE_BACKOFF};
-use crate::engine::summary::Report;
+use crate::engine::summary::RunSummary;
 use crate::gateway::Gateway;
 use crate::job::{self, Job};
 use crate::limits::MAX_SEND_DELAY;
 use crate::queue::{DeadLettered, JobQueue, Message, SendOptions};
-use crate::report::Status;
+use crate::reports::Status;
 use crate::store::{ConnectionStore, Cursor};
 use crate::telemetry::Metrics;
 
@@ -25,7 +25,7 @@ pub(super) enum Settlement {
     /// Every connection final, some deferred: they go on in delayed
     /// continuation jobs (or to the dead-letter queue one by one), then the
     /// message goes.
-    Deferred { job: Job, report: Report },
+    Deferred { job: Job, report: RunSummary },
     /// Stopped by shutdown: continued from its finished pages in a new
     /// message, or handed back as it is.
     Interrupted { job: Job, resume: Vec<Cursor> },
@@ -86,7 +86,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// message is deleted only once every one of them has been handed on.
     /// On a FIFO queue (no per-message delay, and order must hold) the job
     /// fails as a whole and is retried in its place.
-    async fn hand_on(&self, message: &Message, job: &Job, report: &Report) -> Settled {
+    async fn hand_on(&self, message: &Message, job: &Job, report: &RunSummary) -> Settled {
         let count = report.deferred.len();
         if message.group_id.is_some() {
             tracing::warn!(job_id = %job.id, deferred = count, deferred_to = "retry in place (FIFO)", "connections deferred; the job will be retried whole");
@@ -143,7 +143,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// Dead-letters each deferred connection as a one-connection job with
     /// its reason; then the message goes. If any cannot be dead-lettered
     /// the job is kept (retried later), so none is dropped.
-    async fn dead_letter_each(&self, message: &Message, job: &Job, report: &Report) -> Settled {
+    async fn dead_letter_each(&self, message: &Message, job: &Job, report: &RunSummary) -> Settled {
         for d in &report.deferred {
             let body = match serde_json::to_string(&job.for_one(&d.connection)) {
                 Ok(body) => body,

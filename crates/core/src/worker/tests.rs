@@ -8,7 +8,7 @@ use crate::engine::EngineSettings;
 use crate::fakes::{FakeGateway, FakeQueue, FakeReports, FakeTable, ids};
 use crate::job::Target;
 use crate::queue::Receipt;
-use crate::report::{BroadcastReport, Status};
+use crate::reports::{BroadcastReport, Status};
 use crate::store::Cursor;
 
 /// A shutdown token cancelled after `delay` (paused time runs it at once).
@@ -281,7 +281,7 @@ async fn a_report_destination_that_never_answers_holds_settling_for_its_timeout_
     assert_eq!(Metrics::get(&rig.metrics.reports_failed), 2);
     // The two jobs run side by side: their reports time out together.
     assert!(
-        started.elapsed() < crate::report::REPORT_TIMEOUT * 2,
+        started.elapsed() < crate::reports::REPORT_TIMEOUT * 2,
         "{:?}",
         started.elapsed()
     );

@@ -131,7 +131,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
         Arc::new(engine),
         settings,
         metrics.clone(),
-        fanout_core::report::Reporter::none(),
+        fanout_core::reports::Reporter::none(),
         CancellationToken::new(),
         ledger,
     )

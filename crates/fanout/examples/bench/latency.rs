@@ -100,7 +100,7 @@ where
         engine,
         settings,
         Arc::new(Metrics::default()),
-        fanout_core::report::Reporter::none(),
+        fanout_core::reports::Reporter::none(),
         shutdown.clone(),
     ));
 

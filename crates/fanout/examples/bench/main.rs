@@ -41,7 +41,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use fanout_aws::{DynamoStore, SelectedSender, SendSettings, TableSettings};
 use fanout_core::Backoff;
 use fanout_core::budget::{RateSettings, SendBudget};
-use fanout_core::engine::{Engine, EngineSettings, Report};
+use fanout_core::engine::{Engine, EngineSettings, RunSummary};
 use fanout_core::gateway::Gateway;
 use fanout_core::job::{Job, Segment, Target};
 use fanout_core::store::ConnectionStore;
@@ -413,7 +413,7 @@ async fn run<S: ConnectionStore>(
             tokio::spawn(async move { engine.run(&job, &CancellationToken::new()).await })
         })
         .collect();
-    let mut report = Report::default();
+    let mut report = RunSummary::default();
     for run in runs {
         let (part, result) = run.await.context("a broadcast task panicked")?;
         result.context("the broadcast failed")?;

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use futures::future::{BoxFuture, join_all};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::summary::{MAX_FAILED_IDS, Report};
+use crate::engine::summary::{MAX_FAILED_IDS, RunSummary};
 use crate::job::Job;
 use crate::job::keys::RunKey;
 use crate::telemetry::Metrics;
@@ -119,7 +119,7 @@ pub struct Draft(BroadcastReport);
 
 impl Draft {
     /// A job's run, from the engine's report.
-    pub fn of_run(job: &Job, message_id: &str, report: &Report, started: SystemTime) -> Self {
+    pub fn of_run(job: &Job, message_id: &str, report: &RunSummary, started: SystemTime) -> Self {
         let mut draft = Self::of_job(job, message_id, started);
         let r = &mut draft.0;
         r.audience = report.audience;
@@ -340,8 +340,8 @@ mod tests {
         .unwrap()
     }
 
-    fn counts() -> Report {
-        Report {
+    fn counts() -> RunSummary {
+        RunSummary {
             audience: 10,
             delivered: 6,
             gone: 1,
@@ -351,7 +351,7 @@ mod tests {
             rejected: vec![ConnectionId::new("c-4"), ConnectionId::new("c-5")],
             throttled: 3,
             retries: 4,
-            ..Report::default()
+            ..RunSummary::default()
         }
     }
 
