@@ -175,33 +175,13 @@ impl Ledger {
                         return Admission::Duplicate { finished_at_ms };
                     }
                     Ruling::Conflict { finished_at_ms } => {
-                        let when = match finished_at_ms {
-                            Some(at) => format!("finished at {}", rfc3339(at)),
-                            None => "running now".to_owned(),
-                        };
-                        return Admission::Conflict(format!(
-                            "the broadcast key {} was used for another body ({when}); a broadcast \
-                         key names one broadcast: send a new id for a new one",
-                            job.id
-                        ));
+                        return Admission::Conflict(conflict(&job.id, finished_at_ms));
                     }
                     Ruling::Twin { .. } => return Admission::Twin,
                 };
             match RunTable::store(table, &record, read).await {
                 Ok(true) if claimed => {
-                    let resume = record.checkpoint.as_deref().and_then(|text| {
-                        serde_json::from_str::<Checkpoint>(text)
-                            .inspect_err(|e| tracing::warn!(run = key, error = %e, "an unreadable checkpoint; the run starts from its job's own start"))
-                            .ok()
-                    });
-                    if let Some(checkpoint) = &resume {
-                        tracing::info!(
-                            run = key,
-                            segments = checkpoint.resume.len(),
-                            deferred = checkpoint.deferred.len(),
-                            "taking over a run whose task stopped: resuming from its checkpoint"
-                        );
-                    }
+                    let resume = taken_over(&key, &record);
                     return Admission::Run(self.lease(message, record), resume);
                 }
                 Ok(true) => return Admission::Adopted,
@@ -317,6 +297,35 @@ impl Ledger {
             );
         }
     }
+}
+
+/// The reason a body sent under a used broadcast key is dead-lettered.
+fn conflict(id: &str, finished_at_ms: Option<i64>) -> String {
+    let when = match finished_at_ms {
+        Some(at) => format!("finished at {}", rfc3339(at)),
+        None => "running now".to_owned(),
+    };
+    format!(
+        "the broadcast key {id} was used for another body ({when}); a broadcast key names one \
+         broadcast: send a new id for a new one"
+    )
+}
+
+/// The checkpoint of a run claimed from a task that stopped, if it left a
+/// readable one.
+fn taken_over(key: &str, record: &RunRecord) -> Option<Checkpoint> {
+    let checkpoint = record.checkpoint.as_deref().and_then(|text| {
+        serde_json::from_str::<Checkpoint>(text)
+            .inspect_err(|e| tracing::warn!(run = key, error = %e, "an unreadable checkpoint; the run starts from its job's own start"))
+            .ok()
+    })?;
+    tracing::info!(
+        run = key,
+        segments = checkpoint.resume.len(),
+        deferred = checkpoint.deferred.len(),
+        "taking over a run whose task stopped: resuming from its checkpoint"
+    );
+    Some(checkpoint)
 }
 
 impl std::fmt::Debug for Ledger {

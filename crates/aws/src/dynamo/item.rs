@@ -1,0 +1,78 @@
+//! Keys between fanout's shape and the SDK's, and SDK failures as
+//! [`StoreError`]s.
+
+use crate::dynamo_errors::{self, Failure};
+
+use super::*;
+
+pub(super) fn key_value(value: &AttributeValue) -> Option<KeyValue> {
+    match value {
+        AttributeValue::S(s) => Some(KeyValue::S(s.clone())),
+        AttributeValue::N(n) => Some(KeyValue::N(n.clone())),
+        AttributeValue::B(b) => Some(KeyValue::B(b.as_ref().to_vec())),
+        _ => None,
+    }
+}
+
+/// A key as the SDK wants it.
+pub(super) fn to_item(key: &RowKey) -> Item {
+    key.0
+        .iter()
+        .map(|(name, value)| {
+            let value = match value {
+                KeyValue::S(s) => AttributeValue::S(s.clone()),
+                KeyValue::N(n) => AttributeValue::N(n.clone()),
+                KeyValue::B(b) => AttributeValue::B(Blob::new(b.clone())),
+            };
+            (name.clone(), value)
+        })
+        .collect()
+}
+
+/// A key (or LastEvaluatedKey) from the SDK, attributes sorted by name.
+pub(super) fn from_item(item: &Item) -> Result<RowKey, StoreError> {
+    let mut key = item
+        .iter()
+        .map(|(name, value)| {
+            key_value(value).map(|v| (name.clone(), v)).ok_or_else(|| {
+                StoreError::Rejected(format!(
+                    "the key attribute {name} is not a string, number or binary"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    key.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(RowKey(key))
+}
+
+/// The same key whatever order its attributes were listed in.
+pub(super) fn normalised(key: &RowKey) -> RowKey {
+    let mut attributes = key.0.clone();
+    attributes.sort_by(|a, b| a.0.cmp(&b.0));
+    RowKey(attributes)
+}
+
+/// One place that turns SDK failures into [`StoreError`]s.
+pub(super) fn map_error<E>(table: &str, err: SdkError<E, HttpResponse>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    from_failure(table, dynamo_errors::classify(&err))
+}
+
+/// What an error answer from DynamoDB means, by its code and status.
+#[cfg(test)]
+pub(super) fn service_error(table: &str, status: u16, code: &str, message: &str) -> StoreError {
+    from_failure(table, dynamo_errors::answer(status, code, message))
+}
+
+pub(super) fn from_failure(table: &str, failure: Failure) -> StoreError {
+    match failure {
+        Failure::NoSuchTable => StoreError::NoSuchTable {
+            table: table.to_owned(),
+        },
+        Failure::Throttled(detail) => StoreError::Throttled(detail),
+        Failure::Unavailable(detail) => StoreError::Unavailable(detail),
+        Failure::Rejected(detail) => StoreError::Rejected(detail),
+    }
+}
