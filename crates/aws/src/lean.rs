@@ -2,9 +2,9 @@
 //! over keep-alive HTTP/1.1 connections ([`pool`]), signed with `aws-sigv4`
 //! and the SDK's own credentials provider ([`sigv4`]).
 //!
-//! The SDK's PostToConnection costs about 110–130 µs of CPU per call; most of
-//! it is the orchestrator (interceptors, config bags, retry and identity
-//! layers) and a payload copy per call. This path keeps the wire format and
+//! Most of the CPU of the SDK's PostToConnection is its orchestrator
+//! (interceptors, config bags, retry and identity layers) and a payload copy
+//! per call (BENCHMARKS.md has the figures). This path keeps the wire format and
 //! the signature the SDK would produce, with none of that: the payload is one
 //! shared `Bytes` buffer, what the signatures of one second share is computed
 //! once, credentials are cached until shortly before they expire, and each
@@ -61,7 +61,7 @@ pub enum LeanError {
     #[error("no AWS region for signing; set AWS_REGION")]
     NoRegion,
     #[error(
-        "no AWS credentials provider in the SDK config; load it with aws_config (fanout::aws::load_sdk_config)"
+        "no AWS credentials provider in the SDK config; load it with aws_config (fanout_aws::clients::load_sdk_config)"
     )]
     NoCredentialsProvider,
     #[error("no trusted root certificates for HTTPS ({0}); install the ca-certificates package")]

@@ -259,15 +259,10 @@ async fn the_adaptive_rate_converges_on_what_the_endpoint_accepts() {
     .await;
     assert_eq!(out.run.report("converge")["delivered"], ids.len());
     let (throttled, rate) = rate_figures(&peer, ids.len());
-    // The missed-clients issue asks for at most 5 % throttled. Measured
-    // here 3.3-3.4 % over three runs of the debug build while two other
-    // builds shared the machine (5.2-7.7 % when this broadcast was half as
-    // long, and 10.4 % once on CI): almost all of it at the first 429s, when
-    // the 128 posts in flight and those sent while the measure's answers
-    // come in meet the empty bucket, a fixed cost that weighs less the
-    // longer the broadcast (1.7-2.1 % at the issue's scale with a release
-    // build). The bound checked leaves room for a loaded CI machine; the
-    // simulation in the limiter's tests checks 5 %.
+    // Nearly all the throttled posts come at the first 429s, when the posts
+    // in flight meet the empty bucket: a fixed cost, so the bound is loose
+    // for a loaded machine. The budget's own tests check 5 % on the paused
+    // clock; the benchmark measures the share at scale.
     assert!(
         throttled <= 0.1,
         "{:.1} % of posts throttled",

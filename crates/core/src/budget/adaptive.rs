@@ -209,16 +209,15 @@ impl AdaptiveRate {
     ///
     /// One waiter at a time (a fair lock): every waiter of governor's
     /// `until_ready` wakes for each cell, and it sleeps on a timer thread of
-    /// its own (futures-timer), one precise sleep per cell. Measured at
-    /// 5,000/s with 256 sends waiting: 160 µs of CPU per post, 101-112 µs
-    /// with the lock alone. Here the one waiter asks governor, then sleeps
+    /// its own (futures-timer), one precise sleep per cell, which made the
+    /// waiting cost more CPU than the post. Here the one waiter asks governor, then sleeps
     /// on tokio's timer (1 ms granularity); cells accrued meanwhile pass the
     /// waiters queued behind it without a sleep, so the rate stays exact (up
     /// to the burst) with a wake-up per millisecond, not per cell.
     ///
     /// The clock is the limiter's own: building a quanta clock runs its
-    /// CPUID feature checks, which cost tens of µs under a hypervisor, so
-    /// one per send would dominate the CPU of a rate-limited run.
+    /// CPUID feature checks, which are slow under a hypervisor, so one per
+    /// send would dominate the CPU of a rate-limited run.
     ///
     /// Returns whether it waited (for the turn or for a cell).
     pub(super) async fn ceiling_wait(&self) -> bool {

@@ -92,7 +92,8 @@ impl SendBudget {
     }
 
     /// The slot in flight, and how long the rate then held it. Reads the
-    /// clock once when nothing waits, as before there was a count.
+    /// clock once when nothing waits, so an unlimited send pays one clock
+    /// read.
     async fn acquire_timed(&self) -> (SemaphorePermit<'_>, Duration) {
         let permit = self
             .in_flight

@@ -24,8 +24,8 @@ pub(crate) struct Tally {
     removed: AtomicU64,
     remove_failed: AtomicU64,
     /// Gone connections whose row key is unknown (an explicit list on a
-    /// table with a composite key): not removed, and no process-wide
-    /// counter, as before the counts were one set.
+    /// table with a composite key): not removed; the job's report counts
+    /// them, and no process-wide counter does.
     remove_skipped: AtomicU64,
     /// 410s handed to the recheck queue.
     rechecking: AtomicU64,

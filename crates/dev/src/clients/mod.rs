@@ -34,7 +34,7 @@ pub struct ClientsArgs {
     #[arg(long)]
     pub channel: Option<String>,
     /// Once all are connected, drop this many abruptly (no close frame), as
-    /// clients that lose their network do; with `fanout gateway
+    /// clients that lose their network do; with `fanout-dev gateway
     /// --keep-stale` their rows go stale.
     #[arg(long, default_value_t = 0)]
     pub drop: usize,
@@ -62,13 +62,13 @@ pub struct ClientsArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientsError {
     #[error(
-        "cannot connect a WebSocket client to {url}: {source} (is `fanout gateway` running there, with that stage?)"
+        "cannot connect a WebSocket client to {url}: {source} (is `fanout-dev gateway` running there, with that stage?)"
     )]
     Connect {
         url: String,
         source: Box<tokio_tungstenite::tungstenite::Error>,
     },
-    #[error("a client at {url} got no answer to whoami in time (is it a fanout gateway?)")]
+    #[error("a client at {url} got no answer to whoami in time (is it a `fanout-dev gateway`?)")]
     Timeout { url: String },
     #[error(
         "a client at {url} was closed before it learnt its id (see the gateway's log: $connect may have failed)"

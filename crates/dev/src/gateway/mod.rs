@@ -1,4 +1,4 @@
-//! `fanout gateway`: a local stand-in for an API Gateway WebSocket API.
+//! `fanout-dev gateway`: a local stand-in for an API Gateway WebSocket API.
 //!
 //! One listener serves both sides, as API Gateway does:
 //! - WebSocket clients at `ws://ADDR/{stage}` (optionally `?channel=NAME`);
@@ -43,7 +43,7 @@ const SOCKET_CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// 413 `PayloadTooLargeException` rather than a bare one from the framework.
 const BODY_READ_LIMIT: usize = 4 * management::MAX_PAYLOAD_BYTES;
 
-/// Options of `fanout gateway`. The names are a contract: scripts drive them.
+/// Options of `fanout-dev gateway`. The names are a contract: scripts drive them.
 /// The DynamoDB endpoint and credentials come from the standard AWS
 /// variables (e.g. `AWS_ENDPOINT_URL_DYNAMODB`), as for the worker.
 #[derive(clap::Args, Clone, Debug)]

@@ -1,0 +1,72 @@
+//! An in-memory run table with DynamoDB's conditional write.
+
+use super::*;
+
+/// An in-memory run table with DynamoDB's conditional write.
+#[derive(Default)]
+pub struct FakeRunTable {
+    pub records: Mutex<HashMap<String, crate::runs::RunRecord>>,
+    /// Every call fails as a throttled table does, while set.
+    pub throttle: AtomicBool,
+    /// Writes that were applied.
+    pub writes: AtomicU64,
+    /// Every call: reads and writes, applied or not.
+    pub calls: AtomicU64,
+    /// Waited in every call, as a table's round trip takes time.
+    pub latency: Duration,
+}
+
+impl crate::runs::RunTable for FakeRunTable {
+    async fn load(
+        &self,
+        key: &str,
+    ) -> Result<Option<crate::runs::RunRecord>, crate::runs::DurableError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        if self.throttle.load(Ordering::SeqCst) {
+            return Err(crate::runs::DurableError::Throttled("fake".into()));
+        }
+        Ok(self.records.lock().unwrap().get(key).cloned())
+    }
+
+    async fn store(
+        &self,
+        record: &crate::runs::RunRecord,
+        read: Option<u64>,
+    ) -> Result<bool, crate::runs::DurableError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        if self.throttle.load(Ordering::SeqCst) {
+            return Err(crate::runs::DurableError::Throttled("fake".into()));
+        }
+        let mut records = self.records.lock().unwrap();
+        let current = records.get(&record.key).map(|r| r.version);
+        if current != read {
+            return Ok(false);
+        }
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        records.insert(record.key.clone(), record.clone());
+        Ok(true)
+    }
+}
+
+impl crate::runs::RunTable for Arc<FakeRunTable> {
+    async fn load(
+        &self,
+        key: &str,
+    ) -> Result<Option<crate::runs::RunRecord>, crate::runs::DurableError> {
+        crate::runs::RunTable::load(&**self, key).await
+    }
+
+    async fn store(
+        &self,
+        record: &crate::runs::RunRecord,
+        read: Option<u64>,
+    ) -> Result<bool, crate::runs::DurableError> {
+        crate::runs::RunTable::store(&**self, record, read).await
+    }
+}
