@@ -21,22 +21,24 @@
 //!   broadcasts, one task at a time per run, checkpoints.
 //!
 //! What runs behind them:
-//! - [`job`]: the broadcast job schema producers send, its pure parser, and
-//!   the broadcast and run keys.
-//! - [`engine`]: audience pages → rate-limited concurrent sends → the run's
-//!   summary; the removal of gone rows, on evidence, beside it.
-//! - [`budget`]: the process-wide send budget (rate and requests in flight),
-//!   capped by the fleet share.
+//! - [`job`]: the broadcast job producers send (the wire format, its
+//!   validation, the hand-ons fanout writes), and the broadcast and run keys.
+//! - [`engine`]: one run, top-down: audience pages → rate-limited concurrent
+//!   sends under the retry policy → the run's summary; the removal of gone
+//!   rows, on evidence, beside it.
+//! - [`budget`]: the process-wide send budget (rate and requests in flight)
+//!   and the adaptive rate under it, capped by the fleet share.
 //! - [`worker`]: receive → fan out → settle the message; heartbeat; shutdown.
 //!
 //! Small pure parts every layer shares:
-//! - [`connection`]: connection ids, the row keys they were read with, and
-//!   rows certainly gone by age.
+//! - [`connection`]: connection ids, the row keys they were read with, the
+//!   final states a connection reaches in a broadcast, and rows certainly
+//!   gone by age.
 //! - [`limits`]: AWS's quotas and fanout's own bounds, each defined once.
 //! - [`Backoff`]: exponential backoff with full jitter, shared by every retry.
 //! - [`telemetry`]: the process-wide counters.
-//! - `fakes`: in-process stand-ins behind every seam, for tests (feature
-//!   `fakes`).
+//! - `fakes`: in-process stand-ins behind every seam, one a module, for
+//!   tests (feature `fakes`).
 
 pub mod budget;
 pub mod connection;

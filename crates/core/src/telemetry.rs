@@ -271,7 +271,7 @@ impl Metrics {
         Self::incr(match counter {
             Counter::Delivered => &self.delivered,
             Counter::Gone => &self.gone,
-            Counter::Failed => &self.failed,
+            Counter::Rejected => &self.failed,
             Counter::Throttled => &self.throttled,
         });
     }

@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use super::tally::Tally;
 use super::{Deferred, Engine, EngineSettings, FanoutError};
-use crate::connection::{Connection, ConnectionId};
+use crate::connection::{Connection, ConnectionId, ConnectionState};
 use crate::gateway::{Gateway, Pace, PostOutcome, Step};
 use crate::store::ConnectionStore;
 use crate::telemetry::Metrics;
@@ -59,9 +59,8 @@ impl Default for Tries {
 /// What the retry policy makes of one answer.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Decision {
-    Delivered,
-    Gone,
-    Rejected,
+    /// Delivered, gone or rejected.
+    Final(ConnectionState),
     /// The answer stops the job.
     Stop,
     /// Post again after the backoff's delay for retry number `retry`, and
@@ -87,9 +86,7 @@ pub(super) fn decide(
     detail: Option<&str>,
 ) -> Decision {
     match step {
-        Step::Delivered => Decision::Delivered,
-        Step::Gone => Decision::Gone,
-        Step::Rejected => Decision::Rejected,
+        Step::Final(state) => Decision::Final(state),
         Step::StopJob { .. } => Decision::Stop,
         Step::RetryThrottled => {
             if tries.one_client && pass == Pass::Audience {
@@ -139,7 +136,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         // without a post, so one bad row cannot stop a broadcast.
         if let Err(bad) = crate::connection::check_id(connection.id.as_str()) {
             tracing::warn!(connection = ?connection.id, reason = %bad, "not a connection id; rejected without a post");
-            counts.answer(crate::gateway::Counter::Failed);
+            counts.answer(crate::gateway::Counter::Rejected);
             return Delivery::Rejected(connection.id);
         }
         let mut tries = Tries::default();
@@ -165,12 +162,16 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 &self.settings,
                 outcome.detail(),
             ) {
-                Decision::Delivered => return Delivery::Delivered,
-                Decision::Gone => return Delivery::Gone(connection),
-                Decision::Rejected => {
+                Decision::Final(ConnectionState::Gone) => return Delivery::Gone(connection),
+                Decision::Final(ConnectionState::Rejected) => {
                     let reason = outcome.detail().unwrap_or_default();
                     tracing::warn!(connection = %connection.id, %reason, "send rejected");
                     return Delivery::Rejected(connection.id);
+                }
+                Decision::Final(ConnectionState::Delivered) => return Delivery::Delivered,
+                // No answer means either; kept for a later pass, never lost.
+                Decision::Final(state @ (ConnectionState::Expired | ConnectionState::Deferred)) => {
+                    return deferred(connection, format!("answered as {}", state.as_str()));
                 }
                 Decision::Stop => return Delivery::Abort(FanoutError::Refused(outcome)),
                 Decision::Defer(reason) => return deferred(connection, reason),
@@ -250,8 +251,10 @@ mod tests {
 
     #[test]
     fn the_retry_policy_by_answer_and_tries() {
-        use Decision::*;
+        use ConnectionState::{Delivered, Gone, Rejected};
+        use Decision::{Defer, Final, Retry, Stop};
         use Pass::{Audience, Deferred as Later};
+        let final_ = Step::Final;
         let retry_within = |retry, secs| Retry {
             retry,
             within: Some(Duration::from_secs(secs)),
@@ -259,14 +262,20 @@ mod tests {
         let rows: Vec<(Step, Tries, Pass, Decision, u32)> = vec![
             // Final answers end the tries, whatever came before.
             (
-                Step::Delivered,
+                final_(Delivered),
                 tries(1, 0, false, 0),
                 Audience,
-                Delivered,
+                Final(Delivered),
                 1,
             ),
-            (Step::Gone, tries(2, 0, false, 0), Later, Gone, 2),
-            (Step::Rejected, tries(1, 0, false, 0), Audience, Rejected, 1),
+            (final_(Gone), tries(2, 0, false, 0), Later, Final(Gone), 2),
+            (
+                final_(Rejected),
+                tries(1, 0, false, 0),
+                Audience,
+                Final(Rejected),
+                1,
+            ),
             (
                 Step::StopJob { dead_letter: true },
                 tries(1, 0, false, 0),

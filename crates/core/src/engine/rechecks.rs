@@ -24,7 +24,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::backoff::Backoff;
 use crate::budget::SendBudget;
-use crate::connection::Connection;
+use crate::connection::{Connection, ConnectionState};
 use crate::engine::evidence::{EndpointWatch, Standing};
 use crate::engine::remover::{REMOVE_BACKOFF, Remover};
 use crate::engine::tally::Tally;
@@ -268,12 +268,12 @@ async fn post_again<S: ConnectionStore, G: Gateway>(
         counts.answer(counter);
     }
     match meaning.step {
-        Step::Delivered => {
+        Step::Final(ConnectionState::Delivered) => {
             Metrics::incr(&deps.metrics.recheck_delivered);
             tracing::debug!(connection = %recheck.connection.id, "a connection that answered 410 took the message on its recheck");
             Verdict::Done(recheck.payload)
         }
-        Step::Gone if deps.watch.standing() == Standing::Proven => {
+        Step::Final(ConnectionState::Gone) if deps.watch.standing() == Standing::Proven => {
             let mut rows = vec![recheck.connection];
             rows.extend(recheck.siblings);
             Verdict::Remove(rows, recheck.payload)

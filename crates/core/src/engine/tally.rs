@@ -56,7 +56,7 @@ impl Tally {
         let mine = match counter {
             Counter::Delivered => &self.delivered,
             Counter::Gone => &self.gone,
-            Counter::Failed => &self.failed,
+            Counter::Rejected => &self.failed,
             Counter::Throttled => &self.throttled,
         };
         mine.fetch_add(1, Ordering::Relaxed);

@@ -12,7 +12,7 @@ use std::future::Future;
 
 use bytes::Bytes;
 
-use crate::connection::ConnectionId;
+use crate::connection::{ConnectionId, ConnectionState};
 
 /// What one PostToConnection attempt came to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,12 +52,10 @@ pub struct Meaning {
 /// What becomes of the connection after one answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
-    /// Final: it has the message.
-    Delivered,
-    /// Final: the client left; its row is removed.
-    Gone,
-    /// Final: this connection cannot take it; no retry, no removal.
-    Rejected,
+    /// Final: delivered (it has the message), gone (the client left; its
+    /// row is removed, on evidence) or rejected (this connection cannot
+    /// take it; no retry, no removal).
+    Final(ConnectionState),
     /// Retried with backoff until the throttle deadline; past it, deferred.
     RetryThrottled,
     /// Retried with backoff for the send attempts; past them, deferred.
@@ -83,7 +81,9 @@ pub enum Pace {
 pub enum Counter {
     Delivered,
     Gone,
-    Failed,
+    /// A connection rejected (a 4xx about it alone); the metric keeps its
+    /// published name, `Failed`.
+    Rejected,
     Throttled,
 }
 
@@ -91,9 +91,21 @@ impl PostOutcome {
     /// The one table of what each answer means.
     pub fn meaning(&self) -> Meaning {
         let (step, pace, counter) = match self {
-            Self::Delivered => (Step::Delivered, Pace::Accepted, Some(Counter::Delivered)),
-            Self::Gone => (Step::Gone, Pace::Accepted, Some(Counter::Gone)),
-            Self::Rejected(_) => (Step::Rejected, Pace::Accepted, Some(Counter::Failed)),
+            Self::Delivered => (
+                Step::Final(ConnectionState::Delivered),
+                Pace::Accepted,
+                Some(Counter::Delivered),
+            ),
+            Self::Gone => (
+                Step::Final(ConnectionState::Gone),
+                Pace::Accepted,
+                Some(Counter::Gone),
+            ),
+            Self::Rejected(_) => (
+                Step::Final(ConnectionState::Rejected),
+                Pace::Accepted,
+                Some(Counter::Rejected),
+            ),
             Self::Throttled => (
                 Step::RetryThrottled,
                 Pace::Throttled,
@@ -151,9 +163,9 @@ mod tests {
         assert_eq!(
             steps,
             [
-                Step::Delivered,
-                Step::Gone,
-                Step::Rejected,
+                Step::Final(ConnectionState::Delivered),
+                Step::Final(ConnectionState::Gone),
+                Step::Final(ConnectionState::Rejected),
                 Step::RetryThrottled,
                 Step::RetryTransient,
                 Step::StopJob { dead_letter: true },

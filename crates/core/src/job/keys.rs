@@ -17,47 +17,10 @@
 
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use crate::connection::ConnectionState;
 use crate::job::{Job, Segment, Target};
-
-/// What became of one connection in a broadcast. All but
-/// [`Deferred`](Self::Deferred) are final.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ConnectionState {
-    /// API Gateway accepted the message (2xx).
-    Delivered,
-    /// API Gateway answered 410: the row is removed.
-    Gone,
-    /// Its row is older than API Gateway's connection limit allows: removed
-    /// without a post.
-    Expired,
-    /// A 4xx about that connection alone (such as 400): not retried, not
-    /// removed.
-    Rejected,
-    /// Not reached yet (throttled past its deadline, or 5xx past its
-    /// attempts): retried in a later pass or continuation.
-    Deferred,
-}
-
-impl ConnectionState {
-    pub fn is_final(self) -> bool {
-        self != Self::Deferred
-    }
-
-    /// The name used in logs, reports and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Delivered => "delivered",
-            Self::Gone => "gone",
-            Self::Expired => "expired",
-            Self::Rejected => "rejected",
-            Self::Deferred => "deferred",
-        }
-    }
-}
 
 /// One run of a broadcast (see the module docs).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
