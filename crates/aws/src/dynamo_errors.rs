@@ -37,6 +37,20 @@ where
     }
 }
 
+/// A conditional write's answer: `Ok(false)` when its condition failed
+/// (the item changed since it was read, and is left as it is), the
+/// failure otherwise.
+pub(crate) fn written<O, E>(result: Result<O, SdkError<E, HttpResponse>>) -> Result<bool, Failure>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match result {
+        Ok(_) => Ok(true),
+        Err(err) if err.code() == Some("ConditionalCheckFailedException") => Ok(false),
+        Err(err) => Err(classify(&err)),
+    }
+}
+
 /// What an error answer means, by its code and status.
 pub(crate) fn answer(status: u16, code: &str, message: &str) -> Failure {
     let detail = format!("DynamoDB answered HTTP {status} ({code}: {message})");

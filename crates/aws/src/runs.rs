@@ -109,17 +109,8 @@ impl RunTable for DynamoRunTable {
                 .condition_expression("version = :read")
                 .expression_attribute_values(":read", AttributeValue::N(version.to_string())),
         };
-        match request.send().await {
-            Ok(_) => Ok(true),
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(err) => Err(map_error(&self.table, err)),
-        }
+        dynamo_errors::written(request.send().await)
+            .map_err(|failure| from_failure(&self.table, failure))
     }
 }
 
@@ -178,7 +169,11 @@ fn map_error<E>(table: &str, err: SdkError<E, HttpResponse>) -> DurableError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    match dynamo_errors::classify(&err) {
+    from_failure(table, dynamo_errors::classify(&err))
+}
+
+fn from_failure(table: &str, failure: Failure) -> DurableError {
+    match failure {
         Failure::NoSuchTable => DurableError::NoSuchTable {
             table: table.to_owned(),
         },

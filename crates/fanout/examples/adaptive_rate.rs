@@ -100,18 +100,7 @@ async fn main() {
         },
         metrics.clone(),
     );
-    let job = Job {
-        id: "adaptive".into(),
-        payload: Bytes::from_static(b"x"),
-        target: Target::All,
-        exclude: Default::default(),
-        resume: None,
-        segment: None,
-        split: None,
-        deferrals: 0,
-        continuation: 0,
-        part: 0,
-    };
+    let job = Job::new("adaptive", Bytes::from_static(b"x"), Target::All);
 
     let started = Instant::now();
     let job_stop = CancellationToken::new();

@@ -7,7 +7,6 @@
 
 use fanout_testkit::local_support;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -161,18 +160,7 @@ async fn a_broadcast_reaches_every_live_client_and_removes_the_gone_rows_on_both
             },
             Arc::new(Metrics::default()),
         );
-        let job = Job {
-            id: "e2e".into(),
-            payload: Bytes::from_static(b"to everyone"),
-            target: Target::All,
-            exclude: HashSet::new(),
-            resume: None,
-            segment: None,
-            split: None,
-            deferrals: 0,
-            continuation: 0,
-            part: 0,
-        };
+        let job = Job::new("e2e", Bytes::from_static(b"to everyone"), Target::All);
         let (report, result) = engine.run(&job, &CancellationToken::new()).await;
         result.unwrap_or_else(|e| panic!("{path:?}: {e}"));
         // Read without a start, a gone connection may still be connecting:

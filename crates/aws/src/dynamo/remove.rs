@@ -3,6 +3,7 @@
 //! certainly gone by age on condition that they still hold their start.
 
 use super::*;
+use crate::dynamo_errors;
 
 pub(super) async fn remove_expired(inner: &Inner, row: Expired) -> Result<bool, StoreError> {
     let (Some(age), Some(key)) = (&inner.settings.expiry, &row.connection.key) else {
@@ -169,15 +170,5 @@ pub(super) fn deleted(
         SdkError<aws_sdk_dynamodb::operation::delete_item::DeleteItemError, HttpResponse>,
     >,
 ) -> Result<bool, StoreError> {
-    match result {
-        Ok(_) => Ok(true),
-        Err(err)
-            if err
-                .as_service_error()
-                .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-        {
-            Ok(false)
-        }
-        Err(err) => Err(map_error(table, err)),
-    }
+    dynamo_errors::written(result).map_err(|failure| from_failure(table, failure))
 }

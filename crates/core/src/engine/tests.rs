@@ -27,18 +27,7 @@ fn engine(
 }
 
 fn job(target: Target) -> Job {
-    Job {
-        id: "job".into(),
-        payload: Bytes::from_static(b"hello"),
-        target,
-        exclude: HashSet::new(),
-        resume: None,
-        segment: None,
-        split: None,
-        deferrals: 0,
-        continuation: 0,
-        part: 0,
-    }
+    Job::new("job", Bytes::from_static(b"hello"), target)
 }
 
 /// Runs `job` until `gateway` has delivered `count`, then asks it to stop,

@@ -74,6 +74,25 @@ pub struct Job {
     pub part: u32,
 }
 
+impl Job {
+    /// A producer's job of `payload` to `target`, with no exclusions and
+    /// nothing handed on yet.
+    pub fn new(id: impl Into<String>, payload: Bytes, target: Target) -> Self {
+        Self {
+            id: id.into(),
+            payload,
+            target,
+            exclude: HashSet::new(),
+            resume: None,
+            segment: None,
+            split: None,
+            deferrals: 0,
+            continuation: 0,
+            part: 0,
+        }
+    }
+}
+
 impl fmt::Display for Target {
     /// How logs name the audience: `everyone`, `channel sports`,
     /// `channels a,b`, `to user=u-42`, `connections (3)`, `deferred (5)`.

@@ -29,7 +29,6 @@ mod removals;
 mod sink;
 mod table;
 
-use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -391,16 +390,8 @@ async fn run<S: ConnectionStore>(
     let payload = Bytes::from(vec![b'x'; args.payload_bytes]);
     let total = args.jobs.max(1);
     let jobs = (0..total).map(|index| Job {
-        id: format!("bench-{index}"),
-        payload: payload.clone(),
-        target: Target::All,
-        exclude: HashSet::new(),
-        resume: None,
         segment: (total > 1).then_some(Segment { index, total }),
-        split: None,
-        deferrals: 0,
-        continuation: 0,
-        part: 0,
+        ..Job::new(format!("bench-{index}"), payload.clone(), Target::All)
     });
 
     let cpu_before = cpu_time()?;
