@@ -13,6 +13,7 @@
 
 mod handon;
 pub mod keys;
+mod parse;
 mod validate;
 mod wire;
 
@@ -27,8 +28,9 @@ use crate::store::Cursor;
 pub use crate::limits::{MAX_CHANNELS, MAX_PAYLOAD_BYTES, MAX_SPLIT, MAX_SPLIT_BYTES};
 pub(crate) use handon::deferred_spec;
 pub use handon::{MAX_CONTINUATION_BYTES, TooLargeToContinue};
+pub use parse::parse;
 pub use validate::validate;
-pub use wire::{DeferredSpec, JOB_FORMAT_VERSION, JobSpec, Segment, parse};
+pub use wire::{DeferredSpec, JOB_FORMAT_VERSION, JobSpec, Segment};
 
 /// Who a job goes to.
 #[derive(Clone, Debug, PartialEq, Eq)]
