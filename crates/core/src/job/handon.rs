@@ -84,8 +84,7 @@ impl Job {
     ) -> Result<Vec<String>, TooLargeToContinue> {
         // The segment stays: it tells this share's hand-ons apart from the
         // other shares'.
-        let mut base = self.continuation(Vec::new());
-        base.resume = None;
+        let mut base = self.listing_alone();
         base.deferred = Some(Vec::new());
         base.deferrals = self.deferrals + 1;
         // `"deferred":[]` holds the list; each entry adds its JSON and a
@@ -123,16 +122,24 @@ impl Job {
         Ok(bodies)
     }
 
-    /// A job for one connection alone, as it is dead-lettered once it has
-    /// been deferred too often.
-    pub fn for_one(&self, connection: &Connection) -> JobSpec {
+    /// The continuation that lists its connections itself: a `deferred`
+    /// list comes alone, so the audience it was read from goes (the parser
+    /// refuses a selector beside it).
+    fn listing_alone(&self) -> JobSpec {
         let mut spec = self.continuation(Vec::new());
         spec.resume = None;
-        spec.segment = None;
         spec.channel = None;
         spec.channels = None;
         spec.to = None;
         spec.connections = None;
+        spec
+    }
+
+    /// A job for one connection alone, as it is dead-lettered once it has
+    /// been deferred too often.
+    pub fn for_one(&self, connection: &Connection) -> JobSpec {
+        let mut spec = self.listing_alone();
+        spec.segment = None;
         spec.deferred = Some(vec![deferred_spec(connection)]);
         spec.deferrals = self.deferrals;
         spec.part = 0;

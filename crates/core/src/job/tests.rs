@@ -536,6 +536,37 @@ fn deferred_connections_continue_with_their_keys_split_to_fit() {
 }
 
 #[test]
+fn deferred_connections_of_a_selected_audience_continue_as_a_job_that_parses() {
+    let caps = Capabilities {
+        channels: true,
+        audiences: Some(vec!["user".into()]),
+    };
+    let deferred = vec![keyed("conn-1"), keyed("conn-2")];
+    for selector in [
+        r#""channel":"sports""#,
+        r#""channels":["a","b"]"#,
+        r#""to":{"user":"u-1"}"#,
+        r#""connections":["conn-1","conn-2","conn-3"]"#,
+    ] {
+        let job = parse(
+            &format!(r#"{{"id":"j","data":"x",{selector}}}"#),
+            "m",
+            &caps,
+        )
+        .unwrap();
+        let bodies = job.deferred_continuations(&deferred, 8_000).unwrap();
+        let next = parse(&bodies[0], "m", &caps).unwrap_or_else(|e| {
+            panic!("{selector}: the continuation {} is refused: {e}", bodies[0])
+        });
+        assert_eq!(
+            next.target,
+            Target::Deferred(deferred.clone()),
+            "{selector}"
+        );
+    }
+}
+
+#[test]
 fn deferred_lists_come_alone() {
     assert_eq!(
         err(r#"{"data":"x","deferred":[{"id":"a"}],"channel":"c"}"#),
