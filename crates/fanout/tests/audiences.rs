@@ -3,7 +3,7 @@
 //! API Gateway stand-in and real WebSocket clients, on tables with the
 //! indexes these audiences read.
 
-use fanout_testkit::local_support;
+use fanout_testkit::stack::Stack;
 use fanout_testkit::support;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,9 +15,8 @@ use fanout_core::connection::ConnectionId;
 use fanout_core::store::{AudienceQuery, ChannelOrder, ConnectionStore, Cursor, Position};
 use fanout_dev::clients::Swarm;
 use futures::StreamExt;
-use local_support::TestGateway;
 use support::worker::{Run, finish, signal};
-use support::{CHANNEL, CHANNEL_INDEX, ID, IndexSpec, TestQueue};
+use support::{CHANNEL, CHANNEL_INDEX, ID, IndexSpec};
 use tokio::process::Command;
 
 const USER_INDEX: &str = "by-user";
@@ -25,14 +24,20 @@ const USER: &str = "userId";
 const AUDIENCES: &str = "user=by-user:userId";
 
 /// A queue, its dead-letter queue, a table and a gateway over it.
-struct Rig {
-    sqs: aws_sdk_sqs::Client,
-    dynamo: aws_sdk_dynamodb::Client,
-    queue: TestQueue,
-    dlq: TestQueue,
-    table: String,
-    gateway: TestGateway,
-    env: Vec<(String, String)>,
+struct Rig(Stack);
+
+impl std::ops::Deref for Rig {
+    type Target = Stack;
+
+    fn deref(&self) -> &Stack {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Rig {
+    fn deref_mut(&mut self) -> &mut Stack {
+        &mut self.0
+    }
 }
 
 impl Rig {
@@ -45,34 +50,16 @@ impl Rig {
         indexes: &[IndexSpec<'_>],
         configure: impl FnOnce(&mut fanout_dev::gateway::GatewayArgs),
     ) -> Self {
-        let sqs = support::sqs().await;
-        let dynamo = support::dynamodb().await;
-        let (queue, dlq) = support::create_queue_with_dlq(&sqs, "aud", false, None).await;
-        let table = support::create_table_with_indexes(&dynamo, "aud", key, indexes).await;
-        let gateway = TestGateway::on_table(&table, configure).await;
-        Self {
-            sqs,
-            dynamo,
-            queue,
-            dlq,
-            table,
-            gateway,
-            env: vec![("FANOUT_AUDIENCE_INDEXES".into(), AUDIENCES.into())],
-        }
+        let table = async |dynamo: &aws_sdk_dynamodb::Client, name: &str| {
+            support::create_table_with_indexes(dynamo, name, key, indexes).await
+        };
+        let mut stack = Stack::with_table("aud", table, configure).await;
+        stack.set("FANOUT_AUDIENCE_INDEXES", AUDIENCES);
+        Self(stack)
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let endpoint = format!("http://{}/{}", self.gateway.addr, self.gateway.stage);
-        let own = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-        let mut command = support::worker::command(
-            args,
-            &self.queue.url,
-            &self.dlq.url,
-            &self.table,
-            [("FANOUT_GATEWAY_ENDPOINT", endpoint.as_str())]
-                .into_iter()
-                .chain(own),
-        );
+        let mut command = self.0.command(args, []);
         command
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
@@ -85,10 +72,6 @@ impl Rig {
         let mut all = vec!["enqueue"];
         all.extend_from_slice(args);
         support::worker::run_ok(self.command(&all), &format!("{all:?}")).await;
-    }
-
-    async fn send_raw(&self, body: &str) {
-        support::send_body(&self.sqs, &self.queue.url, body).await;
     }
 
     async fn run_until_idle(&self) -> Run {

@@ -9,7 +9,7 @@
 //! a worker whose clock disagrees with DynamoDB's turns the rule off.
 
 use fanout_testkit::fault_support::proxy::{FaultProxy, Faults};
-use fanout_testkit::local_support::TestGateway;
+use fanout_testkit::stack::Stack;
 use fanout_testkit::support;
 
 use std::collections::BTreeSet;
@@ -18,7 +18,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use aws_sdk_dynamodb::types::AttributeValue;
 use fanout_dev::clients::Swarm;
 use support::worker::{Run, run_to_end};
-use support::{TableKey, TestQueue};
 
 const HOUR_MS: i64 = 60 * 60 * 1000;
 
@@ -29,30 +28,19 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-struct Setup {
-    sqs: aws_sdk_sqs::Client,
-    dynamo: aws_sdk_dynamodb::Client,
-    queue: TestQueue,
-    dlq: TestQueue,
-    table: String,
-    gateway: TestGateway,
+struct Setup(Stack);
+
+impl std::ops::Deref for Setup {
+    type Target = Stack;
+
+    fn deref(&self) -> &Stack {
+        &self.0
+    }
 }
 
 impl Setup {
     async fn new() -> Self {
-        let sqs = support::sqs().await;
-        let dynamo = support::dynamodb().await;
-        let (queue, dlq) = support::create_queue_with_dlq(&sqs, "age", false, None).await;
-        let table = support::create_table(&dynamo, "age", TableKey::Id, true).await;
-        let gateway = TestGateway::on_table(&table, |_| {}).await;
-        Self {
-            sqs,
-            dynamo,
-            queue,
-            dlq,
-            table,
-            gateway,
-        }
+        Self(Stack::new("age", |_| {}).await)
     }
 
     /// Writes one row with `connectedAt` as given (`None`: without it).
@@ -78,17 +66,12 @@ impl Setup {
     }
 
     async fn run(&self, extra: &[(&str, &str)]) -> Run {
-        let endpoint = format!("http://{}/{}", self.gateway.addr, self.gateway.stage);
         let env = [
-            ("FANOUT_GATEWAY_ENDPOINT", endpoint.as_str()),
             ("FANOUT_CONNECTED_AT_ATTRIBUTE", "connectedAt"),
             ("FANOUT_RATE_PER_SECOND", "0"),
         ];
-        let command = support::worker::command(
+        let command = self.command(
             &["run", "--exit-when-idle"],
-            &self.queue.url,
-            &self.dlq.url,
-            &self.table,
             env.into_iter().chain(extra.iter().copied()),
         );
         let run = run_to_end(command).await;
@@ -182,7 +165,7 @@ async fn rows_of_three_hours_ago_are_removed_with_no_post_and_the_rest_posted_to
         run.stdout
     );
     clients.close(None).await;
-    s.gateway.shutdown().await;
+    s.0.gateway.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,7 +206,7 @@ async fn a_worker_clock_off_by_minutes_posts_to_every_row() {
         run.stdout
     );
     clients.close(None).await;
-    s.gateway.shutdown().await;
+    s.0.gateway.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,7 @@
 //! it, SQS (moto) and DynamoDB (dynalite) emulators, the local API Gateway
 //! stand-in, and real WebSocket clients.
 
-use fanout_testkit::local_support;
+use fanout_testkit::stack::Stack;
 use fanout_testkit::support;
 
 use std::collections::BTreeSet;
@@ -11,58 +11,34 @@ use std::time::Duration;
 
 use fanout_dev::clients::Swarm;
 use fanout_dev::gateway::GatewayArgs;
-use local_support::TestGateway;
 use support::worker::{Run, finish, signal};
-use support::{TableKey, TestQueue};
 use tokio::process::{Child, Command};
 
 /// Everything one test needs: a queue and its dead-letter queue, a table
 /// with a channel index, a gateway over that table.
-struct Pipeline {
-    sqs: aws_sdk_sqs::Client,
-    dynamo: aws_sdk_dynamodb::Client,
-    queue: TestQueue,
-    dlq: TestQueue,
-    table: String,
-    gateway: TestGateway,
-    /// Extra FANOUT_* settings for the worker.
-    env: Vec<(String, String)>,
+struct Pipeline(Stack);
+
+impl std::ops::Deref for Pipeline {
+    type Target = Stack;
+
+    fn deref(&self) -> &Stack {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Pipeline {
+    fn deref_mut(&mut self) -> &mut Stack {
+        &mut self.0
+    }
 }
 
 impl Pipeline {
     async fn new(configure: impl FnOnce(&mut GatewayArgs)) -> Self {
-        let sqs = support::sqs().await;
-        let dynamo = support::dynamodb().await;
-        let (queue, dlq) = support::create_queue_with_dlq(&sqs, "e2e", false, None).await;
-        let table = support::create_table(&dynamo, "e2e", TableKey::Id, true).await;
-        let gateway = TestGateway::on_table(&table, configure).await;
-        Self {
-            sqs,
-            dynamo,
-            queue,
-            dlq,
-            table,
-            gateway,
-            env: Vec::new(),
-        }
-    }
-
-    fn set(&mut self, key: &str, value: impl ToString) {
-        self.env.push((key.to_owned(), value.to_string()));
+        Self(Stack::new("e2e", configure).await)
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let endpoint = format!("http://{}/{}", self.gateway.addr, self.gateway.stage);
-        let own = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-        support::worker::command(
-            args,
-            &self.queue.url,
-            &self.dlq.url,
-            &self.table,
-            [("FANOUT_GATEWAY_ENDPOINT", endpoint.as_str())]
-                .into_iter()
-                .chain(own),
-        )
+        self.0.command(args, [])
     }
 
     /// `fanout enqueue ARGS`; returns the message id.
@@ -70,11 +46,6 @@ impl Pipeline {
         let mut all = vec!["enqueue"];
         all.extend_from_slice(args);
         crate::support::worker::run_ok(self.command(&all), &format!("{all:?}")).await
-    }
-
-    /// Puts a raw body on the jobs queue, as any producer's SDK would.
-    async fn send_raw(&self, body: &str) {
-        support::send_body(&self.sqs, &self.queue.url, body).await;
     }
 
     fn spawn_worker(&self, exit_when_idle: bool) -> Child {

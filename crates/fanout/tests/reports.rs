@@ -5,7 +5,7 @@
 //! gateway saw; an unreachable destination changes nothing but a count; a
 //! long broadcast logs its progress.
 
-use fanout_testkit::local_support;
+use fanout_testkit::stack::Stack;
 use fanout_testkit::support;
 
 use std::collections::BTreeMap;
@@ -14,82 +14,62 @@ use std::time::{Duration, SystemTime};
 
 use fanout_dev::clients::Swarm;
 use fanout_dev::gateway::GatewayArgs;
-use local_support::TestGateway;
 use serde_json::Value;
+use support::TestQueue;
 use support::worker::{Run, finish, signal};
-use support::{TableKey, TestQueue};
 use tokio::process::{Child, Command};
 
 /// A jobs queue, its dead-letter queue, a table, a gateway over it, and the
 /// report destinations: a queue, and a topic read through a subscribed
 /// queue.
 struct Rig {
-    sqs: aws_sdk_sqs::Client,
-    dynamo: aws_sdk_dynamodb::Client,
-    queue: TestQueue,
-    dlq: TestQueue,
-    table: String,
-    gateway: TestGateway,
+    stack: Stack,
     reports: TestQueue,
     topic: String,
     topic_reader: TestQueue,
-    env: Vec<(String, String)>,
+}
+
+impl std::ops::Deref for Rig {
+    type Target = Stack;
+
+    fn deref(&self) -> &Stack {
+        &self.stack
+    }
+}
+
+impl std::ops::DerefMut for Rig {
+    fn deref_mut(&mut self) -> &mut Stack {
+        &mut self.stack
+    }
 }
 
 impl Rig {
     async fn new(configure: impl FnOnce(&mut GatewayArgs)) -> Self {
-        let sqs = support::sqs().await;
+        let stack = Stack::new("rep", configure).await;
         let sns = support::sns().await;
-        let dynamo = support::dynamodb().await;
-        let (queue, dlq) = support::create_queue_with_dlq(&sqs, "rep", false, None).await;
-        let table = support::create_table(&dynamo, "rep", TableKey::Id, true).await;
-        let gateway = TestGateway::on_table(&table, configure).await;
         let reports =
-            support::create_queue(&sqs, "rep-reports", &support::QueueSpec::default()).await;
-        let (topic, topic_reader) = support::topic_with_queue(&sqs, &sns, "rep-topic").await;
+            support::create_queue(&stack.sqs, "rep-reports", &support::QueueSpec::default()).await;
+        let (topic, topic_reader) = support::topic_with_queue(&stack.sqs, &sns, "rep-topic").await;
         Self {
-            sqs,
-            dynamo,
-            queue,
-            dlq,
-            table,
-            gateway,
+            stack,
             reports,
             topic,
             topic_reader,
-            env: Vec::new(),
         }
     }
 
-    fn set(&mut self, key: &str, value: impl ToString) {
-        self.env.push((key.to_owned(), value.to_string()));
-    }
-
     fn command(&self, args: &[&str]) -> Command {
-        let endpoint = format!("http://{}/{}", self.gateway.addr, self.gateway.stage);
         let destinations = [
-            ("FANOUT_GATEWAY_ENDPOINT", endpoint.as_str()),
             ("FANOUT_REPORT_QUEUE_URL", self.reports.url.as_str()),
             ("FANOUT_REPORT_TOPIC_ARN", self.topic.as_str()),
         ];
-        let own = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-        support::worker::command(
-            args,
-            &self.queue.url,
-            &self.dlq.url,
-            &self.table,
-            destinations.into_iter().chain(own),
-        )
+        self.stack.command(args, destinations)
     }
 
     async fn enqueue(&self, args: &[&str]) -> String {
         let mut all = vec!["enqueue"];
         all.extend_from_slice(args);
         support::worker::run_ok(self.command(&all), &format!("{all:?}")).await
-    }
-
-    async fn send_raw(&self, body: &str) {
-        support::send_body(&self.sqs, &self.queue.url, body).await;
     }
 
     fn spawn_worker(&self, exit_when_idle: bool) -> Child {

@@ -9,6 +9,8 @@
 //!   process (`support::worker`).
 //! - [`local_support`]: the local API Gateway stand-in (`fanout-dev`'s
 //!   gateway) in process, and real WebSocket clients of it.
+//! - [`stack`]: one test's stack in one call (clients, queues, a table,
+//!   the local gateway) and `fanout` commands pointed at it.
 //! - [`pki`]: a test CA and server certificates, made with the openssl
 //!   CLI, for the TLS tests.
 //! - [`fault_support`]: the fault-injection proxy, the rig that puts it in
@@ -18,4 +20,5 @@
 pub mod fault_support;
 pub mod local_support;
 pub mod pki;
+pub mod stack;
 pub mod support;
