@@ -3,7 +3,8 @@
 # (DynamoDB), installed into .local/ and bound to 127.0.0.1; serverless-offline
 # (a local API Gateway WebSocket stand-in, stage-less) for the peer tests.
 #
-#   scripts/emulators.sh install   pinned versions into .local/venv, .local/node and .local/node-sls
+#   scripts/emulators.sh install   pinned versions into .local/venv, .local/node, .local/node-sls
+#                                  and .local/node-producers
 #   scripts/emulators.sh start     both servers on FANOUT_EMU_SQS_PORT / FANOUT_EMU_DYNAMODB_PORT
 #   scripts/emulators.sh stop      the servers started for those ports (by their pid files)
 #   scripts/emulators.sh env       export lines pointing the AWS SDK at them
@@ -15,12 +16,18 @@ DYNALITE_VERSION=4.0.0
 # framework at run time and needs a login; 13.x runs under serverless 3.
 SERVERLESS_VERSION=3.40.0
 SERVERLESS_OFFLINE_VERSION=13.9.0
+# The producers under examples/ and the job schema's validator
+# (crates/fanout/tests/producers.rs, job_schema.rs): the AWS CLI v1 and boto3
+# of one botocore release, Python's jsonschema, the AWS SDK for JavaScript v3.
+PRODUCER_PIP=(awscli==1.46.3 boto3==1.44.3 jsonschema==4.23.0)
+AWS_SDK_JS_VERSION=3.1178.0
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LOCAL="$ROOT/.local"
 VENV="$LOCAL/venv"
 NODE_PREFIX="$LOCAL/node"
 SLS_PREFIX="$LOCAL/node-sls"
+PRODUCERS_PREFIX="$LOCAL/node-producers"
 SQS_PORT="${FANOUT_EMU_SQS_PORT:-5320}"
 DYNAMODB_PORT="${FANOUT_EMU_DYNAMODB_PORT:-5321}"
 RUN="$LOCAL/run/$SQS_PORT-$DYNAMODB_PORT"
@@ -45,10 +52,15 @@ install() {
     python3 -m venv "$VENV" || die "python3 -m venv failed; install python3-venv"
   fi
   # pip's own check makes a repeated install quick, but skipping it is quicker.
-  if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('moto') != '$MOTO_VERSION')" 2>/dev/null \
+  if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(any(m.version(p) != v for p, v in (a.split('==') for a in sys.argv[1:])))" \
+    "moto==$MOTO_VERSION" "${PRODUCER_PIP[@]}" 2>/dev/null \
     || [[ ! -x "$VENV/bin/moto_server" ]]; then
     "$VENV/bin/pip" install --quiet --disable-pip-version-check \
-      "moto[sqs,dynamodb,sns]==$MOTO_VERSION" flask flask-cors
+      "moto[sqs,dynamodb,sns,events]==$MOTO_VERSION" flask flask-cors "${PRODUCER_PIP[@]}"
+  fi
+  if [[ "$(node_version "$PRODUCERS_PREFIX" @aws-sdk/client-sqs)" != "$AWS_SDK_JS_VERSION" ]]; then
+    mkdir -p "$PRODUCERS_PREFIX"
+    npm install --silent --no-audit --no-fund --prefix "$PRODUCERS_PREFIX" "@aws-sdk/client-sqs@$AWS_SDK_JS_VERSION"
   fi
   if [[ "$(node -p "try{require('$NODE_PREFIX/node_modules/dynalite/package.json').version}catch(e){''}" 2>/dev/null)" != "$DYNALITE_VERSION" ]]; then
     command -v npm >/dev/null || die "npm not found; install nodejs and npm"

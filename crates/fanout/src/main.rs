@@ -112,7 +112,11 @@ struct EnqueueArgs {
     /// Skip these connections (repeatable).
     #[arg(long, value_name = "ID")]
     exclude: Vec<String>,
-    /// The job's id in logs (default: the SQS message id).
+    /// The broadcast's idempotency key: unique per broadcast. Under run
+    /// records (FANOUT_CHECKPOINT_TABLE), a job whose id was broadcast within
+    /// FANOUT_DEDUP_WINDOW (24 h) is dropped (same body) or dead-lettered
+    /// (another body); a retry of the same broadcast keeps its id. Logs and
+    /// reports name the broadcast by it. Default: the SQS message id.
     #[arg(long)]
     id: Option<String>,
     /// Send even if the job breaks a limit (to test dead-lettering).
