@@ -11,6 +11,9 @@
 set -euo pipefail
 
 MOTO_VERSION=5.2.5
+# The Velocity engine the WebSocket request templates are rendered with in
+# the tests (crates/fanout/tests/websocket_stack.rs, scripts/ws_templates.py).
+AIRSPEED_VERSION=0.7.1
 DYNALITE_VERSION=4.0.0
 # serverless-offline 14 needs serverless 4, whose npm package downloads the
 # framework at run time and needs a login; 13.x runs under serverless 3.
@@ -61,6 +64,9 @@ install() {
   if [[ "$(node_version "$PRODUCERS_PREFIX" @aws-sdk/client-sqs)" != "$AWS_SDK_JS_VERSION" ]]; then
     mkdir -p "$PRODUCERS_PREFIX"
     npm install --silent --no-audit --no-fund --prefix "$PRODUCERS_PREFIX" "@aws-sdk/client-sqs@$AWS_SDK_JS_VERSION"
+  fi
+  if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('airspeed') != '$AIRSPEED_VERSION')" 2>/dev/null; then
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "airspeed==$AIRSPEED_VERSION"
   fi
   if [[ "$(node -p "try{require('$NODE_PREFIX/node_modules/dynalite/package.json').version}catch(e){''}" 2>/dev/null)" != "$DYNALITE_VERSION" ]]; then
     command -v npm >/dev/null || die "npm not found; install nodejs and npm"

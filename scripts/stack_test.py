@@ -53,6 +53,16 @@ UNSUPPORTED_BY_MOTO = {
     "AWS::ApplicationAutoScaling::ScalableTarget",
     "AWS::ApplicationAutoScaling::ScalingPolicy",
     "AWS::CloudWatch::Alarm",
+    # The stack's own WebSocket API (CreateWebSocketApi): moto 5.2.5 has an
+    # API Gateway v2 backend but no CloudFormation model for it. The rest of
+    # that stack (its table, the integrations' role, the access-log group)
+    # is made; these are checked from the template (websocket_checks).
+    "AWS::ApiGatewayV2::Api",
+    "AWS::ApiGatewayV2::Integration",
+    "AWS::ApiGatewayV2::Route",
+    "AWS::ApiGatewayV2::Deployment",
+    "AWS::ApiGatewayV2::Stage",
+    "AWS::ApiGatewayV2::Authorizer",
 }
 
 PROCS = []
@@ -281,7 +291,8 @@ def static_checks(stack):
                          ({"CreateConnectionsTable": "true", "TableKmsKeyArn": "arn:aws:kms:x"},
                           "TableKeyIsForAnExistingTable")):
         base = {k: v for k, v in stack.params.items()
-                if k not in ("CreateConnectionsTable", "ExistingTableName", "TableKmsKeyArn")}
+                if k not in ("CreateConnectionsTable", "ExistingTableName", "TableKmsKeyArn", "CreateWebSocketApi")}
+        base["WebSocketApiId"] = API_ID
         broken = broken_rules(Resolver(stack.resolver.tpl, {**base, **params}))
         check(broken == [rule], f"{rule} refuses {params or 'no table given and none created'}")
     target = next(res for res in resources.values() if res["Type"] == "AWS::ApplicationAutoScaling::ScalableTarget")
@@ -291,6 +302,88 @@ def static_checks(stack):
         "the scalable target is the service's desired count, up to MaxTasks",
     )
     return resources
+
+
+def websocket_checks(stack, resources):
+    """The stack's own WebSocket API, which moto does not make: its routes,
+    integrations, stage and authorizer from the template with the stack's
+    parameters (and with an authorizer), its Rules; the integrations' role
+    as IAM holds it."""
+    params = stack.resolver.params
+    byname = {name: res for name, res in resources.items()}
+    api = byname["WebSocketApi"]["Properties"]
+    check(api["ProtocolType"] == "WEBSOCKET" and api["RouteSelectionExpression"] == "$request.body.action",
+          "a WebSocket API whose routes are selected on the message's action")
+    routes = {res["Properties"]["RouteKey"]: res["Properties"] for res in resources.values()
+              if res["Type"] == "AWS::ApiGatewayV2::Route"}
+    check(sorted(routes) == sorted(["$connect", "$disconnect", "subscribe", "unsubscribe", "$default"]),
+          f"the routes $connect, $disconnect, subscribe, unsubscribe, $default ({sorted(routes)})")
+    actions = {"$connect": "PutItem", "$disconnect": "DeleteItem", "subscribe": "PutItem",
+               "unsubscribe": "DeleteItem"}
+    for key, route in routes.items():
+        target = route["Target"]["!Sub"]
+        integration = byname[target.removeprefix("integrations/${").removesuffix("}")]["Properties"]
+        if key == "$default":
+            check(integration["IntegrationType"] == "MOCK", "$default (pings and the rest) is answered by nothing")
+            continue
+        uri = integration["IntegrationUri"]["!Sub"]
+        check(integration["IntegrationType"] == "AWS" and uri.endswith(f":dynamodb:action/{actions[key]}")
+              and integration["CredentialsArn"] == {"!GetAtt": "WebSocketIntegrationRole.Arn"}
+              and "$default" in integration["RequestTemplates"],
+              f"{key}: DynamoDB {actions[key]} with the integrations' role and a request template")
+    check(routes["$connect"]["AuthorizationType"] == "NONE" and "AuthorizerId" not in routes["$connect"],
+          "no AuthorizerFunctionArn: $connect has no authorizer")
+    stage = byname["WebSocketStageResource"]["Properties"]
+    check(stage["StageName"] == params["WebSocketStage"]
+          and stage["DefaultRouteSettings"] == {"ThrottlingRateLimit": params["WebSocketRateLimit"],
+                                                "ThrottlingBurstLimit": params["WebSocketBurstLimit"]}
+          and all(stage["RouteSettings"][r]["ThrottlingRateLimit"] == params["SubscribeRateLimit"]
+                  for r in ("subscribe", "unsubscribe")),
+          "the stage is WebSocketStage, throttled per route, subscriptions more tightly")
+    check(("AccessLogSettings" in stage) == (params["WebSocketAccessLogs"] == "true")
+          and ("WebSocketAccessLogGroup" in stack.resources) == (params["WebSocketAccessLogs"] == "true"),
+          f"access logs only with WebSocketAccessLogs ({params['WebSocketAccessLogs']})")
+    # With an authorizer (moto's Lambda::Permission wants a real function,
+    # so this variant is read from the template only).
+    with_auth = Resolver(stack.resolver.tpl, {**stack.params, "AuthorizerFunctionArn":
+                                              f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:authorize"})
+    authed = resolved_resources(type("S", (), {"resolver": with_auth})())
+    connect = next(r["Properties"] for r in authed.values()
+                   if r["Type"] == "AWS::ApiGatewayV2::Route" and r["Properties"]["RouteKey"] == "$connect")
+    auth = authed["WebSocketAuthorizer"]["Properties"]
+    check(connect["AuthorizationType"] == "CUSTOM" and connect["AuthorizerId"] == {"Ref": "WebSocketAuthorizer"}
+          and auth["AuthorizerType"] == "REQUEST"
+          and auth["IdentitySource"] == [params["AuthorizerIdentitySource"]]
+          and authed["WebSocketAuthorizerPermission"]["Properties"]["Principal"] == "apigateway.amazonaws.com",
+          "with AuthorizerFunctionArn: a REQUEST authorizer on $connect, which API Gateway may invoke")
+    # The integrations' role, as IAM holds it.
+    iam = stack.aws("iam")
+    role = stack.resources["WebSocketIntegrationRole"]["PhysicalResourceId"]
+    doc = policy_document(iam.get_role_policy(RoleName=role, PolicyName="fanout-websocket-rows"))
+    (stmt,) = doc["Statement"]
+    table_arn = f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{stack.outputs['TableName']}"
+    check(sorted(stmt["Action"]) == ["dynamodb:DeleteItem", "dynamodb:PutItem"] and stmt["Resource"] == table_arn
+          and sorted(stmt["Condition"]["ForAllValues:StringEquals"]["dynamodb:Attributes"])
+          == sorted(["connectionId", "sk", "channel", "connectedAt", "expiresAt", "userId"]),
+          "API Gateway's role: PutItem and DeleteItem on the table, the templates' attributes only")
+    trust = policy_document({"PolicyDocument": iam.get_role(RoleName=role)["Role"]["AssumeRolePolicyDocument"]})
+    check(trust["Statement"][0]["Principal"] == {"Service": "apigateway.amazonaws.com"},
+          "only API Gateway assumes it")
+    table = stack.aws("dynamodb").describe_table(TableName=stack.outputs["TableName"])["Table"]
+    check([k["AttributeName"] for k in table["KeySchema"]] == ["connectionId", "sk"]
+          and {i["IndexName"]: [k["AttributeName"] for k in i["KeySchema"]] for i in table["GlobalSecondaryIndexes"]}
+          == {"by-channel": ["channel", "connectionId"], "by-user": ["userId"]},
+          "the table: connectionId + sk, by-channel on channel + connectionId, by-user on userId")
+    for params_, rule in (({"WebSocketApiId": API_ID}, "WebSocketApiIsAChoice"),
+                          ({"CreateConnectionsTable": "true"}, "TableIsAChoice"),
+                          ({"ChannelIndexName": ""}, "WebSocketApiLayout"),
+                          ({"AudienceIndexes": "team=by-team:teamId"}, "WebSocketApiLayout")):
+        broken = broken_rules(Resolver(stack.resolver.tpl, {**stack.params, **params_}))
+        check(broken == [rule], f"{rule} refuses CreateWebSocketApi with {params_} ({broken})")
+    neither = broken_rules(Resolver(stack.resolver.tpl, {k: v for k, v in stack.params.items()
+                                                         if k != "CreateWebSocketApi"}))
+    check(sorted(neither) == ["TableIsAChoice", "WebSocketApiIsAChoice"],
+          f"without CreateWebSocketApi, neither an API nor a table is given: refused ({neither})")
 
 
 def broken_rules(resolver):
@@ -473,10 +566,20 @@ def run_case(opts, aws, endpoints, work, case):
         check(env.get(key) == value, f"the task's {key} is {value!r} (it is {env.get(key)!r})")
     for key in case["expect_no_env"]:
         check(key not in env, f"the task sets no {key}")
-    check(
-        env["FANOUT_GATEWAY_ENDPOINT"] == f"https://{API_ID}.execute-api.{REGION}.amazonaws.com/{STAGE}",
-        "the task's management endpoint is the API's stage",
-    )
+    if case["params"].get("CreateWebSocketApi") == "true":
+        # moto makes no API, so its id is not known here: the endpoint is
+        # the stack's output, built from the API's own id.
+        check(env["FANOUT_GATEWAY_ENDPOINT"] == stack.outputs["ManagementEndpoint"]
+              and stack.outputs["WebSocketUrl"].startswith("wss://")
+              and stack.outputs["WebSocketUrl"].endswith(f".execute-api.{REGION}.amazonaws.com/{STAGE}"),
+              f"the task's management endpoint is the stack's own API ({env['FANOUT_GATEWAY_ENDPOINT']}), "
+              f"clients connect at {stack.outputs['WebSocketUrl']}")
+    else:
+        check(
+            env["FANOUT_GATEWAY_ENDPOINT"] == f"https://{API_ID}.execute-api.{REGION}.amazonaws.com/{STAGE}"
+            and stack.outputs["ManagementEndpoint"] == env["FANOUT_GATEWAY_ENDPOINT"],
+            "the task's management endpoint is the API's stage",
+        )
     iam = aws("iam")
     role = stack.resources["ExecutionRole"]["PhysicalResourceId"]
     statements = policy_document(iam.get_role_policy(RoleName=role, PolicyName="fanout-execution"))["Statement"]
@@ -496,6 +599,8 @@ def run_case(opts, aws, endpoints, work, case):
               and stmt["Condition"]["StringEquals"]["kms:ViaService"] == f"dynamodb.{REGION}.amazonaws.com",
               "the table's key: kms:Decrypt and DescribeKey, through DynamoDB only")
     resources = static_checks(stack)
+    if case["params"].get("CreateWebSocketApi") == "true":
+        websocket_checks(stack, resources)
     metrics = alarm_metrics(resources)
 
     # The local gateway writes $connect rows keyed connectionId; for a table
@@ -506,6 +611,10 @@ def run_case(opts, aws, endpoints, work, case):
     port = free_port(8190)
     gateway_args = [opts.dev, "gateway", "--listen", f"127.0.0.1:{port}", "--stage", STAGE,
                     "--table", gateway_table, "--keep-stale"]
+    if case["params"].get("CreateWebSocketApi") == "true":
+        # The rows the stack's own API writes (its request templates; the
+        # tests compare the two).
+        gateway_args += ["--layout", "memberships"]
     if gateway_table != table:
         gateway_args.append("--create-table")
     start(gateway_args, work / "gateway.log", env={**os.environ, **endpoints})
@@ -685,6 +794,29 @@ def main():
             "jobs": [
                 {"args": ["--data", "hello, everyone"]},
                 {"args": ["--data", "news only", "--channel", "news"]},
+                {"raw": "not a job", "dead": True},
+            ],
+        },
+        {
+            "name": "fanout-websocket",
+            "about": "the stack's own WebSocket API (CreateWebSocketApi): its table keyed connectionId + sk, "
+                     "the task pointed at the API, access logs on",
+            "params": {**{k: v for k, v in base.items() if k != "WebSocketApiId"},
+                       "CreateWebSocketApi": "true", "WebSocketAccessLogs": "true"},
+            "expect_env": {"FANOUT_KEY_ATTRIBUTE": "connectionId", "FANOUT_CHANNEL_INDEX": "by-channel",
+                           "FANOUT_CHANNEL_ATTRIBUTE": "channel", "FANOUT_CONNECTED_AT_ATTRIBUTE": "connectedAt",
+                           "FANOUT_AUDIENCE_INDEXES": "user=by-user:userId"},
+            # The table is partitioned by the connection id: a Scan keeps a
+            # connection's rows together, no connection index needed.
+            "expect_no_env": ["FANOUT_CONNECTION_INDEX"],
+            "clients": [
+                {"name": "plain", "count": 20, "drop": 5, "expect": ["hello, own API"]},
+                {"name": "match", "count": 5, "channel": "public.match-42",
+                 "expect": ["hello, own API", "match only"]},
+            ],
+            "jobs": [
+                {"args": ["--data", "hello, own API"]},
+                {"args": ["--data", "match only", "--channel", "public.match-42"]},
                 {"raw": "not a job", "dead": True},
             ],
         },

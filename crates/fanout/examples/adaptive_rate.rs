@@ -59,6 +59,9 @@ async fn main() {
         throttle_rps: NonZeroU32::new(throttle),
         fail_percent: 0,
         latency_ms: 0,
+        layout: Default::default(),
+        public_channel_prefix: "public.".into(),
+        connect_delay_ms: 0,
     };
     tokio::spawn(serve(
         gateway_args,

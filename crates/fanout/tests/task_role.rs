@@ -298,7 +298,14 @@ fn resource_of(value: &Value) -> Resource {
         Resource::Table
     } else if text.ends_with(":table/${Table}/index/*") {
         Resource::TableIndexes
-    } else if text.ends_with(":${WebSocketApiId}/${WebSocketStage}/POST/@connections/*") {
+    } else if text.ends_with(":${Api}/${WebSocketStage}/POST/@connections/*") {
+        // The given API, or the stack's own (CreateWebSocketApi).
+        let api = &sub[1]["Api"];
+        assert_eq!(
+            api,
+            &serde_json::json!({"!If": ["CreateWebSocket", {"!Ref": "WebSocketApi"}, {"!Ref": "WebSocketApiId"}]}),
+            "{text}"
+        );
         Resource::ConnectionsPost
     } else if text.ends_with(":task/${Cluster}/*") {
         Resource::ClusterTasks

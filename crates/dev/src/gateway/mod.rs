@@ -10,14 +10,16 @@
 //!   tests use to check a sender from the receiving side.
 //!
 //! Files: [`registry`] (live connections), [`socket`] (the WebSocket side),
+//! [`subscriptions`] (the client's messages and who may join what),
 //! [`management`] (`@connections`), [`faults`] (injection and counters),
-//! [`rows`] (the table; the only SDK use).
+//! [`rows`] (the table and its layouts; the only SDK use).
 
 pub mod faults;
 pub mod management;
 pub mod registry;
 pub mod rows;
 pub mod socket;
+pub mod subscriptions;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -34,7 +36,7 @@ use tokio_util::task::TaskTracker;
 
 use self::faults::{Faults, Stats};
 use self::registry::Registry;
-use self::rows::Rows;
+use self::rows::{Layout, Rows};
 
 /// How long open sockets get to close (and remove their rows) at shutdown.
 const SOCKET_CLOSE_GRACE: Duration = Duration::from_secs(10);
@@ -80,6 +82,23 @@ pub struct GatewayArgs {
     /// Milliseconds added to each POST before it is answered.
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
+    /// How rows are kept: `one-row` (a row per connection, keyed by
+    /// `connectionId`) or `memberships`, the rows of the template's own
+    /// WebSocket API (`CreateWebSocketApi`): key `connectionId` + `sk`, a
+    /// base row and a row per channel joined with
+    /// `{"action":"subscribe","channel":NAME}`.
+    #[arg(long, value_enum, default_value_t = Layout::OneRow)]
+    pub layout: Layout,
+    /// Memberships layout: channels any client may join (the template's
+    /// `PublicChannelPrefix`); `?channelPrefix=` on the connect URL plays
+    /// the authorizer's, and `?user=` its `principalId`.
+    #[arg(long, default_value = "public.")]
+    pub public_channel_prefix: String,
+    /// Milliseconds between writing a connection's row and accepting posts
+    /// to it (410 meanwhile), as API Gateway answers 410 until `$connect`
+    /// completes.
+    #[arg(long, default_value_t = 0)]
+    pub connect_delay_ms: u64,
 }
 
 /// Why the gateway could not start or stopped.
@@ -106,6 +125,10 @@ pub struct App {
     faults: Faults,
     stats: Stats,
     keep_stale: bool,
+    /// `--public-channel-prefix`.
+    public_prefix: String,
+    /// `--connect-delay-ms`.
+    connect_delay: Duration,
     /// `--sink`: deliveries per id that has no socket.
     sink: Option<dashmap::DashMap<String, u32>>,
     /// Cancelled at shutdown: every socket sends a close frame and ends.
@@ -139,7 +162,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
     validate_stage(&args.stage)?;
-    let rows = Rows::new(dynamo, &args.table);
+    let rows = Rows::new(dynamo, &args.table, args.layout);
     if args.create_table {
         rows.create_table_if_missing().await?;
     }
@@ -150,6 +173,8 @@ pub async fn serve(
         sink: args.sink.then(dashmap::DashMap::new),
         stats: Stats::default(),
         keep_stale: args.keep_stale,
+        public_prefix: args.public_channel_prefix.clone(),
+        connect_delay: Duration::from_millis(args.connect_delay_ms),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
     });
@@ -240,6 +265,12 @@ mod tests {
             "20",
             "--latency-ms",
             "5",
+            "--layout",
+            "memberships",
+            "--public-channel-prefix",
+            "open/",
+            "--connect-delay-ms",
+            "250",
         ])
         .expect("parses");
         let a = cli.args;
@@ -248,6 +279,13 @@ mod tests {
         assert!(a.keep_stale);
         assert_eq!(a.throttle_rps, NonZeroU32::new(100));
         assert_eq!((a.fail_percent, a.latency_ms), (20, 5));
+        assert_eq!(a.layout, Layout::Memberships);
+        assert_eq!(
+            (a.public_channel_prefix.as_str(), a.connect_delay_ms),
+            ("open/", 250)
+        );
+        let defaults = Cli::try_parse_from(["gateway", "--table", "t"]).expect("parses");
+        assert_eq!(defaults.args.layout, Layout::OneRow);
         assert!(Cli::try_parse_from(["gateway", "--table", "t", "--fail-percent", "101"]).is_err());
     }
 

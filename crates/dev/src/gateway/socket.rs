@@ -1,5 +1,6 @@
 //! The WebSocket side: `$connect` (a row, an id), the client's frames
-//! (`{"action":"whoami"}`), delivery of queued frames, and `$disconnect`.
+//! (`{"action":"whoami"}`, and in the memberships layout subscribe and
+//! unsubscribe), delivery of queued frames, and `$disconnect`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +17,8 @@ use tokio::sync::mpsc;
 
 use super::App;
 use super::registry::{Connection, OUTBOX_CAPACITY, now_ms};
+use super::rows::{Joined, Layout};
+use super::subscriptions::{self, Action};
 
 /// Frames written to the socket before one flush, so a busy client costs
 /// one write per batch rather than one per frame.
@@ -26,6 +29,21 @@ const FLUSH_EVERY: usize = 64;
 pub struct ConnectQuery {
     /// The channel this connection listens to, written to its row.
     channel: Option<String>,
+    /// Memberships layout: the authorizer's `principalId`, written to the
+    /// base row as `userId` (the stand-in has no authorizer).
+    user: Option<String>,
+    /// Memberships layout: the authorizer's `channelPrefix`, channels this
+    /// connection may join beyond the public ones.
+    #[serde(rename = "channelPrefix")]
+    channel_prefix: Option<String>,
+}
+
+/// What the routes after `$connect` know of a connection (API Gateway's
+/// `$context`).
+#[derive(Clone, Debug)]
+struct Session {
+    connected_at_ms: u64,
+    channel_prefix: Option<String>,
 }
 
 /// A new id shaped like API Gateway's: 11 random bytes in standard base64,
@@ -40,6 +58,9 @@ pub fn new_connection_id() -> String {
 /// The connection is registered and its row written *before* the handshake
 /// completes, as API Gateway runs `$connect` first: a sender that reads the
 /// row can reach the connection at once, and is never told it is gone.
+/// With `--connect-delay-ms`, the row is written first and the connection
+/// registered only after the delay: posts in between answer 410, as API
+/// Gateway's do until `$connect` returns.
 pub async fn connect(
     State(app): State<Arc<App>>,
     Query(query): Query<ConnectQuery>,
@@ -49,27 +70,59 @@ pub async fn connect(
 ) -> Response {
     let id: Arc<str> = new_connection_id().into();
     let connected_at_ms = now_ms();
+    let channel = query.channel.filter(|c| !c.is_empty());
+    let memberships = app.rows.layout() == Layout::Memberships;
+    let session = Session {
+        connected_at_ms,
+        channel_prefix: query.channel_prefix.filter(|_| memberships),
+    };
+    // The template's $connect writes no row for a channel the rule does
+    // not open; the stand-in refuses such a connection.
+    if memberships
+        && channel.as_deref().is_some_and(|c| {
+            !subscriptions::opens(c, &app.public_prefix, session.channel_prefix.as_deref())
+        })
+    {
+        return (
+            StatusCode::FORBIDDEN,
+            "that channel is not open to this connection",
+        )
+            .into_response();
+    }
     let (outbox, inbox) = mpsc::channel(OUTBOX_CAPACITY);
     let user_agent = headers
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    app.registry.insert(
-        id.clone(),
-        Connection {
-            outbox,
-            connected_at_ms,
-            last_active_ms: AtomicU64::new(connected_at_ms),
-            source_ip: peer.ip(),
-            user_agent,
-        },
-    );
-    let channel = query.channel.filter(|c| !c.is_empty());
-    if let Err(error) = app.rows.put(&id, channel.as_deref(), connected_at_ms).await {
+    let connection = Connection {
+        outbox,
+        connected_at_ms,
+        last_active_ms: AtomicU64::new(connected_at_ms),
+        source_ip: peer.ip(),
+        user_agent,
+    };
+    let joined = Joined {
+        channel: channel.as_deref(),
+        user: query
+            .user
+            .as_deref()
+            .filter(|u| memberships && !u.is_empty()),
+    };
+    let delayed = !app.connect_delay.is_zero();
+    let mut connection = Some(connection);
+    if !delayed {
+        app.registry
+            .insert(id.clone(), connection.take().expect("not yet inserted"));
+    }
+    if let Err(error) = app.rows.connect(&id, &joined, connected_at_ms).await {
         app.registry.remove(&id);
         tracing::error!(%error, "$connect failed");
         return (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response();
+    }
+    if let Some(connection) = connection {
+        tokio::time::sleep(app.connect_delay).await;
+        app.registry.insert(id.clone(), connection);
     }
     tracing::debug!(connection_id = %id, channel = channel.as_deref(), "$connect");
 
@@ -83,7 +136,7 @@ pub async fn connect(
         })
         .on_upgrade(move |socket| async move {
             let _token = token;
-            serve_socket(&app, &id, socket, inbox).await;
+            serve_socket(&app, &id, &session, socket, inbox).await;
             disconnect(&app, &id).await;
         })
 }
@@ -91,7 +144,13 @@ pub async fn connect(
 /// Moves frames between the socket and the connection's outbox until the
 /// client leaves, the management API deletes the connection, or the
 /// gateway shuts down.
-async fn serve_socket(app: &App, id: &str, socket: WebSocket, mut inbox: mpsc::Receiver<Message>) {
+async fn serve_socket(
+    app: &App,
+    id: &str,
+    session: &Session,
+    socket: WebSocket,
+    mut inbox: mpsc::Receiver<Message>,
+) {
     let (mut sink, mut stream) = socket.split();
     loop {
         tokio::select! {
@@ -121,11 +180,16 @@ async fn serve_socket(app: &App, id: &str, socket: WebSocket, mut inbox: mpsc::R
             incoming = stream.next() => match incoming {
                 Some(Ok(Message::Text(text))) => {
                     app.registry.touch(id);
-                    if is_whoami(&text) {
-                        let reply = serde_json::json!({ "connectionId": id }).to_string();
-                        if sink.send(Message::text(reply)).await.is_err() {
-                            return;
+                    match subscriptions::action(&text) {
+                        Action::Whoami => {
+                            let reply = serde_json::json!({ "connectionId": id }).to_string();
+                            if sink.send(Message::text(reply)).await.is_err() {
+                                return;
+                            }
                         }
+                        Action::Subscribe(channel) => subscribe(app, id, session, &channel).await,
+                        Action::Unsubscribe(channel) => unsubscribe(app, id, &channel).await,
+                        Action::Other => {}
                     }
                 }
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
@@ -151,13 +215,37 @@ async fn disconnect(app: &App, id: &str) {
     }
 }
 
-fn is_whoami(text: &str) -> bool {
-    #[derive(Deserialize)]
-    struct Action<'a> {
-        #[serde(borrow)]
-        action: std::borrow::Cow<'a, str>,
+/// The subscribe route: a membership row, if the rule opens the channel.
+/// Like the template's API, it answers nothing either way.
+async fn subscribe(app: &App, id: &str, session: &Session, channel: &str) {
+    if app.rows.layout() != Layout::Memberships {
+        return;
     }
-    serde_json::from_str::<Action>(text).is_ok_and(|a| a.action == "whoami")
+    if !subscriptions::opens(
+        channel,
+        &app.public_prefix,
+        session.channel_prefix.as_deref(),
+    ) {
+        tracing::debug!(connection_id = %id, "subscribe refused: the channel is not open to it");
+        return;
+    }
+    if let Err(error) = app
+        .rows
+        .subscribe(id, channel, session.connected_at_ms)
+        .await
+    {
+        tracing::warn!(%error, connection_id = %id, "subscribe failed");
+    }
+}
+
+/// The unsubscribe route: the connection's own membership row.
+async fn unsubscribe(app: &App, id: &str, channel: &str) {
+    if app.rows.layout() != Layout::Memberships || !subscriptions::fits(channel) {
+        return;
+    }
+    if let Err(error) = app.rows.unsubscribe(id, channel).await {
+        tracing::warn!(%error, connection_id = %id, "unsubscribe failed");
+    }
 }
 
 #[cfg(test)]
@@ -174,14 +262,5 @@ mod tests {
             .unwrap();
         assert_eq!(decoded.len(), 11);
         assert_ne!(id, new_connection_id());
-    }
-
-    #[test]
-    fn recognises_whoami_only() {
-        assert!(is_whoami(r#"{"action":"whoami"}"#));
-        assert!(is_whoami(r#"{ "action" : "whoami", "x": 1 }"#));
-        assert!(!is_whoami(r#"{"action":"sendmessage"}"#));
-        assert!(!is_whoami("whoami"));
-        assert!(!is_whoami(r#"{"connectionId":"abc"}"#));
     }
 }

@@ -74,6 +74,9 @@ impl TestGateway {
             throttle_rps: None,
             fail_percent: 0,
             latency_ms: 0,
+            layout: Default::default(),
+            public_channel_prefix: "public.".into(),
+            connect_delay_ms: 0,
         };
         configure(&mut args);
         // A fresh table unless the test brought its own.
