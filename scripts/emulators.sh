@@ -4,7 +4,7 @@
 # (a local API Gateway WebSocket stand-in, stage-less) for the peer tests.
 #
 #   scripts/emulators.sh install   pinned versions into .local/venv, .local/node and .local/node-sls
-#   scripts/emulators.sh start     both servers on FANOUT_EMU_SQS_PORT / FANOUT_EMU_DYNAMODB_PORT
+#   scripts/emulators.sh start     both servers on FANOUT_DEV_EMU_SQS_PORT / FANOUT_DEV_EMU_DYNAMODB_PORT
 #   scripts/emulators.sh stop      the servers started for those ports (by their pid files)
 #   scripts/emulators.sh env       export lines pointing the AWS SDK at them
 set -euo pipefail
@@ -21,8 +21,8 @@ LOCAL="$ROOT/.local"
 VENV="$LOCAL/venv"
 NODE_PREFIX="$LOCAL/node"
 SLS_PREFIX="$LOCAL/node-sls"
-SQS_PORT="${FANOUT_EMU_SQS_PORT:-5320}"
-DYNAMODB_PORT="${FANOUT_EMU_DYNAMODB_PORT:-5321}"
+SQS_PORT="${FANOUT_DEV_EMU_SQS_PORT:-5320}"
+DYNAMODB_PORT="${FANOUT_DEV_EMU_DYNAMODB_PORT:-5321}"
 RUN="$LOCAL/run/$SQS_PORT-$DYNAMODB_PORT"
 READY_SECONDS=20
 
@@ -96,7 +96,7 @@ start() {
   local port
   for port in "$SQS_PORT" "$DYNAMODB_PORT"; do
     if port_taken "$port"; then
-      die "port $port on 127.0.0.1 is taken by another process; stop it or set FANOUT_EMU_SQS_PORT / FANOUT_EMU_DYNAMODB_PORT"
+      die "port $port on 127.0.0.1 is taken by another process; stop it or set FANOUT_DEV_EMU_SQS_PORT / FANOUT_DEV_EMU_DYNAMODB_PORT"
     fi
   done
   mkdir -p "$RUN"
