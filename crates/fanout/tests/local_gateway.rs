@@ -1,4 +1,4 @@
-//! `fanout gateway` against its real peers: the SDK's own
+//! `fanout-dev gateway` against its real peers: the SDK's own
 //! apigatewaymanagement client, real WebSocket clients, and the DynamoDB
 //! emulator for the `$connect`/`$disconnect` rows.
 

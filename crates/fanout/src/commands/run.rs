@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use fanout::config::Config;
+use fanout::config::{Config, WorkerTargets};
 use fanout::ecs::{self, TaskProtection};
 use fanout::metrics::MetricsServer;
 use fanout_aws::{
@@ -53,54 +53,24 @@ async fn watch_clock(check: ClockCheck, rule: Arc<ExpiryRule>, stop: Cancellatio
     });
 }
 
+/// What the worker runs with, built from the configuration before anything
+/// is received.
+struct Worker {
+    queue: SqsQueue,
+    engine: Engine<DynamoStore, SelectedSender>,
+    settings: worker::WorkerSettings,
+    reports: Reporter,
+    ledger: Option<Arc<Ledger>>,
+    fleet: Option<Coordinator<DynamoLeaseTable>>,
+}
+
 pub async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(arg.file.as_deref())?;
     let targets = config.worker_targets()?;
     fanout::logging::init();
     let metrics = Arc::new(Metrics::default());
-
-    let sdk = clients::load_sdk_config().await;
-    let queue = SqsQueue::connect(&sdk, config.queue_settings());
     let shutdown = CancellationToken::new();
-    let dynamodb = clients::dynamodb_client(&sdk);
-    let store = DynamoStore::connect(dynamodb.clone(), config.table_settings(&targets.table))
-        .await
-        .with_context(|| format!("cannot use the connections table {}", targets.table))?;
-    if let Some(rule) = store.age_rule() {
-        watch_clock(
-            ClockCheck::new(&sdk, &targets.table),
-            rule,
-            shutdown.clone(),
-        )
-        .await;
-    }
-    let gateway = SelectedSender::build(&sdk, &config.send_settings(&targets))?;
-
-    let engine_settings = config.engine_settings();
-    let budget = Arc::new(SendBudget::new(
-        config.rate_settings(),
-        engine_settings.max_in_flight,
-    ));
-    for warning in config.warnings() {
-        tracing::warn!(%warning, "check the configuration");
-    }
-    // Before the worker starts: a task in a fleet sends nothing until the
-    // others have read its lease.
-    let fleet = join_fleet(&config, &sdk, &budget, &metrics).await?;
-    let ledger = open_ledger(&config, &sdk, &metrics).await?;
-    let engine = Engine::new(
-        Arc::new(store),
-        Arc::new(gateway),
-        budget,
-        engine_settings,
-        metrics.clone(),
-    )
-    .with_endpoint(format!(
-        "FANOUT_GATEWAY_ENDPOINT ({})",
-        targets.gateway_endpoint
-    ));
-    let settings = config.worker_settings(exit_when_idle);
-    let reports = reporter(&config, &sdk);
+    let worker = build(&config, &targets, exit_when_idle, &metrics, &shutdown).await?;
 
     tokio::spawn(fanout_core::worker::cancel_on_signal(shutdown.clone()));
     // Bound before the worker starts: a taken port is a configuration error.
@@ -115,30 +85,7 @@ pub async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCod
         ));
     }
     tracing::info!(queue = %config.queue_url, table = %targets.table, endpoint = %targets.gateway_endpoint, "fanout worker started");
-    let (leave_fleet, left) = tokio::sync::oneshot::channel::<()>();
-    let fleet = fleet.map(|coordinator| {
-        tokio::spawn(coordinator.run(async {
-            let _ = left.await;
-        }))
-    });
-    let stopped = worker::run_durable(
-        Arc::new(queue),
-        Arc::new(engine),
-        settings,
-        metrics,
-        reports,
-        shutdown.clone(),
-        ledger,
-    )
-    .await;
-    // The lease goes once nothing is sent any more, so the others can take
-    // this task's share at once rather than when it expires.
-    drop(leave_fleet);
-    if let Some(fleet) = fleet
-        && let Err(e) = fleet.await
-    {
-        tracing::warn!(error = %e, "the fleet lease task failed; the lease expires by itself");
-    }
+    let stopped = serve(worker, metrics, shutdown.clone()).await;
     // Stops the metrics server, which prints a last EMF line.
     shutdown.cancel();
     if let Ok(Err(e)) = metrics_task.await {
@@ -153,6 +100,94 @@ pub async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCod
     }
 }
 
+/// Connects the queue, the connections table, the gateway, the fleet and
+/// the run records, and builds the engine over them. A table or fleet that
+/// does not exist stops the worker here, before any job is received.
+async fn build(
+    config: &Config,
+    targets: &WorkerTargets,
+    exit_when_idle: bool,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Worker> {
+    let sdk = clients::load_sdk_config().await;
+    let queue = SqsQueue::connect(&sdk, config.queue_settings());
+    let dynamodb = clients::dynamodb_client(&sdk);
+    let store = DynamoStore::connect(dynamodb.clone(), config.table_settings(&targets.table))
+        .await
+        .with_context(|| format!("cannot use the connections table {}", targets.table))?;
+    if let Some(rule) = store.age_rule() {
+        watch_clock(
+            ClockCheck::new(&sdk, &targets.table),
+            rule,
+            shutdown.clone(),
+        )
+        .await;
+    }
+    let gateway = SelectedSender::build(&sdk, &config.send_settings(targets))?;
+
+    let engine_settings = config.engine_settings();
+    let budget = Arc::new(SendBudget::new(
+        config.rate_settings(),
+        engine_settings.max_in_flight,
+    ));
+    for warning in config.warnings() {
+        tracing::warn!(%warning, "check the configuration");
+    }
+    // Before the worker starts: a task in a fleet sends nothing until the
+    // others have read its lease.
+    let fleet = join_fleet(config, &sdk, &budget, metrics).await?;
+    let ledger = open_ledger(config, &sdk, metrics).await?;
+    let engine = Engine::new(
+        Arc::new(store),
+        Arc::new(gateway),
+        budget,
+        engine_settings,
+        metrics.clone(),
+    )
+    .with_endpoint(format!(
+        "FANOUT_GATEWAY_ENDPOINT ({})",
+        targets.gateway_endpoint
+    ));
+    Ok(Worker {
+        queue,
+        engine,
+        settings: config.worker_settings(exit_when_idle),
+        reports: reporter(config, &sdk),
+        ledger,
+        fleet,
+    })
+}
+
+/// Runs the worker, with the fleet's lease beside it, until it stops.
+async fn serve(worker: Worker, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Stopped {
+    let (leave_fleet, left) = tokio::sync::oneshot::channel::<()>();
+    let fleet = worker.fleet.map(|coordinator| {
+        tokio::spawn(coordinator.run(async {
+            let _ = left.await;
+        }))
+    });
+    let stopped = worker::run_durable(
+        Arc::new(worker.queue),
+        Arc::new(worker.engine),
+        worker.settings,
+        metrics,
+        worker.reports,
+        shutdown,
+        worker.ledger,
+    )
+    .await;
+    // The lease goes once nothing is sent any more, so the others can take
+    // this task's share at once rather than when it expires.
+    drop(leave_fleet);
+    if let Some(fleet) = fleet
+        && let Err(e) = fleet.await
+    {
+        tracing::warn!(error = %e, "the fleet lease task failed; the lease expires by itself");
+    }
+    stopped
+}
+
 /// The report destinations the configuration names (none, one or both).
 fn reporter(config: &Config, sdk: &fanout_aws::SdkConfig) -> Reporter {
     let mut sinks: Vec<Arc<dyn ReportSink>> = Vec::new();
@@ -165,9 +200,6 @@ fn reporter(config: &Config, sdk: &fanout_aws::SdkConfig) -> Reporter {
     Reporter::new(sinks)
 }
 
-/// The fleet's coordinator, if the configuration names a fleet. A missing
-/// fleet table stops the worker; an unreachable one does not: the task
-/// starts at its fallback rate and joins when the table answers.
 /// The checkpoint table's run records, when configured: a missing table
 /// stops the worker, naming the key; one that cannot be reached now does
 /// not (each call then fails, is counted, and delivery goes on).
@@ -200,6 +232,9 @@ async fn open_ledger(
     Ok(Some(Arc::new(Ledger::new(runs, windows, metrics.clone()))))
 }
 
+/// The fleet's coordinator, if the configuration names a fleet. A missing
+/// fleet table stops the worker; an unreachable one does not: the task
+/// starts at its fallback rate and joins when the table answers.
 async fn join_fleet(
     config: &Config,
     sdk: &fanout_aws::SdkConfig,

@@ -68,7 +68,10 @@ impl Validator<'_> {
 
     /// The gateway's private CA: a readable PEM file of certificates that
     /// can be roots, checked now rather than at the first send.
-    pub(super) fn gateway_ca_file(&self, value: Option<PathBuf>) -> Result<Option<PathBuf>, ConfigError> {
+    pub(super) fn gateway_ca_file(
+        &self,
+        value: Option<PathBuf>,
+    ) -> Result<Option<PathBuf>, ConfigError> {
         if let Some(path) = &value {
             if path.as_os_str().is_empty() {
                 return Err(self.invalid("gateway_ca_file", "must not be empty"));

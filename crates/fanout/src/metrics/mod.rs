@@ -37,8 +37,8 @@ pub const EMF_NAMESPACE: &str = "fanout";
 /// The one EMF dimension; its value tells services apart in one account.
 pub const EMF_DIMENSION: &str = "Service";
 
-/// Where the exporters listen and how often they speak. `main.rs` maps these
-/// to config keys; [`Default`] gives the documented defaults.
+/// Where the exporters listen and how often they speak. The configuration's
+/// telemetry section maps these to its keys; [`Default`] gives the documented defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricsSettings {
     /// Address of `/metrics` and `/healthz`. Loopback by default: the

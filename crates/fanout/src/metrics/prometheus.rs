@@ -48,67 +48,72 @@ impl Collector for Exporter {
         for (name, help, value) in counters {
             encode_counter(&mut encoder, name, help, value)?;
         }
-        let gauges: [(&str, &str, f64); 7] = [
-            (
-                "jobs_in_flight",
-                "Jobs running now",
-                s.jobs_in_flight as f64,
-            ),
-            (
-                "last_poll_timestamp_seconds",
-                "When the receive loop last finished a poll (Unix time)",
-                s.last_poll_unix_ms as f64 / 1000.0,
-            ),
-            (
-                "progress_delivered",
-                "Delivered so far by the broadcasts running now",
-                s.progress_delivered as f64,
-            ),
-            (
-                "progress_gone",
-                "Gone so far in the broadcasts running now",
-                s.progress_gone as f64,
-            ),
-            (
-                "progress_rate_per_second",
-                "Deliveries per second of the running broadcasts over their last progress interval",
-                s.progress_rate_per_second as f64,
-            ),
-            (
-                "progress_share_percent",
-                "The least done running broadcast whose share is known, in percent (0: none known)",
-                s.progress_share_percent as f64,
-            ),
-            (
-                "progress_eta_seconds",
-                "The longest estimated time left of the running broadcasts (0: none known)",
-                s.progress_eta_seconds as f64,
-            ),
-        ];
-        let fleet: [(&str, &str, f64); 3] = [
-            (
-                "fleet_share_per_second",
-                "This task's share of the fleet's send rate, per second",
-                s.fleet_share_per_second as f64,
-            ),
-            (
-                "fleet_tasks",
-                "Live tasks in the fleet table, this one among them",
-                s.fleet_tasks as f64,
-            ),
-            (
-                "fleet_on_fallback",
-                "1 while the fleet table cannot be reached (the fallback rate)",
-                s.fleet_on_fallback as f64,
-            ),
-        ];
-        let fleet = if in_fleet(&s) { &fleet[..] } else { &[] };
-        for &(name, help, value) in gauges.iter().chain(fleet) {
+        for (name, help, value) in gauges(&s) {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
         Ok(())
     }
+}
+
+/// The gauges of a snapshot; the fleet's only for a task in a fleet.
+fn gauges(s: &Snapshot) -> Vec<(&'static str, &'static str, f64)> {
+    let gauges: [(&'static str, &'static str, f64); 7] = [
+        (
+            "jobs_in_flight",
+            "Jobs running now",
+            s.jobs_in_flight as f64,
+        ),
+        (
+            "last_poll_timestamp_seconds",
+            "When the receive loop last finished a poll (Unix time)",
+            s.last_poll_unix_ms as f64 / 1000.0,
+        ),
+        (
+            "progress_delivered",
+            "Delivered so far by the broadcasts running now",
+            s.progress_delivered as f64,
+        ),
+        (
+            "progress_gone",
+            "Gone so far in the broadcasts running now",
+            s.progress_gone as f64,
+        ),
+        (
+            "progress_rate_per_second",
+            "Deliveries per second of the running broadcasts over their last progress interval",
+            s.progress_rate_per_second as f64,
+        ),
+        (
+            "progress_share_percent",
+            "The least done running broadcast whose share is known, in percent (0: none known)",
+            s.progress_share_percent as f64,
+        ),
+        (
+            "progress_eta_seconds",
+            "The longest estimated time left of the running broadcasts (0: none known)",
+            s.progress_eta_seconds as f64,
+        ),
+    ];
+    let fleet: [(&'static str, &'static str, f64); 3] = [
+        (
+            "fleet_share_per_second",
+            "This task's share of the fleet's send rate, per second",
+            s.fleet_share_per_second as f64,
+        ),
+        (
+            "fleet_tasks",
+            "Live tasks in the fleet table, this one among them",
+            s.fleet_tasks as f64,
+        ),
+        (
+            "fleet_on_fallback",
+            "1 while the fleet table cannot be reached (the fallback rate)",
+            s.fleet_on_fallback as f64,
+        ),
+    ];
+    let fleet = if in_fleet(s) { &fleet[..] } else { &[] };
+    gauges.iter().chain(fleet).copied().collect()
 }
 
 /// One counter of the exposition (integer counts and fractional seconds

@@ -1,7 +1,12 @@
 //! The exporters' tests: both renderings, the EMF task, liveness and the
 //! probe's arguments.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
+
+use serde_json::{Value, json};
+
+use fanout_core::telemetry::Metrics;
 
 use super::*;
 
@@ -132,8 +137,7 @@ fn the_fleet_gauges_appear_only_for_a_task_in_a_fleet() {
     let fleet = sample();
     fleet.fleet_share_per_second.store(500, Ordering::Relaxed);
     fleet.fleet_tasks.store(4, Ordering::Relaxed);
-    let v: Value =
-        serde_json::from_str(&render_emf(&Snapshot::read(&fleet), "fanout", 1)).unwrap();
+    let v: Value = serde_json::from_str(&render_emf(&Snapshot::read(&fleet), "fanout", 1)).unwrap();
     assert_eq!(v["FleetShare"], 500);
     assert_eq!(v["FleetTasks"], 4);
     assert_eq!(v["FleetOnFallback"], 0);
