@@ -15,7 +15,8 @@ use commands::enqueue::EnqueueArgs;
 #[derive(Parser)]
 #[command(
     version,
-    about = "Broadcasts SQS jobs to every live WebSocket client of an API Gateway WebSocket API"
+    about = "Broadcasts SQS jobs to every live WebSocket client of an API Gateway WebSocket API",
+    after_help = fanout::config::required_help()
 )]
 struct Cli {
     #[command(subcommand)]
@@ -25,6 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Runs the worker: receive jobs, broadcast, remove gone connections.
+    #[command(after_help = fanout::config::required_help())]
     Run {
         #[command(flatten)]
         config: ConfigArg,
@@ -95,12 +97,43 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
+    use fanout::config::Need;
 
     use super::*;
 
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_lists_the_required_settings_from_the_key_list() {
+        let required: Vec<String> = fanout::config::KEYS
+            .iter()
+            .filter(|key| matches!(key.need, Need::Always | Need::Run))
+            .map(|key| format!("FANOUT_{}", key.name.to_uppercase()))
+            .collect();
+        assert_eq!(
+            required,
+            [
+                "FANOUT_QUEUE_URL",
+                "FANOUT_TABLE",
+                "FANOUT_GATEWAY_ENDPOINT"
+            ]
+        );
+        let mut cli = Cli::command();
+        let top = cli.render_long_help().to_string();
+        let run = cli
+            .find_subcommand_mut("run")
+            .expect("a run command")
+            .render_long_help()
+            .to_string();
+        for help in [&top, &run] {
+            for variable in &required {
+                assert!(help.contains(variable.as_str()), "{variable}: {help}");
+            }
+            assert!(help.contains("docs/configuration.md"), "{help}");
+        }
     }
 
     #[test]

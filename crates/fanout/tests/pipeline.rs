@@ -464,6 +464,33 @@ async fn bad_configuration_exits_2_naming_the_key_and_its_source() {
 }
 
 #[tokio::test]
+async fn a_mistyped_variable_stops_run_and_check_config_before_any_job_is_read() {
+    let p = Pipeline::new(|_| {}).await;
+    p.send_raw(r#"{"data":"kept"}"#).await;
+    for args in [&["run", "--exit-when-idle"][..], &["check-config"]] {
+        let out = p
+            .command(args)
+            .env("FANOUT_RATE_PER_SECCOND", "500")
+            .output()
+            .await
+            .expect("run fanout");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("FANOUT_RATE_PER_SECCOND"), "{args:?}: {err}");
+        assert!(
+            err.contains("did you mean FANOUT_RATE_PER_SECOND?"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+    // Nothing was received: the job is visible, none in flight, and a
+    // worker started without the mistake takes it.
+    assert_eq!(support::counts(&p.sqs, &p.queue.url).await, (1, 0));
+    p.run_until_idle().await;
+    assert_eq!(support::counts(&p.sqs, &p.queue.url).await, (0, 0));
+}
+
+#[tokio::test]
 async fn unreachable_or_missing_services_stop_the_worker_with_a_clear_error() {
     let p = Pipeline::new(|_| {}).await;
     // DynamoDB on a port where nothing listens.

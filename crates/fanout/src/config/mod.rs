@@ -5,11 +5,15 @@
 //!
 //! Every error names the key and where its value came from (the defaults,
 //! the file, or the exact environment variable), because the operator has to
-//! find and fix it in an ECS task definition.
+//! find and fix it in an ECS task definition. A `FANOUT_*` variable that
+//! names no key is an error too (`FANOUT_DEV_*` aside), and so is a key in
+//! the file that is not one. What is left unset and can be derived from
+//! other keys is, and [`Config::derived`] says so.
 //!
 //! # Layout
 //!
-//! - [`keys`](self::keys): the one declaration of the keys.
+//! - `keys`: the one declaration of the keys, with who needs each.
+//! - `environment`: the check of the `FANOUT_*` variables.
 //! - A file per section of `config/default.toml`, each with its keys'
 //!   checks and the settings built from them: `queue`, `table`, `gateway`,
 //!   `rate`, `telemetry`.
@@ -23,9 +27,10 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Serialize;
 
-pub use fanout_aws::SendPath;
 use fanout_aws::AudienceIndex;
+pub use fanout_aws::SendPath;
 
+mod environment;
 mod gateway;
 mod keys;
 mod queue;
@@ -35,8 +40,9 @@ mod table;
 mod telemetry;
 mod validate;
 
-pub use keys::keys;
+pub use environment::DEV_PREFIX;
 use keys::Raw;
+pub use keys::{KEYS, Key, Need, keys, required_help};
 use render::audience_indexes_text;
 use validate::{Validator, from_figment};
 
@@ -148,6 +154,19 @@ pub struct Config {
     /// How often a running broadcast logs its progress.
     #[serde(with = "humantime_serde")]
     pub progress_interval: Duration,
+    /// The keys left unset whose values were derived from others, in key
+    /// order; `check-config` prints how.
+    #[serde(skip)]
+    pub derived: Vec<Derived>,
+}
+
+/// A value the configuration derived because its key was left unset (or 0,
+/// for `rate_burst`); a value set explicitly always wins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Derived {
+    pub key: &'static str,
+    /// How, in words: "a third of visibility_timeout".
+    pub how: String,
 }
 
 /// What the worker needs beyond the queue.
@@ -170,12 +189,19 @@ pub enum ConfigError {
     },
     #[error("config key `{key}` is required: set {env} or `{key}` in the file given with --config")]
     Missing { key: String, env: String },
+    #[error(
+        "environment variable {name} is not a fanout setting: did you mean {closest}? (see `fanout --help`; FANOUT_DEV_* is ignored)"
+    )]
+    UnknownVariable { name: String, closest: String },
 }
 
 impl Config {
     /// Loads the defaults, the optional file and the environment, and
     /// validates the result.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        environment::check(
+            std::env::vars_os().map(|(name, _)| name.to_string_lossy().into_owned()),
+        )?;
         let mut figment = Figment::from(Toml::string(DEFAULTS));
         if let Some(path) = file {
             // figment silently skips a missing file; an operator who names
@@ -188,7 +214,7 @@ impl Config {
         }
         figment = figment.merge(Env::prefixed(ENV_PREFIX).only(keys()));
         let raw: Raw = figment.extract().map_err(|e| from_figment(&figment, e))?;
-        Validator { figment: &figment }.validate(raw)
+        Validator::new(&figment).validate(raw)
     }
 
     /// The table and endpoint, which `run` needs and `enqueue` does not.

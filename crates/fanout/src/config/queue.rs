@@ -55,7 +55,11 @@ impl Config {
 
 impl Validator<'_> {
     /// An SNS topic's ARN (`arn:PARTITION:sns:REGION:ACCOUNT:NAME`).
-    pub(super) fn topic_arn(&self, key: &str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+    pub(super) fn topic_arn(
+        &self,
+        key: &str,
+        value: Option<String>,
+    ) -> Result<Option<String>, ConfigError> {
         let Some(value) = value else { return Ok(None) };
         let parts: Vec<&str> = value.split(':').collect();
         let well_formed = parts.len() == 6
@@ -71,7 +75,7 @@ impl Validator<'_> {
         Ok(Some(value))
     }
 
-    /// The queue's waits: long poll, visibility, heartbeat, retries, grace.
+    /// The queue's waits: long poll, visibility, retries, grace.
     pub(super) fn check_queue(&self, raw: &Raw) -> Result<(), ConfigError> {
         if raw.receive_wait > MAX_RECEIVE_WAIT || raw.receive_wait.subsec_nanos() != 0 {
             return Err(self.invalid(
@@ -84,17 +88,6 @@ impl Validator<'_> {
         {
             return Err(self.invalid("visibility_timeout", "must be between 2s and 12h"));
         }
-        if raw.heartbeat_interval < Duration::from_secs(1)
-            || raw.heartbeat_interval >= raw.visibility_timeout
-        {
-            return Err(self.invalid(
-                "heartbeat_interval",
-                format!(
-                    "must be at least 1s and shorter than visibility_timeout ({}), or jobs are redelivered while they run",
-                    humantime::format_duration(raw.visibility_timeout)
-                ),
-            ));
-        }
         if raw.job_retry_base > raw.job_retry_max || raw.job_retry_max > MAX_VISIBILITY {
             return Err(self.invalid(
                 "job_retry_max",
@@ -105,5 +98,29 @@ impl Validator<'_> {
             return Err(self.invalid("shutdown_grace", "must be more than zero"));
         }
         Ok(())
+    }
+
+    /// How often a running job's visibility is renewed: as set, or a third
+    /// of the visibility timeout (at least 1s), which leaves two renewals'
+    /// worth of slack before the message would show again. Called after
+    /// [`Self::check_queue`] has checked the visibility timeout.
+    pub(super) fn heartbeat_interval(&self, raw: &Raw) -> Result<Duration, ConfigError> {
+        let Some(heartbeat) = raw.heartbeat_interval else {
+            let third = Duration::from_millis(
+                u64::try_from(raw.visibility_timeout.as_millis() / 3).unwrap_or(u64::MAX),
+            );
+            self.derive("heartbeat_interval", "a third of visibility_timeout");
+            return Ok(third.max(Duration::from_secs(1)));
+        };
+        if heartbeat < Duration::from_secs(1) || heartbeat >= raw.visibility_timeout {
+            return Err(self.invalid(
+                "heartbeat_interval",
+                format!(
+                    "must be at least 1s and shorter than visibility_timeout ({}), or jobs are redelivered while they run",
+                    humantime::format_duration(raw.visibility_timeout)
+                ),
+            ));
+        }
+        Ok(heartbeat)
     }
 }

@@ -10,6 +10,11 @@ use super::keys::Raw;
 use super::validate::Validator;
 use super::{Config, ConfigError, missing};
 
+/// The fleet size an unset `fleet_fallback_rate` is derived for: the
+/// template's default most tasks. Every task on its fallback at once then
+/// stays within the fleet's rate.
+const FALLBACK_TASKS: u32 = 10;
+
 /// The fleet keys, validated together.
 pub(super) struct FleetKeys {
     pub(super) rate: u32,
@@ -64,7 +69,10 @@ impl Validator<'_> {
         let rate_per_second = (raw.rate_per_second > 0).then_some(raw.rate_per_second);
         let rate_burst = match (rate_per_second, raw.rate_burst) {
             (None, _) => 0,
-            (Some(rate), 0) => (rate / 100).max(50).min(rate),
+            (Some(rate), 0) => {
+                self.derive("rate_burst", "1% of rate_per_second, at least 50");
+                (rate / 100).max(50).min(rate)
+            }
             (Some(rate), burst) if burst > rate => {
                 return Err(self.invalid(
                     "rate_burst",
@@ -78,7 +86,11 @@ impl Validator<'_> {
 
     /// The fleet budget: all three keys or none, a per-task rate to cap, and
     /// a fallback within the fleet's rate.
-    pub(super) fn fleet(&self, raw: &Raw, rate: Option<u32>) -> Result<Option<FleetKeys>, ConfigError> {
+    pub(super) fn fleet(
+        &self,
+        raw: &Raw,
+        rate: Option<u32>,
+    ) -> Result<Option<FleetKeys>, ConfigError> {
         let table = self.non_empty("fleet_table", raw.fleet_table.clone())?;
         let Some(fleet_rate) = raw.fleet_rate_per_second else {
             for (key, set) in [
@@ -93,10 +105,18 @@ impl Validator<'_> {
         };
         let fleet_rate = self.range("fleet_rate_per_second", fleet_rate, 1, 1_000_000)?;
         let table = table.ok_or_else(|| missing("fleet_table"))?;
-        let fallback = raw
-            .fleet_fallback_rate
-            .ok_or_else(|| missing("fleet_fallback_rate"))?;
-        let fallback = self.range("fleet_fallback_rate", fallback, 1, fleet_rate)?;
+        let fallback = match raw.fleet_fallback_rate {
+            Some(fallback) => self.range("fleet_fallback_rate", fallback, 1, fleet_rate)?,
+            None => {
+                self.derive(
+                    "fleet_fallback_rate",
+                    format!(
+                        "fleet_rate_per_second ÷ {FALLBACK_TASKS}: within the fleet rate for up to {FALLBACK_TASKS} tasks; set it for more"
+                    ),
+                );
+                (fleet_rate / FALLBACK_TASKS).max(1)
+            }
+        };
         if rate.is_none() {
             return Err(self.invalid(
                 "rate_per_second",

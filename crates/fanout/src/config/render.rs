@@ -1,5 +1,6 @@
 //! `check-config`'s output: the effective configuration as TOML, with any
-//! credentials in URLs redacted.
+//! credentials in URLs redacted and each derived value marked with how it
+//! was derived.
 
 use fanout_aws::AudienceIndex;
 
@@ -39,7 +40,12 @@ fn toml_lines(config: &Config) -> String {
         for key in keys() {
             match map.get(*key) {
                 Some(serde_json::Value::Null) | None => {}
-                Some(v) => out.push_str(&format!("{key} = {v}\n")),
+                Some(v) => match config.derived.iter().find(|d| d.key == *key) {
+                    Some(derived) => {
+                        out.push_str(&format!("{key} = {v} # derived: {}\n", derived.how));
+                    }
+                    None => out.push_str(&format!("{key} = {v}\n")),
+                },
             }
         }
     }

@@ -57,15 +57,15 @@ fn the_configuration_doc_has_a_row_per_key_with_its_default() {
     for key in keys() {
         // A row names one variable, or a few that go together.
         let variable = format!("`{}`", env_name(key));
-        let row = DOC
-            .lines()
-            .find(|line| {
-                line.starts_with("| `FANOUT_")
-                    && line.split('|').nth(1).is_some_and(|names| {
-                        names.split(',').any(|name| name.trim() == variable)
-                    })
-            })
-            .unwrap_or_else(|| panic!("docs/configuration.md has no row for {variable}"));
+        let row =
+            DOC.lines()
+                .find(|line| {
+                    line.starts_with("| `FANOUT_")
+                        && line.split('|').nth(1).is_some_and(|names| {
+                            names.split(',').any(|name| name.trim() == variable)
+                        })
+                })
+                .unwrap_or_else(|| panic!("docs/configuration.md has no row for {variable}"));
         let default_cell = row.trim_end_matches('|').rsplit('|').next().unwrap();
         if let Some(value) = defaults.get(*key) {
             let text = match value {
@@ -96,8 +96,8 @@ fn the_environment_overrides_the_file_which_overrides_defaults() {
         jail.set_env("FANOUT_TABLE", "connections");
         jail.set_env("FANOUT_GATEWAY_ENDPOINT", "http://127.0.0.1:9/dev");
         jail.set_env("FANOUT_SHUTDOWN_GRACE", "10s");
-        // Unrelated FANOUT_* variables (the scripts' own) are ignored.
-        jail.set_env("FANOUT_EMU_SQS_PORT", "5330");
+        // The scripts' own variables, under the reserved prefix, are ignored.
+        jail.set_env("FANOUT_DEV_EMU_SQS_PORT", "5330");
         let path = jail.directory().join("fanout.toml");
         let config = Config::load(Some(&path)).expect("loads");
         assert_eq!(config.rate_per_second, Some(200));
@@ -142,9 +142,9 @@ fn audience_indexes_come_as_text_or_a_table_and_bad_ones_name_the_key() {
             Some(vec!["user".to_owned(), "tenant".to_owned()])
         );
         assert!(
-            config.to_redacted_toml().contains(
-                r#"audience_indexes = "user=by-user:userId,tenant=by-tenant:tenantId""#
-            ),
+            config
+                .to_redacted_toml()
+                .contains(r#"audience_indexes = "user=by-user:userId,tenant=by-tenant:tenantId""#),
             "check-config shows it as it is written"
         );
         Ok(())
@@ -321,11 +321,6 @@ fn the_fleet_keys_go_together_and_name_what_is_missing() {
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
     let cases: &[Case] = &[
         ("FANOUT_FLEET_TABLE", &[], "FANOUT_FLEET_TABLE"),
-        (
-            "FANOUT_FLEET_FALLBACK_RATE",
-            &[],
-            "FANOUT_FLEET_FALLBACK_RATE",
-        ),
         (
             "",
             &[("FANOUT_FLEET_FALLBACK_RATE", "3000")],
@@ -513,4 +508,128 @@ fn redaction_hides_credentials_in_urls() {
         assert!(shown.contains("max_in_flight = 256"), "{shown}");
         Ok(())
     });
+}
+
+#[test]
+fn an_unset_fleet_fallback_rate_is_derived_and_an_explicit_one_wins() {
+    Jail::expect_with(|jail| {
+        jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+        jail.set_env("FANOUT_RATE_PER_SECOND", "2000");
+        jail.set_env("FANOUT_FLEET_RATE_PER_SECOND", "2000");
+        jail.set_env("FANOUT_FLEET_TABLE", "fleet");
+        let config = Config::load(None).expect("loads");
+        assert_eq!(config.fleet_fallback_rate, Some(200));
+        let (_, settings) = config.fleet_settings("t".into()).expect("a fleet");
+        assert_eq!(settings.fallback.get(), 200);
+        let shown = config.to_redacted_toml();
+        assert!(
+            shown.contains("fleet_fallback_rate = 200 # derived: fleet_rate_per_second ÷ 10"),
+            "{shown}"
+        );
+        jail.set_env("FANOUT_FLEET_RATE_PER_SECOND", "5");
+        let config = Config::load(None).expect("a tiny fleet rate");
+        assert_eq!(config.fleet_fallback_rate, Some(1), "at least 1");
+        jail.set_env("FANOUT_FLEET_RATE_PER_SECOND", "2000");
+        jail.set_env("FANOUT_FLEET_FALLBACK_RATE", "500");
+        let config = Config::load(None).expect("loads");
+        assert_eq!(config.fleet_fallback_rate, Some(500));
+        assert!(
+            !config
+                .derived
+                .iter()
+                .any(|d| d.key == "fleet_fallback_rate")
+        );
+        assert!(
+            config
+                .to_redacted_toml()
+                .contains("fleet_fallback_rate = 500\n")
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn an_unset_heartbeat_is_a_third_of_the_visibility_timeout_and_an_explicit_one_wins() {
+    Jail::expect_with(|jail| {
+        jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+        let config = Config::load(None).expect("the defaults");
+        assert_eq!(config.visibility_timeout, Duration::from_secs(60));
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(20));
+        let keys: Vec<&str> = config.derived.iter().map(|d| d.key).collect();
+        assert_eq!(keys, ["rate_burst", "heartbeat_interval"]);
+        let shown = config.to_redacted_toml();
+        assert!(
+            shown.contains("heartbeat_interval = \"20s\" # derived: a third of visibility_timeout"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("rate_burst = 50 # derived: 1% of rate_per_second"),
+            "{shown}"
+        );
+        jail.set_env("FANOUT_VISIBILITY_TIMEOUT", "10s");
+        let config = Config::load(None).expect("loads");
+        assert_eq!(config.heartbeat_interval, Duration::from_millis(3333));
+        assert!(config.heartbeat_interval < config.visibility_timeout);
+        jail.set_env("FANOUT_VISIBILITY_TIMEOUT", "2s");
+        let config = Config::load(None).expect("the shortest visibility");
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(1));
+        jail.set_env("FANOUT_VISIBILITY_TIMEOUT", "90s");
+        jail.set_env("FANOUT_HEARTBEAT_INTERVAL", "45s");
+        jail.set_env("FANOUT_RATE_BURST", "100");
+        let config = Config::load(None).expect("loads");
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(45));
+        assert!(config.derived.is_empty(), "{:?}", config.derived);
+        assert!(!config.to_redacted_toml().contains("derived"));
+        Ok(())
+    });
+}
+
+#[test]
+fn an_unknown_fanout_variable_is_refused_naming_it_and_the_closest_key() {
+    Jail::expect_with(|jail| {
+        jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+        jail.set_env("FANOUT_RATE_PER_SECCOND", "500");
+        let err = load_err(jail, None);
+        assert!(err.contains("FANOUT_RATE_PER_SECCOND"), "{err}");
+        assert!(
+            err.contains("did you mean FANOUT_RATE_PER_SECOND?"),
+            "{err}"
+        );
+        Ok(())
+    });
+    Jail::expect_with(|jail| {
+        jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+        jail.set_env("FANOUT_DEV_ANYTHING", "x");
+        Config::load(None).expect("the reserved prefix is ignored");
+        Ok(())
+    });
+}
+
+#[test]
+fn the_configuration_doc_lists_the_everyday_keys_apart_from_the_advanced_ones() {
+    const DOC: &str = include_str!("../../../../docs/configuration.md");
+    let section = |title: &str| -> std::collections::BTreeSet<String> {
+        DOC.split("\n## ")
+            .find(|s| s.starts_with(title))
+            .unwrap_or_else(|| panic!("docs/configuration.md has no section {title:?}"))
+            .lines()
+            .filter(|line| line.starts_with("| `FANOUT_"))
+            .flat_map(|line| {
+                line.split('|')
+                    .nth(1)
+                    .unwrap()
+                    .split(',')
+                    .map(str::to_owned)
+            })
+            .map(|name| name.trim().trim_matches('`').to_owned())
+            .collect()
+    };
+    let of = |advanced: bool| -> std::collections::BTreeSet<String> {
+        KEYS.iter()
+            .filter(|key| (key.need == Need::Advanced) == advanced)
+            .map(|key| env_name(key.name))
+            .collect()
+    };
+    assert_eq!(section("The settings everyone sets"), of(false));
+    assert_eq!(section("Advanced settings"), of(true));
 }

@@ -2,12 +2,14 @@
 //! [`Config`], and the figment errors turned into errors that name the key
 //! and where its value came from.
 
+use std::cell::RefCell;
+
 use figment::Figment;
 
 use fanout_core::limits::{MAX_PAGE_SIZE, MAX_SCAN_SEGMENTS};
 
 use super::keys::Raw;
-use super::{Config, ConfigError, env_name, missing};
+use super::{Config, ConfigError, Derived, env_name, missing};
 
 /// Names where `key`'s value came from.
 fn source_of(figment: &Figment, key: &str) -> String {
@@ -66,10 +68,26 @@ fn unknown_key(kind: &figment::error::Kind) -> Option<String> {
 }
 
 pub(super) struct Validator<'a> {
-    pub(super) figment: &'a Figment,
+    figment: &'a Figment,
+    /// What the sections derived, in the order they did.
+    derived: RefCell<Vec<Derived>>,
 }
 
-impl Validator<'_> {
+impl<'a> Validator<'a> {
+    pub(super) fn new(figment: &'a Figment) -> Self {
+        Self {
+            figment,
+            derived: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Notes that `key` was left unset and derived as `how` says.
+    pub(super) fn derive(&self, key: &'static str, how: impl Into<String>) {
+        self.derived.borrow_mut().push(Derived {
+            key,
+            how: how.into(),
+        });
+    }
     pub(super) fn invalid(&self, key: &str, reason: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             key: key.to_owned(),
@@ -78,7 +96,11 @@ impl Validator<'_> {
         }
     }
 
-    pub(super) fn url(&self, key: &str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+    pub(super) fn url(
+        &self,
+        key: &str,
+        value: Option<String>,
+    ) -> Result<Option<String>, ConfigError> {
         let Some(value) = value else { return Ok(None) };
         let url = url::Url::parse(&value)
             .map_err(|e| self.invalid(key, format!("`{value}` is not a URL: {e}")))?;
@@ -88,14 +110,24 @@ impl Validator<'_> {
         Ok(Some(value))
     }
 
-    pub(super) fn non_empty(&self, key: &str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+    pub(super) fn non_empty(
+        &self,
+        key: &str,
+        value: Option<String>,
+    ) -> Result<Option<String>, ConfigError> {
         match value {
             Some(v) if v.trim().is_empty() => Err(self.invalid(key, "must not be empty")),
             other => Ok(other),
         }
     }
 
-    pub(super) fn range(&self, key: &str, value: u32, min: u32, max: u32) -> Result<u32, ConfigError> {
+    pub(super) fn range(
+        &self,
+        key: &str,
+        value: u32,
+        min: u32,
+        max: u32,
+    ) -> Result<u32, ConfigError> {
         if (min..=max).contains(&value) {
             Ok(value)
         } else {
@@ -118,6 +150,7 @@ impl Validator<'_> {
         let fleet = self.fleet(&raw, rate_per_second)?;
         self.check_sending(&raw)?;
         self.check_queue(&raw)?;
+        let heartbeat_interval = self.heartbeat_interval(&raw)?;
         self.check_telemetry(&raw)?;
         Ok(Config {
             queue_url,
@@ -171,7 +204,7 @@ impl Validator<'_> {
             )?,
             receive_wait: raw.receive_wait,
             visibility_timeout: raw.visibility_timeout,
-            heartbeat_interval: raw.heartbeat_interval,
+            heartbeat_interval,
             job_retry_base: raw.job_retry_base,
             job_retry_max: raw.job_retry_max,
             shutdown_grace: raw.shutdown_grace,
@@ -180,6 +213,7 @@ impl Validator<'_> {
             health_max_age: raw.health_max_age,
             metrics_service: self.required_text("metrics_service", raw.metrics_service)?,
             progress_interval: raw.progress_interval,
+            derived: self.derived.take(),
         })
     }
 }
