@@ -250,6 +250,14 @@ run_image() {
   grep -q 'check-config' "$run/help.txt" || die "--help does not list check-config"
   echo "ok: --help lists $(grep -cE '^  [a-z-]+ ' "$run/help.txt") commands"
 
+  say "fanout --version names the commit"
+  container "$IMAGE" --version >"$run/version.txt" || die "--version failed"
+  if git rev-parse HEAD >/dev/null 2>&1; then
+    grep -qE '^fanout [0-9][^ ]* \(commit [0-9a-f]{12}\)$' "$run/version.txt" \
+      || die "--version does not name the commit: $(cat "$run/version.txt")"
+  fi
+  echo "ok: $(cat "$run/version.txt")"
+
   say "fanout check-config with a bad value (exit 2, one line)"
   status=0
   container -e FANOUT_RATE_PER_SECOND=fast "$IMAGE" check-config >"$run/check.out" 2>"$run/check.err" \

@@ -12,9 +12,18 @@ mod commands;
 use commands::ConfigArg;
 use commands::enqueue::EnqueueArgs;
 
+/// `fanout --version`: the package's version and the commit it was built
+/// from (build.rs; "unknown" when neither git nor the image build named it).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("FANOUT_DEV_BUILD_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
-    version,
+    version = VERSION,
     about = "Broadcasts SQS jobs to every live WebSocket client of an API Gateway WebSocket API",
     after_help = fanout::config::required_help()
 )]
@@ -134,6 +143,20 @@ mod tests {
             }
             assert!(help.contains("docs/configuration.md"), "{help}");
         }
+    }
+
+    #[test]
+    fn the_version_names_the_package_version_and_a_commit() {
+        let version = Cli::command().render_version().to_string();
+        let commit = version
+            .strip_prefix(&format!("fanout {} (commit ", env!("CARGO_PKG_VERSION")))
+            .and_then(|rest| rest.trim_end().strip_suffix(')'))
+            .unwrap_or_else(|| panic!("{version}"));
+        assert!(
+            commit == "unknown"
+                || (commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+            "{version}"
+        );
     }
 
     #[test]
