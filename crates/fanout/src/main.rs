@@ -59,6 +59,13 @@ enum Command {
         #[arg(long, default_value_t = u64::MAX, hide_default_value = true)]
         max: u64,
     },
+    /// Lists the dead-letter queue's jobs grouped by the reason fanout gave.
+    ///
+    /// SQS has no peek: this receives messages with a short visibility,
+    /// counts each message id once, stops at --max or when receives bring
+    /// nothing new, then makes them visible again. The counts are an
+    /// approximate sample, and each message's receive count goes up by one.
+    DeadLetters(commands::dead_letters::DeadLettersArgs),
     /// Exits 0 if the worker on this host answers healthy (container health
     /// check).
     Health(fanout::metrics::HealthArgs),
@@ -99,6 +106,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Enqueue(args) => commands::enqueue::enqueue(*args).await,
         Command::CheckConfig { config } => commands::check_config::check_config(config),
         Command::Redrive { config, max } => commands::redrive::redrive(config, max).await,
+        Command::DeadLetters(args) => commands::dead_letters::dead_letters(args).await,
         Command::Health(args) => commands::health::health(args).await,
     }
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 pub mod check_config;
+pub mod dead_letters;
 pub mod enqueue;
 pub mod health;
 pub mod redrive;
