@@ -43,17 +43,20 @@ RUN for manifest in crates/*/Cargo.toml; do \
 # package is built: the development tools (crates/dev) never reach the image.
 COPY config ./config
 COPY crates ./crates
+# The commit built (scripts/image.sh passes `git rev-parse HEAD`), for
+# `fanout --version`: the build context has no .git for build.rs to read.
+ARG REVISION=unknown
 # Line tables and symbols are for local profiling; the image drops them to
 # stay small (measured in docs/deploy.md).
-RUN cargo build --release --locked -p fanout --bin fanout \
+RUN FANOUT_DEV_COMMIT="$REVISION" cargo build --release --locked -p fanout --bin fanout \
     && strip target/release/fanout \
     && cp target/release/fanout /fanout
 
 # cc: glibc and libgcc for the Rust binary, CA certificates for TLS to AWS.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /fanout /fanout
-# The commit built (scripts/image.sh passes `git rev-parse HEAD`); last, so
-# it changes no layer.
+# The same commit as a label; declared again here (an ARG ends with its
+# stage), last, so it changes no layer of this stage.
 ARG REVISION=unknown
 LABEL org.opencontainers.image.revision=$REVISION \
       org.opencontainers.image.title=fanout

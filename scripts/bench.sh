@@ -105,9 +105,9 @@ SUMMARY="${SUMMARY:-${OUT%.txt}.md}"
 # BUILD=debug only checks the script itself: debug figures mean nothing.
 BUILD="${BUILD:-release}"
 BIN="$TARGET/$BUILD/examples/bench"
-# FANOUT_BIN: another `fanout` to measure (e.g. a wrapper alternating two
+# FANOUT_DEV_BIN: another `fanout` to measure (e.g. a wrapper alternating two
 # builds, for an A/B in one run; see BENCHMARKS.md).
-FANOUT="${FANOUT_BIN:-$TARGET/$BUILD/fanout}"
+FANOUT="${FANOUT_DEV_BIN:-$TARGET/$BUILD/fanout}"
 
 die() {
   echo "bench: $*" >&2

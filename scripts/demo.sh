@@ -12,15 +12,15 @@
 # until the queue is empty, and prints what each broadcast came to. Everything
 # it started is stopped by PID when it ends, also when interrupted.
 #
-# Ports: FANOUT_EMU_SQS_PORT (5320), FANOUT_EMU_DYNAMODB_PORT (5321),
-# FANOUT_DEMO_GATEWAY_PORT (8080).
+# Ports: FANOUT_DEV_EMU_SQS_PORT (5320), FANOUT_DEV_EMU_DYNAMODB_PORT (5321),
+# FANOUT_DEV_DEMO_GATEWAY_PORT (8080).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-export FANOUT_EMU_SQS_PORT="${FANOUT_EMU_SQS_PORT:-5320}"
-export FANOUT_EMU_DYNAMODB_PORT="${FANOUT_EMU_DYNAMODB_PORT:-5321}"
-GATEWAY_PORT="${FANOUT_DEMO_GATEWAY_PORT:-8080}"
+export FANOUT_DEV_EMU_SQS_PORT="${FANOUT_DEV_EMU_SQS_PORT:-5320}"
+export FANOUT_DEV_EMU_DYNAMODB_PORT="${FANOUT_DEV_EMU_DYNAMODB_PORT:-5321}"
+GATEWAY_PORT="${FANOUT_DEV_DEMO_GATEWAY_PORT:-8080}"
 STAGE=demo
 TABLE=connections
 CHANNEL=news
@@ -79,7 +79,7 @@ DEV="${CARGO_TARGET_DIR:-$ROOT/target}/debug/fanout-dev"
 say "installing the emulators if needed (moto $(grep -m1 MOTO_VERSION= scripts/emulators.sh | cut -d= -f2), dynalite $(grep -m1 DYNALITE_VERSION= scripts/emulators.sh | cut -d= -f2))"
 ./scripts/emulators.sh install
 (exec 3<>"/dev/tcp/127.0.0.1/$GATEWAY_PORT") 2>/dev/null \
-  && die "port $GATEWAY_PORT is taken; set FANOUT_DEMO_GATEWAY_PORT"
+  && die "port $GATEWAY_PORT is taken; set FANOUT_DEV_DEMO_GATEWAY_PORT"
 EMULATORS_STARTED=1
 ./scripts/emulators.sh start
 eval "$(./scripts/emulators.sh env)"

@@ -5,7 +5,7 @@
 #
 #   scripts/emulators.sh install   pinned versions into .local/venv, .local/node, .local/node-sls
 #                                  and .local/node-producers
-#   scripts/emulators.sh start     both servers on FANOUT_EMU_SQS_PORT / FANOUT_EMU_DYNAMODB_PORT
+#   scripts/emulators.sh start     both servers on FANOUT_DEV_EMU_SQS_PORT / FANOUT_DEV_EMU_DYNAMODB_PORT
 #   scripts/emulators.sh stop      the servers started for those ports (by their pid files)
 #   scripts/emulators.sh env       export lines pointing the AWS SDK at them
 set -euo pipefail
@@ -31,8 +31,8 @@ VENV="$LOCAL/venv"
 NODE_PREFIX="$LOCAL/node"
 SLS_PREFIX="$LOCAL/node-sls"
 PRODUCERS_PREFIX="$LOCAL/node-producers"
-SQS_PORT="${FANOUT_EMU_SQS_PORT:-5320}"
-DYNAMODB_PORT="${FANOUT_EMU_DYNAMODB_PORT:-5321}"
+SQS_PORT="${FANOUT_DEV_EMU_SQS_PORT:-5320}"
+DYNAMODB_PORT="${FANOUT_DEV_EMU_DYNAMODB_PORT:-5321}"
 RUN="$LOCAL/run/$SQS_PORT-$DYNAMODB_PORT"
 READY_SECONDS=20
 
@@ -114,7 +114,7 @@ start() {
   local port
   for port in "$SQS_PORT" "$DYNAMODB_PORT"; do
     if port_taken "$port"; then
-      die "port $port on 127.0.0.1 is taken by another process; stop it or set FANOUT_EMU_SQS_PORT / FANOUT_EMU_DYNAMODB_PORT"
+      die "port $port on 127.0.0.1 is taken by another process; stop it or set FANOUT_DEV_EMU_SQS_PORT / FANOUT_DEV_EMU_DYNAMODB_PORT"
     fi
   done
   mkdir -p "$RUN"

@@ -11,14 +11,14 @@
 #   scripts/image.sh build     podman build of the Dockerfile
 #   scripts/image.sh run       the image, run as the task runs it, against the emulators
 #
-# FANOUT_IMAGE names the image (fanout:local). Every build runs under nice.
+# FANOUT_DEV_IMAGE names the image (fanout:local). Every build runs under nice.
 # If the builder cannot run, this fails: it never skips.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-IMAGE="${FANOUT_IMAGE:-fanout:local}"
+IMAGE="${FANOUT_DEV_IMAGE:-fanout:local}"
 RUST_VERSION="$(sed -n 's/^ARG RUST_VERSION=//p' Dockerfile)"
 BUILD_BASE="docker.io/library/rust:${RUST_VERSION}-slim-bookworm"
 RUNTIME_BASE="gcr.io/distroless/cc-debian12:nonroot"
@@ -250,6 +250,14 @@ run_image() {
   grep -q 'check-config' "$run/help.txt" || die "--help does not list check-config"
   echo "ok: --help lists $(grep -cE '^  [a-z-]+ ' "$run/help.txt") commands"
 
+  say "fanout --version names the commit"
+  container "$IMAGE" --version >"$run/version.txt" || die "--version failed"
+  if git rev-parse HEAD >/dev/null 2>&1; then
+    grep -qE '^fanout [0-9][^ ]* \(commit [0-9a-f]{12}\)$' "$run/version.txt" \
+      || die "--version does not name the commit: $(cat "$run/version.txt")"
+  fi
+  echo "ok: $(cat "$run/version.txt")"
+
   say "fanout check-config with a bad value (exit 2, one line)"
   status=0
   container -e FANOUT_RATE_PER_SECOND=fast "$IMAGE" check-config >"$run/check.out" 2>"$run/check.err" \
@@ -275,7 +283,7 @@ run_image() {
       break
     fi
   done
-  export FANOUT_EMU_SQS_PORT=$sqs_port FANOUT_EMU_DYNAMODB_PORT=$((sqs_port + 1))
+  export FANOUT_DEV_EMU_SQS_PORT=$sqs_port FANOUT_DEV_EMU_DYNAMODB_PORT=$((sqs_port + 1))
   local gateway_port=8090 metrics_port=9190
   while ! port_free "$gateway_port"; do gateway_port=$((gateway_port + 1)); done
   while ! port_free "$metrics_port"; do metrics_port=$((metrics_port + 1)); done

@@ -5,7 +5,7 @@
 # image (scripts/image.sh) when it is there, else from the debug binary.
 #
 #   scripts/stack-test.sh                 image if present, else the binary
-#   FANOUT_STACK_WORKER=binary scripts/stack-test.sh
+#   FANOUT_DEV_STACK_WORKER=binary scripts/stack-test.sh
 #
 # Installs moto with the CloudFormation extras into .local/venv-stack (its
 # own venv: the emulators' .local/venv stays as scripts/emulators.sh makes it).
@@ -17,7 +17,7 @@ cd "$ROOT"
 MOTO_VERSION=5.2.5
 VENV="$ROOT/.local/venv-stack"
 WORK="$ROOT/.local/stack"
-IMAGE="${FANOUT_IMAGE:-fanout:local}"
+IMAGE="${FANOUT_DEV_IMAGE:-fanout:local}"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 PIN="moto[server,cloudformation,sqs,dynamodb,ecs,iam,logs,sns,cloudwatch,applicationautoscaling]==$MOTO_VERSION"
 
@@ -35,7 +35,7 @@ if [[ "$(cat "$VENV/.pin" 2>/dev/null)" != "$PIN" ]]; then
 fi
 
 worker=(--image "$IMAGE")
-if [[ "${FANOUT_STACK_WORKER:-}" == binary ]] || ! command -v podman >/dev/null \
+if [[ "${FANOUT_DEV_STACK_WORKER:-}" == binary ]] || ! command -v podman >/dev/null \
   || ! podman image exists "$IMAGE" 2>/dev/null; then
   worker=(--binary "$TARGET/debug/fanout")
 fi

@@ -18,18 +18,18 @@ port_free() {
 # Ports given by the caller are used as they are (and refused if taken).
 # Otherwise the first free pair from 5330/5331 up, so several checkouts on
 # one machine can test at once.
-if [[ -z "${FANOUT_EMU_SQS_PORT:-}" && -z "${FANOUT_EMU_DYNAMODB_PORT:-}" ]]; then
-  FANOUT_EMU_SQS_PORT=5330
+if [[ -z "${FANOUT_DEV_EMU_SQS_PORT:-}" && -z "${FANOUT_DEV_EMU_DYNAMODB_PORT:-}" ]]; then
+  FANOUT_DEV_EMU_SQS_PORT=5330
   for candidate in $(seq 5330 2 5358); do
     if port_free "$candidate" && port_free "$((candidate + 1))"; then
-      FANOUT_EMU_SQS_PORT="$candidate"
+      FANOUT_DEV_EMU_SQS_PORT="$candidate"
       break
     fi
   done
-  FANOUT_EMU_DYNAMODB_PORT="$((FANOUT_EMU_SQS_PORT + 1))"
+  FANOUT_DEV_EMU_DYNAMODB_PORT="$((FANOUT_DEV_EMU_SQS_PORT + 1))"
 fi
-export FANOUT_EMU_SQS_PORT="${FANOUT_EMU_SQS_PORT:-5330}"
-export FANOUT_EMU_DYNAMODB_PORT="${FANOUT_EMU_DYNAMODB_PORT:-5331}"
+export FANOUT_DEV_EMU_SQS_PORT="${FANOUT_DEV_EMU_SQS_PORT:-5330}"
+export FANOUT_DEV_EMU_DYNAMODB_PORT="${FANOUT_DEV_EMU_DYNAMODB_PORT:-5331}"
 
 ./scripts/emulators.sh install
 trap './scripts/emulators.sh stop' EXIT

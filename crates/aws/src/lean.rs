@@ -61,7 +61,7 @@ pub enum LeanError {
     #[error("no AWS region for signing; set AWS_REGION")]
     NoRegion,
     #[error(
-        "no AWS credentials provider in the SDK config; load it with aws_config (fanout_aws::clients::load_sdk_config)"
+        "no AWS credentials provider in the SDK config; load it with fanout_aws::clients::load_sdk_config"
     )]
     NoCredentialsProvider,
     #[error("no trusted root certificates for HTTPS ({0}); install the ca-certificates package")]

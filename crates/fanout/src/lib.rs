@@ -5,13 +5,14 @@
 //! # Layout
 //!
 //! - [`config`]: the typed configuration: embedded defaults, file, `FANOUT_*`
-//!   environment overrides, validation.
+//!   environment overrides, validation, in a file per section.
 //! - [`logging`]: JSON logs on stdout.
 //! - [`metrics`]: the counters as CloudWatch EMF lines and Prometheus text,
 //!   `/metrics` and `/healthz`, and the `fanout health` probe.
 //! - [`ecs`]: ECS task scale-in protection while jobs run.
 //!
-//! `main.rs` parses the command line and wires these to the worker.
+//! The binary (`main.rs` and its `commands/`, one module per command)
+//! parses the command line and wires these to the worker.
 
 pub mod config;
 pub mod ecs;

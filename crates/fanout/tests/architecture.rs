@@ -85,3 +85,49 @@ fn fanout_help_lists_no_development_commands() {
         );
     }
 }
+
+#[test]
+fn fanout_version_names_the_commit_it_was_built_from() {
+    let output = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .arg("--version")
+        .output()
+        .expect("run fanout --version");
+    assert!(output.status.success());
+    let version = String::from_utf8(output.stdout).unwrap();
+    let prefix = format!("fanout {} (commit ", env!("CARGO_PKG_VERSION"));
+    assert!(version.starts_with(&prefix), "{version}");
+    // Built in a checkout without the image's build variable: git's HEAD.
+    let head = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim()[..12].to_owned());
+    let expected = match (option_env!("FANOUT_DEV_COMMIT"), head) {
+        (Some(commit), _) if !commit.trim().is_empty() => commit.trim().chars().take(12).collect(),
+        (_, Some(head)) => head,
+        _ => "unknown".to_owned(),
+    };
+    assert_eq!(version.trim(), format!("{prefix}{expected})"));
+}
+
+#[test]
+fn the_image_build_passes_the_commit_to_the_build() {
+    // The image's build context has no .git: the Dockerfile takes the commit
+    // as a build argument and hands it to build.rs, and the image script
+    // passes it.
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let dockerfile = std::fs::read_to_string(format!("{root}/Dockerfile")).unwrap();
+    let build = dockerfile
+        .split("\nFROM ")
+        .find(|stage| stage.contains("AS build"))
+        .expect("a build stage");
+    assert!(build.contains("ARG REVISION"), "{build}");
+    assert!(
+        build.contains("FANOUT_DEV_COMMIT=\"$REVISION\" cargo build --release"),
+        "{build}"
+    );
+    let script = std::fs::read_to_string(format!("{root}/scripts/image.sh")).unwrap();
+    assert!(script.contains("--build-arg \"REVISION=$revision\""));
+}

@@ -251,6 +251,46 @@ async fn bad_jobs_go_to_the_dead_letter_queue_with_their_reason_and_the_rest_is_
 }
 
 #[tokio::test]
+async fn dead_letters_are_listed_by_reason_and_left_on_the_queue() {
+    let p = Pipeline::new(|_| {}).await;
+    p.send_raw("this is not json").await;
+    p.send_raw("this is not json").await;
+    p.send_raw(r#"{"data":"x","chanel":"typo"}"#).await;
+    let run = p.run_until_idle().await;
+    assert!(run.status.success(), "{}", run.stdout);
+    assert_eq!(support::counts(&p.sqs, &p.dlq.url).await, (3, 0));
+
+    let listed = crate::support::worker::run_ok(p.command(&["dead-letters"]), "dead-letters").await;
+    let lines: Vec<&str> = listed.lines().collect();
+    assert!(
+        lines[0].starts_with("3 dead-lettered job(s) sampled (approximate"),
+        "{listed}"
+    );
+    let by_reason: Vec<(u64, &str)> = lines[1..]
+        .iter()
+        .map(|line| {
+            let (count, rest) = line.trim_start().split_once("  ").unwrap();
+            (count.parse().unwrap(), rest)
+        })
+        .collect();
+    assert_eq!(by_reason.len(), 2, "{listed}");
+    assert_eq!(by_reason[0].0, 2, "{listed}");
+    assert!(by_reason[0].1.contains("not a valid job"), "{listed}");
+    assert_eq!(by_reason[1].0, 1, "{listed}");
+    assert!(by_reason[1].1.contains("chanel"), "{listed}");
+    // Seen, not taken: every message is visible again at once.
+    assert_eq!(support::counts(&p.sqs, &p.dlq.url).await, (3, 0));
+
+    let capped =
+        crate::support::worker::run_ok(p.command(&["dead-letters", "--max", "1"]), "dead-letters")
+            .await;
+    assert!(
+        capped.starts_with("1 dead-lettered job(s) sampled, stopped at --max 1"),
+        "{capped}"
+    );
+}
+
+#[tokio::test]
 async fn a_throttling_and_failing_gateway_still_delivers_exactly_once() {
     let mut p = Pipeline::new(|args| {
         args.throttle_rps = std::num::NonZeroU32::new(40);
@@ -432,6 +472,33 @@ async fn bad_configuration_exits_2_naming_the_key_and_its_source() {
         .expect("run check-config");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("rate_per_second = 500"));
+}
+
+#[tokio::test]
+async fn a_mistyped_variable_stops_run_and_check_config_before_any_job_is_read() {
+    let p = Pipeline::new(|_| {}).await;
+    p.send_raw(r#"{"data":"kept"}"#).await;
+    for args in [&["run", "--exit-when-idle"][..], &["check-config"]] {
+        let out = p
+            .command(args)
+            .env("FANOUT_RATE_PER_SECCOND", "500")
+            .output()
+            .await
+            .expect("run fanout");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("FANOUT_RATE_PER_SECCOND"), "{args:?}: {err}");
+        assert!(
+            err.contains("did you mean FANOUT_RATE_PER_SECOND?"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+    // Nothing was received: the job is visible, none in flight, and a
+    // worker started without the mistake takes it.
+    assert_eq!(support::counts(&p.sqs, &p.queue.url).await, (1, 0));
+    p.run_until_idle().await;
+    assert_eq!(support::counts(&p.sqs, &p.queue.url).await, (0, 0));
 }
 
 #[tokio::test]

@@ -71,7 +71,7 @@ impl Offline {
             .args(["--httpPort", &(port + 1).to_string()])
             .args(["--lambdaPort", &(port + 2).to_string()])
             .current_dir(&dir)
-            .env("FANOUT_PEER_IDS", dir.join("ids"))
+            .env("FANOUT_DEV_PEER_IDS", dir.join("ids"))
             .env("SLS_TELEMETRY_DISABLED", "1")
             .env("SLS_NOTIFICATIONS_MODE", "off")
             .stdin(Stdio::null())
