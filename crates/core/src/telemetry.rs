@@ -145,8 +145,15 @@ counter_set! {
     /// Jobs stopped because the endpoint answered like another API or stage
     /// (every post 410) or refused every post alike (404, 400, …).
     endpoint_suspect: "EndpointSuspect", "Jobs stopped because the endpoint looked misdirected or refused every post";
-    /// Connections that did not get the message after every retry.
-    failed: "Failed", "Connections that did not get the message after every retry";
+    /// Connections API Gateway rejected: a 4xx about that connection alone
+    /// (the metric keeps its published name).
+    failed: "Failed", "Connections rejected by API Gateway (a 4xx about that connection alone)";
+    /// Connections still deferred when a run ended: handed on in
+    /// continuation jobs, to be tried again (not final).
+    deferred_at_end: "DeferredAtEnd", "Connections still deferred at a run's end, handed on to be tried again";
+    /// Connections dead-lettered after being deferred across every
+    /// continuation: the final count of those that never got the message.
+    unreached: "Unreached", "Connections that never got the message: dead-lettered after every continuation";
     /// 429 answers.
     throttled: "Throttled", "429 answers from API Gateway";
     /// Send attempts that were retries.

@@ -136,6 +136,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             deferrals = job.deferrals + 1,
             "deferred connections continue in new jobs"
         );
+        Metrics::add(&self.metrics.deferred_at_end, count as u64);
         Metrics::incr(&self.metrics.jobs_completed);
         Settled::new(self.delete(message).await, Status::Continued)
     }
@@ -170,6 +171,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             match self.queue.dead_letter(&one, &reason).await {
                 Ok(DeadLettered::Sent) => {
                     Metrics::incr(&self.metrics.jobs_dead_lettered);
+                    Metrics::incr(&self.metrics.unreached);
                 }
                 Ok(DeadLettered::NotConfigured) => {
                     tracing::error!(job_id = %job.id, connection = %d.connection.id, reason, "a connection was deferred too often and no dead-letter queue is configured; the job is kept for the queue's redrive policy");

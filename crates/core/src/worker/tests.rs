@@ -146,6 +146,10 @@ async fn deferred_connections_go_on_in_a_delayed_continuation_then_the_message_g
         (report.delivered, report.deferred, report.audience),
         (19, 1, 20)
     );
+    // Still to be reached: counted as deferred at the run's end, not as
+    // never reached.
+    assert_eq!(Metrics::get(&rig.metrics.deferred_at_end), 1);
+    assert_eq!(Metrics::get(&rig.metrics.unreached), 0);
 }
 
 #[tokio::test]
@@ -170,6 +174,10 @@ async fn a_connection_deferred_across_the_limit_is_dead_lettered_alone() {
     );
     assert_eq!(rig.queue.deleted_ids(), ["r0"]);
     assert_eq!(rig.statuses(), [("j".into(), Status::DeadLettered, true)]);
+    // The final count of connections that never got the message, which the
+    // failure alarm reads.
+    assert_eq!(Metrics::get(&rig.metrics.unreached), 1);
+    assert_eq!(Metrics::get(&rig.metrics.deferred_at_end), 0);
 }
 
 #[tokio::test]
