@@ -38,7 +38,7 @@ import urllib.parse
 from pathlib import Path
 
 import boto3
-import yaml
+from cfn_template import template
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "config" / "cloudformation.yaml"
@@ -123,25 +123,6 @@ def stop_all():
 # --- The template, read as CloudFormation reads it -------------------------
 
 
-class Loader(yaml.SafeLoader):
-    pass
-
-
-def _tagged(loader, suffix, node):
-    if isinstance(node, yaml.ScalarNode):
-        value = loader.construct_scalar(node)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        value = loader.construct_mapping(node, deep=True)
-    return {"!" + suffix: value}
-
-
-Loader.add_multi_constructor("!", _tagged)
-
-
-def template():
-    return yaml.load(TEMPLATE.read_text(), Loader=Loader)
 
 
 class Resolver:

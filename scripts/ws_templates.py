@@ -54,13 +54,10 @@ import re
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import airspeed
-import yaml
+from cfn_template import template
 
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = ROOT / "config" / "cloudformation.yaml"
 
 ROUTES = {
     "connect": ("WebSocketConnectIntegration", "PutItem"),
@@ -77,25 +74,6 @@ TTL_AFTER_START_S = 3 * 3600
 # --- The template -------------------------------------------------------------
 
 
-class Loader(yaml.SafeLoader):
-    pass
-
-
-def _tagged(loader, suffix, node):
-    if isinstance(node, yaml.ScalarNode):
-        value = loader.construct_scalar(node)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        value = loader.construct_mapping(node, deep=True)
-    return {"!" + suffix: value}
-
-
-Loader.add_multi_constructor("!", _tagged)
-
-
-def template():
-    return yaml.load(TEMPLATE.read_text(), Loader=Loader)
 
 
 def request_template(route, table, overrides=None, tpl=None):
