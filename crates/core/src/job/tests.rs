@@ -617,3 +617,12 @@ fn a_job_for_a_newer_format_is_left_to_a_newer_task_even_with_fields_unknown_her
     let job = parse(r#"{"v":1,"id":"j","data":"x"}"#, "m", &CAPS).unwrap();
     assert_eq!(job.continuation(Vec::new()).v, None);
 }
+
+#[test]
+fn an_empty_id_is_refused_it_would_make_every_such_job_one_broadcast() {
+    assert_eq!(
+        err(r#"{"id":"","data":"x"}"#),
+        JobError::EmptyValue { field: "id" }
+    );
+    assert_eq!(ok(r#"{"data":"x"}"#).id, "msg-1", "no id: the message id");
+}

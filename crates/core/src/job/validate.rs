@@ -20,6 +20,10 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<
             version: version.into(),
         });
     }
+    // An empty key would make every such job one broadcast.
+    if spec.id.as_deref() == Some("") {
+        return Err(JobError::EmptyValue { field: "id" });
+    }
     let payload = payload(spec.data, spec.data_base64)?;
     if payload.len() > MAX_PAYLOAD_BYTES {
         return Err(JobError::TooLarge {
