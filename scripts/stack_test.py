@@ -29,6 +29,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -378,17 +379,15 @@ def broken_rules(resolver):
     return broken
 
 
-def alarm_metrics(resources):
-    """Every (namespace, metric, {dimension: value}) an alarm reads that the
-    worker emits (not AWS's own namespaces)."""
+def alarm_metrics(resources, params):
+    """Every (namespace, metric, {dimension: value}) an alarm or the
+    dashboard reads that the worker emits (not AWS's own namespaces)."""
     metrics = []
     for name, res in resources.items():
         if res["Type"] not in ("AWS::CloudWatch::Alarm", "AWS::CloudWatch::Dashboard"):
             continue
-        if res["Type"] == "AWS::CloudWatch::Dashboard":
-            fail(f"{name}: a dashboard; teach this test to read its metrics")
         p = res["Properties"]
-        found = []
+        found = dashboard_metrics(p, params) if res["Type"] == "AWS::CloudWatch::Dashboard" else []
         if "MetricName" in p:
             found.append((p["Namespace"], p["MetricName"], p.get("Dimensions", [])))
         for m in p.get("Metrics", []):
@@ -400,6 +399,27 @@ def alarm_metrics(resources):
                 continue
             metrics.append((name, namespace, metric, {d["Name"]: d["Value"] for d in dims}))
     return metrics
+
+
+def dashboard_metrics(properties, params):
+    """The (namespace, metric, dimensions) a dashboard's widgets read. The
+    body is a `!Sub` of JSON: parameters are put in, other references
+    (`${AWS::Region}`, `${JobsQueue.QueueName}`) stay as text."""
+    body = properties["DashboardBody"]
+    text = body["!Sub"] if isinstance(body, dict) else body
+    text = re.sub(
+        r"\$\{([A-Za-z0-9]+)\}",
+        lambda m: str(params[m.group(1)]) if isinstance(params.get(m.group(1)), str) else m.group(0),
+        text,
+    )
+    found = []
+    for widget in json.loads(text)["widgets"]:
+        for metric in widget.get("properties", {}).get("metrics", []):
+            names = [m for m in metric if isinstance(m, str)]
+            namespace, name, pairs = names[0], names[1], names[2:]
+            dims = [{"Name": k, "Value": v} for k, v in zip(pairs[::2], pairs[1::2])]
+            found.append((namespace, name, dims))
+    return found
 
 
 def emf_lines(log_text):
@@ -582,7 +602,7 @@ def run_case(opts, aws, endpoints, work, case):
     resources = static_checks(stack)
     if case["params"].get("CreateWebSocketApi") == "true":
         websocket_checks(stack, resources)
-    metrics = alarm_metrics(resources)
+    metrics = alarm_metrics(resources, stack.resolver.params)
 
     # The local gateway writes $connect rows keyed connectionId; for a table
     # with other names the rows are copied over, as the user's handler would
