@@ -179,19 +179,7 @@ async fn connect(gateway: &TestGateway, query: &str) -> (Socket, String) {
     } else {
         format!("{}?{query}", gateway.ws_url())
     };
-    let (mut socket, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .expect("connect");
-    socket
-        .send(Message::text(r#"{"action":"whoami"}"#))
-        .await
-        .expect("whoami");
-    let Message::Text(answer) = local_support::next_frame(&mut socket).await else {
-        panic!("whoami answers text")
-    };
-    let answer: serde_json::Value = serde_json::from_str(&answer).expect("whoami JSON");
-    let id = answer["connectionId"].as_str().expect("an id").to_owned();
-    (socket, id)
+    local_support::connect_url(&url).await
 }
 
 fn encode(value: &str) -> String {
@@ -639,30 +627,8 @@ async fn a_broadcast_while_clients_connect_reaches_each_connected_client_and_rem
     // Clients start connecting, the jobs come, the worker starts: their
     // rows are read while their connections still answer 410.
     let connecting = tokio::spawn({
-        let url = gateway.ws_url();
-        async move {
-            futures::future::join_all((0..10).map(|_| {
-                let url = format!("{url}?channel=public.race");
-                async move {
-                    let (mut socket, _) = tokio_tungstenite::connect_async(url)
-                        .await
-                        .expect("connect");
-                    socket
-                        .send(Message::text(r#"{"action":"whoami"}"#))
-                        .await
-                        .expect("whoami");
-                    let Message::Text(answer) = local_support::next_frame(&mut socket).await else {
-                        panic!("whoami answers text")
-                    };
-                    let answer: serde_json::Value = serde_json::from_str(&answer).expect("JSON");
-                    (
-                        socket,
-                        answer["connectionId"].as_str().expect("an id").to_owned(),
-                    )
-                }
-            }))
-            .await
-        }
+        let url = format!("{}?channel=public.race", gateway.ws_url());
+        async move { futures::future::join_all((0..10).map(|_| local_support::connect_url(&url))).await }
     });
     // Their rows are in the table before the jobs are sent.
     local_support::eventually("the connecting clients' rows", || async {

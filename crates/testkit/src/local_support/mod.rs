@@ -113,34 +113,11 @@ impl TestGateway {
     /// Opens a raw WebSocket client (optionally in a channel) and learns
     /// its id.
     pub async fn connect(&self, channel: Option<&str>) -> (Socket, String) {
-        let url = fanout_dev::clients::swarm::with_channel(&self.ws_url(), channel);
-        let mut request = url.into_client_request().expect("ws request");
-        request
-            .headers_mut()
-            .insert("user-agent", USER_AGENT.parse().expect("header value"));
-        let (mut socket, _) = match tokio_tungstenite::connect_async(request).await {
-            Ok(connected) => connected,
-            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => panic!(
-                "WebSocket connect refused: {} {}",
-                response.status(),
-                String::from_utf8_lossy(response.body().as_deref().unwrap_or_default())
-            ),
-            Err(other) => panic!("WebSocket connect: {other}"),
-        };
-        socket
-            .send(Message::text(r#"{"action":"whoami"}"#))
-            .await
-            .expect("send whoami");
-        let answer = next_frame(&mut socket).await;
-        let Message::Text(answer) = answer else {
-            panic!("whoami answer should be text, got {answer:?}")
-        };
-        let answer: serde_json::Value = serde_json::from_str(&answer).expect("whoami JSON");
-        let id = answer["connectionId"]
-            .as_str()
-            .expect("connectionId")
-            .to_owned();
-        (socket, id)
+        connect_url(&fanout_dev::clients::swarm::with_channel(
+            &self.ws_url(),
+            channel,
+        ))
+        .await
     }
 
     /// The table's row for `id`, if any.
@@ -254,4 +231,36 @@ pub async fn raw_http(
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
     (status, headers, body.to_owned())
+}
+
+/// A WebSocket client of the local gateway at `url` (the stage URL, with
+/// any query string), its connection id learned with `whoami`.
+pub async fn connect_url(url: &str) -> (Socket, String) {
+    let mut request = url.into_client_request().expect("ws request");
+    request
+        .headers_mut()
+        .insert("user-agent", USER_AGENT.parse().expect("header value"));
+    let (mut socket, _) = match tokio_tungstenite::connect_async(request).await {
+        Ok(connected) => connected,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => panic!(
+            "WebSocket connect refused: {} {}",
+            response.status(),
+            String::from_utf8_lossy(response.body().as_deref().unwrap_or_default())
+        ),
+        Err(other) => panic!("WebSocket connect: {other}"),
+    };
+    socket
+        .send(Message::text(r#"{"action":"whoami"}"#))
+        .await
+        .expect("send whoami");
+    let answer = next_frame(&mut socket).await;
+    let Message::Text(answer) = answer else {
+        panic!("whoami answer should be text, got {answer:?}")
+    };
+    let answer: serde_json::Value = serde_json::from_str(&answer).expect("whoami JSON");
+    let id = answer["connectionId"]
+        .as_str()
+        .expect("connectionId")
+        .to_owned();
+    (socket, id)
 }
