@@ -216,6 +216,12 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         self.rechecks.pending()
     }
 
+    /// Ends the recheck queue as the process stops: the removals it
+    /// decided complete, the rechecks still waiting are dropped.
+    pub async fn finish_rechecks(&self) {
+        self.rechecks.finish().await;
+    }
+
     /// Runs one broadcast to its end, or until `stop` is cancelled. The
     /// report covers what was done either way.
     pub async fn run(

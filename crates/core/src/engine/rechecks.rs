@@ -19,6 +19,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -26,7 +27,7 @@ use crate::backoff::Backoff;
 use crate::budget::SendBudget;
 use crate::connection::{Connection, ConnectionState};
 use crate::engine::evidence::{EndpointWatch, Standing};
-use crate::engine::remover::{REMOVE_BACKOFF, Remover};
+use crate::engine::remover::{Outstanding, REMOVE_BACKOFF, Remover};
 use crate::engine::tally::Tally;
 use crate::gateway::{Gateway, Pace, PostOutcome, Step};
 use crate::store::ConnectionStore;
@@ -45,13 +46,66 @@ pub const MAX_RECHECK_BYTES: usize = 16 * 1024 * 1024;
 /// Rechecks posting at once.
 const IN_FLIGHT: usize = 32;
 
-/// How a recheck that met a 429 or a 5xx is tried again before its row is
-/// left.
+/// How a recheck that met a 5xx (or no answer) is tried again before its
+/// row is left.
 const RETRY: Backoff = Backoff {
     base: Duration::from_secs(1),
     max: Duration::from_secs(10),
     max_attempts: 3,
 };
+
+/// How a recheck that met a 429 is tried again. A 429 says nothing of the
+/// connection, and the send budget slows down for it, so it does not use
+/// up [`RETRY`]'s attempts: a throttle that outlasts a burst would
+/// otherwise leave gone rows behind.
+const THROTTLED_RETRY: Backoff = Backoff {
+    base: Duration::from_secs(1),
+    max: Duration::from_secs(10),
+    max_attempts: 12,
+};
+
+/// The tries one recheck has had, by what stopped them.
+#[derive(Clone, Copy, Debug)]
+struct Tries {
+    transient: u32,
+    throttled: u32,
+}
+
+impl Tries {
+    const FIRST: Self = Self {
+        transient: 1,
+        throttled: 1,
+    };
+
+    /// After a 429 (`throttled`) or another answer that decides nothing:
+    /// the tries to go on with and the wait before, or `None` when the
+    /// bound is reached.
+    fn next(self, throttled: bool) -> Option<(Self, Duration)> {
+        if throttled {
+            THROTTLED_RETRY.allows_another(self.throttled).then(|| {
+                let wait = THROTTLED_RETRY.delay(self.throttled - 1);
+                (
+                    Self {
+                        throttled: self.throttled + 1,
+                        ..self
+                    },
+                    wait,
+                )
+            })
+        } else {
+            RETRY.allows_another(self.transient).then(|| {
+                let wait = RETRY.delay(self.transient - 1);
+                (
+                    Self {
+                        transient: self.transient + 1,
+                        ..self
+                    },
+                    wait,
+                )
+            })
+        }
+    }
+}
 
 /// One connection to post to again.
 #[derive(Debug)]
@@ -107,7 +161,12 @@ pub struct Rechecks {
     tx: mpsc::UnboundedSender<Recheck>,
     held: Arc<Mutex<Held>>,
     metrics: Arc<Metrics>,
-    _stop: DropGuard,
+    /// The rows the rechecks decided to remove, not removed yet.
+    removing: Outstanding,
+    task: Mutex<Option<JoinHandle<()>>>,
+    stop: CancellationToken,
+    /// Stops the task when the engine goes without [`Rechecks::finish`].
+    _stop_on_drop: DropGuard,
 }
 
 /// What the recheck task posts with.
@@ -126,12 +185,18 @@ impl Rechecks {
         let held = Arc::new(Mutex::new(Held::default()));
         let stop = CancellationToken::new();
         let metrics = deps.metrics.clone();
-        tokio::spawn(run(deps, rx, held.clone(), stop.clone()));
+        let counts = Arc::new(Tally::new(deps.metrics.clone()));
+        let remover = Remover::spawn(deps.store.clone(), REMOVE_BACKOFF, counts.clone());
+        let removing = remover.outstanding();
+        let task = tokio::spawn(run(deps, rx, held.clone(), stop.clone(), (remover, counts)));
         Self {
             tx,
             held,
             metrics,
-            _stop: stop.drop_guard(),
+            removing,
+            task: Mutex::new(Some(task)),
+            stop: stop.clone(),
+            _stop_on_drop: stop.drop_guard(),
         }
     }
 
@@ -149,13 +214,27 @@ impl Rechecks {
         true
     }
 
-    /// Rechecks waiting or posting now.
+    /// Rechecks waiting or posting now, and the rows they decided to
+    /// remove that are not removed (or given up on) yet.
     pub fn pending(&self) -> usize {
-        lock(&self.held).entries
+        lock(&self.held).entries + self.removing.get()
+    }
+
+    /// Stops taking rechecks and waits until the removals they decided are
+    /// done or given up on (their own retries bound that). Rechecks still
+    /// waiting for their window are dropped: their rows stay in the table.
+    pub async fn finish(&self) {
+        self.stop.cancel();
+        let task = lock(&self.task).take();
+        if let Some(task) = task
+            && let Err(e) = task.await
+        {
+            tracing::error!(error = %e, "the recheck task failed; gone rows may remain");
+        }
     }
 }
 
-fn lock(held: &Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
+fn lock<T>(held: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     held.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -164,7 +243,8 @@ fn lock(held: &Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
 enum Verdict {
     Done(Bytes),
     Remove(Vec<Connection>, Bytes),
-    Again(Recheck, u32),
+    /// Post again after the wait.
+    Again(Recheck, Tries, Duration),
 }
 
 async fn run<S: ConnectionStore, G: Gateway>(
@@ -172,11 +252,10 @@ async fn run<S: ConnectionStore, G: Gateway>(
     mut rx: mpsc::UnboundedReceiver<Recheck>,
     held: Arc<Mutex<Held>>,
     stop: CancellationToken,
+    (remover, counts): (Remover, Arc<Tally>),
 ) {
-    let counts = Arc::new(Tally::new(deps.metrics.clone()));
-    let remover = Remover::spawn(deps.store.clone(), REMOVE_BACKOFF, counts.clone());
     let mut due: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
-    let mut waiting: HashMap<u64, (Recheck, u32)> = HashMap::new();
+    let mut waiting: HashMap<u64, (Recheck, Tries)> = HashMap::new();
     let mut seq = 0u64;
     let mut posting = FuturesUnordered::new();
     loop {
@@ -187,7 +266,7 @@ async fn run<S: ConnectionStore, G: Gateway>(
                 let Some(recheck) = received else { break };
                 seq += 1;
                 due.push(Reverse((Instant::now() + recheck.after, seq)));
-                waiting.insert(seq, (recheck, 1));
+                waiting.insert(seq, (recheck, Tries::FIRST));
             }
             () = sleep_until(next), if next.is_some() && posting.len() < IN_FLIGHT => {
                 while posting.len() < IN_FLIGHT
@@ -195,23 +274,25 @@ async fn run<S: ConnectionStore, G: Gateway>(
                     && at <= Instant::now()
                 {
                     due.pop();
-                    if let Some((recheck, attempt)) = waiting.remove(&key) {
-                        posting.push(post_again(&deps, &counts, recheck, attempt));
+                    if let Some((recheck, tries)) = waiting.remove(&key) {
+                        posting.push(post_again(&deps, &counts, recheck, tries));
                     }
                 }
             }
             Some(verdict) = posting.next(), if !posting.is_empty() => match verdict {
                 Verdict::Done(payload) => lock(&held).release(&payload),
                 Verdict::Remove(rows, payload) => {
-                    lock(&held).release(&payload);
+                    // Queued before the entry is released, so that
+                    // `pending` never reads none in between.
                     for row in rows {
                         remover.remove(row).await;
                     }
+                    lock(&held).release(&payload);
                 }
-                Verdict::Again(recheck, attempt) => {
+                Verdict::Again(recheck, tries, wait) => {
                     seq += 1;
-                    due.push(Reverse((Instant::now() + RETRY.delay(attempt - 1), seq)));
-                    waiting.insert(seq, (recheck, attempt + 1));
+                    due.push(Reverse((Instant::now() + wait, seq)));
+                    waiting.insert(seq, (recheck, tries));
                     continue;
                 }
             },
@@ -240,7 +321,7 @@ async fn post_again<S: ConnectionStore, G: Gateway>(
     deps: &RecheckDeps<S, G>,
     counts: &Tally,
     recheck: Recheck,
-    attempt: u32,
+    tries: Tries,
 ) -> Verdict {
     if deps.watch.gate().is_err() {
         return done(deps, recheck, "the endpoint looks wrong");
@@ -278,8 +359,11 @@ async fn post_again<S: ConnectionStore, G: Gateway>(
             rows.extend(recheck.siblings);
             Verdict::Remove(rows, recheck.payload)
         }
-        Step::RetryThrottled | Step::RetryTransient if RETRY.allows_another(attempt) => {
-            Verdict::Again(recheck, attempt)
+        step @ (Step::RetryThrottled | Step::RetryTransient) => {
+            match tries.next(matches!(step, Step::RetryThrottled)) {
+                Some((tries, wait)) => Verdict::Again(recheck, tries, wait),
+                None => done(deps, recheck, outcome_text(&outcome)),
+            }
         }
         _ => done(deps, recheck, outcome_text(&outcome)),
     }

@@ -10,9 +10,10 @@
 //! stays, and the next broadcast finds it gone again.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -51,35 +52,62 @@ enum Row {
 pub struct Remover {
     tx: mpsc::Sender<Row>,
     task: JoinHandle<()>,
+    /// Rows queued and not yet removed or given up on.
+    outstanding: Arc<AtomicUsize>,
 }
 
 impl Remover {
     /// Starts removing what [`Remover::remove`] is given.
     pub fn spawn<S: ConnectionStore>(store: Arc<S>, backoff: Backoff, counts: Arc<Tally>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let outstanding = Arc::new(AtomicUsize::new(0));
+        let settled = outstanding.clone();
         let task = tokio::spawn(async move {
             ReceiverStream::new(rx)
                 // Whatever is queued, up to a full batch: batches fill up
                 // under load and leave at once when gone rows are rare.
                 .ready_chunks(MAX_REMOVE_BATCH)
-                .map(|rows| remove_rows(&*store, rows, backoff, &counts))
+                .map(|rows| {
+                    let n = rows.len();
+                    let settled = &settled;
+                    remove_rows(&*store, rows, backoff, &counts)
+                        .map(move |()| settled.fetch_sub(n, Ordering::SeqCst))
+                })
                 .buffer_unordered(CONCURRENT_BATCHES)
-                .for_each(|()| async {})
+                .for_each(|_| async {})
                 .await
         });
-        Self { tx, task }
+        Self {
+            tx,
+            task,
+            outstanding,
+        }
     }
 
     /// Queues a gone connection for removal; waits if removal lags far
     /// behind.
     pub async fn remove(&self, gone: Connection) {
-        // The task ends only after `finish` drops the sender.
-        let _ = self.tx.send(Row::Gone(gone)).await;
+        self.queue(Row::Gone(gone)).await;
     }
 
     /// Queues a row certainly gone by age for its conditional delete.
     pub async fn remove_expired(&self, row: Expired) {
-        let _ = self.tx.send(Row::Expired(row)).await;
+        self.queue(Row::Expired(row)).await;
+    }
+
+    async fn queue(&self, row: Row) {
+        self.outstanding.fetch_add(1, Ordering::SeqCst);
+        // The task ends only after `finish` drops the sender.
+        if self.tx.send(row).await.is_err() {
+            self.outstanding.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A count of the rows queued and not yet removed or given up on,
+    /// readable after the remover has moved into a task: work a batch run
+    /// waits for before it ends.
+    pub fn outstanding(&self) -> Outstanding {
+        Outstanding(self.outstanding.clone())
     }
 
     /// Waits until everything queued is removed or given up on; the job's
@@ -89,6 +117,16 @@ impl Remover {
         if let Err(e) = self.task.await {
             tracing::error!(error = %e, "the removal task failed; gone rows may remain");
         }
+    }
+}
+
+/// See [`Remover::outstanding`].
+#[derive(Clone, Debug)]
+pub struct Outstanding(Arc<AtomicUsize>);
+
+impl Outstanding {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
     }
 }
 

@@ -33,6 +33,9 @@ pub struct FakeTable {
     pub rewritten: HashSet<String>,
     /// The ids of the conditional deletes asked for, in order.
     pub expired_removals: Mutex<Vec<String>>,
+    /// Rows read with no start, as a row written by a `$connect` handler
+    /// that sets none: a 410 for one is rechecked, not taken as evidence.
+    pub connecting: HashSet<String>,
 }
 
 /// The start [`FakeTable`] reads its expired rows with.
@@ -56,6 +59,7 @@ impl FakeTable {
             expired: HashSet::new(),
             rewritten: HashSet::new(),
             expired_removals: Mutex::new(Vec::new()),
+            connecting: HashSet::new(),
         }
     }
 
@@ -151,7 +155,8 @@ impl ConnectionStore for Arc<FakeTable> {
                 chunk.iter().partition(|id| table.expired.contains(*id));
             // Like the real store: an explicit list's start is unknown.
             let read = |id: &str| Connection {
-                started_ms: (!explicit).then_some(ESTABLISHED_START_MS),
+                started_ms: (!explicit && !table.connecting.contains(id))
+                    .then_some(ESTABLISHED_START_MS),
                 ..keyed(id)
             };
             let mut page = Page::new(live.iter().map(|id| read(id)).collect(), next);

@@ -1,6 +1,6 @@
 //! The worker against the in-process fakes, in paused time.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::*;
 use crate::budget::SendBudget;
@@ -842,6 +842,52 @@ async fn no_more_jobs_run_at_once_than_allowed() {
     rig.run(settings(), CancellationToken::new()).await;
     assert_eq!(rig.queue.deleted_ids().len(), 7);
     assert_eq!(rig.gateway.delivered.lock().unwrap().len(), 140);
+}
+
+/// A 410 for a row read with no start is rechecked after the connect
+/// window; the second 410 removes the row. A batch run (and a stopping
+/// task) ends only after that removal, retries and all: the removal is
+/// decided, and leaving it to the next broadcast would leave a gone row.
+#[tokio::test(start_paused = true)]
+async fn a_run_ends_only_after_the_removals_its_rechecks_decided() {
+    for stop in [None, Some(Duration::from_millis(120_100))] {
+        let mut table = FakeTable::with(&ids(20), 5);
+        table.connecting.insert("conn-7".into());
+        // The removal's first three tries leave the row unprocessed, as
+        // BatchWriteItem does under load.
+        table.unprocessed_removals = AtomicUsize::new(3);
+        let gateway = FakeGateway::default();
+        gateway
+            .script
+            .lock()
+            .unwrap()
+            .insert("conn-7".into(), vec![crate::gateway::PostOutcome::Gone; 10]);
+        let rig = Rig {
+            table: Arc::new(table),
+            ..Rig::new(
+                FakeQueue::with_jobs(&[r#"{"id":"j","data":"a"}"#], true),
+                gateway,
+            )
+        };
+        let (settings, shutdown) = match stop {
+            None => (settings(), CancellationToken::new()),
+            // A long-running task asked to stop once the recheck has
+            // posted (the connect window is 120 s) but not yet removed.
+            Some(at) => (
+                WorkerSettings {
+                    exit_when_idle: false,
+                    ..settings()
+                },
+                shutdown_after(at),
+            ),
+        };
+        rig.run(settings, shutdown).await;
+        assert!(
+            !rig.table.remaining().contains("conn-7"),
+            "{stop:?}: the gone row whose removal was decided is left"
+        );
+        assert_eq!(rig.table.remaining().len(), 19, "{stop:?}");
+    }
 }
 
 mod durable {

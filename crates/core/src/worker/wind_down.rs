@@ -64,6 +64,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> Stopping<Q, S, G> {
         }
         let settled = tokio::time::timeout_at(grace_over + SHUTDOWN_SETTLE_BOUND, async {
             jobs.wait().await;
+            ctx.engine.finish_rechecks().await;
             drop(ctx);
             deleter.finish().await;
         })
