@@ -420,7 +420,10 @@ mod tests {
             let err = check_key_schema("connections", &wrong).expect_err("wrong key");
             let text = err.to_string();
             assert!(matches!(err, FleetError::Rejected(_)), "{text}");
-            assert!(text.contains("FANOUT_FLEET_TABLE"), "{text}");
+            assert!(
+                text.contains(&fanout_core::limits::setting::Setting::FleetTable.to_string()),
+                "{text}"
+            );
             assert!(text.contains("connections"), "{text}");
         }
     }

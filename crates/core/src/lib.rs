@@ -34,7 +34,9 @@
 //! - [`connection`]: connection ids, the row keys they were read with, the
 //!   final states a connection reaches in a broadcast, and rows certainly
 //!   gone by age.
-//! - [`limits`]: AWS's quotas and fanout's own bounds, each defined once.
+//! - [`limits`]: AWS's quotas and fanout's own bounds, each defined once,
+//!   and the settings a message points at ([`limits::setting`]), named by
+//!   the binary.
 //! - [`Backoff`]: exponential backoff with full jitter, shared by every retry.
 //! - [`telemetry`]: the process-wide counters.
 //! - `fakes`: in-process stand-ins behind every seam, one a module, for

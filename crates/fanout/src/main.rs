@@ -73,6 +73,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The core's errors and dead-letter reasons point at settings by the
+    // names this binary reads them under.
+    fanout_core::limits::setting::name_settings(fanout::config::setting_name);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -237,7 +237,11 @@ async fn a_missing_table_is_named_at_connect() {
         FleetError::NoSuchTable { table } => assert_eq!(*table, missing),
         other => panic!("expected NoSuchTable, got {other:?}"),
     }
-    assert!(err.to_string().contains("FANOUT_FLEET_TABLE"), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&fanout_core::limits::setting::Setting::FleetTable.to_string()),
+        "{err}"
+    );
     assert!(!err.is_transient());
 }
 
@@ -255,7 +259,10 @@ async fn a_table_with_another_key_is_refused_at_connect() {
         text.contains(&connections) && text.contains("connectionId"),
         "{text}"
     );
-    assert!(text.contains("FANOUT_FLEET_TABLE"), "{text}");
+    assert!(
+        text.contains(&fanout_core::limits::setting::Setting::FleetTable.to_string()),
+        "{text}"
+    );
 }
 
 #[tokio::test]

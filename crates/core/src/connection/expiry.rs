@@ -179,7 +179,8 @@ impl ExpiryRule {
             (true, ClockVerdict::Differs { skew_secs }) => tracing::warn!(
                 skew_secs,
                 "this worker's clock differs from AWS's by more than a minute; rows are no \
-                 longer removed by age (FANOUT_CONNECTED_AT_ATTRIBUTE) until the clocks agree"
+                 longer removed by age ({}) until the clocks agree",
+                crate::limits::setting::Setting::ConnectedAtAttribute
             ),
             (false, ClockVerdict::Agrees) => {
                 tracing::info!("this worker's clock agrees with AWS's again; removal by age is on")

@@ -978,7 +978,9 @@ async fn a_recheck_outlasts_a_throttle_and_removes_the_row() {
         .unwrap()
         .insert("conn-2".into(), answers);
     let engine = engine(table.clone(), gateway.clone(), 4);
-    let (report, result) = engine.run(&job(Target::All), &CancellationToken::new()).await;
+    let (report, result) = engine
+        .run(&job(Target::All), &CancellationToken::new())
+        .await;
     result.unwrap();
     assert_eq!((report.delivered, report.rechecking), (4, 1));
     while engine.rechecks_pending() > 0 {

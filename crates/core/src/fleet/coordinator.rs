@@ -72,7 +72,8 @@ impl<T: LeaseTable> Coordinator<T> {
     ) -> Self {
         if budget.ceiling().is_none() {
             tracing::error!(
-                "the fleet share cannot be applied without a per-task rate: set FANOUT_RATE_PER_SECOND"
+                "the fleet share cannot be applied without a per-task rate: set {}",
+                crate::limits::setting::Setting::RatePerSecond
             );
         }
         let standing = Standing::new(f64::from(settings.fallback.get()));
@@ -146,7 +147,8 @@ impl<T: LeaseTable> Coordinator<T> {
                     tracing::warn!(
                         tasks,
                         fleet_rate = rate,
-                        "more tasks than FANOUT_FLEET_RATE_PER_SECOND allows one post a second each: raise the fleet rate or lower MaxTasks"
+                        "more tasks than {} allows one post a second each: raise the fleet rate or lower the fleet's task count",
+                        crate::limits::setting::Setting::FleetRatePerSecond
                     );
                 }
                 self.warned_thin = tasks > rate;

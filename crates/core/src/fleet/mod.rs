@@ -86,7 +86,10 @@ impl Lease {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
-    #[error("the fleet table {table} does not exist; create it or fix FANOUT_FLEET_TABLE")]
+    #[error(
+        "the fleet table {table} does not exist; create it or fix {setting}",
+        setting = crate::limits::setting::Setting::FleetTable
+    )]
     NoSuchTable { table: String },
     #[error("the fleet table is throttling requests: {0}")]
     Throttled(String),
@@ -95,7 +98,8 @@ pub enum FleetError {
     #[error("the fleet table did not answer within {0:?}")]
     TimedOut(Duration),
     #[error(
-        "the fleet table refused the request: {0}; check FANOUT_FLEET_TABLE and the task role's rights on it"
+        "the fleet table refused the request: {0}; check {setting} and the task role's rights on it",
+        setting = crate::limits::setting::Setting::FleetTable
     )]
     Rejected(String),
     #[error("a lease in the fleet table has no usable {attribute} attribute")]

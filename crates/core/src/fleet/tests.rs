@@ -650,5 +650,9 @@ fn only_passing_table_failures_are_transient() {
         table: "fleet".into(),
     };
     assert!(!missing.is_transient());
-    assert!(missing.to_string().contains("FANOUT_FLEET_TABLE"));
+    assert!(
+        missing
+            .to_string()
+            .contains(&crate::limits::setting::Setting::FleetTable.to_string())
+    );
 }

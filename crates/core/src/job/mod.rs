@@ -155,10 +155,14 @@ pub enum JobError {
     EmptyList { field: &'static str },
     #[error("`to` must name exactly one audience, as {{\"user\": \"u-42\"}}; it names {count}")]
     ToNeedsOne { count: usize },
-    #[error("the audience `{name}` is not configured here; FANOUT_AUDIENCE_INDEXES names {known}")]
+    #[error(
+        "the audience `{name}` is not configured here; {setting} names {known}",
+        setting = crate::limits::setting::Setting::AudienceIndexes
+    )]
     UnknownAudience { name: String, known: String },
     #[error(
-        "the job names a channel but this deployment has no channel index (FANOUT_CHANNEL_INDEX)"
+        "the job names a channel but this deployment has no channel index ({setting})",
+        setting = crate::limits::setting::Setting::ChannelIndex
     )]
     ChannelsUnsupported,
     #[error(

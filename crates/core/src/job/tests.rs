@@ -160,7 +160,11 @@ fn to_names_one_configured_audience() {
             known: "user, tenant".into()
         }
     );
-    assert!(e.to_string().contains("FANOUT_AUDIENCE_INDEXES"), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&crate::limits::setting::Setting::AudienceIndexes.to_string()),
+        "{e}"
+    );
     assert_eq!(
         parse(r#"{"data":"x","to":{}}"#, "m", &caps),
         Err(JobError::ToNeedsOne { count: 0 })

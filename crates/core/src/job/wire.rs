@@ -43,7 +43,7 @@ pub struct JobSpec {
     /// Only connections in any of these channels, each sent to once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channels: Option<Vec<String>>,
-    /// One named audience (`FANOUT_AUDIENCE_INDEXES`) and its key, e.g.
+    /// One named audience (one of the deployment's audience indexes) and its key, e.g.
     /// `{"user": "u-42"}`: exactly one entry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<BTreeMap<String, String>>,

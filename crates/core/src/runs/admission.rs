@@ -40,7 +40,7 @@ pub enum Ruling {
 /// How long a record lives, and how long a lease lasts.
 #[derive(Clone, Copy, Debug)]
 pub struct Windows {
-    /// `FANOUT_DEDUP_WINDOW`: how long a finished broadcast is remembered.
+    /// The dedup window: how long a finished broadcast is remembered.
     pub dedup: Duration,
     /// The visibility timeout: a lease lasts as long as the message stays
     /// hidden, and the heartbeat renews both.

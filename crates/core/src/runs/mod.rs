@@ -1,5 +1,5 @@
 //! Durable runs: a record per run key in the checkpoint table
-//! (`FANOUT_CHECKPOINT_TABLE`), so that a broadcast a producer sends again is
+//! (the checkpoint table), so that a broadcast a producer sends again is
 //! not broadcast twice, and a run live on one task is not run at once by
 //! another.
 //!
@@ -81,7 +81,8 @@ pub struct Checkpoint {
 #[derive(Debug, thiserror::Error)]
 pub enum DurableError {
     #[error(
-        "the checkpoint table {table} does not exist or is not keyed pk (S) + sk (S); create it or fix FANOUT_CHECKPOINT_TABLE"
+        "the checkpoint table {table} does not exist or is not keyed pk (S) + sk (S); create it or fix {setting}",
+        setting = crate::limits::setting::Setting::CheckpointTable
     )]
     NoSuchTable { table: String },
     #[error("the checkpoint table is throttling requests: {0}")]

@@ -30,7 +30,7 @@ pub enum AudienceQuery {
     /// With [`ChannelOrder::ById`], its pages come in connection-id order
     /// and it resumes from [`Position::After`] too.
     Channel(String),
-    /// Rows of the named audience `name` (`FANOUT_AUDIENCE_INDEXES`) whose
+    /// Rows of the named audience `name` (one of the audience indexes) whose
     /// key equals `value`: a Query on that audience's index.
     Audience { name: String, value: String },
     /// These ids; no table read.
@@ -120,11 +120,20 @@ pub struct Removal {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("the connections table {table} does not exist; create it or fix FANOUT_TABLE")]
+    #[error(
+        "the connections table {table} does not exist; create it or fix {setting}",
+        setting = crate::limits::setting::Setting::Table
+    )]
     NoSuchTable { table: String },
-    #[error("channel audiences need FANOUT_CHANNEL_INDEX (a GSI keyed by the channel attribute)")]
+    #[error(
+        "channel audiences need {setting} (a GSI keyed by the channel attribute)",
+        setting = crate::limits::setting::Setting::ChannelIndex
+    )]
     NoChannelIndex,
-    #[error("the audience {name} has no index; name it in FANOUT_AUDIENCE_INDEXES")]
+    #[error(
+        "the audience {name} has no index; name it in {setting}",
+        setting = crate::limits::setting::Setting::AudienceIndexes
+    )]
     NoAudienceIndex { name: String },
     /// A broadcast to everyone on a table where a connection can have
     /// several rows, without an index that keeps each connection's rows

@@ -242,8 +242,8 @@ async fn good_jobs_are_delivered_then_deleted_and_bad_ones_dead_lettered() {
         "{dead:?}"
     );
     assert!(
-        dead.iter()
-            .any(|(id, why)| id == "m3" && why.contains("FANOUT_CHANNEL_INDEX")),
+        dead.iter().any(|(id, why)| id == "m3"
+            && why.contains(&crate::limits::setting::Setting::ChannelIndex.to_string())),
         "{dead:?}"
     );
     assert_eq!(Metrics::get(&rig.metrics.jobs_completed), 2);

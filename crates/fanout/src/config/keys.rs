@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use fanout_aws::SendPath;
+use fanout_core::limits::setting::Setting;
 
 /// Who needs a key set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,4 +153,20 @@ pub fn keys() -> &'static [&'static str] {
 pub(super) enum AudienceIndexes {
     Text(String),
     Table(std::collections::BTreeMap<String, String>),
+}
+
+/// The environment name of the key behind each setting the core's
+/// messages point at (see [`fanout_core::limits::setting`]): the names
+/// producers read in dead-letter reasons and operators in errors.
+pub fn setting_name(setting: Setting) -> &'static str {
+    match setting {
+        Setting::Table => "FANOUT_TABLE",
+        Setting::ChannelIndex => "FANOUT_CHANNEL_INDEX",
+        Setting::AudienceIndexes => "FANOUT_AUDIENCE_INDEXES",
+        Setting::ConnectedAtAttribute => "FANOUT_CONNECTED_AT_ATTRIBUTE",
+        Setting::CheckpointTable => "FANOUT_CHECKPOINT_TABLE",
+        Setting::RatePerSecond => "FANOUT_RATE_PER_SECOND",
+        Setting::FleetRatePerSecond => "FANOUT_FLEET_RATE_PER_SECOND",
+        Setting::FleetTable => "FANOUT_FLEET_TABLE",
+    }
 }

@@ -42,7 +42,7 @@ mod validate;
 
 pub use environment::DEV_PREFIX;
 use keys::Raw;
-pub use keys::{KEYS, Key, Need, keys, required_help};
+pub use keys::{KEYS, Key, Need, keys, required_help, setting_name};
 use render::audience_indexes_text;
 use validate::{Validator, from_figment};
 

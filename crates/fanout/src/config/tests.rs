@@ -633,3 +633,15 @@ fn the_configuration_doc_lists_the_everyday_keys_apart_from_the_advanced_ones() 
     assert_eq!(section("The settings everyone sets"), of(false));
     assert_eq!(section("Advanced settings"), of(true));
 }
+
+#[test]
+fn every_setting_the_core_points_at_is_named_by_a_declared_key() {
+    use fanout_core::limits::setting::Setting;
+    for setting in Setting::ALL {
+        let name = setting_name(setting);
+        assert!(
+            KEYS.iter().any(|key| env_name(key.name) == name),
+            "{setting:?} is named {name}, which is no key"
+        );
+    }
+}

@@ -1,7 +1,11 @@
 //! The numbers fanout is bounded by, each defined once: AWS's quotas (with
-//! where AWS states them) and fanout's own bounds (with why).
+//! where AWS states them) and fanout's own bounds (with why); and, in
+//! [`setting`], the settings that change them, which the core's messages
+//! point at by the names the binary gives them.
 
 use std::time::Duration;
+
+pub mod setting;
 
 // AWS's quotas.
 
