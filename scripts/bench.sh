@@ -40,6 +40,15 @@
 #            the local gateway counting POSTs per second; then one of four
 #            killed with SIGKILL (the `fleet` integration test, which checks
 #            the targets, run on the release build), unpinned.
+#   throttle the worker against an endpoint that throttles like API Gateway
+#            (a token bucket) and fails 5 % of posts: the delivery rate
+#            converges to what it accepts, and a client that only answers
+#            429 does not slow the others (the `missed_clients` integration
+#            test on the release build, which checks the targets), unpinned.
+#
+# The fleet and throttle cases set FANOUT_DEV_TIMING_TARGETS=1: their tests
+# then check the tight wall-clock targets, which `cargo test` leaves to
+# this benchmark (a loaded machine cannot meet them, and need not).
 #
 # The worker and wrk are pinned to one core, the sinks and emulators to the
 # other (taskset). Raw lines go to $OUT (default target/bench/results-<time>.txt),
@@ -57,7 +66,7 @@ while (($#)); do
     --quick) RUNS=1; BENCH_CASES=process,jobs; shift ;;
     --no-build) NO_BUILD=1; shift ;;
     --out) OUT="$2"; shift 2 ;;
-    -h | --help) sed -n '2,30p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h | --help) sed -n '2,56p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "bench: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -146,13 +155,16 @@ if [[ -z "${NO_BUILD:-}" ]]; then
   if has_case fleet; then
     (cd "$ROOT" && cargo test "${profile[@]}" --quiet --no-run -p fanout --test fleet)
   fi
+  if has_case throttle; then
+    (cd "$ROOT" && cargo test "${profile[@]}" --quiet --no-run -p fanout --test missed_clients)
+  fi
 fi
 [[ -x $FANOUT && -x $BIN ]] || die "$FANOUT or $BIN missing: run without --no-build"
 
 NEED_DYNALITE=0
 NEED_MOTO=0
-if has_case process || has_case fleet || has_case removals || has_case index || { has_case engine && [[ "$ENGINE_CASES" == *:table* ]]; }; then NEED_DYNALITE=1; fi
-if has_case process || has_case fleet || has_case index || { has_case latency && ((LATENCY_JOBS > 0)); }; then NEED_MOTO=1; fi
+if has_case process || has_case fleet || has_case throttle || has_case removals || has_case index || { has_case engine && [[ "$ENGINE_CASES" == *:table* ]]; }; then NEED_DYNALITE=1; fi
+if has_case process || has_case fleet || has_case throttle || has_case index || { has_case latency && ((LATENCY_JOBS > 0)); }; then NEED_MOTO=1; fi
 if ((NEED_DYNALITE || NEED_MOTO)); then
   "$ROOT/scripts/emulators.sh" install
 fi
@@ -502,9 +514,15 @@ for run in $(seq "$RUNS"); do
   fi
   if has_case fleet; then
     echo "bench: run $run, the fleet budget: 1, 2, 4 workers, then a kill" >&2
-    (cd "$ROOT" && cargo test "${profile[@]}" --quiet -p fanout --test fleet workers_share -- --nocapture) \
+    (cd "$ROOT" && FANOUT_DEV_TIMING_TARGETS=1 cargo test "${profile[@]}" --quiet -p fanout --test fleet workers_share -- --nocapture) \
       >"$WORK/fleet.out" 2>&1 || die "the fleet case failed: $(tail -20 "$WORK/fleet.out")"
     grep '^kind=fleet' "$WORK/fleet.out" | sed "s/^/run=$run /" >>"$OUT"
+  fi
+  if has_case throttle; then
+    echo "bench: run $run, a throttling endpoint: convergence and a slow client" >&2
+    (cd "$ROOT" && FANOUT_DEV_TIMING_TARGETS=1 cargo test "${profile[@]}" --quiet -p fanout --test missed_clients -- --nocapture) \
+      >"$WORK/throttle.out" 2>&1 || die "the throttle case failed: $(tail -20 "$WORK/throttle.out")"
+    grep '^kind=throttle' "$WORK/throttle.out" | sed "s/^/run=$run /" >>"$OUT"
   fi
   if has_case limiter; then
     echo "bench: run $run, engine only, rate limiter at $LIMIT_RATE/s" >&2

@@ -260,6 +260,29 @@ def fleet_section(rows):
     return out + [""]
 
 
+def throttle_section(rows):
+    converge = [r for r in rows if r.get("kind") == "throttle" and r.get("case") == "converge"]
+    slow = [r for r in rows if r.get("kind") == "throttle" and r.get("case") == "slow_client"]
+    if not converge and not slow:
+        return []
+    out = ["## A throttling endpoint (the `missed_clients` test, release)", ""]
+    if converge:
+        accepted = float(converge[0]["accepted_per_s"])
+        rates = floats(converge, "rate_per_s")
+        shares = [100 * x for x in floats(converge, "throttled_share")]
+        out.append(f"- a token bucket accepting {accepted:.0f}/s: delivered at {spread(rates, '{:.0f}')}/s "
+                   f"(target ≥ 90 %: {verdict(min(rates) >= 0.9 * accepted)}), "
+                   f"{spread(shares, '{:.2f}')} % of posts throttled (target ≤ 10 %: "
+                   f"{verdict(max(shares) <= 10)})")
+    if slow:
+        ceiling = float(slow[0]["ceiling_per_s"])
+        rates = floats(slow, "rate_per_s")
+        out.append(f"- one client answering only 429 under a {ceiling:.0f}/s ceiling: the others at "
+                   f"{spread(rates, '{:.0f}')}/s (target ≥ 90 % of the ceiling: "
+                   f"{verdict(min(rates) >= 0.9 * ceiling)})")
+    return out + [""]
+
+
 def index_section(rows):
     rs = [r for r in rows if r.get("kind") == "index"]
     if not rs:
@@ -295,7 +318,8 @@ def main(path):
     header, rows = parse(path)
     out = ["# fanout benchmark summary", "", *[f"- {h}" for h in header], "",
            "Each cell: min/median/max over runs. posts/CPU-s = 10⁶ / (CPU µs per post).", ""]
-    out += (process_section(rows) + jobs_section(rows) + fleet_section(rows) + engine_section(rows)
+    out += (process_section(rows) + jobs_section(rows) + fleet_section(rows) + throttle_section(rows)
+            + engine_section(rows)
             + removals_section(rows) + index_section(rows))
     print("\n".join(out))
 

@@ -8,6 +8,13 @@
 //! broadcast against the ideal N ÷ rate) are the ones BENCHMARKS.md quotes;
 //! `scripts/bench.sh --cases fleet` runs this test on the release build and
 //! summarises them over runs.
+//!
+//! The tight targets (the rate within 5 %, the broadcast within 1.1 × its
+//! ideal time, a killed worker's share back within 5 s) are checked there,
+//! with the machine to the test ([`support::timing_targets`]). Under
+//! `cargo test` it checks what holds on a loaded machine too: every client
+//! reached exactly once, the fleet never far over its rate, and a killed
+//! worker's share taken back.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -23,8 +30,11 @@ const FLEET_RATE: u64 = 2000;
 /// The audience: 12 s at the fleet's rate.
 const AUDIENCE: usize = 24_000;
 /// How far the rate at the endpoint may stray from the fleet's, once every
-/// worker has run for 2 s.
+/// worker has run for 2 s (the benchmark's target).
 const TOLERANCE: f64 = 0.05;
+/// How far over the fleet's rate the endpoint may ever be, on any machine:
+/// a fleet that overshoots is wrong however busy the machine is.
+const OVER_AT_MOST: f64 = 1.25;
 /// A worker joins within about 2 s (its lease must be read by the others
 /// first); the rate is judged from 2 s after that.
 const SETTLED_AFTER: u64 = 4;
@@ -225,18 +235,30 @@ async fn fleet_of(table: &str, workers: usize) {
     );
     let target = FLEET_RATE as f64;
     assert!(
-        (mean - target).abs() <= target * TOLERANCE,
-        "fleet of {workers}: {mean:.0}/s at the endpoint, not within 5 % of {target}: {counts:?}"
+        mean <= target * OVER_AT_MOST,
+        "fleet of {workers}: {mean:.0}/s at the endpoint, over {OVER_AT_MOST} × {target}: {counts:?}"
     );
+    // The shares add up to the fleet's rate, not to a fraction of it
+    // (loosely: a loaded machine may not send 2,000/s).
     assert!(
-        span <= 1.1 * ideal,
-        "fleet of {workers}: {span:.2} s for {AUDIENCE} connections, over 1.1 × the ideal {ideal:.1} s"
+        mean >= target * 0.5,
+        "fleet of {workers}: {mean:.0}/s at the endpoint, under half of {target}: {counts:?}"
     );
-    if workers == 1 {
+    if support::timing_targets() {
         assert!(
-            mean >= target * 0.95,
-            "a worker alone reaches 95 % of the fleet rate"
+            (mean - target).abs() <= target * TOLERANCE,
+            "fleet of {workers}: {mean:.0}/s at the endpoint, not within 5 % of {target}: {counts:?}"
         );
+        assert!(
+            span <= 1.1 * ideal,
+            "fleet of {workers}: {span:.2} s for {AUDIENCE} connections, over 1.1 × the ideal {ideal:.1} s"
+        );
+        if workers == 1 {
+            assert!(
+                mean >= target * 0.95,
+                "a worker alone reaches 95 % of the fleet rate"
+            );
+        }
     }
     assert_eq!(
         stats.sink_ids, AUDIENCE as u64,
@@ -275,10 +297,14 @@ async fn a_killed_workers_share_goes_back_to_the_others_within_5_s(table: &str) 
     let runs = finish_all(children, "a survivor").await;
     let first_done = first_segment_end(&runs);
     let counts = fleet.per_second().await;
+    // Back at the fleet's rate: within 5 % for the benchmark; on a loaded
+    // machine, three quarters of it (more than three survivors' shares of
+    // a fleet of four, so they took the killed one's share).
+    let back = if support::timing_targets() { 0.95 } else { 0.8 };
     let full = |s: &u64| {
         counts
             .get(s)
-            .is_some_and(|&n| n as f64 >= FLEET_RATE as f64 * 0.95)
+            .is_some_and(|&n| n as f64 >= FLEET_RATE as f64 * back)
     };
     // The first whole second after the kill at the full rate again (the
     // kill's own second is partial).
@@ -297,15 +323,23 @@ async fn a_killed_workers_share_goes_back_to_the_others_within_5_s(table: &str) 
             .collect::<Vec<_>>()
             .join(",")
     );
-    assert!(
-        took <= 5.0 + 1.0,
-        "the survivors took {took:.1} s to get back to the fleet's rate: {counts:?}"
-    );
     if recovered + 1 < first_done {
         let (after, ..) = rate_between(&counts, recovered, first_done);
         assert!(
-            (after - FLEET_RATE as f64).abs() <= FLEET_RATE as f64 * TOLERANCE,
+            after <= FLEET_RATE as f64 * OVER_AT_MOST,
             "the survivors send {after:.0}/s after recovering: {counts:?}"
+        );
+        if support::timing_targets() {
+            assert!(
+                (after - FLEET_RATE as f64).abs() <= FLEET_RATE as f64 * TOLERANCE,
+                "the survivors send {after:.0}/s after recovering: {counts:?}"
+            );
+        }
+    }
+    if support::timing_targets() {
+        assert!(
+            took <= 5.0 + 1.0,
+            "the survivors took {took:.1} s to get back to the fleet's rate: {counts:?}"
         );
     }
     // The killed worker's segment comes back once its visibility lapses: a
