@@ -20,7 +20,7 @@ DYNALITE_VERSION=4.0.0
 SERVERLESS_VERSION=3.40.0
 SERVERLESS_OFFLINE_VERSION=13.9.0
 # The producers under examples/ and the job schema's validator
-# (crates/fanout/tests/producers.rs, job_schema.rs): the AWS CLI v1 and boto3
+# (crates/fanout/tests/producers.rs, contract/job_schema.rs): the AWS CLI v1 and boto3
 # of one botocore release, Python's jsonschema, the AWS SDK for JavaScript v3.
 PRODUCER_PIP=(awscli==1.46.3 boto3==1.44.3 jsonschema==4.23.0)
 AWS_SDK_JS_VERSION=3.1178.0

@@ -4,8 +4,9 @@
 # target against them, and stops them however the run ends.
 #
 #   ./scripts/test.sh                       all tests
-#   ./scripts/test.sh --test sqs_adapter    extra arguments go to `cargo test`;
+#   ./scripts/test.sh --test pipeline       extra arguments go to `cargo test`;
 #                                           a target selector runs only that target
+#   ./scripts/test.sh --test adapters sqs_adapter::   one file of a layer's binary
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
