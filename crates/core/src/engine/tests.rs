@@ -30,6 +30,17 @@ fn job(target: Target) -> Job {
     Job::new("job", Bytes::from_static(b"hello"), target)
 }
 
+/// One broadcast to the whole table, run to its end.
+async fn to_everyone(
+    table: &Arc<FakeTable>,
+    gateway: &Arc<FakeGateway>,
+    max_in_flight: usize,
+) -> (RunSummary, Result<(), FanoutError>) {
+    engine(table.clone(), gateway.clone(), max_in_flight)
+        .run(&job(Target::All), &CancellationToken::new())
+        .await
+}
+
 /// Runs `job` until `gateway` has delivered `count`, then asks it to stop,
 /// and returns what the run came to.
 async fn stop_after_deliveries(
@@ -232,9 +243,7 @@ async fn throttles_and_5xx_are_retried_until_delivered() {
             vec![PostOutcome::Transient("500".into())],
         ),
     ]);
-    let (report, result) = engine(table, gateway.clone(), 4)
-        .run(&job(Target::All), &CancellationToken::new())
-        .await;
+    let (report, result) = to_everyone(&table, &gateway, 4).await;
     result.expect("completes");
     assert_eq!(report.delivered, 3);
     assert_eq!(report.retries, 3);
@@ -251,9 +260,7 @@ async fn a_connection_failing_past_its_attempts_is_deferred_then_delivered_in_a_
         "conn-0".into(),
         vec![PostOutcome::Transient("503".into()); 5],
     );
-    let (report, result) = engine(table.clone(), gateway.clone(), 4)
-        .run(&job(Target::All), &CancellationToken::new())
-        .await;
+    let (report, result) = to_everyone(&table, &gateway, 4).await;
     result.expect("completes");
     assert_eq!((report.delivered, report.failed), (2, 0));
     assert!(report.deferred.is_empty(), "{:?}", report.deferred);
@@ -271,9 +278,7 @@ async fn still_deferred_after_every_pass_is_reported_with_its_key_not_dropped() 
         "conn-1".into(),
         vec![PostOutcome::Transient("503".into()); 100],
     );
-    let (report, result) = engine(table.clone(), gateway, 4)
-        .run(&job(Target::All), &CancellationToken::new())
-        .await;
+    let (report, result) = to_everyone(&table, &gateway, 4).await;
     result.expect("the job completes; one connection is deferred");
     assert_eq!((report.delivered, report.failed), (2, 0));
     assert_eq!(report.passes, 2);
@@ -636,9 +641,7 @@ async fn forbidden_and_too_large_stop_the_job() {
             .lock()
             .unwrap()
             .insert("conn-0".into(), vec![answer]);
-        let (report, result) = engine(table.clone(), gateway, 1)
-            .run(&job(Target::All), &CancellationToken::new())
-            .await;
+        let (report, result) = to_everyone(&table, &gateway, 1).await;
         let err = result.expect_err("stops");
         assert_eq!(err.is_permanent(), permanent, "{err}");
         assert!(report.delivered < 50);
@@ -655,9 +658,7 @@ async fn rejected_connections_fail_without_retry_or_removal() {
         .lock()
         .unwrap()
         .insert("conn-1".into(), vec![PostOutcome::Rejected("400".into())]);
-    let (report, result) = engine(table.clone(), gateway, 4)
-        .run(&job(Target::All), &CancellationToken::new())
-        .await;
+    let (report, result) = to_everyone(&table, &gateway, 4).await;
     result.unwrap();
     assert_eq!((report.delivered, report.failed, report.retries), (1, 1, 0));
     assert_eq!(report.rejected, [ConnectionId::new("conn-1")]);
@@ -925,9 +926,7 @@ async fn an_outage_stops_the_run_past_its_deferred_bound_instead_of_listing_ever
         all.iter()
             .map(|id| (id.clone(), vec![PostOutcome::Transient("503".into()); 8])),
     );
-    let (report, result) = engine(table, gateway, 64)
-        .run(&job(Target::All), &CancellationToken::new())
-        .await;
+    let (report, result) = to_everyone(&table, &gateway, 64).await;
     assert!(
         matches!(result, Err(FanoutError::Backlog { deferred }) if deferred == MAX_DEFERRED + 1),
         "{result:?}"
@@ -950,9 +949,7 @@ async fn a_row_whose_id_cannot_be_a_connection_is_rejected_without_a_post() {
     all.extend(["..".to_owned(), "a b".to_owned()]);
     let table = Arc::new(FakeTable::with(&all, 10));
     let gateway = Arc::new(FakeGateway::default());
-    let (report, result) = engine(table.clone(), gateway.clone(), 4)
-        .run(&job(Target::All), &CancellationToken::new())
-        .await;
+    let (report, result) = to_everyone(&table, &gateway, 4).await;
     result.unwrap();
     assert_eq!((report.delivered, report.failed), (5, 2), "{report:?}");
     let posted: HashSet<String> = gateway.delivered_ids().into_iter().collect();
