@@ -13,11 +13,9 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use fanout_aws::{DynamoStore, TableSettings};
 use fanout_core::connection::ConnectionId;
 use fanout_core::store::{AudienceQuery, ChannelOrder, ConnectionStore, Cursor, Position};
-use fanout_dev::clients::Swarm;
 use futures::StreamExt;
-use support::worker::{Run, finish, signal};
+use support::worker::{finish, signal};
 use support::{CHANNEL, CHANNEL_INDEX, ID, IndexSpec};
-use tokio::process::Command;
 
 const USER_INDEX: &str = "by-user";
 const USER: &str = "userId";
@@ -26,19 +24,7 @@ const AUDIENCES: &str = "user=by-user:userId";
 /// A queue, its dead-letter queue, a table and a gateway over it.
 struct Rig(Stack);
 
-impl std::ops::Deref for Rig {
-    type Target = Stack;
-
-    fn deref(&self) -> &Stack {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Rig {
-    fn deref_mut(&mut self) -> &mut Stack {
-        &mut self.0
-    }
-}
+fanout_testkit::on_stack!(Rig, 0);
 
 impl Rig {
     async fn new(key: (&str, Option<&str>), indexes: &[IndexSpec<'_>], keep_stale: bool) -> Self {
@@ -56,38 +42,6 @@ impl Rig {
         let mut stack = Stack::with_table("aud", table, configure).await;
         stack.set("FANOUT_AUDIENCE_INDEXES", AUDIENCES);
         Self(stack)
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = self.0.command(args, []);
-        command
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        command
-    }
-
-    /// `fanout enqueue ARGS`, which checks a job as the worker does but
-    /// for audience names, which a producer need not know.
-    async fn enqueue(&self, args: &[&str]) {
-        let mut all = vec!["enqueue"];
-        all.extend_from_slice(args);
-        support::worker::run_ok(self.command(&all), &format!("{all:?}")).await;
-    }
-
-    async fn run_until_idle(&self) -> Run {
-        let child = self
-            .command(&["run", "--exit-when-idle"])
-            .spawn()
-            .expect("start fanout run");
-        let run = finish(child, Duration::from_secs(120)).await;
-        assert!(run.status.success(), "{}", run.stdout);
-        run
-    }
-
-    async fn connect(&self, count: usize, channel: Option<&str>) -> Swarm {
-        Swarm::connect(&self.gateway.ws_url(), count, channel, 32)
-            .await
-            .expect("open WebSocket clients")
     }
 
     /// Writes `userId` on a connection's row, as a `$connect` handler that
@@ -416,7 +370,7 @@ async fn an_audience_index_missing_from_the_table_stops_the_worker_naming_the_ke
     )
     .await;
     let out = rig
-        .command(&["run", "--exit-when-idle"])
+        .command(&["run", "--exit-when-idle"], [])
         .output()
         .await
         .expect("run fanout");
@@ -564,7 +518,7 @@ async fn sigterm_mid_merge_hands_on_a_continuation_that_resumes_after_an_id() {
     rig.send_raw(r#"{"id":"long","data":"merged","channels":["a","b","c"]}"#)
         .await;
 
-    let worker = rig.command(&["run"]).spawn().expect("start fanout run");
+    let worker = rig.spawn_worker(false);
     let started = tokio::time::Instant::now();
     while rig.gateway.stats().await.posts < 100 {
         assert!(

@@ -5,80 +5,57 @@
 
 use fanout_testkit::fault_support::proxy::{FaultProxy, Faults};
 use fanout_testkit::local_support::TestGateway;
+use fanout_testkit::stack::Stack;
 use fanout_testkit::support;
 
 use std::process::Stdio;
 use std::time::Duration;
 
 use fanout_dev::clients::Swarm;
+use support::TableKey;
 use support::worker::{Run, finish};
-use support::{TableKey, TestQueue};
 
+/// A stack (queues, connections table, gateway) and a checkpoint table.
 struct Setup {
-    sqs: aws_sdk_sqs::Client,
-    queue: TestQueue,
-    dlq: TestQueue,
-    table: String,
+    stack: Stack,
     runs: String,
-    gateway: TestGateway,
 }
+
+fanout_testkit::on_stack!(Setup, stack);
 
 impl Setup {
     async fn new() -> Self {
-        support::require_emulators();
-        let sqs = support::sqs().await;
-        let dynamo = support::dynamodb().await;
-        let (queue, dlq) = support::create_queue_with_dlq(&sqs, "runs", false, None).await;
-        let table = support::create_table(&dynamo, "runs", TableKey::Id, true).await;
-        let runs = support::create_lease_table(&dynamo, "checkpoints").await;
-        let gateway = TestGateway::on_table(&table, |_| {}).await;
-        Self {
-            sqs,
-            queue,
-            dlq,
-            table,
-            runs,
-            gateway,
-        }
-    }
-
-    async fn send(&self, body: &str) {
-        support::send_body(&self.sqs, &self.queue.url, body).await;
+        let stack = Stack::new("runs", |_| {}).await;
+        let runs = support::create_lease_table(&stack.dynamo, "checkpoints").await;
+        Self { stack, runs }
     }
 
     fn worker(&self, checkpoint_table: &str) -> tokio::process::Child {
         self.worker_with(checkpoint_table, &[], true)
     }
 
+    /// `fanout run` with run records in `checkpoint_table`, at 200/s
+    /// unless `extra` says otherwise.
     fn worker_with(
         &self,
         checkpoint_table: &str,
         extra: &[(&str, &str)],
         exit_when_idle: bool,
     ) -> tokio::process::Child {
-        let endpoint = format!("http://{}/{}", self.gateway.addr, self.gateway.stage);
         let args: &[&str] = if exit_when_idle {
             &["run", "--exit-when-idle"]
         } else {
             &["run"]
         };
-        support::worker::command(
-            args,
-            &self.queue.url,
-            &self.dlq.url,
-            &self.table,
-            [
-                ("FANOUT_GATEWAY_ENDPOINT", endpoint.as_str()),
-                ("FANOUT_CHECKPOINT_TABLE", checkpoint_table),
-                ("FANOUT_RATE_PER_SECOND", "200"),
-            ]
-            .into_iter()
-            .chain(extra.iter().copied()),
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start fanout run")
+        let settings = [
+            ("FANOUT_CHECKPOINT_TABLE", checkpoint_table),
+            ("FANOUT_RATE_PER_SECOND", "200"),
+        ];
+        self.command(args, settings.into_iter().chain(extra.iter().copied()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start fanout run")
     }
 
     async fn run(&self) -> Run {
@@ -106,11 +83,11 @@ async fn the_same_job_id_sent_again_after_it_finished_reaches_each_client_once()
     let clients = Swarm::connect(&s.gateway.ws_url(), 50, None, 25)
         .await
         .expect("clients");
-    s.send(JOB).await;
+    s.send_raw(JOB).await;
     let first = s.run().await;
     assert_eq!(first.report("match-42")["delivered"], 50);
     // A producer that timed out sends it again.
-    s.send(JOB).await;
+    s.send_raw(JOB).await;
     let second = s.run().await;
     assert!(
         second.reports.is_empty(),
@@ -131,7 +108,7 @@ async fn the_same_job_id_sent_again_after_it_finished_reaches_each_client_once()
         "deleted"
     );
     clients.close(None).await;
-    s.gateway.shutdown().await;
+    s.stack.gateway.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,8 +119,8 @@ async fn the_same_job_id_twice_at_once_with_two_workers_reaches_each_client_once
         .expect("clients");
     // A second apart at 200/s: the first copy's broadcast is under way
     // when the second worker receives the second.
-    s.send(JOB).await;
-    s.send(JOB).await;
+    s.send_raw(JOB).await;
+    s.send_raw(JOB).await;
     let a = s.worker(&s.runs);
     let b = s.worker(&s.runs);
     let (a, b) = tokio::join!(
@@ -165,7 +142,7 @@ async fn the_same_job_id_twice_at_once_with_two_workers_reaches_each_client_once
         "both copies gone"
     );
     clients.close(None).await;
-    s.gateway.shutdown().await;
+    s.stack.gateway.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,9 +151,9 @@ async fn a_known_job_id_with_another_body_is_dead_lettered_with_that_reason() {
     let clients = Swarm::connect(&s.gateway.ws_url(), 10, None, 10)
         .await
         .expect("clients");
-    s.send(JOB).await;
+    s.send_raw(JOB).await;
     s.run().await;
-    s.send(r#"{"id":"match-42","data":"own goal"}"#).await;
+    s.send_raw(r#"{"id":"match-42","data":"own goal"}"#).await;
     let second = s.run().await;
     assert!(second.reports.is_empty(), "{}", second.stdout);
     let dead = support::receive_all(&s.sqs, &s.dlq.url).await;
@@ -193,7 +170,7 @@ async fn a_known_job_id_with_another_body_is_dead_lettered_with_that_reason() {
         assert_eq!(client.tally().text_count("own goal"), 0);
     }
     clients.close(None).await;
-    s.gateway.shutdown().await;
+    s.stack.gateway.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,7 +183,7 @@ async fn a_missing_checkpoint_table_stops_the_worker_naming_the_key() {
         "{}",
         run.stdout
     );
-    s.gateway.shutdown().await;
+    s.stack.gateway.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,7 +211,7 @@ async fn a_job_whose_visibility_lapses_mid_broadcast_is_not_run_twice_at_once() 
     ];
     let mut a_env = short.to_vec();
     a_env.push(("AWS_ENDPOINT_URL_SQS", proxied.as_str()));
-    s.send(JOB).await;
+    s.send_raw(JOB).await;
     let a = s.worker_with(&s.runs, &a_env, true);
     // B starts once A has the message: 300 clients at 50/s take 6 s, and
     // the message comes back every 3 s. B runs until A is done.
@@ -269,7 +246,7 @@ async fn a_job_whose_visibility_lapses_mid_broadcast_is_not_run_twice_at_once() 
         "deleted"
     );
     clients.close(None).await;
-    s.gateway.shutdown().await;
+    s.stack.gateway.shutdown().await;
 }
 
 /// The kill test's broadcast: pages of 1,000, 64 in flight, one segment.
@@ -404,7 +381,7 @@ async fn a_checkpoint_table_throttled_mid_job_loses_nothing() {
     let dynamodb = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").expect("the emulators' env");
     let proxy = FaultProxy::start(&dynamodb, Faults::default()).await;
     let proxied = proxy.url();
-    s.send(JOB).await;
+    s.send_raw(JOB).await;
     // 300 clients at 100/s: the table throttles from the first second on,
     // checkpoints and the finish record alike.
     let worker = s.worker_with(
@@ -448,5 +425,5 @@ async fn a_checkpoint_table_throttled_mid_job_loses_nothing() {
         "settled"
     );
     clients.close(None).await;
-    s.gateway.shutdown().await;
+    s.stack.gateway.shutdown().await;
 }

@@ -30,13 +30,7 @@ fn now_ms() -> i64 {
 
 struct Setup(Stack);
 
-impl std::ops::Deref for Setup {
-    type Target = Stack;
-
-    fn deref(&self) -> &Stack {
-        &self.0
-    }
-}
+fanout_testkit::on_stack!(Setup, 0);
 
 impl Setup {
     async fn new() -> Self {
@@ -61,8 +55,8 @@ impl Setup {
     }
 
     async fn job(&self, id: &str) {
-        let body = format!(r#"{{"id":"{id}","data":"hello {id}"}}"#);
-        support::send_body(&self.sqs, &self.queue.url, &body).await;
+        self.send_raw(&format!(r#"{{"id":"{id}","data":"hello {id}"}}"#))
+            .await;
     }
 
     async fn run(&self, extra: &[(&str, &str)]) -> Run {
@@ -77,10 +71,6 @@ impl Setup {
         let run = run_to_end(command).await;
         assert!(run.status.success(), "{}", run.stdout);
         run
-    }
-
-    async fn rows(&self) -> BTreeSet<String> {
-        support::remaining_ids(&self.dynamo, &self.table).await
     }
 }
 

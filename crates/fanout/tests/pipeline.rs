@@ -6,75 +6,15 @@ use fanout_testkit::stack::Stack;
 use fanout_testkit::support;
 
 use std::collections::BTreeSet;
-use std::process::Stdio;
 use std::time::Duration;
 
-use fanout_dev::clients::Swarm;
 use fanout_dev::gateway::GatewayArgs;
-use support::worker::{Run, finish, signal};
-use tokio::process::{Child, Command};
+use support::worker::{finish, signal};
 
 /// Everything one test needs: a queue and its dead-letter queue, a table
 /// with a channel index, a gateway over that table.
-struct Pipeline(Stack);
-
-impl std::ops::Deref for Pipeline {
-    type Target = Stack;
-
-    fn deref(&self) -> &Stack {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Pipeline {
-    fn deref_mut(&mut self) -> &mut Stack {
-        &mut self.0
-    }
-}
-
-impl Pipeline {
-    async fn new(configure: impl FnOnce(&mut GatewayArgs)) -> Self {
-        Self(Stack::new("e2e", configure).await)
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        self.0.command(args, [])
-    }
-
-    /// `fanout enqueue ARGS`; returns the message id.
-    async fn enqueue(&self, args: &[&str]) -> String {
-        let mut all = vec!["enqueue"];
-        all.extend_from_slice(args);
-        crate::support::worker::run_ok(self.command(&all), &format!("{all:?}")).await
-    }
-
-    fn spawn_worker(&self, exit_when_idle: bool) -> Child {
-        let mut args = vec!["run"];
-        if exit_when_idle {
-            args.push("--exit-when-idle");
-        }
-        self.command(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start fanout run")
-    }
-
-    /// Runs `fanout run --exit-when-idle` to its end.
-    async fn run_until_idle(&self) -> Run {
-        let child = self.spawn_worker(true);
-        finish(child, Duration::from_secs(120)).await
-    }
-
-    async fn rows(&self) -> BTreeSet<String> {
-        support::remaining_ids(&self.dynamo, &self.table).await
-    }
-
-    async fn connect(&self, count: usize, channel: Option<&str>) -> Swarm {
-        Swarm::connect(&self.gateway.ws_url(), count, channel, 32)
-            .await
-            .expect("open WebSocket clients")
-    }
+async fn pipeline(configure: impl FnOnce(&mut GatewayArgs)) -> Stack {
+    Stack::new("e2e", configure).await
 }
 
 /// An address on loopback that nothing listens on now.
@@ -98,7 +38,7 @@ fn count(report: &serde_json::Value, key: &str) -> u64 {
 
 #[tokio::test]
 async fn every_live_client_gets_each_message_once_and_only_gone_rows_are_removed() {
-    let p = Pipeline::new(|args| args.keep_stale = true).await;
+    let p = pipeline(|args| args.keep_stale = true).await;
     let mut clients = p.connect(40, None).await;
     // Clients that leave without `$disconnect` reaching the table …
     let dropped: BTreeSet<String> = clients.drop_abruptly(10).await.into_iter().collect();
@@ -151,7 +91,7 @@ async fn every_live_client_gets_each_message_once_and_only_gone_rows_are_removed
 
 #[tokio::test]
 async fn channels_explicit_lists_exclusions_and_sns_envelopes() {
-    let p = Pipeline::new(|_| {}).await;
+    let p = pipeline(|_| {}).await;
     let red = p.connect(6, Some("red")).await;
     let blue = p.connect(6, Some("blue")).await;
     let plain = p.connect(6, None).await;
@@ -211,7 +151,7 @@ async fn channels_explicit_lists_exclusions_and_sns_envelopes() {
 
 #[tokio::test]
 async fn bad_jobs_go_to_the_dead_letter_queue_with_their_reason_and_the_rest_is_delivered() {
-    let p = Pipeline::new(|_| {}).await;
+    let p = pipeline(|_| {}).await;
     let clients = p.connect(5, None).await;
     p.send_raw("this is not json").await;
     p.send_raw(r#"{"data":"x","chanel":"typo"}"#).await;
@@ -252,7 +192,7 @@ async fn bad_jobs_go_to_the_dead_letter_queue_with_their_reason_and_the_rest_is_
 
 #[tokio::test]
 async fn dead_letters_are_listed_by_reason_and_left_on_the_queue() {
-    let p = Pipeline::new(|_| {}).await;
+    let p = pipeline(|_| {}).await;
     p.send_raw("this is not json").await;
     p.send_raw("this is not json").await;
     p.send_raw(r#"{"data":"x","chanel":"typo"}"#).await;
@@ -260,7 +200,8 @@ async fn dead_letters_are_listed_by_reason_and_left_on_the_queue() {
     assert!(run.status.success(), "{}", run.stdout);
     assert_eq!(support::counts(&p.sqs, &p.dlq.url).await, (3, 0));
 
-    let listed = crate::support::worker::run_ok(p.command(&["dead-letters"]), "dead-letters").await;
+    let listed =
+        crate::support::worker::run_ok(p.command(&["dead-letters"], []), "dead-letters").await;
     let lines: Vec<&str> = listed.lines().collect();
     assert!(
         lines[0].starts_with("3 dead-lettered job(s) sampled (approximate"),
@@ -281,9 +222,11 @@ async fn dead_letters_are_listed_by_reason_and_left_on_the_queue() {
     // Seen, not taken: every message is visible again at once.
     assert_eq!(support::counts(&p.sqs, &p.dlq.url).await, (3, 0));
 
-    let capped =
-        crate::support::worker::run_ok(p.command(&["dead-letters", "--max", "1"]), "dead-letters")
-            .await;
+    let capped = crate::support::worker::run_ok(
+        p.command(&["dead-letters", "--max", "1"], []),
+        "dead-letters",
+    )
+    .await;
     assert!(
         capped.starts_with("1 dead-lettered job(s) sampled, stopped at --max 1"),
         "{capped}"
@@ -292,7 +235,7 @@ async fn dead_letters_are_listed_by_reason_and_left_on_the_queue() {
 
 #[tokio::test]
 async fn a_throttling_and_failing_gateway_still_delivers_exactly_once() {
-    let mut p = Pipeline::new(|args| {
+    let mut p = pipeline(|args| {
         args.throttle_rps = std::num::NonZeroU32::new(40);
         args.fail_percent = 20;
     })
@@ -327,7 +270,7 @@ async fn a_throttling_and_failing_gateway_still_delivers_exactly_once() {
 
 #[tokio::test]
 async fn ten_thousand_connections_with_in_flight_bounded_at_the_endpoint() {
-    let mut p = Pipeline::new(|args| args.latency_ms = 2).await;
+    let mut p = pipeline(|args| args.latency_ms = 2).await;
     p.set("FANOUT_MAX_IN_FLIGHT", 24);
     p.set("FANOUT_RATE_PER_SECOND", 0);
     let clients = p.connect(500, None).await;
@@ -364,7 +307,7 @@ async fn ten_thousand_connections_with_in_flight_bounded_at_the_endpoint() {
 
 #[tokio::test]
 async fn sigterm_mid_broadcast_hands_the_job_back_and_it_completes_later() {
-    let mut p = Pipeline::new(|args| {
+    let mut p = pipeline(|args| {
         args.latency_ms = 40;
         args.keep_stale = true;
     })
@@ -390,8 +333,8 @@ async fn sigterm_mid_broadcast_hands_the_job_back_and_it_completes_later() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let health = |p: &Pipeline| {
-        p.command(&["health", "--addr", &metrics_addr.to_string()])
+    let health = |p: &Stack| {
+        p.command(&["health", "--addr", &metrics_addr.to_string()], [])
             .output()
     };
     let probe = health(&p).await.expect("run fanout health");
@@ -446,16 +389,16 @@ async fn sigterm_mid_broadcast_hands_the_job_back_and_it_completes_later() {
 
 #[tokio::test]
 async fn bad_configuration_exits_2_naming_the_key_and_its_source() {
-    let mut p = Pipeline::new(|_| {}).await;
+    let mut p = pipeline(|_| {}).await;
     p.set("FANOUT_RATE_PER_SECOND", "fast");
-    let out = p.command(&["run"]).output().await.expect("run fanout");
+    let out = p.command(&["run"], []).output().await.expect("run fanout");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("FANOUT_RATE_PER_SECOND"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 
     let out = p
-        .command(&["check-config"])
+        .command(&["check-config"], [])
         .env_remove("FANOUT_TABLE")
         .env("FANOUT_RATE_PER_SECOND", "500")
         .output()
@@ -465,7 +408,7 @@ async fn bad_configuration_exits_2_naming_the_key_and_its_source() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("FANOUT_TABLE"));
 
     let out = p
-        .command(&["check-config"])
+        .command(&["check-config"], [])
         .env("FANOUT_RATE_PER_SECOND", "500")
         .output()
         .await
@@ -476,11 +419,11 @@ async fn bad_configuration_exits_2_naming_the_key_and_its_source() {
 
 #[tokio::test]
 async fn a_mistyped_variable_stops_run_and_check_config_before_any_job_is_read() {
-    let p = Pipeline::new(|_| {}).await;
+    let p = pipeline(|_| {}).await;
     p.send_raw(r#"{"data":"kept"}"#).await;
     for args in [&["run", "--exit-when-idle"][..], &["check-config"]] {
         let out = p
-            .command(args)
+            .command(args, [])
             .env("FANOUT_RATE_PER_SECCOND", "500")
             .output()
             .await
@@ -503,11 +446,11 @@ async fn a_mistyped_variable_stops_run_and_check_config_before_any_job_is_read()
 
 #[tokio::test]
 async fn unreachable_or_missing_services_stop_the_worker_with_a_clear_error() {
-    let p = Pipeline::new(|_| {}).await;
+    let p = pipeline(|_| {}).await;
     // DynamoDB on a port where nothing listens.
     let closed_url = format!("http://{}", free_addr());
     let out = p
-        .command(&["run", "--exit-when-idle"])
+        .command(&["run", "--exit-when-idle"], [])
         .env("AWS_ENDPOINT_URL_DYNAMODB", &closed_url)
         .output()
         .await
@@ -519,7 +462,7 @@ async fn unreachable_or_missing_services_stop_the_worker_with_a_clear_error() {
     // A queue that does not exist.
     let missing = p.queue.url.replace("e2e-", "missing-");
     let out = p
-        .command(&["run", "--exit-when-idle"])
+        .command(&["run", "--exit-when-idle"], [])
         .env("FANOUT_QUEUE_URL", &missing)
         .output()
         .await
@@ -530,7 +473,7 @@ async fn unreachable_or_missing_services_stop_the_worker_with_a_clear_error() {
 
     // A table that does not exist.
     let out = p
-        .command(&["run", "--exit-when-idle"])
+        .command(&["run", "--exit-when-idle"], [])
         .env("FANOUT_TABLE", "no-such-table")
         .output()
         .await
@@ -541,7 +484,7 @@ async fn unreachable_or_missing_services_stop_the_worker_with_a_clear_error() {
     // Enqueue refuses an oversize job up front, and sends nothing.
     let big = payload_file("b", 131_073);
     let out = p
-        .command(&["enqueue", "--file", &big])
+        .command(&["enqueue", "--file", &big], [])
         .output()
         .await
         .expect("run fanout enqueue");
@@ -552,7 +495,7 @@ async fn unreachable_or_missing_services_stop_the_worker_with_a_clear_error() {
 
 #[tokio::test]
 async fn two_workers_share_a_split_broadcast_and_deliver_it_exactly_once() {
-    let mut p = Pipeline::new(|args| args.latency_ms = 20).await;
+    let mut p = pipeline(|args| args.latency_ms = 20).await;
     p.set("FANOUT_MAX_CONCURRENT_JOBS", 1);
     p.set("FANOUT_MAX_IN_FLIGHT", 4);
     let clients = p.connect(240, None).await;
@@ -608,12 +551,12 @@ async fn two_workers_share_a_split_broadcast_and_deliver_it_exactly_once() {
 
 #[tokio::test]
 async fn dead_lettered_jobs_are_replayed_with_fanout_redrive() {
-    let p = Pipeline::new(|_| {}).await;
+    let p = pipeline(|_| {}).await;
     let clients = p.connect(5, Some("ops")).await;
     p.enqueue(&["--data", "replayed", "--channel", "ops", "--id", "ops"])
         .await;
     // A worker deployed without the channel index cannot run it.
-    let mut command = p.command(&["run", "--exit-when-idle"]);
+    let mut command = p.command(&["run", "--exit-when-idle"], []);
     command.env_remove("FANOUT_CHANNEL_INDEX");
     support::worker::run_to_end(command).await;
     assert_eq!(
@@ -624,7 +567,7 @@ async fn dead_lettered_jobs_are_replayed_with_fanout_redrive() {
 
     // Fixed (the index is configured again): replay it.
     let out = p
-        .command(&["redrive"])
+        .command(&["redrive"], [])
         .output()
         .await
         .expect("fanout redrive");
@@ -649,7 +592,7 @@ async fn sigterm_at_a_random_moment_of_20000_repeats_at_most_two_pages_plus_in_f
     const AUDIENCE: usize = 20_000;
     const PAGE: u64 = 1_000;
     const IN_FLIGHT: u64 = 64;
-    let mut p = Pipeline::new(|args| args.sink = true).await;
+    let mut p = pipeline(|args| args.sink = true).await;
     p.set("FANOUT_PAGE_SIZE", PAGE);
     p.set("FANOUT_MAX_IN_FLIGHT", IN_FLIGHT);
     p.set("FANOUT_RATE_PER_SECOND", 0);

@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fanout_dev::clients::Swarm;
-use fanout_testkit::local_support::{self, TestGateway};
-use fanout_testkit::support::{self, TableKey, TestQueue, worker};
+use fanout_testkit::local_support;
+use fanout_testkit::stack::{Queues, Stack};
+use fanout_testkit::support::{self, worker};
 use tokio::process::Command;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -25,28 +26,17 @@ fn root() -> PathBuf {
 
 /// A jobs queue, its dead-letter queue, a table with a channel index and a
 /// gateway over it.
-struct Stage {
-    queue: TestQueue,
-    dlq: TestQueue,
-    table: String,
-    gateway: TestGateway,
-    sqs: aws_sdk_sqs::Client,
-}
+struct Stage(Stack);
+
+fanout_testkit::on_stack!(Stage, 0);
 
 impl Stage {
     async fn new(fifo: bool) -> Self {
-        let sqs = support::sqs().await;
-        let dynamo = support::dynamodb().await;
-        let (queue, dlq) = support::create_queue_with_dlq(&sqs, "producers", fifo, None).await;
-        let table = support::create_table(&dynamo, "producers", TableKey::Id, true).await;
-        let gateway = TestGateway::on_table(&table, |_| {}).await;
-        Self {
-            queue,
-            dlq,
-            table,
-            gateway,
-            sqs,
-        }
+        let queues = Queues {
+            fifo,
+            ..Queues::default()
+        };
+        Self(Stack::with_queues("producers", queues, |_| {}).await)
     }
 
     /// Runs an example (a path under `examples/` and its arguments) as a
@@ -102,15 +92,7 @@ impl Stage {
 
     /// `fanout run --exit-when-idle` over the queue, to its end.
     async fn run_worker(&self) -> worker::Run {
-        let endpoint = format!("http://{}/{}", self.gateway.addr, self.gateway.stage);
-        let command = worker::command(
-            &["run", "--exit-when-idle"],
-            &self.queue.url,
-            &self.dlq.url,
-            &self.table,
-            [("FANOUT_GATEWAY_ENDPOINT", endpoint.as_str())],
-        );
-        worker::run_to_end(command).await
+        worker::run_to_end(self.command(&["run", "--exit-when-idle"], [])).await
     }
 }
 

@@ -9,15 +9,12 @@ use fanout_testkit::stack::Stack;
 use fanout_testkit::support;
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
-use fanout_dev::clients::Swarm;
 use fanout_dev::gateway::GatewayArgs;
 use serde_json::Value;
 use support::TestQueue;
-use support::worker::{Run, finish, signal};
-use tokio::process::{Child, Command};
+use support::worker::{finish, signal};
 
 /// A jobs queue, its dead-letter queue, a table, a gateway over it, and the
 /// report destinations: a queue, and a topic read through a subscribed
@@ -29,71 +26,24 @@ struct Rig {
     topic_reader: TestQueue,
 }
 
-impl std::ops::Deref for Rig {
-    type Target = Stack;
-
-    fn deref(&self) -> &Stack {
-        &self.stack
-    }
-}
-
-impl std::ops::DerefMut for Rig {
-    fn deref_mut(&mut self) -> &mut Stack {
-        &mut self.stack
-    }
-}
+fanout_testkit::on_stack!(Rig, stack);
 
 impl Rig {
+    /// A stack whose `fanout` commands report to a queue and to a topic.
     async fn new(configure: impl FnOnce(&mut GatewayArgs)) -> Self {
-        let stack = Stack::new("rep", configure).await;
+        let mut stack = Stack::new("rep", configure).await;
         let sns = support::sns().await;
         let reports =
             support::create_queue(&stack.sqs, "rep-reports", &support::QueueSpec::default()).await;
         let (topic, topic_reader) = support::topic_with_queue(&stack.sqs, &sns, "rep-topic").await;
+        stack.set("FANOUT_REPORT_QUEUE_URL", &reports.url);
+        stack.set("FANOUT_REPORT_TOPIC_ARN", &topic);
         Self {
             stack,
             reports,
             topic,
             topic_reader,
         }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let destinations = [
-            ("FANOUT_REPORT_QUEUE_URL", self.reports.url.as_str()),
-            ("FANOUT_REPORT_TOPIC_ARN", self.topic.as_str()),
-        ];
-        self.stack.command(args, destinations)
-    }
-
-    async fn enqueue(&self, args: &[&str]) -> String {
-        let mut all = vec!["enqueue"];
-        all.extend_from_slice(args);
-        support::worker::run_ok(self.command(&all), &format!("{all:?}")).await
-    }
-
-    fn spawn_worker(&self, exit_when_idle: bool) -> Child {
-        let mut args = vec!["run"];
-        if exit_when_idle {
-            args.push("--exit-when-idle");
-        }
-        self.command(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start fanout run")
-    }
-
-    async fn run_until_idle(&self) -> Run {
-        let run = finish(self.spawn_worker(true), Duration::from_secs(120)).await;
-        assert!(run.status.success(), "{}", run.stdout);
-        run
-    }
-
-    async fn connect(&self, count: usize) -> Swarm {
-        Swarm::connect(&self.gateway.ws_url(), count, None, 32)
-            .await
-            .expect("open WebSocket clients")
     }
 
     /// The reports a destination got, by broadcast key, in the order sent.
@@ -161,7 +111,7 @@ const FIELDS: &[&str] = &[
 #[tokio::test]
 async fn every_outcome_reports_once_to_each_destination_with_the_clients_counts() {
     let rig = Rig::new(|_| {}).await;
-    let clients = rig.connect(20).await;
+    let clients = rig.connect(20, None).await;
     let stale = support::ids("stale", 5);
     support::put_connections(&rig.dynamo, &rig.table, &stale, None).await;
 
@@ -263,7 +213,7 @@ async fn an_interrupted_broadcast_reports_it_goes_on_and_its_continuation_report
     rig.set("FANOUT_MAX_IN_FLIGHT", 4);
     rig.set("FANOUT_PAGE_SIZE", 20);
     rig.set("FANOUT_SHUTDOWN_GRACE", "1s");
-    let clients = rig.connect(30).await;
+    let clients = rig.connect(30, None).await;
     let stale = support::ids("gone", 300);
     support::put_connections(&rig.dynamo, &rig.table, &stale, None).await;
     rig.enqueue(&["--data", "interrupted", "--id", "long"])
@@ -362,7 +312,7 @@ async fn unreachable_report_destinations_are_logged_and_counted_and_the_job_is_d
     let missing = rig.reports.url.replace("rep-reports", "no-such-queue");
     rig.set("FANOUT_REPORT_QUEUE_URL", &missing);
     rig.set("AWS_ENDPOINT_URL_SNS", &dead);
-    let clients = rig.connect(5).await;
+    let clients = rig.connect(5, None).await;
     rig.enqueue(&["--data", "still delivered", "--id", "unreported"])
         .await;
     let run = rig.run_until_idle().await;

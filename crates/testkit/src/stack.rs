@@ -2,11 +2,79 @@
 //! its dead-letter queue, a connections table, and the local API Gateway
 //! over that table, with `fanout` commands pointed at all of them.
 
+use std::collections::BTreeSet;
+use std::process::Stdio;
+use std::time::Duration;
+
+use fanout_dev::clients::Swarm;
 use fanout_dev::gateway::GatewayArgs;
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 
 use crate::local_support::TestGateway;
-use crate::support::{self, TableKey, TestQueue};
+use crate::support::worker::{Run, finish};
+use crate::support::{self, QueueSpec, TableKey, TestQueue};
+
+/// How long a `fanout run --exit-when-idle` of a test may take.
+const RUN_BOUND: Duration = Duration::from_secs(120);
+
+/// Lets a test's own rig, built around a [`Stack`] field, be used as the
+/// stack: `on_stack!(Rig, stack)`, or `on_stack!(Rig, 0)` for a newtype.
+#[macro_export]
+macro_rules! on_stack {
+    ($rig:ty, $field:tt) => {
+        impl std::ops::Deref for $rig {
+            type Target = $crate::stack::Stack;
+
+            fn deref(&self) -> &$crate::stack::Stack {
+                &self.$field
+            }
+        }
+
+        impl std::ops::DerefMut for $rig {
+            fn deref_mut(&mut self) -> &mut $crate::stack::Stack {
+                &mut self.$field
+            }
+        }
+    };
+}
+
+/// How a stack's jobs queue and dead-letter queue are made.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Queues {
+    pub fifo: bool,
+    /// The jobs queue's redrive policy: to the dead-letter queue after this
+    /// many receives (none if `None`).
+    pub max_receives: Option<u32>,
+    /// The jobs queue's default visibility timeout in seconds (SQS's 30 s
+    /// if `None`).
+    pub visibility_seconds: Option<u32>,
+}
+
+impl Queues {
+    /// The jobs queue `name` and its dead-letter queue `name-dlq`.
+    async fn create(self, sqs: &aws_sdk_sqs::Client, name: &str) -> (TestQueue, TestQueue) {
+        let dlq = support::create_queue(
+            sqs,
+            &format!("{name}-dlq"),
+            &QueueSpec {
+                fifo: self.fifo,
+                ..QueueSpec::default()
+            },
+        )
+        .await;
+        let queue = support::create_queue(
+            sqs,
+            name,
+            &QueueSpec {
+                fifo: self.fifo,
+                redrive: self.max_receives.map(|max| (dlq.arn.clone(), max)),
+                visibility_seconds: self.visibility_seconds,
+            },
+        )
+        .await;
+        (queue, dlq)
+    }
+}
 
 /// Everything a pipeline test runs against.
 pub struct Stack {
@@ -32,15 +100,39 @@ impl Stack {
         .await
     }
 
+    /// [`Stack::new`] with its queues made as `queues` says.
+    pub async fn with_queues(
+        name: &str,
+        queues: Queues,
+        configure: impl FnOnce(&mut GatewayArgs),
+    ) -> Self {
+        Self::build(
+            name,
+            queues,
+            async |dynamo, name| support::create_table(dynamo, name, TableKey::Id, true).await,
+            configure,
+        )
+        .await
+    }
+
     /// A stack whose table `create` makes (it returns the table's name).
     pub async fn with_table(
         name: &str,
         create: impl AsyncFnOnce(&aws_sdk_dynamodb::Client, &str) -> String,
         configure: impl FnOnce(&mut GatewayArgs),
     ) -> Self {
+        Self::build(name, Queues::default(), create, configure).await
+    }
+
+    async fn build(
+        name: &str,
+        queues: Queues,
+        create: impl AsyncFnOnce(&aws_sdk_dynamodb::Client, &str) -> String,
+        configure: impl FnOnce(&mut GatewayArgs),
+    ) -> Self {
         let sqs = support::sqs().await;
         let dynamo = support::dynamodb().await;
-        let (queue, dlq) = support::create_queue_with_dlq(&sqs, name, false, None).await;
+        let (queue, dlq) = queues.create(&sqs, name).await;
         let table = create(&dynamo, name).await;
         let gateway = TestGateway::on_table(&table, configure).await;
         Self {
@@ -91,5 +183,47 @@ impl Stack {
     /// Puts a raw body on the jobs queue, as any producer's SDK would.
     pub async fn send_raw(&self, body: &str) {
         support::send_body(&self.sqs, &self.queue.url, body).await;
+    }
+
+    /// `fanout enqueue ARGS`, which must succeed; returns what it printed
+    /// (the message id).
+    pub async fn enqueue(&self, args: &[&str]) -> String {
+        let mut all = vec!["enqueue"];
+        all.extend_from_slice(args);
+        support::worker::run_ok(self.command(&all, []), &format!("{all:?}")).await
+    }
+
+    /// `fanout run` (with `--exit-when-idle` if asked), its output piped
+    /// for [`finish`].
+    pub fn spawn_worker(&self, exit_when_idle: bool) -> Child {
+        let mut args = vec!["run"];
+        if exit_when_idle {
+            args.push("--exit-when-idle");
+        }
+        self.command(&args, [])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start fanout run")
+    }
+
+    /// `fanout run --exit-when-idle` to its end, which must be a success.
+    pub async fn run_until_idle(&self) -> Run {
+        let run = finish(self.spawn_worker(true), RUN_BOUND).await;
+        assert!(run.status.success(), "{}", run.stdout);
+        run
+    }
+
+    /// The ids of the table's rows now.
+    pub async fn rows(&self) -> BTreeSet<String> {
+        support::remaining_ids(&self.dynamo, &self.table).await
+    }
+
+    /// `count` live WebSocket clients of the stack's gateway, optionally in
+    /// a channel.
+    pub async fn connect(&self, count: usize, channel: Option<&str>) -> Swarm {
+        Swarm::connect(&self.gateway.ws_url(), count, channel, 32)
+            .await
+            .expect("open WebSocket clients")
     }
 }

@@ -9,13 +9,12 @@ use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::time::Duration;
 
-use fanout_dev::clients::Swarm;
 use fanout_dev::gateway::GatewayArgs;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use super::proxy::{FaultProxy, Faults, Injected};
-use crate::local_support::TestGateway;
-use crate::support::{self, QueueSpec, TableKey, TestQueue};
+use crate::stack::{Queues, Stack};
+use crate::support;
 
 /// How to build a rig.
 #[derive(Default)]
@@ -34,55 +33,29 @@ pub struct RigSpec {
     pub gateway: Option<Faults>,
 }
 
+/// A [`Stack`] with fault proxies in front of its peers.
 pub struct Rig {
-    pub sqs: aws_sdk_sqs::Client,
-    pub dynamo: aws_sdk_dynamodb::Client,
-    pub queue: TestQueue,
-    pub dlq: TestQueue,
-    pub table: String,
-    pub gateway: TestGateway,
+    pub stack: Stack,
     pub sqs_proxy: Option<FaultProxy>,
     pub dynamodb_proxy: Option<FaultProxy>,
     pub gateway_proxy: Option<FaultProxy>,
-    /// Extra FANOUT_* settings for the worker.
-    env: Vec<(String, String)>,
 }
+
+crate::on_stack!(Rig, stack);
 
 pub use crate::support::worker::{Run, finish, signal};
 
 impl Rig {
     pub async fn new(spec: RigSpec, configure: impl FnOnce(&mut GatewayArgs)) -> Self {
-        let sqs = support::sqs().await;
-        let dynamo = support::dynamodb().await;
-        let (queue, dlq) = match spec.visibility_seconds {
-            None => {
-                support::create_queue_with_dlq(&sqs, "faults", spec.fifo, spec.max_receives).await
-            }
-            Some(seconds) => {
-                let dlq = support::create_queue(
-                    &sqs,
-                    "faults-dlq",
-                    &QueueSpec {
-                        fifo: spec.fifo,
-                        ..QueueSpec::default()
-                    },
-                )
-                .await;
-                let queue = support::create_queue(
-                    &sqs,
-                    "faults",
-                    &QueueSpec {
-                        fifo: spec.fifo,
-                        redrive: spec.max_receives.map(|max| (dlq.arn.clone(), max)),
-                        visibility_seconds: Some(seconds),
-                    },
-                )
-                .await;
-                (queue, dlq)
-            }
+        let queues = Queues {
+            fifo: spec.fifo,
+            max_receives: spec.max_receives,
+            visibility_seconds: spec.visibility_seconds,
         };
-        let table = support::create_table(&dynamo, "faults", TableKey::Id, true).await;
-        let gateway = TestGateway::on_table(&table, configure).await;
+        let mut stack = Stack::with_queues("faults", queues, configure).await;
+        // A failed job comes back within seconds, not SQS's default.
+        stack.set("FANOUT_JOB_RETRY_BASE", "1s");
+        stack.set("FANOUT_JOB_RETRY_MAX", "2s");
         let env_url = |var: &str| std::env::var(var).unwrap_or_else(|_| panic!("{var} unset"));
         let sqs_proxy = match spec.sqs {
             Some(f) => Some(FaultProxy::start(&env_url("AWS_ENDPOINT_URL_SQS"), f).await),
@@ -93,48 +66,15 @@ impl Rig {
             None => None,
         };
         let gateway_proxy = match spec.gateway {
-            Some(f) => Some(FaultProxy::start(&format!("http://{}", gateway.addr), f).await),
+            Some(f) => Some(FaultProxy::start(&format!("http://{}", stack.gateway.addr), f).await),
             None => None,
         };
         Self {
-            sqs,
-            dynamo,
-            queue,
-            dlq,
-            table,
-            gateway,
+            stack,
             sqs_proxy,
             dynamodb_proxy,
             gateway_proxy,
-            env: Vec::new(),
         }
-    }
-
-    pub fn set(&mut self, key: &str, value: impl ToString) {
-        self.env.push((key.to_owned(), value.to_string()));
-    }
-
-    /// A `fanout` command against the emulators directly (for `enqueue`).
-    fn command(&self, args: &[&str]) -> Command {
-        let defaults = [
-            ("FANOUT_JOB_RETRY_BASE", "1s"),
-            ("FANOUT_JOB_RETRY_MAX", "2s"),
-        ];
-        let own = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-        crate::support::worker::command(
-            args,
-            &self.queue.url,
-            &self.dlq.url,
-            &self.table,
-            defaults.into_iter().chain(own),
-        )
-    }
-
-    /// `fanout enqueue ARGS`, straight to the queue; returns the message id.
-    pub async fn enqueue(&self, args: &[&str]) -> String {
-        let mut all = vec!["enqueue"];
-        all.extend_from_slice(args);
-        crate::support::worker::run_ok(self.command(&all), &format!("{all:?}")).await
     }
 
     /// `fanout run`, with every configured proxy in front of its peer.
@@ -147,7 +87,7 @@ impl Rig {
             Some(proxy) => proxy.url(),
             None => format!("http://{}", self.gateway.addr),
         };
-        let mut command = self.command(&args);
+        let mut command = self.stack.command(&args, []);
         command.env(
             "FANOUT_GATEWAY_ENDPOINT",
             format!("{gateway_base}/{}", self.gateway.stage),
@@ -189,17 +129,6 @@ impl Rig {
             );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-    }
-
-    pub async fn rows(&self) -> BTreeSet<String> {
-        support::remaining_ids(&self.dynamo, &self.table).await
-    }
-
-    /// `count` live clients, optionally in a channel.
-    pub async fn connect(&self, count: usize, channel: Option<&str>) -> Swarm {
-        Swarm::connect(&self.gateway.ws_url(), count, channel, 32)
-            .await
-            .expect("open WebSocket clients")
     }
 
     /// Rows of `count` connections that no longer exist: they answer 410.
