@@ -84,29 +84,25 @@ impl Tries {
     /// the tries to go on with and the wait before, or `None` when the
     /// bound is reached.
     fn next(self, throttled: bool) -> Option<(Self, Duration)> {
-        if throttled {
-            THROTTLED_RETRY.allows_another(self.throttled).then(|| {
-                let wait = THROTTLED_RETRY.delay(self.throttled - 1);
-                (
-                    Self {
-                        throttled: self.throttled + 1,
-                        ..self
-                    },
-                    wait,
-                )
-            })
+        let (policy, tries) = if throttled {
+            (THROTTLED_RETRY, self.throttled)
         } else {
-            RETRY.allows_another(self.transient).then(|| {
-                let wait = RETRY.delay(self.transient - 1);
-                (
-                    Self {
-                        transient: self.transient + 1,
-                        ..self
-                    },
-                    wait,
-                )
-            })
-        }
+            (RETRY, self.transient)
+        };
+        let after = if throttled {
+            Self {
+                throttled: tries + 1,
+                ..self
+            }
+        } else {
+            Self {
+                transient: tries + 1,
+                ..self
+            }
+        };
+        policy
+            .allows_another(tries)
+            .then(|| (after, policy.delay(tries - 1)))
     }
 }
 

@@ -957,66 +957,40 @@ async fn a_row_whose_id_cannot_be_a_connection_is_rejected_without_a_post() {
     assert_eq!(table.remaining().len(), 7, "rejected, not removed");
 }
 
-/// A 429 says nothing of the connection: a recheck that meets a throttle
-/// for longer than its few tries against 5xx still reaches its answer, and
-/// the second 410 removes the row.
+/// A recheck is the last chance of a client that was connecting. A 429
+/// says nothing of the connection, and a few 5xx in a row (5 % of posts
+/// failing makes three in a row likely among hundreds of rechecks) are
+/// passing: a recheck outlasts both, and its second 410 removes the row.
 #[tokio::test(start_paused = true)]
-async fn a_recheck_outlasts_a_throttle_and_removes_the_row() {
-    let mut table = FakeTable::with(&ids(5), 10);
-    table.connecting.insert("conn-2".into());
-    let table = Arc::new(table);
-    let gateway = Arc::new(FakeGateway::default());
-    let mut answers = vec![PostOutcome::Gone];
-    answers.extend(vec![PostOutcome::Throttled; 6]);
-    answers.push(PostOutcome::Gone);
-    gateway
-        .script
-        .lock()
-        .unwrap()
-        .insert("conn-2".into(), answers);
-    let engine = engine(table.clone(), gateway.clone(), 4);
-    let (report, result) = engine
-        .run(&job(Target::All), &CancellationToken::new())
-        .await;
-    result.unwrap();
-    assert_eq!((report.delivered, report.rechecking), (4, 1));
-    while engine.rechecks_pending() > 0 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+async fn a_recheck_outlasts_a_throttle_or_a_few_5xx_and_removes_the_row() {
+    for (what, answer, times) in [
+        ("429", PostOutcome::Throttled, 6),
+        ("5xx", PostOutcome::Transient("HTTP 500".into()), 4),
+    ] {
+        let mut table = FakeTable::with(&ids(5), 10);
+        table.connecting.insert("conn-2".into());
+        let table = Arc::new(table);
+        let gateway = Arc::new(FakeGateway::default());
+        let mut answers = vec![PostOutcome::Gone];
+        answers.extend(vec![answer; times]);
+        answers.push(PostOutcome::Gone);
+        gateway
+            .script
+            .lock()
+            .unwrap()
+            .insert("conn-2".into(), answers);
+        let engine = engine(table.clone(), gateway.clone(), 4);
+        let (report, result) = engine
+            .run(&job(Target::All), &CancellationToken::new())
+            .await;
+        result.unwrap();
+        assert_eq!((report.delivered, report.rechecking), (4, 1), "{what}");
+        while engine.rechecks_pending() > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert!(
+            !table.remaining().contains("conn-2"),
+            "{what}: the recheck gave up and left a gone row"
+        );
     }
-    assert!(
-        !table.remaining().contains("conn-2"),
-        "the recheck gave up on the throttle and left a gone row"
-    );
-    assert_eq!(table.remaining().len(), 4);
-}
-
-/// A recheck is the last chance of a client that was connecting: a few
-/// 5xx in a row (5 % of posts failing makes three in a row likely among
-/// hundreds of rechecks) must not end it.
-#[tokio::test(start_paused = true)]
-async fn a_recheck_outlasts_a_few_5xx_in_a_row_and_removes_the_row() {
-    let mut table = FakeTable::with(&ids(5), 10);
-    table.connecting.insert("conn-2".into());
-    let table = Arc::new(table);
-    let gateway = Arc::new(FakeGateway::default());
-    let mut answers = vec![PostOutcome::Gone];
-    answers.extend(vec![PostOutcome::Transient("HTTP 500".into()); 4]);
-    answers.push(PostOutcome::Gone);
-    gateway
-        .script
-        .lock()
-        .unwrap()
-        .insert("conn-2".into(), answers);
-    let engine = engine(table.clone(), gateway.clone(), 4);
-    let (_, result) = engine
-        .run(&job(Target::All), &CancellationToken::new())
-        .await;
-    result.unwrap();
-    while engine.rechecks_pending() > 0 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    assert!(
-        !table.remaining().contains("conn-2"),
-        "the recheck gave up after three 5xx and left a gone row"
-    );
 }
