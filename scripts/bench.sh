@@ -522,7 +522,8 @@ for run in $(seq "$RUNS"); do
     echo "bench: run $run, a throttling endpoint: convergence and a slow client" >&2
     (cd "$ROOT" && FANOUT_DEV_TIMING_TARGETS=1 cargo test "${profile[@]}" --quiet -p fanout --test missed_clients -- --nocapture) \
       >"$WORK/throttle.out" 2>&1 || die "the throttle case failed: $(tail -20 "$WORK/throttle.out")"
-    grep '^kind=throttle' "$WORK/throttle.out" | sed "s/^/run=$run /" >>"$OUT"
+    # With --nocapture a test's line may follow libtest's "test NAME ... ".
+    grep -o 'kind=throttle.*' "$WORK/throttle.out" | sed "s/^/run=$run /" >>"$OUT"
   fi
   if has_case limiter; then
     echo "bench: run $run, engine only, rate limiter at $LIMIT_RATE/s" >&2
