@@ -83,26 +83,17 @@ impl Tries {
     /// After a 429 (`throttled`) or another answer that decides nothing:
     /// the tries to go on with and the wait before, or `None` when the
     /// bound is reached.
-    fn next(self, throttled: bool) -> Option<(Self, Duration)> {
+    fn next(mut self, throttled: bool) -> Option<(Self, Duration)> {
         let (policy, tries) = if throttled {
-            (THROTTLED_RETRY, self.throttled)
+            (THROTTLED_RETRY, &mut self.throttled)
         } else {
-            (RETRY, self.transient)
+            (RETRY, &mut self.transient)
         };
-        let after = if throttled {
-            Self {
-                throttled: tries + 1,
-                ..self
-            }
-        } else {
-            Self {
-                transient: tries + 1,
-                ..self
-            }
-        };
-        policy
-            .allows_another(tries)
-            .then(|| (after, policy.delay(tries - 1)))
+        let wait = policy
+            .allows_another(*tries)
+            .then(|| policy.delay(*tries - 1))?;
+        *tries += 1;
+        Some((self, wait))
     }
 }
 
@@ -187,7 +178,7 @@ impl Rechecks {
         let counts = Arc::new(Tally::new(deps.metrics.clone()));
         let remover = Remover::spawn(deps.store.clone(), REMOVE_BACKOFF, counts.clone());
         let removing = remover.outstanding();
-        let task = tokio::spawn(run(deps, rx, held.clone(), stop.clone(), (remover, counts)));
+        let task = tokio::spawn(run(deps, rx, held.clone(), stop.clone(), remover, counts));
         Self {
             tx,
             held,
@@ -251,7 +242,8 @@ async fn run<S: ConnectionStore, G: Gateway>(
     mut rx: mpsc::UnboundedReceiver<Recheck>,
     held: Arc<Mutex<Held>>,
     stop: CancellationToken,
-    (remover, counts): (Remover, Arc<Tally>),
+    remover: Remover,
+    counts: Arc<Tally>,
 ) {
     let mut due: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
     let mut waiting: HashMap<u64, (Recheck, Tries)> = HashMap::new();
