@@ -19,6 +19,7 @@ use fault_support::invariants::{Expect, Table, check};
 use fault_support::proxy::{FaultProxy, Faults};
 use fault_support::rig::{Rig, RigSpec, Run, finish, signal};
 use futures::StreamExt;
+use support::Queues;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -346,7 +347,10 @@ async fn sqs_receive_delete_and_visibility_errors() {
                 sqs_receive_lost: 25,
                 ..Faults::default()
             }),
-            visibility_seconds: Some(2),
+            queues: Queues {
+                visibility_seconds: Some(2),
+                ..Queues::default()
+            },
             ..RigSpec::default()
         },
         |g| g.latency_ms = 20,
@@ -535,7 +539,10 @@ async fn all_faults_together() {
 async fn fifo_broadcasts_to_a_channel_arrive_in_order() {
     let mut rig = Rig::new(
         RigSpec {
-            fifo: true,
+            queues: Queues {
+                fifo: true,
+                ..Queues::default()
+            },
             ..RigSpec::default()
         },
         |g| g.latency_ms = 5,
@@ -628,7 +635,10 @@ async fn fifo_broadcasts_to_a_channel_arrive_in_order() {
 async fn fifo_order_holds_across_a_sigterm_mid_broadcast() {
     let mut rig = Rig::new(
         RigSpec {
-            fifo: true,
+            queues: Queues {
+                fifo: true,
+                ..Queues::default()
+            },
             ..RigSpec::default()
         },
         |g| g.latency_ms = 50,
@@ -706,7 +716,10 @@ async fn fifo_order_holds_across_a_sigterm_mid_broadcast() {
 async fn a_job_that_keeps_failing_moves_to_the_dead_letter_queue_by_redrive() {
     let mut rig = Rig::new(
         RigSpec {
-            max_receives: Some(2),
+            queues: Queues {
+                max_receives: Some(2),
+                ..Queues::default()
+            },
             gateway: Some(Faults {
                 post_forbidden: true,
                 ..Faults::default()

@@ -11,8 +11,9 @@ use fanout_dev::gateway::GatewayArgs;
 use tokio::process::{Child, Command};
 
 use crate::local_support::TestGateway;
+pub use crate::support::Queues;
 use crate::support::worker::{Run, finish};
-use crate::support::{self, QueueSpec, TableKey, TestQueue};
+use crate::support::{self, TableKey, TestQueue};
 
 /// How long a `fanout run --exit-when-idle` of a test may take.
 const RUN_BOUND: Duration = Duration::from_secs(120);
@@ -38,44 +39,6 @@ macro_rules! on_stack {
     };
 }
 
-/// How a stack's jobs queue and dead-letter queue are made.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Queues {
-    pub fifo: bool,
-    /// The jobs queue's redrive policy: to the dead-letter queue after this
-    /// many receives (none if `None`).
-    pub max_receives: Option<u32>,
-    /// The jobs queue's default visibility timeout in seconds (SQS's 30 s
-    /// if `None`).
-    pub visibility_seconds: Option<u32>,
-}
-
-impl Queues {
-    /// The jobs queue `name` and its dead-letter queue `name-dlq`.
-    async fn create(self, sqs: &aws_sdk_sqs::Client, name: &str) -> (TestQueue, TestQueue) {
-        let dlq = support::create_queue(
-            sqs,
-            &format!("{name}-dlq"),
-            &QueueSpec {
-                fifo: self.fifo,
-                ..QueueSpec::default()
-            },
-        )
-        .await;
-        let queue = support::create_queue(
-            sqs,
-            name,
-            &QueueSpec {
-                fifo: self.fifo,
-                redrive: self.max_receives.map(|max| (dlq.arn.clone(), max)),
-                visibility_seconds: self.visibility_seconds,
-            },
-        )
-        .await;
-        (queue, dlq)
-    }
-}
-
 /// Everything a pipeline test runs against.
 pub struct Stack {
     pub sqs: aws_sdk_sqs::Client,
@@ -92,12 +55,7 @@ impl Stack {
     /// A stack whose table is keyed by the connection id, with a channel
     /// index; `name` prefixes its queues and table.
     pub async fn new(name: &str, configure: impl FnOnce(&mut GatewayArgs)) -> Self {
-        Self::with_table(
-            name,
-            async |dynamo, name| support::create_table(dynamo, name, TableKey::Id, true).await,
-            configure,
-        )
-        .await
+        Self::with_queues(name, Queues::default(), configure).await
     }
 
     /// [`Stack::new`] with its queues made as `queues` says.
@@ -132,7 +90,7 @@ impl Stack {
     ) -> Self {
         let sqs = support::sqs().await;
         let dynamo = support::dynamodb().await;
-        let (queue, dlq) = queues.create(&sqs, name).await;
+        let (queue, dlq) = support::create_queues(&sqs, name, queues).await;
         let table = create(&dynamo, name).await;
         let gateway = TestGateway::on_table(&table, configure).await;
         Self {

@@ -13,20 +13,17 @@ use fanout_dev::gateway::GatewayArgs;
 use tokio::process::Child;
 
 use super::proxy::{FaultProxy, Faults, Injected};
-use crate::stack::{Queues, Stack};
+use crate::stack::Stack;
 use crate::support;
+use crate::support::Queues;
 
 /// How to build a rig.
 #[derive(Default)]
 pub struct RigSpec {
-    pub fifo: bool,
-    /// The jobs queue's redrive policy: to the dead-letter queue after this
-    /// many receives.
-    pub max_receives: Option<u32>,
-    /// The jobs queue's default visibility timeout in seconds (SQS's 30 s
-    /// if `None`): how long a message handed out by a lost receive stays
-    /// hidden.
-    pub visibility_seconds: Option<u32>,
+    /// The jobs queue and its dead-letter queue: FIFO, a redrive, and the
+    /// visibility timeout, which is how long a message handed out by a
+    /// lost receive stays hidden.
+    pub queues: Queues,
     /// Faults in front of SQS, DynamoDB and the gateway (no proxy if `None`).
     pub sqs: Option<Faults>,
     pub dynamodb: Option<Faults>,
@@ -47,12 +44,7 @@ pub use crate::support::worker::{Run, finish, signal};
 
 impl Rig {
     pub async fn new(spec: RigSpec, configure: impl FnOnce(&mut GatewayArgs)) -> Self {
-        let queues = Queues {
-            fifo: spec.fifo,
-            max_receives: spec.max_receives,
-            visibility_seconds: spec.visibility_seconds,
-        };
-        let mut stack = Stack::with_queues("faults", queues, configure).await;
+        let mut stack = Stack::with_queues("faults", spec.queues, configure).await;
         // A failed job comes back within seconds, not SQS's default.
         stack.set("FANOUT_JOB_RETRY_BASE", "1s");
         stack.set("FANOUT_JOB_RETRY_MAX", "2s");

@@ -185,19 +185,30 @@ pub async fn create_queue(sqs: &aws_sdk_sqs::Client, prefix: &str, spec: &QueueS
     TestQueue { url, arn }
 }
 
-/// A queue and its dead-letter queue (the latter as the redrive target when
-/// `max_receives` is given).
-pub async fn create_queue_with_dlq(
+/// How a jobs queue and its dead-letter queue are made.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Queues {
+    pub fifo: bool,
+    /// The jobs queue's redrive policy: to the dead-letter queue after this
+    /// many receives (none if `None`).
+    pub max_receives: Option<u32>,
+    /// The jobs queue's default visibility timeout in seconds (SQS's 30 s
+    /// if `None`).
+    pub visibility_seconds: Option<u32>,
+}
+
+/// A jobs queue `prefix` and its dead-letter queue `prefix-dlq`, made as
+/// `queues` says.
+pub async fn create_queues(
     sqs: &aws_sdk_sqs::Client,
     prefix: &str,
-    fifo: bool,
-    max_receives: Option<u32>,
+    queues: Queues,
 ) -> (TestQueue, TestQueue) {
     let dlq = create_queue(
         sqs,
         &format!("{prefix}-dlq"),
         &QueueSpec {
-            fifo,
+            fifo: queues.fifo,
             ..QueueSpec::default()
         },
     )
@@ -206,13 +217,29 @@ pub async fn create_queue_with_dlq(
         sqs,
         prefix,
         &QueueSpec {
-            fifo,
-            redrive: max_receives.map(|max| (dlq.arn.clone(), max)),
-            visibility_seconds: None,
+            fifo: queues.fifo,
+            redrive: queues.max_receives.map(|max| (dlq.arn.clone(), max)),
+            visibility_seconds: queues.visibility_seconds,
         },
     )
     .await;
     (queue, dlq)
+}
+
+/// A queue and its dead-letter queue (the latter as the redrive target when
+/// `max_receives` is given).
+pub async fn create_queue_with_dlq(
+    sqs: &aws_sdk_sqs::Client,
+    prefix: &str,
+    fifo: bool,
+    max_receives: Option<u32>,
+) -> (TestQueue, TestQueue) {
+    let queues = Queues {
+        fifo,
+        max_receives,
+        visibility_seconds: None,
+    };
+    create_queues(sqs, prefix, queues).await
 }
 
 /// A message as a test reads it back.
