@@ -480,7 +480,13 @@ async fn a_job_for_a_newer_task_is_handed_back_not_dead_lettered() {
     // does not know, under a format version it does not read.
     rig.send(r#"{"v":2,"id":"newer","data":"x","latest":{"key":"k","seq":1}}"#)
         .await;
-    let run = rig.run(&table, &endpoint.endpoint(), &[]).await;
+    // Handed back after the retry delay, as on a deployment: with none, a
+    // batch run would receive it again and again and never be idle.
+    let delay = [
+        ("FANOUT_JOB_RETRY_BASE", "30s"),
+        ("FANOUT_JOB_RETRY_MAX", "30s"),
+    ];
+    let run = rig.run(&table, &endpoint.endpoint(), &delay).await;
     assert!(rig.dead_letters().await.is_empty(), "{}", run.stdout);
     assert_eq!(rig.left_on_queue().await, 1, "{}", run.stdout);
     assert!(

@@ -35,6 +35,14 @@ pub struct FakeQueue {
     pub stall_settles: bool,
     /// How long every call takes before it answers, as an SQS call does.
     pub latency: Duration,
+    /// How long a receive's answer takes to come back after the queue
+    /// chose what to hand out: a hand-back arriving meanwhile is not in it.
+    pub answer_delay: Duration,
+    /// Hand-backs with no delay make the message visible again, its
+    /// receive count raised, as SQS does; otherwise they are only recorded.
+    pub redeliver: bool,
+    /// Messages handed out and not yet handed back (kept with `redeliver`).
+    pub in_flight: Mutex<Vec<Message>>,
 }
 
 impl FakeQueue {
@@ -103,13 +111,19 @@ impl JobQueue for FakeQueue {
             let n = max.min(visible.len());
             visible.drain(..n).collect::<Vec<Message>>()
         };
-        let batch = take();
-        if !batch.is_empty() {
-            return Ok(batch);
+        let mut batch = take();
+        if batch.is_empty() {
+            // A long poll that finds nothing waits, then takes what arrived.
+            tokio::time::sleep(self.poll_wait.max(Duration::from_millis(5))).await;
+            batch = take();
         }
-        // A long poll that finds nothing waits, then takes what arrived.
-        tokio::time::sleep(self.poll_wait.max(Duration::from_millis(5))).await;
-        Ok(take())
+        if self.redeliver {
+            self.in_flight.lock().unwrap().extend(batch.iter().cloned());
+        }
+        if !self.answer_delay.is_zero() {
+            tokio::time::sleep(self.answer_delay).await;
+        }
+        Ok(batch)
     }
 
     async fn set_visibility(&self, receipt: &Receipt, timeout: Duration) -> Result<(), QueueError> {
@@ -121,6 +135,14 @@ impl JobQueue for FakeQueue {
             .lock()
             .unwrap()
             .push((receipt.clone(), timeout));
+        if self.redeliver && timeout.is_zero() {
+            let mut in_flight = self.in_flight.lock().unwrap();
+            if let Some(at) = in_flight.iter().position(|m| &m.receipt == receipt) {
+                let mut message = in_flight.remove(at);
+                message.receive_count += 1;
+                self.visible.lock().unwrap().push(message);
+            }
+        }
         Ok(())
     }
 

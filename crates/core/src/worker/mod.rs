@@ -195,9 +195,11 @@ where
             break Stopped::Shutdown;
         };
         // A deletion under way can unblock a FIFO group during this receive,
-        // and a long poll does not always wake for it: only a receive that
-        // began with nothing pending may conclude that the queue is empty.
-        let settled_before = deleter.handle.idle();
+        // and a running job can hand its message back after the queue chose
+        // what this receive brings (a long poll does not always wake for
+        // either): only a receive that began with nothing running and
+        // nothing pending may conclude that the queue is empty.
+        let quiet_before = jobs.is_empty() && deleter.handle.idle();
         let mut receive = receive::spawn(&queue, permits.len(), settings.visibility_timeout);
         let received = tokio::select! {
             biased;
@@ -226,8 +228,7 @@ where
                 metrics.mark_poll();
                 if messages.is_empty()
                     && settings.exit_when_idle
-                    && jobs.is_empty()
-                    && settled_before
+                    && quiet_before
                     // Rechecks are work too: a batch run ends after them.
                     && ctx.engine.rechecks_pending() == 0
                 {

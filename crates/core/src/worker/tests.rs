@@ -1035,3 +1035,42 @@ mod durable {
         assert_eq!(Metrics::get(&rig.metrics.jobs_duplicate), 1);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_run_does_not_end_on_a_receive_that_began_while_a_job_ran() {
+    // The job is handed back after the receive chose what to hand out but
+    // before its answer came back: that empty answer says nothing about
+    // the job's message.
+    let gateway = FakeGateway {
+        held_ids: ["conn-0".to_owned()].into(),
+        ..FakeGateway::default()
+    };
+    gateway.script.lock().unwrap().insert(
+        "conn-0".into(),
+        vec![crate::gateway::PostOutcome::Forbidden("403".into())],
+    );
+    let queue = FakeQueue {
+        answer_delay: Duration::from_millis(10),
+        redeliver: true,
+        ..FakeQueue::with_jobs(&[r#"{"id":"j","data":"a","connections":["conn-0"]}"#], true)
+    };
+    let rig = Rig::new(queue, gateway);
+    let mut s = settings();
+    s.job_retry.base = Duration::ZERO;
+    s.job_retry.max = Duration::ZERO;
+    let gateway = rig.gateway.clone();
+    tokio::spawn(async move {
+        // The second receive chose at 10 ms + the 5 ms long poll, and
+        // answers at 25 ms.
+        tokio::time::sleep(Duration::from_millis(17)).await;
+        gateway.release();
+    });
+    assert_eq!(rig.run(s, CancellationToken::new()).await, Stopped::Idle);
+    assert_eq!(
+        rig.gateway.delivered_ids(),
+        ["conn-0"],
+        "retried, then delivered"
+    );
+    assert_eq!(rig.queue.deleted_ids(), ["r0"]);
+    assert!(rig.queue.visible.lock().unwrap().is_empty());
+}
