@@ -323,7 +323,10 @@ async fn one_client_that_always_answers_429_slows_no_one_and_is_handed_on() {
             ("FANOUT_THROTTLE_DEADLINE", "2s"),
             ("FANOUT_DEFERRED_PASSES", "1"),
             ("FANOUT_SEND_RETRY_MAX", "500ms"),
-            ("FANOUT_JOB_RETRY_BASE", "1s"),
+            // The continuation's delay: longer than the run goes on after
+            // the job (a receive or two), so it is still delayed when the
+            // run has ended.
+            ("FANOUT_JOB_RETRY_BASE", "5s"),
         ],
     )
     .await;
@@ -341,8 +344,14 @@ async fn one_client_that_always_answers_429_slows_no_one_and_is_handed_on() {
     // The continuation was sent with a delay: hidden at first, then on the
     // queue, listing that one connection with its row key.
     assert_eq!(out.queue, (0, 0), "delayed");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let waiting = support::receive_all(&out.sqs, &out.queue_url).await;
+    let mut waiting = Vec::new();
+    // Each empty receive waits 1 s: within 20 s of the run's end.
+    for _ in 0..20 {
+        waiting = support::receive_all(&out.sqs, &out.queue_url).await;
+        if !waiting.is_empty() {
+            break;
+        }
+    }
     let [continuation] = &waiting[..] else {
         panic!("{} messages", waiting.len())
     };
