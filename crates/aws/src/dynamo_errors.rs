@@ -63,3 +63,76 @@ pub(crate) fn answer(status: u16, code: &str, message: &str) -> Failure {
         _ => Failure::Rejected(detail),
     }
 }
+
+/// Gives an adapter on a DynamoDB table its `from_failure(table, failure)`
+/// and `map_error(table, err)`, into its seam's error `$error`, whose
+/// variants are named as the failures are (`NoSuchTable { table }`,
+/// `Throttled`, `Unavailable`, `Rejected`): the mapping is the same for
+/// every table, and is written once, with its test.
+macro_rules! table_errors {
+    ($vis:vis $error:ident) => {
+        $vis fn from_failure(table: &str, failure: $crate::dynamo_errors::Failure) -> $error {
+            use $crate::dynamo_errors::Failure;
+            match failure {
+                Failure::NoSuchTable => $error::NoSuchTable {
+                    table: table.to_owned(),
+                },
+                Failure::Throttled(detail) => $error::Throttled(detail),
+                Failure::Unavailable(detail) => $error::Unavailable(detail),
+                Failure::Rejected(detail) => $error::Rejected(detail),
+            }
+        }
+
+        /// One place that turns SDK failures into the seam's errors.
+        $vis fn map_error<E>(
+            table: &str,
+            err: aws_sdk_dynamodb::error::SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
+        ) -> $error
+        where
+            E: aws_sdk_dynamodb::error::ProvideErrorMetadata
+                + std::error::Error
+                + Send
+                + Sync
+                + 'static,
+        {
+            from_failure(table, $crate::dynamo_errors::classify(&err))
+        }
+
+        #[cfg(test)]
+        mod table_error_tests {
+            use super::*;
+
+            #[test]
+            fn error_answers_map_by_code_then_status() {
+                let map = |status, code| {
+                    let answer = $crate::dynamo_errors::answer(status, code, "message");
+                    from_failure("the-table", answer)
+                };
+                assert!(matches!(
+                    map(400, "ResourceNotFoundException"),
+                    $error::NoSuchTable { table } if table == "the-table"
+                ));
+                for code in [
+                    "ProvisionedThroughputExceededException",
+                    "RequestLimitExceeded",
+                    "ThrottlingException",
+                ] {
+                    let err = map(400, code);
+                    assert!(matches!(err, $error::Throttled(_)), "{code}: {err:?}");
+                    assert!(err.is_transient());
+                }
+                for (status, code) in [(500, "InternalServerError"), (503, "")] {
+                    let err = map(status, code);
+                    assert!(matches!(err, $error::Unavailable(_)), "{status}: {err:?}");
+                    assert!(err.is_transient());
+                }
+                for code in ["AccessDeniedException", "ValidationException"] {
+                    let err = map(400, code);
+                    assert!(matches!(err, $error::Rejected(_)), "{code}: {err:?}");
+                    assert!(!err.is_transient());
+                }
+            }
+        }
+    };
+}
+pub(crate) use table_errors;

@@ -24,8 +24,6 @@
 use std::collections::HashMap;
 
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::config::http::HttpResponse;
-use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 
 use crate::dynamo_errors::{self, Failure};
 use aws_sdk_dynamodb::types::{AttributeValue, KeyType, ScalarAttributeType, TableDescription};
@@ -58,16 +56,10 @@ impl DynamoLeaseTable {
     /// round rather than logged as failed renewals every second.
     pub async fn connect(client: Client, table: impl Into<String>) -> Result<Self, FleetError> {
         let table = table.into();
-        let output = client
-            .describe_table()
-            .table_name(&table)
-            .send()
-            .await
-            .map_err(|err| map_error(&table, err))?;
-        let description = output.table().ok_or_else(|| {
-            FleetError::Rejected(format!("DescribeTable returned nothing for {table}"))
-        })?;
-        check_key_schema(&table, description)?;
+        check_pk_sk(&client, &table, from_failure, |found| {
+            wrong_key(&table, &found)
+        })
+        .await?;
         Ok(Self { client, table })
     }
 
@@ -146,13 +138,33 @@ impl LeaseTable for DynamoLeaseTable {
 
 /// Refuses a table not keyed `pk` (S) + `sk` (S): most likely the
 /// connections table named by mistake, where every PutItem would fail.
-fn check_key_schema(table: &str, description: &TableDescription) -> Result<(), FleetError> {
-    pk_sk_key(description).map_err(|found| {
-        FleetError::Rejected(format!(
-            "the fleet table {table} has {found}, not pk (S) and sk (S); \
-             point FANOUT_FLEET_TABLE at the fleet's own table"
-        ))
-    })
+/// A table keyed otherwise than the fleet's, named with its key.
+fn wrong_key(table: &str, found: &str) -> FleetError {
+    FleetError::Rejected(format!(
+        "the fleet table {table} has {found}, not pk (S) and sk (S); \
+         point FANOUT_FLEET_TABLE at the fleet's own table"
+    ))
+}
+
+/// Reads `table`'s description and checks that it is keyed as
+/// [`pk_sk_key`] says; a failed call is `failed`'s, a table keyed otherwise
+/// is `unfit`'s (given the key it has).
+pub(crate) async fn check_pk_sk<E>(
+    client: &Client,
+    table: &str,
+    failed: fn(&str, Failure) -> E,
+    unfit: impl FnOnce(String) -> E,
+) -> Result<(), E> {
+    let output = client
+        .describe_table()
+        .table_name(table)
+        .send()
+        .await
+        .map_err(|err| failed(table, dynamo_errors::classify(&err)))?;
+    let description = output
+        .table()
+        .ok_or_else(|| failed(table, Failure::NoSuchTable))?;
+    pk_sk_key(description).map_err(unfit)
 }
 
 /// Whether a table is keyed `pk` (S) + `sk` (S), the layout the fleet's
@@ -246,30 +258,7 @@ fn from_item(item: &Item) -> Result<Lease, FleetError> {
     })
 }
 
-/// One place that turns SDK failures into [`FleetError`]s.
-fn map_error<E>(table: &str, err: SdkError<E, HttpResponse>) -> FleetError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    from_failure(table, dynamo_errors::classify(&err))
-}
-
-/// What an error answer from DynamoDB means, by its code and status.
-#[cfg(test)]
-fn service_error(table: &str, status: u16, code: &str, message: &str) -> FleetError {
-    from_failure(table, dynamo_errors::answer(status, code, message))
-}
-
-fn from_failure(table: &str, failure: Failure) -> FleetError {
-    match failure {
-        Failure::NoSuchTable => FleetError::NoSuchTable {
-            table: table.to_owned(),
-        },
-        Failure::Throttled(detail) => FleetError::Throttled(detail),
-        Failure::Unavailable(detail) => FleetError::Unavailable(detail),
-        Failure::Rejected(detail) => FleetError::Rejected(detail),
-    }
-}
+crate::dynamo_errors::table_errors!(FleetError);
 
 #[cfg(test)]
 mod tests {
@@ -287,37 +276,6 @@ mod tests {
 
     fn n(value: &str) -> AttributeValue {
         AttributeValue::N(value.to_owned())
-    }
-
-    #[test]
-    fn error_answers_map_by_code_then_status() {
-        let map = |status, code| service_error("fleet", status, code, "message");
-        assert!(matches!(
-            map(400, "ResourceNotFoundException"),
-            FleetError::NoSuchTable { table } if table == "fleet"
-        ));
-        for code in [
-            "ProvisionedThroughputExceededException",
-            "RequestLimitExceeded",
-            "ThrottlingException",
-        ] {
-            let err = map(400, code);
-            assert!(matches!(err, FleetError::Throttled(_)), "{code}: {err:?}");
-            assert!(err.is_transient());
-        }
-        for (status, code) in [(500, "InternalServerError"), (503, "")] {
-            let err = map(status, code);
-            assert!(
-                matches!(err, FleetError::Unavailable(_)),
-                "{status}: {err:?}"
-            );
-            assert!(err.is_transient());
-        }
-        for code in ["AccessDeniedException", "ValidationException"] {
-            let err = map(400, code);
-            assert!(matches!(err, FleetError::Rejected(_)), "{code}: {err:?}");
-            assert!(!err.is_transient());
-        }
     }
 
     #[test]
@@ -410,14 +368,16 @@ mod tests {
         use KeyType::{Hash, Range};
         use ScalarAttributeType::{N, S};
         let fleet = described(&[("pk", Hash, S), ("sk", Range, S)]);
-        assert!(check_key_schema("fleet", &fleet).is_ok());
+        assert!(pk_sk_key(&fleet).is_ok());
         for wrong in [
             described(&[("connectionId", Hash, S)]),
             described(&[("pk", Hash, S)]),
             described(&[("pk", Hash, S), ("sk", Range, N)]),
             described(&[("sk", Hash, S), ("pk", Range, S)]),
         ] {
-            let err = check_key_schema("connections", &wrong).expect_err("wrong key");
+            let err = pk_sk_key(&wrong)
+                .map_err(|found| wrong_key("connections", &found))
+                .expect_err("wrong key");
             let text = err.to_string();
             assert!(matches!(err, FleetError::Rejected(_)), "{text}");
             assert!(

@@ -20,13 +20,11 @@
 use std::collections::HashMap;
 
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::config::http::HttpResponse;
-use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::AttributeValue;
 
 use fanout_core::runs::{DurableError, RunRecord, RunTable};
 
-use crate::dynamo_errors::{self, Failure};
+use crate::dynamo_errors;
 
 type Item = HashMap<String, AttributeValue>;
 
@@ -47,22 +45,13 @@ impl DynamoRunTable {
     /// first job.
     pub async fn connect(client: Client, table: impl Into<String>) -> Result<Self, DurableError> {
         let table = table.into();
-        let output = client
-            .describe_table()
-            .table_name(&table)
-            .send()
-            .await
-            .map_err(|err| map_error(&table, err))?;
-        match output.table().map(crate::fleet::pk_sk_key) {
-            Some(Ok(())) => {}
-            Some(Err(found)) => {
-                return Err(DurableError::Rejected(format!(
-                    "the checkpoint table {table} has {found}, not pk (S) and sk (S); \
-                     point FANOUT_CHECKPOINT_TABLE at a table keyed so (the fleet table is)"
-                )));
-            }
-            None => return Err(DurableError::NoSuchTable { table }),
-        }
+        crate::fleet::check_pk_sk(&client, &table, from_failure, |found| {
+            DurableError::Rejected(format!(
+                "the checkpoint table {table} has {found}, not pk (S) and sk (S); \
+                 point FANOUT_CHECKPOINT_TABLE at a table keyed so (the fleet table is)"
+            ))
+        })
+        .await?;
         Ok(Self { client, table })
     }
 
@@ -165,20 +154,4 @@ fn from_item(run: &str, item: &Item) -> Result<RunRecord, DurableError> {
     })
 }
 
-fn map_error<E>(table: &str, err: SdkError<E, HttpResponse>) -> DurableError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    from_failure(table, dynamo_errors::classify(&err))
-}
-
-fn from_failure(table: &str, failure: Failure) -> DurableError {
-    match failure {
-        Failure::NoSuchTable => DurableError::NoSuchTable {
-            table: table.to_owned(),
-        },
-        Failure::Throttled(detail) => DurableError::Throttled(detail),
-        Failure::Unavailable(detail) => DurableError::Unavailable(detail),
-        Failure::Rejected(detail) => DurableError::Rejected(detail),
-    }
-}
+crate::dynamo_errors::table_errors!(DurableError);

@@ -1,8 +1,6 @@
 //! Keys between fanout's shape and the SDK's, and SDK failures as
 //! [`StoreError`]s.
 
-use crate::dynamo_errors::{self, Failure};
-
 use super::*;
 
 pub(super) fn key_value(value: &AttributeValue) -> Option<KeyValue> {
@@ -52,27 +50,4 @@ pub(super) fn normalised(key: &RowKey) -> RowKey {
     RowKey(attributes)
 }
 
-/// One place that turns SDK failures into [`StoreError`]s.
-pub(super) fn map_error<E>(table: &str, err: SdkError<E, HttpResponse>) -> StoreError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    from_failure(table, dynamo_errors::classify(&err))
-}
-
-/// What an error answer from DynamoDB means, by its code and status.
-#[cfg(test)]
-pub(super) fn service_error(table: &str, status: u16, code: &str, message: &str) -> StoreError {
-    from_failure(table, dynamo_errors::answer(status, code, message))
-}
-
-pub(super) fn from_failure(table: &str, failure: Failure) -> StoreError {
-    match failure {
-        Failure::NoSuchTable => StoreError::NoSuchTable {
-            table: table.to_owned(),
-        },
-        Failure::Throttled(detail) => StoreError::Throttled(detail),
-        Failure::Unavailable(detail) => StoreError::Unavailable(detail),
-        Failure::Rejected(detail) => StoreError::Rejected(detail),
-    }
-}
+crate::dynamo_errors::table_errors!(pub(super) StoreError);

@@ -11,32 +11,6 @@ fn key(pairs: &[(&str, &str)]) -> RowKey {
 }
 
 #[test]
-fn error_answers_map_by_code_then_status() {
-    let map = |status, code| service_error("connections", status, code, "message");
-    assert!(matches!(
-        map(400, "ResourceNotFoundException"),
-        StoreError::NoSuchTable { table } if table == "connections"
-    ));
-    for code in [
-        "ProvisionedThroughputExceededException",
-        "RequestLimitExceeded",
-        "ThrottlingException",
-    ] {
-        let err = map(400, code);
-        assert!(matches!(err, StoreError::Throttled(_)), "{code}: {err:?}");
-        assert!(err.is_transient());
-    }
-    assert!(matches!(
-        map(500, "InternalServerError"),
-        StoreError::Unavailable(_)
-    ));
-    assert!(matches!(map(503, ""), StoreError::Unavailable(_)));
-    let err = map(400, "ValidationException");
-    assert!(matches!(err, StoreError::Rejected(_)), "{err:?}");
-    assert!(!err.is_transient());
-}
-
-#[test]
 fn keys_compare_whatever_their_attribute_order() {
     let a = key(&[("channel", "c"), ("connectionId", "x")]);
     let b = key(&[("connectionId", "x"), ("channel", "c")]);
