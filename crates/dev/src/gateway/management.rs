@@ -9,7 +9,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::ws::{Message, Utf8Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
@@ -90,14 +91,7 @@ fn frame(body: Bytes) -> Message {
 
 /// `GET /{stage}/@connections/{id}`. The wire names are camelCase, as the
 /// service sends them (the SDK's model calls them `ConnectedAt`, …).
-pub async fn get(
-    State(app): State<Arc<App>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if !signed_for_execute_api(&headers) {
-        return forbidden();
-    }
+pub async fn get(State(app): State<Arc<App>>, Path(id): Path<String>, _: Signed) -> Response {
     let details = app.registry.inspect(&id, |c| {
         serde_json::json!({
             "connectedAt": iso8601(c.connected_at_ms),
@@ -115,14 +109,7 @@ pub async fn get(
 }
 
 /// `DELETE /{stage}/@connections/{id}`: close the socket.
-pub async fn delete(
-    State(app): State<Arc<App>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if !signed_for_execute_api(&headers) {
-        return forbidden();
-    }
+pub async fn delete(State(app): State<Arc<App>>, Path(id): Path<String>, _: Signed) -> Response {
     if app.registry.remove(&id) {
         StatusCode::NO_CONTENT.into_response()
     } else {
@@ -138,6 +125,23 @@ pub async fn stats(State(app): State<Arc<App>>) -> Json<StatsSnapshot> {
         snapshot.sink_duplicates = sink.iter().map(|n| u64::from(n.saturating_sub(1))).sum();
     }
     Json(snapshot)
+}
+
+/// A request signed for `execute-api`, as API Gateway requires of the
+/// management API; any other is answered 403. (A post checks for itself, so
+/// that its stats count the refusal.)
+pub struct Signed;
+
+impl<S: Send + Sync> FromRequestParts<S> for Signed {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+        if signed_for_execute_api(&parts.headers) {
+            Ok(Self)
+        } else {
+            Err(forbidden())
+        }
+    }
 }
 
 /// Whether the request carries a SigV4 `Authorization` header scoped to
