@@ -130,27 +130,10 @@ pub enum Stopped {
 
 /// Runs the worker until `shutdown` is cancelled (or, with
 /// `exit_when_idle`, until there is nothing left to do). Each settled
-/// message's report goes to `reports`.
+/// message's report goes to `reports`. With run records in the checkpoint
+/// table (`ledger`), a broadcast sent again is not broadcast twice, and a
+/// run live on one task is not run by another at the same time.
 pub async fn run<Q, S, G>(
-    queue: Arc<Q>,
-    engine: Arc<Engine<S, G>>,
-    settings: WorkerSettings,
-    metrics: Arc<Metrics>,
-    reports: Reporter,
-    shutdown: CancellationToken,
-) -> Stopped
-where
-    Q: JobQueue,
-    S: ConnectionStore,
-    G: Gateway,
-{
-    run_durable(queue, engine, settings, metrics, reports, shutdown, None).await
-}
-
-/// [`run`], with run records in the checkpoint table (`ledger`): a
-/// broadcast sent again is not broadcast twice, and a run live on one task
-/// is not run by another at the same time.
-pub async fn run_durable<Q, S, G>(
     queue: Arc<Q>,
     engine: Arc<Engine<S, G>>,
     settings: WorkerSettings,

@@ -126,7 +126,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
 
     let cpu_before = crate::cpu_time()?;
     let started = Instant::now();
-    let stopped = worker::run_durable(
+    let stopped = worker::run(
         queue.clone(),
         Arc::new(engine),
         settings,

@@ -102,6 +102,7 @@ where
         Arc::new(Metrics::default()),
         fanout_core::reports::Reporter::none(),
         shutdown.clone(),
+        None,
     ));
 
     let mut latencies = Vec::with_capacity(jobs);

@@ -167,7 +167,7 @@ async fn serve(worker: Worker, metrics: Arc<Metrics>, shutdown: CancellationToke
             let _ = left.await;
         }))
     });
-    let stopped = worker::run_durable(
+    let stopped = worker::run(
         Arc::new(worker.queue),
         Arc::new(worker.engine),
         worker.settings,
