@@ -38,6 +38,8 @@ PYTHON="$ROOT/.local/venv/bin/python"
 
 say() { printf '\n==> %s\n' "$*"; }
 die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=scripts/local.sh
+source "$ROOT/scripts/local.sh"
 
 PIDS=()
 EMULATORS_STARTED=
@@ -46,12 +48,7 @@ cleanup() {
   trap - EXIT INT TERM
   if ((${#PIDS[@]})); then
     say "stopping what the demo started"
-    for pid in "${PIDS[@]}"; do
-      kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-      wait "$pid" 2>/dev/null || true
-    done
+    stop_pids "${PIDS[@]}"
   fi
   [[ -n "$EMULATORS_STARTED" ]] && ./scripts/emulators.sh stop || true
   exit "$status"
@@ -59,16 +56,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-wait_for() { # what, seconds, command...
-  local what="$1" seconds="$2"
-  shift 2
-  local deadline=$((SECONDS + seconds))
-  until "$@" 2>/dev/null; do
-    ((SECONDS < deadline)) || die "timed out waiting for $what"
-    sleep 0.2
-  done
-}
 
 say "building fanout (debug; the first build takes a few minutes)"
 cargo build --quiet --bin fanout --bin fanout-dev
@@ -88,41 +75,8 @@ rm -rf "$WORK"
 mkdir -p "$WORK"
 
 say "creating the queue, its dead-letter queue and the table (with a channel index)"
-"$PYTHON" - "$TABLE" >"$WORK/setup.env" <<'PY'
-import json, sys, boto3
-table = sys.argv[1]
-sqs = boto3.client("sqs")
-dlq = sqs.create_queue(QueueName="fanout-demo-jobs-dlq")["QueueUrl"]
-dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-jobs = sqs.create_queue(QueueName="fanout-demo-jobs", Attributes={
-    "VisibilityTimeout": "30",
-    "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "3"}),
-})["QueueUrl"]
-reports = sqs.create_queue(QueueName="fanout-demo-reports")["QueueUrl"]
-ddb = boto3.client("dynamodb")
-ddb.create_table(
-    TableName=table,
-    AttributeDefinitions=[{"AttributeName": "connectionId", "AttributeType": "S"},
-                          {"AttributeName": "channel", "AttributeType": "S"},
-                          {"AttributeName": "userId", "AttributeType": "S"}],
-    KeySchema=[{"AttributeName": "connectionId", "KeyType": "HASH"}],
-    GlobalSecondaryIndexes=[{"IndexName": "by-channel",
-                             "KeySchema": [{"AttributeName": "channel", "KeyType": "HASH"}],
-                             "Projection": {"ProjectionType": "INCLUDE",
-                                            "NonKeyAttributes": ["connectedAt"]}},
-                            {"IndexName": "by-user",
-                             "KeySchema": [{"AttributeName": "userId", "KeyType": "HASH"}],
-                             "Projection": {"ProjectionType": "INCLUDE",
-                                            "NonKeyAttributes": ["connectedAt"]}}],
-    BillingMode="PAY_PER_REQUEST",
-)
-ddb.get_waiter("table_exists").wait(TableName=table, WaiterConfig={"Delay": 0.2})
-print(f"export FANOUT_QUEUE_URL={jobs}")
-print(f"export FANOUT_DEAD_LETTER_QUEUE_URL={dlq}")
-print(f"export FANOUT_REPORT_QUEUE_URL={reports}")
-PY
+"$PYTHON" scripts/local_resources.py fanout-demo "$TABLE" >"$WORK/setup.env"
 source "$WORK/setup.env"
-export FANOUT_TABLE="$TABLE"
 export FANOUT_CHANNEL_INDEX=by-channel
 # The gateway writes each connection's start here, as a $connect handler
 # copying requestContext.connectedAt would.

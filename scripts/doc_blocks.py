@@ -40,6 +40,8 @@ import sys
 import time
 import urllib.request
 
+import local_resources  # this folder's: the queues and table a local fanout uses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 BIN = os.path.join(TARGET, "debug")
@@ -134,32 +136,15 @@ class LocalSystem:
             self.aws[name] = value
         self.aws["AWS_DEFAULT_REGION"] = self.aws["AWS_REGION"]
         os.environ.update(self.aws)
-        import boto3  # the venv's, installed by scripts/emulators.sh
-
-        sqs, ddb = boto3.client("sqs"), boto3.client("dynamodb")
-        urls = {name: sqs.create_queue(QueueName=f"fanout-docs-{name}")["QueueUrl"]
-                for name in ("jobs", "dead-letters", "reports")}
         table = "fanout-docs-connections"
-        ddb.create_table(
-            TableName=table,
-            AttributeDefinitions=[{"AttributeName": a, "AttributeType": "S"}
-                                  for a in ("connectionId", "channel")],
-            KeySchema=[{"AttributeName": "connectionId", "KeyType": "HASH"}],
-            GlobalSecondaryIndexes=[{"IndexName": "by-channel",
-                                     "KeySchema": [{"AttributeName": "channel", "KeyType": "HASH"}],
-                                     "Projection": {"ProjectionType": "INCLUDE",
-                                                    "NonKeyAttributes": ["connectedAt"]}}],
-            BillingMode="PAY_PER_REQUEST")
+        made = local_resources.create("fanout-docs", table)
         gateway = free_port()
         self.spawn("gateway", [os.path.join(BIN, "fanout-dev"), "gateway", "--listen",
                                f"127.0.0.1:{gateway}", "--stage", "docs", "--table", table], {})
         wait_for("the gateway", 30, lambda: urllib.request.urlopen(
             f"http://127.0.0.1:{gateway}/docs/@stats", timeout=1).status == 200)
         self.spawn("worker", [os.path.join(BIN, "fanout"), "run"], {
-            "FANOUT_QUEUE_URL": urls["jobs"],
-            "FANOUT_DEAD_LETTER_QUEUE_URL": urls["dead-letters"],
-            "FANOUT_REPORT_QUEUE_URL": urls["reports"],
-            "FANOUT_TABLE": table,
+            **made,
             "FANOUT_CHANNEL_INDEX": "by-channel",
             "FANOUT_CONNECTED_AT_ATTRIBUTE": "connectedAt",
             "FANOUT_GATEWAY_ENDPOINT": f"http://127.0.0.1:{gateway}/docs",
@@ -168,9 +153,9 @@ class LocalSystem:
         })
         self.reader = {
             **self.aws,
-            "FANOUT_QUEUE_URL": urls["jobs"],
-            "FANOUT_DEAD_LETTER_QUEUE_URL": urls["dead-letters"],
-            "REPORT_QUEUE_URL": urls["reports"],
+            "FANOUT_QUEUE_URL": made["FANOUT_QUEUE_URL"],
+            "FANOUT_DEAD_LETTER_QUEUE_URL": made["FANOUT_DEAD_LETTER_QUEUE_URL"],
+            "REPORT_QUEUE_URL": made["FANOUT_REPORT_QUEUE_URL"],
             # A connection id, as a producer excluding its sender has one.
             "SENDER": "L0SM9cOFvHcCIhw=",
             "PATH": os.pathsep.join([self.aws_cli(), BIN, os.environ["PATH"]]),

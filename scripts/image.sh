@@ -34,6 +34,8 @@ die() {
   echo "image: $*" >&2
   exit 1
 }
+# shellcheck source=scripts/local.sh
+source "$ROOT/scripts/local.sh"
 
 setup() {
   local missing=() tool
@@ -192,10 +194,6 @@ build() {
   podman image inspect "$IMAGE" --format 'image: {{.Id}} {{.Size}} bytes, healthcheck {{.Config.Healthcheck.Test}}'
 }
 
-port_free() {
-  ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
 # The run's own processes and container, stopped by pid and name however
 # the run ends.
 PIDS=()
@@ -207,27 +205,11 @@ cleanup() {
   if [[ -n "$CONTAINER" ]]; then
     podman rm -f -t 2 "$CONTAINER" >/dev/null 2>&1 || true
   fi
-  local pid
-  for pid in "${PIDS[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
+  stop_pids "${PIDS[@]}"
   if [[ -n "$EMULATORS_STARTED" ]]; then
     ./scripts/emulators.sh stop || true
   fi
   exit "$status"
-}
-
-wait_for() { # what, seconds, command...
-  local what="$1" seconds="$2"
-  shift 2
-  local deadline=$((SECONDS + seconds))
-  until "$@" 2>/dev/null; do
-    ((SECONDS < deadline)) || die "timed out waiting for $what"
-    sleep 0.2
-  done
 }
 
 # Runs the image the way the task definition runs it: read-only root,
@@ -296,30 +278,7 @@ run_image() {
   local live=300 dropped=30 channel=news channel_clients=50
 
   say "queue, dead-letter queue and table on the emulators; the local gateway on :$gateway_port"
-  "$python" - "$table" >"$run/setup.env" <<'PYTHON'
-import json, sys, boto3
-table = sys.argv[1]
-sqs = boto3.client("sqs")
-dlq = sqs.create_queue(QueueName="fanout-image-dlq")["QueueUrl"]
-dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-jobs = sqs.create_queue(QueueName="fanout-image-jobs", Attributes={
-    "VisibilityTimeout": "30",
-    "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "3"}),
-})["QueueUrl"]
-ddb = boto3.client("dynamodb")
-ddb.create_table(
-    TableName=table,
-    AttributeDefinitions=[{"AttributeName": "connectionId", "AttributeType": "S"},
-                          {"AttributeName": "channel", "AttributeType": "S"}],
-    KeySchema=[{"AttributeName": "connectionId", "KeyType": "HASH"}],
-    GlobalSecondaryIndexes=[{"IndexName": "by-channel",
-                             "KeySchema": [{"AttributeName": "channel", "KeyType": "HASH"}],
-                             "Projection": {"ProjectionType": "KEYS_ONLY"}}],
-    BillingMode="PAY_PER_REQUEST",
-)
-print(f"export FANOUT_QUEUE_URL={jobs}")
-print(f"export FANOUT_DEAD_LETTER_QUEUE_URL={dlq}")
-PYTHON
+  "$python" scripts/local_resources.py fanout-image "$table" >"$run/setup.env"
   # shellcheck disable=SC1091
   source "$run/setup.env"
   "$dev" gateway --listen "127.0.0.1:$gateway_port" --stage "$stage" --table "$table" \

@@ -43,9 +43,8 @@ if [[ ! -x "$TARGET/debug/fanout-dev" || ( "${worker[0]}" == --binary && ! -x "$
   nice -n 10 cargo build --quiet --bin fanout --bin fanout-dev
 fi
 
-port_free() {
-  ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
+# shellcheck source=scripts/local.sh
+source "$ROOT/scripts/local.sh"
 port=5401
 while ! port_free "$port"; do port=$((port + 1)); done
 

@@ -12,10 +12,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-port_free() {
-  ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
+# shellcheck source=scripts/local.sh
+source "$ROOT/scripts/local.sh"
 # Ports given by the caller are used as they are (and refused if taken).
 # Otherwise the first free pair from 5330/5331 up, so several checkouts on
 # one machine can test at once.
