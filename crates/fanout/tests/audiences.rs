@@ -14,7 +14,7 @@ use fanout_aws::{DynamoStore, TableSettings};
 use fanout_core::connection::ConnectionId;
 use fanout_core::store::{AudienceQuery, ChannelOrder, ConnectionStore, Cursor, Position};
 use futures::StreamExt;
-use support::worker::{finish, signal};
+
 use support::{CHANNEL, CHANNEL_INDEX, ID, IndexSpec};
 
 const USER_INDEX: &str = "by-user";
@@ -25,6 +25,22 @@ const AUDIENCES: &str = "user=by-user:userId";
 struct Rig(Stack);
 
 fanout_testkit::on_stack!(Rig, 0);
+
+/// A channel index (sorted by `channel_sort`, if given) and a user index.
+fn indexes(channel_sort: Option<&'static str>) -> [IndexSpec<'static>; 2] {
+    [
+        IndexSpec {
+            name: CHANNEL_INDEX,
+            partition: CHANNEL,
+            sort: channel_sort,
+        },
+        IndexSpec {
+            name: USER_INDEX,
+            partition: USER,
+            sort: None,
+        },
+    ]
+}
 
 impl Rig {
     async fn new(key: (&str, Option<&str>), indexes: &[IndexSpec<'_>], keep_stale: bool) -> Self {
@@ -68,23 +84,7 @@ fn count(report: &serde_json::Value, key: &str) -> u64 {
 
 #[tokio::test]
 async fn a_user_with_three_connections_among_a_thousand_gets_it_on_all_three_and_nobody_else() {
-    let rig = Rig::new(
-        (ID, None),
-        &[
-            IndexSpec {
-                name: CHANNEL_INDEX,
-                partition: CHANNEL,
-                sort: None,
-            },
-            IndexSpec {
-                name: USER_INDEX,
-                partition: USER,
-                sort: None,
-            },
-        ],
-        false,
-    )
-    .await;
+    let rig = Rig::new((ID, None), &indexes(None), false).await;
     let clients = rig.connect(1000, None).await;
     let ids = clients.ids();
     assert_eq!(ids.len(), 1000);
@@ -143,23 +143,7 @@ async fn a_user_with_three_connections_among_a_thousand_gets_it_on_all_three_and
 #[tokio::test]
 async fn three_overlapping_channels_each_member_gets_it_once_and_gone_rows_are_removed_once() {
     // One row per (connection, channel); the channel index sorted by id.
-    let rig = Rig::new(
-        (ID, Some(CHANNEL)),
-        &[
-            IndexSpec {
-                name: CHANNEL_INDEX,
-                partition: CHANNEL,
-                sort: Some(ID),
-            },
-            IndexSpec {
-                name: USER_INDEX,
-                partition: USER,
-                sort: None,
-            },
-        ],
-        true,
-    )
-    .await;
+    let rig = Rig::new((ID, Some(CHANNEL)), &indexes(Some(ID)), true).await;
     let mut a = rig.connect(12, Some("a")).await;
     let b = rig.connect(12, Some("b")).await;
     let c = rig.connect(12, Some("c")).await;
@@ -303,23 +287,7 @@ async fn three_overlapping_channels_each_member_gets_it_once_and_gone_rows_are_r
 
 #[tokio::test]
 async fn an_unknown_audience_and_two_selectors_are_dead_lettered_with_their_reason() {
-    let rig = Rig::new(
-        (ID, None),
-        &[
-            IndexSpec {
-                name: CHANNEL_INDEX,
-                partition: CHANNEL,
-                sort: None,
-            },
-            IndexSpec {
-                name: USER_INDEX,
-                partition: USER,
-                sort: None,
-            },
-        ],
-        false,
-    )
-    .await;
+    let rig = Rig::new((ID, None), &indexes(None), false).await;
     let clients = rig.connect(3, Some("a")).await;
     rig.enqueue(&["--data", "x", "--to", "team=blue"]).await;
     rig.send_raw(r#"{"data":"x","channel":"a","to":{"user":"u-1"}}"#)
@@ -418,22 +386,11 @@ async fn a_channel_index_sorted_by_id_is_merged_and_resumes_after_an_id() {
         .await
         .expect("connect");
     assert_eq!(store.channel_order(), ChannelOrder::ById);
-    let from = vec![Cursor {
-        segment: 0,
-        position: Some(Position::After {
-            after: ConnectionId::from(ids[11].as_str()),
-        }),
-    }];
-    let read: Vec<String> = store
-        .pages(&AudienceQuery::Channel("news".into()), Some(from))
-        .map(|page| page.expect("a page").connections)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .flatten()
-        .map(|c| c.id.to_string())
-        .collect();
-    assert_eq!(read, ids[12..], "in id order, after the cursor's id");
+    assert_eq!(
+        news_after(&store, &ids[11]).await,
+        ids[12..],
+        "in id order, after the cursor's id"
+    );
 
     // A table keyed by channel, then id, is read itself, in id order.
     let keyed =
@@ -445,22 +402,7 @@ async fn a_channel_index_sorted_by_id_is_merged_and_resumes_after_an_id() {
         .await
         .expect("connect");
     assert_eq!(store.channel_order(), ChannelOrder::ById);
-    let from = vec![Cursor {
-        segment: 0,
-        position: Some(Position::After {
-            after: ConnectionId::from(ids[24].as_str()),
-        }),
-    }];
-    let read: Vec<String> = store
-        .pages(&AudienceQuery::Channel("news".into()), Some(from))
-        .map(|page| page.expect("a page").connections)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .flatten()
-        .map(|c| c.id.to_string())
-        .collect();
-    assert_eq!(read, ids[25..]);
+    assert_eq!(news_after(&store, &ids[24]).await, ids[25..]);
 
     // A table of one row per connection is disjoint by construction.
     let plain = support::create_table(&dynamo, "aud-plain", support::TableKey::Id, true).await;
@@ -472,35 +414,33 @@ async fn a_channel_index_sorted_by_id_is_merged_and_resumes_after_an_id() {
     assert_eq!(store.channel_order(), ChannelOrder::Disjoint);
 }
 
+/// The ids of channel "news" that `store` reads when resumed after `id`.
+async fn news_after(store: &DynamoStore, id: &str) -> Vec<String> {
+    let from = vec![Cursor {
+        segment: 0,
+        position: Some(Position::After {
+            after: ConnectionId::from(id),
+        }),
+    }];
+    store
+        .pages(&AudienceQuery::Channel("news".into()), Some(from))
+        .map(|page| page.expect("a page").connections)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .flatten()
+        .map(|c| c.id.to_string())
+        .collect()
+}
+
 #[tokio::test]
 async fn sigterm_mid_merge_hands_on_a_continuation_that_resumes_after_an_id() {
-    let mut rig = Rig::with_gateway(
-        (ID, Some(CHANNEL)),
-        &[
-            IndexSpec {
-                name: CHANNEL_INDEX,
-                partition: CHANNEL,
-                sort: Some(ID),
-            },
-            IndexSpec {
-                name: USER_INDEX,
-                partition: USER,
-                sort: None,
-            },
-        ],
-        |a| {
-            a.latency_ms = 40;
-            a.keep_stale = true;
-        },
-    )
+    let mut rig = Rig::with_gateway((ID, Some(CHANNEL)), &indexes(Some(ID)), |a| {
+        a.latency_ms = 40;
+        a.keep_stale = true;
+    })
     .await;
-    for (key, value) in [
-        ("FANOUT_MAX_IN_FLIGHT", "4"),
-        ("FANOUT_PAGE_SIZE", "20"),
-        ("FANOUT_SHUTDOWN_GRACE", "1s"),
-    ] {
-        rig.env.push((key.into(), value.into()));
-    }
+    rig.slow_to_cut();
     let clients = rig.connect(30, Some("a")).await;
     let live: BTreeSet<String> = clients.ids().into_iter().collect();
     // Half the clients are in b too; 300 long-gone connections in a, b and c.
@@ -518,28 +458,9 @@ async fn sigterm_mid_merge_hands_on_a_continuation_that_resumes_after_an_id() {
     rig.send_raw(r#"{"id":"long","data":"merged","channels":["a","b","c"]}"#)
         .await;
 
-    let worker = rig.spawn_worker(false);
-    let started = tokio::time::Instant::now();
-    while rig.gateway.stats().await.posts < 100 {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the job never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    signal(&worker, "-TERM");
-    let run = finish(worker, Duration::from_secs(15)).await;
-    assert!(run.status.success(), "exit 0 after SIGTERM: {}", run.stdout);
-    assert_eq!(
-        run.report("long")["status"],
-        "interrupted",
-        "{}",
-        run.stdout
-    );
+    Stack::interrupt(rig.worker_under_way(100).await, "long").await;
 
-    let back = support::receive_all(&rig.sqs, &rig.queue.url).await;
-    assert_eq!(back.len(), 1, "one message visible again");
-    let body: serde_json::Value = serde_json::from_str(&back[0].body).expect("a job");
+    let body = rig.the_job_back().await;
     assert_eq!(
         body["channels"],
         serde_json::json!(["a", "b", "c"]),
@@ -549,14 +470,6 @@ async fn sigterm_mid_merge_hands_on_a_continuation_that_resumes_after_an_id() {
         .as_str()
         .unwrap_or_else(|| panic!("a continuation after an id: {body}"))
         .to_owned();
-    rig.sqs
-        .change_message_visibility()
-        .queue_url(&rig.queue.url)
-        .receipt_handle(&back[0].receipt)
-        .visibility_timeout(0)
-        .send()
-        .await
-        .expect("make it visible again");
     // What is left after the cursor may be gone rows only: a new worker
     // whose every answer is 410 cannot tell that from an endpoint of
     // another API, so it retries the job until another job's delivery has

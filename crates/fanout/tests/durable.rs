@@ -30,6 +30,17 @@ impl Setup {
         Self { stack, runs }
     }
 
+    /// Checks that the jobs queue is empty, then closes the clients and the
+    /// gateway.
+    async fn end_with_an_empty_queue(self, clients: Swarm, why: &str) {
+        assert_eq!(
+            support::counts(&self.sqs, &self.queue.url).await,
+            (0, 0),
+            "{why}"
+        );
+        self.stack.close(clients).await;
+    }
+
     fn worker(&self, checkpoint_table: &str) -> tokio::process::Child {
         self.worker_with(checkpoint_table, &[], true)
     }
@@ -80,9 +91,7 @@ const JOB: &str = r#"{"id":"match-42","data":"goal"}"#;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_job_id_sent_again_after_it_finished_reaches_each_client_once() {
     let s = Setup::new().await;
-    let clients = Swarm::connect(&s.gateway.ws_url(), 50, None, 25)
-        .await
-        .expect("clients");
+    let clients = s.connect(50, None).await;
     s.send_raw(JOB).await;
     let first = s.run().await;
     assert_eq!(first.report("match-42")["delivered"], 50);
@@ -102,21 +111,13 @@ async fn the_same_job_id_sent_again_after_it_finished_reaches_each_client_once()
         second.stdout
     );
     each_once(&clients, "goal").await;
-    assert_eq!(
-        support::counts(&s.sqs, &s.queue.url).await,
-        (0, 0),
-        "deleted"
-    );
-    clients.close(None).await;
-    s.stack.gateway.shutdown().await;
+    s.end_with_an_empty_queue(clients, "deleted").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_job_id_twice_at_once_with_two_workers_reaches_each_client_once() {
     let s = Setup::new().await;
-    let clients = Swarm::connect(&s.gateway.ws_url(), 200, None, 25)
-        .await
-        .expect("clients");
+    let clients = s.connect(200, None).await;
     // A second apart at 200/s: the first copy's broadcast is under way
     // when the second worker receives the second.
     s.send_raw(JOB).await;
@@ -136,21 +137,13 @@ async fn the_same_job_id_twice_at_once_with_two_workers_reaches_each_client_once
     let broadcasts = a.reports.len() + b.reports.len();
     assert_eq!(broadcasts, 1, "one run: {}\n{}", a.stdout, b.stdout);
     each_once(&clients, "goal").await;
-    assert_eq!(
-        support::counts(&s.sqs, &s.queue.url).await,
-        (0, 0),
-        "both copies gone"
-    );
-    clients.close(None).await;
-    s.stack.gateway.shutdown().await;
+    s.end_with_an_empty_queue(clients, "both copies gone").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_known_job_id_with_another_body_is_dead_lettered_with_that_reason() {
     let s = Setup::new().await;
-    let clients = Swarm::connect(&s.gateway.ws_url(), 10, None, 10)
-        .await
-        .expect("clients");
+    let clients = s.connect(10, None).await;
     s.send_raw(JOB).await;
     s.run().await;
     s.send_raw(r#"{"id":"match-42","data":"own goal"}"#).await;
@@ -169,8 +162,7 @@ async fn a_known_job_id_with_another_body_is_dead_lettered_with_that_reason() {
     for client in clients.clients() {
         assert_eq!(client.tally().text_count("own goal"), 0);
     }
-    clients.close(None).await;
-    s.stack.gateway.shutdown().await;
+    s.stack.close(clients).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,9 +181,7 @@ async fn a_missing_checkpoint_table_stops_the_worker_naming_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_visibility_lapses_mid_broadcast_is_not_run_twice_at_once() {
     let s = Setup::new().await;
-    let clients = Swarm::connect(&s.gateway.ws_url(), 300, None, 25)
-        .await
-        .expect("clients");
+    let clients = s.connect(300, None).await;
     // Worker A's heartbeat cannot keep the message hidden: its SQS goes
     // through a proxy that fails every ChangeMessageVisibility.
     let sqs = std::env::var("AWS_ENDPOINT_URL_SQS").expect("the emulators' env");
@@ -240,13 +230,7 @@ async fn a_job_whose_visibility_lapses_mid_broadcast_is_not_run_twice_at_once() 
     assert!(proxy.injected().sqs_errors > 0, "the heartbeat was blocked");
     each_once(&clients, "goal").await;
     // A deleted it with the newest receipt, B's.
-    assert_eq!(
-        support::counts(&s.sqs, &s.queue.url).await,
-        (0, 0),
-        "deleted"
-    );
-    clients.close(None).await;
-    s.stack.gateway.shutdown().await;
+    s.end_with_an_empty_queue(clients, "deleted").await;
 }
 
 /// The kill test's broadcast: pages of 1,000, 64 in flight, one segment.
@@ -375,9 +359,7 @@ async fn a_sigkilled_broadcast_resumes_from_its_checkpoint_within_the_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_table_throttled_mid_job_loses_nothing() {
     let s = Setup::new().await;
-    let clients = Swarm::connect(&s.gateway.ws_url(), 300, None, 25)
-        .await
-        .expect("clients");
+    let clients = s.connect(300, None).await;
     let dynamodb = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").expect("the emulators' env");
     let proxy = FaultProxy::start(&dynamodb, Faults::default()).await;
     let proxied = proxy.url();
@@ -419,11 +401,5 @@ async fn a_checkpoint_table_throttled_mid_job_loses_nothing() {
         .sum::<u64>();
     assert!(failures > 0, "and counted: {}", run.stdout);
     each_once(&clients, "goal").await;
-    assert_eq!(
-        support::counts(&s.sqs, &s.queue.url).await,
-        (0, 0),
-        "settled"
-    );
-    clients.close(None).await;
-    s.stack.gateway.shutdown().await;
+    s.end_with_an_empty_queue(clients, "settled").await;
 }

@@ -16,7 +16,6 @@ use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use fanout_dev::clients::Swarm;
 use support::worker::{Run, run_to_end};
 
 const HOUR_MS: i64 = 60 * 60 * 1000;
@@ -84,9 +83,7 @@ fn count(report: &serde_json::Value, field: &str) -> u64 {
 async fn rows_of_three_hours_ago_are_removed_with_no_post_and_the_rest_posted_to() {
     support::require_emulators();
     let s = Setup::new().await;
-    let clients = Swarm::connect(&s.gateway.ws_url(), 100, None, 32)
-        .await
-        .expect("open WebSocket clients");
+    let clients = s.connect(100, None).await;
     let live: BTreeSet<String> = clients.ids().into_iter().collect();
     // Half the live clients connected an hour ago: well within the limit.
     for id in live.iter().take(50) {
@@ -154,17 +151,14 @@ async fn rows_of_three_hours_ago_are_removed_with_no_post_and_the_rest_posted_to
         "{}",
         run.stdout
     );
-    clients.close(None).await;
-    s.0.gateway.shutdown().await;
+    s.0.close(clients).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_clock_off_by_minutes_posts_to_every_row() {
     support::require_emulators();
     let s = Setup::new().await;
-    let clients = Swarm::connect(&s.gateway.ws_url(), 10, None, 10)
-        .await
-        .expect("open WebSocket clients");
+    let clients = s.connect(10, None).await;
     let old = support::ids("old", 20);
     for id in &old {
         s.started(id, now_ms() - 3 * HOUR_MS).await;
@@ -195,8 +189,7 @@ async fn a_worker_clock_off_by_minutes_posts_to_every_row() {
         "the rule is turned off, and says so: {}",
         run.stdout
     );
-    clients.close(None).await;
-    s.0.gateway.shutdown().await;
+    s.0.close(clients).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

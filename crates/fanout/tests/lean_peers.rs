@@ -224,7 +224,9 @@ fn best(runs: &[Run]) -> &Run {
 }
 
 /// `connections`: the peer's count of connections accepted.
-async fn compare(endpoint: &str, connections: &AtomicUsize, what: &str) {
+async fn compare(port: u16, tls: bool, connections: &AtomicUsize, what: &str) {
+    let scheme = if tls { "https" } else { "http" };
+    let endpoint = &format!("{scheme}://127.0.0.1:{port}/prod");
     let (mut lean, mut sdk) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         let before = connections.load(Ordering::Relaxed);
@@ -255,48 +257,28 @@ async fn compare(endpoint: &str, connections: &AtomicUsize, what: &str) {
 async fn lean_keeps_up_with_the_sdk_against_pythons_http_server() {
     pki();
     let sink = PythonSink::start(None);
-    compare(
-        &format!("http://127.0.0.1:{}/prod", sink.port),
-        &sink.connections,
-        "plain",
-    )
-    .await;
+    compare(sink.port, false, &sink.connections, "plain").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lean_keeps_up_with_the_sdk_over_tls_with_a_ca_from_ssl_cert_file() {
     let pki = pki();
     let sink = PythonSink::start(Some(pki));
-    compare(
-        &format!("https://127.0.0.1:{}/prod", sink.port),
-        &sink.connections,
-        "TLS",
-    )
-    .await;
+    compare(sink.port, true, &sink.connections, "TLS").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lean_keeps_up_with_the_sdk_against_hyper() {
     pki();
     let sink = HyperSink::start(None).await;
-    compare(
-        &format!("http://127.0.0.1:{}/prod", sink.port),
-        &sink.connections,
-        "hyper, plain",
-    )
-    .await;
+    compare(sink.port, false, &sink.connections, "hyper, plain").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lean_keeps_up_with_the_sdk_against_hyper_over_tls() {
     let pki = pki();
     let sink = HyperSink::start(Some(pki)).await;
-    compare(
-        &format!("https://127.0.0.1:{}/prod", sink.port),
-        &sink.connections,
-        "hyper, TLS",
-    )
-    .await;
+    compare(sink.port, true, &sink.connections, "hyper, TLS").await;
 }
 
 #[tokio::test]

@@ -145,6 +145,16 @@ impl Rig {
         support::send_body(&self.sqs, &self.queue.url, body).await;
     }
 
+    /// The reasons of the dead letters, which must be `count` (with the
+    /// worker's output `out` to show if not).
+    async fn dead_letter_reasons(&self, count: usize, out: &str) -> Vec<String> {
+        let dead = self.dead_letters().await;
+        assert_eq!(dead.len(), count, "dead-lettered, not done: {out}");
+        dead.into_iter()
+            .map(|d| d.attributes["fanout.reason"].clone())
+            .collect()
+    }
+
     async fn dead_letters(&self) -> Vec<support::Received> {
         support::receive_all(&self.sqs, &self.dlq.url).await
     }
@@ -296,12 +306,10 @@ async fn a_connection_in_three_channels_gets_a_broadcast_to_everyone_once() {
     // Without the index, a broadcast to everyone is refused with the reason.
     rig.send(r#"{"id":"refused","data":"x"}"#).await;
     let run = rig.run(&table, &endpoint.endpoint(), &[]).await;
-    let dead = rig.dead_letters().await;
-    assert_eq!(dead.len(), 1, "{}", run.stdout);
+    let reasons = rig.dead_letter_reasons(1, &run.stdout).await;
     assert!(
-        dead[0].attributes["fanout.reason"].contains("FANOUT_CONNECTION_INDEX"),
-        "{:?}",
-        dead[0].attributes
+        reasons[0].contains("FANOUT_CONNECTION_INDEX"),
+        "{reasons:?}"
     );
 }
 
@@ -321,10 +329,11 @@ async fn an_endpoint_of_another_api_answering_410_for_everyone_removes_no_row() 
     assert!(out.contains("looks misdirected"), "{out}");
     assert!(out.contains(r#""endpoint_status":"misdirected""#) || out.contains("misdirected"));
     // Retried, then dead-lettered with a reason that names the setting.
-    let dead = rig.dead_letters().await;
-    assert_eq!(dead.len(), 1, "{out}");
-    let reason = &dead[0].attributes["fanout.reason"];
-    assert!(reason.contains("FANOUT_GATEWAY_ENDPOINT"), "{reason}");
+    let reasons = rig.dead_letter_reasons(1, &out).await;
+    assert!(
+        reasons[0].contains("FANOUT_GATEWAY_ENDPOINT"),
+        "{reasons:?}"
+    );
     assert_eq!(rig.left_on_queue().await, 0);
     // Each worker stopped posting at its verdict, not after the whole
     // audience.
@@ -353,13 +362,12 @@ async fn many_small_jobs_to_a_misdirected_endpoint_remove_no_row() {
         run.stdout
     );
     // None settled as done: each retried, then dead-lettered with why.
-    let dead = rig.dead_letters().await;
-    assert_eq!(dead.len(), 30, "{}", run.stdout);
+    let reasons = rig.dead_letter_reasons(30, &run.stdout).await;
     assert!(
-        dead.iter()
-            .all(|d| d.attributes["fanout.reason"].contains("FANOUT_GATEWAY_ENDPOINT")),
-        "{:?}",
-        dead[0].attributes
+        reasons
+            .iter()
+            .all(|r| r.contains("FANOUT_GATEWAY_ENDPOINT")),
+        "{reasons:?}"
     );
 }
 
@@ -371,11 +379,9 @@ async fn a_wrong_base_path_answering_404_settles_nothing_as_done() {
     let endpoint = Scripted::start(serde_json::json!({"default": 404, "html": true}));
     rig.send(r#"{"id":"everyone","data":"x"}"#).await;
     let out = rig.run_until_empty(&table, &endpoint.endpoint()).await;
-    let dead = rig.dead_letters().await;
-    assert_eq!(dead.len(), 1, "dead-lettered, not done: {out}");
-    let reason = &dead[0].attributes["fanout.reason"];
-    assert!(reason.contains("404"), "{reason}");
-    assert!(reason.contains(&endpoint.endpoint()), "{reason}");
+    let reasons = rig.dead_letter_reasons(1, &out).await;
+    assert!(reasons[0].contains("404"), "{reasons:?}");
+    assert!(reasons[0].contains(&endpoint.endpoint()), "{reasons:?}");
     assert_eq!(ids_left(&rig.ddb, &table, "connectionId").await.len(), 120);
 }
 

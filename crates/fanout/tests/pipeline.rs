@@ -312,9 +312,7 @@ async fn sigterm_mid_broadcast_hands_the_job_back_and_it_completes_later() {
         args.keep_stale = true;
     })
     .await;
-    p.set("FANOUT_MAX_IN_FLIGHT", 4);
-    p.set("FANOUT_PAGE_SIZE", 20);
-    p.set("FANOUT_SHUTDOWN_GRACE", "1s");
+    p.slow_to_cut();
     let metrics_addr = free_addr();
     p.set("FANOUT_METRICS_LISTEN", metrics_addr);
     let clients = p.connect(30, None).await;
@@ -322,48 +320,21 @@ async fn sigterm_mid_broadcast_hands_the_job_back_and_it_completes_later() {
     support::put_connections(&p.dynamo, &p.table, &stale, None).await;
     p.enqueue(&["--data", "interrupted", "--id", "long"]).await;
 
-    let worker = p.spawn_worker(false);
-
     // Wait until the broadcast is under way (~100 posts/s), then stop it.
-    let started = tokio::time::Instant::now();
-    while p.gateway.stats().await.posts < 100 {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the job never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let worker = p.worker_under_way(100).await;
     let health = |p: &Stack| {
         p.command(&["health", "--addr", &metrics_addr.to_string()], [])
             .output()
     };
     let probe = health(&p).await.expect("run fanout health");
     assert!(probe.status.success(), "healthy while working: {probe:?}");
-    signal(&worker, "-TERM");
-    let run = finish(worker, Duration::from_secs(15)).await;
-    assert!(run.status.success(), "exit 0 after SIGTERM: {}", run.stdout);
-    assert_eq!(
-        run.report("long")["status"],
-        "interrupted",
-        "{}",
-        run.stdout
-    );
+    Stack::interrupt(worker, "long").await;
 
     // The job is back on the queue, as a continuation from its last
     // finished page.
-    let back = support::receive_all(&p.sqs, &p.queue.url).await;
-    assert_eq!(back.len(), 1, "one message visible again");
-    let body: serde_json::Value = serde_json::from_str(&back[0].body).expect("a job");
+    let body = p.the_job_back().await;
     assert_eq!(body["id"], "long");
     assert!(body["resume"].is_array(), "a continuation: {body}");
-    p.sqs
-        .change_message_visibility()
-        .queue_url(&p.queue.url)
-        .receipt_handle(&back[0].receipt)
-        .visibility_timeout(0)
-        .send()
-        .await
-        .expect("make it visible again");
 
     let run = p.run_until_idle().await;
     assert!(run.status.success(), "{}", run.stdout);
@@ -449,37 +420,26 @@ async fn unreachable_or_missing_services_stop_the_worker_with_a_clear_error() {
     let p = pipeline(|_| {}).await;
     // DynamoDB on a port where nothing listens.
     let closed_url = format!("http://{}", free_addr());
-    let out = p
-        .command(&["run", "--exit-when-idle"], [])
-        .env("AWS_ENDPOINT_URL_DYNAMODB", &closed_url)
-        .output()
-        .await
-        .expect("run fanout");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let fails_with = async |key: &str, value: &str| {
+        let out = p
+            .command(&["run", "--exit-when-idle"], [(key, value)])
+            .output()
+            .await
+            .expect("run fanout");
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = fails_with("AWS_ENDPOINT_URL_DYNAMODB", &closed_url).await;
     assert!(err.contains(&p.table), "{err}");
 
     // A queue that does not exist.
     let missing = p.queue.url.replace("e2e-", "missing-");
-    let out = p
-        .command(&["run", "--exit-when-idle"], [])
-        .env("FANOUT_QUEUE_URL", &missing)
-        .output()
-        .await
-        .expect("run fanout");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = fails_with("FANOUT_QUEUE_URL", &missing).await;
     assert!(err.contains("does not exist"), "{err}");
 
     // A table that does not exist.
-    let out = p
-        .command(&["run", "--exit-when-idle"], [])
-        .env("FANOUT_TABLE", "no-such-table")
-        .output()
-        .await
-        .expect("run fanout");
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-table"));
+    let err = fails_with("FANOUT_TABLE", "no-such-table").await;
+    assert!(err.contains("no-such-table"), "{err}");
 
     // Enqueue refuses an oversize job up front, and sends nothing.
     let big = payload_file("b", 131_073);

@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fanout_dev::clients::Swarm;
 use fanout_testkit::local_support;
 use fanout_testkit::stack::{Queues, Stack};
 use fanout_testkit::support::{self, worker};
@@ -125,12 +124,8 @@ async fn topic_feeding(stage: &Stage, raw: bool) -> String {
 #[tokio::test]
 async fn each_producer_example_sends_a_job_fanout_delivers() {
     let stage = Stage::new(false).await;
-    let everyone = Swarm::connect(&stage.gateway.ws_url(), 4, None, 4)
-        .await
-        .expect("clients");
-    let lobby = Swarm::connect(&stage.gateway.ws_url(), 3, Some("lobby"), 3)
-        .await
-        .expect("clients in a channel");
+    let everyone = stage.connect(4, None).await;
+    let lobby = stage.connect(3, Some("lobby")).await;
 
     stage
         .producer("node/send-job.js", &["from node"], &[])
@@ -144,22 +139,12 @@ async fn each_producer_example_sends_a_job_fanout_delivers() {
     stage
         .producer("cli/send-job.sh", &["to the lobby", "lobby"], &[])
         .await;
-    let raw = topic_feeding(&stage, true).await;
-    stage
-        .producer(
-            "sns/publish-job.sh",
-            &["from sns, raw"],
-            &[("TOPIC_ARN", &raw)],
-        )
-        .await;
-    let enveloped = topic_feeding(&stage, false).await;
-    stage
-        .producer(
-            "sns/publish-job.sh",
-            &["from sns, enveloped"],
-            &[("TOPIC_ARN", &enveloped)],
-        )
-        .await;
+    for (raw, text) in [(true, "from sns, raw"), (false, "from sns, enveloped")] {
+        let topic = topic_feeding(&stage, raw).await;
+        stage
+            .producer("sns/publish-job.sh", &[text], &[("TOPIC_ARN", &topic)])
+            .await;
+    }
     let rule = support::unique("producers");
     stage
         .producer(
@@ -174,19 +159,7 @@ async fn each_producer_example_sends_a_job_fanout_delivers() {
 
     // What reached the queue is what each producer meant: the enveloped SNS
     // message is the only one in an envelope.
-    let received = support::receive_all(&stage.sqs, &stage.queue.url).await;
-    for message in &received {
-        // Visible again at once, for the worker.
-        stage
-            .sqs
-            .change_message_visibility()
-            .queue_url(&stage.queue.url)
-            .receipt_handle(&message.receipt)
-            .visibility_timeout(0)
-            .send()
-            .await
-            .expect("make a job visible again");
-    }
+    let received = stage.jobs_on_queue().await;
     let bodies: Vec<String> = received.into_iter().map(|m| m.body).collect();
     assert_eq!(bodies.len(), 7, "{bodies:#?}");
     let enveloped_bodies = bodies

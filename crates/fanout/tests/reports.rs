@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime};
 use fanout_dev::gateway::GatewayArgs;
 use serde_json::Value;
 use support::TestQueue;
-use support::worker::{finish, signal};
 
 /// A jobs queue, its dead-letter queue, a table, a gateway over it, and the
 /// report destinations: a queue, and a topic read through a subscribed
@@ -210,24 +209,14 @@ async fn an_interrupted_broadcast_reports_it_goes_on_and_its_continuation_report
         args.keep_stale = true;
     })
     .await;
-    rig.set("FANOUT_MAX_IN_FLIGHT", 4);
-    rig.set("FANOUT_PAGE_SIZE", 20);
-    rig.set("FANOUT_SHUTDOWN_GRACE", "1s");
+    rig.slow_to_cut();
     let clients = rig.connect(30, None).await;
     let stale = support::ids("gone", 300);
     support::put_connections(&rig.dynamo, &rig.table, &stale, None).await;
     rig.enqueue(&["--data", "interrupted", "--id", "long"])
         .await;
 
-    let worker = rig.spawn_worker(false);
-    let started = tokio::time::Instant::now();
-    while rig.gateway.stats().await.posts < 100 {
-        assert!(started.elapsed() < Duration::from_secs(30), "never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    signal(&worker, "-TERM");
-    let first = finish(worker, Duration::from_secs(15)).await;
-    assert!(first.status.success(), "{}", first.stdout);
+    Stack::stop(rig.worker_under_way(100).await).await;
     let reports = rig.reports_in(&rig.reports).await;
     let [cut] = &reports["long"][..] else {
         panic!("one report after SIGTERM: {reports:?}")
@@ -237,16 +226,7 @@ async fn an_interrupted_broadcast_reports_it_goes_on_and_its_continuation_report
     assert!(n(cut, "delivered") + n(cut, "gone") >= 90, "{cut}");
 
     // The continuation replaced the message; it runs to the end.
-    let back = support::receive_all(&rig.sqs, &rig.queue.url).await;
-    assert_eq!(back.len(), 1);
-    rig.sqs
-        .change_message_visibility()
-        .queue_url(&rig.queue.url)
-        .receipt_handle(&back[0].receipt)
-        .visibility_timeout(0)
-        .send()
-        .await
-        .expect("make it visible again");
+    assert_eq!(rig.jobs_on_queue().await.len(), 1);
     rig.run_until_idle().await;
     assert!(clients.wait_for_frames(1, Duration::from_secs(10)).await);
     let reports = rig.reports_in(&rig.reports).await;

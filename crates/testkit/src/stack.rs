@@ -12,8 +12,8 @@ use tokio::process::{Child, Command};
 
 use crate::local_support::TestGateway;
 pub use crate::support::Queues;
-use crate::support::worker::{Run, finish};
-use crate::support::{self, TableKey, TestQueue};
+use crate::support::worker::{Run, finish, signal};
+use crate::support::{self, Received, TableKey, TestQueue};
 
 /// How long a `fanout run --exit-when-idle` of a test may take.
 const RUN_BOUND: Duration = Duration::from_secs(120);
@@ -172,9 +172,79 @@ impl Stack {
         run
     }
 
+    /// Makes a broadcast slow enough to cut short: four posts in flight,
+    /// pages of 20, and a grace of 1 s at SIGTERM.
+    pub fn slow_to_cut(&mut self) {
+        self.set("FANOUT_MAX_IN_FLIGHT", 4);
+        self.set("FANOUT_PAGE_SIZE", 20);
+        self.set("FANOUT_SHUTDOWN_GRACE", "1s");
+    }
+
+    /// `fanout run`, once the gateway has seen `posts` posts (within 30 s):
+    /// a broadcast under way.
+    pub async fn worker_under_way(&self, posts: u64) -> Child {
+        let worker = self.spawn_worker(false);
+        let started = tokio::time::Instant::now();
+        while self.gateway.stats().await.posts < posts {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the job never started"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        worker
+    }
+
+    /// Stops `worker` with SIGTERM; it must exit 0 within 15 s.
+    pub async fn stop(worker: Child) -> Run {
+        signal(&worker, "-TERM");
+        let run = finish(worker, Duration::from_secs(15)).await;
+        assert!(run.status.success(), "exit 0 after SIGTERM: {}", run.stdout);
+        run
+    }
+
+    /// [`Stack::stop`], for a worker whose job `id` was under way: its run
+    /// reports the job interrupted.
+    pub async fn interrupt(worker: Child, id: &str) -> Run {
+        let run = Self::stop(worker).await;
+        assert_eq!(run.report(id)["status"], "interrupted", "{}", run.stdout);
+        run
+    }
+
+    /// The one job on the jobs queue (made visible again for the next
+    /// worker), as JSON.
+    pub async fn the_job_back(&self) -> serde_json::Value {
+        let back = self.jobs_on_queue().await;
+        assert_eq!(back.len(), 1, "one message visible again");
+        serde_json::from_str(&back[0].body).expect("a job")
+    }
+
+    /// Every message on the jobs queue, each made visible again at once
+    /// for the next worker.
+    pub async fn jobs_on_queue(&self) -> Vec<Received> {
+        let received = support::receive_all(&self.sqs, &self.queue.url).await;
+        for message in &received {
+            self.sqs
+                .change_message_visibility()
+                .queue_url(&self.queue.url)
+                .receipt_handle(&message.receipt)
+                .visibility_timeout(0)
+                .send()
+                .await
+                .expect("make a job visible again");
+        }
+        received
+    }
+
     /// The ids of the table's rows now.
     pub async fn rows(&self) -> BTreeSet<String> {
         support::remaining_ids(&self.dynamo, &self.table).await
+    }
+
+    /// Closes `clients`, then the gateway.
+    pub async fn close(self, clients: Swarm) {
+        clients.close(None).await;
+        self.gateway.shutdown().await;
     }
 
     /// `count` live WebSocket clients of the stack's gateway, optionally in

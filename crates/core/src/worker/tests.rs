@@ -62,6 +62,20 @@ impl Rig {
         }
     }
 
+    /// A rig whose queue holds `bodies`, with a dead-letter queue, in front
+    /// of a gateway that delivers everything.
+    fn jobs(bodies: &[&str]) -> Self {
+        Self::new(FakeQueue::with_jobs(bodies, true), FakeGateway::default())
+    }
+
+    /// Runs a worker that stays up (not `exit_when_idle`) until shutdown
+    /// is asked after `after`.
+    async fn run_until_shut_down(&self, after: Duration) -> Stopped {
+        let mut s = settings();
+        s.exit_when_idle = false;
+        self.run(s, shutdown_after(after)).await
+    }
+
     /// What each report said, in the order sent.
     fn statuses(&self) -> Vec<(String, Status, bool)> {
         self.reports
@@ -99,8 +113,17 @@ impl Rig {
             self.metrics.clone(),
             Reporter::new(vec![self.reports.clone()]),
             shutdown,
+            None,
         )
         .await
+    }
+}
+
+/// A gateway on which posts to `id` never answer.
+fn stalling(id: &str) -> FakeGateway {
+    FakeGateway {
+        stall_ids: [id.to_owned()].into(),
+        ..FakeGateway::default()
     }
 }
 
@@ -214,18 +237,12 @@ async fn on_a_fifo_queue_deferred_connections_fail_the_job_in_its_place() {
 
 #[tokio::test]
 async fn good_jobs_are_delivered_then_deleted_and_bad_ones_dead_lettered() {
-    let rig = Rig::new(
-        FakeQueue::with_jobs(
-            &[
-                r#"{"data":"a"}"#,
-                "{not json",
-                r#"{"data":"b"}"#,
-                r#"{"data":"x","channel":"c"}"#,
-            ],
-            true,
-        ),
-        FakeGateway::default(),
-    );
+    let rig = Rig::jobs(&[
+        r#"{"data":"a"}"#,
+        "{not json",
+        r#"{"data":"b"}"#,
+        r#"{"data":"x","channel":"c"}"#,
+    ]);
     let stopped = rig.run(settings(), CancellationToken::new()).await;
     assert_eq!(stopped, Stopped::Idle);
     assert_eq!(
@@ -275,10 +292,7 @@ async fn good_jobs_are_delivered_then_deleted_and_bad_ones_dead_lettered() {
 
 #[tokio::test(start_paused = true)]
 async fn a_report_destination_that_never_answers_holds_settling_for_its_timeout_only() {
-    let mut rig = Rig::new(
-        FakeQueue::with_jobs(&[r#"{"data":"a"}"#, r#"{"data":"b"}"#], true),
-        FakeGateway::default(),
-    );
+    let mut rig = Rig::jobs(&[r#"{"data":"a"}"#, r#"{"data":"b"}"#]);
     rig.reports = Arc::new(FakeReports::hanging());
     let started = tokio::time::Instant::now();
     assert_eq!(
@@ -297,10 +311,7 @@ async fn a_report_destination_that_never_answers_holds_settling_for_its_timeout_
 
 #[tokio::test]
 async fn a_report_destination_that_fails_changes_nothing_but_its_count() {
-    let mut rig = Rig::new(
-        FakeQueue::with_jobs(&[r#"{"data":"a"}"#, "{not json"], true),
-        FakeGateway::default(),
-    );
+    let mut rig = Rig::jobs(&[r#"{"data":"a"}"#, "{not json"]);
     rig.reports = Arc::new(FakeReports::failing());
     assert_eq!(
         rig.run(settings(), CancellationToken::new()).await,
@@ -378,10 +389,7 @@ async fn a_running_job_keeps_its_message_hidden_and_shutdown_hands_it_back() {
             ..FakeGateway::default()
         },
     );
-    let shutdown = shutdown_after(Duration::from_secs(31));
-    let mut s = settings();
-    s.exit_when_idle = false;
-    let stopped = rig.run(s, shutdown).await;
+    let stopped = rig.run_until_shut_down(Duration::from_secs(31)).await;
     assert_eq!(stopped, Stopped::Shutdown);
     let visibility = rig.queue.visibility.lock().unwrap().clone();
     let heartbeats = visibility
@@ -464,15 +472,9 @@ async fn an_interrupted_job_with_finished_pages_continues_in_a_new_message() {
     // Pages of 5; conn-12 never answers: pages 1 and 2 finish, page 3 not.
     let rig = Rig::new(
         FakeQueue::with_jobs(&[r#"{"id":"big","data":"a"}"#], true),
-        FakeGateway {
-            stall_ids: ["conn-12".to_owned()].into(),
-            ..FakeGateway::default()
-        },
+        stalling("conn-12"),
     );
-    let shutdown = shutdown_after(Duration::from_secs(1));
-    let mut s = settings();
-    s.exit_when_idle = false;
-    rig.run(s, shutdown).await;
+    rig.run_until_shut_down(Duration::from_secs(1)).await;
     let sent = rig.queue.sent.lock().unwrap().clone();
     assert_eq!(sent.len(), 1, "one continuation");
     let next = job::parse(
@@ -508,10 +510,7 @@ async fn an_interrupted_job_with_finished_pages_continues_in_a_new_message() {
 
 #[tokio::test]
 async fn receives_hide_messages_for_the_workers_visibility_timeout() {
-    let rig = Rig::new(
-        FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true),
-        FakeGateway::default(),
-    );
+    let rig = Rig::jobs(&[r#"{"data":"a"}"#]);
     rig.run(settings(), CancellationToken::new()).await;
     let asked = rig.queue.receive_visibility.lock().unwrap().clone();
     assert!(!asked.is_empty());
@@ -549,10 +548,7 @@ async fn a_panic_of_the_page_reader_retries_the_job_instead_of_deleting_it() {
     table.panic_after_pages = Some(2);
     let rig = Rig {
         table: Arc::new(table),
-        ..Rig::new(
-            FakeQueue::with_jobs(&[r#"{"data":"a"}"#], true),
-            FakeGateway::default(),
-        )
+        ..Rig::jobs(&[r#"{"data":"a"}"#])
     };
     rig.run(settings(), CancellationToken::new()).await;
     assert!(
@@ -577,10 +573,7 @@ async fn a_dead_letter_that_fails_counts_as_a_retry_only() {
     assert_eq!(Metrics::get(&rig.metrics.jobs_dead_lettered), 0);
     assert_eq!(Metrics::get(&rig.metrics.jobs_retried), 1);
 
-    let rig = Rig::new(
-        FakeQueue::with_jobs(&["{not json"], true),
-        FakeGateway::default(),
-    );
+    let rig = Rig::jobs(&["{not json"]);
     rig.run(settings(), CancellationToken::new()).await;
     assert_eq!(Metrics::get(&rig.metrics.jobs_dead_lettered), 1);
     assert_eq!(Metrics::get(&rig.metrics.jobs_retried), 0);
@@ -617,10 +610,7 @@ async fn splitting_keeps_the_message_hidden_while_it_sends_segments() {
 
 #[tokio::test]
 async fn a_split_job_becomes_segment_jobs_that_cover_the_table_once() {
-    let rig = Rig::new(
-        FakeQueue::with_jobs(&[r#"{"id":"big","data":"s","split":3}"#], true),
-        FakeGateway::default(),
-    );
+    let rig = Rig::jobs(&[r#"{"id":"big","data":"s","split":3}"#]);
     rig.run(settings(), CancellationToken::new()).await;
     assert_eq!(rig.queue.deleted_ids(), ["r0"], "the whole job is replaced");
     assert!(
@@ -673,17 +663,8 @@ async fn a_split_job_becomes_segment_jobs_that_cover_the_table_once() {
 async fn fifo_jobs_are_neither_continued_nor_split_so_order_holds() {
     let mut queue = FakeQueue::with_jobs(&[r#"{"id":"f","data":"a","split":4}"#], true);
     queue.visible.get_mut().unwrap()[0].group_id = Some("news".into());
-    let rig = Rig::new(
-        queue,
-        FakeGateway {
-            stall_ids: ["conn-12".to_owned()].into(),
-            ..FakeGateway::default()
-        },
-    );
-    let shutdown = shutdown_after(Duration::from_secs(1));
-    let mut s = settings();
-    s.exit_when_idle = false;
-    rig.run(s, shutdown).await;
+    let rig = Rig::new(queue, stalling("conn-12"));
+    rig.run_until_shut_down(Duration::from_secs(1)).await;
     assert!(rig.queue.sent.lock().unwrap().is_empty(), "no new message");
     assert!(
         rig.queue.deleted_ids().is_empty(),
@@ -910,7 +891,7 @@ mod durable {
             runs: &Arc<FakeRunTable>,
         ) -> Stopped {
             let ledger = Ledger::new(runs.clone(), windows(), self.metrics.clone());
-            run_durable(
+            run(
                 self.queue.clone(),
                 self.engine(),
                 settings,
@@ -955,13 +936,7 @@ mod durable {
 
     #[tokio::test]
     async fn a_known_key_with_another_body_is_dead_lettered_with_that_reason() {
-        let rig = Rig::new(
-            FakeQueue::with_jobs(
-                &[r#"{"id":"news","data":"a"}"#, r#"{"id":"news","data":"b"}"#],
-                true,
-            ),
-            FakeGateway::default(),
-        );
+        let rig = Rig::jobs(&[r#"{"id":"news","data":"a"}"#, r#"{"id":"news","data":"b"}"#]);
         let runs = Arc::new(FakeRunTable::default());
         let one_at_a_time = WorkerSettings {
             max_concurrent_jobs: 1,
@@ -992,7 +967,7 @@ mod durable {
     #[tokio::test]
     async fn its_own_message_back_while_it_runs_elsewhere_is_left_hidden_for_the_holder() {
         let body = r#"{"id":"news","data":"a"}"#;
-        let rig = Rig::new(FakeQueue::with_jobs(&[body], true), FakeGateway::default());
+        let rig = Rig::jobs(&[body]);
         let job = job::parse(body, "m0", &settings().capabilities).unwrap();
         let key = RunKey::of(&job).storage_key();
         let runs = Arc::new(FakeRunTable::default());

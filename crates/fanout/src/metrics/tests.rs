@@ -142,17 +142,15 @@ fn the_fleet_gauges_appear_only_for_a_task_in_a_fleet() {
     assert_eq!(v["FleetTasks"], 4);
     assert_eq!(v["FleetOnFallback"], 0);
     let text = render_prometheus(&Arc::new(fleet));
-    for line in [
-        "fanout_fleet_share_per_second 500.0",
-        "fanout_fleet_tasks 4.0",
-        "fanout_fleet_on_fallback 0.0",
-        "# TYPE fanout_fleet_tasks gauge",
-    ] {
-        assert!(
-            text.lines().any(|l| l == line),
-            "missing {line:?} in:\n{text}"
-        );
-    }
+    has_lines(
+        &text,
+        &[
+            "fanout_fleet_share_per_second 500.0",
+            "fanout_fleet_tasks 4.0",
+            "fanout_fleet_on_fallback 0.0",
+            "# TYPE fanout_fleet_tasks gauge",
+        ],
+    );
 }
 
 #[test]
@@ -167,25 +165,23 @@ fn emf_leaves_out_job_duration_when_no_job_finished() {
 #[test]
 fn prometheus_text_carries_every_counter() {
     let text = render_prometheus(&Arc::new(sample()));
-    for line in [
-        "fanout_posts_total 12",
-        "fanout_delivered_total 9",
-        "fanout_gone_total 2",
-        "fanout_removed_total 2",
-        "fanout_failed_total 1",
-        "fanout_throttled_total 3",
-        "fanout_retries_total 3",
-        "fanout_job_duration_seconds_total 2.0",
-        "fanout_jobs_finished_total 2.0",
-        "fanout_jobs_in_flight 2.0",
-        "# TYPE fanout_posts counter",
-        "# TYPE fanout_jobs_in_flight gauge",
-    ] {
-        assert!(
-            text.lines().any(|l| l == line),
-            "missing {line:?} in:\n{text}"
-        );
-    }
+    has_lines(
+        &text,
+        &[
+            "fanout_posts_total 12",
+            "fanout_delivered_total 9",
+            "fanout_gone_total 2",
+            "fanout_removed_total 2",
+            "fanout_failed_total 1",
+            "fanout_throttled_total 3",
+            "fanout_retries_total 3",
+            "fanout_job_duration_seconds_total 2.0",
+            "fanout_jobs_finished_total 2.0",
+            "fanout_jobs_in_flight 2.0",
+            "# TYPE fanout_posts counter",
+            "# TYPE fanout_jobs_in_flight gauge",
+        ],
+    );
     assert!(text.ends_with("# EOF\n"));
 }
 
@@ -252,4 +248,14 @@ async fn emf_task_prints_a_last_line_on_shutdown() {
     assert_eq!(lines.len(), 1);
     let v: Value = serde_json::from_str(lines[0]).expect("valid JSON");
     assert_eq!(v["Posts"], 12);
+}
+
+/// Asserts that `text` holds each of `lines` as a whole line.
+fn has_lines(text: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(
+            text.lines().any(|l| l == *line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
 }

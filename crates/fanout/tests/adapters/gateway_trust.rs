@@ -135,25 +135,22 @@ async fn a_private_ca_in_gateway_ca_file_is_trusted_by_the_gateway_alone() {
     // same endpoint fails their TLS handshake.
     let config = sdk_config(Some(&format!("https://127.0.0.1:{port}"))).await;
     let dynamodb = fanout_aws::clients::dynamodb_client(&config);
-    let err = dynamodb.list_tables().send().await.unwrap_err();
-    let text = format!(
-        "{}",
-        aws_smithy_types::error::display::DisplayErrorContext(&err)
-    );
-    assert!(
-        text.contains("certificate") || text.contains("UnknownIssuer"),
-        "DynamoDB: {text}"
+    let untrusted = |what: &str, err: &dyn std::error::Error| {
+        let text = format!(
+            "{}",
+            aws_smithy_types::error::display::DisplayErrorContext(err)
+        );
+        assert!(
+            text.contains("certificate") || text.contains("UnknownIssuer"),
+            "{what}: {text}"
+        );
+    };
+    untrusted(
+        "DynamoDB",
+        &dynamodb.list_tables().send().await.unwrap_err(),
     );
     let sqs = fanout_aws::clients::sqs_client(&config, Duration::from_secs(1));
-    let err = sqs.list_queues().send().await.unwrap_err();
-    let text = format!(
-        "{}",
-        aws_smithy_types::error::display::DisplayErrorContext(&err)
-    );
-    assert!(
-        text.contains("certificate") || text.contains("UnknownIssuer"),
-        "SQS: {text}"
-    );
+    untrusted("SQS", &sqs.list_queues().send().await.unwrap_err());
 }
 
 #[tokio::test]

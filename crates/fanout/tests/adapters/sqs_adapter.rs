@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use fanout_aws::{REASON_ATTRIBUTE, SOURCE_MESSAGE_ATTRIBUTE, SqsQueue};
 use fanout_core::queue::{DeadLettered, JobQueue, Message, QueueError, Receipt, SendOptions};
-use support::{QueueSpec, counts, create_queue, create_queue_with_dlq, receive_all};
+use support::{QueueSpec, TestQueue, counts, create_queue, create_queue_with_dlq, receive_all};
 
 const WAIT: Duration = Duration::from_secs(1);
 /// How long a received message stays hidden, as the worker asks.
@@ -21,6 +21,43 @@ async fn adapter(url: &str, dead_letter_url: Option<String>) -> SqsQueue {
         dead_letter_url,
         WAIT,
     )
+}
+
+/// A new queue (its default visibility timeout `visibility_seconds`, if
+/// given), and the adapter on it.
+async fn fresh(
+    name: &str,
+    visibility_seconds: Option<u32>,
+) -> (aws_sdk_sqs::Client, TestQueue, SqsQueue) {
+    let sqs = support::sqs().await;
+    let spec = QueueSpec {
+        visibility_seconds,
+        ..QueueSpec::default()
+    };
+    let q = create_queue(&sqs, name, &spec).await;
+    let queue = adapter(&q.url, None).await;
+    (sqs, q, queue)
+}
+
+/// Whether a receive brings nothing.
+async fn nothing_visible(queue: &SqsQueue) -> bool {
+    queue
+        .receive(10, VISIBILITY)
+        .await
+        .expect("receive")
+        .is_empty()
+}
+
+/// A new queue (FIFO if asked) with its dead-letter queue, and the adapter
+/// on both.
+async fn with_dead_letters(
+    name: &str,
+    fifo: bool,
+) -> (aws_sdk_sqs::Client, TestQueue, TestQueue, SqsQueue) {
+    let sqs = support::sqs().await;
+    let (q, dlq) = create_queue_with_dlq(&sqs, name, fifo, None).await;
+    let queue = adapter(&q.url, Some(dlq.url.clone())).await;
+    (sqs, q, dlq, queue)
 }
 
 /// Receives until `n` messages arrived (moto may split a batch).
@@ -47,9 +84,7 @@ async fn receive_n(queue: &SqsQueue, n: usize) -> Vec<Message> {
 
 #[tokio::test]
 async fn sent_jobs_are_received_and_deleted_in_one_batch() {
-    let sqs = support::sqs().await;
-    let q = create_queue(&sqs, "jobs", &QueueSpec::default()).await;
-    let queue = adapter(&q.url, None).await;
+    let (sqs, q, queue) = fresh("jobs", None).await;
 
     let mut sent = Vec::new();
     for i in 0..3 {
@@ -77,31 +112,13 @@ async fn sent_jobs_are_received_and_deleted_in_one_batch() {
 
 #[tokio::test]
 async fn an_empty_queue_answers_with_no_messages() {
-    let sqs = support::sqs().await;
-    let q = create_queue(&sqs, "empty", &QueueSpec::default()).await;
-    let queue = adapter(&q.url, None).await;
-    assert!(
-        queue
-            .receive(10, VISIBILITY)
-            .await
-            .expect("receive")
-            .is_empty()
-    );
+    let (_sqs, _q, queue) = fresh("empty", None).await;
+    assert!(nothing_visible(&queue).await);
 }
 
 #[tokio::test]
 async fn visibility_hides_a_message_and_a_zero_timeout_releases_it() {
-    let sqs = support::sqs().await;
-    let q = create_queue(
-        &sqs,
-        "visibility",
-        &QueueSpec {
-            visibility_seconds: Some(1),
-            ..QueueSpec::default()
-        },
-    )
-    .await;
-    let queue = adapter(&q.url, None).await;
+    let (sqs, q, queue) = fresh("visibility", Some(1)).await;
     let first = send_and_receive(&queue).await;
     // A heartbeat well past the queue's 1 s default keeps it hidden.
     queue
@@ -110,13 +127,7 @@ async fn visibility_hides_a_message_and_a_zero_timeout_releases_it() {
         .expect("heartbeat");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(counts(&sqs, &q.url).await, (0, 1));
-    assert!(
-        queue
-            .receive(10, VISIBILITY)
-            .await
-            .expect("receive")
-            .is_empty()
-    );
+    assert!(nothing_visible(&queue).await);
 
     // Release: visible at once, and the receive count goes up.
     queue
@@ -130,9 +141,7 @@ async fn visibility_hides_a_message_and_a_zero_timeout_releases_it() {
 
 #[tokio::test]
 async fn a_failed_delete_entry_comes_back_as_its_receipt() {
-    let sqs = support::sqs().await;
-    let q = create_queue(&sqs, "partial-delete", &QueueSpec::default()).await;
-    let queue = adapter(&q.url, None).await;
+    let (sqs, q, queue) = fresh("partial-delete", None).await;
     let message = send_and_receive(&queue).await;
 
     let bogus = Receipt("not-a-receipt-handle".to_owned());
@@ -146,9 +155,7 @@ async fn a_failed_delete_entry_comes_back_as_its_receipt() {
 
 #[tokio::test]
 async fn a_stale_receipt_is_reported_as_such() {
-    let sqs = support::sqs().await;
-    let q = create_queue(&sqs, "stale", &QueueSpec::default()).await;
-    let queue = adapter(&q.url, None).await;
+    let (_sqs, _q, queue) = fresh("stale", None).await;
     let err = queue
         .set_visibility(
             &Receipt("not-a-receipt-handle".to_owned()),
@@ -161,9 +168,7 @@ async fn a_stale_receipt_is_reported_as_such() {
 
 #[tokio::test]
 async fn dead_letters_carry_the_body_and_the_reason() {
-    let sqs = support::sqs().await;
-    let (q, dlq) = create_queue_with_dlq(&sqs, "dl", false, None).await;
-    let queue = adapter(&q.url, Some(dlq.url.clone())).await;
+    let (sqs, _q, dlq, queue) = with_dead_letters("dl", false).await;
     queue
         .send(r#"{"payload":"poison"}"#, &SendOptions::default())
         .await
@@ -190,9 +195,7 @@ async fn dead_letters_carry_the_body_and_the_reason() {
 
 #[tokio::test]
 async fn fifo_dead_letters_and_sends_carry_group_and_deduplication_ids() {
-    let sqs = support::sqs().await;
-    let (q, dlq) = create_queue_with_dlq(&sqs, "fifo", true, None).await;
-    let queue = adapter(&q.url, Some(dlq.url.clone())).await;
+    let (sqs, _q, dlq, queue) = with_dead_letters("fifo", true).await;
     let options = SendOptions {
         group_id: Some("channel-7".to_owned()),
         deduplication_id: Some("job-7".to_owned()),
@@ -219,9 +222,7 @@ async fn fifo_dead_letters_and_sends_carry_group_and_deduplication_ids() {
 
 #[tokio::test]
 async fn without_a_dead_letter_queue_nothing_is_sent() {
-    let sqs = support::sqs().await;
-    let q = create_queue(&sqs, "no-dlq", &QueueSpec::default()).await;
-    let queue = adapter(&q.url, None).await;
+    let (_sqs, _q, queue) = fresh("no-dlq", None).await;
     let message = send_and_receive(&queue).await;
     let outcome = queue.dead_letter(&message, "bad").await.expect("no-op");
     assert_eq!(outcome, DeadLettered::NotConfigured);
@@ -351,18 +352,8 @@ async fn attributes_on(
 
 #[tokio::test]
 async fn the_first_visibility_window_is_the_workers_not_the_queues() {
-    let sqs = support::sqs().await;
     // The queue's own default is 1 s; the worker asks for 60 s.
-    let q = create_queue(
-        &sqs,
-        "first-window",
-        &QueueSpec {
-            visibility_seconds: Some(1),
-            ..QueueSpec::default()
-        },
-    )
-    .await;
-    let queue = adapter(&q.url, None).await;
+    let (sqs, q, queue) = fresh("first-window", Some(1)).await;
     queue
         .send("job", &SendOptions::default())
         .await
@@ -382,9 +373,7 @@ async fn the_first_visibility_window_is_the_workers_not_the_queues() {
 
 #[tokio::test]
 async fn dead_letters_keep_the_producers_attributes_beside_the_reason() {
-    let sqs = support::sqs().await;
-    let (q, dlq) = create_queue_with_dlq(&sqs, "dl-attrs", false, None).await;
-    let queue = adapter(&q.url, Some(dlq.url.clone())).await;
+    let (sqs, q, dlq, queue) = with_dead_letters("dl-attrs", false).await;
     produce(
         &sqs,
         &q.url,
@@ -410,9 +399,7 @@ async fn dead_letters_keep_the_producers_attributes_beside_the_reason() {
 
 #[tokio::test]
 async fn a_redriven_job_keeps_the_producers_attributes_but_not_fanouts() {
-    let sqs = support::sqs().await;
-    let (q, dlq) = create_queue_with_dlq(&sqs, "redrive-attrs", false, None).await;
-    let queue = adapter(&q.url, Some(dlq.url.clone())).await;
+    let (sqs, q, dlq, queue) = with_dead_letters("redrive-attrs", false).await;
     produce(&sqs, &q.url, "{not json", &[("tenant", "acme")]).await;
     let message = receive_n(&queue, 1).await.remove(0);
     queue
@@ -440,9 +427,7 @@ async fn a_redriven_job_keeps_the_producers_attributes_but_not_fanouts() {
 #[tokio::test]
 async fn a_dead_letter_of_a_message_with_ten_attributes_stays_within_sqss_ten() {
     // moto does not enforce the limit (SQS does): count what was sent.
-    let sqs = support::sqs().await;
-    let (q, dlq) = create_queue_with_dlq(&sqs, "dl-ten", false, None).await;
-    let queue = adapter(&q.url, Some(dlq.url.clone())).await;
+    let (sqs, q, dlq, queue) = with_dead_letters("dl-ten", false).await;
     let names: Vec<String> = (0..10).map(|n| format!("a{n}")).collect();
     let attributes: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
     produce(&sqs, &q.url, "{not json", &attributes).await;

@@ -64,12 +64,7 @@ fn the_engine_and_worker_crate_depends_on_no_aws_crate_and_no_hyper() {
 
 #[test]
 fn fanout_help_lists_no_development_commands() {
-    let output = Command::new(env!("CARGO_BIN_EXE_fanout"))
-        .arg("--help")
-        .output()
-        .expect("run fanout --help");
-    assert!(output.status.success());
-    let help = String::from_utf8(output.stdout).unwrap();
+    let help = fanout_says("--help");
     let commands: Vec<&str> = help
         .lines()
         .skip_while(|l| !l.starts_with("Commands:"))
@@ -88,12 +83,7 @@ fn fanout_help_lists_no_development_commands() {
 
 #[test]
 fn fanout_version_names_the_commit_it_was_built_from() {
-    let output = Command::new(env!("CARGO_BIN_EXE_fanout"))
-        .arg("--version")
-        .output()
-        .expect("run fanout --version");
-    assert!(output.status.success());
-    let version = String::from_utf8(output.stdout).unwrap();
+    let version = fanout_says("--version");
     let prefix = format!("fanout {} (commit ", env!("CARGO_PKG_VERSION"));
     assert!(version.starts_with(&prefix), "{version}");
     // Built in a checkout without the image's build variable: git's HEAD.
@@ -130,4 +120,14 @@ fn the_image_build_passes_the_commit_to_the_build() {
     );
     let script = std::fs::read_to_string(format!("{root}/scripts/image.sh")).unwrap();
     assert!(script.contains("--build-arg \"REVISION=$revision\""));
+}
+
+/// What `fanout FLAG` prints; it must succeed.
+fn fanout_says(flag: &str) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .arg(flag)
+        .output()
+        .unwrap_or_else(|e| panic!("run fanout {flag}: {e}"));
+    assert!(output.status.success());
+    String::from_utf8(output.stdout).unwrap()
 }

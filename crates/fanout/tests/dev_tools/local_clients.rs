@@ -6,34 +6,21 @@ use fanout_testkit::support;
 
 use std::time::{Duration, Instant};
 
-use aws_sdk_apigatewaymanagement::primitives::Blob;
 use aws_sdk_dynamodb::types::AttributeValue;
 use fanout_dev::clients::{self, ClientEnd, ClientsArgs, Summary, Swarm};
 use futures::StreamExt;
 use local_support::{TestGateway, eventually};
 
-async fn post(gw: &TestGateway, id: &str, data: impl Into<Vec<u8>>) {
-    gw.apigw
-        .post_to_connection()
-        .connection_id(id)
-        .data(Blob::new(data.into()))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("post to {id}: {e:?}"));
-}
-
 #[tokio::test]
 async fn counts_frames_per_client_and_finds_duplicates() {
     let gw = TestGateway::start(|_| {}).await;
-    let swarm = Swarm::connect(&gw.ws_url(), 10, None, 4)
-        .await
-        .expect("connect");
+    let swarm = gw.swarm(10).await;
     let ids = swarm.ids();
     assert_eq!(ids.len(), 10);
     for (n, id) in ids.iter().enumerate() {
-        post(&gw, id, "hello").await;
+        gw.post(id, "hello").await;
         if n % 2 == 0 {
-            post(&gw, id, vec![0xff, n as u8]).await;
+            gw.post(id, vec![0xff, n as u8]).await;
         }
     }
     assert!(swarm.wait_for_frames(1, Duration::from_secs(5)).await);
@@ -65,7 +52,7 @@ async fn counts_frames_per_client_and_finds_duplicates() {
         (1, 1)
     );
 
-    post(&gw, &ids[3], "hello").await;
+    gw.post(&ids[3], "hello").await;
     eventually("the duplicate arrived", || async {
         swarm.summary(None).clients_with_duplicates == 1
     })
@@ -99,23 +86,11 @@ async fn clients_in_a_channel_get_rows_with_that_channel() {
 #[tokio::test]
 async fn an_abrupt_drop_leaves_a_stale_row_with_keep_stale() {
     let gw = TestGateway::start(|a| a.keep_stale = true).await;
-    let mut swarm = Swarm::connect(&gw.ws_url(), 5, None, 5)
-        .await
-        .expect("connect");
+    let mut swarm = gw.swarm(5).await;
     let dropped = swarm.drop_abruptly(2).await;
     assert_eq!(dropped.len(), 2);
     for id in &dropped {
-        eventually("the dropped client is gone", || async {
-            let sent = gw
-                .apigw
-                .post_to_connection()
-                .connection_id(id)
-                .data(Blob::new("x"))
-                .send()
-                .await;
-            sent.is_err_and(|e| e.into_service_error().is_gone_exception())
-        })
-        .await;
+        eventually("the dropped client is gone", || gw.answers_gone(id)).await;
         assert!(gw.row(id).await.is_some(), "its row went stale");
     }
     let live: Vec<String> = swarm
@@ -124,7 +99,7 @@ async fn an_abrupt_drop_leaves_a_stale_row_with_keep_stale() {
         .filter(|id| !dropped.contains(id))
         .collect();
     for id in &live {
-        post(&gw, id, "still here").await;
+        gw.post(id, "still here").await;
     }
     assert!(swarm.wait_for_frames(1, Duration::from_secs(5)).await);
     let ends: Vec<ClientEnd> = swarm.clients().iter().map(|c| c.end()).collect();
@@ -139,9 +114,7 @@ async fn an_abrupt_drop_leaves_a_stale_row_with_keep_stale() {
 #[tokio::test]
 async fn an_abrupt_drop_without_keep_stale_removes_the_row() {
     let gw = TestGateway::start(|_| {}).await;
-    let mut swarm = Swarm::connect(&gw.ws_url(), 2, None, 2)
-        .await
-        .expect("connect");
+    let mut swarm = gw.swarm(2).await;
     let dropped = swarm.drop_abruptly(1).await;
     eventually("the row is removed", || async {
         gw.row(&dropped[0]).await.is_none()
@@ -158,9 +131,7 @@ async fn an_abrupt_drop_without_keep_stale_removes_the_row() {
 #[tokio::test]
 async fn a_client_closed_by_the_gateway_is_counted_as_such() {
     let gw = TestGateway::start(|_| {}).await;
-    let swarm = Swarm::connect(&gw.ws_url(), 2, None, 2)
-        .await
-        .expect("connect");
+    let swarm = gw.swarm(2).await;
     let ids = swarm.ids();
     gw.apigw
         .delete_connection()
@@ -205,7 +176,7 @@ async fn the_cli_loop_writes_ready_and_summary_files() {
     let dropped: Vec<String> = serde_json::from_value(ids["dropped"].clone()).expect("dropped ids");
     assert_eq!((live.len(), dropped.len()), (4, 2));
     for id in &live {
-        post(&gw, id, "to the live ones").await;
+        gw.post(id, "to the live ones").await;
         assert_eq!(
             gw.row(id).await.expect("row")["channel"],
             AttributeValue::S("sports".into())
@@ -243,7 +214,7 @@ async fn a_thousand_clients_each_get_every_post_exactly_once() {
     let ids = swarm.ids();
     let started = Instant::now();
     let sends = futures::stream::iter(ids.iter().flat_map(|id| (0..POSTS).map(move |n| (id, n))))
-        .map(|(id, n)| post(&gw, id, format!("message {n}")))
+        .map(|(id, n)| gw.post(id, format!("message {n}")))
         .buffer_unordered(64)
         .count()
         .await;

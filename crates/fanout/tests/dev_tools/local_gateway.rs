@@ -17,30 +17,12 @@ use tokio_tungstenite::tungstenite::Message;
 #[tokio::test]
 async fn unknown_and_closed_ids_are_typed_gone_exceptions() {
     let gw = TestGateway::start(|_| {}).await;
-    let err = gw
-        .apigw
-        .post_to_connection()
-        .connection_id("L0SM9cOFvHcCIhw=")
-        .data(Blob::new("hi"))
-        .send()
-        .await
-        .expect_err("unknown id");
-    assert!(err.into_service_error().is_gone_exception());
+    assert!(gw.answers_gone("L0SM9cOFvHcCIhw=").await, "unknown id");
 
     let (mut socket, id) = gw.connect(None).await;
     socket.close(None).await.expect("close");
     drop(socket);
-    eventually("a closed connection answers 410", || async {
-        let sent = gw
-            .apigw
-            .post_to_connection()
-            .connection_id(&id)
-            .data(Blob::new("x"))
-            .send()
-            .await;
-        sent.is_err_and(|e| e.into_service_error().is_gone_exception())
-    })
-    .await;
+    eventually("a closed connection answers 410", || gw.answers_gone(&id)).await;
     let err = gw
         .apigw
         .get_connection()
@@ -85,22 +67,10 @@ async fn posts_arrive_as_text_or_binary_frames_whatever_the_id_holds() {
     for n in 0..20 {
         let (mut socket, id) = gw.connect(None).await;
         let text = format!("héllo {n}");
-        gw.apigw
-            .post_to_connection()
-            .connection_id(&id)
-            .data(Blob::new(text.clone()))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("post to {id}: {e:?}"));
+        gw.post(&id, text.clone()).await;
         assert_eq!(next_frame(&mut socket).await, Message::text(text));
         let binary = vec![0xff, 0x00, n as u8, 0xfe];
-        gw.apigw
-            .post_to_connection()
-            .connection_id(&id)
-            .data(Blob::new(binary.clone()))
-            .send()
-            .await
-            .expect("binary post");
+        gw.post(&id, binary.clone()).await;
         assert_eq!(next_frame(&mut socket).await, Message::binary(binary));
     }
 }
@@ -221,17 +191,7 @@ async fn keep_stale_leaves_rows_of_gone_connections() {
     let gw = TestGateway::start(|a| a.keep_stale = true).await;
     let (socket, id) = gw.connect(None).await;
     drop(socket);
-    eventually("the connection is gone", || async {
-        let sent = gw
-            .apigw
-            .post_to_connection()
-            .connection_id(&id)
-            .data(Blob::new("x"))
-            .send()
-            .await;
-        sent.is_err_and(|e| e.into_service_error().is_gone_exception())
-    })
-    .await;
+    eventually("the connection is gone", || gw.answers_gone(&id)).await;
     assert!(gw.row(&id).await.is_some(), "the stale row stays");
 }
 

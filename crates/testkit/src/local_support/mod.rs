@@ -120,6 +120,38 @@ impl TestGateway {
         .await
     }
 
+    /// `count` WebSocket clients of this gateway, in no channel.
+    pub async fn swarm(&self, count: usize) -> fanout_dev::clients::Swarm {
+        fanout_dev::clients::Swarm::connect(&self.ws_url(), count, None, 32)
+            .await
+            .expect("open WebSocket clients")
+    }
+
+    /// Posts `data` to `id`, which must be accepted.
+    pub async fn post(&self, id: &str, data: impl Into<Vec<u8>>) {
+        self.apigw
+            .post_to_connection()
+            .connection_id(id)
+            .data(aws_sdk_apigatewaymanagement::primitives::Blob::new(
+                data.into(),
+            ))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("post to {id}: {e:?}"));
+    }
+
+    /// Whether a post to `id` is answered 410 GoneException.
+    pub async fn answers_gone(&self, id: &str) -> bool {
+        let sent = self
+            .apigw
+            .post_to_connection()
+            .connection_id(id)
+            .data(aws_sdk_apigatewaymanagement::primitives::Blob::new("x"))
+            .send()
+            .await;
+        sent.is_err_and(|e| e.into_service_error().is_gone_exception())
+    }
+
     /// The table's row for `id`, if any.
     pub async fn row(&self, id: &str) -> Option<std::collections::HashMap<String, AttributeValue>> {
         self.dynamo
