@@ -127,18 +127,15 @@ async fn each_producer_example_sends_a_job_fanout_delivers() {
     let everyone = stage.connect(4, None).await;
     let lobby = stage.connect(3, Some("lobby")).await;
 
-    stage
-        .producer("node/send-job.js", &["from node"], &[])
-        .await;
-    stage
-        .producer("python/send_job.py", &["from python", "lobby"], &[])
-        .await;
-    stage
-        .producer("cli/send-job.sh", &["from the \"cli\"\tas JSON"], &[])
-        .await;
-    stage
-        .producer("cli/send-job.sh", &["to the lobby", "lobby"], &[])
-        .await;
+    let direct: [(&str, &[&str]); 4] = [
+        ("node/send-job.js", &["from node"]),
+        ("python/send_job.py", &["from python", "lobby"]),
+        ("cli/send-job.sh", &["from the \"cli\"\tas JSON"]),
+        ("cli/send-job.sh", &["to the lobby", "lobby"]),
+    ];
+    for (script, args) in direct {
+        stage.producer(script, args, &[]).await;
+    }
     for (raw, text) in [(true, "from sns, raw"), (false, "from sns, enveloped")] {
         let topic = topic_feeding(&stage, raw).await;
         stage

@@ -20,15 +20,15 @@ use fanout_testkit::support;
 const PARTITION: &str = "fleet#leases";
 
 /// A fleet table as the template makes it (`pk` S + `sk` S), active.
-async fn create_fleet_table(ddb: &aws_sdk_dynamodb::Client) -> String {
-    support::create_lease_table(ddb, "fleet").await
-}
-
-async fn connect(table: &str) -> DynamoLeaseTable {
+/// A new fleet table, and the adapter on it.
+async fn fleet_table() -> (aws_sdk_dynamodb::Client, String, DynamoLeaseTable) {
+    let ddb = support::dynamodb().await;
+    let name = support::create_lease_table(&ddb, "fleet").await;
     let config = support::sdk_config().await;
-    DynamoLeaseTable::connect(fleet_dynamodb_client(&config), table)
+    let table = DynamoLeaseTable::connect(fleet_dynamodb_client(&config), &name)
         .await
-        .expect("connect to the fleet table")
+        .expect("connect to the fleet table");
+    (ddb, name, table)
 }
 
 fn now_ms() -> u64 {
@@ -60,9 +60,7 @@ async fn listed(table: &DynamoLeaseTable) -> BTreeMap<String, Lease> {
 
 #[tokio::test]
 async fn a_lease_round_trips_its_demand_and_expiry_in_the_documented_layout() {
-    let ddb = support::dynamodb().await;
-    let name = create_fleet_table(&ddb).await;
-    let table = connect(&name).await;
+    let (ddb, name, table) = fleet_table().await;
     let written = lease("task-a", 1234.5, now_ms() + 3001);
     table.put(&written).await.expect("put");
     assert_eq!(table.list().await.expect("list"), vec![written.clone()]);
@@ -97,9 +95,7 @@ async fn a_lease_round_trips_its_demand_and_expiry_in_the_documented_layout() {
 
 #[tokio::test]
 async fn a_read_sees_every_tasks_latest_write_expired_ones_included() {
-    let ddb = support::dynamodb().await;
-    let name = create_fleet_table(&ddb).await;
-    let table = connect(&name).await;
+    let (ddb, name, table) = fleet_table().await;
     let now = now_ms();
     let tasks = ["t1", "t2", "t3", "t4", "t5"];
     // Written at once, as a fleet's tasks do; each read right after.
@@ -149,9 +145,7 @@ async fn a_read_sees_every_tasks_latest_write_expired_ones_included() {
 
 #[tokio::test]
 async fn a_read_covers_every_page() {
-    let ddb = support::dynamodb().await;
-    let name = create_fleet_table(&ddb).await;
-    let table = connect(&name).await;
+    let (ddb, name, table) = fleet_table().await;
     let now = now_ms();
     // Leases with a large attribute the adapter does not read (as a newer
     // version might add): 12 × 300 KB, beyond a Query page's 1 MB.
@@ -190,9 +184,7 @@ async fn a_read_covers_every_page() {
 
 #[tokio::test]
 async fn remove_removes_the_lease_and_forgets_a_missing_one() {
-    let ddb = support::dynamodb().await;
-    let name = create_fleet_table(&ddb).await;
-    let table = connect(&name).await;
+    let (_ddb, _name, table) = fleet_table().await;
     let expiry = now_ms() + 3000;
     for task in ["a", "b"] {
         table.put(&lease(task, 10.0, expiry)).await.expect("put");
@@ -208,9 +200,7 @@ async fn remove_removes_the_lease_and_forgets_a_missing_one() {
 
 #[tokio::test]
 async fn an_item_that_is_not_a_lease_is_named() {
-    let ddb = support::dynamodb().await;
-    let name = create_fleet_table(&ddb).await;
-    let table = connect(&name).await;
+    let (ddb, name, table) = fleet_table().await;
     ddb.put_item()
         .table_name(&name)
         .item("pk", AttributeValue::S(PARTITION.to_owned()))

@@ -15,11 +15,21 @@ const VISIBILITY: Duration = Duration::from_secs(30);
 
 async fn adapter(url: &str, dead_letter_url: Option<String>) -> SqsQueue {
     let config = support::sdk_config().await;
+    adapter_with(&config, url, dead_letter_url, WAIT)
+}
+
+/// The adapter on `url` as `fanout run` builds it, its long poll `wait`.
+fn adapter_with(
+    config: &aws_config::SdkConfig,
+    url: &str,
+    dead_letter_url: Option<String>,
+    wait: Duration,
+) -> SqsQueue {
     SqsQueue::new(
-        fanout_aws::clients::sqs_client(&config, WAIT),
+        fanout_aws::clients::sqs_client(config, wait),
         url,
         dead_letter_url,
-        WAIT,
+        wait,
     )
 }
 
@@ -253,12 +263,7 @@ async fn a_missing_queue_is_named() {
 #[tokio::test]
 async fn an_unreachable_endpoint_is_unavailable_quickly() {
     let config = support::unreachable_config().await;
-    let queue = SqsQueue::new(
-        fanout_aws::clients::sqs_client(&config, WAIT),
-        "http://127.0.0.1:1/000000000000/jobs",
-        None,
-        WAIT,
-    );
+    let queue = adapter_with(&config, "http://127.0.0.1:1/000000000000/jobs", None, WAIT);
     let started = Instant::now();
     let err = queue
         .receive(1, VISIBILITY)
@@ -280,12 +285,7 @@ async fn a_long_poll_past_the_sdk_stall_grace_period_returns_empty() {
     let q = create_queue(&sqs, "long-poll", &QueueSpec::default()).await;
     let wait = Duration::from_secs(6);
     let config = support::sdk_config().await;
-    let queue = SqsQueue::new(
-        fanout_aws::clients::sqs_client(&config, wait),
-        &q.url,
-        None,
-        wait,
-    );
+    let queue = adapter_with(&config, &q.url, None, wait);
     let started = Instant::now();
     let messages = queue
         .receive(10, VISIBILITY)

@@ -73,18 +73,12 @@ impl Table {
 
     /// Prints the table, then fails the test if any row does not hold.
     pub fn print_and_assert(&self) {
-        let name_w = self
-            .rows
-            .iter()
-            .map(|r| r.name.chars().count())
-            .max()
-            .unwrap_or(0);
-        let obs_w = self
-            .rows
-            .iter()
-            .map(|r| r.observed.chars().count())
-            .max()
-            .unwrap_or(0);
+        let width = |column: fn(&Row) -> &str| {
+            let widths = self.rows.iter().map(|r| column(r).chars().count());
+            widths.max().unwrap_or(0)
+        };
+        let name_w = width(|r| &r.name);
+        let obs_w = width(|r| &r.observed);
         let mut out = format!("\n== {} ==\n", self.scenario);
         for row in &self.rows {
             let mark = match (row.ok, row.expected.is_empty()) {

@@ -74,26 +74,58 @@ pub struct Faults {
     pub date_offset_secs: i64,
 }
 
-/// What a proxy injected so far.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Injected {
-    pub forwarded: u64,
-    pub ddb_throttled: u64,
+/// The proxy's counters, each named once: `Counters`, the atomics the
+/// proxy bumps; `Injected`, what they held when read; and the sum of
+/// several proxies' `Injected`.
+macro_rules! injected_counters {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        /// What a proxy injected so far.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct Injected {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        #[derive(Debug, Default)]
+        struct Counters {
+            $($name: AtomicU64,)*
+            /// Receives seen by the `sqs_receive_lost` rule.
+            receive_tickets: AtomicU64,
+        }
+
+        impl Counters {
+            fn read(&self) -> Injected {
+                Injected {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+
+        impl std::ops::AddAssign for Injected {
+            fn add_assign(&mut self, other: Self) {
+                $(self.$name += other.$name;)*
+            }
+        }
+    };
+}
+
+injected_counters! {
+    forwarded,
+    ddb_throttled,
     /// BatchWriteItem calls answered in part, and the items held back.
-    pub ddb_partial_batches: u64,
-    pub ddb_unprocessed_items: u64,
-    pub sqs_errors: u64,
-    pub sqs_dropped: u64,
+    ddb_partial_batches,
+    ddb_unprocessed_items,
+    sqs_errors,
+    sqs_dropped,
     /// SQS requests held unanswered.
-    pub sqs_stalled: u64,
+    sqs_stalled,
     /// ReceiveMessage answers lost after SQS handed messages out.
-    pub sqs_receives_lost: u64,
+    sqs_receives_lost,
     /// Gateway POSTs dropped before reaching the gateway.
-    pub posts_dropped_unsent: u64,
+    posts_dropped_unsent,
     /// Gateway POSTs delivered whose answer was dropped.
-    pub posts_dropped_delivered: u64,
-    pub posts_spiked: u64,
-    pub posts_forbidden: u64,
+    posts_dropped_delivered,
+    posts_spiked,
+    posts_forbidden,
 }
 
 impl Injected {
@@ -110,24 +142,6 @@ impl Injected {
             + self.posts_spiked
             + self.posts_forbidden
     }
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    forwarded: AtomicU64,
-    ddb_throttled: AtomicU64,
-    ddb_partial_batches: AtomicU64,
-    ddb_unprocessed_items: AtomicU64,
-    sqs_errors: AtomicU64,
-    sqs_dropped: AtomicU64,
-    sqs_stalled: AtomicU64,
-    sqs_receives_lost: AtomicU64,
-    /// Receives seen by the `sqs_receive_lost` rule.
-    receive_tickets: AtomicU64,
-    posts_dropped_unsent: AtomicU64,
-    posts_dropped_delivered: AtomicU64,
-    posts_spiked: AtomicU64,
-    posts_forbidden: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -200,22 +214,7 @@ impl FaultProxy {
     }
 
     pub fn injected(&self) -> Injected {
-        let c = &self.shared.counters;
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        Injected {
-            forwarded: load(&c.forwarded),
-            ddb_throttled: load(&c.ddb_throttled),
-            ddb_partial_batches: load(&c.ddb_partial_batches),
-            ddb_unprocessed_items: load(&c.ddb_unprocessed_items),
-            sqs_errors: load(&c.sqs_errors),
-            sqs_dropped: load(&c.sqs_dropped),
-            sqs_stalled: load(&c.sqs_stalled),
-            sqs_receives_lost: load(&c.sqs_receives_lost),
-            posts_dropped_unsent: load(&c.posts_dropped_unsent),
-            posts_dropped_delivered: load(&c.posts_dropped_delivered),
-            posts_spiked: load(&c.posts_spiked),
-            posts_forbidden: load(&c.posts_forbidden),
-        }
+        self.shared.counters.read()
     }
 }
 

@@ -137,19 +137,7 @@ impl Rig {
             .into_iter()
             .flatten()
         {
-            let i = proxy.injected();
-            sum.forwarded += i.forwarded;
-            sum.ddb_throttled += i.ddb_throttled;
-            sum.ddb_partial_batches += i.ddb_partial_batches;
-            sum.ddb_unprocessed_items += i.ddb_unprocessed_items;
-            sum.sqs_errors += i.sqs_errors;
-            sum.sqs_dropped += i.sqs_dropped;
-            sum.sqs_stalled += i.sqs_stalled;
-            sum.sqs_receives_lost += i.sqs_receives_lost;
-            sum.posts_dropped_unsent += i.posts_dropped_unsent;
-            sum.posts_dropped_delivered += i.posts_dropped_delivered;
-            sum.posts_spiked += i.posts_spiked;
-            sum.posts_forbidden += i.posts_forbidden;
+            sum += proxy.injected();
         }
         sum
     }
