@@ -106,6 +106,16 @@ impl Rig {
     }
 
     async fn run(&self, settings: WorkerSettings, shutdown: CancellationToken) -> Stopped {
+        self.run_with(settings, shutdown, None).await
+    }
+
+    /// [`Rig::run`], with run records in `ledger`.
+    async fn run_with(
+        &self,
+        settings: WorkerSettings,
+        shutdown: CancellationToken,
+        ledger: Option<Arc<Ledger>>,
+    ) -> Stopped {
         run(
             self.queue.clone(),
             self.engine(),
@@ -113,7 +123,7 @@ impl Rig {
             self.metrics.clone(),
             Reporter::new(vec![self.reports.clone()]),
             shutdown,
-            None,
+            ledger,
         )
         .await
     }
@@ -891,16 +901,8 @@ mod durable {
             runs: &Arc<FakeRunTable>,
         ) -> Stopped {
             let ledger = Ledger::new(runs.clone(), windows(), self.metrics.clone());
-            run(
-                self.queue.clone(),
-                self.engine(),
-                settings,
-                self.metrics.clone(),
-                Reporter::new(vec![self.reports.clone()]),
-                CancellationToken::new(),
-                Some(Arc::new(ledger)),
-            )
-            .await
+            self.run_with(settings, CancellationToken::new(), Some(Arc::new(ledger)))
+                .await
         }
     }
 
