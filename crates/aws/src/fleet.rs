@@ -136,9 +136,9 @@ impl LeaseTable for DynamoLeaseTable {
     }
 }
 
-/// Refuses a table not keyed `pk` (S) + `sk` (S): most likely the
-/// connections table named by mistake, where every PutItem would fail.
-/// A table keyed otherwise than the fleet's, named with its key.
+/// The refusal of a table not keyed `pk` (S) + `sk` (S), named with the
+/// key it has: most likely the connections table named by mistake, where
+/// every PutItem would fail.
 fn wrong_key(table: &str, found: &str) -> FleetError {
     FleetError::Rejected(format!(
         "the fleet table {table} has {found}, not pk (S) and sk (S); \
