@@ -129,27 +129,34 @@ impl TestGateway {
 
     /// Posts `data` to `id`, which must be accepted.
     pub async fn post(&self, id: &str, data: impl Into<Vec<u8>>) {
-        self.apigw
-            .post_to_connection()
-            .connection_id(id)
-            .data(aws_sdk_apigatewaymanagement::primitives::Blob::new(
-                data.into(),
-            ))
-            .send()
+        self.send(id, data.into())
             .await
             .unwrap_or_else(|e| panic!("post to {id}: {e:?}"));
     }
 
     /// Whether a post to `id` is answered 410 GoneException.
     pub async fn answers_gone(&self, id: &str) -> bool {
-        let sent = self
-            .apigw
+        let sent = self.send(id, b"x".to_vec()).await;
+        sent.is_err_and(|e| e.into_service_error().is_gone_exception())
+    }
+
+    /// One `PostToConnection` through the SDK's own client.
+    async fn send(
+        &self,
+        id: &str,
+        data: Vec<u8>,
+    ) -> Result<
+        aws_sdk_apigatewaymanagement::operation::post_to_connection::PostToConnectionOutput,
+        aws_sdk_apigatewaymanagement::error::SdkError<
+            aws_sdk_apigatewaymanagement::operation::post_to_connection::PostToConnectionError,
+        >,
+    > {
+        self.apigw
             .post_to_connection()
             .connection_id(id)
-            .data(aws_sdk_apigatewaymanagement::primitives::Blob::new("x"))
+            .data(aws_sdk_apigatewaymanagement::primitives::Blob::new(data))
             .send()
-            .await;
-        sent.is_err_and(|e| e.into_service_error().is_gone_exception())
+            .await
     }
 
     /// The table's row for `id`, if any.
