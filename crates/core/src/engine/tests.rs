@@ -30,15 +30,67 @@ fn job(target: Target) -> Job {
     Job::new("job", Bytes::from_static(b"hello"), target)
 }
 
+/// Runs `job` to its end, never asked to stop.
+async fn run(
+    engine: &Engine<Arc<FakeTable>, FakeGateway>,
+    job: &Job,
+) -> (RunSummary, Result<(), FanoutError>) {
+    engine.run(job, &CancellationToken::new()).await
+}
+
 /// One broadcast to the whole table, run to its end.
 async fn to_everyone(
     table: &Arc<FakeTable>,
     gateway: &Arc<FakeGateway>,
     max_in_flight: usize,
 ) -> (RunSummary, Result<(), FanoutError>) {
-    engine(table.clone(), gateway.clone(), max_in_flight)
-        .run(&job(Target::All), &CancellationToken::new())
-        .await
+    run(
+        &engine(table.clone(), gateway.clone(), max_in_flight),
+        &job(Target::All),
+    )
+    .await
+}
+
+/// A broadcast to `rows` connections in pages of 10, four sends at a
+/// time, through a gateway answering from `script`, run to its end.
+async fn to_rows_answering<'a>(
+    rows: usize,
+    script: impl IntoIterator<Item = (&'a str, Vec<PostOutcome>)>,
+) -> (
+    Arc<FakeTable>,
+    Arc<FakeGateway>,
+    (RunSummary, Result<(), FanoutError>),
+) {
+    let table = Arc::new(FakeTable::with(&ids(rows), 10));
+    let gateway = Arc::new(FakeGateway::answering(script));
+    let ran = to_everyone(&table, &gateway, 4).await;
+    (table, gateway, ran)
+}
+
+/// An adaptive budget of `per_second` with `burst`, so the tests can read
+/// back which answers it counted.
+fn adaptive_budget(per_second: u32, burst: u32, max_in_flight: usize) -> Arc<SendBudget> {
+    use crate::budget::RateSettings;
+    use std::num::NonZeroU32;
+    Arc::new(SendBudget::new(
+        Some(RateSettings {
+            per_second: NonZeroU32::new(per_second).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+            adaptive: true,
+        }),
+        max_in_flight,
+    ))
+}
+
+/// A broadcast over 100 rows in pages of 10 whose reader breaks after its
+/// third page: the job fails, transiently, having sent no more than it read.
+async fn a_broken_reader_fails_the_job_transiently(table: FakeTable, why: &str) {
+    let gateway = Arc::new(FakeGateway::default());
+    let (report, result) = to_everyone(&Arc::new(table), &gateway, 4).await;
+    let err = result.expect_err(why);
+    assert!(matches!(err, FanoutError::Audience(_)), "{err}");
+    assert!(!err.is_permanent());
+    assert!(report.delivered <= 30);
 }
 
 /// Runs `job` until `gateway` has delivered `count`, then asks it to stop,
@@ -74,9 +126,7 @@ async fn every_live_connection_gets_it_once_and_only_gone_rows_go() {
         ..FakeGateway::default()
     });
     let engine = engine(table.clone(), gateway.clone(), 32);
-    let (report, result) = engine
-        .run(&job(Target::All), &CancellationToken::new())
-        .await;
+    let (report, result) = run(&engine, &job(Target::All)).await;
     result.expect("completes");
 
     let delivered = gateway.delivered.lock().unwrap();
@@ -120,7 +170,7 @@ async fn rows_certainly_gone_by_age_are_removed_without_a_post() {
     let mut job = job(Target::All);
     let excluded = all[10].clone();
     job.exclude.insert(excluded.as_str().into());
-    let (report, result) = engine.run(&job, &CancellationToken::new()).await;
+    let (report, result) = run(&engine, &job).await;
     result.expect("completes");
 
     let posted: HashSet<String> = gateway.delivered_ids().into_iter().collect();
@@ -157,11 +207,10 @@ async fn rows_certainly_gone_by_age_are_removed_without_a_post() {
 async fn a_checkpoint_passes_pages_whose_open_connections_it_lists_and_a_taker_retries_them() {
     let all = ids(20);
     let table = Arc::new(FakeTable::with(&all, 5));
-    let stuck = FakeGateway::default();
-    stuck.script.lock().unwrap().insert(
-        "conn-3".into(),
+    let stuck = FakeGateway::answering([(
+        "conn-3",
         vec![PostOutcome::Transient("HTTP 503".into()); 1000],
-    );
+    )]);
     let engine = engine(table.clone(), Arc::new(stuck), 4);
     let (tx, rx) = tokio::sync::watch::channel(Checkpoint::default());
     let (report, result) = engine
@@ -231,58 +280,41 @@ async fn pages_are_read_ahead_of_the_sends_but_not_all_at_once() {
 
 #[tokio::test]
 async fn throttles_and_5xx_are_retried_until_delivered() {
-    let table = Arc::new(FakeTable::with(&ids(3), 10));
-    let gateway = Arc::new(FakeGateway::default());
-    gateway.script.lock().unwrap().extend([
-        (
-            "conn-0".to_owned(),
-            vec![PostOutcome::Throttled, PostOutcome::Throttled],
-        ),
-        (
-            "conn-1".to_owned(),
-            vec![PostOutcome::Transient("500".into())],
-        ),
-    ]);
-    let (report, result) = to_everyone(&table, &gateway, 4).await;
+    let (_, gateway, (report, result)) = to_rows_answering(
+        3,
+        [
+            ("conn-0", vec![PostOutcome::Throttled; 2]),
+            ("conn-1", vec![PostOutcome::Transient("500".into())]),
+        ],
+    )
+    .await;
     result.expect("completes");
-    assert_eq!(report.delivered, 3);
-    assert_eq!(report.retries, 3);
-    assert_eq!(report.throttled, 2);
+    assert_eq!(
+        (report.delivered, report.retries, report.throttled),
+        (3, 3, 2)
+    );
     assert_eq!(gateway.delivered.lock().unwrap().len(), 3);
 }
 
 #[tokio::test]
 async fn a_connection_failing_past_its_attempts_is_deferred_then_delivered_in_a_later_pass() {
-    let table = Arc::new(FakeTable::with(&ids(2), 10));
-    let gateway = Arc::new(FakeGateway::default());
     // Four attempts in the first pass, one more in the second.
-    gateway.script.lock().unwrap().insert(
-        "conn-0".into(),
-        vec![PostOutcome::Transient("503".into()); 5],
-    );
-    let (report, result) = to_everyone(&table, &gateway, 4).await;
+    let script = [("conn-0", vec![PostOutcome::Transient("503".into()); 5])];
+    let (_, gateway, (report, result)) = to_rows_answering(2, script).await;
     result.expect("completes");
     assert_eq!((report.delivered, report.failed), (2, 0));
     assert!(report.deferred.is_empty(), "{:?}", report.deferred);
-    assert_eq!(report.passes, 1);
-    assert_eq!(report.retries, 4);
-    assert_eq!(report.audience, 2);
+    assert_eq!((report.passes, report.retries, report.audience), (1, 4, 2));
     assert_eq!(gateway.delivered.lock().unwrap().len(), 2);
 }
 
 #[tokio::test]
 async fn still_deferred_after_every_pass_is_reported_with_its_key_not_dropped() {
-    let table = Arc::new(FakeTable::with(&ids(3), 10));
-    let gateway = Arc::new(FakeGateway::default());
-    gateway.script.lock().unwrap().insert(
-        "conn-1".into(),
-        vec![PostOutcome::Transient("503".into()); 100],
-    );
-    let (report, result) = to_everyone(&table, &gateway, 4).await;
+    let script = [("conn-1", vec![PostOutcome::Transient("503".into()); 100])];
+    let (table, _, (report, result)) = to_rows_answering(3, script).await;
     result.expect("the job completes; one connection is deferred");
     assert_eq!((report.delivered, report.failed), (2, 0));
-    assert_eq!(report.passes, 2);
-    assert_eq!(report.audience, 3);
+    assert_eq!((report.passes, report.audience), (2, 3));
     let [d] = &report.deferred[..] else {
         panic!("{:?}", report.deferred)
     };
@@ -316,9 +348,7 @@ async fn a_connection_in_several_channels_gets_it_once_and_all_its_rows_go_if_go
         ..FakeGateway::default()
     });
     let target = Target::Channels(vec!["a".into(), "b".into(), "c".into()]);
-    let (report, result) = engine(table.clone(), gateway.clone(), 4)
-        .run(&job(target), &CancellationToken::new())
-        .await;
+    let (report, result) = run(&engine(table.clone(), gateway.clone(), 4), &job(target)).await;
     result.expect("completes");
     let mut got: Vec<String> = gateway.delivered_ids().into_iter().collect();
     got.sort();
@@ -371,9 +401,7 @@ async fn an_interrupted_merge_of_channels_continues_after_its_last_finished_page
     };
     let next = parse(&body, "m", &caps).expect("the continuation parses");
     let second = Arc::new(FakeGateway::default());
-    let (report, result) = engine(table, second.clone(), 4)
-        .run(&next, &CancellationToken::new())
-        .await;
+    let (report, result) = run(&engine(table, second.clone(), 4), &next).await;
     result.expect("completes");
     let before: Vec<String> = gateway.delivered_ids().into_iter().collect();
     let after_ids: Vec<String> = second.delivered_ids().into_iter().collect();
@@ -406,9 +434,7 @@ async fn a_live_connection_keeps_every_row_and_disjoint_channels_are_concatenate
         ..FakeGateway::default()
     });
     let target = Target::Channels(vec!["a".into(), "b".into()]);
-    let (report, result) = engine(table.clone(), gateway.clone(), 4)
-        .run(&job(target), &CancellationToken::new())
-        .await;
+    let (report, result) = run(&engine(table.clone(), gateway.clone(), 4), &job(target)).await;
     result.expect("completes");
     assert_eq!(
         (
@@ -438,9 +464,7 @@ async fn a_named_audience_reads_its_index_only() {
         name: "user".into(),
         value: "u-42".into(),
     };
-    let (report, result) = engine(table, gateway.clone(), 4)
-        .run(&job(target), &CancellationToken::new())
-        .await;
+    let (report, result) = run(&engine(table, gateway.clone(), 4), &job(target)).await;
     result.expect("completes");
     assert_eq!(report.delivered, 2);
     let mut got: Vec<String> = gateway.delivered_ids().into_iter().collect();
@@ -451,18 +475,14 @@ async fn a_named_audience_reads_its_index_only() {
 #[tokio::test]
 async fn throttling_is_bounded_by_time_not_by_attempts() {
     let table = Arc::new(FakeTable::with(&ids(2), 10));
-    let gateway = Arc::new(FakeGateway::default());
     // More 429s than the four attempts, well within the deadline.
-    gateway
-        .script
-        .lock()
-        .unwrap()
-        .insert("conn-0".into(), vec![PostOutcome::Throttled; 8]);
+    let gateway = Arc::new(FakeGateway::answering([(
+        "conn-0",
+        vec![PostOutcome::Throttled; 8],
+    )]));
     let mut engine = engine(table, gateway.clone(), 4);
     engine.settings.throttle_deadline = Duration::from_secs(30);
-    let (report, result) = engine
-        .run(&job(Target::All), &CancellationToken::new())
-        .await;
+    let (report, result) = run(&engine, &job(Target::All)).await;
     result.expect("completes");
     assert_eq!(report.delivered, 2, "{report:?}");
     assert_eq!(report.passes, 0, "delivered in the first pass");
@@ -471,28 +491,15 @@ async fn throttling_is_bounded_by_time_not_by_attempts() {
 
 #[tokio::test]
 async fn one_connection_that_always_answers_429_is_deferred_and_the_rest_delivered() {
-    use crate::budget::RateSettings;
-    use std::num::NonZeroU32;
     let table = Arc::new(FakeTable::with(&ids(200), 50));
-    let gateway = Arc::new(FakeGateway::default());
-    gateway
-        .script
-        .lock()
-        .unwrap()
-        .insert("conn-7".into(), vec![PostOutcome::Throttled; 100_000]);
+    let gateway = Arc::new(FakeGateway::answering([(
+        "conn-7",
+        vec![PostOutcome::Throttled; 100_000],
+    )]));
     let mut engine = engine(table, gateway.clone(), 16);
-    let budget = Arc::new(SendBudget::new(
-        Some(RateSettings {
-            per_second: NonZeroU32::new(1_000_000).unwrap(),
-            burst: NonZeroU32::new(10_000).unwrap(),
-            adaptive: true,
-        }),
-        16,
-    ));
+    let budget = adaptive_budget(1_000_000, 10_000, 16);
     engine.budget = budget.clone();
-    let (report, result) = engine
-        .run(&job(Target::All), &CancellationToken::new())
-        .await;
+    let (report, result) = run(&engine, &job(Target::All)).await;
     result.expect("completes");
     assert_eq!(report.delivered, 199);
     let [d] = &report.deferred[..] else {
@@ -510,30 +517,18 @@ async fn one_connection_that_always_answers_429_is_deferred_and_the_rest_deliver
 
 #[tokio::test]
 async fn one_clients_run_of_429s_defers_it_at_once_from_the_pass_over_the_audience() {
-    use crate::budget::{CLIENT_STREAK, RateSettings};
-    use std::num::NonZeroU32;
+    use crate::budget::CLIENT_STREAK;
     let table = Arc::new(FakeTable::with(&ids(200), 10));
-    let gateway = Arc::new(FakeGateway::default());
-    gateway
-        .script
-        .lock()
-        .unwrap()
-        .insert("conn-15".into(), vec![PostOutcome::Throttled; 100_000]);
+    let gateway = Arc::new(FakeGateway::answering([(
+        "conn-15",
+        vec![PostOutcome::Throttled; 100_000],
+    )]));
     let mut engine = engine(table, gateway.clone(), 16);
     // Its deadline would hold page 2 unanswered, and page 4 behind it.
     engine.settings.throttle_deadline = Duration::from_secs(3600);
     engine.settings.deferred_passes = 0;
-    engine.budget = Arc::new(SendBudget::new(
-        Some(RateSettings {
-            per_second: NonZeroU32::new(1_000_000).unwrap(),
-            burst: NonZeroU32::new(10_000).unwrap(),
-            adaptive: true,
-        }),
-        16,
-    ));
-    let (report, result) = engine
-        .run(&job(Target::All), &CancellationToken::new())
-        .await;
+    engine.budget = adaptive_budget(1_000_000, 10_000, 16);
+    let (report, result) = run(&engine, &job(Target::All)).await;
     result.expect("completes");
     assert_eq!(report.delivered, 199);
     let [d] = &report.deferred[..] else {
@@ -546,33 +541,15 @@ async fn one_clients_run_of_429s_defers_it_at_once_from_the_pass_over_the_audien
 
 #[tokio::test]
 async fn only_answers_the_endpoint_took_count_as_accepted_for_the_rate() {
-    use crate::budget::RateSettings;
-    use std::num::NonZeroU32;
     let table = Arc::new(FakeTable::with(&ids(3), 10));
-    let gateway = Arc::new(FakeGateway::default());
-    gateway.script.lock().unwrap().extend([
-        (
-            "conn-0".to_owned(),
-            vec![PostOutcome::Transient("500".into()); 3],
-        ),
-        (
-            "conn-1".to_owned(),
-            vec![PostOutcome::Rejected("400".into())],
-        ),
-    ]);
+    let gateway = Arc::new(FakeGateway::answering([
+        ("conn-0", vec![PostOutcome::Transient("500".into()); 3]),
+        ("conn-1", vec![PostOutcome::Rejected("400".into())]),
+    ]));
     let mut engine = engine(table, gateway, 4);
-    let budget = Arc::new(SendBudget::new(
-        Some(RateSettings {
-            per_second: NonZeroU32::new(100_000).unwrap(),
-            burst: NonZeroU32::new(1000).unwrap(),
-            adaptive: true,
-        }),
-        4,
-    ));
+    let budget = adaptive_budget(100_000, 1000, 4);
     engine.budget = budget.clone();
-    let (_, result) = engine
-        .run(&job(Target::All), &CancellationToken::new())
-        .await;
+    let (_, result) = run(&engine, &job(Target::All)).await;
     result.expect("completes");
     // Three 500s were neither accepted nor throttled.
     assert_eq!(budget.answers(), (3, 0));
@@ -598,9 +575,7 @@ async fn a_deferred_audience_is_exactly_its_connections_from_its_offset() {
         })
         .collect();
     let mut j = job(Target::Deferred(listed));
-    let (report, result) = engine(table.clone(), gateway.clone(), 4)
-        .run(&j, &CancellationToken::new())
-        .await;
+    let (report, result) = run(&engine(table.clone(), gateway.clone(), 4), &j).await;
     result.unwrap();
     // A listed connection's start is unknown: it may still be
     // connecting, so its first 410 is rechecked, not acted on.
@@ -622,9 +597,7 @@ async fn a_deferred_audience_is_exactly_its_connections_from_its_offset() {
         segment: 0,
         position: Some(Position::Offset(2)),
     }]);
-    let (report, _) = engine(table, gateway, 4)
-        .run(&j, &CancellationToken::new())
-        .await;
+    let (report, _) = run(&engine(table, gateway, 4), &j).await;
     assert_eq!(report.delivered, 1, "only conn-4 after the offset");
 }
 
@@ -635,12 +608,7 @@ async fn forbidden_and_too_large_stop_the_job() {
         (PostOutcome::PayloadTooLarge, true),
     ] {
         let table = Arc::new(FakeTable::with(&ids(50), 10));
-        let gateway = Arc::new(FakeGateway::default());
-        gateway
-            .script
-            .lock()
-            .unwrap()
-            .insert("conn-0".into(), vec![answer]);
+        let gateway = Arc::new(FakeGateway::answering([("conn-0", vec![answer])]));
         let (report, result) = to_everyone(&table, &gateway, 1).await;
         let err = result.expect_err("stops");
         assert_eq!(err.is_permanent(), permanent, "{err}");
@@ -651,14 +619,8 @@ async fn forbidden_and_too_large_stop_the_job() {
 
 #[tokio::test]
 async fn rejected_connections_fail_without_retry_or_removal() {
-    let table = Arc::new(FakeTable::with(&ids(2), 10));
-    let gateway = Arc::new(FakeGateway::default());
-    gateway
-        .script
-        .lock()
-        .unwrap()
-        .insert("conn-1".into(), vec![PostOutcome::Rejected("400".into())]);
-    let (report, result) = to_everyone(&table, &gateway, 4).await;
+    let script = [("conn-1", vec![PostOutcome::Rejected("400".into())])];
+    let (table, _, (report, result)) = to_rows_answering(2, script).await;
     result.unwrap();
     assert_eq!((report.delivered, report.failed, report.retries), (1, 1, 0));
     assert_eq!(report.rejected, [ConnectionId::new("conn-1")]);
@@ -669,18 +631,15 @@ async fn rejected_connections_fail_without_retry_or_removal() {
 async fn the_report_names_the_first_rejected_connections_only() {
     let all = ids(MAX_FAILED_IDS + 20);
     let table = Arc::new(FakeTable::with(&all, 50));
-    let gateway = Arc::new(FakeGateway::default());
-    gateway.script.lock().unwrap().extend(
-        all.iter()
-            .map(|id| (id.clone(), vec![PostOutcome::Rejected("400".into())])),
-    );
+    let gateway =
+        Arc::new(FakeGateway::answering(all.iter().map(|id| {
+            (id.as_str(), vec![PostOutcome::Rejected("400".into())])
+        })));
     let engine = engine(table, gateway, 8);
     // Proven by an earlier job: a run where every post is refused is
     // otherwise the sign of a wrong endpoint.
     engine.watch().record(&PostOutcome::Delivered);
-    let (report, result) = engine
-        .run(&job(Target::All), &CancellationToken::new())
-        .await;
+    let (report, result) = run(&engine, &job(Target::All)).await;
     result.unwrap();
     assert_eq!(report.failed as usize, all.len());
     assert_eq!(report.rejected.len(), MAX_FAILED_IDS);
@@ -699,9 +658,7 @@ async fn excluded_and_explicit_audiences() {
         "z".into(),
     ]));
     j.exclude.insert("y".into());
-    let (report, result) = engine(table, gateway.clone(), 4)
-        .run(&j, &CancellationToken::new())
-        .await;
+    let (report, result) = run(&engine(table, gateway.clone(), 4), &j).await;
     result.unwrap();
     assert_eq!(
         (report.audience, report.excluded, report.delivered),
@@ -714,16 +671,11 @@ async fn excluded_and_explicit_audiences() {
 
 #[tokio::test]
 async fn an_audience_read_error_fails_the_job_transiently() {
-    let mut table = FakeTable::with(&ids(100), 10);
-    table.fail_after_pages = Some(3);
-    let gateway = Arc::new(FakeGateway::default());
-    let (report, result) = engine(Arc::new(table), gateway, 4)
-        .run(&job(Target::All), &CancellationToken::new())
-        .await;
-    let err = result.expect_err("fails");
-    assert!(matches!(err, FanoutError::Audience(_)));
-    assert!(!err.is_permanent());
-    assert!(report.delivered <= 30);
+    let table = FakeTable {
+        fail_after_pages: Some(3),
+        ..FakeTable::with(&ids(100), 10)
+    };
+    a_broken_reader_fails_the_job_transiently(table, "fails").await;
 }
 
 #[tokio::test]
@@ -752,9 +704,7 @@ async fn an_interrupted_broadcast_resumes_after_its_last_finished_page() {
     let gateway = Arc::new(FakeGateway::default());
     let mut again = job(Target::All);
     again.resume = Some(resume);
-    let (report, result) = engine(table, gateway.clone(), 4)
-        .run(&again, &CancellationToken::new())
-        .await;
+    let (report, result) = run(&engine(table, gateway.clone(), 4), &again).await;
     result.unwrap();
     assert_eq!(report.delivered, 80);
     let delivered = gateway.delivered.lock().unwrap();
@@ -810,16 +760,12 @@ async fn a_straggler_holds_the_sends_of_the_page_two_after_its_own() {
 
 #[tokio::test]
 async fn a_panic_of_the_page_reader_fails_the_job_transiently() {
-    let mut table = FakeTable::with(&ids(100), 10);
-    table.panic_after_pages = Some(3);
-    let gateway = Arc::new(FakeGateway::default());
-    let (report, result) = engine(Arc::new(table), gateway, 4)
-        .run(&job(Target::All), &CancellationToken::new())
+    let table = FakeTable {
+        panic_after_pages: Some(3),
+        ..FakeTable::with(&ids(100), 10)
+    };
+    a_broken_reader_fails_the_job_transiently(table, "the rest of the audience was never read")
         .await;
-    let err = result.expect_err("the rest of the audience was never read");
-    assert!(matches!(err, FanoutError::Audience(_)), "{err}");
-    assert!(!err.is_permanent());
-    assert!(report.delivered <= 30);
 }
 
 #[tokio::test]
@@ -903,7 +849,7 @@ async fn no_answers_and_no_job_fields_remove_a_row_whose_connection_answered_2xx
         if rng.random_bool(0.5) {
             engine.watch().record(&PostOutcome::Delivered);
         }
-        let _ = engine.run(&j, &CancellationToken::new()).await;
+        let _ = run(&engine, &j).await;
         // Past the connect window: the rechecks have posted, and removed.
         tokio::time::sleep(crate::engine::evidence::CONNECT_WINDOW * 3).await;
         let delivered: HashSet<String> = gateway.delivered_ids().into_iter().collect();
@@ -921,11 +867,10 @@ async fn no_answers_and_no_job_fields_remove_a_row_whose_connection_answered_2xx
 async fn an_outage_stops_the_run_past_its_deferred_bound_instead_of_listing_everyone() {
     let all = ids(MAX_DEFERRED + 5_000);
     let table = Arc::new(FakeTable::with(&all, 1000));
-    let gateway = Arc::new(FakeGateway::default());
-    gateway.script.lock().unwrap().extend(
-        all.iter()
-            .map(|id| (id.clone(), vec![PostOutcome::Transient("503".into()); 8])),
-    );
+    let gateway =
+        Arc::new(FakeGateway::answering(all.iter().map(|id| {
+            (id.as_str(), vec![PostOutcome::Transient("503".into()); 8])
+        })));
     let (report, result) = to_everyone(&table, &gateway, 64).await;
     assert!(
         matches!(result, Err(FanoutError::Backlog { deferred }) if deferred == MAX_DEFERRED + 1),
@@ -970,19 +915,12 @@ async fn a_recheck_outlasts_a_throttle_or_a_few_5xx_and_removes_the_row() {
         let mut table = FakeTable::with(&ids(5), 10);
         table.connecting.insert("conn-2".into());
         let table = Arc::new(table);
-        let gateway = Arc::new(FakeGateway::default());
         let mut answers = vec![PostOutcome::Gone];
         answers.extend(vec![answer; times]);
         answers.push(PostOutcome::Gone);
-        gateway
-            .script
-            .lock()
-            .unwrap()
-            .insert("conn-2".into(), answers);
+        let gateway = Arc::new(FakeGateway::answering([("conn-2", answers)]));
         let engine = engine(table.clone(), gateway.clone(), 4);
-        let (report, result) = engine
-            .run(&job(Target::All), &CancellationToken::new())
-            .await;
+        let (report, result) = run(&engine, &job(Target::All)).await;
         result.unwrap();
         assert_eq!((report.delivered, report.rechecking), (4, 1), "{what}");
         while engine.rechecks_pending() > 0 {

@@ -27,6 +27,19 @@ pub struct FakeGateway {
 }
 
 impl FakeGateway {
+    /// Answers each listed id from its script, in order, then delivers;
+    /// every other id is delivered to at once.
+    pub fn answering<'a>(script: impl IntoIterator<Item = (&'a str, Vec<PostOutcome>)>) -> Self {
+        let script = script
+            .into_iter()
+            .map(|(id, answers)| (id.to_owned(), answers))
+            .collect();
+        Self {
+            script: Mutex::new(script),
+            ..Self::default()
+        }
+    }
+
     /// The ids delivered to, in order, once per delivery.
     pub fn delivered_ids(&self) -> Vec<String> {
         self.delivered
