@@ -376,18 +376,30 @@ fn jobs_past_the_limits_are_refused_naming_field_limit_and_value() {
         id: id.to_owned(),
         problem,
     };
-    let cases: Vec<(String, Option<JobError>, &[&str])> = vec![
+    type Case = (String, Option<JobError>, &'static [&'static str]);
+    let passes = |body: String| -> Case { (body, None, &[]) };
+    let id_too_long = |field: &'static str, named: &'static [&'static str]| -> Case {
+        (
+            format!(r#"{{"data":"x","{field}":["{long_id}"]}}"#),
+            Some(bad_id(
+                field,
+                &format!("{}…", "a".repeat(64)),
+                BadId::TooLong { len: 1025 },
+            )),
+            named,
+        )
+    };
+    let cases: Vec<Case> = vec![
         (
             format!(r#"{{"data":"x","channels":[{}]}}"#, channels(101)),
             Some(JobError::TooManyChannels { count: 101 }),
             &["`channels`", "101", "100"],
         ),
         // A channel named twice counts once.
-        (
-            format!(r#"{{"data":"x","channels":[{},"c0"]}}"#, channels(100)),
-            None,
-            &[],
-        ),
+        passes(format!(
+            r#"{{"data":"x","channels":[{},"c0"]}}"#,
+            channels(100)
+        )),
         (
             format!(r#"{{"data":"{}","split":1024}}"#, payload(16 * 1024 + 1)),
             Some(JobError::SplitTooLarge {
@@ -396,49 +408,23 @@ fn jobs_past_the_limits_are_refused_naming_field_limit_and_value() {
             }),
             &["`split`", "1024", "16385", "16778240", "16777216"],
         ),
-        (
-            format!(r#"{{"data":"{}","split":1024}}"#, payload(16 * 1024)),
-            None,
-            &[],
-        ),
-        (
-            format!(r#"{{"data":"{}","split":128}}"#, payload(128 * 1024)),
-            None,
-            &[],
-        ),
-        (
-            format!(r#"{{"data":"x","connections":["{long_id}"]}}"#),
-            Some(bad_id(
-                "connections",
-                &format!("{}…", "a".repeat(64)),
-                BadId::TooLong { len: 1025 },
-            )),
-            &["`connections`", "1025", "1024"],
-        ),
-        (
-            format!(r#"{{"data":"x","connections":["{id_at_limit}"]}}"#),
-            None,
-            &[],
-        ),
-        (
-            format!(r#"{{"data":"x","exclude":["{long_id}"]}}"#),
-            Some(bad_id(
-                "exclude",
-                &format!("{}…", "a".repeat(64)),
-                BadId::TooLong { len: 1025 },
-            )),
-            &["`exclude`", "1025", "1024"],
-        ),
+        passes(format!(
+            r#"{{"data":"{}","split":1024}}"#,
+            payload(16 * 1024)
+        )),
+        passes(format!(
+            r#"{{"data":"{}","split":128}}"#,
+            payload(128 * 1024)
+        )),
+        id_too_long("connections", &["`connections`", "1025", "1024"]),
+        passes(format!(r#"{{"data":"x","connections":["{id_at_limit}"]}}"#)),
+        id_too_long("exclude", &["`exclude`", "1025", "1024"]),
         (
             format!(r#"{{"data":"x","channel":"{long_key}"}}"#),
             Some(long("channel", 2049)),
             &["`channel`", "2049", "2048"],
         ),
-        (
-            format!(r#"{{"data":"x","channel":"{key_at_limit}"}}"#),
-            None,
-            &[],
-        ),
+        passes(format!(r#"{{"data":"x","channel":"{key_at_limit}"}}"#)),
         (
             format!(r#"{{"data":"x","channels":["a","{long_key}"]}}"#),
             Some(long("channels", 2049)),
@@ -476,11 +462,7 @@ fn jobs_past_the_limits_are_refused_naming_field_limit_and_value() {
             )),
             &["`exclude`", "a%2F", "'%'"],
         ),
-        (
-            r#"{"data":"x","connections":["L0SM9cOFvHcCIhw=","ab+c/d=="]}"#.to_owned(),
-            None,
-            &[],
-        ),
+        passes(r#"{"data":"x","connections":["L0SM9cOFvHcCIhw=","ab+c/d=="]}"#.to_owned()),
     ];
     for (body, expected, named) in cases {
         let shown: String = body.chars().take(60).collect();
