@@ -259,96 +259,37 @@ mod tests {
             retry,
             within: Some(Duration::from_secs(secs)),
         };
-        let rows: Vec<(Step, Tries, Pass, Decision, u32)> = vec![
+        let retry = |retry| Retry {
+            retry,
+            within: None,
+        };
+        let defer = |why: &str| Defer(why.into());
+        // One row a line: the answer's step, the tries before it and the
+        // pass, then the decision and the attempt count after it.
+        macro_rules! rows {
+            ($($step:expr, $tries:expr, $pass:expr => $decision:expr, $attempt:expr;)*) => {
+                vec![$(($step, $tries, $pass, $decision, $attempt)),*]
+            };
+        }
+        let rows: Vec<(Step, Tries, Pass, Decision, u32)> = rows![
             // Final answers end the tries, whatever came before.
-            (
-                final_(Delivered),
-                tries(1, 0, false, 0),
-                Audience,
-                Final(Delivered),
-                1,
-            ),
-            (final_(Gone), tries(2, 0, false, 0), Later, Final(Gone), 2),
-            (
-                final_(Rejected),
-                tries(1, 0, false, 0),
-                Audience,
-                Final(Rejected),
-                1,
-            ),
-            (
-                Step::StopJob { dead_letter: true },
-                tries(1, 0, false, 0),
-                Audience,
-                Stop,
-                1,
-            ),
+            final_(Delivered), tries(1, 0, false, 0), Audience => Final(Delivered), 1;
+            final_(Gone), tries(2, 0, false, 0), Later => Final(Gone), 2;
+            final_(Rejected), tries(1, 0, false, 0), Audience => Final(Rejected), 1;
+            Step::StopJob { dead_letter: true }, tries(1, 0, false, 0), Audience => Stop, 1;
             // 5xx and timeouts use up attempts: the third is the last.
-            (
-                Step::RetryTransient,
-                tries(1, 0, false, 0),
-                Audience,
-                Retry {
-                    retry: 0,
-                    within: None,
-                },
-                2,
-            ),
-            (
-                Step::RetryTransient,
-                tries(2, 0, false, 0),
-                Later,
-                Retry {
-                    retry: 1,
-                    within: None,
-                },
-                3,
-            ),
-            (
-                Step::RetryTransient,
-                tries(3, 0, false, 0),
-                Audience,
-                Defer("HTTP 503".into()),
-                3,
-            ),
+            Step::RetryTransient, tries(1, 0, false, 0), Audience => retry(0), 2;
+            Step::RetryTransient, tries(2, 0, false, 0), Later => retry(1), 3;
+            Step::RetryTransient, tries(3, 0, false, 0), Audience => defer("HTTP 503"), 3;
             // 429s use no attempt, and wait no longer than the deadline.
-            (
-                Step::RetryThrottled,
-                tries(3, 1, false, 0),
-                Audience,
-                retry_within(0, 30),
-                3,
-            ),
-            (
-                Step::RetryThrottled,
-                tries(1, 5, false, 25),
-                Later,
-                retry_within(4, 5),
-                1,
-            ),
-            (
-                Step::RetryThrottled,
-                tries(1, 9, false, 30),
-                Later,
-                Defer("throttled (429) for 30s".into()),
-                1,
-            ),
+            Step::RetryThrottled, tries(3, 1, false, 0), Audience => retry_within(0, 30), 3;
+            Step::RetryThrottled, tries(1, 5, false, 25), Later => retry_within(4, 5), 1;
+            Step::RetryThrottled, tries(1, 9, false, 30), Later => defer("throttled (429) for 30s"), 1;
             // One client's own 429s: deferred at once from the pass over
             // the audience, retried to the deadline in a later pass.
-            (
-                Step::RetryThrottled,
-                tries(1, 4, true, 1),
-                Audience,
-                Defer("throttled (429) 4 times in a row, alone".into()),
-                1,
-            ),
-            (
-                Step::RetryThrottled,
-                tries(1, 4, true, 1),
-                Later,
-                retry_within(3, 29),
-                1,
-            ),
+            Step::RetryThrottled, tries(1, 4, true, 1), Audience
+                => defer("throttled (429) 4 times in a row, alone"), 1;
+            Step::RetryThrottled, tries(1, 4, true, 1), Later => retry_within(3, 29), 1;
         ];
         for (step, mut before, pass, expected, attempt_after) in rows {
             let row = format!("{step:?} {before:?} {pass:?}");
