@@ -70,6 +70,16 @@ fn refused(rate: &AdaptiveRate, at: Instant) {
     rate.throttled(at, at, 1);
 }
 
+/// A rate of 1000/s that accepted `n` answers over its first half second;
+/// returns it and the end of that half second.
+fn half_a_second_accepting(n: u32, adaptive: bool) -> (AdaptiveRate, Instant) {
+    let rate = AdaptiveRate::new(settings(1000, adaptive));
+    let t0 = Instant::now();
+    let half = Duration::from_millis(500);
+    accepted(&rate, t0, half, n);
+    (rate, t0 + half)
+}
+
 #[test]
 fn a_cut_goes_to_the_rate_accepted_since_the_first_429_not_counting_the_burst() {
     let rate = AdaptiveRate::new(settings(100_000, true));
@@ -154,10 +164,7 @@ fn quiet_time_climbs_back_by_a_share_of_the_current_rate_up_to_the_ceiling() {
 
 #[test]
 fn one_clients_run_of_429s_cuts_nothing_while_the_others_succeed() {
-    let rate = AdaptiveRate::new(settings(1000, true));
-    let t0 = Instant::now();
-    accepted(&rate, t0, Duration::from_millis(500), 500);
-    let t1 = t0 + Duration::from_millis(500);
+    let (rate, t1) = half_a_second_accepting(500, true);
     // Its first 429, then its next ones, while the others succeed.
     rate.throttled(t1, t1, 1);
     accepted(&rate, t1, Duration::from_millis(100), 100);
@@ -173,10 +180,7 @@ fn one_clients_run_of_429s_cuts_nothing_while_the_others_succeed() {
 
 #[test]
 fn runs_of_429s_while_the_others_are_throttled_too_cut_the_rate() {
-    let rate = AdaptiveRate::new(settings(1000, true));
-    let t0 = Instant::now();
-    accepted(&rate, t0, Duration::from_millis(500), 100);
-    let t1 = t0 + Duration::from_millis(500);
+    let (rate, t1) = half_a_second_accepting(100, true);
     for _ in 0..30 {
         refused(&rate, t1);
     }
@@ -196,6 +200,7 @@ mod simulation {
 
     use super::*;
     use crate::backoff::Backoff;
+    use crate::fakes::Xorshift;
 
     pub struct Scenario {
         /// The throttle's steady rate and burst.
@@ -238,17 +243,6 @@ mod simulation {
         /// Its answer comes back: 0 accepted, 1 gone, 2 throttled, 3 500;
         /// with when it was sent, in nanoseconds.
         Answer(u32, u8, u64),
-    }
-
-    struct Xorshift(u64);
-
-    impl Xorshift {
-        fn unit(&mut self) -> f64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 >> 11) as f64 / (1u64 << 53) as f64
-        }
     }
 
     pub fn run(s: &Scenario) -> Outcome {
@@ -440,10 +434,7 @@ fn a_fixed_rate_ignores_429s() {
 
 #[test]
 fn a_fixed_rate_still_tells_one_slow_client_from_the_account() {
-    let rate = AdaptiveRate::new(settings(1000, false));
-    let t0 = Instant::now();
-    accepted(&rate, t0, Duration::from_millis(500), 500);
-    let t1 = t0 + Duration::from_millis(500);
+    let (rate, t1) = half_a_second_accepting(500, false);
     assert!(!rate.throttled(t1, t1, 1), "one 429 is no run");
     accepted(&rate, t1, Duration::from_millis(100), 100);
     let t2 = t1 + Duration::from_millis(100);

@@ -36,6 +36,7 @@ pub fn fair_shares(rate: f64, demands: &[f64]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fakes::Xorshift;
 
     /// Relative room for rounding in the sums.
     const ROUNDING: f64 = 1e-12;
@@ -89,21 +90,6 @@ mod tests {
             fair_shares(1000.0, &[f64::INFINITY, 100.0]),
             vec![900.0, 100.0]
         );
-    }
-
-    struct Xorshift(u64);
-
-    impl Xorshift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
     }
 
     /// Thousands of seeded random fleets: rates from 1 to 10,000, up to 12

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::budget::{RateSettings, SendBudget};
-use crate::fakes::{FakeLeaseTable, FakeLeases};
+use crate::fakes::{FakeLeaseTable, FakeLeases, Xorshift};
 use crate::telemetry::Metrics;
 
 /// The epoch time at each fleet's start.
@@ -127,6 +127,23 @@ impl Fleet {
 
     fn join(&mut self, name: &str, ceiling: u32, busy: bool) {
         self.join_skewed(name, ceiling, busy, 0);
+    }
+
+    /// Two busy tasks, `a` and `b`, sharing a rate of 1000 that neither's
+    /// ceiling limits, settled at half each.
+    async fn two_at_half(fallback: u32) -> Self {
+        let mut fleet = Self::new(1000, fallback);
+        fleet.join("a", 2000, true);
+        fleet.join("b", 2000, true);
+        fleet.run_until(SETTLE, "half each", Self::settled).await;
+        fleet
+    }
+
+    /// Lets time pass until task `a` has lost the table and sends at its
+    /// fallback rate.
+    async fn until_a_on_the_fallback(&self, limit: Duration) {
+        self.run_until(limit, "on the fallback", |f| f.member("a").on_fallback())
+            .await;
     }
 
     fn member(&self, name: &str) -> &Member {
@@ -376,21 +393,6 @@ async fn a_joiner_sends_nothing_until_the_others_have_read_its_lease() {
     fleet.run_until(SETTLE, "half each", Fleet::settled).await;
 }
 
-struct Xorshift(u64);
-
-impl Xorshift {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-
-    fn pick<'a>(&mut self, names: &'a [String]) -> Option<&'a String> {
-        (!names.is_empty()).then(|| &names[self.below(names.len() as u64) as usize])
-    }
-}
-
 /// Seeded random fleets over a few minutes of simulated time: tasks join
 /// (busy or idle, with ceilings below and above the fleet's rate, clocks up
 /// to 0.4 s apart, tables up to 200 ms slow per call), get work or run out
@@ -461,17 +463,10 @@ async fn the_sum_never_exceeds_the_fleet_rate_while_tasks_join_and_leave() {
 async fn a_task_that_loses_the_table_drops_to_its_share_then_the_fallback_and_recovers() {
     // A fallback above the share: the share holds while the others count
     // the lease, then the fallback.
-    let mut fleet = Fleet::new(1000, 700);
-    fleet.join("a", 2000, true);
-    fleet.join("b", 2000, true);
-    fleet.run_until(SETTLE, "half each", Fleet::settled).await;
+    let mut fleet = Fleet::two_at_half(700).await;
     fleet.excess = 700.0;
     fleet.member("a").table.fail_next(6);
-    fleet
-        .run_until(RENEW_INTERVAL, "on the fallback", |f| {
-            f.member("a").on_fallback()
-        })
-        .await;
+    fleet.until_a_on_the_fallback(RENEW_INTERVAL).await;
     assert_eq!(fleet.share("a"), 500.0, "no more than the others count");
     let a = fleet.member("a");
     assert!(Metrics::get(&a.metrics.fleet_renewals_failed) >= 1);
@@ -502,17 +497,10 @@ async fn a_task_that_loses_the_table_drops_to_its_share_then_the_fallback_and_re
     assert_eq!(Metrics::get(&a.metrics.fleet_on_fallback), 0);
 
     // A fallback under the share: at once.
-    let mut fleet = Fleet::new(1000, 300);
-    fleet.join("a", 2000, true);
-    fleet.join("b", 2000, true);
-    fleet.run_until(SETTLE, "half each", Fleet::settled).await;
+    let mut fleet = Fleet::two_at_half(300).await;
     fleet.excess = 300.0;
     fleet.member("a").table.fail_next(1);
-    fleet
-        .run_until(RENEW_INTERVAL, "on the fallback", |f| {
-            f.member("a").on_fallback()
-        })
-        .await;
+    fleet.until_a_on_the_fallback(RENEW_INTERVAL).await;
     assert_eq!(fleet.share("a"), 300.0);
     // One failed round, the lease still counted: straight back.
     fleet
@@ -525,10 +513,7 @@ async fn a_task_that_loses_the_table_drops_to_its_share_then_the_fallback_and_re
 
 #[tokio::test(start_paused = true)]
 async fn a_round_slower_than_its_timeout_counts_as_a_failed_renewal() {
-    let mut fleet = Fleet::new(1000, 300);
-    fleet.join("a", 2000, true);
-    fleet.join("b", 2000, true);
-    fleet.run_until(SETTLE, "half each", Fleet::settled).await;
+    let mut fleet = Fleet::two_at_half(300).await;
     // Slow but in time: nothing changes.
     fleet.member("a").table.set_latency(ROUND_TIMEOUT / 3);
     fleet.run_for(Duration::from_secs(3)).await;
@@ -540,11 +525,7 @@ async fn a_round_slower_than_its_timeout_counts_as_a_failed_renewal() {
     // Too slow: the fallback.
     fleet.excess = 300.0;
     fleet.member("a").table.set_latency(ROUND_TIMEOUT);
-    fleet
-        .run_until(Duration::from_secs(2), "on the fallback", |f| {
-            f.member("a").on_fallback()
-        })
-        .await;
+    fleet.until_a_on_the_fallback(Duration::from_secs(2)).await;
     assert_eq!(fleet.share("a"), 300.0);
     fleet
         .member("a")
@@ -598,10 +579,7 @@ async fn a_dead_tasks_share_goes_to_the_others_once_its_lease_expires() {
 
 #[tokio::test(start_paused = true)]
 async fn a_clean_stop_removes_the_lease_and_frees_the_share() {
-    let mut fleet = Fleet::new(1000, 250);
-    fleet.join("a", 2000, true);
-    fleet.join("b", 2000, true);
-    fleet.run_until(SETTLE, "half each", Fleet::settled).await;
+    let fleet = Fleet::two_at_half(250).await;
     fleet.stop("b");
     let took = fleet
         .run_until(SETTLE, "the whole rate", |f| f.share("a") == 1000.0)
