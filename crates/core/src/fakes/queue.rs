@@ -73,6 +73,21 @@ impl FakeQueue {
         }
     }
 
+    /// A settle (visibility change or delete) answers after the latency, or
+    /// never while settles stall.
+    async fn settle_after_latency(&self) {
+        self.answer_after_latency().await;
+        if self.stall_settles {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    fn no_such_queue() -> QueueError {
+        QueueError::NoSuchQueue {
+            url: "http://127.0.0.1:1/q".into(),
+        }
+    }
+
     pub fn deleted_ids(&self) -> Vec<String> {
         let mut ids: Vec<_> = self
             .deleted
@@ -86,24 +101,27 @@ impl FakeQueue {
     }
 }
 
+/// Uses up one of the answers `left` counts down; false once none are left.
+fn count_down(left: &AtomicUsize) -> bool {
+    let n = left.load(Ordering::SeqCst);
+    if n > 0 {
+        left.store(n - 1, Ordering::SeqCst);
+    }
+    n > 0
+}
+
 impl JobQueue for FakeQueue {
     async fn receive(&self, max: usize, visibility: Duration) -> Result<Vec<Message>, QueueError> {
         self.answer_after_latency().await;
         self.receives.fetch_add(1, Ordering::SeqCst);
         self.receive_visibility.lock().unwrap().push(visibility);
         if self.missing {
-            return Err(QueueError::NoSuchQueue {
-                url: "http://127.0.0.1:1/q".into(),
-            });
+            return Err(Self::no_such_queue());
         }
-        let failing = self.failing_receives.load(Ordering::SeqCst);
-        if failing > 0 {
-            self.failing_receives.store(failing - 1, Ordering::SeqCst);
+        if count_down(&self.failing_receives) {
             return Err(QueueError::Unavailable("connection refused".into()));
         }
-        let empty = self.empty_receives.load(Ordering::SeqCst);
-        if empty > 0 {
-            self.empty_receives.store(empty - 1, Ordering::SeqCst);
+        if count_down(&self.empty_receives) {
             return Ok(Vec::new());
         }
         let take = || {
@@ -127,10 +145,7 @@ impl JobQueue for FakeQueue {
     }
 
     async fn set_visibility(&self, receipt: &Receipt, timeout: Duration) -> Result<(), QueueError> {
-        self.answer_after_latency().await;
-        if self.stall_settles {
-            return std::future::pending().await;
-        }
+        self.settle_after_latency().await;
         self.visibility
             .lock()
             .unwrap()
@@ -148,10 +163,7 @@ impl JobQueue for FakeQueue {
 
     async fn delete(&self, receipts: &[Receipt]) -> Result<Vec<Receipt>, QueueError> {
         assert!(receipts.len() <= crate::queue::MAX_BATCH);
-        self.answer_after_latency().await;
-        if self.stall_settles {
-            return std::future::pending().await;
-        }
+        self.settle_after_latency().await;
         self.deleted
             .lock()
             .unwrap()
@@ -164,10 +176,7 @@ impl JobQueue for FakeQueue {
         message: &Message,
         reason: &str,
     ) -> Result<DeadLettered, QueueError> {
-        let failing = self.failing_dead_letters.load(Ordering::SeqCst);
-        if failing > 0 {
-            self.failing_dead_letters
-                .store(failing - 1, Ordering::SeqCst);
+        if count_down(&self.failing_dead_letters) {
             return Err(QueueError::Unavailable("connection refused".into()));
         }
         match &self.dead {
@@ -189,9 +198,7 @@ impl JobQueue for FakeQueue {
             tokio::time::sleep(self.send_wait).await;
         }
         if self.missing {
-            return Err(QueueError::NoSuchQueue {
-                url: "http://127.0.0.1:1/q".into(),
-            });
+            return Err(Self::no_such_queue());
         }
         self.sent_options.lock().unwrap().push(options.clone());
         let mut sent = self.sent.lock().unwrap();
