@@ -209,6 +209,15 @@ mod tests {
             .collect()
     }
 
+    /// A task with `fallback` that wrote `demand` in three rounds from the
+    /// instant it returns, the others' demands being `others`.
+    fn after_three_rounds(fallback: f64, demand: f64, others: &[f64]) -> (Standing, Instant) {
+        let t0 = Instant::now();
+        let mut standing = Standing::new(fallback);
+        rounds(&mut standing, t0, 0, &[demand; 3], others);
+        (standing, t0)
+    }
+
     #[test]
     fn a_joining_task_takes_its_share_once_its_lease_has_been_on_record() {
         let t0 = Instant::now();
@@ -222,9 +231,7 @@ mod tests {
 
     #[test]
     fn a_lower_demand_counts_at_once_and_cuts_the_share_before_it_is_written() {
-        let t0 = Instant::now();
-        let mut standing = Standing::new(FALLBACK);
-        rounds(&mut standing, t0, 0, &[1000.0; 3], &[1000.0]);
+        let (mut standing, t0) = after_three_rounds(FALLBACK, 1000.0, &[1000.0]);
         assert_eq!(standing.share(), 500.0);
         assert_eq!(standing.sending(200.0), Some(200.0));
         assert_eq!(standing.sending(0.0), Some(0.0));
@@ -235,9 +242,7 @@ mod tests {
 
     #[test]
     fn a_write_that_never_answered_counts_as_on_record() {
-        let t0 = Instant::now();
-        let mut standing = Standing::new(FALLBACK);
-        rounds(&mut standing, t0, 0, &[1000.0; 3], &[1000.0]);
+        let (mut standing, t0) = after_three_rounds(FALLBACK, 1000.0, &[1000.0]);
         // Idle: 0 sent, no answer; the others may have read it.
         assert_eq!(standing.sending(0.0), Some(0.0));
         standing.failed(EPOCH + 3000);
@@ -260,9 +265,7 @@ mod tests {
 
     #[test]
     fn a_demand_that_dips_counts_at_its_lowest_until_the_dip_is_forgotten() {
-        let t0 = Instant::now();
-        let mut standing = Standing::new(FALLBACK);
-        rounds(&mut standing, t0, 0, &[1000.0; 3], &[]);
+        let (mut standing, t0) = after_three_rounds(FALLBACK, 1000.0, &[]);
         assert_eq!(standing.share(), 1000.0);
         let shares = rounds(&mut standing, t0, 3, &[100.0, 1000.0, 1000.0, 1000.0], &[]);
         assert_eq!(shares, vec![100.0, 100.0, 100.0, 1000.0]);
@@ -270,9 +273,7 @@ mod tests {
 
     #[test]
     fn a_failed_round_drops_to_the_lower_of_the_share_and_the_fallback_then_the_fallback() {
-        let t0 = Instant::now();
-        let mut standing = Standing::new(700.0);
-        rounds(&mut standing, t0, 0, &[1000.0; 3], &[1000.0]);
+        let (mut standing, _) = after_three_rounds(700.0, 1000.0, &[1000.0]);
         assert_eq!(standing.share(), 500.0);
         // The last write (at 2 s) expires at 5 s.
         let at_ms = |secs: u64| EPOCH + secs * 1000;
@@ -281,8 +282,7 @@ mod tests {
         assert_eq!(standing.failed(at_ms(4)), 500.0);
         assert_eq!(standing.failed(at_ms(5)), 700.0, "expired: the fallback");
         // A fallback under the share is used at once.
-        let mut standing = Standing::new(FALLBACK);
-        rounds(&mut standing, t0, 0, &[1000.0; 3], &[1000.0]);
+        let (mut standing, _) = after_three_rounds(FALLBACK, 1000.0, &[1000.0]);
         assert_eq!(standing.failed(at_ms(3)), FALLBACK);
     }
 
@@ -294,9 +294,7 @@ mod tests {
 
     #[test]
     fn a_short_failure_keeps_the_lease_on_record() {
-        let t0 = Instant::now();
-        let mut standing = Standing::new(FALLBACK);
-        rounds(&mut standing, t0, 0, &[1000.0; 3], &[1000.0]);
+        let (mut standing, t0) = after_three_rounds(FALLBACK, 1000.0, &[1000.0]);
         standing.failed(EPOCH + 3000);
         let shares = rounds(&mut standing, t0, 4, &[1000.0], &[1000.0]);
         assert_eq!(shares, vec![500.0]);
@@ -305,9 +303,7 @@ mod tests {
 
     #[test]
     fn back_after_the_lease_lapsed_the_task_keeps_the_fallback_until_it_is_read() {
-        let t0 = Instant::now();
-        let mut standing = Standing::new(FALLBACK);
-        rounds(&mut standing, t0, 0, &[1000.0; 3], &[1000.0]);
+        let (mut standing, t0) = after_three_rounds(FALLBACK, 1000.0, &[1000.0]);
         for secs in 3..=6 {
             standing.failed(EPOCH + secs * 1000);
         }
@@ -315,8 +311,7 @@ mod tests {
         let shares = rounds(&mut standing, t0, 7, &[1000.0; 3], &[1000.0]);
         assert_eq!(shares, vec![FALLBACK, FALLBACK, 500.0]);
         // Never more than its share meanwhile.
-        let mut standing = Standing::new(FALLBACK);
-        rounds(&mut standing, t0, 0, &[1000.0; 3], &[1000.0; 9]);
+        let (mut standing, t0) = after_three_rounds(FALLBACK, 1000.0, &[1000.0; 9]);
         standing.failed(EPOCH + 9000);
         let shares = rounds(&mut standing, t0, 10, &[1000.0], &[1000.0; 9]);
         assert_eq!(shares, vec![100.0]);
@@ -324,9 +319,7 @@ mod tests {
 
     #[test]
     fn a_lease_that_lapsed_while_counted_joins_again_from_nothing() {
-        let t0 = Instant::now();
-        let mut standing = Standing::new(FALLBACK);
-        rounds(&mut standing, t0, 0, &[1000.0; 3], &[1000.0]);
+        let (mut standing, t0) = after_three_rounds(FALLBACK, 1000.0, &[1000.0]);
         // A round 4 s late (a stalled process): the lease expired at 5 s.
         let shares = rounds(&mut standing, t0, 6, &[1000.0], &[1000.0]);
         assert_eq!(shares, vec![0.0]);
