@@ -121,21 +121,12 @@ pub enum Renewed {
     Lost,
 }
 
-/// Reads `key`, and writes `change` applied to it if this owner still holds
-/// it, retrying when another write (an adoption) came in between.
-pub(super) async fn update<T: RunTable>(
-    table: &T,
-    key: &str,
-    owner: &str,
-    change: impl Fn(&mut RunRecord),
-) -> Result<Option<RunRecord>, DurableError> {
-    update_from(table, key, owner, None, change).await
-}
-
-/// [`update`], starting from `known`, the record as this owner last wrote
-/// it: a write conditional on its version is right without a read, since
-/// every write bumps the version. Only when another write came in between
-/// (an adoption, a takeover) does it read and try again.
+/// Writes `change` applied to the record of `key` if this owner still
+/// holds it, retrying when another write (an adoption) came in between.
+/// It starts from `known`, the record as this owner last wrote it, if
+/// given: a write conditional on its version is right without a read,
+/// since every write bumps the version. Only when another write came in
+/// between (an adoption, a takeover) does it read and try again.
 pub(super) async fn update_from<T: RunTable>(
     table: &T,
     key: &str,
@@ -173,17 +164,6 @@ pub(super) async fn update_from<T: RunTable>(
 }
 
 /// Extends the lease of a held run to `now_ms` + the lease window.
-pub async fn renew<T: RunTable>(
-    table: &T,
-    key: &str,
-    owner: &str,
-    now_ms: i64,
-    windows: Windows,
-) -> Result<Renewed, DurableError> {
-    let renewed = update(table, key, owner, renewal(now_ms, windows)).await?;
-    Ok(held(renewed.as_ref()))
-}
-
 pub(super) fn renewal(now_ms: i64, windows: Windows) -> impl Fn(&mut RunRecord) {
     let until = now_ms + ms(windows.lease);
     move |r| {
@@ -202,17 +182,6 @@ pub(super) fn held(renewed: Option<&RunRecord>) -> Renewed {
 }
 
 /// Marks a held run finished: its message is off the queue.
-pub async fn finish<T: RunTable>(
-    table: &T,
-    key: &str,
-    owner: &str,
-    now_ms: i64,
-    windows: Windows,
-) -> Result<bool, DurableError> {
-    let done = update(table, key, owner, finishing(now_ms, windows)).await?;
-    Ok(done.is_some())
-}
-
 pub(super) fn finishing(now_ms: i64, windows: Windows) -> impl Fn(&mut RunRecord) {
     move |r| {
         r.finished_at_ms = Some(now_ms);
@@ -229,11 +198,6 @@ pub(super) fn checkpointing(checkpoint: &str) -> impl Fn(&mut RunRecord) + '_ {
 
 /// Lets a held run go at once (its message is back on the queue), so the
 /// next receive need not wait for the lease to expire.
-pub async fn release<T: RunTable>(table: &T, key: &str, owner: &str) -> Result<bool, DurableError> {
-    let released = update(table, key, owner, releasing).await?;
-    Ok(released.is_some())
-}
-
 pub(super) fn releasing(r: &mut RunRecord) {
     r.lease_until_ms = 0;
 }

@@ -29,7 +29,7 @@ mod ledger;
 
 use crate::job::DeferredSpec;
 use crate::store::Cursor;
-pub use admission::{Renewed, Request, Ruling, Windows, admit, finish, release, renew};
+pub use admission::{Renewed, Request, Ruling, Windows, admit};
 pub use ledger::{Admission, Ledger, RunLease};
 
 /// One run's record as stored.

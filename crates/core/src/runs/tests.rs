@@ -146,10 +146,16 @@ async fn renewals_keep_the_run_until_another_owner_takes_it() {
     };
     assert!(table.store(&record, read).await.unwrap());
     let key = record.key.clone();
+    // The writes the ledger makes: each a change, made only by the owner.
+    let renewed = update_from(
+        &table,
+        &key,
+        "task-b",
+        None,
+        renewal(NOW + 20_000, windows()),
+    );
     assert_eq!(
-        renew(&table, &key, "task-b", NOW + 20_000, windows())
-            .await
-            .unwrap(),
+        held(renewed.await.unwrap().as_ref()),
         Renewed::Held {
             receipt: "receipt-2".into()
         }
@@ -158,17 +164,13 @@ async fn renewals_keep_the_run_until_another_owner_takes_it() {
         table.load(&key).await.unwrap().unwrap().lease_until_ms,
         NOW + 80_000
     );
-    assert_eq!(
-        renew(&table, &key, "task-z", NOW, windows()).await.unwrap(),
-        Renewed::Lost
-    );
-    assert!(release(&table, &key, "task-b").await.unwrap());
+    let renewed = update_from(&table, &key, "task-z", None, renewal(NOW, windows()));
+    assert_eq!(held(renewed.await.unwrap().as_ref()), Renewed::Lost);
+    let released = update_from(&table, &key, "task-b", None, releasing);
+    assert!(released.await.unwrap().is_some());
     assert_eq!(table.load(&key).await.unwrap().unwrap().lease_until_ms, 0);
-    assert!(
-        finish(&table, &key, "task-b", NOW, windows())
-            .await
-            .unwrap()
-    );
+    let finished = update_from(&table, &key, "task-b", None, finishing(NOW, windows()));
+    assert!(finished.await.unwrap().is_some());
     let done = table.load(&key).await.unwrap().unwrap();
     assert_eq!(done.finished_at_ms, Some(NOW));
     assert_eq!(done.version, 4);
