@@ -119,38 +119,39 @@ pub fn fleet_dynamodb_client(config: &SdkConfig) -> aws_sdk_dynamodb::Client {
 /// bounds it: settling waits for it.
 const REPORT_OPERATION_TIMEOUT: std::time::Duration = fanout_core::reports::REPORT_TIMEOUT;
 
-fn report_timeouts() -> (TimeoutConfig, RetryConfig) {
-    let timeouts = TimeoutConfig::builder()
+/// The shared config bounded by the report timeout, which the report queue's
+/// and topic's clients are built from.
+fn report_config(config: &SdkConfig) -> SdkConfig {
+    let mut timeouts = TimeoutConfig::builder()
         .connect_timeout(CONNECT_TIMEOUT.min(REPORT_OPERATION_TIMEOUT))
         .operation_timeout(REPORT_OPERATION_TIMEOUT)
         .build();
+    // What it leaves unset (the attempt timeout) stays the shared config's,
+    // as a client's own timeout config would have it.
+    if let Some(shared) = config.timeout_config() {
+        timeouts.take_defaults_from(shared);
+    }
     // One quick retry fits the bound; the SDK's default backoff would not.
     let retries = RetryConfig::standard()
         .with_max_attempts(2)
         .with_initial_backoff(Duration::from_millis(50))
         .with_max_backoff(Duration::from_millis(50));
-    (timeouts, retries)
+    config
+        .to_builder()
+        .timeout_config(timeouts)
+        .retry_config(retries)
+        .build()
 }
 
 /// The SQS client of the report queue: bounded by the report timeout.
 pub fn report_sqs_client(config: &SdkConfig) -> aws_sdk_sqs::Client {
-    let (timeouts, retries) = report_timeouts();
-    let sqs = aws_sdk_sqs::config::Builder::from(config)
-        .timeout_config(timeouts)
-        .retry_config(retries)
-        .build();
-    aws_sdk_sqs::Client::from_conf(sqs)
+    aws_sdk_sqs::Client::new(&report_config(config))
 }
 
 /// The SNS client of the report topic (`AWS_ENDPOINT_URL_SNS` points it
 /// elsewhere): bounded by the report timeout.
 pub fn report_sns_client(config: &SdkConfig) -> aws_sdk_sns::Client {
-    let (timeouts, retries) = report_timeouts();
-    let sns = aws_sdk_sns::config::Builder::from(config)
-        .timeout_config(timeouts)
-        .retry_config(retries)
-        .build();
-    aws_sdk_sns::Client::from_conf(sns)
+    aws_sdk_sns::Client::new(&report_config(config))
 }
 
 /// The one HTTP stack: rustls with ring, trusting the system's roots, and
