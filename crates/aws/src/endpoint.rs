@@ -99,9 +99,32 @@ fn is_execute_api_host(host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Accepts each of `urls` under `plain`.
+    fn all_accepted(urls: &[&str], plain: PlainHttp) {
+        for url in urls {
+            assert!(parse_endpoint(url, plain).is_ok(), "{url}");
+        }
+    }
+
+    /// Refuses each of `urls` under `plain` with an error that `is_why`
+    /// accepts, and returns the errors.
+    fn all_refused(
+        urls: &[&str],
+        plain: PlainHttp,
+        is_why: fn(&BadEndpoint) -> bool,
+    ) -> Vec<BadEndpoint> {
+        let refused = |url: &&str| {
+            let err = parse_endpoint(url, plain).expect_err(url);
+            assert!(is_why(&err), "{url}: {err:?}");
+            err
+        };
+        urls.iter().map(refused).collect()
+    }
+
     #[test]
     fn any_http_endpoint_is_accepted_but_an_execute_api_host_needs_its_stage() {
-        for good in [
+        let good = [
             "https://abc123.execute-api.eu-west-1.amazonaws.com/prod",
             "https://abc123.execute-api.eu-west-1.amazonaws.com/prod/",
             "http://127.0.0.1:5322/local",
@@ -111,35 +134,30 @@ mod tests {
             // A custom domain whose API mapping has no base path, or has one.
             "https://ws.example.com",
             "https://ws.example.com/chat",
-        ] {
-            assert!(
-                parse_endpoint(good, PlainHttp::LoopbackOnly).is_ok(),
-                "{good}"
-            );
-        }
-        for stageless in [
+        ];
+        all_accepted(&good, PlainHttp::LoopbackOnly);
+        let stageless = [
             "https://abc123.execute-api.eu-west-1.amazonaws.com",
             "https://abc123.execute-api.eu-west-1.amazonaws.com/",
             "https://ABC123.Execute-Api.cn-north-1.amazonaws.com.cn",
-        ] {
-            let err = parse_endpoint(stageless, PlainHttp::Allowed).expect_err(stageless);
-            assert!(matches!(err, BadEndpoint::NoStage { .. }), "{stageless}");
+        ];
+        let no_stage = |e: &BadEndpoint| matches!(e, BadEndpoint::NoStage { .. });
+        for err in all_refused(&stageless, PlainHttp::Allowed, no_stage) {
             assert!(err.to_string().contains("has no stage"), "{err}");
         }
-        for bad in [
+        let not_urls = [
             "abc123.execute-api.eu-west-1.amazonaws.com/prod",
             "https://",
             "ftp://ws.example.com",
             "https://ws.example.com/?stage=prod",
-        ] {
-            let err = parse_endpoint(bad, PlainHttp::Allowed).expect_err(bad);
-            assert!(matches!(err, BadEndpoint::NotAUrl { .. }), "{bad}");
-        }
+        ];
+        let not_a_url = |e: &BadEndpoint| matches!(e, BadEndpoint::NotAUrl { .. });
+        all_refused(&not_urls, PlainHttp::Allowed, not_a_url);
     }
 
     #[test]
     fn plain_http_is_refused_for_a_host_that_is_not_loopback() {
-        for remote in [
+        let remote = [
             "http://ws.example.com/prod",
             "http://10.0.0.5:8080/prod",
             "http://abc123.execute-api.eu-west-1.amazonaws.com/prod",
@@ -147,35 +165,26 @@ mod tests {
             "http://0.0.0.0:3001",
             "http://localhost.example.com/prod",
             "http://128.0.0.1/prod",
-        ] {
-            let err = parse_endpoint(remote, PlainHttp::LoopbackOnly).expect_err(remote);
-            assert!(matches!(err, BadEndpoint::PlainHttp { .. }), "{remote}");
+        ];
+        let plain_http = |e: &BadEndpoint| matches!(e, BadEndpoint::PlainHttp { .. });
+        let refused = all_refused(&remote, PlainHttp::LoopbackOnly, plain_http);
+        for (remote, err) in remote.into_iter().zip(refused) {
             let text = err.to_string();
             assert!(text.contains("gateway_allow_plain_http"), "{text}");
             assert!(text.contains("FANOUT_GATEWAY_ALLOW_PLAIN_HTTP"), "{text}");
-            assert!(
-                parse_endpoint(remote, PlainHttp::Allowed).is_ok(),
-                "{remote}"
-            );
+            all_accepted(&[remote], PlainHttp::Allowed);
             // TLS needs no permission.
             let tls = remote.replacen("http://", "https://", 1);
-            assert!(
-                parse_endpoint(&tls, PlainHttp::LoopbackOnly).is_ok(),
-                "{tls}"
-            );
+            all_accepted(&[&tls], PlainHttp::LoopbackOnly);
         }
-        for local in [
+        let local = [
             "http://127.0.0.1:3001",
             "http://127.8.9.10:3001/local",
             "http://[::1]:3001/local",
             "http://[::ffff:127.0.0.1]:3001/local",
             "http://localhost:3001",
             "http://LOCALHOST.:3001/local",
-        ] {
-            assert!(
-                parse_endpoint(local, PlainHttp::LoopbackOnly).is_ok(),
-                "{local}"
-            );
-        }
+        ];
+        all_accepted(&local, PlainHttp::LoopbackOnly);
     }
 }
