@@ -30,12 +30,12 @@ use aws_sdk_dynamodb::types::{AttributeValue, KeyType, ScalarAttributeType, Tabl
 
 use fanout_core::fleet::{FleetError, Lease, LeaseTable};
 
-type Item = HashMap<String, AttributeValue>;
+pub(crate) type Item = HashMap<String, AttributeValue>;
 
 /// The partition every lease of the fleet is written under.
 const PARTITION: &str = "fleet#leases";
-const PK: &str = "pk";
-const SK: &str = "sk";
+pub(crate) const PK: &str = "pk";
+pub(crate) const SK: &str = "sk";
 const DEMAND: &str = "demand";
 const EXPIRES_AT_MS: &str = "expiresAtMs";
 /// The table's TTL attribute (the template enables TTL on it).
@@ -44,10 +44,9 @@ const EXPIRES_AT: &str = "expiresAt";
 /// The fleet's lease table.
 #[derive(Clone, Debug)]
 pub struct DynamoLeaseTable {
-    /// Built by [`crate::clients::fleet_dynamodb_client`], whose timeout keeps
-    /// a call well inside the coordinator's round.
-    client: Client,
-    table: String,
+    /// Its client built by [`crate::clients::fleet_dynamodb_client`], whose
+    /// timeout keeps a call well inside the coordinator's round.
+    table: PkSkTable,
 }
 
 impl DynamoLeaseTable {
@@ -55,20 +54,16 @@ impl DynamoLeaseTable {
     /// `sk` (S), so a wrong `FANOUT_FLEET_TABLE` is named before the first
     /// round rather than logged as failed renewals every second.
     pub async fn connect(client: Client, table: impl Into<String>) -> Result<Self, FleetError> {
-        let table = table.into();
-        check_pk_sk(&client, &table, from_failure, |found| {
-            wrong_key(&table, &found)
-        })
-        .await?;
-        Ok(Self { client, table })
+        let table = PkSkTable::connect(client, table.into(), from_failure, wrong_key).await?;
+        Ok(Self { table })
     }
 
     /// The table, unchecked: for a start while it cannot be reached (the
     /// coordinator falls back and retries every round).
     pub fn unchecked(client: Client, table: impl Into<String>) -> Self {
+        let name = table.into();
         Self {
-            client,
-            table: table.into(),
+            table: PkSkTable { client, name },
         }
     }
 }
@@ -76,13 +71,14 @@ impl DynamoLeaseTable {
 impl LeaseTable for DynamoLeaseTable {
     async fn put(&self, lease: &Lease) -> Result<(), FleetError> {
         let item = to_item(lease)?;
-        self.client
+        self.table
+            .client
             .put_item()
-            .table_name(&self.table)
+            .table_name(&self.table.name)
             .set_item(Some(item))
             .send()
             .await
-            .map_err(|err| map_error(&self.table, err))?;
+            .map_err(|err| map_error(&self.table.name, err))?;
         Ok(())
     }
 
@@ -100,9 +96,10 @@ impl LeaseTable for DynamoLeaseTable {
         // counted, or the shares could add up to more than the fleet's rate.
         loop {
             let output = self
+                .table
                 .client
                 .query()
-                .table_name(&self.table)
+                .table_name(&self.table.name)
                 .key_condition_expression("#pk = :pk")
                 .expression_attribute_values(":pk", AttributeValue::S(PARTITION.to_owned()))
                 .set_expression_attribute_names(Some(names.clone()))
@@ -112,7 +109,7 @@ impl LeaseTable for DynamoLeaseTable {
                 .set_exclusive_start_key(start)
                 .send()
                 .await
-                .map_err(|err| map_error(&self.table, err))?;
+                .map_err(|err| map_error(&self.table.name, err))?;
             for item in output.items() {
                 leases.push(from_item(item)?);
             }
@@ -124,14 +121,15 @@ impl LeaseTable for DynamoLeaseTable {
     }
 
     async fn remove(&self, task: &str) -> Result<(), FleetError> {
-        self.client
+        self.table
+            .client
             .delete_item()
-            .table_name(&self.table)
+            .table_name(&self.table.name)
             .key(PK, AttributeValue::S(PARTITION.to_owned()))
             .key(SK, AttributeValue::S(task.to_owned()))
             .send()
             .await
-            .map_err(|err| map_error(&self.table, err))?;
+            .map_err(|err| map_error(&self.table.name, err))?;
         Ok(())
     }
 }
@@ -146,10 +144,33 @@ fn wrong_key(table: &str, found: &str) -> FleetError {
     ))
 }
 
+/// A table keyed `pk` (S) + `sk` (S), the layout the fleet's leases and the
+/// runs' records share, with the client that calls it.
+#[derive(Clone, Debug)]
+pub(crate) struct PkSkTable {
+    pub(crate) client: Client,
+    pub(crate) name: String,
+}
+
+impl PkSkTable {
+    /// Checks once, at startup, that `name` exists and is keyed so: a failed
+    /// call is `failed`'s, a table keyed otherwise is `unfit`'s (given its
+    /// name and the key it has).
+    pub(crate) async fn connect<E>(
+        client: Client,
+        name: String,
+        failed: fn(&str, Failure) -> E,
+        unfit: fn(&str, &str) -> E,
+    ) -> Result<Self, E> {
+        check_pk_sk(&client, &name, failed, |found| unfit(&name, &found)).await?;
+        Ok(Self { client, name })
+    }
+}
+
 /// Reads `table`'s description and checks that it is keyed as
 /// [`pk_sk_key`] says; a failed call is `failed`'s, a table keyed otherwise
 /// is `unfit`'s (given the key it has).
-pub(crate) async fn check_pk_sk<E>(
+async fn check_pk_sk<E>(
     client: &Client,
     table: &str,
     failed: fn(&str, Failure) -> E,

@@ -25,18 +25,14 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use fanout_core::runs::{DurableError, RunRecord, RunTable};
 
 use crate::dynamo_errors;
+use crate::fleet::{Item, PK, PkSkTable, SK};
 
-type Item = HashMap<String, AttributeValue>;
-
-const PK: &str = "pk";
-const SK: &str = "sk";
 const SORT: &str = "run";
 
 /// The checkpoint table.
 #[derive(Clone, Debug)]
 pub struct DynamoRunTable {
-    client: Client,
-    table: String,
+    table: PkSkTable,
 }
 
 impl DynamoRunTable {
@@ -44,25 +40,27 @@ impl DynamoRunTable {
     /// `sk` (S): a wrong `FANOUT_CHECKPOINT_TABLE` is named before the
     /// first job.
     pub async fn connect(client: Client, table: impl Into<String>) -> Result<Self, DurableError> {
-        let table = table.into();
-        crate::fleet::check_pk_sk(&client, &table, from_failure, |found| {
-            DurableError::Rejected(format!(
-                "the checkpoint table {table} has {found}, not pk (S) and sk (S); \
-                 point FANOUT_CHECKPOINT_TABLE at a table keyed so (the fleet table is)"
-            ))
-        })
-        .await?;
-        Ok(Self { client, table })
+        let table = PkSkTable::connect(client, table.into(), from_failure, wrong_key).await?;
+        Ok(Self { table })
     }
 
     /// The table, unchecked: for a start while it cannot be reached (each
     /// call then fails, is counted, and delivery goes on without it).
     pub fn unchecked(client: Client, table: impl Into<String>) -> Self {
+        let name = table.into();
         Self {
-            client,
-            table: table.into(),
+            table: PkSkTable { client, name },
         }
     }
+}
+
+/// The refusal of a table not keyed `pk` (S) + `sk` (S), named with the
+/// key it has.
+fn wrong_key(table: &str, found: &str) -> DurableError {
+    DurableError::Rejected(format!(
+        "the checkpoint table {table} has {found}, not pk (S) and sk (S); \
+         point FANOUT_CHECKPOINT_TABLE at a table keyed so (the fleet table is)"
+    ))
 }
 
 fn key(run: &str) -> Item {
@@ -75,22 +73,24 @@ fn key(run: &str) -> Item {
 impl RunTable for DynamoRunTable {
     async fn load(&self, run: &str) -> Result<Option<RunRecord>, DurableError> {
         let output = self
+            .table
             .client
             .get_item()
-            .table_name(&self.table)
+            .table_name(&self.table.name)
             .set_key(Some(key(run)))
             .consistent_read(true)
             .send()
             .await
-            .map_err(|err| map_error(&self.table, err))?;
+            .map_err(|err| map_error(&self.table.name, err))?;
         output.item.map(|item| from_item(run, &item)).transpose()
     }
 
     async fn store(&self, record: &RunRecord, read: Option<u64>) -> Result<bool, DurableError> {
         let mut request = self
+            .table
             .client
             .put_item()
-            .table_name(&self.table)
+            .table_name(&self.table.name)
             .set_item(Some(to_item(record)));
         request = match read {
             None => request.condition_expression("attribute_not_exists(pk)"),
@@ -99,7 +99,7 @@ impl RunTable for DynamoRunTable {
                 .expression_attribute_values(":read", AttributeValue::N(version.to_string())),
         };
         dynamo_errors::written(request.send().await)
-            .map_err(|failure| from_failure(&self.table, failure))
+            .map_err(|failure| from_failure(&self.table.name, failure))
     }
 }
 
