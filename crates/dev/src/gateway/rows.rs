@@ -9,6 +9,7 @@
 //! compares the two.
 
 use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::operation::describe_table::DescribeTableOutput;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement,
     KeyType, Projection, ProjectionType, ScalarAttributeType, TableStatus,
@@ -105,14 +106,7 @@ impl Rows {
             table: self.table.clone(),
             message,
         };
-        if self
-            .client
-            .describe_table()
-            .table_name(&self.table)
-            .send()
-            .await
-            .is_ok()
-        {
+        if self.describe().await.is_some() {
             return Ok(());
         }
         let string = |name: &str| {
@@ -122,20 +116,15 @@ impl Rows {
                 .build()
                 .map_err(|e| failed(e.to_string()))
         };
-        let hash = |name: &str| {
+        let key = |name: &str, key_type: KeyType| {
             KeySchemaElement::builder()
                 .attribute_name(name)
-                .key_type(KeyType::Hash)
+                .key_type(key_type)
                 .build()
                 .map_err(|e| failed(e.to_string()))
         };
-        let range = |name: &str| {
-            KeySchemaElement::builder()
-                .attribute_name(name)
-                .key_type(KeyType::Range)
-                .build()
-                .map_err(|e| failed(e.to_string()))
-        };
+        let hash = |name: &str| key(name, KeyType::Hash);
+        let range = |name: &str| key(name, KeyType::Range);
         let create = self
             .client
             .create_table()
@@ -194,13 +183,7 @@ impl Rows {
             .await
             .map_err(|e| failed(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string()))?;
         for _ in 0..100 {
-            let described = self
-                .client
-                .describe_table()
-                .table_name(&self.table)
-                .send()
-                .await;
-            if described.is_ok_and(|d| {
+            if self.describe().await.is_some_and(|d| {
                 d.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active)
             }) {
                 return Ok(());
@@ -281,6 +264,13 @@ impl Rows {
     pub async fn delete(&self, id: &str) -> Result<(), RowError> {
         let sort = (self.layout == Layout::Memberships).then(|| BASE_ROW.to_owned());
         self.delete_key(id, sort).await
+    }
+
+    /// The table's description; `None` if it cannot be read (it does not
+    /// exist, or the endpoint does not answer).
+    async fn describe(&self) -> Option<DescribeTableOutput> {
+        let described = self.client.describe_table().table_name(&self.table);
+        described.send().await.ok()
     }
 
     async fn put(&self, item: Vec<(&str, AttributeValue)>) -> Result<(), RowError> {
