@@ -13,3 +13,13 @@
 
 pub mod clients;
 pub mod gateway;
+
+/// Parses `argv` (its first word the command's name, which clap skips) as a
+/// command line of `A`'s options alone, once clap's own checks of `A` have
+/// passed.
+#[cfg(test)]
+fn parse_options<A: clap::Args + clap::FromArgMatches>(argv: &[&str]) -> Result<A, clap::Error> {
+    let command = A::augment_args(clap::Command::new("fanout-dev"));
+    command.clone().debug_assert();
+    A::from_arg_matches(&command.try_get_matches_from(argv)?)
+}

@@ -179,18 +179,10 @@ fn write(path: &Path, content: &str) -> Result<(), ClientsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::{CommandFactory, Parser};
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: ClientsArgs,
-    }
 
     #[test]
     fn options_parse() {
-        Cli::command().debug_assert();
-        let cli = Cli::try_parse_from([
+        let a: ClientsArgs = crate::parse_options(&[
             "clients",
             "--url",
             "ws://127.0.0.1:8080/local",
@@ -206,7 +198,6 @@ mod tests {
             "2",
         ])
         .expect("parses");
-        let a = cli.args;
         assert_eq!((a.count, a.drop, a.expect_frames), (1000, 100, Some(2)));
         assert_eq!(a.channel.as_deref(), Some("news"));
         assert_eq!(a.duration, Some(Duration::from_secs(30)));
