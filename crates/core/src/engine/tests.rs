@@ -52,19 +52,17 @@ async fn to_everyone(
 }
 
 /// A broadcast to `rows` connections in pages of 10, four sends at a
-/// time, through a gateway answering from `script`, run to its end.
-async fn to_rows_answering<'a>(
+/// time, through a gateway answering from `script`, run to its end: none of
+/// these answers fails the job.
+async fn completed_answering<'a>(
     rows: usize,
     script: impl IntoIterator<Item = (&'a str, Vec<PostOutcome>)>,
-) -> (
-    Arc<FakeTable>,
-    Arc<FakeGateway>,
-    (RunSummary, Result<(), FanoutError>),
-) {
+) -> (Arc<FakeTable>, Arc<FakeGateway>, RunSummary) {
     let table = Arc::new(FakeTable::with(&ids(rows), 10));
     let gateway = Arc::new(FakeGateway::answering(script));
-    let ran = to_everyone(&table, &gateway, 4).await;
-    (table, gateway, ran)
+    let (report, result) = to_everyone(&table, &gateway, 4).await;
+    result.expect("completes");
+    (table, gateway, report)
 }
 
 /// An adaptive budget of `per_second` with `burst`, so the tests can read
@@ -114,6 +112,68 @@ async fn stop_after_deliveries(
             }
         }
     }
+}
+
+/// Runs `target` over `table`, the send to `stalled` never answering, until
+/// `count` have been delivered, then stops it: the run is interrupted.
+/// Returns what it came to and the gateway it sent through.
+async fn interrupted(
+    table: &Arc<FakeTable>,
+    target: Target,
+    stalled: &str,
+    count: usize,
+) -> (RunSummary, Arc<FakeGateway>) {
+    let gateway = Arc::new(FakeGateway {
+        stall_ids: [stalled.to_owned()].into(),
+        ..FakeGateway::default()
+    });
+    let engine = engine(table.clone(), gateway.clone(), 4);
+    let (report, result) = stop_after_deliveries(&engine, &job(target), &gateway, count).await;
+    assert!(
+        matches!(result, Err(FanoutError::Interrupted)),
+        "{result:?}"
+    );
+    (report, gateway)
+}
+
+/// An engine over `rows` connections in pages of `page_size`, sending
+/// `max_in_flight` at a time, whose gateway answers `id` 429 `times` times.
+fn throttling(
+    rows: usize,
+    page_size: usize,
+    id: &str,
+    times: usize,
+    max_in_flight: usize,
+) -> Engine<Arc<FakeTable>, FakeGateway> {
+    let table = Arc::new(FakeTable::with(&ids(rows), page_size));
+    let script = [(id, vec![PostOutcome::Throttled; times])];
+    engine(
+        table,
+        Arc::new(FakeGateway::answering(script)),
+        max_in_flight,
+    )
+}
+
+/// A gateway at which each of `all` answers `answers` first.
+fn answering_all(all: &[String], answers: &[PostOutcome]) -> Arc<FakeGateway> {
+    let script = all.iter().map(|id| (id.as_str(), answers.to_vec()));
+    Arc::new(FakeGateway::answering(script))
+}
+
+/// The one connection the run left deferred, checked to be `id`.
+fn the_one_deferred<'a>(report: &'a RunSummary, id: &str) -> &'a Deferred {
+    let [d] = &report.deferred[..] else {
+        panic!("{:?}", report.deferred)
+    };
+    assert_eq!(d.connection.id.as_str(), id);
+    d
+}
+
+/// The ids `gateway` delivered to, in order of id.
+fn sorted_deliveries(gateway: &FakeGateway) -> Vec<String> {
+    let mut got = gateway.delivered_ids();
+    got.sort();
+    got
 }
 
 #[tokio::test]
@@ -280,7 +340,7 @@ async fn pages_are_read_ahead_of_the_sends_but_not_all_at_once() {
 
 #[tokio::test]
 async fn throttles_and_5xx_are_retried_until_delivered() {
-    let (_, gateway, (report, result)) = to_rows_answering(
+    let (_, gateway, report) = completed_answering(
         3,
         [
             ("conn-0", vec![PostOutcome::Throttled; 2]),
@@ -288,37 +348,32 @@ async fn throttles_and_5xx_are_retried_until_delivered() {
         ],
     )
     .await;
-    result.expect("completes");
     assert_eq!(
         (report.delivered, report.retries, report.throttled),
         (3, 3, 2)
     );
-    assert_eq!(gateway.delivered.lock().unwrap().len(), 3);
+    assert_eq!(gateway.delivered_ids().len(), 3);
 }
 
 #[tokio::test]
 async fn a_connection_failing_past_its_attempts_is_deferred_then_delivered_in_a_later_pass() {
     // Four attempts in the first pass, one more in the second.
     let script = [("conn-0", vec![PostOutcome::Transient("503".into()); 5])];
-    let (_, gateway, (report, result)) = to_rows_answering(2, script).await;
-    result.expect("completes");
+    let (_, gateway, report) = completed_answering(2, script).await;
     assert_eq!((report.delivered, report.failed), (2, 0));
     assert!(report.deferred.is_empty(), "{:?}", report.deferred);
     assert_eq!((report.passes, report.retries, report.audience), (1, 4, 2));
-    assert_eq!(gateway.delivered.lock().unwrap().len(), 2);
+    assert_eq!(gateway.delivered_ids().len(), 2);
 }
 
 #[tokio::test]
 async fn still_deferred_after_every_pass_is_reported_with_its_key_not_dropped() {
     let script = [("conn-1", vec![PostOutcome::Transient("503".into()); 100])];
-    let (table, _, (report, result)) = to_rows_answering(3, script).await;
-    result.expect("the job completes; one connection is deferred");
+    // The job completes; one connection is deferred.
+    let (table, _, report) = completed_answering(3, script).await;
     assert_eq!((report.delivered, report.failed), (2, 0));
     assert_eq!((report.passes, report.audience), (2, 3));
-    let [d] = &report.deferred[..] else {
-        panic!("{:?}", report.deferred)
-    };
-    assert_eq!(d.connection.id.as_str(), "conn-1");
+    let d = the_one_deferred(&report, "conn-1");
     assert!(d.connection.key.is_some(), "the row key travels with it");
     assert_eq!(d.reason, "503");
     assert!(
@@ -350,8 +405,7 @@ async fn a_connection_in_several_channels_gets_it_once_and_all_its_rows_go_if_go
     let target = Target::Channels(vec!["a".into(), "b".into(), "c".into()]);
     let (report, result) = run(&engine(table.clone(), gateway.clone(), 4), &job(target)).await;
     result.expect("completes");
-    let mut got: Vec<String> = gateway.delivered_ids().into_iter().collect();
-    got.sort();
+    let got = sorted_deliveries(&gateway);
     assert_eq!(got, ["m1", "m2", "m3", "m4", "m5"], "each member once");
     assert_eq!((report.audience, report.gone), (6, 1), "{report:?}");
     assert_eq!(report.removed, 3, "x's three rows, one per channel");
@@ -374,15 +428,9 @@ async fn an_interrupted_merge_of_channels_continues_after_its_last_finished_page
     table.channel_order = crate::store::ChannelOrder::ById;
     let table = Arc::new(table);
     let members: HashSet<String> = table.channels.values().flatten().cloned().collect();
-    // m050 never answers: the merge stops behind it.
-    let gateway = Arc::new(FakeGateway {
-        stall_ids: ["m050".to_owned()].into(),
-        ..FakeGateway::default()
-    });
-    let first = engine(table.clone(), gateway.clone(), 4);
     let target = Target::Channels(vec!["a".into(), "b".into(), "c".into()]);
-    let (report, result) = stop_after_deliveries(&first, &job(target.clone()), &gateway, 40).await;
-    assert!(matches!(result, Err(FanoutError::Interrupted)));
+    // m050 never answers: the merge stops behind it.
+    let (report, gateway) = interrupted(&table, target.clone(), "m050", 40).await;
     let [cursor] = &report.resume[..] else {
         panic!("one cursor for the merge: {:?}", report.resume)
     };
@@ -467,20 +515,13 @@ async fn a_named_audience_reads_its_index_only() {
     let (report, result) = run(&engine(table, gateway.clone(), 4), &job(target)).await;
     result.expect("completes");
     assert_eq!(report.delivered, 2);
-    let mut got: Vec<String> = gateway.delivered_ids().into_iter().collect();
-    got.sort();
-    assert_eq!(got, ["conn-3", "conn-9"]);
+    assert_eq!(sorted_deliveries(&gateway), ["conn-3", "conn-9"]);
 }
 
 #[tokio::test]
 async fn throttling_is_bounded_by_time_not_by_attempts() {
-    let table = Arc::new(FakeTable::with(&ids(2), 10));
     // More 429s than the four attempts, well within the deadline.
-    let gateway = Arc::new(FakeGateway::answering([(
-        "conn-0",
-        vec![PostOutcome::Throttled; 8],
-    )]));
-    let mut engine = engine(table, gateway.clone(), 4);
+    let mut engine = throttling(2, 10, "conn-0", 8, 4);
     engine.settings.throttle_deadline = Duration::from_secs(30);
     let (report, result) = run(&engine, &job(Target::All)).await;
     result.expect("completes");
@@ -491,21 +532,13 @@ async fn throttling_is_bounded_by_time_not_by_attempts() {
 
 #[tokio::test]
 async fn one_connection_that_always_answers_429_is_deferred_and_the_rest_delivered() {
-    let table = Arc::new(FakeTable::with(&ids(200), 50));
-    let gateway = Arc::new(FakeGateway::answering([(
-        "conn-7",
-        vec![PostOutcome::Throttled; 100_000],
-    )]));
-    let mut engine = engine(table, gateway.clone(), 16);
+    let mut engine = throttling(200, 50, "conn-7", 100_000, 16);
     let budget = adaptive_budget(1_000_000, 10_000, 16);
     engine.budget = budget.clone();
     let (report, result) = run(&engine, &job(Target::All)).await;
     result.expect("completes");
     assert_eq!(report.delivered, 199);
-    let [d] = &report.deferred[..] else {
-        panic!("{:?}", report.deferred)
-    };
-    assert_eq!(d.connection.id.as_str(), "conn-7");
+    let d = the_one_deferred(&report, "conn-7");
     assert!(d.reason.starts_with("throttled (429) for"), "{}", d.reason);
     assert!(
         report.throttled > 4,
@@ -518,12 +551,7 @@ async fn one_connection_that_always_answers_429_is_deferred_and_the_rest_deliver
 #[tokio::test]
 async fn one_clients_run_of_429s_defers_it_at_once_from_the_pass_over_the_audience() {
     use crate::budget::CLIENT_STREAK;
-    let table = Arc::new(FakeTable::with(&ids(200), 10));
-    let gateway = Arc::new(FakeGateway::answering([(
-        "conn-15",
-        vec![PostOutcome::Throttled; 100_000],
-    )]));
-    let mut engine = engine(table, gateway.clone(), 16);
+    let mut engine = throttling(200, 10, "conn-15", 100_000, 16);
     // Its deadline would hold page 2 unanswered, and page 4 behind it.
     engine.settings.throttle_deadline = Duration::from_secs(3600);
     engine.settings.deferred_passes = 0;
@@ -531,10 +559,7 @@ async fn one_clients_run_of_429s_defers_it_at_once_from_the_pass_over_the_audien
     let (report, result) = run(&engine, &job(Target::All)).await;
     result.expect("completes");
     assert_eq!(report.delivered, 199);
-    let [d] = &report.deferred[..] else {
-        panic!("{:?}", report.deferred)
-    };
-    assert_eq!(d.connection.id.as_str(), "conn-15");
+    let d = the_one_deferred(&report, "conn-15");
     assert!(d.reason.ends_with("alone"), "{}", d.reason);
     assert_eq!(report.throttled, u64::from(CLIENT_STREAK));
 }
@@ -620,8 +645,7 @@ async fn forbidden_and_too_large_stop_the_job() {
 #[tokio::test]
 async fn rejected_connections_fail_without_retry_or_removal() {
     let script = [("conn-1", vec![PostOutcome::Rejected("400".into())])];
-    let (table, _, (report, result)) = to_rows_answering(2, script).await;
-    result.unwrap();
+    let (table, _, report) = completed_answering(2, script).await;
     assert_eq!((report.delivered, report.failed, report.retries), (1, 1, 0));
     assert_eq!(report.rejected, [ConnectionId::new("conn-1")]);
     assert_eq!(table.remaining().len(), 2);
@@ -631,10 +655,7 @@ async fn rejected_connections_fail_without_retry_or_removal() {
 async fn the_report_names_the_first_rejected_connections_only() {
     let all = ids(MAX_FAILED_IDS + 20);
     let table = Arc::new(FakeTable::with(&all, 50));
-    let gateway =
-        Arc::new(FakeGateway::answering(all.iter().map(|id| {
-            (id.as_str(), vec![PostOutcome::Rejected("400".into())])
-        })));
+    let gateway = answering_all(&all, &[PostOutcome::Rejected("400".into())]);
     let engine = engine(table, gateway, 8);
     // Proven by an earlier job: a run where every post is refused is
     // otherwise the sign of a wrong endpoint.
@@ -664,9 +685,7 @@ async fn excluded_and_explicit_audiences() {
         (report.audience, report.excluded, report.delivered),
         (2, 1, 2)
     );
-    let mut got: Vec<_> = gateway.delivered_ids().into_iter().collect();
-    got.sort();
-    assert_eq!(got, ["x", "z"]);
+    assert_eq!(sorted_deliveries(&gateway), ["x", "z"]);
 }
 
 #[tokio::test]
@@ -682,14 +701,8 @@ async fn an_audience_read_error_fails_the_job_transiently() {
 async fn an_interrupted_broadcast_resumes_after_its_last_finished_page() {
     // Pages of 10; conn-25 never answers, so page 3 never finishes.
     let table = Arc::new(FakeTable::with(&ids(100), 10));
-    let gateway = Arc::new(FakeGateway {
-        stall_ids: ["conn-25".to_owned()].into(),
-        ..FakeGateway::default()
-    });
-    let first = engine(table.clone(), gateway.clone(), 4);
     // Let it work until only the stuck send is left, then stop it.
-    let (report, result) = stop_after_deliveries(&first, &job(Target::All), &gateway, 23).await;
-    assert!(matches!(result, Err(FanoutError::Interrupted)));
+    let (report, _) = interrupted(&table, Target::All, "conn-25", 23).await;
     let resume = report.resume.clone();
     assert_eq!(
         resume,
@@ -771,13 +784,7 @@ async fn a_panic_of_the_page_reader_fails_the_job_transiently() {
 #[tokio::test]
 async fn an_interrupted_job_counts_the_sends_it_left_unfinished_in_its_audience() {
     let table = Arc::new(FakeTable::with(&ids(3), 10));
-    let gateway = Arc::new(FakeGateway {
-        stall_ids: ["conn-1".to_owned()].into(),
-        ..FakeGateway::default()
-    });
-    let engine = engine(table, gateway.clone(), 4);
-    let (report, result) = stop_after_deliveries(&engine, &job(Target::All), &gateway, 2).await;
-    assert!(matches!(result, Err(FanoutError::Interrupted)));
+    let (report, _) = interrupted(&table, Target::All, "conn-1", 2).await;
     assert_eq!((report.delivered, report.failed, report.gone), (2, 0, 0));
     assert_eq!(
         report.audience, 3,
@@ -867,10 +874,7 @@ async fn no_answers_and_no_job_fields_remove_a_row_whose_connection_answered_2xx
 async fn an_outage_stops_the_run_past_its_deferred_bound_instead_of_listing_everyone() {
     let all = ids(MAX_DEFERRED + 5_000);
     let table = Arc::new(FakeTable::with(&all, 1000));
-    let gateway =
-        Arc::new(FakeGateway::answering(all.iter().map(|id| {
-            (id.as_str(), vec![PostOutcome::Transient("503".into()); 8])
-        })));
+    let gateway = answering_all(&all, &vec![PostOutcome::Transient("503".into()); 8]);
     let (report, result) = to_everyone(&table, &gateway, 64).await;
     assert!(
         matches!(result, Err(FanoutError::Backlog { deferred }) if deferred == MAX_DEFERRED + 1),
