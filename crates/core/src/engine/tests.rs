@@ -65,6 +65,16 @@ async fn completed_answering<'a>(
     (table, gateway, report)
 }
 
+/// [`completed_answering`], `id` answering 503 `times` times.
+async fn with_503s(
+    rows: usize,
+    id: &str,
+    times: usize,
+) -> (Arc<FakeTable>, Arc<FakeGateway>, RunSummary) {
+    let answers = vec![PostOutcome::Transient("503".into()); times];
+    completed_answering(rows, [(id, answers)]).await
+}
+
 /// An adaptive budget of `per_second` with `burst`, so the tests can read
 /// back which answers it counted.
 fn adaptive_budget(per_second: u32, burst: u32, max_in_flight: usize) -> Arc<SendBudget> {
@@ -352,25 +362,23 @@ async fn throttles_and_5xx_are_retried_until_delivered() {
         (report.delivered, report.retries, report.throttled),
         (3, 3, 2)
     );
-    assert_eq!(gateway.delivered_ids().len(), 3);
+    assert_eq!(sorted_deliveries(&gateway), ids(3), "each once");
 }
 
 #[tokio::test]
 async fn a_connection_failing_past_its_attempts_is_deferred_then_delivered_in_a_later_pass() {
     // Four attempts in the first pass, one more in the second.
-    let script = [("conn-0", vec![PostOutcome::Transient("503".into()); 5])];
-    let (_, gateway, report) = completed_answering(2, script).await;
+    let (_, gateway, report) = with_503s(2, "conn-0", 5).await;
     assert_eq!((report.delivered, report.failed), (2, 0));
     assert!(report.deferred.is_empty(), "{:?}", report.deferred);
     assert_eq!((report.passes, report.retries, report.audience), (1, 4, 2));
-    assert_eq!(gateway.delivered_ids().len(), 2);
+    assert_eq!(sorted_deliveries(&gateway), ids(2), "each once");
 }
 
 #[tokio::test]
 async fn still_deferred_after_every_pass_is_reported_with_its_key_not_dropped() {
-    let script = [("conn-1", vec![PostOutcome::Transient("503".into()); 100])];
     // The job completes; one connection is deferred.
-    let (table, _, report) = completed_answering(3, script).await;
+    let (table, _, report) = with_503s(3, "conn-1", 100).await;
     assert_eq!((report.delivered, report.failed), (2, 0));
     assert_eq!((report.passes, report.audience), (2, 3));
     let d = the_one_deferred(&report, "conn-1");
@@ -398,10 +406,7 @@ async fn a_connection_in_several_channels_gets_it_once_and_all_its_rows_go_if_go
     .into();
     table.channel_order = crate::store::ChannelOrder::ById;
     let table = Arc::new(table);
-    let gateway = Arc::new(FakeGateway {
-        gone: ["x".to_owned()].into(),
-        ..FakeGateway::default()
-    });
+    let gateway = Arc::new(FakeGateway::answering_gone(["x"]));
     let target = Target::Channels(vec!["a".into(), "b".into(), "c".into()]);
     let (report, result) = run(&engine(table.clone(), gateway.clone(), 4), &job(target)).await;
     result.expect("completes");
@@ -477,10 +482,7 @@ async fn a_live_connection_keeps_every_row_and_disjoint_channels_are_concatenate
     ]
     .into();
     let table = Arc::new(table);
-    let gateway = Arc::new(FakeGateway {
-        gone: ["gone".to_owned()].into(),
-        ..FakeGateway::default()
-    });
+    let gateway = Arc::new(FakeGateway::answering_gone(["gone"]));
     let target = Target::Channels(vec!["a".into(), "b".into()]);
     let (report, result) = run(&engine(table.clone(), gateway.clone(), 4), &job(target)).await;
     result.expect("completes");
@@ -584,10 +586,7 @@ async fn only_answers_the_endpoint_took_count_as_accepted_for_the_rate() {
 async fn a_deferred_audience_is_exactly_its_connections_from_its_offset() {
     use crate::store::Position;
     let table = Arc::new(FakeTable::with(&ids(10), 10));
-    let gateway = Arc::new(FakeGateway {
-        gone: ["conn-3".to_owned()].into(),
-        ..FakeGateway::default()
-    });
+    let gateway = Arc::new(FakeGateway::answering_gone(["conn-3"]));
     let listed: Vec<Connection> = ["conn-2", "conn-3", "conn-4"]
         .into_iter()
         .map(|id| Connection {

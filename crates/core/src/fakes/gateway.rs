@@ -50,6 +50,15 @@ impl FakeGateway {
             .collect()
     }
 
+    /// Answers gone (410) for each of `ids`; every other id takes the
+    /// message.
+    pub fn answering_gone<'a>(ids: impl IntoIterator<Item = &'a str>) -> Self {
+        Self {
+            gone: ids.into_iter().map(str::to_owned).collect(),
+            ..Self::default()
+        }
+    }
+
     /// Lets the posts to `held_ids` go on, now and from now on.
     pub fn release(&self) {
         self.released.store(true, Ordering::SeqCst);
