@@ -25,17 +25,14 @@ use std::collections::HashMap;
 
 use aws_sdk_dynamodb::Client;
 
-use crate::dynamo_errors::{self, Failure};
-use aws_sdk_dynamodb::types::{AttributeValue, KeyType, ScalarAttributeType, TableDescription};
+use aws_sdk_dynamodb::types::AttributeValue;
+
+use crate::pk_sk::{Item, PK, PkSkTable, SK};
 
 use fanout_core::fleet::{FleetError, Lease, LeaseTable};
 
-pub(crate) type Item = HashMap<String, AttributeValue>;
-
 /// The partition every lease of the fleet is written under.
 const PARTITION: &str = "fleet#leases";
-pub(crate) const PK: &str = "pk";
-pub(crate) const SK: &str = "sk";
 const DEMAND: &str = "demand";
 const EXPIRES_AT_MS: &str = "expiresAtMs";
 /// The table's TTL attribute (the template enables TTL on it).
@@ -61,9 +58,8 @@ impl DynamoLeaseTable {
     /// The table, unchecked: for a start while it cannot be reached (the
     /// coordinator falls back and retries every round).
     pub fn unchecked(client: Client, table: impl Into<String>) -> Self {
-        let name = table.into();
         Self {
-            table: PkSkTable { client, name },
+            table: PkSkTable::unchecked(client, table.into()),
         }
     }
 }
@@ -144,83 +140,6 @@ fn wrong_key(table: &str, found: &str) -> FleetError {
     ))
 }
 
-/// A table keyed `pk` (S) + `sk` (S), the layout the fleet's leases and the
-/// runs' records share, with the client that calls it.
-#[derive(Clone, Debug)]
-pub(crate) struct PkSkTable {
-    pub(crate) client: Client,
-    pub(crate) name: String,
-}
-
-impl PkSkTable {
-    /// Checks once, at startup, that `name` exists and is keyed so: a failed
-    /// call is `failed`'s, a table keyed otherwise is `unfit`'s (given its
-    /// name and the key it has).
-    pub(crate) async fn connect<E>(
-        client: Client,
-        name: String,
-        failed: fn(&str, Failure) -> E,
-        unfit: fn(&str, &str) -> E,
-    ) -> Result<Self, E> {
-        check_pk_sk(&client, &name, failed, |found| unfit(&name, &found)).await?;
-        Ok(Self { client, name })
-    }
-}
-
-/// Reads `table`'s description and checks that it is keyed as
-/// [`pk_sk_key`] says; a failed call is `failed`'s, a table keyed otherwise
-/// is `unfit`'s (given the key it has).
-async fn check_pk_sk<E>(
-    client: &Client,
-    table: &str,
-    failed: fn(&str, Failure) -> E,
-    unfit: impl FnOnce(String) -> E,
-) -> Result<(), E> {
-    let output = client
-        .describe_table()
-        .table_name(table)
-        .send()
-        .await
-        .map_err(|err| failed(table, dynamo_errors::classify(&err)))?;
-    let description = output
-        .table()
-        .ok_or_else(|| failed(table, Failure::NoSuchTable))?;
-    pk_sk_key(description).map_err(unfit)
-}
-
-/// Whether a table is keyed `pk` (S) + `sk` (S), the layout the fleet's
-/// leases and the runs' records share; `Err` names the key it has.
-pub(crate) fn pk_sk_key(description: &TableDescription) -> Result<(), String> {
-    let key_of = |kind: KeyType| {
-        let name = description
-            .key_schema()
-            .iter()
-            .find(|e| e.key_type() == &kind)?
-            .attribute_name();
-        let scalar = description
-            .attribute_definitions()
-            .iter()
-            .find(|d| d.attribute_name() == name)?
-            .attribute_type();
-        Some((name, scalar.clone()))
-    };
-    let string = ScalarAttributeType::S;
-    if key_of(KeyType::Hash) == Some((PK, string.clone()))
-        && key_of(KeyType::Range) == Some((SK, string))
-    {
-        return Ok(());
-    }
-    let shown = |key: Option<(&str, ScalarAttributeType)>| match key {
-        Some((name, scalar)) => format!("{name} ({})", scalar.as_str()),
-        None => "nothing".to_owned(),
-    };
-    Err(format!(
-        "partition key {} and sort key {}",
-        shown(key_of(KeyType::Hash)),
-        shown(key_of(KeyType::Range)),
-    ))
-}
-
 /// A lease as the item that stores it.
 fn to_item(lease: &Lease) -> Result<Item, FleetError> {
     // DynamoDB has no NaN or infinity; a bad demand is a bug in the caller,
@@ -283,9 +202,12 @@ crate::dynamo_errors::table_errors!(FleetError);
 
 #[cfg(test)]
 mod tests {
-    use aws_sdk_dynamodb::types::{AttributeDefinition, KeySchemaElement};
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, KeySchemaElement, KeyType, ScalarAttributeType, TableDescription,
+    };
 
     use super::*;
+    use crate::pk_sk::pk_sk_key;
 
     fn lease(task: &str, demand: f64, expires_at_ms: u64) -> Lease {
         Lease {

@@ -15,6 +15,8 @@
 //!   against this worker's, for the age rule.
 //! - `runs`: [`DynamoRunTable`], durable runs' `RunTable` on the checkpoint
 //!   table (one item per run key, conditional writes).
+//! - `pk_sk`: the `pk` + `sk` table layout the fleet and run tables share,
+//!   and the startup check of a table's key.
 //! - `dynamo_errors`: what a failed DynamoDB call means, for every table.
 //! - `endpoint`: which management API endpoints are accepted
 //!   ([`parse_endpoint`]), plain HTTP only to loopback unless allowed.
@@ -41,6 +43,7 @@ mod dynamo_errors;
 mod endpoint;
 mod fleet;
 mod lean;
+mod pk_sk;
 mod reports;
 mod runs;
 mod select;

@@ -25,7 +25,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use fanout_core::runs::{DurableError, RunRecord, RunTable};
 
 use crate::dynamo_errors;
-use crate::fleet::{Item, PK, PkSkTable, SK};
+use crate::pk_sk::{Item, PK, PkSkTable, SK};
 
 const SORT: &str = "run";
 
@@ -47,9 +47,8 @@ impl DynamoRunTable {
     /// The table, unchecked: for a start while it cannot be reached (each
     /// call then fails, is counted, and delivery goes on without it).
     pub fn unchecked(client: Client, table: impl Into<String>) -> Self {
-        let name = table.into();
         Self {
-            table: PkSkTable { client, name },
+            table: PkSkTable::unchecked(client, table.into()),
         }
     }
 }
