@@ -676,6 +676,25 @@ pub fn ids(prefix: &str, n: usize) -> Vec<String> {
 }
 
 /// The connection ids still in the table.
+/// The first page of a consistent Query for the rows whose partition key
+/// `key` holds the string `value`.
+pub async fn first_page_of_partition(
+    ddb: &aws_sdk_dynamodb::Client,
+    table: &str,
+    key: &str,
+    value: &str,
+) -> aws_sdk_dynamodb::operation::query::QueryOutput {
+    ddb.query()
+        .table_name(table)
+        .key_condition_expression("#key = :value")
+        .expression_attribute_names("#key", key)
+        .expression_attribute_values(":value", AttributeValue::S(value.to_owned()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("query {table} where {key} = {value}: {e:?}"))
+}
+
 pub async fn remaining_ids(ddb: &aws_sdk_dynamodb::Client, table: &str) -> BTreeSet<String> {
     remaining_rows(ddb, table)
         .await
