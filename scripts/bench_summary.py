@@ -34,6 +34,18 @@ def ratios(rs):
     return [float(r["posts_per_s"]) / float(r["wrk_per_s"]) for r in rs if r.get("wrk_per_s")]
 
 
+def of_kind(rows, kind):
+    return [r for r in rows if r.get("kind") == kind]
+
+
+def grouped(rs, key):
+    """The rows by key(row), groups and their rows in the order read."""
+    groups = defaultdict(list)
+    for r in rs:
+        groups[key(r)].append(r)
+    return groups
+
+
 def table(columns, lines):
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     out += ["| " + " | ".join(cells) + " |" for cells in lines]
@@ -45,12 +57,10 @@ def verdict(ok):
 
 
 def process_section(rows):
-    rs = [r for r in rows if r.get("kind") == "process"]
+    rs = of_kind(rows, "process")
     if not rs:
         return []
-    groups = defaultdict(list)
-    for r in rs:
-        groups[(r["mode"], int(r["rows"]), r["rate_kind"], r["rate"])].append(r)
+    groups = grouped(rs, lambda r: (r["mode"], int(r["rows"]), r["rate_kind"], r["rate"]))
     lines, peers = [], []
     order = {"free": 0, "off": 1, "bound": 2}
     for (mode, n, kind, rate), g in sorted(groups.items(), key=lambda kv: (order.get(kv[0][2], 3), kv[0][0], kv[0][1])):
@@ -134,13 +144,11 @@ def process_section(rows):
 
 
 def jobs_section(rows):
-    rs = [r for r in rows if r.get("kind") == "jobs"]
+    rs = of_kind(rows, "jobs")
     if not rs:
         return []
-    groups = defaultdict(list)
-    for r in rs:
-        groups[(int(r["latency_ms"]), int(r["max_concurrent_jobs"]), r["slots"], int(r.get("huge", 0)),
-                int(r.get("durable", 0)))].append(r)
+    groups = grouped(rs, lambda r: (int(r["latency_ms"]), int(r["max_concurrent_jobs"]), r["slots"],
+                                    int(r.get("huge", 0)), int(r.get("durable", 0))))
     lines = []
     for (latency, slots, how, huge, durable), g in sorted(groups.items()):
         calls = [float(r["run_table_calls"]) / float(r["jobs"]) for r in g if r.get("run_table_calls")]
@@ -175,10 +183,7 @@ def jobs_section(rows):
 
 
 def engine_section(rows):
-    groups = defaultdict(list)
-    for r in rows:
-        if r.get("kind") == "broadcast":
-            groups[(int(r["connections"]), r["store"], r["path"])].append(r)
+    groups = grouped(of_kind(rows, "broadcast"), lambda r: (int(r["connections"]), r["store"], r["path"]))
     out = []
     if groups:
         lines = []
@@ -194,7 +199,7 @@ def engine_section(rows):
                 table(["N", "audience", "path", "runs", "posts/s", "CPU µs/post", "posts/CPU-s", "peak RSS MB",
                        "wrk posts/s", "ratio"], lines), ""]
 
-    limiter = [r for r in rows if r.get("kind") == "limiter"]
+    limiter = of_kind(rows, "limiter")
     if limiter:
         rate = float(limiter[0]["rate"])
         achieved = floats(limiter, "posts_per_s")
@@ -202,19 +207,13 @@ def engine_section(rows):
         out.append(f"- engine rate limiter at {rate:.0f}/s over {float(limiter[0]['secs']):.1f} s: "
                    f"{spread(achieved, '{:.0f}')} posts/s, error {spread(errors, '{:+.2f}')} % (target within ±3 %), "
                    f"CPU {spread(floats(limiter, 'cpu_us_per_post'), '{:.1f}')} µs/post")
-    split = defaultdict(list)
-    for r in rows:
-        if r.get("kind") == "split":
-            split[int(r["jobs"])].append(r)
+    split = grouped(of_kind(rows, "split"), lambda r: int(r["jobs"]))
     for jobs, g in sorted(split.items()):
         out.append(f"- {int(g[0]['connections']):,} connections as {jobs} job(s), unpinned: "
                    f"{spread(floats(g, 'posts_per_s'), '{:.0f}')} posts/s, "
                    f"{spread(floats(g, 'cpu_us_per_post'), '{:.1f}')} CPU µs/post, "
                    f"cores busy {spread(floats(g, 'cores_busy'), '{:.2f}')}")
-    latency = defaultdict(list)
-    for r in rows:
-        if r.get("kind") == "latency":
-            latency[r["path"]].append(r)
+    latency = grouped(of_kind(rows, "latency"), lambda r: r["path"])
     for p, g in sorted(latency.items()):
         jobs = sum(int(r["jobs"]) for r in g)
         out.append(f"- SQS → first delivery, {p.lower()} ({jobs} jobs in {len(g)} runs): "
@@ -224,12 +223,10 @@ def engine_section(rows):
 
 
 def fleet_section(rows):
-    rs = [r for r in rows if r.get("kind") == "fleet"]
+    rs = of_kind(rows, "fleet")
     if not rs:
         return []
-    groups = defaultdict(list)
-    for r in rs:
-        groups[int(r["workers"])].append(r)
+    groups = grouped(rs, lambda r: int(r["workers"]))
     rate = float(rs[0]["fleet_rate"])
     lines = []
     for workers, g in sorted(groups.items()):
@@ -252,7 +249,7 @@ def fleet_section(rows):
     if alone:
         out.append(f"- one worker alone ≥ 95 % of the fleet rate: {verdict(min(alone) >= 0.95 * rate)}")
     out.append(f"- broadcast within 1.1 × the ideal N ÷ rate, every run: {verdict(all(x <= 1.1 for x in spans))}")
-    kills = [r for r in rows if r.get("kind") == "fleet_kill"]
+    kills = of_kind(rows, "fleet_kill")
     if kills:
         took = floats(kills, "recovered_s")
         out.append(f"- one of four killed: the fleet's rate again after {spread(took, '{:.1f}')} s "
@@ -284,7 +281,7 @@ def throttle_section(rows):
 
 
 def index_section(rows):
-    rs = [r for r in rows if r.get("kind") == "index"]
+    rs = of_kind(rows, "index")
     if not rs:
         return []
     r0 = rs[0]
@@ -298,10 +295,7 @@ def index_section(rows):
 
 
 def removals_section(rows):
-    groups = defaultdict(list)
-    for r in rows:
-        if r.get("kind") == "removals":
-            groups[r["layout"]].append(r)
+    groups = grouped(of_kind(rows, "removals"), lambda r: r["layout"])
     if not groups:
         return []
     out = ["## Removing gone rows (dynalite)", "",

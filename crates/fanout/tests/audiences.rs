@@ -15,6 +15,7 @@ use fanout_core::connection::ConnectionId;
 use fanout_core::store::{AudienceQuery, ChannelOrder, ConnectionStore, Cursor, Position};
 use futures::StreamExt;
 
+use support::worker::count;
 use support::{CHANNEL, CHANNEL_INDEX, ID, IndexSpec};
 
 const USER_INDEX: &str = "by-user";
@@ -74,12 +75,6 @@ impl Rig {
             .await
             .expect("set a row's user");
     }
-}
-
-fn count(report: &serde_json::Value, key: &str) -> u64 {
-    report[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} missing in {report}"))
 }
 
 #[tokio::test]
@@ -306,10 +301,7 @@ async fn an_unknown_audience_and_two_selectors_are_dead_lettered_with_their_reas
     }
     assert_eq!(count(run.report("good"), "delivered"), 3);
     let dead = support::receive_all(&rig.sqs, &rig.dlq.url).await;
-    let reasons: Vec<&str> = dead
-        .iter()
-        .map(|m| m.attributes["fanout.reason"].as_str())
-        .collect();
+    let reasons: Vec<&str> = dead.iter().map(support::Received::reason).collect();
     assert_eq!(dead.len(), 4, "{reasons:?}");
     for expected in [
         "the audience `team` is not configured here; FANOUT_AUDIENCE_INDEXES names user",

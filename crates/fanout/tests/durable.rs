@@ -8,12 +8,11 @@ use fanout_testkit::local_support::TestGateway;
 use fanout_testkit::stack::Stack;
 use fanout_testkit::support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use fanout_dev::clients::Swarm;
 use support::TableKey;
-use support::worker::{Run, finish};
+use support::worker::{Run, finish, start};
 
 /// A stack (queues, connections table, gateway) and a checkpoint table.
 struct Setup {
@@ -30,9 +29,17 @@ impl Setup {
         Self { stack, runs }
     }
 
-    /// Checks that the jobs queue is empty, then closes the clients and the
-    /// gateway.
-    async fn end_with_an_empty_queue(self, clients: Swarm, why: &str) {
+    /// The setup with `count` clients connected, in no channel.
+    async fn with_clients(count: usize) -> (Self, Swarm) {
+        let s = Self::new().await;
+        let clients = s.connect(count, None).await;
+        (s, clients)
+    }
+
+    /// Checks that every client got `text` exactly once and that the jobs
+    /// queue is empty (`why`), then closes the clients and the gateway.
+    async fn end_delivered_once(self, clients: Swarm, text: &str, why: &str) {
+        each_once(&clients, text).await;
         assert_eq!(
             support::counts(&self.sqs, &self.queue.url).await,
             (0, 0),
@@ -62,11 +69,7 @@ impl Setup {
             ("FANOUT_CHECKPOINT_TABLE", checkpoint_table),
             ("FANOUT_RATE_PER_SECOND", "200"),
         ];
-        self.command(args, settings.into_iter().chain(extra.iter().copied()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start fanout run")
+        start(self.command(args, settings.into_iter().chain(extra.iter().copied())))
     }
 
     async fn run(&self) -> Run {
@@ -90,8 +93,7 @@ const JOB: &str = r#"{"id":"match-42","data":"goal"}"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_job_id_sent_again_after_it_finished_reaches_each_client_once() {
-    let s = Setup::new().await;
-    let clients = s.connect(50, None).await;
+    let (s, clients) = Setup::with_clients(50).await;
     s.send_raw(JOB).await;
     let first = s.run().await;
     assert_eq!(first.report("match-42")["delivered"], 50);
@@ -110,14 +112,12 @@ async fn the_same_job_id_sent_again_after_it_finished_reaches_each_client_once()
         "{}",
         second.stdout
     );
-    each_once(&clients, "goal").await;
-    s.end_with_an_empty_queue(clients, "deleted").await;
+    s.end_delivered_once(clients, "goal", "deleted").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_job_id_twice_at_once_with_two_workers_reaches_each_client_once() {
-    let s = Setup::new().await;
-    let clients = s.connect(200, None).await;
+    let (s, clients) = Setup::with_clients(200).await;
     // A second apart at 200/s: the first copy's broadcast is under way
     // when the second worker receives the second.
     s.send_raw(JOB).await;
@@ -136,14 +136,13 @@ async fn the_same_job_id_twice_at_once_with_two_workers_reaches_each_client_once
     );
     let broadcasts = a.reports.len() + b.reports.len();
     assert_eq!(broadcasts, 1, "one run: {}\n{}", a.stdout, b.stdout);
-    each_once(&clients, "goal").await;
-    s.end_with_an_empty_queue(clients, "both copies gone").await;
+    s.end_delivered_once(clients, "goal", "both copies gone")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_known_job_id_with_another_body_is_dead_lettered_with_that_reason() {
-    let s = Setup::new().await;
-    let clients = s.connect(10, None).await;
+    let (s, clients) = Setup::with_clients(10).await;
     s.send_raw(JOB).await;
     s.run().await;
     s.send_raw(r#"{"id":"match-42","data":"own goal"}"#).await;
@@ -153,7 +152,7 @@ async fn a_known_job_id_with_another_body_is_dead_lettered_with_that_reason() {
     let [letter] = &dead[..] else {
         panic!("{} dead letters", dead.len())
     };
-    let reason = &letter.attributes["fanout.reason"];
+    let reason = letter.reason();
     assert!(
         reason.contains("match-42") && reason.contains("another body"),
         "{reason}"
@@ -180,8 +179,7 @@ async fn a_missing_checkpoint_table_stops_the_worker_naming_the_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_visibility_lapses_mid_broadcast_is_not_run_twice_at_once() {
-    let s = Setup::new().await;
-    let clients = s.connect(300, None).await;
+    let (s, clients) = Setup::with_clients(300).await;
     // Worker A's heartbeat cannot keep the message hidden: its SQS goes
     // through a proxy that fails every ChangeMessageVisibility.
     let sqs = std::env::var("AWS_ENDPOINT_URL_SQS").expect("the emulators' env");
@@ -228,9 +226,8 @@ async fn a_job_whose_visibility_lapses_mid_broadcast_is_not_run_twice_at_once() 
         b.stdout
     );
     assert!(proxy.injected().sqs_errors > 0, "the heartbeat was blocked");
-    each_once(&clients, "goal").await;
     // A deleted it with the newest receipt, B's.
-    s.end_with_an_empty_queue(clients, "deleted").await;
+    s.end_delivered_once(clients, "goal", "deleted").await;
 }
 
 /// The kill test's broadcast: pages of 1,000, 64 in flight, one segment.
@@ -256,7 +253,7 @@ async fn killed_once(table: &str, kill_after: u64) -> (u64, u64) {
         } else {
             &["run"]
         };
-        support::worker::command(
+        start(support::worker::command(
             args,
             &queue.url,
             &dlq.url,
@@ -273,11 +270,7 @@ async fn killed_once(table: &str, kill_after: u64) -> (u64, u64) {
                 ("FANOUT_VISIBILITY_TIMEOUT", "4s"),
                 ("FANOUT_HEARTBEAT_INTERVAL", "1s"),
             ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start fanout run")
+        ))
     };
     sqs.send_message()
         .queue_url(&queue.url)
@@ -358,8 +351,7 @@ async fn a_sigkilled_broadcast_resumes_from_its_checkpoint_within_the_bound() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_table_throttled_mid_job_loses_nothing() {
-    let s = Setup::new().await;
-    let clients = s.connect(300, None).await;
+    let (s, clients) = Setup::with_clients(300).await;
     let dynamodb = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").expect("the emulators' env");
     let proxy = FaultProxy::start(&dynamodb, Faults::default()).await;
     let proxied = proxy.url();
@@ -400,6 +392,5 @@ async fn a_checkpoint_table_throttled_mid_job_loses_nothing() {
         .filter_map(|l| l["CheckpointFailures"].as_u64())
         .sum::<u64>();
     assert!(failures > 0, "and counted: {}", run.stdout);
-    each_once(&clients, "goal").await;
-    s.end_with_an_empty_queue(clients, "settled").await;
+    s.end_delivered_once(clients, "goal", "settled").await;
 }

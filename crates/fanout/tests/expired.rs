@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use support::worker::{Run, run_to_end};
+use support::worker::{Run, count, run_to_end};
 
 const HOUR_MS: i64 = 60 * 60 * 1000;
 
@@ -71,12 +71,6 @@ impl Setup {
         assert!(run.status.success(), "{}", run.stdout);
         run
     }
-}
-
-fn count(report: &serde_json::Value, field: &str) -> u64 {
-    report[field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{field} in {report}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

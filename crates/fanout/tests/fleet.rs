@@ -17,11 +17,10 @@
 //! worker's share taken back.
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fanout_testkit::local_support::TestGateway;
-use fanout_testkit::support::worker::{Run, finish, signal};
+use fanout_testkit::support::worker::{Run, finish, signal, start};
 use fanout_testkit::support::{self, TableKey, TestQueue};
 use tokio::process::Child;
 
@@ -70,7 +69,7 @@ impl Fleet {
         let endpoint = format!("http://{}/{}", self.gateway.addr, self.gateway.stage);
         let rate = FLEET_RATE.to_string();
         let fallback = (FLEET_RATE / 4).to_string();
-        support::worker::command(
+        start(support::worker::command(
             &["run", "--exit-when-idle"],
             &self.queue.url,
             &self.dlq.url,
@@ -87,11 +86,7 @@ impl Fleet {
                 ("FANOUT_VISIBILITY_TIMEOUT", "8s"),
                 ("FANOUT_HEARTBEAT_INTERVAL", "2s"),
             ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start fanout run")
+        ))
     }
 
     /// One whole-table broadcast as the segment jobs a split makes of it,

@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use aws_sdk_apigatewaymanagement::config::Credentials;
 use bytes::Bytes;
 use fanout_aws::ApiGatewaySender;
 use fanout_aws::LeanSender;
@@ -24,6 +23,7 @@ use fanout_aws::SelectedSender;
 use fanout_core::budget::{RateSettings, SendBudget};
 use fanout_core::connection::ConnectionId;
 use fanout_core::gateway::{Gateway, PostOutcome};
+use fanout_testkit::support;
 use futures::StreamExt;
 
 const RATE: u32 = 1_000;
@@ -149,11 +149,7 @@ fn pki() -> &'static Pki {
 }
 
 async fn sender(lean: bool, endpoint: &str) -> SelectedSender {
-    let config = fanout_aws::clients::config_loader()
-        .region("us-east-1")
-        .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
-        .load()
-        .await;
+    let config = support::test_config_loader().load().await;
     if lean {
         SelectedSender::Lean(LeanSender::new(&config, endpoint, TIMEOUT, IN_FLIGHT).unwrap())
     } else {

@@ -150,9 +150,7 @@ impl Rig {
     async fn dead_letter_reasons(&self, count: usize, out: &str) -> Vec<String> {
         let dead = self.dead_letters().await;
         assert_eq!(dead.len(), count, "dead-lettered, not done: {out}");
-        dead.into_iter()
-            .map(|d| d.attributes["fanout.reason"].clone())
-            .collect()
+        dead.into_iter().map(|d| d.reason().to_owned()).collect()
     }
 
     async fn dead_letters(&self) -> Vec<support::Received> {

@@ -18,7 +18,6 @@ use fanout_testkit::support;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,8 +26,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use support::TableKey;
-use support::worker::{Run, finish};
+use support::worker::{Run, finish, start};
 
 /// Held by each test: rate figures need the machine to themselves, not
 /// shared with another test's worker.
@@ -131,10 +129,7 @@ async fn serve(peer: Arc<Peer>) -> SocketAddr {
     let app = axum::Router::new()
         .route("/test/@connections/{id}", axum::routing::post(post))
         .with_state(peer);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind port 0");
-    let addr = listener.local_addr().expect("bound address");
+    let (listener, addr) = support::loopback_listener().await;
     tokio::spawn(async move { axum::serve(listener, app).await });
     addr
 }
@@ -147,49 +142,44 @@ struct Outcome {
     queue_url: String,
 }
 
+/// The sender's own limits set far above any endpoint's: only the
+/// endpoint's throttle, through the adaptive rate, paces it.
+const UNLIMITED_SENDER: &[(&str, &str)] = &[
+    ("FANOUT_RATE_PER_SECOND", "100000"),
+    ("FANOUT_MAX_IN_FLIGHT", "128"),
+];
+
 /// A table with rows for `ids`, one job, then `fanout run --exit-when-idle`
-/// against `addr` with `env`.
+/// with `env` against `peer`, served for the test.
 async fn broadcast(
-    addr: SocketAddr,
+    peer: &Arc<Peer>,
     ids: &[String],
     job_id: &str,
     env: &[(&str, &str)],
 ) -> Outcome {
-    let sqs = support::sqs().await;
-    let dynamo = support::dynamodb().await;
-    let (queue, dlq) = support::create_queue_with_dlq(&sqs, "missed", false, None).await;
-    let table = support::create_table(&dynamo, "missed", TableKey::Id, true).await;
-    support::put_connections(&dynamo, &table, ids, None).await;
-    sqs.send_message()
-        .queue_url(&queue.url)
-        .message_body(format!(r#"{{"id":"{job_id}","data":"news"}}"#))
-        .send()
-        .await
-        .expect("send the job");
+    let body = format!(r#"{{"id":"{job_id}","data":"news"}}"#);
+    let job = support::one_job("missed", ids, &body).await;
+    let addr = serve(peer.clone()).await;
     let endpoint = format!("http://{addr}/test");
-    let child = support::worker::command(
+    let child = start(support::worker::command(
         &["run", "--exit-when-idle"],
-        &queue.url,
-        &dlq.url,
-        &table,
+        &job.queue.url,
+        &job.dlq.url,
+        &job.table,
         [("FANOUT_GATEWAY_ENDPOINT", endpoint.as_str())]
             .into_iter()
             .chain(env.iter().copied()),
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("start fanout run");
+    ));
     let run = finish(child, Duration::from_secs(300)).await;
     assert!(run.status.success(), "{}", run.stdout);
-    let counts = support::counts(&sqs, &queue.url).await;
-    let rows = support::remaining_ids(&dynamo, &table).await;
+    let counts = support::counts(&job.sqs, &job.queue.url).await;
+    let rows = support::remaining_ids(&job.dynamo, &job.table).await;
     Outcome {
         run,
         rows,
         queue: counts,
-        sqs,
-        queue_url: queue.url,
+        sqs: job.sqs,
+        queue_url: job.queue.url,
     }
 }
 
@@ -204,17 +194,7 @@ async fn under_a_throttle_and_random_500s_no_live_client_misses_the_broadcast() 
         .cloned()
         .collect();
     let peer = Arc::new(Peer::new(ACCEPTED_PER_SECOND, BURST, 0.05, gone));
-    let addr = serve(peer.clone()).await;
-    let out = broadcast(
-        addr,
-        &ids,
-        "storm",
-        &[
-            ("FANOUT_RATE_PER_SECOND", "100000"),
-            ("FANOUT_MAX_IN_FLIGHT", "128"),
-        ],
-    )
-    .await;
+    let out = broadcast(&peer, &ids, "storm", UNLIMITED_SENDER).await;
 
     let deliveries = peer.deliveries.lock().unwrap().clone();
     let reached: BTreeSet<String> = deliveries.keys().cloned().collect();
@@ -249,17 +229,7 @@ async fn the_adaptive_rate_converges_on_what_the_endpoint_accepts() {
     // weighs more heavily.
     let ids = support::ids("r", 6000);
     let peer = Arc::new(Peer::new(accepted, BURST / 5, 0.0, HashSet::new()));
-    let addr = serve(peer.clone()).await;
-    let out = broadcast(
-        addr,
-        &ids,
-        "converge",
-        &[
-            ("FANOUT_RATE_PER_SECOND", "100000"),
-            ("FANOUT_MAX_IN_FLIGHT", "128"),
-        ],
-    )
-    .await;
+    let out = broadcast(&peer, &ids, "converge", UNLIMITED_SENDER).await;
     assert_eq!(out.run.report("converge")["delivered"], ids.len());
     let (throttled, rate) = rate_figures(&peer, ids.len());
     println!(
@@ -310,12 +280,11 @@ async fn one_client_that_always_answers_429_slows_no_one_and_is_handed_on() {
     let mut peer = Peer::new(1_000_000, 1_000_000, 0.0, HashSet::new());
     peer.full.insert(slow.clone());
     let peer = Arc::new(peer);
-    let addr = serve(peer.clone()).await;
     // Under what a debug build sends here, so the ceiling, not the machine,
     // sets the pace.
     let ceiling = 800.0;
     let out = broadcast(
-        addr,
+        &peer,
         &ids,
         "slow-client",
         &[

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use fanout_dev::gateway::GatewayArgs;
-use support::worker::{finish, signal};
+use support::worker::{count, finish, signal};
 
 /// Everything one test needs: a queue and its dead-letter queue, a table
 /// with a channel index, a gateway over that table.
@@ -28,12 +28,6 @@ fn payload_file(fill: &str, len: usize) -> String {
     let path = std::env::temp_dir().join(support::unique("payload"));
     std::fs::write(&path, fill.repeat(len)).expect("write a payload file");
     path.to_string_lossy().into_owned()
-}
-
-fn count(report: &serde_json::Value, key: &str) -> u64 {
-    report[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} missing in {report}"))
 }
 
 #[tokio::test]
@@ -169,10 +163,7 @@ async fn bad_jobs_go_to_the_dead_letter_queue_with_their_reason_and_the_rest_is_
         assert_eq!(c.tally().frames(), 1, "no part of a bad job was sent");
     }
     let dead = support::receive_all(&p.sqs, &p.dlq.url).await;
-    let reasons: Vec<&str> = dead
-        .iter()
-        .map(|m| m.attributes["fanout.reason"].as_str())
-        .collect();
+    let reasons: Vec<&str> = dead.iter().map(support::Received::reason).collect();
     assert_eq!(dead.len(), 3, "{reasons:?}");
     assert!(
         reasons.iter().any(|r| r.contains("not a valid job")),

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use fanout_dev::gateway::GatewayArgs;
 use serde_json::Value;
 use support::TestQueue;
+use support::worker::count;
 
 /// A jobs queue, its dead-letter queue, a table, a gateway over it, and the
 /// report destinations: a queue, and a topic read through a subscribed
@@ -62,12 +63,6 @@ impl Rig {
         }
         by_id
     }
-}
-
-fn n(report: &Value, key: &str) -> u64 {
-    report[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} missing in {report}"))
 }
 
 fn at(report: &Value, key: &str) -> SystemTime {
@@ -163,24 +158,39 @@ async fn every_outcome_reports_once_to_each_destination_with_the_clients_counts(
 
     let done = &by_queue["done"][0];
     assert_eq!(done["status"], "done", "{done}");
-    assert_eq!(n(done, "delivered"), received, "the clients' own tally");
-    assert_eq!(n(done, "delivered"), stats.delivered, "the gateway's tally");
+    assert_eq!(count(done, "delivered"), received, "the clients' own tally");
+    assert_eq!(
+        count(done, "delivered"),
+        stats.delivered,
+        "the gateway's tally"
+    );
     // Rows without a start the worker reads: each 410 is posted to again
     // after the connect window, and the row goes on the second.
-    assert_eq!((n(done, "gone"), n(done, "rechecking")), (5, 5), "{done}");
-    assert_eq!(2 * n(done, "gone"), stats.gone);
     assert_eq!(
-        (n(done, "audience"), n(done, "failed"), n(done, "deferred")),
+        (count(done, "gone"), count(done, "rechecking")),
+        (5, 5),
+        "{done}"
+    );
+    assert_eq!(2 * count(done, "gone"), stats.gone);
+    assert_eq!(
+        (
+            count(done, "audience"),
+            count(done, "failed"),
+            count(done, "deferred")
+        ),
         (25, 0, 0)
     );
     assert_eq!(done["failed_ids"], serde_json::json!([]));
     assert_eq!(done["failed_ids_truncated"], false);
     assert_eq!(
-        (done["segment"].clone(), n(done, "continuation")),
+        (done["segment"].clone(), count(done, "continuation")),
         (Value::Null, 0)
     );
     // The log line and the report agree.
-    assert_eq!(n(run.report("done"), "delivered"), n(done, "delivered"));
+    assert_eq!(
+        count(run.report("done"), "delivered"),
+        count(done, "delivered")
+    );
 
     let typo = &by_queue["typo"][0];
     assert_eq!(typo["status"], "dead_lettered");
@@ -188,7 +198,7 @@ async fn every_outcome_reports_once_to_each_destination_with_the_clients_counts(
         typo["reason"].as_str().unwrap().contains("chanel"),
         "{typo}"
     );
-    assert_eq!(n(typo, "audience"), 0);
+    assert_eq!(count(typo, "audience"), 0);
     let oversize = &by_queue["oversize"][0];
     assert_eq!(oversize["status"], "dead_lettered");
     assert!(
@@ -223,7 +233,7 @@ async fn an_interrupted_broadcast_reports_it_goes_on_and_its_continuation_report
     };
     assert_eq!(cut["final"], false, "{cut}");
     assert_eq!(cut["status"], "continued", "finished pages go on: {cut}");
-    assert!(n(cut, "delivered") + n(cut, "gone") >= 90, "{cut}");
+    assert!(count(cut, "delivered") + count(cut, "gone") >= 90, "{cut}");
 
     // The continuation replaced the message; it runs to the end.
     assert_eq!(rig.jobs_on_queue().await.len(), 1);
@@ -237,7 +247,7 @@ async fn an_interrupted_broadcast_reports_it_goes_on_and_its_continuation_report
         (end["status"].clone(), end["final"].clone()),
         ("done".into(), true.into())
     );
-    assert_eq!(n(end, "continuation"), 1, "{end}");
+    assert_eq!(count(end, "continuation"), 1, "{end}");
     assert_eq!(end["run"], "long continuation 1");
 
     // What the two runs reported is what the clients and the gateway saw
@@ -251,7 +261,7 @@ async fn an_interrupted_broadcast_reports_it_goes_on_and_its_continuation_report
         .sum();
     let stats = rig.gateway.stats().await;
     assert_eq!(frames, stats.delivered, "the clients and the gateway agree");
-    let answered = |key| n(cut, key) + n(end, key);
+    let answered = |key| count(cut, key) + count(end, key);
     let (delivered, gone) = (answered("delivered"), answered("gone"));
     // A first 410 from a row without a start is posted to again after the
     // connect window: the gateway counts those 410s too (the interrupted
@@ -308,12 +318,7 @@ async fn unreachable_report_destinations_are_logged_and_counted_and_the_job_is_d
         (0, 0),
         "deleted"
     );
-    let failures: Vec<Value> = run
-        .stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["message"] == "the broadcast report was not sent")
-        .collect();
+    let failures = run.logged("the broadcast report was not sent");
     assert_eq!(failures.len(), 2, "{}", run.stdout);
     let destinations: Vec<_> = failures
         .iter()
@@ -340,12 +345,7 @@ async fn a_thirty_second_broadcast_logs_progress_at_the_default_interval() {
     rig.send_raw(&body.to_string()).await;
     let run = rig.run_until_idle().await;
 
-    let lines: Vec<Value> = run
-        .stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["message"] == "broadcast progress")
-        .collect();
+    let lines = run.logged("broadcast progress");
     assert!(
         lines.len() >= 2,
         "at least two progress lines: {}",
@@ -355,10 +355,10 @@ async fn a_thirty_second_broadcast_logs_progress_at_the_default_interval() {
     let mut last_share = 0.0;
     for line in &lines {
         assert_eq!(line["job_id"], "progress");
-        let delivered = n(line, "delivered");
+        let delivered = count(line, "delivered");
         assert!(delivered > last_delivered, "grows: {lines:?}");
         last_delivered = delivered;
-        let rate = n(line, "rate_per_second");
+        let rate = count(line, "rate_per_second");
         assert!((50..=150).contains(&rate), "about 100/s: {line}");
         let share = line["share_done"]
             .as_f64()
@@ -367,15 +367,15 @@ async fn a_thirty_second_broadcast_logs_progress_at_the_default_interval() {
         last_share = share;
         // At about 100/s what is left takes about its count / 100 s.
         let left = (3000 - delivered) as f64 / 100.0;
-        let eta = n(line, "eta_seconds") as f64;
+        let eta = count(line, "eta_seconds") as f64;
         assert!(
             (eta - left).abs() <= left * 0.5 + 2.0,
             "eta {eta} for {left}: {line}"
         );
     }
-    let first = n(&lines[0], "delivered");
+    let first = count(&lines[0], "delivered");
     assert!((600..=1400).contains(&first), "about 10 s in: {}", lines[0]);
-    assert_eq!(n(run.report("progress"), "delivered"), 3000);
+    assert_eq!(count(run.report("progress"), "delivered"), 3000);
     let reports = rig.reports_in(&rig.reports).await;
-    assert_eq!(n(&reports["progress"][0], "delivered"), 3000);
+    assert_eq!(count(&reports["progress"][0], "delivered"), 3000);
 }

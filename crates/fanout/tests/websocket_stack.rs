@@ -128,16 +128,9 @@ async fn rows_of(
     table: &str,
     id: &str,
 ) -> BTreeMap<String, Item> {
-    let out = dynamo
-        .query()
-        .table_name(table)
-        .key_condition_expression("connectionId = :id")
-        .expression_attribute_values(":id", AttributeValue::S(id.to_owned()))
-        .consistent_read(true)
-        .send()
+    support::first_page_of_partition(dynamo, table, "connectionId", id)
         .await
-        .expect("query a connection's rows");
-    out.items()
+        .items()
         .iter()
         .map(|item| {
             let sk = item["sk"].as_s().expect("sk is a string").clone();

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use crate::support::stdout_of;
+
 /// The files of one test PKI, in a directory of its own.
 pub struct Pki {
     /// The CA that signed `server_cert`.
@@ -19,15 +21,9 @@ pub struct Pki {
 
 /// Runs `openssl ARGS` in `dir`, panicking with its standard error.
 fn openssl(dir: &Path, args: &[&str]) {
-    let output = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("the openssl CLI");
-    assert!(
-        output.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
+    stdout_of(
+        Command::new("openssl").args(args).current_dir(dir),
+        &format!("openssl {args:?}"),
     );
 }
 

@@ -3,7 +3,6 @@
 //! over that table, with `fanout` commands pointed at all of them.
 
 use std::collections::BTreeSet;
-use std::process::Stdio;
 use std::time::Duration;
 
 use fanout_dev::clients::Swarm;
@@ -12,7 +11,7 @@ use tokio::process::{Child, Command};
 
 use crate::local_support::TestGateway;
 pub use crate::support::Queues;
-use crate::support::worker::{Run, finish, signal};
+use crate::support::worker::{Run, finish, signal, start};
 use crate::support::{self, Received, TableKey, TestQueue};
 
 /// How long a `fanout run --exit-when-idle` of a test may take.
@@ -158,11 +157,7 @@ impl Stack {
         if exit_when_idle {
             args.push("--exit-when-idle");
         }
-        self.command(&args, [])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start fanout run")
+        start(self.command(&args, []))
     }
 
     /// `fanout run --exit-when-idle` to its end, which must be a success.

@@ -95,15 +95,6 @@ impl Layout {
     }
 }
 
-/// An established start, as a `$connect` ten minutes ago wrote it.
-fn started_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as i64
-        - 10 * 60 * 1000
-}
-
 /// Creates a table of `rows` rows and returns it with each row as the
 /// engine hands a gone one to the store.
 async fn load(
@@ -118,7 +109,7 @@ async fn load(
         &[] as &[IndexSpec<'_>],
     )
     .await;
-    let started = started_ms();
+    let started = crate::table::established_ms();
     let gone: Vec<Connection> = (0..rows)
         .map(|n| {
             let id = format!("conn-{n}");

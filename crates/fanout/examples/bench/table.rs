@@ -152,8 +152,9 @@ async fn write_batch(
     Ok(())
 }
 
-/// Ten minutes ago, in epoch ms.
-fn established_ms() -> i64 {
+/// An established start, as a `$connect` ten minutes ago wrote it, in
+/// epoch ms.
+pub fn established_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use fanout::config::{Config, ConfigError};
-use fanout_aws::{QueueSettings, SqsQueue, clients};
+use fanout::config::Config;
+use fanout_aws::{SqsQueue, clients};
 use fanout_core::queue::{
     AttributeValue, JobQueue, MAX_BATCH, Message, QueueError, REASON_ATTRIBUTE,
 };
@@ -60,22 +60,9 @@ pub struct Sample {
 
 pub async fn dead_letters(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(args.config.file.as_deref())?;
-    let Some(url) = config.dead_letter_queue_url.clone() else {
-        return Err(ConfigError::Missing {
-            key: "dead_letter_queue_url".into(),
-            env: "FANOUT_DEAD_LETTER_QUEUE_URL".into(),
-        }
-        .into());
-    };
+    let dead_letters = config.dead_letter_settings()?;
     let sdk = clients::load_sdk_config().await;
-    let queue = SqsQueue::connect(
-        &sdk,
-        QueueSettings {
-            url,
-            dead_letter_url: None,
-            receive_wait: Duration::ZERO,
-        },
-    );
+    let queue = SqsQueue::connect(&sdk, dead_letters);
     let sample = sample(&queue, args.max).await?;
     print!("{}", render(&sample, args.max));
     Ok(ExitCode::SUCCESS)

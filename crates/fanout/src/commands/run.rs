@@ -212,18 +212,18 @@ async fn open_ledger(
         return Ok(None);
     };
     let client = clients::dynamodb_client(sdk);
-    let runs = match DynamoRunTable::connect(client.clone(), table.as_str()).await {
-        Ok(runs) => runs,
-        Err(e) if e.is_transient() => {
-            tracing::warn!(error = %e, table = %table, "the checkpoint table (FANOUT_CHECKPOINT_TABLE) cannot be reached: running without it until it answers");
-            DynamoRunTable::unchecked(client, table)
-        }
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!("cannot use the checkpoint table {table} (FANOUT_CHECKPOINT_TABLE)")
-            });
-        }
-    };
+    let runs = open_table(
+        TableRole {
+            table,
+            what: "the checkpoint table",
+            env: "FANOUT_CHECKPOINT_TABLE",
+            meanwhile: "running without it until it answers",
+        },
+        DynamoRunTable::connect(client.clone(), table.as_str()),
+        |e| e.is_transient(),
+        || DynamoRunTable::unchecked(client, table),
+    )
+    .await?;
     let windows = Windows {
         dedup: config.dedup_window,
         lease: config.visibility_timeout,
@@ -245,18 +245,18 @@ async fn join_fleet(
         return Ok(None);
     };
     let client = clients::fleet_dynamodb_client(sdk);
-    let leases = match DynamoLeaseTable::connect(client.clone(), table.as_str()).await {
-        Ok(leases) => leases,
-        Err(e) if e.is_transient() => {
-            tracing::warn!(error = %e, table = %table, "the fleet table (FANOUT_FLEET_TABLE) cannot be reached: starting at the fallback rate");
-            DynamoLeaseTable::unchecked(client, &table)
-        }
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!("cannot use the fleet table {table} (FANOUT_FLEET_TABLE)")
-            });
-        }
-    };
+    let leases = open_table(
+        TableRole {
+            table: &table,
+            what: "the fleet table",
+            env: "FANOUT_FLEET_TABLE",
+            meanwhile: "starting at the fallback rate",
+        },
+        DynamoLeaseTable::connect(client.clone(), table.as_str()),
+        |e| e.is_transient(),
+        || DynamoLeaseTable::unchecked(client, &table),
+    )
+    .await?;
     tracing::info!(task = %settings.task, fleet_rate = settings.rate, fallback = settings.fallback, table = %table, "joining the fleet budget");
     Ok(Some(Coordinator::new(
         Arc::new(leases),
@@ -264,6 +264,45 @@ async fn join_fleet(
         metrics.clone(),
         settings,
     )))
+}
+
+/// A table the worker keeps its own records in, as its startup names it.
+struct TableRole<'a> {
+    table: &'a str,
+    /// What the table is to the worker, for the log and the error.
+    what: &'static str,
+    /// The variable that names it.
+    env: &'static str,
+    /// What the worker does while the table cannot be reached.
+    meanwhile: &'static str,
+}
+
+/// Opens one of the worker's tables: a missing or wrong one stops the
+/// worker, naming its key; one that cannot be reached now is used unchecked,
+/// so a DynamoDB outage at startup does not stop delivery.
+async fn open_table<T, E>(
+    role: TableRole<'_>,
+    connect: impl Future<Output = Result<T, E>>,
+    is_transient: impl FnOnce(&E) -> bool,
+    unchecked: impl FnOnce() -> T,
+) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let TableRole {
+        table,
+        what,
+        env,
+        meanwhile,
+    } = role;
+    match connect.await {
+        Ok(opened) => Ok(opened),
+        Err(e) if is_transient(&e) => {
+            tracing::warn!(error = %e, table = %table, "{what} ({env}) cannot be reached: {meanwhile}");
+            Ok(unchecked())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot use {what} {table} ({env})")),
+    }
 }
 
 /// This process's key in the fleet table: unique in the fleet, and new for

@@ -12,7 +12,7 @@ use fanout_core::worker::WorkerSettings;
 
 use super::keys::Raw;
 use super::validate::Validator;
-use super::{Config, ConfigError, count};
+use super::{Config, ConfigError, count, missing};
 
 impl Config {
     /// The jobs queue, with the dead-letter queue the worker copies poison
@@ -23,6 +23,22 @@ impl Config {
             dead_letter_url: self.dead_letter_queue_url.clone(),
             receive_wait: self.receive_wait,
         }
+    }
+
+    /// The dead-letter queue as the commands that read it (`dead-letters`,
+    /// `redrive`) poll it: briefly, so that an empty queue ends them at once.
+    pub fn dead_letter_settings(&self) -> Result<QueueSettings, ConfigError> {
+        let url = self
+            .dead_letter_queue_url
+            .clone()
+            .ok_or_else(|| missing("dead_letter_queue_url"))?;
+        Ok(short_polls(url))
+    }
+
+    /// The jobs queue as `redrive` sees it: polled briefly, like the
+    /// dead-letter queue it moves jobs from.
+    pub fn jobs_short_polls(&self) -> QueueSettings {
+        short_polls(self.queue_url.clone())
     }
 
     /// How the worker consumes the queue.
@@ -50,6 +66,15 @@ impl Config {
             },
             split_segments: self.split_segments,
         }
+    }
+}
+
+/// A queue read with short polls and no dead-letter queue to copy to.
+fn short_polls(url: String) -> QueueSettings {
+    QueueSettings {
+        url,
+        dead_letter_url: None,
+        receive_wait: Duration::ZERO,
     }
 }
 

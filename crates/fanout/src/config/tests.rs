@@ -14,37 +14,78 @@ fn load_err(jail: &mut Jail, file: Option<&str>) -> String {
     Config::load(path.as_deref()).unwrap_err().to_string()
 }
 
-#[test]
-fn defaults_are_documented_and_valid() {
+/// Sets the jobs queue, which every load needs, and then `env`.
+fn with_queue(jail: &mut Jail, env: &[(&str, &str)]) {
+    jail.set_env("FANOUT_QUEUE_URL", QUEUE);
+    for (var, value) in env {
+        jail.set_env(var, value);
+    }
+}
+
+/// The configuration the jobs queue and `env` load to.
+fn loaded(env: &[(&str, &str)]) -> Config {
+    let mut config = None;
     Jail::expect_with(|jail| {
-        jail.set_env("FANOUT_QUEUE_URL", QUEUE);
-        let config = Config::load(None).expect("defaults load");
-        assert_eq!(config.key_attribute, "connectionId");
-        assert_eq!(config.channel_attribute, "channel");
-        assert_eq!(config.rate_per_second, Some(1000));
-        assert_eq!(config.rate_burst, 50);
-        assert_eq!(config.max_in_flight, 256);
-        assert_eq!(config.max_concurrent_jobs, 64);
-        assert_eq!(config.shutdown_grace, Duration::from_secs(25));
-        assert_eq!(config.receive_wait, Duration::from_secs(20));
-        assert_eq!(config.dead_letter_queue_url, None);
-        // Every key is written in the defaults file, set or commented.
-        // The defaults file documents exactly the declared keys, each
-        // set or commented out, none stale.
-        let documented: std::collections::BTreeSet<&str> = DEFAULTS
-            .lines()
-            .filter_map(|line| {
-                let line = line.strip_prefix("# ").unwrap_or(line);
-                let (key, _) = line.split_once(" = ")?;
-                key.chars()
-                    .all(|c| c.is_ascii_lowercase() || c == '_')
-                    .then_some(key)
-            })
-            .collect();
-        let declared: std::collections::BTreeSet<&str> = keys().iter().copied().collect();
-        assert_eq!(documented, declared);
+        with_queue(jail, env);
+        config = Some(Config::load(None).unwrap_or_else(|e| panic!("{env:?} loads: {e}")));
         Ok(())
     });
+    config.expect("the jail ran")
+}
+
+/// The error the jobs queue and `env` are refused with.
+fn refused(env: &[(&str, &str)]) -> String {
+    refused_in(
+        |jail| {
+            with_queue(jail, env);
+            Ok(())
+        },
+        None,
+    )
+}
+
+/// The error a load reading `file` (if any) is refused with, in a jail
+/// `prepare` has set up.
+fn refused_in(
+    prepare: impl FnOnce(&mut Jail) -> figment::error::Result<()>,
+    file: Option<&str>,
+) -> String {
+    let mut err = String::new();
+    Jail::expect_with(|jail| {
+        prepare(jail)?;
+        err = load_err(jail, file);
+        Ok(())
+    });
+    err
+}
+
+#[test]
+fn defaults_are_documented_and_valid() {
+    let config = loaded(&[]);
+    assert_eq!(config.key_attribute, "connectionId");
+    assert_eq!(config.channel_attribute, "channel");
+    assert_eq!(config.rate_per_second, Some(1000));
+    assert_eq!(config.rate_burst, 50);
+    assert_eq!(config.max_in_flight, 256);
+    assert_eq!(config.max_concurrent_jobs, 64);
+    assert_eq!(config.shutdown_grace, Duration::from_secs(25));
+    assert_eq!(config.receive_wait, Duration::from_secs(20));
+    assert_eq!(config.dead_letter_queue_url, None);
+    // Every key is written in the defaults file, set or commented.
+    // The defaults file documents exactly the declared keys, each
+    // set or commented out, none stale.
+    let documented: std::collections::BTreeSet<&str> = DEFAULTS
+        .lines()
+        .filter_map(|line| {
+            let line = line.strip_prefix("# ").unwrap_or(line);
+            let (key, _) = line.split_once(" = ")?;
+            key.chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_')
+                .then_some(key)
+        })
+        .collect();
+    let declared: std::collections::BTreeSet<&str> = keys().iter().copied().collect();
+    assert_eq!(documented, declared);
 }
 
 #[test]
@@ -171,26 +212,18 @@ fn audience_indexes_come_as_text_or_a_table_and_bad_ones_name_the_key() {
         ("user=by-user:userId,", "is not name=index:attribute"),
         ("user=a:b,user=c:d", "named twice"),
     ] {
-        Jail::expect_with(|jail| {
-            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
-            jail.set_env("FANOUT_AUDIENCE_INDEXES", value);
-            let err = load_err(jail, None);
-            assert!(err.contains("audience_indexes"), "{value}: {err}");
-            assert!(err.contains("FANOUT_AUDIENCE_INDEXES"), "{value}: {err}");
-            assert!(err.contains(says), "{value}: {err}");
-            Ok(())
-        });
+        let err = refused(&[("FANOUT_AUDIENCE_INDEXES", value)]);
+        assert!(err.contains("audience_indexes"), "{value}: {err}");
+        assert!(err.contains("FANOUT_AUDIENCE_INDEXES"), "{value}: {err}");
+        assert!(err.contains(says), "{value}: {err}");
     }
 }
 
 #[test]
 fn a_missing_queue_url_names_the_variable() {
-    Jail::expect_with(|jail| {
-        let err = load_err(jail, None);
-        assert!(err.contains("`queue_url` is required"), "{err}");
-        assert!(err.contains("FANOUT_QUEUE_URL"), "{err}");
-        Ok(())
-    });
+    let err = refused_in(|_| Ok(()), None);
+    assert!(err.contains("`queue_url` is required"), "{err}");
+    assert!(err.contains("FANOUT_QUEUE_URL"), "{err}");
 }
 
 #[test]
@@ -250,46 +283,36 @@ fn report_destinations_are_optional_and_checked_and_progress_has_a_floor() {
 
 #[test]
 fn the_worker_needs_a_table_and_an_endpoint() {
-    Jail::expect_with(|jail| {
-        jail.set_env("FANOUT_QUEUE_URL", QUEUE);
-        let config = Config::load(None).expect("enough for enqueue");
-        let err = config.worker_targets().unwrap_err().to_string();
-        assert!(err.contains("FANOUT_TABLE"), "{err}");
-        Ok(())
-    });
+    let config = loaded(&[]);
+    let err = config.worker_targets().unwrap_err().to_string();
+    assert!(err.contains("FANOUT_TABLE"), "{err}");
 }
 
 #[test]
 fn a_bad_env_value_names_the_variable() {
-    Jail::expect_with(|jail| {
-        jail.set_env("FANOUT_QUEUE_URL", QUEUE);
-        jail.set_env("FANOUT_RATE_PER_SECOND", "fast");
-        let err = load_err(jail, None);
-        assert!(err.contains("rate_per_second"), "{err}");
-        assert!(err.contains("FANOUT_RATE_PER_SECOND"), "{err}");
-        Ok(())
-    });
+    let err = refused(&[("FANOUT_RATE_PER_SECOND", "fast")]);
+    assert!(err.contains("rate_per_second"), "{err}");
+    assert!(err.contains("FANOUT_RATE_PER_SECOND"), "{err}");
 }
 
 #[test]
 fn an_unknown_file_key_is_refused_with_the_file_named() {
-    Jail::expect_with(|jail| {
-        jail.create_file("bad.toml", "rate_per_secnd = 5\n")?;
-        jail.set_env("FANOUT_QUEUE_URL", QUEUE);
-        let err = load_err(jail, Some("bad.toml"));
-        assert!(err.contains("rate_per_secnd"), "{err}");
-        assert!(err.contains("bad.toml"), "{err}");
-        Ok(())
-    });
+    let err = refused_in(
+        |jail| {
+            jail.create_file("bad.toml", "rate_per_secnd = 5\n")?;
+            with_queue(jail, &[]);
+            Ok(())
+        },
+        Some("bad.toml"),
+    );
+    assert!(err.contains("rate_per_secnd"), "{err}");
+    assert!(err.contains("bad.toml"), "{err}");
 }
 
 #[test]
 fn a_missing_config_file_is_an_error() {
-    Jail::expect_with(|jail| {
-        let err = load_err(jail, Some("nope.toml"));
-        assert!(err.contains("nope.toml"), "{err}");
-        Ok(())
-    });
+    let err = refused_in(|_| Ok(()), Some("nope.toml"));
+    assert!(err.contains("nope.toml"), "{err}");
 }
 
 #[test]
@@ -300,23 +323,19 @@ fn the_fleet_keys_go_together_and_name_what_is_missing() {
         ("FANOUT_FLEET_FALLBACK_RATE", "500"),
         ("FANOUT_RATE_PER_SECOND", "2000"),
     ];
-    let with = |jail: &mut Jail, skip: &str, extra: &[(&str, &str)]| {
-        jail.set_env("FANOUT_QUEUE_URL", QUEUE);
-        for (var, value) in fleet.iter().chain(extra) {
-            if *var != skip {
-                jail.set_env(var, value);
-            }
-        }
+    let with = |skip: &str, extra: &[(&'static str, &'static str)]| -> Vec<(&str, &str)> {
+        fleet
+            .iter()
+            .chain(extra)
+            .filter(|(var, _)| *var != skip)
+            .copied()
+            .collect()
     };
-    Jail::expect_with(|jail| {
-        with(jail, "", &[]);
-        let config = Config::load(None).expect("a full fleet config");
-        let (table, settings) = config.fleet_settings("t-1".into()).expect("a fleet");
-        assert_eq!(table, "fleet");
-        assert_eq!((settings.rate.get(), settings.fallback.get()), (2000, 500));
-        assert!(config.warnings().is_empty(), "{:?}", config.warnings());
-        Ok(())
-    });
+    let config = loaded(&with("", &[]));
+    let (table, settings) = config.fleet_settings("t-1".into()).expect("a fleet");
+    assert_eq!(table, "fleet");
+    assert_eq!((settings.rate.get(), settings.fallback.get()), (2000, 500));
+    assert!(config.warnings().is_empty(), "{:?}", config.warnings());
     // (a key left out, keys set differently, what the error says)
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
     let cases: &[Case] = &[
@@ -338,35 +357,23 @@ fn the_fleet_keys_go_together_and_name_what_is_missing() {
         ),
     ];
     for (skip, extra, expected) in cases {
-        Jail::expect_with(|jail| {
-            with(jail, skip, extra);
-            let err = load_err(jail, None);
-            assert!(
-                err.contains(expected),
-                "without {skip}, with {extra:?}: {err}"
-            );
-            Ok(())
-        });
+        let err = refused(&with(skip, extra));
+        assert!(
+            err.contains(expected),
+            "without {skip}, with {extra:?}: {err}"
+        );
     }
-    Jail::expect_with(|jail| {
-        with(jail, "", &[("FANOUT_RATE_PER_SECOND", "1000")]);
-        let config = Config::load(None).expect("a low ceiling is allowed");
-        let warnings = config.warnings();
-        assert!(
-            warnings.len() == 1 && warnings[0].contains("cannot use the whole fleet rate"),
-            "{warnings:?}"
-        );
-        Ok(())
-    });
-    Jail::expect_with(|jail| {
-        jail.set_env("FANOUT_QUEUE_URL", QUEUE);
-        let config = Config::load(None).expect("the defaults");
-        assert!(
-            config.fleet_settings("t".into()).is_none(),
-            "no fleet by default"
-        );
-        Ok(())
-    });
+    // A low ceiling is allowed, with a warning.
+    let config = loaded(&with("", &[("FANOUT_RATE_PER_SECOND", "1000")]));
+    let warnings = config.warnings();
+    assert!(
+        warnings.len() == 1 && warnings[0].contains("cannot use the whole fleet rate"),
+        "{warnings:?}"
+    );
+    assert!(
+        loaded(&[]).fleet_settings("t".into()).is_none(),
+        "no fleet by default"
+    );
 }
 
 #[test]
@@ -395,27 +402,17 @@ fn cross_field_checks_name_the_key_and_source() {
         ("FANOUT_SEND_PATH", "fast", "send_path"),
     ];
     for (var, value, expected) in cases {
-        Jail::expect_with(|jail| {
-            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
-            jail.set_env(var, value);
-            let err = load_err(jail, None);
-            assert!(err.contains(expected), "{var}={value}: {err}");
-            assert!(err.contains(var), "{var}={value}: source not named: {err}");
-            Ok(())
-        });
+        let err = refused(&[(var, value)]);
+        assert!(err.contains(expected), "{var}={value}: {err}");
+        assert!(err.contains(var), "{var}={value}: source not named: {err}");
     }
 }
 
 #[test]
 fn stage_less_endpoints_outside_execute_api_are_accepted() {
     for endpoint in ["http://127.0.0.1:3001", "https://ws.example.com"] {
-        Jail::expect_with(|jail| {
-            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
-            jail.set_env("FANOUT_GATEWAY_ENDPOINT", endpoint);
-            let config = Config::load(None).expect("loads");
-            assert_eq!(config.gateway_endpoint.as_deref(), Some(endpoint));
-            Ok(())
-        });
+        let config = loaded(&[("FANOUT_GATEWAY_ENDPOINT", endpoint)]);
+        assert_eq!(config.gateway_endpoint.as_deref(), Some(endpoint));
     }
 }
 
@@ -442,23 +439,22 @@ fn plain_http_beyond_loopback_needs_its_own_key() {
         "http://[::1]:3001/local",
         "http://localhost:8080/local",
     ] {
-        Jail::expect_with(|jail| {
-            jail.set_env("FANOUT_QUEUE_URL", QUEUE);
-            jail.set_env("FANOUT_GATEWAY_ENDPOINT", local);
-            let config = Config::load(None).expect("loopback needs no key");
-            assert!(!config.gateway_allow_plain_http);
-            Ok(())
-        });
+        let config = loaded(&[("FANOUT_GATEWAY_ENDPOINT", local)]);
+        assert!(!config.gateway_allow_plain_http, "loopback needs no key");
     }
 }
 
 #[test]
 fn the_gateway_ca_file_is_checked_at_startup_and_reaches_the_gateway_alone() {
     Jail::expect_with(|jail| {
-        jail.set_env("FANOUT_QUEUE_URL", QUEUE);
-        jail.set_env("FANOUT_TABLE", "connections");
-        jail.set_env("FANOUT_GATEWAY_ENDPOINT", "https://ws.example.com");
-        jail.set_env("FANOUT_GATEWAY_CA_FILE", "missing.pem");
+        with_queue(
+            jail,
+            &[
+                ("FANOUT_TABLE", "connections"),
+                ("FANOUT_GATEWAY_ENDPOINT", "https://ws.example.com"),
+                ("FANOUT_GATEWAY_CA_FILE", "missing.pem"),
+            ],
+        );
         let err = load_err(jail, None);
         assert!(err.contains("config key `gateway_ca_file`"), "{err}");
         assert!(err.contains("FANOUT_GATEWAY_CA_FILE"), "{err}");
@@ -482,13 +478,8 @@ fn the_gateway_ca_file_is_checked_at_startup_and_reaches_the_gateway_alone() {
 
 #[test]
 fn zero_rate_means_no_limit() {
-    Jail::expect_with(|jail| {
-        jail.set_env("FANOUT_QUEUE_URL", QUEUE);
-        jail.set_env("FANOUT_RATE_PER_SECOND", "0");
-        let config = Config::load(None).expect("loads");
-        assert_eq!(config.rate_per_second, None);
-        Ok(())
-    });
+    let config = loaded(&[("FANOUT_RATE_PER_SECOND", "0")]);
+    assert_eq!(config.rate_per_second, None);
 }
 
 #[test]
@@ -513,10 +504,14 @@ fn redaction_hides_credentials_in_urls() {
 #[test]
 fn an_unset_fleet_fallback_rate_is_derived_and_an_explicit_one_wins() {
     Jail::expect_with(|jail| {
-        jail.set_env("FANOUT_QUEUE_URL", QUEUE);
-        jail.set_env("FANOUT_RATE_PER_SECOND", "2000");
-        jail.set_env("FANOUT_FLEET_RATE_PER_SECOND", "2000");
-        jail.set_env("FANOUT_FLEET_TABLE", "fleet");
+        with_queue(
+            jail,
+            &[
+                ("FANOUT_RATE_PER_SECOND", "2000"),
+                ("FANOUT_FLEET_RATE_PER_SECOND", "2000"),
+                ("FANOUT_FLEET_TABLE", "fleet"),
+            ],
+        );
         let config = Config::load(None).expect("loads");
         assert_eq!(config.fleet_fallback_rate, Some(200));
         let (_, settings) = config.fleet_settings("t".into()).expect("a fleet");
@@ -586,23 +581,14 @@ fn an_unset_heartbeat_is_a_third_of_the_visibility_timeout_and_an_explicit_one_w
 
 #[test]
 fn an_unknown_fanout_variable_is_refused_naming_it_and_the_closest_key() {
-    Jail::expect_with(|jail| {
-        jail.set_env("FANOUT_QUEUE_URL", QUEUE);
-        jail.set_env("FANOUT_RATE_PER_SECCOND", "500");
-        let err = load_err(jail, None);
-        assert!(err.contains("FANOUT_RATE_PER_SECCOND"), "{err}");
-        assert!(
-            err.contains("did you mean FANOUT_RATE_PER_SECOND?"),
-            "{err}"
-        );
-        Ok(())
-    });
-    Jail::expect_with(|jail| {
-        jail.set_env("FANOUT_QUEUE_URL", QUEUE);
-        jail.set_env("FANOUT_DEV_ANYTHING", "x");
-        Config::load(None).expect("the reserved prefix is ignored");
-        Ok(())
-    });
+    let err = refused(&[("FANOUT_RATE_PER_SECCOND", "500")]);
+    assert!(err.contains("FANOUT_RATE_PER_SECCOND"), "{err}");
+    assert!(
+        err.contains("did you mean FANOUT_RATE_PER_SECOND?"),
+        "{err}"
+    );
+    // The reserved prefix is ignored.
+    loaded(&[("FANOUT_DEV_ANYTHING", "x")]);
 }
 
 #[test]

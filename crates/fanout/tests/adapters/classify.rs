@@ -102,21 +102,13 @@ async fn serve(answer: Answer) -> (String, Arc<Mutex<Vec<Seen>>>) {
         answer,
         seen: seen.clone(),
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind a test port");
-    let addr = listener.local_addr().expect("local addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = crate::serve_on_loopback(app).await;
     (format!("http://{addr}/{STAGE}"), seen)
 }
 
 /// An endpoint on a port nothing listens on.
 async fn closed_endpoint() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind a test port");
-    let addr = listener.local_addr().expect("local addr");
-    drop(listener);
+    let addr = crate::closed_port().await;
     format!("http://{addr}/{STAGE}")
 }
 

@@ -63,16 +63,54 @@ fn set(ids: &[String]) -> BTreeSet<String> {
     ids.iter().cloned().collect()
 }
 
+/// The connections of the pages, in order.
+fn connections(pages: Vec<Page>) -> Vec<Connection> {
+    pages.into_iter().flat_map(|p| p.connections).collect()
+}
+
+/// An explicit audience of these ids.
+fn listed(rows: &[String]) -> Vec<ConnectionId> {
+    rows.iter()
+        .map(|id| ConnectionId::from(id.as_str()))
+        .collect()
+}
+
+/// A new table holding `rows` (in `channel`, if named), and a store that
+/// reads it `page_size` rows a page.
+struct Filled {
+    ddb: aws_sdk_dynamodb::Client,
+    table: String,
+    rows: Vec<String>,
+    store: DynamoStore,
+}
+
+impl Filled {
+    async fn new(
+        name: &str,
+        key: TableKey,
+        rows: Vec<String>,
+        channel: Option<&str>,
+        page_size: u32,
+    ) -> Self {
+        let ddb = support::dynamodb().await;
+        let table = create_table(&ddb, name, key, false).await;
+        put_connections(&ddb, &table, &rows, channel).await;
+        let store = store(settings(&table, page_size, false)).await;
+        Self {
+            ddb,
+            table,
+            rows,
+            store,
+        }
+    }
+}
+
 #[tokio::test]
 async fn small_pages_cover_every_row_exactly_once() {
-    let ddb = support::dynamodb().await;
-    let table = create_table(&ddb, "pages", TableKey::Id, false).await;
-    let rows = ids("c", 53);
-    put_connections(&ddb, &table, &rows, None).await;
-    let store = store(settings(&table, 10, false)).await;
+    let t = Filled::new("pages", TableKey::Id, ids("c", 53), None, 10).await;
 
-    let pages = all_pages(&store, &AudienceQuery::All { segments: 1 }, None).await;
-    assert_eq!(ids_once(&pages), set(&rows));
+    let pages = all_pages(&t.store, &AudienceQuery::All { segments: 1 }, None).await;
+    assert_eq!(ids_once(&pages), set(&t.rows));
     assert!(pages.len() >= 6, "{} pages", pages.len());
     assert!(pages.iter().all(|p| p.connections.len() <= 10));
     let (last, rest) = pages.split_last().expect("pages");
@@ -89,14 +127,11 @@ async fn small_pages_cover_every_row_exactly_once() {
 
 #[tokio::test]
 async fn a_read_resumes_after_the_last_page_handed_out() {
-    let ddb = support::dynamodb().await;
-    let table = create_table(&ddb, "resume", TableKey::Id, false).await;
-    let rows = ids("c", 40);
-    put_connections(&ddb, &table, &rows, None).await;
-    let store = store(settings(&table, 7, false)).await;
+    let t = Filled::new("resume", TableKey::Id, ids("c", 40), None, 7).await;
     let audience = AudienceQuery::All { segments: 1 };
 
-    let first: Vec<Page> = store
+    let first: Vec<Page> = t
+        .store
         .pages(&audience, None)
         .take(2)
         .map(|p| p.expect("a page"))
@@ -104,11 +139,11 @@ async fn a_read_resumes_after_the_last_page_handed_out() {
         .await;
     let cursor = first[1].next.clone();
     assert!(cursor.position.is_some());
-    let rest = all_pages(&store, &audience, Some(vec![cursor])).await;
+    let rest = all_pages(&t.store, &audience, Some(vec![cursor])).await;
 
     let mut pages = first;
     pages.extend(rest);
-    assert_eq!(ids_once(&pages), set(&rows));
+    assert_eq!(ids_once(&pages), set(&t.rows));
 
     // A finished segment's cursor resumes to nothing.
     let done = Cursor {
@@ -116,7 +151,7 @@ async fn a_read_resumes_after_the_last_page_handed_out() {
         position: None,
     };
     assert!(
-        all_pages(&store, &audience, Some(vec![done]))
+        all_pages(&t.store, &audience, Some(vec![done]))
             .await
             .is_empty()
     );
@@ -124,35 +159,27 @@ async fn a_read_resumes_after_the_last_page_handed_out() {
 
 #[tokio::test]
 async fn the_segments_of_a_split_broadcast_share_the_table_exactly() {
-    let ddb = support::dynamodb().await;
-    let table = create_table(&ddb, "split", TableKey::Id, false).await;
-    let rows = ids("s", 150);
-    put_connections(&ddb, &table, &rows, None).await;
-    let store = store(settings(&table, 7, false)).await;
+    let t = Filled::new("split", TableKey::Id, ids("s", 150), None, 7).await;
 
     let mut seen = Vec::new();
     for index in 0..3 {
-        let pages = all_pages(&store, &AudienceQuery::Segment { index, total: 3 }, None).await;
+        let pages = all_pages(&t.store, &AudienceQuery::Segment { index, total: 3 }, None).await;
         assert!(pages.iter().all(|p| p.next.segment == index));
         let share = ids_once(&pages);
         assert!(!share.is_empty(), "segment {index} of 3 holds rows");
         seen.extend(share);
     }
     let unique: BTreeSet<String> = seen.iter().cloned().collect();
-    assert_eq!(seen.len(), rows.len(), "no row in two segments");
-    assert_eq!(unique, set(&rows));
+    assert_eq!(seen.len(), t.rows.len(), "no row in two segments");
+    assert_eq!(unique, set(&t.rows));
 }
 
 #[tokio::test]
 async fn four_segments_cover_every_row_exactly_once() {
-    let ddb = support::dynamodb().await;
-    let table = create_table(&ddb, "segments", TableKey::Id, false).await;
-    let rows = ids("c", 200);
-    put_connections(&ddb, &table, &rows, None).await;
-    let store = store(settings(&table, 9, false)).await;
+    let t = Filled::new("segments", TableKey::Id, ids("c", 200), None, 9).await;
 
-    let pages = all_pages(&store, &AudienceQuery::All { segments: 4 }, None).await;
-    assert_eq!(ids_once(&pages), set(&rows));
+    let pages = all_pages(&t.store, &AudienceQuery::All { segments: 4 }, None).await;
+    assert_eq!(ids_once(&pages), set(&t.rows));
     let segments: BTreeSet<u32> = pages.iter().map(|p| p.next.segment).collect();
     assert_eq!(segments, BTreeSet::from([0, 1, 2, 3]));
     for segment in 0..4 {
@@ -171,7 +198,7 @@ async fn four_segments_cover_every_row_exactly_once() {
         .flat_map(|p| p.connections.iter().map(|c| c.id.to_string()))
         .collect();
     let resumed = all_pages(
-        &store,
+        &t.store,
         &AudienceQuery::All { segments: 4 },
         Some(vec![Cursor {
             segment: 1,
@@ -179,7 +206,7 @@ async fn four_segments_cover_every_row_exactly_once() {
         }]),
     )
     .await;
-    let expected: BTreeSet<String> = set(&rows).difference(&segment_1).cloned().collect();
+    let expected: BTreeSet<String> = set(&t.rows).difference(&segment_1).cloned().collect();
     assert_eq!(ids_once(&resumed), expected);
 
     // Every segment done: nothing left to read.
@@ -189,7 +216,12 @@ async fn four_segments_cover_every_row_exactly_once() {
             position: None,
         })
         .collect();
-    let none = all_pages(&store, &AudienceQuery::All { segments: 4 }, Some(all_done)).await;
+    let none = all_pages(
+        &t.store,
+        &AudienceQuery::All { segments: 4 },
+        Some(all_done),
+    )
+    .await;
     assert!(none.is_empty());
 }
 
@@ -252,23 +284,26 @@ async fn all_pages_result(
 
 #[tokio::test]
 async fn removal_on_a_composite_key_deletes_exactly_the_gone_rows() {
-    let ddb = support::dynamodb().await;
-    let table = create_table(&ddb, "composite", TableKey::ChannelAndId, false).await;
     // The same connection ids in two channels: two rows each.
-    let rows = ids("c", 30);
-    put_connections(&ddb, &table, &rows, Some("news")).await;
-    put_connections(&ddb, &table, &rows, Some("sport")).await;
-    let store = store(settings(&table, 10, false)).await;
+    let t = Filled::new(
+        "composite",
+        TableKey::ChannelAndId,
+        ids("c", 30),
+        Some("news"),
+        10,
+    )
+    .await;
+    put_connections(&t.ddb, &t.table, &t.rows, Some("sport")).await;
 
     // A connection has two rows here, so a broadcast to everyone needs a
     // connection index: without one the store refuses to read it.
-    let refused = all_pages_result(&store, &AudienceQuery::All { segments: 1 }).await;
+    let refused = all_pages_result(&t.store, &AudienceQuery::All { segments: 1 }).await;
     assert!(
         matches!(refused, Err(fanout_core::store::StoreError::NeedsConnectionIndex(ref why)) if why.contains("FANOUT_CONNECTION_INDEX")),
         "{refused:?}"
     );
     // The rows as a channel's Query reads them: key and id.
-    let connections: Vec<Connection> = support::remaining_rows(&ddb, &table)
+    let connections: Vec<Connection> = support::remaining_rows(&t.ddb, &t.table)
         .await
         .into_iter()
         .map(|(channel, id)| {
@@ -304,12 +339,12 @@ async fn removal_on_a_composite_key_deletes_exactly_the_gone_rows() {
         })
         .collect();
 
-    let before = support::remaining_rows(&ddb, &table).await;
+    let before = support::remaining_rows(&t.ddb, &t.table).await;
     for batch in gone.chunks(fanout_core::store::MAX_REMOVE_BATCH) {
-        let removal = store.remove(batch.to_vec()).await.expect("remove");
+        let removal = t.store.remove(batch.to_vec()).await.expect("remove");
         assert!(removal.unprocessed.is_empty() && removal.skipped.is_empty());
     }
-    let after = support::remaining_rows(&ddb, &table).await;
+    let after = support::remaining_rows(&t.ddb, &t.table).await;
     let expected: BTreeSet<_> = before.difference(&gone_rows).cloned().collect();
     assert_eq!(after, expected);
     assert_eq!(after.len(), 60 - gone.len());
@@ -317,18 +352,10 @@ async fn removal_on_a_composite_key_deletes_exactly_the_gone_rows() {
 
 #[tokio::test]
 async fn explicit_lists_page_resume_and_derive_keys() {
-    let ddb = support::dynamodb().await;
-    let table = create_table(&ddb, "explicit", TableKey::Id, false).await;
-    let rows = ids("c", 25);
-    put_connections(&ddb, &table, &rows, None).await;
-    let store = store(settings(&table, 10, false)).await;
-    let list: Vec<ConnectionId> = rows
-        .iter()
-        .map(|id| ConnectionId::from(id.as_str()))
-        .collect();
-    let audience = AudienceQuery::Explicit(list);
+    let t = Filled::new("explicit", TableKey::Id, ids("c", 25), None, 10).await;
+    let audience = AudienceQuery::Explicit(listed(&t.rows));
 
-    let pages = all_pages(&store, &audience, None).await;
+    let pages = all_pages(&t.store, &audience, None).await;
     let positions: Vec<_> = pages.iter().map(|p| p.next.position.clone()).collect();
     assert_eq!(
         positions,
@@ -338,10 +365,10 @@ async fn explicit_lists_page_resume_and_derive_keys() {
         .iter()
         .flat_map(|p| p.connections.iter().map(|c| c.id.to_string()))
         .collect();
-    assert_eq!(read, rows, "in list order");
+    assert_eq!(read, t.rows, "in list order");
 
     let resumed = all_pages(
-        &store,
+        &t.store,
         &audience,
         Some(vec![Cursor {
             segment: 0,
@@ -354,50 +381,46 @@ async fn explicit_lists_page_resume_and_derive_keys() {
 
     // The id is the whole key here, so a listed connection can be removed.
     let gone = pages[0].connections[..3].to_vec();
-    let removal = store.remove(gone).await.expect("remove");
+    let removal = t.store.remove(gone).await.expect("remove");
     assert!(removal.skipped.is_empty());
-    let remaining = support::remaining_ids(&ddb, &table).await;
-    assert_eq!(remaining, set(&rows[3..]));
+    let remaining = support::remaining_ids(&t.ddb, &t.table).await;
+    assert_eq!(remaining, set(&t.rows[3..]));
 }
 
 #[tokio::test]
 async fn listed_connections_of_a_composite_table_cannot_be_removed() {
-    let ddb = support::dynamodb().await;
-    let table = create_table(&ddb, "explicit-composite", TableKey::ChannelAndId, false).await;
-    let rows = ids("c", 3);
-    put_connections(&ddb, &table, &rows, Some("news")).await;
-    let store = store(settings(&table, 10, false)).await;
-    let list = rows
-        .iter()
-        .map(|id| ConnectionId::from(id.as_str()))
-        .collect();
+    let t = Filled::new(
+        "explicit-composite",
+        TableKey::ChannelAndId,
+        ids("c", 3),
+        Some("news"),
+        10,
+    )
+    .await;
 
-    let pages = all_pages(&store, &AudienceQuery::Explicit(list), None).await;
-    let connections: Vec<Connection> = pages.into_iter().flat_map(|p| p.connections).collect();
+    let pages = all_pages(&t.store, &AudienceQuery::Explicit(listed(&t.rows)), None).await;
+    let connections = connections(pages);
     assert!(connections.iter().all(|c| c.key.is_none()));
-    let removal = store.remove(connections.clone()).await.expect("remove");
+    let removal = t.store.remove(connections.clone()).await.expect("remove");
     assert_eq!(removal.skipped, connections);
-    assert_eq!(support::remaining_ids(&ddb, &table).await, set(&rows));
+    assert_eq!(support::remaining_ids(&t.ddb, &t.table).await, set(&t.rows));
 }
 
 #[tokio::test]
 async fn more_than_25_removals_in_one_call_are_refused() {
-    let ddb = support::dynamodb().await;
-    let table = create_table(&ddb, "remove-26", TableKey::Id, false).await;
-    let rows = ids("c", 26);
-    put_connections(&ddb, &table, &rows, None).await;
-    let store = store(settings(&table, 100, false)).await;
-    let connections: Vec<Connection> = all_pages(&store, &AudienceQuery::All { segments: 1 }, None)
-        .await
-        .into_iter()
-        .flat_map(|p| p.connections)
-        .collect();
+    let t = Filled::new("remove-26", TableKey::Id, ids("c", 26), None, 100).await;
+    let connections =
+        connections(all_pages(&t.store, &AudienceQuery::All { segments: 1 }, None).await);
     assert_eq!(connections.len(), 26);
 
-    let err = store.remove(connections).await.expect_err("26 is too many");
+    let err = t
+        .store
+        .remove(connections)
+        .await
+        .expect_err("26 is too many");
     assert!(matches!(err, StoreError::Rejected(_)), "{err:?}");
     assert!(err.to_string().contains("25"), "{err}");
-    assert_eq!(support::remaining_ids(&ddb, &table).await, set(&rows));
+    assert_eq!(support::remaining_ids(&t.ddb, &t.table).await, set(&t.rows));
 }
 
 #[tokio::test]
@@ -434,7 +457,7 @@ async fn a_row_without_a_string_id_is_skipped_not_fatal() {
         BTreeSet::from(["good-1".to_owned(), "good-2".to_owned()])
     );
     // Read from the table, such rows are still removable by their real key.
-    let gone: Vec<Connection> = pages.into_iter().flat_map(|p| p.connections).collect();
+    let gone = connections(pages);
     store.remove(gone).await.expect("remove");
     assert_eq!(
         support::remaining_ids(&ddb, &table).await,
@@ -584,11 +607,7 @@ mod stand_in {
             batch,
             batch_calls: batch_calls.clone(),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a test port");
-        let addr = listener.local_addr().expect("local addr");
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let addr = crate::serve_on_loopback(app).await;
         (format!("http://{addr}"), batch_calls)
     }
 }
@@ -597,12 +616,8 @@ async fn stand_in_store(
     batch: stand_in::Batch,
 ) -> (DynamoStore, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let (endpoint, calls) = stand_in::start(batch).await;
-    let config = fanout_aws::clients::config_loader()
+    let config = support::test_config_loader()
         .endpoint_url(endpoint)
-        .region("us-east-1")
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
-            "test", "test", None, None, "tests",
-        ))
         .load()
         .await;
     let store = DynamoStore::connect(
@@ -654,22 +669,25 @@ async fn unprocessed_items_map_back_to_their_connections() {
     assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
 
+/// The error one removal meets at a stand-in answering `batch`, and how
+/// many BatchWriteItem calls the stand-in saw.
+async fn a_refused_removal(batch: stand_in::Batch) -> (StoreError, usize) {
+    let (store, calls) = stand_in_store(batch).await;
+    let err = store
+        .remove(vec![composite("news", "c1")])
+        .await
+        .expect_err("the stand-in refuses it");
+    (err, calls.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 #[tokio::test]
 async fn throttling_and_server_errors_are_transient() {
-    let (store, calls) = stand_in_store(stand_in::Batch::Throttle).await;
-    let err = store
-        .remove(vec![composite("news", "c1")])
-        .await
-        .expect_err("throttled");
+    let (err, calls) = a_refused_removal(stand_in::Batch::Throttle).await;
     assert!(matches!(err, StoreError::Throttled(_)), "{err:?}");
     // The SDK's standard retries stay on for DynamoDB.
-    assert!(calls.load(std::sync::atomic::Ordering::Relaxed) > 1);
+    assert!(calls > 1);
 
-    let (store, _) = stand_in_store(stand_in::Batch::ServerError).await;
-    let err = store
-        .remove(vec![composite("news", "c1")])
-        .await
-        .expect_err("server error");
+    let (err, _) = a_refused_removal(stand_in::Batch::ServerError).await;
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     assert!(err.is_transient());
 }

@@ -162,15 +162,7 @@ async fn a_read_covers_every_page() {
             .await
             .expect("put a large lease");
     }
-    let first_page = ddb
-        .query()
-        .table_name(&name)
-        .key_condition_expression("pk = :pk")
-        .expression_attribute_values(":pk", AttributeValue::S(PARTITION.to_owned()))
-        .consistent_read(true)
-        .send()
-        .await
-        .expect("query one page");
+    let first_page = support::first_page_of_partition(&ddb, &name, "pk", PARTITION).await;
     assert!(
         first_page.last_evaluated_key().is_some() && first_page.items().len() < 12,
         "the emulator answered {} items in one page",

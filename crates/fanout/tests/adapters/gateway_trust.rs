@@ -11,12 +11,12 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use aws_sdk_apigatewaymanagement::config::Credentials;
 use bytes::Bytes;
 use fanout_aws::clients::CONNECT_TIMEOUT;
 use fanout_aws::{GatewayTrust, SdkConfig, SelectedSender, SendPath, SendSettings};
 use fanout_core::connection::ConnectionId;
 use fanout_core::gateway::{Gateway, PostOutcome};
+use fanout_testkit::support;
 
 /// Longer than any bound under test: a send that takes this long hung.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -83,9 +83,7 @@ async fn silent_peer() -> u16 {
 /// The SDK config every client is built from, as the binary loads it, with
 /// a fixed region and credentials; `endpoint` for SQS and DynamoDB.
 async fn sdk_config(endpoint: Option<&str>) -> SdkConfig {
-    let mut loader = fanout_aws::clients::config_loader()
-        .region("us-east-1")
-        .credentials_provider(Credentials::new("test", "test", None, None, "tests"));
+    let mut loader = support::test_config_loader();
     if let Some(endpoint) = endpoint {
         loader = loader.endpoint_url(endpoint);
     }

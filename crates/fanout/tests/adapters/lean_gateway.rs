@@ -6,11 +6,11 @@
 //! Needs `AWS_ENDPOINT_URL_DYNAMODB` (dynalite): `./scripts/test.sh` sets it.
 
 use fanout_testkit::local_support;
+use fanout_testkit::support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_apigatewaymanagement::config::Credentials;
 use bytes::Bytes;
 use fanout_aws::ApiGatewaySender;
 use fanout_aws::LeanSender;
@@ -36,11 +36,7 @@ enum Path {
 }
 
 async fn sender(path: Path, gw: &TestGateway) -> SelectedSender {
-    let config = fanout_aws::clients::config_loader()
-        .region("us-east-1")
-        .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
-        .load()
-        .await;
+    let config = support::test_config_loader().load().await;
     let endpoint = format!("http://{}/{}", gw.addr, gw.stage);
     match path {
         Path::Sdk => SelectedSender::Sdk(ApiGatewaySender::new(

@@ -13,3 +13,19 @@ mod gateway_trust;
 mod lean_gateway;
 mod metrics_http;
 mod sqs_adapter;
+
+use std::net::SocketAddr;
+
+use fanout_testkit::support::loopback_listener;
+
+/// Serves `app` on a free port of 127.0.0.1 for the rest of the test.
+async fn serve_on_loopback(app: axum::Router) -> SocketAddr {
+    let (listener, addr) = loopback_listener().await;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// A port of 127.0.0.1 nothing listens on.
+async fn closed_port() -> SocketAddr {
+    loopback_listener().await.1
+}

@@ -48,6 +48,11 @@ impl Running {
     }
 }
 
+/// What `fanout health` says of the exporter at `addr`.
+async fn fanout_health(addr: SocketAddr) -> Result<(), MetricsError> {
+    probe_health(addr, Duration::from_secs(5)).await
+}
+
 async fn get(addr: SocketAddr, path: &str) -> (u16, Option<String>, String) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let uri = format!("http://{addr}{path}").parse().expect("uri");
@@ -119,9 +124,7 @@ async fn healthz_is_ok_after_a_recent_poll() {
 
     let (status, _, body) = get(server.addr, "/healthz").await;
     assert_eq!(status, 200, "{body}");
-    probe_health(server.addr, Duration::from_secs(5))
-        .await
-        .expect("healthy");
+    fanout_health(server.addr).await.expect("healthy");
     server.stop().await;
 }
 
@@ -147,7 +150,7 @@ async fn stale_poll_is_503_and_the_probe_fails() {
     let (status, _, body) = get(server.addr, "/healthz").await;
     assert_eq!(status, 503);
     assert!(body.starts_with("stalled"), "{body}");
-    let probe = probe_health(server.addr, Duration::from_secs(5)).await;
+    let probe = fanout_health(server.addr).await;
     assert!(
         matches!(probe, Err(MetricsError::Unhealthy { status: 503, .. })),
         "{probe:?}"
@@ -164,21 +167,14 @@ async fn stale_poll_is_503_and_the_probe_fails() {
 
     // The loop comes back: healthy again.
     metrics.mark_poll();
-    probe_health(server.addr, Duration::from_secs(5))
-        .await
-        .expect("healthy again");
+    fanout_health(server.addr).await.expect("healthy again");
     server.stop().await;
 }
 
 #[tokio::test]
 async fn probe_fails_when_nothing_listens() {
-    let addr = {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        l.local_addr().expect("addr")
-    };
-    let probe = probe_health(addr, Duration::from_secs(5)).await;
+    let addr = crate::closed_port().await;
+    let probe = fanout_health(addr).await;
     assert!(
         matches!(probe, Err(MetricsError::HealthUnreachable { .. })),
         "{probe:?}"

@@ -5,20 +5,17 @@
 
 use std::process::Command;
 
+use fanout_testkit::support::stdout_of;
+
 /// `cargo tree` offline, from Cargo.lock, with `args`.
 fn cargo_tree(args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO"))
-        .args(["tree", "--offline", "--locked"])
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run cargo tree");
-    assert!(
-        output.status.success(),
-        "cargo tree failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    stdout_of(
+        Command::new(env!("CARGO"))
+            .args(["tree", "--offline", "--locked"])
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR")),
+        "cargo tree",
+    )
 }
 
 /// The packages `package` is built from (normal dependencies only: what

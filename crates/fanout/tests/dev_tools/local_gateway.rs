@@ -79,20 +79,16 @@ async fn posts_arrive_as_text_or_binary_frames_whatever_the_id_holds() {
 async fn payloads_over_128_kib_are_refused_with_413() {
     let gw = TestGateway::start(|_| {}).await;
     let (mut socket, id) = gw.connect(None).await;
-    let err = gw
-        .apigw
-        .post_to_connection()
-        .connection_id(&id)
-        .data(Blob::new(vec![b'a'; 131_073]))
-        .send()
-        .await
-        .expect_err("oversize");
+    let post_bytes = |size: usize| {
+        gw.apigw
+            .post_to_connection()
+            .connection_id(&id)
+            .data(Blob::new(vec![b'a'; size]))
+            .send()
+    };
+    let err = post_bytes(131_073).await.expect_err("oversize");
     assert!(err.into_service_error().is_payload_too_large_exception());
-    gw.apigw
-        .post_to_connection()
-        .connection_id(&id)
-        .data(Blob::new(vec![b'a'; 131_072]))
-        .send()
+    post_bytes(131_072)
         .await
         .expect("exactly the limit is fine");
     let Message::Text(text) = next_frame(&mut socket).await else {

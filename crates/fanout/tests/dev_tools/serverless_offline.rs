@@ -9,21 +9,17 @@
 //! `tests/peers/serverless-offline`, whose `$connect` handler records each
 //! connection id so the test can write the table rows fanout reads.
 
+use fanout_testkit::local_support::{Socket, next_frame_within};
 use fanout_testkit::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use futures::StreamExt;
-use support::TableKey;
 use support::worker::Run;
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// serverless-offline prints its banner in about 5 s; a cold start on a
 /// busy machine takes longer.
@@ -153,43 +149,25 @@ async fn broadcast(
     ids: &[String],
     body: &str,
 ) -> (Run, String, aws_sdk_dynamodb::Client) {
-    let sqs = support::sqs().await;
-    let dynamo = support::dynamodb().await;
-    let (queue, dlq) = support::create_queue_with_dlq(&sqs, "sls", false, None).await;
-    let table = support::create_table(&dynamo, "sls", TableKey::Id, true).await;
-    support::put_connections(&dynamo, &table, ids, None).await;
-    sqs.send_message()
-        .queue_url(&queue.url)
-        .message_body(body)
-        .send()
-        .await
-        .expect("send the job");
+    let job = support::one_job("sls", ids, body).await;
     let endpoint = offline.endpoint();
     let run = support::worker::run_to_end(support::worker::command(
         &["run", "--exit-when-idle"],
-        &queue.url,
-        &dlq.url,
-        &table,
+        &job.queue.url,
+        &job.dlq.url,
+        &job.table,
         [("FANOUT_GATEWAY_ENDPOINT", endpoint.as_str())],
     ))
     .await;
-    let (visible, hidden) = support::counts(&sqs, &queue.url).await;
+    let (visible, hidden) = support::counts(&job.sqs, &job.queue.url).await;
     assert_eq!((visible, hidden), (0, 0), "the job's message is deleted");
-    (run, table, dynamo)
+    (run, job.table, job.dynamo)
 }
 
 async fn next_text(socket: &mut Socket) -> String {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(10), socket.next())
-            .await
-            .expect("a message within 10 s")
-            .expect("the socket stays open")
-            .expect("a frame");
-        match frame {
-            Message::Text(text) => return text.to_string(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected frame {other:?}"),
-        }
+    match next_frame_within(socket, Duration::from_secs(10)).await {
+        Message::Text(text) => text.to_string(),
+        other => panic!("unexpected frame {other:?}"),
     }
 }
 

@@ -6,7 +6,6 @@
 //! `AWS_ENDPOINT_URL_*` variables and `FANOUT_GATEWAY_ENDPOINT`.
 
 use std::collections::BTreeSet;
-use std::process::Stdio;
 use std::time::Duration;
 
 use fanout_dev::gateway::GatewayArgs;
@@ -16,6 +15,7 @@ use super::proxy::{FaultProxy, Faults, Injected};
 use crate::stack::Stack;
 use crate::support;
 use crate::support::Queues;
+use crate::support::worker::start;
 
 /// How to build a rig.
 #[derive(Default)]
@@ -90,11 +90,7 @@ impl Rig {
         if let Some(proxy) = &self.dynamodb_proxy {
             command.env("AWS_ENDPOINT_URL_DYNAMODB", proxy.url());
         }
-        command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start fanout run")
+        start(command)
     }
 
     /// Runs `fanout run --exit-when-idle` to its end.

@@ -207,10 +207,15 @@ impl Drop for TestGateway {
 
 /// The next data or close frame, within 5 s.
 pub async fn next_frame(socket: &mut Socket) -> Message {
+    next_frame_within(socket, Duration::from_secs(5)).await
+}
+
+/// The next data or close frame, within `limit`.
+pub async fn next_frame_within(socket: &mut Socket, limit: Duration) -> Message {
     loop {
-        let frame = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        let frame = tokio::time::timeout(limit, socket.next())
             .await
-            .expect("a frame within 5 s")
+            .unwrap_or_else(|_| panic!("a frame within {limit:?}"))
             .expect("socket still open")
             .expect("frame");
         if !matches!(frame, Message::Ping(_) | Message::Pong(_)) {

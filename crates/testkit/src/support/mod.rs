@@ -51,17 +51,23 @@ pub async fn sdk_config() -> SdkConfig {
     fanout_aws::clients::load_sdk_config().await
 }
 
+/// The binary's config loader with a fixed region and test credentials:
+/// for clients of a peer the test starts itself, not of the emulators.
+pub fn test_config_loader() -> aws_config::ConfigLoader {
+    fanout_aws::clients::config_loader()
+        .region("us-east-1")
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "test", "test", None, None, "tests",
+        ))
+}
+
 /// An SDK config whose every endpoint is a port nothing listens on.
 pub async fn unreachable_config() -> SdkConfig {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a test port");
     let addr = listener.local_addr().expect("local addr");
     drop(listener);
-    fanout_aws::clients::config_loader()
+    test_config_loader()
         .endpoint_url(format!("http://{addr}"))
-        .region("us-east-1")
-        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-            "test", "test", None, None, "tests",
-        ))
         .load()
         .await
 }
@@ -252,6 +258,13 @@ pub struct Received {
     pub attributes: HashMap<String, String>,
     /// System attributes, e.g. MessageGroupId.
     pub system: HashMap<String, String>,
+}
+
+impl Received {
+    /// The reason fanout gave a dead letter: its `fanout.reason` attribute.
+    pub fn reason(&self) -> &str {
+        &self.attributes["fanout.reason"]
+    }
 }
 
 /// A message attribute's value as text: a string's, or a binary's as lossy
@@ -605,12 +618,83 @@ pub async fn send_body(sqs: &aws_sdk_sqs::Client, url: &str, body: &str) {
         .expect("send a job");
 }
 
+/// The emulators' side of one broadcast to a gateway of the test's own:
+/// a queue with its dead-letter queue, a table (with a channel index)
+/// holding a row for each id, and the job on the queue.
+pub struct OneJob {
+    pub sqs: aws_sdk_sqs::Client,
+    pub dynamo: aws_sdk_dynamodb::Client,
+    pub queue: TestQueue,
+    pub dlq: TestQueue,
+    pub table: String,
+}
+
+/// Sets up a [`OneJob`] whose job is `body`.
+pub async fn one_job(prefix: &str, ids: &[String], body: &str) -> OneJob {
+    let sqs = sqs().await;
+    let dynamo = dynamodb().await;
+    let (queue, dlq) = create_queue_with_dlq(&sqs, prefix, false, None).await;
+    let table = create_table(&dynamo, prefix, TableKey::Id, true).await;
+    put_connections(&dynamo, &table, ids, None).await;
+    send_body(&sqs, &queue.url, body).await;
+    OneJob {
+        sqs,
+        dynamo,
+        queue,
+        dlq,
+        table,
+    }
+}
+
+/// A listener on a free port of 127.0.0.1, and its address: where a test
+/// serves a peer of its own.
+pub async fn loopback_listener() -> (tokio::net::TcpListener, std::net::SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a test port");
+    let addr = listener.local_addr().expect("the bound address");
+    (listener, addr)
+}
+
+/// Runs a tool (`cargo`, `openssl`) to its end and returns what it printed;
+/// panics with its standard error, naming `what`, unless it succeeded.
+pub fn stdout_of(command: &mut std::process::Command, what: &str) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("run {what}: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// Ids `prefix-0 … prefix-(n-1)`.
 pub fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:05}")).collect()
 }
 
 /// The connection ids still in the table.
+/// The first page of a consistent Query for the rows whose partition key
+/// `key` holds the string `value`.
+pub async fn first_page_of_partition(
+    ddb: &aws_sdk_dynamodb::Client,
+    table: &str,
+    key: &str,
+    value: &str,
+) -> aws_sdk_dynamodb::operation::query::QueryOutput {
+    ddb.query()
+        .table_name(table)
+        .key_condition_expression("#key = :value")
+        .expression_attribute_names("#key", key)
+        .expression_attribute_values(":value", AttributeValue::S(value.to_owned()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("query {table} where {key} = {value}: {e:?}"))
+}
+
 pub async fn remaining_ids(ddb: &aws_sdk_dynamodb::Client, table: &str) -> BTreeSet<String> {
     remaining_rows(ddb, table)
         .await

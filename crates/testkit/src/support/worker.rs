@@ -25,6 +25,25 @@ impl Run {
             .find(|r| r["job_id"] == job_id)
             .unwrap_or_else(|| panic!("no report for job {job_id}:\n{}", self.stdout))
     }
+
+    /// The JSON log lines with this message, in order.
+    pub fn logged(&self, message: &str) -> Vec<serde_json::Value> {
+        log_lines(&self.stdout, message)
+    }
+}
+
+fn log_lines(out: &str, message: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|v| v["message"] == message)
+        .collect()
+}
+
+/// A count in a report line (panics, showing the line, if it has none).
+pub fn count(report: &serde_json::Value, key: &str) -> u64 {
+    report[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {report}"))
 }
 
 /// The `fanout` binary under test: beside the test executable's directory
@@ -97,15 +116,20 @@ pub async fn run_ok(mut command: tokio::process::Command, what: &str) -> String 
 
 /// Runs `command` (a `fanout run --exit-when-idle`) to its end within a
 /// minute, its output captured, and asserts that it exited 0.
-pub async fn run_to_end(mut command: tokio::process::Command) -> Run {
-    let child = command
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start fanout run");
+pub async fn run_to_end(command: tokio::process::Command) -> Run {
+    let child = start(command);
     let run = finish(child, Duration::from_secs(60)).await;
     assert!(run.status.success(), "{}", run.stdout);
     run
+}
+
+/// Starts a `fanout run` with its output captured, for [`finish`].
+pub fn start(mut command: tokio::process::Command) -> Child {
+    command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start fanout run")
 }
 
 /// Sends `signal` (e.g. "-TERM", "-KILL") to a worker by its pid.
@@ -141,14 +165,9 @@ pub async fn finish(mut child: Child, limit: Duration) -> Run {
             panic!("fanout run did not finish in {limit:?}\nstdout:\n{out}\nstderr:\n{err}");
         }
     };
-    let reports = out
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|v| v["message"] == "broadcast")
-        .collect();
     Run {
         status,
-        reports,
+        reports: log_lines(&out, "broadcast"),
         stdout: format!("{out}\n--- stderr ---\n{err}"),
     }
 }
