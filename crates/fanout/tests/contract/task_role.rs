@@ -59,6 +59,9 @@ const ADAPTERS: &[(&str, Peer)] = &[
     ("crates/aws/src/dynamo/", Peer::ConnectionsTable),
     ("crates/aws/src/clock.rs", Peer::ConnectionsTable),
     ("crates/aws/src/fleet.rs", Peer::FleetTable),
+    // The key check of the fleet and checkpoint tables, which the template
+    // makes one table: its grants are the fleet table's.
+    ("crates/aws/src/pk_sk.rs", Peer::FleetTable),
     ("crates/aws/src/runs.rs", Peer::CheckpointTable),
     ("crates/aws/src/apigw.rs", Peer::ApiGateway),
     ("crates/aws/src/reports.rs", Peer::Reports),
