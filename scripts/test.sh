@@ -7,6 +7,7 @@
 #   ./scripts/test.sh --test pipeline       extra arguments go to `cargo test`;
 #                                           a target selector runs only that target
 #   ./scripts/test.sh --test adapters sqs_adapter::   one file of a layer's binary
+#   ./scripts/test.sh -p fanout-core --lib  one package's unit tests
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,13 +39,18 @@ trap 'exit 143' TERM
 eval "$(./scripts/emulators.sh env)"
 
 # With a target selector (`--test NAME`, `--lib`, …) run just that; cargo
-# would otherwise run every target alongside it.
+# would otherwise run every target alongside it. With a package (`-p NAME`)
+# run that package's: `--workspace` would add every other one.
 all_targets=(--all-targets)
+workspace=(--workspace)
 for arg in "$@"; do
   case "$arg" in
     --test | --test=* | --lib | --bin | --bin=* | --bins | --tests | --doc | --examples | --benches)
       all_targets=()
       ;;
+    -p | -p?* | --package | --package=*)
+      workspace=()
+      ;;
   esac
 done
-cargo test --workspace "${all_targets[@]}" "$@"
+cargo test "${workspace[@]}" "${all_targets[@]}" "$@"
