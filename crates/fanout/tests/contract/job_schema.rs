@@ -11,22 +11,20 @@
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use fanout_core::connection::{Connection, KeyValue, RowKey};
 use fanout_core::job::{self, Capabilities, JobError, JobSpec};
 use fanout_core::store::{Cursor, Position};
 
+use crate::sources::root;
+
 /// A producer's check: any named audience, channels allowed.
 const PRODUCER: Capabilities = Capabilities {
     channels: true,
     audiences: None,
 };
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 /// What the schema says of one body.
 #[derive(Debug, serde::Deserialize)]

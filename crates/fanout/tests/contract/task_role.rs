@@ -18,10 +18,13 @@
 //! template's short-form intrinsic functions.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use std::path::PathBuf;
+
 use serde_json::Value;
+
+use crate::sources::{production_source, root, rust_files};
 
 /// What a call acts on, as the template names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -118,33 +121,6 @@ fn grant_for(peer: Peer, operation: &str) -> Option<(&'static str, &'static [Res
         (Peer::Reports, "publish") => ("sns:Publish", &[ReportTopic]),
         _ => return None,
     })
-}
-
-/// The workspace root.
-fn root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-        .canonicalize()
-        .unwrap()
-}
-
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
-
-/// The source without its unit tests (which call emulators to set up).
-fn production_source(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap();
-    match text.find("#[cfg(test)]\nmod tests") {
-        Some(at) => text[..at].to_owned(),
-        None => text,
-    }
 }
 
 /// The `x` of every `client.x()` / `client\n.x()` in `source`.
