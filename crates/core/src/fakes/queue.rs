@@ -103,11 +103,8 @@ impl FakeQueue {
 
 /// Uses up one of the answers `left` counts down; false once none are left.
 fn count_down(left: &AtomicUsize) -> bool {
-    let n = left.load(Ordering::SeqCst);
-    if n > 0 {
-        left.store(n - 1, Ordering::SeqCst);
-    }
-    n > 0
+    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 impl JobQueue for FakeQueue {
