@@ -11,8 +11,8 @@ use axum::http::StatusCode;
 use axum::routing::put;
 use fanout::ecs::{EcsError, TaskProtection};
 use fanout_core::telemetry::Metrics;
+use fanout_testkit::support::loopback_listener;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 /// What the stand-in saw and how it answers next.
 #[derive(Default)]
@@ -48,8 +48,7 @@ async fn start_agent(agent: Shared) -> String {
     let app = Router::new()
         .route("/api/task-1/task-protection/v1/state", put(state_handler))
         .with_state(agent);
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    let (listener, addr) = loopback_listener().await;
     tokio::spawn(async move { axum::serve(listener, app).await });
     format!("http://{addr}/api/task-1")
 }
@@ -112,10 +111,7 @@ async fn a_refusal_is_reported_and_the_next_call_tries_again() {
 #[tokio::test]
 async fn an_unreachable_agent_is_an_error_not_a_hang() {
     // Bind and drop: nothing listens on this port any more.
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    let port = loopback_listener().await.1.port();
     let protection =
         TaskProtection::new(&format!("http://127.0.0.1:{port}/api/t"), 10).expect("valid uri");
     let result = protection.try_set(true).await;

@@ -86,8 +86,8 @@ impl HyperSink {
         use http_body_util::{BodyExt, Full};
 
         let acceptor = tls.map(Pki::acceptor);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (listener, addr) = support::loopback_listener().await;
+        let port = addr.port();
         let connections = Arc::new(AtomicUsize::new(0));
         let counted = connections.clone();
         tokio::spawn(async move {

@@ -21,8 +21,9 @@ use bytes::Bytes;
 use fanout_aws::LeanSender;
 use fanout_core::connection::ConnectionId;
 use fanout_core::gateway::{Gateway, PostOutcome};
+use fanout_testkit::support::loopback_listener;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Shorter than the 70 s of the case this guards, so that the test sees
 /// rotations in half a minute; the schedule is the same (half the
@@ -79,11 +80,8 @@ fn header<'a>(lines: &'a [String], name: &str) -> Option<&'a str> {
 
 /// The container credentials stand-in: a new key per call.
 async fn credentials_endpoint(keys: Keys) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!(
-        "http://{}/v2/credentials/task",
-        listener.local_addr().unwrap()
-    );
+    let (listener, addr) = loopback_listener().await;
+    let url = format!("http://{addr}/v2/credentials/task");
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
             let keys = keys.clone();
@@ -205,8 +203,8 @@ fn verify(lines: &[String], body: &[u8], host: &str, keys: &Keys) -> Result<(), 
 
 /// The @connections stand-in: 200 for a request that verifies, 403 else.
 async fn connections_endpoint(keys: Keys, problems: Problems) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let host = listener.local_addr().unwrap().to_string();
+    let (listener, addr) = loopback_listener().await;
+    let host = addr.to_string();
     let endpoint = format!("http://{host}/prod");
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {

@@ -17,6 +17,7 @@ use fanout_aws::{GatewayTrust, SdkConfig, SelectedSender, SendPath, SendSettings
 use fanout_core::connection::ConnectionId;
 use fanout_core::gateway::{Gateway, PostOutcome};
 use fanout_testkit::support;
+use fanout_testkit::support::loopback_listener;
 
 /// Longer than any bound under test: a send that takes this long hung.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -39,8 +40,8 @@ async fn tls_sink(pki: &Pki) -> u16 {
     use http_body_util::{BodyExt, Full};
 
     let acceptor = pki.acceptor();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, addr) = loopback_listener().await;
+    let port = addr.port();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
@@ -69,8 +70,8 @@ async fn tls_sink(pki: &Pki) -> u16 {
 /// A listener that accepts every connection and never says a word: a TLS
 /// handshake with it never ends. Its port.
 async fn silent_peer() -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, addr) = loopback_listener().await;
+    let port = addr.port();
     let held = Arc::new(Mutex::new(Vec::new()));
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
