@@ -180,6 +180,15 @@ impl SendBudget {
             .map(|rate| rate.current().min(rate.share()))
     }
 
+    /// The adaptive rate now, per second: the configured rate unless 429s
+    /// cut it (`None` without a limit, or with the adaptive rate off).
+    pub fn adaptive_rate(&self) -> Option<f64> {
+        self.rate
+            .as_ref()
+            .filter(|rate| rate.settings.adaptive)
+            .map(|rate| rate.current())
+    }
+
     /// Answers counted as accepted and as throttled so far (zero without a
     /// limit).
     pub fn answers(&self) -> (u64, u64) {

@@ -2,23 +2,24 @@
 //! reads the fleet's, and applies the task's share to its send budget and
 //! metrics; on a clean stop it removes the lease.
 //!
-//! A task's demand is its configured rate (the budget's ceiling) while a
-//! job runs (`Metrics::jobs_in_flight` above zero) and for [`DEMAND_LINGER`]
-//! after the last one, and 0 while idle: the simplest measure of "the rate
-//! it can use now". A busy task that sends
-//! less (a small audience, a slow endpoint) still claims its ceiling, so
-//! the others do not get the part it leaves unused until its jobs end.
+//! A task's demand is what it can use now ([`Claim`]): what it sent in the
+//! last round with headroom, its ceiling while its share holds it back,
+//! and 0 once idle for [`DEMAND_LINGER`]. A round also runs as soon as a
+//! higher claim has been on record for [`JOIN_WAIT`](super::JOIN_WAIT),
+//! rather than at the next renewal, so a task whose use grows takes the
+//! larger share without a round's delay.
 
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 
 use super::clock::EpochClock;
+use super::demand::{Claim, Round};
 use super::standing::Standing;
-use super::timing::{DEMAND_LINGER, LEASE_TTL, RENEW_INTERVAL, ROUND_TIMEOUT};
+use super::timing::{LEASE_TTL, RENEW_INTERVAL, ROUND_TIMEOUT};
 use super::{FleetError, Lease, LeaseTable};
 use crate::budget::SendBudget;
 use crate::telemetry::Metrics;
@@ -42,17 +43,18 @@ pub struct FleetSettings {
 pub struct Coordinator<T> {
     table: Arc<T>,
     budget: Arc<SendBudget>,
-    /// Read for the demand (jobs in flight); written with the share, the
-    /// live task count, the fallback flag and failed renewals.
+    /// Read for the demand (jobs in flight, posts); written with the share,
+    /// the live task count, the fallback flag and failed renewals.
     metrics: Arc<Metrics>,
     settings: FleetSettings,
     clock: EpochClock,
     standing: Standing,
+    claim: Claim,
+    /// When the last round started, and the posts counted then.
+    last_round: (Instant, u64),
     /// Whether the previous round failed: the first failure of a run and
     /// the recovery are logged, not every round between.
     failing: bool,
-    /// The last round that found a job running.
-    last_busy: Option<Instant>,
     /// Whether the fleet was last seen with more tasks than its rate has
     /// posts per second (warned once per such spell).
     warned_thin: bool,
@@ -76,7 +78,10 @@ impl<T: LeaseTable> Coordinator<T> {
                 crate::limits::setting::Setting::RatePerSecond
             );
         }
-        let standing = Standing::new(f64::from(settings.fallback.get()));
+        let rate = f64::from(settings.rate.get());
+        let ceiling = budget.ceiling().map_or(rate, f64::from);
+        let standing = Standing::new(f64::from(settings.fallback.get()), ceiling);
+        let posts = Metrics::get(&metrics.posts);
         let coordinator = Self {
             table,
             budget,
@@ -84,8 +89,9 @@ impl<T: LeaseTable> Coordinator<T> {
             settings,
             clock: EpochClock::system(),
             standing,
+            claim: Claim::new(ceiling, rate),
+            last_round: (Instant::now(), posts),
             failing: false,
-            last_busy: None,
             warned_thin: false,
         };
         coordinator.apply();
@@ -103,20 +109,35 @@ impl<T: LeaseTable> Coordinator<T> {
     /// the others may take this task's share, and the budget holds any send
     /// still asked of it.
     pub async fn run(mut self, stop: impl Future<Output = ()>) {
-        let mut ticks = tokio::time::interval(RENEW_INTERVAL);
-        // A late round is followed by a full interval, not a catch-up burst.
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         tokio::pin!(stop);
+        let mut next = Instant::now();
         loop {
             // A round in progress is never cut short by the stop: a write
             // abandoned midway could land after the removal.
             tokio::select! {
                 biased;
                 () = &mut stop => break,
-                _ = ticks.tick() => self.round().await,
+                () = tokio::time::sleep_until(next) => {}
             }
+            let started = Instant::now();
+            self.round().await;
+            next = self.next_round(started);
         }
         self.leave().await;
+    }
+
+    /// One interval after the round that started at `started` (a late round
+    /// is followed by a full interval, not a catch-up burst), or sooner if
+    /// a higher claim comes on record before then.
+    fn next_round(&self, started: Instant) -> Instant {
+        let renewal = started + RENEW_INTERVAL;
+        match self.standing.pending_until() {
+            // A millisecond after: the read of that round must find the
+            // write on record for the whole wait.
+            Some(due) => renewal.min(due + std::time::Duration::from_millis(1)),
+            None => renewal,
+        }
+        .max(Instant::now())
     }
 
     /// Write, read, apply; or fall back.
@@ -198,21 +219,20 @@ impl<T: LeaseTable> Coordinator<T> {
         Ok(others.len() as u64 + 1)
     }
 
-    /// The budget's ceiling while a job runs and for [`DEMAND_LINGER`]
-    /// after, else 0.
+    /// What the task claims this round, from what it sent since the last
+    /// one under the share in force meanwhile.
     fn demand(&mut self) -> f64 {
-        let now = Instant::now();
-        if Metrics::get(&self.metrics.jobs_in_flight) > 0 {
-            self.last_busy = Some(now);
-        }
-        let lingering = self
-            .last_busy
-            .is_some_and(|busy| now.duration_since(busy) < DEMAND_LINGER);
-        if !lingering {
-            return 0.0;
-        }
-        let ceiling = self.budget.ceiling().unwrap_or(self.settings.rate.get());
-        f64::from(ceiling)
+        let at = Instant::now();
+        let posts = Metrics::get(&self.metrics.posts);
+        let (last_at, last_posts) = std::mem::replace(&mut self.last_round, (at, posts));
+        self.claim.next(Round {
+            at,
+            busy: Metrics::get(&self.metrics.jobs_in_flight) > 0,
+            sent: posts.saturating_sub(last_posts),
+            elapsed: at.duration_since(last_at),
+            share: self.standing.share(),
+            adaptive: self.budget.adaptive_rate(),
+        })
     }
 
     /// Puts the standing's share in force: the budget, then the gauges.

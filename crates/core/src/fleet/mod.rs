@@ -2,10 +2,14 @@
 //! together they stay within the account's quota however many are running.
 //!
 //! Each task keeps a lease in a shared table (its demand and an expiry),
-//! renews it about once a second, reads every lease, and takes its max-min
-//! fair share of the fleet's rate: no task more than its demand, the rest
-//! split equally among those that want more. [`LeaseTable`] is the seam;
-//! `fanout-aws` implements it on DynamoDB.
+//! renews it about once a second, reads every lease, and takes its share of
+//! the fleet's rate: the max-min fair split of the demands (no task more
+//! than its demand, the rest split equally among those that want more),
+//! plus an equal part of what the demands leave unclaimed for every task
+//! with work. A demand follows use: about twice what the task sent in the
+//! last round, its ceiling while its share holds it back
+//! (`demand`). [`LeaseTable`] is the seam; `fanout-aws` implements it on
+//! DynamoDB.
 //!
 //! # What the fleet promises
 //!
@@ -33,7 +37,9 @@
 //! # Layout
 //!
 //! - `timing`: the renewal interval, the lease TTL and the waits they imply.
-//! - `shares`: [`fair_shares`], the max-min fair split (pure).
+//! - `shares`: [`fair_shares`], the max-min fair split, and
+//!   [`shares_in_use`], that split plus the unclaimed part (pure).
+//! - `demand`: what a task claims, from what it sent (pure).
 //! - `clock`: [`EpochClock`], the epoch time leases expire by.
 //! - `standing`: one task's share from what its own rounds saw (pure).
 //! - `coordinator`: [`Coordinator`], the renewal loop that applies the share
@@ -41,6 +47,7 @@
 
 mod clock;
 mod coordinator;
+mod demand;
 mod shares;
 mod standing;
 #[cfg(test)]
@@ -52,7 +59,8 @@ use std::time::Duration;
 
 pub use clock::EpochClock;
 pub use coordinator::{Coordinator, FleetSettings};
-pub use shares::fair_shares;
+pub use demand::{HEADROOM, HELD_BACK, LEAST_CLAIM_OF_RATE, THROTTLED_UNDER};
+pub use shares::{fair_shares, shares_in_use};
 pub use timing::{
     DEAD_SHARE_UNUSED, DEMAND_LINGER, JOIN_WAIT, LEASE_TTL, RENEW_INTERVAL, ROUND_TIMEOUT,
 };

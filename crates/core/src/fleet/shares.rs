@@ -1,5 +1,7 @@
-//! The max-min fair split of the fleet's rate (water-filling), as a pure
-//! function every task computes alike from the same leases.
+//! The split of the fleet's rate, as pure functions every task computes
+//! alike from the same leases: the max-min fair split of the claims
+//! (water-filling), then what the claims leave unclaimed, split equally
+//! among the tasks that have work.
 
 /// Each demand's share of `rate`, in the order of `demands`: no share above
 /// its demand, and what the satisfied demands leave is split equally among
@@ -28,6 +30,34 @@ pub fn fair_shares(rate: f64, demands: &[f64]) -> Vec<f64> {
                 shares[j] = equal;
             }
             break;
+        }
+    }
+    shares
+}
+
+/// The shares the tasks may use: each claim's [`fair_shares`], plus an
+/// equal part of what the claims leave of `rate` for every task that claims
+/// something (an idle task, claiming 0, gets 0). The shares add up to
+/// `rate` whenever a task claims anything.
+///
+/// Claims follow use (what a task sent, with headroom), so the unclaimed
+/// part is what no task is using now: spread over the busy tasks, it lets
+/// one whose use grows send more at once, before its larger claim has been
+/// read by the others.
+///
+/// The fleet's guarantee needs the share to be monotone, as the fair split
+/// is: a larger claim of its own never lowers a task's share, a larger
+/// claim of another's never raises it. The task count that splits the
+/// unclaimed part only grows with a claim (from 0), so it keeps that too.
+pub fn shares_in_use(rate: f64, claims: &[f64]) -> Vec<f64> {
+    let mut shares = fair_shares(rate, claims);
+    let busy = claims.iter().filter(|&&claim| claim > 0.0).count();
+    let claimed: f64 = shares.iter().sum();
+    let left = if rate > 0.0 { rate - claimed } else { 0.0 };
+    if busy > 0 && left > 0.0 {
+        let part = left / busy as f64;
+        for (share, _) in shares.iter_mut().zip(claims).filter(|(_, c)| **c > 0.0) {
+            *share += part;
         }
     }
     shares
@@ -159,5 +189,61 @@ mod tests {
         let mut back = fair_shares(1800.0, &reversed);
         back.reverse();
         assert_eq!(shares, back);
+    }
+
+    #[test]
+    fn the_unclaimed_rate_goes_equally_to_the_tasks_with_work() {
+        // 100 and 200 claimed of 1,000: 700 left, 350 more each.
+        assert_eq!(
+            shares_in_use(1000.0, &[100.0, 0.0, 200.0]),
+            vec![450.0, 0.0, 550.0]
+        );
+        // Claims over the rate: the fair split alone, nothing left.
+        assert_eq!(
+            shares_in_use(1000.0, &[3000.0, 50.0, 50.0]),
+            vec![900.0, 50.0, 50.0]
+        );
+        assert_eq!(shares_in_use(1000.0, &[0.0, 0.0]), vec![0.0, 0.0]);
+        assert_eq!(shares_in_use(1000.0, &[]), Vec::<f64>::new());
+        assert_eq!(shares_in_use(f64::NAN, &[10.0]), vec![0.0]);
+    }
+
+    /// What the fleet's guarantee rests on: seeded random fleets, each task's
+    /// claim raised in turn: its own share never falls, no other's rises,
+    /// and the shares add up to the rate.
+    #[test]
+    fn a_larger_claim_never_lowers_its_share_nor_raises_another() {
+        let mut random = Xorshift(0x51_7cc1_b727_220a);
+        for case in 0..3000 {
+            let rate = (1 + random.below(10_000)) as f64;
+            let tasks = 1 + random.below(10) as usize;
+            let claims: Vec<f64> = (0..tasks)
+                .map(|_| match random.below(3) {
+                    0 => 0.0,
+                    1 => random.below(300) as f64,
+                    _ => random.below(20_000) as f64,
+                })
+                .collect();
+            let before = shares_in_use(rate, &claims);
+            let sum: f64 = before.iter().sum();
+            let context = format!("case {case}: rate {rate}, claims {claims:?}, {before:?}");
+            if claims.iter().any(|&c| c > 0.0) {
+                assert!((sum - rate).abs() <= rate * ROUNDING, "{context}");
+            } else {
+                assert_eq!(sum, 0.0, "{context}");
+            }
+            let raised = random.below(tasks as u64) as usize;
+            let mut more = claims.clone();
+            more[raised] += (1 + random.below(5000)) as f64;
+            let after = shares_in_use(rate, &more);
+            for (task, (old, new)) in before.iter().zip(&after).enumerate() {
+                let room = rate * ROUNDING;
+                if task == raised {
+                    assert!(*new >= old - room, "its own fell: {context} -> {after:?}");
+                } else {
+                    assert!(*new <= old + room, "another's rose: {context} -> {after:?}");
+                }
+            }
+        }
     }
 }

@@ -10,12 +10,17 @@
 //! lower one counts at once, and the share is cut to it before it is sent.
 //! A write whose answer never came may have landed all the same, so it
 //! counts as sent too.
+//!
+//! The share is [`shares_in_use`] of that demand among the others' as last
+//! read, capped at the task's own ceiling: every term of the fleet's sum is
+//! then at most what the same split gives with every demand at its lowest
+//! on record, and those add up to the fleet's rate.
 
 use std::collections::VecDeque;
 
 use tokio::time::Instant;
 
-use super::shares::fair_shares;
+use super::shares::shares_in_use;
 use super::timing::JOIN_WAIT;
 
 /// One write of this task's lease.
@@ -39,6 +44,14 @@ enum Mode {
 pub(super) struct Standing {
     /// The rate to use while the table cannot be reached.
     fallback: f64,
+    /// The most the task can send (its configured rate): a share above it
+    /// would only be a number.
+    ceiling: f64,
+    /// The fleet's rate and the others' demands as the last round read
+    /// them: a lower demand cuts the share by the same split before it is
+    /// written.
+    rate: f64,
+    others: Vec<f64>,
     /// The last write taken [`JOIN_WAIT`] ago or earlier and every write
     /// sent since, oldest first; cut to the latest when the lease lapsed,
     /// since the others forgot the ones before.
@@ -57,9 +70,12 @@ pub(super) struct Standing {
 
 impl Standing {
     /// A task that has written nothing yet: it sends nothing.
-    pub(super) fn new(fallback: f64) -> Self {
+    pub(super) fn new(fallback: f64, ceiling: f64) -> Self {
         Self {
             fallback,
+            ceiling,
+            rate: 0.0,
+            others: Vec::new(),
             written: VecDeque::new(),
             expires_at_ms: None,
             share: 0.0,
@@ -77,18 +93,48 @@ impl Standing {
     }
 
     /// A write of `demand` is about to be sent: a demand lower than the
-    /// share in force cuts the share now, before the others can read it and
-    /// take the rest. Returns the new share if it changed.
+    /// ones on record cuts the share now (to its split among the others as
+    /// last read), before the others can read it and take the rest. Returns
+    /// the new share if it changed.
     pub(super) fn sending(&mut self, demand: f64) -> Option<f64> {
         let demand = demand.max(0.0);
         self.written.push_back(Written {
             taken: None,
             demand,
         });
-        (demand < self.share).then(|| {
-            self.share = demand;
+        let cut = if self.mode == Mode::Counted {
+            self.share_for(demand)
+        } else {
             demand
+        };
+        (cut < self.share).then(|| {
+            self.share = cut;
+            cut
         })
+    }
+
+    /// When a higher demand than the one on record comes on record, if one
+    /// is pending: a round then takes the larger share without waiting for
+    /// the next renewal. That is when the first write after the last one at
+    /// the lowest demand has been taken for [`JOIN_WAIT`]: the writes
+    /// before it are forgotten then.
+    pub(super) fn pending_until(&self) -> Option<Instant> {
+        let lowest = self
+            .written
+            .iter()
+            .map(|w| w.demand)
+            .fold(f64::INFINITY, f64::min);
+        let last_low = self.written.iter().rposition(|w| w.demand <= lowest)?;
+        let next = self.written.get(last_low + 1)?;
+        next.taken.map(|taken| taken + JOIN_WAIT)
+    }
+
+    /// This task's share if its demand were `own`, the others' as last read.
+    fn share_for(&self, own: f64) -> f64 {
+        let mut demands = self.others.clone();
+        demands.push(own);
+        let share = shares_in_use(self.rate, &demands).last().copied();
+        share.unwrap_or(0.0).min(self.ceiling)
     }
 
     /// The table took the write last sent, expiring at `expires_at_ms`; it
@@ -111,18 +157,15 @@ impl Standing {
     /// The round read the live leases: `others` are the other tasks'
     /// demands, `demand` this task's, `rate` the fleet's. Returns the share.
     pub(super) fn read(&mut self, at: Instant, rate: f64, others: &[f64], demand: f64) -> f64 {
-        let share_for = |own: f64| {
-            let mut demands = others.to_vec();
-            demands.push(own);
-            fair_shares(rate, &demands).last().copied().unwrap_or(0.0)
-        };
+        self.rate = rate;
+        self.others = others.to_vec();
         let on_record = self.on_record(at);
         if on_record.is_some() {
             self.rejoining = false;
         }
         self.share = match on_record {
-            Some(on_record) => share_for(on_record.min(demand)),
-            None if self.rejoining => share_for(demand).min(self.fallback),
+            Some(on_record) => self.share_for(on_record.min(demand)),
+            None if self.rejoining => self.share_for(demand).min(self.fallback),
             None => 0.0,
         };
         self.mode = Mode::Counted;
@@ -213,7 +256,7 @@ mod tests {
     /// instant it returns, the others' demands being `others`.
     fn after_three_rounds(fallback: f64, demand: f64, others: &[f64]) -> (Standing, Instant) {
         let t0 = Instant::now();
-        let mut standing = Standing::new(fallback);
+        let mut standing = Standing::new(fallback, f64::INFINITY);
         rounds(&mut standing, t0, 0, &[demand; 3], others);
         (standing, t0)
     }
@@ -221,7 +264,7 @@ mod tests {
     #[test]
     fn a_joining_task_takes_its_share_once_its_lease_has_been_on_record() {
         let t0 = Instant::now();
-        let mut standing = Standing::new(FALLBACK);
+        let mut standing = Standing::new(FALLBACK, f64::INFINITY);
         assert_eq!(standing.share(), 0.0);
         let shares = rounds(&mut standing, t0, 0, &[1000.0; 4], &[1000.0]);
         // Written at 0 s; on record for JOIN_WAIT (1.75 s) at the round of
@@ -255,7 +298,7 @@ mod tests {
     #[test]
     fn work_after_idle_time_waits_as_a_join_does() {
         let t0 = Instant::now();
-        let mut standing = Standing::new(FALLBACK);
+        let mut standing = Standing::new(FALLBACK, f64::INFINITY);
         rounds(&mut standing, t0, 0, &[0.0; 4], &[1000.0]);
         let shares = rounds(&mut standing, t0, 4, &[1000.0; 3], &[1000.0]);
         // The idle lease (0) is on record until the busy one has been for
@@ -265,10 +308,58 @@ mod tests {
 
     #[test]
     fn a_demand_that_dips_counts_at_its_lowest_until_the_dip_is_forgotten() {
-        let (mut standing, t0) = after_three_rounds(FALLBACK, 1000.0, &[]);
-        assert_eq!(standing.share(), 1000.0);
-        let shares = rounds(&mut standing, t0, 3, &[100.0, 1000.0, 1000.0, 1000.0], &[]);
-        assert_eq!(shares, vec![100.0, 100.0, 100.0, 1000.0]);
+        let (mut standing, t0) = after_three_rounds(FALLBACK, 1000.0, &[1000.0]);
+        assert_eq!(standing.share(), 500.0);
+        let shares = rounds(
+            &mut standing,
+            t0,
+            3,
+            &[100.0, 1000.0, 1000.0, 1000.0],
+            &[1000.0],
+        );
+        assert_eq!(shares, vec![100.0, 100.0, 100.0, 500.0]);
+    }
+
+    #[test]
+    fn what_no_task_claims_is_used_by_the_tasks_with_work() {
+        // Alone, a small claim still gets the whole rate...
+        let (standing, _) = after_three_rounds(FALLBACK, 10.0, &[]);
+        assert_eq!(standing.share(), RATE);
+        // ...beside two small claims, its part of what they leave...
+        let (standing, _) = after_three_rounds(FALLBACK, 10.0, &[10.0, 10.0]);
+        assert_eq!(standing.share(), RATE / 3.0);
+        // ...and never more than its own ceiling.
+        let t0 = Instant::now();
+        let mut capped = Standing::new(FALLBACK, 250.0);
+        rounds(&mut capped, t0, 0, &[10.0; 3], &[10.0]);
+        assert_eq!(capped.share(), 250.0);
+    }
+
+    #[test]
+    fn a_lower_claim_cuts_the_unclaimed_part_by_the_same_split() {
+        let (mut standing, _) = after_three_rounds(FALLBACK, 100.0, &[300.0]);
+        // 100 + (1000 - 400) / 2.
+        assert_eq!(standing.share(), 400.0);
+        // Claiming 0 leaves it all to the other at once.
+        assert_eq!(standing.sending(0.0), Some(0.0));
+        let (mut standing, _) = after_three_rounds(FALLBACK, 100.0, &[300.0]);
+        // 50 + (1000 - 350) / 2 = 375.
+        assert_eq!(standing.sending(50.0), Some(375.0));
+    }
+
+    #[test]
+    fn a_higher_claim_is_due_once_its_first_write_has_been_on_record() {
+        let (mut standing, t0) = after_three_rounds(FALLBACK, 100.0, &[3000.0]);
+        assert_eq!(standing.pending_until(), None, "nothing higher pending");
+        let at = t0 + SECOND * 3;
+        standing.sending(900.0);
+        standing.written(at, EPOCH + 6000, EPOCH + 3000);
+        standing.read(at, RATE, &[3000.0], 900.0);
+        assert_eq!(standing.share(), 100.0, "not on record yet");
+        assert_eq!(standing.pending_until(), Some(at + JOIN_WAIT));
+        standing.read(at + JOIN_WAIT, RATE, &[3000.0], 900.0);
+        assert_eq!(standing.share(), 500.0, "due then: half of the rate");
+        assert_eq!(standing.pending_until(), None);
     }
 
     #[test]
@@ -288,7 +379,7 @@ mod tests {
 
     #[test]
     fn a_joiner_whose_first_write_fails_sends_at_the_fallback() {
-        let mut standing = Standing::new(FALLBACK);
+        let mut standing = Standing::new(FALLBACK, f64::INFINITY);
         assert_eq!(standing.failed(EPOCH), FALLBACK);
     }
 

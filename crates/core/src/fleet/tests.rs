@@ -1,8 +1,12 @@
 //! Fleets of coordinators sharing one in-memory lease table, on tokio's
 //! paused clock: the shares they take, checked every millisecond of
 //! simulated time against the fleet's rate, while tasks join, leave, die,
-//! change their demand and lose the table.
+//! change their use and lose the table. Each busy task sends, every
+//! millisecond, what its share allows of what it wants to send (its
+//! ceiling unless a test says less), so that claims follow use as they do
+//! in a process.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -34,6 +38,10 @@ struct Member {
     task: JoinHandle<()>,
     /// Killed: it sends nothing any more, and never removes its lease.
     dead: bool,
+    /// Posts per second it would send while busy, if its share let it.
+    wants: Cell<f64>,
+    /// The fraction of a post sent but not yet counted.
+    carry: Cell<f64>,
 }
 
 impl Member {
@@ -51,6 +59,20 @@ impl Member {
         self.metrics
             .jobs_in_flight
             .store(u64::from(busy), Ordering::Relaxed);
+    }
+
+    /// Sends for `span` what its share allows of what it wants.
+    fn send_for(&self, span: Duration) {
+        if !self.busy() || self.dead {
+            return;
+        }
+        let rate = self
+            .share()
+            .min(self.wants.get())
+            .min(f64::from(self.ceiling));
+        let posts = self.carry.get() + rate * span.as_secs_f64();
+        self.carry.set(posts.fract());
+        Metrics::add(&self.metrics.posts, posts as u64);
     }
 
     fn on_fallback(&self) -> bool {
@@ -119,6 +141,8 @@ impl Fleet {
             stop: stop.clone(),
             task: tokio::spawn(coordinator.run(stop.cancelled_owned())),
             dead: false,
+            wants: Cell::new(f64::INFINITY),
+            carry: Cell::new(0.0),
         };
         member.set_busy(busy);
         assert_eq!(member.share(), 0.0, "a joiner starts at nothing");
@@ -194,12 +218,20 @@ impl Fleet {
         );
     }
 
+    /// One step of simulated time: every busy task sends meanwhile.
+    async fn step(&self) {
+        tokio::time::sleep(STEP).await;
+        for member in self.members.values() {
+            member.send_for(STEP);
+        }
+    }
+
     /// Lets simulated time pass, checking the sum at every step.
     async fn run_for(&self, span: Duration) {
         let end = Instant::now() + span;
         while Instant::now() < end {
             self.check();
-            tokio::time::sleep(STEP).await;
+            self.step().await;
         }
         self.check();
     }
@@ -223,11 +255,12 @@ impl Fleet {
                 "{what}: not within {limit:?}; shares {:?}",
                 self.shares()
             );
-            tokio::time::sleep(STEP).await;
+            self.step().await;
         }
     }
 
-    /// The shares the live tasks should have settled on.
+    /// The shares the live tasks should have settled on: a busy task that
+    /// wants all it can send claims its ceiling.
     fn fair(&self) -> BTreeMap<&str, f64> {
         let live: Vec<(&str, &Member)> = self
             .members
@@ -239,8 +272,11 @@ impl Fleet {
             .iter()
             .map(|(_, m)| if m.busy() { f64::from(m.ceiling) } else { 0.0 })
             .collect();
-        let shares = fair_shares(f64::from(self.rate), &demands);
-        live.iter().map(|(name, _)| *name).zip(shares).collect()
+        let shares = shares_in_use(f64::from(self.rate), &demands);
+        live.iter()
+            .zip(shares)
+            .map(|((name, m), share)| (*name, share.min(f64::from(m.ceiling))))
+            .collect()
     }
 
     fn settled(&self) -> bool {
@@ -391,6 +427,89 @@ async fn a_joiner_sends_nothing_until_the_others_have_read_its_lease() {
     fleet.run_for(STEP * 5).await;
     assert!(send.is_finished(), "the held send went");
     fleet.run_until(SETTLE, "half each", Fleet::settled).await;
+}
+
+/// The longest a task its share holds back takes to reach its fair share:
+/// a round to see that it is held back, then its higher claim's wait to be
+/// on record (the round that takes it runs then, not at the next renewal).
+const GROWN_WITHIN: Duration =
+    Duration::from_millis(RENEW_INTERVAL.as_millis() as u64 + JOIN_WAIT.as_millis() as u64 + 10);
+
+/// Three busy tasks of a fleet of 3,000/s, each sending 35 posts a second
+/// (small jobs), settled on claims that follow that use.
+async fn three_on_small_jobs() -> Fleet {
+    let mut fleet = Fleet::new(3000, 1000);
+    for name in ["a", "b", "c"] {
+        fleet.join(name, 3000, true);
+        fleet.member(name).wants.set(35.0);
+    }
+    fleet.run_for(SETTLE).await;
+    fleet
+}
+
+#[tokio::test(start_paused = true)]
+async fn claims_follow_use_and_a_task_whose_use_grows_takes_its_fair_share_soon() {
+    let fleet = three_on_small_jobs().await;
+    // Each claims twice what it sends; what none claims is split equally.
+    for name in ["a", "b", "c"] {
+        assert_eq!(fleet.share(name), 1000.0, "{name}");
+    }
+    // An announcement to everyone starts on a: at once it sends its part
+    // of the unclaimed rate, and its fair share soon after.
+    fleet.member("a").wants.set(f64::INFINITY);
+    fleet.run_for(STEP * 20).await;
+    assert_eq!(
+        fleet.share("a"),
+        1000.0,
+        "no wait for the part nobody claims"
+    );
+    let fair = 3000.0 - 2.0 * 70.0;
+    let took = fleet
+        .run_until(GROWN_WITHIN, "a's fair share", |f| f.share("a") >= fair)
+        .await;
+    assert!(
+        took >= JOIN_WAIT,
+        "took it after {took:?}, before its claim was read"
+    );
+    fleet.run_for(Duration::from_secs(5)).await;
+    assert_eq!(fleet.share("a"), fair, "and kept it");
+    for name in ["b", "c"] {
+        assert!(
+            fleet.share(name) >= 35.0,
+            "{name} still sends its small jobs"
+        );
+    }
+    // A burst on b: held back at its claim, then its fair share too.
+    fleet.member("b").wants.set(1000.0);
+    fleet
+        .run_until(GROWN_WITHIN + RENEW_INTERVAL, "b's burst served", |f| {
+            f.share("b") >= 1000.0
+        })
+        .await;
+    assert!(fleet.share("a") >= 1000.0, "{:?}", fleet.shares());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_whose_use_falls_leaves_the_rest_to_the_others_at_once() {
+    let fleet = three_on_small_jobs().await;
+    fleet.member("a").wants.set(f64::INFINITY);
+    fleet
+        .run_until(SETTLE, "a's fair share", |f| f.share("a") >= 2860.0)
+        .await;
+    // The announcement ends; a's small jobs go on.
+    fleet.member("a").wants.set(35.0);
+    fleet
+        .run_until(
+            RENEW_INTERVAL * 2 + STEP,
+            "a's claim back to its use",
+            |f| {
+                // Each near a third again: a round's use varies by a post.
+                ["a", "b", "c"]
+                    .iter()
+                    .all(|name| (f.share(name) - 1000.0).abs() < 5.0)
+            },
+        )
+        .await;
 }
 
 /// Seeded random fleets over a few minutes of simulated time: tasks join
