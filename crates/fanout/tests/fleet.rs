@@ -2,7 +2,8 @@
 //! started together on one fleet rate, coordinate through a lease table on
 //! dynalite and broadcast a split job from moto to the local gateway, which
 //! counts the POSTs it receives in each second of the clock. One run kills
-//! a worker with SIGKILL mid-broadcast.
+//! a worker with SIGKILL mid-broadcast; another runs an unsplit broadcast
+//! beside a flow of small jobs on three workers (`mixed`).
 //!
 //! The figures each run prints (the rate the endpoint saw, the time to
 //! broadcast against the ideal N ÷ rate) are the ones BENCHMARKS.md quotes;
@@ -23,6 +24,9 @@ use fanout_testkit::local_support::TestGateway;
 use fanout_testkit::support::worker::{Run, finish, signal, start};
 use fanout_testkit::support::{self, TableKey, TestQueue};
 use tokio::process::Child;
+
+#[path = "fleet/mixed.rs"]
+mod mixed;
 
 /// The fleet's rate, and each task's ceiling: a task alone may use it all.
 const FLEET_RATE: u64 = 2000;
@@ -65,12 +69,19 @@ impl Fleet {
         }
     }
 
+    /// A worker with one segment at a time (each has work the whole time),
+    /// gone once the queue is empty.
     fn worker(&self) -> Child {
+        start(self.worker_command(&["run", "--exit-when-idle"], "1"))
+    }
+
+    /// `fanout run` with `args`, on the fleet, running `jobs` jobs at once.
+    fn worker_command(&self, args: &[&str], jobs: &str) -> tokio::process::Command {
         let endpoint = format!("http://{}/{}", self.gateway.addr, self.gateway.stage);
         let rate = FLEET_RATE.to_string();
         let fallback = (FLEET_RATE / 4).to_string();
-        start(support::worker::command(
-            &["run", "--exit-when-idle"],
+        support::worker::command(
+            args,
             &self.queue.url,
             &self.dlq.url,
             &self.table,
@@ -80,13 +91,12 @@ impl Fleet {
                 ("FANOUT_FLEET_TABLE", self.leases.as_str()),
                 ("FANOUT_FLEET_FALLBACK_RATE", fallback.as_str()),
                 ("FANOUT_RATE_PER_SECOND", rate.as_str()),
-                // One segment per worker: each has work the whole time.
-                ("FANOUT_MAX_CONCURRENT_JOBS", "1"),
+                ("FANOUT_MAX_CONCURRENT_JOBS", jobs),
                 // A killed worker's segment comes back soon.
                 ("FANOUT_VISIBILITY_TIMEOUT", "8s"),
                 ("FANOUT_HEARTBEAT_INTERVAL", "2s"),
             ],
-        ))
+        )
     }
 
     /// One whole-table broadcast as the segment jobs a split makes of it,
@@ -273,6 +283,7 @@ async fn workers_share_the_fleet_rate_and_take_a_killed_ones_share() {
         fleet_of(&table, workers).await;
     }
     a_killed_workers_share_goes_back_to_the_others_within_5_s(&table).await;
+    mixed::a_broadcast_beside_small_jobs_gets_nearly_the_whole_rate(&table).await;
 }
 
 /// Four workers; one is killed with SIGKILL once all have their share.

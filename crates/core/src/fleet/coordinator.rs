@@ -3,7 +3,7 @@
 //! metrics; on a clean stop it removes the lease.
 //!
 //! A task's demand is what it can use now ([`Claim`]): what it sent in the
-//! last round with headroom, its ceiling while its share holds it back,
+//! last round with headroom, more while its share holds it back,
 //! and 0 once idle for [`DEMAND_LINGER`]. A round also runs as soon as a
 //! higher claim has been on record for [`JOIN_WAIT`](super::JOIN_WAIT),
 //! rather than at the next renewal, so a task whose use grows takes the
@@ -50,8 +50,9 @@ pub struct Coordinator<T> {
     clock: EpochClock,
     standing: Standing,
     claim: Claim,
-    /// When the last round started, and the posts counted then.
-    last_round: (Instant, u64),
+    /// When the last round started, and the posts and the budget's wait
+    /// (ms) counted then.
+    last_round: (Instant, u64, u64),
     /// Whether the previous round failed: the first failure of a run and
     /// the recovery are logged, not every round between.
     failing: bool,
@@ -81,7 +82,10 @@ impl<T: LeaseTable> Coordinator<T> {
         let rate = f64::from(settings.rate.get());
         let ceiling = budget.ceiling().map_or(rate, f64::from);
         let standing = Standing::new(f64::from(settings.fallback.get()), ceiling);
-        let posts = Metrics::get(&metrics.posts);
+        let counted = (
+            Metrics::get(&metrics.posts),
+            Metrics::get(&metrics.budget_wait_ms),
+        );
         let coordinator = Self {
             table,
             budget,
@@ -90,7 +94,7 @@ impl<T: LeaseTable> Coordinator<T> {
             clock: EpochClock::system(),
             standing,
             claim: Claim::new(ceiling, rate),
-            last_round: (Instant::now(), posts),
+            last_round: (Instant::now(), counted.0, counted.1),
             failing: false,
             warned_thin: false,
         };
@@ -224,14 +228,21 @@ impl<T: LeaseTable> Coordinator<T> {
     fn demand(&mut self) -> f64 {
         let at = Instant::now();
         let posts = Metrics::get(&self.metrics.posts);
-        let (last_at, last_posts) = std::mem::replace(&mut self.last_round, (at, posts));
+        let waited_ms = Metrics::get(&self.metrics.budget_wait_ms);
+        let (last_at, last_posts, last_waited) =
+            std::mem::replace(&mut self.last_round, (at, posts, waited_ms));
+        let sent = posts.saturating_sub(last_posts);
         self.claim.next(Round {
             at,
-            busy: Metrics::get(&self.metrics.jobs_in_flight) > 0,
-            sent: posts.saturating_sub(last_posts),
+            // Small jobs end within milliseconds: one that ran between two
+            // rounds counts, not only one running at the round.
+            busy: Metrics::get(&self.metrics.jobs_in_flight) > 0 || sent > 0,
+            sent,
             elapsed: at.duration_since(last_at),
+            waited: std::time::Duration::from_millis(waited_ms.saturating_sub(last_waited)),
             share: self.standing.share(),
             adaptive: self.budget.adaptive_rate(),
+            tasks: Metrics::get(&self.metrics.fleet_tasks),
         })
     }
 

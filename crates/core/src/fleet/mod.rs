@@ -7,7 +7,7 @@
 //! than its demand, the rest split equally among those that want more),
 //! plus an equal part of what the demands leave unclaimed for every task
 //! with work. A demand follows use: about twice what the task sent in the
-//! last round, its ceiling while its share holds it back
+//! last round, four times its share while that share holds it back
 //! (`demand`). [`LeaseTable`] is the seam; `fanout-aws` implements it on
 //! DynamoDB.
 //!
@@ -59,7 +59,9 @@ use std::time::Duration;
 
 pub use clock::EpochClock;
 pub use coordinator::{Coordinator, FleetSettings};
-pub use demand::{HEADROOM, HELD_BACK, LEAST_CLAIM_OF_RATE, THROTTLED_UNDER};
+pub use demand::{
+    GROWTH, HEADROOM, HELD_BACK, LEAST_CLAIM_OF_RATE, THROTTLED_UNDER, USE_ROUNDS, WAITING_SENDS,
+};
 pub use shares::{fair_shares, shares_in_use};
 pub use timing::{
     DEAD_SHARE_UNUSED, DEMAND_LINGER, JOIN_WAIT, LEASE_TTL, RENEW_INTERVAL, ROUND_TIMEOUT,

@@ -252,8 +252,15 @@ impl Fleet {
             }
             assert!(
                 start.elapsed() <= limit,
-                "{what}: not within {limit:?}; shares {:?}",
-                self.shares()
+                "{what}: not within {limit:?}; shares {:?}, leases {:?}",
+                self.shares(),
+                self.leases
+                    .leases
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .map(|l| (l.task.clone(), l.demand))
+                    .collect::<Vec<_>>()
             );
             self.step().await;
         }
@@ -429,11 +436,14 @@ async fn a_joiner_sends_nothing_until_the_others_have_read_its_lease() {
     fleet.run_until(SETTLE, "half each", Fleet::settled).await;
 }
 
-/// The longest a task its share holds back takes to reach its fair share:
-/// a round to see that it is held back, then its higher claim's wait to be
-/// on record (the round that takes it runs then, not at the next renewal).
-const GROWN_WITHIN: Duration =
-    Duration::from_millis(RENEW_INTERVAL.as_millis() as u64 + JOIN_WAIT.as_millis() as u64 + 10);
+/// The longest a task its share holds back takes to reach its fair share
+/// (an even split, or one step of growth from its part of what nobody
+/// claims): two rounds to see that it is held back (the first may have
+/// begun before it was), then its higher claim's wait to be on record (the
+/// round that takes it runs then, not at the next renewal).
+const GROWN_WITHIN: Duration = Duration::from_millis(
+    2 * RENEW_INTERVAL.as_millis() as u64 + JOIN_WAIT.as_millis() as u64 + 10,
+);
 
 /// Three busy tasks of a fleet of 3,000/s, each sending 35 posts a second
 /// (small jobs), settled on claims that follow that use.
@@ -479,14 +489,21 @@ async fn claims_follow_use_and_a_task_whose_use_grows_takes_its_fair_share_soon(
             "{name} still sends its small jobs"
         );
     }
-    // A burst on b: held back at its claim, then its fair share too.
+    // A burst on b: held back at its claim, then an even split at once.
     fleet.member("b").wants.set(1000.0);
     fleet
-        .run_until(GROWN_WITHIN + RENEW_INTERVAL, "b's burst served", |f| {
-            f.share("b") >= 1000.0
-        })
+        .run_until(GROWN_WITHIN, "b's burst served", |f| f.share("b") >= 1000.0)
         .await;
+    // It claims twice what it sends, so max-min gives it up to an even
+    // split with a; a keeps the rest, and nothing is left unused.
+    fleet.run_for(Duration::from_secs(6)).await;
+    assert!(fleet.share("b") >= 1000.0, "{:?}", fleet.shares());
     assert!(fleet.share("a") >= 1000.0, "{:?}", fleet.shares());
+    assert!(
+        fleet.sum() >= 3000.0 * (1.0 - ROUNDING),
+        "{:?}",
+        fleet.shares()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -500,7 +517,7 @@ async fn a_task_whose_use_falls_leaves_the_rest_to_the_others_at_once() {
     fleet.member("a").wants.set(35.0);
     fleet
         .run_until(
-            RENEW_INTERVAL * 2 + STEP,
+            RENEW_INTERVAL * (USE_ROUNDS as u32 + 1),
             "a's claim back to its use",
             |f| {
                 // Each near a third again: a round's use varies by a post.
@@ -511,6 +528,12 @@ async fn a_task_whose_use_falls_leaves_the_rest_to_the_others_at_once() {
         )
         .await;
 }
+
+/// Long enough for a fleet whose tasks joined, left and changed their use
+/// at random to settle: a join's wait, a dead lease's expiry, and two steps
+/// of growth ([`GROWN_WITHIN`] each) for a task that claimed an even split
+/// of more tasks than remain.
+const SETTLE_GROWN: Duration = Duration::from_secs(12);
 
 /// Seeded random fleets over a few minutes of simulated time: tasks join
 /// (busy or idle, with ceilings below and above the fleet's rate, clocks up
@@ -568,12 +591,16 @@ async fn the_sum_never_exceeds_the_fleet_rate_while_tasks_join_and_leave() {
                 .await;
             if event % 30 == 29 {
                 fleet
-                    .run_until(SETTLE, &format!("seed {seed}: settled"), Fleet::settled)
+                    .run_until(
+                        SETTLE_GROWN,
+                        &format!("seed {seed}: settled"),
+                        Fleet::settled,
+                    )
                     .await;
             }
         }
         fleet
-            .run_until(SETTLE, "settled at the end", Fleet::settled)
+            .run_until(SETTLE_GROWN, "settled at the end", Fleet::settled)
             .await;
     }
 }

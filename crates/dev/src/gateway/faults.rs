@@ -118,6 +118,10 @@ pub struct StatsSnapshot {
     /// `--sink`: deliveries beyond the first, summed over those ids.
     #[serde(default)]
     pub sink_duplicates: u64,
+    /// `--sink`: those ids grouped by prefix, with when each group was
+    /// first and last reached.
+    #[serde(default)]
+    pub sink_groups: Vec<SinkGroup>,
     /// `[unix second, POSTs received in it]`, oldest first, the last hour.
     #[serde(default)]
     pub posts_per_second: Vec<(u64, u64)>,
@@ -127,6 +131,18 @@ pub struct StatsSnapshot {
     pub first_post_ms: u64,
     #[serde(default)]
     pub last_post_ms: u64,
+}
+
+/// Sink ids that share a prefix (what comes before their last `-`).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct SinkGroup {
+    pub prefix: String,
+    /// Distinct ids delivered to.
+    pub ids: u64,
+    /// When the first of them, and the last of them, got its first
+    /// delivery (ms since the Unix epoch).
+    pub first_ms: u64,
+    pub last_ms: u64,
 }
 
 impl Stats {
@@ -181,6 +197,7 @@ impl Stats {
             forbidden: load(&self.forbidden),
             sink_ids: 0,
             sink_duplicates: 0,
+            sink_groups: Vec::new(),
             first_post_ms: load(&self.first_post_ms),
             last_post_ms: load(&self.last_post_ms),
             posts_per_second: self

@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::App;
-use super::faults::{PostResult, StatsSnapshot};
+use super::faults::{PostResult, SinkGroup, StatsSnapshot};
 use super::registry::Refused;
 
 pub use fanout_core::limits::MAX_PAYLOAD_BYTES;
@@ -72,7 +72,8 @@ async fn post_outcome(app: &App, id: &str, headers: &HeaderMap, body: Bytes) -> 
         Ok(()) => PostResult::Delivered,
         Err(Refused::Gone) if app.sink.is_some() => {
             if let Some(sink) = &app.sink {
-                *sink.entry(id.to_owned()).or_default() += 1;
+                let mut entry = sink.entry(id.to_owned()).or_insert((0, unix_ms()));
+                entry.0 += 1;
             }
             PostResult::Delivered
         }
@@ -122,9 +123,37 @@ pub async fn stats(State(app): State<Arc<App>>) -> Json<StatsSnapshot> {
     let mut snapshot = app.stats.snapshot(app.registry.len());
     if let Some(sink) = &app.sink {
         snapshot.sink_ids = sink.len() as u64;
-        snapshot.sink_duplicates = sink.iter().map(|n| u64::from(n.saturating_sub(1))).sum();
+        snapshot.sink_duplicates = sink.iter().map(|n| u64::from(n.0.saturating_sub(1))).sum();
+        snapshot.sink_groups = sink_groups(sink.iter().map(|e| (e.key().clone(), e.value().1)));
     }
     Json(snapshot)
+}
+
+/// The sink's ids grouped by what comes before their last `-` (`c-00017`
+/// is in `c`), each group with when its first and its last id were first
+/// delivered to: one broadcast's span, or one job's first delivery, when
+/// each uses its own prefix.
+fn sink_groups(firsts: impl Iterator<Item = (String, u64)>) -> Vec<SinkGroup> {
+    let mut groups: std::collections::BTreeMap<String, SinkGroup> = Default::default();
+    for (id, first_ms) in firsts {
+        let prefix = id.rsplit_once('-').map_or(id.as_str(), |(p, _)| p);
+        let group = groups.entry(prefix.to_owned()).or_insert(SinkGroup {
+            prefix: prefix.to_owned(),
+            ids: 0,
+            first_ms,
+            last_ms: first_ms,
+        });
+        group.ids += 1;
+        group.first_ms = group.first_ms.min(first_ms);
+        group.last_ms = group.last_ms.max(first_ms);
+    }
+    groups.into_values().collect()
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A request signed for `execute-api`, as API Gateway requires of the

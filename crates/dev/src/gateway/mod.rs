@@ -129,8 +129,9 @@ pub struct App {
     public_prefix: String,
     /// `--connect-delay-ms`.
     connect_delay: Duration,
-    /// `--sink`: deliveries per id that has no socket.
-    sink: Option<dashmap::DashMap<String, u32>>,
+    /// `--sink`: per id that has no socket, its deliveries and when the
+    /// first came (ms since the Unix epoch).
+    sink: Option<dashmap::DashMap<String, (u32, u64)>>,
     /// Cancelled at shutdown: every socket sends a close frame and ends.
     shutdown: CancellationToken,
     /// Socket tasks, so shutdown can wait for their `$disconnect` writes.
