@@ -38,7 +38,9 @@
 #   fleet    the fleet budget: 1, 2 and 4 `fanout run` processes (release)
 #            on one fleet rate of 2,000/s, leases on dynalite, jobs on moto,
 #            the local gateway counting POSTs per second; then one of four
-#            killed with SIGKILL (the `fleet` integration test, which checks
+#            killed with SIGKILL; then the mixed fleet: 3 processes on
+#            3,000/s, one unsplit broadcast to 30,000 connections beside 20
+#            small jobs a second (the `fleet` integration test, which checks
 #            the targets, run on the release build), unpinned.
 #   throttle the worker against an endpoint that throttles like API Gateway
 #            (a token bucket) and fails 5 % of posts: the delivery rate
@@ -514,7 +516,7 @@ for run in $(seq "$RUNS"); do
   fi
   if has_case fleet; then
     echo "bench: run $run, the fleet budget: 1, 2, 4 workers, then a kill" >&2
-    (cd "$ROOT" && FANOUT_DEV_TIMING_TARGETS=1 cargo test "${profile[@]}" --quiet -p fanout --test fleet workers_share -- --nocapture) \
+    (cd "$ROOT" && FANOUT_DEV_TIMING_TARGETS=1 FANOUT_DEV_MIXED=3000:30000 cargo test "${profile[@]}" --quiet -p fanout --test fleet workers_share -- --nocapture) \
       >"$WORK/fleet.out" 2>&1 || die "the fleet case failed: $(tail -20 "$WORK/fleet.out")"
     grep '^kind=fleet' "$WORK/fleet.out" | sed "s/^/run=$run /" >>"$OUT"
   fi

@@ -254,7 +254,31 @@ def fleet_section(rows):
         took = floats(kills, "recovered_s")
         out.append(f"- one of four killed: the fleet's rate again after {spread(took, '{:.1f}')} s "
                    f"(the first whole second at ≥ 95 %; target 5 s, whole seconds add up to 1)")
-    return out + [""]
+    return out + [""] + mixed_section(rows)
+
+
+def mixed_section(rows):
+    rs = of_kind(rows, "fleet_mixed")
+    if not rs:
+        return []
+    r0 = rs[0]
+    room = float(r0["fleet_rate"]) - float(r0["small_per_s"])
+    lines = [[str(len(rs)), spread(floats(rs, "broadcast_per_s"), "{:,.0f}"),
+              spread(floats(rs, "of_room"), "{:.3f}"),
+              spread(floats(rs, "span_s"), "{:.1f}") + f" s (ideal {float(r0['ideal_s']):.1f} s)",
+              spread(floats(rs, "small_first_median_ms"), "{:.0f}") + " / "
+              + spread(floats(rs, "small_first_max_ms"), "{:.0f}"),
+              spread(floats(rs, "beside_first_median_ms"), "{:.0f}") + " / "
+              + spread(floats(rs, "beside_first_max_ms"), "{:.0f}"),
+              spread(floats(rs, "again"), "{:.0f}")]]
+    out = [f"## Mixed fleet: one unsplit broadcast beside small jobs ({int(float(r0['fleet_rate'])):,}/s, "
+           f"3 workers, {int(r0['connections']):,} connections, {float(r0['small_per_s']):.0f} small posts/s)", "",
+           table(["runs", "broadcast posts/s", "÷ (fleet rate − small jobs' rate)", "broadcast took",
+                  "small jobs SQS → first delivery, median / max ms (all)",
+                  "the same, sent while the broadcast ran", "delivered twice"], lines), "",
+           f"- the broadcast at ≥ 0.85 × {room:,.0f}/s, every run: "
+           f"{verdict(min(floats(rs, 'of_room')) >= 0.85)}", ""]
+    return out
 
 
 def throttle_section(rows):

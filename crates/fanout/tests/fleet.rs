@@ -49,6 +49,8 @@ struct Fleet {
     table: String,
     leases: String,
     gateway: TestGateway,
+    /// The fleet's rate, and each task's ceiling.
+    rate: u64,
 }
 
 impl Fleet {
@@ -66,6 +68,7 @@ impl Fleet {
             table: table.to_owned(),
             leases,
             gateway,
+            rate: FLEET_RATE,
         }
     }
 
@@ -78,8 +81,8 @@ impl Fleet {
     /// `fanout run` with `args`, on the fleet, running `jobs` jobs at once.
     fn worker_command(&self, args: &[&str], jobs: &str) -> tokio::process::Command {
         let endpoint = format!("http://{}/{}", self.gateway.addr, self.gateway.stage);
-        let rate = FLEET_RATE.to_string();
-        let fallback = (FLEET_RATE / 4).to_string();
+        let rate = self.rate.to_string();
+        let fallback = (self.rate / 4).to_string();
         support::worker::command(
             args,
             &self.queue.url,
@@ -207,9 +210,14 @@ async fn wait_for_redelivery(sqs: &aws_sdk_sqs::Client, url: &str) {
 }
 
 async fn audience_table() -> String {
+    audience_of(AUDIENCE).await
+}
+
+/// A table of `rows` connections, `c-00000` on.
+async fn audience_of(rows: usize) -> String {
     let dynamo = support::dynamodb().await;
     let table = support::create_table(&dynamo, "fleet-audience", TableKey::Id, true).await;
-    support::put_connections(&dynamo, &table, &support::ids("c", AUDIENCE), None).await;
+    support::put_connections(&dynamo, &table, &support::ids("c", rows), None).await;
     table
 }
 

@@ -7,13 +7,17 @@
 //! Each connection id's prefix names its job (`c-…` the broadcast, `sK-…`
 //! small job K), so the gateway's sink groups give the broadcast's span and
 //! each small job's first delivery.
+//!
+//! `cargo test` runs it at the fleet test's rate and audience (2,000/s,
+//! 24,000 connections); the benchmark sets `FANOUT_DEV_MIXED=3000:30000`
+//! for a fleet rate of 3,000/s and a table of its own of 30,000.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fanout_dev::gateway::faults::SinkGroup;
 use fanout_testkit::support::worker::{Run, finish, start};
 
-use super::{AUDIENCE, FLEET_RATE, Fleet};
+use super::{AUDIENCE, FLEET_RATE, Fleet, audience_of};
 
 /// Small jobs a second, and connections in each.
 const SMALL_PER_SECOND: u64 = 20;
@@ -26,6 +30,19 @@ const BEFORE_BROADCAST: Duration = Duration::from_secs(6);
 /// claiming the ceiling gave), and in the benchmark.
 const AT_LEAST: f64 = 0.55;
 const AT_LEAST_TIMED: f64 = 0.85;
+
+/// The fleet's rate and the audience: `FANOUT_DEV_MIXED=rate:rows`, or
+/// the fleet test's.
+fn scale() -> (u64, usize) {
+    let Ok(scale) = std::env::var("FANOUT_DEV_MIXED") else {
+        return (FLEET_RATE, AUDIENCE);
+    };
+    let (rate, rows) = scale.split_once(':').expect("FANOUT_DEV_MIXED=rate:rows");
+    (
+        rate.parse().expect("a rate per second"),
+        rows.parse().expect("a row count"),
+    )
+}
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -71,12 +88,12 @@ async fn produce(fleet: &Fleet, stop: tokio::sync::watch::Receiver<bool>) -> Vec
     sent
 }
 
-/// The sink group of the broadcast once every connection has had it.
-async fn broadcast_done(fleet: &Fleet) -> SinkGroup {
+/// The sink group of the broadcast once all `rows` connections have had it.
+async fn broadcast_done(fleet: &Fleet, rows: usize) -> SinkGroup {
     for _ in 0..240 {
         let stats = fleet.gateway.stats().await;
         if let Some(group) = stats.sink_groups.iter().find(|g| g.prefix == "c")
-            && group.ids == AUDIENCE as u64
+            && group.ids == rows as u64
         {
             return group.clone();
         }
@@ -97,21 +114,43 @@ fn per_second(stats: &fanout_dev::gateway::faults::StatsSnapshot, group: &SinkGr
         .join(",")
 }
 
-/// Each small job's SQS → first delivery, in ms, sorted.
-fn small_latencies(groups: &[SinkGroup], sent: &[u64]) -> Vec<u64> {
+/// The SQS → first delivery, in ms, sorted, of each small job sent within
+/// `during` (ms since the Unix epoch).
+fn small_latencies(
+    groups: &[SinkGroup],
+    sent: &[u64],
+    during: std::ops::RangeInclusive<u64>,
+) -> Vec<u64> {
     let mut latencies: Vec<u64> = groups
         .iter()
         .filter_map(|g| {
             let k: usize = g.prefix.strip_prefix('s')?.parse().ok()?;
-            Some(g.first_ms.saturating_sub(sent[k]))
+            during
+                .contains(&sent[k])
+                .then(|| g.first_ms.saturating_sub(sent[k]))
         })
         .collect();
     latencies.sort_unstable();
     latencies
 }
 
+/// The median and the most of sorted `latencies`.
+fn median_max(latencies: &[u64]) -> (u64, u64) {
+    let median = latencies.get(latencies.len() / 2).copied().unwrap_or(0);
+    (median, latencies.last().copied().unwrap_or(0))
+}
+
 pub(super) async fn a_broadcast_beside_small_jobs_gets_nearly_the_whole_rate(table: &str) {
-    let fleet = Fleet::new(table).await;
+    let (rate, rows) = scale();
+    let own_table;
+    let table = if rows == AUDIENCE {
+        table
+    } else {
+        own_table = audience_of(rows).await;
+        own_table.as_str()
+    };
+    let mut fleet = Fleet::new(table).await;
+    fleet.rate = rate;
     let workers: Vec<(u32, tokio::task::JoinHandle<Run>)> = (0..3)
         .map(|_| {
             let child = start(fleet.worker_command(&["run"], "64"));
@@ -133,7 +172,7 @@ pub(super) async fn a_broadcast_beside_small_jobs_gets_nearly_the_whole_rate(tab
             .send()
             .await
             .expect("enqueue the broadcast");
-        let group = broadcast_done(&fleet).await;
+        let group = broadcast_done(&fleet, rows).await;
         // The small jobs flow a little longer, then the workers drain.
         tokio::time::sleep(Duration::from_secs(2)).await;
         stop.send(true).expect("the producer listens");
@@ -149,33 +188,38 @@ pub(super) async fn a_broadcast_beside_small_jobs_gets_nearly_the_whole_rate(tab
         assert!(run.status.success(), "a worker failed:\n{}", run.stdout);
     }
     let stats = fleet.gateway.stats().await;
-    judge(&stats, &sent, broadcast_sent_ms, &group);
+    judge(&stats, (rate, rows), &sent, broadcast_sent_ms, &group);
     fleet.gateway.shutdown().await;
 }
 
 fn judge(
     stats: &fanout_dev::gateway::faults::StatsSnapshot,
+    (fleet_rate, rows): (u64, usize),
     sent: &[u64],
     broadcast_sent_ms: u64,
     group: &SinkGroup,
 ) {
     let span_s = group.last_ms.saturating_sub(group.first_ms) as f64 / 1000.0;
-    let rate = AUDIENCE as f64 / span_s.max(0.001);
+    let rate = rows as f64 / span_s.max(0.001);
     let small_rate = (SMALL_PER_SECOND * SMALL_SIZE as u64) as f64;
-    let room = FLEET_RATE as f64 - small_rate;
-    let ideal_s = AUDIENCE as f64 / room;
-    let latencies = small_latencies(&stats.sink_groups, sent);
-    let median = latencies.get(latencies.len() / 2).copied().unwrap_or(0);
-    let max = latencies.last().copied().unwrap_or(0);
+    let room = fleet_rate as f64 - small_rate;
+    let ideal_s = rows as f64 / room;
+    let latencies = small_latencies(&stats.sink_groups, sent, 0..=u64::MAX);
+    let (median, max) = median_max(&latencies);
+    // Those sent while the broadcast ran: what it costs the small jobs.
+    let beside = small_latencies(&stats.sink_groups, sent, group.first_ms..=group.last_ms);
+    let (beside_median, beside_max) = median_max(&beside);
     let start_ms = group.first_ms.saturating_sub(broadcast_sent_ms);
     // One line of key=value pairs: `scripts/bench.sh --cases fleet` reads it.
     println!(
-        "kind=fleet_mixed workers=3 fleet_rate={FLEET_RATE} small_per_s={small_rate:.0} \
-         broadcast_per_s={rate:.0} of_room={:.3} span_s={span_s:.2} ideal_s={ideal_s:.2} \
+        "kind=fleet_mixed workers=3 fleet_rate={fleet_rate} connections={rows} \
+         small_per_s={small_rate:.0} broadcast_per_s={rate:.0} of_room={:.3} span_s={span_s:.2} ideal_s={ideal_s:.2} \
          broadcast_first_ms={start_ms} small_jobs={} small_first_median_ms={median} \
-         small_first_max_ms={max} again={} per_second={}",
+         small_first_max_ms={max} beside_jobs={} beside_first_median_ms={beside_median} \
+         beside_first_max_ms={beside_max} again={} per_second={}",
         rate / room,
         latencies.len(),
+        beside.len(),
         stats.sink_duplicates,
         per_second(stats, group),
     );
