@@ -8,7 +8,10 @@
 //! more CPU than the rest of a send. A PostToConnection request is always
 //! the same shape (POST, no query, the `host` header alone), so its
 //! canonical request is hashed here directly, with the SDK's own path
-//! encoding, and signed with the same HMAC-SHA256. Paths that SigV4 would
+//! encoding, and signed with the same HMAC-SHA256, both ring's: its
+//! assembly uses SHA-NI where the CPU has it and AVX otherwise, where the
+//! `sha2` crate falls back to plain Rust (many EC2 and Fargate hosts lack
+//! SHA-NI). Paths that SigV4 would
 //! normalise (dot segments, `//`) go through `aws-sigv4`'s `sign` instead.
 //! Tests check both against `sign` byte for byte.
 //!
@@ -28,10 +31,10 @@ use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
 use aws_smithy_types::date_time::{DateTime, Format};
 use bytes::{Bytes, BytesMut};
-use hmac::{Hmac, Mac};
 use http::Uri;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+use ring::{digest, hmac};
 use sha2::{Digest, Sha256};
 
 use super::error_chain;
@@ -155,7 +158,7 @@ struct Prepared {
     /// HMAC keyed with the day's signing key that has taken in the string
     /// to sign before the canonical request's hash (its first block
     /// compressed once, not once a send).
-    mac: Hmac<Sha256>,
+    mac: hmac::Context,
     /// The `authorization` value before the signature.
     authorization_head: Vec<u8>,
 }
@@ -311,20 +314,20 @@ impl Signer {
             .ok_or_else(|| bad("no host header"))?;
         let prepared = self.prepared(secs, identity, payload, host)?;
 
-        let mut canonical = Sha256::new();
-        canonical.update(request.method().as_str());
+        let mut canonical = digest::Context::new(&digest::SHA256);
+        canonical.update(request.method().as_str().as_bytes());
         canonical.update(b"\n");
         for chunk in utf8_percent_encode(request.uri().path(), GREEDY) {
-            canonical.update(chunk);
+            canonical.update(chunk.as_bytes());
         }
         canonical.update(&prepared.canonical_tail);
         let mut canonical_hash = [0u8; 64];
-        hex_into(&canonical.finalize(), &mut canonical_hash);
+        hex_into(canonical.finish().as_ref(), &mut canonical_hash);
 
         let mut mac = prepared.mac.clone();
         mac.update(&canonical_hash);
         let mut signature = [0u8; 64];
-        hex_into(&mac.finalize().into_bytes(), &mut signature);
+        hex_into(mac.sign().as_ref(), &mut signature);
 
         let mut authorization =
             BytesMut::with_capacity(prepared.authorization_head.len() + signature.len());
@@ -406,7 +409,7 @@ impl Signer {
                 Ok(value)
             })
             .transpose()?;
-        let mut mac = Hmac::<Sha256>::new_from_slice(&key).map_err(|e| bad(&e.to_string()))?;
+        let mut mac = hmac::Context::with_key(&hmac::Key::new(hmac::HMAC_SHA256, &key));
         mac.update(format!("AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n").as_bytes());
         Ok(Prepared {
             secs,
