@@ -108,13 +108,19 @@ impl Endpoint {
     }
 
     /// The path of one connection's `@connections` resource: the request
-    /// target, in origin form.
+    /// target, in origin form. Built to its exact length: the URI takes the
+    /// string's buffer as it is, where a spare byte would cost it another
+    /// allocation.
     fn connection_path(&self, id: &ConnectionId) -> String {
-        format!(
-            "{}/@connections/{}",
-            self.base_path,
-            utf8_percent_encode(id.as_str(), LABEL)
-        )
+        const RESOURCE: &str = "/@connections/";
+        let id = utf8_percent_encode(id.as_str(), LABEL);
+        let length =
+            self.base_path.len() + RESOURCE.len() + id.clone().map(str::len).sum::<usize>();
+        let mut path = String::with_capacity(length);
+        path.push_str(&self.base_path);
+        path.push_str(RESOURCE);
+        path.extend(id);
+        path
     }
 }
 
@@ -382,6 +388,9 @@ mod tests {
             e.connection_path(&ConnectionId::from("a/b+c d-e_f.g~h")),
             "/prod/@connections/a%2Fb%2Bc%20d-e_f.g~h"
         );
+        let path = e.connection_path(&ConnectionId::from("é=1"));
+        assert_eq!(path, "/prod/@connections/%C3%A9%3D1");
+        assert_eq!(path.capacity(), path.len());
     }
 
     #[test]

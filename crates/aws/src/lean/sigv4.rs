@@ -8,7 +8,10 @@
 //! more CPU than the rest of a send. A PostToConnection request is always
 //! the same shape (POST, no query, the `host` header alone), so its
 //! canonical request is hashed here directly, with the SDK's own path
-//! encoding, and signed with the same HMAC-SHA256. Paths that SigV4 would
+//! encoding, and signed with the same HMAC-SHA256, both ring's: its
+//! assembly uses SHA-NI where the CPU has it and AVX otherwise, where the
+//! `sha2` crate falls back to plain Rust (many EC2 and Fargate hosts lack
+//! SHA-NI). Paths that SigV4 would
 //! normalise (dot segments, `//`) go through `aws-sigv4`'s `sign` instead.
 //! Tests check both against `sign` byte for byte.
 //!
@@ -25,19 +28,54 @@ use aws_credential_types::provider::error::CredentialsError;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
 use aws_sigv4::sign::v4;
-use aws_smithy_http::label::{EncodingStrategy, fmt_string};
 use aws_smithy_runtime_api::client::identity::Identity;
 use aws_smithy_types::date_time::{DateTime, Format};
 use bytes::{Bytes, BytesMut};
-use hmac::{Hmac, Mac};
 use http::Uri;
-use http::header::{AUTHORIZATION, HOST, HeaderName, HeaderValue};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+use ring::{digest, hmac};
 use sha2::{Digest, Sha256};
 
 use super::error_chain;
 
 /// API Gateway's signing name for `@connections`.
 const SIGNING_NAME: &str = "execute-api";
+
+/// What SigV4 percent-encodes in a canonical path, as the SDK does it
+/// (`aws_smithy_http::label::fmt_string` with its greedy strategy: all but
+/// the unreserved characters and `/`). Fed to the hash chunk by chunk, the
+/// encoded path is never built as a string; a test checks every character
+/// against the SDK's.
+const GREEDY: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b':')
+    .add(b',')
+    .add(b'?')
+    .add(b'#')
+    .add(b'[')
+    .add(b']')
+    .add(b'{')
+    .add(b'}')
+    .add(b'|')
+    .add(b'@')
+    .add(b'!')
+    .add(b'$')
+    .add(b'&')
+    .add(b'\'')
+    .add(b'(')
+    .add(b')')
+    .add(b'*')
+    .add(b'+')
+    .add(b';')
+    .add(b'=')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'"')
+    .add(b'^')
+    .add(b'`')
+    .add(b'\\');
 
 /// Credentials are fetched again no sooner than this after the last fetch,
 /// whatever their lifetime: on ECS the agent's credentials endpoint is
@@ -111,13 +149,16 @@ struct Prepared {
     host: HeaderValue,
     amz_date: HeaderValue,
     token: Option<HeaderValue>,
+    /// The payload's length: hyper would otherwise format a new header
+    /// value for every request.
+    content_length: HeaderValue,
     /// The canonical request after the path: empty query, headers, signed
     /// header names, payload hash.
     canonical_tail: Vec<u8>,
-    /// The string to sign before the canonical request's hash.
-    string_to_sign_head: Vec<u8>,
-    /// HMAC keyed with the day's signing key, ready for the string to sign.
-    mac: Hmac<Sha256>,
+    /// HMAC keyed with the day's signing key that has taken in the string
+    /// to sign before the canonical request's hash (its first block
+    /// compressed once, not once a send).
+    mac: hmac::Context,
     /// The `authorization` value before the signature.
     authorization_head: Vec<u8>,
 }
@@ -273,19 +314,20 @@ impl Signer {
             .ok_or_else(|| bad("no host header"))?;
         let prepared = self.prepared(secs, identity, payload, host)?;
 
-        let mut canonical = Sha256::new();
-        canonical.update(request.method().as_str());
+        let mut canonical = digest::Context::new(&digest::SHA256);
+        canonical.update(request.method().as_str().as_bytes());
         canonical.update(b"\n");
-        canonical.update(fmt_string(request.uri().path(), EncodingStrategy::Greedy));
+        for chunk in utf8_percent_encode(request.uri().path(), GREEDY) {
+            canonical.update(chunk.as_bytes());
+        }
         canonical.update(&prepared.canonical_tail);
         let mut canonical_hash = [0u8; 64];
-        hex_into(&canonical.finalize(), &mut canonical_hash);
+        hex_into(canonical.finish().as_ref(), &mut canonical_hash);
 
         let mut mac = prepared.mac.clone();
-        mac.update(&prepared.string_to_sign_head);
         mac.update(&canonical_hash);
         let mut signature = [0u8; 64];
-        hex_into(&mac.finalize().into_bytes(), &mut signature);
+        hex_into(mac.sign().as_ref(), &mut signature);
 
         let mut authorization =
             BytesMut::with_capacity(prepared.authorization_head.len() + signature.len());
@@ -301,6 +343,7 @@ impl Signer {
             headers.insert(X_AMZ_SECURITY_TOKEN, token.clone());
         }
         headers.insert(AUTHORIZATION, authorization);
+        headers.insert(CONTENT_LENGTH, prepared.content_length.clone());
         Ok(())
     }
 
@@ -321,7 +364,7 @@ impl Signer {
             {
                 return Ok(prepared.clone());
             }
-            let prepared = Arc::new(self.prepare(secs, identity, &entry.hash, host)?);
+            let prepared = Arc::new(self.prepare(secs, identity, entry, host)?);
             entry.prepared = Some(prepared.clone());
             Ok(prepared)
         })
@@ -331,9 +374,10 @@ impl Signer {
         &self,
         secs: u64,
         identity: &Identity,
-        payload_hash: &str,
+        payload: &Payload,
         host: &HeaderValue,
     ) -> Result<Prepared, SignError> {
+        let payload_hash = &payload.hash;
         let bad = |what: &str| SignError::Signing(what.to_owned());
         let credentials = identity
             .data::<Credentials>()
@@ -365,15 +409,17 @@ impl Signer {
                 Ok(value)
             })
             .transpose()?;
+        let mut mac = hmac::Context::with_key(&hmac::Key::new(hmac::HMAC_SHA256, &key));
+        mac.update(format!("AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n").as_bytes());
         Ok(Prepared {
             secs,
             identity: identity.clone(),
             host: host.clone(),
             amz_date: value(&amz_date)?,
             token,
+            content_length: HeaderValue::from(payload.bytes.len()),
             canonical_tail: canonical_tail.into_bytes(),
-            string_to_sign_head: format!("AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n").into_bytes(),
-            mac: Hmac::<Sha256>::new_from_slice(&key).map_err(|e| bad(&e.to_string()))?,
+            mac,
             authorization_head: format!(
                 "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed_headers}, Signature=",
                 credentials.access_key_id()
@@ -475,7 +521,9 @@ struct CredentialsCache {
 
 #[derive(Clone, Debug)]
 struct Cached {
-    identity: Identity,
+    /// Shared: cloning an `Identity` clones its property map, an
+    /// allocation a send.
+    identity: Arc<Identity>,
     /// When they were fetched: the next fetch waits [`MIN_FETCH_INTERVAL`].
     fetched_at: SystemTime,
     refresh_at: Option<SystemTime>,
@@ -490,13 +538,13 @@ impl CredentialsCache {
         }
     }
 
-    async fn identity(&self) -> Result<Identity, SignError> {
+    async fn identity(&self) -> Result<Arc<Identity>, SignError> {
         self.identity_at(SystemTime::now()).await
     }
 
     /// The identity to sign with at `now` (a parameter, so tests can move
     /// through the credentials' lifetime).
-    async fn identity_at(&self, now: SystemTime) -> Result<Identity, SignError> {
+    async fn identity_at(&self, now: SystemTime) -> Result<Arc<Identity>, SignError> {
         if let Some(identity) = self.fresh(now) {
             return Ok(identity);
         }
@@ -505,7 +553,7 @@ impl CredentialsCache {
         Box::pin(self.refresh(now)).await
     }
 
-    async fn refresh(&self, now: SystemTime) -> Result<Identity, SignError> {
+    async fn refresh(&self, now: SystemTime) -> Result<Arc<Identity>, SignError> {
         let _refreshing = self.refresh.lock().await;
         // Another send may have refreshed while this one waited.
         if let Some(identity) = self.fresh(now) {
@@ -525,7 +573,7 @@ impl CredentialsCache {
         match self.provider.provide_credentials().await {
             Ok(credentials) => {
                 let refresh_at = credentials.expiry().map(|expiry| refresh_time(now, expiry));
-                let identity = Identity::from(credentials);
+                let identity = Arc::new(Identity::from(credentials));
                 self.store(Some(Cached {
                     identity: identity.clone(),
                     fetched_at: now,
@@ -559,7 +607,7 @@ impl CredentialsCache {
     }
 
     /// The cached identity, unless it is due for a refresh or has expired.
-    fn fresh(&self, now: SystemTime) -> Option<Identity> {
+    fn fresh(&self, now: SystemTime) -> Option<Arc<Identity>> {
         self.cached()
             .filter(|cached| {
                 cached.refresh_at.is_none_or(|at| now < at)
@@ -630,7 +678,7 @@ mod tests {
             &self,
             signer: &Signer,
             at: SystemTime,
-        ) -> Result<Identity, SignError> {
+        ) -> Result<Arc<Identity>, SignError> {
             *self.clock.lock().unwrap() = at;
             signer.credentials.identity_at(at).await
         }
@@ -863,6 +911,25 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The canonical path is encoded as the SDK encodes it, for every
+    /// ASCII character and for characters beyond.
+    #[test]
+    fn the_path_is_encoded_as_the_sdk_encodes_it() {
+        use aws_smithy_http::label::{EncodingStrategy, fmt_string};
+        let ascii: String = (0u8..128).map(char::from).collect();
+        for path in [
+            ascii.as_str(),
+            "/prod/@connections/L0SM9cOFvHcCIhw%3D",
+            "/é t/ü€😀",
+        ] {
+            assert_eq!(
+                utf8_percent_encode(path, GREEDY).to_string(),
+                fmt_string(path, EncodingStrategy::Greedy),
+                "{path:?}"
+            );
         }
     }
 
