@@ -17,12 +17,18 @@ use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
 use super::clock::EpochClock;
-use super::demand::{Claim, Round};
+use super::demand::{Claim, Round, THROTTLED_UNDER, WAITING_SENDS};
 use super::standing::Standing;
 use super::timing::{LEASE_TTL, RENEW_INTERVAL, ROUND_TIMEOUT};
 use super::{FleetError, Lease, LeaseTable};
 use crate::budget::SendBudget;
 use crate::telemetry::Metrics;
+
+/// How often, between rounds, a task looks whether sends queue for its
+/// share (reading two counters)...
+const WATCH: std::time::Duration = std::time::Duration::from_millis(100);
+/// ...and how long after a round an early one may start.
+const EARLY_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// How a task takes part in the fleet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,13 +127,49 @@ impl<T: LeaseTable> Coordinator<T> {
             tokio::select! {
                 biased;
                 () = &mut stop => break,
-                () = tokio::time::sleep_until(next) => {}
+                () = self.until_next_round(next) => {}
             }
             let started = Instant::now();
             self.round().await;
             next = self.next_round(started);
         }
         self.leave().await;
+    }
+
+    /// Sleeps until `next`, or until sends queue for a share the task could
+    /// grow: a broadcast that begins between two rounds claims more at
+    /// once, rather than at the next renewal.
+    async fn until_next_round(&self, next: Instant) {
+        loop {
+            let wake = next.min(Instant::now() + WATCH);
+            tokio::time::sleep_until(wake).await;
+            if wake >= next || self.queued_for_share() {
+                return;
+            }
+        }
+    }
+
+    /// Whether, since the last round (at least [`EARLY_AFTER`] ago), sends
+    /// waited for the rate as a held-back round's do, while the share (not
+    /// a join, not 429s) holds the task under a claim that can still grow.
+    fn queued_for_share(&self) -> bool {
+        let (at, _, waited_then) = self.last_round;
+        let elapsed = at.elapsed();
+        let share = self.standing.share();
+        let throttled = self
+            .budget
+            .adaptive_rate()
+            .is_some_and(|adaptive| adaptive < share * THROTTLED_UNDER);
+        if elapsed < EARLY_AFTER
+            || share <= 0.0
+            || throttled
+            || !self.claim.can_grow()
+            || self.standing.pending_until().is_some()
+        {
+            return false;
+        }
+        let waited_ms = Metrics::get(&self.metrics.budget_wait_ms).saturating_sub(waited_then);
+        waited_ms as f64 / 1000.0 >= elapsed.as_secs_f64() * WAITING_SENDS
     }
 
     /// One interval after the round that started at `started` (a late round

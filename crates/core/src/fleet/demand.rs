@@ -115,6 +115,12 @@ impl Claim {
         }
     }
 
+    /// Whether a held-back round would raise the claim: it is under the
+    /// ceiling.
+    pub(super) fn can_grow(&self) -> bool {
+        self.last < self.ceiling
+    }
+
     /// The claim to write this round.
     pub(super) fn next(&mut self, round: Round) -> f64 {
         if round.busy {

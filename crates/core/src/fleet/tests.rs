@@ -26,6 +26,9 @@ use crate::telemetry::Metrics;
 const EPOCH: u64 = 1_700_000_000_000;
 /// How often the shares are checked.
 const STEP: Duration = Duration::from_millis(1);
+/// Sends that wait for the rate while a task is held back (its slots in
+/// flight).
+const SENDS_WAITING: u64 = 256;
 /// Room for floating-point rounding in a sum of shares.
 const ROUNDING: f64 = 1e-9;
 
@@ -73,6 +76,11 @@ impl Member {
         let posts = self.carry.get() + rate * span.as_secs_f64();
         self.carry.set(posts.fract());
         Metrics::add(&self.metrics.posts, posts as u64);
+        if self.wants.get() > rate {
+            // Held back: its slots in flight all wait for the rate.
+            let waited = SENDS_WAITING * span.as_millis() as u64;
+            Metrics::add(&self.metrics.budget_wait_ms, waited);
+        }
     }
 
     fn on_fallback(&self) -> bool {
@@ -480,6 +488,12 @@ async fn claims_follow_use_and_a_task_whose_use_grows_takes_its_fair_share_soon(
     assert!(
         took >= JOIN_WAIT,
         "took it after {took:?}, before its claim was read"
+    );
+    // Its sends queue at once: it claims more within a watch of the queue,
+    // not at the next renewal.
+    assert!(
+        took <= JOIN_WAIT + Duration::from_millis(400),
+        "took {took:?}"
     );
     fleet.run_for(Duration::from_secs(5)).await;
     assert_eq!(fleet.share("a"), fair, "and kept it");
