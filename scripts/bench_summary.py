@@ -277,8 +277,11 @@ def mixed_section(rows):
                   "small jobs SQS → first delivery, median / max ms (all)",
                   "the same, sent while the broadcast ran", "delivered twice"], lines), "",
            f"- the broadcast at ≥ 0.85 × {room:,.0f}/s, every run: "
-           f"{verdict(min(floats(rs, 'of_room')) >= 0.85)}", ""]
-    return out
+           f"{verdict(min(floats(rs, 'of_room')) >= 0.85)}"]
+    missed = of_kind(rows, "fleet_missed")
+    if missed:
+        out.append(f"- runs in which the fleet test missed one of its timing targets: {len(missed)} of {len(rs)}")
+    return out + [""]
 
 
 def throttle_section(rows):

@@ -23,7 +23,7 @@
 //! - A task lowers its share before it writes a lower demand, so the others
 //!   never take what it still uses.
 //! - A dead task's share stays unused until its lease expires and the others
-//!   next read the table: at most [`DEAD_SHARE_UNUSED`] (4.5 s) after its
+//!   next read the table: at most [`DEAD_SHARE_UNUSED`] (4.3 s) after its
 //!   last renewal.
 //!
 //! A task whose renewal fails (an error, or a round slower than

@@ -267,7 +267,7 @@ mod tests {
         let mut standing = Standing::new(FALLBACK, f64::INFINITY);
         assert_eq!(standing.share(), 0.0);
         let shares = rounds(&mut standing, t0, 0, &[1000.0; 4], &[1000.0]);
-        // Written at 0 s; on record for JOIN_WAIT (1.75 s) at the round of
+        // Written at 0 s; on record for JOIN_WAIT (1.55 s) at the round of
         // 2 s.
         assert_eq!(shares, vec![0.0, 0.0, 500.0, 500.0]);
     }

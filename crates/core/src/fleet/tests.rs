@@ -551,7 +551,8 @@ const SETTLE_GROWN: Duration = Duration::from_secs(12);
 
 /// Seeded random fleets over a few minutes of simulated time: tasks join
 /// (busy or idle, with ceilings below and above the fleet's rate, clocks up
-/// to 0.4 s apart, tables up to 200 ms slow per call), get work or run out
+/// to 0.4 s apart, tables up to 140 ms slow per call, so a round of two
+/// calls stays within its timeout), get work or run out
 /// of it, stop, and die; the sum is checked every millisecond throughout,
 /// and after each quiet spell the live tasks hold their fair shares.
 #[tokio::test(start_paused = true)]
@@ -574,7 +575,7 @@ async fn the_sum_never_exceeds_the_fleet_rate_while_tasks_join_and_leave() {
                     let ceiling = [500, 1500, 2000, 5000][random.below(4) as usize];
                     let skew = random.below(801) as i64 - 400;
                     fleet.join_skewed(&name, ceiling, random.below(3) > 0, skew);
-                    let latency = Duration::from_millis(random.below(201));
+                    let latency = Duration::from_millis(random.below(141));
                     fleet.member(&name).table.set_latency(latency);
                 }
                 3 | 4 => {
@@ -595,7 +596,7 @@ async fn the_sum_never_exceeds_the_fleet_rate_while_tasks_join_and_leave() {
                 }
                 _ => {
                     if let Some(name) = random.pick(&live) {
-                        let latency = Duration::from_millis(random.below(201));
+                        let latency = Duration::from_millis(random.below(141));
                         fleet.member(name).table.set_latency(latency);
                     }
                 }

@@ -11,9 +11,10 @@ pub const RENEW_INTERVAL: Duration = Duration::from_secs(1);
 /// A round (the write, then the read) that has not answered within this
 /// counts as failed: the task falls back rather than send on a share that
 /// the others may no longer count. A PutItem and a Query take milliseconds
-/// within a region; half a second leaves room for retries, and keeps a
-/// round shorter than the interval, so rounds never overlap.
-pub const ROUND_TIMEOUT: Duration = Duration::from_millis(500);
+/// within a region; 300 ms leaves room for a retry, and keeps a round
+/// shorter than the interval, so rounds never overlap. It is also part of
+/// every wait for a higher claim ([`JOIN_WAIT`]), so it is kept short.
+pub const ROUND_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// The longest a share is in force after the start of the round that
 /// computed it: the next round starts one interval later and succeeds or
