@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
 use super::clock::EpochClock;
-use super::demand::{Claim, Round, THROTTLED_UNDER, WAITING_SENDS};
+use super::demand::{Claim, Round};
 use super::standing::Standing;
 use super::timing::{LEASE_TTL, RENEW_INTERVAL, ROUND_TIMEOUT};
 use super::{FleetError, Lease, LeaseTable};
@@ -29,6 +29,25 @@ use crate::telemetry::Metrics;
 const WATCH: std::time::Duration = std::time::Duration::from_millis(100);
 /// ...and how long after a round an early one may start.
 const EARLY_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The counters a round's claim is measured from, read at one instant.
+#[derive(Clone, Copy, Debug)]
+struct Counted {
+    at: Instant,
+    posts: u64,
+    /// The budget's summed wait for the rate, in ms.
+    waited_ms: u64,
+}
+
+impl Counted {
+    fn read(metrics: &Metrics) -> Self {
+        Self {
+            at: Instant::now(),
+            posts: Metrics::get(&metrics.posts),
+            waited_ms: Metrics::get(&metrics.budget_wait_ms),
+        }
+    }
+}
 
 /// How a task takes part in the fleet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,9 +75,8 @@ pub struct Coordinator<T> {
     clock: EpochClock,
     standing: Standing,
     claim: Claim,
-    /// When the last round started, and the posts and the budget's wait
-    /// (ms) counted then.
-    last_round: (Instant, u64, u64),
+    /// The counters when the last round started.
+    last_round: Counted,
     /// Whether the previous round failed: the first failure of a run and
     /// the recovery are logged, not every round between.
     failing: bool,
@@ -88,10 +106,7 @@ impl<T: LeaseTable> Coordinator<T> {
         let rate = f64::from(settings.rate.get());
         let ceiling = budget.ceiling().map_or(rate, f64::from);
         let standing = Standing::new(f64::from(settings.fallback.get()), ceiling);
-        let counted = (
-            Metrics::get(&metrics.posts),
-            Metrics::get(&metrics.budget_wait_ms),
-        );
+        let last_round = Counted::read(&metrics);
         let coordinator = Self {
             table,
             budget,
@@ -100,7 +115,7 @@ impl<T: LeaseTable> Coordinator<T> {
             clock: EpochClock::system(),
             standing,
             claim: Claim::new(ceiling, rate),
-            last_round: (Instant::now(), counted.0, counted.1),
+            last_round,
             failing: false,
             warned_thin: false,
         };
@@ -153,23 +168,13 @@ impl<T: LeaseTable> Coordinator<T> {
     /// waited for the rate as a held-back round's do, while the share (not
     /// a join, not 429s) holds the task under a claim that can still grow.
     fn queued_for_share(&self) -> bool {
-        let (at, _, waited_then) = self.last_round;
-        let elapsed = at.elapsed();
-        let share = self.standing.share();
-        let throttled = self
-            .budget
-            .adaptive_rate()
-            .is_some_and(|adaptive| adaptive < share * THROTTLED_UNDER);
-        if elapsed < EARLY_AFTER
-            || share <= 0.0
-            || throttled
-            || !self.claim.can_grow()
-            || self.standing.pending_until().is_some()
-        {
-            return false;
-        }
-        let waited_ms = Metrics::get(&self.metrics.budget_wait_ms).saturating_sub(waited_then);
-        waited_ms as f64 / 1000.0 >= elapsed.as_secs_f64() * WAITING_SENDS
+        let round = self.since_last_round(Counted::read(&self.metrics));
+        round.elapsed >= EARLY_AFTER
+            && round.share > 0.0
+            && !round.throttled()
+            && self.claim.can_grow()
+            && self.standing.pending_until().is_none()
+            && round.queued()
     }
 
     /// One interval after the round that started at `started` (a late round
@@ -268,24 +273,30 @@ impl<T: LeaseTable> Coordinator<T> {
     /// What the task claims this round, from what it sent since the last
     /// one under the share in force meanwhile.
     fn demand(&mut self) -> f64 {
-        let at = Instant::now();
-        let posts = Metrics::get(&self.metrics.posts);
-        let waited_ms = Metrics::get(&self.metrics.budget_wait_ms);
-        let (last_at, last_posts, last_waited) =
-            std::mem::replace(&mut self.last_round, (at, posts, waited_ms));
-        let sent = posts.saturating_sub(last_posts);
-        self.claim.next(Round {
-            at,
+        let now = Counted::read(&self.metrics);
+        let round = self.since_last_round(now);
+        self.last_round = now;
+        self.claim.next(round)
+    }
+
+    /// What the counters say of the time from the last round to `now`,
+    /// under the share in force meanwhile.
+    fn since_last_round(&self, now: Counted) -> Round {
+        let then = self.last_round;
+        let sent = now.posts.saturating_sub(then.posts);
+        let waited_ms = now.waited_ms.saturating_sub(then.waited_ms);
+        Round {
+            at: now.at,
             // Small jobs end within milliseconds: one that ran between two
             // rounds counts, not only one running at the round.
             busy: Metrics::get(&self.metrics.jobs_in_flight) > 0 || sent > 0,
             sent,
-            elapsed: at.duration_since(last_at),
-            waited: std::time::Duration::from_millis(waited_ms.saturating_sub(last_waited)),
+            elapsed: now.at.duration_since(then.at),
+            waited: std::time::Duration::from_millis(waited_ms),
             share: self.standing.share(),
             adaptive: self.budget.adaptive_rate(),
             tasks: Metrics::get(&self.metrics.fleet_tasks),
-        })
+        }
     }
 
     /// Puts the standing's share in force: the budget, then the gauges.

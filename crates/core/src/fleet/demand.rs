@@ -84,6 +84,27 @@ pub(super) struct Round {
     pub tasks: u64,
 }
 
+impl Round {
+    /// The endpoint's 429s hold the task back, not its share.
+    pub(super) fn throttled(&self) -> bool {
+        self.adaptive
+            .is_some_and(|adaptive| adaptive < self.share * THROTTLED_UNDER)
+    }
+
+    /// [`WAITING_SENDS`] or more sends waited for the rate, on average.
+    pub(super) fn queued(&self) -> bool {
+        let seconds = self.elapsed.as_secs_f64();
+        seconds > 0.0 && self.waited.as_secs_f64() >= seconds * WAITING_SENDS
+    }
+
+    /// The share held the task back: it sent [`HELD_BACK`] of it, or its
+    /// sends queued for it.
+    fn held_back(&self) -> bool {
+        let seconds = self.elapsed.as_secs_f64();
+        seconds > 0.0 && (self.sent as f64 >= self.share * seconds * HELD_BACK || self.queued())
+    }
+}
+
 /// One task's claim, from its rounds.
 #[derive(Debug)]
 pub(super) struct Claim {
@@ -154,21 +175,15 @@ impl Claim {
         // A share of zero with work: the task joins (or its work resumed
         // after idle time) and waits for its claim to be read.
         let joined = round.share > 0.0;
-        let throttled = round
-            .adaptive
-            .is_some_and(|adaptive| adaptive < round.share * THROTTLED_UNDER);
-        let held_back = seconds > 0.0
-            && (round.sent as f64 >= round.share * seconds * HELD_BACK
-                || round.waited.as_secs_f64() >= seconds * WAITING_SENDS);
         let claim = if !joined {
             // One claim for the whole join: a higher one would wait anew.
             match self.last {
                 0.0 => self.even_split(round.tasks),
                 last => last,
             }
-        } else if throttled && self.last > 0.0 {
+        } else if round.throttled() && self.last > 0.0 {
             self.last
-        } else if held_back {
+        } else if round.held_back() {
             (round.share * GROWTH).max(self.even_split(round.tasks))
         } else if let Some(peak) = self.recent.iter().copied().reduce(f64::max) {
             peak * HEADROOM
