@@ -72,7 +72,9 @@ async fn post_outcome(app: &App, id: &str, headers: &HeaderMap, body: Bytes) -> 
         Ok(()) => PostResult::Delivered,
         Err(Refused::Gone) if app.sink.is_some() => {
             if let Some(sink) = &app.sink {
-                let mut entry = sink.entry(id.to_owned()).or_insert((0, unix_ms()));
+                let mut entry = sink
+                    .entry(id.to_owned())
+                    .or_insert((0, super::registry::now_ms()));
                 entry.0 += 1;
             }
             PostResult::Delivered
@@ -148,12 +150,6 @@ fn sink_groups(firsts: impl Iterator<Item = (String, u64)>) -> Vec<SinkGroup> {
         group.last_ms = group.last_ms.max(first_ms);
     }
     groups.into_values().collect()
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A request signed for `execute-api`, as API Gateway requires of the

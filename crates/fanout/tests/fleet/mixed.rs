@@ -12,10 +12,11 @@
 //! 24,000 connections); the benchmark sets `FANOUT_DEV_MIXED=3000:30000`
 //! for a fleet rate of 3,000/s and a table of its own of 30,000.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use fanout_dev::gateway::faults::SinkGroup;
-use fanout_testkit::support::worker::{Run, finish, start};
+use fanout_dev::gateway::registry::now_ms;
+use fanout_testkit::support::worker::{Run, finish, signal_pid, start};
 
 use super::{AUDIENCE, FLEET_RATE, Fleet, audience_of};
 
@@ -44,23 +45,6 @@ fn scale() -> (u64, usize) {
     )
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_millis() as u64
-}
-
-/// Sends `-TERM` to the process `pid` (a worker whose output a task
-/// drains meanwhile, so that a full pipe never stalls it).
-fn terminate(pid: u32) {
-    let sent = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(sent.success(), "kill -TERM {pid}");
-}
-
 /// Small job `k`'s body: its own five connection ids.
 fn small_job(k: u64) -> String {
     let ids: Vec<String> = (0..SMALL_SIZE).map(|i| format!("s{k}-{i}")).collect();
@@ -74,7 +58,7 @@ async fn produce(fleet: &Fleet, stop: tokio::sync::watch::Receiver<bool>) -> Vec
     let mut ticks = tokio::time::interval(Duration::from_millis(1000 / SMALL_PER_SECOND));
     while !*stop.borrow() {
         ticks.tick().await;
-        let at = unix_ms();
+        let at = now_ms();
         fleet
             .sqs
             .send_message()
@@ -163,7 +147,7 @@ pub(super) async fn a_broadcast_beside_small_jobs_gets_nearly_the_whole_rate(tab
     let broadcasting = async {
         tokio::time::sleep(BEFORE_BROADCAST).await;
         let body = serde_json::json!({"id": "everyone", "data": "hi"}).to_string();
-        let sent_ms = unix_ms();
+        let sent_ms = now_ms();
         fleet
             .sqs
             .send_message()
@@ -181,7 +165,7 @@ pub(super) async fn a_broadcast_beside_small_jobs_gets_nearly_the_whole_rate(tab
     let (sent, (broadcast_sent_ms, group)) = tokio::join!(producing, broadcasting);
     tokio::time::sleep(Duration::from_secs(3)).await;
     for (pid, _) in &workers {
-        terminate(*pid);
+        signal_pid(*pid, "-TERM");
     }
     for (_, worker) in workers {
         let run = worker.await.expect("the worker's output");

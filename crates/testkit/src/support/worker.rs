@@ -134,7 +134,12 @@ pub fn start(mut command: tokio::process::Command) -> Child {
 
 /// Sends `signal` (e.g. "-TERM", "-KILL") to a worker by its pid.
 pub fn signal(child: &Child, signal: &str) {
-    let pid = child.id().expect("a running worker");
+    signal_pid(child.id().expect("a running worker"), signal);
+}
+
+/// As [`signal`], to a worker whose `Child` another task holds (one that
+/// drains its output meanwhile), by the pid read at its start.
+pub fn signal_pid(pid: u32, signal: &str) {
     let sent = std::process::Command::new("kill")
         .args([signal, &pid.to_string()])
         .status()
