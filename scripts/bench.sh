@@ -120,6 +120,10 @@ BIN="$TARGET/$BUILD/examples/bench"
 # builds, for an A/B in one run; see BENCHMARKS.md).
 FANOUT="${FANOUT_DEV_BIN:-$TARGET/$BUILD/fanout}"
 
+# wait_port and make_test_tls; they call die, below.
+# shellcheck source=scripts/local.sh
+source "$ROOT/scripts/local.sh"
+
 die() {
   echo "bench: $*" >&2
   exit 1
@@ -215,35 +219,13 @@ stop_all() {
 }
 trap stop_all EXIT
 trap 'exit 130' INT TERM
-wait_port() {
-  for _ in $(seq 150); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return
-    kill -0 "$2" 2>/dev/null || break
-    sleep 0.1
-  done
-  die "$3 did not start on port $1 (taken?)"
-}
-
-# A test CA and a certificate for localhost signed by it, made for this run
-# only; the worker trusts the CA through SSL_CERT_FILE (the lean path loads
-# the platform's roots with rustls-native-certs, which reads it).
-make_tls() {
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-    -subj "/CN=fanout bench test CA" -keyout "$WORK/ca.key" -out "$WORK/ca.pem" 2>/dev/null
-  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
-    -keyout "$WORK/sink.key" -out "$WORK/sink.csr" 2>/dev/null
-  printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=CA:FALSE" \
-    "keyUsage=digitalSignature" "extendedKeyUsage=serverAuth" >"$WORK/sink.ext"
-  openssl x509 -req -in "$WORK/sink.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" \
-    -CAcreateserial -days 2 -extfile "$WORK/sink.ext" -out "$WORK/sink.pem" 2>/dev/null
-}
 
 "${ON_SINK[@]}" "$BIN" sink --port "$PORT" >/dev/null 2>&1 &
 PIDS+=($!)
 SINK_PIDS=($!)
 wait_port "$PORT" "$!" sink
 if has_case process && [[ "$PROCESS_CASES" == *tls:* ]]; then
-  make_tls
+  make_test_tls "$WORK" bench
   "${ON_SINK[@]}" "$BIN" sink --port "$TLS_PORT" --tls-cert "$WORK/sink.pem" \
     --tls-key "$WORK/sink.key" >/dev/null 2>&1 &
   PIDS+=($!)

@@ -61,6 +61,10 @@ if command -v taskset >/dev/null && (($(nproc) >= 2)); then
   ON_SINK=(taskset -c "$SINK_CPU")
 fi
 
+# port_free, wait_port, make_test_tls and stop_pids; they call die, below.
+# shellcheck source=scripts/local.sh
+source "$ROOT/scripts/local.sh"
+
 die() {
   echo "cpu-counts: $*" >&2
   exit 1
@@ -87,40 +91,21 @@ fi
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/cpu-counts.XXXXXX")"
 PIDS=()
 stop_all() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  stop_pids "${PIDS[@]}"
   rm -rf "$WORK"
 }
 trap stop_all EXIT
 trap 'exit 130' INT TERM
-wait_port() {
-  for _ in $(seq 150); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return
-    kill -0 "$2" 2>/dev/null || break
-    sleep 0.1
-  done
-  die "$3 did not start on port $1 (taken?)"
-}
 
 # A port that answers already is someone else's: waiting for ours on it
 # would measure theirs.
 for port in "$PORT" "$TLS_PORT" "$DYNAMODB_PORT" "$SQS_PORT" "$METRICS_PORT"; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    die "port $port is taken (set COUNT_PORT_BASE)"
-  fi
+  port_free "$port" || die "port $port is taken (set COUNT_PORT_BASE)"
 done
 
 # A test CA and a certificate for localhost, for this run only; fanout
 # trusts the CA through SSL_CERT_FILE, as in scripts/bench.sh.
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-  -subj "/CN=fanout counts test CA" -keyout "$WORK/ca.key" -out "$WORK/ca.pem" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
-  -keyout "$WORK/sink.key" -out "$WORK/sink.csr" 2>/dev/null
-printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=CA:FALSE" \
-  "keyUsage=digitalSignature" "extendedKeyUsage=serverAuth" >"$WORK/sink.ext"
-openssl x509 -req -in "$WORK/sink.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" \
-  -CAcreateserial -days 2 -extfile "$WORK/sink.ext" -out "$WORK/sink.pem" 2>/dev/null
+make_test_tls "$WORK" counts
 
 "${ON_SINK[@]}" "$BIN" sink --port "$PORT" >/dev/null 2>&1 &
 PIDS+=($!)
