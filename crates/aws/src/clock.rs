@@ -1,6 +1,7 @@
 //! AWS's clock, as the `Date` header of a DynamoDB answer gives it, compared
 //! with this worker's: the age rule of [`fanout_core::connection::expiry`] trusts the
-//! worker's clock only while the two agree within a minute.
+//! worker's clock only while the two agree within a minute, and job
+//! deadlines (`deliver_by`) are read against AWS's time.
 //!
 //! An interceptor on a client of its own reads the header of every answer;
 //! the check is a DescribeTable on the connections table, a call the worker
@@ -15,7 +16,7 @@ use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_dynamodb::error::BoxError;
 use aws_sdk_dynamodb::primitives::{DateTime, DateTimeFormat};
 
-use fanout_core::connection::expiry::{ClockVerdict, ExpiryRule};
+use fanout_core::connection::expiry::{AwsClock, ClockVerdict, ExpiryRule};
 
 /// The last `Date` an answer carried, with this worker's time when it came.
 type Reading = Arc<Mutex<Option<(SystemTime, SystemTime)>>>;
@@ -73,9 +74,10 @@ impl ClockCheck {
         }
     }
 
-    /// Asks DynamoDB for the time and applies the comparison to `rule`;
-    /// `None` (the rule left as it was) when no answer with a date came.
-    pub async fn run(&self, rule: &ExpiryRule) -> Option<ClockVerdict> {
+    /// Asks DynamoDB for the time, keeps it in `clock` and applies the
+    /// comparison to `rule`; `None` (both left as they were) when no answer
+    /// with a date came.
+    pub async fn run(&self, clock: &AwsClock, rule: Option<&ExpiryRule>) -> Option<ClockVerdict> {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = None;
         // An error answer carries a Date too: the outcome does not matter.
         let _ = self
@@ -86,7 +88,10 @@ impl ClockCheck {
             .await;
         let reading = *self.last.lock().unwrap_or_else(|p| p.into_inner());
         match reading {
-            Some((server, local)) => Some(rule.clock(server, local)),
+            Some((server, local)) => {
+                clock.measured(server, local);
+                Some(rule.map_or(ClockVerdict::Agrees, |rule| rule.clock(server, local)))
+            }
             None => {
                 tracing::warn!(
                     table = %self.table,

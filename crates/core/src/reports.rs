@@ -48,13 +48,26 @@ pub enum Status {
     /// went to the dead-letter queue, or, without one, is left for the
     /// queue's redrive policy.
     DeadLettered,
+    /// Its deadline (`deliver_by`) passed: received after it, nothing was
+    /// sent; stopped at it, what was sent is counted and `unsent` counts
+    /// the connections read but not reached. Nothing of it goes on.
+    Lapsed,
+    /// A cancel stopped it: what was sent is counted, `unsent` counts the
+    /// connections read but not reached. Nothing of it goes on.
+    Cancelled,
+    /// The report of a cancel job itself: its tombstone is recorded, and
+    /// `reason` says whether a run of the broadcast was on record yet.
+    CancelRecorded,
 }
 
 impl Status {
     /// Whether nothing of this run goes on: no new job and no new run of
     /// this message.
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Done | Self::DeadLettered)
+        matches!(
+            self,
+            Self::Done | Self::DeadLettered | Self::Lapsed | Self::Cancelled
+        )
     }
 }
 
@@ -89,6 +102,11 @@ pub struct BroadcastReport {
     pub failed: u64,
     /// Connections still `deferred` when the run ended.
     pub deferred: u64,
+    /// For a run stopped by its deadline or a cancel: connections read
+    /// that got no final answer (never posted to, in flight, or deferred).
+    /// Pages not read by then are not counted.
+    #[serde(default)]
+    pub unsent: u64,
     /// 410s posted to again after the connect window (their rows are
     /// removed only on a second 410).
     #[serde(default)]
@@ -155,6 +173,13 @@ impl Draft {
         draft
     }
 
+    /// A cancel job, keyed by the broadcast it stops.
+    pub fn of_cancel(broadcast: &str, message_id: &str, started: SystemTime) -> Self {
+        let mut draft = Self::of_message(broadcast, message_id, started);
+        draft.0.run = format!("cancel {broadcast}");
+        draft
+    }
+
     /// A message that is no job (it does not parse): keyed by the `id` its
     /// body names, if it names one, so its producer still finds it.
     pub fn of_unparsed(body: &str, message_id: &str, started: SystemTime) -> Self {
@@ -183,6 +208,7 @@ impl Draft {
             removed: 0,
             failed: 0,
             deferred: 0,
+            unsent: 0,
             rechecking: 0,
             kept: 0,
             endpoint: None,
@@ -204,6 +230,15 @@ impl Draft {
     /// How the endpoint looked, for a run its answers stopped.
     pub fn endpoint(mut self, status: Option<&str>) -> Self {
         self.0.endpoint = status.map(str::to_owned);
+        self
+    }
+
+    /// A run stopped before its end: the connections read that got no
+    /// final answer.
+    pub fn stopped(mut self) -> Self {
+        let r = &mut self.0;
+        let answered = r.delivered + r.gone + r.expired + r.failed;
+        r.unsent = r.audience.saturating_sub(answered);
         self
     }
 

@@ -45,6 +45,10 @@ enum Command {
     },
     /// Builds a valid job and sends it to the jobs queue; prints its message id.
     Enqueue(Box<EnqueueArgs>),
+    /// Sends a cancel job: stops the broadcast with this id on every task,
+    /// now and whenever a piece of it comes later. Needs run records
+    /// (FANOUT_CHECKPOINT_TABLE) on the workers; prints its message id.
+    Cancel(commands::enqueue::CancelArgs),
     /// Loads and validates the configuration and prints the effective values.
     CheckConfig {
         #[command(flatten)]
@@ -107,6 +111,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             exit_when_idle,
         } => commands::run::run(config, exit_when_idle).await,
         Command::Enqueue(args) => commands::enqueue::enqueue(*args).await,
+        Command::Cancel(args) => commands::enqueue::cancel(args).await,
         Command::CheckConfig { config } => commands::check_config::check_config(config),
         Command::Redrive { config, max } => commands::redrive::redrive(config, max).await,
         Command::DeadLetters(args) => commands::dead_letters::dead_letters(args).await,

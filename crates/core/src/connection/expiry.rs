@@ -17,7 +17,7 @@
 //! since (a reconnect that reused the id) is kept.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::connection::{Connection, ConnectionId};
@@ -122,6 +122,12 @@ pub fn epoch_ms(at: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// Epoch ms as RFC 3339, for log lines and reasons.
+pub fn rfc3339(at_ms: i64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(at_ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
 /// The rule as configured, shared by the store that applies it and the
 /// clock check that can turn it off.
 #[derive(Debug)]
@@ -188,6 +194,34 @@ impl ExpiryRule {
             _ => {}
         }
         verdict
+    }
+}
+
+/// AWS's time, as this worker last measured it against its own clock
+/// (the `Date` of a DynamoDB answer, whole seconds). Deadlines are read
+/// against it, so a task whose clock is off neither sends late nor stops
+/// early by more than about a second.
+#[derive(Debug, Default)]
+pub struct AwsClock {
+    /// AWS's clock minus the worker's, in ms: 0 while within the header's
+    /// one-second resolution.
+    skew_ms: AtomicI64,
+}
+
+impl AwsClock {
+    /// Takes a reading: AWS's clock said `server` when the worker's said
+    /// `local`.
+    pub fn measured(&self, server: SystemTime, local: SystemTime) {
+        let skew_ms = epoch_ms(server) - epoch_ms(local);
+        // The header's whole seconds cut up to a second off: a difference
+        // within that is no difference.
+        let skew_ms = if skew_ms.abs() > 1000 { skew_ms } else { 0 };
+        self.skew_ms.store(skew_ms, Ordering::Relaxed);
+    }
+
+    /// AWS's time now, as epoch ms.
+    pub fn now_ms(&self) -> i64 {
+        epoch_ms(SystemTime::now()) + self.skew_ms.load(Ordering::Relaxed)
     }
 }
 
@@ -313,6 +347,20 @@ mod tests {
         assert!(!rule.is_on(), "off: the store classifies no row");
         rule.clock(local, local);
         assert!(rule.is_on());
+    }
+
+    #[test]
+    fn aws_time_is_the_workers_moved_by_a_difference_past_the_headers_second() {
+        let clock = AwsClock::default();
+        let local = SystemTime::now();
+        clock.measured(local + Duration::from_millis(900), local);
+        assert!((clock.now_ms() - epoch_ms(SystemTime::now())).abs() < 100);
+        clock.measured(local + Duration::from_secs(90), local);
+        let ahead = clock.now_ms() - epoch_ms(SystemTime::now());
+        assert!((89_900..=90_000).contains(&ahead), "{ahead}");
+        clock.measured(local - Duration::from_secs(5), local);
+        let behind = clock.now_ms() - epoch_ms(SystemTime::now());
+        assert!((-5_000..=-4_900).contains(&behind), "{behind}");
     }
 
     #[test]

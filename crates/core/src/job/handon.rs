@@ -54,7 +54,9 @@ impl Job {
         let mut exclude: Vec<String> = self.exclude.iter().map(ToString::to_string).collect();
         exclude.sort();
         JobSpec {
-            v: None,
+            // Version 1 has no deadline: an older task must hand a job with
+            // one back, not send it late.
+            v: self.deliver_by.map(|_| 2),
             id: Some(self.id.clone()),
             data,
             data_base64,
@@ -70,6 +72,8 @@ impl Job {
             deferrals: self.deferrals,
             continuation: self.continuation + 1,
             part: 0,
+            deliver_by: self.deliver_by.map(serde_json::Value::from),
+            cancel: None,
         }
     }
 

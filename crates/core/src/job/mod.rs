@@ -11,6 +11,7 @@
 //! A job names at most one audience selector: none (everyone), `channel`,
 //! `channels`, `to` (a named audience) or `connections`.
 
+pub mod deadline;
 mod handon;
 pub mod keys;
 mod parse;
@@ -28,7 +29,7 @@ use crate::store::Cursor;
 pub use crate::limits::{MAX_CHANNELS, MAX_PAYLOAD_BYTES, MAX_SPLIT, MAX_SPLIT_BYTES};
 pub(crate) use handon::deferred_spec;
 pub use handon::{MAX_CONTINUATION_BYTES, TooLargeToContinue};
-pub use parse::parse;
+pub use parse::{parse, read};
 pub use validate::validate;
 pub use wire::{DeferredSpec, JOB_FORMAT_VERSION, JobSpec, Segment};
 
@@ -74,6 +75,28 @@ pub struct Job {
     pub continuation: u32,
     /// Which message of that hand-on.
     pub part: u32,
+    /// Epoch ms after which nothing of it is sent (`deliver_by`).
+    pub deliver_by: Option<i64>,
+}
+
+/// What a message on the jobs queue orders.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// Send this broadcast.
+    Broadcast(Job),
+    /// Stop the broadcast with this broadcast key, on every task, now and
+    /// whenever a piece of it comes later.
+    Cancel { broadcast: String },
+}
+
+impl Order {
+    /// The broadcast it orders; a cancel is no broadcast.
+    pub fn into_job(self) -> Result<Job, JobError> {
+        match self {
+            Self::Broadcast(job) => Ok(job),
+            Self::Cancel { .. } => Err(JobError::NotABroadcast),
+        }
+    }
 }
 
 impl Job {
@@ -91,6 +114,7 @@ impl Job {
             deferrals: 0,
             continuation: 0,
             part: 0,
+            deliver_by: None,
         }
     }
 }
@@ -196,6 +220,23 @@ pub enum JobError {
         len: usize,
         limit: usize,
     },
+    #[error(
+        "`{field}` belongs to job format version {version}: add \"v\": {version}, so that a task \
+         of an older version hands the job back instead of dead-lettering it"
+    )]
+    NeedsVersion { field: &'static str, version: u32 },
+    #[error("`deliver_by`: {reason}")]
+    BadDeadline { reason: String },
+    #[error(
+        "`deliver_by` is {deadline}, more than {days} days ahead: SQS keeps a job at most 14 days, \
+         so a later deadline is a mistake (epoch microseconds for milliseconds?)",
+        days = crate::limits::MAX_DEADLINE_AHEAD.as_secs() / 86_400
+    )]
+    DeadlineTooFar { deadline: String },
+    #[error("a cancel job names the broadcast to stop and nothing else: `v` and `cancel` alone")]
+    CancelAlone,
+    #[error("the job is a cancel, not a broadcast")]
+    NotABroadcast,
     #[error("`{field}` holds {id:?}, which is not an API Gateway connection id: {problem}")]
     BadConnectionId {
         field: &'static str,

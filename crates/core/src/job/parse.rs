@@ -5,7 +5,7 @@
 use serde::Deserialize;
 
 use super::wire::{JOB_FORMAT_VERSION, JobSpec};
-use super::{Capabilities, Job, JobError, validate};
+use super::{Capabilities, Job, JobError, Order, validate};
 
 /// An SNS notification, as SNS delivers to SQS without raw message delivery.
 #[derive(Deserialize)]
@@ -31,8 +31,15 @@ fn newer_format(body: &str) -> Option<u64> {
     (version > u64::from(JOB_FORMAT_VERSION)).then_some(version)
 }
 
-/// Parses a message body (a job, or an SNS notification wrapping one).
+/// Parses a message body that must be a broadcast (a job, or an SNS
+/// notification wrapping one); a cancel is refused.
 pub fn parse(body: &str, message_id: &str, caps: &Capabilities) -> Result<Job, JobError> {
+    read(body, message_id, caps)?.into_job()
+}
+
+/// Reads a message body (a job, or an SNS notification wrapping one): a
+/// broadcast or a cancel.
+pub fn read(body: &str, message_id: &str, caps: &Capabilities) -> Result<Order, JobError> {
     let unwrapped;
     let mut message_id = message_id;
     let sns_id;

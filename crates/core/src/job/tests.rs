@@ -588,12 +588,12 @@ fn a_spec_round_trips_through_json() {
 #[test]
 fn a_job_for_a_newer_format_is_left_to_a_newer_task_even_with_fields_unknown_here() {
     let newer = parse(
-        r#"{"v":2,"data":"x","latest":{"key":"score","seq":17}}"#,
+        r#"{"v":3,"data":"x","latest":{"key":"score","seq":17}}"#,
         "m",
         &CAPS,
     )
     .unwrap_err();
-    assert_eq!(newer, JobError::NewerFormat { version: 2 });
+    assert_eq!(newer, JobError::NewerFormat { version: 3 });
     assert!(newer.is_for_a_newer_task());
     // Without a newer version, an unknown field is a mistake.
     let typo = parse(r#"{"data":"x","chanel":"c"}"#, "m", &CAPS).unwrap_err();
@@ -611,4 +611,66 @@ fn an_empty_id_is_refused_it_would_make_every_such_job_one_broadcast() {
         JobError::EmptyValue { field: "id" }
     );
     assert_eq!(ok(r#"{"data":"x"}"#).id, "msg-1", "no id: the message id");
+}
+
+#[test]
+fn the_fields_of_version_2_need_v_2_so_an_older_task_hands_them_back() {
+    for body in [
+        r#"{"data":"x","deliver_by":"2026-12-06T18:30:00Z"}"#,
+        r#"{"v":1,"data":"x","deliver_by":1796581800000}"#,
+        r#"{"cancel":"news-42"}"#,
+    ] {
+        let e = err(body);
+        assert!(
+            matches!(e, JobError::NeedsVersion { version: 2, .. }),
+            "{body}: {e}"
+        );
+        assert!(e.to_string().contains(r#"add "v": 2"#), "{e}");
+    }
+    let job = ok(r#"{"v":2,"data":"x","deliver_by":"2026-12-06T19:30:00+01:00"}"#);
+    assert_eq!(job.deliver_by, Some(1_796_581_800_000));
+    assert_eq!(job.continuation(Vec::new()).v, Some(2));
+}
+
+#[test]
+fn a_cancel_names_one_broadcast_key_and_nothing_else() {
+    let read = |body: &str| read(body, "m", &CAPS);
+    assert_eq!(
+        read(r#"{"v":2,"cancel":"news-42"}"#),
+        Ok(Order::Cancel {
+            broadcast: "news-42".into()
+        })
+    );
+    for body in [
+        r#"{"v":2,"cancel":"news-42","data":"x"}"#,
+        r#"{"v":2,"cancel":"news-42","id":"c-1"}"#,
+        r#"{"v":2,"cancel":"news-42","channel":"c"}"#,
+    ] {
+        assert_eq!(read(body), Err(JobError::CancelAlone), "{body}");
+    }
+    assert_eq!(
+        read(r#"{"v":2,"cancel":""}"#),
+        Err(JobError::EmptyValue { field: "cancel" })
+    );
+    let long = format!(r#"{{"v":2,"cancel":"{}"}}"#, "k".repeat(3000));
+    assert!(matches!(
+        read(&long),
+        Err(JobError::KeyTooLong {
+            field: "cancel",
+            ..
+        })
+    ));
+    // A caller that wants a broadcast is told it is none.
+    assert_eq!(
+        err(r#"{"v":2,"cancel":"news-42"}"#),
+        JobError::NotABroadcast
+    );
+}
+
+#[test]
+fn a_deadline_that_is_no_instant_is_refused_at_parse() {
+    let e = err(r#"{"v":2,"data":"x","deliver_by":1796574600}"#);
+    assert!(e.to_string().contains("not seconds"), "{e}");
+    let e = err(r#"{"v":2,"data":"x","deliver_by":"next tuesday"}"#);
+    assert!(matches!(e, JobError::BadDeadline { .. }), "{e}");
 }

@@ -7,19 +7,70 @@ use base64::Engine as _;
 use bytes::Bytes;
 
 use super::wire::{DeferredSpec, JOB_FORMAT_VERSION, JobSpec, Segment};
-use super::{Capabilities, Job, JobError, Target};
+use super::{Capabilities, Job, JobError, Order, Target, deadline};
 use crate::connection::{self, BadId, Connection, ConnectionId};
 use crate::limits::{
-    MAX_CHANNELS, MAX_PARTITION_KEY_BYTES, MAX_PAYLOAD_BYTES, MAX_SPLIT, MAX_SPLIT_BYTES,
+    MAX_BROADCAST_KEY_BYTES, MAX_CHANNELS, MAX_PARTITION_KEY_BYTES, MAX_PAYLOAD_BYTES, MAX_SPLIT,
+    MAX_SPLIT_BYTES,
 };
 
-/// Turns a spec into a job, checking everything parsing alone cannot.
-pub fn validate(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<Job, JobError> {
+/// Turns a spec into what it orders (a broadcast, or a cancel), checking
+/// everything parsing alone cannot.
+pub fn validate(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<Order, JobError> {
     if let Some(version) = spec.v.filter(|v| *v > JOB_FORMAT_VERSION) {
         return Err(JobError::NewerFormat {
             version: version.into(),
         });
     }
+    version_2_fields(&spec)?;
+    if let Some(broadcast) = spec.cancel.clone() {
+        return cancel(spec, broadcast);
+    }
+    broadcast(spec, message_id, caps).map(Order::Broadcast)
+}
+
+/// A field of format version 2 needs `"v": 2`: a task of an older version
+/// then hands the job back instead of dead-lettering it as unknown.
+fn version_2_fields(spec: &JobSpec) -> Result<(), JobError> {
+    let field = if spec.cancel.is_some() {
+        "cancel"
+    } else if spec.deliver_by.is_some() {
+        "deliver_by"
+    } else {
+        return Ok(());
+    };
+    if spec.v.unwrap_or(1) < 2 {
+        return Err(JobError::NeedsVersion { field, version: 2 });
+    }
+    Ok(())
+}
+
+/// A cancel names a broadcast key and nothing else.
+fn cancel(spec: JobSpec, broadcast: String) -> Result<Order, JobError> {
+    let alone = JobSpec {
+        v: spec.v,
+        cancel: spec.cancel.clone(),
+        ..JobSpec::default()
+    };
+    if spec != alone {
+        return Err(JobError::CancelAlone);
+    }
+    if broadcast.is_empty() {
+        return Err(JobError::EmptyValue { field: "cancel" });
+    }
+    if broadcast.len() > MAX_BROADCAST_KEY_BYTES {
+        return Err(JobError::KeyTooLong {
+            field: "cancel",
+            value: shown(&broadcast),
+            len: broadcast.len(),
+            limit: MAX_BROADCAST_KEY_BYTES,
+        });
+    }
+    Ok(Order::Cancel { broadcast })
+}
+
+/// A broadcast job.
+fn broadcast(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<Job, JobError> {
     // An empty key would make every such job one broadcast.
     if spec.id.as_deref() == Some("") {
         return Err(JobError::EmptyValue { field: "id" });
@@ -40,6 +91,7 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<
     let target = selected.target(spec.split.is_some(), caps)?;
     let exclude = checked_ids("exclude", spec.exclude)?.into_iter().collect();
     shares(spec.split, spec.segment, payload.len(), &target)?;
+    let deliver_by = spec.deliver_by.as_ref().map(deadline::read).transpose()?;
     Ok(Job {
         id: spec.id.unwrap_or_else(|| message_id.to_owned()),
         payload,
@@ -52,6 +104,7 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<
         deferrals: spec.deferrals,
         continuation: spec.continuation,
         part: spec.part,
+        deliver_by,
     })
 }
 

@@ -83,6 +83,16 @@ pub struct JobSpec {
     /// this is.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub part: u32,
+    /// Format version 2: deliver nothing after this instant, RFC 3339 text
+    /// or epoch milliseconds (see [`super::deadline`]). fanout writes it on
+    /// hand-ons as epoch milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deliver_by: Option<serde_json::Value>,
+    /// Format version 2: this job stops the broadcast with this key, on
+    /// every task; nothing else but `v` comes with it (see
+    /// [`super::Order::Cancel`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<String>,
 }
 
 /// One deferred connection in a continuation job.
@@ -111,5 +121,6 @@ fn present<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<serde_json:
     serde_json::Value::deserialize(de).map(Some)
 }
 
-/// The newest job format this build reads (see [`JobSpec::v`]).
-pub const JOB_FORMAT_VERSION: u32 = 1;
+/// The newest job format this build reads (see [`JobSpec::v`]). Version 2
+/// adds `deliver_by` and `cancel`.
+pub const JOB_FORMAT_VERSION: u32 = 2;

@@ -85,3 +85,18 @@ pub const MAX_SPLIT_BYTES: usize = 16 * 1024 * 1024;
 /// Room left in an SQS message for a continuation's attributes and JSON
 /// framing.
 pub const CONTINUATION_HEADROOM: usize = 4096;
+
+/// The furthest ahead a job's `deliver_by` may be: SQS keeps a message at
+/// most 14 days, so a later deadline can never bind. Further is refused as
+/// a likely unit error (epoch microseconds for milliseconds, say).
+pub const MAX_DEADLINE_AHEAD: Duration = Duration::from_secs(14 * 24 * 60 * 60);
+
+/// How long a cancel's tombstone is kept: longer than any piece of its
+/// broadcast can come back. A dead letter lives at most 14 days on the
+/// dead-letter queue (SQS's longest retention), and a copy `redrive` puts
+/// back on the jobs queue at most 14 more, so a day past both.
+pub const TOMBSTONE_LIFETIME: Duration = Duration::from_secs(29 * 24 * 60 * 60);
+
+/// The longest broadcast key a cancel may name: a run record's key is the
+/// broadcast key behind a short prefix, within DynamoDB's key size.
+pub const MAX_BROADCAST_KEY_BYTES: usize = MAX_PARTITION_KEY_BYTES - 48;

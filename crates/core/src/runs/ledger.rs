@@ -2,6 +2,7 @@
 //! holds its run's lease while it runs, saves its checkpoints and settles
 //! it; a table failure is logged and counted, and delivery goes on.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -34,7 +35,7 @@ impl<T: RunTable> AnyTable for T {
 }
 
 /// The table through its pointer, as a [`RunTable`] again.
-struct Table(Box<dyn AnyTable>);
+pub(super) struct Table(Box<dyn AnyTable>);
 
 impl RunTable for Table {
     async fn load(&self, key: &str) -> Result<Option<RunRecord>, DurableError> {
@@ -48,11 +49,14 @@ impl RunTable for Table {
 
 /// The worker's side of the run records: admission, leases, settlement.
 pub struct Ledger {
-    table: Table,
+    pub(super) table: Table,
     windows: Windows,
     /// Unique to this process: with the message id, it names a run's owner.
     process: String,
-    metrics: Arc<Metrics>,
+    pub(super) metrics: Arc<Metrics>,
+    /// Broadcast keys known to be cancelled: a cancel is for good, so a
+    /// tombstone once read need not be read again.
+    pub(super) cancelled: Mutex<HashSet<String>>,
 }
 
 /// What the worker does with a job, once admitted.
@@ -121,10 +125,11 @@ impl Ledger {
             windows,
             process: format!("{:016x}", rand::random::<u64>()),
             metrics,
+            cancelled: Mutex::new(HashSet::new()),
         }
     }
 
-    fn failed(&self, what: &str, key: &str, error: &DurableError) {
+    pub(super) fn failed(&self, what: &str, key: &str, error: &DurableError) {
         Metrics::incr(&self.metrics.checkpoint_failures);
         tracing::warn!(run = key, error = %error, "the checkpoint table failed to {what}; delivery goes on without it");
     }

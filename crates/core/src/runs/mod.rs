@@ -22,14 +22,15 @@
 //! the failure is logged and counted.
 
 use std::future::Future;
-use std::time::Duration;
 
 mod admission;
+mod cancels;
 mod ledger;
 
 use crate::job::DeferredSpec;
 use crate::store::Cursor;
 pub use admission::{Renewed, Request, Ruling, Windows, admit};
+pub use cancels::{CANCEL_POLL, Cancelled};
 pub use ledger::{Admission, Ledger, RunLease};
 
 /// One run's record as stored.
@@ -117,11 +118,7 @@ pub trait RunTable: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, DurableError>> + Send;
 }
 
-/// Epoch ms as RFC 3339, for log lines and reasons.
-pub fn rfc3339(at_ms: i64) -> String {
-    let at = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(at_ms).unwrap_or(0));
-    humantime::format_rfc3339_millis(at).to_string()
-}
+pub use crate::connection::expiry::rfc3339;
 
 #[cfg(test)]
 mod tests;

@@ -25,6 +25,7 @@
 
 mod chains;
 mod deleter;
+mod halt;
 mod heartbeat;
 mod receive;
 mod settle;
@@ -46,11 +47,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
+use crate::connection::expiry::AwsClock;
 use crate::engine::summary::RunSummary;
 use crate::engine::{Engine, FanoutError};
 use crate::gateway::Gateway;
 use crate::job::keys::RunKey;
-use crate::job::{self, Capabilities};
+use crate::job::{self, Capabilities, Order};
 use crate::queue::{JobQueue, Message, QueueError};
 use crate::reports::{Draft, Reporter};
 use crate::runs::{Admission, Ledger, RunLease, rfc3339};
@@ -85,6 +87,8 @@ pub struct WorkerSettings {
     /// Continuations a connection may be deferred across; then it is
     /// dead-lettered as a one-connection job.
     pub deferred_limit: u32,
+    /// AWS's time, which deadlines (`deliver_by`) are read against.
+    pub clock: Arc<AwsClock>,
 }
 
 /// Receives of a job that the endpoint's answers stopped (see
@@ -310,8 +314,8 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// report (none for a job not run), and the lease of its run.
     async fn run_job(&self, message: &Message) -> (Settlement, Option<Draft>, Option<RunLease>) {
         let started = SystemTime::now();
-        let mut job = match job::parse(&message.body, &message.id, &self.settings.capabilities) {
-            Ok(job) => job,
+        let order = match job::read(&message.body, &message.id, &self.settings.capabilities) {
+            Ok(order) => order,
             Err(e) if e.is_for_a_newer_task() => {
                 let reason = e.to_string();
                 tracing::warn!(message_id = %message.id, reason, "a job for a newer fanout; handed back to the queue");
@@ -328,6 +332,19 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 );
             }
         };
+        let mut job = match order {
+            Order::Broadcast(job) => job,
+            Order::Cancel { broadcast } => {
+                let (settlement, draft) = self.record_cancel(message, &broadcast, started).await;
+                return (settlement, Some(draft), None);
+            }
+        };
+        if let Err((settlement, draft)) = self
+            .may_start(&job, || Draft::of_job(&job, &message.id, started))
+            .await
+        {
+            return (settlement, Some(draft), None);
+        }
         let mut carried = Vec::new();
         let lease = match &self.ledger {
             None => None,
@@ -392,22 +409,35 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         }
         let checkpoints = self.checkpoint_writer(lease.clone());
         let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone(), lease);
+        let watch = self.watch(&job);
         let (report, result) = match checkpoints {
             Some((sender, writer)) => {
                 let ran = self
                     .engine
-                    .run_checkpointed(&job, &self.abort, Some(sender), carried)
+                    .run_checkpointed(&job, &watch.stop, Some(sender), carried)
                     .await;
                 // The run is over: what a last write would hold no longer
                 // matters (its message is settled next).
                 drop(writer);
                 ran
             }
-            None => self.engine.run(&job, &self.abort).await,
+            None => self.engine.run(&job, &watch.stop).await,
         };
         drop(heartbeat);
         self.metrics.record_job_duration(report.duration);
         let draft = Draft::of_run(&job, &message.id, &report, started);
+        // A run that reached every connection is done, whatever came
+        // after; one stopped, or left with connections to hand on, is not.
+        let halted = match (&result, watch.halted()) {
+            (Ok(()), _) if report.deferred.is_empty() => None,
+            (Ok(()), None) => self.lapsed_now(&job).then_some(halt::Halt::Lapsed),
+            (Ok(()) | Err(FanoutError::Interrupted | FanoutError::Backlog { .. }), halt) => halt,
+            _ => None,
+        };
+        if let Some(halt) = halted {
+            log_report(&job, &report, &format!("{halt:?}").to_lowercase());
+            return (Settlement::Halted(halt), draft.stopped());
+        }
         let settlement = match result {
             Ok(()) if !report.deferred.is_empty() => {
                 log_report(&job, &report, "deferred");

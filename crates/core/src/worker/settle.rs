@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use super::halt::Halt;
 use super::{Fate, JobContext, SETTLE_BACKOFF};
 use crate::engine::summary::RunSummary;
 use crate::gateway::Gateway;
@@ -39,6 +40,11 @@ pub(super) enum Settlement {
     /// Its run is live on another task, which renews this message's
     /// visibility now: left as it is.
     LeaveHidden,
+    /// Stopped, or not started, by its deadline or a cancel: the message
+    /// goes, and nothing of it is handed on.
+    Halted(Halt),
+    /// A cancel job whose tombstone is written: the message goes.
+    CancelRecorded,
 }
 
 /// What settling did: where the message is, and what its report says.
@@ -75,6 +81,15 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             }
             Settlement::DeadLetter(reason) => self.dead_letter(message, &reason).await,
             Settlement::RetryLater => self.retry_later(message).await,
+            Settlement::Halted(Halt::Lapsed) => {
+                Settled::new(self.delete(message).await, Status::Lapsed)
+            }
+            Settlement::Halted(Halt::Cancelled) => {
+                Settled::new(self.delete(message).await, Status::Cancelled)
+            }
+            Settlement::CancelRecorded => {
+                Settled::new(self.delete(message).await, Status::CancelRecorded)
+            }
             // Not reported (the holder reports its run): the status is moot.
             Settlement::LeaveHidden => Settled::new(Fate::Kept, Status::Retrying),
         }

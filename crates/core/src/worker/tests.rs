@@ -40,6 +40,7 @@ fn settings() -> WorkerSettings {
         },
         split_segments: 1,
         deferred_limit: 2,
+        clock: std::sync::Arc::default(),
     }
 }
 
@@ -880,6 +881,8 @@ async fn a_run_ends_only_after_the_removals_its_rechecks_decided() {
         assert_eq!(rig.table.remaining().len(), 19, "{stop:?}");
     }
 }
+
+mod halts;
 
 mod durable {
     use super::*;

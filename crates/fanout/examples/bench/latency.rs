@@ -93,6 +93,7 @@ where
         },
         split_segments: 1,
         deferred_limit: 5,
+        clock: std::sync::Arc::default(),
     };
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(worker::run(

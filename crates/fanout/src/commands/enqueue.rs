@@ -12,7 +12,8 @@ use clap::Args;
 
 use fanout::config::Config;
 use fanout_aws::{SqsQueue, clients};
-use fanout_core::job::{self, Capabilities, JobSpec};
+use fanout_core::connection::expiry;
+use fanout_core::job::{self, Capabilities, JobSpec, Order, deadline};
 use fanout_core::queue::{self, JobQueue, SendOptions};
 
 use super::ConfigArg;
@@ -58,6 +59,12 @@ pub struct EnqueueArgs {
     /// reports name the broadcast by it. Default: the SQS message id.
     #[arg(long)]
     id: Option<String>,
+    /// Deliver nothing after this instant: RFC 3339 (2026-12-06T18:30:00Z)
+    /// or epoch milliseconds, at most 14 days ahead. A job received later is
+    /// settled `lapsed`, unsent; a broadcast running then stops. Needs every
+    /// task on a version that reads job format 2.
+    #[arg(long, value_name = "TIME")]
+    deliver_by: Option<String>,
     /// Send even if the job breaks a limit (to test dead-lettering).
     #[arg(long)]
     unchecked: bool,
@@ -79,6 +86,14 @@ pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
         exclude: args.exclude,
         ..JobSpec::default()
     };
+    if let Some(time) = args.deliver_by {
+        // Epoch milliseconds are a number in the job, RFC 3339 a string.
+        spec.deliver_by = Some(match time.parse::<i64>() {
+            Ok(ms) => serde_json::Value::from(ms),
+            Err(_) => serde_json::Value::String(time),
+        });
+        spec.v = Some(2);
+    }
     if let Some(text) = args.data {
         spec.data = Some(serde_json::Value::String(text));
     } else if let Some(json) = args.json {
@@ -115,11 +130,57 @@ pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
             channels: true,
             audiences: None,
         };
-        job::validate(spec.clone(), "enqueue", &caps)
+        let job = job::validate(spec.clone(), "enqueue", &caps)
+            .and_then(Order::into_job)
             .context("the job is not valid (--unchecked sends it anyway)")?;
+        if let Some(deadline) = job.deliver_by {
+            let now = expiry::epoch_ms(std::time::SystemTime::now());
+            if deadline::due(deadline, now).context("--deliver-by")? == deadline::Due::Lapsed {
+                anyhow::bail!(
+                    "--deliver-by {} has passed already; the job would be settled lapsed, unsent",
+                    fanout_core::runs::rfc3339(deadline)
+                );
+            }
+        }
     }
-    let body = serde_json::to_string(&spec).context("cannot encode the job")?;
     let options = fifo_options(&config.queue_url, spec.channel.as_deref());
+    send(&config, &spec, options).await
+}
+
+/// The arguments of `fanout cancel`.
+#[derive(Args)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The broadcast key (the job's `id`) of the broadcast to stop.
+    id: String,
+}
+
+/// `fanout cancel`: sends a cancel job for a broadcast key. On a FIFO queue
+/// it goes in a group of its own, so it does not wait behind the broadcast.
+pub async fn cancel(args: CancelArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(args.config.file.as_deref())?;
+    let spec = JobSpec {
+        v: Some(2),
+        cancel: Some(args.id),
+        ..JobSpec::default()
+    };
+    let caps = Capabilities {
+        channels: true,
+        audiences: None,
+    };
+    job::validate(spec.clone(), "cancel", &caps).context("the cancel is not valid")?;
+    let options = fifo_options(&config.queue_url, Some(CANCEL_GROUP));
+    send(&config, &spec, options).await
+}
+
+/// The FIFO message group `fanout cancel` uses: not a broadcast's own, in
+/// which the cancel would wait until the broadcast is done.
+pub const CANCEL_GROUP: &str = "fanout-cancel";
+
+/// Sends `spec` and prints its message id.
+async fn send(config: &Config, spec: &JobSpec, options: SendOptions) -> anyhow::Result<ExitCode> {
+    let body = serde_json::to_string(spec).context("cannot encode the job")?;
     let sdk = clients::load_sdk_config().await;
     let queue = SqsQueue::connect(&sdk, config.queue_settings());
     let message_id = queue

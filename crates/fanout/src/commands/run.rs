@@ -17,7 +17,7 @@ use fanout_aws::{
     SqsQueue, SqsReports, clients,
 };
 use fanout_core::budget::SendBudget;
-use fanout_core::connection::expiry::{self, ExpiryRule};
+use fanout_core::connection::expiry::{self, AwsClock, ExpiryRule};
 use fanout_core::engine::Engine;
 use fanout_core::fleet::Coordinator;
 use fanout_core::reports::{ReportSink, Reporter};
@@ -28,25 +28,33 @@ use fanout_core::worker::{self, Stopped};
 use super::ConfigArg;
 
 /// Compares the clocks once before the first broadcast, then hourly in the
-/// background, for the age rule: a worker whose clock is off must not judge
-/// rows by age.
-async fn watch_clock(check: ClockCheck, rule: Arc<ExpiryRule>, stop: CancellationToken) {
-    if check.run(&rule).await.is_none() {
+/// background: deadlines are read against AWS's time, and a worker whose
+/// clock is off must not judge rows by age.
+async fn watch_clock(
+    check: ClockCheck,
+    clock: Arc<AwsClock>,
+    rule: Option<Arc<ExpiryRule>>,
+    stop: CancellationToken,
+) {
+    if check.run(&clock, rule.as_deref()).await.is_none() {
         tracing::warn!(
-            "the clock could not be compared at startup; rows are judged by age as configured"
+            "the clock could not be compared at startup; deadlines are read on this worker's \
+             clock, and rows are judged by age as configured"
         );
     }
-    tracing::info!(
-        on = rule.is_on(),
-        margin = %humantime::format_duration(rule.margin()),
-        "rows older than API Gateway's two hours plus the margin are removed without a post"
-    );
+    if let Some(rule) = &rule {
+        tracing::info!(
+            on = rule.is_on(),
+            margin = %humantime::format_duration(rule.margin()),
+            "rows older than API Gateway's two hours plus the margin are removed without a post"
+        );
+    }
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = tokio::time::sleep(expiry::CLOCK_CHECK_INTERVAL) => {
-                    check.run(&rule).await;
+                    check.run(&clock, rule.as_deref()).await;
                 }
             }
         }
@@ -84,7 +92,7 @@ pub async fn run(arg: ConfigArg, exit_when_idle: bool) -> anyhow::Result<ExitCod
             shutdown.clone().cancelled_owned(),
         ));
     }
-    tracing::info!(queue = %config.queue_url, table = %targets.table, endpoint = %targets.gateway_endpoint, "fanout worker started");
+    tracing::info!(queue = %config.queue_url, table = %targets.table, endpoint = %targets.gateway_endpoint, job_format = fanout_core::job::JOB_FORMAT_VERSION, "fanout worker started");
     let stopped = serve(worker, metrics, shutdown.clone()).await;
     // Stops the metrics server, which prints a last EMF line.
     shutdown.cancel();
@@ -116,14 +124,14 @@ async fn build(
     let store = DynamoStore::connect(dynamodb.clone(), config.table_settings(&targets.table))
         .await
         .with_context(|| format!("cannot use the connections table {}", targets.table))?;
-    if let Some(rule) = store.age_rule() {
-        watch_clock(
-            ClockCheck::new(&sdk, &targets.table),
-            rule,
-            shutdown.clone(),
-        )
-        .await;
-    }
+    let clock = Arc::new(AwsClock::default());
+    watch_clock(
+        ClockCheck::new(&sdk, &targets.table),
+        clock.clone(),
+        store.age_rule(),
+        shutdown.clone(),
+    )
+    .await;
     let gateway = SelectedSender::build(&sdk, &config.send_settings(targets))?;
 
     let engine_settings = config.engine_settings();
@@ -152,7 +160,10 @@ async fn build(
     Ok(Worker {
         queue,
         engine,
-        settings: config.worker_settings(exit_when_idle),
+        settings: worker::WorkerSettings {
+            clock,
+            ..config.worker_settings(exit_when_idle)
+        },
         reports: reporter(config, &sdk),
         ledger,
         fleet,

@@ -65,6 +65,7 @@ impl Config {
                 ),
             },
             split_segments: self.split_segments,
+            clock: std::sync::Arc::default(),
         }
     }
 }

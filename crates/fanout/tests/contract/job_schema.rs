@@ -74,7 +74,13 @@ fn schema(bodies: &[String]) -> Vec<Verdict> {
     verdicts
 }
 
-fn parse(body: &str) -> Result<job::Job, JobError> {
+/// What the worker reads a body as: a broadcast or a cancel.
+fn parse(body: &str) -> Result<job::Order, JobError> {
+    job::read(body, "message-1", &PRODUCER)
+}
+
+/// A body that must be a broadcast.
+fn broadcast(body: &str) -> Result<job::Job, JobError> {
     job::parse(body, "message-1", &PRODUCER)
 }
 
@@ -230,7 +236,7 @@ fn an_sns_notification_carries_a_job_the_schema_checks() {
         assert_eq!(verdict.job.is_none(), *ok, "{name} in an envelope, schema");
     }
     // Without an id, the envelope's MessageId is the broadcast key.
-    let job = parse(&envelope(r#"{"data":"x"}"#)).unwrap();
+    let job = broadcast(&envelope(r#"{"data":"x"}"#)).unwrap();
     assert_eq!(job.id, "0f0f0f0f-0000-0000-0000-000000000000");
 }
 
@@ -240,7 +246,7 @@ fn an_sns_notification_carries_a_job_the_schema_checks() {
 /// back.
 #[test]
 fn what_fanout_hands_on_passes_the_schema() {
-    let job = |body: &str| parse(body).unwrap();
+    let job = |body: &str| broadcast(body).unwrap();
     let key = |pairs: Vec<(&str, KeyValue)>| {
         RowKey(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
     };
@@ -309,7 +315,7 @@ fn what_fanout_hands_on_passes_the_schema() {
     for (body, verdict) in bodies.iter().zip(&verdicts) {
         assert_eq!(verdict.job, None, "{body}");
         assert!(verdict.producer.is_some(), "hand-on fields in {body}");
-        let again = parse(body).unwrap_or_else(|e| panic!("{body}: {e}"));
+        let again = broadcast(body).unwrap_or_else(|e| panic!("{body}: {e}"));
         assert!(!again.id.is_empty(), "{body}");
     }
 }
@@ -361,6 +367,8 @@ fn the_schema_has_every_field_of_the_parser_in_its_part() {
         deferrals: 1,
         continuation: 1,
         part: 1,
+        deliver_by: Some(1_796_581_800_000_i64.into()),
+        cancel: Some("c".into()),
     };
     let fields: BTreeSet<String> = serde_json::to_value(&full)
         .unwrap()
@@ -451,6 +459,16 @@ fn what_the_schema_cannot_check_is_refused_by_the_parser() {
             PRODUCER,
         ),
         (
+            "a deliver_by on a day its month does not have",
+            r#"{"v":2,"data":"x","deliver_by":"2026-02-30T12:00:00Z"}"#.to_owned(),
+            PRODUCER,
+        ),
+        (
+            "a cancel key over 2,000 bytes",
+            serde_json::json!({ "v": 2, "cancel": "k".repeat(2001) }).to_string(),
+            PRODUCER,
+        ),
+        (
             "a field named twice",
             r#"{"data":"x","data":"y"}"#.to_owned(),
             PRODUCER,
@@ -481,7 +499,7 @@ fn what_the_schema_cannot_check_is_refused_by_the_parser() {
     let verdicts = schema(&bodies);
     for ((what, body, caps), verdict) in cases.iter().zip(&verdicts) {
         assert_eq!(verdict.job, None, "{what}: the schema accepts it");
-        let refused = job::parse(body, "message-1", caps);
+        let refused = job::read(body, "message-1", caps);
         assert!(refused.is_err(), "{what}: the parser refuses it");
     }
     // At the limits, the parser accepts what the schema does.

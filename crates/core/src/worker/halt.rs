@@ -1,0 +1,197 @@
+//! Stopping a broadcast before its end: at its deadline (`deliver_by`), or
+//! on a cancel. Either is checked when a piece of the broadcast is
+//! received, and watched while it runs; a stopped run's message is deleted
+//! with nothing handed on, and its report says which.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::JobContext;
+use super::settle::Settlement;
+use crate::gateway::Gateway;
+use crate::job::Job;
+use crate::job::deadline::{self, Due};
+use crate::queue::{JobQueue, Message};
+use crate::reports::Draft;
+use crate::runs::{CANCEL_POLL, Cancelled, Ledger, rfc3339};
+use crate::store::ConnectionStore;
+
+/// Why a broadcast stops before its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Halt {
+    /// Its deadline passed.
+    Lapsed,
+    /// A cancel named it.
+    Cancelled,
+}
+
+/// The watch over one run: a deadline timer and a tombstone poll, which
+/// cancel `stop` and say why. Dropped when the run ends.
+pub(super) struct Watch {
+    pub(super) stop: CancellationToken,
+    why: Arc<OnceLock<Halt>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Watch {
+    /// Why the run was stopped, if it was.
+    pub(super) fn halted(&self) -> Option<Halt> {
+        self.why.get().copied()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Cancels `stop`, saying why, unless something else stopped it first.
+fn halt(stop: &CancellationToken, why: &OnceLock<Halt>, halt: Halt) {
+    if !stop.is_cancelled() {
+        let _ = why.set(halt);
+        stop.cancel();
+    }
+}
+
+impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
+    /// Whether `job` may start: `Err` settles it unsent (lapsed,
+    /// cancelled, or a deadline too far ahead), with its report.
+    pub(super) async fn may_start(
+        &self,
+        job: &Job,
+        draft: impl Fn() -> Draft,
+    ) -> Result<(), (Settlement, Draft)> {
+        if let Some(deadline) = job.deliver_by {
+            let now = self.settings.clock.now_ms();
+            match deadline::due(deadline, now) {
+                Ok(Due::In(_)) => {}
+                Ok(Due::Lapsed) => {
+                    let reason = format!(
+                        "received at {}, after its deadline {}: not sent",
+                        rfc3339(now),
+                        rfc3339(deadline)
+                    );
+                    tracing::info!(job_id = %job.id, reason, "a broadcast past its deadline");
+                    return Err((Settlement::Halted(Halt::Lapsed), draft().because(reason)));
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    return Err((
+                        Settlement::DeadLetter(reason.clone()),
+                        draft().because(reason),
+                    ));
+                }
+            }
+        }
+        if let Some(ledger) = &self.ledger
+            && ledger.is_cancelled(&job.id).await
+        {
+            let reason = format!("the broadcast {} was cancelled: not sent", job.id);
+            tracing::info!(job_id = %job.id, "a piece of a cancelled broadcast; not sent");
+            return Err((Settlement::Halted(Halt::Cancelled), draft().because(reason)));
+        }
+        Ok(())
+    }
+
+    /// Watches a starting run: stops it at its deadline, or once a cancel
+    /// of its broadcast is on record, and on shutdown as before.
+    pub(super) fn watch(&self, job: &Job) -> Watch {
+        let stop = self.abort.child_token();
+        let why = Arc::new(OnceLock::new());
+        let mut tasks = Vec::new();
+        if let Some(deadline) = job.deliver_by {
+            let left = deadline - self.settings.clock.now_ms();
+            let left = Duration::from_millis(left.max(0) as u64);
+            let (stop, why) = (stop.clone(), why.clone());
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(left).await;
+                halt(&stop, &why, Halt::Lapsed);
+            }));
+        }
+        if let Some(ledger) = self.ledger.clone() {
+            let (stop, why, id) = (stop.clone(), why.clone(), job.id.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(CANCEL_POLL).await;
+                    if ledger.is_cancelled(&id).await {
+                        tracing::info!(job_id = %id, "the broadcast was cancelled; stopping it");
+                        halt(&stop, &why, Halt::Cancelled);
+                        return;
+                    }
+                }
+            }));
+        }
+        Watch { stop, why, tasks }
+    }
+
+    /// Whether a run that ended with connections deferred is past its
+    /// deadline: they are then not handed on.
+    pub(super) fn lapsed_now(&self, job: &Job) -> bool {
+        job.deliver_by
+            .is_some_and(|deadline| self.settings.clock.now_ms() >= deadline)
+    }
+
+    /// A cancel job: its tombstone is written, then its message goes.
+    /// Without run records it is refused (dead-lettered) with the reason.
+    pub(super) async fn record_cancel(
+        &self,
+        message: &Message,
+        broadcast: &str,
+        started: SystemTime,
+    ) -> (Settlement, Draft) {
+        let draft = Draft::of_cancel(broadcast, &message.id, started);
+        let Some(ledger) = &self.ledger else {
+            let reason = format!(
+                "a cancel needs the run records of durable broadcasts; set {} to cancel {broadcast}",
+                crate::limits::setting::Setting::CheckpointTable
+            );
+            return (
+                Settlement::DeadLetter(reason.clone()),
+                draft.because(reason),
+            );
+        };
+        record(ledger, message, broadcast, draft).await
+    }
+}
+
+async fn record(
+    ledger: &Ledger,
+    message: &Message,
+    broadcast: &str,
+    draft: Draft,
+) -> (Settlement, Draft) {
+    match ledger.cancel(broadcast, &message.id).await {
+        Ok(seen) => {
+            let reason = match seen {
+                Cancelled::Seen => format!(
+                    "the broadcast {broadcast} is cancelled: its runs stop within {} and no \
+                     piece of it starts again",
+                    humantime::format_duration(CANCEL_POLL)
+                ),
+                Cancelled::NotSeenYet => format!(
+                    "no run of the broadcast {broadcast} is on record yet; it is stopped if it \
+                     comes within {} (a cancel may overtake its broadcast)",
+                    humantime::format_duration(crate::limits::TOMBSTONE_LIFETIME)
+                ),
+            };
+            tracing::info!(broadcast, seen = ?seen, "cancel recorded");
+            (Settlement::CancelRecorded, draft.because(reason))
+        }
+        Err(e) => {
+            let reason = format!("cannot record the cancel of {broadcast}: {e}");
+            tracing::warn!(broadcast, error = %e, "cannot record a cancel; it will be retried");
+            let settlement = if e.is_transient() {
+                Settlement::RetryLater
+            } else {
+                Settlement::DeadLetter(reason.clone())
+            };
+            (settlement, draft.because(reason))
+        }
+    }
+}
