@@ -30,6 +30,9 @@ DROPPED=100
 # Clients of one user (several tabs and phones): a "to" audience.
 USER=u-42
 USER_CLIENTS=3
+# A user with no connection: the user broadcast names both, and its report
+# says which was not reached (a producer sends that one a push instead).
+OFFLINE_USER=u-99
 # Rows of connections that started three hours ago: past API Gateway's two
 # hours, so certainly gone; removed without a post.
 EXPIRED=50
@@ -143,11 +146,11 @@ PY
 ROWS_BEFORE="$("$PYTHON" -c "import boto3; print(boto3.client('dynamodb').scan(TableName='$TABLE', Select='COUNT')['Count'])")"
 echo "table rows: $ROWS_BEFORE ($DROPPED of them stale, $EXPIRED of connections that started 3 h ago)"
 
-say "enqueueing four broadcasts: everyone, channel '$CHANNEL', user '$USER', and one over 128 KiB"
+say "enqueueing four broadcasts: everyone, channel '$CHANNEL', users '$USER' and '$OFFLINE_USER', and one over 128 KiB"
 head -c 140000 /dev/zero | tr '\0' 'x' >"$WORK/oversize.txt"
 EVERYONE_ID="$("$FANOUT" enqueue --data "hello, everyone")"
 CHANNEL_ID="$("$FANOUT" enqueue --data "news for the news channel" --channel "$CHANNEL")"
-USER_ID="$("$FANOUT" enqueue --data "a note for $USER" --to "user=$USER")"
+USER_ID="$("$FANOUT" enqueue --data "a note for $USER" --to "user=$USER" --to "user=$OFFLINE_USER")"
 OVERSIZE_ID="$("$FANOUT" enqueue --unchecked --file "$WORK/oversize.txt")"
 printf '%s\n' "everyone $EVERYONE_ID" "channel $CHANNEL_ID" "user $USER_ID" "oversize $OVERSIZE_ID" >"$WORK/jobs.txt"
 
@@ -172,9 +175,9 @@ wait_for "the clients' summaries" 30 test -f "$WORK/plain.summary.json" -a -f "$
 say "report"
 "$PYTHON" - "$WORK" "$TABLE" "$FANOUT_DEAD_LETTER_QUEUE_URL" "$ROWS_BEFORE" \
   "$((PLAIN_CLIENTS - DROPPED))" "$CHANNEL_CLIENTS" "$EXPIRED" "$USER" "$USER_CLIENTS" \
-  "$FANOUT_REPORT_QUEUE_URL" <<'PY'
+  "$FANOUT_REPORT_QUEUE_URL" "$OFFLINE_USER" <<'PY'
 import json, sys, boto3
-work, table, dlq, rows_before, plain_live, channel_live, expired, user, user_clients, report_queue = sys.argv[1:11]
+work, table, dlq, rows_before, plain_live, channel_live, expired, user, user_clients, report_queue, offline = sys.argv[1:12]
 plain_live, channel_live, expired, user_clients = int(plain_live), int(channel_live), int(expired), int(user_clients)
 jobs = dict(line.split() for line in open(f"{work}/jobs.txt"))
 names = {v: k for k, v in jobs.items()}
@@ -245,7 +248,13 @@ report_ok = (len(sqs_reports) == 4
              and all(r["final"] for r in sqs_reports)
              and by_name["everyone"]["delivered"] == reports["everyone"]["delivered"])
 print(f"  [{'ok' if report_ok else 'FAILED'}] one final report per broadcast, its counts those of the worker's log")
-sys.exit(0 if all(ok for _, ok in checks) and len(dead) == 1 and report_ok else 1)
+notes = by_name.get("user", {})
+print(f"\nthe user broadcast named {user} and {offline}: reached {notes.get('reached')}, unreached {notes.get('unreached')}")
+for nobody in notes.get("unreached") or []:
+    print(f"  a producer falls back to a push notification for {nobody}")
+receipts_ok = notes.get("reached") == 1 and notes.get("unreached") == [offline]
+print(f"  [{'ok' if receipts_ok else 'FAILED'}] {user} reached, {offline} (no connection) unreached")
+sys.exit(0 if all(ok for _, ok in checks) and len(dead) == 1 and report_ok and receipts_ok else 1)
 PY
 echo
 echo "logs and summaries: $WORK"

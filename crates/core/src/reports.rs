@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use futures::future::{BoxFuture, join_all};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::summary::{MAX_FAILED_IDS, RunSummary};
+use crate::engine::summary::{KeyReceipts, MAX_FAILED_IDS, RunSummary};
 use crate::job::Job;
 use crate::job::keys::RunKey;
 use crate::telemetry::Metrics;
@@ -128,12 +128,23 @@ pub struct BroadcastReport {
     pub failed_ids: Vec<String>,
     /// More connections were rejected than `failed_ids` names.
     pub failed_ids_truncated: bool,
+    /// On a `to` broadcast: how many of its keys had a connection accept
+    /// the message (a 2xx).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reached: Option<u64>,
+    /// On a `to` broadcast: the keys none of whose connections accepted it,
+    /// with nothing of them left to try (no connection, or each gone,
+    /// expired or rejected; every key not reached once the broadcast is
+    /// `lapsed` or `cancelled`). At most 100 keys of 512 bytes: no cut is
+    /// needed to fit SQS's and SNS's 256 KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreached: Option<Vec<String>>,
 }
 
 /// A report before its message is settled: everything but the status and
-/// the end.
+/// the end, and a `to` broadcast's keys, which the status decides on.
 #[derive(Clone, Debug)]
-pub struct Draft(BroadcastReport);
+pub struct Draft(BroadcastReport, Option<KeyReceipts>);
 
 impl Draft {
     /// A job's run, from the engine's report.
@@ -158,6 +169,7 @@ impl Draft {
             .map(|id| id.as_str().to_owned())
             .collect();
         r.failed_ids_truncated = report.failed > r.failed_ids.len() as u64;
+        draft.1 = report.receipts.clone();
         draft
     }
 
@@ -170,6 +182,15 @@ impl Draft {
         draft.0.segments_total = key.segment.map(|s| s.total);
         draft.0.continuation = key.continuation;
         draft.0.part = key.part;
+        // A job that sends nothing leaves each of its keys unreached.
+        draft.1 = job.receipts.as_ref().map(|r| KeyReceipts {
+            keys: r.keys.clone(),
+            reached: vec![false; r.keys.len()],
+            pending: vec![false; r.keys.len()],
+            read: vec![false; r.keys.len()],
+            earlier: vec![false; r.keys.len()],
+            deferred_of: Default::default(),
+        });
         draft
     }
 
@@ -190,7 +211,7 @@ impl Draft {
     }
 
     fn of_message(id: &str, message_id: &str, started: SystemTime) -> Self {
-        Self(BroadcastReport {
+        let report = BroadcastReport {
             id: id.to_owned(),
             run: id.to_owned(),
             segment: None,
@@ -218,7 +239,10 @@ impl Draft {
             ended_at: rfc3339(started),
             failed_ids: Vec::new(),
             failed_ids_truncated: false,
-        })
+            reached: None,
+            unreached: None,
+        };
+        Self(report, None)
     }
 
     /// The split a whole-table job became.
@@ -250,6 +274,11 @@ impl Draft {
     /// The report, once the message is settled.
     pub fn settled(self, status: Status, ended: SystemTime) -> BroadcastReport {
         let mut report = self.0;
+        if let Some(keys) = self.1 {
+            let stopped = matches!(status, Status::Lapsed | Status::Cancelled);
+            report.reached = Some(keys.reached_count());
+            report.unreached = Some(keys.unreached(stopped));
+        }
         report.status = status;
         report.is_final = status.is_final();
         report.ended_at = rfc3339(ended);

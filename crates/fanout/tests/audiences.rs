@@ -524,3 +524,45 @@ async fn sigterm_mid_merge_hands_on_a_continuation_that_resumes_after_an_id() {
     assert_eq!(live_rows, 30 + 15, "the live ones' rows in a and b");
     assert_eq!(support::counts(&rig.sqs, &rig.queue.url).await, (0, 0));
 }
+
+#[tokio::test]
+async fn a_list_of_users_reports_which_were_reached_and_the_producer_can_fall_back_for_the_rest() {
+    let mut rig = Rig::new((ID, None), &indexes(None), true).await;
+    let reports =
+        support::create_queue(&rig.sqs, "aud-reports", &support::QueueSpec::default()).await;
+    rig.set("FANOUT_REPORT_QUEUE_URL", &reports.url);
+    // A gone connection is final at once: no recheck after the window.
+    rig.set("FANOUT_CONNECT_WINDOW", "1s");
+    let mut clients = rig.connect(20, None).await;
+    let ids = clients.ids();
+    // u-1 has two live connections; u-2 one that dropped (its row stays,
+    // the endpoint answers 410); u-3 none; u-4 a live one.
+    for (n, user) in [(3, "u-1"), (11, "u-1"), (5, "u-2"), (8, "u-4")] {
+        rig.set_user(&ids[n], user).await;
+    }
+    clients.drop_ids(&[ids[5].clone()]).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    rig.send_raw(
+        r#"{"v":2,"id":"order-77-shipped","data":"shipped","to":{"user":["u-1","u-2","u-3","u-4"]}}"#,
+    )
+    .await;
+    let run = rig.run_until_idle().await;
+    assert_eq!(count(run.report("order-77-shipped"), "delivered"), 3);
+    let received = support::receive_all(&rig.sqs, &reports.url).await;
+    let [report] = &received[..] else {
+        panic!("one report: {}", run.stdout)
+    };
+    let report: serde_json::Value = serde_json::from_str(&report.body).unwrap();
+    assert_eq!(report["status"], "done", "{report}");
+    assert_eq!(report["reached"], 2, "{report}");
+    assert_eq!(
+        report["unreached"],
+        serde_json::json!(["u-2", "u-3"]),
+        "{report}"
+    );
+    for n in [3, 11, 8] {
+        let client = &clients.clients()[n];
+        assert_eq!(client.tally().text_count("shipped"), 1, "{}", client.id());
+    }
+    rig.0.close(clients).await;
+}

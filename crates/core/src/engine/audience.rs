@@ -17,9 +17,9 @@ const DEFERRED_PAGE: usize = 1000;
 /// Pages read while earlier ones are being sent, beyond the one being sent.
 pub const READ_AHEAD_PAGES: usize = 2;
 
-/// The store query for a job's target. A continuation's deferred list and a
-/// merge of channels are not one query: they get an empty explicit list
-/// here and their pages from [`pages`].
+/// The store query for a job's target. A continuation's deferred list, a
+/// merge of channels and several audience keys are not one query: they get
+/// an empty explicit list here and their pages from [`pages`].
 pub(super) fn query(job: &Job, scan_segments: u32) -> AudienceQuery {
     match &job.target {
         Target::All => match job.segment {
@@ -32,9 +32,12 @@ pub(super) fn query(job: &Job, scan_segments: u32) -> AudienceQuery {
             },
         },
         Target::Channel(channel) => AudienceQuery::Channel(channel.clone()),
-        Target::Audience { name, value } => AudienceQuery::Audience {
-            name: name.clone(),
-            value: value.clone(),
+        Target::Audience { name, values } => match &values[..] {
+            [value] => AudienceQuery::Audience {
+                name: name.clone(),
+                value: value.clone(),
+            },
+            _ => AudienceQuery::Explicit(Vec::new()),
         },
         Target::Connections(ids) => AudienceQuery::Explicit(ids.clone()),
         Target::Deferred(_) | Target::Channels(_) => AudienceQuery::Explicit(Vec::new()),
@@ -52,6 +55,13 @@ pub(super) fn pages<S: ConnectionStore>(
         Target::Deferred(connections) => deferred_pages(connections, job.resume.as_deref()),
         Target::Channels(channels) => {
             crate::store::channels::pages(&**store, channels, job.resume.clone())
+        }
+        Target::Audience { name, values } if values.len() > 1 => {
+            let keys = values.iter().map(|value| AudienceQuery::Audience {
+                name: name.clone(),
+                value: value.clone(),
+            });
+            crate::store::channels::one_after_another(&**store, keys, job.resume.as_deref())
         }
         _ => store.pages(query, job.resume.clone()),
     };

@@ -21,6 +21,7 @@ mod audience;
 mod delivery;
 pub mod evidence;
 mod progress;
+mod receipts;
 mod rechecks;
 mod remover;
 mod resume;
@@ -46,7 +47,7 @@ pub use audience::READ_AHEAD_PAGES;
 use evidence::{EndpointWatch, Standing, Verdict};
 use rechecks::{RecheckDeps, Rechecks};
 use run::{Checkpoints, Run, RunState};
-pub use summary::{Deferred, MAX_FAILED_IDS, RunSummary};
+pub use summary::{Deferred, KeyReceipts, MAX_FAILED_IDS, RunSummary};
 
 /// How the engine sends.
 #[derive(Clone, Copy, Debug)]
@@ -266,7 +267,9 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             .sends(run, pages, outstanding, Checkpoints::new(checkpoints))
             .await;
         let backlogged = matches!(result, Err(FanoutError::Backlog { .. }));
-        let report = state.finish(outstanding, passes, started, backlogged).await;
+        let report = state
+            .finish(outstanding, passes, started, (backlogged, result.is_ok()))
+            .await;
         let result = result.and_then(|()| self.proof(&report));
         (report, result)
     }

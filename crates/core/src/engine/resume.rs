@@ -24,6 +24,13 @@ pub struct PageTag {
     seq: u64,
 }
 
+impl PageTag {
+    /// The segment of the read the page came from.
+    pub fn segment(self) -> u32 {
+        self.segment
+    }
+}
+
 /// One segment's pages in flight.
 #[derive(Debug, Default)]
 struct Segment {

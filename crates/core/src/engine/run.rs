@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::delivery::{Delivery, Pass};
 use super::progress::Share;
+use super::receipts::Receipts;
 use super::remover::{REMOVE_BACKOFF, Remover};
 use super::resume::{PageTag, ResumePoints};
 use super::settle::{Held, Outstanding, Settler, Siblings};
@@ -43,6 +44,8 @@ pub(super) struct RunState {
     answers: Arc<AtomicU64>,
     /// Woken at every answer, for the pages waiting on `may_start`.
     answered: Notify,
+    /// A `to` broadcast's keys: which were reached.
+    receipts: Option<Receipts>,
 }
 
 /// One run's fixed parts, handed to each step.
@@ -77,6 +80,7 @@ impl RunState {
             ))),
             answers: Arc::new(AtomicU64::new(0)),
             answered: Notify::new(),
+            receipts: Receipts::of(job),
         };
         let deferred = carried
             .into_iter()
@@ -165,13 +169,14 @@ impl RunState {
         }
     }
 
-    /// The run's summary, once its sends are over.
+    /// The run's summary, once its sends are over. `read_all`: the pass
+    /// over the audience and the deferred passes ended.
     pub async fn finish(
         self,
         outstanding: Outstanding,
         passes: u32,
         started: Instant,
-        backlogged: bool,
+        (backlogged, read_all): (bool, bool),
     ) -> RunSummary {
         self.remover.finish().await;
         let mut report = RunSummary {
@@ -186,6 +191,10 @@ impl RunState {
         report.rejected = outstanding.rejected;
         report.duration = started.elapsed();
         report.resume = lock(&self.progress).resume_points();
+        report.receipts = self
+            .receipts
+            .as_ref()
+            .map(|r| r.summary(&report.deferred, read_all, &report.resume));
         if backlogged {
             // Continued from the resume points, which come before every
             // page with a deferred connection.
@@ -211,39 +220,56 @@ impl Checkpoints {
     }
 
     /// Publishes when the resume point moved since the last time.
-    fn moved(&mut self, progress: &ResumePoints, deferred: &[Deferred]) {
+    fn moved(
+        &mut self,
+        progress: &ResumePoints,
+        deferred: &[Deferred],
+        receipts: Option<&Receipts>,
+    ) {
         if let Some(sender) = &self.sender
             && progress.moves() != self.published
         {
             self.published = progress.moves();
-            sender.send_replace(checkpoint_of(progress, deferred));
+            sender.send_replace(checkpoint_of(progress, deferred, receipts));
         }
     }
 
     /// Every page answered: only the deferred connections are left.
     fn all_answered(&self, state: &RunState, deferred: &[Deferred]) {
         if let Some(sender) = &self.sender {
-            sender.send_replace(checkpoint_of(&lock(&state.progress), deferred));
+            let progress = lock(&state.progress);
+            sender.send_replace(checkpoint_of(&progress, deferred, state.receipts.as_ref()));
         }
     }
 }
 
 /// What a run would resume from now: past every answered page with its
 /// deferred connections listed, or, with too many to list, past finished
-/// pages only.
-fn checkpoint_of(progress: &ResumePoints, deferred: &[Deferred]) -> Checkpoint {
+/// pages only; with the keys a `to` broadcast has reached.
+fn checkpoint_of(
+    progress: &ResumePoints,
+    deferred: &[Deferred],
+    receipts: Option<&Receipts>,
+) -> Checkpoint {
+    let reached = receipts.map(Receipts::reached).unwrap_or_default();
     if deferred.len() <= MAX_CHECKPOINT_DEFERRED {
         Checkpoint {
             resume: progress.answered_points(),
             deferred: deferred
                 .iter()
-                .map(|d| crate::job::deferred_spec(&d.connection))
+                .map(|d| {
+                    let mut spec = crate::job::deferred_spec(&d.connection);
+                    spec.of = receipts.and_then(|r| r.key_of(&d.connection.id));
+                    spec
+                })
                 .collect(),
+            reached,
         }
     } else {
         Checkpoint {
             resume: progress.resume_points(),
             deferred: Vec::new(),
+            reached,
         }
     }
 }
@@ -347,6 +373,9 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         // interrupted job resumes before it, and so never skips it.
         let finished = !matches!(delivery, Delivery::Deferred(_));
         run.state.answers.fetch_add(1, Ordering::Relaxed);
+        if let Some(receipts) = &run.state.receipts {
+            receipts.answered(tag.segment(), &id, &delivery);
+        }
         run.settler.settle(outstanding, id, delivery).await?;
         // Past the bound, the pages after the deferred ones are continued
         // later instead of listing ever more connections.
@@ -358,7 +387,11 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         {
             let mut progress = lock(&run.state.progress);
             progress.answer(tag, finished);
-            checkpoints.moved(&progress, &outstanding.deferred);
+            checkpoints.moved(
+                &progress,
+                &outstanding.deferred,
+                run.state.receipts.as_ref(),
+            );
         }
         run.state.answered.notify_waiters();
         Ok(())
@@ -414,6 +447,9 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                         None => break,
                     },
                 };
+                if let Some(receipts) = &state.receipts {
+                    receipts.retried(&id, &delivery);
+                }
                 settler.settle(outstanding, id, delivery).await?;
             }
         }

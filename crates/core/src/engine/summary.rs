@@ -3,6 +3,7 @@
 //! broadcast report built from it. It sits below the engine so that none of
 //! them imports the engine that drives them.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::connection::expiry::AgeProblems;
@@ -57,6 +58,51 @@ pub struct RunSummary {
     /// Rows whose start could not be trusted for the age rule (posted to
     /// as usual): how many, and the first, to name the problem once.
     pub age_problems: AgeProblems,
+    /// For a `to` broadcast: its keys, key by key.
+    pub receipts: Option<KeyReceipts>,
+}
+
+/// A `to` broadcast's keys at the end of a run, by index into `keys`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyReceipts {
+    pub keys: Vec<String>,
+    /// A connection read for the key accepted the message (a 2xx), in this
+    /// run or the run it took over.
+    pub reached: Vec<bool>,
+    /// A connection read for the key is still deferred.
+    pub pending: Vec<bool>,
+    /// The key's rows were read to their end in this run.
+    pub read: Vec<bool>,
+    /// The key was read to its end before this run began (this run
+    /// resumes one): the earlier run judged it.
+    pub earlier: Vec<bool>,
+    /// The key each still-deferred connection was read for, for the
+    /// continuation that goes on with them.
+    pub deferred_of: HashMap<ConnectionId, u32>,
+}
+
+impl KeyReceipts {
+    /// Keys reached.
+    pub fn reached_count(&self) -> u64 {
+        self.reached.iter().filter(|r| **r).count() as u64
+    }
+
+    /// Keys none of whose connections accepted the message, with nothing
+    /// of them left to try: read to their end and none deferred, or, when
+    /// nothing of the broadcast goes on (`stopped`), every key not reached.
+    pub fn unreached(&self, stopped: bool) -> Vec<String> {
+        (0..self.keys.len())
+            .filter(|&i| {
+                let judged = if stopped {
+                    !self.earlier[i]
+                } else {
+                    self.read[i] && !self.pending[i]
+                };
+                !self.reached[i] && judged
+            })
+            .map(|i| self.keys[i].clone())
+            .collect()
+    }
 }
 
 impl RunSummary {

@@ -512,7 +512,7 @@ async fn a_named_audience_reads_its_index_only() {
     let gateway = Arc::new(FakeGateway::default());
     let target = Target::Audience {
         name: "user".into(),
-        value: "u-42".into(),
+        values: vec!["u-42".into()],
     };
     let (report, result) = run(&engine(table, gateway.clone(), 4), &job(target)).await;
     result.expect("completes");

@@ -2,13 +2,13 @@
 //! continuation from resume points, deferred connections, one connection,
 //! the shares of a split), each within one SQS message.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use base64::Engine as _;
 
-use super::wire::{DeferredSpec, JobSpec, Segment};
+use super::wire::{AudienceKeys, DeferredSpec, JobSpec, Segment};
 use super::{Job, Target};
-use crate::connection::Connection;
+use crate::connection::{Connection, ConnectionId};
 use crate::limits::{CONTINUATION_HEADROOM, MAX_SQS_MESSAGE_BYTES};
 use crate::store::Cursor;
 
@@ -40,9 +40,7 @@ impl Job {
             Target::All | Target::Deferred(_) => {}
             Target::Channel(c) => channel = Some(c.clone()),
             Target::Channels(cs) => channels = Some(cs.clone()),
-            Target::Audience { name, value } => {
-                to = Some(BTreeMap::from([(name.clone(), value.clone())]));
-            }
+            Target::Audience { name, values } => to = Some(audience_keys(name, values)),
             Target::Connections(ids) => {
                 connections = Some(ids.iter().map(ToString::to_string).collect());
             }
@@ -53,10 +51,11 @@ impl Job {
         };
         let mut exclude: Vec<String> = self.exclude.iter().map(ToString::to_string).collect();
         exclude.sort();
+        let listed = matches!(&self.target, Target::Audience { values, .. } if values.len() > 1);
         JobSpec {
-            // Version 1 has no deadline: an older task must hand a job with
-            // one back, not send it late.
-            v: self.deliver_by.map(|_| 2),
+            // Version 1 has no deadline and no list of keys: an older task
+            // must hand such a job back, not send it late or refuse it.
+            v: (self.deliver_by.is_some() || listed).then_some(2),
             id: Some(self.id.clone()),
             data,
             data_base64,
@@ -86,6 +85,18 @@ impl Job {
         connections: &[Connection],
         max_bytes: usize,
     ) -> Result<Vec<String>, TooLargeToContinue> {
+        self.deferred_continuations_of(connections, &HashMap::new(), max_bytes)
+    }
+
+    /// [`Job::deferred_continuations`], each connection with the index of
+    /// the `to` key it was read for (`of`), so the continuation's report
+    /// gives that key's receipt.
+    pub fn deferred_continuations_of(
+        &self,
+        connections: &[Connection],
+        of: &HashMap<ConnectionId, u32>,
+        max_bytes: usize,
+    ) -> Result<Vec<String>, TooLargeToContinue> {
         // The segment stays: it tells this share's hand-ons apart from the
         // other shares'.
         let mut base = self.listing_alone();
@@ -106,7 +117,8 @@ impl Job {
             serde_json::to_string(&spec).expect("a job spec always encodes")
         };
         for connection in connections {
-            let entry = deferred_spec(connection);
+            let mut entry = deferred_spec(connection);
+            entry.of = of.get(&connection.id).copied();
             let entry_len = serde_json::to_string(&entry).map_or(0, |e| e.len()) + 1;
             if base_len + entry_len > max_bytes {
                 return Err(TooLargeToContinue {
@@ -129,6 +141,10 @@ impl Job {
     /// The continuation that lists its connections itself: a `deferred`
     /// list comes alone, so the audience it was read from goes (the parser
     /// refuses a selector beside it).
+    ///
+    /// Beside it, a `to` broadcast's keys go on for their receipts: the
+    /// list is still what is read. An older task cannot read that, so it
+    /// takes format version 2.
     fn listing_alone(&self) -> JobSpec {
         let mut spec = self.continuation(Vec::new());
         spec.resume = None;
@@ -136,6 +152,10 @@ impl Job {
         spec.channels = None;
         spec.to = None;
         spec.connections = None;
+        if let Some(receipts) = &self.receipts {
+            spec.to = Some(audience_keys(&receipts.name, &receipts.keys));
+            spec.v = Some(2);
+        }
         spec
     }
 
@@ -170,5 +190,16 @@ pub(crate) fn deferred_spec(connection: &Connection) -> DeferredSpec {
     DeferredSpec {
         id: connection.id.to_string(),
         key: connection.key.clone(),
+        of: None,
     }
+}
+
+/// `to` as a job writes it: one key as a string (which every version
+/// reads), several as a list.
+fn audience_keys(name: &str, keys: &[String]) -> BTreeMap<String, AudienceKeys> {
+    let keys = match keys {
+        [one] => AudienceKeys::One(one.clone()),
+        several => AudienceKeys::Many(several.to_vec()),
+    };
+    BTreeMap::from([(name.to_owned(), keys)])
 }

@@ -98,9 +98,11 @@ pub fn fingerprint(job: &Job) -> String {
                 field("channels", channel.as_bytes());
             }
         }
-        Target::Audience { name, value } => {
+        Target::Audience { name, values } => {
             field("to", name.as_bytes());
-            field("to-value", value.as_bytes());
+            for value in values {
+                field("to-value", value.as_bytes());
+            }
         }
         Target::Connections(ids) => {
             for id in ids {

@@ -18,7 +18,7 @@ mod parse;
 mod validate;
 mod wire;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use bytes::Bytes;
@@ -31,7 +31,7 @@ pub(crate) use handon::deferred_spec;
 pub use handon::{MAX_CONTINUATION_BYTES, TooLargeToContinue};
 pub use parse::{parse, read};
 pub use validate::validate;
-pub use wire::{DeferredSpec, JOB_FORMAT_VERSION, JobSpec, Segment};
+pub use wire::{AudienceKeys, DeferredSpec, JOB_FORMAT_VERSION, JobSpec, Segment};
 
 /// Who a job goes to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,8 +43,9 @@ pub enum Target {
     /// Connections in any of these channels (at least one, no repeats),
     /// each sent to once.
     Channels(Vec<String>),
-    /// The rows of a named audience's index whose key equals `value`.
-    Audience { name: String, value: String },
+    /// The rows of a named audience's index whose key is one of `values`
+    /// (at least one, no repeats), read key after key.
+    Audience { name: String, values: Vec<String> },
     /// Exactly these connections.
     Connections(Vec<ConnectionId>),
     /// Exactly these connections, deferred by an earlier run of the job,
@@ -77,13 +78,32 @@ pub struct Job {
     pub part: u32,
     /// Epoch ms after which nothing of it is sent (`deliver_by`).
     pub deliver_by: Option<i64>,
+    /// The audience keys whose receipts its report gives: a `to`
+    /// broadcast's, or those a continuation of its deferred connections
+    /// carries on.
+    pub receipts: Option<Receipted>,
+}
+
+/// The keys of a `to` broadcast, for its receipts: whether any connection
+/// read for a key accepted the message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipted {
+    /// The named audience.
+    pub name: String,
+    pub keys: Vec<String>,
+    /// For connections not read by key (a continuation's deferred list):
+    /// the index in `keys` of the key each was read for.
+    pub of: HashMap<ConnectionId, u32>,
+    /// Keys an earlier run of this very run reached before its task
+    /// stopped, from its checkpoint.
+    pub reached: Vec<u32>,
 }
 
 /// What a message on the jobs queue orders.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Order {
     /// Send this broadcast.
-    Broadcast(Job),
+    Broadcast(Box<Job>),
     /// Stop the broadcast with this broadcast key, on every task, now and
     /// whenever a piece of it comes later.
     Cancel { broadcast: String },
@@ -93,7 +113,7 @@ impl Order {
     /// The broadcast it orders; a cancel is no broadcast.
     pub fn into_job(self) -> Result<Job, JobError> {
         match self {
-            Self::Broadcast(job) => Ok(job),
+            Self::Broadcast(job) => Ok(*job),
             Self::Cancel { .. } => Err(JobError::NotABroadcast),
         }
     }
@@ -115,19 +135,24 @@ impl Job {
             continuation: 0,
             part: 0,
             deliver_by: None,
+            receipts: None,
         }
     }
 }
 
 impl fmt::Display for Target {
     /// How logs name the audience: `everyone`, `channel sports`,
-    /// `channels a,b`, `to user=u-42`, `connections (3)`, `deferred (5)`.
+    /// `channels a,b`, `to user=u-42`, `to user (3 keys)`, `connections (3)`,
+    /// `deferred (5)`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::All => f.write_str("everyone"),
             Self::Channel(channel) => write!(f, "channel {channel}"),
             Self::Channels(channels) => write!(f, "channels {}", channels.join(",")),
-            Self::Audience { name, value } => write!(f, "to {name}={value}"),
+            Self::Audience { name, values } => match &values[..] {
+                [one] => write!(f, "to {name}={one}"),
+                several => write!(f, "to {name} ({} keys)", several.len()),
+            },
             Self::Connections(ids) => write!(f, "connections ({})", ids.len()),
             Self::Deferred(connections) => write!(f, "deferred ({})", connections.len()),
         }
@@ -177,6 +202,11 @@ pub enum JobError {
     EmptyValue { field: &'static str },
     #[error("`{field}` is an empty list; leave it out to send to everyone")]
     EmptyList { field: &'static str },
+    #[error(
+        "`to` lists {count} keys; a job takes at most {MAX_AUDIENCE_KEYS} (send several jobs)",
+        MAX_AUDIENCE_KEYS = crate::limits::MAX_AUDIENCE_KEYS
+    )]
+    TooManyKeys { count: usize },
     #[error("`to` must name exactly one audience, as {{\"user\": \"u-42\"}}; it names {count}")]
     ToNeedsOne { count: usize },
     #[error(

@@ -107,7 +107,7 @@ fn each_selector_alone_is_its_audience() {
         target(r#"{"data":"x","to":{"user":"u-42"}}"#),
         Ok(Target::Audience {
             name: "user".into(),
-            value: "u-42".into()
+            values: vec!["u-42".into()]
         })
     );
     assert_eq!(
@@ -142,11 +142,73 @@ fn each_pair_of_selectors_is_refused_naming_both() {
             assert!(text.contains(first) && text.contains(second), "{text}");
         }
     }
-    // With `deferred`, which fanout sets alone, any selector is refused.
-    for (_, a) in fields {
+    // With `deferred`, which fanout sets alone, any selector is refused;
+    // `to` goes with it only as format 2, carrying a broadcast's keys on
+    // for their receipts.
+    for (name, a) in fields {
         let body = format!(r#"{{"data":"x","deferred":[{{"id":"d"}}],{a}}}"#);
-        assert_eq!(parse(&body, "m", &caps), Err(JobError::DeferredAlone));
+        let expected = match name {
+            "to" => JobError::NeedsVersion {
+                field: "to (beside deferred)",
+                version: 2,
+            },
+            _ => JobError::DeferredAlone,
+        };
+        assert_eq!(parse(&body, "m", &caps), Err(expected), "{body}");
     }
+    let carried = parse(
+        r#"{"v":2,"data":"x","deferred":[{"id":"d","of":1}],"to":{"user":["u","w"]}}"#,
+        "m",
+        &caps,
+    )
+    .unwrap();
+    assert!(matches!(carried.target, Target::Deferred(_)));
+    let receipts = carried.receipts.unwrap();
+    assert_eq!((receipts.keys.len(), receipts.of[&"d".into()]), (2, 1));
+}
+
+#[test]
+fn a_list_of_keys_is_format_2_within_its_bounds_each_key_once() {
+    let caps = with_users();
+    let target = |body: &str| parse(body, "m", &caps).map(|j| j.target);
+    assert_eq!(
+        target(r#"{"v":2,"data":"x","to":{"user":["u-1","u-2","u-1"]}}"#),
+        Ok(Target::Audience {
+            name: "user".into(),
+            values: vec!["u-1".into(), "u-2".into()]
+        })
+    );
+    assert!(matches!(
+        target(r#"{"data":"x","to":{"user":["u-1"]}}"#),
+        Err(JobError::NeedsVersion { version: 2, .. })
+    ));
+    assert_eq!(
+        target(r#"{"v":2,"data":"x","to":{"user":[]}}"#),
+        Err(JobError::EmptyList { field: "to" })
+    );
+    let keys: Vec<String> = (0..101).map(|i| format!("u-{i}")).collect();
+    let body = serde_json::json!({"v": 2, "data": "x", "to": {"user": keys}}).to_string();
+    assert_eq!(target(&body), Err(JobError::TooManyKeys { count: 101 }));
+    let long = "k".repeat(513);
+    let body = serde_json::json!({"v": 2, "data": "x", "to": {"user": [long]}}).to_string();
+    assert!(matches!(
+        target(&body),
+        Err(JobError::KeyTooLong {
+            field: "to",
+            limit: 512,
+            ..
+        })
+    ));
+    let e = parse(r#"{"v":2,"data":"x","to":{"user":[7]}}"#, "m", &caps).unwrap_err();
+    assert!(e.to_string().contains("a list of keys"), "{e}");
+    // A continuation keeps the list, and format 2 with it.
+    let job = parse(r#"{"v":2,"data":"x","to":{"user":["a","b"]}}"#, "m", &caps).unwrap();
+    let next = job.continuation(Vec::new());
+    assert_eq!(next.v, Some(2));
+    assert_eq!(
+        serde_json::to_value(&next.to).unwrap(),
+        serde_json::json!({"user": ["a", "b"]})
+    );
 }
 
 #[test]

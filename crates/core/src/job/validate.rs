@@ -1,17 +1,17 @@
 //! Turning a parsed spec into a [`Job`]: everything parsing alone cannot
 //! check, each rule beside the field it is about.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use base64::Engine as _;
 use bytes::Bytes;
 
-use super::wire::{DeferredSpec, JOB_FORMAT_VERSION, JobSpec, Segment};
-use super::{Capabilities, Job, JobError, Order, Target, deadline};
+use super::wire::{AudienceKeys, DeferredSpec, JOB_FORMAT_VERSION, JobSpec, Segment};
+use super::{Capabilities, Job, JobError, Order, Receipted, Target, deadline};
 use crate::connection::{self, BadId, Connection, ConnectionId};
 use crate::limits::{
-    MAX_BROADCAST_KEY_BYTES, MAX_CHANNELS, MAX_PARTITION_KEY_BYTES, MAX_PAYLOAD_BYTES, MAX_SPLIT,
-    MAX_SPLIT_BYTES,
+    MAX_AUDIENCE_KEY_BYTES, MAX_AUDIENCE_KEYS, MAX_BROADCAST_KEY_BYTES, MAX_CHANNELS,
+    MAX_PARTITION_KEY_BYTES, MAX_PAYLOAD_BYTES, MAX_SPLIT, MAX_SPLIT_BYTES,
 };
 
 /// Turns a spec into what it orders (a broadcast, or a cancel), checking
@@ -26,16 +26,24 @@ pub fn validate(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<
     if let Some(broadcast) = spec.cancel.clone() {
         return cancel(spec, broadcast);
     }
-    broadcast(spec, message_id, caps).map(Order::Broadcast)
+    broadcast(spec, message_id, caps).map(|job| Order::Broadcast(Box::new(job)))
 }
 
 /// A field of format version 2 needs `"v": 2`: a task of an older version
 /// then hands the job back instead of dead-lettering it as unknown.
 fn version_2_fields(spec: &JobSpec) -> Result<(), JobError> {
+    let listed = spec.to.as_ref().is_some_and(|to| {
+        to.values()
+            .any(|keys| matches!(keys, AudienceKeys::Many(_)))
+    });
     let field = if spec.cancel.is_some() {
         "cancel"
     } else if spec.deliver_by.is_some() {
         "deliver_by"
+    } else if listed {
+        "to (a list of keys)"
+    } else if spec.to.is_some() && spec.deferred.is_some() {
+        "to (beside deferred)"
     } else {
         return Ok(());
     };
@@ -88,7 +96,7 @@ fn broadcast(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<Job
         connections: spec.connections,
         deferred: spec.deferred,
     };
-    let target = selected.target(spec.split.is_some(), caps)?;
+    let (target, receipts) = selected.target(spec.split.is_some(), caps)?;
     let exclude = checked_ids("exclude", spec.exclude)?.into_iter().collect();
     shares(spec.split, spec.segment, payload.len(), &target)?;
     let deliver_by = spec.deliver_by.as_ref().map(deadline::read).transpose()?;
@@ -105,6 +113,7 @@ fn broadcast(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<Job
         continuation: spec.continuation,
         part: spec.part,
         deliver_by,
+        receipts,
     })
 }
 
@@ -113,13 +122,38 @@ fn broadcast(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<Job
 struct Selected {
     channel: Option<String>,
     channels: Option<Vec<String>>,
-    to: Option<BTreeMap<String, String>>,
+    to: Option<BTreeMap<String, AudienceKeys>>,
     connections: Option<Vec<String>>,
     deferred: Option<Vec<DeferredSpec>>,
 }
 
 impl Selected {
-    fn target(self, split: bool, caps: &Capabilities) -> Result<Target, JobError> {
+    /// The target, and the keys whose receipts its report gives: a `to`
+    /// audience's, or those a continuation of deferred connections
+    /// carries beside its list.
+    fn target(
+        self,
+        split: bool,
+        caps: &Capabilities,
+    ) -> Result<(Target, Option<Receipted>), JobError> {
+        let receipts = match &self.to {
+            Some(to) => {
+                let (name, keys) = audience(to.clone(), caps)?;
+                let of = deferred_of(self.deferred.as_deref(), keys.len());
+                Some(Receipted {
+                    name,
+                    keys,
+                    of,
+                    reached: Vec::new(),
+                })
+            }
+            None => None,
+        };
+        let target = self.selector(split, caps)?;
+        Ok((target, receipts))
+    }
+
+    fn selector(self, split: bool, caps: &Capabilities) -> Result<Target, JobError> {
         let given: Vec<&'static str> = [
             ("channel", self.channel.is_some()),
             ("channels", self.channels.is_some()),
@@ -129,7 +163,9 @@ impl Selected {
         .into_iter()
         .filter_map(|(name, given)| given.then_some(name))
         .collect();
-        if self.deferred.is_some() && (!given.is_empty() || split) {
+        // A deferred list may carry its broadcast's `to` keys, for their
+        // receipts: it is still read from the list alone.
+        if self.deferred.is_some() && (given.iter().any(|g| *g != "to") || split) {
             return Err(JobError::DeferredAlone);
         }
         if let [first, second, ..] = given[..] {
@@ -142,7 +178,8 @@ impl Selected {
         } else if let Some(channels) = self.channels {
             several_channels(channels, caps)
         } else if let Some(to) = self.to {
-            audience(to, caps)
+            let (name, values) = audience(to, caps)?;
+            Ok(Target::Audience { name, values })
         } else if let Some(ids) = self.connections {
             Ok(Target::Connections(first_occurrences(checked_ids(
                 "connections",
@@ -237,18 +274,29 @@ fn shares(
     Ok(())
 }
 
-/// The one named audience `to` selects, checked against the configured
-/// names.
-fn audience(to: BTreeMap<String, String>, caps: &Capabilities) -> Result<Target, JobError> {
+/// The one named audience `to` selects and its keys (one, or a list of
+/// format version 2), checked against the configured names; a key listed
+/// twice is read once.
+fn audience(
+    to: BTreeMap<String, AudienceKeys>,
+    caps: &Capabilities,
+) -> Result<(String, Vec<String>), JobError> {
     let count = to.len();
-    let Ok([(name, value)]) = <[(String, String); 1]>::try_from(to.into_iter().collect::<Vec<_>>())
+    let Ok([(name, keys)]) =
+        <[(String, AudienceKeys); 1]>::try_from(to.into_iter().collect::<Vec<_>>())
     else {
         return Err(JobError::ToNeedsOne { count });
     };
-    if name.is_empty() || value.is_empty() {
+    let keys = match keys {
+        AudienceKeys::One(key) => {
+            key_value("to", &key)?;
+            vec![key]
+        }
+        AudienceKeys::Many(keys) => listed_keys(keys)?,
+    };
+    if name.is_empty() || keys.iter().any(String::is_empty) {
         return Err(JobError::EmptyValue { field: "to" });
     }
-    key_value("to", &value)?;
     if let Some(known) = &caps.audiences
         && !known.contains(&name)
     {
@@ -259,7 +307,47 @@ fn audience(to: BTreeMap<String, String>, caps: &Capabilities) -> Result<Target,
         };
         return Err(JobError::UnknownAudience { name, known });
     }
-    Ok(Target::Audience { name, value })
+    Ok((name, keys))
+}
+
+/// A `to` list: not empty, each key within its bound, each once, at most
+/// [`MAX_AUDIENCE_KEYS`] of them.
+fn listed_keys(keys: Vec<String>) -> Result<Vec<String>, JobError> {
+    if keys.is_empty() {
+        return Err(JobError::EmptyList { field: "to" });
+    }
+    for key in &keys {
+        if key.len() > MAX_AUDIENCE_KEY_BYTES {
+            return Err(JobError::KeyTooLong {
+                field: "to",
+                value: shown(key),
+                len: key.len(),
+                limit: MAX_AUDIENCE_KEY_BYTES,
+            });
+        }
+    }
+    let mut seen = HashSet::new();
+    let keys: Vec<String> = keys
+        .into_iter()
+        .filter(|k| seen.insert(k.clone()))
+        .collect();
+    if keys.len() > MAX_AUDIENCE_KEYS {
+        return Err(JobError::TooManyKeys { count: keys.len() });
+    }
+    Ok(keys)
+}
+
+/// Which key each deferred connection was read for, as its entry says
+/// (an index past the list names none).
+fn deferred_of(deferred: Option<&[DeferredSpec]>, keys: usize) -> HashMap<ConnectionId, u32> {
+    deferred
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|d| {
+            let of = d.of.filter(|i| (*i as usize) < keys)?;
+            Some((ConnectionId::from(d.id.clone()), of))
+        })
+        .collect()
 }
 
 fn payload(data: Option<serde_json::Value>, base64: Option<String>) -> Result<Bytes, JobError> {

@@ -44,9 +44,10 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channels: Option<Vec<String>>,
     /// One named audience (one of the deployment's audience indexes) and its key, e.g.
-    /// `{"user": "u-42"}`: exactly one entry.
+    /// `{"user": "u-42"}`, or a list of keys (format version 2),
+    /// `{"user": ["u-1", "u-2"]}`: exactly one entry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to: Option<BTreeMap<String, String>>,
+    pub to: Option<BTreeMap<String, AudienceKeys>>,
     /// Only these connections; the table is not read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connections: Option<Vec<String>>,
@@ -102,6 +103,43 @@ pub struct DeferredSpec {
     pub id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<RowKey>,
+    /// The audience key it was read for: its index in the job's `to` list,
+    /// so the run that retries it can say whether that key was reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub of: Option<u32>,
+}
+
+/// The key or keys of a named audience: one string, or a list (format
+/// version 2).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum AudienceKeys {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for AudienceKeys {
+    /// Read by hand: an untagged enum would refuse a wrong value without
+    /// saying what was wanted.
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        let wrong = || {
+            serde::de::Error::custom(
+                "expected an audience key (a string) or a list of keys (strings)",
+            )
+        };
+        match serde_json::Value::deserialize(de)? {
+            serde_json::Value::String(key) => Ok(Self::One(key)),
+            serde_json::Value::Array(items) => items
+                .into_iter()
+                .map(|item| match item {
+                    serde_json::Value::String(key) => Ok(key),
+                    _ => Err(wrong()),
+                })
+                .collect::<Result<_, _>>()
+                .map(Self::Many),
+            _ => Err(wrong()),
+        }
+    }
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -100,3 +100,15 @@ pub const TOMBSTONE_LIFETIME: Duration = Duration::from_secs(29 * 24 * 60 * 60);
 /// The longest broadcast key a cancel may name: a run record's key is the
 /// broadcast key behind a short prefix, within DynamoDB's key size.
 pub const MAX_BROADCAST_KEY_BYTES: usize = MAX_PARTITION_KEY_BYTES - 48;
+
+/// The most keys one `to` list may name. Each key is read as its own Query
+/// (one after another), and the report names every key none of whose
+/// connections was reached: at 100 keys of [`MAX_AUDIENCE_KEY_BYTES`] that
+/// list stays within 52 KB, so a report never needs cutting to fit SQS's
+/// and SNS's 256 KiB.
+pub const MAX_AUDIENCE_KEYS: usize = 100;
+
+/// The longest key in a `to` list (a single `to` key may take DynamoDB's
+/// whole 2,048): user and device ids are far shorter, and a deferred
+/// continuation carries the list beside its connections.
+pub const MAX_AUDIENCE_KEY_BYTES: usize = 512;

@@ -76,6 +76,10 @@ pub struct Checkpoint {
     pub resume: Vec<Cursor>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deferred: Vec<DeferredSpec>,
+    /// A `to` broadcast's keys reached so far, by index: the run that takes
+    /// over reports them reached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reached: Vec<u32>,
 }
 
 /// Why the run table could not answer.

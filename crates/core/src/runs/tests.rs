@@ -222,6 +222,7 @@ async fn a_new_run_is_claimed_and_finished_in_one_write_each() {
             &Checkpoint {
                 resume: Vec::new(),
                 deferred: Vec::new(),
+                reached: Vec::new(),
             },
         )
         .await;

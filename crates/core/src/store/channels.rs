@@ -44,10 +44,24 @@ fn concatenated<S: ConnectionStore>(
     channels: &[String],
     from: Option<&[Cursor]>,
 ) -> BoxStream<'static, Result<Page, StoreError>> {
-    let streams: Vec<_> = channels
+    let queries = channels
         .iter()
+        .map(|channel| AudienceQuery::Channel(channel.clone()));
+    one_after_another(store, queries, from)
+}
+
+/// Several queries read one after the other as one audience: query `i` is
+/// segment `i` of the cursors, so a continuation resumes each where it
+/// stopped. For audiences no connection is in two of (disjoint channels,
+/// the keys of a named audience).
+pub fn one_after_another<S: ConnectionStore>(
+    store: &S,
+    queries: impl Iterator<Item = AudienceQuery>,
+    from: Option<&[Cursor]>,
+) -> BoxStream<'static, Result<Page, StoreError>> {
+    let streams: Vec<_> = queries
         .enumerate()
-        .map(|(i, channel)| {
+        .map(|(i, query)| {
             let segment = i as u32;
             // Channel `i`'s cursor, as the store knows it: its one segment.
             let start = from
@@ -58,14 +72,12 @@ fn concatenated<S: ConnectionStore>(
                         position: c.position.clone(),
                     }]
                 });
-            store
-                .pages(&AudienceQuery::Channel(channel.clone()), start)
-                .map(move |page| {
-                    page.map(|mut page| {
-                        page.next.segment = segment;
-                        page
-                    })
+            store.pages(&query, start).map(move |page| {
+                page.map(|mut page| {
+                    page.next.segment = segment;
+                    page
                 })
+            })
         })
         .collect();
     stream::iter(streams).flatten().boxed()

@@ -47,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
+use crate::connection::Connection;
 use crate::connection::expiry::AwsClock;
 use crate::engine::summary::RunSummary;
 use crate::engine::{Engine, FanoutError};
@@ -333,7 +334,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             }
         };
         let mut job = match order {
-            Order::Broadcast(job) => job,
+            Order::Broadcast(job) => *job,
             Order::Cancel { broadcast } => {
                 let (settlement, draft) = self.record_cancel(message, &broadcast, started).await;
                 return (settlement, Some(draft), None);
@@ -353,14 +354,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                     // A checkpoint is newer than the job's own cursors: it
                     // was written by a run of this very job.
                     if let Some(checkpoint) = checkpoint {
-                        if !checkpoint.resume.is_empty() {
-                            job.resume = Some(checkpoint.resume);
-                        }
-                        carried = checkpoint
-                            .deferred
-                            .into_iter()
-                            .map(|d| crate::connection::Connection::new(d.id, d.key))
-                            .collect();
+                        carried = taking_over(&mut job, checkpoint);
                     }
                     Some(lease)
                 }
@@ -397,7 +391,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         &self,
         message: &Message,
         job: job::Job,
-        (lease, carried): (Option<RunLease>, Vec<crate::connection::Connection>),
+        (lease, carried): (Option<RunLease>, Vec<Connection>),
         started: SystemTime,
     ) -> (Settlement, Draft) {
         if let Some(total) = self.split_of(&job).filter(|_| message.group_id.is_none()) {
@@ -441,7 +435,10 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         let settlement = match result {
             Ok(()) if !report.deferred.is_empty() => {
                 log_report(&job, &report, "deferred");
-                Settlement::Deferred { job, report }
+                Settlement::Deferred {
+                    job,
+                    report: Box::new(report),
+                }
             }
             Ok(()) => {
                 log_report(&job, &report, "done");
@@ -492,6 +489,28 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         };
         (settlement, draft)
     }
+}
+
+/// A job taken over from a stopped task: its checkpoint's resume points,
+/// the keys it had reached, and the connections it had deferred (which
+/// come back as the run's first).
+fn taking_over(job: &mut job::Job, checkpoint: crate::runs::Checkpoint) -> Vec<Connection> {
+    if !checkpoint.resume.is_empty() {
+        job.resume = Some(checkpoint.resume);
+    }
+    if let Some(receipts) = &mut job.receipts {
+        receipts.reached = checkpoint.reached;
+        for d in &checkpoint.deferred {
+            if let Some(of) = d.of {
+                receipts.of.insert(d.id.clone().into(), of);
+            }
+        }
+    }
+    checkpoint
+        .deferred
+        .into_iter()
+        .map(|d| Connection::new(d.id, d.key))
+        .collect()
 }
 
 fn log_report(job: &job::Job, report: &RunSummary, status: &str) {

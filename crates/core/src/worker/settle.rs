@@ -26,7 +26,7 @@ pub(super) enum Settlement {
     /// Every connection final, some deferred: they go on in delayed
     /// continuation jobs (or to the dead-letter queue one by one), then the
     /// message goes.
-    Deferred { job: Job, report: RunSummary },
+    Deferred { job: Job, report: Box<RunSummary> },
     /// Stopped by shutdown: continued from its finished pages in a new
     /// message, or handed back as it is.
     Interrupted { job: Job, resume: Vec<Cursor> },
@@ -115,7 +115,16 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         if job.deferrals >= self.settings.deferred_limit {
             return self.dead_letter_each(message, job, report).await;
         }
-        let bodies = match job.deferred_continuations(&connections, job::MAX_CONTINUATION_BYTES) {
+        let of = report
+            .receipts
+            .as_ref()
+            .map(|r| r.deferred_of.clone())
+            .unwrap_or_default();
+        let bodies = match job.deferred_continuations_of(
+            &connections,
+            &of,
+            job::MAX_CONTINUATION_BYTES,
+        ) {
             Ok(bodies) => bodies,
             Err(e) => {
                 tracing::error!(job_id = %job.id, error = %e, "cannot continue the deferred connections; dead-lettering them");

@@ -2,6 +2,7 @@
 //! queue, with the worker's own checks, so a bad job fails here rather than
 //! in the dead-letter queue.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +14,7 @@ use clap::Args;
 use fanout::config::Config;
 use fanout_aws::{SqsQueue, clients};
 use fanout_core::connection::expiry;
-use fanout_core::job::{self, Capabilities, JobSpec, Order, deadline};
+use fanout_core::job::{self, AudienceKeys, Capabilities, JobSpec, Order, deadline};
 use fanout_core::queue::{self, JobQueue, SendOptions};
 
 use super::ConfigArg;
@@ -43,9 +44,10 @@ pub struct EnqueueArgs {
     #[arg(long, value_name = "CHANNEL", value_delimiter = ',')]
     channels: Vec<String>,
     /// One named audience of FANOUT_AUDIENCE_INDEXES and its key, e.g.
-    /// `user=u-42`.
+    /// `user=u-42`. Repeated with the same name, a list of keys (job
+    /// format 2, at most 100), each reported reached or unreached.
     #[arg(long, value_name = "NAME=VALUE")]
-    to: Option<String>,
+    to: Vec<String>,
     /// Only these connections (repeatable).
     #[arg(long = "connection", value_name = "ID")]
     connections: Vec<String>,
@@ -72,11 +74,7 @@ pub struct EnqueueArgs {
 
 pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(args.config.file.as_deref())?;
-    let to = match args.to.as_deref().map(|to| to.split_once('=')) {
-        None => None,
-        Some(Some((name, value))) => Some([(name.to_owned(), value.to_owned())].into()),
-        Some(None) => anyhow::bail!("--to takes NAME=VALUE, e.g. --to user=u-42"),
-    };
+    let to = audience(&args.to)?;
     let mut spec = JobSpec {
         id: args.id,
         channel: args.channel,
@@ -86,6 +84,12 @@ pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
         exclude: args.exclude,
         ..JobSpec::default()
     };
+    if matches!(
+        spec.to.as_ref().and_then(|to| to.values().next()),
+        Some(AudienceKeys::Many(_))
+    ) {
+        spec.v = Some(2);
+    }
     if let Some(time) = args.deliver_by {
         // Epoch milliseconds are a number in the job, RFC 3339 a string.
         spec.deliver_by = Some(match time.parse::<i64>() {
@@ -145,6 +149,29 @@ pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
     }
     let options = fifo_options(&config.queue_url, spec.channel.as_deref());
     send(&config, &spec, options).await
+}
+
+/// `--to NAME=VALUE`, once (a key) or repeated with one name (a list).
+fn audience(given: &[String]) -> anyhow::Result<Option<BTreeMap<String, AudienceKeys>>> {
+    let mut name = None;
+    let mut keys = Vec::new();
+    for to in given {
+        let Some((n, key)) = to.split_once('=') else {
+            anyhow::bail!("--to takes NAME=VALUE, e.g. --to user=u-42");
+        };
+        if name.get_or_insert(n) != &n {
+            anyhow::bail!("--to names one audience; repeat it with the same name for a list");
+        }
+        keys.push(key.to_owned());
+    }
+    let Some(name) = name else {
+        return Ok(None);
+    };
+    let keys = match <[String; 1]>::try_from(keys) {
+        Ok([one]) => AudienceKeys::One(one),
+        Err(several) => AudienceKeys::Many(several),
+    };
+    Ok(Some(BTreeMap::from([(name.to_owned(), keys)])))
 }
 
 /// The arguments of `fanout cancel`.

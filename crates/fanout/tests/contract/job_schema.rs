@@ -357,7 +357,7 @@ fn the_schema_has_every_field_of_the_parser_in_its_part() {
         data_base64: Some(String::new()),
         channel: Some("c".into()),
         channels: Some(vec!["c".into()]),
-        to: Some([("user".to_owned(), "u".to_owned())].into()),
+        to: Some([("user".to_owned(), job::AudienceKeys::One("u".to_owned()))].into()),
         connections: Some(vec!["a".into()]),
         exclude: vec!["b".into()],
         split: Some(2),
@@ -461,6 +461,22 @@ fn what_the_schema_cannot_check_is_refused_by_the_parser() {
         (
             "a deliver_by on a day its month does not have",
             r#"{"v":2,"data":"x","deliver_by":"2026-02-30T12:00:00Z"}"#.to_owned(),
+            PRODUCER,
+        ),
+        (
+            "more than 100 keys in a `to` list once repeats are dropped",
+            serde_json::json!({
+                "v": 2,
+                "data": "x",
+                "to": { "user": (0..101).map(|i| format!("u-{i}")).collect::<Vec<_>>() },
+            })
+            .to_string(),
+            PRODUCER,
+        ),
+        (
+            "a `to` list key of 512 characters but more bytes",
+            serde_json::json!({ "v": 2, "data": "x", "to": { "user": ["é".repeat(257)] } })
+                .to_string(),
             PRODUCER,
         ),
         (
