@@ -14,6 +14,9 @@
 //! | `checkpoint` | S | where the run resumes if its task dies: its resume points and the ids still deferred before them, JSON (absent before the first page) |
 //! | `version` | N | bumped by every write |
 //!
+//! The same table holds a cancel's tombstone (a record keyed
+//! `cancel:` + the broadcast key) and each broadcast's tally (`tallies`).
+//!
 //! The `run#` prefix keeps the items apart from the fleet's (`fleet#…`), so
 //! one table can serve both.
 
@@ -22,10 +25,12 @@ use std::collections::HashMap;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use fanout_core::runs::{DurableError, RunRecord, RunTable};
+use fanout_core::runs::{DurableError, Piece, RunRecord, RunTable, Tallied};
 
 use crate::dynamo_errors;
 use crate::pk_sk::{Item, PK, PkSkTable, SK};
+
+mod tallies;
 
 const SORT: &str = "run";
 
@@ -99,6 +104,10 @@ impl RunTable for DynamoRunTable {
         };
         dynamo_errors::written(request.send().await)
             .map_err(|failure| from_failure(&self.table.name, failure))
+    }
+
+    async fn tally(&self, broadcast: &str, piece: &Piece) -> Result<Tallied, DurableError> {
+        self.add_piece(broadcast, piece).await
     }
 }
 

@@ -17,8 +17,9 @@ use futures::future::{BoxFuture, join_all};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::summary::{KeyReceipts, MAX_FAILED_IDS, RunSummary};
-use crate::job::Job;
 use crate::job::keys::RunKey;
+use crate::job::{Job, Segment};
+use crate::runs::{BroadcastTally, Piece, Totals};
 use crate::telemetry::Metrics;
 
 /// How long one destination may take to take a report. Settling waits for
@@ -71,10 +72,26 @@ impl Status {
     }
 }
 
-/// The report of one settled message (the "Broadcast reports" section of
-/// docs/jobs.md documents every field).
+/// What a report is about.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// One settled message: a run of the broadcast.
+    #[default]
+    Run,
+    /// The whole broadcast, once its last piece settled: every run's
+    /// counts added up.
+    Broadcast,
+}
+
+/// The report of one settled message, or of a whole broadcast (the
+/// "Broadcast reports" section of docs/jobs.md documents every field).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BroadcastReport {
+    /// `run` for a settled message's report, `broadcast` for the whole
+    /// broadcast's.
+    #[serde(default)]
+    pub kind: Kind,
     /// The broadcast key (see [`crate::job::keys`]).
     pub id: String,
     /// The run key as logs show it.
@@ -139,6 +156,9 @@ pub struct BroadcastReport {
     /// needed to fit SQS's and SNS's 256 KiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unreached: Option<Vec<String>>,
+    /// On a broadcast's report: the runs it added up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs: Option<u64>,
 }
 
 /// A report before its message is settled: everything but the status and
@@ -212,6 +232,7 @@ impl Draft {
 
     fn of_message(id: &str, message_id: &str, started: SystemTime) -> Self {
         let report = BroadcastReport {
+            kind: Kind::Run,
             id: id.to_owned(),
             run: id.to_owned(),
             segment: None,
@@ -241,6 +262,7 @@ impl Draft {
             failed_ids_truncated: false,
             reached: None,
             unreached: None,
+            runs: None,
         };
         Self(report, None)
     }
@@ -271,6 +293,78 @@ impl Draft {
         self
     }
 
+    /// The run key this report is about.
+    pub fn run_key(&self) -> RunKey {
+        let r = &self.0;
+        RunKey {
+            broadcast: r.id.clone(),
+            segment: r
+                .segment
+                .zip(r.segments_total)
+                .map(|(index, total)| Segment { index, total }),
+            continuation: r.continuation,
+            part: r.part,
+        }
+    }
+
+    /// What this run adds to its broadcast's record, once settled with
+    /// `status`; `expects`: the run keys the broadcast waits for because of
+    /// it.
+    pub fn piece(&self, status: Status, expects: Vec<String>) -> Piece {
+        let r = &self.0;
+        let receipts = self.1.as_ref();
+        let stopped = matches!(status, Status::Lapsed | Status::Cancelled);
+        Piece {
+            run: self.run_key().storage_key(),
+            expects,
+            totals: Totals {
+                audience: r.audience,
+                delivered: r.delivered,
+                gone: r.gone,
+                expired: r.expired,
+                removed: r.removed,
+                failed: r.failed,
+                unsent: r.unsent,
+                throttled: r.throttled,
+                retries: r.retries,
+                lapsed: u64::from(status == Status::Lapsed),
+                cancelled: u64::from(status == Status::Cancelled),
+                dead_lettered: u64::from(status == Status::DeadLettered),
+            },
+            reached: receipts.map(KeyReceipts::reached_keys).unwrap_or_default(),
+            unreached: receipts.map(|k| k.unreached(stopped)).unwrap_or_default(),
+            started_ms: parse_ms(&r.started_at),
+        }
+    }
+
+    /// The whole broadcast's report, from its record once its last piece
+    /// (this one) settled.
+    pub fn of_broadcast(&self, tally: &BroadcastTally, ended: SystemTime) -> BroadcastReport {
+        let t = &tally.totals;
+        let status = ending(t);
+        let mut report = Self::of_message(&self.0.id, &self.0.message_id, SystemTime::now()).0;
+        report.kind = Kind::Broadcast;
+        report.status = status;
+        report.is_final = true;
+        report.audience = t.audience;
+        report.delivered = t.delivered;
+        report.gone = t.gone;
+        report.expired = t.expired;
+        report.removed = t.removed;
+        report.failed = t.failed;
+        report.unsent = t.unsent;
+        report.throttled = t.throttled;
+        report.retries = t.retries;
+        report.started_at = crate::runs::rfc3339(tally.started_ms);
+        report.ended_at = rfc3339(ended);
+        report.runs = Some(tally.settled.len() as u64);
+        if self.1.is_some() {
+            report.reached = Some(tally.reached.len() as u64);
+            report.unreached = Some(tally.unreached());
+        }
+        report
+    }
+
     /// The report, once the message is settled.
     pub fn settled(self, status: Status, ended: SystemTime) -> BroadcastReport {
         let mut report = self.0;
@@ -288,6 +382,27 @@ impl Draft {
 
 fn rfc3339(at: SystemTime) -> String {
     humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// How a whole broadcast ended: cancelled if any piece was, else lapsed,
+/// else dead-lettered, else done.
+fn ending(totals: &Totals) -> Status {
+    if totals.cancelled > 0 {
+        Status::Cancelled
+    } else if totals.lapsed > 0 {
+        Status::Lapsed
+    } else if totals.dead_lettered > 0 {
+        Status::DeadLettered
+    } else {
+        Status::Done
+    }
+}
+
+/// Epoch ms of an RFC 3339 time this module wrote.
+fn parse_ms(text: &str) -> i64 {
+    humantime::parse_rfc3339(text)
+        .map(crate::connection::expiry::epoch_ms)
+        .unwrap_or(0)
 }
 
 /// Why a destination did not take a report.

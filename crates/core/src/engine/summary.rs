@@ -87,6 +87,14 @@ impl KeyReceipts {
         self.reached.iter().filter(|r| **r).count() as u64
     }
 
+    /// The keys reached.
+    pub fn reached_keys(&self) -> Vec<String> {
+        (0..self.keys.len())
+            .filter(|&i| self.reached[i])
+            .map(|i| self.keys[i].clone())
+            .collect()
+    }
+
     /// Keys none of whose connections accepted the message, with nothing
     /// of them left to try: read to their end and none deferred, or, when
     /// nothing of the broadcast goes on (`stopped`), every key not reached.

@@ -14,6 +14,8 @@ pub struct FakeRunTable {
     pub calls: AtomicU64,
     /// Waited in every call, as a table's round trip takes time.
     pub latency: Duration,
+    /// Broadcast records, by broadcast key.
+    pub tallies: Mutex<HashMap<String, crate::runs::BroadcastTally>>,
 }
 
 impl crate::runs::RunTable for FakeRunTable {
@@ -52,6 +54,41 @@ impl crate::runs::RunTable for FakeRunTable {
         records.insert(record.key.clone(), record.clone());
         Ok(true)
     }
+
+    async fn tally(
+        &self,
+        broadcast: &str,
+        piece: &crate::runs::Piece,
+    ) -> Result<crate::runs::Tallied, crate::runs::DurableError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        if self.throttle.load(Ordering::SeqCst) {
+            return Err(crate::runs::DurableError::Throttled("fake".into()));
+        }
+        let mut tallies = self.tallies.lock().unwrap();
+        let tally = tallies.entry(broadcast.to_owned()).or_default();
+        if tally.settled.contains(&piece.run) {
+            return Ok(crate::runs::Tallied {
+                counted: false,
+                tally: tally.clone(),
+            });
+        }
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        tally.settled.insert(piece.run.clone());
+        tally.expected.extend(piece.expects.iter().cloned());
+        tally.reached.extend(piece.reached.iter().cloned());
+        tally.unreached.extend(piece.unreached.iter().cloned());
+        tally.totals.add(&piece.totals);
+        if tally.started_ms == 0 || piece.started_ms < tally.started_ms {
+            tally.started_ms = piece.started_ms;
+        }
+        Ok(crate::runs::Tallied {
+            counted: true,
+            tally: tally.clone(),
+        })
+    }
 }
 
 impl crate::runs::RunTable for Arc<FakeRunTable> {
@@ -68,5 +105,13 @@ impl crate::runs::RunTable for Arc<FakeRunTable> {
         read: Option<u64>,
     ) -> Result<bool, crate::runs::DurableError> {
         crate::runs::RunTable::store(&**self, record, read).await
+    }
+
+    async fn tally(
+        &self,
+        broadcast: &str,
+        piece: &crate::runs::Piece,
+    ) -> Result<crate::runs::Tallied, crate::runs::DurableError> {
+        crate::runs::RunTable::tally(&**self, broadcast, piece).await
     }
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use super::admission::*;
-use super::{Checkpoint, DurableError, RunRecord, RunTable, rfc3339};
+use super::{Checkpoint, DurableError, Piece, RunRecord, RunTable, Tallied, rfc3339};
 use crate::connection::expiry::epoch_ms;
 use crate::job::Job;
 use crate::job::keys::{RunKey, fingerprint};
@@ -22,6 +22,7 @@ type Boxed<'a, T> = Pin<Box<dyn Future<Output = Result<T, DurableError>> + Send 
 trait AnyTable: Send + Sync {
     fn load_boxed<'a>(&'a self, key: &'a str) -> Boxed<'a, Option<RunRecord>>;
     fn store_boxed<'a>(&'a self, record: &'a RunRecord, read: Option<u64>) -> Boxed<'a, bool>;
+    fn tally_boxed<'a>(&'a self, broadcast: &'a str, piece: &'a Piece) -> Boxed<'a, Tallied>;
 }
 
 impl<T: RunTable> AnyTable for T {
@@ -31,6 +32,10 @@ impl<T: RunTable> AnyTable for T {
 
     fn store_boxed<'a>(&'a self, record: &'a RunRecord, read: Option<u64>) -> Boxed<'a, bool> {
         Box::pin(self.store(record, read))
+    }
+
+    fn tally_boxed<'a>(&'a self, broadcast: &'a str, piece: &'a Piece) -> Boxed<'a, Tallied> {
+        Box::pin(self.tally(broadcast, piece))
     }
 }
 
@@ -44,6 +49,10 @@ impl RunTable for Table {
 
     async fn store(&self, record: &RunRecord, read: Option<u64>) -> Result<bool, DurableError> {
         self.0.store_boxed(record, read).await
+    }
+
+    async fn tally(&self, broadcast: &str, piece: &Piece) -> Result<Tallied, DurableError> {
+        self.0.tally_boxed(broadcast, piece).await
     }
 }
 
@@ -300,6 +309,24 @@ impl Ledger {
                 &lease.key,
                 &e,
             );
+        }
+    }
+}
+
+impl Ledger {
+    /// Adds a settled piece to its broadcast's record; the record, once
+    /// this add has left nothing outstanding (its piece sends the
+    /// broadcast's report). A piece counted before finds the record as it
+    /// was, over or not, and says so again: the report is at least once. A
+    /// table failure is counted and logged: no broadcast report then.
+    pub async fn tally(&self, broadcast: &str, piece: &Piece) -> Option<super::BroadcastTally> {
+        match RunTable::tally(&self.table, broadcast, piece).await {
+            Ok(tallied) if tallied.tally.is_over() => Some(tallied.tally),
+            Ok(_) => None,
+            Err(e) => {
+                self.failed("add up the broadcast", &piece.run, &e);
+                None
+            }
         }
     }
 }

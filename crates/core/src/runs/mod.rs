@@ -16,6 +16,10 @@
 //! | live lease, same SQS message | redelivered after a lapse | not run; kept hidden for the holder, who adopts the newest receipt |
 //! | live lease, another message | a second copy | not run; deleted (the holder's copy is still on the queue if its task dies) |
 //!
+//! The same table keeps a tombstone per cancelled broadcast (see
+//! [`cancels`]) and a record per broadcast that adds up its pieces for one
+//! report (see the `broadcasts` module).
+//!
 //! Every write is conditional on the version read, so two tasks that read
 //! the same record cannot both claim it. When the table cannot be read or
 //! written, delivery goes on without it (at-least-once beats at-most-once):
@@ -24,12 +28,14 @@
 use std::future::Future;
 
 mod admission;
+mod broadcasts;
 mod cancels;
 mod ledger;
 
 use crate::job::DeferredSpec;
 use crate::store::Cursor;
 pub use admission::{Renewed, Request, Ruling, Windows, admit};
+pub use broadcasts::{BroadcastTally, Piece, Tallied, Totals, tally_key};
 pub use cancels::{CANCEL_POLL, Cancelled};
 pub use ledger::{Admission, Ledger, RunLease};
 
@@ -120,6 +126,15 @@ pub trait RunTable: Send + Sync + 'static {
         record: &RunRecord,
         read: Option<u64>,
     ) -> impl Future<Output = Result<bool, DurableError>> + Send;
+
+    /// Adds `piece` to the record of its broadcast ([`tally_key`]) in one
+    /// atomic update, unless its run key was added before; returns the
+    /// record after (see the `broadcasts` module).
+    fn tally(
+        &self,
+        broadcast: &str,
+        piece: &Piece,
+    ) -> impl Future<Output = Result<Tallied, DurableError>> + Send;
 }
 
 pub use crate::connection::expiry::rfc3339;

@@ -282,7 +282,11 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 ..message.clone()
             });
             let settled = self
-                .settle(current.as_ref().unwrap_or(message), settlement)
+                .settle(
+                    current.as_ref().unwrap_or(message),
+                    settlement,
+                    draft.as_ref(),
+                )
                 .await;
             if let (Some(ledger), Some(lease)) = (&self.ledger, lease) {
                 ledger.close(lease, settled.fate == Fate::Gone).await;
@@ -291,8 +295,16 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             if let Some(draft) = draft
                 && !self.reports.is_empty()
             {
-                let report = draft.settled(settled.status, SystemTime::now());
+                let ended = SystemTime::now();
+                let whole = settled
+                    .broadcast
+                    .as_ref()
+                    .map(|tally| draft.of_broadcast(tally, ended));
+                let report = draft.settled(settled.status, ended);
                 self.reports.send(&report, &self.metrics).await;
+                if let Some(whole) = whole {
+                    self.reports.send(&whole, &self.metrics).await;
+                }
             }
             settled.fate
         })
@@ -397,7 +409,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         if let Some(total) = self.split_of(&job).filter(|_| message.group_id.is_none()) {
             let draft = Draft::of_job(&job, &message.id, started).split_into(total);
             return match self.split(message, &job, total).await {
-                Ok(()) => (Settlement::Split, draft),
+                Ok(()) => (Settlement::Split(total), draft),
                 Err(reason) => (Settlement::RetryLater, draft.because(reason)),
             };
         }

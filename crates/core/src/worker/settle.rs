@@ -10,10 +10,13 @@ use super::halt::Halt;
 use super::{Fate, JobContext, SETTLE_BACKOFF};
 use crate::engine::summary::RunSummary;
 use crate::gateway::Gateway;
+use crate::job::Segment;
+use crate::job::keys::RunKey;
 use crate::job::{self, Job};
 use crate::limits::MAX_SEND_DELAY;
 use crate::queue::{DeadLettered, JobQueue, Message, SendOptions};
-use crate::reports::Status;
+use crate::reports::{Draft, Status};
+use crate::runs::BroadcastTally;
 use crate::store::{ConnectionStore, Cursor};
 use crate::telemetry::Metrics;
 
@@ -21,8 +24,8 @@ use crate::telemetry::Metrics;
 pub(super) enum Settlement {
     /// Every connection final and none deferred: the message goes.
     Done,
-    /// The job was split into segment jobs: the message goes.
-    Split,
+    /// The job was split into this many segment jobs: the message goes.
+    Split(u32),
     /// Every connection final, some deferred: they go on in delayed
     /// continuation jobs (or to the dead-letter queue one by one), then the
     /// message goes.
@@ -47,25 +50,106 @@ pub(super) enum Settlement {
     CancelRecorded,
 }
 
-/// What settling did: where the message is, and what its report says.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What settling did: where the message is, what its report says, what it
+/// handed on, and, when it was the last piece of its broadcast, the
+/// broadcast's record.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Settled {
     pub(super) fate: Fate,
     pub(super) status: Status,
+    pub(super) handed_on: HandedOn,
+    pub(super) broadcast: Option<BroadcastTally>,
+}
+
+/// The jobs a settled message handed on, which its broadcast now waits for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum HandedOn {
+    #[default]
+    Nothing,
+    /// Segment jobs `0..n` of a split.
+    Segments(u32),
+    /// The continuation from its resume points.
+    Continuation,
+    /// Continuations of deferred connections, parts `0..n`.
+    Parts(u32),
+}
+
+impl HandedOn {
+    /// The run keys (as stored) the broadcast waits for once `key` has
+    /// settled: those it handed on, and the producer's job itself.
+    fn after(self, key: &RunKey) -> Vec<String> {
+        let next = |segment, continuation, part| RunKey {
+            broadcast: key.broadcast.clone(),
+            segment,
+            continuation,
+            part,
+        };
+        let mut runs: Vec<RunKey> = match self {
+            Self::Nothing => Vec::new(),
+            Self::Segments(total) => (0..total)
+                .map(|index| next(Some(Segment { index, total }), 0, 0))
+                .collect(),
+            Self::Continuation => vec![next(key.segment, key.continuation + 1, 0)],
+            Self::Parts(n) => (0..n)
+                .map(|part| next(key.segment, key.continuation + 1, part))
+                .collect(),
+        };
+        if key.is_first() && key.segment.is_none() {
+            runs.push(key.clone());
+        }
+        runs.iter().map(RunKey::storage_key).collect()
+    }
 }
 
 impl Settled {
     fn new(fate: Fate, status: Status) -> Self {
-        Self { fate, status }
+        Self {
+            fate,
+            status,
+            handed_on: HandedOn::Nothing,
+            broadcast: None,
+        }
+    }
+
+    fn handing_on(mut self, handed_on: HandedOn) -> Self {
+        self.handed_on = handed_on;
+        self
     }
 }
 
 impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
-    /// Applies what the run came to.
-    pub(super) async fn settle(&self, message: &Message, settlement: Settlement) -> Settled {
+    /// Applies what the run came to. A message that goes is first added to
+    /// its broadcast's record (with run records and a report destination),
+    /// then deleted: a task that dies between the two runs the piece again,
+    /// which finds it counted and reports the broadcast again if it is over.
+    pub(super) async fn settle(
+        &self,
+        message: &Message,
+        settlement: Settlement,
+        draft: Option<&Draft>,
+    ) -> Settled {
+        let mut settled = self.apply(message, settlement).await;
+        if settled.fate == Fate::Gone {
+            if let (Some(draft), Some(ledger)) = (draft, &self.ledger)
+                && !self.reports.is_empty()
+                && settled.status != Status::CancelRecorded
+            {
+                let key = draft.run_key();
+                let expects = settled.handed_on.after(&key);
+                let piece = draft.piece(settled.status, expects);
+                settled.broadcast = ledger.tally(&key.broadcast, &piece).await;
+            }
+            self.deleter.push(message.receipt.clone()).await;
+        }
+        settled
+    }
+
+    async fn apply(&self, message: &Message, settlement: Settlement) -> Settled {
         match settlement {
-            Settlement::Done => Settled::new(self.delete(message).await, Status::Done),
-            Settlement::Split => Settled::new(self.delete(message).await, Status::Split),
+            Settlement::Done => Settled::new(Fate::Gone, Status::Done),
+            Settlement::Split(total) => {
+                Settled::new(Fate::Gone, Status::Split).handing_on(HandedOn::Segments(total))
+            }
             Settlement::Deferred { job, report } => self.hand_on(message, &job, &report).await,
             Settlement::Interrupted { job, resume } => {
                 self.continue_unfinished(message, &job, resume, Duration::ZERO)
@@ -81,15 +165,9 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             }
             Settlement::DeadLetter(reason) => self.dead_letter(message, &reason).await,
             Settlement::RetryLater => self.retry_later(message).await,
-            Settlement::Halted(Halt::Lapsed) => {
-                Settled::new(self.delete(message).await, Status::Lapsed)
-            }
-            Settlement::Halted(Halt::Cancelled) => {
-                Settled::new(self.delete(message).await, Status::Cancelled)
-            }
-            Settlement::CancelRecorded => {
-                Settled::new(self.delete(message).await, Status::CancelRecorded)
-            }
+            Settlement::Halted(Halt::Lapsed) => Settled::new(Fate::Gone, Status::Lapsed),
+            Settlement::Halted(Halt::Cancelled) => Settled::new(Fate::Gone, Status::Cancelled),
+            Settlement::CancelRecorded => Settled::new(Fate::Gone, Status::CancelRecorded),
             // Not reported (the holder reports its run): the status is moot.
             Settlement::LeaveHidden => Settled::new(Fate::Kept, Status::Retrying),
         }
@@ -162,7 +240,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         );
         Metrics::add(&self.metrics.deferred_at_end, count as u64);
         Metrics::incr(&self.metrics.jobs_completed);
-        Settled::new(self.delete(message).await, Status::Continued)
+        Settled::new(Fate::Gone, Status::Continued).handing_on(HandedOn::Parts(sent.len() as u32))
     }
 
     /// Dead-letters each deferred connection as a one-connection job with
@@ -213,13 +291,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             deferred_to = "dead-letter queue",
             "connections deferred too often were dead-lettered one by one"
         );
-        Settled::new(self.delete(message).await, Status::DeadLettered)
-    }
-
-    /// Queues the message's deletion.
-    async fn delete(&self, message: &Message) -> Fate {
-        self.deleter.push(message.receipt.clone()).await;
-        Fate::Gone
+        Settled::new(Fate::Gone, Status::DeadLettered)
     }
 
     /// Hands an unfinished job to another worker. With pages finished, a
@@ -256,7 +328,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 tracing::info!(job_id = %job.id, continuation, "job continues in a new message");
                 // If this delete is lost, the original runs again from its
                 // start as well: duplicates, never a loss.
-                Settled::new(self.delete(message).await, Status::Continued)
+                Settled::new(Fate::Gone, Status::Continued).handing_on(HandedOn::Continuation)
             }
             Err(e) => {
                 tracing::warn!(job_id = %job.id, error = %e, "cannot enqueue the continuation; the job restarts from its start");
@@ -274,7 +346,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             Ok(DeadLettered::Sent) => {
                 Metrics::incr(&self.metrics.jobs_dead_lettered);
                 tracing::error!(message_id = %message.id, reason, "job sent to the dead-letter queue");
-                Settled::new(self.delete(message).await, Status::DeadLettered)
+                Settled::new(Fate::Gone, Status::DeadLettered)
             }
             Ok(DeadLettered::NotConfigured) => {
                 Metrics::incr(&self.metrics.jobs_dead_lettered);

@@ -884,6 +884,7 @@ async fn a_run_ends_only_after_the_removals_its_rechecks_decided() {
 
 mod halts;
 mod receipts;
+mod whole;
 
 mod durable {
     use super::*;

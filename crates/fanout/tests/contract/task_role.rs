@@ -66,6 +66,7 @@ const ADAPTERS: &[(&str, Peer)] = &[
     // makes one table: its grants are the fleet table's.
     ("crates/aws/src/pk_sk.rs", Peer::FleetTable),
     ("crates/aws/src/runs.rs", Peer::CheckpointTable),
+    ("crates/aws/src/runs/", Peer::CheckpointTable),
     ("crates/aws/src/apigw.rs", Peer::ApiGateway),
     ("crates/aws/src/reports.rs", Peer::Reports),
 ];
@@ -114,6 +115,8 @@ fn grant_for(peer: Peer, operation: &str) -> Option<(&'static str, &'static [Res
         (Peer::FleetTable, "put_item") => ("dynamodb:PutItem", &[FleetTable]),
         (Peer::FleetTable, "delete_item") => ("dynamodb:DeleteItem", &[FleetTable]),
         (Peer::CheckpointTable, "describe_table") => ("dynamodb:DescribeTable", &[FleetTable]),
+        // A broadcast's pieces are added up in one record.
+        (Peer::CheckpointTable, "update_item") => ("dynamodb:UpdateItem", &[FleetTable]),
         (Peer::CheckpointTable, "get_item") => ("dynamodb:GetItem", &[FleetTable]),
         (Peer::CheckpointTable, "put_item") => ("dynamodb:PutItem", &[FleetTable]),
         (ApiGateway, "post_to_connection") => ("execute-api:ManageConnections", &[ConnectionsPost]),

@@ -33,8 +33,17 @@ fn dead_letters(rig: &Rig) -> Vec<(String, String)> {
     rig.queue.dead.as_ref().unwrap().lock().unwrap().clone()
 }
 
+/// The reports of runs (not the whole broadcast's).
+fn run_reports(rig: &Rig) -> Vec<BroadcastReport> {
+    rig.reports
+        .reports()
+        .into_iter()
+        .filter(|r| r.kind == crate::reports::Kind::Run)
+        .collect()
+}
+
 fn only_report(rig: &Rig) -> BroadcastReport {
-    let reports = rig.reports.reports();
+    let reports = run_reports(rig);
     let [report] = &reports[..] else {
         panic!("{reports:?}")
     };
@@ -173,7 +182,7 @@ async fn a_cancel_that_overtakes_its_broadcast_stops_it_before_any_post() {
     assert_eq!(stopped, Stopped::Idle);
     assert!(rig.gateway.delivered.lock().unwrap().is_empty());
     assert_eq!(rig.queue.deleted_ids(), ["r0", "r1"]);
-    let reports = rig.reports.reports();
+    let reports = run_reports(&rig);
     let [cancel, broadcast] = &reports[..] else {
         panic!("{reports:?}")
     };
@@ -254,7 +263,7 @@ async fn a_cancel_of_a_broadcast_on_record_says_its_runs_stop() {
         Some(ledger(&rig, &runs)),
     )
     .await;
-    let reports = rig.reports.reports();
+    let reports = run_reports(&rig);
     let said = reports[1].reason.as_deref().unwrap();
     assert_eq!(reports[1].status, Status::CancelRecorded);
     assert!(said.contains("its runs stop within 1s"), "{said}");

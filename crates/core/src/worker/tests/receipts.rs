@@ -189,7 +189,8 @@ async fn keys_reached_before_a_takeover_stay_reached() {
     let ledger = Arc::new(Ledger::new(runs.clone(), windows, rig.metrics.clone()));
     rig.run_with(user_settings(), CancellationToken::new(), Some(ledger))
         .await;
-    let [report] = &rig.reports.reports()[..] else {
+    let reports = rig.reports.reports();
+    let [report, whole] = &reports[..] else {
         panic!("one report")
     };
     // u-1 stays reached though its rows answer 410 now (they were read
@@ -197,4 +198,8 @@ async fn keys_reached_before_a_takeover_stay_reached() {
     // delivered; u-3 is read and delivered; u-4 has no connection.
     assert_eq!(report.reached, Some(3), "{report:?}");
     assert_eq!(report.unreached.as_deref(), Some(&["u-4".to_owned()][..]));
+    // The whole broadcast is this one run: its report says the same.
+    assert_eq!(whole.kind, crate::reports::Kind::Broadcast);
+    assert_eq!((whole.reached, whole.runs), (Some(3), Some(1)));
+    assert_eq!(whole.unreached, report.unreached);
 }
