@@ -47,6 +47,18 @@
 #            converges to what it accepts, and a client that only answers
 #            429 does not slow the others (the `missed_clients` integration
 #            test on the release build, which checks the targets), unpinned.
+#   latest   newer value wins: 3 `fanout run` processes (release) on one
+#            fleet rate, run records in the fleet table, 64 jobs at once; a
+#            producer sends an update to one stream key every 100 ms to a
+#            channel of every row, with `latest` (until every connection
+#            has the last update, at most 60 s after its send) and without
+#            (stopped as long after the last send as the updates flowed).
+#            The gateway's sink records when each connection's newest seq
+#            arrived: connections ever more than 5 s without the then-newest
+#            value, connections with no update, the last update's send to
+#            every connection having it. LATEST_SCALE=rows:seconds:rate
+#            (default 20000:30:6000); the `fleet` integration test's
+#            `latest_` test on the release build, unpinned.
 #
 # The fleet and throttle cases set FANOUT_DEV_TIMING_TARGETS=1: their tests
 # then check the tight wall-clock targets, which `cargo test` leaves to
@@ -68,7 +80,7 @@ while (($#)); do
     --quick) RUNS=1; BENCH_CASES=process,jobs; shift ;;
     --no-build) NO_BUILD=1; shift ;;
     --out) OUT="$2"; shift 2 ;;
-    -h | --help) sed -n '2,56p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h | --help) sed -n '2,69p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "bench: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -96,6 +108,7 @@ LATENCY_JOBS="${LATENCY_JOBS:-20}"
 REMOVAL_ROWS="${REMOVAL_ROWS:-4000}"
 INDEX_CONNECTIONS="${INDEX_CONNECTIONS:-500000}"
 WRK_SECONDS="${WRK_SECONDS:-3}"
+LATEST_SCALE="${LATEST_SCALE:-20000:30:6000}"
 SPLIT_JOBS="${SPLIT_JOBS:-$(nproc)}"
 SPLIT_N="${SPLIT_N:-1000000}"
 LIMIT_RATE="${LIMIT_RATE:-5000}"
@@ -164,13 +177,16 @@ if [[ -z "${NO_BUILD:-}" ]]; then
   if has_case throttle; then
     (cd "$ROOT" && cargo test "${profile[@]}" --quiet --no-run -p fanout --test missed_clients)
   fi
+  if has_case latest; then
+    (cd "$ROOT" && cargo test "${profile[@]}" --quiet --no-run -p fanout --test fleet)
+  fi
 fi
 [[ -x $FANOUT && -x $BIN ]] || die "$FANOUT or $BIN missing: run without --no-build"
 
 NEED_DYNALITE=0
 NEED_MOTO=0
-if has_case process || has_case fleet || has_case throttle || has_case removals || has_case index || { has_case engine && [[ "$ENGINE_CASES" == *:table* ]]; }; then NEED_DYNALITE=1; fi
-if has_case process || has_case fleet || has_case throttle || has_case index || { has_case latency && ((LATENCY_JOBS > 0)); }; then NEED_MOTO=1; fi
+if has_case process || has_case fleet || has_case latest || has_case throttle || has_case removals || has_case index || { has_case engine && [[ "$ENGINE_CASES" == *:table* ]]; }; then NEED_DYNALITE=1; fi
+if has_case process || has_case fleet || has_case latest || has_case throttle || has_case index || { has_case latency && ((LATENCY_JOBS > 0)); }; then NEED_MOTO=1; fi
 if ((NEED_DYNALITE || NEED_MOTO)); then
   "$ROOT/scripts/emulators.sh" install
 fi
@@ -515,6 +531,20 @@ for run in $(seq "$RUNS"); do
       >"$WORK/throttle.out" 2>&1 || die "the throttle case failed: $(tail -20 "$WORK/throttle.out")"
     # With --nocapture a test's line may follow libtest's "test NAME ... ".
     grep -o 'kind=throttle.*' "$WORK/throttle.out" | sed "s/^/run=$run /" >>"$OUT"
+  fi
+  if has_case latest; then
+    echo "bench: run $run, newer value wins ($LATEST_SCALE rows:seconds:rate), with latest and without" >&2
+    latest_ok=1
+    (cd "$ROOT" && FANOUT_DEV_LATEST="$LATEST_SCALE" cargo test "${profile[@]}" --quiet -p fanout --test fleet latest_ -- --nocapture) \
+      >"$WORK/latest.out" 2>&1 || latest_ok=0
+    # With --nocapture a test's line may follow libtest's "test NAME ... ".
+    grep -o 'kind=latest .*' "$WORK/latest.out" | sed "s/^/run=$run /" >>"$OUT" || true
+    # The figures of a run whose checks failed are kept, and the summary
+    # says so; the run set goes on.
+    if ((latest_ok == 0)); then
+      echo "bench: run $run, the latest case failed: $(grep -m1 -A2 'panicked' "$WORK/latest.out")" >&2
+      echo "kind=latest_failed run=$run" >>"$OUT"
+    fi
   fi
   if has_case limiter; then
     echo "bench: run $run, engine only, rate limiter at $LIMIT_RATE/s" >&2

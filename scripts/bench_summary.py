@@ -284,6 +284,53 @@ def mixed_section(rows):
     return out + [""]
 
 
+def latest_section(rows):
+    rs = of_kind(rows, "latest")
+    if not rs:
+        return []
+    r0 = rs[0]
+    modes = grouped(rs, lambda r: r["mode"])
+
+    def waits(g):
+        # The last update's send to every connection having it; "never"
+        # when some connection did not by the end.
+        done = [float(r["last_to_all_ms"]) for r in g if r["last_to_all_ms"] != "never"]
+        never = len(g) - len(done)
+        if not done:
+            return "never"
+        cell = spread(done, "{:,.0f}") + " ms"
+        return f"{cell} ({never} never)" if never else cell
+
+    lines = []
+    for mode in ("latest", "plain"):
+        g = modes.get(mode, [])
+        if not g:
+            continue
+        lines.append([
+            f"`{mode}`" if mode == "latest" else "without `latest`", str(len(g)),
+            spread(floats(g, "stale_over_5s"), "{:,.0f}"), spread(floats(g, "no_update"), "{:,.0f}"),
+            waits(g), spread(floats(g, "behind_over_5s"), "{:,.0f}"),
+            spread(floats(g, "behind_max_ms"), "{:,.0f}"), spread(floats(g, "have_last"), "{:,.0f}"),
+            spread(floats(g, "updates_median"), "{:.0f}"), spread(floats(g, "posts_per_s"), "{:,.0f}"),
+            spread(floats(g, "span_s"), "{:.1f}"),
+        ])
+    n = int(r0["connections"])
+    out = [f"## Newer value wins: {int(r0['updates'])} updates to one key, one every {r0['every_ms']} ms, "
+           f"to a channel of {n:,} connections ({int(r0['fleet_rate']):,}/s, {r0['workers']} workers)", "",
+           table(["jobs", "runs", f"connections ever > 5 s without the newest (of {n:,})", "with no update",
+                  "last update's send → every connection has it", "> 5 s before an update (or a newer one) came",
+                  "longest such wait, ms", "hold the last update at the end", "updates a connection got (median)",
+                  "posts/s at the gateway", "measured for, s"], lines), ""]
+    for mode, g in modes.items():
+        statuses = sorted({r.get("statuses", "") for r in g})
+        out.append(f"- {mode}: broadcast reports by status, per run: {'; '.join(statuses) or '-'}")
+    failed = of_kind(rows, "latest_failed")
+    if failed:
+        out.append(f"- runs whose checks failed (with `latest`, every connection ends with the last update): "
+                   f"{len(failed)} of {len(modes.get('latest', []))}")
+    return out + [""]
+
+
 def throttle_section(rows):
     converge = [r for r in rows if r.get("kind") == "throttle" and r.get("case") == "converge"]
     slow = [r for r in rows if r.get("kind") == "throttle" and r.get("case") == "slow_client"]
@@ -339,7 +386,8 @@ def main(path):
     header, rows = parse(path)
     out = ["# fanout benchmark summary", "", *[f"- {h}" for h in header], "",
            "Each cell: min/median/max over runs. posts/CPU-s = 10⁶ / (CPU µs per post).", ""]
-    out += (process_section(rows) + jobs_section(rows) + fleet_section(rows) + throttle_section(rows)
+    out += (process_section(rows) + jobs_section(rows) + fleet_section(rows) + latest_section(rows)
+            + throttle_section(rows)
             + engine_section(rows)
             + removals_section(rows) + index_section(rows))
     print("\n".join(out))

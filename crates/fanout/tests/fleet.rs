@@ -16,6 +16,11 @@
 //! `cargo test` it checks what holds on a loaded machine too: every client
 //! reached exactly once, the fleet never far over its rate, and a killed
 //! worker's share taken back.
+//!
+//! `latest` streams updates to one value (newer value wins) to a channel on
+//! three workers, with `latest` and without, and measures how stale the
+//! audience was; `scripts/bench.sh --cases latest` runs it at the
+//! benchmark's size.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,6 +32,11 @@ use tokio::process::Child;
 
 #[path = "fleet/mixed.rs"]
 mod mixed;
+
+/// Held by each timed test: the rates and times they measure are those of
+/// processes that have the machine to themselves, not shared with another
+/// test's workers.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The fleet's rate, and each task's ceiling: a task alone may use it all.
 const FLEET_RATE: u64 = 2000;
@@ -286,6 +296,7 @@ async fn fleet_of(table: &str, workers: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_share_the_fleet_rate_and_take_a_killed_ones_share() {
     support::require_emulators();
+    let _alone = ONE_AT_A_TIME.lock().await;
     let table = audience_table().await;
     for workers in [1, 2, 4] {
         fleet_of(&table, workers).await;
@@ -417,4 +428,16 @@ async fn a_missing_fleet_table_stops_the_worker_naming_the_key() {
     );
     // The job was never received: it stays for a worker that can run it.
     assert_eq!(support::counts(&sqs, &queue.url).await, (1, 0));
+}
+
+#[path = "fleet/latest.rs"]
+mod latest;
+
+/// Updates to one stream key every 100 ms over a channel, with `latest`
+/// and without (see `latest`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_the_newest_value_reaches_every_connection() {
+    support::require_emulators();
+    let _alone = ONE_AT_A_TIME.lock().await;
+    latest::the_newest_value_reaches_every_connection().await;
 }

@@ -122,6 +122,14 @@ pub struct StatsSnapshot {
     /// first and last reached.
     #[serde(default)]
     pub sink_groups: Vec<SinkGroup>,
+    /// `--sink`: ids posted a payload with a `seq` (`@stats/seqs`), the
+    /// highest `seq` any has had, and how many ids hold that one.
+    #[serde(default)]
+    pub sink_seq_ids: u64,
+    #[serde(default)]
+    pub sink_seq_newest: u64,
+    #[serde(default)]
+    pub sink_seq_holding_newest: u64,
     /// `[unix second, POSTs received in it]`, oldest first, the last hour.
     #[serde(default)]
     pub posts_per_second: Vec<(u64, u64)>,
@@ -198,6 +206,9 @@ impl Stats {
             sink_ids: 0,
             sink_duplicates: 0,
             sink_groups: Vec::new(),
+            sink_seq_ids: 0,
+            sink_seq_newest: 0,
+            sink_seq_holding_newest: 0,
             first_post_ms: load(&self.first_post_ms),
             last_post_ms: load(&self.last_post_ms),
             posts_per_second: self

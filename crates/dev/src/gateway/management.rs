@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use super::App;
 use super::faults::{PostResult, SinkGroup, StatsSnapshot};
 use super::registry::Refused;
+use super::seqs::SeqSnapshot;
 
 pub use fanout_core::limits::MAX_PAYLOAD_BYTES;
 
@@ -68,14 +69,16 @@ async fn post_outcome(app: &App, id: &str, headers: &HeaderMap, body: Bytes) -> 
     if app.faults.fails() {
         return PostResult::Failed;
     }
-    match app.registry.deliver(id, frame(body)) {
+    match app.registry.deliver(id, frame(body.clone())) {
         Ok(()) => PostResult::Delivered,
         Err(Refused::Gone) if app.sink.is_some() => {
+            let now = super::registry::now_ms();
             if let Some(sink) = &app.sink {
-                let mut entry = sink
-                    .entry(id.to_owned())
-                    .or_insert((0, super::registry::now_ms()));
+                let mut entry = sink.entry(id.to_owned()).or_insert((0, now));
                 entry.0 += 1;
+            }
+            if let Some(seqs) = &app.sink_seqs {
+                seqs.record(id, &body, now);
             }
             PostResult::Delivered
         }
@@ -128,7 +131,25 @@ pub async fn stats(State(app): State<Arc<App>>) -> Json<StatsSnapshot> {
         snapshot.sink_duplicates = sink.iter().map(|n| u64::from(n.0.saturating_sub(1))).sum();
         snapshot.sink_groups = sink_groups(sink.iter().map(|e| (e.key().clone(), e.value().1)));
     }
+    if let Some(seqs) = &app.sink_seqs {
+        let summary = seqs.summary();
+        snapshot.sink_seq_ids = summary.ids;
+        snapshot.sink_seq_newest = summary.newest;
+        snapshot.sink_seq_holding_newest = summary.holding_newest;
+    }
     Json(snapshot)
+}
+
+/// `GET /{stage}/@stats/seqs`: per sink id, when its newest `seq` rose
+/// (empty without `--sink`). Megabytes for a long stream to a large
+/// audience: read once, at the end of a measurement.
+pub async fn seqs(State(app): State<Arc<App>>) -> Json<SeqSnapshot> {
+    Json(
+        app.sink_seqs
+            .as_ref()
+            .map(|seqs| seqs.snapshot())
+            .unwrap_or_default(),
+    )
 }
 
 /// The sink's ids grouped by what comes before their last `-` (`c-00017`

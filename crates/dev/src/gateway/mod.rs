@@ -7,17 +7,21 @@
 //! - the management API at `http://ADDR/{stage}/@connections/{id}`
 //!   (POST, GET, DELETE), the endpoint fanout's worker sends to;
 //! - `GET /{stage}/@stats`: counters (POSTs, most in flight at once) that
-//!   tests use to check a sender from the receiving side.
+//!   tests use to check a sender from the receiving side;
+//!   `GET /{stage}/@stats/seqs`: with `--sink`, when each id's newest
+//!   `seq` arrived ([`seqs`]), for how stale a stream of updates left it.
 //!
 //! Files: [`registry`] (live connections), [`socket`] (the WebSocket side),
 //! [`subscriptions`] (the client's messages and who may join what),
 //! [`management`] (`@connections`), [`faults`] (injection and counters),
-//! [`rows`] (the table and its layouts; the only SDK use).
+//! [`seqs`] (versioned payloads at the sink), [`rows`] (the table and its
+//! layouts; the only SDK use).
 
 pub mod faults;
 pub mod management;
 pub mod registry;
 pub mod rows;
+pub mod seqs;
 pub mod socket;
 pub mod subscriptions;
 
@@ -67,6 +71,8 @@ pub struct GatewayArgs {
     /// Accept POSTs to ids that are not connected (200, nothing sent) and
     /// count deliveries per id, so `@stats` reports ids reached twice: a
     /// sink for measuring duplicates at scale without a socket per id.
+    /// Payloads that are JSON objects with a numeric `seq` are versions of
+    /// a value: `@stats/seqs` gives when each id's newest one arrived.
     #[arg(long)]
     pub sink: bool,
     /// Create the table if it does not exist (key `connectionId`, GSI
@@ -132,6 +138,8 @@ pub struct App {
     /// `--sink`: per id that has no socket, its deliveries and when the
     /// first came (ms since the Unix epoch).
     sink: Option<dashmap::DashMap<String, (u32, u64)>>,
+    /// `--sink`: per id, the rises of the highest `seq` it was posted.
+    sink_seqs: Option<seqs::SeqLog>,
     /// Cancelled at shutdown: every socket sends a close frame and ends.
     shutdown: CancellationToken,
     /// Socket tasks, so shutdown can wait for their `$disconnect` writes.
@@ -172,6 +180,7 @@ pub async fn serve(
         rows,
         faults: Faults::new(args.throttle_rps, args.fail_percent, args.latency_ms),
         sink: args.sink.then(dashmap::DashMap::new),
+        sink_seqs: args.sink.then(seqs::SeqLog::default),
         stats: Stats::default(),
         keep_stale: args.keep_stale,
         public_prefix: args.public_channel_prefix.clone(),
@@ -224,6 +233,7 @@ fn router(stage: &str, app: Arc<App>) -> Router {
                 .delete(management::delete),
         )
         .route(&format!("/{stage}/@stats"), get(management::stats))
+        .route(&format!("/{stage}/@stats/seqs"), get(management::seqs))
         .layer(DefaultBodyLimit::max(BODY_READ_LIMIT))
         .with_state(app)
 }

@@ -8,3 +8,4 @@
 mod local_clients;
 mod local_gateway;
 mod serverless_offline;
+mod sink_seqs;

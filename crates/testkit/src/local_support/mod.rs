@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::support::TableKey;
 use aws_sdk_dynamodb::types::AttributeValue;
 use fanout_dev::gateway::faults::StatsSnapshot;
+use fanout_dev::gateway::seqs::SeqSnapshot;
 use fanout_dev::gateway::{GatewayArgs, serve};
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -184,6 +185,21 @@ impl TestGateway {
         .await;
         assert_eq!(status, 200, "stats answer: {body}");
         serde_json::from_str(&body).expect("stats JSON")
+    }
+
+    /// `GET /{stage}/@stats/seqs`: a sink's per-id record of versioned
+    /// payloads.
+    pub async fn seqs(&self) -> SeqSnapshot {
+        let (status, _, body) = raw_http(
+            self.addr,
+            "GET",
+            &format!("/{}/@stats/seqs", self.stage),
+            &[],
+            b"",
+        )
+        .await;
+        assert_eq!(status, 200, "seqs answer: {body}");
+        serde_json::from_str(&body).expect("seqs JSON")
     }
 
     /// Stops the gateway and waits until it has closed every socket.

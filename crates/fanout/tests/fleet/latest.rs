@@ -1,0 +1,312 @@
+//! Newer value wins, across a fleet: a producer sends updates to one
+//! stream key (a score) every 100 ms to a channel of the whole audience,
+//! and three `fanout run` processes (run records in the fleet table, as
+//! the template deploys them) deliver them to the local gateway's sink.
+//!
+//! Two modes, each on a fresh queue, fleet table and gateway:
+//! - `latest`: each job carries `"latest": {"key", "seq"}`: an older update
+//!   is settled unsent, a newer one stops an older one and takes over where
+//!   it stopped. Measured until every connection has the last update (at
+//!   most [`LATEST_WITHIN`] after its send).
+//! - `plain`: the same jobs without it, each a broadcast of its own,
+//!   stopped (SIGTERM) as long after the last send as the updates flowed.
+//!
+//! Each update's payload is `{"seq": N, …}`: the sink records when each
+//! connection's highest `seq` rose, and [`Staleness`] judges that against
+//! when each update was sent: how many connections ever went more than
+//! 5 s without the then-newest value, how many got no update at all, and
+//! the time from the last update's send to the moment every connection had
+//! it. The workers are stopped after the measurement's end; nothing they
+//! post later counts.
+//!
+//! `cargo test` runs 2,000 connections, 5 s of updates and a fleet rate of
+//! 3,000/s, and checks only what holds on a loaded machine: with `latest`
+//! every connection ends with the last update. The benchmark sets
+//! `FANOUT_DEV_LATEST=20000:30:6000` (rows:seconds:rate); three workers,
+//! the task count the fleet's other benchmarks use (the template scales
+//! between MinTasks 1 and MaxTasks 10 on the backlog).
+
+use std::time::Duration;
+
+use fanout_dev::gateway::registry::now_ms;
+use fanout_dev::gateway::seqs::Staleness;
+use fanout_testkit::support::worker::{Run, finish, signal_pid, start};
+use fanout_testkit::support::{self, TableKey};
+
+use super::{Fleet, SETTLED_AFTER};
+
+/// The channel every row is in, and the stream key of its updates.
+const CHANNEL: &str = "match-42";
+const STREAM_KEY: &str = "score-match-42";
+/// 10 updates a second.
+const EVERY: Duration = Duration::from_millis(100);
+const WORKERS: usize = 3;
+/// The template's MaxConcurrentJobs.
+const JOBS_AT_ONCE: &str = "64";
+/// A connection without the newest value for longer is counted.
+const STALE_OVER_MS: u64 = 5_000;
+/// With `latest`, how long after the last send every connection may take
+/// to have it before the measurement ends anyway.
+const LATEST_WITHIN: Duration = Duration::from_secs(60);
+
+/// The bench's size, or the test's.
+#[derive(Clone, Copy, Debug)]
+struct Scale {
+    rows: usize,
+    /// How long updates are sent.
+    seconds: u64,
+    /// The fleet's rate, and each task's ceiling.
+    rate: u64,
+}
+
+/// `FANOUT_DEV_LATEST=rows:seconds:rate`, or a small stream for `cargo test`.
+fn scale() -> Scale {
+    let Ok(scale) = std::env::var("FANOUT_DEV_LATEST") else {
+        return Scale {
+            rows: 2_000,
+            seconds: 5,
+            rate: 3_000,
+        };
+    };
+    let parts: Vec<u64> = scale
+        .split(':')
+        .map(|p| p.parse().expect("FANOUT_DEV_LATEST=rows:seconds:rate"))
+        .collect();
+    let [rows, seconds, rate] = parts[..] else {
+        panic!("FANOUT_DEV_LATEST=rows:seconds:rate, got {scale}");
+    };
+    Scale {
+        rows: rows as usize,
+        seconds,
+        rate,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Latest,
+    Plain,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Latest => "latest",
+            Self::Plain => "plain",
+        }
+    }
+}
+
+/// Update `seq` as a job: version 2 with `latest`, or the plain job.
+fn job(mode: Mode, seq: u64) -> String {
+    let data = serde_json::json!({"seq": seq, "score": format!("{}-{}", seq / 2, seq / 3)});
+    let id = format!("score-42-{seq}");
+    match mode {
+        Mode::Latest => serde_json::json!({
+            "v": 2,
+            "id": id,
+            "channel": CHANNEL,
+            "data": data,
+            "latest": {"key": STREAM_KEY, "seq": seq},
+        }),
+        Mode::Plain => serde_json::json!({"id": id, "channel": CHANNEL, "data": data}),
+    }
+    .to_string()
+}
+
+/// A table of `rows` connections, `c-00000` on, all in [`CHANNEL`].
+async fn channel_of(rows: usize) -> (String, Vec<String>) {
+    let dynamo = support::dynamodb().await;
+    let table = support::create_table(&dynamo, "latest-audience", TableKey::Id, true).await;
+    let ids = support::ids("c", rows);
+    support::put_connections(&dynamo, &table, &ids, Some(CHANNEL)).await;
+    (table, ids)
+}
+
+/// What one mode measured.
+struct Measured {
+    mode: Mode,
+    staleness: Staleness,
+    /// Each update's seq and send time, oldest first.
+    sent: Vec<(u64, u64)>,
+    /// From the first send to the measurement's end.
+    span_ms: u64,
+    /// POSTs at the gateway per whole second of that span, on average.
+    posts_per_s: f64,
+    /// Each broadcast report's status, and how many had it.
+    statuses: std::collections::BTreeMap<String, usize>,
+}
+
+/// Sends updates 1, 2, … every [`EVERY`] for `seconds`; returns each one's
+/// seq and the moment its SendMessage was made.
+async fn produce(fleet: &Fleet, mode: Mode, seconds: u64) -> Vec<(u64, u64)> {
+    let updates = seconds * 1000 / EVERY.as_millis() as u64;
+    let mut ticks = tokio::time::interval(EVERY);
+    let mut sent = Vec::with_capacity(updates as usize);
+    for seq in 1..=updates {
+        ticks.tick().await;
+        let at = now_ms();
+        support::send_body(&fleet.sqs, &fleet.queue.url, &job(mode, seq)).await;
+        sent.push((seq, at));
+    }
+    sent
+}
+
+/// With `latest`: waits until every connection holds the last update, or
+/// [`LATEST_WITHIN`] has passed since its send. Plain: waits as long after
+/// the last send as the updates flowed.
+async fn until_the_end(fleet: &Fleet, mode: Mode, scale: Scale, last: (u64, u64)) {
+    let (last_seq, last_sent) = last;
+    match mode {
+        Mode::Latest => {
+            let bound = last_sent + LATEST_WITHIN.as_millis() as u64;
+            while now_ms() < bound {
+                let stats = fleet.gateway.stats().await;
+                if stats.sink_seq_newest >= last_seq
+                    && stats.sink_seq_holding_newest >= scale.rows as u64
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Mode::Plain => {
+            let stop = last_sent + scale.seconds * 1000;
+            tokio::time::sleep(Duration::from_millis(stop.saturating_sub(now_ms()))).await;
+        }
+    }
+}
+
+/// One mode: fresh fleet, workers, updates, the wait, the figures.
+async fn measure(mode: Mode, table: &str, ids: &[String], scale: Scale) -> Measured {
+    let mut fleet = Fleet::new(table).await;
+    fleet.rate = scale.rate;
+    let workers: Vec<(u32, tokio::task::JoinHandle<Run>)> = (0..WORKERS)
+        .map(|_| {
+            let mut command = fleet.worker_command(&["run"], JOBS_AT_ONCE);
+            command
+                .env("FANOUT_CHECKPOINT_TABLE", &fleet.leases)
+                // The measurement ends at the stop: what a worker posts in
+                // its grace does not count, and plain mode's hundreds of
+                // running broadcasts would each hold their 25 s.
+                .env("FANOUT_SHUTDOWN_GRACE", "2s");
+            let child = start(command);
+            let pid = child.id().expect("a running worker");
+            (pid, tokio::spawn(finish(child, Duration::from_secs(300))))
+        })
+        .collect();
+    // Every worker has joined the fleet and has its share.
+    tokio::time::sleep(Duration::from_secs(SETTLED_AFTER)).await;
+    let sent = produce(&fleet, mode, scale.seconds).await;
+    let first_sent = sent.first().expect("updates").1;
+    let last = *sent.last().expect("updates");
+    until_the_end(&fleet, mode, scale, last).await;
+    let end_ms = now_ms();
+    let seqs = fleet.gateway.seqs().await;
+    for (pid, _) in &workers {
+        signal_pid(*pid, "-TERM");
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for (_, worker) in workers {
+        let run = worker.await.expect("the worker's output");
+        assert!(run.status.success(), "a worker failed:\n{}", run.stdout);
+        for report in &run.reports {
+            let status = report["status"].as_str().unwrap_or("none").to_owned();
+            *statuses.entry(status).or_default() += 1;
+        }
+    }
+    let stats = fleet.gateway.stats().await;
+    fleet.gateway.shutdown().await;
+    let seconds: Vec<u64> = stats
+        .posts_per_second
+        .iter()
+        .filter(|&&(second, _)| second > first_sent / 1000 && second < end_ms / 1000)
+        .map(|&(_, n)| n)
+        .collect();
+    let staleness = Staleness::measure(
+        &sent,
+        ids.iter().map(String::as_str),
+        &seqs,
+        end_ms,
+        STALE_OVER_MS,
+    );
+    Measured {
+        mode,
+        staleness,
+        span_ms: end_ms - first_sent,
+        posts_per_s: seconds.iter().sum::<u64>() as f64 / seconds.len().max(1) as f64,
+        sent,
+        statuses,
+    }
+}
+
+/// One line of key=value pairs: `scripts/bench.sh --cases latest` reads it.
+fn print(m: &Measured, scale: Scale) {
+    let s = &m.staleness;
+    let statuses = m
+        .statuses
+        .iter()
+        .map(|(status, n)| format!("{status}:{n}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    println!(
+        "kind=latest mode={} connections={} updates={} every_ms={} fleet_rate={} workers={WORKERS} \
+         stale_over_5s={} no_update={} last_to_all_ms={} behind_over_5s={} have_last={} \
+         stale_median_ms={} stale_max_ms={} behind_median_ms={} behind_max_ms={} \
+         updates_median={} posts_per_s={:.0} span_s={:.1} statuses={statuses}",
+        m.mode.name(),
+        s.connections,
+        m.sent.len(),
+        EVERY.as_millis(),
+        scale.rate,
+        s.stale_over,
+        s.no_update,
+        s.last_to_all_ms
+            .map_or_else(|| "never".to_owned(), |ms| ms.to_string()),
+        s.behind_over,
+        s.have_last,
+        s.stale_median_ms,
+        s.stale_max_ms,
+        s.behind_median_ms,
+        s.behind_max_ms,
+        s.updates_median,
+        m.posts_per_s,
+        m.span_ms as f64 / 1000.0,
+    );
+}
+
+pub(super) async fn the_newest_value_reaches_every_connection() {
+    let scale = scale();
+    let (table, ids) = channel_of(scale.rows).await;
+    let latest = measure(Mode::Latest, &table, &ids, scale).await;
+    print(&latest, scale);
+    let plain = measure(Mode::Plain, &table, &ids, scale).await;
+    print(&plain, scale);
+
+    // What holds on any machine, and fails if `latest` did nothing: a
+    // plain stream at these sizes leaves most connections without the
+    // last update (the updates ask 10 × rows posts a second of a rate a
+    // few times rows).
+    let s = &latest.staleness;
+    assert_eq!(
+        s.have_last, scale.rows as u64,
+        "with latest, every connection has the last update within {LATEST_WITHIN:?} of its send"
+    );
+    assert_eq!(
+        s.no_update, 0,
+        "with latest, every connection had an update"
+    );
+    assert!(
+        latest.statuses.get("superseded").is_some_and(|&n| n > 0),
+        "with latest, older updates are superseded: {:?}",
+        latest.statuses
+    );
+    // The next benchmark run loads its own: dynalite keeps tables in memory.
+    support::dynamodb()
+        .await
+        .delete_table()
+        .table_name(&table)
+        .send()
+        .await
+        .expect("delete the audience table");
+}
