@@ -56,6 +56,9 @@ pub enum Status {
     /// A cancel stopped it: what was sent is counted, `unsent` counts the
     /// connections read but not reached. Nothing of it goes on.
     Cancelled,
+    /// A newer update of its stream (`latest`) owns the stream: not sent,
+    /// or stopped where the newer one took over. Nothing of it goes on.
+    Superseded,
     /// The report of a cancel job itself: its tombstone is recorded, and
     /// `reason` says whether a run of the broadcast was on record yet.
     CancelRecorded,
@@ -67,7 +70,7 @@ impl Status {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            Self::Done | Self::DeadLettered | Self::Lapsed | Self::Cancelled
+            Self::Done | Self::DeadLettered | Self::Lapsed | Self::Cancelled | Self::Superseded
         )
     }
 }
@@ -313,7 +316,10 @@ impl Draft {
     pub fn piece(&self, status: Status, expects: Vec<String>) -> Piece {
         let r = &self.0;
         let receipts = self.1.as_ref();
-        let stopped = matches!(status, Status::Lapsed | Status::Cancelled);
+        let stopped = matches!(
+            status,
+            Status::Lapsed | Status::Cancelled | Status::Superseded
+        );
         Piece {
             run: self.run_key().storage_key(),
             expects,
@@ -328,6 +334,7 @@ impl Draft {
                 throttled: r.throttled,
                 retries: r.retries,
                 lapsed: u64::from(status == Status::Lapsed),
+                superseded: u64::from(status == Status::Superseded),
                 cancelled: u64::from(status == Status::Cancelled),
                 dead_lettered: u64::from(status == Status::DeadLettered),
             },
@@ -369,7 +376,10 @@ impl Draft {
     pub fn settled(self, status: Status, ended: SystemTime) -> BroadcastReport {
         let mut report = self.0;
         if let Some(keys) = self.1 {
-            let stopped = matches!(status, Status::Lapsed | Status::Cancelled);
+            let stopped = matches!(
+                status,
+                Status::Lapsed | Status::Cancelled | Status::Superseded
+            );
             report.reached = Some(keys.reached_count());
             report.unreached = Some(keys.unreached(stopped));
         }
@@ -385,12 +395,14 @@ fn rfc3339(at: SystemTime) -> String {
 }
 
 /// How a whole broadcast ended: cancelled if any piece was, else lapsed,
-/// else dead-lettered, else done.
+/// else superseded, else dead-lettered, else done.
 fn ending(totals: &Totals) -> Status {
     if totals.cancelled > 0 {
         Status::Cancelled
     } else if totals.lapsed > 0 {
         Status::Lapsed
+    } else if totals.superseded > 0 {
+        Status::Superseded
     } else if totals.dead_lettered > 0 {
         Status::DeadLettered
     } else {

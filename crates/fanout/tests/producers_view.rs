@@ -354,3 +354,65 @@ async fn a_cancelled_split_broadcast_reports_cancelled_as_a_whole() {
     assert!(delivered + unsent <= 300, "{whole}");
     s.stack.close(clients).await;
 }
+
+fn update(id: &str, seq: u64) -> String {
+    format!(
+        r#"{{"v":2,"id":"{id}","data":"{id}","channel":"match","latest":{{"key":"score-match","seq":{seq}}}}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_update_stops_the_older_one_and_every_client_ends_with_it() {
+    let mut s = Setup::new().await;
+    // Pages of 20: the older update's checkpoint says where it is.
+    s.set("FANOUT_PAGE_SIZE", "20");
+    let clients = s.connect(300, Some("match")).await;
+    // 300 connections at 50/s: six seconds for one update.
+    s.send_raw(&update("score-1", 1)).await;
+    let worker = s.worker("50", true);
+    assert!(
+        wait_until(|| received(&clients) >= 60, Duration::from_secs(20)).await,
+        "the first update got under way"
+    );
+    s.send_raw(&update("score-2", 2)).await;
+    let run = ended(worker).await;
+    // An update older than the newest started is not sent.
+    s.send_raw(&update("score-0", 0)).await;
+    ended(s.worker("50", true)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut older = 0;
+    for client in clients.clients() {
+        let tally = client.tally();
+        assert_eq!(
+            tally.text_count("score-2"),
+            1,
+            "{}\n{}",
+            client.id(),
+            run.stdout
+        );
+        assert_eq!(tally.text_count("score-0"), 0, "{}", client.id());
+        older += u64::from(tally.text_count("score-1"));
+    }
+    assert!(older < 300, "the first update stopped part-way: {older}");
+    assert!(
+        run.stdout
+            .contains("a newer update takes over where the older one is"),
+        "from the older one's checkpoint: {}",
+        run.stdout
+    );
+    let reports = s.reports().await;
+    let status = |id: &str| {
+        reports
+            .iter()
+            .find(|r| r["id"] == id && r["kind"] == "run")
+            .map(|r| r["status"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(
+        status("score-1").as_deref(),
+        Some("superseded"),
+        "{reports:?}"
+    );
+    assert_eq!(status("score-2").as_deref(), Some("done"));
+    assert_eq!(status("score-0").as_deref(), Some("superseded"));
+    s.stack.close(clients).await;
+}

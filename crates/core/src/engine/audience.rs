@@ -52,6 +52,7 @@ pub(super) fn pages<S: ConnectionStore>(
     query: &AudienceQuery,
 ) -> impl Stream<Item = Result<Page, StoreError>> + use<S> {
     let pages = match &job.target {
+        _ if job.wrap => wrapped(&**store, query, job.resume.as_deref()),
         Target::Deferred(connections) => deferred_pages(connections, job.resume.as_deref()),
         Target::Channels(channels) => {
             crate::store::channels::pages(&**store, channels, job.resume.clone())
@@ -66,6 +67,68 @@ pub(super) fn pages<S: ConnectionStore>(
         _ => store.pages(query, job.resume.clone()),
     };
     read_ahead(pages)
+}
+
+/// A newer update's read when it takes over from an older one: from where
+/// the older stopped to the end (segment 0, resumed from its cursor), then
+/// from the start again (segment 1) up to the first connection segment 0
+/// read, so every connection gets it once. Resumed after a crash with segment
+/// 0 already read, that first connection is not known: segment 1 then reads
+/// to the end (a few connections twice, none missed).
+fn wrapped<S: ConnectionStore>(
+    store: &S,
+    query: &AudienceQuery,
+    resume: Option<&[Cursor]>,
+) -> BoxStream<'static, Result<Page, StoreError>> {
+    let cursor = |segment: u32| {
+        resume
+            .unwrap_or_default()
+            .iter()
+            .find(|c| c.segment == segment)
+            .map(|c| Cursor {
+                segment: 0,
+                position: c.position.clone(),
+            })
+    };
+    let first: std::sync::Arc<std::sync::Mutex<Option<crate::connection::ConnectionId>>> =
+        Default::default();
+    let seen = first.clone();
+    let to_end = store
+        .pages(query, cursor(0).map(|c| vec![c]))
+        .map(move |page| {
+            if let Ok(page) = &page
+                && let Some(c) = page.connections.first()
+            {
+                seen.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert_with(|| c.id.clone());
+            }
+            page
+        });
+    let again = store.pages(query, cursor(1).map(|c| vec![c]));
+    let round = stream::unfold(
+        (again, first, false),
+        |(mut pages, first, done)| async move {
+            if done {
+                return None;
+            }
+            let mut page = match pages.next().await? {
+                Ok(page) => page,
+                Err(e) => return Some((Err(e), (pages, first, true))),
+            };
+            page.next.segment = 1;
+            let stop = first.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let reached = stop.and_then(|id| page.connections.iter().position(|c| c.id == id));
+            if let Some(at) = reached {
+                // Up to the first connection of segment 0: the round is
+                // complete, and so is segment 1.
+                page.connections.truncate(at);
+                page.next.position = None;
+            }
+            Some((Ok(page), (pages, first, reached.is_some())))
+        },
+    );
+    to_end.chain(round).boxed()
 }
 
 /// A continuation's deferred connections as pages, resumed from an offset.

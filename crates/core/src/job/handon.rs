@@ -55,7 +55,7 @@ impl Job {
         JobSpec {
             // Version 1 has no deadline and no list of keys: an older task
             // must hand such a job back, not send it late or refuse it.
-            v: (self.deliver_by.is_some() || listed).then_some(2),
+            v: (self.deliver_by.is_some() || listed || self.latest.is_some()).then_some(2),
             id: Some(self.id.clone()),
             data,
             data_base64,
@@ -73,6 +73,11 @@ impl Job {
             part: 0,
             deliver_by: self.deliver_by.map(serde_json::Value::from),
             cancel: None,
+            latest: self.latest.as_ref().map(|l| super::LatestSpec {
+                key: l.key.clone(),
+                seq: l.seq,
+            }),
+            wrap: self.wrap,
         }
     }
 
@@ -152,6 +157,8 @@ impl Job {
         spec.channels = None;
         spec.to = None;
         spec.connections = None;
+        // The list is read as it is, not round from a point.
+        spec.wrap = false;
         if let Some(receipts) = &self.receipts {
             spec.to = Some(audience_keys(&receipts.name, &receipts.keys));
             spec.v = Some(2);

@@ -31,7 +31,7 @@ pub(crate) use handon::deferred_spec;
 pub use handon::{MAX_CONTINUATION_BYTES, TooLargeToContinue};
 pub use parse::{parse, read};
 pub use validate::validate;
-pub use wire::{AudienceKeys, DeferredSpec, JOB_FORMAT_VERSION, JobSpec, Segment};
+pub use wire::{AudienceKeys, DeferredSpec, JOB_FORMAT_VERSION, JobSpec, LatestSpec, Segment};
 
 /// Who a job goes to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,6 +82,20 @@ pub struct Job {
     /// broadcast's, or those a continuation of its deferred connections
     /// carries on.
     pub receipts: Option<Receipted>,
+    /// The stream of updates it belongs to, of which the newest wins.
+    pub latest: Option<Latest>,
+    /// A newer update taking over from an older one: past the audience's
+    /// end, it reads again from the start (see `engine::audience`).
+    pub wrap: bool,
+}
+
+/// A stream of updates to one audience, ordered by the producer's sequence:
+/// an update older than one already started is not sent, and a newer one
+/// stops an older one still sending and takes over where it stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Latest {
+    pub key: String,
+    pub seq: u64,
 }
 
 /// The keys of a `to` broadcast, for its receipts: whether any connection
@@ -136,6 +150,8 @@ impl Job {
             part: 0,
             deliver_by: None,
             receipts: None,
+            latest: None,
+            wrap: false,
         }
     }
 }
@@ -265,6 +281,13 @@ pub enum JobError {
     DeadlineTooFar { deadline: String },
     #[error("a cancel job names the broadcast to stop and nothing else: `v` and `cancel` alone")]
     CancelAlone,
+    #[error(
+        "`latest` applies to one `channel` or one `to` key, read in one order each time; \
+         this job's audience is {audience}"
+    )]
+    LatestNeedsOneQuery { audience: String },
+    #[error("`latest` cannot be combined with `split`: a stream's updates are read in one pass")]
+    LatestSplit,
     #[error("the job is a cancel, not a broadcast")]
     NotABroadcast,
     #[error("`{field}` holds {id:?}, which is not an API Gateway connection id: {problem}")]

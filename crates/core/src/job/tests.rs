@@ -736,3 +736,49 @@ fn a_deadline_that_is_no_instant_is_refused_at_parse() {
     let e = err(r#"{"v":2,"data":"x","deliver_by":"next tuesday"}"#);
     assert!(matches!(e, JobError::BadDeadline { .. }), "{e}");
 }
+
+#[test]
+fn latest_names_a_stream_with_a_sequence_on_one_query_and_needs_v_2() {
+    let ok = ok(r#"{"v":2,"data":"x","channel":"c","latest":{"key":"k","seq":7}}"#);
+    assert_eq!(
+        ok.latest,
+        Some(Latest {
+            key: "k".into(),
+            seq: 7
+        })
+    );
+    assert_eq!(ok.continuation(Vec::new()).v, Some(2), "its hand-ons too");
+    let e = err(r#"{"v":2,"data":"x","channel":"c","latest":{"key":"k"}}"#);
+    assert!(e.to_string().contains("missing field `seq`"), "{e}");
+    assert!(e.to_string().contains("latest"), "{e}");
+    assert_eq!(
+        err(r#"{"v":2,"data":"x","channel":"c","latest":{"key":"","seq":1}}"#),
+        JobError::EmptyValue {
+            field: "latest.key"
+        }
+    );
+    assert!(matches!(
+        err(r#"{"data":"x","channel":"c","latest":{"key":"k","seq":1}}"#),
+        JobError::NeedsVersion {
+            field: "latest",
+            ..
+        }
+    ));
+    for audience in [
+        r#""channels":["a","b"]"#,
+        r#""connections":["c1"]"#,
+        r#""to":{"user":["u-1","u-2"]}"#,
+        r#""split":1"#,
+    ] {
+        let body = format!(r#"{{"v":2,"data":"x",{audience},"latest":{{"key":"k","seq":1}}}}"#);
+        let e = err(&body);
+        assert!(
+            matches!(e, JobError::LatestNeedsOneQuery { .. }),
+            "{body}: {e}"
+        );
+    }
+    assert_eq!(
+        err(r#"{"v":2,"data":"x","split":4,"latest":{"key":"k","seq":1}}"#),
+        JobError::LatestSplit
+    );
+}

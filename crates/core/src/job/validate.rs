@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use base64::Engine as _;
 use bytes::Bytes;
 
-use super::wire::{AudienceKeys, DeferredSpec, JOB_FORMAT_VERSION, JobSpec, Segment};
-use super::{Capabilities, Job, JobError, Order, Receipted, Target, deadline};
+use super::wire::{AudienceKeys, DeferredSpec, JOB_FORMAT_VERSION, JobSpec, LatestSpec, Segment};
+use super::{Capabilities, Job, JobError, Latest, Order, Receipted, Target, deadline};
 use crate::connection::{self, BadId, Connection, ConnectionId};
 use crate::limits::{
     MAX_AUDIENCE_KEY_BYTES, MAX_AUDIENCE_KEYS, MAX_BROADCAST_KEY_BYTES, MAX_CHANNELS,
@@ -38,6 +38,8 @@ fn version_2_fields(spec: &JobSpec) -> Result<(), JobError> {
     });
     let field = if spec.cancel.is_some() {
         "cancel"
+    } else if spec.latest.is_some() {
+        "latest"
     } else if spec.deliver_by.is_some() {
         "deliver_by"
     } else if listed {
@@ -100,6 +102,10 @@ fn broadcast(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<Job
     let exclude = checked_ids("exclude", spec.exclude)?.into_iter().collect();
     shares(spec.split, spec.segment, payload.len(), &target)?;
     let deliver_by = spec.deliver_by.as_ref().map(deadline::read).transpose()?;
+    let latest = spec
+        .latest
+        .map(|l| stream(l, &target, spec.split))
+        .transpose()?;
     Ok(Job {
         id: spec.id.unwrap_or_else(|| message_id.to_owned()),
         payload,
@@ -114,6 +120,8 @@ fn broadcast(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<Job
         part: spec.part,
         deliver_by,
         receipts,
+        latest,
+        wrap: spec.wrap,
     })
 }
 
@@ -245,6 +253,40 @@ fn several_channels(channels: Vec<String>, caps: &Capabilities) -> Result<Target
         // One channel is that channel, with its cursor.
         Ok([one]) => Target::Channel(one),
         Err(several) => Target::Channels(several),
+    })
+}
+
+/// A stream's update: a key within bounds, on an audience read in one
+/// order each time (one channel, one `to` key; or a continuation's list).
+fn stream(spec: LatestSpec, target: &Target, split: Option<u32>) -> Result<Latest, JobError> {
+    if spec.key.is_empty() {
+        return Err(JobError::EmptyValue {
+            field: "latest.key",
+        });
+    }
+    if spec.key.len() > MAX_BROADCAST_KEY_BYTES {
+        return Err(JobError::KeyTooLong {
+            field: "latest.key",
+            value: shown(&spec.key),
+            len: spec.key.len(),
+            limit: MAX_BROADCAST_KEY_BYTES,
+        });
+    }
+    if split.is_some_and(|n| n > 1) {
+        return Err(JobError::LatestSplit);
+    }
+    match target {
+        Target::Channel(_) | Target::Deferred(_) => {}
+        Target::Audience { values, .. } if values.len() == 1 => {}
+        other => {
+            return Err(JobError::LatestNeedsOneQuery {
+                audience: other.to_string(),
+            });
+        }
+    }
+    Ok(Latest {
+        key: spec.key,
+        seq: spec.seq,
     })
 }
 

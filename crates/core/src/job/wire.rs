@@ -94,6 +94,28 @@ pub struct JobSpec {
     /// [`super::Order::Cancel`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel: Option<String>,
+    /// Format version 2: this job is an update of a stream of values, of
+    /// which only the newest matters (see [`super::Latest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest: Option<LatestSpec>,
+    /// Set by fanout on a newer update that takes over from an older one:
+    /// after the audience's end, read it again from its start, up to the
+    /// first connection this update sent to. Producers leave it out.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub wrap: bool,
+}
+
+/// `latest` as producers write it: the stream's key and this update's
+/// place in it, by the producer's own sequence.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatestSpec {
+    pub key: String,
+    pub seq: u64,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// One deferred connection in a continuation job.
@@ -160,5 +182,5 @@ fn present<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<serde_json:
 }
 
 /// The newest job format this build reads (see [`JobSpec::v`]). Version 2
-/// adds `deliver_by` and `cancel`.
+/// adds `deliver_by`, `cancel`, lists of `to` keys and `latest`.
 pub const JOB_FORMAT_VERSION: u32 = 2;

@@ -43,15 +43,17 @@ pub struct Totals {
     pub unsent: u64,
     pub throttled: u64,
     pub retries: u64,
-    /// Pieces that ended `lapsed`, `cancelled` and `dead_lettered`.
+    /// Pieces that ended `lapsed`, `cancelled`, `superseded` and
+    /// `dead_lettered`.
     pub lapsed: u64,
     pub cancelled: u64,
+    pub superseded: u64,
     pub dead_lettered: u64,
 }
 
 impl Totals {
     /// Each count by the name it is stored under.
-    pub fn named(&self) -> [(&'static str, u64); 12] {
+    pub fn named(&self) -> [(&'static str, u64); 13] {
         [
             ("audience", self.audience),
             ("delivered", self.delivered),
@@ -64,6 +66,7 @@ impl Totals {
             ("retries", self.retries),
             ("lapsed", self.lapsed),
             ("cancelled", self.cancelled),
+            ("superseded", self.superseded),
             ("deadLettered", self.dead_lettered),
         ]
     }
@@ -82,6 +85,7 @@ impl Totals {
             retries: get("retries"),
             lapsed: get("lapsed"),
             cancelled: get("cancelled"),
+            superseded: get("superseded"),
             dead_lettered: get("deadLettered"),
         }
     }
@@ -172,6 +176,6 @@ mod tests {
             ..Totals::default()
         });
         assert_eq!((sum.delivered, sum.lapsed, sum.cancelled), (5, 1, 1));
-        assert_eq!(Totals::from_named(|_| 7).named().map(|n| n.1), [7; 12]);
+        assert_eq!(Totals::from_named(|_| 7).named().map(|n| n.1), [7; 13]);
     }
 }

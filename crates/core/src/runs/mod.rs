@@ -31,6 +31,7 @@ mod admission;
 mod broadcasts;
 mod cancels;
 mod ledger;
+mod streams;
 
 use crate::job::DeferredSpec;
 use crate::store::Cursor;
@@ -38,6 +39,7 @@ pub use admission::{Renewed, Request, Ruling, Windows, admit};
 pub use broadcasts::{BroadcastTally, Piece, Tallied, Totals, tally_key};
 pub use cancels::{CANCEL_POLL, Cancelled};
 pub use ledger::{Admission, Ledger, RunLease};
+pub use streams::{LATEST_POLL, StreamClaim};
 
 /// One run's record as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -14,9 +14,10 @@ use super::settle::Settlement;
 use crate::gateway::Gateway;
 use crate::job::Job;
 use crate::job::deadline::{self, Due};
+use crate::job::keys::RunKey;
 use crate::queue::{JobQueue, Message};
 use crate::reports::Draft;
-use crate::runs::{CANCEL_POLL, Cancelled, Ledger, rfc3339};
+use crate::runs::{CANCEL_POLL, Cancelled, LATEST_POLL, Ledger, StreamClaim, rfc3339};
 use crate::store::ConnectionStore;
 
 /// Why a broadcast stops before its end.
@@ -26,6 +27,8 @@ pub(super) enum Halt {
     Lapsed,
     /// A cancel named it.
     Cancelled,
+    /// A newer update of its stream owns the stream.
+    Superseded,
 }
 
 /// The watch over one run: a deadline timer and a tombstone poll, which
@@ -64,8 +67,8 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// cancelled, or a deadline too far ahead), with its report.
     pub(super) async fn may_start(
         &self,
-        job: &Job,
-        draft: impl Fn() -> Draft,
+        job: &mut Job,
+        draft: impl Fn(&Job) -> Draft,
     ) -> Result<(), (Settlement, Draft)> {
         if let Some(deadline) = job.deliver_by {
             let now = self.settings.clock.now_ms();
@@ -78,13 +81,13 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                         rfc3339(deadline)
                     );
                     tracing::info!(job_id = %job.id, reason, "a broadcast past its deadline");
-                    return Err((Settlement::Halted(Halt::Lapsed), draft().because(reason)));
+                    return Err((Settlement::Halted(Halt::Lapsed), draft(job).because(reason)));
                 }
                 Err(e) => {
                     let reason = e.to_string();
                     return Err((
                         Settlement::DeadLetter(reason.clone()),
-                        draft().because(reason),
+                        draft(job).because(reason),
                     ));
                 }
             }
@@ -94,9 +97,76 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         {
             let reason = format!("the broadcast {} was cancelled: not sent", job.id);
             tracing::info!(job_id = %job.id, "a piece of a cancelled broadcast; not sent");
-            return Err((Settlement::Halted(Halt::Cancelled), draft().because(reason)));
+            return Err((
+                Settlement::Halted(Halt::Cancelled),
+                draft(job).because(reason),
+            ));
+        }
+        if job.latest.is_some() {
+            return self
+                .claim_stream(job)
+                .await
+                .map_err(|(s, reason)| (s, draft(job).because(reason)));
         }
         Ok(())
+    }
+
+    /// An update of a stream (`latest`): it runs if it is the newest
+    /// started, from where an older one still sending is; otherwise it is
+    /// settled superseded. Without run records it is refused.
+    async fn claim_stream(&self, job: &mut Job) -> Result<(), (Settlement, String)> {
+        let Some(latest) = job.latest.clone() else {
+            return Ok(());
+        };
+        let Some(ledger) = &self.ledger else {
+            let reason = format!(
+                "`latest` needs the run records of durable broadcasts; set {}",
+                crate::limits::setting::Setting::CheckpointTable
+            );
+            return Err((Settlement::DeadLetter(reason.clone()), reason));
+        };
+        let first = RunKey {
+            broadcast: job.id.clone(),
+            segment: None,
+            continuation: 0,
+            part: 0,
+        };
+        let audience = job.target.to_string();
+        match ledger
+            .claim_stream(&latest, &job.id, &first.storage_key(), &audience)
+            .await
+        {
+            Ok(StreamClaim::Owns { from }) => {
+                let own_start = job.continuation == 0 && job.part == 0 && job.resume.is_none();
+                if own_start && !from.is_empty() {
+                    tracing::info!(job_id = %job.id, stream = latest.key, seq = latest.seq, "a newer update takes over where the older one is");
+                    job.resume = Some(from);
+                    job.wrap = true;
+                }
+                Ok(())
+            }
+            Ok(StreamClaim::Superseded { by }) => {
+                let reason = format!(
+                    "update {} of the stream {} is superseded by update {by}: not sent",
+                    latest.seq, latest.key
+                );
+                Err((Settlement::Halted(Halt::Superseded), reason))
+            }
+            Ok(StreamClaim::OtherAudience) => {
+                let reason = format!(
+                    "the stream {} goes to another audience than {audience}: one stream, one \
+                     audience (use another key)",
+                    latest.key
+                );
+                Err((Settlement::DeadLetter(reason.clone()), reason))
+            }
+            Err(e) => {
+                // At least once: without the record, the update goes out as
+                // a plain broadcast.
+                tracing::warn!(job_id = %job.id, error = %e, "cannot read the stream's record; sending the update as it is");
+                Ok(())
+            }
+        }
     }
 
     /// Watches a starting run: stops it at its deadline, or once a cancel
@@ -112,6 +182,23 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             tasks.push(tokio::spawn(async move {
                 tokio::time::sleep(left).await;
                 halt(&stop, &why, Halt::Lapsed);
+            }));
+        }
+        if let (Some(ledger), Some(latest)) = (self.ledger.clone(), job.latest.clone()) {
+            let (stop, why) = (stop.clone(), why.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(LATEST_POLL).await;
+                    if ledger.superseded(&latest).await {
+                        tracing::info!(
+                            stream = latest.key,
+                            seq = latest.seq,
+                            "a newer update owns the stream; stopping this one"
+                        );
+                        halt(&stop, &why, Halt::Superseded);
+                        return;
+                    }
+                }
             }));
         }
         if let Some(ledger) = self.ledger.clone() {

@@ -353,7 +353,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             }
         };
         if let Err((settlement, draft)) = self
-            .may_start(&job, || Draft::of_job(&job, &message.id, started))
+            .may_start(&mut job, |job| Draft::of_job(job, &message.id, started))
             .await
         {
             return (settlement, Some(draft), None);

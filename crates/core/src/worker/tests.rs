@@ -883,6 +883,7 @@ async fn a_run_ends_only_after_the_removals_its_rechecks_decided() {
 }
 
 mod halts;
+mod latest;
 mod receipts;
 mod whole;
 

@@ -369,6 +369,11 @@ fn the_schema_has_every_field_of_the_parser_in_its_part() {
         part: 1,
         deliver_by: Some(1_796_581_800_000_i64.into()),
         cancel: Some("c".into()),
+        latest: Some(job::LatestSpec {
+            key: "k".into(),
+            seq: 1,
+        }),
+        wrap: true,
     };
     let fields: BTreeSet<String> = serde_json::to_value(&full)
         .unwrap()
@@ -387,6 +392,7 @@ fn the_schema_has_every_field_of_the_parser_in_its_part() {
             "deferrals",
             "continuation",
             "part",
+            "wrap",
         ]
         .map(String::from),
     );

@@ -1,0 +1,207 @@
+//! Streams of updates (`latest`) against the fakes: an older update is not
+//! sent, a newer one stops an older one and takes over round from where it
+//! was.
+
+use super::*;
+use crate::fakes::FakeRunTable;
+use crate::runs::{Ledger, RunRecord, Windows};
+
+fn ledger(rig: &Rig, runs: &Arc<FakeRunTable>) -> Arc<Ledger> {
+    let windows = Windows {
+        dedup: Duration::from_secs(24 * 3600),
+        lease: Duration::from_secs(30),
+    };
+    Arc::new(Ledger::new(runs.clone(), windows, rig.metrics.clone()))
+}
+
+/// A rig whose 20 connections are all in channel `match`, pages of 5.
+fn channel(bodies: &[&str], gateway: FakeGateway) -> Rig {
+    let mut table = FakeTable::with(&ids(20), 5);
+    table.channels.insert("match".into(), ids(20));
+    let mut rig = Rig::new(FakeQueue::with_jobs(bodies, true), gateway);
+    rig.table = Arc::new(table);
+    rig
+}
+
+fn channel_settings() -> WorkerSettings {
+    WorkerSettings {
+        max_concurrent_jobs: 1,
+        capabilities: Capabilities {
+            channels: true,
+            audiences: Some(Vec::new()),
+        },
+        ..settings()
+    }
+}
+
+fn update(id: &str, seq: u64) -> String {
+    format!(
+        r#"{{"v":2,"id":"{id}","data":"{id}","channel":"match","latest":{{"key":"score","seq":{seq}}}}}"#
+    )
+}
+
+fn runs_of(rig: &Rig) -> Vec<BroadcastReport> {
+    rig.reports
+        .reports()
+        .into_iter()
+        .filter(|r| r.kind == crate::reports::Kind::Run)
+        .collect()
+}
+
+/// A record in the run table, as another task would have written it.
+fn record(key: &str, checkpoint: &str, finished: bool) -> RunRecord {
+    RunRecord {
+        key: key.into(),
+        fingerprint: "f".into(),
+        owner: "another-task".into(),
+        message_id: "m9".into(),
+        receipt: String::new(),
+        lease_until_ms: i64::MAX / 2,
+        finished_at_ms: finished.then_some(1),
+        expires_at: i64::MAX / 1000,
+        checkpoint: Some(checkpoint.into()),
+        version: 1,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_update_older_than_one_started_is_settled_superseded_unsent() {
+    let (five, three) = (update("score-5", 5), update("score-3", 3));
+    let rig = channel(&[&five, &three], FakeGateway::default());
+    let runs = Arc::new(FakeRunTable::default());
+    rig.run_with(
+        channel_settings(),
+        CancellationToken::new(),
+        Some(ledger(&rig, &runs)),
+    )
+    .await;
+    let delivered = rig.gateway.delivered.lock().unwrap().clone();
+    assert_eq!(delivered.len(), 20, "the newer one, once to each");
+    assert!(delivered.iter().all(|(_, payload)| payload == "score-5"));
+    let reports = runs_of(&rig);
+    assert_eq!(reports[1].status, Status::Superseded);
+    assert!(reports[1].is_final);
+    let said = reports[1].reason.as_deref().unwrap();
+    assert!(said.contains("superseded by update 5"), "{said}");
+    assert_eq!(rig.queue.deleted_ids(), ["r0", "r1"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_newer_update_takes_over_where_the_older_one_is_and_goes_round() {
+    let rig = channel(&[&update("score-2", 2)], FakeGateway::default());
+    let runs = Arc::new(FakeRunTable::default());
+    {
+        // The older update owns the stream and, by its checkpoint, has
+        // answered the first two pages.
+        let mut records = runs.records.lock().unwrap();
+        let owner = r#"{"seq":1,"id":"score-1","run":"s-.c0.0:score-1","audience":"channel match","from":[]}"#;
+        records.insert("latest:score".into(), record("latest:score", owner, true));
+        let older = record(
+            "s-.c0.0:score-1",
+            r#"{"resume":[{"segment":0,"position":10}]}"#,
+            false,
+        );
+        records.insert(older.key.clone(), older);
+    }
+    rig.run_with(
+        channel_settings(),
+        CancellationToken::new(),
+        Some(ledger(&rig, &runs)),
+    )
+    .await;
+    let delivered: Vec<String> = rig
+        .gateway
+        .delivered
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(delivered.len(), 20, "each connection once: {delivered:?}");
+    let mut once = delivered.clone();
+    once.sort();
+    once.dedup();
+    assert_eq!(once.len(), 20, "{delivered:?}");
+    // The sends run concurrently, so the first page's answers come in any
+    // order: the first eight are from where the older one was on.
+    let from_ten: Vec<String> = (10..20).map(|i| format!("conn-{i}")).collect();
+    assert!(
+        delivered[..8].iter().all(|id| from_ten.contains(id)),
+        "from where the older one was: {delivered:?}"
+    );
+    let [report] = &runs_of(&rig)[..] else {
+        panic!("one run")
+    };
+    assert_eq!((report.status, report.delivered), (Status::Done, 20));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_running_update_stops_when_a_newer_one_owns_the_stream() {
+    // conn-3 never answers: the older update would wait on it.
+    let rig = channel(&[&update("score-1", 1)], stalling("conn-3"));
+    let runs = Arc::new(FakeRunTable::default());
+    let table = runs.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let owner = r#"{"seq":9,"id":"score-9","run":"s-.c0.0:score-9","audience":"channel match","from":[]}"#;
+        let mut records = table.records.lock().unwrap();
+        let version = records["latest:score"].version;
+        let mut newer = record("latest:score", owner, true);
+        newer.version = version + 1;
+        records.insert(newer.key.clone(), newer);
+    });
+    let began = tokio::time::Instant::now();
+    rig.run_with(
+        channel_settings(),
+        CancellationToken::new(),
+        Some(ledger(&rig, &runs)),
+    )
+    .await;
+    let took = began.elapsed();
+    assert!(
+        took < Duration::from_secs(2) + crate::runs::LATEST_POLL * 2,
+        "{took:?}"
+    );
+    assert!(rig.queue.sent.lock().unwrap().is_empty(), "no continuation");
+    let [report] = &runs_of(&rig)[..] else {
+        panic!("one run")
+    };
+    assert_eq!((report.status, report.is_final), (Status::Superseded, true));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_without_run_records_or_with_another_audience_is_refused_with_the_reason() {
+    let rig = channel(&[&update("score-1", 1)], FakeGateway::default());
+    rig.run(channel_settings(), CancellationToken::new()).await;
+    let dead = rig.queue.dead.as_ref().unwrap().lock().unwrap().clone();
+    assert!(dead[0].1.contains("checkpoint table"), "{dead:?}");
+
+    let other =
+        r#"{"v":2,"id":"s-2","data":"x","to":{"user":"u-1"},"latest":{"key":"score","seq":2}}"#;
+    let mut rig = channel(&[&update("score-1", 1), other], FakeGateway::default());
+    rig.table = Arc::new({
+        let mut table = FakeTable::with(&ids(20), 5);
+        table.channels.insert("match".into(), ids(20));
+        table.audiences.insert("user".into(), Default::default());
+        table
+    });
+    let runs = Arc::new(FakeRunTable::default());
+    let settings = WorkerSettings {
+        capabilities: Capabilities {
+            channels: true,
+            audiences: Some(vec!["user".into()]),
+        },
+        ..channel_settings()
+    };
+    rig.run_with(
+        settings,
+        CancellationToken::new(),
+        Some(ledger(&rig, &runs)),
+    )
+    .await;
+    let dead = rig.queue.dead.as_ref().unwrap().lock().unwrap().clone();
+    let [(_, reason)] = &dead[..] else {
+        panic!("{dead:?}")
+    };
+    assert!(reason.contains("one stream, one audience"), "{reason}");
+}
