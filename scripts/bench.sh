@@ -538,7 +538,7 @@ for run in $(seq "$RUNS"); do
     (cd "$ROOT" && FANOUT_DEV_LATEST="$LATEST_SCALE" cargo test "${profile[@]}" --quiet -p fanout --test fleet latest_ -- --nocapture) \
       >"$WORK/latest.out" 2>&1 || latest_ok=0
     # With --nocapture a test's line may follow libtest's "test NAME ... ".
-    grep -o 'kind=latest .*' "$WORK/latest.out" | sed "s/^/run=$run /" >>"$OUT" || true
+    grep -o 'kind=latest.*' "$WORK/latest.out" | sed "s/^/run=$run /" >>"$OUT" || true
     # The figures of a run whose checks failed are kept, and the summary
     # says so; the run set goes on.
     if ((latest_ok == 0)); then

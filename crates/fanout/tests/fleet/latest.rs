@@ -31,7 +31,7 @@ use std::time::Duration;
 use fanout_dev::gateway::registry::now_ms;
 use fanout_dev::gateway::seqs::Staleness;
 use fanout_testkit::support::worker::{Run, finish, signal_pid, start};
-use fanout_testkit::support::{self, TableKey};
+use fanout_testkit::support::{self, IndexSpec};
 
 use super::{Fleet, SETTLED_AFTER};
 
@@ -114,10 +114,25 @@ fn job(mode: Mode, seq: u64) -> String {
     .to_string()
 }
 
-/// A table of `rows` connections, `c-00000` on, all in [`CHANNEL`].
+/// A table of `rows` connections, `c-00000` on, all in [`CHANNEL`], with
+/// the channel index the template's own WebSocket API has: `channel`, then
+/// `connectionId`. (An index on `channel` alone loses rows in dynalite: it
+/// keys an index entry by the index key and 24 bits of a hash of the
+/// table key, so two ids whose hashes share them hold one entry, about 12
+/// of 20,000 ids.)
 async fn channel_of(rows: usize) -> (String, Vec<String>) {
     let dynamo = support::dynamodb().await;
-    let table = support::create_table(&dynamo, "latest-audience", TableKey::Id, true).await;
+    let table = support::create_table_with_indexes(
+        &dynamo,
+        "latest-audience",
+        (support::ID, None),
+        &[IndexSpec {
+            name: support::CHANNEL_INDEX,
+            partition: support::CHANNEL,
+            sort: Some(support::ID),
+        }],
+    )
+    .await;
     let ids = support::ids("c", rows);
     support::put_connections(&dynamo, &table, &ids, Some(CHANNEL)).await;
     (table, ids)
@@ -131,8 +146,13 @@ struct Measured {
     sent: Vec<(u64, u64)>,
     /// From the first send to the measurement's end.
     span_ms: u64,
-    /// POSTs at the gateway per whole second of that span, on average.
+    /// POSTs at the gateway per whole second while updates were sent, on
+    /// average, and in each second from the first send to the end.
     posts_per_s: f64,
+    per_second: Vec<u64>,
+    /// Up to ten connections without the last update at the end, each with
+    /// the highest `seq` it had (0: none) and the posts it got.
+    missing: Vec<(String, u64, u32)>,
     /// Each broadcast report's status, and how many had it.
     statuses: std::collections::BTreeMap<String, usize>,
 }
@@ -217,11 +237,30 @@ async fn measure(mode: Mode, table: &str, ids: &[String], scale: Scale) -> Measu
     }
     let stats = fleet.gateway.stats().await;
     fleet.gateway.shutdown().await;
-    let seconds: Vec<u64> = stats
-        .posts_per_second
+    let posts = |from_ms: u64, until_ms: u64| -> Vec<u64> {
+        (from_ms / 1000..=until_ms / 1000)
+            .map(|second| {
+                stats
+                    .posts_per_second
+                    .iter()
+                    .find(|&&(s, _)| s == second)
+                    .map_or(0, |&(_, n)| n)
+            })
+            .collect()
+    };
+    // Whole seconds only: the first and the last are partial.
+    let streaming = posts(first_sent, last.1);
+    let whole = &streaming[1.min(streaming.len())..streaming.len().saturating_sub(1)];
+    let missing = ids
         .iter()
-        .filter(|&&(second, _)| second > first_sent / 1000 && second < end_ms / 1000)
-        .map(|&(_, n)| n)
+        .filter_map(|id| {
+            let held = seqs.ids.get(id);
+            let top = held
+                .and_then(|h| h.raised.iter().rfind(|&&(_, at)| at <= end_ms))
+                .map_or(0, |&(seq, _)| seq);
+            (top < last.0).then(|| (id.clone(), top, held.map_or(0, |h| h.received)))
+        })
+        .take(10)
         .collect();
     let staleness = Staleness::measure(
         &sent,
@@ -234,7 +273,9 @@ async fn measure(mode: Mode, table: &str, ids: &[String], scale: Scale) -> Measu
         mode,
         staleness,
         span_ms: end_ms - first_sent,
-        posts_per_s: seconds.iter().sum::<u64>() as f64 / seconds.len().max(1) as f64,
+        posts_per_s: whole.iter().sum::<u64>() as f64 / whole.len().max(1) as f64,
+        per_second: posts(first_sent, end_ms),
+        missing,
         sent,
         statuses,
     }
@@ -253,7 +294,7 @@ fn print(m: &Measured, scale: Scale) {
         "kind=latest mode={} connections={} updates={} every_ms={} fleet_rate={} workers={WORKERS} \
          stale_over_5s={} no_update={} last_to_all_ms={} behind_over_5s={} have_last={} \
          stale_median_ms={} stale_max_ms={} behind_median_ms={} behind_max_ms={} \
-         updates_median={} posts_per_s={:.0} span_s={:.1} statuses={statuses}",
+         updates_median={} posts_per_s={:.0} span_s={:.1} statuses={statuses} per_second={}",
         m.mode.name(),
         s.connections,
         m.sent.len(),
@@ -272,7 +313,23 @@ fn print(m: &Measured, scale: Scale) {
         s.updates_median,
         m.posts_per_s,
         m.span_ms as f64 / 1000.0,
+        m.per_second
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
     );
+    if !m.missing.is_empty() {
+        println!(
+            "kind=latest_missing mode={} first_ten={}",
+            m.mode.name(),
+            m.missing
+                .iter()
+                .map(|(id, seq, posts)| format!("{id}:seq{seq}:posts{posts}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+    }
 }
 
 pub(super) async fn the_newest_value_reaches_every_connection() {
