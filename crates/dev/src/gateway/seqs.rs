@@ -142,6 +142,9 @@ pub struct Staleness {
     pub behind_max_ms: u64,
     /// Median of the rises each id had: how many newer values reached it.
     pub updates_median: u64,
+    /// Where in the audience's order (as given) the ids that never waited
+    /// over the threshold are: the first and the last of them.
+    pub kept_up_span: Option<(usize, usize)>,
 }
 
 /// One id's figures.
@@ -199,6 +202,10 @@ impl Staleness {
             behind_median_ms,
             behind_max_ms,
             updates_median: median_max(|o| o.updates).0,
+            kept_up_span: ones
+                .iter()
+                .position(|o| o.behind_ms <= over_ms)
+                .zip(ones.iter().rposition(|o| o.behind_ms <= over_ms)),
         }
     }
 }
@@ -437,6 +444,7 @@ mod tests {
                 behind_median_ms: 18_700,
                 behind_max_ms: 19_000,
                 updates_median: 2,
+                kept_up_span: Some((0, 0)),
             }
         );
         // Without the two that never had the last value: b had it 8,000 ms

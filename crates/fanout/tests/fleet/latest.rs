@@ -294,7 +294,8 @@ fn print(m: &Measured, scale: Scale) {
         "kind=latest mode={} connections={} updates={} every_ms={} fleet_rate={} workers={WORKERS} \
          stale_over_5s={} no_update={} last_to_all_ms={} behind_over_5s={} have_last={} \
          stale_median_ms={} stale_max_ms={} behind_median_ms={} behind_max_ms={} \
-         updates_median={} posts_per_s={:.0} span_s={:.1} statuses={statuses} per_second={}",
+         updates_median={} kept_up_span={} posts_per_s={:.0} span_s={:.1} statuses={statuses} \
+         per_second={}",
         m.mode.name(),
         s.connections,
         m.sent.len(),
@@ -311,6 +312,8 @@ fn print(m: &Measured, scale: Scale) {
         s.behind_median_ms,
         s.behind_max_ms,
         s.updates_median,
+        s.kept_up_span
+            .map_or_else(|| "none".to_owned(), |(a, b)| format!("{a}..{b}")),
         m.posts_per_s,
         m.span_ms as f64 / 1000.0,
         m.per_second
