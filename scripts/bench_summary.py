@@ -320,10 +320,14 @@ def latest_section(rows):
            table(["jobs", "runs", f"connections ever > 5 s without the newest (of {n:,})", "with no update",
                   "last update's send → every connection has it", "> 5 s before an update (or a newer one) came",
                   "longest such wait, ms", "hold the last update at the end", "updates a connection got (median)",
-                  "posts/s at the gateway", "measured for, s"], lines), ""]
+                  "posts/s at the gateway while updates were sent", "measured for, s"], lines), ""]
     for mode, g in modes.items():
         statuses = sorted({r.get("statuses", "") for r in g})
         out.append(f"- {mode}: broadcast reports by status, per run: {'; '.join(statuses) or '-'}")
+        spans = [r["kept_up_span"] for r in g if "kept_up_span" in r]
+        if spans:
+            out.append(f"- {mode}: where the connections that never waited over 5 s are in the channel's "
+                       f"order (first..last), per run: {', '.join(spans)}")
     failed = of_kind(rows, "latest_failed")
     if failed:
         out.append(f"- runs whose checks failed (with `latest`, every connection ends with the last update): "
