@@ -164,6 +164,36 @@ pub struct BroadcastReport {
     pub runs: Option<u64>,
 }
 
+impl BroadcastReport {
+    /// Its counts, as a broadcast adds them up.
+    fn counts(&self) -> Totals {
+        Totals {
+            audience: self.audience,
+            delivered: self.delivered,
+            gone: self.gone,
+            expired: self.expired,
+            removed: self.removed,
+            failed: self.failed,
+            unsent: self.unsent,
+            throttled: self.throttled,
+            retries: self.retries,
+            ..Totals::default()
+        }
+    }
+
+    fn set_counts(&mut self, t: &Totals) {
+        self.audience = t.audience;
+        self.delivered = t.delivered;
+        self.gone = t.gone;
+        self.expired = t.expired;
+        self.removed = t.removed;
+        self.failed = t.failed;
+        self.unsent = t.unsent;
+        self.throttled = t.throttled;
+        self.retries = t.retries;
+    }
+}
+
 /// A report before its message is settled: everything but the status and
 /// the end, and a `to` broadcast's keys, which the status decides on.
 #[derive(Clone, Debug)]
@@ -174,17 +204,20 @@ impl Draft {
     pub fn of_run(job: &Job, message_id: &str, report: &RunSummary, started: SystemTime) -> Self {
         let mut draft = Self::of_job(job, message_id, started);
         let r = &mut draft.0;
-        r.audience = report.audience;
-        r.delivered = report.delivered;
-        r.gone = report.gone;
-        r.expired = report.expired;
-        r.removed = report.removed;
-        r.failed = report.failed;
+        r.set_counts(&Totals {
+            audience: report.audience,
+            delivered: report.delivered,
+            gone: report.gone,
+            expired: report.expired,
+            removed: report.removed,
+            failed: report.failed,
+            throttled: report.throttled,
+            retries: report.retries,
+            ..Totals::default()
+        });
         r.deferred = report.deferred.len() as u64;
         r.rechecking = report.rechecking;
         r.kept = report.kept;
-        r.throttled = report.throttled;
-        r.retries = report.retries;
         r.failed_ids = report
             .rejected
             .iter()
@@ -324,19 +357,11 @@ impl Draft {
             run: self.run_key().storage_key(),
             expects,
             totals: Totals {
-                audience: r.audience,
-                delivered: r.delivered,
-                gone: r.gone,
-                expired: r.expired,
-                removed: r.removed,
-                failed: r.failed,
-                unsent: r.unsent,
-                throttled: r.throttled,
-                retries: r.retries,
                 lapsed: u64::from(status == Status::Lapsed),
                 superseded: u64::from(status == Status::Superseded),
                 cancelled: u64::from(status == Status::Cancelled),
                 dead_lettered: u64::from(status == Status::DeadLettered),
+                ..r.counts()
             },
             reached: receipts.map(KeyReceipts::reached_keys).unwrap_or_default(),
             unreached: receipts.map(|k| k.unreached(stopped)).unwrap_or_default(),
@@ -353,15 +378,7 @@ impl Draft {
         report.kind = Kind::Broadcast;
         report.status = status;
         report.is_final = true;
-        report.audience = t.audience;
-        report.delivered = t.delivered;
-        report.gone = t.gone;
-        report.expired = t.expired;
-        report.removed = t.removed;
-        report.failed = t.failed;
-        report.unsent = t.unsent;
-        report.throttled = t.throttled;
-        report.retries = t.retries;
+        report.set_counts(t);
         report.started_at = crate::runs::rfc3339(tally.started_ms);
         report.ended_at = rfc3339(ended);
         report.runs = Some(tally.settled.len() as u64);

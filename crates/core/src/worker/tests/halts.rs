@@ -4,15 +4,7 @@
 use super::*;
 use crate::connection::expiry::epoch_ms;
 use crate::fakes::FakeRunTable;
-use crate::runs::{Ledger, RunRecord, Windows};
-
-fn ledger(rig: &Rig, runs: &Arc<FakeRunTable>) -> Arc<Ledger> {
-    let windows = Windows {
-        dedup: Duration::from_secs(24 * 3600),
-        lease: Duration::from_secs(30),
-    };
-    Arc::new(Ledger::new(runs.clone(), windows, rig.metrics.clone()))
-}
+use crate::runs::RunRecord;
 
 fn one_at_a_time() -> WorkerSettings {
     WorkerSettings {
