@@ -312,6 +312,8 @@ def cancel_section(rows):
         out += [f"- the last post within 3,000 ms of the cancel's send, every run: "
                 f"{verdict(max(stops) <= 3000)}",
                 f"- every segment's run `cancelled`, final, every run: {verdict(all(settled))}",
+                f"- posts that landed but count as `unsent` in the reports (in flight when the runs stopped): "
+                f"{spread(floats(rs, 'landed_unreported'), '{:.0f}')}",
                 "- segments stopped per task (each run): " + "; ".join(r["stopped_per_task"] for r in rs)]
     if missed:
         out.append(f"- runs in which the cancel test failed or missed its target: {len(missed)}")
