@@ -122,11 +122,16 @@ pub struct BroadcastReport {
     pub failed: u64,
     /// Connections still `deferred` when the run ended.
     pub deferred: u64,
-    /// For a run stopped by its deadline or a cancel: connections read
-    /// that got no final answer (never posted to, in flight, or deferred).
-    /// Pages not read by then are not counted.
+    /// For a run stopped by its deadline or a cancel: connections of its
+    /// audience that got no final answer (never posted to, in flight, or
+    /// deferred), those it never read counted by reading on without
+    /// sending.
     #[serde(default)]
     pub unsent: u64,
+    /// The part of the audience a stopped run never read could not be
+    /// counted in time: `unsent` counts only what it had read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unsent_partial: bool,
     /// 410s posted to again after the connect window (their rows are
     /// removed only on a second 410).
     #[serde(default)]
@@ -287,6 +292,7 @@ impl Draft {
             failed: 0,
             deferred: 0,
             unsent: 0,
+            unsent_partial: false,
             rechecking: 0,
             kept: 0,
             endpoint: None,
@@ -321,6 +327,15 @@ impl Draft {
         let r = &mut self.0;
         let answered = r.delivered + r.gone + r.expired + r.failed;
         r.unsent = r.audience.saturating_sub(answered);
+        self
+    }
+
+    /// A stopped run's never-read connections, when they could be counted.
+    pub fn unread(mut self, count: Option<u64>) -> Self {
+        match count {
+            Some(count) => self.0.unsent += count,
+            None => self.0.unsent_partial = true,
+        }
         self
     }
 
@@ -361,6 +376,7 @@ impl Draft {
                 superseded: u64::from(status == Status::Superseded),
                 cancelled: u64::from(status == Status::Cancelled),
                 dead_lettered: u64::from(status == Status::DeadLettered),
+                unsent_partial: u64::from(r.unsent_partial),
                 ..r.counts()
             },
             reached: receipts.map(KeyReceipts::reached_keys).unwrap_or_default(),
@@ -379,6 +395,7 @@ impl Draft {
         report.status = status;
         report.is_final = true;
         report.set_counts(t);
+        report.unsent_partial = t.unsent_partial > 0;
         report.started_at = crate::runs::rfc3339(tally.started_ms);
         report.ended_at = rfc3339(ended);
         report.runs = Some(tally.settled.len() as u64);

@@ -43,8 +43,9 @@ fn only_report(rig: &Rig) -> BroadcastReport {
 }
 
 /// A run stopped while conn-3's post hung: the message deleted with
-/// nothing handed on, a final report whose `unsent` counts what was read
-/// and not answered (the later pages wait on that answer, so are unread).
+/// nothing handed on, a final report whose `unsent` counts every connection
+/// not reached: read and not answered, and (counted by reading on) those
+/// of the later pages, which waited on that answer.
 fn assert_stopped_with_conn_3_unsent(rig: &Rig, status: Status) {
     let delivered = rig.gateway.delivered.lock().unwrap().len() as u64;
     assert!(rig.queue.sent.lock().unwrap().is_empty(), "no continuation");
@@ -53,7 +54,8 @@ fn assert_stopped_with_conn_3_unsent(rig: &Rig, status: Status) {
     assert_eq!((report.status, report.is_final), (status, true));
     assert_eq!(report.delivered, delivered);
     assert!(report.unsent >= 1, "{report:?}");
-    assert_eq!(report.unsent, report.audience - delivered, "{report:?}");
+    assert_eq!(report.unsent, 20 - delivered, "{report:?}");
+    assert!(!report.unsent_partial);
     assert!(delivered >= 4 && report.audience < 20, "{report:?}");
 }
 
@@ -72,6 +74,24 @@ async fn a_job_received_after_its_deadline_is_settled_lapsed_and_sends_nothing()
     assert_eq!((report.status, report.is_final), (Status::Lapsed, true));
     let reason = report.reason.unwrap();
     assert!(reason.contains("after its deadline"), "{reason}");
+    assert_eq!(
+        (report.unsent, report.unsent_partial),
+        (20, false),
+        "counted, not sent"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stopped_broadcast_whose_rest_cannot_be_counted_says_so() {
+    let mut rig = Rig::jobs(&[&with_deadline(now_ms() - 1)]);
+    rig.table = Arc::new(FakeTable {
+        fail_after_pages: Some(0),
+        ..FakeTable::with(&ids(20), 5)
+    });
+    rig.run(settings(), CancellationToken::new()).await;
+    let report = only_report(&rig);
+    assert_eq!(report.status, Status::Lapsed);
+    assert_eq!((report.unsent, report.unsent_partial), (0, true));
 }
 
 #[tokio::test(start_paused = true)]
