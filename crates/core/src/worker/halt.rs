@@ -210,14 +210,9 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         if let Some(ledger) = self.ledger.clone() {
             let (stop, why, id) = (stop.clone(), why.clone(), job.id.clone());
             tasks.push(tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(CANCEL_POLL).await;
-                    if ledger.is_cancelled(&id).await {
-                        tracing::info!(job_id = %id, "the broadcast was cancelled; stopping it");
-                        halt(&stop, &why, Halt::Cancelled);
-                        return;
-                    }
-                }
+                ledger.until_cancelled(&id).await;
+                tracing::info!(job_id = %id, "the broadcast was cancelled; stopping it");
+                halt(&stop, &why, Halt::Cancelled);
             }));
         }
         Watch { stop, why, tasks }

@@ -280,3 +280,29 @@ async fn a_cancel_of_a_broadcast_on_record_says_its_runs_stop() {
     assert_eq!(reports[1].status, Status::CancelRecorded);
     assert!(said.contains("its runs stop within 1s"), "{said}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_recorded_by_the_same_task_stops_its_run_without_waiting_for_the_poll() {
+    let rig = Rig::new(
+        FakeQueue::with_jobs(
+            &[r#"{"id":"news","data":"a"}"#, r#"{"v":2,"cancel":"news"}"#],
+            true,
+        ),
+        stalling("conn-3"),
+    );
+    let runs = Arc::new(FakeRunTable::default());
+    let began = tokio::time::Instant::now();
+    rig.run_with(
+        settings(),
+        CancellationToken::new(),
+        Some(ledger(&rig, &runs)),
+    )
+    .await;
+    let took = began.elapsed();
+    assert!(took < crate::runs::CANCEL_POLL / 2, "{took:?}");
+    let reports = run_reports(&rig);
+    assert!(
+        reports.iter().any(|r| r.status == Status::Cancelled),
+        "{reports:?}"
+    );
+}
