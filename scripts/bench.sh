@@ -42,6 +42,15 @@
 #            3,000/s, one unsplit broadcast to 30,000 connections beside 20
 #            small jobs a second (the `fleet` integration test, which checks
 #            the targets, run on the release build), unpinned.
+#   cancel   a cancel mid-way: 3 `fanout run` processes (release) at the
+#            template's defaults (fleet rate 2,000/s, 64 jobs at once, run
+#            records in the fleet table) share one broadcast to
+#            $CANCEL_CONNECTIONS connections split into 3 segment jobs;
+#            `fanout cancel` once a third is posted; the time from the
+#            cancel's send to the last post at the gateway (the `fleet`
+#            integration test's `a_cancel` test, which checks the 3 s target,
+#            run on the release build, a case of its own so the fleet case's
+#            figures stay comparable), unpinned.
 #   throttle the worker against an endpoint that throttles like API Gateway
 #            (a token bucket) and fails 5 % of posts: the delivery rate
 #            converges to what it accepts, and a client that only answers
@@ -60,7 +69,7 @@
 #            (default 20000:30:6000); the `fleet` integration test's
 #            `latest_` test on the release build, unpinned.
 #
-# The fleet and throttle cases set FANOUT_DEV_TIMING_TARGETS=1: their tests
+# The fleet, cancel and throttle cases set FANOUT_DEV_TIMING_TARGETS=1: their tests
 # then check the tight wall-clock targets, which `cargo test` leaves to
 # this benchmark (a loaded machine cannot meet them, and need not).
 #
@@ -80,7 +89,7 @@ while (($#)); do
     --quick) RUNS=1; BENCH_CASES=process,jobs; shift ;;
     --no-build) NO_BUILD=1; shift ;;
     --out) OUT="$2"; shift 2 ;;
-    -h | --help) sed -n '2,69p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h | --help) sed -n '2,78p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "bench: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -109,6 +118,7 @@ REMOVAL_ROWS="${REMOVAL_ROWS:-4000}"
 INDEX_CONNECTIONS="${INDEX_CONNECTIONS:-500000}"
 WRK_SECONDS="${WRK_SECONDS:-3}"
 LATEST_SCALE="${LATEST_SCALE:-20000:30:6000}"
+CANCEL_CONNECTIONS="${CANCEL_CONNECTIONS:-100000}"
 SPLIT_JOBS="${SPLIT_JOBS:-$(nproc)}"
 SPLIT_N="${SPLIT_N:-1000000}"
 LIMIT_RATE="${LIMIT_RATE:-5000}"
@@ -171,7 +181,7 @@ profile=()
 if [[ -z "${NO_BUILD:-}" ]]; then
   echo "bench: building the $BUILD fanout binary and benchmark" >&2
   (cd "$ROOT" && cargo build "${profile[@]}" --quiet -p fanout --bin fanout && cargo build "${profile[@]}" --quiet -p fanout --example bench)
-  if has_case fleet; then
+  if has_case fleet || has_case cancel; then
     (cd "$ROOT" && cargo test "${profile[@]}" --quiet --no-run -p fanout --test fleet)
   fi
   if has_case throttle; then
@@ -185,8 +195,8 @@ fi
 
 NEED_DYNALITE=0
 NEED_MOTO=0
-if has_case process || has_case fleet || has_case latest || has_case throttle || has_case removals || has_case index || { has_case engine && [[ "$ENGINE_CASES" == *:table* ]]; }; then NEED_DYNALITE=1; fi
-if has_case process || has_case fleet || has_case latest || has_case throttle || has_case index || { has_case latency && ((LATENCY_JOBS > 0)); }; then NEED_MOTO=1; fi
+if has_case process || has_case fleet || has_case cancel || has_case latest || has_case throttle || has_case removals || has_case index || { has_case engine && [[ "$ENGINE_CASES" == *:table* ]]; }; then NEED_DYNALITE=1; fi
+if has_case process || has_case fleet || has_case cancel || has_case latest || has_case throttle || has_case index || { has_case latency && ((LATENCY_JOBS > 0)); }; then NEED_MOTO=1; fi
 if ((NEED_DYNALITE || NEED_MOTO)); then
   "$ROOT/scripts/emulators.sh" install
 fi
@@ -523,6 +533,18 @@ for run in $(seq "$RUNS"); do
     if ((fleet_ok == 0)); then
       echo "bench: run $run, the fleet case missed a target: $(grep -m1 -A2 'panicked' "$WORK/fleet.out")" >&2
       echo "kind=fleet_missed run=$run" >>"$OUT"
+    fi
+  fi
+  if has_case cancel; then
+    echo "bench: run $run, a cancel of a $CANCEL_CONNECTIONS-connection broadcast split over 3 workers" >&2
+    cancel_ok=1
+    (cd "$ROOT" && FANOUT_DEV_TIMING_TARGETS=1 FANOUT_DEV_CANCEL="$CANCEL_CONNECTIONS" cargo test "${profile[@]}" --quiet -p fanout --test fleet a_cancel -- --nocapture) \
+      >"$WORK/cancel.out" 2>&1 || cancel_ok=0
+    # With --nocapture a test's line may follow libtest's "test NAME ... ".
+    grep -o 'kind=cancel.*' "$WORK/cancel.out" | sed "s/^/run=$run /" >>"$OUT" || true
+    if ((cancel_ok == 0)); then
+      echo "bench: run $run, the cancel case failed or missed its target: $(grep -m1 -A2 'panicked' "$WORK/cancel.out")" >&2
+      echo "kind=cancel_missed run=$run" >>"$OUT"
     fi
   fi
   if has_case throttle; then

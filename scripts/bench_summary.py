@@ -335,6 +335,42 @@ def latest_section(rows):
     return out + [""]
 
 
+def cancel_section(rows):
+    rs = of_kind(rows, "cancel")
+    missed = of_kind(rows, "cancel_missed")
+    if not rs and not missed:
+        return []
+    out = []
+    if rs:
+        r0 = rs[0]
+        n = int(r0["connections"])
+        lines = [[str(len(rs)), spread(floats(rs, "cancel_to_last_post_ms"), "{:.0f}"),
+                  spread(floats(rs, "cancel_recorded_ms"), "{:.0f}"),
+                  spread(floats(rs, "recorded_to_last_post_ms"), "{:.0f}"),
+                  spread(floats(rs, "posts_after_cancel"), "{:,.0f}"),
+                  spread(floats(rs, "cancel_at"), "{:,.0f}"),
+                  spread(floats(rs, "posts"), "{:,.0f}") + f" of {n:,}",
+                  spread(floats(rs, "reports_ms"), "{:.0f}")]]
+        out += [f"## Cancel mid-way: a {n:,}-connection broadcast split over {r0['segments']} segment jobs on "
+                f"{r0['workers']} `fanout run` processes (fleet rate {int(r0['fleet_rate']):,}/s, "
+                f"max_concurrent_jobs {r0['max_concurrent_jobs']})", "",
+                table(["runs", "cancel's send → last post, ms", "→ tombstone recorded, ms",
+                       "tombstone → last post, ms", "posts after the send", "posted when sent",
+                       "posted in all", "→ every segment's report, ms"], lines), ""]
+        stops = floats(rs, "cancel_to_last_post_ms")
+        settled = [r["statuses"] == ",".join(["cancelled"] * int(r["segments"]))
+                   and r["final"] == ",".join(["true"] * int(r["segments"])) for r in rs]
+        out += [f"- the last post within 3,000 ms of the cancel's send, every run: "
+                f"{verdict(max(stops) <= 3000)}",
+                f"- every segment's run `cancelled`, final, every run: {verdict(all(settled))}",
+                f"- posts that landed but count as `unsent` in the reports (in flight when the runs stopped): "
+                f"{spread(floats(rs, 'landed_unreported'), '{:.0f}')}",
+                "- segments stopped per task (each run): " + "; ".join(r["stopped_per_task"] for r in rs)]
+    if missed:
+        out.append(f"- runs in which the cancel test failed or missed its target: {len(missed)}")
+    return out + [""]
+
+
 def throttle_section(rows):
     converge = [r for r in rows if r.get("kind") == "throttle" and r.get("case") == "converge"]
     slow = [r for r in rows if r.get("kind") == "throttle" and r.get("case") == "slow_client"]
@@ -390,8 +426,8 @@ def main(path):
     header, rows = parse(path)
     out = ["# fanout benchmark summary", "", *[f"- {h}" for h in header], "",
            "Each cell: min/median/max over runs. posts/CPU-s = 10⁶ / (CPU µs per post).", ""]
-    out += (process_section(rows) + jobs_section(rows) + fleet_section(rows) + latest_section(rows)
-            + throttle_section(rows)
+    out += (process_section(rows) + jobs_section(rows) + fleet_section(rows) + cancel_section(rows)
+            + latest_section(rows) + throttle_section(rows)
             + engine_section(rows)
             + removals_section(rows) + index_section(rows))
     print("\n".join(out))

@@ -122,11 +122,16 @@ pub struct BroadcastReport {
     pub failed: u64,
     /// Connections still `deferred` when the run ended.
     pub deferred: u64,
-    /// For a run stopped by its deadline or a cancel: connections read
-    /// that got no final answer (never posted to, in flight, or deferred).
-    /// Pages not read by then are not counted.
+    /// For a run stopped by its deadline or a cancel: connections of its
+    /// audience that got no final answer (never posted to, in flight, or
+    /// deferred), those it never read counted by reading on without
+    /// sending.
     #[serde(default)]
     pub unsent: u64,
+    /// The part of the audience a stopped run never read could not be
+    /// counted in time: `unsent` counts only what it had read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unsent_partial: bool,
     /// 410s posted to again after the connect window (their rows are
     /// removed only on a second 410).
     #[serde(default)]
@@ -164,6 +169,36 @@ pub struct BroadcastReport {
     pub runs: Option<u64>,
 }
 
+impl BroadcastReport {
+    /// Its counts, as a broadcast adds them up.
+    fn counts(&self) -> Totals {
+        Totals {
+            audience: self.audience,
+            delivered: self.delivered,
+            gone: self.gone,
+            expired: self.expired,
+            removed: self.removed,
+            failed: self.failed,
+            unsent: self.unsent,
+            throttled: self.throttled,
+            retries: self.retries,
+            ..Totals::default()
+        }
+    }
+
+    fn set_counts(&mut self, t: &Totals) {
+        self.audience = t.audience;
+        self.delivered = t.delivered;
+        self.gone = t.gone;
+        self.expired = t.expired;
+        self.removed = t.removed;
+        self.failed = t.failed;
+        self.unsent = t.unsent;
+        self.throttled = t.throttled;
+        self.retries = t.retries;
+    }
+}
+
 /// A report before its message is settled: everything but the status and
 /// the end, and a `to` broadcast's keys, which the status decides on.
 #[derive(Clone, Debug)]
@@ -174,17 +209,20 @@ impl Draft {
     pub fn of_run(job: &Job, message_id: &str, report: &RunSummary, started: SystemTime) -> Self {
         let mut draft = Self::of_job(job, message_id, started);
         let r = &mut draft.0;
-        r.audience = report.audience;
-        r.delivered = report.delivered;
-        r.gone = report.gone;
-        r.expired = report.expired;
-        r.removed = report.removed;
-        r.failed = report.failed;
+        r.set_counts(&Totals {
+            audience: report.audience,
+            delivered: report.delivered,
+            gone: report.gone,
+            expired: report.expired,
+            removed: report.removed,
+            failed: report.failed,
+            throttled: report.throttled,
+            retries: report.retries,
+            ..Totals::default()
+        });
         r.deferred = report.deferred.len() as u64;
         r.rechecking = report.rechecking;
         r.kept = report.kept;
-        r.throttled = report.throttled;
-        r.retries = report.retries;
         r.failed_ids = report
             .rejected
             .iter()
@@ -254,6 +292,7 @@ impl Draft {
             failed: 0,
             deferred: 0,
             unsent: 0,
+            unsent_partial: false,
             rechecking: 0,
             kept: 0,
             endpoint: None,
@@ -291,6 +330,15 @@ impl Draft {
         self
     }
 
+    /// A stopped run's never-read connections, when they could be counted.
+    pub fn unread(mut self, count: Option<u64>) -> Self {
+        match count {
+            Some(count) => self.0.unsent += count,
+            None => self.0.unsent_partial = true,
+        }
+        self
+    }
+
     pub fn because(mut self, reason: impl Into<String>) -> Self {
         self.0.reason = Some(reason.into());
         self
@@ -324,19 +372,12 @@ impl Draft {
             run: self.run_key().storage_key(),
             expects,
             totals: Totals {
-                audience: r.audience,
-                delivered: r.delivered,
-                gone: r.gone,
-                expired: r.expired,
-                removed: r.removed,
-                failed: r.failed,
-                unsent: r.unsent,
-                throttled: r.throttled,
-                retries: r.retries,
                 lapsed: u64::from(status == Status::Lapsed),
                 superseded: u64::from(status == Status::Superseded),
                 cancelled: u64::from(status == Status::Cancelled),
                 dead_lettered: u64::from(status == Status::DeadLettered),
+                unsent_partial: u64::from(r.unsent_partial),
+                ..r.counts()
             },
             reached: receipts.map(KeyReceipts::reached_keys).unwrap_or_default(),
             unreached: receipts.map(|k| k.unreached(stopped)).unwrap_or_default(),
@@ -353,15 +394,8 @@ impl Draft {
         report.kind = Kind::Broadcast;
         report.status = status;
         report.is_final = true;
-        report.audience = t.audience;
-        report.delivered = t.delivered;
-        report.gone = t.gone;
-        report.expired = t.expired;
-        report.removed = t.removed;
-        report.failed = t.failed;
-        report.unsent = t.unsent;
-        report.throttled = t.throttled;
-        report.retries = t.retries;
+        report.set_counts(t);
+        report.unsent_partial = t.unsent_partial > 0;
         report.started_at = crate::runs::rfc3339(tally.started_ms);
         report.ended_at = rfc3339(ended);
         report.runs = Some(tally.settled.len() as u64);

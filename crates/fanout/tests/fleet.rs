@@ -8,7 +8,7 @@
 //! The figures each run prints (the rate the endpoint saw, the time to
 //! broadcast against the ideal N ÷ rate) are the ones BENCHMARKS.md quotes;
 //! `scripts/bench.sh --cases fleet` runs this test on the release build and
-//! summarises them over runs.
+//! summarises them over runs; `--cases cancel` runs the cancel test.
 //!
 //! The tight targets (the rate within 5 %, the broadcast within 1.1 × its
 //! ideal time, a killed worker's share back within 5 s) are checked there,
@@ -30,6 +30,8 @@ use fanout_testkit::support::worker::{Run, finish, signal, start};
 use fanout_testkit::support::{self, TableKey, TestQueue};
 use tokio::process::Child;
 
+#[path = "fleet/cancel.rs"]
+mod cancel;
 #[path = "fleet/mixed.rs"]
 mod mixed;
 
@@ -303,6 +305,15 @@ async fn workers_share_the_fleet_rate_and_take_a_killed_ones_share() {
     }
     a_killed_workers_share_goes_back_to_the_others_within_5_s(&table).await;
     mixed::a_broadcast_beside_small_jobs_gets_nearly_the_whole_rate(&table).await;
+}
+
+/// Three workers at the template's settings share a split broadcast; a
+/// cancel a third of the way stops it on every one (see `cancel`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_stops_a_split_broadcast_on_every_task() {
+    support::require_emulators();
+    let _alone = ONE_AT_A_TIME.lock().await;
+    cancel::a_cancel_stops_a_split_broadcast_on_every_task().await;
 }
 
 /// Four workers; one is killed with SIGKILL once all have their share.

@@ -482,7 +482,7 @@ async fn a_job_for_a_newer_task_is_handed_back_not_dead_lettered() {
     let endpoint = Scripted::start(serde_json::json!({"default": 200}));
     // What a newer task writes during a rolling deploy: a field this build
     // does not know, under a format version it does not read.
-    rig.send(r#"{"v":2,"id":"newer","data":"x","latest":{"key":"k","seq":1}}"#)
+    rig.send(r#"{"v":3,"id":"newer","data":"x","newest":{"key":"k","seq":1}}"#)
         .await;
     // Handed back after the retry delay, as on a deployment: with none, a
     // batch run would receive it again and again and never be idle.

@@ -77,6 +77,19 @@ async fn ended(child: tokio::process::Child) -> Run {
 }
 
 /// The reports of runs (not of the whole broadcast) with this status.
+/// A stopped run's `delivered` and `unsent`, checked against what the
+/// clients got: posts in flight at the stop may land without their answer,
+/// counted unsent and received all the same.
+fn stopped_between(report: &Value, got: u64) -> (u64, u64) {
+    let delivered = report["delivered"].as_u64().unwrap();
+    let unsent = report["unsent"].as_u64().unwrap();
+    assert!(
+        delivered <= got && got <= delivered + unsent,
+        "{got} received: {report}"
+    );
+    (delivered, unsent)
+}
+
 fn with_status<'a>(reports: &'a [Value], status: &str) -> Vec<&'a Value> {
     reports
         .iter()
@@ -107,15 +120,9 @@ async fn a_cancel_stops_a_running_broadcast_and_the_clients_get_no_more() {
         panic!("one cancelled run: {reports:?}\n{}", run.stdout)
     };
     assert_eq!(stopped["final"], true);
-    // Posts in flight at the stop may land without their answer: counted
-    // unsent, received all the same.
-    let delivered = stopped["delivered"].as_u64().unwrap();
-    let unsent = stopped["unsent"].as_u64().unwrap();
-    assert!(
-        delivered <= at_end && at_end <= delivered + unsent,
-        "{stopped}"
-    );
-    assert!(unsent > 0 && delivered + unsent <= 400, "{stopped}");
+    let (delivered, unsent) = stopped_between(stopped, at_end);
+    assert!(unsent > 0, "{stopped}");
+    assert_eq!(delivered + unsent, 400, "the rest counted: {stopped}");
     let [recorded] = &with_status(&reports, "cancel_recorded")[..] else {
         panic!("{reports:?}")
     };
@@ -198,6 +205,7 @@ async fn a_broadcast_received_after_its_deadline_sends_nothing_and_reports_lapse
         (lapsed["status"].as_str(), lapsed["final"].as_bool()),
         (Some("lapsed"), Some(true))
     );
+    assert_eq!(lapsed["unsent"], 20, "counted, not sent: {lapsed}");
     assert_eq!(support::counts(&s.sqs, &s.queue.url).await, (0, 0));
     assert!(support::receive_all(&s.sqs, &s.dlq.url).await.is_empty());
     s.stack.close(clients).await;
@@ -230,12 +238,7 @@ async fn a_running_broadcast_stops_at_its_deadline_and_hands_nothing_on() {
     );
     for report in [lapsed, whole] {
         assert_eq!(report["status"], "lapsed");
-        let delivered = report["delivered"].as_u64().unwrap();
-        let unsent = report["unsent"].as_u64().unwrap();
-        assert!(
-            delivered <= at_end && at_end <= delivered + unsent,
-            "{report}"
-        );
+        stopped_between(report, at_end);
     }
     assert_eq!(support::counts(&s.sqs, &s.queue.url).await, (0, 0));
     s.stack.close(clients).await;
@@ -342,16 +345,12 @@ async fn a_cancelled_split_broadcast_reports_cancelled_as_a_whole() {
         panic!("one broadcast report: {reports:?}")
     };
     assert_eq!(whole["status"], "cancelled", "{whole}");
-    // Posts in flight at the stop may land without their answer: counted
-    // unsent, received all the same.
-    let delivered = whole["delivered"].as_u64().unwrap();
-    let unsent = whole["unsent"].as_u64().unwrap();
-    let got = received(&clients);
-    assert!(
-        delivered <= got && got <= delivered + unsent,
-        "{got}: {whole}"
+    let (delivered, unsent) = stopped_between(whole, received(&clients));
+    assert_eq!(
+        delivered + unsent,
+        300,
+        "every segment's rest counted: {whole}"
     );
-    assert!(delivered + unsent <= 300, "{whole}");
     s.stack.close(clients).await;
 }
 

@@ -73,8 +73,10 @@ fn at(report: &Value, key: &str) -> SystemTime {
     humantime::parse_rfc3339(text).unwrap_or_else(|e| panic!("{key} {text}: {e}"))
 }
 
-/// Every field docs/jobs.md documents, and no other.
+/// Every field docs/jobs.md documents for the run of a broadcast that is
+/// not a `to` one, and no other.
 const FIELDS: &[&str] = &[
+    "kind",
     "id",
     "run",
     "segment",
@@ -92,6 +94,7 @@ const FIELDS: &[&str] = &[
     "removed",
     "failed",
     "deferred",
+    "unsent",
     "rechecking",
     "kept",
     "throttled",

@@ -41,7 +41,7 @@ use crate::connection::Connection;
 use crate::gateway::{Gateway, PostOutcome, Step};
 use crate::job::Job;
 use crate::runs::Checkpoint;
-use crate::store::{ConnectionStore, StoreError};
+use crate::store::{ConnectionStore, Cursor, StoreError};
 use crate::telemetry::Metrics;
 pub use audience::READ_AHEAD_PAGES;
 use evidence::{EndpointWatch, Standing, Verdict};
@@ -272,6 +272,30 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             .await;
         let result = result.and_then(|()| self.proof(&report));
         (report, result)
+    }
+
+    /// The connections of `job`'s audience past `read_to` (where a stopped
+    /// run's reading got to; empty: the whole audience), counted by reading
+    /// on without sending: a broadcast stopped by its deadline or a cancel
+    /// says how many it did not reach.
+    pub async fn count_unread(&self, job: &Job, read_to: Vec<Cursor>) -> Result<u64, StoreError> {
+        use futures::StreamExt;
+        let mut rest = job.clone();
+        if !read_to.is_empty() {
+            rest.resume = Some(read_to);
+        }
+        let query = audience::query(&rest, self.settings.scan_segments);
+        let mut pages = std::pin::pin!(audience::pages(&self.store, &rest, &query));
+        let mut count = 0;
+        while let Some(page) = pages.next().await {
+            let page = page?;
+            count += page
+                .connections
+                .iter()
+                .filter(|c| !job.exclude.contains(&c.id))
+                .count() as u64;
+        }
+        Ok(count)
     }
 
     /// A run that delivered nothing while every answer was a 410 or a

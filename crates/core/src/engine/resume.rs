@@ -169,6 +169,21 @@ impl ResumePoints {
             .collect()
     }
 
+    /// Where each segment's reading got to: after the last page taken up,
+    /// answered or not. What lies past these was never read.
+    pub fn read_points(&self) -> Vec<Cursor> {
+        self.segments
+            .values()
+            .filter_map(|segment| {
+                segment
+                    .open
+                    .back()
+                    .map(|page| page.next.clone())
+                    .or_else(|| segment.resume.clone())
+            })
+            .collect()
+    }
+
     /// Where each segment that made progress should resume. A segment not
     /// listed has not finished a page: it starts from its beginning.
     pub fn resume_points(&self) -> Vec<Cursor> {

@@ -191,6 +191,7 @@ impl RunState {
         report.rejected = outstanding.rejected;
         report.duration = started.elapsed();
         report.resume = lock(&self.progress).resume_points();
+        report.read_to = lock(&self.progress).read_points();
         report.receipts = self
             .receipts
             .as_ref()

@@ -60,6 +60,9 @@ pub struct RunSummary {
     pub age_problems: AgeProblems,
     /// For a `to` broadcast: its keys, key by key.
     pub receipts: Option<KeyReceipts>,
+    /// Where each segment's reading got to (see
+    /// `ResumePoints::read_points`): a stopped run counts what lies past.
+    pub read_to: Vec<Cursor>,
 }
 
 /// A `to` broadcast's keys at the end of a run, by index into `keys`.

@@ -49,11 +49,13 @@ pub struct Totals {
     pub cancelled: u64,
     pub superseded: u64,
     pub dead_lettered: u64,
+    /// Pieces whose `unsent` could not count what they never read.
+    pub unsent_partial: u64,
 }
 
 impl Totals {
     /// Each count by the name it is stored under.
-    pub fn named(&self) -> [(&'static str, u64); 13] {
+    pub fn named(&self) -> [(&'static str, u64); 14] {
         [
             ("audience", self.audience),
             ("delivered", self.delivered),
@@ -68,6 +70,7 @@ impl Totals {
             ("cancelled", self.cancelled),
             ("superseded", self.superseded),
             ("deadLettered", self.dead_lettered),
+            ("unsentPartial", self.unsent_partial),
         ]
     }
 
@@ -87,6 +90,7 @@ impl Totals {
             cancelled: get("cancelled"),
             superseded: get("superseded"),
             dead_lettered: get("deadLettered"),
+            unsent_partial: get("unsentPartial"),
         }
     }
 
@@ -176,6 +180,6 @@ mod tests {
             ..Totals::default()
         });
         assert_eq!((sum.delivered, sum.lapsed, sum.cancelled), (5, 1, 1));
-        assert_eq!(Totals::from_named(|_| 7).named().map(|n| n.1), [7; 13]);
+        assert_eq!(Totals::from_named(|_| 7).named().map(|n| n.1), [7; 14]);
     }
 }

@@ -63,6 +63,7 @@ impl Ledger {
         // Written once: a second cancel of the same key finds it there.
         RunTable::store(&self.table, &tombstone, None).await?;
         self.known_cancelled(broadcast);
+        self.cancel_recorded.send_modify(|n| *n += 1);
         let first = RunKey {
             broadcast: broadcast.to_owned(),
             segment: None,
@@ -80,12 +81,7 @@ impl Ledger {
     /// Whether `broadcast` is cancelled. A table that cannot answer says
     /// no (counted and logged): a broadcast goes on rather than be lost.
     pub async fn is_cancelled(&self, broadcast: &str) -> bool {
-        if self
-            .cancelled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(broadcast)
-        {
+        if self.known(broadcast) {
             return true;
         }
         match RunTable::load(&self.table, &tombstone_key(broadcast)).await {
@@ -99,6 +95,33 @@ impl Ledger {
                 false
             }
         }
+    }
+
+    /// Waits until `broadcast` is cancelled: a tombstone read every
+    /// [`CANCEL_POLL`], or, when this task records the cancel, at once.
+    pub async fn until_cancelled(&self, broadcast: &str) {
+        let mut recorded = self.cancel_recorded.subscribe();
+        loop {
+            if self.known(broadcast) {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(CANCEL_POLL) => {
+                    if self.is_cancelled(broadcast).await {
+                        return;
+                    }
+                }
+                _ = recorded.changed() => {}
+            }
+        }
+    }
+
+    /// Whether `broadcast` is known here to be cancelled (no table read).
+    fn known(&self, broadcast: &str) -> bool {
+        self.cancelled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(broadcast)
     }
 
     fn known_cancelled(&self, broadcast: &str) {

@@ -66,6 +66,9 @@ pub struct Ledger {
     /// Broadcast keys known to be cancelled: a cancel is for good, so a
     /// tombstone once read need not be read again.
     pub(super) cancelled: Mutex<HashSet<String>>,
+    /// Bumped when this task records a cancel, so its own runs of that
+    /// broadcast stop at once rather than at their next poll.
+    pub(super) cancel_recorded: tokio::sync::watch::Sender<u64>,
 }
 
 /// What the worker does with a job, once admitted.
@@ -135,6 +138,7 @@ impl Ledger {
             process: format!("{:016x}", rand::random::<u64>()),
             metrics,
             cancelled: Mutex::new(HashSet::new()),
+            cancel_recorded: tokio::sync::watch::Sender::new(0),
         }
     }
 

@@ -18,7 +18,11 @@ use crate::job::keys::RunKey;
 use crate::queue::{JobQueue, Message};
 use crate::reports::Draft;
 use crate::runs::{CANCEL_POLL, Cancelled, LATEST_POLL, Ledger, StreamClaim, rfc3339};
-use crate::store::ConnectionStore;
+use crate::store::{ConnectionStore, Cursor};
+
+/// How long counting what a stopped broadcast never read may take (at
+/// 2,000 rows a page-read, minutes of sending are seconds of reading).
+const COUNT_BOUND: Duration = Duration::from_secs(30);
 
 /// Why a broadcast stops before its end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,7 +85,9 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                         rfc3339(deadline)
                     );
                     tracing::info!(job_id = %job.id, reason, "a broadcast past its deadline");
-                    return Err((Settlement::Halted(Halt::Lapsed), draft(job).because(reason)));
+                    let unread = self.unread(job, Halt::Lapsed, Vec::new()).await;
+                    let draft = draft(job).because(reason).unread(unread);
+                    return Err((Settlement::Halted(Halt::Lapsed), draft));
                 }
                 Err(e) => {
                     let reason = e.to_string();
@@ -204,17 +210,36 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         if let Some(ledger) = self.ledger.clone() {
             let (stop, why, id) = (stop.clone(), why.clone(), job.id.clone());
             tasks.push(tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(CANCEL_POLL).await;
-                    if ledger.is_cancelled(&id).await {
-                        tracing::info!(job_id = %id, "the broadcast was cancelled; stopping it");
-                        halt(&stop, &why, Halt::Cancelled);
-                        return;
-                    }
-                }
+                ledger.until_cancelled(&id).await;
+                tracing::info!(job_id = %id, "the broadcast was cancelled; stopping it");
+                halt(&stop, &why, Halt::Cancelled);
             }));
         }
         Watch { stop, why, tasks }
+    }
+
+    /// The connections a stopped broadcast never read, counted by reading
+    /// on without sending (from `read_to`; empty: its whole audience), so
+    /// its report says how many it did not reach. Bounded by
+    /// [`COUNT_BOUND`] and half the visibility timeout; `None` past that or
+    /// on a read error. A superseded update's are the newer one's to reach:
+    /// not counted.
+    pub(super) async fn unread(&self, job: &Job, halt: Halt, read_to: Vec<Cursor>) -> Option<u64> {
+        if halt == Halt::Superseded {
+            return Some(0);
+        }
+        let bound = COUNT_BOUND.min(self.settings.visibility_timeout / 2);
+        match tokio::time::timeout(bound, self.engine.count_unread(job, read_to)).await {
+            Ok(Ok(count)) => Some(count),
+            Ok(Err(e)) => {
+                tracing::warn!(job_id = %job.id, error = %e, "cannot count what the stopped broadcast did not read");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(job_id = %job.id, bound_ms = bound.as_millis() as u64, "counting what the stopped broadcast did not read took too long");
+                None
+            }
+        }
     }
 
     /// Whether a run that ended with connections deferred is past its

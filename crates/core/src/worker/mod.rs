@@ -429,7 +429,6 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             }
             None => self.engine.run(&job, &watch.stop).await,
         };
-        drop(heartbeat);
         self.metrics.record_job_duration(report.duration);
         let draft = Draft::of_run(&job, &message.id, &report, started);
         // A run that reached every connection is done, whatever came
@@ -442,8 +441,14 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         };
         if let Some(halt) = halted {
             log_report(&job, &report, &format!("{halt:?}").to_lowercase());
-            return (Settlement::Halted(halt), draft.stopped());
+            // Counted while the heartbeat still keeps the message hidden.
+            let draft = draft
+                .stopped()
+                .unread(self.unread(&job, halt, report.read_to).await);
+            drop(heartbeat);
+            return (Settlement::Halted(halt), draft);
         }
+        drop(heartbeat);
         let settlement = match result {
             Ok(()) if !report.deferred.is_empty() => {
                 log_report(&job, &report, "deferred");

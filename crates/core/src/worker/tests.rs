@@ -130,6 +130,15 @@ impl Rig {
     }
 }
 
+/// Run records in `runs`, for a rig's worker.
+fn ledger(rig: &Rig, runs: &Arc<crate::fakes::FakeRunTable>) -> Arc<Ledger> {
+    let windows = crate::runs::Windows {
+        dedup: Duration::from_secs(24 * 3600),
+        lease: Duration::from_secs(30),
+    };
+    Arc::new(Ledger::new(runs.clone(), windows, rig.metrics.clone()))
+}
+
 /// A gateway on which posts to `id` never answer.
 fn stalling(id: &str) -> FakeGateway {
     FakeGateway {

@@ -4,15 +4,7 @@
 use super::*;
 use crate::connection::expiry::epoch_ms;
 use crate::fakes::FakeRunTable;
-use crate::runs::{Ledger, RunRecord, Windows};
-
-fn ledger(rig: &Rig, runs: &Arc<FakeRunTable>) -> Arc<Ledger> {
-    let windows = Windows {
-        dedup: Duration::from_secs(24 * 3600),
-        lease: Duration::from_secs(30),
-    };
-    Arc::new(Ledger::new(runs.clone(), windows, rig.metrics.clone()))
-}
+use crate::runs::RunRecord;
 
 fn one_at_a_time() -> WorkerSettings {
     WorkerSettings {
@@ -51,8 +43,9 @@ fn only_report(rig: &Rig) -> BroadcastReport {
 }
 
 /// A run stopped while conn-3's post hung: the message deleted with
-/// nothing handed on, a final report whose `unsent` counts what was read
-/// and not answered (the later pages wait on that answer, so are unread).
+/// nothing handed on, a final report whose `unsent` counts every connection
+/// not reached: read and not answered, and (counted by reading on) those
+/// of the later pages, which waited on that answer.
 fn assert_stopped_with_conn_3_unsent(rig: &Rig, status: Status) {
     let delivered = rig.gateway.delivered.lock().unwrap().len() as u64;
     assert!(rig.queue.sent.lock().unwrap().is_empty(), "no continuation");
@@ -61,7 +54,8 @@ fn assert_stopped_with_conn_3_unsent(rig: &Rig, status: Status) {
     assert_eq!((report.status, report.is_final), (status, true));
     assert_eq!(report.delivered, delivered);
     assert!(report.unsent >= 1, "{report:?}");
-    assert_eq!(report.unsent, report.audience - delivered, "{report:?}");
+    assert_eq!(report.unsent, 20 - delivered, "{report:?}");
+    assert!(!report.unsent_partial);
     assert!(delivered >= 4 && report.audience < 20, "{report:?}");
 }
 
@@ -80,6 +74,24 @@ async fn a_job_received_after_its_deadline_is_settled_lapsed_and_sends_nothing()
     assert_eq!((report.status, report.is_final), (Status::Lapsed, true));
     let reason = report.reason.unwrap();
     assert!(reason.contains("after its deadline"), "{reason}");
+    assert_eq!(
+        (report.unsent, report.unsent_partial),
+        (20, false),
+        "counted, not sent"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stopped_broadcast_whose_rest_cannot_be_counted_says_so() {
+    let mut rig = Rig::jobs(&[&with_deadline(now_ms() - 1)]);
+    rig.table = Arc::new(FakeTable {
+        fail_after_pages: Some(0),
+        ..FakeTable::with(&ids(20), 5)
+    });
+    rig.run(settings(), CancellationToken::new()).await;
+    let report = only_report(&rig);
+    assert_eq!(report.status, Status::Lapsed);
+    assert_eq!((report.unsent, report.unsent_partial), (0, true));
 }
 
 #[tokio::test(start_paused = true)]
@@ -267,4 +279,30 @@ async fn a_cancel_of_a_broadcast_on_record_says_its_runs_stop() {
     let said = reports[1].reason.as_deref().unwrap();
     assert_eq!(reports[1].status, Status::CancelRecorded);
     assert!(said.contains("its runs stop within 1s"), "{said}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_recorded_by_the_same_task_stops_its_run_without_waiting_for_the_poll() {
+    let rig = Rig::new(
+        FakeQueue::with_jobs(
+            &[r#"{"id":"news","data":"a"}"#, r#"{"v":2,"cancel":"news"}"#],
+            true,
+        ),
+        stalling("conn-3"),
+    );
+    let runs = Arc::new(FakeRunTable::default());
+    let began = tokio::time::Instant::now();
+    rig.run_with(
+        settings(),
+        CancellationToken::new(),
+        Some(ledger(&rig, &runs)),
+    )
+    .await;
+    let took = began.elapsed();
+    assert!(took < crate::runs::CANCEL_POLL / 2, "{took:?}");
+    let reports = run_reports(&rig);
+    assert!(
+        reports.iter().any(|r| r.status == Status::Cancelled),
+        "{reports:?}"
+    );
 }

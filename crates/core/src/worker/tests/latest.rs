@@ -4,15 +4,7 @@
 
 use super::*;
 use crate::fakes::FakeRunTable;
-use crate::runs::{Ledger, RunRecord, Windows};
-
-fn ledger(rig: &Rig, runs: &Arc<FakeRunTable>) -> Arc<Ledger> {
-    let windows = Windows {
-        dedup: Duration::from_secs(24 * 3600),
-        lease: Duration::from_secs(30),
-    };
-    Arc::new(Ledger::new(runs.clone(), windows, rig.metrics.clone()))
-}
+use crate::runs::RunRecord;
 
 /// A rig whose 20 connections are all in channel `match`, pages of 5.
 fn channel(bodies: &[&str], gateway: FakeGateway) -> Rig {

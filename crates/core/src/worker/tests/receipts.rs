@@ -142,7 +142,7 @@ async fn a_lapsed_to_broadcast_leaves_every_key_not_reached_unreached() {
 async fn keys_reached_before_a_takeover_stay_reached() {
     use crate::fakes::FakeRunTable;
     use crate::job::keys::{RunKey, fingerprint};
-    use crate::runs::{Checkpoint, Ledger, RunRecord, Windows};
+    use crate::runs::{Checkpoint, RunRecord};
     // A task that stopped had reached u-1 and deferred conn-3 (u-2); its
     // lease has lapsed, and its checkpoint says so.
     let rig = users(&[FOUR_USERS], gone(&["conn-1", "conn-2"]));
@@ -182,11 +182,7 @@ async fn keys_reached_before_a_takeover_stay_reached() {
             version: 3,
         },
     );
-    let windows = Windows {
-        dedup: Duration::from_secs(3600),
-        lease: Duration::from_secs(30),
-    };
-    let ledger = Arc::new(Ledger::new(runs.clone(), windows, rig.metrics.clone()));
+    let ledger = super::ledger(&rig, &runs);
     rig.run_with(user_settings(), CancellationToken::new(), Some(ledger))
         .await;
     let reports = rig.reports.reports();

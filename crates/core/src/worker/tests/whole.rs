@@ -4,15 +4,7 @@
 use super::*;
 use crate::fakes::FakeRunTable;
 use crate::reports::Kind;
-use crate::runs::{Ledger, Piece, RunTable, Totals, Windows};
-
-fn ledger(rig: &Rig, runs: &Arc<FakeRunTable>) -> Arc<Ledger> {
-    let windows = Windows {
-        dedup: Duration::from_secs(24 * 3600),
-        lease: Duration::from_secs(30),
-    };
-    Arc::new(Ledger::new(runs.clone(), windows, rig.metrics.clone()))
-}
+use crate::runs::{Piece, RunTable, Totals};
 
 fn of_kind(rig: &Rig, kind: Kind) -> Vec<BroadcastReport> {
     rig.reports
