@@ -49,6 +49,39 @@ use rechecks::{RecheckDeps, Rechecks};
 use run::{Checkpoints, Run, RunState};
 pub use summary::{Deferred, KeyReceipts, MAX_FAILED_IDS, RunSummary};
 
+/// Where a run's sends have got to: after the furthest connection (in
+/// read order) whose post has been answered, as a cursor a read in
+/// connection-id order can start after (see [`Engine::reads_by_id`]). A
+/// newer update of a stream starts there, so the stream's place moves on
+/// with every answer, not with every page. Answers come nearly in order:
+/// the few before it still in flight when a run stops get the stream's
+/// value on its next round.
+#[derive(Clone, Debug, Default)]
+pub struct Frontier(Arc<Mutex<Option<Cursor>>>);
+
+impl Frontier {
+    pub fn get(&self) -> Option<Cursor> {
+        lock(&self.0).clone()
+    }
+
+    fn answered(&self, segment: u32, id: &crate::connection::ConnectionId) {
+        let mut furthest = lock(&self.0);
+        let further = match &*furthest {
+            Some(Cursor {
+                segment: at,
+                position: Some(crate::store::Position::After { after }),
+            }) => (segment, id) > (*at, after),
+            _ => true,
+        };
+        if further {
+            *furthest = Some(Cursor {
+                segment,
+                position: Some(crate::store::Position::After { after: id.clone() }),
+            });
+        }
+    }
+}
+
 /// How the engine sends.
 #[derive(Clone, Copy, Debug)]
 pub struct EngineSettings {
@@ -245,6 +278,23 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         checkpoints: Option<tokio::sync::watch::Sender<Checkpoint>>,
         carried: Vec<Connection>,
     ) -> (RunSummary, Result<(), FanoutError>) {
+        self.run_tracked(job, stop, (checkpoints, None), carried)
+            .await
+    }
+
+    /// [`run_checkpointed`](Self::run_checkpointed), keeping in `frontier`
+    /// where its sends have got to, connection by connection (see
+    /// [`Frontier`]).
+    pub async fn run_tracked(
+        &self,
+        job: &Job,
+        stop: &CancellationToken,
+        (checkpoints, frontier): (
+            Option<tokio::sync::watch::Sender<Checkpoint>>,
+            Option<Frontier>,
+        ),
+        carried: Vec<Connection>,
+    ) -> (RunSummary, Result<(), FanoutError>) {
         let started = Instant::now();
         let query = audience::query(job, self.settings.scan_segments);
         let pages = audience::pages(&self.store, job, &query);
@@ -260,6 +310,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         let run = Run {
             job,
             stop,
+            frontier: frontier.as_ref(),
             state: &state,
             settler: self.settler(&state, job),
         };
@@ -296,6 +347,13 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                 .count() as u64;
         }
         Ok(count)
+    }
+
+    /// Whether a run of `job` reads its audience in connection-id order, so
+    /// that a [`Frontier`] names a place a read can start after.
+    pub fn reads_by_id(&self, job: &Job) -> bool {
+        matches!(job.target, crate::job::Target::Channel(_))
+            && self.store.channel_order() == crate::store::ChannelOrder::ById
     }
 
     /// A run that delivered nothing while every answer was a 410 or a

@@ -53,6 +53,8 @@ pub(super) struct RunState {
 pub(super) struct Run<'a> {
     pub job: &'a Job,
     pub stop: &'a CancellationToken,
+    /// Where the sends have got to, for a stream's newer update.
+    pub frontier: Option<&'a super::Frontier>,
     pub state: &'a RunState,
     pub settler: Settler<'a>,
 }
@@ -374,6 +376,9 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         // interrupted job resumes before it, and so never skips it.
         let finished = !matches!(delivery, Delivery::Deferred(_));
         run.state.answers.fetch_add(1, Ordering::Relaxed);
+        if let Some(frontier) = run.frontier {
+            frontier.answered(tag.segment(), &id);
+        }
         if let Some(receipts) = &run.state.receipts {
             receipts.answered(tag.segment(), &id, &delivery);
         }
@@ -411,6 +416,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             stop,
             state,
             settler,
+            ..
         } = run;
         while !outstanding.deferred.is_empty() && *passes < self.settings.deferred_passes {
             tokio::select! {

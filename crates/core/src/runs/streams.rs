@@ -4,7 +4,9 @@
 //! reading). An update claims the stream with a conditional write when it
 //! is newer than the owner; the owner, still sending, reads the record
 //! every [`LATEST_POLL`] and stops once a newer one holds it. The newer
-//! one starts where the older one's checkpoint says it was.
+//! one starts where the older one is: the place it keeps every
+//! [`POSITION_INTERVAL`] while it sends (when its audience is read in
+//! connection-id order), else its last checkpoint (after a page).
 
 use std::time::{Duration, SystemTime};
 
@@ -18,7 +20,7 @@ use crate::store::Cursor;
 
 /// How often a running update reads its stream's record: a newer update
 /// stops it within this, plus the posts already in flight.
-pub const LATEST_POLL: Duration = Duration::from_millis(250);
+pub const LATEST_POLL: Duration = Duration::from_millis(100);
 
 /// A stream's record, as JSON in the record's `checkpoint`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +52,18 @@ fn stream_key(key: &str) -> String {
     format!("latest:{key}")
 }
 
+/// The record of where update `seq` of stream `key` has got to.
+fn position_key(key: &str, seq: u64) -> String {
+    format!("latest-at:{seq}:{key}")
+}
+
+/// How long an update's place is kept: past any takeover of it.
+const POSITION_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How often a running update keeps its place: more often than updates
+/// come, so each newer one starts where the older one really is.
+pub const POSITION_INTERVAL: Duration = Duration::from_millis(50);
+
 impl Ledger {
     /// Claims `latest`'s stream for the update `id` (first run `run`,
     /// audience fingerprint `audience`).
@@ -78,7 +92,7 @@ impl Ledger {
                 }
             }
             let from = match &owner {
-                Some(older) => self.where_it_is(&older.run).await?,
+                Some(older) => self.where_it_is(&latest.key, older).await?,
                 None => Vec::new(),
             };
             let claimed = Owner {
@@ -114,10 +128,54 @@ impl Ledger {
         }
     }
 
-    /// Where the run `run` is now, if it is still running: its checkpoint's
-    /// furthest segment, as segment 0 (see `engine::audience`).
-    async fn where_it_is(&self, run: &str) -> Result<Vec<Cursor>, DurableError> {
-        let Some(record) = RunTable::load(&self.table, run).await? else {
+    /// Keeps where the update `latest` has got to (an answer's place, in
+    /// id order) for the update that supersedes it. `written`: the version
+    /// this task last wrote, as only it writes this record.
+    pub async fn publish_position(&self, latest: &Latest, at: &Cursor, written: &mut Option<u64>) {
+        let key = position_key(&latest.key, latest.seq);
+        let now = epoch_ms(SystemTime::now());
+        let record = RunRecord {
+            key: key.clone(),
+            fingerprint: "latest-at".to_owned(),
+            owner: String::new(),
+            message_id: String::new(),
+            receipt: String::new(),
+            lease_until_ms: 0,
+            finished_at_ms: Some(now),
+            expires_at: (now + POSITION_LIFETIME.as_millis() as i64) / 1000,
+            checkpoint: serde_json::to_string(at).ok(),
+            version: written.map_or(1, |v| v + 1),
+        };
+        match RunTable::store(&self.table, &record, *written).await {
+            Ok(true) => *written = Some(record.version),
+            // Another write came first (a redelivery of this update): go on
+            // from what is there.
+            Ok(false) => {
+                *written = RunTable::load(&self.table, &key)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|r| r.version)
+            }
+            Err(e) => self.failed("keep a stream's place", &latest.key, &e),
+        }
+    }
+
+    /// Where the older update is now: the place it keeps while it sends
+    /// (reads in id order), else, if it is still running, its checkpoint's
+    /// furthest segment; as segment 0 (see `engine::audience`).
+    async fn where_it_is(&self, stream: &str, older: &Owner) -> Result<Vec<Cursor>, DurableError> {
+        let kept = RunTable::load(&self.table, &position_key(stream, older.seq)).await?;
+        let place = kept
+            .and_then(|r| r.checkpoint)
+            .and_then(|text| serde_json::from_str::<Cursor>(&text).ok());
+        if let Some(place) = place {
+            return Ok(vec![Cursor {
+                segment: 0,
+                position: place.position,
+            }]);
+        }
+        let Some(record) = RunTable::load(&self.table, &older.run).await? else {
             return Ok(Vec::new());
         };
         if record.finished_at_ms.is_some() {

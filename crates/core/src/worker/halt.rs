@@ -11,13 +11,16 @@ use tokio_util::sync::CancellationToken;
 
 use super::JobContext;
 use super::settle::Settlement;
+use crate::engine::Frontier;
 use crate::gateway::Gateway;
 use crate::job::Job;
 use crate::job::deadline::{self, Due};
 use crate::job::keys::RunKey;
 use crate::queue::{JobQueue, Message};
 use crate::reports::Draft;
-use crate::runs::{CANCEL_POLL, Cancelled, LATEST_POLL, Ledger, StreamClaim, rfc3339};
+use crate::runs::{
+    CANCEL_POLL, Cancelled, LATEST_POLL, Ledger, POSITION_INTERVAL, StreamClaim, rfc3339,
+};
 use crate::store::{ConnectionStore, Cursor};
 
 /// How long counting what a stopped broadcast never read may take (at
@@ -177,7 +180,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
 
     /// Watches a starting run: stops it at its deadline, or once a cancel
     /// of its broadcast is on record, and on shutdown as before.
-    pub(super) fn watch(&self, job: &Job) -> Watch {
+    pub(super) fn watch(&self, job: &Job, frontier: Option<Frontier>) -> Watch {
         let stop = self.abort.child_token();
         let why = Arc::new(OnceLock::new());
         let mut tasks = Vec::new();
@@ -188,6 +191,21 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             tasks.push(tokio::spawn(async move {
                 tokio::time::sleep(left).await;
                 halt(&stop, &why, Halt::Lapsed);
+            }));
+        }
+        if let (Some(ledger), Some(latest), Some(frontier)) =
+            (self.ledger.clone(), job.latest.clone(), frontier)
+        {
+            tasks.push(tokio::spawn(async move {
+                let (mut kept, mut written) = (None, None);
+                loop {
+                    tokio::time::sleep(POSITION_INTERVAL).await;
+                    let now = frontier.get();
+                    if let Some(at) = now.as_ref().filter(|_| now != kept) {
+                        ledger.publish_position(&latest, at, &mut written).await;
+                        kept = now;
+                    }
+                }
             }));
         }
         if let (Some(ledger), Some(latest)) = (self.ledger.clone(), job.latest.clone()) {

@@ -415,12 +415,15 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         }
         let checkpoints = self.checkpoint_writer(lease.clone());
         let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone(), lease);
-        let watch = self.watch(&job);
+        // A stream's update keeps its place for a newer one to start at.
+        let frontier = (job.latest.is_some() && self.engine.reads_by_id(&job))
+            .then(crate::engine::Frontier::default);
+        let watch = self.watch(&job, frontier.clone());
         let (report, result) = match checkpoints {
             Some((sender, writer)) => {
                 let ran = self
                     .engine
-                    .run_checkpointed(&job, &watch.stop, Some(sender), carried)
+                    .run_tracked(&job, &watch.stop, (Some(sender), frontier), carried)
                     .await;
                 // The run is over: what a last write would hold no longer
                 // matters (its message is settled next).

@@ -197,3 +197,89 @@ async fn a_stream_without_run_records_or_with_another_audience_is_refused_with_t
     };
     assert!(reason.contains("one stream, one audience"), "{reason}");
 }
+
+/// 20 connections `c-00`…`c-19` in channel `match`, read in id order (as
+/// a channel index sorted by id reads them), pages of 5.
+fn by_id(bodies: &[&str], gateway: FakeGateway) -> Rig {
+    let padded: Vec<String> = (0..20).map(|i| format!("c-{i:02}")).collect();
+    let mut table = FakeTable::with(&padded, 5);
+    table.channels.insert("match".into(), padded);
+    table.channel_order = crate::store::ChannelOrder::ById;
+    let mut rig = Rig::new(FakeQueue::with_jobs(bodies, true), gateway);
+    rig.table = Arc::new(table);
+    rig
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_newer_update_starts_after_the_place_the_older_one_keeps() {
+    let rig = by_id(&[&update("score-2", 2)], FakeGateway::default());
+    let runs = Arc::new(FakeRunTable::default());
+    {
+        // The older update owns the stream; it had answered up to c-13
+        // (its place, kept while it sent), though no page was finished.
+        let mut records = runs.records.lock().unwrap();
+        let owner = r#"{"seq":1,"id":"score-1","run":"s-.c0.0:score-1","audience":"channel match","from":[]}"#;
+        records.insert("latest:score".into(), record("latest:score", owner, true));
+        let place = r#"{"segment":0,"position":{"after":"c-13"}}"#;
+        let kept = record("latest-at:1:score", place, true);
+        records.insert(kept.key.clone(), kept);
+    }
+    rig.run_with(
+        channel_settings(),
+        CancellationToken::new(),
+        Some(ledger(&rig, &runs)),
+    )
+    .await;
+    let delivered: Vec<String> = rig
+        .gateway
+        .delivered
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
+    let mut once = delivered.clone();
+    once.sort();
+    once.dedup();
+    assert_eq!(once.len(), 20, "each once: {delivered:?}");
+    // From after c-13: those are read first. The round from the start
+    // is another segment of the read, whose sends may overlap the last
+    // page's; c-10 to c-13, which the older one reached, come last.
+    let after: Vec<String> = (14..20).map(|i| format!("c-{i:02}")).collect();
+    assert!(
+        after.iter().all(|id| delivered[..12].contains(id)),
+        "from after c-13: {delivered:?}"
+    );
+    let reached: Vec<String> = (10..14).map(|i| format!("c-{i:02}")).collect();
+    assert!(
+        reached.iter().all(|id| delivered[16..].contains(id)),
+        "{delivered:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_running_update_keeps_its_place_for_a_newer_one() {
+    // A channel read in id order; c-07 never answers, so the run stays.
+    let rig = by_id(&[&update("score-1", 1)], stalling("c-07"));
+    let runs = Arc::new(FakeRunTable::default());
+    let settings = WorkerSettings {
+        exit_when_idle: false,
+        ..channel_settings()
+    };
+    let worker = rig.run_with(
+        settings,
+        CancellationToken::new(),
+        Some(ledger(&rig, &runs)),
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), worker).await;
+    let records = runs.records.lock().unwrap();
+    let place = records
+        .get("latest-at:1:score")
+        .and_then(|r| r.checkpoint.clone())
+        .expect("a place kept");
+    let place: Cursor = serde_json::from_str(&place).unwrap();
+    assert!(
+        matches!(place.position, Some(crate::store::Position::After { .. })),
+        "{place:?}"
+    );
+}
