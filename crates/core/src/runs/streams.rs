@@ -163,7 +163,8 @@ impl Ledger {
 
     /// Where the older update is now: the place it keeps while it sends
     /// (reads in id order), else, if it is still running, its checkpoint's
-    /// furthest segment; as segment 0 (see `engine::audience`).
+    /// furthest segment, else where it began; as segment 0 (see
+    /// `engine::audience`).
     async fn where_it_is(&self, stream: &str, older: &Owner) -> Result<Vec<Cursor>, DurableError> {
         let kept = RunTable::load(&self.table, &position_key(stream, older.seq)).await?;
         let place = kept
@@ -175,11 +176,15 @@ impl Ledger {
                 position: place.position,
             }]);
         }
+        // With no place of its own yet (superseded before its first
+        // answer, or finished), the older one is where it began: the
+        // stream's place never moves back.
+        let began = older.from.clone();
         let Some(record) = RunTable::load(&self.table, &older.run).await? else {
-            return Ok(Vec::new());
+            return Ok(began);
         };
         if record.finished_at_ms.is_some() {
-            return Ok(Vec::new());
+            return Ok(began);
         }
         let checkpoint: Option<Checkpoint> = record
             .checkpoint
@@ -196,7 +201,7 @@ impl Ledger {
                 segment: 0,
                 position: c.position.clone(),
             });
-        Ok(furthest.into_iter().collect())
+        Ok(furthest.map_or(began, |place| vec![place]))
     }
 }
 
