@@ -40,6 +40,25 @@ fn runs_of(rig: &Rig) -> Vec<BroadcastReport> {
         .collect()
 }
 
+/// The ids the gateway delivered to, in order.
+fn delivered_ids(rig: &Rig) -> Vec<String> {
+    rig.gateway
+        .delivered
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// The stream's record, as the older update `score-1` (seq 1) left it
+/// when it claimed the stream.
+fn score_1_owns_the_stream() -> RunRecord {
+    let owner =
+        r#"{"seq":1,"id":"score-1","run":"s-.c0.0:score-1","audience":"channel match","from":[]}"#;
+    record("latest:score", owner, true)
+}
+
 /// A record in the run table, as another task would have written it.
 fn record(key: &str, checkpoint: &str, finished: bool) -> RunRecord {
     RunRecord {
@@ -86,8 +105,7 @@ async fn a_newer_update_takes_over_where_the_older_one_is_and_goes_round() {
         // The older update owns the stream and, by its checkpoint, has
         // answered the first two pages.
         let mut records = runs.records.lock().unwrap();
-        let owner = r#"{"seq":1,"id":"score-1","run":"s-.c0.0:score-1","audience":"channel match","from":[]}"#;
-        records.insert("latest:score".into(), record("latest:score", owner, true));
+        records.insert("latest:score".into(), score_1_owns_the_stream());
         let older = record(
             "s-.c0.0:score-1",
             r#"{"resume":[{"segment":0,"position":10}]}"#,
@@ -101,14 +119,7 @@ async fn a_newer_update_takes_over_where_the_older_one_is_and_goes_round() {
         Some(ledger(&rig, &runs)),
     )
     .await;
-    let delivered: Vec<String> = rig
-        .gateway
-        .delivered
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(id, _)| id.clone())
-        .collect();
+    let delivered = delivered_ids(&rig);
     assert_eq!(delivered.len(), 20, "each connection once: {delivered:?}");
     let mut once = delivered.clone();
     once.sort();
@@ -218,8 +229,7 @@ async fn a_newer_update_starts_after_the_place_the_older_one_keeps() {
         // The older update owns the stream; it had answered up to c-13
         // (its place, kept while it sent), though no page was finished.
         let mut records = runs.records.lock().unwrap();
-        let owner = r#"{"seq":1,"id":"score-1","run":"s-.c0.0:score-1","audience":"channel match","from":[]}"#;
-        records.insert("latest:score".into(), record("latest:score", owner, true));
+        records.insert("latest:score".into(), score_1_owns_the_stream());
         let place = r#"{"segment":0,"position":{"after":"c-13"}}"#;
         let kept = record("latest-at:1:score", place, true);
         records.insert(kept.key.clone(), kept);
@@ -230,14 +240,7 @@ async fn a_newer_update_starts_after_the_place_the_older_one_keeps() {
         Some(ledger(&rig, &runs)),
     )
     .await;
-    let delivered: Vec<String> = rig
-        .gateway
-        .delivered
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(id, _)| id.clone())
-        .collect();
+    let delivered = delivered_ids(&rig);
     let mut once = delivered.clone();
     once.sort();
     once.dedup();
