@@ -452,3 +452,15 @@ async fn latest_the_newest_value_reaches_every_connection() {
     let _alone = ONE_AT_A_TIME.lock().await;
     latest::the_newest_value_reaches_every_connection().await;
 }
+
+/// Deletes a benchmark's audience table: the next run loads its own, and
+/// dynalite keeps tables in memory.
+async fn drop_audience_table(table: &str) {
+    support::dynamodb()
+        .await
+        .delete_table()
+        .table_name(table)
+        .send()
+        .await
+        .expect("delete the audience table");
+}

@@ -238,14 +238,7 @@ pub(super) async fn a_cancel_stops_a_split_broadcast_on_every_task() {
         runs,
     });
     fleet.gateway.shutdown().await;
-    // The next benchmark run loads its own: dynalite keeps them in memory.
-    support::dynamodb()
-        .await
-        .delete_table()
-        .table_name(&table)
-        .send()
-        .await
-        .expect("delete the audience table");
+    super::drop_audience_table(&table).await;
 }
 
 /// A report field of each segment, comma-separated.

@@ -361,12 +361,5 @@ pub(super) async fn the_newest_value_reaches_every_connection() {
         "with latest, older updates are superseded: {:?}",
         latest.statuses
     );
-    // The next benchmark run loads its own: dynalite keeps tables in memory.
-    support::dynamodb()
-        .await
-        .delete_table()
-        .table_name(&table)
-        .send()
-        .await
-        .expect("delete the audience table");
+    super::drop_audience_table(&table).await;
 }
