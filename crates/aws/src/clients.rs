@@ -96,7 +96,7 @@ const FLEET_RETRY_BACKOFF: Duration = Duration::from_millis(20);
 
 /// The DynamoDB client of the fleet's lease table: every call bounded by
 /// [`FLEET_OPERATION_TIMEOUT`], with at most one quick retry. The
-/// coordinator tries again every second, so failing fast and falling back
+/// coordinator tries again every half second, so failing fast and falling back
 /// beats waiting on a slow table.
 pub fn fleet_dynamodb_client(config: &SdkConfig) -> aws_sdk_dynamodb::Client {
     let timeouts = TimeoutConfig::builder()

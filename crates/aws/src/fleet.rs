@@ -49,7 +49,7 @@ pub struct DynamoLeaseTable {
 impl DynamoLeaseTable {
     /// Checks once, at startup, that `table` exists and is keyed `pk` (S) +
     /// `sk` (S), so a wrong `FANOUT_FLEET_TABLE` is named before the first
-    /// round rather than logged as failed renewals every second.
+    /// round rather than logged as failed renewals twice a second.
     pub async fn connect(client: Client, table: impl Into<String>) -> Result<Self, FleetError> {
         let table = PkSkTable::connect(client, table.into(), from_failure, wrong_key).await?;
         Ok(Self { table })

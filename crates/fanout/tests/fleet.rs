@@ -50,7 +50,7 @@ const TOLERANCE: f64 = 0.05;
 /// How far over the fleet's rate the endpoint may ever be, on any machine:
 /// a fleet that overshoots is wrong however busy the machine is.
 const OVER_AT_MOST: f64 = 1.25;
-/// A worker joins within about 2 s (its lease must be read by the others
+/// A worker joins within about 1.1 s (its lease must be read by the others
 /// first); the rate is judged from 2 s after that.
 const SETTLED_AFTER: u64 = 4;
 

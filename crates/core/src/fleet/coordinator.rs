@@ -166,15 +166,17 @@ impl<T: LeaseTable> Coordinator<T> {
 
     /// Whether, since the last round (at least [`EARLY_AFTER`] ago), sends
     /// waited for the rate as a held-back round's do, while the share (not
-    /// a join, not 429s) holds the task under a claim that can still grow.
+    /// a join, not 429s) holds the task under what it would claim. A raise
+    /// still waiting to be on record does not hold the round back: small
+    /// jobs raise their claim by a few posts a second now and then, and a
+    /// broadcast that begins meanwhile would wait for it first.
     fn queued_for_share(&self) -> bool {
         let round = self.since_last_round(Counted::read(&self.metrics));
         round.elapsed >= EARLY_AFTER
             && round.share > 0.0
             && !round.throttled()
-            && self.claim.can_grow()
-            && self.standing.pending_until().is_none()
             && round.queued()
+            && self.claim.would_grow(&round)
     }
 
     /// One interval after the round that started at `started` (a late round

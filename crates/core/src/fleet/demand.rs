@@ -28,11 +28,11 @@ use tokio::time::Instant;
 use super::timing::DEMAND_LINGER;
 
 /// A task claims this many times the most it sent in one of its last
-/// [`USE_ROUNDS`] rounds, so that use that varies from one round to the
-/// next (small jobs come in bursts) stays within the claim, and the share,
-/// without counting as held back.
+/// [`USE_ROUNDS`] rounds (3 s of renewals), so that use that varies from one
+/// round to the next (small jobs come in bursts) stays within the claim,
+/// and the share, without counting as held back.
 pub const HEADROOM: f64 = 2.0;
-pub const USE_ROUNDS: usize = 3;
+pub const USE_ROUNDS: usize = 6;
 
 /// A round in which the task sent at least this share of its share in
 /// force was held back by the share...
@@ -136,10 +136,16 @@ impl Claim {
         }
     }
 
-    /// Whether a held-back round would raise the claim: it is under the
-    /// ceiling.
-    pub(super) fn can_grow(&self) -> bool {
-        self.last < self.ceiling
+    /// Whether a held-back round would raise the claim above the last one
+    /// written: a claim that already waits to be on record for this much
+    /// (or the ceiling) gains nothing from writing it again.
+    pub(super) fn would_grow(&self, round: &Round) -> bool {
+        self.grown(round).clamp(self.least, self.ceiling) > self.last
+    }
+
+    /// What a round its share held back claims.
+    fn grown(&self, round: &Round) -> f64 {
+        (round.share * GROWTH).max(self.even_split(round.tasks))
     }
 
     /// The claim to write this round.
@@ -184,7 +190,7 @@ impl Claim {
         } else if round.throttled() && self.last > 0.0 {
             self.last
         } else if round.held_back() {
-            (round.share * GROWTH).max(self.even_split(round.tasks))
+            self.grown(&round)
         } else if let Some(peak) = self.recent.iter().copied().reduce(f64::max) {
             peak * HEADROOM
         } else {
@@ -228,10 +234,12 @@ mod tests {
         let mut claim = Claim::new(3000.0, 3000.0);
         // 35 posts in a second, of a share of 1,000: 70.
         assert_eq!(claim.next(round(t0, 35, 1000.0)), 70.0);
-        // The most of its last three rounds.
-        assert_eq!(claim.next(round(t0 + SECOND, 10, 1000.0)), 70.0);
-        assert_eq!(claim.next(round(t0 + SECOND * 2, 20, 1000.0)), 70.0);
-        assert_eq!(claim.next(round(t0 + SECOND * 3, 20, 1000.0)), 40.0);
+        // The most of its last six rounds.
+        for at in 1..USE_ROUNDS as u32 {
+            assert_eq!(claim.next(round(t0 + SECOND * at, 10, 1000.0)), 70.0);
+        }
+        let later = t0 + SECOND * USE_ROUNDS as u32;
+        assert_eq!(claim.next(round(later, 20, 1000.0)), 40.0);
         // Nothing sent yet: the least claim, 1 % of the fleet's rate.
         let mut fresh = Claim::new(3000.0, 3000.0);
         assert_eq!(fresh.next(round(t0, 0, 1000.0)), 30.0);
@@ -246,8 +254,8 @@ mod tests {
         assert_eq!(claim.next(round(t0, 95, 100.0)), 1000.0);
         // Up to its ceiling.
         assert_eq!(claim.next(round(t0 + SECOND, 950, 1000.0)), 3000.0);
-        // Under the mark: back to its use, the most of its last three
-        // rounds (95, 950, 800).
+        // Under the mark: back to its use, the most of its last six
+        // rounds (285, 95, 950, 800).
         assert_eq!(claim.next(round(t0 + SECOND * 2, 800, 1000.0)), 1900.0);
     }
 
@@ -297,7 +305,7 @@ mod tests {
             ..round(t0 + SECOND, 400, 1000.0)
         };
         assert_eq!(claim.next(throttled), 3000.0);
-        // The throttle gone: its use again (its most of the last three
+        // The throttle gone: its use again (its most of the last six
         // rounds: 1,000).
         let back = Round {
             adaptive: Some(3000.0),

@@ -2,7 +2,7 @@
 //! together they stay within the account's quota however many are running.
 //!
 //! Each task keeps a lease in a shared table (its demand and an expiry),
-//! renews it about once a second, reads every lease, and takes its share of
+//! renews it every half second, reads every lease, and takes its share of
 //! the fleet's rate: the max-min fair split of the demands (no task more
 //! than its demand, the rest split equally among those that want more),
 //! plus an equal part of what the demands leave unclaimed for every task
@@ -19,11 +19,11 @@
 //! - A task only takes more than before once every other task has read its
 //!   lease with the higher demand: a joining task (or one whose work
 //!   resumes) sends nothing for [`JOIN_WAIT`] after it first wrote that
-//!   lease, about two renewals (2 s) in practice.
+//!   lease, about two renewals (1.1 s) in practice.
 //! - A task lowers its share before it writes a lower demand, so the others
 //!   never take what it still uses.
 //! - A dead task's share stays unused until its lease expires and the others
-//!   next read the table: at most [`DEAD_SHARE_UNUSED`] (4.3 s) after its
+//!   next read the table: at most [`DEAD_SHARE_UNUSED`] (3.8 s) after its
 //!   last renewal.
 //!
 //! A task whose renewal fails (an error, or a round slower than

@@ -229,7 +229,7 @@ mod tests {
     /// Epoch ms at the test's start.
     const EPOCH: u64 = 1_700_000_000_000;
 
-    /// A task that writes `demand` every second from `t0`, each write
+    /// A task that writes `demand` once a second from `t0`, each write
     /// returning at once and expiring 3 s later, the others' demands being
     /// `others`; returns its share after each round.
     fn rounds(
@@ -267,7 +267,7 @@ mod tests {
         let mut standing = Standing::new(FALLBACK, f64::INFINITY);
         assert_eq!(standing.share(), 0.0);
         let shares = rounds(&mut standing, t0, 0, &[1000.0; 4], &[1000.0]);
-        // Written at 0 s; on record for JOIN_WAIT (1.55 s) at the round of
+        // Written at 0 s; on record for JOIN_WAIT (1.05 s) at the round of
         // 2 s.
         assert_eq!(shares, vec![0.0, 0.0, 500.0, 500.0]);
     }

@@ -4,9 +4,12 @@
 
 use std::time::Duration;
 
-/// How often a task renews its lease and reads the others': one write and
-/// one read per task per second is the whole cost of the fleet.
-pub const RENEW_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a task renews its lease and reads the others': two writes and
+/// two reads per task per second are the whole cost of the fleet. Every
+/// wait for a higher claim is this plus a round's timeout ([`JOIN_WAIT`]),
+/// and that wait is what a broadcast starting beside small jobs loses
+/// before it has its share: half a second keeps it near one second.
+pub const RENEW_INTERVAL: Duration = Duration::from_millis(500);
 
 /// A round (the write, then the read) that has not answered within this
 /// counts as failed: the task falls back rather than send on a share that
@@ -29,8 +32,9 @@ const LATE_START: Duration = Duration::from_millis(250);
 /// How long a lease with a higher demand must have been written before the
 /// task uses it: by then every other task's share in force was computed from
 /// a read that saw it. A joining task (or an idle one that gets work) sends
-/// nothing for this long after its first write; with renewals every second,
-/// it takes its share at its third round, about 2 s after it started.
+/// nothing for this long after its first write; with renewals every half
+/// second, it takes its share at the round due then, about 1.1 s after it
+/// started.
 pub const JOIN_WAIT: Duration =
     Duration::from_millis(SHARE_IN_FORCE.as_millis() as u64 + LATE_START.as_millis() as u64);
 
@@ -44,9 +48,10 @@ pub const DEMAND_LINGER: Duration = Duration::from_secs(3);
 
 /// How long a lease counts after the write that renewed it. Long enough
 /// that a live task's lease never expires to the others: it renews at
-/// least every interval plus a round's timeout, 1.5 s (else it has fallen
-/// back), which leaves 1.5 s for clock skew between tasks and a late round. Short enough that a
-/// dead task's share is back in use within 5 s (see [`DEAD_SHARE_UNUSED`]).
+/// least every interval plus a round's timeout, 0.8 s (else it has fallen
+/// back), which leaves 2.2 s for clock skew between tasks and a late round.
+/// Short enough that a dead task's share is back in use within 4 s (see
+/// [`DEAD_SHARE_UNUSED`]).
 pub const LEASE_TTL: Duration = Duration::from_secs(3);
 
 /// The longest a dead task's share stays unused after its last renewal: its
@@ -64,7 +69,7 @@ const _: () = {
     // A live task's lease outlives the longest gap between its renewals,
     // with at least a second to spare for skew.
     assert!(LEASE_TTL.as_millis() >= SHARE_IN_FORCE.as_millis() + 1000);
-    assert!(DEAD_SHARE_UNUSED.as_millis() <= 5000);
+    assert!(DEAD_SHARE_UNUSED.as_millis() <= 4000);
     // A gap between two jobs spans at least one round.
     assert!(DEMAND_LINGER.as_millis() > 2 * RENEW_INTERVAL.as_millis());
 };
