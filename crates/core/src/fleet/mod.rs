@@ -19,7 +19,7 @@
 //! - A task only takes more than before once every other task has read its
 //!   lease with the higher demand: a joining task (or one whose work
 //!   resumes) sends nothing for [`JOIN_WAIT`] after it first wrote that
-//!   lease, about two renewals (1.1 s) in practice.
+//!   lease, a little over two renewals (about 1.1 s) in practice.
 //! - A task lowers its share before it writes a lower demand, so the others
 //!   never take what it still uses.
 //! - A dead task's share stays unused until its lease expires and the others

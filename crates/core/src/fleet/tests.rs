@@ -465,6 +465,11 @@ async fn three_on_small_jobs() -> Fleet {
     fleet
 }
 
+/// The fair share of one of [`three_on_small_jobs`] whose use grows: the
+/// fleet's rate less the others' claims, twice their most in a round (18
+/// posts of a half second's 17.5, 36/s).
+const FAIR_BESIDE_SMALL_JOBS: f64 = 3000.0 - 2.0 * 72.0;
+
 #[tokio::test(start_paused = true)]
 async fn claims_follow_use_and_a_task_whose_use_grows_takes_its_fair_share_soon() {
     let fleet = three_on_small_jobs().await;
@@ -481,9 +486,7 @@ async fn claims_follow_use_and_a_task_whose_use_grows_takes_its_fair_share_soon(
         1000.0,
         "no wait for the part nobody claims"
     );
-    // The others claim twice their most in a round: 18 posts of a half
-    // second's 17.5, 36/s.
-    let fair = 3000.0 - 2.0 * 72.0;
+    let fair = FAIR_BESIDE_SMALL_JOBS;
     let took = fleet
         .run_until(GROWN_WITHIN, "a's fair share", |f| f.share("a") >= fair)
         .await;
@@ -537,9 +540,10 @@ async fn a_broadcast_claims_more_at_once_while_a_small_raise_of_its_claim_waits(
     // and it claims more within a watch of them, not once the small raise
     // is on record.
     fleet.member("a").wants.set(f64::INFINITY);
-    let fair = 3000.0 - 2.0 * 72.0;
     let took = fleet
-        .run_until(GROWN_WITHIN, "a's fair share", |f| f.share("a") >= fair)
+        .run_until(GROWN_WITHIN, "a's fair share", |f| {
+            f.share("a") >= FAIR_BESIDE_SMALL_JOBS
+        })
         .await;
     assert!(
         took <= JOIN_WAIT + Duration::from_millis(400),
@@ -552,7 +556,9 @@ async fn a_task_whose_use_falls_leaves_the_rest_to_the_others_at_once() {
     let fleet = three_on_small_jobs().await;
     fleet.member("a").wants.set(f64::INFINITY);
     fleet
-        .run_until(SETTLE, "a's fair share", |f| f.share("a") >= 2856.0)
+        .run_until(SETTLE, "a's fair share", |f| {
+            f.share("a") >= FAIR_BESIDE_SMALL_JOBS
+        })
         .await;
     // The announcement ends; a's small jobs go on.
     fleet.member("a").wants.set(35.0);
