@@ -363,7 +363,8 @@ fn update(id: &str, seq: u64) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_update_stops_the_older_one_and_every_client_ends_with_it() {
     let mut s = Setup::new().await;
-    // Pages of 20: the older update's checkpoint says where it is.
+    // Pages of 20: the newer update goes on from where the older one's
+    // posts are, not from a page's end.
     s.set("FANOUT_PAGE_SIZE", "20");
     let clients = s.connect(300, Some("match")).await;
     // 300 connections at 50/s: six seconds for one update.
@@ -395,8 +396,8 @@ async fn a_newer_update_stops_the_older_one_and_every_client_ends_with_it() {
     assert!(older < 300, "the first update stopped part-way: {older}");
     assert!(
         run.stdout
-            .contains("a newer update takes over where the older one is"),
-        "from the older one's checkpoint: {}",
+            .contains("the stream's run goes on with a newer update"),
+        "handed to the running update, which went on with it: {}",
         run.stdout
     );
     let reports = s.reports().await;

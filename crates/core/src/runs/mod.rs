@@ -39,7 +39,7 @@ pub use admission::{Renewed, Request, Ruling, Windows, admit};
 pub use broadcasts::{BroadcastTally, Piece, Tallied, Totals, tally_key};
 pub use cancels::{CANCEL_POLL, Cancelled};
 pub use ledger::{Admission, Ledger, RunLease};
-pub use streams::{LATEST_POLL, POSITION_INTERVAL, StreamClaim};
+pub use streams::{Claimant, Handed, LATEST_POLL, POSITION_INTERVAL, StreamClaim, StreamPoll};
 
 /// One run's record as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]

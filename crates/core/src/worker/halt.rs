@@ -16,10 +16,11 @@ use crate::gateway::Gateway;
 use crate::job::Job;
 use crate::job::deadline::{self, Due};
 use crate::job::keys::RunKey;
-use crate::queue::{JobQueue, Message};
+use crate::queue::{JobQueue, Message, Receipt};
 use crate::reports::Draft;
 use crate::runs::{
-    CANCEL_POLL, Cancelled, LATEST_POLL, Ledger, POSITION_INTERVAL, StreamClaim, rfc3339,
+    CANCEL_POLL, Cancelled, Claimant, Handed, LATEST_POLL, Ledger, POSITION_INTERVAL, StreamClaim,
+    StreamPoll, rfc3339,
 };
 use crate::store::{ConnectionStore, Cursor};
 
@@ -36,6 +37,9 @@ pub(super) enum Halt {
     Cancelled,
     /// A newer update of its stream owns the stream.
     Superseded,
+    /// A newer update of its stream was handed to it: it goes on with that
+    /// one (see [`Watch::took`]).
+    Newer,
 }
 
 /// The watch over one run: a deadline timer and a tombstone poll, which
@@ -43,6 +47,7 @@ pub(super) enum Halt {
 pub(super) struct Watch {
     pub(super) stop: CancellationToken,
     why: Arc<OnceLock<Halt>>,
+    next: Arc<OnceLock<Handed>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -50,6 +55,11 @@ impl Watch {
     /// Why the run was stopped, if it was.
     pub(super) fn halted(&self) -> Option<Halt> {
         self.why.get().copied()
+    }
+
+    /// The newer update of its stream the run took ([`Halt::Newer`]).
+    pub(super) fn took(&self) -> Option<Handed> {
+        self.next.get().cloned()
     }
 }
 
@@ -75,6 +85,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     pub(super) async fn may_start(
         &self,
         job: &mut Job,
+        receipt: &Receipt,
         draft: impl Fn(&Job) -> Draft,
     ) -> Result<(), (Settlement, Draft)> {
         if let Some(deadline) = job.deliver_by {
@@ -113,7 +124,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         }
         if job.latest.is_some() {
             return self
-                .claim_stream(job)
+                .claim_stream(job, receipt)
                 .await
                 .map_err(|(s, reason)| (s, draft(job).because(reason)));
         }
@@ -121,9 +132,15 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     }
 
     /// An update of a stream (`latest`): it runs if it is the newest
-    /// started, from where an older one still sending is; otherwise it is
-    /// settled superseded. Without run records it is refused.
-    async fn claim_stream(&self, job: &mut Job) -> Result<(), (Settlement, String)> {
+    /// started and no live run of the stream can take it, from where an
+    /// older one is; it waits while such a run (the runner) sends it, and
+    /// is settled once that run has sent it round. An older one is settled
+    /// superseded. Without run records it is refused.
+    async fn claim_stream(
+        &self,
+        job: &mut Job,
+        receipt: &Receipt,
+    ) -> Result<(), (Settlement, String)> {
         let Some(latest) = job.latest.clone() else {
             return Ok(());
         };
@@ -139,12 +156,38 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             segment: None,
             continuation: 0,
             part: 0,
-        };
+        }
+        .storage_key();
         let audience = job.target.to_string();
-        match ledger
-            .claim_stream(&latest, &job.id, &first.storage_key(), &audience)
-            .await
-        {
+        let me = Claimant {
+            id: &job.id,
+            run: &first,
+            audience: &audience,
+            payload: &job.payload,
+        };
+        // Kept hidden while a runner sends it: the heartbeat starts with the
+        // first wait.
+        let mut heartbeat = None;
+        let claim = loop {
+            match ledger.claim_stream(&latest, &me).await {
+                Ok(StreamClaim::Handed { runner }) => {
+                    if heartbeat.is_none() {
+                        tracing::info!(job_id = %job.id, stream = latest.key, seq = latest.seq, runner, "handed to the stream's running update");
+                        heartbeat = Some(self.heartbeat(receipt.clone(), job.id.clone(), None));
+                    }
+                    tokio::select! {
+                        () = self.abort.cancelled() => {
+                            let reason = "stopped while the stream's running update had it: handed back".to_owned();
+                            return Err((Settlement::Interrupted { job: job.clone(), resume: Vec::new() }, reason));
+                        }
+                        () = tokio::time::sleep(LATEST_POLL) => continue,
+                    }
+                }
+                other => break other,
+            }
+        };
+        drop(heartbeat);
+        match claim {
             Ok(StreamClaim::Owns { from }) => {
                 let own_start = job.continuation == 0 && job.part == 0 && job.resume.is_none();
                 if own_start && !from.is_empty() {
@@ -153,6 +196,15 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                     job.wrap = true;
                 }
                 Ok(())
+            }
+            Ok(StreamClaim::Handed { .. }) => unreachable!("waited for above"),
+            Ok(StreamClaim::SentRound { by }) => {
+                let reason = format!(
+                    "update {} of the stream {} was sent to every connection by the stream's \
+                     running update {by}",
+                    latest.seq, latest.key
+                );
+                Err((Settlement::Done, reason))
             }
             Ok(StreamClaim::Superseded { by }) => {
                 let reason = format!(
@@ -178,9 +230,16 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         }
     }
 
-    /// Watches a starting run: stops it at its deadline, or once a cancel
-    /// of its broadcast is on record, and on shutdown as before.
-    pub(super) fn watch(&self, job: &Job, frontier: Option<Frontier>) -> Watch {
+    /// Watches a starting run: stops it at its deadline, once a cancel of
+    /// its broadcast (or of `sending`, the newer update of its stream it
+    /// went on with) is on record, when a newer update of its stream is
+    /// handed to it or claims the stream, and on shutdown as before.
+    pub(super) fn watch(
+        &self,
+        job: &Job,
+        frontier: Option<Frontier>,
+        sending: Option<String>,
+    ) -> Watch {
         let stop = self.abort.child_token();
         let why = Arc::new(OnceLock::new());
         let mut tasks = Vec::new();
@@ -208,19 +267,35 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 }
             }));
         }
+        let next = Arc::new(OnceLock::new());
         if let (Some(ledger), Some(latest)) = (self.ledger.clone(), job.latest.clone()) {
-            let (stop, why) = (stop.clone(), why.clone());
+            let (stop, why, next, runner) =
+                (stop.clone(), why.clone(), next.clone(), job.id.clone());
             tasks.push(tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(LATEST_POLL).await;
-                    if ledger.superseded(&latest).await {
-                        tracing::info!(
-                            stream = latest.key,
-                            seq = latest.seq,
-                            "a newer update owns the stream; stopping this one"
-                        );
-                        halt(&stop, &why, Halt::Superseded);
-                        return;
+                    match ledger.poll_stream(&latest, &runner).await {
+                        StreamPoll::Running => {}
+                        StreamPoll::Superseded => {
+                            tracing::info!(
+                                stream = latest.key,
+                                seq = latest.seq,
+                                "a newer update owns the stream; stopping this one"
+                            );
+                            halt(&stop, &why, Halt::Superseded);
+                            return;
+                        }
+                        StreamPoll::Took(handed) => {
+                            tracing::info!(
+                                stream = latest.key,
+                                seq = handed.seq,
+                                job_id = handed.id,
+                                "took a newer update of the stream"
+                            );
+                            let _ = next.set(handed);
+                            halt(&stop, &why, Halt::Newer);
+                            return;
+                        }
                     }
                 }
             }));
@@ -233,7 +308,21 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 halt(&stop, &why, Halt::Cancelled);
             }));
         }
-        Watch { stop, why, tasks }
+        // A newer update this run took is stopped by a cancel of its own.
+        if let (Some(ledger), Some(sending)) = (self.ledger.clone(), sending) {
+            let (stop, why) = (stop.clone(), why.clone());
+            tasks.push(tokio::spawn(async move {
+                ledger.until_cancelled(&sending).await;
+                tracing::info!(job_id = %sending, "the update this stream's run sends was cancelled; stopping it");
+                halt(&stop, &why, Halt::Superseded);
+            }));
+        }
+        Watch {
+            stop,
+            why,
+            next,
+            tasks,
+        }
     }
 
     /// The connections a stopped broadcast never read, counted by reading
@@ -243,7 +332,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// on a read error. A superseded update's are the newer one's to reach:
     /// not counted.
     pub(super) async fn unread(&self, job: &Job, halt: Halt, read_to: Vec<Cursor>) -> Option<u64> {
-        if halt == Halt::Superseded {
+        if matches!(halt, Halt::Superseded | Halt::Newer) {
             return Some(0);
         }
         let bound = COUNT_BOUND.min(self.settings.visibility_timeout / 2);

@@ -353,7 +353,9 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             }
         };
         if let Err((settlement, draft)) = self
-            .may_start(&mut job, |job| Draft::of_job(job, &message.id, started))
+            .may_start(&mut job, &message.receipt, |job| {
+                Draft::of_job(job, &message.id, started)
+            })
             .await
         {
             return (settlement, Some(draft), None);
@@ -413,31 +415,25 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 Err(reason) => (Settlement::RetryLater, draft.because(reason)),
             };
         }
-        let checkpoints = self.checkpoint_writer(lease.clone());
-        let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone(), lease);
-        // A stream's update keeps its place for a newer one to start at.
-        let frontier = (job.latest.is_some() && self.engine.reads_by_id(&job))
-            .then(crate::engine::Frontier::default);
-        let watch = self.watch(&job, frontier.clone());
-        let (report, result) = match checkpoints {
-            Some((sender, writer)) => {
-                let ran = self
-                    .engine
-                    .run_tracked(&job, &watch.stop, (Some(sender), frontier), carried)
-                    .await;
-                // The run is over: what a last write would hold no longer
-                // matters (its message is settled next).
-                drop(writer);
-                ran
-            }
-            None => self.engine.run(&job, &watch.stop).await,
-        };
+        let heartbeat = self.heartbeat(message.receipt.clone(), job.id.clone(), lease.clone());
+        let mut job = job;
+        let (report, result, watch, sending) = self.run_passes(&mut job, lease, carried).await;
         self.metrics.record_job_duration(report.duration);
-        let draft = Draft::of_run(&job, &message.id, &report, started);
+        let mut draft = Draft::of_run(&job, &message.id, &report, started);
+        if let Some((seq, id)) = &sending {
+            draft = draft.because(format!(
+                "a newer update of its stream, {seq} ({id}), was handed to this run, which went \
+                 on with it: the counts are of that update's last pass"
+            ));
+        }
         // A run that reached every connection is done, whatever came
-        // after; one stopped, or left with connections to hand on, is not.
+        // after, unless it went on with a newer update (then its own value
+        // was superseded); one stopped, or left with connections to hand
+        // on, is not.
         let halted = match (&result, watch.halted()) {
-            (Ok(()), _) if report.deferred.is_empty() => None,
+            (Ok(()), _) if report.deferred.is_empty() => {
+                sending.as_ref().map(|_| halt::Halt::Superseded)
+            }
             (Ok(()), None) => self.lapsed_now(&job).then_some(halt::Halt::Lapsed),
             (Ok(()) | Err(FanoutError::Interrupted | FanoutError::Backlog { .. }), halt) => halt,
             _ => None,
@@ -509,6 +505,62 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         };
         (settlement, draft)
     }
+
+    /// Runs the job. A stream's run (the runner) goes on with each newer
+    /// update handed to it, from where its posts have got to, round: the
+    /// summary and the watch are its last pass's, and the last update it
+    /// went on with (sequence, broadcast key) is returned beside them.
+    async fn run_passes(
+        &self,
+        job: &mut job::Job,
+        lease: Option<RunLease>,
+        mut carried: Vec<Connection>,
+    ) -> (
+        RunSummary,
+        Result<(), FanoutError>,
+        halt::Watch,
+        Option<(u64, String)>,
+    ) {
+        let mut sending: Option<(u64, String)> = None;
+        loop {
+            let checkpoints = self.checkpoint_writer(lease.clone());
+            // A stream's update keeps its place for a newer one to start at.
+            let frontier = (job.latest.is_some() && self.engine.reads_by_id(job))
+                .then(crate::engine::Frontier::default);
+            let watch = self.watch(job, frontier.clone(), sending.clone().map(|(_, id)| id));
+            let (report, result) = match checkpoints {
+                Some((sender, writer)) => {
+                    let carried = std::mem::take(&mut carried);
+                    let ran = self
+                        .engine
+                        .run_tracked(job, &watch.stop, (Some(sender), frontier.clone()), carried)
+                        .await;
+                    // The run is over: what a last write would hold no
+                    // longer matters (its message is settled, or the next
+                    // pass writes its own).
+                    drop(writer);
+                    ran
+                }
+                None => self.engine.run(job, &watch.stop).await,
+            };
+            let next = match (&result, watch.halted(), &self.ledger, &job.latest) {
+                (Ok(()) | Err(FanoutError::Interrupted), Some(halt::Halt::Newer), _, _) => {
+                    watch.took()
+                }
+                (Ok(()), None, Some(ledger), Some(latest)) if report.deferred.is_empty() => {
+                    ledger.sent_round(latest, &job.id).await
+                }
+                _ => None,
+            };
+            let Some((handed, payload)) = next.and_then(|h| h.payload().map(|p| (h, p))) else {
+                return (report, result, watch, sending);
+            };
+            log_report(job, &report, "newer");
+            tracing::info!(job_id = %job.id, stream_seq = handed.seq, update = handed.id, "the stream's run goes on with a newer update");
+            go_on_with(job, handed.seq, payload, frontier.and_then(|f| f.get()));
+            sending = Some((handed.seq, handed.id));
+        }
+    }
 }
 
 /// A job taken over from a stopped task: its checkpoint's resume points,
@@ -531,6 +583,28 @@ fn taking_over(job: &mut job::Job, checkpoint: crate::runs::Checkpoint) -> Vec<C
         .into_iter()
         .map(|d| Connection::new(d.id, d.key))
         .collect()
+}
+
+/// The stream's job made the newer update `seq` (`payload`), read from
+/// `at` (where the last pass's posts had got to; none: where that pass
+/// began) round.
+fn go_on_with(
+    job: &mut job::Job,
+    seq: u64,
+    payload: bytes::Bytes,
+    at: Option<crate::store::Cursor>,
+) {
+    job.payload = payload;
+    if let Some(latest) = &mut job.latest {
+        latest.seq = seq;
+    }
+    if let Some(at) = at {
+        job.resume = Some(vec![crate::store::Cursor {
+            segment: 0,
+            position: at.position,
+        }]);
+        job.wrap = true;
+    }
 }
 
 fn log_report(job: &job::Job, report: &RunSummary, status: &str) {

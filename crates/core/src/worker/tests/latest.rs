@@ -1,6 +1,7 @@
 //! Streams of updates (`latest`) against the fakes: an older update is not
-//! sent, a newer one stops an older one and takes over round from where it
-//! was.
+//! sent; a newer one is handed to the stream's live run, which goes on with
+//! it round from where its posts are; without one it claims the stream and
+//! takes over round from where the older one was.
 
 use super::*;
 use crate::fakes::FakeRunTable;
@@ -103,14 +104,16 @@ async fn a_newer_update_takes_over_where_the_older_one_is_and_goes_round() {
     let runs = Arc::new(FakeRunTable::default());
     {
         // The older update owns the stream and, by its checkpoint, has
-        // answered the first two pages.
+        // answered the first two pages; its task died (the lease lapsed),
+        // so there is no runner to hand the newer one to.
         let mut records = runs.records.lock().unwrap();
         records.insert("latest:score".into(), score_1_owns_the_stream());
-        let older = record(
+        let mut older = record(
             "s-.c0.0:score-1",
             r#"{"resume":[{"segment":0,"position":10}]}"#,
             false,
         );
+        older.lease_until_ms = 0;
         records.insert(older.key.clone(), older);
     }
     rig.run_with(
@@ -284,5 +287,144 @@ async fn a_running_update_keeps_its_place_for_a_newer_one() {
     assert!(
         matches!(place.position, Some(crate::store::Position::After { .. })),
         "{place:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_newer_update_received_on_another_task_is_sent_by_the_running_one() {
+    // Task A runs update 1; c-10's post hangs until released, so A is
+    // still sending when task B receives update 2.
+    let held = FakeGateway {
+        held_ids: ["c-10".to_owned()].into(),
+        ..FakeGateway::default()
+    };
+    let a = by_id(&[&update("score-1", 1)], held);
+    let b = by_id(&[&update("score-2", 2)], FakeGateway::default());
+    let runs = Arc::new(FakeRunTable::default());
+    let began = tokio::time::Instant::now();
+    let task_a = a.run_with(
+        channel_settings(),
+        CancellationToken::new(),
+        Some(ledger(&a, &runs)),
+    );
+    let task_b = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        b.run_with(
+            channel_settings(),
+            CancellationToken::new(),
+            Some(ledger(&b, &runs)),
+        )
+        .await
+    };
+    let release = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        a.gateway.release();
+    };
+    tokio::join!(task_a, task_b, release);
+
+    assert!(delivered_ids(&b).is_empty(), "task B sent nothing itself");
+    let got_2: std::collections::BTreeSet<String> = a
+        .gateway
+        .delivered
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, payload)| payload == "score-2")
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(got_2.len(), 20, "task A sent update 2 round: {got_2:?}");
+    let [report] = &runs_of(&b)[..] else {
+        panic!("one run report from B")
+    };
+    assert_eq!(report.status, Status::Done);
+    let said = report.reason.as_deref().unwrap();
+    assert!(
+        said.contains("by the stream's running update score-1"),
+        "{said}"
+    );
+    assert_eq!(b.queue.deleted_ids(), ["r0"]);
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        began.elapsed()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handed_update_is_run_by_its_receiver_once_the_runner_ends_without_it() {
+    // The runner is a task of the version before: it never takes a handed
+    // update, and its run ends after a second.
+    let rig = by_id(&[&update("score-2", 2)], FakeGateway::default());
+    let runs = Arc::new(FakeRunTable::default());
+    {
+        let mut records = runs.records.lock().unwrap();
+        records.insert("latest:score".into(), score_1_owns_the_stream());
+        let live = record("s-.c0.0:score-1", "{}", false);
+        records.insert(live.key.clone(), live);
+    }
+    let table = runs.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut records = table.records.lock().unwrap();
+        let older = records.get_mut("s-.c0.0:score-1").unwrap();
+        older.finished_at_ms = Some(1);
+        older.version += 1;
+    });
+    let began = tokio::time::Instant::now();
+    rig.run_with(
+        channel_settings(),
+        CancellationToken::new(),
+        Some(ledger(&rig, &runs)),
+    )
+    .await;
+    assert!(
+        began.elapsed() >= Duration::from_secs(1),
+        "it waited for the runner"
+    );
+    let delivered = rig.gateway.delivered.lock().unwrap().clone();
+    assert_eq!(delivered.len(), 20, "then sent it itself: {delivered:?}");
+    assert!(delivered.iter().all(|(_, payload)| payload == "score-2"));
+    let [report] = &runs_of(&rig)[..] else {
+        panic!("one run")
+    };
+    assert_eq!((report.status, report.delivered), (Status::Done, 20));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_runner_that_died_after_taking_a_newer_update_leaves_it_to_its_receiver() {
+    // Update 1's task took update 2 and died: its message comes back, and
+    // so does update 2's (its receiver had kept it while it waited).
+    let rig = by_id(
+        &[&update("score-1", 1), &update("score-2", 2)],
+        FakeGateway::default(),
+    );
+    let runs = Arc::new(FakeRunTable::default());
+    {
+        let took = r#"{"seq":2,"id":"score-1","run":"s-.c0.0:score-1","audience":"channel match","from":[],"sending":"score-2"}"#;
+        let mut records = runs.records.lock().unwrap();
+        records.insert("latest:score".into(), record("latest:score", took, true));
+        let mut died = record("s-.c0.0:score-1", "{}", false);
+        died.lease_until_ms = 0;
+        records.insert(died.key.clone(), died);
+    }
+    rig.run_with(
+        channel_settings(),
+        CancellationToken::new(),
+        Some(ledger(&rig, &runs)),
+    )
+    .await;
+    let delivered = rig.gateway.delivered.lock().unwrap().clone();
+    assert_eq!(delivered.len(), 20, "{delivered:?}");
+    assert!(delivered.iter().all(|(_, payload)| payload == "score-2"));
+    let statuses: Vec<(String, Status)> = runs_of(&rig)
+        .into_iter()
+        .map(|r| (r.id, r.status))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("score-1".to_owned(), Status::Superseded),
+            ("score-2".to_owned(), Status::Done)
+        ]
     );
 }
