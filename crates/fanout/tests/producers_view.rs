@@ -396,7 +396,7 @@ async fn a_newer_update_stops_the_older_one_and_every_client_ends_with_it() {
     assert!(older < 300, "the first update stopped part-way: {older}");
     assert!(
         run.stdout
-            .contains("the stream's run goes on with a newer update"),
+            .contains("took a newer update of the stream; sending it from here on"),
         "handed to the running update, which went on with it: {}",
         run.stdout
     );

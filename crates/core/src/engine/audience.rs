@@ -7,7 +7,7 @@ use futures::stream::BoxStream;
 use futures::{Stream, StreamExt, stream};
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::connection::Connection;
+use crate::connection::{Connection, ConnectionId};
 use crate::job::{Job, Target};
 use crate::store::{AudienceQuery, ConnectionStore, Cursor, Page, Position, StoreError};
 
@@ -52,7 +52,15 @@ pub(super) fn pages<S: ConnectionStore>(
     query: &AudienceQuery,
 ) -> impl Stream<Item = Result<Page, StoreError>> + use<S> {
     let pages = match &job.target {
-        _ if job.wrap => wrapped(&**store, query, job.resume.as_deref()),
+        _ if job.wrap => wrapped(
+            &**store,
+            query,
+            job.resume.as_deref(),
+            job.round_end.clone(),
+        ),
+        _ if let Some(end) = &job.round_end => {
+            up_to(store.pages(query, job.resume.clone()), end.clone(), false)
+        }
         Target::Deferred(connections) => deferred_pages(connections, job.resume.as_deref()),
         Target::Channels(channels) => {
             crate::store::channels::pages(&**store, channels, job.resume.clone())
@@ -75,10 +83,15 @@ pub(super) fn pages<S: ConnectionStore>(
 /// read, so every connection gets it once. Resumed after a crash with segment
 /// 0 already read, that first connection is not known: segment 1 then reads
 /// to the end (a few connections twice, none missed).
+///
+/// With `end` (a stream's next round, see [`Job::round_end`]) the round
+/// stops before that connection instead: within segment 0 when it lies
+/// after the start, else in segment 1.
 fn wrapped<S: ConnectionStore>(
     store: &S,
     query: &AudienceQuery,
     resume: Option<&[Cursor]>,
+    end: Option<ConnectionId>,
 ) -> BoxStream<'static, Result<Page, StoreError>> {
     let cursor = |segment: u32| {
         resume
@@ -90,8 +103,26 @@ fn wrapped<S: ConnectionStore>(
                 position: c.position.clone(),
             })
     };
-    let first: std::sync::Arc<std::sync::Mutex<Option<crate::connection::ConnectionId>>> =
-        Default::default();
+    let start = cursor(0).and_then(|c| match c.position {
+        Some(Position::After { after }) => Some(after),
+        _ => None,
+    });
+    if let Some(end) = end
+        .as_ref()
+        .filter(|end| start.as_ref().is_some_and(|start| *end > start))
+    {
+        return up_to(
+            store.pages(query, cursor(0).map(|c| vec![c])),
+            end.clone(),
+            true,
+        );
+    }
+    let first: std::sync::Arc<std::sync::Mutex<Option<ConnectionId>>> = Default::default();
+    let explicit = end.is_some();
+    if let Some(end) = end {
+        // Segment 1 stops there; segment 0 reads to the audience's end.
+        *first.lock().unwrap_or_else(|p| p.into_inner()) = Some(end);
+    }
     let seen = first.clone();
     let to_end = store
         .pages(query, cursor(0).map(|c| vec![c]))
@@ -108,7 +139,7 @@ fn wrapped<S: ConnectionStore>(
     let again = store.pages(query, cursor(1).map(|c| vec![c]));
     let round = stream::unfold(
         (again, first, false),
-        |(mut pages, first, done)| async move {
+        move |(mut pages, first, done)| async move {
             if done {
                 return None;
             }
@@ -118,7 +149,16 @@ fn wrapped<S: ConnectionStore>(
             };
             page.next.segment = 1;
             let stop = first.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let reached = stop.and_then(|id| page.connections.iter().position(|c| c.id == id));
+            // An explicit end may be a connection gone since (the read is
+            // in id order then); the first connection read is on the page.
+            let reached = stop.and_then(|id| {
+                let mut connections = page.connections.iter();
+                if explicit {
+                    connections.position(|c| c.id >= id)
+                } else {
+                    connections.position(|c| c.id == id)
+                }
+            });
             if let Some(at) = reached {
                 // Up to the first connection of segment 0: the round is
                 // complete, and so is segment 1.
@@ -129,6 +169,38 @@ fn wrapped<S: ConnectionStore>(
         },
     );
     to_end.chain(round).boxed()
+}
+
+/// `pages` up to, not including, `end`: the first connection at or past
+/// it when they come in id order (`ordered`), else `end` itself (gone
+/// since, then none is left out).
+fn up_to(
+    pages: BoxStream<'static, Result<Page, StoreError>>,
+    end: ConnectionId,
+    ordered: bool,
+) -> BoxStream<'static, Result<Page, StoreError>> {
+    stream::unfold((pages, false), move |(mut pages, done)| {
+        let end = end.clone();
+        async move {
+            if done {
+                return None;
+            }
+            let mut page = match pages.next().await? {
+                Ok(page) => page,
+                Err(e) => return Some((Err(e), (pages, true))),
+            };
+            let reached = page
+                .connections
+                .iter()
+                .position(|c| if ordered { c.id >= end } else { c.id == end });
+            if let Some(at) = reached {
+                page.connections.truncate(at);
+                page.next.position = None;
+            }
+            Some((Ok(page), (pages, reached.is_some())))
+        }
+    })
+    .boxed()
 }
 
 /// A continuation's deferred connections as pages, resumed from an offset.

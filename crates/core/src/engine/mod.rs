@@ -49,23 +49,70 @@ use rechecks::{RecheckDeps, Rechecks};
 use run::{Checkpoints, Run, RunState};
 pub use summary::{Deferred, KeyReceipts, MAX_FAILED_IDS, RunSummary};
 
-/// Where a run's sends have got to: after the furthest connection (in
-/// read order) whose post has been answered, as a cursor a read in
-/// connection-id order can start after (see [`Engine::reads_by_id`]). A
-/// newer update of a stream starts there, so the stream's place moves on
-/// with every answer, not with every page. Answers come nearly in order:
-/// the few before it still in flight when a run stops get the stream's
-/// value on its next round.
+/// A stream's run (see `runs::streams`): where its sends have got to, and
+/// the value it sends now.
+///
+/// Where: after the furthest connection (in read order) whose post has
+/// been answered, as a cursor a read in connection-id order can start
+/// after (see [`Engine::reads_by_id`]); a newer update that claims the
+/// stream starts there. Answers come nearly in order: the few before it
+/// still in flight when a run stops get the stream's value on its next
+/// round.
+///
+/// The value: a newer update handed to the run replaces the job's payload
+/// from the next post on, so the run sweeps on with it without stopping
+/// its read (a new read's first page would cost more than the 100 ms
+/// between updates of a fast stream).
 #[derive(Clone, Debug, Default)]
-pub struct Frontier(Arc<Mutex<Option<Cursor>>>);
+pub struct Frontier(Arc<Mutex<Place>>);
+
+#[derive(Debug, Default)]
+struct Place {
+    furthest: Option<Cursor>,
+    value: Option<bytes::Bytes>,
+    /// The first connection of the audience's read sent `value`.
+    first_sent: Option<crate::connection::ConnectionId>,
+}
 
 impl Frontier {
     pub fn get(&self) -> Option<Cursor> {
-        lock(&self.0).clone()
+        lock(&self.0).furthest.clone()
+    }
+
+    /// Sends `value` instead of the job's payload from the next post on.
+    pub fn replace(&self, value: bytes::Bytes) {
+        let mut place = lock(&self.0);
+        place.value = Some(value);
+        place.first_sent = None;
+    }
+
+    /// The first connection of the audience's read that was sent the
+    /// newest replacement: the connections read before it in this round
+    /// got an older value (none: the replacement came after the read).
+    pub fn first_sent(&self) -> Option<crate::connection::ConnectionId> {
+        lock(&self.0).first_sent.clone()
+    }
+
+    /// The value to post now: the newest replacement, else `payload`;
+    /// `to`, a connection of the audience's read, is noted as the first
+    /// sent a replacement.
+    fn value(
+        &self,
+        payload: &bytes::Bytes,
+        to: Option<&crate::connection::ConnectionId>,
+    ) -> bytes::Bytes {
+        let mut place = lock(&self.0);
+        let Some(value) = place.value.clone() else {
+            return payload.clone();
+        };
+        if let (None, Some(to)) = (&place.first_sent, to) {
+            place.first_sent = Some(to.clone());
+        }
+        value
     }
 
     fn answered(&self, segment: u32, id: &crate::connection::ConnectionId) {
-        let mut furthest = lock(&self.0);
+        let furthest = &mut lock(&self.0).furthest;
         let further = match &*furthest {
             Some(Cursor {
                 segment: at,
@@ -80,6 +127,16 @@ impl Frontier {
             });
         }
     }
+}
+
+/// The value a run posts now (`to`: a connection of its audience's read):
+/// its stream's newest, else its job's payload.
+fn value_of(
+    job: &Job,
+    frontier: Option<&Frontier>,
+    to: Option<&crate::connection::ConnectionId>,
+) -> bytes::Bytes {
+    frontier.map_or_else(|| job.payload.clone(), |f| f.value(&job.payload, to))
 }
 
 /// How the engine sends.
@@ -312,7 +369,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             stop,
             frontier: frontier.as_ref(),
             state: &state,
-            settler: self.settler(&state, job),
+            settler: self.settler(&state, job, frontier.as_ref()),
         };
         let (outstanding, passes, result) = self
             .sends(run, pages, outstanding, Checkpoints::new(checkpoints))

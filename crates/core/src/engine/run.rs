@@ -279,7 +279,12 @@ fn checkpoint_of(
 
 impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
     /// The settler of one run's answers.
-    pub(super) fn settler<'a>(&'a self, state: &'a RunState, job: &'a Job) -> Settler<'a> {
+    pub(super) fn settler<'a>(
+        &'a self,
+        state: &'a RunState,
+        job: &'a Job,
+        frontier: Option<&'a super::Frontier>,
+    ) -> Settler<'a> {
         Settler {
             remover: &state.remover,
             siblings: &state.siblings,
@@ -288,6 +293,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             rechecks: &self.rechecks,
             held: &state.held,
             payload: &job.payload,
+            frontier,
             window: self.settings.connect_window,
         }
     }
@@ -330,7 +336,11 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
         checkpoints: &mut Checkpoints,
     ) -> Result<(), FanoutError> {
         let Run {
-            job, stop, state, ..
+            job,
+            stop,
+            state,
+            frontier,
+            ..
         } = run;
         let deliveries = pages
             .map_ok(|page| {
@@ -344,7 +354,8 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             .try_flatten()
             .map_ok(|(tag, c)| {
                 let id = c.id.clone();
-                self.deliver(c, job.payload.clone(), &state.counts, Pass::Audience)
+                let value = super::value_of(job, frontier, Some(&id));
+                self.deliver(c, value, &state.counts, Pass::Audience)
                     .map(move |delivery| Ok((tag, id, delivery)))
             })
             .try_buffer_unordered(self.settings.max_in_flight);
@@ -416,7 +427,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
             stop,
             state,
             settler,
-            ..
+            frontier,
         } = run;
         while !outstanding.deferred.is_empty() && *passes < self.settings.deferred_passes {
             tokio::select! {
@@ -437,7 +448,7 @@ impl<S: ConnectionStore, G: Gateway> Engine<S, G> {
                     let id = d.connection.id.clone();
                     self.deliver(
                         d.connection,
-                        job.payload.clone(),
+                        super::value_of(job, frontier, None),
                         &state.counts,
                         Pass::Deferred,
                     )

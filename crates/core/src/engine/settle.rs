@@ -37,6 +37,8 @@ pub(super) struct Settler<'a> {
     pub rechecks: &'a Rechecks,
     pub held: &'a Held,
     pub payload: &'a Bytes,
+    /// A stream's run: its newest value replaces `payload`.
+    pub frontier: Option<&'a super::Frontier>,
     pub window: Duration,
 }
 
@@ -119,7 +121,9 @@ impl Settler<'_> {
         let queued = self.rechecks.push(Recheck {
             connection,
             siblings,
-            payload: self.payload.clone(),
+            payload: self
+                .frontier
+                .map_or_else(|| self.payload.clone(), |f| f.value(self.payload, None)),
             after,
         });
         if queued {

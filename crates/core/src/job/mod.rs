@@ -87,6 +87,10 @@ pub struct Job {
     /// A newer update taking over from an older one: past the audience's
     /// end, it reads again from the start (see `engine::audience`).
     pub wrap: bool,
+    /// With `wrap`, where the round ends (exclusive), when a stream's run
+    /// knows it: the first connection its last round sent the newest value
+    /// to. Not on the wire: a continuation goes round to where it began.
+    pub round_end: Option<ConnectionId>,
 }
 
 /// A stream of updates to one audience, ordered by the producer's sequence:
@@ -152,6 +156,7 @@ impl Job {
             receipts: None,
             latest: None,
             wrap: false,
+            round_end: None,
         }
     }
 }

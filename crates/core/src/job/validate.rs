@@ -122,6 +122,7 @@ fn broadcast(spec: JobSpec, message_id: &str, caps: &Capabilities) -> Result<Job
         receipts,
         latest,
         wrap: spec.wrap,
+        round_end: None,
     })
 }
 

@@ -7,9 +7,10 @@
 //! of that task's share of the fleet's rate (which grows to the fleet's
 //! rate as the other tasks idle) and no two tasks send it at once. A newer
 //! update received anywhere is written into the record (`handed`); the
-//! runner, reading the record every [`LATEST_POLL`], takes it, stops the
-//! older value's pass and goes on with the newer one from where its posts
-//! have got to, round. The receiver keeps its message hidden meanwhile and
+//! runner, reading the record every [`LATEST_POLL`], takes it and sends
+//! its value from the next post on, without stopping its read, and goes
+//! round the audience again as long as its value changed during a round
+//! (see `worker::run_passes`). The receiver keeps its message hidden and
 //! settles it once the runner has sent its update round, or a newer one
 //! took over; if the runner's run ends or its lease lapses first, the
 //! receiver claims the stream and runs the update itself, from the place

@@ -37,9 +37,6 @@ pub(super) enum Halt {
     Cancelled,
     /// A newer update of its stream owns the stream.
     Superseded,
-    /// A newer update of its stream was handed to it: it goes on with that
-    /// one (see [`Watch::took`]).
-    Newer,
 }
 
 /// The watch over one run: a deadline timer and a tombstone poll, which
@@ -47,7 +44,7 @@ pub(super) enum Halt {
 pub(super) struct Watch {
     pub(super) stop: CancellationToken,
     why: Arc<OnceLock<Halt>>,
-    next: Arc<OnceLock<Handed>>,
+    taken: Arc<std::sync::Mutex<Option<Handed>>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -57,9 +54,10 @@ impl Watch {
         self.why.get().copied()
     }
 
-    /// The newer update of its stream the run took ([`Halt::Newer`]).
-    pub(super) fn took(&self) -> Option<Handed> {
-        self.next.get().cloned()
+    /// The newest update of its stream the run took while it ran, whose
+    /// value it has been sending since (see [`Frontier::replace`]).
+    pub(super) fn taken(&self) -> Option<Handed> {
+        self.taken.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -232,12 +230,15 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
 
     /// Watches a starting run: stops it at its deadline, once a cancel of
     /// its broadcast (or of `sending`, the newer update of its stream it
-    /// went on with) is on record, when a newer update of its stream is
-    /// handed to it or claims the stream, and on shutdown as before.
+    /// went on with) is on record, when a newer update claims its stream,
+    /// and on shutdown as before. A newer update handed to a stream's run
+    /// replaces the value it sends (in `frontier`), which keeps its place
+    /// for a newer update that claims the stream when it is read in id
+    /// order (`by_id`).
     pub(super) fn watch(
         &self,
         job: &Job,
-        frontier: Option<Frontier>,
+        (frontier, by_id): (Option<Frontier>, bool),
         sending: Option<String>,
     ) -> Watch {
         let stop = self.abort.child_token();
@@ -252,9 +253,12 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 halt(&stop, &why, Halt::Lapsed);
             }));
         }
-        if let (Some(ledger), Some(latest), Some(frontier)) =
-            (self.ledger.clone(), job.latest.clone(), frontier)
-        {
+        if let (Some(ledger), Some(latest), Some(frontier), true) = (
+            self.ledger.clone(),
+            job.latest.clone(),
+            frontier.clone(),
+            by_id,
+        ) {
             tasks.push(tokio::spawn(async move {
                 let (mut kept, mut written) = (None, None);
                 loop {
@@ -267,10 +271,10 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 }
             }));
         }
-        let next = Arc::new(OnceLock::new());
-        if let (Some(ledger), Some(latest)) = (self.ledger.clone(), job.latest.clone()) {
-            let (stop, why, next, runner) =
-                (stop.clone(), why.clone(), next.clone(), job.id.clone());
+        let taken = Arc::new(std::sync::Mutex::new(None));
+        if let (Some(ledger), Some(mut latest)) = (self.ledger.clone(), job.latest.clone()) {
+            let (stop, why, runner) = (stop.clone(), why.clone(), job.id.clone());
+            let (taken, frontier) = (taken.clone(), frontier.clone());
             tasks.push(tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(LATEST_POLL).await;
@@ -286,15 +290,22 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                             return;
                         }
                         StreamPoll::Took(handed) => {
+                            let (Some(frontier), Some(value)) = (&frontier, handed.payload())
+                            else {
+                                // Not sendable here: the receiver takes
+                                // over once this run ends.
+                                halt(&stop, &why, Halt::Superseded);
+                                return;
+                            };
                             tracing::info!(
                                 stream = latest.key,
                                 seq = handed.seq,
-                                job_id = handed.id,
-                                "took a newer update of the stream"
+                                update = handed.id,
+                                "took a newer update of the stream; sending it from here on"
                             );
-                            let _ = next.set(handed);
-                            halt(&stop, &why, Halt::Newer);
-                            return;
+                            frontier.replace(value);
+                            latest.seq = handed.seq;
+                            *taken.lock().unwrap_or_else(|p| p.into_inner()) = Some(handed);
                         }
                     }
                 }
@@ -320,7 +331,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         Watch {
             stop,
             why,
-            next,
+            taken,
             tasks,
         }
     }
@@ -332,7 +343,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     /// on a read error. A superseded update's are the newer one's to reach:
     /// not counted.
     pub(super) async fn unread(&self, job: &Job, halt: Halt, read_to: Vec<Cursor>) -> Option<u64> {
-        if matches!(halt, Halt::Superseded | Halt::Newer) {
+        if halt == Halt::Superseded {
             return Some(0);
         }
         let bound = COUNT_BOUND.min(self.settings.visibility_timeout / 2);

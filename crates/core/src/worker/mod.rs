@@ -506,10 +506,12 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         (settlement, draft)
     }
 
-    /// Runs the job. A stream's run (the runner) goes on with each newer
-    /// update handed to it, from where its posts have got to, round: the
-    /// summary and the watch are its last pass's, and the last update it
-    /// went on with (sequence, broadcast key) is returned beside them.
+    /// Runs the job. A stream's run (the runner) sends each newer update
+    /// handed to it from the next post on, and then goes round again, as
+    /// often as its value changed during a round, so every connection ends
+    /// with the newest: the summary and the watch are its last round's, and
+    /// the last update it went on with (sequence, broadcast key) is returned
+    /// beside them.
     async fn run_passes(
         &self,
         job: &mut job::Job,
@@ -524,10 +526,13 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         let mut sending: Option<(u64, String)> = None;
         loop {
             let checkpoints = self.checkpoint_writer(lease.clone());
-            // A stream's update keeps its place for a newer one to start at.
-            let frontier = (job.latest.is_some() && self.engine.reads_by_id(job))
-                .then(crate::engine::Frontier::default);
-            let watch = self.watch(job, frontier.clone(), sending.clone().map(|(_, id)| id));
+            let frontier = job.latest.is_some().then(crate::engine::Frontier::default);
+            let by_id = self.engine.reads_by_id(job);
+            let watch = self.watch(
+                job,
+                (frontier.clone(), by_id),
+                sending.clone().map(|(_, id)| id),
+            );
             let (report, result) = match checkpoints {
                 Some((sender, writer)) => {
                     let carried = std::mem::take(&mut carried);
@@ -537,28 +542,49 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                         .await;
                     // The run is over: what a last write would hold no
                     // longer matters (its message is settled, or the next
-                    // pass writes its own).
+                    // round writes its own).
                     drop(writer);
                     ran
                 }
                 None => self.engine.run(job, &watch.stop).await,
             };
-            let next = match (&result, watch.halted(), &self.ledger, &job.latest) {
-                (Ok(()) | Err(FanoutError::Interrupted), Some(halt::Halt::Newer), _, _) => {
-                    watch.took()
+            // What goes on (a continuation, the next round) goes on with
+            // the newest value.
+            let replaced = watch.taken().and_then(|h| h.payload().map(|p| (h, p)));
+            if let Some((handed, value)) = &replaced {
+                job.payload = value.clone();
+                if let Some(latest) = &mut job.latest {
+                    latest.seq = handed.seq;
                 }
-                (Ok(()), None, Some(ledger), Some(latest)) if report.deferred.is_empty() => {
-                    ledger.sent_round(latest, &job.id).await
-                }
+                sending = Some((handed.seq, handed.id.clone()));
+            }
+            let round_done = matches!(result, Ok(())) && watch.halted().is_none();
+            if !round_done || !report.deferred.is_empty() {
+                return (report, result, watch, sending);
+            }
+            let at = frontier.as_ref().and_then(|f| f.get());
+            if replaced.is_some() {
+                // The connections this round reached before it took the
+                // newest value go next, up to the first it sent that to.
+                log_report(job, &report, "newer");
+                let first_sent = frontier.and_then(|f| f.first_sent());
+                next_round(job, by_id, at, first_sent);
+                continue;
+            }
+            let next = match (&self.ledger, &job.latest) {
+                (Some(ledger), Some(latest)) => ledger.sent_round(latest, &job.id).await,
                 _ => None,
             };
-            let Some((handed, payload)) = next.and_then(|h| h.payload().map(|p| (h, p))) else {
+            let Some((handed, value)) = next.and_then(|h| h.payload().map(|p| (h, p))) else {
                 return (report, result, watch, sending);
             };
             log_report(job, &report, "newer");
-            tracing::info!(job_id = %job.id, stream_seq = handed.seq, update = handed.id, "the stream's run goes on with a newer update");
-            go_on_with(job, handed.seq, payload, frontier.and_then(|f| f.get()));
+            job.payload = value;
+            if let Some(latest) = &mut job.latest {
+                latest.seq = handed.seq;
+            }
             sending = Some((handed.seq, handed.id));
+            next_round(job, by_id, at, None);
         }
     }
 }
@@ -585,18 +611,25 @@ fn taking_over(job: &mut job::Job, checkpoint: crate::runs::Checkpoint) -> Vec<C
         .collect()
 }
 
-/// The stream's job made the newer update `seq` (`payload`), read from
-/// `at` (where the last pass's posts had got to; none: where that pass
-/// began) round.
-fn go_on_with(
+/// A stream's next round, up to `first_sent` (the first connection the
+/// last round sent the newest value to; none: a whole round). On a read in
+/// id order (`by_id`) it starts at `at`, where the last round's posts had
+/// got to, round the audience. On any other read it starts from the read's
+/// start, and stops at `first_sent` only when the last round also read
+/// from the start (a round that went round from elsewhere reached the
+/// connections before `first_sent` in two parts).
+fn next_round(
     job: &mut job::Job,
-    seq: u64,
-    payload: bytes::Bytes,
+    by_id: bool,
     at: Option<crate::store::Cursor>,
+    first_sent: Option<crate::connection::ConnectionId>,
 ) {
-    job.payload = payload;
-    if let Some(latest) = &mut job.latest {
-        latest.seq = seq;
+    if !by_id {
+        let from_start = job.resume.is_none() && !job.wrap;
+        job.resume = None;
+        job.wrap = false;
+        job.round_end = first_sent.filter(|_| from_start);
+        return;
     }
     if let Some(at) = at {
         job.resume = Some(vec![crate::store::Cursor {
@@ -605,6 +638,7 @@ fn go_on_with(
         }]);
         job.wrap = true;
     }
+    job.round_end = first_sent;
 }
 
 fn log_report(job: &job::Job, report: &RunSummary, status: &str) {

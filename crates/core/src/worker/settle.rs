@@ -167,9 +167,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             Settlement::RetryLater => self.retry_later(message).await,
             Settlement::Halted(Halt::Lapsed) => Settled::new(Fate::Gone, Status::Lapsed),
             Settlement::Halted(Halt::Cancelled) => Settled::new(Fate::Gone, Status::Cancelled),
-            Settlement::Halted(Halt::Superseded | Halt::Newer) => {
-                Settled::new(Fate::Gone, Status::Superseded)
-            }
+            Settlement::Halted(Halt::Superseded) => Settled::new(Fate::Gone, Status::Superseded),
             Settlement::CancelRecorded => Settled::new(Fate::Gone, Status::CancelRecorded),
             // Not reported (the holder reports its run): the status is moot.
             Settlement::LeaveHidden => Settled::new(Fate::Kept, Status::Retrying),
