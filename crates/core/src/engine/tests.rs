@@ -935,3 +935,50 @@ async fn a_recheck_outlasts_a_throttle_or_a_few_5xx_and_removes_the_row() {
         );
     }
 }
+
+/// The connections a stream's next round sends to: a channel of `c-00` to
+/// `c-19` read in id order, from after `after` (none: from the start),
+/// round the audience (`wrap`) up to `end`.
+async fn next_round(after: Option<&str>, wrap: bool, end: &str) -> Vec<String> {
+    let padded: Vec<String> = (0..20).map(|i| format!("c-{i:02}")).collect();
+    let mut table = FakeTable::with(&padded, 5);
+    table.channels.insert("match".into(), padded);
+    table.channel_order = crate::store::ChannelOrder::ById;
+    let gateway = Arc::new(FakeGateway::default());
+    let engine = engine(Arc::new(table), gateway.clone(), 4);
+    let mut job = job(Target::Channel("match".into()));
+    job.resume = after.map(|id| {
+        vec![Cursor {
+            segment: 0,
+            position: Some(crate::store::Position::After { after: id.into() }),
+        }]
+    });
+    job.wrap = wrap;
+    job.round_end = Some(end.into());
+    let (_, result) = run(&engine, &job).await;
+    result.unwrap();
+    sorted_deliveries(&gateway)
+}
+
+fn named(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("c-{i:02}")).collect()
+}
+
+#[tokio::test]
+async fn a_streams_next_round_stops_before_the_first_connection_sent_the_newest_value() {
+    // Round the audience from after c-13: c-14 to the end, then the start
+    // up to c-05.
+    let mut expected = named(0..5);
+    expected.extend(named(14..20));
+    assert_eq!(next_round(Some("c-13"), true, "c-05").await, expected);
+    // An end after the start: within the first part.
+    assert_eq!(next_round(Some("c-13"), true, "c-17").await, named(14..17));
+    // From the start, as after a round that read from the start.
+    assert_eq!(next_round(None, false, "c-05").await, named(0..5));
+    // An end gone since: on a read in id order, the next one after it.
+    assert_eq!(next_round(Some("c-13"), true, "c-05x").await, {
+        let mut e = named(0..6);
+        e.extend(named(14..20));
+        e
+    });
+}
