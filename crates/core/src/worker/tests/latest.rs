@@ -41,6 +41,16 @@ fn runs_of(rig: &Rig) -> Vec<BroadcastReport> {
         .collect()
 }
 
+/// Runs `rig`'s worker to its end, with the run records `runs`.
+async fn run_stream(rig: &Rig, runs: &Arc<FakeRunTable>) {
+    rig.run_with(
+        channel_settings(),
+        CancellationToken::new(),
+        Some(ledger(rig, runs)),
+    )
+    .await;
+}
+
 /// The ids the gateway delivered to, in order.
 fn delivered_ids(rig: &Rig) -> Vec<String> {
     rig.gateway
@@ -81,12 +91,7 @@ async fn an_update_older_than_one_started_is_settled_superseded_unsent() {
     let (five, three) = (update("score-5", 5), update("score-3", 3));
     let rig = channel(&[&five, &three], FakeGateway::default());
     let runs = Arc::new(FakeRunTable::default());
-    rig.run_with(
-        channel_settings(),
-        CancellationToken::new(),
-        Some(ledger(&rig, &runs)),
-    )
-    .await;
+    run_stream(&rig, &runs).await;
     let delivered = rig.gateway.delivered.lock().unwrap().clone();
     assert_eq!(delivered.len(), 20, "the newer one, once to each");
     assert!(delivered.iter().all(|(_, payload)| payload == "score-5"));
@@ -116,12 +121,7 @@ async fn a_newer_update_takes_over_where_the_older_one_is_and_goes_round() {
         older.lease_until_ms = 0;
         records.insert(older.key.clone(), older);
     }
-    rig.run_with(
-        channel_settings(),
-        CancellationToken::new(),
-        Some(ledger(&rig, &runs)),
-    )
-    .await;
+    run_stream(&rig, &runs).await;
     let delivered = delivered_ids(&rig);
     assert_eq!(delivered.len(), 20, "each connection once: {delivered:?}");
     let mut once = delivered.clone();
@@ -157,12 +157,7 @@ async fn a_running_update_stops_when_a_newer_one_owns_the_stream() {
         records.insert(newer.key.clone(), newer);
     });
     let began = tokio::time::Instant::now();
-    rig.run_with(
-        channel_settings(),
-        CancellationToken::new(),
-        Some(ledger(&rig, &runs)),
-    )
-    .await;
+    run_stream(&rig, &runs).await;
     let took = began.elapsed();
     assert!(
         took < Duration::from_secs(2) + crate::runs::LATEST_POLL * 2,
@@ -237,12 +232,7 @@ async fn a_newer_update_starts_after_the_place_the_older_one_keeps() {
         let kept = record("latest-at:1:score", place, true);
         records.insert(kept.key.clone(), kept);
     }
-    rig.run_with(
-        channel_settings(),
-        CancellationToken::new(),
-        Some(ledger(&rig, &runs)),
-    )
-    .await;
+    run_stream(&rig, &runs).await;
     let delivered = delivered_ids(&rig);
     let mut once = delivered.clone();
     once.sort();
@@ -371,12 +361,7 @@ async fn a_handed_update_is_run_by_its_receiver_once_the_runner_ends_without_it(
         older.version += 1;
     });
     let began = tokio::time::Instant::now();
-    rig.run_with(
-        channel_settings(),
-        CancellationToken::new(),
-        Some(ledger(&rig, &runs)),
-    )
-    .await;
+    run_stream(&rig, &runs).await;
     assert!(
         began.elapsed() >= Duration::from_secs(1),
         "it waited for the runner"
@@ -407,12 +392,7 @@ async fn a_runner_that_died_after_taking_a_newer_update_leaves_it_to_its_receive
         died.lease_until_ms = 0;
         records.insert(died.key.clone(), died);
     }
-    rig.run_with(
-        channel_settings(),
-        CancellationToken::new(),
-        Some(ledger(&rig, &runs)),
-    )
-    .await;
+    run_stream(&rig, &runs).await;
     let delivered = rig.gateway.delivered.lock().unwrap().clone();
     assert_eq!(delivered.len(), 20, "{delivered:?}");
     assert!(delivered.iter().all(|(_, payload)| payload == "score-2"));
