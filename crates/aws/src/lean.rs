@@ -11,6 +11,7 @@
 //! send drives its own connection. The answers are classified by the same
 //! table as the SDK path ([`super::status`]).
 
+mod flatten;
 mod pool;
 mod sigv4;
 

@@ -36,17 +36,15 @@ use futures::task::noop_waker_ref;
 use http::{HeaderMap, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1;
-use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tower_service::Service;
 
 use super::error_chain;
+use super::flatten::Flattened;
 use crate::clients::CONNECT_TIMEOUT;
 
-type Stream = MaybeHttpsStream<TokioIo<TcpStream>>;
 type Body = Full<Bytes>;
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +107,7 @@ struct Connection {
     reused: bool,
 }
 
-type Driver = http1::Connection<Stream, Body>;
+type Driver = http1::Connection<Flattened, Body>;
 
 /// How many times a request that a fresh connection closed on before it was
 /// written goes out on another fresh connection.
@@ -419,7 +417,7 @@ async fn connect_unbounded(
         .map_err(connect_failed)?;
     let stream = connector.call(origin).await.map_err(connect_failed)?;
     let (sender, driver) = http1::Builder::new()
-        .handshake(stream)
+        .handshake(Flattened::new(stream))
         .await
         .map_err(|e| PoolError::Connect(error_chain(&e)))?;
     Ok(Connection {
@@ -507,7 +505,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
 
