@@ -21,8 +21,8 @@ use std::time::Duration;
 use aws_config::SdkConfig;
 use aws_credential_types::provider::SharedCredentialsProvider;
 use bytes::Bytes;
-use http::Uri;
 use http::header::{HOST, HeaderValue};
+use http::{Method, Uri};
 use http_body_util::Full;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -272,18 +272,21 @@ impl Gateway for LeanSender {
 impl Inner {
     async fn attempt(&self, id: &ConnectionId, payload: Bytes) -> PostOutcome {
         let path = self.endpoint.connection_path(id);
-        let request = http::Request::post(path)
-            .header(HOST, self.endpoint.host.clone())
-            // A clone of `Bytes` shares the buffer: no copy per connection.
-            .body(Full::new(payload.clone()));
-        let mut request = match request {
-            Ok(request) => request,
+        let uri = match Uri::try_from(path) {
+            Ok(uri) => uri,
             Err(e) => {
                 return PostOutcome::Rejected(format!(
                     "connection id {id:?} does not make a valid request URI: {e}"
                 ));
             }
         };
+        // A clone of `Bytes` shares the buffer: no copy per connection.
+        let mut request = http::Request::new(Full::new(payload.clone()));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        *headers = self.pool.header_map();
+        headers.insert(HOST, self.endpoint.host.clone());
         if let Err(e) = self
             .signer
             .sign(&mut request, &self.endpoint.origin, &payload)
@@ -301,16 +304,16 @@ impl Inner {
             Err(e) => return PostOutcome::Transient(format!("PostToConnection failed: {e}")),
         };
         let code = answer.status.as_u16();
-        if answer.status.is_success() {
-            return PostOutcome::Delivered;
-        }
-        let body = answer.body;
-        let error_type = answer
-            .headers
-            .get("x-amzn-errortype")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(':').next().unwrap_or(v).to_owned());
-        status::outcome(code, || describe_answer(code, error_type.as_deref(), &body))
+        let outcome = status::outcome(code, || {
+            let error_type = answer
+                .headers
+                .get("x-amzn-errortype")
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.split(':').next().unwrap_or(v));
+            describe_answer(code, error_type, &answer.body)
+        });
+        self.pool.recycle(answer.headers);
+        outcome
     }
 }
 

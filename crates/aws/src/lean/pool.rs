@@ -85,6 +85,11 @@ struct Shared {
     in_use: AtomicUsize,
     /// Connects in flight, up to [`MAX_CONNECTING`].
     connecting: AtomicUsize,
+    /// Header maps of answers read, emptied, for the next requests: hyper
+    /// parses an answer's headers into the map its request was sent with,
+    /// so a map handed back serves request after request without
+    /// allocating. At most `max_idle` are kept.
+    spare_headers: Mutex<Vec<HeaderMap>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -150,6 +155,7 @@ impl Pool {
                 checked_in: Notify::new(),
                 in_use: AtomicUsize::new(0),
                 connecting: AtomicUsize::new(0),
+                spare_headers: Mutex::new(Vec::new()),
                 max_idle: max_idle.max(1),
                 idle_timeout,
             }),
@@ -198,6 +204,30 @@ impl Pool {
                 }
                 Err(Failure::Http(e)) => return Err(PoolError::Http(e)),
             }
+        }
+    }
+
+    /// An empty header map for a request: one an answer handed back with
+    /// [`Pool::recycle`], if any.
+    pub fn header_map(&self) -> HeaderMap {
+        self.shared
+            .spare_headers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Takes back an answer's header map, emptied, for a later request.
+    pub fn recycle(&self, mut headers: HeaderMap) {
+        headers.clear();
+        let mut spare = self
+            .shared
+            .spare_headers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if spare.len() < self.shared.max_idle {
+            spare.push(headers);
         }
     }
 
@@ -605,6 +635,25 @@ mod tests {
         assert_eq!(seen.requests.load(Ordering::SeqCst), 5);
         assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
         assert_eq!(pool.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_answers_header_map_serves_the_next_request() {
+        let (origin, _) = endpoint(usize::MAX, false).await;
+        let pool = pool(origin.clone(), 1, MINUTE);
+        let answer = pool.send(post(&origin), 1024).await.unwrap();
+        let kept = answer.headers.capacity();
+        assert!(kept > 0, "the answer's headers came in the request's map");
+        pool.recycle(answer.headers);
+        let headers = pool.header_map();
+        assert!(headers.is_empty());
+        assert_eq!(headers.capacity(), kept);
+        // Beyond the bound, maps are dropped.
+        pool.recycle(headers);
+        pool.recycle(HeaderMap::with_capacity(4));
+        assert_eq!(pool.shared.spare_headers.lock().unwrap().len(), 1);
+        assert_eq!(pool.header_map().capacity(), kept);
+        assert_eq!(pool.header_map().capacity(), 0);
     }
 
     #[tokio::test]
