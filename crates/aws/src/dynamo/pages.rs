@@ -329,23 +329,21 @@ impl Inner {
         let Some(age) = rule else {
             return Page::new(self.connections(items), next);
         };
-        let mut started = Vec::with_capacity(items.len());
-        for item in &items {
-            started.push(match item.get(&age.attribute) {
-                None => None,
-                Some(AttributeValue::N(n)) => Some(n.clone()),
-                // A string or any other type is not a number of ms.
-                Some(_) => Some(String::new()),
-            });
-        }
         // One reading of the clock for the page: its rows were read at once.
         let now_ms = epoch_ms(SystemTime::now());
         let margin = age.rule.margin();
-        let mut page = Page::new(Vec::new(), next);
+        let mut page = Page::new(Vec::with_capacity(items.len()), next);
         let mut problems = AgeProblems::default();
-        for (connection, started) in self.connections_with(items).zip(started) {
-            let Some((connection, started)) = connection.map(|c| (c, started)) else {
+        for mut item in items {
+            let Some(connection) = self.connection_of(&item) else {
                 continue;
+            };
+            // Taken, not copied: the connection is read from the row already.
+            let started = match item.remove(&age.attribute) {
+                None => None,
+                Some(AttributeValue::N(n)) => Some(n),
+                // A string or any other type is not a number of ms.
+                Some(_) => Some(String::new()),
             };
             match classify(started.as_deref(), now_ms, margin) {
                 Age::Expired { started_ms } if connection.key.is_some() => {
@@ -376,35 +374,32 @@ impl Inner {
     /// The page's connections; rows without a string id are skipped, as one
     /// bad row must not fail a broadcast to everyone else.
     pub(super) fn connections(&self, items: Vec<Item>) -> Vec<Connection> {
-        self.connections_with(items).flatten().collect()
+        items
+            .iter()
+            .filter_map(|item| self.connection_of(item))
+            .collect()
     }
 
-    /// Each row's connection, `None` for a row without a usable id, in
-    /// order.
-    pub(super) fn connections_with(
-        &self,
-        items: Vec<Item>,
-    ) -> impl Iterator<Item = Option<Connection>> + '_ {
+    /// A row's connection, `None` for a row without a usable id.
+    fn connection_of(&self, item: &Item) -> Option<Connection> {
         let id_attribute = &self.settings.key_attribute;
-        items.into_iter().map(move |item| {
-            let Some(AttributeValue::S(id)) = item.get(id_attribute) else {
-                tracing::warn!(
-                    table = %self.settings.table,
-                    attribute = %id_attribute,
-                    "a connection row has no string id attribute; skipped"
-                );
-                return None;
-            };
-            let key = self.row_key(&item);
-            if key.is_none() {
-                tracing::warn!(
-                    table = %self.settings.table,
-                    connection = %id,
-                    "a connection row lacks part of the table key; it will not be removed if gone"
-                );
-            }
-            Some(Connection::new(id.as_str(), key))
-        })
+        let Some(AttributeValue::S(id)) = item.get(id_attribute) else {
+            tracing::warn!(
+                table = %self.settings.table,
+                attribute = %id_attribute,
+                "a connection row has no string id attribute; skipped"
+            );
+            return None;
+        };
+        let key = self.row_key(item);
+        if key.is_none() {
+            tracing::warn!(
+                table = %self.settings.table,
+                connection = %id,
+                "a connection row lacks part of the table key; it will not be removed if gone"
+            );
+        }
+        Some(Connection::new(id.as_str(), key))
     }
 
     /// The row's full primary key, in schema order.
