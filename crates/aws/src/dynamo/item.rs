@@ -3,6 +3,16 @@
 
 use super::*;
 
+/// As [`key_value`], taking the value.
+pub(super) fn into_key_value(value: AttributeValue) -> Option<KeyValue> {
+    match value {
+        AttributeValue::S(s) => Some(KeyValue::S(s)),
+        AttributeValue::N(n) => Some(KeyValue::N(n)),
+        AttributeValue::B(b) => Some(KeyValue::B(b.into_inner())),
+        _ => None,
+    }
+}
+
 pub(super) fn key_value(value: &AttributeValue) -> Option<KeyValue> {
     match value {
         AttributeValue::S(s) => Some(KeyValue::S(s.clone())),

@@ -334,16 +334,24 @@ impl Inner {
         let margin = age.rule.margin();
         let mut page = Page::new(Vec::with_capacity(items.len()), next);
         let mut problems = AgeProblems::default();
+        // The start is taken out of each row, unless the id or the key,
+        // which the row's connection takes, includes it.
+        let start_shared = age.attribute == self.settings.key_attribute
+            || self.key.iter().any(|(name, _)| *name == age.attribute);
         for mut item in items {
-            let Some(connection) = self.connection_of(&item) else {
-                continue;
+            let start = if start_shared {
+                item.get(&age.attribute).cloned()
+            } else {
+                item.remove(&age.attribute)
             };
-            // Taken, not copied: the connection is read from the row already.
-            let started = match item.remove(&age.attribute) {
+            let started = match start {
                 None => None,
                 Some(AttributeValue::N(n)) => Some(n),
                 // A string or any other type is not a number of ms.
                 Some(_) => Some(String::new()),
+            };
+            let Some(connection) = self.connection_of(item) else {
+                continue;
             };
             match classify(started.as_deref(), now_ms, margin) {
                 Age::Expired { started_ms } if connection.key.is_some() => {
@@ -375,13 +383,13 @@ impl Inner {
     /// bad row must not fail a broadcast to everyone else.
     pub(super) fn connections(&self, items: Vec<Item>) -> Vec<Connection> {
         items
-            .iter()
+            .into_iter()
             .filter_map(|item| self.connection_of(item))
             .collect()
     }
 
     /// A row's connection, `None` for a row without a usable id.
-    fn connection_of(&self, item: &Item) -> Option<Connection> {
+    fn connection_of(&self, mut item: Item) -> Option<Connection> {
         let id_attribute = &self.settings.key_attribute;
         let Some(AttributeValue::S(id)) = item.get(id_attribute) else {
             tracing::warn!(
@@ -391,7 +399,8 @@ impl Inner {
             );
             return None;
         };
-        let key = self.row_key(item);
+        let id = ConnectionId::from(id.as_str());
+        let key = self.take_row_key(&mut item);
         if key.is_none() {
             tracing::warn!(
                 table = %self.settings.table,
@@ -399,14 +408,15 @@ impl Inner {
                 "a connection row lacks part of the table key; it will not be removed if gone"
             );
         }
-        Some(Connection::new(id.as_str(), key))
+        Some(Connection::new(id, key))
     }
 
-    /// The row's full primary key, in schema order.
-    pub(super) fn row_key(&self, item: &Item) -> Option<RowKey> {
+    /// The row's full primary key, in schema order, its values taken out of
+    /// the row rather than copied.
+    fn take_row_key(&self, item: &mut Item) -> Option<RowKey> {
         self.key
             .iter()
-            .map(|(name, _)| Some((name.clone(), key_value(item.get(name)?)?)))
+            .map(|(name, _)| Some((name.clone(), into_key_value(item.remove(name)?)?)))
             .collect::<Option<Vec<_>>>()
             .map(RowKey)
     }

@@ -57,3 +57,19 @@ fn a_done_cursor_skips_its_segment_and_a_missing_one_starts_over() {
     assert_eq!(start_of(Some(&cursors), 2).expect("valid"), Some(None));
     assert_eq!(start_of(None, 0).expect("valid"), Some(None));
 }
+
+#[test]
+fn a_key_value_taken_from_a_row_is_the_one_copied() {
+    use aws_sdk_dynamodb::primitives::Blob;
+    for value in [
+        AttributeValue::S("x".to_owned()),
+        AttributeValue::N("42".to_owned()),
+        AttributeValue::B(Blob::new(vec![0, 255])),
+        AttributeValue::Bool(true),
+    ] {
+        assert_eq!(
+            super::item::into_key_value(value.clone()),
+            key_value(&value)
+        );
+    }
+}
