@@ -339,6 +339,13 @@ impl Draft {
         self
     }
 
+    /// No receipts: a stream's update sent by the stream's running
+    /// update, whose report has them.
+    pub fn without_receipts(mut self) -> Self {
+        self.1 = None;
+        self
+    }
+
     pub fn because(mut self, reason: impl Into<String>) -> Self {
         self.0.reason = Some(reason.into());
         self

@@ -124,7 +124,15 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             return self
                 .claim_stream(job, receipt)
                 .await
-                .map_err(|(s, reason)| (s, draft(job).because(reason)));
+                .map_err(|(s, reason)| {
+                    let draft = draft(job).because(reason);
+                    // Sent round by the runner, which knows the receipts.
+                    let draft = match s {
+                        Settlement::Done => draft.without_receipts(),
+                        _ => draft,
+                    };
+                    (s, draft)
+                });
         }
         Ok(())
     }

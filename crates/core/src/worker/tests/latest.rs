@@ -408,3 +408,77 @@ async fn a_runner_that_died_after_taking_a_newer_update_leaves_it_to_its_receive
         ]
     );
 }
+
+/// A rig whose 20 connections are all user `u-1`'s (an audience `to`
+/// reads), pages of 5.
+fn to_user(bodies: &[&str], gateway: FakeGateway) -> Rig {
+    let mut table = FakeTable::with(&ids(20), 5);
+    table.audiences.insert(
+        "user".into(),
+        [("u-1".to_owned(), ids(20))].into_iter().collect(),
+    );
+    let mut rig = Rig::new(FakeQueue::with_jobs(bodies, true), gateway);
+    rig.table = Arc::new(table);
+    rig
+}
+
+fn user_update(id: &str, seq: u64) -> String {
+    format!(
+        r#"{{"v":2,"id":"{id}","data":"{id}","to":{{"user":"u-1"}},"latest":{{"key":"score","seq":{seq}}}}}"#
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_update_sent_round_by_the_runner_leaves_its_receipts_to_the_runners_report() {
+    let settings = WorkerSettings {
+        capabilities: Capabilities {
+            channels: true,
+            audiences: Some(vec!["user".into()]),
+        },
+        ..channel_settings()
+    };
+    let held = FakeGateway {
+        held_ids: ["conn-10".to_owned()].into(),
+        ..FakeGateway::default()
+    };
+    let a = to_user(&[&user_update("score-1", 1)], held);
+    let b = to_user(&[&user_update("score-2", 2)], FakeGateway::default());
+    let runs = Arc::new(FakeRunTable::default());
+    let task_a = a.run_with(
+        settings.clone(),
+        CancellationToken::new(),
+        Some(ledger(&a, &runs)),
+    );
+    let task_b = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        b.run_with(
+            settings.clone(),
+            CancellationToken::new(),
+            Some(ledger(&b, &runs)),
+        )
+        .await
+    };
+    let release = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        a.gateway.release();
+    };
+    tokio::join!(task_a, task_b, release);
+
+    assert!(delivered_ids(&b).is_empty(), "task B sent nothing itself");
+    let [received] = &runs_of(&b)[..] else {
+        panic!("one run report from B")
+    };
+    assert_eq!(received.status, Status::Done);
+    assert_eq!(
+        (received.reached, received.unreached.clone()),
+        (None, None),
+        "no receipts of its own: the runner reached `u-1`"
+    );
+    let [runner] = &runs_of(&a)[..] else {
+        panic!("one run report from A")
+    };
+    assert_eq!(
+        (runner.reached, runner.unreached.clone()),
+        (Some(1), Some(vec![]))
+    );
+}
