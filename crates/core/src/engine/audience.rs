@@ -137,8 +137,19 @@ fn wrapped<S: ConnectionStore>(
             page
         });
     let again = store.pages(query, cursor(1).map(|c| vec![c]));
-    let round = stream::unfold(
-        (again, first, false),
+    to_end.chain(round_to(again, first, explicit)).boxed()
+}
+
+/// Segment 1 of a wrapped read: `pages` from the start up to the
+/// connection in `stop` (set by segment 0's first, unless `explicit`: a
+/// stream's round end, in id order, perhaps gone since).
+fn round_to(
+    pages: BoxStream<'static, Result<Page, StoreError>>,
+    stop: std::sync::Arc<std::sync::Mutex<Option<ConnectionId>>>,
+    explicit: bool,
+) -> impl Stream<Item = Result<Page, StoreError>> {
+    stream::unfold(
+        (pages, stop, false),
         move |(mut pages, first, done)| async move {
             if done {
                 return None;
@@ -149,8 +160,6 @@ fn wrapped<S: ConnectionStore>(
             };
             page.next.segment = 1;
             let stop = first.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            // An explicit end may be a connection gone since (the read is
-            // in id order then); the first connection read is on the page.
             let reached = stop.and_then(|id| {
                 let mut connections = page.connections.iter();
                 if explicit {
@@ -160,15 +169,14 @@ fn wrapped<S: ConnectionStore>(
                 }
             });
             if let Some(at) = reached {
-                // Up to the first connection of segment 0: the round is
-                // complete, and so is segment 1.
+                // Up to the round's end: the round is complete, and so is
+                // segment 1.
                 page.connections.truncate(at);
                 page.next.position = None;
             }
             Some((Ok(page), (pages, first, reached.is_some())))
         },
-    );
-    to_end.chain(round).boxed()
+    )
 }
 
 /// `pages` up to, not including, `end`: the first connection at or past

@@ -13,9 +13,9 @@ use super::JobContext;
 use super::settle::Settlement;
 use crate::engine::Frontier;
 use crate::gateway::Gateway;
-use crate::job::Job;
 use crate::job::deadline::{self, Due};
 use crate::job::keys::RunKey;
+use crate::job::{Job, Latest};
 use crate::queue::{JobQueue, Message, Receipt};
 use crate::reports::Draft;
 use crate::runs::{
@@ -74,6 +74,64 @@ fn halt(stop: &CancellationToken, why: &OnceLock<Halt>, halt: Halt) {
     if !stop.is_cancelled() {
         let _ = why.set(halt);
         stop.cancel();
+    }
+}
+
+/// Keeps where a stream's run has got to (read in id order), every
+/// [`POSITION_INTERVAL`], for a newer update that claims the stream.
+async fn keep_place(ledger: Arc<Ledger>, latest: Latest, frontier: Frontier) {
+    let (mut kept, mut written) = (None, None);
+    loop {
+        tokio::time::sleep(POSITION_INTERVAL).await;
+        let now = frontier.get();
+        if let Some(at) = now.as_ref().filter(|_| now != kept) {
+            ledger.publish_position(&latest, at, &mut written).await;
+            kept = now;
+        }
+    }
+}
+
+/// Reads the stream's record every [`LATEST_POLL`] for its run (`runner`):
+/// stops the run once another update claims the stream, and takes a newer
+/// one handed to it, whose value the run sends from then on (`frontier`),
+/// noting it in `taken`.
+async fn follow_stream(
+    (ledger, runner): (Arc<Ledger>, String),
+    mut latest: Latest,
+    (stop, why): (CancellationToken, Arc<OnceLock<Halt>>),
+    (taken, frontier): (Arc<std::sync::Mutex<Option<Handed>>>, Option<Frontier>),
+) {
+    loop {
+        tokio::time::sleep(LATEST_POLL).await;
+        match ledger.poll_stream(&latest, &runner).await {
+            StreamPoll::Running => {}
+            StreamPoll::Superseded => {
+                tracing::info!(
+                    stream = latest.key,
+                    seq = latest.seq,
+                    "a newer update owns the stream; stopping this one"
+                );
+                halt(&stop, &why, Halt::Superseded);
+                return;
+            }
+            StreamPoll::Took(handed) => {
+                let (Some(frontier), Some(value)) = (&frontier, handed.payload()) else {
+                    // Not sendable here: the receiver takes over once this
+                    // run ends.
+                    halt(&stop, &why, Halt::Superseded);
+                    return;
+                };
+                tracing::info!(
+                    stream = latest.key,
+                    seq = handed.seq,
+                    update = handed.id,
+                    "took a newer update of the stream; sending it from here on"
+                );
+                frontier.replace(value);
+                latest.seq = handed.seq;
+                *taken.lock().unwrap_or_else(|p| p.into_inner()) = Some(handed);
+            }
+        }
     }
 }
 
@@ -157,42 +215,21 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             );
             return Err((Settlement::DeadLetter(reason.clone()), reason));
         };
-        let first = RunKey {
-            broadcast: job.id.clone(),
-            segment: None,
-            continuation: 0,
-            part: 0,
-        }
-        .storage_key();
-        let audience = job.target.to_string();
-        let me = Claimant {
-            id: &job.id,
-            run: &first,
-            audience: &audience,
-            payload: &job.payload,
-        };
-        // Kept hidden while a runner sends it: the heartbeat starts with the
-        // first wait.
-        let mut heartbeat = None;
-        let claim = loop {
-            match ledger.claim_stream(&latest, &me).await {
-                Ok(StreamClaim::Handed { runner }) => {
-                    if heartbeat.is_none() {
-                        tracing::info!(job_id = %job.id, stream = latest.key, seq = latest.seq, runner, "handed to the stream's running update");
-                        heartbeat = Some(self.heartbeat(receipt.clone(), job.id.clone(), None));
-                    }
-                    tokio::select! {
-                        () = self.abort.cancelled() => {
-                            let reason = "stopped while the stream's running update had it: handed back".to_owned();
-                            return Err((Settlement::Interrupted { job: job.clone(), resume: Vec::new() }, reason));
-                        }
-                        () = tokio::time::sleep(LATEST_POLL) => continue,
-                    }
-                }
-                other => break other,
+        let claim = match self.claim_or_wait(ledger, job, &latest, receipt).await {
+            Some(claim) => claim,
+            None => {
+                let reason =
+                    "stopped while the stream's running update had it: handed back".to_owned();
+                let job = job.clone();
+                return Err((
+                    Settlement::Interrupted {
+                        job,
+                        resume: Vec::new(),
+                    },
+                    reason,
+                ));
             }
         };
-        drop(heartbeat);
         match claim {
             Ok(StreamClaim::Owns { from }) => {
                 let own_start = job.continuation == 0 && job.part == 0 && job.resume.is_none();
@@ -221,9 +258,9 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             }
             Ok(StreamClaim::OtherAudience) => {
                 let reason = format!(
-                    "the stream {} goes to another audience than {audience}: one stream, one \
+                    "the stream {} goes to another audience than {}: one stream, one \
                      audience (use another key)",
-                    latest.key
+                    latest.key, job.target
                 );
                 Err((Settlement::DeadLetter(reason.clone()), reason))
             }
@@ -232,6 +269,49 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 // a plain broadcast.
                 tracing::warn!(job_id = %job.id, error = %e, "cannot read the stream's record; sending the update as it is");
                 Ok(())
+            }
+        }
+    }
+
+    /// Claims `job`'s stream, or waits while the stream's runner has it
+    /// (its message kept hidden meanwhile), until the claim says more;
+    /// `None` when the worker stops meanwhile.
+    async fn claim_or_wait(
+        &self,
+        ledger: &Ledger,
+        job: &Job,
+        latest: &crate::job::Latest,
+        receipt: &Receipt,
+    ) -> Option<Result<StreamClaim, crate::runs::DurableError>> {
+        let first = RunKey {
+            broadcast: job.id.clone(),
+            segment: None,
+            continuation: 0,
+            part: 0,
+        }
+        .storage_key();
+        let audience = job.target.to_string();
+        let me = Claimant {
+            id: &job.id,
+            run: &first,
+            audience: &audience,
+            payload: &job.payload,
+        };
+        // The heartbeat starts with the first wait.
+        let mut heartbeat = None;
+        loop {
+            match ledger.claim_stream(latest, &me).await {
+                Ok(StreamClaim::Handed { runner }) => {
+                    if heartbeat.is_none() {
+                        tracing::info!(job_id = %job.id, stream = latest.key, seq = latest.seq, runner, "handed to the stream's running update");
+                        heartbeat = Some(self.heartbeat(receipt.clone(), job.id.clone(), None));
+                    }
+                    tokio::select! {
+                        () = self.abort.cancelled() => return None,
+                        () = tokio::time::sleep(LATEST_POLL) => {}
+                    }
+                }
+                other => return Some(other),
             }
         }
     }
@@ -267,57 +347,18 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             frontier.clone(),
             by_id,
         ) {
-            tasks.push(tokio::spawn(async move {
-                let (mut kept, mut written) = (None, None);
-                loop {
-                    tokio::time::sleep(POSITION_INTERVAL).await;
-                    let now = frontier.get();
-                    if let Some(at) = now.as_ref().filter(|_| now != kept) {
-                        ledger.publish_position(&latest, at, &mut written).await;
-                        kept = now;
-                    }
-                }
-            }));
+            tasks.push(tokio::spawn(keep_place(ledger, latest, frontier)));
         }
         let taken = Arc::new(std::sync::Mutex::new(None));
-        if let (Some(ledger), Some(mut latest)) = (self.ledger.clone(), job.latest.clone()) {
-            let (stop, why, runner) = (stop.clone(), why.clone(), job.id.clone());
+        if let (Some(ledger), Some(latest)) = (self.ledger.clone(), job.latest.clone()) {
+            let halting = (stop.clone(), why.clone());
             let (taken, frontier) = (taken.clone(), frontier.clone());
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(LATEST_POLL).await;
-                    match ledger.poll_stream(&latest, &runner).await {
-                        StreamPoll::Running => {}
-                        StreamPoll::Superseded => {
-                            tracing::info!(
-                                stream = latest.key,
-                                seq = latest.seq,
-                                "a newer update owns the stream; stopping this one"
-                            );
-                            halt(&stop, &why, Halt::Superseded);
-                            return;
-                        }
-                        StreamPoll::Took(handed) => {
-                            let (Some(frontier), Some(value)) = (&frontier, handed.payload())
-                            else {
-                                // Not sendable here: the receiver takes
-                                // over once this run ends.
-                                halt(&stop, &why, Halt::Superseded);
-                                return;
-                            };
-                            tracing::info!(
-                                stream = latest.key,
-                                seq = handed.seq,
-                                update = handed.id,
-                                "took a newer update of the stream; sending it from here on"
-                            );
-                            frontier.replace(value);
-                            latest.seq = handed.seq;
-                            *taken.lock().unwrap_or_else(|p| p.into_inner()) = Some(handed);
-                        }
-                    }
-                }
-            }));
+            tasks.push(tokio::spawn(follow_stream(
+                (ledger, job.id.clone()),
+                latest,
+                halting,
+                (taken, frontier),
+            )));
         }
         if let Some(ledger) = self.ledger.clone() {
             let (stop, why, id) = (stop.clone(), why.clone(), job.id.clone());
