@@ -280,6 +280,30 @@ async fn a_running_update_keeps_its_place_for_a_newer_one() {
     );
 }
 
+/// Task A's worker runs at once, task B's a second later, both on the run
+/// records `runs`; A's held posts are released after two seconds.
+async fn two_tasks((a, b): (&Rig, &Rig), settings: WorkerSettings, runs: &Arc<FakeRunTable>) {
+    let task_a = a.run_with(
+        settings.clone(),
+        CancellationToken::new(),
+        Some(ledger(a, runs)),
+    );
+    let task_b = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        b.run_with(
+            settings.clone(),
+            CancellationToken::new(),
+            Some(ledger(b, runs)),
+        )
+        .await
+    };
+    let release = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        a.gateway.release();
+    };
+    tokio::join!(task_a, task_b, release);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_newer_update_received_on_another_task_is_sent_by_the_running_one() {
     // Task A runs update 1; c-10's post hangs until released, so A is
@@ -292,25 +316,7 @@ async fn a_newer_update_received_on_another_task_is_sent_by_the_running_one() {
     let b = by_id(&[&update("score-2", 2)], FakeGateway::default());
     let runs = Arc::new(FakeRunTable::default());
     let began = tokio::time::Instant::now();
-    let task_a = a.run_with(
-        channel_settings(),
-        CancellationToken::new(),
-        Some(ledger(&a, &runs)),
-    );
-    let task_b = async {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        b.run_with(
-            channel_settings(),
-            CancellationToken::new(),
-            Some(ledger(&b, &runs)),
-        )
-        .await
-    };
-    let release = async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        a.gateway.release();
-    };
-    tokio::join!(task_a, task_b, release);
+    two_tasks((&a, &b), channel_settings(), &runs).await;
 
     assert!(delivered_ids(&b).is_empty(), "task B sent nothing itself");
     let got_2: std::collections::BTreeSet<String> = a
@@ -444,25 +450,7 @@ async fn an_update_sent_round_by_the_runner_leaves_its_receipts_to_the_runners_r
     let a = to_user(&[&user_update("score-1", 1)], held);
     let b = to_user(&[&user_update("score-2", 2)], FakeGateway::default());
     let runs = Arc::new(FakeRunTable::default());
-    let task_a = a.run_with(
-        settings.clone(),
-        CancellationToken::new(),
-        Some(ledger(&a, &runs)),
-    );
-    let task_b = async {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        b.run_with(
-            settings.clone(),
-            CancellationToken::new(),
-            Some(ledger(&b, &runs)),
-        )
-        .await
-    };
-    let release = async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        a.gateway.release();
-    };
-    tokio::join!(task_a, task_b, release);
+    two_tasks((&a, &b), settings, &runs).await;
 
     assert!(delivered_ids(&b).is_empty(), "task B sent nothing itself");
     let [received] = &runs_of(&b)[..] else {
