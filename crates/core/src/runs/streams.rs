@@ -295,12 +295,7 @@ impl Ledger {
             let Some(handed) = owner.handed.clone().filter(|h| h.seq > latest.seq) else {
                 return Ok(StreamPoll::Running);
             };
-            let took = Owner {
-                seq: handed.seq,
-                sending: Some(handed.id.clone()),
-                handed: None,
-                ..owner
-            };
+            let took = owner.taking(&handed);
             let read = Some(record.version);
             let stored = RunTable::store(&self.table, &record_of(&key, &took, read), read).await?;
             // Lost to another write: the next read decides again.
@@ -337,18 +332,13 @@ impl Ledger {
                 return None;
             }
             let handed = owner.handed.clone().filter(|h| h.seq > latest.seq);
+            let sent = Owner {
+                round: Some(latest.seq),
+                ..owner
+            };
             let next = match &handed {
-                Some(h) => Owner {
-                    seq: h.seq,
-                    sending: Some(h.id.clone()),
-                    handed: None,
-                    round: Some(latest.seq),
-                    ..owner
-                },
-                None => Owner {
-                    round: Some(latest.seq),
-                    ..owner
-                },
+                Some(h) => sent.taking(h),
+                None => sent,
             };
             let read = Some(record.version);
             match RunTable::store(&self.table, &record_of(&key, &next, read), read).await {
@@ -437,6 +427,19 @@ impl Ledger {
                 position: c.position.clone(),
             });
         Ok(furthest.map_or(began, |place| vec![place]))
+    }
+}
+
+impl Owner {
+    /// The record once the runner took `handed`: the stream's newest, sent
+    /// on behalf of its receiver.
+    fn taking(self, handed: &Handed) -> Owner {
+        Owner {
+            seq: handed.seq,
+            sending: Some(handed.id.clone()),
+            handed: None,
+            ..self
+        }
     }
 }
 

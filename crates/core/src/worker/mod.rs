@@ -550,13 +550,9 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             };
             // What goes on (a continuation, the next round) goes on with
             // the newest value.
-            let replaced = watch.taken().and_then(|h| h.payload().map(|p| (h, p)));
-            if let Some((handed, value)) = &replaced {
-                job.payload = value.clone();
-                if let Some(latest) = &mut job.latest {
-                    latest.seq = handed.seq;
-                }
-                sending = Some((handed.seq, handed.id.clone()));
+            let replaced = watch.taken().and_then(|h| go_on_with(job, h));
+            if replaced.is_some() {
+                sending.clone_from(&replaced);
             }
             let round_done = matches!(result, Ok(())) && watch.halted().is_none();
             if !round_done || !report.deferred.is_empty() {
@@ -575,15 +571,11 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 (Some(ledger), Some(latest)) => ledger.sent_round(latest, &job.id).await,
                 _ => None,
             };
-            let Some((handed, value)) = next.and_then(|h| h.payload().map(|p| (h, p))) else {
+            let Some(went_on) = next.and_then(|h| go_on_with(job, h)) else {
                 return (report, result, watch, sending);
             };
             log_report(job, &report, "newer");
-            job.payload = value;
-            if let Some(latest) = &mut job.latest {
-                latest.seq = handed.seq;
-            }
-            sending = Some((handed.seq, handed.id));
+            sending = Some(went_on);
             next_round(job, by_id, at, None);
         }
     }
@@ -609,6 +601,17 @@ fn taking_over(job: &mut job::Job, checkpoint: crate::runs::Checkpoint) -> Vec<C
         .into_iter()
         .map(|d| Connection::new(d.id, d.key))
         .collect()
+}
+
+/// The stream's job made the newer update `handed`, to send from now on:
+/// its sequence and broadcast key, or `None` if its payload cannot be
+/// read (the job is left as it was).
+fn go_on_with(job: &mut job::Job, handed: crate::runs::Handed) -> Option<(u64, String)> {
+    job.payload = handed.payload()?;
+    if let Some(latest) = &mut job.latest {
+        latest.seq = handed.seq;
+    }
+    Some((handed.seq, handed.id))
 }
 
 /// A stream's next round, up to `first_sent` (the first connection the
