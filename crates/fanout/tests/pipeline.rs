@@ -264,8 +264,11 @@ async fn ten_thousand_connections_with_in_flight_bounded_at_the_endpoint() {
     let mut p = pipeline(|args| args.latency_ms = 2).await;
     p.set("FANOUT_MAX_IN_FLIGHT", 24);
     p.set("FANOUT_RATE_PER_SECOND", 0);
-    let clients = p.connect(500, None).await;
-    let stale = support::ids("old", 9_500);
+    // A tenth live: the endpoint watch judges the answers before the first
+    // 2xx, and at 95 % gone 100 410s in a row come first in 0.6 % of runs
+    // (a verdict, and the rows answered under it kept); at 90 %, 3·10⁻⁵.
+    let clients = p.connect(1_000, None).await;
+    let stale = support::ids("old", 9_000);
     support::put_connections(&p.dynamo, &p.table, &stale, None).await;
 
     p.enqueue(&["--data", "to ten thousand", "--id", "big"])
@@ -275,25 +278,25 @@ async fn ten_thousand_connections_with_in_flight_bounded_at_the_endpoint() {
 
     let report = &run.report("big");
     assert_eq!(count(report, "audience"), 10_000, "{report}");
-    assert_eq!(count(report, "delivered"), 500, "{report}");
-    assert_eq!(count(report, "gone"), 9_500, "{report}");
-    assert_eq!(count(report, "rechecking"), 9_500, "{report}");
+    assert_eq!(count(report, "delivered"), 1_000, "{report}");
+    assert_eq!(count(report, "gone"), 9_000, "{report}");
+    assert_eq!(count(report, "rechecking"), 9_000, "{report}");
     assert!(clients.wait_for_frames(1, Duration::from_secs(10)).await);
     assert!(clients.clients().iter().all(|c| c.tally().frames() == 1));
     let stats = p.gateway.stats().await;
     assert_eq!(
         stats.posts,
-        10_000 + 9_500,
+        10_000 + 9_000,
         "and a recheck for each gone one"
     );
-    assert_eq!(p.rows().await.len(), 500, "every gone row removed");
+    assert_eq!(p.rows().await.len(), 1_000, "every gone row removed");
     assert!(
         stats.max_in_flight <= 24,
         "the endpoint saw {} requests at once",
         stats.max_in_flight
     );
     assert!(stats.max_in_flight >= 12, "the bound is used: {stats:?}");
-    assert_eq!(p.rows().await.len(), 500);
+    assert_eq!(p.rows().await.len(), 1_000);
 }
 
 #[tokio::test]
