@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::JobContext;
 use super::settle::Settlement;
@@ -101,6 +102,10 @@ async fn follow_stream(
     (stop, why): (CancellationToken, Arc<OnceLock<Halt>>),
     (taken, frontier): (Arc<std::sync::Mutex<Option<Handed>>>, Option<Frontier>),
 ) {
+    // A cancel of the update taken stops its value within a poll, as a
+    // cancel of the run's own broadcast would; dropped with this task, or
+    // when a newer update is taken.
+    let mut _cancel_watch = None;
     loop {
         tokio::time::sleep(LATEST_POLL).await;
         match ledger.poll_stream(&latest, &runner).await {
@@ -129,10 +134,29 @@ async fn follow_stream(
                 );
                 frontier.replace(value);
                 latest.seq = handed.seq;
+                let watch = stop_on_cancel(
+                    ledger.clone(),
+                    handed.id.clone(),
+                    (stop.clone(), why.clone()),
+                );
+                _cancel_watch = Some(AbortOnDropHandle::new(tokio::spawn(watch)));
                 *taken.lock().unwrap_or_else(|p| p.into_inner()) = Some(handed);
             }
         }
     }
+}
+
+/// Stops a stream's run once the newer update it sends (`sending`) is
+/// cancelled: what it was sent stays sent, and the rest of the update's
+/// round is its receiver's to settle, as cancelled.
+async fn stop_on_cancel(
+    ledger: Arc<Ledger>,
+    sending: String,
+    (stop, why): (CancellationToken, Arc<OnceLock<Halt>>),
+) {
+    ledger.until_cancelled(&sending).await;
+    tracing::info!(job_id = %sending, "the update this stream's run sends was cancelled; stopping it");
+    halt(&stop, &why, Halt::Superseded);
 }
 
 impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
@@ -216,7 +240,13 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             return Err((Settlement::DeadLetter(reason.clone()), reason));
         };
         let claim = match self.claim_or_wait(ledger, job, &latest, receipt).await {
-            Some(claim) => claim,
+            // A cancel can come while it waits on the runner, which stops
+            // sending it then (`stop_on_cancel`).
+            Some((Ok(StreamClaim::Owns { .. }), true)) if ledger.is_cancelled(&job.id).await => {
+                let reason = format!("the broadcast {} was cancelled: not sent", job.id);
+                return Err((Settlement::Halted(Halt::Cancelled), reason));
+            }
+            Some((claim, _)) => claim,
             None => {
                 let reason =
                     "stopped while the stream's running update had it: handed back".to_owned();
@@ -274,15 +304,15 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
     }
 
     /// Claims `job`'s stream, or waits while the stream's runner has it
-    /// (its message kept hidden meanwhile), until the claim says more;
-    /// `None` when the worker stops meanwhile.
+    /// (its message kept hidden meanwhile), until the claim says more, and
+    /// whether it waited; `None` when the worker stops meanwhile.
     async fn claim_or_wait(
         &self,
         ledger: &Ledger,
         job: &Job,
         latest: &crate::job::Latest,
         receipt: &Receipt,
-    ) -> Option<Result<StreamClaim, crate::runs::DurableError>> {
+    ) -> Option<(Result<StreamClaim, crate::runs::DurableError>, bool)> {
         let first = RunKey {
             broadcast: job.id.clone(),
             segment: None,
@@ -311,7 +341,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                         () = tokio::time::sleep(LATEST_POLL) => {}
                     }
                 }
-                other => return Some(other),
+                other => return Some((other, heartbeat.is_some())),
             }
         }
     }
@@ -368,14 +398,11 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 halt(&stop, &why, Halt::Cancelled);
             }));
         }
-        // A newer update this run took is stopped by a cancel of its own.
+        // A newer update this run went on with is stopped by a cancel of
+        // its own.
         if let (Some(ledger), Some(sending)) = (self.ledger.clone(), sending) {
-            let (stop, why) = (stop.clone(), why.clone());
-            tasks.push(tokio::spawn(async move {
-                ledger.until_cancelled(&sending).await;
-                tracing::info!(job_id = %sending, "the update this stream's run sends was cancelled; stopping it");
-                halt(&stop, &why, Halt::Superseded);
-            }));
+            let halting = (stop.clone(), why.clone());
+            tasks.push(tokio::spawn(stop_on_cancel(ledger, sending, halting)));
         }
         Watch {
             stop,

@@ -347,6 +347,60 @@ async fn a_newer_update_received_on_another_task_is_sent_by_the_running_one() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_cancel_of_an_update_the_runner_took_stops_its_value_within_a_poll() {
+    // Task A runs update 1; c-10…c-17 hold its 8 posts in flight until
+    // 4 s, so c-18 and c-19 wait. Task B receives update 2 at 1 s and
+    // hands it to A, which takes it; update 2 is cancelled at 1.5 s.
+    let held = FakeGateway {
+        held_ids: (10..20).map(|i| format!("c-{i:02}")).collect(),
+        ..FakeGateway::default()
+    };
+    let a = by_id(&[&update("score-1", 1)], held);
+    let b = by_id(&[&update("score-2", 2)], FakeGateway::default());
+    let runs = Arc::new(FakeRunTable::default());
+    let canceller = ledger(&a, &runs);
+    let settings = channel_settings();
+    let task_a = a.run_with(
+        settings.clone(),
+        CancellationToken::new(),
+        Some(ledger(&a, &runs)),
+    );
+    let task_b = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        b.run_with(
+            settings.clone(),
+            CancellationToken::new(),
+            Some(ledger(&b, &runs)),
+        )
+        .await
+    };
+    let cancel = async {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        canceller.cancel("score-2", "m-cancel").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        a.gateway.release();
+    };
+    tokio::join!(task_a, task_b, cancel);
+
+    let sent_2: Vec<String> = [&a, &b]
+        .iter()
+        .flat_map(|rig| rig.gateway.delivered.lock().unwrap().clone())
+        .filter(|(_, payload)| payload == "score-2")
+        .map(|(id, _)| id)
+        .collect();
+    assert!(sent_2.is_empty(), "the cancelled update went to {sent_2:?}");
+    assert!(!delivered_ids(&a).contains(&"c-18".to_owned()));
+    let [report] = &runs_of(&b)[..] else {
+        panic!("one run report from B")
+    };
+    assert_eq!(report.status, Status::Cancelled, "{report:?}");
+    let [runner] = &runs_of(&a)[..] else {
+        panic!("one run report from A")
+    };
+    assert_eq!(runner.status, Status::Superseded, "{runner:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_handed_update_is_run_by_its_receiver_once_the_runner_ends_without_it() {
     // The runner is a task of the version before: it never takes a handed
     // update, and its run ends after a second.
