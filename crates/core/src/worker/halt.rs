@@ -95,17 +95,24 @@ async fn keep_place(ledger: Arc<Ledger>, latest: Latest, frontier: Frontier) {
 /// Reads the stream's record every [`LATEST_POLL`] for its run (`runner`):
 /// stops the run once another update claims the stream, and takes a newer
 /// one handed to it, whose value the run sends from then on (`frontier`),
-/// noting it in `taken`.
+/// noting it in `taken`; stops the run on a cancel of the newer update it
+/// sends (`sending` at first, then each one it takes).
 async fn follow_stream(
     (ledger, runner): (Arc<Ledger>, String),
     mut latest: Latest,
     (stop, why): (CancellationToken, Arc<OnceLock<Halt>>),
     (taken, frontier): (Arc<std::sync::Mutex<Option<Handed>>>, Option<Frontier>),
+    sending: Option<String>,
 ) {
-    // A cancel of the update taken stops its value within a poll, as a
-    // cancel of the run's own broadcast would; dropped with this task, or
-    // when a newer update is taken.
-    let mut _cancel_watch = None;
+    // A cancel of the newer update whose value the run sends (the one it
+    // went on with, then each one it takes) stops it within a poll, as a
+    // cancel of the run's own broadcast would; the watch is dropped with
+    // this task, or when a newer update is taken.
+    let watch_cancel = |id: String| {
+        let watch = stop_on_cancel(ledger.clone(), id, (stop.clone(), why.clone()));
+        AbortOnDropHandle::new(tokio::spawn(watch))
+    };
+    let mut _cancel_watch = sending.map(watch_cancel);
     loop {
         tokio::time::sleep(LATEST_POLL).await;
         match ledger.poll_stream(&latest, &runner).await {
@@ -134,16 +141,16 @@ async fn follow_stream(
                 );
                 frontier.replace(value);
                 latest.seq = handed.seq;
-                let watch = stop_on_cancel(
-                    ledger.clone(),
-                    handed.id.clone(),
-                    (stop.clone(), why.clone()),
-                );
-                _cancel_watch = Some(AbortOnDropHandle::new(tokio::spawn(watch)));
+                _cancel_watch = Some(watch_cancel(handed.id.clone()));
                 *taken.lock().unwrap_or_else(|p| p.into_inner()) = Some(handed);
             }
         }
     }
+}
+
+/// The reason a piece of a cancelled broadcast gives for sending nothing.
+fn cancelled_unsent(job: &Job) -> String {
+    format!("the broadcast {} was cancelled: not sent", job.id)
 }
 
 /// Stops a stream's run once the newer update it sends (`sending`) is
@@ -195,7 +202,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         if let Some(ledger) = &self.ledger
             && ledger.is_cancelled(&job.id).await
         {
-            let reason = format!("the broadcast {} was cancelled: not sent", job.id);
+            let reason = cancelled_unsent(job);
             tracing::info!(job_id = %job.id, "a piece of a cancelled broadcast; not sent");
             return Err((
                 Settlement::Halted(Halt::Cancelled),
@@ -243,8 +250,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
             // A cancel can come while it waits on the runner, which stops
             // sending it then (`stop_on_cancel`).
             Some((Ok(StreamClaim::Owns { .. }), true)) if ledger.is_cancelled(&job.id).await => {
-                let reason = format!("the broadcast {} was cancelled: not sent", job.id);
-                return Err((Settlement::Halted(Halt::Cancelled), reason));
+                return Err((Settlement::Halted(Halt::Cancelled), cancelled_unsent(job)));
             }
             Some((claim, _)) => claim,
             None => {
@@ -310,7 +316,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
         &self,
         ledger: &Ledger,
         job: &Job,
-        latest: &crate::job::Latest,
+        latest: &Latest,
         receipt: &Receipt,
     ) -> Option<(Result<StreamClaim, crate::runs::DurableError>, bool)> {
         let first = RunKey {
@@ -388,6 +394,7 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 latest,
                 halting,
                 (taken, frontier),
+                sending,
             )));
         }
         if let Some(ledger) = self.ledger.clone() {
@@ -397,12 +404,6 @@ impl<Q: JobQueue, S: ConnectionStore, G: Gateway> JobContext<Q, S, G> {
                 tracing::info!(job_id = %id, "the broadcast was cancelled; stopping it");
                 halt(&stop, &why, Halt::Cancelled);
             }));
-        }
-        // A newer update this run went on with is stopped by a cancel of
-        // its own.
-        if let (Some(ledger), Some(sending)) = (self.ledger.clone(), sending) {
-            let halting = (stop.clone(), why.clone());
-            tasks.push(tokio::spawn(stop_on_cancel(ledger, sending, halting)));
         }
         Watch {
             stop,

@@ -283,6 +283,18 @@ async fn a_running_update_keeps_its_place_for_a_newer_one() {
 /// Task A's worker runs at once, task B's a second later, both on the run
 /// records `runs`; A's held posts are released after two seconds.
 async fn two_tasks((a, b): (&Rig, &Rig), settings: WorkerSettings, runs: &Arc<FakeRunTable>) {
+    two_tasks_beside((a, b), settings, runs, Duration::from_secs(2), async {}).await;
+}
+
+/// [`two_tasks`], A's held posts released after `release_after`, with
+/// `beside` running alongside.
+async fn two_tasks_beside(
+    (a, b): (&Rig, &Rig),
+    settings: WorkerSettings,
+    runs: &Arc<FakeRunTable>,
+    release_after: Duration,
+    beside: impl std::future::Future<Output = ()>,
+) {
     let task_a = a.run_with(
         settings.clone(),
         CancellationToken::new(),
@@ -298,10 +310,10 @@ async fn two_tasks((a, b): (&Rig, &Rig), settings: WorkerSettings, runs: &Arc<Fa
         .await
     };
     let release = async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(release_after).await;
         a.gateway.release();
     };
-    tokio::join!(task_a, task_b, release);
+    tokio::join!(task_a, task_b, release, beside);
 }
 
 #[tokio::test(start_paused = true)]
@@ -359,28 +371,12 @@ async fn a_cancel_of_an_update_the_runner_took_stops_its_value_within_a_poll() {
     let b = by_id(&[&update("score-2", 2)], FakeGateway::default());
     let runs = Arc::new(FakeRunTable::default());
     let canceller = ledger(&a, &runs);
-    let settings = channel_settings();
-    let task_a = a.run_with(
-        settings.clone(),
-        CancellationToken::new(),
-        Some(ledger(&a, &runs)),
-    );
-    let task_b = async {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        b.run_with(
-            settings.clone(),
-            CancellationToken::new(),
-            Some(ledger(&b, &runs)),
-        )
-        .await
-    };
     let cancel = async {
         tokio::time::sleep(Duration::from_millis(1_500)).await;
         canceller.cancel("score-2", "m-cancel").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(2_500)).await;
-        a.gateway.release();
     };
-    tokio::join!(task_a, task_b, cancel);
+    let release_after = Duration::from_secs(4);
+    two_tasks_beside((&a, &b), channel_settings(), &runs, release_after, cancel).await;
 
     let sent_2: Vec<String> = [&a, &b]
         .iter()
